@@ -1,0 +1,190 @@
+//! The `worker` command line. `main.rs` only calls [`main`]; everything else is here so that
+//! tests and embedders can reach it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+
+use crate::{LoadedPlugin, PluginHost, Refusal};
+
+/// The worker: runs native plugins from a directory.
+///
+/// Plugins are `cdylib` crates built against `plugin-api`; their built `.so` files go into the
+/// plugins directory, optionally with a `plugins.json` that enables, disables and configures them
+/// by plugin name. A plugin that is missing, broken or panicking never stops the worker: the call
+/// that reached it answers `null`.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, max_term_width = 100)]
+pub struct Cli {
+    /// Directory holding the plugin files (*.so) and their configuration (plugins.json).
+    #[arg(long, global = true, value_name = "DIR", default_value = "plugins")]
+    pub plugins: PathBuf,
+
+    /// Plugin configuration file [default: DIR/plugins.json].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
+    /// such as `warn,host=debug`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILTER",
+        env = "WORKER_LOG",
+        default_value = "warn"
+    )]
+    pub log: String,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The worker's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the loaded plugins (name, version, file, description, methods) and every refused
+    /// file with the reason. Exits 0 even when files were refused.
+    List {
+        /// Print JSON instead of text: {"plugins": [...], "refused": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call one method of one plugin and print its JSON answer on stdout.
+    ///
+    /// Prints `null` when the call answered nothing (the plugin or method is missing, failed or
+    /// panicked); the reason goes to stderr. Exits 0 in both cases, 2 on malformed PARAMS_JSON.
+    Call {
+        /// The plugin's name (from its manifest, see `worker list`).
+        plugin: String,
+        /// The method's name.
+        method: String,
+        /// The params, one JSON value (usually an object) [default: null].
+        #[arg(value_name = "PARAMS_JSON")]
+        params: Option<String>,
+    },
+}
+
+/// Runs the worker with the process's arguments; returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter: Targets = match cli.log.parse() {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: invalid --log filter `{}`: {e}", cli.log);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .init();
+    match run(cli, &mut std::io::stdout().lock()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one parsed command, writing its output to `out`.
+///
+/// # Errors
+///
+/// The plugins directory or the configuration cannot be read, or `out` cannot be written.
+pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    // Malformed params are a usage error, reported before anything is loaded.
+    let params = match &cli.command {
+        Command::Call {
+            params: Some(text), ..
+        } => match serde_json::from_str::<Value>(text) {
+            Ok(params) => params,
+            Err(e) => {
+                eprintln!(
+                    "error: PARAMS_JSON is not valid JSON ({e}); pass one JSON value, e.g. '{{\"key\": \"value\"}}'"
+                );
+                return Ok(ExitCode::from(2));
+            }
+        },
+        _ => Value::Null,
+    };
+    let mut builder = PluginHost::builder(&cli.plugins);
+    if let Some(config) = &cli.config {
+        builder = builder.with_config_file(config);
+    }
+    let host = builder.build()?;
+    host.scan()?;
+    match cli.command {
+        Command::List { json } => {
+            let plugins = host.plugins();
+            let refused = host.refused();
+            if json {
+                let report = serde_json::json!({ "plugins": plugins, "refused": refused });
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                write_list(out, &host, &plugins, &refused)?;
+            }
+        }
+        Command::Call { plugin, method, .. } => {
+            let answer = match host.call(&plugin, &method, &params) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    eprintln!("note: the call answered nothing: {e}");
+                    None
+                }
+            };
+            let answer = answer.unwrap_or(Value::Null);
+            writeln!(out, "{}", serde_json::to_string(&answer)?).context("writing the answer")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_list(
+    out: &mut dyn Write,
+    host: &PluginHost,
+    plugins: &[LoadedPlugin],
+    refused: &[Refusal],
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{}: {} plugin(s) loaded, {} file(s) refused",
+        host.plugins_dir().display(),
+        plugins.len(),
+        refused.len()
+    )?;
+    for plugin in plugins {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{} {}  ({})",
+            plugin.name,
+            plugin.version,
+            plugin.file.display()
+        )?;
+        if !plugin.description.is_empty() {
+            writeln!(out, "    {}", plugin.description)?;
+        }
+        for method in &plugin.methods {
+            writeln!(out, "    - {}: {}", method.name, method.description)?;
+        }
+    }
+    if !refused.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "refused:")?;
+        for refusal in refused {
+            writeln!(out, "  {}", refusal.reason.replace('\n', "\n    "))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! Every `dlopen`, `dlsym`, pointer cast and FFI call of the host lives here; the rest of the
+//! host is safe code.
+//!
+//! A [`PluginLibrary`] is one generation of a plugin: its shadow copy, opened, checked and (after
+//! [`PluginLibrary::create`]) holding the plugin's instance. Dropping it destroys the instance,
+//! closes the library and deletes the shadow copy, in that order.
+
+use std::ffi::c_void;
+use std::fmt::Write as _;
+use std::mem::ManuallyDrop;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use abi_stable::StableAbi;
+use abi_stable::abi_stability::abi_checking::{
+    CheckingGlobals, check_layout_compatibility_with_globals,
+};
+use abi_stable::library::AbiHeader;
+use abi_stable::prefix_type::{PrefixRef, WithMetadata};
+use abi_stable::std_types::{RErr, ROk, RStr, RString};
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use plugin_api::abi::{
+    self, CallError, ErrorKind, HEADER_SYMBOL_NUL, HEADER_VERSION, HostApi, HostApiRef,
+    HostContext, InstanceHandle, MAGIC, PluginHeader, PluginTable, PluginTableRef,
+};
+
+use crate::error::LoadError;
+
+/// A failure reported by the plugin's side of a call: its kind and message.
+pub(crate) type PluginFailure<'a> = (ErrorKind, &'a str);
+
+/// The shadow copy of a plugin file; deleted when dropped.
+#[derive(Debug)]
+pub(crate) struct ShadowFile(pub(crate) PathBuf);
+
+impl Drop for ShadowFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            tracing::warn!(file = %self.0.display(), error = %e, "could not delete a shadow copy");
+        }
+    }
+}
+
+/// What the host's log callback needs to tag a plugin's events.
+struct LogContext {
+    plugin: String,
+}
+
+static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi { log: host_log });
+
+/// Re-emits a plugin's `tracing` event on the host's subscriber, tagged with the plugin's name.
+extern "C" fn host_log(context: HostContext, level: u8, target: RStr<'_>, message: RStr<'_>) {
+    // Nothing may unwind into the plugin: a panic in a subscriber is dropped here.
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `context` is the `LogContext` that `PluginLibrary::create` passed to this
+        // plugin. It is freed only after the library is closed, so while plugin code runs (and so
+        // can call this function) it is alive.
+        let context = unsafe { &*context.0.cast::<LogContext>() };
+        let plugin = context.plugin.as_str();
+        let target = target.as_str();
+        let message = message.as_str();
+        match level {
+            abi::level::ERROR => tracing::error!(plugin, target, "{message}"),
+            abi::level::WARN => tracing::warn!(plugin, target, "{message}"),
+            abi::level::INFO => tracing::info!(plugin, target, "{message}"),
+            abi::level::DEBUG => tracing::debug!(plugin, target, "{message}"),
+            _ => tracing::trace!(plugin, target, "{message}"),
+        }
+    }));
+}
+
+fn max_log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::TRACE => abi::level::TRACE,
+        LevelFilter::DEBUG => abi::level::DEBUG,
+        LevelFilter::INFO => abi::level::INFO,
+        LevelFilter::WARN => abi::level::WARN,
+        LevelFilter::ERROR => abi::level::ERROR,
+        _ => abi::level::OFF,
+    }
+}
+
+/// One opened and checked plugin library (one generation).
+pub(crate) struct PluginLibrary {
+    table: PluginTableRef,
+    instance: Option<InstanceHandle>,
+    log_context: Option<Box<LogContext>>,
+    library: ManuallyDrop<Library>,
+    /// Declared last: deleted after the library is closed.
+    shadow: ShadowFile,
+}
+
+// SAFETY: the instance behind `instance` is a `plugin_api::Plugin`, which is `Send + Sync`, and
+// the table's functions are plain `extern "C"` functions written to be called from any thread
+// (the plugin-api shims take `&self` only). `Library` is `Send + Sync` itself.
+unsafe impl Send for PluginLibrary {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for PluginLibrary {}
+
+impl std::fmt::Debug for PluginLibrary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginLibrary")
+            .field("shadow", &self.shadow.0)
+            .field("created", &self.instance.is_some())
+            .finish()
+    }
+}
+
+impl PluginLibrary {
+    /// Opens the shadow copy with `RTLD_NOW | RTLD_LOCAL` and runs every check on the header
+    /// and the table layout.
+    ///
+    /// The caller must have checked that the file is a complete ELF shared object: opening a
+    /// half-written file can crash the process.
+    pub(crate) fn open(shadow: ShadowFile) -> Result<Self, LoadError> {
+        // SAFETY: loading a library runs its initializers. The file is a complete shared object
+        // (checked by the caller) in a private directory nobody else writes to; running a
+        // plugin's initializers is what loading a plugin means.
+        let library =
+            unsafe { Library::open(Some(&shadow.0), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+                LoadError::NotLoadable {
+                    reason: e.to_string(),
+                }
+            })?;
+        let table = match check_header(&library) {
+            Ok(table) => table,
+            Err(e) => {
+                // The error is owned data (no borrow of the library), so closing is safe.
+                let _ = library.close();
+                return Err(e);
+            }
+        };
+        Ok(PluginLibrary {
+            table,
+            instance: None,
+            log_context: None,
+            library: ManuallyDrop::new(library),
+            shadow,
+        })
+    }
+
+    /// The manifest JSON the plugin exports.
+    pub(crate) fn manifest_json(&self) -> Result<String, (ErrorKind, String)> {
+        match (self.table.manifest())() {
+            ROk(json) => Ok(json.into_string()),
+            RErr(e) => Err(owned(e)),
+        }
+    }
+
+    /// Creates the plugin's instance with its configuration (JSON text, empty for none).
+    pub(crate) fn create(&mut self, plugin: &str, config: &str) -> Result<(), (ErrorKind, String)> {
+        let context = Box::new(LogContext {
+            plugin: plugin.to_owned(),
+        });
+        let context_ptr = HostContext(std::ptr::from_ref::<LogContext>(&context).cast::<c_void>());
+        let host = HostApiRef(HOST_API.static_as_prefix());
+        let result =
+            (self.table.create())(RStr::from_str(config), max_log_level(), host, context_ptr);
+        // Kept even when create failed: the plugin may have logged through it and may hold it.
+        self.log_context = Some(context);
+        match result {
+            ROk(instance) => {
+                self.instance = Some(instance);
+                Ok(())
+            }
+            RErr(e) => Err(owned(e)),
+        }
+    }
+
+    /// Calls `method`, handing the plugin's answer to `f` while the plugin's strings are alive.
+    ///
+    /// Returns `None` when the instance was not created.
+    #[inline]
+    pub(crate) fn call<R>(
+        &self,
+        method: &str,
+        params: &str,
+        f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
+    ) -> Option<R> {
+        let instance = self.instance?;
+        let result =
+            (self.table.execute())(instance, RStr::from_str(method), RStr::from_str(params));
+        Some(match &result {
+            ROk(json) => f(Ok(json.as_ref().map(RString::as_str).into_option())),
+            RErr(e) => f(Err((e.kind, e.message.as_str()))),
+        })
+        // `result` drops here, in the plugin's code, while the library is loaded.
+    }
+
+    /// The plugin's saved state: `None` when the plugin predates state (table version 1) or was
+    /// not created.
+    pub(crate) fn save_state(&self) -> Option<Result<Option<String>, (ErrorKind, String)>> {
+        let instance = self.instance?;
+        let save = self.table.save_state()?;
+        Some(match save(instance) {
+            ROk(json) => Ok(json.into_option().map(RString::into_string)),
+            RErr(e) => Err(owned(e)),
+        })
+    }
+
+    /// Gives the plugin a state saved earlier. `None` when the plugin predates state.
+    pub(crate) fn restore_state(&self, state: &str) -> Option<Result<(), (ErrorKind, String)>> {
+        let instance = self.instance?;
+        let restore = self.table.restore_state()?;
+        Some(match restore(instance, RStr::from_str(state)) {
+            ROk(()) => Ok(()),
+            RErr(e) => Err(owned(e)),
+        })
+    }
+
+    /// Path of the shadow copy this generation was loaded from.
+    pub(crate) fn shadow_path(&self) -> &Path {
+        &self.shadow.0
+    }
+}
+
+impl Drop for PluginLibrary {
+    fn drop(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            (self.table.destroy())(instance);
+        }
+        // SAFETY: `library` is taken exactly once, here; nothing of the plugin's is alive any
+        // more: the instance was destroyed above, every call held an `Arc` of this generation
+        // (so none is in flight), and every string the plugin returned was dropped before its
+        // call returned.
+        let library = unsafe { ManuallyDrop::take(&mut self.library) };
+        if let Err(e) = library.close() {
+            tracing::warn!(file = %self.shadow.0.display(), error = %e, "dlclose failed");
+        }
+        // `log_context`, then `shadow` (deleting the file) drop after this.
+    }
+}
+
+fn owned(e: CallError) -> (ErrorKind, String) {
+    (e.kind, e.message.into_string())
+}
+
+/// Reads the header of an opened library and checks it; returns the function table.
+fn check_header(library: &Library) -> Result<PluginTableRef, LoadError> {
+    // SAFETY: the symbol is declared by plugin-api as `static PLUGIN_HOST_HEADER: PluginHeader`;
+    // we only take its address here. A foreign library could export something else under that
+    // name, so nothing beyond the magic bytes is read until they match.
+    let symbol = unsafe { library.get::<*const PluginHeader>(HEADER_SYMBOL_NUL) }
+        .map_err(|_| LoadError::NoHeader)?;
+    let header: *const PluginHeader = *symbol;
+    // SAFETY: the symbol is at least 8 bytes of readable data in any library that exports a
+    // data symbol of this name: ours is a `PluginHeader`, which starts with `magic`.
+    let magic = unsafe { std::ptr::addr_of!((*header).magic).read_unaligned() };
+    if magic != MAGIC {
+        return Err(LoadError::BadMagic);
+    }
+    // SAFETY: the magic matched, so this is a plugin-api header, whose first two fields have
+    // been frozen since header version 1.
+    let version = unsafe { std::ptr::addr_of!((*header).header_version).read_unaligned() };
+    if version != HEADER_VERSION {
+        return Err(LoadError::HeaderVersion {
+            found: version,
+            supported: HEADER_VERSION,
+        });
+    }
+    // SAFETY: magic and version match, so the symbol is a complete `PluginHeader` of this very
+    // layout, a `static` that lives as long as the library.
+    let header = unsafe { &*header };
+    if !header.panic_unwind {
+        return Err(LoadError::PanicAbort);
+    }
+    if !header.abi.is_compatible(&AbiHeader::VALUE) {
+        return Err(LoadError::AbiStableMismatch {
+            plugin: format!("{}.{}", header.abi.abi_major, header.abi.abi_minor),
+            host: format!(
+                "{}.{}",
+                AbiHeader::VALUE.abi_major,
+                AbiHeader::VALUE.abi_minor
+            ),
+        });
+    }
+    // A fresh `CheckingGlobals` per load: abi_stable's process-wide one would keep pointers
+    // into this library after it is closed.
+    let globals = CheckingGlobals::new();
+    if let Err(errors) = check_layout_compatibility_with_globals(
+        <PluginTableRef as StableAbi>::LAYOUT,
+        header.table_layout,
+        &globals,
+    ) {
+        // Formatted now: the errors borrow the plugin's layouts.
+        let mut details = String::new();
+        for error in &errors.errors {
+            let _ = write!(details, "{error}");
+        }
+        return Err(LoadError::LayoutMismatch { details });
+    }
+    // SAFETY: every check passed: `table` points to the plugin's `WithMetadata<PluginTable>`
+    // whose layout abi_stable just proved compatible with ours; its prefix accessors check at
+    // run time which of the later fields it has.
+    let prefix = unsafe { PrefixRef::from_raw(header.table.cast::<WithMetadata<PluginTable>>()) };
+    Ok(PluginTableRef(prefix))
+}

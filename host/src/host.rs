@@ -1,0 +1,770 @@
+//! [`PluginHost`]: loads plugins, keeps the registry, dispatches calls.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::{Context as _, anyhow};
+use arc_swap::ArcSwap;
+use plugin_api::Manifest;
+use plugin_api::abi::ErrorKind;
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
+use crate::dylib::PluginLibrary;
+use crate::error::{CallError, LoadError};
+use crate::loader;
+use crate::stats::{Outcome, PluginStats, StatsCell};
+
+/// One loaded generation of a plugin.
+#[derive(Debug)]
+struct Generation {
+    manifest: Manifest,
+    file: PathBuf,
+    number: u64,
+    /// Dropped last of all: destroying the instance and closing the library.
+    library: PluginLibrary,
+}
+
+/// A plugin name's place in the registry; its generation changes on reload, its statistics stay.
+#[derive(Debug)]
+struct Slot {
+    current: ArcSwap<Generation>,
+    stats: StatsCell,
+    load_order: u64,
+}
+
+type Registry = FxHashMap<Box<str>, Arc<Slot>>;
+
+#[derive(Debug)]
+struct Inner {
+    plugins_dir: PathBuf,
+    shadow_dir: PathBuf,
+    remove_shadow_dir: bool,
+    config: ArcSwap<PluginsConfig>,
+    overrides: BTreeMap<String, PluginSettings>,
+    registry: ArcSwap<Registry>,
+    refused: Mutex<Vec<Refusal>>,
+    next_generation: AtomicU64,
+    /// Serializes load, unload, reload and scan. Never held during a plugin call other than
+    /// the create/destroy/state calls those operations make.
+    admin: Mutex<()>,
+}
+
+/// Builds a [`PluginHost`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use host::PluginHost;
+/// use serde_json::json;
+///
+/// let host = PluginHost::builder("plugins")
+///     .with_plugin_config("experiment", json!({"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}}))
+///     .build()?;
+/// let report = host.scan()?;
+/// for refusal in &report.refused {
+///     eprintln!("{}: {}", refusal.file.display(), refusal.reason);
+/// }
+/// let variant = host.execute_or("experiment", "pickVariant", &json!({"experiment": "tone"}), "A".to_owned());
+/// # let _ = variant;
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PluginHostBuilder {
+    plugins_dir: PathBuf,
+    shadow_dir: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+    overrides: BTreeMap<String, PluginSettings>,
+}
+
+impl PluginHostBuilder {
+    /// Uses `dir` as the private directory for shadow copies instead of a fresh one under the
+    /// system's temporary directory. The host writes `<stem>.<pid>.<generation>.so` files there
+    /// and deletes each when its generation is unloaded.
+    pub fn with_shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.shadow_dir = Some(dir.into());
+        self
+    }
+
+    /// Reads the plugin configuration from `file` instead of `plugins.json` in the plugins
+    /// directory.
+    pub fn with_config_file(mut self, file: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(file.into());
+        self
+    }
+
+    /// Gives `plugin` this configuration, over whatever the file says.
+    pub fn with_plugin_config(mut self, plugin: impl Into<String>, config: Value) -> Self {
+        self.overrides.entry(plugin.into()).or_default().config = config;
+        self
+    }
+
+    /// Enables or disables `plugin`, over whatever the file says.
+    pub fn with_plugin_enabled(mut self, plugin: impl Into<String>, enabled: bool) -> Self {
+        self.overrides.entry(plugin.into()).or_default().enabled = enabled;
+        self
+    }
+
+    /// Reads the configuration file and prepares the shadow directory. Loads nothing yet: call
+    /// [`PluginHost::scan`] or [`PluginHost::load`].
+    ///
+    /// # Errors
+    ///
+    /// The configuration file is invalid, or the shadow directory cannot be created.
+    pub fn build(self) -> anyhow::Result<PluginHost> {
+        let config_file = self
+            .config_file
+            .unwrap_or_else(|| self.plugins_dir.join(CONFIG_FILE_NAME));
+        let config = PluginsConfig::read(&config_file)?;
+        let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
+            Some(dir) => (dir, false),
+            None => (
+                std::env::temp_dir().join(format!("plugin-host-{}", std::process::id())),
+                true,
+            ),
+        };
+        create_private_dir(&shadow_dir)
+            .with_context(|| format!("creating the shadow directory {}", shadow_dir.display()))?;
+        Ok(PluginHost {
+            inner: Arc::new(Inner {
+                plugins_dir: self.plugins_dir,
+                shadow_dir,
+                remove_shadow_dir,
+                config: ArcSwap::from_pointee(config),
+                overrides: self.overrides,
+                registry: ArcSwap::from_pointee(Registry::default()),
+                refused: Mutex::new(Vec::new()),
+                next_generation: AtomicU64::new(1),
+                admin: Mutex::new(()),
+            }),
+        })
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// The plugin host: loads plugins from a directory and calls them.
+///
+/// Cheap to clone (clones share one host) and safe to use from many threads: calls take no
+/// lock; [`load`](Self::load), [`unload`](Self::unload) and [`reload`](Self::reload) may run
+/// while other threads call. Every call holds the generation it reached alive until it returns;
+/// an unloaded or replaced generation is destroyed, closed and its shadow copy deleted when its
+/// last call returns.
+///
+/// When the last clone is dropped, plugins are unloaded in reverse load order.
+#[derive(Debug, Clone)]
+pub struct PluginHost {
+    inner: Arc<Inner>,
+}
+
+/// A loaded plugin, as [`PluginHost::plugins`] reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadedPlugin {
+    /// The plugin's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its one-line description.
+    pub description: String,
+    /// The file it was loaded from.
+    pub file: PathBuf,
+    /// The private copy of the file this generation runs from.
+    pub shadow_file: PathBuf,
+    /// Generation number: grows with every load and reload in this host.
+    pub generation: u64,
+    /// Its methods with their descriptions.
+    pub methods: Vec<plugin_api::MethodInfo>,
+    /// plugin-api version it was built with.
+    pub api_version: String,
+    /// Function table version it was built with.
+    pub table_version: u32,
+    /// Call statistics since it was first loaded.
+    pub stats: PluginStats,
+}
+
+/// A file that could not be loaded, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Refusal {
+    /// The file.
+    pub file: PathBuf,
+    /// The reason, with what to do about it.
+    pub reason: String,
+    /// The reason as data, when it is one of the [`LoadError`]s.
+    #[serde(skip)]
+    pub error: Option<LoadError>,
+}
+
+/// What a [`PluginHost::scan`] did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ScanReport {
+    /// Names of the plugins it loaded.
+    pub loaded: Vec<String>,
+    /// Files it refused.
+    pub refused: Vec<Refusal>,
+}
+
+/// Why a call failed, before names are attached (kept cheap for the no-op paths).
+enum Failure {
+    PluginNotFound,
+    MethodNotFound,
+    Plugin(ErrorKind, String),
+    InvalidJson(String),
+}
+
+impl PluginHost {
+    /// Starts building a host for the plugins in `plugins_dir`.
+    pub fn builder(plugins_dir: impl Into<PathBuf>) -> PluginHostBuilder {
+        PluginHostBuilder {
+            plugins_dir: plugins_dir.into(),
+            shadow_dir: None,
+            config_file: None,
+            overrides: BTreeMap::new(),
+        }
+    }
+
+    /// The plugins directory.
+    pub fn plugins_dir(&self) -> &Path {
+        &self.inner.plugins_dir
+    }
+
+    /// The directory of shadow copies.
+    pub fn shadow_dir(&self) -> &Path {
+        &self.inner.shadow_dir
+    }
+
+    fn admin(&self) -> MutexGuard<'_, ()> {
+        // A panic while holding the lock leaves no broken invariant behind (the registry is
+        // replaced atomically), so a poisoned lock is simply taken over.
+        self.inner
+            .admin
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn settings(&self, plugin: &str) -> PluginSettings {
+        match self.inner.overrides.get(plugin) {
+            Some(settings) => settings.clone(),
+            None => self.inner.config.load().settings(plugin),
+        }
+    }
+
+    /// Loads every shared library (`*.so`) in the plugins directory that is not loaded yet, in
+    /// file-name order. A file that fails is reported in the result and the others load.
+    ///
+    /// # Errors
+    ///
+    /// Only when the directory itself cannot be read.
+    pub fn scan(&self) -> anyhow::Result<ScanReport> {
+        let dir = &self.inner.plugins_dir;
+        let entries = std::fs::read_dir(dir).with_context(|| {
+            format!(
+                "reading the plugins directory {}; create it or point to another with --plugins DIR",
+                dir.display()
+            )
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|ext| ext == std::env::consts::DLL_EXTENSION)
+                    && path.is_file()
+            })
+            .collect();
+        files.sort();
+        let mut report = ScanReport::default();
+        for file in files {
+            if self.loaded_from(&file).is_some() {
+                continue;
+            }
+            match self.load(&file) {
+                Ok(plugin) => report.loaded.push(plugin.name),
+                Err(e) => report.refused.push(refusal(&file, &e)),
+            }
+        }
+        Ok(report)
+    }
+
+    /// The plugin loaded from `file`, if any.
+    fn loaded_from(&self, file: &Path) -> Option<String> {
+        self.inner
+            .registry
+            .load()
+            .iter()
+            .find(|(_, slot)| slot.current.load().file == file)
+            .map(|(name, _)| name.to_string())
+    }
+
+    /// Loads one plugin file.
+    ///
+    /// # Errors
+    ///
+    /// The file is refused; the error names the file and the reason, and downcasts to
+    /// [`LoadError`]. The refusal is also listed by [`refused`](Self::refused) until the file
+    /// loads.
+    pub fn load(&self, file: impl AsRef<Path>) -> anyhow::Result<LoadedPlugin> {
+        let file = file.as_ref();
+        let _admin = self.admin();
+        let result = self.load_locked(file);
+        self.note_result(file, result.as_ref().err());
+        result
+    }
+
+    fn load_locked(&self, file: &Path) -> anyhow::Result<LoadedPlugin> {
+        let started = Instant::now();
+        let generation = self
+            .open_generation(file, None)
+            .with_context(|| format!("loading plugin file {}", file.display()))?;
+        let name = generation.manifest.name.clone();
+        let registry = self.inner.registry.load();
+        let load_order = registry
+            .values()
+            .map(|slot| slot.load_order + 1)
+            .max()
+            .unwrap_or(0);
+        let slot = Arc::new(Slot {
+            current: ArcSwap::from_pointee(generation),
+            stats: StatsCell::default(),
+            load_order,
+        });
+        let mut next = Registry::clone(&registry);
+        next.insert(name.clone().into_boxed_str(), Arc::clone(&slot));
+        self.inner.registry.store(Arc::new(next));
+        let generation = slot.current.load();
+        tracing::info!(
+            plugin = %name,
+            version = %generation.manifest.version,
+            generation = generation.number,
+            file = %file.display(),
+            took_us = started.elapsed().as_micros(),
+            "plugin loaded"
+        );
+        Ok(describe(&name, &slot))
+    }
+
+    /// Copies, checks, opens and creates one generation of `file`. `replacing` is the name the
+    /// file must provide on a reload.
+    fn open_generation(&self, file: &Path, replacing: Option<&str>) -> anyhow::Result<Generation> {
+        let number = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
+        let shadow = loader::shadow_copy(file, &self.inner.shadow_dir, number)?;
+        loader::check_elf(&shadow.0)?;
+        let mut library = PluginLibrary::open(shadow)?;
+        let manifest_json =
+            library
+                .manifest_json()
+                .map_err(|(kind, message)| LoadError::BadManifest {
+                    reason: match kind {
+                        ErrorKind::Panicked => format!("reading it panicked: {message}"),
+                        _ => message,
+                    },
+                })?;
+        let manifest: Manifest =
+            serde_json::from_str(&manifest_json).map_err(|e| LoadError::BadManifest {
+                reason: e.to_string(),
+            })?;
+        let name = manifest.name.clone();
+        match replacing {
+            Some(expected) if expected != name => {
+                return Err(LoadError::BadManifest {
+                    reason: format!(
+                        "the file now provides plugin `{name}`, not `{expected}`; unload `{expected}` first"
+                    ),
+                }
+                .into());
+            }
+            Some(_) => {}
+            None => {
+                if let Some(slot) = self.inner.registry.load().get(name.as_str()) {
+                    return Err(LoadError::DuplicateName {
+                        plugin: name,
+                        loaded_from: slot.current.load().file.clone(),
+                    }
+                    .into());
+                }
+            }
+        }
+        let settings = self.settings(&name);
+        if !settings.enabled {
+            return Err(LoadError::Disabled { plugin: name }.into());
+        }
+        let config = match &settings.config {
+            Value::Null => String::new(),
+            config => config.to_string(),
+        };
+        library
+            .create(&name, &config)
+            .map_err(|(kind, message)| match kind {
+                ErrorKind::Panicked => LoadError::CreatePanicked {
+                    plugin: name.clone(),
+                    message,
+                },
+                _ => LoadError::CreateFailed {
+                    plugin: name.clone(),
+                    message,
+                },
+            })?;
+        Ok(Generation {
+            manifest,
+            file: file.to_path_buf(),
+            number,
+            library,
+        })
+    }
+
+    fn note_result(&self, file: &Path, error: Option<&anyhow::Error>) {
+        let mut refused = self
+            .inner
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        refused.retain(|r| r.file != file);
+        if let Some(e) = error {
+            let refusal = refusal(file, e);
+            tracing::warn!(file = %file.display(), reason = %refusal.reason, "plugin file refused");
+            refused.push(refusal);
+        }
+    }
+
+    /// Unloads `plugin`. Calls already in flight finish on it; its generation is destroyed when
+    /// the last of them returns.
+    ///
+    /// # Errors
+    ///
+    /// No plugin of that name is loaded.
+    pub fn unload(&self, plugin: &str) -> anyhow::Result<()> {
+        let _admin = self.admin();
+        let registry = self.inner.registry.load();
+        if !registry.contains_key(plugin) {
+            return Err(anyhow!(
+                "cannot unload `{plugin}`: no plugin of that name is loaded"
+            ));
+        }
+        let mut next = Registry::clone(&registry);
+        let removed = next.remove(plugin);
+        self.inner.registry.store(Arc::new(next));
+        drop(registry);
+        if let Some(slot) = removed {
+            let generation = slot.current.load();
+            tracing::info!(plugin, generation = generation.number, file = %generation.file.display(), "plugin unloaded");
+        }
+        Ok(())
+    }
+
+    /// Loads `plugin`'s file again as a new generation, carries its state over
+    /// ([`plugin_api::Plugin::save_state`] → [`plugin_api::Plugin::restore_state`]), and swaps
+    /// it in. Calls never see a gap: they reach the old generation until the swap, the new one
+    /// after.
+    ///
+    /// # Errors
+    ///
+    /// The plugin is not loaded, or the new file is refused; the old generation keeps serving.
+    pub fn reload(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
+        let _admin = self.admin();
+        let slot = self
+            .inner
+            .registry
+            .load()
+            .get(plugin)
+            .cloned()
+            .ok_or_else(|| anyhow!("cannot reload `{plugin}`: no plugin of that name is loaded"))?;
+        let old = slot.current.load_full();
+        let started = Instant::now();
+        let result = self
+            .open_generation(&old.file, Some(plugin))
+            .with_context(|| {
+                format!(
+                    "reloading plugin `{plugin}` from {}; generation {} keeps serving",
+                    old.file.display(),
+                    old.number
+                )
+            });
+        self.note_result(&old.file, result.as_ref().err());
+        let new = result?;
+        carry_state(plugin, &old, &new);
+        let number = new.number;
+        slot.current.store(Arc::new(new));
+        tracing::info!(
+            plugin,
+            from_generation = old.number,
+            generation = number,
+            file = %old.file.display(),
+            took_us = started.elapsed().as_micros(),
+            "plugin reloaded"
+        );
+        Ok(describe(plugin, &slot))
+    }
+
+    /// Loaded plugins, by name.
+    pub fn plugins(&self) -> Vec<LoadedPlugin> {
+        let registry = self.inner.registry.load();
+        let mut plugins: Vec<LoadedPlugin> = registry
+            .iter()
+            .map(|(name, slot)| describe(name, slot))
+            .collect();
+        plugins.sort_by(|a, b| a.name.cmp(&b.name));
+        plugins
+    }
+
+    /// One loaded plugin.
+    pub fn plugin(&self, name: &str) -> Option<LoadedPlugin> {
+        self.inner
+            .registry
+            .load()
+            .get(name)
+            .map(|slot| describe(name, slot))
+    }
+
+    /// Files refused so far (and not loaded since), by file name.
+    pub fn refused(&self) -> Vec<Refusal> {
+        let mut refused = self
+            .inner
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        refused.sort_by(|a, b| a.file.cmp(&b.file));
+        refused
+    }
+
+    /// Calls `plugin.method(params)` and says why when it answers nothing.
+    ///
+    /// `Ok(None)` means the plugin answered nothing (JSON `null`). Statistics count every call
+    /// that reached the plugin.
+    ///
+    /// # Errors
+    ///
+    /// A [`CallError`]: no such plugin or method, the plugin failed or panicked, or it answered
+    /// text that is not JSON.
+    pub fn call(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Result<Option<Value>, CallError> {
+        self.dispatch(plugin, method, params).map_err(|failure| {
+            let (plugin, method) = (plugin.to_owned(), method.to_owned());
+            match failure {
+                Failure::PluginNotFound => CallError::PluginNotFound { plugin },
+                Failure::MethodNotFound => CallError::MethodNotFound { plugin, method },
+                Failure::InvalidJson(message) => CallError::InvalidJson {
+                    plugin,
+                    method,
+                    message,
+                },
+                Failure::Plugin(kind, message) => match kind {
+                    ErrorKind::Panicked => CallError::Panicked {
+                        plugin,
+                        method,
+                        message,
+                    },
+                    ErrorKind::InvalidParams => CallError::InvalidParams {
+                        plugin,
+                        method,
+                        message,
+                    },
+                    _ => CallError::Failed {
+                        plugin,
+                        method,
+                        message,
+                    },
+                },
+            }
+        })
+    }
+
+    /// Calls `plugin.method(params)`; `None` when the plugin answered nothing or the call could
+    /// not be made.
+    ///
+    /// Never fails and never panics because of a plugin: a missing plugin or method, an error,
+    /// a panic, or invalid JSON coming back all answer `None` and emit a `tracing` event with the
+    /// plugin, the method and the reason (at debug level for missing plugins and methods, at
+    /// warn for failures).
+    #[inline]
+    pub fn execute(&self, plugin: &str, method: &str, params: &Value) -> Option<Value> {
+        match self.dispatch(plugin, method, params) {
+            Ok(value) => value,
+            Err(failure) => {
+                log_failure(plugin, method, &failure);
+                None
+            }
+        }
+    }
+
+    /// Like [`execute`](Self::execute), then deserializes the answer into `T`. An answer of
+    /// another shape is `None` too, with a warning.
+    pub fn execute_as<T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Option<T> {
+        let value = self.execute(plugin, method, params)?;
+        match serde_json::from_value(value) {
+            Ok(typed) => Some(typed),
+            Err(e) => {
+                tracing::warn!(
+                    plugin,
+                    method,
+                    error = %e,
+                    expected = std::any::type_name::<T>(),
+                    "plugin answered an unexpected value; answering nothing"
+                );
+                None
+            }
+        }
+    }
+
+    /// The common pattern `execute(...) or default`:
+    /// `host.execute_or("experiment", "pickVariant", &params, "A".to_owned())`.
+    pub fn execute_or<T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+        default: T,
+    ) -> T {
+        self.execute_as(plugin, method, params).unwrap_or(default)
+    }
+
+    #[inline]
+    fn dispatch(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Result<Option<Value>, Failure> {
+        let registry = self.inner.registry.load();
+        let slot = registry.get(plugin).ok_or(Failure::PluginNotFound)?;
+        // Holds this generation alive until the call returns, whatever reload or unload does.
+        let generation = slot.current.load();
+        let params_text;
+        let params = if params.is_null() {
+            ""
+        } else {
+            params_text = params.to_string();
+            params_text.as_str()
+        };
+        let started = Instant::now();
+        let result = generation
+            .library
+            .call(method, params, |answer| match answer {
+                Ok(None) => Ok(None),
+                Ok(Some(json)) => serde_json::from_str(json)
+                    .map(Some)
+                    .map_err(|e| Failure::InvalidJson(e.to_string())),
+                Err((ErrorKind::UnknownMethod, _)) => Err(Failure::MethodNotFound),
+                Err((kind, message)) => Err(Failure::Plugin(kind, message.to_owned())),
+            })
+            .unwrap_or(Err(Failure::PluginNotFound));
+        let outcome = match &result {
+            Ok(_) | Err(Failure::MethodNotFound | Failure::PluginNotFound) => Outcome::Ok,
+            Err(Failure::Plugin(ErrorKind::Panicked, _)) => Outcome::Panic,
+            Err(_) => Outcome::Error,
+        };
+        slot.stats.record(started.elapsed(), outcome);
+        result
+    }
+}
+
+#[cold]
+fn log_failure(plugin: &str, method: &str, failure: &Failure) {
+    match failure {
+        Failure::PluginNotFound => {
+            tracing::debug!(plugin, method, "no such plugin; answering nothing");
+        }
+        Failure::MethodNotFound => {
+            tracing::debug!(plugin, method, "no such method; answering nothing");
+        }
+        Failure::Plugin(ErrorKind::Panicked, message) => {
+            tracing::warn!(plugin, method, panic = %message, "plugin panicked; answering nothing");
+        }
+        Failure::Plugin(_, message) => {
+            tracing::warn!(plugin, method, error = %message, "plugin call failed; answering nothing");
+        }
+        Failure::InvalidJson(message) => {
+            tracing::warn!(plugin, method, error = %message, "plugin answered invalid JSON; answering nothing");
+        }
+    }
+}
+
+fn refusal(file: &Path, error: &anyhow::Error) -> Refusal {
+    Refusal {
+        file: file.to_path_buf(),
+        reason: format!("{error:#}"),
+        error: error.downcast_ref::<LoadError>().cloned(),
+    }
+}
+
+fn describe(name: &str, slot: &Slot) -> LoadedPlugin {
+    let generation = slot.current.load();
+    let manifest = &generation.manifest;
+    LoadedPlugin {
+        name: name.to_owned(),
+        version: manifest.version.clone(),
+        description: manifest.description.clone(),
+        file: generation.file.clone(),
+        shadow_file: generation.library.shadow_path().to_path_buf(),
+        generation: generation.number,
+        methods: manifest.methods.clone(),
+        api_version: manifest.api_version.clone(),
+        table_version: manifest.table_version,
+        stats: slot.stats.snapshot(),
+    }
+}
+
+/// Moves the state of `old` into `new`. Failures are logged; `new` then starts fresh.
+fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
+    let state = match old.library.save_state() {
+        None | Some(Ok(None)) => return,
+        Some(Ok(Some(state))) => state,
+        Some(Err((_, message))) => {
+            tracing::warn!(plugin, error = %message, "saving state for the reload failed; the new generation starts fresh");
+            return;
+        }
+    };
+    match new.library.restore_state(&state) {
+        Some(Ok(())) => tracing::debug!(plugin, bytes = state.len(), "state carried over"),
+        Some(Err((_, message))) => {
+            tracing::warn!(plugin, error = %message, "restoring state into the new generation failed; it starts fresh");
+        }
+        None => tracing::warn!(
+            plugin,
+            "the new generation was built without state support; its state starts fresh"
+        ),
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let registry = self.registry.swap(Arc::new(Registry::default()));
+        let mut slots: Vec<(Box<str>, Arc<Slot>)> = match Arc::try_unwrap(registry) {
+            Ok(map) => map.into_iter().collect(),
+            Err(shared) => shared
+                .iter()
+                .map(|(k, v)| (k.clone(), Arc::clone(v)))
+                .collect(),
+        };
+        slots.sort_by_key(|(_, slot)| std::cmp::Reverse(slot.load_order));
+        for (name, slot) in slots {
+            let generation = slot.current.load().number;
+            drop(slot);
+            tracing::debug!(plugin = %name, generation, "plugin unloaded at shutdown");
+        }
+        if self.remove_shadow_dir {
+            // Only succeeds when empty: a plugin still mapped keeps its copy.
+            let _ = std::fs::remove_dir(&self.shadow_dir);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The plugin host: loads native plugins (`cdylib` crates built against `plugin-api`) from a
+//! directory, calls them safely, and loads, unloads and reloads them while other threads call.
+//!
+//! ```no_run
+//! use host::PluginHost;
+//! use serde_json::json;
+//!
+//! let host = PluginHost::builder("plugins").build()?;
+//! host.scan()?;
+//! // `None` when the plugin is missing, fails, or panics: the worker goes on.
+//! let echoed = host.execute("echo", "echo", &json!({"hello": "world"}));
+//! let variant: String = host.execute_or("experiment", "pickVariant", &json!({"experiment": "tone"}), "A".into());
+//! # let _ = (echoed, variant);
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! All unsafe code is in one private module (`dylib`); see the repository's DESIGN notes for why
+//! each step of loading is done the way it is.
+
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;
+mod dylib;
+mod error;
+mod host;
+mod loader;
+mod stats;
+
+pub use config::{PluginSettings, PluginsConfig};
+pub use error::{CallError, LoadError};
+pub use host::{LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
+pub use stats::PluginStats;

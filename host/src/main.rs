@@ -1,0 +1,7 @@
+//! The `worker` binary: see `worker --help`.
+
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    host::cli::main()
+}

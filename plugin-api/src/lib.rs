@@ -1,0 +1,283 @@
+//! Write plugins for the plugin host: plain `cdylib` crates, loaded, unloaded and hot-reloaded
+//! by a running worker. A panicking or failing plugin never takes the worker down.
+//!
+//! A complete plugin:
+//!
+//! ```
+//! use plugin_api::{Methods, Plugin, PluginError, PluginInfo, export_plugin};
+//! use serde::{Deserialize, Serialize};
+//! use serde_json::Value;
+//!
+//! /// Greets people. Its configuration may set the greeting: `{"greeting": "Hi"}`.
+//! pub struct Greeter {
+//!     greeting: String,
+//! }
+//!
+//! #[derive(Deserialize)]
+//! struct GreetParams {
+//!     name: String,
+//! }
+//!
+//! #[derive(Serialize)]
+//! struct Greeting {
+//!     text: String,
+//! }
+//!
+//! impl Plugin for Greeter {
+//!     fn info() -> PluginInfo {
+//!         PluginInfo::new("greeter", env!("CARGO_PKG_VERSION"), "Greets people by name")
+//!     }
+//!
+//!     fn create(config: Value) -> Result<Self, PluginError> {
+//!         let greeting = match config.get("greeting") {
+//!             None => "Hello".to_owned(),
+//!             Some(Value::String(s)) => s.clone(),
+//!             Some(other) => {
+//!                 return Err(PluginError::new(format!(
+//!                     "config field `greeting` must be a string, found {other}"
+//!                 )));
+//!             }
+//!         };
+//!         Ok(Greeter { greeting })
+//!     }
+//!
+//!     fn methods(methods: &mut Methods<Self>) {
+//!         methods.method("greet", "Greets {\"name\"}", |this: &Self, p: GreetParams| {
+//!             tracing::debug!(name = %p.name, "greeting");
+//!             Ok(Greeting { text: format!("{}, {}!", this.greeting, p.name) })
+//!         });
+//!     }
+//! }
+//!
+//! export_plugin!(Greeter);
+//! ```
+//!
+//! Its `Cargo.toml` says `crate-type = ["cdylib"]` and depends on `plugin-api`, `serde` and
+//! `serde_json` (and `tracing` for logging). `cargo build --release` writes `libgreeter.so`; drop
+//! it into the worker's `plugins/` directory. The host then answers
+//! `execute("greeter", "greet", {"name": "Ada"})` with `{"text": "Hello, Ada!"}`.
+//!
+//! # What the host guarantees, and what it asks of you
+//!
+//! - Methods take `&self` and the host calls one plugin from many threads at once: keep mutable
+//!   state behind a `Mutex` or atomics. [`Plugin`] requires `Send + Sync`.
+//! - A panic in your code is caught at the boundary and reported as an error; the call that
+//!   reached it answers "nothing". Build with the default `panic = "unwind"`: a plugin built with
+//!   `panic = "abort"` is refused at load, since its first panic would kill the worker.
+//! - `tracing` events inside the plugin reach the host's log, tagged with the plugin's name.
+//! - [`Plugin::save_state`] and [`Plugin::restore_state`] carry what the plugin learned across a
+//!   hot reload.
+//! - A plugin that spawns threads or uses `thread_local!` values with destructors keeps its
+//!   library mapped after unload (the C library keeps it until those destructors run). Reloads
+//!   still work; each such generation stays in memory. Join your threads in `Drop`.
+//!
+//! Plugins write no `unsafe` code: [`export_plugin!`] generates the exported header and the
+//! FFI shims.
+
+#![deny(missing_docs)]
+
+pub mod abi;
+mod export;
+mod log;
+mod methods;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use methods::Methods;
+pub use serde_json::Value;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::export::header;
+}
+
+/// Version of the function table this crate builds (see [`abi::PluginTable`]).
+#[cfg(not(feature = "__fixture_table_v1"))]
+pub const TABLE_VERSION: u32 = 2;
+/// Version of the function table this crate builds (see [`abi::PluginTable`]).
+#[cfg(feature = "__fixture_table_v1")]
+pub const TABLE_VERSION: u32 = 1;
+
+/// A plugin: implement this, then invoke [`export_plugin!`] with the type.
+///
+/// The host creates one instance per loaded generation of the library and calls it from many
+/// threads at once.
+pub trait Plugin: Send + Sync + Sized + 'static {
+    /// Name, version and description. The name is how callers reach the plugin; two files that
+    /// claim one name cannot both be loaded.
+    fn info() -> PluginInfo;
+
+    /// Makes the instance from the plugin's configuration (`Value::Null` when it has none).
+    ///
+    /// # Errors
+    ///
+    /// Return an error that says what is wrong with the configuration; the host refuses to load
+    /// the plugin and shows the message.
+    fn create(config: Value) -> Result<Self, PluginError>;
+
+    /// Registers the plugin's methods.
+    fn methods(methods: &mut Methods<Self>);
+
+    /// The state to carry over to the next generation on a hot reload, or to keep across a
+    /// restart. `None` (the default) means the plugin keeps no state.
+    ///
+    /// # Errors
+    ///
+    /// An error is logged and the new generation starts fresh.
+    fn save_state(&self) -> Result<Option<Value>, PluginError> {
+        Ok(None)
+    }
+
+    /// Takes over the state a previous generation saved. Called after [`Plugin::create`] and
+    /// before the first call reaches the new instance.
+    ///
+    /// # Errors
+    ///
+    /// An error is logged and the plugin goes on with the state it has.
+    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// The name callers use to reach the plugin.
+    pub name: String,
+    /// The plugin's version; pass `env!("CARGO_PKG_VERSION")`.
+    pub version: String,
+    /// One line saying what the plugin does.
+    pub description: String,
+}
+
+impl PluginInfo {
+    /// Name, version and one-line description.
+    pub fn new(
+        name: impl Into<String>,
+        version: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            version: version.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// The manifest a plugin exports: its info, its methods, and the interface it was built with.
+///
+/// The host reads it before creating the plugin. Fields may be added; readers ignore fields they
+/// do not know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// See [`PluginInfo::name`].
+    pub name: String,
+    /// See [`PluginInfo::version`].
+    pub version: String,
+    /// See [`PluginInfo::description`].
+    #[serde(default)]
+    pub description: String,
+    /// The plugin's methods, in registration order.
+    #[serde(default)]
+    pub methods: Vec<MethodInfo>,
+    /// Version of `plugin-api` the plugin was built with.
+    #[serde(default)]
+    pub api_version: String,
+    /// Version of the function table the plugin was built with.
+    #[serde(default)]
+    pub table_version: u32,
+}
+
+/// One method in a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MethodInfo {
+    /// The method's name.
+    pub name: String,
+    /// One line saying what it does.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// An error a plugin returns. It crosses the boundary as plain data: a kind and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginError {
+    kind: abi::ErrorKind,
+    message: String,
+}
+
+impl PluginError {
+    /// A failure with a message for people.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            kind: abi::ErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+
+    /// The params did not fit what the method expects.
+    pub fn invalid_params(message: impl Into<String>) -> Self {
+        Self {
+            kind: abi::ErrorKind::InvalidParams,
+            message: message.into(),
+        }
+    }
+
+    /// There is no method of that name.
+    pub fn unknown_method(method: &str) -> Self {
+        Self {
+            kind: abi::ErrorKind::UnknownMethod,
+            message: format!("no method `{method}`"),
+        }
+    }
+
+    /// What kind of error this is.
+    pub fn kind(&self) -> abi::ErrorKind {
+        self.kind
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PluginError {}
+
+impl From<serde_json::Error> for PluginError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+/// Exports a [`Plugin`] type from a `cdylib`: writes the plugin header symbol and the FFI shims
+/// that catch panics, bridge logging and convert JSON. Invoke it once per library.
+///
+/// ```
+/// # use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value};
+/// pub struct Nothing;
+/// impl Plugin for Nothing {
+///     fn info() -> PluginInfo { PluginInfo::new("nothing", "0.1.0", "Does nothing") }
+///     fn create(_config: Value) -> Result<Self, PluginError> { Ok(Nothing) }
+///     fn methods(_methods: &mut Methods<Self>) {}
+/// }
+/// plugin_api::export_plugin!(Nothing);
+/// ```
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        /// The plugin header read by the host (generated by `plugin_api::export_plugin!`).
+        #[unsafe(no_mangle)]
+        pub static PLUGIN_HOST_HEADER: $crate::abi::PluginHeader =
+            $crate::__private::header::<$plugin>(cfg!(panic = "unwind"));
+    };
+}

@@ -1,0 +1,88 @@
+//! `echo`: the minimal plugin. Method `echo` returns its params unchanged.
+//!
+//! Also used by the benchmarks: `noop` answers nothing (the cheapest call through the host), and
+//! `summarize` does a fixed piece of JSON work, the same work the benchmark calls directly.
+
+#![forbid(unsafe_code)]
+
+use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value, export_plugin};
+use serde::{Deserialize, Serialize};
+
+/// The plugin instance. It keeps no state.
+#[derive(Debug)]
+pub struct Echo;
+
+/// Params of `summarize`: a list of numbered readings.
+#[derive(Debug, Deserialize)]
+pub struct Readings {
+    /// Where the readings come from.
+    pub source: String,
+    /// The values.
+    pub values: Vec<f64>,
+}
+
+/// What `summarize` answers.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// `Readings::source`, upper-cased.
+    pub source: String,
+    /// How many values.
+    pub count: usize,
+    /// Their mean (0 when there are none).
+    pub mean: f64,
+    /// The smallest and the largest value.
+    pub range: (f64, f64),
+}
+
+/// The work of `summarize`, public so that benchmarks can call it without the host.
+pub fn summarize(readings: &Readings) -> Summary {
+    let count = readings.values.len();
+    let sum: f64 = readings.values.iter().sum();
+    let min = readings
+        .values
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    let max = readings
+        .values
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    Summary {
+        source: readings.source.to_uppercase(),
+        count,
+        mean: if count == 0 { 0.0 } else { sum / count as f64 },
+        range: if count == 0 { (0.0, 0.0) } else { (min, max) },
+    }
+}
+
+impl Plugin for Echo {
+    fn info() -> PluginInfo {
+        PluginInfo::new(
+            "echo",
+            env!("CARGO_PKG_VERSION"),
+            "Returns its params unchanged",
+        )
+    }
+
+    fn create(_config: Value) -> Result<Self, PluginError> {
+        Ok(Echo)
+    }
+
+    fn methods(methods: &mut Methods<Self>) {
+        methods
+            .method(
+                "echo",
+                "Returns its params unchanged",
+                |_, params: Value| Ok(params),
+            )
+            .raw_method("noop", "Answers nothing, does nothing", |_, _| Ok(None))
+            .method(
+                "summarize",
+                "Count, mean and range of {\"source\", \"values\": [numbers]}",
+                |_, readings: Readings| Ok(summarize(&readings)),
+            );
+    }
+}
+
+export_plugin!(Echo);
