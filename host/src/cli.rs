@@ -1,7 +1,7 @@
 //! The `worker` command line. `main.rs` only calls [`main`]; everything else is here so that
 //! tests and embedders can reach it.
 
-use std::io::Write;
+use std::io::{IsTerminal as _, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -85,6 +85,7 @@ pub fn main() -> ExitCode {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_filter(filter),
         )
         .init();

@@ -18,6 +18,7 @@ use abi_stable::abi_stability::abi_checking::{
 use abi_stable::library::AbiHeader;
 use abi_stable::prefix_type::{PrefixRef, WithMetadata};
 use abi_stable::std_types::{RErr, ROk, RStr, RString};
+use abi_stable::type_layout::TypeLayout;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::abi::{
     self, CallError, ErrorKind, HEADER_SYMBOL_NUL, HEADER_VERSION, HostApi, HostApiRef,
@@ -275,24 +276,95 @@ fn check_header(library: &Library) -> Result<PluginTableRef, LoadError> {
             ),
         });
     }
-    // A fresh `CheckingGlobals` per load: abi_stable's process-wide one would keep pointers
-    // into this library after it is closed.
-    let globals = CheckingGlobals::new();
-    if let Err(errors) = check_layout_compatibility_with_globals(
-        <PluginTableRef as StableAbi>::LAYOUT,
-        header.table_layout,
-        &globals,
-    ) {
-        // Formatted now: the errors borrow the plugin's layouts.
-        let mut details = String::new();
-        for error in &errors.errors {
-            let _ = write!(details, "{error}");
-        }
-        return Err(LoadError::LayoutMismatch { details });
-    }
+    check_table_layout(header.table_layout)?;
     // SAFETY: every check passed: `table` points to the plugin's `WithMetadata<PluginTable>`
     // whose layout abi_stable just proved compatible with ours; its prefix accessors check at
     // run time which of the later fields it has.
     let prefix = unsafe { PrefixRef::from_raw(header.table.cast::<WithMetadata<PluginTable>>()) };
     Ok(PluginTableRef(prefix))
+}
+
+/// Checks the plugin's table layout against the host's.
+///
+/// abi_stable accepts an implementation with *more* prefix-type fields than the interface. A
+/// plugin built against a newer plugin-api passes that way round; one built against an older
+/// plugin-api (fewer fields: capabilities it predates) passes the other way round, and its
+/// missing fields read as `None` through the prefix accessors. Anything else is refused.
+fn check_table_layout(plugin: &'static TypeLayout) -> Result<(), LoadError> {
+    let host = <PluginTableRef as StableAbi>::LAYOUT;
+    // A fresh `CheckingGlobals` per check: abi_stable's process-wide one would keep pointers
+    // into this library after it is closed.
+    let newer_or_same =
+        check_layout_compatibility_with_globals(host, plugin, &CheckingGlobals::new());
+    let Err(errors) = newer_or_same else {
+        return Ok(());
+    };
+    if check_layout_compatibility_with_globals(plugin, host, &CheckingGlobals::new()).is_ok() {
+        return Ok(());
+    }
+    // Formatted now, into owned text: the errors borrow the plugin's layouts.
+    let mut full = String::new();
+    for error in &errors.errors {
+        let _ = write!(full, "{error}");
+    }
+    Err(LoadError::LayoutMismatch {
+        details: summarize_layout_errors(&full),
+    })
+}
+
+/// abi_stable's report prints both complete layouts; keep what differs: each `Error:` with its
+/// expected and found values, and the last field named before it.
+fn summarize_layout_errors(full: &str) -> String {
+    let lines: Vec<&str> = full.lines().map(str::trim).collect();
+    let mut summary: Vec<String> = Vec::new();
+    let mut field = None;
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        i += 1;
+        if let Some(name) = line.strip_prefix("field_name:") {
+            field = Some(name);
+            continue;
+        }
+        let Some(what) = line.strip_prefix("Error:") else {
+            continue;
+        };
+        let mut expected = Vec::new();
+        let mut found = Vec::new();
+        let mut into: Option<&mut Vec<&str>> = None;
+        while i < lines.len() {
+            match lines[i] {
+                "Expected:" => into = Some(&mut expected),
+                "Found:" => into = Some(&mut found),
+                l if l.is_empty() || l.ends_with("error(s)inside:") || l.starts_with("Error:") => {
+                    break;
+                }
+                l => {
+                    if let Some(values) = into.as_mut() {
+                        values.push(l);
+                    }
+                }
+            }
+            i += 1;
+        }
+        let mut entry = match field {
+            Some(field) => format!("field `{field}`: {what}"),
+            None => what.to_owned(),
+        };
+        if !expected.is_empty() || !found.is_empty() {
+            entry.push_str(&format!(
+                " (expected {}, found {})",
+                expected.join(" "),
+                found.join(" ")
+            ));
+        }
+        if !summary.contains(&entry) {
+            summary.push(entry);
+        }
+    }
+    if summary.is_empty() {
+        full.trim().to_owned()
+    } else {
+        summary.join("\n")
+    }
 }

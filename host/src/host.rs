@@ -85,7 +85,8 @@ pub struct PluginHostBuilder {
 
 impl PluginHostBuilder {
     /// Uses `dir` as the private directory for shadow copies instead of a fresh one under the
-    /// system's temporary directory. The host writes `<stem>.<pid>.<generation>.so` files there
+    /// system's temporary directory (`plugin-host-<pid>-<n>`, mode 0700, removed when the host is
+    /// dropped). The host writes `<stem>.<pid>.<generation>.so` files there
     /// and deletes each when its generation is unloaded.
     pub fn with_shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.shadow_dir = Some(dir.into());
@@ -124,10 +125,13 @@ impl PluginHostBuilder {
         let config = PluginsConfig::read(&config_file)?;
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
             Some(dir) => (dir, false),
-            None => (
-                std::env::temp_dir().join(format!("plugin-host-{}", std::process::id())),
-                true,
-            ),
+            None => {
+                // One directory per host: several hosts in one process never share one.
+                static HOSTS: AtomicU64 = AtomicU64::new(0);
+                let n = HOSTS.fetch_add(1, Ordering::Relaxed);
+                let name = format!("plugin-host-{}-{n}", std::process::id());
+                (std::env::temp_dir().join(name), true)
+            }
         };
         create_private_dir(&shadow_dir)
             .with_context(|| format!("creating the shadow directory {}", shadow_dir.display()))?;

@@ -31,7 +31,10 @@ impl<P: Plugin> Exports<P> {
         manifest: manifest::<P>,
         create: create::<P>,
         destroy: destroy::<P>,
+        #[cfg(not(feature = "__fixture_table_incompatible"))]
         execute: execute::<P>,
+        #[cfg(feature = "__fixture_table_incompatible")]
+        execute: execute_incompatible,
         #[cfg(not(feature = "__fixture_table_v1"))]
         save_state: save_state::<P>,
         #[cfg(not(feature = "__fixture_table_v1"))]
@@ -168,6 +171,10 @@ extern "C" fn destroy<P: Plugin>(handle: InstanceHandle) {
     }
 }
 
+#[cfg_attr(
+    feature = "__fixture_table_incompatible",
+    expect(dead_code, reason = "replaced in the incompatible test table")
+)]
 extern "C" fn execute<P: Plugin>(
     handle: InstanceHandle,
     method: RStr<'_>,
@@ -180,6 +187,15 @@ extern "C" fn execute<P: Plugin>(
             .methods
             .call(&instance.plugin, method.as_str(), params.as_str())?;
         Ok(json_option(json))
+    })
+}
+
+/// The `execute` of the deliberately incompatible test table; no host ever calls it.
+#[cfg(feature = "__fixture_table_incompatible")]
+extern "C" fn execute_incompatible(_: InstanceHandle, _: RStr<'_>, _: u64) -> JsonResult {
+    RErr(CallError {
+        kind: ErrorKind::Failed,
+        message: RString::from("incompatible test table"),
     })
 }
 

@@ -1,1 +1,222 @@
-//! tmp
+//! Support for the end-to-end tests: finding the plugins cargo built, building the fixtures that
+//! need other build settings, plugin directories in temporary folders, and byte-level patches
+//! that make broken plugin files out of good ones.
+
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: any failure here should stop the test with its message"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Cargo's output directory for this profile (`target/debug`), found from the running test
+/// binary (`target/debug/deps/e2e-…`), so `CARGO_TARGET_DIR` and profiles are respected.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let mut dir = exe
+        .parent()
+        .expect("the test binary is in a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The `.so` cargo built for plugin crate `name` (a dev-dependency of this package).
+///
+/// # Panics
+///
+/// When it was not built.
+pub fn built_plugin(name: &str) -> PathBuf {
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let dir = profile_dir();
+    [dir.join("deps").join(&file), dir.join(&file)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{file} was not built in {}", dir.display()))
+}
+
+/// Builds one of the fixture crates under `tests/fixtures` (`table-v1`, `table-incompatible`,
+/// `panic-abort`) with its own cargo invocation and target directory, and returns its `.so`.
+///
+/// # Panics
+///
+/// When the build fails.
+pub fn fixture_build(variant: &str) -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/Cargo.toml");
+    let target = profile_dir()
+        .parent()
+        .expect("the profile directory is inside the target directory")
+        .join("fixtures");
+    let package = format!("fixture-{variant}");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .arg("build")
+        .arg("--quiet")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target)
+        .args(["-p", &package]);
+    if variant == "panic-abort" {
+        command.args(["--config", "profile.dev.panic=\"abort\""]);
+    }
+    // Variables the outer build set for this package must not leak into the inner one.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+    ] {
+        command.env_remove(var);
+    }
+    let status = command.status().expect("cargo runs");
+    assert!(status.success(), "building {package} failed");
+    let so = target.join("debug").join(format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        package.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(so.is_file(), "{} is missing after the build", so.display());
+    so
+}
+
+/// A plugins directory in a temporary folder, with its own shadow directory beside it.
+#[derive(Debug)]
+pub struct PluginDir {
+    root: tempfile::TempDir,
+}
+
+impl Default for PluginDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PluginDir {
+    /// An empty plugins directory.
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("plugins")).unwrap();
+        std::fs::create_dir(root.path().join("shadow")).unwrap();
+        Self { root }
+    }
+
+    /// The plugins directory.
+    pub fn path(&self) -> PathBuf {
+        self.root.path().join("plugins")
+    }
+
+    /// The shadow directory [`host`](Self::host) uses.
+    pub fn shadow(&self) -> PathBuf {
+        self.root.path().join("shadow")
+    }
+
+    /// Copies the built plugin crate `crate_name` in as `file_name`; returns its path.
+    pub fn add(&self, crate_name: &str, file_name: &str) -> PathBuf {
+        self.add_file(&built_plugin(crate_name), file_name)
+    }
+
+    /// Copies any file in as `file_name`; returns its path.
+    pub fn add_file(&self, source: &Path, file_name: &str) -> PathBuf {
+        let dest = self.path().join(file_name);
+        std::fs::copy(source, &dest).unwrap();
+        dest
+    }
+
+    /// Writes `bytes` as `file_name`; returns its path.
+    pub fn write(&self, file_name: &str, bytes: &[u8]) -> PathBuf {
+        let dest = self.path().join(file_name);
+        std::fs::write(&dest, bytes).unwrap();
+        dest
+    }
+
+    /// Writes `plugins.json`.
+    pub fn configure(&self, config: &Value) {
+        std::fs::write(
+            self.path().join("plugins.json"),
+            serde_json::to_vec_pretty(config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// A host on this directory (not scanned yet).
+    pub fn host(&self) -> host::PluginHost {
+        host::PluginHost::builder(self.path())
+            .with_shadow_dir(self.shadow())
+            .build()
+            .unwrap()
+    }
+
+    /// Files left in the shadow directory.
+    pub fn shadow_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.shadow())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+}
+
+/// The bytes of `file` with every occurrence of `find` replaced by `replace` (same length).
+///
+/// # Panics
+///
+/// When `find` does not occur.
+pub fn patched(file: &Path, find: &[u8], replace: &[u8]) -> Vec<u8> {
+    assert_eq!(find.len(), replace.len());
+    let mut bytes = std::fs::read(file).unwrap();
+    let mut hits = 0;
+    let mut i = 0;
+    while i + find.len() <= bytes.len() {
+        if &bytes[i..i + find.len()] == find {
+            bytes[i..i + find.len()].copy_from_slice(replace);
+            hits += 1;
+            i += find.len();
+        } else {
+            i += 1;
+        }
+    }
+    assert!(
+        hits > 0,
+        "{:?} not found in {}",
+        String::from_utf8_lossy(find),
+        file.display()
+    );
+    bytes
+}
+
+/// Offset of the plugin header's magic bytes in a plugin file.
+///
+/// # Panics
+///
+/// When the magic occurs other than exactly once.
+pub fn header_offset(bytes: &[u8]) -> usize {
+    let magic = plugin_api::abi::MAGIC;
+    let hits: Vec<usize> = bytes
+        .windows(magic.len())
+        .enumerate()
+        .filter(|(_, w)| *w == magic)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(hits.len(), 1, "expected the header magic exactly once");
+    hits[0]
+}
+
+/// Whether `path` is mapped into this process.
+pub fn is_mapped(path: &Path) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.contains(path.to_str().unwrap())
+}

@@ -1,0 +1,148 @@
+//! Calls: answers, every no-op path, typed helpers, statistics.
+
+use host::CallError;
+use serde_json::json;
+use tests::PluginDir;
+
+fn host_with(plugins: &[&str]) -> (PluginDir, host::PluginHost) {
+    let dir = PluginDir::new();
+    for name in plugins {
+        dir.add(name, &format!("lib{name}.so"));
+    }
+    let host = dir.host();
+    let report = host.scan().unwrap();
+    assert!(report.refused.is_empty(), "{:?}", report.refused);
+    (dir, host)
+}
+
+#[test]
+fn echo_returns_its_params() {
+    let (_dir, host) = host_with(&["echo"]);
+    let params = json!({"text": "héllo", "n": [1, 2.5, null], "nested": {"ok": true}});
+    assert_eq!(host.execute("echo", "echo", &params), Some(params.clone()));
+    assert_eq!(
+        host.execute("echo", "echo", &json!(null)),
+        None,
+        "null answers nothing"
+    );
+    assert_eq!(
+        host.execute(
+            "echo",
+            "summarize",
+            &json!({"source": "a", "values": [1.0, 3.0]})
+        ),
+        Some(json!({"source": "A", "count": 2, "mean": 2.0, "range": [1.0, 3.0]}))
+    );
+}
+
+#[test]
+fn every_failure_is_a_no_op_and_the_plugin_goes_on() {
+    let (_dir, host) = host_with(&["faulty", "echo"]);
+    let none = json!(null);
+    assert_eq!(host.execute("nobody", "echo", &none), None);
+    assert_eq!(host.execute("echo", "nothing", &none), None);
+    assert_eq!(host.execute("faulty", "panic", &none), None);
+    assert_eq!(host.execute("faulty", "error", &none), None);
+    assert_eq!(host.execute("faulty", "bad_json", &none), None);
+    assert_eq!(
+        host.execute("echo", "summarize", &json!({"wrong": 1})),
+        None
+    );
+    // After all that, both plugins still answer.
+    assert_eq!(host.execute("faulty", "ok", &none), Some(json!("fine")));
+    assert_eq!(host.execute("echo", "echo", &json!([1])), Some(json!([1])));
+}
+
+#[test]
+fn call_says_why() {
+    let (_dir, host) = host_with(&["faulty", "echo"]);
+    let none = json!(null);
+    assert!(matches!(
+        host.call("nobody", "x", &none),
+        Err(CallError::PluginNotFound { .. })
+    ));
+    assert!(matches!(
+        host.call("echo", "x", &none),
+        Err(CallError::MethodNotFound { .. })
+    ));
+    match host.call("faulty", "panic", &none) {
+        Err(CallError::Panicked { message, .. }) => {
+            assert_eq!(message, "faulty plugin panicked on purpose")
+        }
+        other => panic!("{other:?}"),
+    }
+    match host.call("faulty", "error", &none) {
+        Err(CallError::Failed { message, .. }) => {
+            assert_eq!(message, "faulty plugin failed on purpose")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        host.call("faulty", "bad_json", &none),
+        Err(CallError::InvalidJson { .. })
+    ));
+    match host.call("echo", "summarize", &json!({"values": "x"})) {
+        Err(e @ CallError::InvalidParams { .. }) => {
+            assert!(e.to_string().contains("echo.summarize"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn typed_helpers() {
+    let (_dir, host) = host_with(&["echo", "faulty"]);
+    let n: Option<u32> = host.execute_as("echo", "echo", &json!(7));
+    assert_eq!(n, Some(7));
+    let wrong: Option<u32> = host.execute_as("echo", "echo", &json!("seven"));
+    assert_eq!(wrong, None);
+    assert_eq!(
+        host.execute_or("faulty", "panic", &json!(null), "A".to_owned()),
+        "A"
+    );
+    assert_eq!(
+        host.execute_or("missing", "pickVariant", &json!({}), "A".to_owned()),
+        "A"
+    );
+    assert_eq!(
+        host.execute_or("echo", "echo", &json!("B"), "A".to_owned()),
+        "B"
+    );
+}
+
+#[test]
+fn statistics_count_calls_errors_panics_and_latency() {
+    let (_dir, host) = host_with(&["faulty"]);
+    let none = json!(null);
+    for _ in 0..3 {
+        host.execute("faulty", "ok", &none);
+    }
+    host.execute("faulty", "error", &none);
+    host.execute("faulty", "bad_json", &none);
+    host.execute("faulty", "panic", &none);
+    host.execute("faulty", "panic", &none);
+    let stats = host.plugin("faulty").unwrap().stats;
+    assert_eq!(stats.calls, 7);
+    assert_eq!(stats.errors, 2);
+    assert_eq!(stats.panics, 2);
+    assert!(stats.total_latency > std::time::Duration::ZERO);
+    assert!(stats.max_latency <= stats.total_latency);
+    assert!(stats.max_latency >= stats.mean_latency());
+}
+
+#[test]
+fn many_threads_call_at_once() {
+    let (_dir, host) = host_with(&["echo"]);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let host = &host;
+            s.spawn(move || {
+                for i in 0..2000 {
+                    let params = json!({"thread": t, "i": i});
+                    assert_eq!(host.execute("echo", "echo", &params), Some(params));
+                }
+            });
+        }
+    });
+    assert_eq!(host.plugin("echo").unwrap().stats.calls, 8000);
+}

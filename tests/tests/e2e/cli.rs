@@ -1,0 +1,183 @@
+//! The `worker` command line: output and exit codes.
+
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+use tests::PluginDir;
+
+fn worker(dir: &PluginDir, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(args)
+        .env_remove("WORKER_LOG")
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+fn example_dir() -> PluginDir {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    dir.add("faulty", "libfaulty.so");
+    dir.write("libbroken.so", b"not a library");
+    dir
+}
+
+#[test]
+fn list_shows_plugins_and_refusals_and_exits_zero() {
+    let dir = example_dir();
+    let output = worker(&dir, &["list"]);
+    assert!(output.status.success());
+    let text = stdout(&output);
+    assert!(
+        text.contains("2 plugin(s) loaded, 1 file(s) refused"),
+        "{text}"
+    );
+    assert!(text.contains("echo 0.1.0"), "{text}");
+    assert!(text.contains("libecho.so"), "{text}");
+    assert!(text.contains("Returns its params unchanged"), "{text}");
+    assert!(text.contains("- summarize:"), "{text}");
+    assert!(text.contains("refused:"), "{text}");
+    assert!(
+        text.contains("libbroken.so") && text.contains("not a shared library"),
+        "{text}"
+    );
+}
+
+#[test]
+fn list_json() {
+    let dir = example_dir();
+    let output = worker(&dir, &["list", "--json"]);
+    assert!(output.status.success());
+    let report: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let names: Vec<&str> = report["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo", "faulty"]);
+    let echo = &report["plugins"][0];
+    assert_eq!(echo["version"], "0.1.0");
+    assert!(echo["file"].as_str().unwrap().ends_with("libecho.so"));
+    assert_eq!(echo["methods"][0]["name"], "echo");
+    assert_eq!(report["refused"].as_array().unwrap().len(), 1);
+    assert!(
+        report["refused"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a shared library")
+    );
+}
+
+#[test]
+fn call_prints_the_answer() {
+    let dir = example_dir();
+    let output = worker(&dir, &["call", "echo", "echo", r#"{"a": [1, 2]}"#]);
+    assert!(output.status.success());
+    let answer: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(answer, json!({"a": [1, 2]}));
+}
+
+#[test]
+fn call_that_degrades_prints_null_and_the_reason() {
+    let dir = example_dir();
+    for (plugin, method, reason) in [
+        ("faulty", "panic", "panicked"),
+        ("faulty", "error", "failed on purpose"),
+        ("faulty", "bad_json", "invalid JSON"),
+        ("nobody", "x", "no plugin `nobody`"),
+        ("echo", "nothing", "no method `nothing`"),
+    ] {
+        let output = worker(&dir, &["call", plugin, method]);
+        assert!(output.status.success(), "{plugin}.{method}");
+        assert_eq!(stdout(&output).trim(), "null", "{plugin}.{method}");
+        assert!(
+            stderr(&output).contains(reason),
+            "{plugin}.{method}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn malformed_params_are_a_usage_error() {
+    let dir = example_dir();
+    let output = worker(&dir, &["call", "echo", "echo", "{oops"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stdout(&output).is_empty());
+    assert!(
+        stderr(&output).contains("PARAMS_JSON is not valid JSON"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn help_explains_commands_and_options() {
+    let dir = PluginDir::new();
+    let output = worker(&dir, &["--help"]);
+    assert!(output.status.success());
+    let text = stdout(&output);
+    for needle in ["list", "call", "--plugins", "--config", "--log"] {
+        assert!(
+            text.contains(needle),
+            "--help does not mention {needle}: {text}"
+        );
+    }
+    let call_help = stdout(&worker(&dir, &["call", "--help"]));
+    assert!(
+        call_help.contains("PARAMS_JSON") && call_help.contains("null"),
+        "{call_help}"
+    );
+}
+
+#[test]
+fn plugins_directory_defaults_to_plugins_in_the_current_directory() {
+    let dir = example_dir();
+    let output = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .args(["call", "echo", "echo", "42"])
+        .current_dir(dir.path().parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(stdout(&output).trim(), "42");
+}
+
+#[test]
+fn missing_plugins_directory_fails_with_advice() {
+    let dir = PluginDir::new();
+    let output = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .args(["--plugins", "/nonexistent/plugins", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("/nonexistent/plugins") && err.contains("--plugins"),
+        "{err}"
+    );
+    drop(dir);
+}
+
+#[test]
+fn config_option_points_to_another_file() {
+    let dir = example_dir();
+    let config = dir.path().parent().unwrap().join("other.json");
+    std::fs::write(&config, r#"{"echo": {"enabled": false}}"#).unwrap();
+    let output = worker(
+        &dir,
+        &["--config", config.to_str().unwrap(), "list", "--json"],
+    );
+    let report: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(report["plugins"].as_array().unwrap().len(), 1);
+    assert!(report["refused"].to_string().contains("disabled"));
+}

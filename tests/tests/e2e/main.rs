@@ -1,0 +1,16 @@
+//! End-to-end tests: the real plugins, built by cargo as cdylibs, loaded through the real loader.
+
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failure should stop the test with its message"
+)]
+
+mod abi;
+mod calls;
+mod cli;
+mod experiment;
+mod lifecycle;
+mod logging;
+mod refusals;
