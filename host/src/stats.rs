@@ -5,14 +5,25 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Counters of one plugin, summed over all its generations since it was first loaded.
+/// Counter shards per plugin: threads spread over them so that calls from many threads do not
+/// all bounce one cache line.
+const SHARDS: usize = 8;
+
 #[derive(Debug, Default)]
-pub(crate) struct StatsCell {
+#[repr(align(128))]
+struct Shard {
     calls: AtomicU64,
     errors: AtomicU64,
     panics: AtomicU64,
-    total_ns: AtomicU64,
-    max_ns: AtomicU64,
+    total_ticks: AtomicU64,
+    max_ticks: AtomicU64,
+}
+
+/// Counters of one plugin, summed over all its generations since it was first loaded. Latency
+/// is kept in clock ticks and converted when read.
+#[derive(Debug, Default)]
+pub(crate) struct StatsCell {
+    shards: [Shard; SHARDS],
 }
 
 /// How a call ended, for the counters.
@@ -23,33 +34,62 @@ pub(crate) enum Outcome {
     Panic,
 }
 
+fn shard_index() -> usize {
+    use std::cell::Cell;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    INDEX.with(|index| {
+        let mut i = index.get();
+        if i == usize::MAX {
+            i = (NEXT.fetch_add(1, Relaxed) % SHARDS as u64) as usize;
+            index.set(i);
+        }
+        i
+    })
+}
+
 impl StatsCell {
+    /// Counts one call that took `ticks` of the host's clock (0 when calls are not timed).
     #[inline]
-    pub(crate) fn record(&self, elapsed: Duration, outcome: Outcome) {
-        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        self.calls.fetch_add(1, Relaxed);
-        self.total_ns.fetch_add(ns, Relaxed);
-        if ns > self.max_ns.load(Relaxed) {
-            self.max_ns.fetch_max(ns, Relaxed);
+    pub(crate) fn record(&self, ticks: u64, outcome: Outcome) {
+        let shard = &self.shards[shard_index()];
+        shard.calls.fetch_add(1, Relaxed);
+        if ticks != 0 {
+            shard.total_ticks.fetch_add(ticks, Relaxed);
+            if ticks > shard.max_ticks.load(Relaxed) {
+                shard.max_ticks.fetch_max(ticks, Relaxed);
+            }
         }
         match outcome {
             Outcome::Ok => {}
             Outcome::Error => {
-                self.errors.fetch_add(1, Relaxed);
+                shard.errors.fetch_add(1, Relaxed);
             }
             Outcome::Panic => {
-                self.panics.fetch_add(1, Relaxed);
+                shard.panics.fetch_add(1, Relaxed);
             }
         }
     }
 
-    pub(crate) fn snapshot(&self) -> PluginStats {
+    pub(crate) fn snapshot(&self, clock: Option<&quanta::Clock>) -> PluginStats {
+        let sum = |f: fn(&Shard) -> &AtomicU64| {
+            self.shards.iter().map(|s| f(s).load(Relaxed)).sum::<u64>()
+        };
+        let max_ticks = self
+            .shards
+            .iter()
+            .map(|s| s.max_ticks.load(Relaxed))
+            .max()
+            .unwrap_or(0);
+        let to_duration = |ticks: u64| clock.map_or(Duration::ZERO, |c| c.delta(0, ticks));
         PluginStats {
-            calls: self.calls.load(Relaxed),
-            errors: self.errors.load(Relaxed),
-            panics: self.panics.load(Relaxed),
-            total_latency: Duration::from_nanos(self.total_ns.load(Relaxed)),
-            max_latency: Duration::from_nanos(self.max_ns.load(Relaxed)),
+            calls: sum(|s| &s.calls),
+            errors: sum(|s| &s.errors),
+            panics: sum(|s| &s.panics),
+            total_latency: to_duration(sum(|s| &s.total_ticks)),
+            max_latency: to_duration(max_ticks),
         }
     }
 }
@@ -58,7 +98,8 @@ impl StatsCell {
 ///
 /// `errors` counts calls that failed in the plugin (an error, invalid params, invalid JSON
 /// back); `panics` counts caught panics. A call to a method the plugin does not have counts as
-/// a call only.
+/// a call only. Latencies stay zero when the host was built with
+/// [`with_call_timing(false)`](crate::PluginHostBuilder::with_call_timing).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PluginStats {
     /// Calls that reached the plugin.
