@@ -31,3 +31,8 @@ pub use config::{PluginSettings, PluginsConfig};
 pub use error::{CallError, LoadError};
 pub use host::{LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
 pub use stats::PluginStats;
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod readme {}
