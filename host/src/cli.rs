@@ -11,6 +11,8 @@ use serde_json::Value;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
+use crate::http::ControlServer;
+use crate::watch::{WatchOptions, Watcher};
 use crate::{LoadedPlugin, PluginHost, Refusal};
 
 /// The worker: runs native plugins from a directory.
@@ -55,6 +57,26 @@ pub enum Command {
         /// Print JSON instead of text: {"plugins": [...], "refused": [...]}.
         #[arg(long)]
         json: bool,
+    },
+    /// Run the long-running worker: load the plugins, watch the directory (a new file loads, a
+    /// removed one unloads, a changed one reloads with its state carried over, a changed
+    /// plugins.json applies), and serve the control API.
+    ///
+    /// SIGHUP rescans (the configuration and every file not loaded). SIGINT and SIGTERM shut
+    /// down gracefully: requests in progress finish, each plugin's state is saved to the state
+    /// directory, and plugins unload in reverse load order. The state is restored at the next
+    /// start.
+    Serve {
+        /// Address of the control API (HTTP, JSON). Port 0 picks a free port; the address is
+        /// printed on stdout.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
+        listen: String,
+        /// Do not watch the plugins directory (SIGHUP and POST /v1/reload still rescan).
+        #[arg(long)]
+        no_watch: bool,
+        /// Where plugin state is kept between runs (one JSON file per plugin).
+        #[arg(long, value_name = "DIR", default_value = "state")]
+        state_dir: PathBuf,
     },
     /// Call one method of one plugin and print its JSON answer on stdout.
     ///
@@ -123,9 +145,21 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     if let Some(config) = &cli.config {
         builder = builder.with_config_file(config);
     }
+    if let Command::Serve { state_dir, .. } = &cli.command {
+        builder = builder.with_state_dir(state_dir);
+        if !cli.plugins.exists() {
+            std::fs::create_dir_all(&cli.plugins).with_context(|| {
+                format!("creating the plugins directory {}", cli.plugins.display())
+            })?;
+            tracing::info!(dir = %cli.plugins.display(), "created the plugins directory");
+        }
+    }
     let host = builder.build()?;
     host.scan()?;
     match cli.command {
+        Command::Serve {
+            listen, no_watch, ..
+        } => return serve(&host, &listen, !no_watch, out),
         Command::List { json } => {
             let plugins = host.plugins();
             let refused = host.refused();
@@ -188,4 +222,54 @@ fn write_list(
         }
     }
     Ok(())
+}
+
+/// The long-running worker: control API, watcher, signals, graceful shutdown.
+fn serve(
+    host: &PluginHost,
+    listen: &str,
+    watch: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    // Registered before anything is announced, so a signal sent right after start is handled.
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .context("installing the signal handlers")?;
+    let server = ControlServer::start(host.clone(), listen)?;
+    let watcher = if watch {
+        Some(Watcher::start(host.clone(), WatchOptions::default())?)
+    } else {
+        None
+    };
+    writeln!(
+        out,
+        "worker: {} plugin(s) loaded from {}{}; control API on http://{}",
+        host.plugins().len(),
+        host.plugins_dir().display(),
+        if watch { ", watching for changes" } else { "" },
+        server.local_addr()
+    )?;
+    out.flush()?;
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            match &watcher {
+                Some(watcher) => watcher.rescan(),
+                None => {
+                    if let Err(e) = host.reload_config() {
+                        tracing::warn!(error = %format!("{e:#}"), "rescan failed");
+                    }
+                }
+            }
+        } else {
+            tracing::info!(signal, "shutting down");
+            break;
+        }
+    }
+    let started = std::time::Instant::now();
+    server.stop();
+    drop(watcher);
+    host.shutdown();
+    tracing::info!(took_ms = started.elapsed().as_millis(), "worker stopped");
+    writeln!(out, "worker: stopped")?;
+    Ok(ExitCode::SUCCESS)
 }

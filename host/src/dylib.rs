@@ -218,6 +218,7 @@ impl PluginLibrary {
 
 impl Drop for PluginLibrary {
     fn drop(&mut self) {
+        let started = std::time::Instant::now();
         if let Some(instance) = self.instance.take() {
             (self.table.destroy())(instance);
         }
@@ -229,6 +230,12 @@ impl Drop for PluginLibrary {
         if let Err(e) = library.close() {
             tracing::warn!(file = %self.shadow.0.display(), error = %e, "dlclose failed");
         }
+        tracing::debug!(
+            plugin = self.log_context.as_ref().map_or("", |c| c.plugin.as_str()),
+            shadow = %self.shadow.0.display(),
+            took_us = started.elapsed().as_micros(),
+            "generation destroyed and closed"
+        );
         // `log_context`, then `shadow` (deleting the file) drop after this.
     }
 }

@@ -19,6 +19,7 @@ use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
 use crate::dylib::PluginLibrary;
 use crate::error::{CallError, LoadError};
 use crate::loader;
+use crate::state::StateStore;
 use crate::stats::{Outcome, PluginStats, StatsCell};
 
 /// One loaded generation of a plugin.
@@ -26,6 +27,8 @@ use crate::stats::{Outcome, PluginStats, StatsCell};
 struct Generation {
     manifest: Manifest,
     file: PathBuf,
+    /// The file as it was when this generation was copied from it.
+    stamp: Option<loader::FileStamp>,
     number: u64,
     /// Dropped last of all: destroying the instance and closing the library.
     library: PluginLibrary,
@@ -49,7 +52,9 @@ struct Inner {
     plugins_dir: PathBuf,
     shadow_dir: PathBuf,
     remove_shadow_dir: bool,
+    config_file: PathBuf,
     config: ArcSwap<PluginsConfig>,
+    state: Option<StateStore>,
     overrides: BTreeMap<String, PluginSettings>,
     registry: ArcSwap<Registry>,
     /// `None` when calls are not timed.
@@ -87,6 +92,7 @@ pub struct PluginHostBuilder {
     config_file: Option<PathBuf>,
     overrides: BTreeMap<String, PluginSettings>,
     call_timing: bool,
+    state_dir: Option<PathBuf>,
 }
 
 impl PluginHostBuilder {
@@ -104,6 +110,15 @@ impl PluginHostBuilder {
     /// and deletes each when its generation is unloaded.
     pub fn with_shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.shadow_dir = Some(dir.into());
+        self
+    }
+
+    /// Keeps plugin state in `dir` (created if missing): a plugin's state is saved there when it
+    /// is unloaded (including [`PluginHost::shutdown`]) and restored into it when it is loaded
+    /// again, in this process or the next. One `<plugin>.json` per plugin, written atomically;
+    /// an unreadable file is moved aside and the plugin starts fresh.
+    pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
         self
     }
 
@@ -137,6 +152,7 @@ impl PluginHostBuilder {
             .config_file
             .unwrap_or_else(|| self.plugins_dir.join(CONFIG_FILE_NAME));
         let config = PluginsConfig::read(&config_file)?;
+        let state = self.state_dir.map(StateStore::new).transpose()?;
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
             Some(dir) => (dir, false),
             None => {
@@ -154,7 +170,9 @@ impl PluginHostBuilder {
                 plugins_dir: self.plugins_dir,
                 shadow_dir,
                 remove_shadow_dir,
+                config_file,
                 config: ArcSwap::from_pointee(config),
+                state,
                 overrides: self.overrides,
                 registry: ArcSwap::from_pointee(Registry::default()),
                 clock: self.call_timing.then(clock),
@@ -257,6 +275,7 @@ impl PluginHost {
             config_file: None,
             overrides: BTreeMap::new(),
             call_timing: true,
+            state_dir: None,
         }
     }
 
@@ -280,36 +299,24 @@ impl PluginHost {
     }
 
     fn settings(&self, plugin: &str) -> PluginSettings {
-        match self.inner.overrides.get(plugin) {
-            Some(settings) => settings.clone(),
-            None => self.inner.config.load().settings(plugin),
-        }
+        self.settings_in(&self.inner.config.load(), plugin)
     }
 
-    /// Loads every shared library (`*.so`) in the plugins directory that is not loaded yet, in
-    /// file-name order. A file that fails is reported in the result and the others load.
+    /// Loads every shared library (`*.so`, hidden files excepted) in the plugins directory that
+    /// is not loaded yet, in file-name order. A file that fails is reported in the result and the others load.
     ///
     /// # Errors
     ///
     /// Only when the directory itself cannot be read.
     pub fn scan(&self) -> anyhow::Result<ScanReport> {
         let dir = &self.inner.plugins_dir;
-        let entries = std::fs::read_dir(dir).with_context(|| {
+        std::fs::read_dir(dir).with_context(|| {
             format!(
                 "reading the plugins directory {}; create it or point to another with --plugins DIR",
                 dir.display()
             )
         })?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| {
-                path.extension()
-                    .is_some_and(|ext| ext == std::env::consts::DLL_EXTENSION)
-                    && path.is_file()
-            })
-            .collect();
-        files.sort();
+        let files = loader::plugin_files(dir).into_iter().map(|(path, _)| path);
         let mut report = ScanReport::default();
         for file in files {
             if self.loaded_from(&file).is_some() {
@@ -354,6 +361,7 @@ impl PluginHost {
             .open_generation(file, None)
             .with_context(|| format!("loading plugin file {}", file.display()))?;
         let name = generation.manifest.name.clone();
+        self.restore_saved_state(&name, &generation);
         let registry = self.inner.registry.load();
         let load_order = registry
             .values()
@@ -383,6 +391,7 @@ impl PluginHost {
     /// file must provide on a reload.
     fn open_generation(&self, file: &Path, replacing: Option<&str>) -> anyhow::Result<Generation> {
         let number = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
+        let stamp = loader::stamp(file);
         let shadow = loader::shadow_copy(file, &self.inner.shadow_dir, number)?;
         loader::check_elf(&shadow.0)?;
         let mut library = PluginLibrary::open(shadow)?;
@@ -443,6 +452,7 @@ impl PluginHost {
         Ok(Generation {
             manifest,
             file: file.to_path_buf(),
+            stamp,
             number,
             library,
         })
@@ -481,8 +491,7 @@ impl PluginHost {
         self.inner.registry.store(Arc::new(next));
         drop(registry);
         if let Some(slot) = removed {
-            let generation = &slot.generation;
-            tracing::info!(plugin, generation = generation.number, file = %generation.file.display(), "plugin unloaded");
+            self.retire(plugin, slot);
         }
         Ok(())
     }
@@ -535,6 +544,129 @@ impl PluginHost {
             "plugin reloaded"
         );
         Ok(self.describe(plugin, &slot))
+    }
+
+    /// Saves the state of a plugin just taken out of the registry (when there is a state
+    /// directory) and logs the unload. The generation itself is destroyed when its last call
+    /// returns.
+    fn retire(&self, plugin: &str, slot: Slot) {
+        let started = Instant::now();
+        let generation = &slot.generation;
+        if let Some(store) = &self.inner.state {
+            match generation.library.save_state() {
+                None | Some(Ok(None)) => {}
+                Some(Ok(Some(state))) => match store.save(plugin, &state) {
+                    Ok(path) => tracing::debug!(plugin, file = %path.display(), "state saved"),
+                    Err(e) => tracing::warn!(plugin, error = %format!("{e:#}"), "state not saved"),
+                },
+                Some(Err((_, message))) => {
+                    tracing::warn!(plugin, error = %message, "the plugin failed to save its state");
+                }
+            }
+        }
+        tracing::info!(
+            plugin,
+            version = %generation.manifest.version,
+            generation = generation.number,
+            file = %generation.file.display(),
+            took_us = started.elapsed().as_micros(),
+            "plugin unloaded"
+        );
+    }
+
+    /// Gives a newly loaded plugin the state saved in the state directory, if any.
+    fn restore_saved_state(&self, plugin: &str, generation: &Generation) {
+        let Some(store) = &self.inner.state else {
+            return;
+        };
+        let Some(state) = store.load(plugin) else {
+            return;
+        };
+        match generation.library.restore_state(&state) {
+            Some(Ok(())) => tracing::info!(plugin, bytes = state.len(), "saved state restored"),
+            Some(Err((_, message))) => store.reject(plugin, &message),
+            None => tracing::warn!(
+                plugin,
+                "a saved state exists but the plugin was built without state support; it starts fresh"
+            ),
+        }
+    }
+
+    /// Unloads every plugin in reverse load order, saving each one's state first when the host
+    /// has a state directory. Calls in flight finish on their generation; calls after this answer
+    /// nothing. Dropping the last clone of the host unloads too, but saves no state.
+    pub fn shutdown(&self) {
+        let _admin = self.admin();
+        let registry = self.inner.registry.swap(Arc::new(Registry::default()));
+        let mut slots: Vec<(Box<str>, Slot)> = registry
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        drop(registry);
+        slots.sort_by_key(|(_, slot)| std::cmp::Reverse(slot.load_order));
+        for (name, slot) in slots {
+            self.retire(&name, slot);
+        }
+    }
+
+    /// Reads the configuration file again and applies what changed: a plugin now disabled is
+    /// unloaded, one whose `config` changed is reloaded with it (state carried over), and files
+    /// not loaded yet (for example, plugins now enabled) are loaded.
+    ///
+    /// # Errors
+    ///
+    /// The file is invalid; the configuration in force stays.
+    pub fn reload_config(&self) -> anyhow::Result<ScanReport> {
+        let config = PluginsConfig::read(&self.inner.config_file)?;
+        let old = self.inner.config.swap(Arc::new(config));
+        let mut report = ScanReport::default();
+        for plugin in self.plugins() {
+            let before = self.settings_in(&old, &plugin.name);
+            let now = self.settings(&plugin.name);
+            if before == now {
+                continue;
+            }
+            if !now.enabled {
+                self.unload(&plugin.name)?;
+                tracing::info!(plugin = %plugin.name, "unloaded: disabled in the configuration");
+            } else if let Err(e) = self.reload(&plugin.name) {
+                report.refused.push(refusal(&plugin.file, &e));
+            } else {
+                report.loaded.push(plugin.name);
+            }
+        }
+        let scanned = self.scan()?;
+        report.loaded.extend(scanned.loaded);
+        report.refused.extend(scanned.refused);
+        Ok(report)
+    }
+
+    fn settings_in(&self, config: &PluginsConfig, plugin: &str) -> PluginSettings {
+        match self.inner.overrides.get(plugin) {
+            Some(settings) => settings.clone(),
+            None => config.settings(plugin),
+        }
+    }
+
+    /// The configuration file this host reads.
+    pub fn config_file(&self) -> &Path {
+        &self.inner.config_file
+    }
+
+    /// Loaded plugins with the file each came from and the file's stamp at load time.
+    pub(crate) fn loaded_files(&self) -> Vec<(String, PathBuf, Option<loader::FileStamp>)> {
+        self.inner
+            .registry
+            .load()
+            .iter()
+            .map(|(name, slot)| {
+                (
+                    name.to_string(),
+                    slot.generation.file.clone(),
+                    slot.generation.stamp,
+                )
+            })
+            .collect()
     }
 
     /// Loaded plugins, by name.

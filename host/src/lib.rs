@@ -24,8 +24,11 @@ pub mod config;
 mod dylib;
 mod error;
 mod host;
+pub mod http;
 mod loader;
+mod state;
 mod stats;
+pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
 pub use error::{CallError, LoadError};

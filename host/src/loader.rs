@@ -126,3 +126,50 @@ pub(crate) fn check_elf(path: &Path) -> Result<(), LoadError> {
     }
     Ok(())
 }
+
+/// What identifies one version of a file: length, modification time and inode. A rename into
+/// place changes the inode; a write in place changes the length or the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    pub(crate) len: u64,
+    pub(crate) modified: Option<std::time::SystemTime>,
+    pub(crate) inode: u64,
+}
+
+/// The stamp of `path`, or `None` when it cannot be read.
+pub(crate) fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        len: metadata.len(),
+        modified: metadata.modified().ok(),
+        inode: metadata.ino(),
+    })
+}
+
+/// The plugin files in `dir`: shared libraries (by suffix), not hidden, in name order, with
+/// their stamps. Hidden files are left alone so that a copy in progress can be written under a
+/// hidden name and renamed into place.
+pub(crate) fn plugin_files(dir: &Path) -> Vec<(std::path::PathBuf, Option<FileStamp>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == std::env::consts::DLL_EXTENSION)
+                && !path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && path.is_file()
+        })
+        .map(|path| {
+            let stamp = stamp(&path);
+            (path, stamp)
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}

@@ -1,0 +1,317 @@
+//! Watching the plugins directory: a new file loads, a removed file unloads, a changed file
+//! reloads, a changed configuration file applies.
+//!
+//! Filesystem events (through `notify`) only wake the watcher up; what it does is decided by
+//! comparing each file's stamp (length, modification time, inode) with the stamp it last acted
+//! on. A file is acted on only once its stamp has stayed the same for the settle time *and* its
+//! ELF headers say it is complete, so a file still being written, even slowly and in place, is
+//! never opened. If notify cannot watch the directory, the watcher polls it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use notify::{RecursiveMode, Watcher as _};
+
+use crate::PluginHost;
+use crate::error::LoadError;
+use crate::loader::{self, FileStamp};
+
+/// How the watcher paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchOptions {
+    /// How long a file must stay unchanged before it is acted on.
+    pub settle: Duration,
+    /// How often the directory is checked without any event (a safety net with events; the
+    /// only way to notice changes when notify is unavailable).
+    pub poll_interval: Duration,
+    /// Use polling only, even when notify is available.
+    pub force_polling: bool,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            settle: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(500),
+            force_polling: false,
+        }
+    }
+}
+
+/// How often pending files are looked at again while they settle.
+const TICK: Duration = Duration::from_millis(20);
+
+/// A file stable but still incomplete for this long is tried anyway, so that a file that will
+/// never be complete gets a refusal with its reason instead of silence.
+const GIVE_UP_WAITING: Duration = Duration::from_secs(10);
+
+enum Message {
+    Changed,
+    Rescan,
+    Stop,
+}
+
+/// A running watcher; stops when dropped.
+#[derive(Debug)]
+pub struct Watcher {
+    sender: Sender<Message>,
+    thread: Option<JoinHandle<()>>,
+    /// Kept alive for as long as the watcher runs; `None` when polling.
+    _notify: Option<notify::RecommendedWatcher>,
+}
+
+impl Watcher {
+    /// Starts watching the host's plugins directory and configuration file.
+    ///
+    /// # Errors
+    ///
+    /// The watcher thread cannot be started.
+    pub fn start(host: PluginHost, options: WatchOptions) -> anyhow::Result<Self> {
+        let (sender, receiver) = mpsc::channel();
+        let notify = if options.force_polling {
+            None
+        } else {
+            let events = sender.clone();
+            let watched = notify::recommended_watcher(move |_event| {
+                let _ = events.send(Message::Changed);
+            })
+            .and_then(|mut watcher| {
+                watcher.watch(host.plugins_dir(), RecursiveMode::NonRecursive)?;
+                if let Some(dir) = host.config_file().parent() {
+                    if dir != host.plugins_dir() && dir.is_dir() {
+                        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+                    }
+                }
+                Ok(watcher)
+            });
+            match watched {
+                Ok(watcher) => Some(watcher),
+                Err(e) => {
+                    tracing::warn!(
+                        dir = %host.plugins_dir().display(),
+                        error = %e,
+                        poll_ms = options.poll_interval.as_millis(),
+                        "cannot watch the plugins directory for events; polling it instead"
+                    );
+                    None
+                }
+            }
+        };
+        let poll_interval = if notify.is_some() {
+            options.poll_interval
+        } else {
+            options.poll_interval.min(Duration::from_millis(100))
+        };
+        let mut state = WatchState::new(host, options.settle);
+        let thread = std::thread::Builder::new()
+            .name("plugin-watcher".into())
+            .spawn(move || {
+                loop {
+                    let wait = if state.is_settling() {
+                        TICK
+                    } else {
+                        poll_interval
+                    };
+                    match receiver.recv_timeout(wait) {
+                        Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                        Ok(Message::Rescan) => state.rescan(),
+                        Ok(Message::Changed) | Err(RecvTimeoutError::Timeout) => {}
+                    }
+                    state.tick();
+                }
+            })?;
+        Ok(Self {
+            sender,
+            thread: Some(thread),
+            _notify: notify,
+        })
+    }
+
+    /// Asks for a full rescan: the configuration file is read again and every file not loaded
+    /// is tried again, refused ones included (what SIGHUP does).
+    pub fn rescan(&self) {
+        let _ = self.sender.send(Message::Rescan);
+    }
+
+    /// Stops the watcher and waits for it to finish what it was doing.
+    pub fn stop(mut self) {
+        self.stop_thread();
+    }
+
+    fn stop_thread(&mut self) {
+        let _ = self.sender.send(Message::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+/// A file that changed and is settling.
+#[derive(Debug)]
+struct Pending {
+    stamp: Option<FileStamp>,
+    since: Instant,
+}
+
+struct WatchState {
+    host: PluginHost,
+    settle: Duration,
+    /// The stamp each file had when the watcher last acted on it (or found it at start).
+    handled: HashMap<PathBuf, FileStamp>,
+    pending: HashMap<PathBuf, Pending>,
+    config_stamp: Option<FileStamp>,
+}
+
+impl WatchState {
+    fn new(host: PluginHost, settle: Duration) -> Self {
+        let mut handled = HashMap::new();
+        for (_, file, stamp) in host.loaded_files() {
+            if let Some(stamp) = stamp {
+                handled.insert(file, stamp);
+            }
+        }
+        // Files refused before the watcher started are retried only when they change.
+        for refusal in host.refused() {
+            if let Some(stamp) = loader::stamp(&refusal.file) {
+                handled.insert(refusal.file, stamp);
+            }
+        }
+        let config_stamp = loader::stamp(host.config_file());
+        Self {
+            host,
+            settle,
+            handled,
+            pending: HashMap::new(),
+            config_stamp,
+        }
+    }
+
+    fn is_settling(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn rescan(&mut self) {
+        tracing::info!("rescanning the plugins directory");
+        self.handled.clear();
+        for (_, file, stamp) in self.host.loaded_files() {
+            if let Some(stamp) = stamp {
+                self.handled.insert(file, stamp);
+            }
+        }
+        self.config_stamp = loader::stamp(self.host.config_file());
+        if let Err(e) = self.host.reload_config() {
+            tracing::warn!(error = %format!("{e:#}"), "the configuration was not applied");
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let files = loader::plugin_files(self.host.plugins_dir());
+        let config_file = self.host.config_file().to_path_buf();
+
+        // What changed since the watcher last acted on it.
+        let mut seen: Vec<(PathBuf, Option<FileStamp>)> = files
+            .into_iter()
+            .filter(|(path, stamp)| self.handled.get(path) != stamp.as_ref())
+            .collect();
+        let loaded = self.host.loaded_files();
+        for (_, file, _) in &loaded {
+            if !file.exists() {
+                seen.push((file.clone(), None));
+            }
+        }
+        let config_stamp = loader::stamp(&config_file);
+        if config_stamp != self.config_stamp {
+            seen.push((config_file.clone(), config_stamp));
+        }
+
+        let mut ready = Vec::new();
+        let changed: Vec<PathBuf> = seen.iter().map(|(p, _)| p.clone()).collect();
+        for (path, stamp) in seen {
+            match self.pending.get(&path) {
+                Some(p) if p.stamp == stamp => {
+                    if now.duration_since(p.since) >= self.settle {
+                        ready.push((path, stamp, now.duration_since(p.since)));
+                    }
+                }
+                _ => {
+                    self.pending.insert(path, Pending { stamp, since: now });
+                }
+            }
+        }
+        // Files that went back to what was handled (or vanished unloaded) need nothing.
+        self.pending.retain(|path, _| changed.contains(path));
+
+        for (path, stamp, waited) in ready {
+            if path == config_file {
+                self.pending.remove(&path);
+                self.config_stamp = stamp;
+                self.apply_config();
+                continue;
+            }
+            let plugin = loaded
+                .iter()
+                .find(|(_, file, _)| *file == path)
+                .map(|(name, _, _)| name.clone());
+            let Some(stamp) = stamp else {
+                self.pending.remove(&path);
+                self.handled.remove(&path);
+                if let Some(plugin) = plugin {
+                    tracing::info!(plugin = %plugin, file = %path.display(), "plugin file removed");
+                    if let Err(e) = self.host.unload(&plugin) {
+                        tracing::warn!(error = %format!("{e:#}"), "unload failed");
+                    }
+                }
+                continue;
+            };
+            match loader::check_elf(&path) {
+                Err(LoadError::Truncated { .. } | LoadError::Empty) if waited < GIVE_UP_WAITING => {
+                    tracing::debug!(file = %path.display(), "waiting for the file to be complete");
+                    continue;
+                }
+                _ => {}
+            }
+            self.pending.remove(&path);
+            self.handled.insert(path.clone(), stamp);
+            let result = match &plugin {
+                Some(plugin) => self.host.reload(plugin).map(|_| ()),
+                None => self.host.load(&path).map(|_| ()),
+            };
+            if let Err(e) = result {
+                // The host logged the refusal and, on a failed reload, kept the old generation.
+                tracing::debug!(file = %path.display(), error = %format!("{e:#}"), "change not applied");
+            }
+        }
+    }
+
+    fn apply_config(&mut self) {
+        tracing::info!(file = %self.host.config_file().display(), "configuration changed");
+        match self.host.reload_config() {
+            Ok(report) => {
+                for (_, file, stamp) in self.host.loaded_files() {
+                    if let Some(stamp) = stamp {
+                        self.handled.insert(file, stamp);
+                    }
+                }
+                for refusal in report.refused {
+                    if let Some(stamp) = loader::stamp(&refusal.file) {
+                        self.handled.insert(refusal.file, stamp);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "the new configuration was not applied; the previous one stays in force"
+            ),
+        }
+    }
+}
