@@ -14,3 +14,5 @@ mod experiment;
 mod lifecycle;
 mod logging;
 mod refusals;
+mod serve;
+mod watch;

@@ -1,0 +1,326 @@
+//! `worker serve` as a process: the control API over loopback, signals, state across restarts.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use tests::{PluginDir, built_plugin, drop_in, eventually, http};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A running `worker serve`; killed if the test ends without stopping it.
+struct Worker {
+    child: Child,
+    addr: String,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Worker {
+    fn start(dir: &PluginDir, state: &Path, extra: &[&str]) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+            .arg("--plugins")
+            .arg(dir.path())
+            .args([
+                "--log",
+                "info",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
+            .arg(state)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim()
+            .to_owned();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+        });
+        let mut stderr_pipe = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+            text
+        });
+        Worker {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then waits; returns the exit status and what it logged.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        self.signal("TERM");
+        let status = self.child.wait().unwrap();
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        (status, stderr.join().unwrap())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn control_api_end_to_end() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    dir.add("faulty", "libfaulty.so");
+    dir.write("libbroken.so", b"nope");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    let addr = worker.addr.as_str();
+
+    let health = http(addr, "GET", "/healthz", b"");
+    assert_eq!(
+        (health.status, health.json()),
+        (200, json!({"status": "ok", "plugins": 2}))
+    );
+
+    let list = http(addr, "GET", "/v1/plugins", b"").json();
+    assert_eq!(list["plugins"][0]["name"], "echo");
+    let echo_generation = list["plugins"][0]["generation"].as_u64().unwrap();
+    assert!(list["plugins"][0]["stats"]["calls"].is_u64());
+    assert!(
+        list["refused"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("libbroken.so")
+    );
+
+    let echo = http(addr, "POST", "/v1/plugins/echo/echo", br#"{"x": [1, 2]}"#);
+    assert_eq!((echo.status, echo.json()), (200, json!({"x": [1, 2]})));
+    assert_eq!(
+        http(addr, "POST", "/v1/plugins/echo/echo", b"").json(),
+        json!(null)
+    );
+
+    let panic = http(addr, "POST", "/v1/plugins/faulty/panic", b"");
+    assert_eq!((panic.status, panic.body.as_str()), (200, "null"));
+    assert!(panic.header("x-noop-reason").unwrap().contains("panicked"));
+    let missing = http(addr, "POST", "/v1/plugins/nobody/x", b"{}");
+    assert_eq!((missing.status, missing.body.as_str()), (200, "null"));
+    assert!(
+        missing
+            .header("x-noop-reason")
+            .unwrap()
+            .contains("no plugin `nobody`")
+    );
+
+    let metrics = http(addr, "GET", "/metrics", b"");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .body
+            .contains("plugin_calls_total{plugin=\"echo\"} 2"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics
+            .body
+            .contains("plugin_panics_total{plugin=\"faulty\"} 1"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains("plugin_refused_files 1"),
+        "{}",
+        metrics.body
+    );
+
+    let reloaded = http(addr, "POST", "/v1/plugins/echo/reload", b"");
+    assert_eq!(reloaded.status, 200);
+    assert!(reloaded.json()["generation"].as_u64().unwrap() > echo_generation);
+
+    // Bad requests: 4xx with a JSON error, and the worker goes on.
+    let bad = http(addr, "POST", "/v1/plugins/echo/echo", b"{not json");
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    let big = vec![b' '; 2 * 1024 * 1024];
+    assert_eq!(
+        http(addr, "POST", "/v1/plugins/echo/echo", &big).status,
+        413
+    );
+    assert_eq!(http(addr, "GET", "/v2/nothing", b"").status, 404);
+    let wrong = http(addr, "PUT", "/v1/plugins", b"");
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.header("allow"), Some("GET"));
+    assert_eq!(
+        http(addr, "POST", "/v1/plugins/nobody/reload", b"").status,
+        404
+    );
+    assert_eq!(http(addr, "DELETE", "/v1/plugins/nobody", b"").status, 404);
+
+    let unloaded = http(addr, "DELETE", "/v1/plugins/faulty", b"");
+    assert_eq!(
+        (unloaded.status, unloaded.json()),
+        (200, json!({"unloaded": "faulty"}))
+    );
+    assert_eq!(http(addr, "GET", "/v1/plugins/faulty", b"").status, 404);
+
+    // Rescan: a dropped-in file loads (no watcher here).
+    drop_in(&built_plugin("fixture"), &dir.path(), "libfixture.so");
+    let rescan = http(addr, "POST", "/v1/reload", b"");
+    assert_eq!(rescan.status, 200);
+    assert!(
+        rescan.json()["loaded"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("fixture")),
+        "{}",
+        rescan.body
+    );
+    assert_eq!(http(addr, "GET", "/healthz", b"").status, 200);
+
+    let (status, _) = worker.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn state_survives_a_restart_and_shutdown_unloads_in_reverse_order() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"experiment": {"config": {"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}}}}));
+    dir.add("experiment", "libexperiment.so");
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &[]);
+    let record = json!({"experiment": "tone", "variant": "B", "score": 0.75});
+    http(
+        &worker.addr,
+        "POST",
+        "/v1/plugins/experiment/recordOutcome",
+        record.to_string().as_bytes(),
+    );
+    http(
+        &worker.addr,
+        "POST",
+        "/v1/plugins/fixture/add",
+        br#"{"n": 9}"#,
+    );
+    let (status, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(state.join("experiment.json").is_file());
+    assert!(state.join("fixture.json").is_file());
+    let fixture_at = log.find("plugin unloaded plugin=\"fixture\"").expect(&log);
+    let experiment_at = log
+        .find("plugin unloaded plugin=\"experiment\"")
+        .expect(&log);
+    assert!(
+        fixture_at < experiment_at,
+        "not unloaded in reverse load order:\n{log}"
+    );
+
+    let worker = Worker::start(&dir, &state, &[]);
+    let stats = http(&worker.addr, "POST", "/v1/plugins/experiment/stats", b"").json();
+    assert_eq!(stats["tone"]["B"]["outcomes"], 1);
+    assert_eq!(stats["tone"]["B"]["meanScore"], 0.75);
+    assert_eq!(
+        http(&worker.addr, "POST", "/v1/plugins/fixture/total", b"").json(),
+        json!(9)
+    );
+    worker.stop();
+}
+
+#[test]
+fn corrupt_state_file_is_kept_aside_and_the_plugin_starts_fresh() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("fixture.json"), "{ torn write").unwrap();
+    let worker = Worker::start(&dir, &state, &[]);
+    assert_eq!(
+        http(&worker.addr, "POST", "/v1/plugins/fixture/total", b"").json(),
+        json!(0)
+    );
+    let (status, log) = worker.stop();
+    assert!(status.success());
+    assert!(
+        log.contains("unusable") && log.contains("fixture.json"),
+        "no clear warning:\n{log}"
+    );
+    let kept: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("fixture.json.corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the bad file was not kept aside");
+    assert_eq!(
+        std::fs::read_to_string(state.join(&kept[0])).unwrap(),
+        "{ torn write"
+    );
+}
+
+#[test]
+fn sighup_rescans_and_sigterm_lets_requests_finish() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    drop_in(&built_plugin("echo"), &dir.path(), "libecho.so");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        http(&worker.addr, "GET", "/healthz", b"").json()["plugins"],
+        1,
+        "loaded without a watcher"
+    );
+    worker.signal("HUP");
+    assert!(eventually(PATIENCE, || http(
+        &worker.addr,
+        "GET",
+        "/healthz",
+        b""
+    )
+    .json()["plugins"]
+        == 2));
+
+    let addr = worker.addr.clone();
+    let slow = std::thread::spawn(move || {
+        http(
+            &addr,
+            "POST",
+            "/v1/plugins/fixture/sleep",
+            br#"{"ms": 600}"#,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let (status, log) = worker.stop();
+    let answer = slow.join().unwrap();
+    assert_eq!(
+        (answer.status, answer.json()),
+        (200, json!("done")),
+        "the request in flight did not finish"
+    );
+    assert!(status.success(), "{log}");
+}
