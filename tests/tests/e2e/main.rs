@@ -12,7 +12,6 @@ mod calls;
 mod cli;
 mod experiment;
 mod lifecycle;
-mod logging;
 mod refusals;
 mod serve;
 mod watch;

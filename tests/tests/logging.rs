@@ -1,5 +1,15 @@
 //! A plugin's `tracing` events reach the host's subscriber, tagged with the plugin's name, and
 //! failed calls are logged with plugin, method and reason.
+//!
+//! A test binary of its own with a single test: `tracing` caches per call site whether anyone
+//! listens, and scoped subscribers in tests running in parallel threads race with that cache.
+
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failure should stop the test with its message"
+)]
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -33,6 +43,11 @@ fn capture(f: impl FnOnce()) -> String {
 }
 
 #[test]
+fn logging() {
+    plugin_events_reach_the_host_tagged_with_the_plugin();
+    failed_calls_are_logged_with_plugin_method_and_reason();
+}
+
 fn plugin_events_reach_the_host_tagged_with_the_plugin() {
     let dir = PluginDir::new();
     dir.add("fixture", "libfixture.so");
@@ -51,7 +66,6 @@ fn plugin_events_reach_the_host_tagged_with_the_plugin() {
     assert!(logs.contains("plugin loaded"), "{logs}");
 }
 
-#[test]
 fn failed_calls_are_logged_with_plugin_method_and_reason() {
     let dir = PluginDir::new();
     dir.add("faulty", "libfaulty.so");

@@ -1,0 +1,82 @@
+//! Stress: hot swaps under load, and many load/unload cycles. A test binary of its own so that
+//! its memory measurement is not disturbed by other tests running in the same process.
+
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failure should stop the test with its message"
+)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde_json::json;
+use tests::{PluginDir, resident_bytes};
+
+#[test]
+fn stress() {
+    swaps_under_load();
+    load_unload_cycles();
+}
+
+/// 300 reloads while two threads call without pause: every answer right, none missing.
+fn swaps_under_load() {
+    let dir = PluginDir::new();
+    let file = dir.add("echo", "libecho.so");
+    let host = dir.host();
+    host.load(&file).unwrap();
+    let stop = AtomicBool::new(false);
+    let answers = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let (host, stop, answers) = (&host, &stop, &answers);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let params = json!({"thread": t, "i": i});
+                    let answer = host.execute("echo", "echo", &params);
+                    assert_eq!(answer, Some(params), "wrong or missing answer during a swap");
+                    answers.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            });
+        }
+        for _ in 0..300 {
+            host.reload("echo").unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let plugin = host.plugin("echo").unwrap();
+    assert_eq!(plugin.stats.errors + plugin.stats.panics, 0);
+    assert!(answers.load(Ordering::Relaxed) >= 300, "the callers barely ran");
+    eprintln!("300 swaps, {} answers, all right", answers.load(Ordering::Relaxed));
+    drop(host);
+    assert!(dir.shadow_files().is_empty(), "left behind: {:?}", dir.shadow_files());
+}
+
+/// 500 load/unload cycles leave no shadow file, no mapping, and no growth in memory.
+fn load_unload_cycles() {
+    let dir = PluginDir::new();
+    let file = dir.add("echo", "libecho.so");
+    let host = dir.host();
+    let cycle = || {
+        host.load(&file).unwrap();
+        assert_eq!(host.execute("echo", "echo", &json!(1)), Some(json!(1)));
+        host.unload("echo").unwrap();
+    };
+    for _ in 0..50 {
+        cycle();
+    }
+    let before = resident_bytes();
+    for _ in 0..450 {
+        cycle();
+    }
+    let after = resident_bytes();
+    let shadow = dir.shadow().to_str().unwrap().to_owned();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(!maps.contains(&shadow), "shadow copies still mapped:\n{maps}");
+    assert!(dir.shadow_files().is_empty(), "left behind: {:?}", dir.shadow_files());
+    let growth = after.saturating_sub(before);
+    eprintln!("500 cycles: resident {before} -> {after} bytes");
+    assert!(growth < 8 << 20, "resident memory grew by {growth} bytes over 450 cycles");
+}
