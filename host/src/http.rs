@@ -257,11 +257,19 @@ fn route(host: &PluginHost, request: &mut Request) -> Answer {
     }
 }
 
+/// One metric family: name, type, help, and how to read it off a plugin.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::LoadedPlugin) -> f64,
+);
+
 /// Per-plugin statistics in the Prometheus text format.
 fn metrics(host: &PluginHost) -> String {
     let plugins = host.plugins();
     let mut out = String::new();
-    let families: [(&str, &str, &str, fn(&crate::LoadedPlugin) -> f64); 6] = [
+    let families: [Family; 6] = [
         (
             "plugin_calls_total",
             "counter",

@@ -35,7 +35,11 @@ fn swaps_under_load() {
                 while !stop.load(Ordering::Relaxed) {
                     let params = json!({"thread": t, "i": i});
                     let answer = host.execute("echo", "echo", &params);
-                    assert_eq!(answer, Some(params), "wrong or missing answer during a swap");
+                    assert_eq!(
+                        answer,
+                        Some(params),
+                        "wrong or missing answer during a swap"
+                    );
                     answers.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -48,10 +52,20 @@ fn swaps_under_load() {
     });
     let plugin = host.plugin("echo").unwrap();
     assert_eq!(plugin.stats.errors + plugin.stats.panics, 0);
-    assert!(answers.load(Ordering::Relaxed) >= 300, "the callers barely ran");
-    eprintln!("300 swaps, {} answers, all right", answers.load(Ordering::Relaxed));
+    assert!(
+        answers.load(Ordering::Relaxed) >= 300,
+        "the callers barely ran"
+    );
+    eprintln!(
+        "300 swaps, {} answers, all right",
+        answers.load(Ordering::Relaxed)
+    );
     drop(host);
-    assert!(dir.shadow_files().is_empty(), "left behind: {:?}", dir.shadow_files());
+    assert!(
+        dir.shadow_files().is_empty(),
+        "left behind: {:?}",
+        dir.shadow_files()
+    );
 }
 
 /// 500 load/unload cycles leave no shadow file, no mapping, and no growth in memory.
@@ -74,9 +88,19 @@ fn load_unload_cycles() {
     let after = resident_bytes();
     let shadow = dir.shadow().to_str().unwrap().to_owned();
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    assert!(!maps.contains(&shadow), "shadow copies still mapped:\n{maps}");
-    assert!(dir.shadow_files().is_empty(), "left behind: {:?}", dir.shadow_files());
+    assert!(
+        !maps.contains(&shadow),
+        "shadow copies still mapped:\n{maps}"
+    );
+    assert!(
+        dir.shadow_files().is_empty(),
+        "left behind: {:?}",
+        dir.shadow_files()
+    );
     let growth = after.saturating_sub(before);
     eprintln!("500 cycles: resident {before} -> {after} bytes");
-    assert!(growth < 8 << 20, "resident memory grew by {growth} bytes over 450 cycles");
+    assert!(
+        growth < 8 << 20,
+        "resident memory grew by {growth} bytes over 450 cycles"
+    );
 }

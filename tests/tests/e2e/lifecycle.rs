@@ -216,3 +216,52 @@ fn default_shadow_directory_is_private_and_removed() {
         shadow_dir.display()
     );
 }
+
+#[test]
+fn thread_locals_keep_a_library_mapped_unless_mitigated() {
+    use std::sync::mpsc;
+    for (source, mitigated) in [
+        (tests::built_plugin("fixture"), false),
+        (tests::fixture_build("unload-mitigation"), true),
+    ] {
+        let dir = PluginDir::new();
+        let file = dir.add_file(&source, "libfixture.so");
+        let host = dir.host();
+        let shadow = host.load(&file).unwrap().shadow_file;
+        let (touched, wait_touched) = mpsc::channel();
+        let (finish, wait_finish) = mpsc::channel::<()>();
+        let caller = {
+            let host = host.clone();
+            std::thread::spawn(move || {
+                assert_eq!(host.execute("fixture", "tls", &json!(null)), Some(json!(1)));
+                touched.send(()).unwrap();
+                let _ = wait_finish.recv();
+            })
+        };
+        wait_touched.recv().unwrap();
+        host.unload("fixture").unwrap();
+        assert!(!shadow.exists(), "the shadow file is deleted either way");
+        assert_eq!(
+            is_mapped(&shadow),
+            !mitigated,
+            "mitigated: {mitigated}: while the calling thread lives, the library is {}",
+            if is_mapped(&shadow) {
+                "still mapped"
+            } else {
+                "unmapped"
+            }
+        );
+        finish.send(()).unwrap();
+        caller.join().unwrap();
+        // glibc runs the destructors when the thread exits but unmaps the library only at the
+        // next dlclose of any library, when it collects unused ones again.
+        assert_eq!(is_mapped(&shadow), !mitigated, "after the thread exited");
+        let other = dir.add("echo", "libecho.so");
+        host.load(&other).unwrap();
+        host.unload("echo").unwrap();
+        assert!(
+            !is_mapped(&shadow),
+            "still mapped after the thread exited and another dlclose"
+        );
+    }
+}
