@@ -1,21 +1,34 @@
-//! The plugin configuration file: which plugins load, and the configuration each receives.
-//!
-//! A JSON object keyed by plugin name (the name in the plugin's manifest, not the file name):
+//! The plugin configuration file: which plugins load, the configuration each receives, hook
+//! overrides, and plugin sets.
 //!
 //! ```json
 //! {
-//!   "experiment": { "config": { "experiments": { "tone": { "variants": { "A": 1, "B": 1 } } } } },
-//!   "echo": { "enabled": false }
+//!   "plugins": {
+//!     "experiment": {
+//!       "config": { "experiments": { "tone": { "variants": { "A": 1, "B": 1 } } } },
+//!       "hooks": { "task.scored": { "priority": 5, "mode": "audit" } }
+//!     },
+//!     "echo": { "enabled": false }
+//!   },
+//!   "sets": {
+//!     "tuning": { "plugins": ["bandit", "champion"], "enabled": true, "priority": 20 }
+//!   }
 //! }
 //! ```
 //!
-//! `enabled` defaults to `true`, `config` to `null`. Plugins the file does not name load with no
-//! configuration.
+//! - `plugins` is keyed by plugin name (the name in the plugin's manifest, not the file name).
+//!   `enabled` defaults to `true`, `config` to `null`. Plugins the file does not name load with
+//!   no configuration.
+//! - `hooks` overrides a plugin's subscriptions by hook name: `priority`, `mode`, or
+//!   `"enabled": false` to switch the subscription off.
+//! - `sets` groups plugins: a set with `"enabled": false` disables all its plugins; a set's
+//!   `priority` applies to all their subscriptions (a plugin's own `hooks` override wins).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context as _;
+use plugin_api::HookMode;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -27,11 +40,14 @@ pub const CONFIG_FILE_NAME: &str = "plugins.json";
 #[serde(deny_unknown_fields)]
 pub struct PluginSettings {
     /// Whether the plugin loads at all.
-    #[serde(default = "enabled_by_default")]
+    #[serde(default = "yes")]
     pub enabled: bool,
     /// What the plugin's `create` receives.
     #[serde(default)]
     pub config: Value,
+    /// Overrides of the plugin's hook subscriptions, by hook name.
+    #[serde(default)]
+    pub hooks: BTreeMap<String, HookOverride>,
 }
 
 impl Default for PluginSettings {
@@ -39,20 +55,51 @@ impl Default for PluginSettings {
         Self {
             enabled: true,
             config: Value::Null,
+            hooks: BTreeMap::new(),
         }
     }
 }
 
-fn enabled_by_default() -> bool {
+/// An override of one hook subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookOverride {
+    /// `false` switches the subscription off.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Replaces the priority the plugin declared.
+    pub priority: Option<i32>,
+    /// Replaces the mode the plugin declared.
+    pub mode: Option<HookMode>,
+}
+
+/// A named group of plugins configured as one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSet {
+    /// The plugins in the set, by name.
+    pub plugins: Vec<String>,
+    /// `false` disables every plugin of the set.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Priority for every hook subscription of the set's plugins.
+    pub priority: Option<i32>,
+}
+
+fn yes() -> bool {
     true
 }
 
-/// The whole file: settings per plugin name.
+/// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(transparent)]
+#[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
     /// Settings per plugin name.
+    #[serde(default)]
     pub plugins: BTreeMap<String, PluginSettings>,
+    /// Plugin sets by name.
+    #[serde(default)]
+    pub sets: BTreeMap<String, PluginSet>,
 }
 
 impl PluginsConfig {
@@ -74,7 +121,7 @@ impl PluginsConfig {
         };
         Self::parse(&text).with_context(|| {
             format!(
-                "invalid plugin configuration {}; expected {{\"<plugin>\": {{\"enabled\": true, \"config\": ...}}}}",
+                "invalid plugin configuration {}; expected {{\"plugins\": {{\"<plugin>\": {{\"enabled\": true, \"config\": ...}}}}, \"sets\": {{...}}}}",
                 path.display()
             )
         })
@@ -86,12 +133,53 @@ impl PluginsConfig {
     ///
     /// The text is not a valid configuration; the message gives line, column and field.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        Ok(serde_json::from_str(text)?)
+        let config: Self = serde_json::from_str(text)?;
+        for (name, set) in &config.sets {
+            if set.plugins.is_empty() {
+                anyhow::bail!("sets.{name}.plugins: a set needs at least one plugin");
+            }
+        }
+        Ok(config)
     }
 
-    /// The settings of `plugin` (the defaults when the file does not name it).
+    /// The settings of `plugin` (the defaults when the file does not name it), with its sets
+    /// applied: a plugin in a disabled set is disabled.
     pub fn settings(&self, plugin: &str) -> PluginSettings {
-        self.plugins.get(plugin).cloned().unwrap_or_default()
+        let mut settings = self.plugins.get(plugin).cloned().unwrap_or_default();
+        if self.sets_of(plugin).any(|set| !set.enabled) {
+            settings.enabled = false;
+        }
+        settings
+    }
+
+    fn sets_of<'a>(&'a self, plugin: &'a str) -> impl Iterator<Item = &'a PluginSet> + 'a {
+        self.sets
+            .values()
+            .filter(move |set| set.plugins.iter().any(|p| p == plugin))
+    }
+
+    /// The priority and mode in force for `plugin`'s subscription to `hook`, given what the
+    /// plugin declared; `None` when the configuration switches it off.
+    pub fn hook_settings(
+        &self,
+        settings: &PluginSettings,
+        plugin: &str,
+        hook: &str,
+        declared: (i32, HookMode),
+    ) -> Option<(i32, HookMode)> {
+        let set_priority = self.sets_of(plugin).find_map(|set| set.priority);
+        let (mut priority, mut mode) = declared;
+        if let Some(p) = set_priority {
+            priority = p;
+        }
+        if let Some(o) = settings.hooks.get(hook) {
+            if !o.enabled {
+                return None;
+            }
+            priority = o.priority.unwrap_or(priority);
+            mode = o.mode.unwrap_or(mode);
+        }
+        Some((priority, mode))
     }
 }
 
@@ -101,9 +189,10 @@ mod tests {
 
     #[test]
     fn defaults_apply_to_missing_fields_and_plugins() {
-        let config =
-            PluginsConfig::parse(r#"{"a": {"config": {"x": 1}}, "b": {"enabled": false}}"#)
-                .unwrap();
+        let config = PluginsConfig::parse(
+            r#"{"plugins": {"a": {"config": {"x": 1}}, "b": {"enabled": false}}}"#,
+        )
+        .unwrap();
         assert!(config.settings("a").enabled);
         assert_eq!(config.settings("a").config, serde_json::json!({"x": 1}));
         assert!(!config.settings("b").enabled);
@@ -112,10 +201,39 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = PluginsConfig::parse(r#"{"a": {"enable": false}}"#).unwrap_err();
+        let err = PluginsConfig::parse(r#"{"plugins": {"a": {"enable": false}}}"#).unwrap_err();
         let message = format!("{err:#}");
         assert!(message.contains("unknown field `enable`"), "{message}");
         assert!(message.contains("line 1"), "{message}");
+    }
+
+    #[test]
+    fn sets_disable_and_reprioritise_their_plugins() {
+        let config = PluginsConfig::parse(
+            r#"{
+                "plugins": {"a": {"hooks": {"task.scored": {"priority": 1}, "task.error": {"enabled": false}}}},
+                "sets": {"s": {"plugins": ["a", "b"], "priority": 50}, "off": {"plugins": ["c"], "enabled": false}}
+            }"#,
+        )
+        .unwrap();
+        assert!(!config.settings("c").enabled);
+        assert!(config.settings("b").enabled);
+        let a = config.settings("a");
+        let declared = (10, HookMode::Sequential);
+        assert_eq!(
+            config.hook_settings(&a, "a", "task.scored", declared),
+            Some((1, HookMode::Sequential))
+        );
+        assert_eq!(
+            config.hook_settings(&a, "a", "task.received", declared),
+            Some((50, HookMode::Sequential))
+        );
+        assert_eq!(config.hook_settings(&a, "a", "task.error", declared), None);
+        let d = config.settings("d");
+        assert_eq!(
+            config.hook_settings(&d, "d", "task.scored", declared),
+            Some(declared)
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use abi_stable::type_layout::TypeLayout;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::abi::{
     self, CallError, ErrorKind, HEADER_SYMBOL_NUL, HEADER_VERSION, HostApi, HostApiRef,
-    HostContext, InstanceHandle, MAGIC, PluginHeader, PluginTable, PluginTableRef,
+    HostContext, InstanceHandle, JsonResult, MAGIC, PluginHeader, PluginTable, PluginTableRef,
 };
 
 use crate::error::LoadError;
@@ -42,12 +42,47 @@ impl Drop for ShadowFile {
     }
 }
 
-/// What the host's log callback needs to tag a plugin's events.
+/// Answers a plugin's call to another plugin: (plugin, method, params JSON text) to the answer's
+/// JSON text, or the failure.
+pub(crate) type CallBack =
+    Box<dyn Fn(&str, &str, &str) -> Result<Option<String>, (ErrorKind, String)> + Send + Sync>;
+
+/// What the host's callbacks need: the plugin's name for its log events, and how to reach the
+/// other plugins.
 struct LogContext {
     plugin: String,
+    call: CallBack,
 }
 
-static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi { log: host_log });
+static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
+    log: host_log,
+    call: host_call,
+});
+
+/// A plugin calls another plugin through the host.
+extern "C" fn host_call(
+    context: HostContext,
+    plugin: RStr<'_>,
+    method: RStr<'_>,
+    params: RStr<'_>,
+) -> JsonResult {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
+        let context = unsafe { &*context.0.cast::<LogContext>() };
+        (context.call)(plugin.as_str(), method.as_str(), params.as_str())
+    }));
+    match result {
+        Ok(Ok(answer)) => ROk(answer.map(RString::from).into()),
+        Ok(Err((kind, message))) => RErr(CallError {
+            kind,
+            message: RString::from(message),
+        }),
+        Err(_) => RErr(CallError {
+            kind: ErrorKind::Panicked,
+            message: RString::from("the host panicked while forwarding the call"),
+        }),
+    }
+}
 
 /// Re-emits a plugin's `tracing` event on the host's subscriber, tagged with the plugin's name.
 extern "C" fn host_log(context: HostContext, level: u8, target: RStr<'_>, message: RStr<'_>) {
@@ -150,9 +185,15 @@ impl PluginLibrary {
     }
 
     /// Creates the plugin's instance with its configuration (JSON text, empty for none).
-    pub(crate) fn create(&mut self, plugin: &str, config: &str) -> Result<(), (ErrorKind, String)> {
+    pub(crate) fn create(
+        &mut self,
+        plugin: &str,
+        config: &str,
+        call: CallBack,
+    ) -> Result<(), (ErrorKind, String)> {
         let context = Box::new(LogContext {
             plugin: plugin.to_owned(),
+            call,
         });
         let context_ptr = HostContext(std::ptr::from_ref::<LogContext>(&context).cast::<c_void>());
         let host = HostApiRef(HOST_API.static_as_prefix());
@@ -187,6 +228,24 @@ impl PluginLibrary {
             RErr(e) => f(Err((e.kind, e.message.as_str()))),
         })
         // `result` drops here, in the plugin's code, while the library is loaded.
+    }
+
+    /// Runs the plugin's handler for `hook`, handing its answer to `f` while the plugin's
+    /// strings are alive. `None` when the plugin predates hooks (table version < 3) or was not
+    /// created.
+    pub(crate) fn on_hook<R>(
+        &self,
+        hook: &str,
+        payload: &str,
+        f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
+    ) -> Option<R> {
+        let instance = self.instance?;
+        let on_hook = self.table.on_hook()?;
+        let result = on_hook(instance, RStr::from_str(hook), RStr::from_str(payload));
+        Some(match &result {
+            ROk(json) => f(Ok(json.as_ref().map(RString::as_str).into_option())),
+            RErr(e) => f(Err((e.kind, e.message.as_str()))),
+        })
     }
 
     /// The plugin's saved state: `None` when the plugin predates state (table version 1) or was

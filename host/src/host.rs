@@ -18,9 +18,14 @@ use serde_json::Value;
 use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
 use crate::dylib::PluginLibrary;
 use crate::error::{CallError, LoadError};
+use crate::hooks::HookPoint;
 use crate::loader;
 use crate::state::StateStore;
 use crate::stats::{Outcome, PluginStats, StatsCell};
+
+mod dispatch;
+
+pub use dispatch::HookSession;
 
 /// One loaded generation of a plugin.
 #[derive(Debug)]
@@ -42,10 +47,25 @@ struct Slot {
     load_order: u64,
 }
 
-/// Plugins by name. Replaced as a whole (copy on write) by load, unload and reload, so that a
-/// call needs one atomic load to reach a generation, and holding that snapshot holds the
-/// generation alive.
-type Registry = FxHashMap<Box<str>, Slot>;
+/// Plugins by name.
+type Plugins = FxHashMap<Box<str>, Slot>;
+
+/// The plugins and the hook subscribers built from them. Replaced as a whole (copy on write) by
+/// load, unload, reload and hook registration, so a call or a hook dispatch needs one atomic load
+/// to reach everything it runs, and holding that snapshot holds those generations alive.
+#[derive(Debug, Default)]
+struct Registry {
+    plugins: Plugins,
+    hooks: dispatch::HookTable,
+}
+
+impl std::ops::Deref for Registry {
+    type Target = Plugins;
+
+    fn deref(&self) -> &Plugins {
+        &self.plugins
+    }
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -57,6 +77,10 @@ struct Inner {
     state: Option<StateStore>,
     overrides: BTreeMap<String, PluginSettings>,
     registry: ArcSwap<Registry>,
+    /// Hooks registered from Rust, by id.
+    host_hooks: Mutex<BTreeMap<u64, dispatch::HostHook>>,
+    next_hook_id: AtomicU64,
+    fire_queue: dispatch::FireQueue,
     /// `None` when calls are not timed.
     clock: Option<quanta::Clock>,
     refused: Mutex<Vec<Refusal>>,
@@ -93,6 +117,7 @@ pub struct PluginHostBuilder {
     overrides: BTreeMap<String, PluginSettings>,
     call_timing: bool,
     state_dir: Option<PathBuf>,
+    fire_and_forget_capacity: usize,
 }
 
 impl PluginHostBuilder {
@@ -110,6 +135,13 @@ impl PluginHostBuilder {
     /// and deletes each when its generation is unloaded.
     pub fn with_shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.shadow_dir = Some(dir.into());
+        self
+    }
+
+    /// Capacity of the queue of `fire_and_forget` hook events (default 1024). When it is full,
+    /// new events are dropped for those subscribers, with a counted warning.
+    pub fn with_fire_and_forget_capacity(mut self, capacity: usize) -> Self {
+        self.fire_and_forget_capacity = capacity.max(1);
         self
     }
 
@@ -175,6 +207,9 @@ impl PluginHostBuilder {
                 state,
                 overrides: self.overrides,
                 registry: ArcSwap::from_pointee(Registry::default()),
+                host_hooks: Mutex::new(BTreeMap::new()),
+                next_hook_id: AtomicU64::new(1),
+                fire_queue: dispatch::FireQueue::start(self.fire_and_forget_capacity)?,
                 clock: self.call_timing.then(clock),
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
@@ -276,6 +311,7 @@ impl PluginHost {
             overrides: BTreeMap::new(),
             call_timing: true,
             state_dir: None,
+            fire_and_forget_capacity: 1024,
         }
     }
 
@@ -349,10 +385,32 @@ impl PluginHost {
     /// loads.
     pub fn load(&self, file: impl AsRef<Path>) -> anyhow::Result<LoadedPlugin> {
         let file = file.as_ref();
-        let _admin = self.admin();
-        let result = self.load_locked(file);
-        self.note_result(file, result.as_ref().err());
+        let result = {
+            let _admin = self.admin();
+            let result = self.load_locked(file);
+            self.note_result(file, result.as_ref().err());
+            result
+        };
+        if let Ok(plugin) = &result {
+            self.fire_lifecycle(HookPoint::PluginLoaded, plugin);
+        }
         result
+    }
+
+    /// Fires `plugin.loaded` or `plugin.unloaded` (informational: a block is logged, not
+    /// obeyed). Never called with the admin lock held, so subscribers may load and unload.
+    fn fire_lifecycle(&self, point: HookPoint, plugin: &LoadedPlugin) {
+        let fired = self.fire(point, || {
+            serde_json::json!({
+                "plugin": plugin.name,
+                "version": plugin.version,
+                "generation": plugin.generation,
+                "file": plugin.file,
+            })
+        });
+        if let Err(violation) = fired {
+            tracing::warn!(%violation, "{point} cannot be blocked; ignored");
+        }
     }
 
     fn load_locked(&self, file: &Path) -> anyhow::Result<LoadedPlugin> {
@@ -373,9 +431,9 @@ impl PluginHost {
             stats: Arc::default(),
             load_order,
         };
-        let mut next = Registry::clone(&registry);
+        let mut next = registry.plugins.clone();
         next.insert(name.clone().into_boxed_str(), slot.clone());
-        self.inner.registry.store(Arc::new(next));
+        self.publish(next);
         tracing::info!(
             plugin = %name,
             version = %slot.generation.manifest.version,
@@ -409,6 +467,17 @@ impl PluginHost {
                 reason: e.to_string(),
             })?;
         let name = manifest.name.clone();
+        for subscription in &manifest.hooks {
+            if HookPoint::from_name(&subscription.hook).is_none() {
+                let known: Vec<&str> = HookPoint::ALL.iter().map(|p| p.name()).collect();
+                tracing::warn!(
+                    plugin = %name,
+                    hook = %subscription.hook,
+                    known = %known.join(", "),
+                    "the plugin subscribes to a hook point that does not exist; that subscription will never fire"
+                );
+            }
+        }
         match replacing {
             Some(expected) if expected != name => {
                 return Err(LoadError::BadManifest {
@@ -437,8 +506,9 @@ impl PluginHost {
             Value::Null => String::new(),
             config => config.to_string(),
         };
+        let call_back = PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
         library
-            .create(&name, &config)
+            .create(&name, &config, call_back)
             .map_err(|(kind, message)| match kind {
                 ErrorKind::Panicked => LoadError::CreatePanicked {
                     plugin: name.clone(),
@@ -479,20 +549,23 @@ impl PluginHost {
     ///
     /// No plugin of that name is loaded.
     pub fn unload(&self, plugin: &str) -> anyhow::Result<()> {
-        let _admin = self.admin();
-        let registry = self.inner.registry.load();
-        if !registry.contains_key(plugin) {
-            return Err(anyhow!(
-                "cannot unload `{plugin}`: no plugin of that name is loaded"
-            ));
-        }
-        let mut next = Registry::clone(&registry);
-        let removed = next.remove(plugin);
-        self.inner.registry.store(Arc::new(next));
-        drop(registry);
-        if let Some(slot) = removed {
+        let info = {
+            let _admin = self.admin();
+            let registry = self.inner.registry.load();
+            let Some(slot) = registry.get(plugin).cloned() else {
+                return Err(anyhow!(
+                    "cannot unload `{plugin}`: no plugin of that name is loaded"
+                ));
+            };
+            let mut next = registry.plugins.clone();
+            next.remove(plugin);
+            self.publish(next);
+            drop(registry);
+            let info = self.describe(plugin, &slot);
             self.retire(plugin, slot);
-        }
+            info
+        };
+        self.fire_lifecycle(HookPoint::PluginUnloaded, &info);
         Ok(())
     }
 
@@ -505,6 +578,12 @@ impl PluginHost {
     ///
     /// The plugin is not loaded, or the new file is refused; the old generation keeps serving.
     pub fn reload(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
+        let reloaded = self.reload_locked(plugin)?;
+        self.fire_lifecycle(HookPoint::PluginLoaded, &reloaded);
+        Ok(reloaded)
+    }
+
+    fn reload_locked(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
         let _admin = self.admin();
         let old = self
             .inner
@@ -527,13 +606,13 @@ impl PluginHost {
         let new = Arc::new(result?);
         carry_state(plugin, &old, &new);
         let registry = self.inner.registry.load();
-        let mut next = Registry::clone(&registry);
+        let mut next = registry.plugins.clone();
         let slot = next
             .get_mut(plugin)
             .ok_or_else(|| anyhow!("plugin `{plugin}` disappeared during its reload"))?;
         slot.generation = Arc::clone(&new);
         let slot = slot.clone();
-        self.inner.registry.store(Arc::new(next));
+        self.publish(next);
         drop(registry);
         tracing::info!(
             plugin,
@@ -623,7 +702,7 @@ impl PluginHost {
         for plugin in self.plugins() {
             let before = self.settings_in(&old, &plugin.name);
             let now = self.settings(&plugin.name);
-            if before == now {
+            if before.enabled == now.enabled && before.config == now.config {
                 continue;
             }
             if !now.enabled {
@@ -634,6 +713,11 @@ impl PluginHost {
             } else {
                 report.loaded.push(plugin.name);
             }
+        }
+        // Hook overrides and sets may have changed without any reload.
+        {
+            let _admin = self.admin();
+            self.republish();
         }
         let scanned = self.scan()?;
         report.loaded.extend(scanned.loaded);
@@ -825,10 +909,6 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Result<Option<Value>, Failure> {
-        // This snapshot of the registry holds the generation alive until the call returns,
-        // whatever reload or unload does meanwhile.
-        let registry = self.inner.registry.load();
-        let slot = registry.get(plugin).ok_or(Failure::PluginNotFound)?;
         let params_text;
         let params = if params.is_null() {
             ""
@@ -836,16 +916,35 @@ impl PluginHost {
             params_text = params.to_string();
             params_text.as_str()
         };
+        self.dispatch_text(plugin, method, params, |answer| match answer {
+            None => Ok(None),
+            Some(json) => serde_json::from_str(json)
+                .map(Some)
+                .map_err(|e| Failure::InvalidJson(e.to_string())),
+        })
+    }
+
+    /// Calls `plugin.method` with params as JSON text; `on_answer` reads the answer while the
+    /// plugin's string is alive.
+    #[inline]
+    fn dispatch_text<R>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &str,
+        on_answer: impl FnOnce(Option<&str>) -> Result<Option<R>, Failure>,
+    ) -> Result<Option<R>, Failure> {
+        // This snapshot of the registry holds the generation alive until the call returns,
+        // whatever reload or unload does meanwhile.
+        let registry = self.inner.registry.load();
+        let slot = registry.get(plugin).ok_or(Failure::PluginNotFound)?;
         let clock = self.inner.clock.as_ref();
         let started = clock.map_or(0, quanta::Clock::raw);
         let result = slot
             .generation
             .library
             .call(method, params, |answer| match answer {
-                Ok(None) => Ok(None),
-                Ok(Some(json)) => serde_json::from_str(json)
-                    .map(Some)
-                    .map_err(|e| Failure::InvalidJson(e.to_string())),
+                Ok(json) => on_answer(json),
                 Err((ErrorKind::UnknownMethod, _)) => Err(Failure::MethodNotFound),
                 Err((kind, message)) => Err(Failure::Plugin(kind, message.to_owned())),
             })
@@ -914,9 +1013,14 @@ fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Queued fire-and-forget events run first: they hold generations.
+        self.fire_queue.stop();
         let registry = self.registry.swap(Arc::new(Registry::default()));
         let mut slots: Vec<(Box<str>, Slot)> = match Arc::try_unwrap(registry) {
-            Ok(map) => map.into_iter().collect(),
+            Ok(Registry { plugins, hooks }) => {
+                drop(hooks);
+                plugins.into_iter().collect()
+            }
             Err(shared) => shared.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         slots.sort_by_key(|(_, slot)| std::cmp::Reverse(slot.load_order));

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 mod dylib;
 mod error;
+pub mod hooks;
 mod host;
 pub mod http;
 mod loader;
@@ -32,7 +33,9 @@ pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
 pub use error::{CallError, LoadError};
-pub use host::{LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
+pub use hooks::{HookEvent, HookPoint, HookPointInfo, SubscriberInfo, Violation};
+pub use host::{HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
+pub use plugin_api::{HookMode, HookResult};
 pub use stats::PluginStats;
 
 /// The README's Rust examples, compiled and run as doc tests.

@@ -127,6 +127,9 @@ pub struct HostApi {
     /// Arguments: the context given at create, a [`level`], the event's target, its message.
     #[sabi(last_prefix_field)]
     pub log: extern "C" fn(HostContext, u8, RStr<'_>, RStr<'_>),
+    /// Added with table version 3: calls another plugin through the host (context, plugin,
+    /// method, params as JSON text). The answer's strings are the host's.
+    pub call: extern "C" fn(HostContext, RStr<'_>, RStr<'_>, RStr<'_>) -> JsonResult,
 }
 
 /// What `execute` and `save_state` answer: an optional JSON text, or an error.
@@ -160,4 +163,9 @@ pub struct PluginTable {
     /// Added in table version 2: gives a new instance the state its predecessor saved.
     #[cfg(not(feature = "__fixture_table_v1"))]
     pub restore_state: extern "C" fn(InstanceHandle, RStr<'_>) -> RResult<(), CallError>,
+    /// Added in table version 3: runs the plugin's handler for a hook point (instance, hook
+    /// name, payload as JSON text). `None` means "continue"; otherwise a JSON object
+    /// `{"modify": {...}}` or `{"block": {"reason": "...", "code": "..."}}`.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub on_hook: extern "C" fn(InstanceHandle, RStr<'_>, RStr<'_>) -> JsonResult,
 }

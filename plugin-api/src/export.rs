@@ -16,12 +16,13 @@ use crate::abi::{
     CallError, ErrorKind, HEADER_VERSION, HostApiRef, HostContext, InstanceHandle, JsonResult,
     MAGIC, PluginHeader, PluginTable, PluginTableRef,
 };
-use crate::{Manifest, Methods, Plugin, PluginError, TABLE_VERSION, Value};
+use crate::{Hooks, Manifest, Methods, Plugin, PluginError, TABLE_VERSION, Value};
 
 /// What an [`InstanceHandle`] points to.
 struct Instance<P> {
     plugin: P,
     methods: Methods<P>,
+    hooks: Hooks<P>,
 }
 
 struct Exports<P>(PhantomData<P>);
@@ -39,6 +40,8 @@ impl<P: Plugin> Exports<P> {
         save_state: save_state::<P>,
         #[cfg(not(feature = "__fixture_table_v1"))]
         restore_state: restore_state::<P>,
+        #[cfg(not(feature = "__fixture_table_v1"))]
+        on_hook: on_hook::<P>,
     });
 }
 
@@ -118,6 +121,8 @@ pub(crate) fn manifest_of<P: Plugin>() -> Manifest {
     let info = P::info();
     let mut methods = Methods::new();
     P::methods(&mut methods);
+    let mut hooks = Hooks::new();
+    P::hooks(&mut hooks);
     Manifest {
         name: info.name,
         version: info.version,
@@ -125,6 +130,7 @@ pub(crate) fn manifest_of<P: Plugin>() -> Manifest {
         methods: methods.describe(),
         api_version: env!("CARGO_PKG_VERSION").to_owned(),
         table_version: TABLE_VERSION,
+        hooks: hooks.subscriptions(),
     }
 }
 
@@ -152,7 +158,13 @@ extern "C" fn create<P: Plugin>(
         let plugin = P::create(config)?;
         let mut methods = Methods::new();
         P::methods(&mut methods);
-        let instance = Box::new(Instance { plugin, methods });
+        let mut hooks = Hooks::new();
+        P::hooks(&mut hooks);
+        let instance = Box::new(Instance {
+            plugin,
+            methods,
+            hooks,
+        });
         Ok(InstanceHandle(
             Box::into_raw(instance).cast::<c_void>().cast_const(),
         ))
@@ -221,5 +233,21 @@ extern "C" fn restore_state<P: Plugin>(
         let state: Value = serde_json::from_str(state.as_str())
             .map_err(|e| PluginError::new(format!("saved state is not valid JSON: {e}")))?;
         instance.plugin.restore_state(state)
+    })
+}
+
+#[cfg(not(feature = "__fixture_table_v1"))]
+extern "C" fn on_hook<P: Plugin>(
+    handle: InstanceHandle,
+    hook: RStr<'_>,
+    payload: RStr<'_>,
+) -> JsonResult {
+    guard(|| {
+        // SAFETY: as in `execute`.
+        let instance = unsafe { instance::<P>(handle) };
+        let result = instance
+            .hooks
+            .run(&instance.plugin, hook.as_str(), payload.as_str())?;
+        Ok(json_option(result.to_json()))
     })
 }

@@ -78,6 +78,7 @@
 
 pub mod abi;
 mod export;
+mod hooks;
 mod log;
 mod methods;
 
@@ -85,8 +86,26 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use hooks::{HookMode, HookResult, HookSubscription, Hooks};
 pub use methods::Methods;
 pub use serde_json::Value;
+
+/// Calls a method of another plugin through the host, with the same safety as the host's own
+/// calls: a missing plugin or method, a failure or a panic in the other plugin comes back as an
+/// error, never as a crash. A cycle (a plugin calling, through others, a plugin already waiting
+/// on this thread) is cut with an error.
+///
+/// # Errors
+///
+/// The other plugin is missing or failed, the call would close a cycle, or the host is older
+/// than plugin-to-plugin calls.
+pub fn call_plugin(
+    plugin: &str,
+    method: &str,
+    params: &Value,
+) -> Result<Option<Value>, PluginError> {
+    log::call_plugin(plugin, method, params)
+}
 
 #[doc(hidden)]
 pub mod __private {
@@ -95,7 +114,7 @@ pub mod __private {
 
 /// Version of the function table this crate builds (see [`abi::PluginTable`]).
 #[cfg(not(feature = "__fixture_table_v1"))]
-pub const TABLE_VERSION: u32 = 2;
+pub const TABLE_VERSION: u32 = 3;
 /// Version of the function table this crate builds (see [`abi::PluginTable`]).
 #[cfg(feature = "__fixture_table_v1")]
 pub const TABLE_VERSION: u32 = 1;
@@ -119,6 +138,11 @@ pub trait Plugin: Send + Sync + Sized + 'static {
 
     /// Registers the plugin's methods.
     fn methods(methods: &mut Methods<Self>);
+
+    /// Subscribes the plugin to hook points of the worker (none by default). See [`Hooks`].
+    fn hooks(hooks: &mut Hooks<Self>) {
+        let _ = hooks;
+    }
 
     /// The state to carry over to the next generation on a hot reload, or to keep across a
     /// restart. `None` (the default) means the plugin keeps no state.
@@ -190,6 +214,9 @@ pub struct Manifest {
     /// Version of the function table the plugin was built with.
     #[serde(default)]
     pub table_version: u32,
+    /// The hook points the plugin subscribes to.
+    #[serde(default)]
+    pub hooks: Vec<HookSubscription>,
 }
 
 /// One method in a [`Manifest`].

@@ -14,20 +14,32 @@ use tracing::{Event, Level, Metadata, Subscriber};
 
 use crate::abi::{HostApiRef, HostContext, level};
 
-struct Bridge {
-    log: extern "C" fn(HostContext, u8, RStr<'_>, RStr<'_>),
+/// The host's functions and the context to pass back to them, for this library's instance.
+#[derive(Clone, Copy)]
+struct HostLink {
+    api: HostApiRef,
     context: HostContext,
-    max_level: LevelFilter,
 }
 
 // SAFETY: `context` is an opaque pointer that this code never dereferences; it only hands it back
-// to the host's `log` function, which the host guarantees may be called from any thread for as
-// long as the plugin is loaded.
-unsafe impl Send for Bridge {}
+// to the host's functions, which the host guarantees may be called from any thread for as long
+// as the plugin is loaded. `api` points to the host's immutable function table.
+unsafe impl Send for HostLink {}
 // SAFETY: as for `Send`: nothing here is ever mutated or dereferenced.
-unsafe impl Sync for Bridge {}
+unsafe impl Sync for HostLink {}
+
+static HOST: std::sync::OnceLock<HostLink> = std::sync::OnceLock::new();
+
+struct Bridge {
+    log: extern "C" fn(HostContext, u8, RStr<'_>, RStr<'_>),
+    link: HostLink,
+    max_level: LevelFilter,
+}
 
 pub(crate) fn install(host: HostApiRef, context: HostContext, max_level: u8) {
+    let link = HostLink { api: host, context };
+    // A second `create` in the same library keeps the first link (and the first bridge).
+    let _ = HOST.set(link);
     let max_level = match max_level {
         level::ERROR => LevelFilter::ERROR,
         level::WARN => LevelFilter::WARN,
@@ -38,7 +50,7 @@ pub(crate) fn install(host: HostApiRef, context: HostContext, max_level: u8) {
     };
     let bridge = Bridge {
         log: host.log(),
-        context,
+        link,
         max_level,
     };
     // Fails only if this library already has a global subscriber (a second `create` in the same
@@ -105,7 +117,7 @@ impl Subscriber for Bridge {
         text.message.push_str(&text.fields);
         let metadata = event.metadata();
         (self.log)(
-            self.context,
+            self.link.context,
             level_number(*metadata.level()),
             RStr::from_str(metadata.target()),
             RStr::from_str(&text.message),
@@ -115,4 +127,39 @@ impl Subscriber for Bridge {
     fn enter(&self, _span: &Id) {}
 
     fn exit(&self, _span: &Id) {}
+}
+
+pub(crate) fn call_plugin(
+    plugin: &str,
+    method: &str,
+    params: &serde_json::Value,
+) -> Result<Option<serde_json::Value>, crate::PluginError> {
+    use abi_stable::std_types::{RErr, RNone, ROk, RSome};
+    let link = HOST.get().ok_or_else(|| {
+        crate::PluginError::new("not loaded by a host: call_plugin works only inside a plugin")
+    })?;
+    let call = link
+        .api
+        .call()
+        .ok_or_else(|| crate::PluginError::new("this host is older than plugin-to-plugin calls"))?;
+    let params = if params.is_null() {
+        String::new()
+    } else {
+        params.to_string()
+    };
+    match call(
+        link.context,
+        RStr::from_str(plugin),
+        RStr::from_str(method),
+        RStr::from_str(&params),
+    ) {
+        ROk(RNone) => Ok(None),
+        ROk(RSome(json)) => serde_json::from_str(json.as_str()).map(Some).map_err(|e| {
+            crate::PluginError::new(format!("{plugin}.{method} answered invalid JSON: {e}"))
+        }),
+        RErr(e) => Err(crate::PluginError {
+            kind: e.kind,
+            message: e.message.into_string(),
+        }),
+    }
 }

@@ -25,14 +25,20 @@ fn rename_to_serving() {
     let host = dir.host();
     host.scan().unwrap();
     let _watcher = Watcher::start(host.clone(), WatchOptions::default()).unwrap();
-    let builds = [(fixture_build("table-v1"), json!(1)), (built_plugin("fixture"), json!(2))];
+    let builds = [
+        (fixture_build("table-v1"), json!(1)),
+        (built_plugin("fixture"), json!(plugin_api::TABLE_VERSION)),
+    ];
     let mut times = Vec::new();
     for i in 0..20 {
         let (build, expected) = &builds[i % 2];
         let started = Instant::now();
         drop_in(build, &dir.path(), "libfixture.so");
         while host.execute("fixture", "table", &json!(null)).as_ref() != Some(expected) {
-            assert!(started.elapsed() < Duration::from_secs(10), "the new build never served");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the new build never served"
+            );
             std::hint::spin_loop();
         }
         times.push(started.elapsed());
@@ -48,7 +54,11 @@ fn rename_to_serving() {
 
 /// Calls from two threads for `run`, reloading every `reload_every` if given; returns the
 /// sorted latencies and the number of failed calls.
-fn calls(host: &host::PluginHost, run: Duration, reload_every: Option<Duration>) -> (Vec<Duration>, usize, usize) {
+fn calls(
+    host: &host::PluginHost,
+    run: Duration,
+    reload_every: Option<Duration>,
+) -> (Vec<Duration>, usize, usize) {
     let stop = AtomicBool::new(false);
     let mut swaps = 0;
     let results: Vec<(Vec<Duration>, usize)> = std::thread::scope(|s| {
@@ -87,7 +97,10 @@ fn calls(host: &host::PluginHost, run: Duration, reload_every: Option<Duration>)
         stop.store(true, Ordering::Relaxed);
         workers.into_iter().map(|w| w.join().unwrap()).collect()
     });
-    let mut all: Vec<Duration> = results.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+    let mut all: Vec<Duration> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
     all.sort();
     (all, results.iter().map(|(_, f)| f).sum(), swaps)
 }

@@ -144,8 +144,13 @@ impl PluginDir {
         dest
     }
 
-    /// Writes `plugins.json`.
-    pub fn configure(&self, config: &Value) {
+    /// Writes `plugins.json` with these plugin settings: `{"plugins": plugins}`.
+    pub fn configure(&self, plugins: &Value) {
+        self.configure_file(&serde_json::json!({ "plugins": plugins }));
+    }
+
+    /// Writes `plugins.json` as given.
+    pub fn configure_file(&self, config: &Value) {
         std::fs::write(
             self.path().join("plugins.json"),
             serde_json::to_vec_pretty(config).unwrap(),

@@ -30,7 +30,7 @@ fn older_table_still_loads_and_works() {
 }
 
 #[test]
-fn current_table_is_version_two() {
+fn current_table_version_is_reported() {
     let dir = PluginDir::new();
     let file = dir.add("fixture", "libfixture.so");
     let host = dir.host();
@@ -40,6 +40,6 @@ fn current_table_is_version_two() {
     );
     assert_eq!(
         host.execute("fixture", "table", &json!(null)),
-        Some(json!(2))
+        Some(json!(plugin_api::TABLE_VERSION))
     );
 }

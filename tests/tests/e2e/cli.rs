@@ -172,7 +172,7 @@ fn missing_plugins_directory_fails_with_advice() {
 fn config_option_points_to_another_file() {
     let dir = example_dir();
     let config = dir.path().parent().unwrap().join("other.json");
-    std::fs::write(&config, r#"{"echo": {"enabled": false}}"#).unwrap();
+    std::fs::write(&config, r#"{"plugins": {"echo": {"enabled": false}}}"#).unwrap();
     let output = worker(
         &dir,
         &["--config", config.to_str().unwrap(), "list", "--json"],

@@ -253,7 +253,7 @@ fn invalid_configuration_file_names_file_and_field() {
     let dir = PluginDir::new();
     std::fs::write(
         dir.path().join("plugins.json"),
-        r#"{"echo": {"enabled": "yes"}}"#,
+        r#"{"plugins": {"echo": {"enabled": "yes"}}}"#,
     )
     .unwrap();
     let err = host::PluginHost::builder(dir.path())
