@@ -58,6 +58,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List every hook point with its payload, its writable fields and its subscribers in
+    /// execution order (mode, priority, name), after configuration.
+    Hooks {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the long-running worker: load the plugins, watch the directory (a new file loads, a
     /// removed one unloads, a changed one reloads with its state carried over, a changed
     /// plugins.json applies), and serve the control API.
@@ -168,6 +175,33 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
             } else {
                 write_list(out, &host, &plugins, &refused)?;
+            }
+        }
+        Command::Hooks { json } => {
+            let points = host.hook_points();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&points)?)?;
+            } else {
+                for point in points {
+                    writeln!(out, "{}  {}", point.name, point.description)?;
+                    if !point.writable.is_empty() {
+                        writeln!(out, "    writable: {}", point.writable.join(", "))?;
+                    }
+                    if point.subscribers.is_empty() {
+                        writeln!(out, "    (no subscribers)")?;
+                    }
+                    for (i, s) in point.subscribers.iter().enumerate() {
+                        writeln!(
+                            out,
+                            "    {}. {} ({}) {} priority {}",
+                            i + 1,
+                            s.name,
+                            s.kind,
+                            s.mode,
+                            s.priority
+                        )?;
+                    }
+                }
             }
         }
         Command::Call { plugin, method, .. } => {

@@ -269,6 +269,11 @@ impl PluginLibrary {
         })
     }
 
+    /// Whether the plugin's table has the hook entry point (table version 3 and later).
+    pub(crate) fn supports_hooks(&self) -> bool {
+        self.table.on_hook().is_some()
+    }
+
     /// Path of the shadow copy this generation was loaded from.
     pub(crate) fn shadow_path(&self) -> &Path {
         &self.shadow.0

@@ -462,10 +462,18 @@ impl PluginHost {
                         _ => message,
                     },
                 })?;
-        let manifest: Manifest =
+        let mut manifest: Manifest =
             serde_json::from_str(&manifest_json).map_err(|e| LoadError::BadManifest {
                 reason: e.to_string(),
             })?;
+        if !manifest.hooks.is_empty() && !library.supports_hooks() {
+            tracing::warn!(
+                plugin = %manifest.name,
+                table_version = manifest.table_version,
+                "the plugin lists hook subscriptions but its function table predates hooks; they are ignored (rebuild it against this plugin-api)"
+            );
+            manifest.hooks.clear();
+        }
         let name = manifest.name.clone();
         for subscription in &manifest.hooks {
             if HookPoint::from_name(&subscription.hook).is_none() {

@@ -10,6 +10,7 @@
 //! | `POST /v1/plugins/{plugin}/reload` | reloads; the plugin, or an error (the old generation keeps serving) |
 //! | `DELETE /v1/plugins/{plugin}` | unloads |
 //! | `POST /v1/reload` | reads the configuration again and loads new files |
+//! | `GET /v1/hooks` | every hook point with its subscribers in execution order |
 //!
 //! A bad request gets a 4xx answer with `{"error": "..."}` saying what was wrong. A plugin method
 //! named `reload` cannot be called through this API (the route reloads the plugin).
@@ -202,6 +203,8 @@ fn route(host: &PluginHost, request: &mut Request) -> Answer {
             &json!({"plugins": host.plugins(), "refused": host.refused()}),
         ),
         (["v1", "plugins"], _) => allow("GET"),
+        (["v1", "hooks"], Method::Get) => Answer::json(200, &json!(host.hook_points())),
+        (["v1", "hooks"], _) => allow("GET"),
         (["v1", "reload"], Method::Post) => match host.reload_config() {
             Ok(report) => Answer::json(200, &json!(report)),
             Err(e) => Answer::error(422, format!("{e:#}")),

@@ -5,15 +5,31 @@
 //! - `error`: returns an error.
 //! - `bad_json`: answers text that is not JSON.
 //! - `ok`: answers `"fine"`, to show the plugin still works after the others.
+//! - `call {"plugin", "method", "params"}`: calls another plugin through the host (used to
+//!   build call cycles).
+//!
+//! Hooks: `task.received` panics (sequential, priority 50), to show a panicking subscriber is
+//! skipped and the chain goes on.
 
 #![forbid(unsafe_code)]
 
-use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value, export_plugin};
+use plugin_api::{
+    HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
+};
+use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 /// The plugin instance.
 #[derive(Debug)]
 pub struct Faulty;
+
+#[derive(Debug, Deserialize)]
+struct Call {
+    plugin: String,
+    method: String,
+    #[serde(default)]
+    params: Value,
+}
 
 impl Plugin for Faulty {
     fn info() -> PluginInfo {
@@ -47,7 +63,23 @@ impl Plugin for Faulty {
             .raw_method("bad_json", "Answers text that is not JSON", |_, _| {
                 Ok(Some("{not json".to_owned()))
             })
-            .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"));
+            .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))
+            .method(
+                "call",
+                "Calls {\"plugin\", \"method\", \"params\"} through the host",
+                |_, c: Call| plugin_api::call_plugin(&c.plugin, &c.method, &c.params),
+            );
+    }
+
+    fn hooks(hooks: &mut Hooks<Self>) {
+        hooks.on(
+            "task.received",
+            50,
+            HookMode::Sequential,
+            |_, _: IgnoredAny| -> Result<HookResult, PluginError> {
+                panic!("faulty hook panicked on purpose")
+            },
+        );
     }
 }
 

@@ -181,3 +181,34 @@ fn config_option_points_to_another_file() {
     assert_eq!(report["plugins"].as_array().unwrap().len(), 1);
     assert!(report["refused"].to_string().contains("disabled"));
 }
+
+#[test]
+fn hooks_lists_every_point_with_subscribers_in_order() {
+    let dir = example_dir();
+    dir.add("fixture", "libfixture.so");
+    let output = worker(&dir, &["hooks"]);
+    assert!(output.status.success());
+    let text = stdout(&output);
+    for point in [
+        "worker.start",
+        "task.received",
+        "task.after_step",
+        "task.scored",
+        "plugin.unloaded",
+    ] {
+        assert!(text.contains(point), "{point} missing:\n{text}");
+    }
+    let received = text.split("task.received").nth(1).unwrap();
+    let faulty = received
+        .find("1. faulty (plugin) sequential priority 50")
+        .expect(&text);
+    let fixture = received
+        .find("2. fixture (plugin) sequential priority 100")
+        .expect(&text);
+    assert!(faulty < fixture);
+    let json: Value = serde_json::from_str(&stdout(&worker(&dir, &["hooks", "--json"]))).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 10);
+    assert_eq!(json[2]["name"], "task.received");
+    assert_eq!(json[2]["subscribers"][0]["name"], "faulty");
+    assert_eq!(json[2]["writable"], json!(["input", "meta"]));
+}

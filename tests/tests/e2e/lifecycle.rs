@@ -58,6 +58,8 @@ fn reload_carries_state_and_retires_the_old_generation() {
         host.execute("fixture", "add", &json!({"n": 5})),
         Some(json!(5))
     );
+    let calls_before = host.plugin("fixture").unwrap().stats.calls;
+    assert!(calls_before >= 1);
     let second = host.reload("fixture").unwrap();
     assert!(second.generation > first.generation);
     assert_ne!(second.shadow_file, first.shadow_file);
@@ -67,7 +69,10 @@ fn reload_carries_state_and_retires_the_old_generation() {
     );
     assert!(!is_mapped(&first.shadow_file));
     assert!(!first.shadow_file.exists());
-    assert_eq!(second.stats.calls, 1, "statistics survive a reload");
+    assert!(
+        second.stats.calls >= calls_before,
+        "statistics were reset by the reload"
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod abi;
 mod calls;
 mod cli;
 mod experiment;
+mod hooks;
 mod lifecycle;
 mod refusals;
 mod serve;

@@ -96,6 +96,10 @@ fn control_api_end_to_end() {
     let worker = Worker::start(&dir, &state, &["--no-watch"]);
     let addr = worker.addr.as_str();
 
+    let hooks = http(addr, "GET", "/v1/hooks", b"");
+    assert_eq!(hooks.status, 200);
+    assert_eq!(hooks.json()[2]["subscribers"][0]["name"], "faulty");
+
     let health = http(addr, "GET", "/healthz", b"");
     assert_eq!(
         (health.status, health.json()),

@@ -1,0 +1,484 @@
+//! The hook pipeline with real plugins: order, modes, write policies, blocks, panics,
+//! fire-and-forget overflow, reloads, sessions, configuration, plugin-to-plugin calls.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use host::{HookMode, HookPoint, HookResult, PluginHost};
+use serde_json::{Value, json};
+use tests::PluginDir;
+
+fn task() -> Value {
+    json!({"id": "t1", "type": "qa", "input": "question", "meta": {}})
+}
+
+fn host_with(dir: &PluginDir, plugins: &[&str]) -> PluginHost {
+    for name in plugins {
+        dir.add(name, &format!("lib{name}.so"));
+    }
+    let host = dir.host();
+    let report = host.scan().unwrap();
+    assert!(report.refused.is_empty(), "{:?}", report.refused);
+    host
+}
+
+/// Records, in order, the names of the host hooks that ran.
+fn recorder(
+    host: &PluginHost,
+    point: HookPoint,
+    hooks: &[(&str, i32, HookMode)],
+) -> Arc<Mutex<Vec<String>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for (name, priority, mode) in hooks {
+        let log = Arc::clone(&log);
+        let me = (*name).to_owned();
+        host.register_hook(point, name, *priority, *mode, move |_| {
+            log.lock().unwrap().push(me.clone());
+            HookResult::Continue
+        });
+    }
+    log
+}
+
+#[test]
+fn a_hook_nobody_subscribes_to_builds_no_payload() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["echo"]);
+    let fired = host.fire(HookPoint::TaskScored, || panic!("the payload was built"));
+    assert_eq!(fired, Ok(None));
+    assert!(!host.has_subscribers(HookPoint::TaskScored));
+}
+
+#[test]
+fn order_is_priority_then_name_and_modes_run_in_phases() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["fixture"]);
+    let log = recorder(
+        &host,
+        HookPoint::TaskReceived,
+        &[
+            ("zeta", 10, HookMode::Sequential),
+            ("alpha", 10, HookMode::Sequential),
+            ("late", 500, HookMode::Sequential),
+            ("early", -5, HookMode::Sequential),
+            ("watcher", -100, HookMode::Audit),
+            ("checker", -100, HookMode::Concurrent),
+        ],
+    );
+    host.fire(HookPoint::TaskReceived, task).unwrap();
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["early", "alpha", "zeta", "late", "checker", "watcher"]
+    );
+    let listed: Vec<String> = host
+        .hook_points()
+        .into_iter()
+        .find(|p| p.name == "task.received")
+        .unwrap()
+        .subscribers
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "early", "alpha", "zeta", "fixture", "late", "checker", "watcher"
+        ]
+    );
+    let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
+    assert!(
+        seen.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["hook"] == "task.received")
+    );
+}
+
+#[test]
+fn sequential_modifications_chain_within_the_write_policy() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"config": {
+        "label": "L",
+        "on": {"task.received": {"modify": {"input": "rewritten by $label", "id": "hijacked", "meta": {"by": "$label"}}}}
+    }}}));
+    let host = host_with(&dir, &["fixture"]);
+    // Runs after the fixture (priority 100) and sees its modification.
+    let seen_by_next = Arc::new(Mutex::new(Value::Null));
+    let seen = Arc::clone(&seen_by_next);
+    host.register_hook(
+        HookPoint::TaskReceived,
+        "next",
+        200,
+        HookMode::Sequential,
+        move |event| {
+            *seen.lock().unwrap() = event.payload.clone();
+            HookResult::modify([(
+                "input",
+                json!(format!(
+                    "{} + next",
+                    event.payload["input"].as_str().unwrap()
+                )),
+            )])
+        },
+    );
+    let payload = host.fire(HookPoint::TaskReceived, task).unwrap().unwrap();
+    assert_eq!(seen_by_next.lock().unwrap()["input"], "rewritten by $label");
+    assert_eq!(payload["input"], "rewritten by $label + next");
+    assert_eq!(payload["meta"], json!({"by": "$label"}));
+    assert_eq!(
+        payload["id"], "t1",
+        "a field outside the write policy was changed"
+    );
+}
+
+#[test]
+fn a_block_stops_the_hook_and_names_the_plugin() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"config": {
+        "on": {"task.received": {"block": {"reason": "input too long", "code": "too_long"}}}
+    }}}));
+    let host = host_with(&dir, &["fixture"]);
+    let after = recorder(
+        &host,
+        HookPoint::TaskReceived,
+        &[
+            ("after", 200, HookMode::Sequential),
+            ("audit", 0, HookMode::Audit),
+        ],
+    );
+    let violation = host.fire(HookPoint::TaskReceived, task).unwrap_err();
+    assert_eq!(violation.subscriber, "fixture");
+    assert_eq!(violation.reason, "input too long");
+    assert_eq!(violation.code, "too_long");
+    assert_eq!(violation.hook, "task.received");
+    assert!(
+        after.lock().unwrap().is_empty(),
+        "subscribers after a block ran"
+    );
+}
+
+#[test]
+fn a_panicking_subscriber_is_skipped_counted_and_the_chain_goes_on() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["faulty", "fixture"]);
+    let payload = host.fire(HookPoint::TaskReceived, task).unwrap().unwrap();
+    assert_eq!(payload, task());
+    let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
+    assert_eq!(
+        seen.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["hook"] == "task.received")
+            .count(),
+        1
+    );
+    assert_eq!(host.plugin("faulty").unwrap().stats.panics, 1);
+    // The plugin's methods still work.
+    assert_eq!(
+        host.execute("faulty", "ok", &json!(null)),
+        Some(json!("fine"))
+    );
+}
+
+#[test]
+fn concurrent_subscribers_run_in_parallel_and_may_block_but_not_modify() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["echo"]);
+    // Each waits for the other: they can only both finish if they run at the same time.
+    let (to_a, from_b) = mpsc::channel::<()>();
+    let (to_b, from_a) = mpsc::channel::<()>();
+    let (to_a, to_b) = (Mutex::new(to_a), Mutex::new(to_b));
+    let (from_a, from_b) = (Mutex::new(from_a), Mutex::new(from_b));
+    let parallel = Arc::new(Mutex::new(Vec::new()));
+    let p = Arc::clone(&parallel);
+    host.register_hook(
+        HookPoint::TaskReceived,
+        "a",
+        1,
+        HookMode::Concurrent,
+        move |_| {
+            to_b.lock().unwrap().send(()).unwrap();
+            let met = from_b
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10))
+                .is_ok();
+            p.lock().unwrap().push(met);
+            HookResult::modify([("input", json!("changed"))])
+        },
+    );
+    let p = Arc::clone(&parallel);
+    host.register_hook(
+        HookPoint::TaskReceived,
+        "b",
+        2,
+        HookMode::Concurrent,
+        move |_| {
+            to_a.lock().unwrap().send(()).unwrap();
+            let met = from_a
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10))
+                .is_ok();
+            p.lock().unwrap().push(met);
+            HookResult::Continue
+        },
+    );
+    let payload = host.fire(HookPoint::TaskReceived, task).unwrap().unwrap();
+    assert_eq!(
+        *parallel.lock().unwrap(),
+        [true, true],
+        "the concurrent subscribers did not overlap"
+    );
+    assert_eq!(
+        payload["input"], "question",
+        "a concurrent subscriber modified the payload"
+    );
+
+    host.register_hook(
+        HookPoint::TaskReceived,
+        "c",
+        3,
+        HookMode::Concurrent,
+        |_| HookResult::block("no", "nope"),
+    );
+    assert_eq!(
+        host.fire(HookPoint::TaskReceived, task)
+            .unwrap_err()
+            .subscriber,
+        "c"
+    );
+}
+
+#[test]
+fn audit_subscribers_cannot_block_or_modify() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {
+        "config": {"on": {"task.received": {"block": {"reason": "r", "code": "c"}}}},
+        "hooks": {"task.received": {"mode": "audit"}}
+    }}));
+    let host = host_with(&dir, &["fixture"]);
+    host.register_hook(
+        HookPoint::TaskReceived,
+        "auditor",
+        0,
+        HookMode::Audit,
+        |_| HookResult::modify([("input", json!("x"))]),
+    );
+    assert_eq!(host.fire(HookPoint::TaskReceived, task), Ok(Some(task())));
+}
+
+#[test]
+fn fire_and_forget_never_waits_and_overflow_is_counted() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let host = PluginHost::builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_fire_and_forget_capacity(1)
+        .build()
+        .unwrap();
+    host.scan().unwrap();
+    let (release, wait) = mpsc::channel::<()>();
+    let wait = Mutex::new(wait);
+    let (ran, ran_rx) = mpsc::channel::<u64>();
+    let ran = Mutex::new(ran);
+    host.register_hook(
+        HookPoint::TaskScored,
+        "slow",
+        0,
+        HookMode::FireAndForget,
+        move |event| {
+            // Holds the background thread until the test releases it.
+            let _ = wait.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            let _ = ran
+                .lock()
+                .unwrap()
+                .send(event.payload["n"].as_u64().unwrap());
+            HookResult::Continue
+        },
+    );
+    for n in 0..6 {
+        // Returns at once although the subscriber is stuck: it runs in the background.
+        assert!(host.fire(HookPoint::TaskScored, || json!({"n": n})).is_ok());
+    }
+    // One event runs (stuck), one waits in the queue of capacity 1, the rest were dropped.
+    assert!(
+        host.dropped_hook_events() >= 3,
+        "dropped {}",
+        host.dropped_hook_events()
+    );
+    for _ in 0..6 {
+        let _ = release.send(());
+    }
+    let first = ran_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(first, 0);
+}
+
+#[test]
+fn subscriptions_follow_a_reloaded_plugin() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"config": {"label": "one", "on": {"task.received": {"modify": {"meta": "$label"}}}}}}));
+    let host = host_with(&dir, &["fixture"]);
+    assert_eq!(
+        host.fire(HookPoint::TaskReceived, task).unwrap().unwrap()["meta"],
+        "one"
+    );
+    dir.configure(&json!({"fixture": {"config": {"label": "two", "on": {"task.received": {"modify": {"meta": "$label"}}}}}}));
+    host.reload_config().unwrap();
+    assert_eq!(
+        host.fire(HookPoint::TaskReceived, task).unwrap().unwrap()["meta"],
+        "two"
+    );
+    host.unload("fixture").unwrap();
+    assert_eq!(
+        host.fire(HookPoint::TaskReceived, task),
+        Ok(None),
+        "an unloaded plugin still subscribed"
+    );
+}
+
+#[test]
+fn session_hooks_go_away_with_the_session() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["echo"]);
+    let calls = Arc::new(Mutex::new(0));
+    {
+        let session = host.hook_session();
+        let c = Arc::clone(&calls);
+        session.register(
+            HookPoint::TaskScored,
+            "session-hook",
+            0,
+            HookMode::Sequential,
+            move |_| {
+                *c.lock().unwrap() += 1;
+                HookResult::Continue
+            },
+        );
+        host.fire(HookPoint::TaskScored, || json!({})).unwrap();
+        assert!(host.has_subscribers(HookPoint::TaskScored));
+    }
+    assert!(!host.has_subscribers(HookPoint::TaskScored));
+    assert_eq!(host.fire(HookPoint::TaskScored, || json!({})), Ok(None));
+    assert_eq!(*calls.lock().unwrap(), 1);
+}
+
+#[test]
+fn configuration_overrides_subscriptions_and_sets() {
+    let dir = PluginDir::new();
+    dir.configure_file(&json!({
+        "plugins": {"fixture": {"hooks": {"task.scored": {"enabled": false}, "task.error": {"mode": "audit", "priority": 7}}}},
+        "sets": {"noisy": {"plugins": ["faulty"], "priority": 1000}}
+    }));
+    let host = host_with(&dir, &["fixture", "faulty"]);
+    let points = host.hook_points();
+    let subscribers = |name: &str| {
+        points
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap()
+            .subscribers
+            .clone()
+    };
+    assert!(subscribers("task.scored").is_empty());
+    let error = &subscribers("task.error")[0];
+    assert_eq!((error.mode, error.priority), (HookMode::Audit, 7));
+    let received: Vec<(String, i32)> = subscribers("task.received")
+        .into_iter()
+        .map(|s| (s.name, s.priority))
+        .collect();
+    assert_eq!(
+        received,
+        [("fixture".to_owned(), 100), ("faulty".to_owned(), 1000)]
+    );
+
+    // A disabled set unloads its plugins.
+    dir.configure_file(&json!({"sets": {"noisy": {"plugins": ["faulty"], "enabled": false}}}));
+    host.reload_config().unwrap();
+    assert!(host.plugin("faulty").is_none());
+    assert_eq!(subscribers("task.scored").len(), 0);
+    assert_eq!(
+        host.hook_points()
+            .iter()
+            .find(|p| p.name == "task.scored")
+            .unwrap()
+            .subscribers
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn plugins_call_plugins_and_cycles_are_cut() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["fixture", "faulty", "echo"]);
+    let via = |params: Value| host.call("fixture", "call", &params);
+    assert_eq!(
+        via(json!({"plugin": "echo", "method": "echo", "params": {"x": 1}})),
+        Ok(Some(json!({"x": 1})))
+    );
+    // The callee's failures come back as errors, never as crashes.
+    let err = via(json!({"plugin": "faulty", "method": "panic"}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("faulty.panic panicked"), "{err}");
+    let err = via(json!({"plugin": "nobody", "method": "x"}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no plugin `nobody`"), "{err}");
+    // fixture -> fixture, and fixture -> faulty -> fixture.
+    let err = via(json!({"plugin": "fixture", "method": "total"}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("call cycle cut: fixture -> fixture"), "{err}");
+    let err = via(json!({"plugin": "faulty", "method": "call", "params": {"plugin": "fixture", "method": "total"}}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("call cycle cut: fixture -> faulty -> fixture"),
+        "{err}"
+    );
+    assert_eq!(
+        host.execute("fixture", "total", &json!(null)),
+        Some(json!(0))
+    );
+}
+
+#[test]
+fn plugin_lifecycle_hooks_fire() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["fixture"]);
+    let file = dir.add("echo", "libecho.so");
+    host.load(&file).unwrap();
+    host.unload("echo").unwrap();
+    let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
+    let events: Vec<(String, String)> = seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["hook"].as_str().unwrap().to_owned(),
+                e["payload"]["plugin"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        events.contains(&("plugin.loaded".into(), "echo".into())),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&("plugin.unloaded".into(), "echo".into())),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn an_older_plugin_with_hooks_in_its_manifest_is_not_silently_subscribed() {
+    let dir = PluginDir::new();
+    let file = dir.add_file(&tests::fixture_build("table-v1"), "libfixture.so");
+    let host = dir.host();
+    host.load(&file).unwrap();
+    assert!(host.hook_points().iter().all(|p| p.subscribers.is_empty()));
+}
