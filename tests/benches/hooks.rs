@@ -1,0 +1,74 @@
+//! Hook dispatch to 1, 10 and 100 subscribed plugins, against calling the same handler
+//! directly: `cargo bench -p tests --bench hooks`.
+//!
+//! Each subscriber is a copy of the `hookbench` plugin, renamed by patching its name in the
+//! file. "direct" does the same work in-process: the payload cloned and serialized once, then
+//! the handler function (parse the payload, answer continue) called once per subscriber. The
+//! difference divided by the number of subscribers is the host's overhead per subscriber.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use host::HookPoint;
+use serde_json::json;
+use tests::{PluginDir, built_plugin, patched};
+
+fn bench(c: &mut Criterion) {
+    let payload = json!({
+        "id": "task-17", "type": "qa", "handler": "retrieval", "variant": "B",
+        "experiment": "tone", "score": 0.82, "latency_ms": 12.5, "output_len": 120
+    });
+    let mut group = c.benchmark_group("hook_dispatch");
+    for n in [1usize, 10, 100] {
+        let dir = PluginDir::new();
+        let source = built_plugin("hookbench");
+        for i in 0..n {
+            let name = format!("hb-{i:03}");
+            let bytes = patched(&source, b"hb-000", name.as_bytes());
+            dir.write(&format!("lib{name}.so"), &bytes);
+        }
+        let host = dir.host();
+        let report = host.scan().unwrap();
+        assert_eq!(report.loaded.len(), n, "{:?}", report.refused);
+        assert_eq!(
+            host.hook_points()[HookPoint::TaskScored as usize]
+                .subscribers
+                .len(),
+            n
+        );
+
+        group.bench_with_input(BenchmarkId::new("direct", n), &n, |b, &n| {
+            b.iter(|| {
+                let payload = payload.clone();
+                let text = payload.to_string();
+                for _ in 0..n {
+                    black_box(hookbench::handle(black_box(&text)).unwrap());
+                }
+                payload
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("host_fire", n), &n, |b, _| {
+            b.iter(|| {
+                host.fire(HookPoint::TaskScored, || payload.clone())
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+
+    let dir = PluginDir::new();
+    let host = dir.host();
+    let mut group = c.benchmark_group("hook_unsubscribed");
+    group.bench_function("host_fire", |b| {
+        b.iter(|| {
+            host.fire(black_box(HookPoint::TaskScored), || payload.clone())
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
