@@ -1,0 +1,3 @@
+//! `attribution`: work in progress.
+
+#![forbid(unsafe_code)]

@@ -1,0 +1,3 @@
+//! `bandit`: work in progress.
+
+#![forbid(unsafe_code)]

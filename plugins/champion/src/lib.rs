@@ -1,0 +1,3 @@
+//! `champion`: work in progress.
+
+#![forbid(unsafe_code)]

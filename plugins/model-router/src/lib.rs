@@ -1,0 +1,3 @@
+//! `model-router`: work in progress.
+
+#![forbid(unsafe_code)]

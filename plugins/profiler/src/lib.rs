@@ -1,0 +1,3 @@
+//! `profiler`: work in progress.
+
+#![forbid(unsafe_code)]

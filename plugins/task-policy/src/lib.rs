@@ -1,0 +1,3 @@
+//! `task-policy`: work in progress.
+
+#![forbid(unsafe_code)]
