@@ -85,6 +85,34 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = "state")]
         state_dir: PathBuf,
     },
+    /// Process JSON-lines tasks and write one JSON-lines result per task, then a summary per
+    /// task type, handler and variant, and per plugin.
+    ///
+    /// A task is {"id", "type", "input", "reference"?, "meta"?}. A result has id, type, handler,
+    /// experiment and variant (when one applied), role, score, latency_ms, total_ms and output; a
+    /// line that is not a task gives an error record naming the line, and processing goes on.
+    /// Results go to --out, or to stdout (the summary then goes to stderr). Plugin state is
+    /// kept in --state-dir across runs.
+    Run {
+        /// The tasks: a JSON-lines file, or `-` for stdin.
+        #[arg(long, value_name = "FILE|-")]
+        tasks: String,
+        /// Where to write the results [default: stdout].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Where plugin state is kept between runs (one JSON file per plugin).
+        #[arg(long, value_name = "DIR", default_value = "state")]
+        state_dir: PathBuf,
+    },
+    /// Print the bundled example task set (JSON lines), generated deterministically.
+    ExampleTasks {
+        /// How many tasks.
+        #[arg(long, default_value_t = 1200)]
+        count: usize,
+        /// The seed: the same seed always gives the same tasks.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Call one method of one plugin and print its JSON answer on stdout.
     ///
     /// Prints `null` when the call answered nothing (the plugin or method is missing, failed or
@@ -148,9 +176,18 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         },
         _ => Value::Null,
     };
+    if let Command::ExampleTasks { count, seed } = &cli.command {
+        for task in crate::pipeline::example_tasks(*count, *seed) {
+            writeln!(out, "{task}")?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut builder = PluginHost::builder(&cli.plugins);
     if let Some(config) = &cli.config {
         builder = builder.with_config_file(config);
+    }
+    if let Command::Run { state_dir, .. } = &cli.command {
+        builder = builder.with_state_dir(state_dir);
     }
     if let Command::Serve { state_dir, .. } = &cli.command {
         builder = builder.with_state_dir(state_dir);
@@ -162,8 +199,21 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
     }
     let host = builder.build()?;
-    host.scan()?;
+    match (&cli.command, host.scan()) {
+        (_, Ok(_)) => {}
+        // The task pipeline runs on its defaults without any plugin.
+        (Command::Run { .. }, Err(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "no plugins; running on the defaults");
+        }
+        (_, Err(e)) => return Err(e),
+    }
     match cli.command {
+        Command::ExampleTasks { .. } => {}
+        Command::Run {
+            tasks,
+            out: out_file,
+            ..
+        } => return run_tasks(&host, &tasks, out_file.as_deref(), out),
         Command::Serve {
             listen, no_watch, ..
         } => return serve(&host, &listen, !no_watch, out),
@@ -306,4 +356,96 @@ fn serve(
     tracing::info!(took_ms = started.elapsed().as_millis(), "worker stopped");
     writeln!(out, "worker: stopped")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `worker run`: the task pipeline over a file or stdin.
+fn run_tasks(
+    host: &PluginHost,
+    tasks: &str,
+    out_file: Option<&std::path::Path>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    use std::io::BufReader;
+    let pipeline = crate::pipeline::Pipeline::new(host.clone());
+    let fired = host.fire(crate::HookPoint::WorkerStart, || {
+        serde_json::json!({"plugins": host.plugins().into_iter().map(|p| p.name).collect::<Vec<_>>()})
+    });
+    if let Err(v) = fired {
+        tracing::warn!(violation = %v, "worker.start cannot be blocked; ignored");
+    }
+    let (input, total): (Box<dyn std::io::BufRead>, Option<u64>) = if tasks == "-" {
+        (Box::new(BufReader::new(std::io::stdin().lock())), None)
+    } else {
+        let file = std::fs::File::open(tasks)
+            .with_context(|| format!("opening the tasks file {tasks}"))?;
+        let len = file.metadata().map(|m| m.len()).ok();
+        (Box::new(BufReader::new(file)), len)
+    };
+    let mut progress = Progress::new(total);
+    let summary = match out_file {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating the results file {}", path.display()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            let summary = pipeline.run_stream(input, &mut writer, |b| progress.update(b))?;
+            progress.done();
+            writeln!(out, "{summary}")?;
+            summary
+        }
+        None => {
+            let summary = pipeline.run_stream(input, out, |b| progress.update(b))?;
+            progress.done();
+            eprintln!("{summary}");
+            summary
+        }
+    };
+    let fired = host.fire(
+        crate::HookPoint::WorkerStop,
+        || serde_json::json!({"reason": "tasks done"}),
+    );
+    if let Err(v) = fired {
+        tracing::warn!(violation = %v, "worker.stop cannot be blocked; ignored");
+    }
+    host.shutdown();
+    tracing::info!(
+        completed = summary.completed,
+        failed = summary.failed,
+        "run finished"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on stderr, drawn only when stderr is a terminal and the input's size is known.
+struct Progress {
+    total: Option<u64>,
+    shown: u64,
+}
+
+impl Progress {
+    fn new(total: Option<u64>) -> Self {
+        let total = total.filter(|t| *t > 0 && std::io::stderr().is_terminal());
+        Self { total, shown: 0 }
+    }
+
+    fn update(&mut self, bytes: u64) {
+        let Some(total) = self.total else {
+            return;
+        };
+        let percent = (bytes * 100 / total).min(100);
+        if percent != self.shown {
+            self.shown = percent;
+            let filled = (percent / 4) as usize;
+            eprint!(
+                "\r[{}{}] {percent:>3}%",
+                "#".repeat(filled),
+                " ".repeat(25 - filled)
+            );
+        }
+    }
+
+    fn done(&mut self) {
+        if self.total.is_some() {
+            eprintln!();
+        }
+    }
 }

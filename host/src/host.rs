@@ -761,6 +761,24 @@ impl PluginHost {
             .collect()
     }
 
+    /// Names of the loaded plugins that have a method called `method`, by name.
+    pub fn method_providers(&self, method: &str) -> Vec<String> {
+        let registry = self.inner.registry.load();
+        let mut names: Vec<String> = registry
+            .iter()
+            .filter(|(_, slot)| {
+                slot.generation
+                    .manifest
+                    .methods
+                    .iter()
+                    .any(|m| m.name == method)
+            })
+            .map(|(name, _)| name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Loaded plugins, by name.
     pub fn plugins(&self) -> Vec<LoadedPlugin> {
         let registry = self.inner.registry.load();

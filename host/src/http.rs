@@ -11,6 +11,7 @@
 //! | `DELETE /v1/plugins/{plugin}` | unloads |
 //! | `POST /v1/reload` | reads the configuration again and loads new files |
 //! | `GET /v1/hooks` | every hook point with its subscribers in execution order |
+//! | `POST /v1/tasks` | body: one task or an array of tasks; answer: the result record(s), as `worker run` writes them |
 //!
 //! A bad request gets a 4xx answer with `{"error": "..."}` saying what was wrong. A plugin method
 //! named `reload` cannot be called through this API (the route reloads the plugin).
@@ -203,6 +204,22 @@ fn route(host: &PluginHost, request: &mut Request) -> Answer {
             &json!({"plugins": host.plugins(), "refused": host.refused()}),
         ),
         (["v1", "plugins"], _) => allow("GET"),
+        (["v1", "tasks"], Method::Post) => {
+            let body = match read_params(request) {
+                Ok(body) => body,
+                Err(answer) => return answer,
+            };
+            let pipeline = crate::pipeline::Pipeline::new(host.clone());
+            match body {
+                Value::Array(tasks) => Answer::json(
+                    200,
+                    &Value::Array(tasks.into_iter().map(|t| pipeline.run_value(t)).collect()),
+                ),
+                Value::Object(_) => Answer::json(200, &pipeline.run_value(body)),
+                _ => Answer::error(400, "send one task object or an array of tasks"),
+            }
+        }
+        (["v1", "tasks"], _) => allow("POST"),
         (["v1", "hooks"], Method::Get) => Answer::json(200, &json!(host.hook_points())),
         (["v1", "hooks"], _) => allow("GET"),
         (["v1", "reload"], Method::Post) => match host.reload_config() {

@@ -27,6 +27,7 @@ pub mod hooks;
 mod host;
 pub mod http;
 mod loader;
+pub mod pipeline;
 mod state;
 mod stats;
 pub mod watch;

@@ -1,0 +1,540 @@
+//! The worker's main job: tasks in, scored results out, made measurable, experimental and
+//! self-tuning by plugins without any change here.
+//!
+//! For each task (one JSON object: `id`, `type`, `input`, optional `reference` and `meta`):
+//!
+//! 1. `task.received` fires (subscribers may rewrite `input`/`meta`, or block: the task is
+//!    skipped and its record says why).
+//! 2. The candidates are the built-in handlers of the type plus `plugin:<name>` for every loaded
+//!    plugin with a method `handle.<type>`. `task-policy.selectProfile` may narrow them
+//!    (`handlers`) and set `maxWords`.
+//! 3. The handler: the first of `model-router.chooseModel`, `champion.route`, `bandit.choose`
+//!    that answers a candidate; else the experiment's variant when it names a candidate; else the
+//!    type's default. `experiment.pickVariant {"experiment": <type>}` is asked for every task;
+//!    its variant is recorded and handed to the handler (the summarize handlers know `short`).
+//!    Every plugin that is missing or misbehaves simply has no say.
+//! 4. `task.before_handle` fires (may change `handler`, `variant`, `input`, `meta`, or block).
+//! 5. The handler runs; multi-step handlers fire `task.after_step` between steps.
+//! 6. `task.after_handle` fires (may change `output`); the output is cut to `maxWords`.
+//! 7. The built-in scorer compares the output with the reference ([`score`]) and
+//!    `task.scored` fires: that is where plugins learn (the bandit, the champion, the
+//!    experiment's outcomes, the profiler, attribution).
+//!
+//! A failure anywhere gives the task an error record and `task.error`; the next task goes on.
+
+mod example;
+mod handlers;
+mod summary;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use example::generate as example_tasks;
+pub use summary::Summary;
+
+use crate::{CallError, HookPoint, PluginHost};
+
+/// One task.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    /// Identifies the task in results; also the key for sticky assignments.
+    pub id: String,
+    /// The task type, e.g. `summarize` or `chat`.
+    #[serde(rename = "type")]
+    pub task_type: String,
+    /// The input, whose shape depends on the type.
+    pub input: Value,
+    /// The answer the scorer compares the output with.
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// Free-form data for plugins.
+    #[serde(default)]
+    pub meta: Value,
+}
+
+/// The result of one task, written as one JSON line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// The task's id.
+    pub id: String,
+    /// The task's type.
+    #[serde(rename = "type")]
+    pub task_type: String,
+    /// The handler that ran.
+    pub handler: String,
+    /// The experiment that applied, if any.
+    pub experiment: Option<String>,
+    /// The experiment's variant, if any.
+    pub variant: Option<String>,
+    /// `champion` or `challenger` when the champion plugin routed the task.
+    pub role: Option<String>,
+    /// The score (0..1), when the task had a reference.
+    pub score: Option<f64>,
+    /// Time the handler took, in milliseconds.
+    pub latency_ms: f64,
+    /// Time the whole task took, plugins and hooks included, in milliseconds.
+    pub total_ms: f64,
+    /// The output.
+    pub output: String,
+}
+
+/// A task that produced no result, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskError {
+    /// The line of the input (from 1), when the task came from a stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    /// The task's id, when it could be read.
+    pub id: Option<String>,
+    /// The task's type, when it could be read.
+    #[serde(rename = "type")]
+    pub task_type: Option<String>,
+    /// What went wrong, and what to do.
+    pub error: String,
+    /// The subscriber that blocked the task, when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<String>,
+}
+
+/// The pipeline over a plugin host.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    host: PluginHost,
+}
+
+/// Plugin calls made for one task, with their time.
+#[derive(Default)]
+struct PluginCalls {
+    ms: BTreeMap<String, f64>,
+}
+
+impl PluginCalls {
+    fn ask(
+        &mut self,
+        host: &PluginHost,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Option<Value> {
+        let started = Instant::now();
+        let answer = host.call(plugin, method, params);
+        match answer {
+            Err(CallError::PluginNotFound { .. }) => None,
+            answer => {
+                *self.ms.entry(plugin.to_owned()).or_default() +=
+                    started.elapsed().as_secs_f64() * 1e3;
+                match answer {
+                    Ok(value) => value,
+                    Err(e) => {
+                        if !e.is_missing() {
+                            tracing::warn!(plugin, method, error = %e, "plugin call failed; it has no say for this task");
+                        }
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Token F1 between `output` and `reference`: the words (lower-case, alphanumeric) they share,
+/// counted with multiplicity, as the harmonic mean of precision (shared / output words) and
+/// recall (shared / reference words). 1 for an exact answer, 0 for nothing in common; both empty
+/// is 1.
+pub fn score(output: &str, reference: &str) -> f64 {
+    let out = handlers::words(output);
+    let mut reference = handlers::words(reference);
+    if out.is_empty() && reference.is_empty() {
+        return 1.0;
+    }
+    let (out_len, ref_len) = (out.len(), reference.len());
+    let mut shared = 0usize;
+    for word in out {
+        if let Some(i) = reference.iter().position(|r| *r == word) {
+            reference.swap_remove(i);
+            shared += 1;
+        }
+    }
+    if shared == 0 {
+        return 0.0;
+    }
+    let precision = shared as f64 / out_len as f64;
+    let recall = shared as f64 / ref_len as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
+fn truncate_words(text: &str, max: usize) -> String {
+    if text.split_whitespace().count() <= max {
+        return text.to_owned();
+    }
+    text.split_whitespace()
+        .take(max)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Pipeline {
+    /// A pipeline calling the plugins of `host`.
+    pub fn new(host: PluginHost) -> Self {
+        Self { host }
+    }
+
+    /// The host.
+    pub fn host(&self) -> &PluginHost {
+        &self.host
+    }
+
+    fn failure(&self, task: &Task, error: String, blocked_by: Option<String>) -> TaskError {
+        let fired = self.host.fire(
+            HookPoint::TaskError,
+            || json!({"id": task.id, "type": task.task_type, "error": error}),
+        );
+        if let Err(v) = fired {
+            tracing::warn!(violation = %v, "task.error cannot be blocked; ignored");
+        }
+        TaskError {
+            line: None,
+            id: Some(task.id.clone()),
+            task_type: Some(task.task_type.clone()),
+            error,
+            blocked_by,
+        }
+    }
+
+    /// Runs one task through the whole pipeline.
+    ///
+    /// # Errors
+    ///
+    /// The task failed or was blocked; the error says why.
+    pub fn run_task(&self, task: Task) -> Result<TaskRecord, TaskError> {
+        let started = Instant::now();
+        let host = &self.host;
+        let mut calls = PluginCalls::default();
+        let mut task = task;
+
+        match host.fire(HookPoint::TaskReceived, || {
+            json!({"id": task.id, "type": task.task_type, "input": task.input, "meta": task.meta})
+        }) {
+            Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber))),
+            Ok(Some(payload)) => {
+                task.input = payload["input"].clone();
+                task.meta = payload["meta"].clone();
+            }
+            Ok(None) => {}
+        }
+
+        let mut candidates: Vec<String> = handlers::built_in(&task.task_type)
+            .iter()
+            .map(|h| (*h).to_owned())
+            .collect();
+        let provider_method = format!("handle.{}", task.task_type);
+        candidates.extend(
+            host.method_providers(&provider_method)
+                .into_iter()
+                .map(|p| format!("plugin:{p}")),
+        );
+        if candidates.is_empty() {
+            let known: Vec<&str> = handlers::BUILT_IN.iter().map(|(t, _)| *t).collect();
+            return Err(self.failure(
+                &task,
+                format!(
+                    "unknown task type `{}`: the built-in types are {}, and no plugin has a method `{provider_method}`",
+                    task.task_type,
+                    known.join(", ")
+                ),
+                None,
+            ));
+        }
+
+        let profile = calls
+            .ask(
+                host,
+                "task-policy",
+                "selectProfile",
+                &json!({"taskType": task.task_type}),
+            )
+            .unwrap_or(Value::Null);
+        if let Some(allowed) = profile.get("handlers").and_then(Value::as_array) {
+            let narrowed: Vec<String> = candidates
+                .iter()
+                .filter(|c| allowed.iter().any(|a| a.as_str() == Some(c.as_str())))
+                .cloned()
+                .collect();
+            if narrowed.is_empty() {
+                tracing::warn!(task = %task.id, ?allowed, ?candidates, "the task policy allows none of the handlers; ignoring it");
+            } else {
+                candidates = narrowed;
+            }
+        }
+        let max_words = profile
+            .get("maxWords")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize);
+        let is_candidate = |h: &str| candidates.iter().any(|c| c == h);
+        let input_words = task.input.to_string().split_whitespace().count();
+
+        let mut role = None;
+        let mut handler = calls
+            .ask(
+                host,
+                "model-router",
+                "chooseModel",
+                &json!({"taskType": task.task_type, "inputWords": input_words, "handlers": candidates}),
+            )
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .filter(|h| is_candidate(h));
+        if handler.is_none() {
+            if let Some(route) = calls.ask(
+                host,
+                "champion",
+                "route",
+                &json!({"taskType": task.task_type, "key": task.id}),
+            ) {
+                let chosen = route
+                    .get("handler")
+                    .and_then(Value::as_str)
+                    .filter(|h| is_candidate(h));
+                if let Some(chosen) = chosen {
+                    handler = Some(chosen.to_owned());
+                    role = route.get("role").and_then(Value::as_str).map(str::to_owned);
+                }
+            }
+        }
+        if handler.is_none() {
+            handler = calls
+                .ask(
+                    host,
+                    "bandit",
+                    "choose",
+                    &json!({"context": task.task_type, "arms": candidates}),
+                )
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .filter(|h| is_candidate(h));
+        }
+        let variant = calls
+            .ask(
+                host,
+                "experiment",
+                "pickVariant",
+                &json!({"experiment": task.task_type, "key": task.id, "taskType": task.task_type}),
+            )
+            .and_then(|v| v.as_str().map(str::to_owned));
+        let experiment = variant.as_ref().map(|_| task.task_type.clone());
+        let mut handler = match (handler, &variant) {
+            (Some(h), _) => h,
+            (None, Some(v)) if is_candidate(v) => v.clone(),
+            _ => candidates[0].clone(),
+        };
+        let mut variant = variant;
+
+        match host.fire(HookPoint::TaskBeforeHandle, || {
+            json!({
+                "id": task.id, "type": task.task_type, "handler": handler, "variant": variant,
+                "experiment": experiment, "input": task.input, "meta": task.meta,
+            })
+        }) {
+            Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber))),
+            Ok(Some(payload)) => {
+                if let Some(h) = payload["handler"].as_str() {
+                    if is_candidate(h) {
+                        handler = h.to_owned();
+                    } else {
+                        tracing::warn!(task = %task.id, handler = h, "task.before_handle chose a handler that is not a candidate; ignored");
+                    }
+                }
+                variant = payload["variant"].as_str().map(str::to_owned);
+                task.input = payload["input"].clone();
+                task.meta = payload["meta"].clone();
+            }
+            Ok(None) => {}
+        }
+
+        let handler_started = Instant::now();
+        let output = if let Some(plugin) = handler.strip_prefix("plugin:") {
+            let params = json!({"id": task.id, "input": task.input, "variant": variant, "maxWords": max_words});
+            match host.call(plugin, &provider_method, &params) {
+                Ok(Some(Value::String(output))) => Ok(output),
+                Ok(Some(other)) => Err(format!("handler {handler} answered {other}, not a string")),
+                Ok(None) => Err(format!("handler {handler} answered nothing")),
+                Err(e) => Err(format!("handler {handler} failed: {e}")),
+            }
+        } else {
+            let context = handlers::Context {
+                variant: variant.as_deref(),
+                max_words,
+            };
+            let mut after_step = |step: usize,
+                                  messages: Vec<Value>|
+             -> Result<Vec<Value>, String> {
+                let fired = host.fire(HookPoint::TaskAfterStep, || {
+                    json!({"id": task.id, "type": task.task_type, "handler": handler, "step": step, "messages": messages})
+                });
+                match fired {
+                    Err(v) => Err(format!("blocked: {v}")),
+                    Ok(None) => Ok(messages),
+                    Ok(Some(payload)) => match payload.get("messages") {
+                        Some(Value::Array(messages)) => Ok(messages.clone()),
+                        _ => Err("task.after_step left `messages` that is not an array".to_owned()),
+                    },
+                }
+            };
+            handlers::run(
+                &task.task_type,
+                &handler,
+                &task.input,
+                &context,
+                &mut after_step,
+            )
+        };
+        let latency_ms = handler_started.elapsed().as_secs_f64() * 1e3;
+        let mut output = match output {
+            Ok(output) => output,
+            Err(error) => return Err(self.failure(&task, error, None)),
+        };
+
+        match host.fire(HookPoint::TaskAfterHandle, || {
+            json!({
+                "id": task.id, "type": task.task_type, "handler": handler, "variant": variant,
+                "output": output, "latency_ms": latency_ms,
+            })
+        }) {
+            Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber))),
+            Ok(Some(payload)) => {
+                if let Some(o) = payload["output"].as_str() {
+                    output = o.to_owned();
+                }
+            }
+            Ok(None) => {}
+        }
+        if let Some(max) = max_words {
+            output = truncate_words(&output, max);
+        }
+
+        let score = task.reference.as_deref().map(|r| score(&output, r));
+        if let Some(score) = score {
+            let fired = host.fire(HookPoint::TaskScored, || {
+                json!({
+                    "id": task.id, "type": task.task_type, "handler": handler, "variant": variant,
+                    "experiment": experiment, "role": role, "score": score, "latency_ms": latency_ms,
+                    "output_len": output.chars().count(), "plugins_ms": calls.ms,
+                })
+            });
+            if let Err(v) = fired {
+                tracing::warn!(violation = %v, "task.scored cannot be blocked; ignored");
+            }
+        }
+        Ok(TaskRecord {
+            id: task.id,
+            task_type: task.task_type,
+            handler,
+            experiment,
+            variant,
+            role,
+            score,
+            latency_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            output,
+        })
+    }
+
+    /// Runs one JSON value (a task) and answers its record or error as JSON.
+    pub fn run_value(&self, value: Value) -> Value {
+        match serde_json::from_value::<Task>(value) {
+            Ok(task) => match self.run_task(task) {
+                Ok(record) => json!(record),
+                Err(error) => json!(error),
+            },
+            Err(e) => json!(TaskError {
+                line: None,
+                id: None,
+                task_type: None,
+                error: format!(
+                    "not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
+                ),
+                blocked_by: None,
+            }),
+        }
+    }
+
+    /// Runs JSON-lines tasks from `input`, writing one JSON line per task to `out` (a result or
+    /// an error record naming the line), and returns the summary. Blank lines are skipped.
+    /// `progress` is told the bytes read after each line.
+    ///
+    /// # Errors
+    ///
+    /// Reading the input or writing the output failed (bad tasks are records, not errors).
+    pub fn run_stream(
+        &self,
+        input: impl BufRead,
+        out: &mut dyn Write,
+        mut progress: impl FnMut(u64),
+    ) -> anyhow::Result<Summary> {
+        let started = Instant::now();
+        let mut summary = Summary::default();
+        let mut bytes = 0u64;
+        for (index, line) in input.lines().enumerate() {
+            let line = line?;
+            bytes += line.len() as u64 + 1;
+            let number = index + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let result = match serde_json::from_str::<Task>(&line) {
+                Ok(task) => self.run_task(task),
+                Err(e) => Err(TaskError {
+                    line: Some(number),
+                    id: serde_json::from_str::<Value>(&line)
+                        .ok()
+                        .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned)),
+                    task_type: None,
+                    error: format!(
+                        "line {number} is not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
+                    ),
+                    blocked_by: None,
+                }),
+            };
+            match result {
+                Ok(record) => {
+                    serde_json::to_writer(&mut *out, &record)?;
+                    summary.add(&record);
+                }
+                Err(mut error) => {
+                    error.line = Some(number);
+                    serde_json::to_writer(&mut *out, &error)?;
+                    summary.add_error(&error);
+                }
+            }
+            out.write_all(b"\n")?;
+            progress(bytes);
+        }
+        out.flush()?;
+        summary.finish(started.elapsed(), &self.host);
+        Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_is_token_f1() {
+        assert_eq!(score("4821", "4821"), 1.0);
+        assert_eq!(score("Lisbon", "4821"), 0.0);
+        assert_eq!(score("", ""), 1.0);
+        let half = score("the zephyr", "the zephyr battery lasts");
+        assert!((half - 2.0 * 1.0 * 0.5 / 1.5).abs() < 1e-9, "{half}");
+        assert_eq!(score("A a", "a"), 2.0 * 0.5 * 1.0 / 1.5);
+    }
+
+    #[test]
+    fn truncation_keeps_short_text() {
+        assert_eq!(truncate_words("a b c", 5), "a b c");
+        assert_eq!(truncate_words("a b c", 2), "a b");
+    }
+}

@@ -1,0 +1,175 @@
+//! The end-of-run summary: per task type, handler and variant, and per plugin.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{TaskError, TaskRecord};
+use crate::{PluginHost, PluginStats};
+
+/// One row of the summary.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Row {
+    /// Tasks in the row.
+    pub count: usize,
+    /// Mean score of those that had a reference.
+    pub mean_score: Option<f64>,
+    /// Median time per task (whole pipeline), in milliseconds.
+    pub p50_ms: f64,
+    /// 95th percentile of the same.
+    pub p95_ms: f64,
+    #[serde(skip)]
+    scores: Vec<f64>,
+    #[serde(skip)]
+    total_ms: Vec<f64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// Rows keyed by `type/handler/variant` (`-` for no variant).
+    pub rows: BTreeMap<String, Row>,
+    /// Tasks with a result.
+    pub completed: usize,
+    /// Tasks that failed (bad lines and blocked tasks included).
+    pub failed: usize,
+    /// Of those, tasks a hook subscriber blocked.
+    pub blocked: usize,
+    /// Of those, lines that were not tasks.
+    pub bad_lines: usize,
+    /// Wall time of the run.
+    #[serde(serialize_with = "as_secs")]
+    pub elapsed: Duration,
+    /// Statistics of every loaded plugin at the end of the run.
+    pub plugins: BTreeMap<String, PluginStats>,
+}
+
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+impl Summary {
+    pub(crate) fn add(&mut self, record: &TaskRecord) {
+        self.completed += 1;
+        let key = format!(
+            "{}/{}/{}",
+            record.task_type,
+            record.handler,
+            record.variant.as_deref().unwrap_or("-")
+        );
+        let row = self.rows.entry(key).or_default();
+        row.count += 1;
+        if let Some(score) = record.score {
+            row.scores.push(score);
+        }
+        row.total_ms.push(record.total_ms);
+    }
+
+    pub(crate) fn add_error(&mut self, error: &TaskError) {
+        self.failed += 1;
+        if error.blocked_by.is_some() {
+            self.blocked += 1;
+        }
+        if error.task_type.is_none() {
+            self.bad_lines += 1;
+        }
+    }
+
+    pub(crate) fn finish(&mut self, elapsed: Duration, host: &PluginHost) {
+        self.elapsed = elapsed;
+        for row in self.rows.values_mut() {
+            row.total_ms.sort_by(f64::total_cmp);
+            row.p50_ms = percentile(&row.total_ms, 0.5);
+            row.p95_ms = percentile(&row.total_ms, 0.95);
+            row.mean_score = (!row.scores.is_empty())
+                .then(|| row.scores.iter().sum::<f64>() / row.scores.len() as f64);
+        }
+        self.plugins = host
+            .plugins()
+            .into_iter()
+            .map(|p| (p.name, p.stats))
+            .collect();
+    }
+
+    /// Tasks (completed or failed) per second.
+    pub fn tasks_per_second(&self) -> f64 {
+        (self.completed + self.failed) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Mean score of the rows whose key starts with `prefix` (e.g. `chat/` or `chat/recall/`).
+    pub fn mean_score(&self, prefix: &str) -> Option<f64> {
+        let (sum, n) = self
+            .rows
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .flat_map(|(_, r)| r.scores.iter())
+            .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+        (n > 0).then(|| sum / n as f64)
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<10} {:<20} {:<8} {:>6} {:>10} {:>9} {:>9}",
+            "type", "handler", "variant", "count", "mean score", "p50 ms", "p95 ms"
+        )?;
+        for (key, row) in &self.rows {
+            let mut parts = key.splitn(3, '/');
+            let (t, h, v) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            let score = row
+                .mean_score
+                .map_or_else(|| "-".to_owned(), |s| format!("{s:.3}"));
+            writeln!(
+                f,
+                "{t:<10} {h:<20} {v:<8} {:>6} {score:>10} {:>9.3} {:>9.3}",
+                row.count, row.p50_ms, row.p95_ms
+            )?;
+        }
+        if !self.plugins.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "{:<14} {:>8} {:>7} {:>7} {:>10} {:>10}",
+                "plugin", "calls", "errors", "panics", "mean µs", "max µs"
+            )?;
+            for (name, s) in &self.plugins {
+                writeln!(
+                    f,
+                    "{name:<14} {:>8} {:>7} {:>7} {:>10.1} {:>10.1}",
+                    s.calls,
+                    s.errors,
+                    s.panics,
+                    s.mean_latency().as_secs_f64() * 1e6,
+                    s.max_latency.as_secs_f64() * 1e6
+                )?;
+            }
+        }
+        writeln!(f)?;
+        write!(
+            f,
+            "{} tasks done, {} failed ({} blocked, {} bad lines) in {:.2} s: {:.0} tasks/s",
+            self.completed,
+            self.failed,
+            self.blocked,
+            self.bad_lines,
+            self.elapsed.as_secs_f64(),
+            self.tasks_per_second()
+        )
+    }
+}
