@@ -367,12 +367,6 @@ fn run_tasks(
 ) -> anyhow::Result<ExitCode> {
     use std::io::BufReader;
     let pipeline = crate::pipeline::Pipeline::new(host.clone());
-    let fired = host.fire(crate::HookPoint::WorkerStart, || {
-        serde_json::json!({"plugins": host.plugins().into_iter().map(|p| p.name).collect::<Vec<_>>()})
-    });
-    if let Err(v) = fired {
-        tracing::warn!(violation = %v, "worker.start cannot be blocked; ignored");
-    }
     let (input, total): (Box<dyn std::io::BufRead>, Option<u64>) = if tasks == "-" {
         (Box::new(BufReader::new(std::io::stdin().lock())), None)
     } else {
@@ -387,13 +381,13 @@ fn run_tasks(
             let file = std::fs::File::create(path)
                 .with_context(|| format!("creating the results file {}", path.display()))?;
             let mut writer = std::io::BufWriter::new(file);
-            let summary = pipeline.run_stream(input, &mut writer, |b| progress.update(b))?;
+            let summary = pipeline.run_job(input, &mut writer, |b| progress.update(b))?;
             progress.done();
             writeln!(out, "{summary}")?;
             summary
         }
         None => {
-            let summary = pipeline.run_stream(input, out, |b| progress.update(b))?;
+            let summary = pipeline.run_job(input, out, |b| progress.update(b))?;
             progress.done();
             eprintln!("{summary}");
             summary

@@ -204,10 +204,10 @@ fn recall(messages: Vec<Value>, after_step: &mut AfterStep<'_>) -> Result<String
         .unwrap_or(asked);
     Ok(messages
         .iter()
+        .rev()
         .filter(|m| role(m) == "user")
         .filter_map(|m| statement(content(m)))
-        .filter(|(attribute, _)| *attribute == wanted)
-        .last()
+        .find(|(attribute, _)| *attribute == wanted)
         .map_or_else(|| "I don't know.".to_owned(), |(_, value)| value))
 }
 

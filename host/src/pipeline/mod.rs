@@ -461,6 +461,34 @@ impl Pipeline {
         }
     }
 
+    /// The worker's job: fires `worker.start`, runs the tasks like
+    /// [`run_stream`](Self::run_stream), then fires `worker.stop`.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_stream`](Self::run_stream).
+    pub fn run_job(
+        &self,
+        input: impl BufRead,
+        out: &mut dyn Write,
+        progress: impl FnMut(u64),
+    ) -> anyhow::Result<Summary> {
+        let host = &self.host;
+        let fired = host.fire(
+            HookPoint::WorkerStart,
+            || json!({"plugins": host.plugins().into_iter().map(|p| p.name).collect::<Vec<_>>()}),
+        );
+        if let Err(v) = fired {
+            tracing::warn!(violation = %v, "worker.start cannot be blocked; ignored");
+        }
+        let summary = self.run_stream(input, out, progress);
+        let fired = host.fire(HookPoint::WorkerStop, || json!({"reason": "tasks done"}));
+        if let Err(v) = fired {
+            tracing::warn!(violation = %v, "worker.stop cannot be blocked; ignored");
+        }
+        summary
+    }
+
     /// Runs JSON-lines tasks from `input`, writing one JSON line per task to `out` (a result or
     /// an error record naming the line), and returns the summary. Blank lines are skipped.
     /// `progress` is told the bytes read after each line.

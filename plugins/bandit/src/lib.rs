@@ -1,3 +1,698 @@
-//! `bandit`: work in progress.
+//! `bandit`: a multi-armed bandit per context that shifts traffic toward the handler that
+//! scores best.
+//!
+//! The pattern it serves: `handler = execute("bandit", "choose", {...}) or "recent"`. A context
+//! is a task type; the arms are the handlers that can serve it.
+//!
+//! # Configuration
+//!
+//! ```json
+//! { "contexts": ["chat"], "algorithm": "ucb1", "exploration": 2.0, "seed": 7 }
+//! ```
+//!
+//! All fields are optional (a `null` configuration takes every default).
+//!
+//! - `contexts`: the contexts the bandit handles; for others `choose` answers `null` and the
+//!   caller keeps its default. Absent: every context is handled.
+//! - `algorithm`: `"ucb1"` (default) or `"thompson"`.
+//! - `exploration`: the UCB1 constant `c` in `mean + sqrt(c * ln N / n)` (a number >= 0;
+//!   default 2.0).
+//! - `seed`: seeds the Thompson sampler, for reproducible runs.
+//!
+//! # Methods
+//!
+//! - `choose {"context", "arms"}` → the chosen arm, or `null` when the context is not handled or
+//!   `arms` is empty. UCB1 tries every unpulled arm first (in the given order), then takes the
+//!   highest upper confidence bound; Thompson samples `Beta(1 + rewards, 1 + pulls - rewards)`
+//!   per arm and takes the highest draw. Choosing is not a pull; only updates count.
+//! - `update {"context", "arm", "reward"}` → nothing; `reward` must be a number in 0..=1. Updates
+//!   for a context that is not handled are ignored.
+//! - `stats {"context"?}` → per context: `{"arms": {arm: {"pulls", "meanReward"}}, "best"}`,
+//!   where `best` is the arm with the highest mean reward so far (`null` without data).
+//!
+//! # Hooks
+//!
+//! - `task.scored` (audit, priority 50): a payload with `type` (the context), `handler` (the
+//!   arm) and a numeric `score` updates the bandit like `update`. Always continues.
+//!
+//! Pulls and reward sums survive hot reloads (`save_state` / `restore_state`).
 
 #![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use plugin_api::{
+    HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// How the bandit picks an arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algorithm {
+    Ucb1,
+    Thompson,
+}
+
+const CONFIG_FIELDS: [&str; 4] = ["contexts", "algorithm", "exploration", "seed"];
+
+#[derive(Debug)]
+struct Config {
+    contexts: Option<Vec<String>>,
+    algorithm: Algorithm,
+    exploration: f64,
+    seed: Option<u64>,
+}
+
+/// Reads one optional field of the configuration; an error names the field.
+fn field<T: DeserializeOwned>(
+    config: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<T>, PluginError> {
+    match config.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => T::deserialize(value)
+            .map(Some)
+            .map_err(|e| PluginError::new(format!("config field `{name}`: {e}"))),
+    }
+}
+
+impl Config {
+    fn parse(config: &Value) -> Result<Self, PluginError> {
+        let empty = serde_json::Map::new();
+        let map = match config {
+            Value::Null => &empty,
+            Value::Object(map) => map,
+            other => {
+                return Err(PluginError::new(format!(
+                    "configuration must be an object or null, found {other}"
+                )));
+            }
+        };
+        if let Some(unknown) = map.keys().find(|k| !CONFIG_FIELDS.contains(&k.as_str())) {
+            return Err(PluginError::new(format!(
+                "config field `{unknown}` is unknown (known: {})",
+                CONFIG_FIELDS.join(", ")
+            )));
+        }
+        let contexts: Option<Vec<String>> = field(map, "contexts")?;
+        if let Some(contexts) = &contexts {
+            if contexts.is_empty() {
+                return Err(PluginError::new(
+                    "config field `contexts` must list at least one context (omit it to handle all)",
+                ));
+            }
+            if contexts.iter().any(String::is_empty) {
+                return Err(PluginError::new(
+                    "config field `contexts` must not contain an empty name",
+                ));
+            }
+        }
+        let algorithm = match field::<String>(map, "algorithm")?.as_deref() {
+            None | Some("ucb1") => Algorithm::Ucb1,
+            Some("thompson") => Algorithm::Thompson,
+            Some(other) => {
+                return Err(PluginError::new(format!(
+                    "config field `algorithm` must be \"ucb1\" or \"thompson\", found \"{other}\""
+                )));
+            }
+        };
+        let exploration = field::<f64>(map, "exploration")?.unwrap_or(2.0);
+        if !exploration.is_finite() || exploration < 0.0 {
+            return Err(PluginError::new(format!(
+                "config field `exploration` must be a number >= 0, found {exploration}"
+            )));
+        }
+        let seed = field(map, "seed")?;
+        Ok(Self {
+            contexts,
+            algorithm,
+            exploration,
+            seed,
+        })
+    }
+}
+
+/// What the bandit knows about one arm.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArmStats {
+    /// Updates recorded for it.
+    pub pulls: u64,
+    /// Sum of their rewards (each in 0..=1).
+    pub reward_sum: f64,
+}
+
+impl ArmStats {
+    fn mean(&self) -> Option<f64> {
+        (self.pulls > 0).then(|| self.reward_sum / self.pulls as f64)
+    }
+}
+
+/// Context → arm → stats.
+type Stats = BTreeMap<String, BTreeMap<String, ArmStats>>;
+
+/// The plugin instance.
+#[derive(Debug)]
+pub struct BanditPlugin {
+    contexts: Option<Vec<String>>,
+    algorithm: Algorithm,
+    exploration: f64,
+    stats: Mutex<Stats>,
+    rng: AtomicU64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ChooseParams {
+    context: String,
+    arms: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct UpdateParams {
+    context: String,
+    arm: String,
+    reward: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct StatsParams {
+    context: Option<String>,
+}
+
+/// The fields of a `task.scored` payload the bandit reads. Any of them may be missing, null or
+/// of another type; such a payload is skipped.
+#[derive(Debug, Default, PartialEq)]
+struct ScoredTask {
+    task_type: Option<String>,
+    handler: Option<String>,
+    score: Option<f64>,
+}
+
+impl ScoredTask {
+    fn from_payload(payload: &Value) -> Self {
+        let text = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_owned);
+        Self {
+            task_type: text("type"),
+            handler: text("handler"),
+            score: payload.get("score").and_then(Value::as_f64),
+        }
+    }
+}
+
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// splitmix64: a well-mixed 64-bit value from any 64-bit input.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(GOLDEN);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A uniform value in the open interval (0, 1): safe to take the logarithm of.
+fn open_unit(x: u64) -> f64 {
+    ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+impl BanditPlugin {
+    fn handles(&self, context: &str) -> bool {
+        self.contexts
+            .as_ref()
+            .is_none_or(|c| c.iter().any(|known| known == context))
+    }
+
+    fn stats_lock(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_unit(&self) -> f64 {
+        open_unit(mix(self.rng.fetch_add(GOLDEN, Ordering::Relaxed)))
+    }
+
+    /// A standard normal draw (Box–Muller).
+    fn normal(&self) -> f64 {
+        let (u1, u2) = (self.next_unit(), self.next_unit());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// A `Gamma(shape, 1)` draw (Marsaglia–Tsang; shapes below 1 are boosted).
+    fn gamma(&self, shape: f64) -> f64 {
+        if shape < 1.0 {
+            let boosted = self.gamma(shape + 1.0);
+            return boosted * self.next_unit().powf(1.0 / shape);
+        }
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal();
+            let v = 1.0 + c * x;
+            if v <= 0.0 {
+                continue;
+            }
+            let v = v * v * v;
+            let u = self.next_unit();
+            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                return d * v;
+            }
+        }
+    }
+
+    /// A `Beta(a, b)` draw from two gamma draws.
+    fn beta(&self, a: f64, b: f64) -> f64 {
+        let x = self.gamma(a);
+        let y = self.gamma(b);
+        if x + y > 0.0 { x / (x + y) } else { 0.5 }
+    }
+
+    fn choose(&self, p: ChooseParams) -> Result<Option<String>, PluginError> {
+        if p.arms.is_empty() || !self.handles(&p.context) {
+            return Ok(None);
+        }
+        let stats = self.stats_lock();
+        let known = stats.get(&p.context);
+        let arm_stats = |arm: &str| known.and_then(|k| k.get(arm)).cloned().unwrap_or_default();
+        let chosen = match self.algorithm {
+            Algorithm::Ucb1 => {
+                let arms: Vec<(&String, ArmStats)> =
+                    p.arms.iter().map(|a| (a, arm_stats(a))).collect();
+                if let Some((arm, _)) = arms.iter().find(|(_, s)| s.pulls == 0) {
+                    (*arm).clone()
+                } else {
+                    let total: u64 = arms.iter().map(|(_, s)| s.pulls).sum();
+                    let ln_total = (total as f64).ln();
+                    let mut best: Option<(&String, f64)> = None;
+                    for (arm, s) in &arms {
+                        let n = s.pulls as f64;
+                        let bound = s.reward_sum / n + (self.exploration * ln_total / n).sqrt();
+                        if best.is_none_or(|(_, b)| bound > b) {
+                            best = Some((arm, bound));
+                        }
+                    }
+                    best.map_or_else(String::new, |(arm, _)| arm.clone())
+                }
+            }
+            Algorithm::Thompson => {
+                let mut best: Option<(&String, f64)> = None;
+                for arm in &p.arms {
+                    let s = arm_stats(arm);
+                    let successes = s.reward_sum.clamp(0.0, s.pulls as f64);
+                    let draw = self.beta(1.0 + successes, 1.0 + s.pulls as f64 - successes);
+                    if best.is_none_or(|(_, b)| draw > b) {
+                        best = Some((arm, draw));
+                    }
+                }
+                best.map_or_else(String::new, |(arm, _)| arm.clone())
+            }
+        };
+        Ok(Some(chosen))
+    }
+
+    fn update(&self, p: UpdateParams) -> Result<(), PluginError> {
+        if p.arm.is_empty() {
+            return Err(PluginError::invalid_params("arm must not be empty"));
+        }
+        if !p.reward.is_finite() || !(0.0..=1.0).contains(&p.reward) {
+            return Err(PluginError::invalid_params(format!(
+                "reward must be a number in 0..=1, found {}",
+                p.reward
+            )));
+        }
+        if !self.handles(&p.context) {
+            tracing::debug!(context = %p.context, "update for a context not handled; ignored");
+            return Ok(());
+        }
+        let mut stats = self.stats_lock();
+        let entry = stats
+            .entry(p.context)
+            .or_default()
+            .entry(p.arm)
+            .or_default();
+        entry.pulls += 1;
+        entry.reward_sum += p.reward;
+        Ok(())
+    }
+
+    fn on_scored(&self, payload: Value) -> Result<HookResult, PluginError> {
+        let task = ScoredTask::from_payload(&payload);
+        let (Some(context), Some(arm), Some(reward)) = (task.task_type, task.handler, task.score)
+        else {
+            return Ok(HookResult::Continue);
+        };
+        if !self.handles(&context) {
+            return Ok(HookResult::Continue);
+        }
+        if let Err(e) = self.update(UpdateParams {
+            context,
+            arm,
+            reward,
+        }) {
+            tracing::warn!(error = %e, "task.scored: payload skipped");
+        }
+        Ok(HookResult::Continue)
+    }
+
+    fn report(&self, p: Option<StatsParams>) -> Result<Value, PluginError> {
+        let only = p.unwrap_or_default().context;
+        if let Some(context) = &only {
+            if !self.handles(context) {
+                return Err(PluginError::invalid_params(format!(
+                    "context `{context}` is not handled (configured: {})",
+                    self.contexts.as_deref().unwrap_or_default().join(", ")
+                )));
+            }
+        }
+        let stats = self.stats_lock();
+        let mut names: Vec<&String> = stats.keys().collect();
+        names.extend(self.contexts.iter().flatten());
+        if let Some(context) = &only {
+            names.push(context);
+        }
+        names.sort();
+        names.dedup();
+        let mut report = serde_json::Map::new();
+        for name in names {
+            if only.as_ref().is_some_and(|o| o != name) {
+                continue;
+            }
+            let mut arms = serde_json::Map::new();
+            let mut best: Option<(&String, f64)> = None;
+            for (arm, s) in stats.get(name).into_iter().flatten() {
+                let mean = s.mean();
+                if let Some(m) = mean {
+                    if best.is_none_or(|(_, b)| m > b) {
+                        best = Some((arm, m));
+                    }
+                }
+                arms.insert(
+                    arm.clone(),
+                    serde_json::json!({ "pulls": s.pulls, "meanReward": mean }),
+                );
+            }
+            report.insert(
+                name.clone(),
+                serde_json::json!({ "arms": arms, "best": best.map(|(arm, _)| arm) }),
+            );
+        }
+        Ok(Value::Object(report))
+    }
+}
+
+impl Plugin for BanditPlugin {
+    fn info() -> PluginInfo {
+        PluginInfo::new(
+            "bandit",
+            env!("CARGO_PKG_VERSION"),
+            "Multi-armed bandit per task type: shifts traffic toward the best-scoring handler",
+        )
+    }
+
+    fn create(config: Value) -> Result<Self, PluginError> {
+        let config = Config::parse(&config)?;
+        let seed = config.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(Self {
+            contexts: config.contexts,
+            algorithm: config.algorithm,
+            exploration: config.exploration,
+            stats: Mutex::new(Stats::new()),
+            rng: AtomicU64::new(seed),
+        })
+    }
+
+    fn methods(methods: &mut Methods<Self>) {
+        methods
+            .method(
+                "choose",
+                "Chooses an arm: {\"context\", \"arms\"} -> \"recall\" (null when not handled)",
+                Self::choose,
+            )
+            .method(
+                "update",
+                "Records a reward in 0..=1: {\"context\", \"arm\", \"reward\"}",
+                Self::update,
+            )
+            .method(
+                "stats",
+                "Per-arm pulls and mean rewards, and the favoured arm: {\"context\"?}",
+                Self::report,
+            );
+    }
+
+    fn hooks(hooks: &mut Hooks<Self>) {
+        hooks.on("task.scored", 50, HookMode::Audit, Self::on_scored);
+    }
+
+    fn save_state(&self) -> Result<Option<Value>, PluginError> {
+        Ok(Some(serde_json::to_value(&*self.stats_lock())?))
+    }
+
+    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
+        let saved: Stats = serde_json::from_value(state)
+            .map_err(|e| PluginError::new(format!("saved state has another shape: {e}")))?;
+        let mut stats = self.stats_lock();
+        for (context, arms) in saved {
+            if !self.handles(&context) {
+                tracing::warn!(%context, "saved state for a context no longer handled; dropped");
+                continue;
+            }
+            for (arm, s) in arms {
+                if !s.reward_sum.is_finite() || s.reward_sum < 0.0 || s.reward_sum > s.pulls as f64
+                {
+                    tracing::warn!(%context, %arm, "saved arm stats are inconsistent; dropped");
+                    continue;
+                }
+                let entry = stats
+                    .entry(context.clone())
+                    .or_default()
+                    .entry(arm)
+                    .or_default();
+                entry.pulls += s.pulls;
+                entry.reward_sum += s.reward_sum;
+            }
+        }
+        Ok(())
+    }
+}
+
+export_plugin!(BanditPlugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn plugin(config: Value) -> BanditPlugin {
+        BanditPlugin::create(config).unwrap()
+    }
+
+    fn choose(p: &BanditPlugin, context: &str, arms: &[&str]) -> Option<String> {
+        p.choose(ChooseParams {
+            context: context.into(),
+            arms: arms.iter().map(|a| (*a).to_owned()).collect(),
+        })
+        .unwrap()
+    }
+
+    fn update(p: &BanditPlugin, context: &str, arm: &str, reward: f64) {
+        p.update(UpdateParams {
+            context: context.into(),
+            arm: arm.into(),
+            reward,
+        })
+        .unwrap();
+    }
+
+    /// Plays `rounds` rounds; answers how often "good" was chosen in the last 1000.
+    fn simulate(p: &BanditPlugin, rounds: usize) -> usize {
+        let mut good = 0;
+        for round in 0..rounds {
+            let arm = choose(p, "chat", &["bad", "good"]).unwrap();
+            let reward = if arm == "good" { 0.8 } else { 0.3 };
+            update(p, "chat", &arm, reward);
+            if round >= rounds - 1000 && arm == "good" {
+                good += 1;
+            }
+        }
+        good
+    }
+
+    #[test]
+    fn ucb1_converges_on_the_better_arm() {
+        let p = plugin(Value::Null);
+        let good = simulate(&p, 2000);
+        assert!(good > 800, "good got {good} of the last 1000");
+        let stats = p.report(None).unwrap();
+        assert_eq!(stats["chat"]["best"], "good");
+        let mean = stats["chat"]["arms"]["good"]["meanReward"]
+            .as_f64()
+            .unwrap();
+        assert!((mean - 0.8).abs() < 1e-9, "{mean}");
+    }
+
+    #[test]
+    fn thompson_converges_on_the_better_arm() {
+        let p = plugin(json!({"algorithm": "thompson", "seed": 7}));
+        let good = simulate(&p, 2000);
+        assert!(good > 700, "good got {good} of the last 1000");
+    }
+
+    #[test]
+    fn beta_sampler_has_the_right_mean() {
+        let p = plugin(json!({"seed": 3}));
+        for (a, b) in [(3.0, 7.0), (0.5, 0.5), (41.0, 11.0)] {
+            let n = 20_000;
+            let mean = (0..n).map(|_| p.beta(a, b)).sum::<f64>() / f64::from(n);
+            let want = a / (a + b);
+            assert!(
+                (mean - want).abs() < 0.01,
+                "Beta({a}, {b}): mean {mean}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn ucb1_tries_unpulled_arms_first_in_order() {
+        let p = plugin(Value::Null);
+        update(&p, "chat", "a", 1.0);
+        assert_eq!(choose(&p, "chat", &["a", "b", "c"]).unwrap(), "b");
+        // Choosing is not a pull.
+        assert_eq!(choose(&p, "chat", &["a", "b", "c"]).unwrap(), "b");
+    }
+
+    #[test]
+    fn unhandled_contexts_and_empty_arms_answer_nothing() {
+        let p = plugin(json!({"contexts": ["chat"]}));
+        assert_eq!(choose(&p, "summarize", &["a", "b"]), None);
+        assert_eq!(choose(&p, "chat", &[]), None);
+        assert_eq!(choose(&p, "chat", &["a"]).unwrap(), "a");
+        update(&p, "summarize", "a", 1.0);
+        assert!(p.report(None).unwrap().get("summarize").is_none());
+    }
+
+    #[test]
+    fn reward_out_of_range_is_invalid_params() {
+        let p = plugin(Value::Null);
+        for reward in [1.5, -0.1, f64::NAN] {
+            let err = p
+                .update(UpdateParams {
+                    context: "chat".into(),
+                    arm: "a".into(),
+                    reward,
+                })
+                .unwrap_err();
+            assert_eq!(err.kind(), plugin_api::abi::ErrorKind::InvalidParams);
+            assert!(err.message().contains("reward"), "{err}");
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        for (config, name) in [
+            (json!({"algorithm": "greedy"}), "algorithm"),
+            (json!({"algorithm": 3}), "algorithm"),
+            (json!({"exploration": -1}), "exploration"),
+            (json!({"exploration": "big"}), "exploration"),
+            (json!({"contexts": []}), "contexts"),
+            (json!({"contexts": "chat"}), "contexts"),
+            (json!({"seed": -4}), "seed"),
+            (json!({"explore": 1}), "explore"),
+        ] {
+            let err = BanditPlugin::create(config.clone()).unwrap_err();
+            assert!(
+                err.message().contains(&format!("`{name}`")),
+                "{config}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_adds_up() {
+        let p = plugin(json!({"contexts": ["chat"]}));
+        update(&p, "chat", "good", 0.8);
+        update(&p, "chat", "good", 0.6);
+        update(&p, "chat", "bad", 0.2);
+        let state = p.save_state().unwrap().unwrap();
+
+        let fresh = plugin(json!({"contexts": ["chat"]}));
+        fresh.restore_state(state.clone()).unwrap();
+        assert_eq!(fresh.save_state().unwrap().unwrap(), state);
+        fresh.restore_state(state).unwrap();
+        let stats = fresh.report(Some(StatsParams::default())).unwrap();
+        assert_eq!(stats["chat"]["arms"]["good"]["pulls"], 4);
+        assert_eq!(stats["chat"]["best"], "good");
+
+        assert!(fresh.restore_state(json!([1, 2])).is_err());
+    }
+
+    #[test]
+    fn methods_and_hook_speak_json() {
+        let p = plugin(json!({"contexts": ["chat"]}));
+        let mut methods = Methods::new();
+        BanditPlugin::methods(&mut methods);
+        let mut hooks = Hooks::new();
+        BanditPlugin::hooks(&mut hooks);
+        assert_eq!(hooks.subscriptions()[0].mode, HookMode::Audit);
+        assert_eq!(hooks.subscriptions()[0].priority, 50);
+
+        let payload = json!({"id": "t-1", "type": "chat", "handler": "recall", "variant": null,
+            "experiment": null, "role": null, "score": 0.75, "latency_ms": 0.4,
+            "output_len": 3, "plugins_ms": {"bandit": 0.01}});
+        let r = hooks.run(&p, "task.scored", &payload.to_string()).unwrap();
+        assert_eq!(r, HookResult::Continue);
+        for odd in [
+            json!(null),
+            json!({}),
+            json!({"type": "chat", "handler": "recall", "score": null}),
+            json!({"type": "chat", "handler": "recall", "score": "high"}),
+            json!({"type": "chat", "handler": "recall", "score": 7}),
+            json!({"type": "other", "handler": "recall", "score": 0.5}),
+        ] {
+            let r = hooks.run(&p, "task.scored", &odd.to_string()).unwrap();
+            assert_eq!(r, HookResult::Continue);
+        }
+
+        let chosen = methods
+            .call(
+                &p,
+                "choose",
+                r#"{"context": "chat", "arms": ["recall", "recent"]}"#,
+            )
+            .unwrap();
+        assert_eq!(chosen.as_deref(), Some("\"recent\""));
+        let none = methods
+            .call(&p, "choose", r#"{"context": "other", "arms": ["recall"]}"#)
+            .unwrap();
+        assert_eq!(none, None);
+        let answer = methods
+            .call(
+                &p,
+                "update",
+                r#"{"context": "chat", "arm": "recent", "reward": 0.25}"#,
+            )
+            .unwrap();
+        assert_eq!(answer, None);
+        let stats: Value =
+            serde_json::from_str(&methods.call(&p, "stats", "").unwrap().unwrap()).unwrap();
+        assert_eq!(
+            stats,
+            json!({"chat": {"arms": {
+                "recall": {"pulls": 1, "meanReward": 0.75},
+                "recent": {"pulls": 1, "meanReward": 0.25},
+            }, "best": "recall"}})
+        );
+        assert!(
+            methods
+                .call(&p, "stats", r#"{"context": "other"}"#)
+                .is_err()
+        );
+    }
+}

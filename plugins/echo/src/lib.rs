@@ -2,6 +2,10 @@
 //!
 //! Also used by the benchmarks: `noop` answers nothing (the cheapest call through the host), and
 //! `summarize` does a fixed piece of JSON work, the same work the benchmark calls directly.
+//!
+//! It also provides a handler to the worker's task pipeline: `handle.summarize` answers a
+//! summarize task with its title (the handler `plugin:echo`, a third, naive strategy that
+//! routing can choose among the built-in ones).
 
 #![forbid(unsafe_code)]
 
@@ -77,6 +81,16 @@ impl Plugin for Echo {
                 |_, params: Value| Ok(params),
             )
             .raw_method("noop", "Answers nothing, does nothing", |_, _| Ok(None))
+            .method(
+                "handle.summarize",
+                "Task handler: answers a summarize task {\"input\": {\"title\"}} with its title",
+                |_, task: Value| {
+                    task.pointer("/input/title")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                        .ok_or_else(|| PluginError::invalid_params("input.title is missing"))
+                },
+            )
             .method(
                 "summarize",
                 "Count, mean and range of {\"source\", \"values\": [numbers]}",

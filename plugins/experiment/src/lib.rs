@@ -27,6 +27,11 @@
 //! - `recordOutcome {"experiment", "variant", "score"}` → nothing; counts the score.
 //! - `stats {"experiment"?}` → per experiment and variant: `assigned`, `outcomes`, `meanScore`.
 //!
+//! # Hooks
+//!
+//! `task.scored` (audit, priority 30): when the payload names an `experiment` and a `variant`
+//! this plugin knows, the `score` is recorded as an outcome, as `recordOutcome` would.
+//!
 //! Outcome statistics survive hot reloads (`save_state` / `restore_state`).
 
 #![forbid(unsafe_code)]
@@ -35,7 +40,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value, export_plugin};
+use plugin_api::{
+    HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +140,14 @@ struct OutcomeParams {
     experiment: String,
     variant: String,
     score: f64,
+}
+
+/// The fields of a `task.scored` payload this plugin reads.
+#[derive(Debug, Deserialize)]
+struct Scored {
+    experiment: Option<String>,
+    variant: Option<String>,
+    score: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,6 +336,28 @@ impl Plugin for ExperimentPlugin {
                 "Per-variant counts and mean scores: {\"experiment\"?}",
                 Self::report,
             );
+    }
+
+    fn hooks(hooks: &mut Hooks<Self>) {
+        hooks.on(
+            "task.scored",
+            30,
+            HookMode::Audit,
+            |this: &Self, scored: Scored| {
+                if let (Some(experiment), Some(variant), Some(score)) =
+                    (scored.experiment, scored.variant, scored.score)
+                {
+                    if this.experiments.contains_key(&experiment) {
+                        this.record(OutcomeParams {
+                            experiment,
+                            variant,
+                            score,
+                        })?;
+                    }
+                }
+                Ok(HookResult::Continue)
+            },
+        );
     }
 
     fn save_state(&self) -> Result<Option<Value>, PluginError> {

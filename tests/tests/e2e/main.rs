@@ -13,6 +13,7 @@ mod cli;
 mod experiment;
 mod hooks;
 mod lifecycle;
+mod pipeline;
 mod refusals;
 mod serve;
 mod watch;
