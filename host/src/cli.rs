@@ -32,6 +32,11 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Where plugin state is kept between runs (one JSON file per plugin): restored when a
+    /// plugin loads, saved when it unloads. Used by run, serve and call.
+    #[arg(long, global = true, value_name = "DIR", default_value = "state")]
+    pub state_dir: PathBuf,
+
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,host=debug`.
     #[arg(
@@ -81,9 +86,6 @@ pub enum Command {
         /// Do not watch the plugins directory (SIGHUP and POST /v1/reload still rescan).
         #[arg(long)]
         no_watch: bool,
-        /// Where plugin state is kept between runs (one JSON file per plugin).
-        #[arg(long, value_name = "DIR", default_value = "state")]
-        state_dir: PathBuf,
     },
     /// Process JSON-lines tasks and write one JSON-lines result per task, then a summary per
     /// task type, handler and variant, and per plugin.
@@ -100,9 +102,6 @@ pub enum Command {
         /// Where to write the results [default: stdout].
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        /// Where plugin state is kept between runs (one JSON file per plugin).
-        #[arg(long, value_name = "DIR", default_value = "state")]
-        state_dir: PathBuf,
     },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
@@ -113,7 +112,8 @@ pub enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
-    /// Call one method of one plugin and print its JSON answer on stdout.
+    /// Call one method of one plugin and print its JSON answer on stdout. Plugin state comes
+    /// from and goes back to --state-dir, so `call` sees what `run` learned.
     ///
     /// Prints `null` when the call answered nothing (the plugin or method is missing, failed or
     /// panicked); the reason goes to stderr. Exits 0 in both cases, 2 on malformed PARAMS_JSON.
@@ -186,11 +186,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     if let Some(config) = &cli.config {
         builder = builder.with_config_file(config);
     }
-    if let Command::Run { state_dir, .. } = &cli.command {
-        builder = builder.with_state_dir(state_dir);
+    if matches!(
+        cli.command,
+        Command::Run { .. } | Command::Serve { .. } | Command::Call { .. }
+    ) {
+        builder = builder.with_state_dir(&cli.state_dir);
     }
-    if let Command::Serve { state_dir, .. } = &cli.command {
-        builder = builder.with_state_dir(state_dir);
+    if let Command::Serve { .. } = &cli.command {
         if !cli.plugins.exists() {
             std::fs::create_dir_all(&cli.plugins).with_context(|| {
                 format!("creating the plugins directory {}", cli.plugins.display())
@@ -264,6 +266,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             };
             let answer = answer.unwrap_or(Value::Null);
             writeln!(out, "{}", serde_json::to_string(&answer)?).context("writing the answer")?;
+            // Saves what the call changed (an outcome recorded, say) for the next command.
+            host.shutdown();
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -10,8 +10,8 @@
 //!   for it. `task.after_step` fires between the steps and may change the messages; step 2
 //!   works from the messages as the hook left them.
 //!
-//! The summarize handlers honour the variant `short` (the answer cut to the profile's
-//! `maxWords`, 8 by default).
+//! The summarize handlers honour the variant `short`: the answer cut to 8 words (or to the
+//! profile's `maxWords` when that is smaller).
 
 use serde_json::{Value, json};
 
@@ -59,7 +59,7 @@ pub(crate) fn run(
         }
     };
     Ok(match (task_type, context.variant) {
-        ("summarize", Some("short")) => first_words(&output, context.max_words.unwrap_or(8)),
+        ("summarize", Some("short")) => first_words(&output, context.max_words.unwrap_or(8).min(8)),
         _ => output,
     })
 }

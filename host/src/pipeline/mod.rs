@@ -10,7 +10,8 @@
 //!    (`handlers`) and set `maxWords`.
 //! 3. The handler: the first of `model-router.chooseModel`, `champion.route`, `bandit.choose`
 //!    that answers a candidate; else the experiment's variant when it names a candidate; else the
-//!    type's default. `experiment.pickVariant {"experiment": <type>}` is asked for every task;
+//!    type's default. `experiment.pickVariant {"experiment": <type>, "optional": true}` is asked
+//!    for every task;
 //!    its variant is recorded and handed to the handler (the summarize handlers know `short`).
 //!    Every plugin that is missing or misbehaves simply has no say.
 //! 4. `task.before_handle` fires (may change `handler`, `variant`, `input`, `meta`, or block).
@@ -321,7 +322,7 @@ impl Pipeline {
                 host,
                 "experiment",
                 "pickVariant",
-                &json!({"experiment": task.task_type, "key": task.id, "taskType": task.task_type}),
+                &json!({"experiment": task.task_type, "key": task.id, "taskType": task.task_type, "optional": true}),
             )
             .and_then(|v| v.as_str().map(str::to_owned));
         let experiment = variant.as_ref().map(|_| task.task_type.clone());

@@ -22,8 +22,10 @@
 //!
 //! # Methods
 //!
-//! - `pickVariant {"experiment", "key"?, "taskType"?}` → the variant name. The same key always
-//!   gets the same variant (sticky); without a key the pick is weighted-random.
+//! - `pickVariant {"experiment", "key"?, "taskType"?, "optional"?}` → the variant name. The same
+//!   key always gets the same variant (sticky); without a key the pick is weighted-random. An
+//!   experiment that is not configured is an error, or `null` with `"optional": true` (what the
+//!   worker's pipeline sends: it asks about an experiment named after each task type).
 //! - `recordOutcome {"experiment", "variant", "score"}` → nothing; counts the score.
 //! - `stats {"experiment"?}` → per experiment and variant: `assigned`, `outcomes`, `meanScore`.
 //!
@@ -132,6 +134,8 @@ struct PickParams {
     experiment: String,
     key: Option<String>,
     task_type: Option<String>,
+    #[serde(default)]
+    optional: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +204,9 @@ impl ExperimentPlugin {
     }
 
     fn pick(&self, p: PickParams) -> Result<Option<String>, PluginError> {
+        if p.optional && !self.experiments.contains_key(&p.experiment) {
+            return Ok(None);
+        }
         let experiment = self.experiment(&p.experiment)?;
         if let (Some(allowed), Some(task_type)) = (&experiment.task_types, &p.task_type) {
             if !allowed.contains(task_type) {
@@ -405,6 +412,7 @@ mod tests {
                     experiment: "e".into(),
                     key: Some(format!("user-{i}")),
                     task_type: None,
+                    optional: false,
                 })
                 .unwrap()
                 .unwrap();

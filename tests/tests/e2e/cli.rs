@@ -9,6 +9,8 @@ fn worker(dir: &PluginDir, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
         .arg("--plugins")
         .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.shadow().join("state"))
         .args(args)
         .env_remove("WORKER_LOG")
         .output()
