@@ -16,4 +16,5 @@ mod lifecycle;
 mod pipeline;
 mod refusals;
 mod serve;
+mod tuning;
 mod watch;
