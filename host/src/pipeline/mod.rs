@@ -169,6 +169,16 @@ pub fn score(output: &str, reference: &str) -> f64 {
     2.0 * precision * recall / (precision + recall)
 }
 
+/// Words in every string of a JSON value.
+fn count_words(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.split_whitespace().count(),
+        Value::Array(items) => items.iter().map(count_words).sum(),
+        Value::Object(fields) => fields.values().map(count_words).sum(),
+        _ => 0,
+    }
+}
+
 fn truncate_words(text: &str, max: usize) -> String {
     if text.split_whitespace().count() <= max {
         return text.to_owned();
@@ -277,7 +287,7 @@ impl Pipeline {
             .and_then(Value::as_u64)
             .map(|n| n as usize);
         let is_candidate = |h: &str| candidates.iter().any(|c| c == h);
-        let input_words = task.input.to_string().split_whitespace().count();
+        let input_words = count_words(&task.input);
 
         let mut role = None;
         let mut handler = calls
