@@ -11,11 +11,21 @@ use host::pipeline::{Pipeline, example_tasks};
 use tests::PluginDir;
 
 const PLUGINS: &[&str] = &[
-    "echo", "experiment", "bandit", "champion", "profiler", "attribution", "task-policy", "model-router",
+    "echo",
+    "experiment",
+    "bandit",
+    "champion",
+    "profiler",
+    "attribution",
+    "task-policy",
+    "model-router",
 ];
 
 fn bench(c: &mut Criterion) {
-    let tasks: String = example_tasks(1200, 42).iter().map(|t| format!("{t}\n")).collect();
+    let tasks: String = example_tasks(1200, 42)
+        .iter()
+        .map(|t| format!("{t}\n"))
+        .collect();
 
     let empty = PluginDir::new();
     let bare = empty.host();
@@ -38,7 +48,9 @@ fn bench(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let mut out = Vec::with_capacity(1 << 20);
-                let summary = pipeline.run_stream(Cursor::new(tasks.as_bytes()), &mut out, |_| {}).unwrap();
+                let summary = pipeline
+                    .run_stream(Cursor::new(tasks.as_bytes()), &mut out, |_| {})
+                    .unwrap();
                 assert_eq!(summary.completed, 1200);
                 out
             })

@@ -328,3 +328,90 @@ fn sighup_rescans_and_sigterm_lets_requests_finish() {
     );
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"bandit": {"config": {"contexts": ["chat"]}}}));
+    dir.add("bandit", "libbandit.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &[]);
+    let tasks: Vec<serde_json::Value> = host::pipeline::example_tasks(40, 8);
+    let batch = serde_json::to_vec(&tasks).unwrap();
+    let first = http(&worker.addr, "POST", "/v1/tasks", &batch);
+    assert_eq!(first.status, 200);
+    let records = first.json();
+    assert_eq!(records.as_array().unwrap().len(), 40);
+    assert!(
+        records
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["score"].is_number()),
+        "{}",
+        first.body
+    );
+    let one = http(
+        &worker.addr,
+        "POST",
+        "/v1/tasks",
+        tasks[0].to_string().as_bytes(),
+    )
+    .json();
+    assert_eq!(one["id"], tasks[0]["id"]);
+    let bad = http(&worker.addr, "POST", "/v1/tasks", br#"{"id": "x"}"#).json();
+    assert!(
+        bad["error"].as_str().unwrap().contains("missing field"),
+        "{bad}"
+    );
+    assert_eq!(http(&worker.addr, "POST", "/v1/tasks", b"42").status, 400);
+
+    let pulls = |addr: &str| {
+        let stats = http(
+            addr,
+            "POST",
+            "/v1/plugins/bandit/stats",
+            br#"{"context": "chat"}"#,
+        )
+        .json();
+        stats["chat"]["arms"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|a| a["pulls"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let before = pulls(&worker.addr);
+    assert!(before > 0);
+    let generation = http(&worker.addr, "GET", "/v1/plugins/bandit", b"").json()["generation"]
+        .as_u64()
+        .unwrap();
+    let addr = worker.addr.clone();
+    let load = std::thread::spawn(move || {
+        (0..10)
+            .map(|_| http(&addr, "POST", "/v1/tasks", &batch).json())
+            .collect::<Vec<_>>()
+    });
+    drop_in(&built_plugin("bandit"), &dir.path(), "libbandit.so");
+    assert!(eventually(PATIENCE, || {
+        http(&worker.addr, "GET", "/v1/plugins/bandit", b"").json()["generation"]
+            .as_u64()
+            .unwrap()
+            > generation
+    }));
+    for answer in load.join().unwrap() {
+        assert!(
+            answer
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["score"].is_number()),
+            "{answer}"
+        );
+    }
+    assert!(
+        pulls(&worker.addr) >= before,
+        "the bandit lost what it learned in the swap"
+    );
+    worker.stop();
+}
