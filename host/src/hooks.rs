@@ -51,7 +51,7 @@ pub enum HookPoint {
     /// A plugin was loaded or reloaded. Payload `{"plugin", "version", "generation", "file"}`;
     /// read-only.
     PluginLoaded,
-    /// A plugin was unloaded. Payload `{"plugin", "generation"}`; read-only.
+    /// A plugin was unloaded. Payload `{"plugin", "version", "generation", "file"}`; read-only.
     PluginUnloaded,
 }
 
@@ -124,7 +124,7 @@ impl HookPoint {
             HookPoint::PluginLoaded => {
                 "a plugin loaded or reloaded; {plugin, version, generation, file}"
             }
-            HookPoint::PluginUnloaded => "a plugin unloaded; {plugin, generation}",
+            HookPoint::PluginUnloaded => "a plugin unloaded; {plugin, version, generation, file}",
         }
     }
 
