@@ -77,6 +77,7 @@
 #![deny(missing_docs)]
 
 pub mod abi;
+pub mod assign;
 mod export;
 mod hooks;
 mod log;

@@ -11,20 +11,12 @@
 
 use serde_json::{Value, json};
 
-/// splitmix64: small, fast and good enough to generate test data.
-struct Rng(u64);
+/// The generator's random source: the seeded, reproducible one plugins use.
+struct Rng(plugin_api::assign::Random);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.0.next_u64() % n as u64) as usize
     }
 
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
@@ -160,7 +152,7 @@ fn chat_task(rng: &mut Rng, id: usize) -> Value {
 
 /// `count` tasks from `seed`: the same arguments always give the same tasks.
 pub fn generate(count: usize, seed: u64) -> Vec<Value> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(plugin_api::assign::Random::new(seed));
     (0..count)
         .map(|i| {
             if rng.below(2) == 0 {

@@ -39,9 +39,9 @@
 
 #![forbid(unsafe_code)]
 
+use plugin_api::assign::{Random, open_unit};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use plugin_api::{
     HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
@@ -161,7 +161,7 @@ pub struct BanditPlugin {
     algorithm: Algorithm,
     exploration: f64,
     stats: Mutex<Stats>,
-    rng: AtomicU64,
+    rng: Random,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,21 +205,6 @@ impl ScoredTask {
     }
 }
 
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// splitmix64: a well-mixed 64-bit value from any 64-bit input.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(GOLDEN);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// A uniform value in the open interval (0, 1): safe to take the logarithm of.
-fn open_unit(x: u64) -> f64 {
-    ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-}
-
 impl BanditPlugin {
     fn handles(&self, context: &str) -> bool {
         self.contexts
@@ -232,7 +217,7 @@ impl BanditPlugin {
     }
 
     fn next_unit(&self) -> f64 {
-        open_unit(mix(self.rng.fetch_add(GOLDEN, Ordering::Relaxed)))
+        open_unit(self.rng.next_u64())
     }
 
     /// A standard normal draw (Box–Muller).
@@ -424,7 +409,7 @@ impl Plugin for BanditPlugin {
             algorithm: config.algorithm,
             exploration: config.exploration,
             stats: Mutex::new(Stats::new()),
-            rng: AtomicU64::new(seed),
+            rng: Random::new(seed),
         })
     }
 

@@ -47,9 +47,9 @@
 
 #![forbid(unsafe_code)]
 
+use plugin_api::assign::{Random, stable_hash, unit};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use plugin_api::{
     HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
@@ -184,7 +184,7 @@ pub struct ChampionPlugin {
     /// The configured task types and their initial deployments (also the keys of `state`).
     configured: Deployments,
     state: Mutex<Deployments>,
-    rng: AtomicU64,
+    rng: Random,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,33 +234,6 @@ impl ScoredTask {
     }
 }
 
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// splitmix64: a well-mixed 64-bit value from any 64-bit input.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(GOLDEN);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a over the bytes, then mixed: stable across runs, builds and machines.
-fn stable_hash(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in part.bytes().chain([0xff]) {
-            h ^= u64::from(byte);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    mix(h)
-}
-
-/// A uniform value in [0, 1).
-fn unit(x: u64) -> f64 {
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
 impl ChampionPlugin {
     fn state_lock(&self) -> std::sync::MutexGuard<'_, Deployments> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -287,7 +260,7 @@ impl ChampionPlugin {
             Some(challenger) => {
                 let draw = match &p.key {
                     Some(key) => stable_hash(&[&p.task_type, key]),
-                    None => mix(self.rng.fetch_add(GOLDEN, Ordering::Relaxed)),
+                    None => self.rng.next_u64(),
                 };
                 if unit(draw) < self.challenger_share {
                     Route {
@@ -506,7 +479,7 @@ impl Plugin for ChampionPlugin {
             threshold,
             state: Mutex::new(configured.clone()),
             configured,
-            rng: AtomicU64::new(seed),
+            rng: Random::new(seed),
         })
     }
 

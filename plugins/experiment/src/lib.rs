@@ -40,8 +40,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use plugin_api::assign::{Random, stable_hash, unit};
 use plugin_api::{
     HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
 };
@@ -125,7 +125,7 @@ type Stats = BTreeMap<String, BTreeMap<String, VariantStats>>;
 pub struct ExperimentPlugin {
     experiments: BTreeMap<String, Experiment>,
     stats: Mutex<Stats>,
-    rng: AtomicU64,
+    rng: Random,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,30 +160,6 @@ struct StatsParams {
     experiment: Option<String>,
 }
 
-/// splitmix64: a well-mixed 64-bit value from any 64-bit input.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a over the bytes, then mixed: stable across runs, builds and machines.
-fn stable_hash(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in part.bytes().chain([0xff]) {
-            h ^= u64::from(byte);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    mix(h)
-}
-
-fn unit(x: u64) -> f64 {
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
 impl ExperimentPlugin {
     fn experiment(&self, name: &str) -> Result<&Experiment, PluginError> {
         self.experiments.get(name).ok_or_else(|| {
@@ -215,7 +191,7 @@ impl ExperimentPlugin {
         }
         let draw = match &p.key {
             Some(key) => stable_hash(&[&p.experiment, key]),
-            None => mix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)),
+            None => self.rng.next_u64(),
         };
         let variant = experiment.at(unit(draw)).to_owned();
         self.stats_lock()
@@ -314,15 +290,10 @@ impl Plugin for ExperimentPlugin {
         if experiments.is_empty() {
             tracing::warn!("no experiments configured; pickVariant will answer nothing");
         }
-        let seed = config.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
         Ok(Self {
             experiments,
             stats: Mutex::new(Stats::new()),
-            rng: AtomicU64::new(seed),
+            rng: Random::seeded(config.seed),
         })
     }
 
