@@ -18,9 +18,12 @@
 //! each step of loading is done the way it is.
 
 #![deny(missing_docs)]
+// Every `unsafe` of the host is in `dylib`; the rest may not have any.
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+#[expect(unsafe_code, reason = "the one module that loads libraries and calls through their tables")]
 mod dylib;
 mod error;
 pub mod hooks;
