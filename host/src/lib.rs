@@ -23,7 +23,10 @@
 
 pub mod cli;
 pub mod config;
-#[expect(unsafe_code, reason = "the one module that loads libraries and calls through their tables")]
+#[expect(
+    unsafe_code,
+    reason = "the one module that loads libraries and calls through their tables"
+)]
 mod dylib;
 mod error;
 pub mod hooks;

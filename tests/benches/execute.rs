@@ -37,6 +37,31 @@ fn direct_noop(_params: &Value) -> Option<Value> {
     None
 }
 
+/// The machine is shared and its speed drifts between criterion's sequential measurements, so
+/// this also measures the two JSON paths interleaved: 301 rounds, each timing 200 direct calls
+/// then 200 host calls, and prints the median of the per-round ratios.
+fn paired_ratio(host: &host::PluginHost, params: &Value) {
+    use std::time::Instant;
+    let mut ratios = Vec::with_capacity(301);
+    for _ in 0..301 {
+        let started = Instant::now();
+        for _ in 0..200 {
+            black_box(direct_summarize(black_box(params)));
+        }
+        let direct = started.elapsed();
+        let started = Instant::now();
+        for _ in 0..200 {
+            black_box(host.execute(black_box("echo"), "summarize", black_box(params)));
+        }
+        ratios.push(started.elapsed().as_secs_f64() / direct.as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "json_work paired: host.execute / direct, median of 301 interleaved rounds: {:.3} (quartiles {:.3} .. {:.3})",
+        ratios[150], ratios[75], ratios[225]
+    );
+}
+
 fn bench(c: &mut Criterion) {
     let dir = PluginDir::new();
     dir.add("echo", "libecho.so");
@@ -55,6 +80,8 @@ fn bench(c: &mut Criterion) {
         direct_summarize(&params),
         host.execute("echo", "summarize", &params)
     );
+
+    paired_ratio(&host, &params);
 
     let mut group = c.benchmark_group("json_work");
     group.bench_function("direct", |b| {
