@@ -188,6 +188,7 @@ impl PluginHostBuilder {
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
             Some(dir) => (dir, false),
             None => {
+                remove_stale_shadow_dirs(&std::env::temp_dir());
                 // One directory per host: several hosts in one process never share one.
                 static HOSTS: AtomicU64 = AtomicU64::new(0);
                 let n = HOSTS.fetch_add(1, Ordering::Relaxed);
@@ -216,6 +217,34 @@ impl PluginHostBuilder {
                 admin: Mutex::new(()),
             }),
         })
+    }
+}
+
+/// Removes the default shadow directories (`plugin-host-<pid>-<n>`) of processes that no longer
+/// run: a host killed before it could clean up leaves its copies behind.
+fn remove_stale_shadow_dirs(temp: &Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("plugin-host-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                tracing::info!(dir = %entry.path().display(), "removed the shadow copies of a process that is gone")
+            }
+            Err(e) => {
+                tracing::debug!(dir = %entry.path().display(), error = %e, "could not remove a stale shadow directory")
+            }
+        }
     }
 }
 

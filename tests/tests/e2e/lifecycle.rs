@@ -270,3 +270,19 @@ fn thread_locals_keep_a_library_mapped_unless_mitigated() {
         );
     }
 }
+
+#[test]
+fn shadow_copies_of_a_killed_process_are_removed_by_the_next_host() {
+    // A process that is gone: its pid no longer runs.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let stale = std::env::temp_dir().join(format!("plugin-host-{pid}-0"));
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join(format!("libecho.{pid}.1.so")), b"left behind").unwrap();
+    let dir = PluginDir::new();
+    let host = host::PluginHost::builder(dir.path()).build().unwrap();
+    assert!(!stale.exists(), "{} was not cleaned up", stale.display());
+    // A live process's directory (this one's) is left alone.
+    assert!(host.shadow_dir().exists());
+}
