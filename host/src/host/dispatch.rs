@@ -564,9 +564,14 @@ impl PluginHost {
                 .unwrap_or_else(|p| p.into_inner());
             HookTable::build(&plugins, &host_hooks, self)
         };
+        // The name filter may only answer "missing" for a name absent from the registry a
+        // caller could see: widen it before the new registry is visible, narrow it after.
+        let bits = super::name_bits(&plugins);
+        self.inner.names.fetch_or(bits, Ordering::AcqRel);
         self.inner
             .registry
             .store(Arc::new(super::Registry { plugins, hooks }));
+        self.inner.names.store(bits, Ordering::Release);
     }
 
     /// Rebuilds the hook table over the current plugins (hooks or configuration changed).

@@ -146,3 +146,38 @@ fn many_threads_call_at_once() {
     });
     assert_eq!(host.plugin("echo").unwrap().stats.calls, 8000);
 }
+
+#[test]
+fn missing_plugin_fast_path_never_hides_a_loaded_plugin() {
+    let (dir, host) = host_with(&["echo", "faulty", "fixture"]);
+    let probe = |name: &str, method: &str| host.call(name, method, &json!(null));
+    for gone in ["echo", "faulty", "fixture"] {
+        host.unload(gone).unwrap();
+        assert!(matches!(
+            probe(gone, "ok"),
+            Err(CallError::PluginNotFound { .. })
+        ));
+        for other in ["echo", "faulty", "fixture"]
+            .into_iter()
+            .filter(|n| *n != gone)
+        {
+            let (method, expected) = match other {
+                "echo" => ("echo", Ok(None)),
+                "faulty" => ("ok", Ok(Some(json!("fine")))),
+                _ => ("total", Ok(Some(json!(0)))),
+            };
+            assert_eq!(
+                probe(other, method),
+                expected,
+                "{other} after unloading {gone}"
+            );
+        }
+        host.load(dir.path().join(format!("lib{gone}.so"))).unwrap();
+    }
+    for name in ["nobody", "echo2", "", "ECHO"] {
+        assert!(
+            matches!(probe(name, "x"), Err(CallError::PluginNotFound { .. })),
+            "{name}"
+        );
+    }
+}
