@@ -102,7 +102,7 @@ impl StatsCell {
 /// [`with_call_timing(false)`](crate::PluginHostBuilder::with_call_timing).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PluginStats {
-    /// Calls that reached the plugin.
+    /// Calls that reached the plugin, hook invocations included.
     pub calls: u64,
     /// Calls that ended in an error.
     pub errors: u64,
