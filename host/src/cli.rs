@@ -301,6 +301,13 @@ fn write_list(
         for method in &plugin.methods {
             writeln!(out, "    - {}: {}", method.name, method.description)?;
         }
+        for hook in &plugin.hooks {
+            writeln!(
+                out,
+                "    @ {} ({}, priority {})",
+                hook.hook, hook.mode, hook.priority
+            )?;
+        }
     }
     if !refused.is_empty() {
         writeln!(out)?;

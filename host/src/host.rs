@@ -298,6 +298,9 @@ pub struct LoadedPlugin {
     pub generation: u64,
     /// Its methods with their descriptions.
     pub methods: Vec<plugin_api::MethodInfo>,
+    /// The hook points it subscribes to, as it declares them (`worker hooks` shows them after
+    /// configuration).
+    pub hooks: Vec<plugin_api::HookSubscription>,
     /// plugin-api version it was built with.
     pub api_version: String,
     /// Function table version it was built with.
@@ -956,6 +959,7 @@ impl PluginHost {
             shadow_file: generation.library.shadow_path().to_path_buf(),
             generation: generation.number,
             methods: manifest.methods.clone(),
+            hooks: manifest.hooks.clone(),
             api_version: manifest.api_version.clone(),
             table_version: manifest.table_version,
             stats: slot.stats.snapshot(self.inner.clock.as_ref()),

@@ -47,6 +47,10 @@ fn list_shows_plugins_and_refusals_and_exits_zero() {
     assert!(text.contains("libecho.so"), "{text}");
     assert!(text.contains("Returns its params unchanged"), "{text}");
     assert!(text.contains("- summarize:"), "{text}");
+    assert!(
+        text.contains("@ task.received (sequential, priority 50)"),
+        "faulty's hook: {text}"
+    );
     assert!(text.contains("refused:"), "{text}");
     assert!(
         text.contains("libbroken.so") && text.contains("not a shared library"),
