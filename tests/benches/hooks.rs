@@ -58,6 +58,44 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
+    // The same handler registered as host-side (Rust) hooks: the dispatch machinery alone,
+    // without crossing into a library. Host hooks receive the payload as a value, so the handler
+    // is given its text to parse, as a plugin would.
+    let mut group = c.benchmark_group("host_hook_dispatch");
+    for n in [1usize, 10, 100] {
+        let dir = PluginDir::new();
+        let host = dir.host();
+        for i in 0..n {
+            host.register_hook(
+                HookPoint::TaskScored,
+                &format!("h-{i:03}"),
+                0,
+                host::HookMode::Sequential,
+                |event| {
+                    let text = event.payload.to_string();
+                    black_box(hookbench::handle(&text).unwrap())
+                },
+            );
+        }
+        group.bench_with_input(BenchmarkId::new("direct", n), &n, |b, &n| {
+            b.iter(|| {
+                let payload = payload.clone();
+                for _ in 0..n {
+                    let text = payload.to_string();
+                    black_box(hookbench::handle(black_box(&text)).unwrap());
+                }
+                payload
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("host_fire", n), &n, |b, _| {
+            b.iter(|| {
+                host.fire(HookPoint::TaskScored, || payload.clone())
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+
     let dir = PluginDir::new();
     let host = dir.host();
     let mut group = c.benchmark_group("hook_unsubscribed");

@@ -170,7 +170,7 @@ struct Job {
     subscriber: Subscriber,
     point: HookPoint,
     payload: Arc<Value>,
-    text: Arc<str>,
+    text: Option<Arc<str>>,
 }
 
 /// The bounded queue of fire-and-forget events and the thread that runs them.
@@ -187,8 +187,14 @@ impl FireQueue {
         let thread = std::thread::Builder::new()
             .name("hook-fire-and-forget".into())
             .spawn(move || {
-                while let Ok(job) = receiver.recv() {
-                    run_subscriber(&job.subscriber, job.point, &job.payload, &job.text, None);
+                while let Ok(mut job) = receiver.recv() {
+                    run_subscriber(
+                        &job.subscriber,
+                        job.point,
+                        &job.payload,
+                        &mut job.text,
+                        None,
+                    );
                 }
             })?;
         Ok(Self {
@@ -225,16 +231,26 @@ impl FireQueue {
     }
 }
 
+impl Subscriber {
+    fn is_plugin(&self) -> bool {
+        matches!(self.target, Target::Plugin { .. })
+    }
+}
+
 /// Runs one subscriber; `None` when it failed (logged, and counted for plugins).
+///
+/// `text` caches the payload as JSON text: made the first time a plugin subscriber needs it
+/// (host hooks take the value itself), and reset by the caller when the payload changes.
 fn run_subscriber(
     subscriber: &Subscriber,
     point: HookPoint,
     payload: &Value,
-    text: &str,
+    text: &mut Option<Arc<str>>,
     clock: Option<&quanta::Clock>,
 ) -> Option<HookResult> {
     match &subscriber.target {
         Target::Plugin { generation, stats } => {
+            let text: &str = text.get_or_insert_with(|| payload.to_string().into());
             let started = clock.map_or(0, quanta::Clock::raw);
             let result = generation
                 .library
@@ -350,8 +366,7 @@ impl PluginHost {
             .take_while(|s| s.mode == HookMode::Sequential)
         {
             phase_start += 1;
-            let current = Arc::clone(text.get_or_insert_with(|| payload.to_string().into()));
-            match run_subscriber(subscriber, point, &payload, &current, clock) {
+            match run_subscriber(subscriber, point, &payload, &mut text, clock) {
                 None | Some(HookResult::Continue) => {}
                 Some(HookResult::Modify(fields)) => {
                     if apply_patch(point, &subscriber.name, &mut payload, fields) {
@@ -370,30 +385,34 @@ impl PluginHost {
             .filter(|s| s.mode == HookMode::Concurrent)
             .collect();
         if !concurrent.is_empty() {
-            let current = Arc::clone(text.get_or_insert_with(|| payload.to_string().into()));
+            if concurrent.iter().any(|s| s.is_plugin()) && text.is_none() {
+                text = Some(payload.to_string().into());
+            }
             let answers: Vec<Option<HookResult>> = if concurrent.len() == 1 {
                 vec![run_subscriber(
                     concurrent[0],
                     point,
                     &payload,
-                    &current,
+                    &mut text,
                     clock,
                 )]
             } else {
                 let payload = &payload;
+                let shared = &text;
                 std::thread::scope(|scope| {
                     let others: Vec<_> = concurrent[1..]
                         .iter()
                         .map(|s| {
-                            let current = &current;
-                            scope.spawn(move || run_subscriber(s, point, payload, current, clock))
+                            let mut text = shared.clone();
+                            scope.spawn(move || run_subscriber(s, point, payload, &mut text, clock))
                         })
                         .collect();
+                    let mut first = shared.clone();
                     let mut answers = vec![run_subscriber(
                         concurrent[0],
                         point,
                         payload,
-                        &current,
+                        &mut first,
                         clock,
                     )];
                     answers.extend(others.into_iter().map(|h| h.join().unwrap_or(None)));
@@ -416,8 +435,7 @@ impl PluginHost {
         }
 
         for subscriber in rest.iter().filter(|s| s.mode == HookMode::Audit) {
-            let current = Arc::clone(text.get_or_insert_with(|| payload.to_string().into()));
-            match run_subscriber(subscriber, point, &payload, &current, clock) {
+            match run_subscriber(subscriber, point, &payload, &mut text, clock) {
                 Some(HookResult::Continue) | None => {}
                 Some(other) => tracing::info!(
                     subscriber = %subscriber.name,
@@ -433,14 +451,16 @@ impl PluginHost {
             .filter(|s| s.mode == HookMode::FireAndForget)
             .collect();
         if !detached.is_empty() {
-            let current = Arc::clone(text.get_or_insert_with(|| payload.to_string().into()));
+            if detached.iter().any(|s| s.is_plugin()) && text.is_none() {
+                text = Some(payload.to_string().into());
+            }
             let shared = Arc::new(payload.clone());
             for subscriber in detached {
                 self.inner.fire_queue.push(Job {
                     subscriber: subscriber.clone(),
                     point,
                     payload: Arc::clone(&shared),
-                    text: Arc::clone(&current),
+                    text: text.clone(),
                 });
             }
         }
