@@ -40,6 +40,25 @@ fn bench(c: &mut Criterion) {
     let report = loaded.scan().unwrap();
     assert_eq!(report.loaded.len(), PLUGINS.len(), "{:?}", report.refused);
 
+    // The machine's speed drifts between criterion's back-to-back measurements: also time the two
+    // interleaved, 21 rounds of one run each, and print the median ratio.
+    let run = |host: &host::PluginHost| {
+        let started = std::time::Instant::now();
+        let mut out = Vec::with_capacity(1 << 20);
+        let summary = Pipeline::new(host.clone())
+            .run_stream(Cursor::new(tasks.as_bytes()), &mut out, |_| {})
+            .unwrap();
+        assert_eq!(summary.completed, 1200);
+        started.elapsed().as_secs_f64()
+    };
+    let mut ratios: Vec<f64> = (0..21).map(|_| run(&loaded) / run(&bare)).collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "paired: all plugins / no plugins, median of 21 interleaved runs: {:.2} (throughput {:.0}% of the bare worker's)",
+        ratios[10],
+        100.0 / ratios[10]
+    );
+
     let mut group = c.benchmark_group("worker_run_1200_tasks");
     group.sample_size(20);
     group.throughput(Throughput::Elements(1200));
