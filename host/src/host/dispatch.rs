@@ -237,6 +237,14 @@ impl Subscriber {
     }
 }
 
+/// Makes the payload's JSON text now when a plugin among `subscribers` will need it and it is
+/// not made yet: for the phases whose subscribers run elsewhere (other threads, the queue).
+fn ensure_text(subscribers: &[Subscriber], payload: &Value, text: &mut Option<Arc<str>>) {
+    if text.is_none() && subscribers.iter().any(Subscriber::is_plugin) {
+        *text = Some(payload.to_string().into());
+    }
+}
+
 /// Runs one subscriber; `None` when it failed (logged, and counted for plugins).
 ///
 /// `text` caches the payload as JSON text: made the first time a plugin subscriber needs it
@@ -359,13 +367,20 @@ impl PluginHost {
         let clock = self.inner.clock.as_ref();
         let mut payload = payload();
         let mut text: Option<Arc<str>> = None;
-        let mut phase_start = 0;
+        // The table is sorted by mode first, so each mode's subscribers are one slice.
+        let [sequential, concurrent, audit, detached] = [
+            HookMode::Sequential,
+            HookMode::Concurrent,
+            HookMode::Audit,
+            HookMode::FireAndForget,
+        ]
+        .map(|mode| {
+            let start = subscribers.partition_point(|s| phase(s.mode) < phase(mode));
+            let end = subscribers.partition_point(|s| phase(s.mode) <= phase(mode));
+            &subscribers[start..end]
+        });
 
-        for subscriber in subscribers
-            .iter()
-            .take_while(|s| s.mode == HookMode::Sequential)
-        {
-            phase_start += 1;
+        for subscriber in sequential {
             match run_subscriber(subscriber, point, &payload, &mut text, clock) {
                 None | Some(HookResult::Continue) => {}
                 Some(HookResult::Modify(fields)) => {
@@ -379,18 +394,11 @@ impl PluginHost {
             }
         }
 
-        let rest = &subscribers[phase_start..];
-        let concurrent: Vec<&Subscriber> = rest
-            .iter()
-            .filter(|s| s.mode == HookMode::Concurrent)
-            .collect();
         if !concurrent.is_empty() {
-            if concurrent.iter().any(|s| s.is_plugin()) && text.is_none() {
-                text = Some(payload.to_string().into());
-            }
+            ensure_text(concurrent, &payload, &mut text);
             let answers: Vec<Option<HookResult>> = if concurrent.len() == 1 {
                 vec![run_subscriber(
-                    concurrent[0],
+                    &concurrent[0],
                     point,
                     &payload,
                     &mut text,
@@ -409,7 +417,7 @@ impl PluginHost {
                         .collect();
                     let mut first = shared.clone();
                     let mut answers = vec![run_subscriber(
-                        concurrent[0],
+                        &concurrent[0],
                         point,
                         payload,
                         &mut first,
@@ -434,7 +442,7 @@ impl PluginHost {
             }
         }
 
-        for subscriber in rest.iter().filter(|s| s.mode == HookMode::Audit) {
+        for subscriber in audit {
             match run_subscriber(subscriber, point, &payload, &mut text, clock) {
                 Some(HookResult::Continue) | None => {}
                 Some(other) => tracing::info!(
@@ -446,14 +454,8 @@ impl PluginHost {
             }
         }
 
-        let detached: Vec<&Subscriber> = rest
-            .iter()
-            .filter(|s| s.mode == HookMode::FireAndForget)
-            .collect();
         if !detached.is_empty() {
-            if detached.iter().any(|s| s.is_plugin()) && text.is_none() {
-                text = Some(payload.to_string().into());
-            }
+            ensure_text(detached, &payload, &mut text);
             let shared = Arc::new(payload.clone());
             for subscriber in detached {
                 self.inner.fire_queue.push(Job {
