@@ -1,13 +1,17 @@
 //! Per-plugin call statistics, kept with atomics so that recording never takes a lock.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::Duration;
 
 use serde::Serialize;
 
-/// Counter shards per plugin: threads spread over them so that calls from many threads do not
-/// all bounce one cache line.
-const SHARDS: usize = 8;
+/// Counter shards per plugin. Each of the first `OWNED` belongs to one thread at a time, which
+/// updates it with plain loads and stores: no locked instruction on the call path. Threads
+/// beyond that share the last shard and update it with atomic read-modify-writes.
+const SHARDS: usize = 16;
+const OWNED: usize = SHARDS - 1;
+const SHARED: usize = SHARDS - 1;
 
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -34,42 +38,77 @@ pub(crate) enum Outcome {
     Panic,
 }
 
-fn shard_index() -> usize {
-    use std::cell::Cell;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    thread_local! {
-        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    INDEX.with(|index| {
-        let mut i = index.get();
-        if i == usize::MAX {
-            i = (NEXT.fetch_add(1, Relaxed) % SHARDS as u64) as usize;
-            index.set(i);
+/// Which shards are owned by a live thread: bit `i` for shard `i < OWNED`.
+static CLAIMED: AtomicU64 = AtomicU64::new(0);
+
+/// A thread's shard, released when the thread exits so that another thread can own it.
+struct Claim(usize);
+
+impl Claim {
+    fn take() -> Claim {
+        let mut claimed = CLAIMED.load(Relaxed);
+        loop {
+            let free = !claimed & ((1u64 << OWNED) - 1);
+            if free == 0 {
+                return Claim(SHARED);
+            }
+            let index = free.trailing_zeros() as usize;
+            // Acquire: the thread that owned this shard before released it (below) after its
+            // last update, so this thread's plain loads see those updates.
+            match CLAIMED.compare_exchange_weak(claimed, claimed | 1 << index, Acquire, Relaxed) {
+                Ok(_) => return Claim(index),
+                Err(now) => claimed = now,
+            }
         }
-        i
-    })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.0 != SHARED {
+            CLAIMED.fetch_and(!(1u64 << self.0), Release);
+        }
+    }
+}
+
+thread_local! {
+    static CLAIM: Claim = Claim::take();
+}
+
+/// Adds to a counter of the calling thread's shard.
+#[inline]
+fn add(counter: &AtomicU64, n: u64, owned: bool) {
+    if owned {
+        // Only this thread writes this shard (see `Claim`); readers may see either value.
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+    } else {
+        counter.fetch_add(n, Relaxed);
+    }
 }
 
 impl StatsCell {
     /// Counts one call that took `ticks` of the host's clock (0 when calls are not timed).
     #[inline]
     pub(crate) fn record(&self, ticks: u64, outcome: Outcome) {
-        let shard = &self.shards[shard_index()];
-        shard.calls.fetch_add(1, Relaxed);
+        // A thread whose thread-locals are already destroyed counts in the shared shard.
+        let index = CLAIM.try_with(|claim| claim.0).unwrap_or(SHARED);
+        let owned = index != SHARED;
+        let shard = &self.shards[index];
+        add(&shard.calls, 1, owned);
         if ticks != 0 {
-            shard.total_ticks.fetch_add(ticks, Relaxed);
+            add(&shard.total_ticks, ticks, owned);
             if ticks > shard.max_ticks.load(Relaxed) {
-                shard.max_ticks.fetch_max(ticks, Relaxed);
+                if owned {
+                    shard.max_ticks.store(ticks, Relaxed);
+                } else {
+                    shard.max_ticks.fetch_max(ticks, Relaxed);
+                }
             }
         }
         match outcome {
             Outcome::Ok => {}
-            Outcome::Error => {
-                shard.errors.fetch_add(1, Relaxed);
-            }
-            Outcome::Panic => {
-                shard.panics.fetch_add(1, Relaxed);
-            }
+            Outcome::Error => add(&shard.errors, 1, owned),
+            Outcome::Panic => add(&shard.panics, 1, owned),
         }
     }
 
@@ -131,4 +170,52 @@ impl PluginStats {
 
 fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More threads than owned shards, some alive at once and some after others exited (their
+    /// shards reused): every count lands, none twice.
+    #[test]
+    fn counts_from_many_threads_are_exact() {
+        let cell = StatsCell::default();
+        for round in 0..3u64 {
+            std::thread::scope(|scope| {
+                for t in 0..(SHARDS as u64 + 9) {
+                    let cell = &cell;
+                    scope.spawn(move || {
+                        for i in 0..2_000u64 {
+                            let outcome = match i % 10 {
+                                0 => Outcome::Error,
+                                1 => Outcome::Panic,
+                                _ => Outcome::Ok,
+                            };
+                            cell.record(1 + (i + t + round) % 7, outcome);
+                        }
+                        if t == 3 && round == 1 {
+                            cell.record(1_000_000, Outcome::Ok);
+                        }
+                    });
+                }
+            });
+        }
+        let threads = 3 * (SHARDS as u64 + 9);
+        let sum = |f: fn(&Shard) -> &AtomicU64| {
+            cell.shards.iter().map(|s| f(s).load(Relaxed)).sum::<u64>()
+        };
+        assert_eq!(sum(|s| &s.calls), threads * 2_000 + 1);
+        assert_eq!(sum(|s| &s.errors), threads * 200);
+        assert_eq!(sum(|s| &s.panics), threads * 200);
+        let expected_ticks: u64 = (0..3u64)
+            .flat_map(|round| {
+                (0..(SHARDS as u64 + 9))
+                    .flat_map(move |t| (0..2_000u64).map(move |i| 1 + (i + t + round) % 7))
+            })
+            .sum();
+        assert_eq!(sum(|s| &s.total_ticks), expected_ticks + 1_000_000);
+        let max = cell.shards.iter().map(|s| s.max_ticks.load(Relaxed)).max();
+        assert_eq!(max, Some(1_000_000));
+    }
 }

@@ -2,10 +2,13 @@
 //! each catching panics so that none unwinds into the host (which would abort the process).
 
 use std::any::Any;
+use std::cell::Cell;
 use std::ffi::c_void;
+use std::fmt;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use abi_stable::StableAbi;
 use abi_stable::library::AbiHeader;
@@ -64,18 +67,31 @@ pub const fn header<P: Plugin>(panic_unwind: bool) -> PluginHeader {
 
 static QUIET_PANICS: Once = Once::new();
 
+/// Set once a [`Harness`] exists: the plugin runs inside the caller's own process (a test),
+/// whose panics outside plugin calls must still reach the hook that was there before.
+static IN_PROCESS: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// How many shims this thread is inside.
+    static IN_SHIM: Cell<u32> = const { Cell::new(0) };
+}
+
 /// Runs `f`, turning a panic into an error. Replaces this library's panic hook (each `cdylib`
 /// has its own copy of `std`) with one that only reports the location through the log bridge:
 /// the default hook prints to stderr and, with `RUST_BACKTRACE=1`, maps this library for
 /// symbolization and never lets go of it, which would keep it from unloading.
 fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, CallError> {
     QUIET_PANICS.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            if let Some(location) = info.location() {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_PROCESS.load(Ordering::Relaxed) && IN_SHIM.try_with(Cell::get).unwrap_or(0) == 0 {
+                previous(info);
+            } else if let Some(location) = info.location() {
                 tracing::debug!(target: "plugin_api::panic", %location, "plugin code panicked");
             }
         }));
     });
+    let _inside = ShimDepth::enter();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(value)) => ROk(value),
         Ok(Err(e)) => RErr(call_error(e)),
@@ -83,6 +99,26 @@ fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, CallError>
             kind: ErrorKind::Panicked,
             message: RString::from(panic_message(payload.as_ref())),
         }),
+    }
+}
+
+/// Counts this thread as inside a shim until dropped (after the panic, if any, was caught).
+struct ShimDepth;
+
+impl ShimDepth {
+    /// Counted only in-process: in a plugin library nothing reads the count, and a
+    /// thread-local there costs a call into the dynamic linker.
+    fn enter() -> Option<Self> {
+        IN_PROCESS.load(Ordering::Relaxed).then(|| {
+            IN_SHIM.with(|depth| depth.set(depth.get() + 1));
+            ShimDepth
+        })
+    }
+}
+
+impl Drop for ShimDepth {
+    fn drop(&mut self) {
+        let _ = IN_SHIM.try_with(|depth| depth.set(depth.get().saturating_sub(1)));
     }
 }
 
@@ -254,4 +290,134 @@ extern "C" fn on_hook<P: Plugin>(
             .run(&instance.plugin, hook.as_str(), payload.as_str())?;
         Ok(json_option(result.to_json()))
     })
+}
+
+/// A plugin instance driven in-process through the very entry points the host calls: the same
+/// panic-catching shims, method and hook lookup and JSON handling, without a library or a host.
+///
+/// For unit tests of a plugin (a panic comes back as an error of kind
+/// [`Panicked`](ErrorKind::Panicked), as the host would see it) and for benchmarks that need the
+/// plugin's own cost as a baseline. The plugin's `tracing` events go to the process's own
+/// subscriber, since no host bridge is installed. Plugin-to-plugin calls
+/// ([`call_plugin`](crate::call_plugin)) fail: there is no host to route them.
+///
+/// # Examples
+///
+/// ```
+/// use plugin_api::{Harness, Methods, Plugin, PluginError, PluginInfo, Value};
+///
+/// struct Doubler;
+///
+/// impl Plugin for Doubler {
+///     fn info() -> PluginInfo {
+///         PluginInfo::new("doubler", "0.1.0", "Doubles a number")
+///     }
+///     fn create(_config: Value) -> Result<Self, PluginError> {
+///         Ok(Doubler)
+///     }
+///     fn methods(methods: &mut Methods<Self>) {
+///         methods.method("double", "Doubles n", |_, n: f64| Ok(n * 2.0));
+///         methods.method("boom", "Panics", |_, _: Value| -> Result<(), PluginError> {
+///             panic!("boom")
+///         });
+///     }
+/// }
+///
+/// let doubler = Harness::<Doubler>::new(Value::Null)?;
+/// assert_eq!(doubler.call("double", "21")?.as_deref(), Some("42.0"));
+/// assert!(doubler.call("boom", "null").is_err());
+/// assert!(doubler.call("triple", "1").is_err());
+/// # Ok::<(), PluginError>(())
+/// ```
+pub struct Harness<P: Plugin> {
+    instance: Box<Instance<P>>,
+}
+
+impl<P: Plugin> Harness<P> {
+    /// Creates the plugin with `config`, as the host's load would (without the log bridge).
+    ///
+    /// # Errors
+    ///
+    /// The plugin's `create` failed or panicked.
+    pub fn new(config: Value) -> Result<Self, PluginError> {
+        IN_PROCESS.store(true, Ordering::Relaxed);
+        let _inside = ShimDepth::enter();
+        let instance = catch_unwind(|| -> Result<Instance<P>, PluginError> {
+            let plugin = P::create(config)?;
+            let mut methods = Methods::new();
+            P::methods(&mut methods);
+            let mut hooks = Hooks::new();
+            P::hooks(&mut hooks);
+            Ok(Instance {
+                plugin,
+                methods,
+                hooks,
+            })
+        })
+        .map_err(|payload| PluginError {
+            kind: ErrorKind::Panicked,
+            message: panic_message(payload.as_ref()),
+        })??;
+        Ok(Self {
+            instance: Box::new(instance),
+        })
+    }
+
+    /// The plugin itself.
+    pub fn plugin(&self) -> &P {
+        &self.instance.plugin
+    }
+
+    fn handle(&self) -> InstanceHandle {
+        InstanceHandle(std::ptr::from_ref::<Instance<P>>(&self.instance).cast::<c_void>())
+    }
+
+    /// Calls `method` with params as JSON text (empty for none), through the entry point the
+    /// host calls; the answer is JSON text, `None` for no answer.
+    ///
+    /// # Errors
+    ///
+    /// What the host would see as a failed call: no such method, invalid params, an error, or
+    /// a panic (kind [`Panicked`](ErrorKind::Panicked)).
+    pub fn call(&self, method: &str, params: &str) -> Result<Option<String>, PluginError> {
+        owned(execute::<P>(
+            self.handle(),
+            RStr::from_str(method),
+            RStr::from_str(params),
+        ))
+    }
+
+    /// Runs the plugin's handler for `hook` with the payload as JSON text, through the entry
+    /// point the host calls. The answer is `None` for "continue", else JSON text of
+    /// `{"modify": {..}}` or `{"block": {"reason", "code"}}`.
+    ///
+    /// # Errors
+    ///
+    /// The plugin does not subscribe to `hook`, or its handler failed or panicked.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub fn hook(&self, hook: &str, payload: &str) -> Result<Option<String>, PluginError> {
+        owned(on_hook::<P>(
+            self.handle(),
+            RStr::from_str(hook),
+            RStr::from_str(payload),
+        ))
+    }
+}
+
+impl<P: Plugin + fmt::Debug> fmt::Debug for Harness<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Harness")
+            .field("plugin", &self.instance.plugin)
+            .finish_non_exhaustive()
+    }
+}
+
+fn owned(result: JsonResult) -> Result<Option<String>, PluginError> {
+    match result {
+        ROk(json) => Ok(json.into_option().map(RString::into_string)),
+        RErr(e) => Err(PluginError {
+            kind: e.kind,
+            message: e.message.into_string(),
+        }),
+    }
 }

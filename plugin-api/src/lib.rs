@@ -87,6 +87,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use export::Harness;
 pub use hooks::{HookMode, HookResult, HookSubscription, Hooks};
 pub use methods::Methods;
 pub use serde_json::Value;

@@ -61,6 +61,9 @@ impl std::fmt::Debug for HostHook {
 #[derive(Clone, Default)]
 pub(super) struct HookTable {
     points: [Arc<[Subscriber]>; HookPoint::ALL.len()],
+    /// Per point, where each mode's subscribers start in `points` (sequential, concurrent,
+    /// audit, fire-and-forget), then the end.
+    phases: [[usize; 5]; HookPoint::ALL.len()],
 }
 
 impl std::fmt::Debug for HookTable {
@@ -112,6 +115,11 @@ impl HookTable {
             subscribers.sort_by(|a, b| {
                 (phase(a.mode), a.priority, &a.name).cmp(&(phase(b.mode), b.priority, &b.name))
             });
+            let mut bounds = [0; 5];
+            for (phase_index, bound) in bounds.iter_mut().enumerate() {
+                *bound = subscribers.partition_point(|s| usize::from(phase(s.mode)) < phase_index);
+            }
+            table.phases[i] = bounds;
             table.points[i] = subscribers.into();
         }
         table
@@ -193,7 +201,7 @@ impl FireQueue {
                         job.point,
                         &job.payload,
                         &mut job.text,
-                        None,
+                        &mut Timer::new(None),
                     );
                 }
             })?;
@@ -239,9 +247,9 @@ impl Subscriber {
 
 /// Makes the payload's JSON text now when a plugin among `subscribers` will need it and it is
 /// not made yet: for the phases whose subscribers run elsewhere (other threads, the queue).
-fn ensure_text(subscribers: &[Subscriber], payload: &Value, text: &mut Option<Arc<str>>) {
+fn ensure_text(subscribers: &[Subscriber], payload: &Value, text: &mut Option<String>) {
     if text.is_none() && subscribers.iter().any(Subscriber::is_plugin) {
-        *text = Some(payload.to_string().into());
+        *text = Some(payload.to_string());
     }
 }
 
@@ -249,24 +257,66 @@ fn ensure_text(subscribers: &[Subscriber], payload: &Value, text: &mut Option<Ar
 ///
 /// `text` caches the payload as JSON text: made the first time a plugin subscriber needs it
 /// (host hooks take the value itself), and reset by the caller when the payload changes.
-fn run_subscriber(
+/// Times subscribers run one after another. Reading the clock costs about as much as a small
+/// subscriber, so when nothing happens between two subscribers, the reading that ends one call
+/// starts the next.
+pub(super) struct Timer<'c> {
+    clock: Option<&'c quanta::Clock>,
+    /// The reading that ended the previous call, when nothing has happened since; else 0.
+    last: u64,
+}
+
+impl<'c> Timer<'c> {
+    pub(super) fn new(clock: Option<&'c quanta::Clock>) -> Self {
+        Timer { clock, last: 0 }
+    }
+
+    fn start(&mut self) -> u64 {
+        match self.clock {
+            None => 0,
+            Some(_) if self.last != 0 => self.last,
+            Some(clock) => clock.raw(),
+        }
+    }
+
+    /// Ticks since `started`, at least 1 (0 means untimed); the reading may start the next call.
+    fn stop(&mut self, started: u64) -> u64 {
+        self.clock.map_or(0, |clock| {
+            self.last = clock.raw();
+            self.last.saturating_sub(started).max(1)
+        })
+    }
+
+    /// Something ran since the last call ended: the next call reads the clock afresh.
+    fn interrupt(&mut self) {
+        self.last = 0;
+    }
+}
+
+fn run_subscriber<T: std::ops::Deref<Target = str> + From<String>>(
     subscriber: &Subscriber,
     point: HookPoint,
     payload: &Value,
-    text: &mut Option<Arc<str>>,
-    clock: Option<&quanta::Clock>,
+    text: &mut Option<T>,
+    timer: &mut Timer<'_>,
 ) -> Option<HookResult> {
     match &subscriber.target {
         Target::Plugin { generation, stats } => {
-            let text: &str = text.get_or_insert_with(|| payload.to_string().into());
-            let started = clock.map_or(0, quanta::Clock::raw);
+            let text: &str = match text {
+                Some(text) => text,
+                None => {
+                    timer.interrupt();
+                    text.insert(payload.to_string().into())
+                }
+            };
+            let started = timer.start();
             let result = generation
                 .library
                 .on_hook(point.name(), text, |answer| match answer {
                     Ok(json) => parse_answer(json).map_err(|e| (ErrorKind::Failed, e)),
                     Err((kind, message)) => Err((kind, message.to_owned())),
                 });
-            let ticks = clock.map_or(0, |c| c.raw().saturating_sub(started).max(1));
+            let ticks = timer.stop(started);
             match result {
                 None => None,
                 Some(Ok(answer)) => {
@@ -283,6 +333,7 @@ fn run_subscriber(
                             Outcome::Error
                         },
                     );
+                    timer.interrupt();
                     tracing::warn!(
                         plugin = %subscriber.name,
                         hook = %point,
@@ -295,6 +346,7 @@ fn run_subscriber(
             }
         }
         Target::Host(f) => {
+            timer.interrupt();
             match catch_unwind(AssertUnwindSafe(|| f(&HookEvent { point, payload }))) {
                 Ok(answer) => Some(answer),
                 Err(_) => {
@@ -366,24 +418,23 @@ impl PluginHost {
         }
         let clock = self.inner.clock.as_ref();
         let mut payload = payload();
-        let mut text: Option<Arc<str>> = None;
+        // Kept as a plain string on this thread: no copy unless fire-and-forget jobs need it.
+        let mut text: Option<String> = None;
         // The table is sorted by mode first, so each mode's subscribers are one slice.
-        let [sequential, concurrent, audit, detached] = [
-            HookMode::Sequential,
-            HookMode::Concurrent,
-            HookMode::Audit,
-            HookMode::FireAndForget,
-        ]
-        .map(|mode| {
-            let start = subscribers.partition_point(|s| phase(s.mode) < phase(mode));
-            let end = subscribers.partition_point(|s| phase(s.mode) <= phase(mode));
-            &subscribers[start..end]
-        });
+        let [seq, conc, aud, det, end] = registry.hooks.phases[point.index()];
+        let (sequential, concurrent, audit, detached) = (
+            &subscribers[seq..conc],
+            &subscribers[conc..aud],
+            &subscribers[aud..det],
+            &subscribers[det..end],
+        );
 
+        let mut timer = Timer::new(clock);
         for subscriber in sequential {
-            match run_subscriber(subscriber, point, &payload, &mut text, clock) {
+            match run_subscriber(subscriber, point, &payload, &mut text, &mut timer) {
                 None | Some(HookResult::Continue) => {}
                 Some(HookResult::Modify(fields)) => {
+                    timer.interrupt();
                     if apply_patch(point, &subscriber.name, &mut payload, fields) {
                         text = None;
                     }
@@ -402,7 +453,7 @@ impl PluginHost {
                     point,
                     &payload,
                     &mut text,
-                    clock,
+                    &mut Timer::new(clock),
                 )]
             } else {
                 let payload = &payload;
@@ -412,7 +463,9 @@ impl PluginHost {
                         .iter()
                         .map(|s| {
                             let mut text = shared.clone();
-                            scope.spawn(move || run_subscriber(s, point, payload, &mut text, clock))
+                            scope.spawn(move || {
+                                run_subscriber(s, point, payload, &mut text, &mut Timer::new(clock))
+                            })
                         })
                         .collect();
                     let mut first = shared.clone();
@@ -421,7 +474,7 @@ impl PluginHost {
                         point,
                         payload,
                         &mut first,
-                        clock,
+                        &mut Timer::new(clock),
                     )];
                     answers.extend(others.into_iter().map(|h| h.join().unwrap_or(None)));
                     answers
@@ -442,27 +495,33 @@ impl PluginHost {
             }
         }
 
+        // The concurrent phase ran since the last sequential call ended.
+        timer.interrupt();
         for subscriber in audit {
-            match run_subscriber(subscriber, point, &payload, &mut text, clock) {
+            match run_subscriber(subscriber, point, &payload, &mut text, &mut timer) {
                 Some(HookResult::Continue) | None => {}
-                Some(other) => tracing::info!(
+                Some(other) => {
+                    timer.interrupt();
+                    tracing::info!(
                     subscriber = %subscriber.name,
                     hook = %point,
                     answer = ?other,
                     "audit subscriber answered; ignored (audit is read-only)"
-                ),
+                    );
+                }
             }
         }
 
         if !detached.is_empty() {
             ensure_text(detached, &payload, &mut text);
+            let shared_text: Option<Arc<str>> = text.map(Arc::from);
             let shared = Arc::new(payload.clone());
             for subscriber in detached {
                 self.inner.fire_queue.push(Job {
                     subscriber: subscriber.clone(),
                     point,
                     payload: Arc::clone(&shared),
-                    text: text.clone(),
+                    text: shared_text.clone(),
                 });
             }
         }
