@@ -17,7 +17,7 @@ use abi_stable::abi_stability::abi_checking::{
 };
 use abi_stable::library::AbiHeader;
 use abi_stable::prefix_type::{PrefixRef, WithMetadata};
-use abi_stable::std_types::{RErr, ROk, RStr, RString};
+use abi_stable::std_types::{RErr, RNone, ROk, RSome, RStr, RString};
 use abi_stable::type_layout::TypeLayout;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::abi::{
@@ -243,7 +243,9 @@ impl PluginLibrary {
         let on_hook = self.table.on_hook()?;
         let result = on_hook(instance, RStr::from_str(hook), RStr::from_str(payload));
         Some(match &result {
-            ROk(json) => f(Ok(json.as_ref().map(RString::as_str).into_option())),
+            // "Continue", by far the most common answer: nothing to free.
+            ROk(RNone) => f(Ok(None)),
+            ROk(RSome(json)) => f(Ok(Some(json.as_str()))),
             RErr(e) => f(Err((e.kind, e.message.as_str()))),
         })
     }

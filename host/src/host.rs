@@ -336,6 +336,8 @@ enum Failure {
     MethodNotFound,
     Plugin(ErrorKind, String),
     InvalidJson(String),
+    /// The answer is JSON of another shape than asked for (message, expected type).
+    WrongType(String, &'static str),
 }
 
 impl PluginHost {
@@ -863,35 +865,59 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Result<Option<Value>, CallError> {
-        self.dispatch(plugin, method, params).map_err(|failure| {
-            let (plugin, method) = (plugin.to_owned(), method.to_owned());
-            match failure {
-                Failure::PluginNotFound => CallError::PluginNotFound { plugin },
-                Failure::MethodNotFound => CallError::MethodNotFound { plugin, method },
-                Failure::InvalidJson(message) => CallError::InvalidJson {
-                    plugin,
-                    method,
-                    message,
-                },
-                Failure::Plugin(kind, message) => match kind {
-                    ErrorKind::Panicked => CallError::Panicked {
-                        plugin,
-                        method,
-                        message,
-                    },
-                    ErrorKind::InvalidParams => CallError::InvalidParams {
-                        plugin,
-                        method,
-                        message,
-                    },
-                    _ => CallError::Failed {
-                        plugin,
-                        method,
-                        message,
-                    },
-                },
+        self.dispatch(plugin, method, params)
+            .map_err(|failure| call_error(plugin, method, failure))
+    }
+
+    /// Like [`call`](Self::call), typed both ways: `params` (any `Serialize` value) is written
+    /// straight to JSON text and the answer read straight into `T`, with no [`Value`] in
+    /// between; a call to a plugin that is not loaded serializes nothing. A JSON `null` answer
+    /// is `Ok(None)`.
+    ///
+    /// ```no_run
+    /// # fn demo(host: &host::PluginHost) {
+    /// #[derive(serde::Serialize)]
+    /// struct Pick<'a> {
+    ///     experiment: &'a str,
+    ///     key: &'a str,
+    /// }
+    /// let variant: String = host
+    ///     .call_with("experiment", "pickVariant", &Pick { experiment: "tone", key: "user-7" })
+    ///     .ok()
+    ///     .flatten()
+    ///     .unwrap_or_else(|| "A".to_owned());
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call), plus [`CallError::WrongType`] when the answer does not fit `T`
+    /// and [`CallError::InvalidParams`] when `params` cannot be written as JSON.
+    pub fn call_with<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+    ) -> Result<Option<T>, CallError> {
+        self.dispatch_with(plugin, method, params)
+            .map_err(|failure| call_error(plugin, method, failure))
+    }
+
+    /// Like [`execute`](Self::execute), typed both ways as [`call_with`](Self::call_with):
+    /// `None` (with a log event) for every failure, an answer of another shape included.
+    pub fn execute_with<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+    ) -> Option<T> {
+        match self.dispatch_with(plugin, method, params) {
+            Ok(value) => value,
+            Err(failure) => {
+                log_failure(plugin, method, &failure);
+                None
             }
-        })
+        }
     }
 
     /// Calls `plugin.method(params)`; `None` when the plugin answered nothing or the call could
@@ -920,20 +946,7 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Option<T> {
-        let value = self.execute(plugin, method, params)?;
-        match serde_json::from_value(value) {
-            Ok(typed) => Some(typed),
-            Err(e) => {
-                tracing::warn!(
-                    plugin,
-                    method,
-                    error = %e,
-                    expected = std::any::type_name::<T>(),
-                    "plugin answered an unexpected value; answering nothing"
-                );
-                None
-            }
-        }
+        self.execute_with(plugin, method, params)
     }
 
     /// The common pattern `execute(...) or default`:
@@ -988,6 +1001,43 @@ impl PluginHost {
         })
     }
 
+    /// The typed path: params written and the answer read with no `Value` in between.
+    fn dispatch_with<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+    ) -> Result<Option<T>, Failure> {
+        if !self.may_be_loaded(plugin) {
+            return Err(Failure::PluginNotFound);
+        }
+        let text = serde_json::to_string(params).map_err(|e| {
+            Failure::Plugin(
+                ErrorKind::InvalidParams,
+                format!("the params cannot be written as JSON: {e}"),
+            )
+        })?;
+        // No params reach the plugin as empty text, as in `execute`.
+        let text = if text == "null" { "" } else { text.as_str() };
+        self.dispatch_text(plugin, method, text, |answer| match answer {
+            None | Some("null") => Ok(None),
+            Some(json) => serde_json::from_str(json).map(Some).map_err(|e| {
+                if e.is_syntax() || e.is_eof() {
+                    Failure::InvalidJson(e.to_string())
+                } else {
+                    Failure::WrongType(e.to_string(), std::any::type_name::<T>())
+                }
+            }),
+        })
+    }
+
+    /// Whether a plugin of this name may be loaded: `false` is certain, `true` is checked by the
+    /// registry.
+    #[inline]
+    fn may_be_loaded(&self, plugin: &str) -> bool {
+        self.inner.names.load(Ordering::Acquire) & name_bit(plugin) != 0
+    }
+
     /// Calls `plugin.method` with params as JSON text; `on_answer` reads the answer while the
     /// plugin's string is alive.
     #[inline]
@@ -998,7 +1048,7 @@ impl PluginHost {
         params: &str,
         on_answer: impl FnOnce(Option<&str>) -> Result<Option<R>, Failure>,
     ) -> Result<Option<R>, Failure> {
-        if self.inner.names.load(Ordering::Acquire) & name_bit(plugin) == 0 {
+        if !self.may_be_loaded(plugin) {
             return Err(Failure::PluginNotFound);
         }
         // This snapshot of the registry holds the generation alive until the call returns,
@@ -1027,6 +1077,42 @@ impl PluginHost {
     }
 }
 
+/// The public error for a failed call.
+fn call_error(plugin: &str, method: &str, failure: Failure) -> CallError {
+    let (plugin, method) = (plugin.to_owned(), method.to_owned());
+    match failure {
+        Failure::PluginNotFound => CallError::PluginNotFound { plugin },
+        Failure::MethodNotFound => CallError::MethodNotFound { plugin, method },
+        Failure::InvalidJson(message) => CallError::InvalidJson {
+            plugin,
+            method,
+            message,
+        },
+        Failure::WrongType(message, expected) => CallError::WrongType {
+            plugin,
+            method,
+            message: format!("{message} (expected {expected})"),
+        },
+        Failure::Plugin(kind, message) => match kind {
+            ErrorKind::Panicked => CallError::Panicked {
+                plugin,
+                method,
+                message,
+            },
+            ErrorKind::InvalidParams => CallError::InvalidParams {
+                plugin,
+                method,
+                message,
+            },
+            _ => CallError::Failed {
+                plugin,
+                method,
+                message,
+            },
+        },
+    }
+}
+
 #[cold]
 fn log_failure(plugin: &str, method: &str, failure: &Failure) {
     match failure {
@@ -1044,6 +1130,9 @@ fn log_failure(plugin: &str, method: &str, failure: &Failure) {
         }
         Failure::InvalidJson(message) => {
             tracing::warn!(plugin, method, error = %message, "plugin answered invalid JSON; answering nothing");
+        }
+        Failure::WrongType(message, expected) => {
+            tracing::warn!(plugin, method, error = %message, expected, "plugin answered an unexpected value; answering nothing");
         }
     }
 }

@@ -714,6 +714,12 @@ impl PluginHost {
                 ErrorKind::Failed,
                 format!("{plugin}.{method} answered invalid JSON: {e}"),
             ),
+            Failure::WrongType(e, expected) => (
+                ErrorKind::Failed,
+                format!(
+                    "{plugin}.{method} answered an unexpected value: {e} (expected {expected})"
+                ),
+            ),
             Failure::Plugin(ErrorKind::Panicked, message) => (
                 ErrorKind::Failed,
                 format!("{plugin}.{method} panicked: {message}"),

@@ -27,7 +27,6 @@ mod example;
 mod handlers;
 mod summary;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::time::Instant;
 
@@ -111,24 +110,36 @@ pub struct Pipeline {
 /// Plugin calls made for one task, with their time.
 #[derive(Default)]
 struct PluginCalls {
-    ms: BTreeMap<String, f64>,
+    /// Milliseconds per plugin asked, in the order first asked.
+    ms: Vec<(&'static str, f64)>,
+}
+
+impl Serialize for PluginCalls {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.ms.iter().map(|(plugin, ms)| (*plugin, *ms)))
+    }
 }
 
 impl PluginCalls {
-    fn ask(
+    /// Asks `plugin.method(params)` for an answer of type `T`; `None` when the plugin is not
+    /// loaded, has no say, or failed (logged).
+    fn ask<P: Serialize, T: serde::de::DeserializeOwned>(
         &mut self,
         host: &PluginHost,
-        plugin: &str,
+        plugin: &'static str,
         method: &str,
-        params: &Value,
-    ) -> Option<Value> {
+        params: &P,
+    ) -> Option<T> {
         let started = Instant::now();
-        let answer = host.call(plugin, method, params);
+        let answer = host.call_with(plugin, method, params);
         match answer {
             Err(CallError::PluginNotFound { .. }) => None,
             answer => {
-                *self.ms.entry(plugin.to_owned()).or_default() +=
-                    started.elapsed().as_secs_f64() * 1e3;
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                match self.ms.iter_mut().find(|(p, _)| *p == plugin) {
+                    Some((_, total)) => *total += ms,
+                    None => self.ms.push((plugin, ms)),
+                }
                 match answer {
                     Ok(value) => value,
                     Err(e) => {
@@ -141,6 +152,43 @@ impl PluginCalls {
             }
         }
     }
+}
+
+/// Params of the pipeline's plugin calls, written straight to JSON text.
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct AskParams<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    experiment: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_words: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handlers: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arms: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    optional: bool,
+}
+
+/// What the `task-policy` plugin answers: a profile for the task's type.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Profile {
+    handlers: Option<Vec<String>>,
+    max_words: Option<u64>,
+}
+
+/// What the `champion` plugin answers: the handler for this task and its role.
+#[derive(Deserialize)]
+struct Route {
+    handler: Option<String>,
+    role: Option<String>,
 }
 
 /// Token F1 between `output` and `reference`: the words (lower-case, alphanumeric) they share,
@@ -262,18 +310,21 @@ impl Pipeline {
             ));
         }
 
-        let profile = calls
+        let profile: Profile = calls
             .ask(
                 host,
                 "task-policy",
                 "selectProfile",
-                &json!({"taskType": task.task_type}),
+                &AskParams {
+                    task_type: Some(&task.task_type),
+                    ..AskParams::default()
+                },
             )
-            .unwrap_or(Value::Null);
-        if let Some(allowed) = profile.get("handlers").and_then(Value::as_array) {
+            .unwrap_or_default();
+        if let Some(allowed) = &profile.handlers {
             let narrowed: Vec<String> = candidates
                 .iter()
-                .filter(|c| allowed.iter().any(|a| a.as_str() == Some(c.as_str())))
+                .filter(|c| allowed.contains(c))
                 .cloned()
                 .collect();
             if narrowed.is_empty() {
@@ -282,59 +333,67 @@ impl Pipeline {
                 candidates = narrowed;
             }
         }
-        let max_words = profile
-            .get("maxWords")
-            .and_then(Value::as_u64)
-            .map(|n| n as usize);
+        let max_words = profile.max_words.map(|n| n as usize);
         let is_candidate = |h: &str| candidates.iter().any(|c| c == h);
         let input_words = count_words(&task.input);
 
         let mut role = None;
         let mut handler = calls
-            .ask(
+            .ask::<_, String>(
                 host,
                 "model-router",
                 "chooseModel",
-                &json!({"taskType": task.task_type, "inputWords": input_words, "handlers": candidates}),
+                &AskParams {
+                    task_type: Some(&task.task_type),
+                    input_words: Some(input_words),
+                    handlers: Some(&candidates),
+                    ..AskParams::default()
+                },
             )
-            .and_then(|v| v.as_str().map(str::to_owned))
             .filter(|h| is_candidate(h));
         if handler.is_none() {
-            if let Some(route) = calls.ask(
+            if let Some(route) = calls.ask::<_, Route>(
                 host,
                 "champion",
                 "route",
-                &json!({"taskType": task.task_type, "key": task.id}),
+                &AskParams {
+                    task_type: Some(&task.task_type),
+                    key: Some(&task.id),
+                    ..AskParams::default()
+                },
             ) {
-                let chosen = route
-                    .get("handler")
-                    .and_then(Value::as_str)
-                    .filter(|h| is_candidate(h));
-                if let Some(chosen) = chosen {
-                    handler = Some(chosen.to_owned());
-                    role = route.get("role").and_then(Value::as_str).map(str::to_owned);
+                if let Some(chosen) = route.handler.filter(|h| is_candidate(h)) {
+                    handler = Some(chosen);
+                    role = route.role;
                 }
             }
         }
         if handler.is_none() {
             handler = calls
-                .ask(
+                .ask::<_, String>(
                     host,
                     "bandit",
                     "choose",
-                    &json!({"context": task.task_type, "arms": candidates}),
+                    &AskParams {
+                        context: Some(&task.task_type),
+                        arms: Some(&candidates),
+                        ..AskParams::default()
+                    },
                 )
-                .and_then(|v| v.as_str().map(str::to_owned))
                 .filter(|h| is_candidate(h));
         }
-        let variant = calls
-            .ask(
-                host,
-                "experiment",
-                "pickVariant",
-                &json!({"experiment": task.task_type, "key": task.id, "taskType": task.task_type, "optional": true}),
-            )
-            .and_then(|v| v.as_str().map(str::to_owned));
+        let variant: Option<String> = calls.ask(
+            host,
+            "experiment",
+            "pickVariant",
+            &AskParams {
+                experiment: Some(&task.task_type),
+                key: Some(&task.id),
+                task_type: Some(&task.task_type),
+                optional: true,
+                ..AskParams::default()
+            },
+        );
         let experiment = variant.as_ref().map(|_| task.task_type.clone());
         let mut handler = match (handler, &variant) {
             (Some(h), _) => h,
@@ -432,7 +491,7 @@ impl Pipeline {
                 json!({
                     "id": task.id, "type": task.task_type, "handler": handler, "variant": variant,
                     "experiment": experiment, "role": role, "score": score, "latency_ms": latency_ms,
-                    "output_len": output.chars().count(), "plugins_ms": calls.ms,
+                    "output_len": output.chars().count(), "plugins_ms": calls,
                 })
             });
             if let Err(v) = fired {

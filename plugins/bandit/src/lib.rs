@@ -187,22 +187,27 @@ struct StatsParams {
 
 /// The fields of a `task.scored` payload the bandit reads. Any of them may be missing, null or
 /// of another type; such a payload is skipped.
-#[derive(Debug, Default, PartialEq)]
+/// The fields of a `task.scored` payload this plugin reads. Each is read leniently: a field
+/// of another type counts as absent, and the other fields are skipped unparsed.
+#[derive(Debug, Default, PartialEq, Deserialize)]
 struct ScoredTask {
+    #[serde(rename = "type", default, deserialize_with = "lenient_text")]
     task_type: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
     handler: Option<String>,
+    #[serde(default, deserialize_with = "lenient_number")]
     score: Option<f64>,
 }
 
-impl ScoredTask {
-    fn from_payload(payload: &Value) -> Self {
-        let text = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_owned);
-        Self {
-            task_type: text("type"),
-            handler: text("handler"),
-            score: payload.get("score").and_then(Value::as_f64),
-        }
-    }
+fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn lenient_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(Value::deserialize(d)?.as_f64())
 }
 
 impl BanditPlugin {
@@ -323,8 +328,8 @@ impl BanditPlugin {
         Ok(())
     }
 
-    fn on_scored(&self, payload: Value) -> Result<HookResult, PluginError> {
-        let task = ScoredTask::from_payload(&payload);
+    fn on_scored(&self, task: Option<ScoredTask>) -> Result<HookResult, PluginError> {
+        let task = task.unwrap_or_default();
         let (Some(context), Some(arm), Some(reward)) = (task.task_type, task.handler, task.score)
         else {
             return Ok(HookResult::Continue);

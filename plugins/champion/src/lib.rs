@@ -216,22 +216,27 @@ struct StatusParams {
 
 /// The fields of a `task.scored` payload the plugin reads. Any of them may be missing, null or
 /// of another type; such a payload is skipped.
-#[derive(Debug, Default, PartialEq)]
+/// The fields of a `task.scored` payload this plugin reads. Each is read leniently: a field
+/// of another type counts as absent, and the other fields are skipped unparsed.
+#[derive(Debug, Default, PartialEq, Deserialize)]
 struct ScoredTask {
+    #[serde(rename = "type", default, deserialize_with = "lenient_text")]
     task_type: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
     handler: Option<String>,
+    #[serde(default, deserialize_with = "lenient_number")]
     score: Option<f64>,
 }
 
-impl ScoredTask {
-    fn from_payload(payload: &Value) -> Self {
-        let text = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_owned);
-        Self {
-            task_type: text("type"),
-            handler: text("handler"),
-            score: payload.get("score").and_then(Value::as_f64),
-        }
-    }
+fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn lenient_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(Value::deserialize(d)?.as_f64())
 }
 
 impl ChampionPlugin {
@@ -349,8 +354,9 @@ impl ChampionPlugin {
         Some(promotion)
     }
 
-    fn on_scored(&self, payload: Value) -> Result<HookResult, PluginError> {
-        self.record_scored(ScoredTask::from_payload(&payload));
+    fn on_scored(&self, task: Option<ScoredTask>) -> Result<HookResult, PluginError> {
+        let task = task.unwrap_or_default();
+        self.record_scored(task);
         Ok(HookResult::Continue)
     }
 
@@ -558,7 +564,7 @@ mod tests {
         let payload = json!({"id": "t-1", "type": "summarize", "handler": handler,
             "variant": null, "experiment": null, "role": null, "score": score,
             "latency_ms": 0.4, "output_len": 12, "plugins_ms": {"champion": 0.01}});
-        p.record_scored(ScoredTask::from_payload(&payload))
+        p.record_scored(serde_json::from_value(payload).unwrap())
     }
 
     fn route(p: &ChampionPlugin, key: Option<String>) -> Route {

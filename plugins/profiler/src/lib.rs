@@ -39,7 +39,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use plugin_api::{
     HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
@@ -70,22 +70,13 @@ fn upper_bound(i: usize) -> f64 {
 
 /// The bucket a value (finite, `>= 0`) falls into: the first whose upper bound is `>=` it.
 fn bucket_of(ms: f64) -> usize {
+    static BOUNDS: OnceLock<Vec<f64>> = OnceLock::new();
+    // The upper bounds of the log-scale buckets 1..=RANGE_BUCKETS, computed once.
+    let bounds = BOUNDS.get_or_init(|| (1..=RANGE_BUCKETS).map(upper_bound).collect());
     if ms <= LOW_MS {
         return 0;
     }
-    if ms > upper_bound(RANGE_BUCKETS) {
-        return RANGE_BUCKETS + 1;
-    }
-    let estimate = (PER_DECADE as f64 * (ms / LOW_MS).log10()).ceil();
-    let mut i = (estimate.max(1.0) as usize).min(RANGE_BUCKETS);
-    // Correct the rounding of log10 at bucket boundaries.
-    while i > 1 && ms <= upper_bound(i - 1) {
-        i -= 1;
-    }
-    while i < RANGE_BUCKETS && ms > upper_bound(i) {
-        i += 1;
-    }
-    i
+    1 + bounds.partition_point(|&bound| bound < ms)
 }
 
 /// A latency histogram in milliseconds with fixed log-scale buckets.
