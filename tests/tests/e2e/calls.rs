@@ -1,7 +1,7 @@
 //! Calls: answers, every no-op path, typed helpers, statistics.
 
 use host::CallError;
-use serde_json::json;
+use serde_json::{Value, json};
 use tests::PluginDir;
 
 fn host_with(plugins: &[&str]) -> (PluginDir, host::PluginHost) {
@@ -107,6 +107,94 @@ fn typed_helpers() {
     assert_eq!(
         host.execute_or("echo", "echo", &json!("B"), "A".to_owned()),
         "B"
+    );
+}
+
+/// Typed both ways with no `Value` in between: params of any `Serialize` type, answers read
+/// into the caller's type, every failure named.
+#[test]
+fn typed_calls_write_params_and_read_answers_directly() {
+    #[derive(serde::Serialize)]
+    struct Readings<'a> {
+        source: &'a str,
+        values: &'a [f64],
+    }
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Summary {
+        source: String,
+        count: u32,
+        mean: f64,
+    }
+    let (_dir, host) = host_with(&["echo", "faulty"]);
+    let params = Readings {
+        source: "b",
+        values: &[2.0, 4.0],
+    };
+    let summary: Summary = host
+        .call_with("echo", "summarize", &params)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        summary,
+        Summary {
+            source: "B".into(),
+            count: 2,
+            mean: 3.0
+        }
+    );
+    assert_eq!(
+        host.execute_with::<_, Summary>("echo", "summarize", &params),
+        Some(summary)
+    );
+
+    // No params reach the plugin as none; a JSON null answer is no answer.
+    assert_eq!(host.call_with::<_, String>("echo", "echo", &()), Ok(None));
+    assert_eq!(
+        host.call_with::<_, u8>("echo", "echo", &Option::<u8>::None),
+        Ok(None)
+    );
+
+    // An answer of another shape is WrongType, naming the type asked for.
+    match host.call_with::<_, Summary>("echo", "echo", &[1, 2]) {
+        Err(CallError::WrongType {
+            plugin,
+            method,
+            message,
+        }) => {
+            assert_eq!((plugin.as_str(), method.as_str()), ("echo", "echo"));
+            assert!(message.contains("Summary"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(host.execute_with::<_, Summary>("echo", "echo", &[1, 2]), None);
+
+    // Params that cannot be JSON never reach the plugin.
+    let mut bad_keys = std::collections::BTreeMap::new();
+    bad_keys.insert((1, 2), "a map with non-string keys");
+    let calls_before = host.plugin("echo").unwrap().stats.calls;
+    assert!(matches!(
+        host.call_with::<_, Value>("echo", "echo", &bad_keys),
+        Err(CallError::InvalidParams { .. })
+    ));
+    assert_eq!(host.plugin("echo").unwrap().stats.calls, calls_before);
+
+    // The other failures are the same as `call`'s.
+    assert!(matches!(
+        host.call_with::<_, Value>("nobody", "echo", &1),
+        Err(CallError::PluginNotFound { .. })
+    ));
+    assert!(matches!(
+        host.call_with::<_, Value>("faulty", "bad_json", &()),
+        Err(CallError::InvalidJson { .. })
+    ));
+    assert!(matches!(
+        host.call_with::<_, Value>("faulty", "panic", &()),
+        Err(CallError::Panicked { .. })
+    ));
+    assert_eq!(host.execute_with::<_, Value>("faulty", "error", &()), None);
+    assert_eq!(
+        host.execute_with::<_, String>("faulty", "ok", &()),
+        Some("fine".to_owned())
     );
 }
 
