@@ -2,12 +2,14 @@
 //! directly: `cargo bench -p tests --bench hooks`.
 //!
 //! Each subscriber is a copy of the `hookbench` plugin, renamed by patching its name in the
-//! file. "direct" does the same work in-process: the payload cloned and serialized once, then
-//! the plugin's own hook entry point (the shim the host calls: panic guard, hook lookup, parse
-//! the payload, answer continue) called once per subscriber through
-//! [`plugin_api::Harness`]. The difference divided by the number of subscribers is the host's
-//! overhead per subscriber; the bench also prints it from interleaved rounds, which the
-//! machine's drift between criterion's sequential measurements does not skew.
+//! file. The baseline, "direct", does the same work without the host: the payload cloned and
+//! serialized once, then each loaded library's own hook entry point (the shim the host calls:
+//! panic guard, hook lookup, parse the payload, answer continue) called through its function
+//! table, on an instance the benchmark created in that same library. The same functions in the
+//! same libraries, so what differs is the host's dispatch alone. The difference divided by the
+//! number of subscribers is the host's overhead per subscriber; the bench also prints it from
+//! interleaved rounds, which the machine's drift between criterion's sequential measurements
+//! does not skew.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
@@ -15,13 +17,94 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use host::HookPoint;
-use plugin_api::{Harness, Value};
 use serde_json::json;
 use tests::{PluginDir, built_plugin, patched};
 
+/// Calls a loaded plugin library's entry points directly, without the host.
+mod direct {
+    #![allow(
+        unsafe_code,
+        reason = "the benchmark's baseline calls the plugin's C ABI itself"
+    )]
+
+    use std::path::Path;
+
+    use abi_stable::prefix_type::{PrefixRef, WithMetadata};
+    use abi_stable::std_types::{ROk, RStr};
+    use plugin_api::abi::{
+        HEADER_SYMBOL_NUL, HostApi, HostApiRef, HostContext, InstanceHandle, JsonResult,
+        PluginHeader, PluginTable, PluginTableRef, level,
+    };
+
+    extern "C" fn no_log(_: HostContext, _: u8, _: RStr<'_>, _: RStr<'_>) {}
+
+    extern "C" fn no_call(_: HostContext, _: RStr<'_>, _: RStr<'_>, _: RStr<'_>) -> JsonResult {
+        ROk(abi_stable::std_types::RNone)
+    }
+
+    static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
+        log: no_log,
+        call: no_call,
+    });
+
+    /// A second instance of a plugin, created in the library the host already loaded.
+    pub struct Library {
+        table: PluginTableRef,
+        instance: InstanceHandle,
+        _library: libloading::Library,
+    }
+
+    impl Library {
+        /// Opens the host's shadow copy again (the loader hands back the same mapping) and
+        /// creates an instance in it.
+        pub fn open(shadow: &Path) -> Library {
+            // SAFETY: the host loaded and checked this very file (header, layout, panic
+            // strategy); opening it again only adds a reference to the same mapping.
+            let library = unsafe { libloading::Library::new(shadow) }.unwrap();
+            // SAFETY: the host checked the header symbol has this type.
+            let header: &PluginHeader = unsafe {
+                &**library
+                    .get::<*const PluginHeader>(HEADER_SYMBOL_NUL)
+                    .unwrap()
+            };
+            // SAFETY: the host checked the table's layout against this one.
+            let table = PluginTableRef(unsafe {
+                PrefixRef::from_raw(header.table.cast::<WithMetadata<PluginTable>>())
+            });
+            let api = HostApiRef(HOST_API.static_as_prefix());
+            let created = (table.create())(
+                RStr::from_str(""),
+                level::OFF,
+                api,
+                HostContext(std::ptr::null()),
+            );
+            let instance = created.into_result().map_err(|e| e.message).unwrap();
+            Library {
+                table,
+                instance,
+                _library: library,
+            }
+        }
+
+        /// Runs the plugin's hook handler; whether it answered "continue".
+        #[inline]
+        pub fn on_hook(&self, hook: &str, payload: &str) -> bool {
+            let on_hook = self.table.on_hook().unwrap();
+            let answer = on_hook(self.instance, RStr::from_str(hook), RStr::from_str(payload));
+            matches!(answer, ROk(abi_stable::std_types::RNone))
+        }
+    }
+
+    impl Drop for Library {
+        fn drop(&mut self) {
+            (self.table.destroy())(self.instance);
+        }
+    }
+}
+
 /// 201 rounds, each timing `rounds` direct dispatches then as many host dispatches; prints the
 /// median and quartiles of the per-round host overhead per subscriber.
-fn paired_overhead<A, B>(n: usize, direct: impl Fn() -> A, fire: impl Fn() -> B) {
+fn paired_overhead<A, B>(n: usize, label: &str, direct: impl Fn() -> A, fire: impl Fn() -> B) {
     use std::time::Instant;
     let reps = 2_000 / n.min(100) as u32;
     let mut overheads = Vec::with_capacity(201);
@@ -41,7 +124,7 @@ fn paired_overhead<A, B>(n: usize, direct: impl Fn() -> A, fire: impl Fn() -> B)
     }
     overheads.sort_by(f64::total_cmp);
     println!(
-        "hook_dispatch paired, {n} subscriber(s): host overhead per subscriber, median of 201 interleaved rounds: {:.1} ns (quartiles {:.1} .. {:.1})",
+        "hook_dispatch paired, {n} subscriber(s), {label}: host overhead per subscriber, median of 201 interleaved rounds: {:.1} ns (quartiles {:.1} .. {:.1})",
         overheads[100], overheads[50], overheads[150]
     );
 }
@@ -60,34 +143,50 @@ fn bench(c: &mut Criterion) {
             let bytes = patched(&source, b"hb-000", name.as_bytes());
             dir.write(&format!("lib{name}.so"), &bytes);
         }
+        let untimed = host::PluginHost::builder(dir.path())
+            .with_shadow_dir(dir.shadow().join("untimed"))
+            .with_call_timing(false)
+            .build()
+            .unwrap();
         let host = dir.host();
-        let report = host.scan().unwrap();
-        assert_eq!(report.loaded.len(), n, "{:?}", report.refused);
-        assert_eq!(
-            host.hook_points()[HookPoint::TaskScored as usize]
-                .subscribers
-                .len(),
-            n
-        );
-
-        let harness = Harness::<hookbench::HookBench>::new(Value::Null).unwrap();
-        let direct = || {
+        for host in [&host, &untimed] {
+            let report = host.scan().unwrap();
+            assert_eq!(report.loaded.len(), n, "{:?}", report.refused);
+            assert_eq!(
+                host.hook_points()[HookPoint::TaskScored as usize]
+                    .subscribers
+                    .len(),
+                n
+            );
+        }
+        let libraries = |host: &host::PluginHost| -> Vec<direct::Library> {
+            host.plugins()
+                .iter()
+                .map(|p| direct::Library::open(&p.shadow_file))
+                .collect()
+        };
+        let (timed_libraries, untimed_libraries) = (libraries(&host), libraries(&untimed));
+        let direct = |libraries: &[direct::Library]| {
             let payload = payload.clone();
             let text = payload.to_string();
-            for _ in 0..n {
-                black_box(
-                    harness
-                        .hook(black_box("task.scored"), black_box(&text))
-                        .unwrap(),
-                );
+            for library in libraries {
+                assert!(library.on_hook(black_box("task.scored"), black_box(&text)));
             }
             payload
         };
-        let fire = || {
+        let fire = |host: &host::PluginHost| {
             host.fire(HookPoint::TaskScored, || payload.clone())
                 .unwrap()
         };
-        paired_overhead(n, direct, fire);
+        paired_overhead(n, "timed", || direct(&timed_libraries), || fire(&host));
+        paired_overhead(
+            n,
+            "untimed",
+            || direct(&untimed_libraries),
+            || fire(&untimed),
+        );
+        let direct = || direct(&timed_libraries);
+        let fire = || fire(&host);
         group.bench_with_input(BenchmarkId::new("direct", n), &n, |b, _| b.iter(direct));
         group.bench_with_input(BenchmarkId::new("host_fire", n), &n, |b, _| b.iter(fire));
     }

@@ -166,7 +166,10 @@ fn typed_calls_write_params_and_read_answers_directly() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(host.execute_with::<_, Summary>("echo", "echo", &[1, 2]), None);
+    assert_eq!(
+        host.execute_with::<_, Summary>("echo", "echo", &[1, 2]),
+        None
+    );
 
     // Params that cannot be JSON never reach the plugin.
     let mut bad_keys = std::collections::BTreeMap::new();
