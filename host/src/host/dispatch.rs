@@ -10,9 +10,10 @@ use std::thread::JoinHandle;
 
 use plugin_api::abi::ErrorKind;
 use plugin_api::{HookMode, HookResult};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{Failure, Generation, Inner, PluginHost, Plugins};
+use super::{Failure, Generation, Inner, PluginHost, Plugins, Registry};
 use crate::config::PluginsConfig;
 use crate::hooks::{
     HookEvent, HookPoint, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
@@ -173,11 +174,11 @@ impl Drop for HookSession {
     }
 }
 
-/// A queued fire-and-forget event.
+/// A queued fire-and-forget event: the payload as a value for a host hook, as text for a plugin.
 struct Job {
     subscriber: Subscriber,
     point: HookPoint,
-    payload: Arc<Value>,
+    value: Option<Arc<Value>>,
     text: Option<Arc<str>>,
 }
 
@@ -195,12 +196,12 @@ impl FireQueue {
         let thread = std::thread::Builder::new()
             .name("hook-fire-and-forget".into())
             .spawn(move || {
-                while let Ok(mut job) = receiver.recv() {
+                while let Ok(job) = receiver.recv() {
                     run_subscriber(
                         &job.subscriber,
                         job.point,
-                        &job.payload,
-                        &mut job.text,
+                        job.value.as_deref(),
+                        job.text.as_deref(),
                         &mut Timer::new(None),
                     );
                 }
@@ -245,11 +246,79 @@ impl Subscriber {
     }
 }
 
-/// Makes the payload's JSON text now when a plugin among `subscribers` will need it and it is
-/// not made yet: for the phases whose subscribers run elsewhere (other threads, the queue).
-fn ensure_text(subscribers: &[Subscriber], payload: &Value, text: &mut Option<String>) {
-    if text.is_none() && subscribers.iter().any(Subscriber::is_plugin) {
-        *text = Some(payload.to_string());
+/// A payload given as a typed value, written out only as far as the subscribers need it.
+trait Source {
+    fn to_value(&self) -> Value;
+    fn to_text(&self) -> String;
+}
+
+impl<T: Serialize> Source for T {
+    fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "a hook payload cannot be written as JSON; subscribers get null");
+            Value::Null
+        })
+    }
+
+    fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "a hook payload cannot be written as JSON; subscribers get null");
+            "null".to_owned()
+        })
+    }
+}
+
+/// A dispatch's payload: the value (for host hooks and modifications) and the JSON text (for
+/// plugins), each made the first time a subscriber needs it, from the value once there is one,
+/// else from the typed source.
+struct Payload<'s> {
+    value: Option<Value>,
+    text: Option<String>,
+    source: Option<&'s dyn Source>,
+}
+
+impl Payload<'_> {
+    fn value(&mut self) -> &Value {
+        let (source, text) = (self.source, &self.text);
+        self.value.get_or_insert_with(|| match (source, text) {
+            (Some(source), _) => source.to_value(),
+            (None, Some(text)) => serde_json::from_str(text).unwrap_or(Value::Null),
+            (None, None) => Value::Null,
+        })
+    }
+
+    /// The text, and whether it was made just now.
+    fn text(&mut self) -> (&str, bool) {
+        let made = self.text.is_none();
+        let (source, value) = (self.source, &self.value);
+        let text = self.text.get_or_insert_with(|| match (value, source) {
+            (Some(value), _) => value.to_string(),
+            (None, Some(source)) => source.to_text(),
+            (None, None) => "null".to_owned(),
+        });
+        (text, made)
+    }
+
+    /// Makes now what the subscribers of a phase running elsewhere (other threads, the queue)
+    /// will need.
+    fn prepare(&mut self, subscribers: &[Subscriber]) {
+        if subscribers.iter().any(Subscriber::is_plugin) {
+            self.text();
+        }
+        if subscribers.iter().any(|s| !s.is_plugin()) {
+            self.value();
+        }
+    }
+
+    /// Applies a modification within the write policy; the value is the payload from then on.
+    fn modify(&mut self, point: HookPoint, subscriber: &str, fields: Map<String, Value>) {
+        self.value();
+        if let Some(value) = &mut self.value {
+            if apply_patch(point, subscriber, value, fields) {
+                self.text = None;
+                self.source = None;
+            }
+        }
     }
 }
 
@@ -293,22 +362,19 @@ impl<'c> Timer<'c> {
     }
 }
 
-fn run_subscriber<T: std::ops::Deref<Target = str> + From<String>>(
+/// Runs one subscriber on the payload as a value (host hooks) or as text (plugins), whichever
+/// its kind takes; the caller made that one. `None` when it failed (logged, and counted for
+/// plugins).
+fn run_subscriber(
     subscriber: &Subscriber,
     point: HookPoint,
-    payload: &Value,
-    text: &mut Option<T>,
+    value: Option<&Value>,
+    text: Option<&str>,
     timer: &mut Timer<'_>,
 ) -> Option<HookResult> {
     match &subscriber.target {
         Target::Plugin { generation, stats } => {
-            let text: &str = match text {
-                Some(text) => text,
-                None => {
-                    timer.interrupt();
-                    text.insert(payload.to_string().into())
-                }
-            };
+            let text = text.unwrap_or("null");
             let started = timer.start();
             let result = generation
                 .library
@@ -347,6 +413,7 @@ fn run_subscriber<T: std::ops::Deref<Target = str> + From<String>>(
         }
         Target::Host(f) => {
             timer.interrupt();
+            let payload = value.unwrap_or(&Value::Null);
             match catch_unwind(AssertUnwindSafe(|| f(&HookEvent { point, payload }))) {
                 Ok(answer) => Some(answer),
                 Err(_) => {
@@ -355,6 +422,25 @@ fn run_subscriber<T: std::ops::Deref<Target = str> + From<String>>(
                 }
             }
         }
+    }
+}
+
+/// Runs a subscriber on this thread, making the form of the payload it takes first.
+fn run_in_turn(
+    subscriber: &Subscriber,
+    point: HookPoint,
+    payload: &mut Payload<'_>,
+    timer: &mut Timer<'_>,
+) -> Option<HookResult> {
+    if subscriber.is_plugin() {
+        let (text, made) = payload.text();
+        if made {
+            timer.interrupt();
+        }
+        run_subscriber(subscriber, point, None, Some(text), timer)
+    } else {
+        let value = payload.value();
+        run_subscriber(subscriber, point, Some(value), None, timer)
     }
 }
 
@@ -412,14 +498,55 @@ impl PluginHost {
         payload: impl FnOnce() -> Value,
     ) -> Result<Option<Value>, Violation> {
         let registry = self.inner.registry.load();
-        let subscribers = &registry.hooks.points[point.index()];
-        if subscribers.is_empty() {
+        if registry.hooks.points[point.index()].is_empty() {
             return Ok(None);
         }
+        let mut payload = Payload {
+            value: Some(payload()),
+            text: None,
+            source: None,
+        };
+        self.dispatch_hook(&registry, point, &mut payload, true)?;
+        Ok(payload.value)
+    }
+
+    /// Runs the subscribers of `point` on a payload of any `Serialize` type, for events whose
+    /// payload the caller does not read back (as `task.scored`): the payload is written
+    /// straight to JSON text for plugin subscribers, and turned into a [`Value`] only if a
+    /// host-side hook subscribes. Nothing is written when nobody subscribes. Modifications are
+    /// refused, each with a warning (use [`fire`](Self::fire) to get them).
+    ///
+    /// # Errors
+    ///
+    /// A subscriber blocked, as for [`fire`](Self::fire).
+    pub fn notify<P: Serialize>(
+        &self,
+        point: HookPoint,
+        payload: impl FnOnce() -> P,
+    ) -> Result<(), Violation> {
+        let registry = self.inner.registry.load();
+        if registry.hooks.points[point.index()].is_empty() {
+            return Ok(());
+        }
+        let source = payload();
+        let mut payload = Payload {
+            value: None,
+            text: None,
+            source: Some(&source),
+        };
+        self.dispatch_hook(&registry, point, &mut payload, false)
+    }
+
+    /// The phases of a dispatch; `take_changes` says whether sequential subscribers may modify.
+    fn dispatch_hook(
+        &self,
+        registry: &Registry,
+        point: HookPoint,
+        payload: &mut Payload<'_>,
+        take_changes: bool,
+    ) -> Result<(), Violation> {
+        let subscribers = &registry.hooks.points[point.index()];
         let clock = self.inner.clock.as_ref();
-        let mut payload = payload();
-        // Kept as a plain string on this thread: no copy unless fire-and-forget jobs need it.
-        let mut text: Option<String> = None;
         // The table is sorted by mode first, so each mode's subscribers are one slice.
         let [seq, conc, aud, det, end] = registry.hooks.phases[point.index()];
         let (sequential, concurrent, audit, detached) = (
@@ -431,12 +558,19 @@ impl PluginHost {
 
         let mut timer = Timer::new(clock);
         for subscriber in sequential {
-            match run_subscriber(subscriber, point, &payload, &mut text, &mut timer) {
+            match run_in_turn(subscriber, point, payload, &mut timer) {
                 None | Some(HookResult::Continue) => {}
                 Some(HookResult::Modify(fields)) => {
                     timer.interrupt();
-                    if apply_patch(point, &subscriber.name, &mut payload, fields) {
-                        text = None;
+                    if take_changes {
+                        payload.modify(point, &subscriber.name, fields);
+                    } else {
+                        tracing::warn!(
+                            plugin = %subscriber.name,
+                            hook = %point,
+                            fields = ?fields.keys().collect::<Vec<_>>(),
+                            "modification refused: this event's payload is not read back"
+                        );
                     }
                 }
                 Some(HookResult::Block { reason, code }) => {
@@ -446,34 +580,31 @@ impl PluginHost {
         }
 
         if !concurrent.is_empty() {
-            ensure_text(concurrent, &payload, &mut text);
+            payload.prepare(concurrent);
+            let (value, text) = (payload.value.as_ref(), payload.text.as_deref());
             let answers: Vec<Option<HookResult>> = if concurrent.len() == 1 {
                 vec![run_subscriber(
                     &concurrent[0],
                     point,
-                    &payload,
-                    &mut text,
+                    value,
+                    text,
                     &mut Timer::new(clock),
                 )]
             } else {
-                let payload = &payload;
-                let shared = &text;
                 std::thread::scope(|scope| {
                     let others: Vec<_> = concurrent[1..]
                         .iter()
                         .map(|s| {
-                            let mut text = shared.clone();
                             scope.spawn(move || {
-                                run_subscriber(s, point, payload, &mut text, &mut Timer::new(clock))
+                                run_subscriber(s, point, value, text, &mut Timer::new(clock))
                             })
                         })
                         .collect();
-                    let mut first = shared.clone();
                     let mut answers = vec![run_subscriber(
                         &concurrent[0],
                         point,
-                        payload,
-                        &mut first,
+                        value,
+                        text,
                         &mut Timer::new(clock),
                     )];
                     answers.extend(others.into_iter().map(|h| h.join().unwrap_or(None)));
@@ -498,34 +629,34 @@ impl PluginHost {
         // The concurrent phase ran since the last sequential call ended.
         timer.interrupt();
         for subscriber in audit {
-            match run_subscriber(subscriber, point, &payload, &mut text, &mut timer) {
+            match run_in_turn(subscriber, point, payload, &mut timer) {
                 Some(HookResult::Continue) | None => {}
                 Some(other) => {
                     timer.interrupt();
                     tracing::info!(
-                    subscriber = %subscriber.name,
-                    hook = %point,
-                    answer = ?other,
-                    "audit subscriber answered; ignored (audit is read-only)"
+                        subscriber = %subscriber.name,
+                        hook = %point,
+                        answer = ?other,
+                        "audit subscriber answered; ignored (audit is read-only)"
                     );
                 }
             }
         }
 
         if !detached.is_empty() {
-            ensure_text(detached, &payload, &mut text);
-            let shared_text: Option<Arc<str>> = text.map(Arc::from);
-            let shared = Arc::new(payload.clone());
+            payload.prepare(detached);
+            let value: Option<Arc<Value>> = payload.value.clone().map(Arc::new);
+            let text: Option<Arc<str>> = payload.text.as_deref().map(Arc::from);
             for subscriber in detached {
                 self.inner.fire_queue.push(Job {
                     subscriber: subscriber.clone(),
                     point,
-                    payload: Arc::clone(&shared),
-                    text: shared_text.clone(),
+                    value: value.clone(),
+                    text: text.clone(),
                 });
             }
         }
-        Ok(Some(payload))
+        Ok(())
     }
 
     /// Whether anyone subscribes to `point`.

@@ -176,6 +176,22 @@ struct AskParams<'a> {
     optional: bool,
 }
 
+/// The `task.scored` payload.
+#[derive(Serialize)]
+struct ScoredEvent<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    task_type: &'a str,
+    handler: &'a str,
+    variant: Option<&'a str>,
+    experiment: Option<&'a str>,
+    role: Option<&'a str>,
+    score: f64,
+    latency_ms: f64,
+    output_len: usize,
+    plugins_ms: &'a PluginCalls,
+}
+
 /// What the `task-policy` plugin answers: a profile for the task's type.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -487,12 +503,18 @@ impl Pipeline {
 
         let score = task.reference.as_deref().map(|r| score(&output, r));
         if let Some(score) = score {
-            let fired = host.fire(HookPoint::TaskScored, || {
-                json!({
-                    "id": task.id, "type": task.task_type, "handler": handler, "variant": variant,
-                    "experiment": experiment, "role": role, "score": score, "latency_ms": latency_ms,
-                    "output_len": output.chars().count(), "plugins_ms": calls,
-                })
+            // Nobody reads this payload back: written straight to JSON for the plugins.
+            let fired = host.notify(HookPoint::TaskScored, || ScoredEvent {
+                id: &task.id,
+                task_type: &task.task_type,
+                handler: &handler,
+                variant: variant.as_deref(),
+                experiment: experiment.as_deref(),
+                role: role.as_deref(),
+                score,
+                latency_ms,
+                output_len: output.chars().count(),
+                plugins_ms: &calls,
             });
             if let Err(v) = fired {
                 tracing::warn!(violation = %v, "task.scored cannot be blocked; ignored");

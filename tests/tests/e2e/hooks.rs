@@ -50,6 +50,76 @@ fn a_hook_nobody_subscribes_to_builds_no_payload() {
     assert!(!host.has_subscribers(HookPoint::TaskScored));
 }
 
+/// `notify`: a typed payload goes to plugins as JSON text, to host hooks as a value; nothing is
+/// written without subscribers; modifications are refused (the payload is not read back), and a
+/// block is still a violation.
+#[test]
+fn notify_sends_a_typed_payload_and_takes_no_changes() {
+    #[derive(serde::Serialize)]
+    struct Scored<'a> {
+        id: &'a str,
+        score: f64,
+        plugins_ms: &'a [(&'a str, f64)],
+    }
+    let scored = || Scored {
+        id: "t9",
+        score: 0.5,
+        plugins_ms: &[("bandit", 0.25)],
+    };
+
+    let bare = PluginDir::new();
+    let host = host_with(&bare, &["echo"]);
+    let nobody = host.notify(HookPoint::TaskScored, || -> Scored<'static> {
+        panic!("the payload was built")
+    });
+    assert_eq!(nobody, Ok(()));
+
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"config": {
+        "on": {"task.scored": {"modify": {"score": 1.0}}}
+    }}}));
+    let host = host_with(&dir, &["fixture"]);
+    let seen_by_host = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&seen_by_host);
+    host.register_hook(
+        HookPoint::TaskScored,
+        "after",
+        500,
+        HookMode::Sequential,
+        move |event| {
+            seen.lock().unwrap().push(event.payload.clone());
+            HookResult::Continue
+        },
+    );
+    assert_eq!(host.notify(HookPoint::TaskScored, scored), Ok(()));
+    let expected = json!({"id": "t9", "score": 0.5, "plugins_ms": [["bandit", 0.25]]});
+    let plugin_saw = host.execute("fixture", "seen", &json!(null)).unwrap();
+    let scored_events: Vec<&Value> = plugin_saw
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["hook"] == "task.scored")
+        .map(|e| &e["payload"])
+        .collect();
+    assert_eq!(scored_events, [&expected]);
+    assert_eq!(
+        *seen_by_host.lock().unwrap(),
+        [expected],
+        "the plugin's modification was refused, not applied"
+    );
+
+    let blocking = PluginDir::new();
+    blocking.configure(&json!({"fixture": {"config": {
+        "on": {"task.scored": {"block": {"reason": "no", "code": "nope"}}}
+    }}}));
+    let host = host_with(&blocking, &["fixture"]);
+    let violation = host.notify(HookPoint::TaskScored, scored).unwrap_err();
+    assert_eq!(
+        (violation.subscriber.as_str(), violation.code.as_str()),
+        ("fixture", "nope")
+    );
+}
+
 #[test]
 fn order_is_priority_then_name_and_modes_run_in_phases() {
     let dir = PluginDir::new();
