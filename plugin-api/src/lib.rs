@@ -80,6 +80,7 @@ pub mod abi;
 pub mod assign;
 mod export;
 mod hooks;
+pub mod lenient;
 mod log;
 mod methods;
 

@@ -187,27 +187,18 @@ struct StatsParams {
 
 /// The fields of a `task.scored` payload the bandit reads. Any of them may be missing, null or
 /// of another type; such a payload is skipped.
-/// The fields of a `task.scored` payload this plugin reads. Each is read leniently: a field
-/// of another type counts as absent, and the other fields are skipped unparsed.
 #[derive(Debug, Default, PartialEq, Deserialize)]
 struct ScoredTask {
-    #[serde(rename = "type", default, deserialize_with = "lenient_text")]
+    #[serde(
+        rename = "type",
+        default,
+        deserialize_with = "plugin_api::lenient::text"
+    )]
     task_type: Option<String>,
-    #[serde(default, deserialize_with = "lenient_text")]
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     handler: Option<String>,
-    #[serde(default, deserialize_with = "lenient_number")]
+    #[serde(default, deserialize_with = "plugin_api::lenient::number")]
     score: Option<f64>,
-}
-
-fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::String(s) => Some(s),
-        _ => None,
-    })
-}
-
-fn lenient_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    Ok(Value::deserialize(d)?.as_f64())
 }
 
 impl BanditPlugin {
