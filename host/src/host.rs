@@ -986,6 +986,10 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Result<Option<Value>, Failure> {
+        // A plugin that is not loaded costs no serialization.
+        if !self.may_be_loaded(plugin) {
+            return Err(Failure::PluginNotFound);
+        }
         let params_text;
         let params = if params.is_null() {
             ""

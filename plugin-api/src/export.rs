@@ -150,10 +150,12 @@ fn json_option(json: Option<String>) -> ROption<RString> {
 ///
 /// # Safety
 ///
-/// `handle` must come from `create::<P>` of this library and not have been passed to `destroy`.
+/// `handle` must point to an `Instance<P>` that outlives the returned reference: one made by
+/// `create::<P>` of this library and not yet passed to `destroy` (the host keeps it alive for
+/// the whole call), or one a [`Harness`] owns and lends for the call.
 unsafe fn instance<'a, P>(handle: InstanceHandle) -> &'a Instance<P> {
-    // SAFETY: per this function's contract the pointer came from `Box::into_raw` of an
-    // `Instance<P>` in `create::<P>` and is still alive.
+    // SAFETY: per this function's contract the pointer is to a live `Instance<P>` (from
+    // `Box::into_raw` in `create::<P>`, or borrowed from a `Harness`).
     unsafe { &*handle.0.cast::<Instance<P>>() }
 }
 
@@ -230,7 +232,8 @@ extern "C" fn execute<P: Plugin>(
     params: RStr<'_>,
 ) -> JsonResult {
     guard(|| {
-        // SAFETY: the host holds the generation that owns `handle` alive for the whole call.
+        // SAFETY: the host holds the generation that owns `handle` alive for the whole call
+        // (a `Harness` lends its own instance for the call).
         let instance = unsafe { instance::<P>(handle) };
         let json = instance
             .methods
@@ -327,7 +330,7 @@ extern "C" fn on_hook<P: Plugin>(
 /// # Ok::<(), PluginError>(())
 /// ```
 pub struct Harness<P: Plugin> {
-    instance: Box<Instance<P>>,
+    instance: Instance<P>,
 }
 
 impl<P: Plugin> Harness<P> {
@@ -355,9 +358,7 @@ impl<P: Plugin> Harness<P> {
             kind: ErrorKind::Panicked,
             message: panic_message(payload.as_ref()),
         })??;
-        Ok(Self {
-            instance: Box::new(instance),
-        })
+        Ok(Self { instance })
     }
 
     /// The plugin itself.
@@ -366,7 +367,8 @@ impl<P: Plugin> Harness<P> {
     }
 
     fn handle(&self) -> InstanceHandle {
-        InstanceHandle(std::ptr::from_ref::<Instance<P>>(&self.instance).cast::<c_void>())
+        // Valid while `&self` is borrowed, which spans each call that uses it.
+        InstanceHandle(std::ptr::from_ref(&self.instance).cast::<c_void>())
     }
 
     /// Calls `method` with params as JSON text (empty for none), through the entry point the

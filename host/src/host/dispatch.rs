@@ -278,7 +278,7 @@ struct Payload<'s> {
 }
 
 impl Payload<'_> {
-    fn value(&mut self) -> &Value {
+    fn value(&mut self) -> &mut Value {
         let (source, text) = (self.source, &self.text);
         self.value.get_or_insert_with(|| match (source, text) {
             (Some(source), _) => source.to_value(),
@@ -312,12 +312,9 @@ impl Payload<'_> {
 
     /// Applies a modification within the write policy; the value is the payload from then on.
     fn modify(&mut self, point: HookPoint, subscriber: &str, fields: Map<String, Value>) {
-        self.value();
-        if let Some(value) = &mut self.value {
-            if apply_patch(point, subscriber, value, fields) {
-                self.text = None;
-                self.source = None;
-            }
+        if apply_patch(point, subscriber, self.value(), fields) {
+            self.text = None;
+            self.source = None;
         }
     }
 }
