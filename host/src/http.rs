@@ -92,6 +92,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// (still sending) reads the answer instead of a connection reset.
 const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
 
+/// Draining stops when the client pauses this long.
+const DRAIN_IDLE: Duration = Duration::from_millis(300);
+
 /// How the control API is protected. Made with [`ControlOptions::new`].
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
@@ -614,17 +617,21 @@ async fn read_body(
             .with_header("Connection", "close")
     };
     if body.size_hint().lower() > MAX_BODY {
-        // Read (a bounded amount) and throw away, so the client gets to read the answer.
+        // Read what the client is sending (a bounded amount, while it keeps coming) and throw
+        // it away, so that the client gets to read the answer rather than a reset.
         let drain = async {
             let mut seen = 0u64;
-            while let Some(Ok(frame)) = body.frame().await {
+            while let Ok(Some(Ok(frame))) = tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
                 seen += frame.data_ref().map_or(0, |d| d.len() as u64);
                 if seen > DRAIN_LIMIT {
                     break;
                 }
             }
         };
-        let _ = tokio::time::timeout(BODY_TIMEOUT, drain).await;
+        tokio::select! {
+            _ = tokio::time::timeout(BODY_TIMEOUT, drain) => {}
+            _ = stopping.wait_for(|s| *s) => {}
+        }
         return Err(too_big());
     }
     let collect = tokio::time::timeout(
