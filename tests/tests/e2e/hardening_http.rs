@@ -382,3 +382,40 @@ fn unix_socket_is_private_serves_and_replaces_only_a_stale_socket() {
     assert!(refused.contains("is not a socket"), "{refused}");
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
 }
+
+#[test]
+fn connections_are_bounded_and_slots_come_back() {
+    let (_dir, worker) = worker(&["--no-watch"]);
+    // 64 connections that never finish their head fill every slot.
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&worker.addr).unwrap();
+            stream.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            stream
+        })
+        .collect();
+    assert!(
+        tests::eventually(Duration::from_secs(5), || http(
+            &worker.addr,
+            "GET",
+            "/healthz",
+            b""
+        )
+        .status
+            == 503),
+        "a 65th connection was not refused"
+    );
+    drop(held);
+    assert!(
+        tests::eventually(Duration::from_secs(5), || http(
+            &worker.addr,
+            "GET",
+            "/healthz",
+            b""
+        )
+        .status
+            == 200),
+        "the slots did not come back"
+    );
+    worker.stop();
+}
