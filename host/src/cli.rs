@@ -11,7 +11,7 @@ use serde_json::Value;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
-use crate::http::ControlServer;
+use crate::http::{ControlOptions, ControlServer, Token};
 use crate::watch::{WatchOptions, Watcher};
 use crate::{LoadedPlugin, PluginHost, Refusal};
 
@@ -79,10 +79,17 @@ pub enum Command {
     /// directory, and plugins unload in reverse load order. The state is restored at the next
     /// start.
     Serve {
-        /// Address of the control API (HTTP, JSON). Port 0 picks a free port; the address is
-        /// printed on stdout.
+        /// Address of the control API (HTTP, JSON): HOST:PORT, or unix:PATH for a Unix socket
+        /// (created with mode 0600). Port 0 picks a free port; the address is printed on stdout.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
         listen: String,
+        /// File holding the control API's bearer token [default: STATE_DIR/control-token,
+        /// created with a random token and mode 0600 on first start].
+        #[arg(long, value_name = "FILE", env = "WORKER_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Answer GET /metrics without the token (for scrapers that cannot send one).
+        #[arg(long)]
+        metrics_public: bool,
         /// Do not watch the plugins directory (SIGHUP and POST /v1/reload still rescan).
         #[arg(long)]
         no_watch: bool,
@@ -200,6 +207,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             tracing::info!(dir = %cli.plugins.display(), "created the plugins directory");
         }
     }
+    let token_given = matches!(
+        cli.command,
+        Command::Serve {
+            token_file: Some(_),
+            ..
+        }
+    );
     let host = builder.build()?;
     match (&cli.command, host.scan()) {
         (_, Ok(_)) => {}
@@ -217,8 +231,21 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             ..
         } => return run_tasks(&host, &tasks, out_file.as_deref(), out),
         Command::Serve {
-            listen, no_watch, ..
-        } => return serve(&host, &listen, !no_watch, out),
+            listen,
+            no_watch,
+            token_file,
+            metrics_public,
+        } => {
+            let token_file = token_file.unwrap_or_else(|| cli.state_dir.join("control-token"));
+            let serving = Serving {
+                listen,
+                watch: !no_watch,
+                token_file,
+                user_token: token_given,
+                metrics_public,
+            };
+            return serve(&host, serving, out);
+        }
         Command::List { json } => {
             let plugins = host.plugins();
             let refused = host.refused();
@@ -319,18 +346,36 @@ fn write_list(
     Ok(())
 }
 
-/// The long-running worker: control API, watcher, signals, graceful shutdown.
-fn serve(
-    host: &PluginHost,
-    listen: &str,
+/// How `serve` serves.
+struct Serving {
+    listen: String,
     watch: bool,
-    out: &mut dyn Write,
-) -> anyhow::Result<ExitCode> {
+    token_file: PathBuf,
+    /// Whether the token file was given (`--token-file`) rather than our own in the state dir.
+    user_token: bool,
+    metrics_public: bool,
+}
+
+/// The long-running worker: control API, watcher, signals, graceful shutdown.
+fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Serving {
+        listen,
+        watch,
+        token_file,
+        user_token,
+        metrics_public,
+    } = serving;
     // Registered before anything is announced, so a signal sent right after start is handled.
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
         .context("installing the signal handlers")?;
-    let server = ControlServer::start(host.clone(), listen)?;
+    let token = if user_token {
+        Token::from_file(&token_file)?
+    } else {
+        Token::load_or_create(&token_file)?
+    };
+    let options = ControlOptions::new(token).with_metrics_public(metrics_public);
+    let server = ControlServer::start(host.clone(), &listen, options)?;
     let watcher = if watch {
         Some(Watcher::start(host.clone(), WatchOptions::default())?)
     } else {
@@ -338,11 +383,16 @@ fn serve(
     };
     writeln!(
         out,
-        "worker: {} plugin(s) loaded from {}{}; control API on http://{}",
+        "worker: {} plugin(s) loaded from {}{}; control API on {}",
         host.plugins().len(),
         host.plugins_dir().display(),
         if watch { ", watching for changes" } else { "" },
-        server.local_addr()
+        server.address()
+    )?;
+    writeln!(
+        out,
+        "worker: control API token in {} (send `Authorization: Bearer <token>`)",
+        token_file.display()
     )?;
     out.flush()?;
     for signal in signals.forever() {

@@ -1,9 +1,9 @@
-//! The control API: HTTP with JSON bodies, on loopback by default.
+//! The control API: HTTP with JSON bodies, on loopback by default, or on a Unix socket.
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /healthz` | `{"status": "ok", "plugins": N}` |
-//! | `GET /metrics` | Prometheus text: calls, errors, panics, latency per plugin |
+//! | `GET /healthz` | `{"status": "ok", "plugins": N}` (no token needed) |
+//! | `GET /metrics` | Prometheus text: calls, errors, panics, latency per plugin (no token needed with [`ControlOptions::with_metrics_public`]) |
 //! | `GET /v1/plugins` | `{"plugins": [...], "refused": [...]}` |
 //! | `GET /v1/plugins/{plugin}` | one loaded plugin |
 //! | `POST /v1/plugins/{plugin}/{method}` | body: the params (empty = `null`); answer: the result, or `null` for a no-op, with the reason in the `X-Noop-Reason` header |
@@ -15,91 +15,395 @@
 //!
 //! A bad request gets a 4xx answer with `{"error": "..."}` saying what was wrong. A plugin method
 //! named `reload` cannot be called through this API (the route reloads the plugin).
+//!
+//! # Defences
+//!
+//! - Every request but `GET /healthz` presents `Authorization: Bearer <token>` ([`Token`]),
+//!   compared in constant time; otherwise `401` with `WWW-Authenticate: Bearer`.
+//! - Over TCP, a `Host` that is not a loopback name (`localhost`, `127.0.0.1`, `[::1]`), the
+//!   listen address or the address the client connected to gets `403` (DNS rebinding), and so
+//!   does an `Origin` other than our own. A Unix socket is not reachable from a browser: no
+//!   `Host` check there.
+//! - Headers must arrive within 10 s and fit in 16 KiB (`431`); a body must arrive within 10 s
+//!   (`408`) and fit in 1 MiB (`413`); a negative, unparsable or conflicting `Content-Length` is
+//!   `400` (hyper's parser); at most 64 connections are served at once.
+//!
+//! # Why hyper on a tokio runtime
+//!
+//! The server used before (`tiny_http`) has no header or body read timeouts, no header size
+//! limit and a fixed pool of threads that each block on one client: four clients that declared
+//! a body and sent five bytes froze the API and blocked shutdown. hyper's HTTP/1 server gives
+//! the header timeout, the header size limit and strict `Content-Length` parsing; a
+//! single-threaded tokio runtime keeps thousands of slow clients cheap, and plugin calls (which
+//! block, and may block for long) run on a bounded pool of blocking threads so that the reactor,
+//! and `/healthz`, always answer.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::io::Read as _;
-use std::net::SocketAddr;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tiny_http::{Header, Method, Request, Response, Server};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, watch};
 
 use crate::PluginHost;
+
+mod auth;
+mod listen;
+
+pub use auth::Token;
+pub use listen::ControlAddress;
+use listen::{Bound, HostPolicy, OwnedSocket};
 
 /// Largest request body accepted.
 const MAX_BODY: u64 = 1024 * 1024;
 
-/// Threads serving requests.
-const WORKERS: usize = 4;
+/// Largest request head (request line and headers) accepted; past it, `431`.
+const MAX_HEADER: usize = 16 * 1024;
 
-/// The running control API server.
+/// Time a client has to send a complete request head (also bounds idle keep-alive).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a client has to send a complete body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; past it, new connections get `503` and are closed.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Threads running plugin calls and other blocking work; further requests wait for one.
+const BLOCKING_THREADS: usize = 4;
+
+/// How long `stop` waits for requests in progress (plugin calls) to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Bytes of an oversized body read and thrown away before answering `413`, so that the client
+/// (still sending) reads the answer instead of a connection reset.
+const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Draining stops when the client pauses this long.
+const DRAIN_IDLE: Duration = Duration::from_millis(300);
+
+/// How the control API is protected. Made with [`ControlOptions::new`].
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    token: Token,
+    metrics_public: bool,
+}
+
+impl ControlOptions {
+    /// Requests must present `token`; `/metrics` too.
+    pub fn new(token: Token) -> Self {
+        Self {
+            token,
+            metrics_public: false,
+        }
+    }
+
+    /// Whether `GET /metrics` answers without the token (for a Prometheus scraper that has no
+    /// way to send one).
+    pub fn with_metrics_public(mut self, public: bool) -> Self {
+        self.metrics_public = public;
+        self
+    }
+}
+
+/// What every connection shares.
+struct Shared {
+    host: PluginHost,
+    options: ControlOptions,
+    /// `None` on a Unix socket: no browser reaches it, so no `Host` check.
+    policy: Option<HostPolicy>,
+}
+
+/// The running control API server. Stops (as [`ControlServer::stop`]) when dropped.
 pub struct ControlServer {
-    server: Arc<Server>,
-    workers: Vec<JoinHandle<()>>,
-    addr: SocketAddr,
+    address: ControlAddress,
+    shutdown: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+    socket: Option<OwnedSocket>,
 }
 
 impl std::fmt::Debug for ControlServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlServer")
-            .field("addr", &self.addr)
+            .field("address", &self.address)
             .finish()
     }
 }
 
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
 impl ControlServer {
-    /// Listens on `addr` (for example `127.0.0.1:7878`; port 0 picks a free port) and serves
-    /// the control API for `host`.
+    /// Listens on `listen` and serves the control API for `host`: a TCP address such as
+    /// `127.0.0.1:7878` (port 0 picks a free port), or `unix:/path/to/socket` for a Unix socket
+    /// created with mode 0600 (a stale socket at that path is replaced; any other file there is
+    /// refused).
     ///
     /// # Errors
     ///
-    /// The address cannot be bound.
-    pub fn start(host: PluginHost, addr: &str) -> anyhow::Result<Self> {
-        let server = Server::http(addr)
-            .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("listening on {addr}"))?;
-        let local = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| anyhow!("listening on {addr}: not an IP address"))?;
-        let server = Arc::new(server);
-        let mut workers = Vec::with_capacity(WORKERS);
-        for i in 0..WORKERS {
-            let server = Arc::clone(&server);
-            let host = host.clone();
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("control-api-{i}"))
-                    .spawn(move || {
-                        // `recv` fails once `unblock` was called: the server is stopping.
-                        while let Ok(request) = server.recv() {
-                            handle(&host, request);
-                        }
-                    })?,
-            );
-        }
+    /// The address cannot be bound, or the runtime cannot be started.
+    pub fn start(host: PluginHost, listen: &str, options: ControlOptions) -> anyhow::Result<Self> {
+        let (bound, address, policy) = listen::bind(listen)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(BLOCKING_THREADS)
+            .thread_name("control-api-call")
+            .build()
+            .context("starting the control API runtime")?;
+        let (listener, socket) = {
+            let _context = runtime.enter();
+            match bound {
+                Bound::Tcp(l) => {
+                    l.set_nonblocking(true)?;
+                    (Listener::Tcp(tokio::net::TcpListener::from_std(l)?), None)
+                }
+                Bound::Unix(l, owned) => {
+                    l.set_nonblocking(true)?;
+                    (
+                        Listener::Unix(tokio::net::UnixListener::from_std(l)?),
+                        Some(owned),
+                    )
+                }
+            }
+        };
+        let shared = Arc::new(Shared {
+            host,
+            options,
+            policy,
+        });
+        let (shutdown, stopping) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("control-api".to_owned())
+            .spawn(move || {
+                runtime.block_on(accept_loop(listener, shared, stopping));
+                // Whatever still runs (a plugin call past the grace time) is left behind.
+                runtime.shutdown_timeout(Duration::from_millis(100));
+            })
+            .context("starting the control API thread")?;
         Ok(Self {
-            server,
-            workers,
-            addr: local,
+            address,
+            shutdown,
+            thread: Some(thread),
+            socket,
         })
     }
 
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    /// Where it listens.
+    pub fn address(&self) -> &ControlAddress {
+        &self.address
     }
 
-    /// Stops accepting requests and waits for the requests in progress to finish.
-    pub fn stop(self) {
-        for _ in &self.workers {
-            self.server.unblock();
+    /// Stops accepting, closes connections that are not in a request, cuts off requests still
+    /// sending their body, and waits (up to 30 s) for the requests in progress to finish. A
+    /// Unix socket file is removed.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
-        for worker in self.workers {
-            let _ = worker.join();
+        if let Some(socket) = self.socket.take() {
+            socket.remove();
         }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stopping: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = stopping.wait_for(|s| *s) => break,
+            accepted = accept(&listener) => accepted,
+        };
+        let (io, local_ip) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, say: do not spin.
+                tracing::warn!(error = %e, "control API: accepting a connection failed");
+                tokio::select! {
+                    _ = stopping.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(
+                limit = MAX_CONNECTIONS,
+                "control API: too many connections; refusing one"
+            );
+            io.refuse();
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            match io {
+                Stream::Tcp(s) => connection(s, local_ip, shared, stopping).await,
+                Stream::Unix(s) => connection(s, local_ip, shared, stopping).await,
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    // Every connection holds a slot: all slots back means all connections are done.
+    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+    if tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "control API: requests still running at shutdown; leaving them"
+        );
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Stream {
+    /// Best effort, without waiting: a `503` for a connection over the limit, then close.
+    fn refuse(self) {
+        let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 55\r\n\r\n{\"error\": \"too many connections; retry in a moment\"}\r\n";
+        let _ = match &self {
+            Self::Tcp(s) => s.try_write(answer),
+            Self::Unix(s) => s.try_write(answer),
+        };
+    }
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Stream, Option<IpAddr>)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, _) = l.accept().await?;
+            let local = stream.local_addr().ok().map(|a| a.ip());
+            Ok((Stream::Tcp(stream), local))
+        }
+        Listener::Unix(l) => {
+            let (stream, _) = l.accept().await?;
+            Ok((Stream::Unix(stream), None))
+        }
+    }
+}
+
+/// Counts the requests of one connection that are in progress, from the parsed head until the
+/// answer's body was written (the guard travels inside the answer's body).
+struct InProgress(Arc<AtomicUsize>);
+
+impl InProgress {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An answer's body, holding its request's [`InProgress`] until it is written.
+struct Reply {
+    body: Full<Bytes>,
+    _in_progress: InProgress,
+}
+
+impl hyper::body::Body for Reply {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+async fn connection<I>(
+    io: I,
+    local_ip: Option<IpAddr>,
+    shared: Arc<Shared>,
+    mut stopping: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let in_progress = Arc::new(AtomicUsize::new(0));
+    let service = {
+        let in_progress = Arc::clone(&in_progress);
+        let stopping = stopping.clone();
+        hyper::service::service_fn(move |request| {
+            let guard = InProgress::new(&in_progress);
+            let shared = Arc::clone(&shared);
+            let stopping = stopping.clone();
+            async move {
+                let answer = answer(&shared, local_ip, request, stopping).await;
+                Ok::<_, Infallible>(answer.into_response(guard))
+            }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        finished = conn.as_mut() => {
+            if let Err(e) = finished {
+                tracing::debug!(error = %e, "control API connection ended with an error");
+            }
+            return;
+        }
+        _ = stopping.wait_for(|s| *s) => {}
+    }
+    // Stopping. A connection between requests, or still sending a request head, is closed now;
+    // one with a request in progress finishes it (a body still arriving is cut off by
+    // `read_body`), bounded by the accept loop's grace time.
+    if in_progress.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "control API connection ended with an error");
     }
 }
 
@@ -123,49 +427,238 @@ impl Answer {
     fn error(status: u16, message: impl Into<String>) -> Self {
         Self::json(status, &json!({ "error": message.into() }))
     }
+
+    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn into_response(self, in_progress: InProgress) -> Response<Reply> {
+        let mut response = Response::new(Reply {
+            body: Full::new(Bytes::from(self.body)),
+            _in_progress: in_progress,
+        });
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(self.content_type),
+        );
+        for (name, value) in self.headers {
+            match HeaderValue::from_str(&header_safe(&value)) {
+                Ok(value) => {
+                    headers.append(name, value);
+                }
+                Err(e) => tracing::debug!(header = name, error = %e, "dropped an answer header"),
+            }
+        }
+        response
+    }
 }
 
-fn handle(host: &PluginHost, mut request: Request) {
-    let answer = route(host, &mut request);
-    let mut response = Response::from_string(answer.body).with_status_code(answer.status);
-    let mut headers = vec![("Content-Type", answer.content_type.to_owned())];
-    headers.extend(answer.headers);
-    for (name, value) in headers {
-        if let Ok(header) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(header);
+/// `value` with every character that may not appear in a header value escaped.
+fn header_safe(value: &str) -> String {
+    if value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return value.to_owned();
+    }
+    value
+        .chars()
+        .map(|c| match c {
+            ' ' => " ".to_owned(),
+            c if c.is_ascii_graphic() => c.to_string(),
+            c => c.escape_unicode().to_string(),
+        })
+        .collect()
+}
+
+/// Checks the request (host, origin, token), reads its body, and runs the route on the
+/// blocking pool. `GET /healthz` answers right here, so it answers while plugin calls are busy.
+async fn answer(
+    shared: &Shared,
+    local_ip: Option<IpAddr>,
+    request: Request<Incoming>,
+    stopping: watch::Receiver<bool>,
+) -> Answer {
+    if let Some(policy) = &shared.policy {
+        if let Err(answer) = check_host(policy, request.headers(), local_ip) {
+            return answer;
         }
     }
-    if let Err(e) = request.respond(response) {
-        tracing::debug!(error = %e, "could not send the answer");
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let public = match segments.as_slice() {
+        ["healthz"] => true,
+        ["metrics"] => shared.options.metrics_public,
+        _ => false,
+    };
+    if !public {
+        if let Err(answer) = check_token(&shared.options.token, request.headers()) {
+            return answer;
+        }
+    }
+    if segments == ["healthz"] && method == Method::GET {
+        return Answer::json(
+            200,
+            &json!({"status": "ok", "plugins": shared.host.plugins().len()}),
+        );
+    }
+    let body = if method == Method::POST {
+        match read_body(request.into_body(), stopping).await {
+            Ok(body) => body,
+            Err(answer) => return answer,
+        }
+    } else {
+        Bytes::new()
+    };
+    let host = shared.host.clone();
+    match tokio::task::spawn_blocking(move || route(&host, &method, &path, &body)).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::error!(error = %e, "control API: a request failed inside the worker");
+            Answer::error(500, "the request failed inside the worker; see its log")
+        }
     }
 }
 
-fn read_params(request: &mut Request) -> Result<Value, Answer> {
-    if request
-        .body_length()
-        .is_some_and(|len| len as u64 > MAX_BODY)
-    {
+fn check_host(
+    policy: &HostPolicy,
+    headers: &HeaderMap,
+    local_ip: Option<IpAddr>,
+) -> Result<(), Answer> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host.to_str().unwrap_or(""),
+        (None, _) => {
+            return Err(Answer::error(400, "the request has no Host header"));
+        }
+        (Some(_), Some(_)) => {
+            return Err(Answer::error(
+                400,
+                "the request has more than one Host header",
+            ));
+        }
+    };
+    if !policy.host_allowed(host, local_ip) {
+        tracing::warn!(host = %header_safe(host), "control API: refused a request for a foreign Host (DNS rebinding?)");
         return Err(Answer::error(
-            413,
-            format!("the body is larger than {MAX_BODY} bytes"),
+            403,
+            format!(
+                "Host `{}` is not this worker's address; use localhost, 127.0.0.1, [::1] or the listen address",
+                header_safe(host)
+            ),
         ));
     }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| Answer::error(400, format!("could not read the body: {e}")))?;
-    if body.len() as u64 > MAX_BODY {
-        return Err(Answer::error(
-            413,
-            format!("the body is larger than {MAX_BODY} bytes"),
-        ));
+    for origin in headers.get_all(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !policy.origin_allowed(origin, local_ip) {
+            tracing::warn!(origin = %header_safe(origin), "control API: refused a request from a foreign Origin");
+            return Err(Answer::error(
+                403,
+                format!(
+                    "requests from the web origin `{}` are not allowed",
+                    header_safe(origin)
+                ),
+            ));
+        }
     }
+    Ok(())
+}
+
+fn check_token(token: &Token, headers: &HeaderMap) -> Result<(), Answer> {
+    let unauthorized = |message: &str, challenge: &str| {
+        Answer::error(401, message).with_header("WWW-Authenticate", challenge)
+    };
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = match (values.next(), values.next()) {
+        (Some(value), None) => value.as_bytes(),
+        (None, _) => {
+            return Err(unauthorized(
+                "this endpoint needs `Authorization: Bearer <token>`; `worker serve` prints where its token file is when it starts",
+                "Bearer realm=\"worker\"",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(unauthorized(
+                "send one Authorization header, not several",
+                "Bearer realm=\"worker\", error=\"invalid_request\"",
+            ));
+        }
+    };
+    let presented = match value.split_at_checked(7) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => rest.trim_ascii(),
+        _ => {
+            return Err(unauthorized(
+                "the Authorization header must be `Bearer <token>`",
+                "Bearer realm=\"worker\", error=\"invalid_request\"",
+            ));
+        }
+    };
+    if token.matches(presented) {
+        Ok(())
+    } else {
+        tracing::warn!("control API: refused a request with a wrong token");
+        Err(unauthorized(
+            "the bearer token is wrong",
+            "Bearer realm=\"worker\", error=\"invalid_token\"",
+        ))
+    }
+}
+
+/// Reads a request body of at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`]; cut off when the
+/// server stops.
+async fn read_body(
+    mut body: Incoming,
+    mut stopping: watch::Receiver<bool>,
+) -> Result<Bytes, Answer> {
+    let too_big = || {
+        Answer::error(413, format!("the body is larger than {MAX_BODY} bytes"))
+            .with_header("Connection", "close")
+    };
+    if body.size_hint().lower() > MAX_BODY {
+        // Read what the client is sending (a bounded amount, while it keeps coming) and throw
+        // it away, so that the client gets to read the answer rather than a reset.
+        let drain = async {
+            let mut seen = 0u64;
+            while let Ok(Some(Ok(frame))) = tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(BODY_TIMEOUT, drain) => {}
+            _ = stopping.wait_for(|s| *s) => {}
+        }
+        return Err(too_big());
+    }
+    let collect = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(body, MAX_BODY as usize).collect(),
+    );
+    tokio::select! {
+        collected = collect => match collected {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+            Ok(Err(e)) => Err(Answer::error(400, format!("could not read the body: {e}"))),
+            Err(_) => Err(Answer::error(
+                408,
+                format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+            )
+            .with_header("Connection", "close")),
+        },
+        _ = stopping.wait_for(|s| *s) => Err(Answer::error(503, "the worker is shutting down")
+            .with_header("Connection", "close")),
+    }
+}
+
+fn read_params(body: &[u8]) -> Result<Value, Answer> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Null);
     }
-    serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         Answer::error(
             400,
             format!("the body is not valid JSON ({e}); send the params as one JSON value"),
@@ -173,11 +666,8 @@ fn read_params(request: &mut Request) -> Result<Value, Answer> {
     })
 }
 
-fn route(host: &PluginHost, request: &mut Request) -> Answer {
-    let url = request.url().to_owned();
-    let path = url.split(['?', '#']).next().unwrap_or("");
+fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let method = request.method().clone();
     let allow = |methods: &str| {
         let mut answer = Answer::error(
             405,
@@ -186,26 +676,26 @@ fn route(host: &PluginHost, request: &mut Request) -> Answer {
         answer.headers.push(("Allow", methods.to_owned()));
         answer
     };
-    match (segments.as_slice(), &method) {
-        (["healthz"], Method::Get) => Answer::json(
+    match (segments.as_slice(), method) {
+        (["healthz"], &Method::GET) => Answer::json(
             200,
             &json!({"status": "ok", "plugins": host.plugins().len()}),
         ),
         (["healthz"], _) => allow("GET"),
-        (["metrics"], Method::Get) => Answer {
+        (["metrics"], &Method::GET) => Answer {
             status: 200,
             body: metrics(host),
             content_type: "text/plain; version=0.0.4",
             headers: Vec::new(),
         },
         (["metrics"], _) => allow("GET"),
-        (["v1", "plugins"], Method::Get) => Answer::json(
+        (["v1", "plugins"], &Method::GET) => Answer::json(
             200,
             &json!({"plugins": host.plugins(), "refused": host.refused()}),
         ),
         (["v1", "plugins"], _) => allow("GET"),
-        (["v1", "tasks"], Method::Post) => {
-            let body = match read_params(request) {
+        (["v1", "tasks"], &Method::POST) => {
+            let body = match read_params(body) {
                 Ok(body) => body,
                 Err(answer) => return answer,
             };
@@ -220,18 +710,18 @@ fn route(host: &PluginHost, request: &mut Request) -> Answer {
             }
         }
         (["v1", "tasks"], _) => allow("POST"),
-        (["v1", "hooks"], Method::Get) => Answer::json(200, &json!(host.hook_points())),
+        (["v1", "hooks"], &Method::GET) => Answer::json(200, &json!(host.hook_points())),
         (["v1", "hooks"], _) => allow("GET"),
-        (["v1", "reload"], Method::Post) => match host.reload_config() {
+        (["v1", "reload"], &Method::POST) => match host.reload_config() {
             Ok(report) => Answer::json(200, &json!(report)),
             Err(e) => Answer::error(422, format!("{e:#}")),
         },
         (["v1", "reload"], _) => allow("POST"),
-        (["v1", "plugins", plugin], Method::Get) => match host.plugin(plugin) {
+        (["v1", "plugins", plugin], &Method::GET) => match host.plugin(plugin) {
             Some(info) => Answer::json(200, &json!(info)),
             None => Answer::error(404, format!("no plugin `{plugin}` is loaded")),
         },
-        (["v1", "plugins", plugin], Method::Delete) => {
+        (["v1", "plugins", plugin], &Method::DELETE) => {
             if host.plugin(plugin).is_none() {
                 return Answer::error(404, format!("no plugin `{plugin}` is loaded"));
             }
@@ -241,7 +731,7 @@ fn route(host: &PluginHost, request: &mut Request) -> Answer {
             }
         }
         (["v1", "plugins", _], _) => allow("GET, DELETE"),
-        (["v1", "plugins", plugin, "reload"], Method::Post) => {
+        (["v1", "plugins", plugin, "reload"], &Method::POST) => {
             if host.plugin(plugin).is_none() {
                 return Answer::error(404, format!("no plugin `{plugin}` is loaded"));
             }
@@ -250,8 +740,8 @@ fn route(host: &PluginHost, request: &mut Request) -> Answer {
                 Err(e) => Answer::error(422, format!("{e:#}")),
             }
         }
-        (["v1", "plugins", plugin, method_name], Method::Post) => {
-            let params = match read_params(request) {
+        (["v1", "plugins", plugin, method_name], &Method::POST) => {
+            let params = match read_params(body) {
                 Ok(params) => params,
                 Err(answer) => return answer,
             };

@@ -252,24 +252,97 @@ impl HttpAnswer {
     }
 }
 
-/// A minimal HTTP/1.1 request over loopback (one request per connection).
+/// A minimal HTTP/1.1 request (one request per connection) to `addr`: `HOST:PORT` over TCP, or
+/// `unix:PATH` over a Unix socket. No `Authorization` header: see [`Api::http`] for that.
 pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> HttpAnswer {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+    http_with(addr, method, path, &[], body)
+}
+
+/// [`http`] with extra headers. `Host` is `addr` (`localhost` over a Unix socket) unless
+/// `headers` names one.
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpAnswer {
+    let mut request = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        let host = if addr.starts_with("unix:") {
+            "localhost"
+        } else {
+            addr
+        };
+        request.push_str(&format!("Host: {host}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!(
+        "Connection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
-    )
-    .unwrap();
-    stream.write_all(body).unwrap();
+    ));
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    http_raw(addr, &bytes)
+}
+
+/// A byte stream to the control API.
+pub trait Connection: std::io::Read + std::io::Write + Send {
+    /// Sets the read timeout.
+    fn read_timeout(&self, timeout: std::time::Duration);
+}
+
+impl Connection for std::net::TcpStream {
+    fn read_timeout(&self, timeout: std::time::Duration) {
+        self.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
+impl Connection for std::os::unix::net::UnixStream {
+    fn read_timeout(&self, timeout: std::time::Duration) {
+        self.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
+/// Connects to `addr` (`HOST:PORT` or `unix:PATH`), with a 30 s read timeout.
+pub fn connect(addr: &str) -> Box<dyn Connection> {
+    let stream: Box<dyn Connection> = match addr.strip_prefix("unix:") {
+        Some(path) => Box::new(std::os::unix::net::UnixStream::connect(path).unwrap()),
+        None => Box::new(std::net::TcpStream::connect(addr).unwrap()),
+    };
+    stream.read_timeout(std::time::Duration::from_secs(30));
+    stream
+}
+
+/// Sends `request` as it is and reads the answer until the server closes the connection. A
+/// failed write (the server answered early and closed) is not an error: the answer is read.
+pub fn http_raw(addr: &str, request: &[u8]) -> HttpAnswer {
+    let mut stream = connect(addr);
+    let _ = stream.write_all(request);
+    read_answer(&mut *stream)
+}
+
+/// Reads one HTTP answer until the connection closes (a reset after the answer is fine).
+pub fn read_answer(stream: &mut dyn Connection) -> HttpAnswer {
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                assert!(!raw.is_empty(), "no answer: {e}");
+                break;
+            }
+        }
+    }
     let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
     let mut lines = head.lines();
     let status = lines
         .next()
@@ -287,6 +360,23 @@ pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> HttpAnswer {
         status,
         headers,
         body: body.to_owned(),
+    }
+}
+
+/// What a client needs to reach a running worker's control API: address and token.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// `HOST:PORT` or `unix:PATH`.
+    pub addr: String,
+    /// The bearer token.
+    pub token: String,
+}
+
+impl Api {
+    /// [`http`] with the bearer token.
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> HttpAnswer {
+        let auth = format!("Bearer {}", self.token);
+        http_with(&self.addr, method, path, &[("Authorization", &auth)], body)
     }
 }
 

@@ -1,68 +1,128 @@
 //! `worker serve` as a process: the control API over loopback, signals, state across restarts.
 
-use std::io::{BufRead as _, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
-use tests::{PluginDir, built_plugin, drop_in, eventually, http};
+use tests::{Api, HttpAnswer, PluginDir, built_plugin, drop_in, eventually};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A running `worker serve`; killed if the test ends without stopping it.
-struct Worker {
-    child: Child,
-    addr: String,
-    stderr: std::thread::JoinHandle<String>,
+/// A running `worker serve`, started by [`Worker::start`]; killed if the test ends without
+/// stopping it.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    child: std::process::Child,
+    /// Where the control API listens: `HOST:PORT`, or `unix:PATH`.
+    pub(crate) addr: String,
+    /// The token file `serve` announced.
+    pub(crate) token_file: PathBuf,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Worker {
-    fn start(dir: &PluginDir, state: &Path, extra: &[&str]) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+    /// Starts the test build of `worker serve` on `dir` with state in `state`, on
+    /// `127.0.0.1:0` unless `extra` has a `--listen`, and waits for it to announce its address
+    /// and token file.
+    ///
+    /// # Panics
+    ///
+    /// When it does not start.
+    pub(crate) fn start(dir: &PluginDir, state: &Path, extra: &[&str]) -> Worker {
+        Self::try_start(dir, state, extra, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Worker::start`] with environment variables; `Err` holds what the worker printed when
+    /// it did not start.
+    pub(crate) fn try_start(
+        dir: &PluginDir,
+        state: &Path,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Worker, String> {
+        use std::io::{BufRead as _, Read as _};
+        let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
+        command
             .arg("--plugins")
             .arg(dir.path())
-            .args([
-                "--log",
-                "info",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-            ])
+            .args(["--log", "info", "serve", "--state-dir"])
             .arg(state)
             .args(extra)
+            .env_remove("WORKER_TOKEN_FILE")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim()
-            .to_owned();
-        std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
-        });
+            .stderr(Stdio::piped());
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        let mut second = String::new();
+        stdout.read_line(&mut first).unwrap();
+        stdout.read_line(&mut second).unwrap();
         let mut stderr_pipe = child.stderr.take().unwrap();
         let stderr = std::thread::spawn(move || {
             let mut text = String::new();
-            let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+            let _ = stderr_pipe.read_to_string(&mut text);
             text
         });
-        Worker {
+        let addr = match first.split(" control API on ").nth(1) {
+            Some(addr) => addr.trim(),
+            None => {
+                let _ = child.kill();
+                let status = child.wait().unwrap();
+                let log = stderr.join().unwrap();
+                return Err(format!(
+                    "worker did not start ({status}): stdout {first:?}, stderr:\n{log}"
+                ));
+            }
+        };
+        let addr = addr.strip_prefix("http://").unwrap_or(addr).to_owned();
+        let token_file = second
+            .split(" token in ")
+            .nth(1)
+            .and_then(|rest| rest.split(" (").next())
+            .unwrap_or_else(|| panic!("no token file in {second:?}"))
+            .into();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stdout.read_to_string(&mut rest);
+        });
+        Ok(Worker {
             child,
             addr,
-            stderr,
+            token_file,
+            stderr: Some(stderr),
+        })
+    }
+
+    /// The token in the announced token file.
+    pub(crate) fn token(&self) -> String {
+        std::fs::read_to_string(&self.token_file)
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// The address and token, for other threads.
+    pub(crate) fn api(&self) -> Api {
+        Api {
+            addr: self.addr.clone(),
+            token: self.token(),
         }
     }
 
-    fn signal(&self, name: &str) {
+    /// [`http`] with the bearer token.
+    pub(crate) fn http(&self, method: &str, path: &str, body: &[u8]) -> HttpAnswer {
+        self.api().http(method, path, body)
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, ...).
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
@@ -71,11 +131,30 @@ impl Worker {
     }
 
     /// SIGTERM, then waits; returns the exit status and what it logged.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn stop(mut self) -> (std::process::ExitStatus, String) {
         self.signal("TERM");
         let status = self.child.wait().unwrap();
-        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
-        (status, stderr.join().unwrap())
+        let stderr = self.stderr.take().unwrap().join().unwrap();
+        (status, stderr)
+    }
+
+    /// SIGTERM, then waits at most `limit`; `None` if it had not exited by then (it is killed).
+    pub(crate) fn stop_within(
+        mut self,
+        limit: std::time::Duration,
+    ) -> Option<(std::process::ExitStatus, String)> {
+        self.signal("TERM");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let stderr = self.stderr.take().unwrap().join().unwrap();
+                return Some((status, stderr));
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
@@ -94,19 +173,20 @@ fn control_api_end_to_end() {
     dir.write("libbroken.so", b"nope");
     let state = dir.shadow().join("state");
     let worker = Worker::start(&dir, &state, &["--no-watch"]);
-    let addr = worker.addr.as_str();
+    let api = worker.api();
+    let http = |method: &str, path: &str, body: &[u8]| api.http(method, path, body);
 
-    let hooks = http(addr, "GET", "/v1/hooks", b"");
+    let hooks = http("GET", "/v1/hooks", b"");
     assert_eq!(hooks.status, 200);
     assert_eq!(hooks.json()[2]["subscribers"][0]["name"], "faulty");
 
-    let health = http(addr, "GET", "/healthz", b"");
+    let health = http("GET", "/healthz", b"");
     assert_eq!(
         (health.status, health.json()),
         (200, json!({"status": "ok", "plugins": 2}))
     );
 
-    let list = http(addr, "GET", "/v1/plugins", b"").json();
+    let list = http("GET", "/v1/plugins", b"").json();
     assert_eq!(list["plugins"][0]["name"], "echo");
     let echo_generation = list["plugins"][0]["generation"].as_u64().unwrap();
     assert!(list["plugins"][0]["stats"]["calls"].is_u64());
@@ -117,17 +197,17 @@ fn control_api_end_to_end() {
             .contains("libbroken.so")
     );
 
-    let echo = http(addr, "POST", "/v1/plugins/echo/echo", br#"{"x": [1, 2]}"#);
+    let echo = http("POST", "/v1/plugins/echo/echo", br#"{"x": [1, 2]}"#);
     assert_eq!((echo.status, echo.json()), (200, json!({"x": [1, 2]})));
     assert_eq!(
-        http(addr, "POST", "/v1/plugins/echo/echo", b"").json(),
+        http("POST", "/v1/plugins/echo/echo", b"").json(),
         json!(null)
     );
 
-    let panic = http(addr, "POST", "/v1/plugins/faulty/panic", b"");
+    let panic = http("POST", "/v1/plugins/faulty/panic", b"");
     assert_eq!((panic.status, panic.body.as_str()), (200, "null"));
     assert!(panic.header("x-noop-reason").unwrap().contains("panicked"));
-    let missing = http(addr, "POST", "/v1/plugins/nobody/x", b"{}");
+    let missing = http("POST", "/v1/plugins/nobody/x", b"{}");
     assert_eq!((missing.status, missing.body.as_str()), (200, "null"));
     assert!(
         missing
@@ -136,7 +216,7 @@ fn control_api_end_to_end() {
             .contains("no plugin `nobody`")
     );
 
-    let metrics = http(addr, "GET", "/metrics", b"");
+    let metrics = http("GET", "/metrics", b"");
     assert_eq!(metrics.status, 200);
     assert!(
         metrics
@@ -158,12 +238,12 @@ fn control_api_end_to_end() {
         metrics.body
     );
 
-    let reloaded = http(addr, "POST", "/v1/plugins/echo/reload", b"");
+    let reloaded = http("POST", "/v1/plugins/echo/reload", b"");
     assert_eq!(reloaded.status, 200);
     assert!(reloaded.json()["generation"].as_u64().unwrap() > echo_generation);
 
     // Bad requests: 4xx with a JSON error, and the worker goes on.
-    let bad = http(addr, "POST", "/v1/plugins/echo/echo", b"{not json");
+    let bad = http("POST", "/v1/plugins/echo/echo", b"{not json");
     assert_eq!(bad.status, 400);
     assert!(
         bad.json()["error"]
@@ -172,30 +252,24 @@ fn control_api_end_to_end() {
             .contains("not valid JSON")
     );
     let big = vec![b' '; 2 * 1024 * 1024];
-    assert_eq!(
-        http(addr, "POST", "/v1/plugins/echo/echo", &big).status,
-        413
-    );
-    assert_eq!(http(addr, "GET", "/v2/nothing", b"").status, 404);
-    let wrong = http(addr, "PUT", "/v1/plugins", b"");
+    assert_eq!(http("POST", "/v1/plugins/echo/echo", &big).status, 413);
+    assert_eq!(http("GET", "/v2/nothing", b"").status, 404);
+    let wrong = http("PUT", "/v1/plugins", b"");
     assert_eq!(wrong.status, 405);
     assert_eq!(wrong.header("allow"), Some("GET"));
-    assert_eq!(
-        http(addr, "POST", "/v1/plugins/nobody/reload", b"").status,
-        404
-    );
-    assert_eq!(http(addr, "DELETE", "/v1/plugins/nobody", b"").status, 404);
+    assert_eq!(http("POST", "/v1/plugins/nobody/reload", b"").status, 404);
+    assert_eq!(http("DELETE", "/v1/plugins/nobody", b"").status, 404);
 
-    let unloaded = http(addr, "DELETE", "/v1/plugins/faulty", b"");
+    let unloaded = http("DELETE", "/v1/plugins/faulty", b"");
     assert_eq!(
         (unloaded.status, unloaded.json()),
         (200, json!({"unloaded": "faulty"}))
     );
-    assert_eq!(http(addr, "GET", "/v1/plugins/faulty", b"").status, 404);
+    assert_eq!(http("GET", "/v1/plugins/faulty", b"").status, 404);
 
     // Rescan: a dropped-in file loads (no watcher here).
     drop_in(&built_plugin("fixture"), &dir.path(), "libfixture.so");
-    let rescan = http(addr, "POST", "/v1/reload", b"");
+    let rescan = http("POST", "/v1/reload", b"");
     assert_eq!(rescan.status, 200);
     assert!(
         rescan.json()["loaded"]
@@ -205,7 +279,7 @@ fn control_api_end_to_end() {
         "{}",
         rescan.body
     );
-    assert_eq!(http(addr, "GET", "/healthz", b"").status, 200);
+    assert_eq!(http("GET", "/healthz", b"").status, 200);
 
     let (status, _) = worker.stop();
     assert!(status.success());
@@ -220,18 +294,12 @@ fn state_survives_a_restart_and_shutdown_unloads_in_reverse_order() {
     let state = dir.shadow().join("state");
     let worker = Worker::start(&dir, &state, &[]);
     let record = json!({"experiment": "tone", "variant": "B", "score": 0.75});
-    http(
-        &worker.addr,
+    worker.http(
         "POST",
         "/v1/plugins/experiment/recordOutcome",
         record.to_string().as_bytes(),
     );
-    http(
-        &worker.addr,
-        "POST",
-        "/v1/plugins/fixture/add",
-        br#"{"n": 9}"#,
-    );
+    worker.http("POST", "/v1/plugins/fixture/add", br#"{"n": 9}"#);
     let (status, log) = worker.stop();
     assert!(status.success(), "{log}");
     assert!(state.join("experiment.json").is_file());
@@ -246,11 +314,13 @@ fn state_survives_a_restart_and_shutdown_unloads_in_reverse_order() {
     );
 
     let worker = Worker::start(&dir, &state, &[]);
-    let stats = http(&worker.addr, "POST", "/v1/plugins/experiment/stats", b"").json();
+    let stats = worker
+        .http("POST", "/v1/plugins/experiment/stats", b"")
+        .json();
     assert_eq!(stats["tone"]["B"]["outcomes"], 1);
     assert_eq!(stats["tone"]["B"]["meanScore"], 0.75);
     assert_eq!(
-        http(&worker.addr, "POST", "/v1/plugins/fixture/total", b"").json(),
+        worker.http("POST", "/v1/plugins/fixture/total", b"").json(),
         json!(9)
     );
     worker.stop();
@@ -265,7 +335,7 @@ fn corrupt_state_file_is_kept_aside_and_the_plugin_starts_fresh() {
     std::fs::write(state.join("fixture.json"), "{ torn write").unwrap();
     let worker = Worker::start(&dir, &state, &[]);
     assert_eq!(
-        http(&worker.addr, "POST", "/v1/plugins/fixture/total", b"").json(),
+        worker.http("POST", "/v1/plugins/fixture/total", b"").json(),
         json!(0)
     );
     let (status, log) = worker.stop();
@@ -295,28 +365,19 @@ fn sighup_rescans_and_sigterm_lets_requests_finish() {
     drop_in(&built_plugin("echo"), &dir.path(), "libecho.so");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        http(&worker.addr, "GET", "/healthz", b"").json()["plugins"],
+        worker.http("GET", "/healthz", b"").json()["plugins"],
         1,
         "loaded without a watcher"
     );
     worker.signal("HUP");
-    assert!(eventually(PATIENCE, || http(
-        &worker.addr,
-        "GET",
-        "/healthz",
-        b""
-    )
-    .json()["plugins"]
+    assert!(eventually(PATIENCE, || worker
+        .http("GET", "/healthz", b"")
+        .json()["plugins"]
         == 2));
 
-    let addr = worker.addr.clone();
+    let api = worker.api();
     let slow = std::thread::spawn(move || {
-        http(
-            &addr,
-            "POST",
-            "/v1/plugins/fixture/sleep",
-            br#"{"ms": 600}"#,
-        )
+        api.http("POST", "/v1/plugins/fixture/sleep", br#"{"ms": 600}"#)
     });
     std::thread::sleep(Duration::from_millis(150));
     let (status, log) = worker.stop();
@@ -338,7 +399,7 @@ fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
     let worker = Worker::start(&dir, &state, &[]);
     let tasks: Vec<serde_json::Value> = host::pipeline::example_tasks(40, 8);
     let batch = serde_json::to_vec(&tasks).unwrap();
-    let first = http(&worker.addr, "POST", "/v1/tasks", &batch);
+    let first = worker.http("POST", "/v1/tasks", &batch);
     assert_eq!(first.status, 200);
     let records = first.json();
     assert_eq!(records.as_array().unwrap().len(), 40);
@@ -351,29 +412,25 @@ fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
         "{}",
         first.body
     );
-    let one = http(
-        &worker.addr,
-        "POST",
-        "/v1/tasks",
-        tasks[0].to_string().as_bytes(),
-    )
-    .json();
+    let one = worker
+        .http("POST", "/v1/tasks", tasks[0].to_string().as_bytes())
+        .json();
     assert_eq!(one["id"], tasks[0]["id"]);
-    let bad = http(&worker.addr, "POST", "/v1/tasks", br#"{"id": "x"}"#).json();
+    let bad = worker.http("POST", "/v1/tasks", br#"{"id": "x"}"#).json();
     assert!(
         bad["error"].as_str().unwrap().contains("missing field"),
         "{bad}"
     );
-    assert_eq!(http(&worker.addr, "POST", "/v1/tasks", b"42").status, 400);
+    assert_eq!(worker.http("POST", "/v1/tasks", b"42").status, 400);
 
-    let pulls = |addr: &str| {
-        let stats = http(
-            addr,
-            "POST",
-            "/v1/plugins/bandit/stats",
-            br#"{"context": "chat"}"#,
-        )
-        .json();
+    let pulls = |api: &Api| {
+        let stats = api
+            .http(
+                "POST",
+                "/v1/plugins/bandit/stats",
+                br#"{"context": "chat"}"#,
+            )
+            .json();
         stats["chat"]["arms"]
             .as_object()
             .unwrap()
@@ -381,20 +438,20 @@ fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
             .map(|a| a["pulls"].as_u64().unwrap())
             .sum::<u64>()
     };
-    let before = pulls(&worker.addr);
+    let before = pulls(&worker.api());
     assert!(before > 0);
-    let generation = http(&worker.addr, "GET", "/v1/plugins/bandit", b"").json()["generation"]
+    let generation = worker.http("GET", "/v1/plugins/bandit", b"").json()["generation"]
         .as_u64()
         .unwrap();
-    let addr = worker.addr.clone();
+    let api = worker.api();
     let load = std::thread::spawn(move || {
         (0..10)
-            .map(|_| http(&addr, "POST", "/v1/tasks", &batch).json())
+            .map(|_| api.http("POST", "/v1/tasks", &batch).json())
             .collect::<Vec<_>>()
     });
     drop_in(&built_plugin("bandit"), &dir.path(), "libbandit.so");
     assert!(eventually(PATIENCE, || {
-        http(&worker.addr, "GET", "/v1/plugins/bandit", b"").json()["generation"]
+        worker.http("GET", "/v1/plugins/bandit", b"").json()["generation"]
             .as_u64()
             .unwrap()
             > generation
@@ -410,7 +467,7 @@ fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
         );
     }
     assert!(
-        pulls(&worker.addr) >= before,
+        pulls(&worker.api()) >= before,
         "the bandit lost what it learned in the swap"
     );
     worker.stop();
