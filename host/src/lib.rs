@@ -29,6 +29,7 @@ pub mod config;
 )]
 mod dylib;
 mod error;
+mod files;
 pub mod hooks;
 mod host;
 pub mod http;

@@ -1,0 +1,205 @@
+//! Hostile inputs the `worker` must refuse or survive: planted symbolic links in the state
+//! directory, task lines that are not UTF-8 or are huge, configuration files that are FIFOs or
+//! devices, a bad `--log` filter, plugin text that is not UTF-8 or carries control characters.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::PluginDir;
+
+/// The worker binary on `dir` with state in `state`, logging warnings.
+fn worker_command(dir: &PluginDir, state: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
+    command
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("WORKER_LOG");
+    command
+}
+
+fn run(mut command: Command) -> Output {
+    command.stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// Waits at most `limit` for `child` to exit; kills it and fails the test if it does not.
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> Output {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "the worker did not exit within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State directory
+
+/// The state directory with a symbolic link at the old temporary name and one at the state
+/// file's name, each pointing at a victim file outside it.
+struct PlantedState {
+    dir: PluginDir,
+    state: PathBuf,
+    victim_temp: PathBuf,
+    victim_state: PathBuf,
+}
+
+const VICTIM_TEMP: &str = "precious: must never be overwritten\n";
+/// Valid state for the fixture: had the link been followed, the total would start at 41.
+const VICTIM_STATE: &str = "41";
+
+impl PlantedState {
+    fn new() -> Self {
+        let dir = PluginDir::new();
+        dir.add("fixture", "libfixture.so");
+        let state = dir.shadow().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let victim_temp = dir.shadow().join("victim-temp");
+        let victim_state = dir.shadow().join("victim-state");
+        std::fs::write(&victim_temp, VICTIM_TEMP).unwrap();
+        std::fs::write(&victim_state, VICTIM_STATE).unwrap();
+        Self {
+            dir,
+            state,
+            victim_temp,
+            victim_state,
+        }
+    }
+
+    /// Plants the links, running `ln` through `prefix` (e.g. as another user).
+    fn plant(&self, prefix: &[&str]) {
+        for (link, target) in [
+            (".fixture.json.tmp", &self.victim_temp),
+            ("fixture.json", &self.victim_state),
+        ] {
+            let (program, args) = match prefix.split_first() {
+                Some((program, args)) => (*program, args.to_vec()),
+                None => ("ln", Vec::new()),
+            };
+            let mut ln = Command::new(program);
+            ln.args(args);
+            if !prefix.is_empty() {
+                ln.arg("ln");
+            }
+            let status = ln
+                .arg("-s")
+                .arg(target)
+                .arg(self.state.join(link))
+                .status()
+                .unwrap();
+            assert!(status.success(), "planting {link}");
+        }
+    }
+
+    fn call(&self, method: &str, params: &str) -> Output {
+        let mut command = worker_command(&self.dir, &self.state);
+        command.args(["--log", "warn", "call", "fixture", method, params]);
+        run(command)
+    }
+
+    /// A save, a reload and a shutdown through the links leave both victims untouched.
+    fn check(&self) {
+        let first = self.call("add", r#"{"n": 1}"#);
+        let stderr = text(&first.stderr);
+        assert!(first.status.success(), "{stderr}");
+        // The link at fixture.json was not followed: the total starts from 0, not from 41.
+        assert_eq!(text(&first.stdout).trim(), "1", "{stderr}");
+        assert!(
+            stderr.contains("fixture.json") && stderr.contains("symbolic link"),
+            "the warning names the link: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&self.victim_temp).unwrap(),
+            VICTIM_TEMP
+        );
+        assert_eq!(
+            std::fs::read_to_string(&self.victim_state).unwrap(),
+            VICTIM_STATE
+        );
+        // The save replaced the link itself with a regular file.
+        let saved = self.state.join("fixture.json");
+        assert!(
+            std::fs::symlink_metadata(&saved).unwrap().is_file(),
+            "the link was replaced"
+        );
+        assert_eq!(std::fs::read_to_string(&saved).unwrap(), "1");
+        // The next run restores it (the state file now is ours) and saves again.
+        let second = self.call("add", r#"{"n": 2}"#);
+        assert_eq!(
+            text(&second.stdout).trim(),
+            "3",
+            "{}",
+            text(&second.stderr)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&self.victim_temp).unwrap(),
+            VICTIM_TEMP
+        );
+        assert_eq!(
+            std::fs::read_to_string(&self.victim_state).unwrap(),
+            VICTIM_STATE
+        );
+        // No temporary file is left behind, whatever its random name.
+        let left: Vec<String> = std::fs::read_dir(&self.state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != ".fixture.json.tmp" && n != "fixture.json")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+#[test]
+fn planted_state_symlinks_are_never_written_through_or_read() {
+    let planted = PlantedState::new();
+    planted.plant(&[]);
+    planted.check();
+}
+
+/// The same attack by another, unprivileged user on a state directory they can write to.
+#[test]
+fn state_symlinks_planted_by_another_user_are_never_followed() {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| text(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !setpriv.exists() || !is_root {
+        eprintln!("skipped: needs root and setpriv to act as another user; planted links are tested above");
+        return;
+    }
+    let planted = PlantedState::new();
+    // The other user must reach the state directory and write into it.
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = planted.dir.shadow().parent().unwrap().to_path_buf();
+    for (path, mode) in [
+        (&root, 0o711),
+        (&planted.dir.shadow(), 0o711),
+        (&planted.state, 0o777),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    planted.plant(&[
+        "/usr/bin/setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]);
+    planted.check();
+}
