@@ -102,6 +102,11 @@ pub enum Command {
         /// Where to write the results [default: stdout].
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// The longest task line read, in bytes: a longer line gets an error record and is
+        /// skipped without being held in memory whole.
+        #[arg(long, value_name = "BYTES", default_value_t = crate::pipeline::DEFAULT_MAX_LINE_BYTES as u64,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_line_bytes: u64,
     },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
@@ -214,8 +219,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Run {
             tasks,
             out: out_file,
-            ..
-        } => return run_tasks(&host, &tasks, out_file.as_deref(), out),
+            max_line_bytes,
+        } => {
+            let max_line_bytes = usize::try_from(max_line_bytes).unwrap_or(usize::MAX);
+            return run_tasks(&host, &tasks, out_file.as_deref(), max_line_bytes, out);
+        }
         Command::Serve {
             listen, no_watch, ..
         } => return serve(&host, &listen, !no_watch, out),
@@ -369,15 +377,17 @@ fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `worker run`: the task pipeline over a file or stdin.
+/// `worker run`: the task pipeline over a file or stdin. Plugin state is saved even when
+/// reading the tasks or writing the results fails.
 fn run_tasks(
     host: &PluginHost,
     tasks: &str,
     out_file: Option<&std::path::Path>,
+    max_line_bytes: usize,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
     use std::io::BufReader;
-    let pipeline = crate::pipeline::Pipeline::new(host.clone());
+    let pipeline = crate::pipeline::Pipeline::new(host.clone()).with_max_line_bytes(max_line_bytes);
     let (input, total): (Box<dyn std::io::BufRead>, Option<u64>) = if tasks == "-" {
         (Box::new(BufReader::new(std::io::stdin().lock())), None)
     } else {
@@ -387,31 +397,29 @@ fn run_tasks(
         (Box::new(BufReader::new(file)), len)
     };
     let mut progress = Progress::new(total);
-    let summary = match out_file {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("creating the results file {}", path.display()))?;
-            let mut writer = std::io::BufWriter::new(file);
-            let summary = pipeline.run_job(input, &mut writer, |b| progress.update(b))?;
-            progress.done();
-            writeln!(out, "{summary}")?;
-            summary
-        }
-        None => {
-            let summary = pipeline.run_job(input, out, |b| progress.update(b))?;
-            progress.done();
-            eprintln!("{summary}");
-            summary
+    let run = || -> anyhow::Result<crate::pipeline::Summary> {
+        match out_file {
+            Some(path) => {
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("creating the results file {}", path.display()))?;
+                let mut writer = std::io::BufWriter::new(file);
+                // `run_job` fires worker.start and worker.stop.
+                let summary = pipeline.run_job(input, &mut writer, |b| progress.update(b))?;
+                progress.done();
+                writeln!(out, "{summary}")?;
+                Ok(summary)
+            }
+            None => {
+                let summary = pipeline.run_job(input, out, |b| progress.update(b))?;
+                progress.done();
+                eprintln!("{summary}");
+                Ok(summary)
+            }
         }
     };
-    let fired = host.fire(
-        crate::HookPoint::WorkerStop,
-        || serde_json::json!({"reason": "tasks done"}),
-    );
-    if let Err(v) = fired {
-        tracing::warn!(violation = %v, "worker.stop cannot be blocked; ignored");
-    }
+    let summary = run();
     host.shutdown();
+    let summary = summary?;
     tracing::info!(
         completed = summary.completed,
         failed = summary.failed,

@@ -203,3 +203,109 @@ fn state_symlinks_planted_by_another_user_are_never_followed() {
     ]);
     planted.check();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Task lines
+
+const TASK_A: &str = r#"{"id": "a", "type": "chat", "input": {"messages": [{"role": "user", "content": "My city is Hanoi."}, {"role": "user", "content": "What is my city?"}]}, "reference": "Hanoi"}"#;
+const TASK_B: &str = r#"{"id": "b", "type": "chat", "input": {"messages": [{"role": "user", "content": "Hello"}]}}"#;
+
+fn records(output: &Output) -> Vec<serde_json::Value> {
+    text(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn run_gives_bad_and_overlong_lines_an_error_record_and_goes_on() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let mut tasks = Vec::new();
+    tasks.extend_from_slice(TASK_A.as_bytes());
+    tasks.extend_from_slice(b"\n{\"id\": \"\xff\xfe\", \"type\": \"chat\"}\n");
+    tasks.extend_from_slice(&[b'x'; 5000]);
+    tasks.push(b'\n');
+    tasks.extend_from_slice(TASK_B.as_bytes());
+    tasks.push(b'\n');
+    let file = dir.shadow().join("tasks.jsonl");
+    std::fs::write(&file, &tasks).unwrap();
+
+    let mut command = worker_command(&dir, &state);
+    command
+        .args(["run", "--max-line-bytes", "1000", "--tasks"])
+        .arg(&file);
+    let output = run(command);
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let records = records(&output);
+    assert_eq!(records.len(), 4, "{records:?}");
+    assert_eq!(records[0]["id"], "a", "{records:?}");
+    assert!(records[0].get("error").is_none(), "{records:?}");
+    assert_eq!(records[1]["line"], 2);
+    let error = records[1]["error"].as_str().unwrap();
+    assert!(error.contains("line 2") && error.contains("UTF-8"), "{error}");
+    assert_eq!(records[2]["line"], 3);
+    let error = records[2]["error"].as_str().unwrap();
+    assert!(
+        error.contains("line 3") && error.contains("1000 bytes") && error.contains("--max-line-bytes"),
+        "{error}"
+    );
+    assert_eq!(records[3]["id"], "b", "{records:?}");
+    assert!(records[3].get("error").is_none(), "{records:?}");
+    // The run finished properly: the plugin's state was saved.
+    assert!(state.join("fixture.json").is_file(), "{stderr}");
+}
+
+/// A 150 MiB line under a 120 MB address-space limit: read whole, it could not even be held.
+#[test]
+fn an_overlong_line_is_skipped_without_being_held_in_memory() {
+    use std::io::Write as _;
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(r#"ulimit -v 120000 && exec "$@""#)
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["run", "--tasks", "-"])
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        writeln!(stdin, "{TASK_A}")?;
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..150 {
+            stdin.write_all(&chunk)?;
+        }
+        writeln!(stdin)?;
+        writeln!(stdin, "{TASK_B}")
+    });
+    let output = wait_bounded(child, Duration::from_secs(120));
+    let written = writer.join().unwrap();
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    written.unwrap();
+    let records = records(&output);
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records[0]["id"], "a");
+    assert_eq!(records[1]["line"], 2);
+    assert!(
+        records[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("longer than the limit of 16777216 bytes"),
+        "{records:?}"
+    );
+    assert_eq!(records[2]["id"], "b");
+}
