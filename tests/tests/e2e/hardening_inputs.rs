@@ -20,6 +20,23 @@ fn worker_command(dir: &PluginDir, state: &Path) -> Command {
     command
 }
 
+/// The worker binary under an address-space limit of `kib` KiB (a runaway read fails fast
+/// instead of eating the machine's memory), on `dir` with state in `state`.
+fn limited_worker(kib: u32, dir: &PluginDir, state: &Path) -> Command {
+    let mut command = Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(format!(r#"ulimit -v {kib} && exec "$@""#))
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("WORKER_LOG");
+    command
+}
+
 fn run(mut command: Command) -> Output {
     command.stdin(Stdio::null()).output().unwrap()
 }
@@ -265,17 +282,8 @@ fn an_overlong_line_is_skipped_without_being_held_in_memory() {
     let dir = PluginDir::new();
     dir.add("echo", "libecho.so");
     let state = dir.shadow().join("state");
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(r#"ulimit -v 120000 && exec "$@""#)
-        .arg("sh")
-        .arg(env!("CARGO_BIN_EXE_worker-under-test"))
-        .arg("--plugins")
-        .arg(dir.path())
-        .arg("--state-dir")
-        .arg(&state)
+    let mut child = limited_worker(120_000, &dir, &state)
         .args(["run", "--tasks", "-"])
-        .env_remove("WORKER_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -308,4 +316,97 @@ fn an_overlong_line_is_skipped_without_being_held_in_memory() {
         "{records:?}"
     );
     assert_eq!(records[2]["id"], "b");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The configuration file
+
+/// How the configuration file is made hostile, and what the refusal must say.
+#[derive(Debug, Clone, Copy)]
+enum BadConfig {
+    /// `plugins.json` is a FIFO nobody writes to.
+    Fifo,
+    /// `plugins.json` is a symbolic link to `/dev/zero`.
+    LinkToDevZero,
+    /// `--config /dev/zero`.
+    DevZero,
+}
+
+impl BadConfig {
+    const ALL: [BadConfig; 3] = [BadConfig::Fifo, BadConfig::LinkToDevZero, BadConfig::DevZero];
+
+    /// Sets the case up in `dir`; returns the extra arguments and the file the error must name.
+    fn set_up(self, dir: &PluginDir) -> (Vec<String>, String) {
+        let config = dir.path().join("plugins.json");
+        match self {
+            BadConfig::Fifo => {
+                let status = Command::new("mkfifo").arg(&config).status().unwrap();
+                assert!(status.success());
+                (Vec::new(), config.display().to_string())
+            }
+            BadConfig::LinkToDevZero => {
+                std::os::unix::fs::symlink("/dev/zero", &config).unwrap();
+                (Vec::new(), config.display().to_string())
+            }
+            BadConfig::DevZero => (
+                vec!["--config".to_owned(), "/dev/zero".to_owned()],
+                "/dev/zero".to_owned(),
+            ),
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            BadConfig::Fifo => "FIFO",
+            BadConfig::LinkToDevZero | BadConfig::DevZero => "character device",
+        }
+    }
+}
+
+fn assert_config_refused(case: BadConfig, what: &str, named: &str, output: &Output) {
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{case:?} {what}: {stderr}");
+    assert_eq!(output.status.code(), Some(1), "{case:?} {what}: {stderr}");
+    assert!(
+        stderr.contains(named) && stderr.contains(case.kind()) && stderr.contains("regular file"),
+        "{case:?} {what}: the error names the file and what it is: {stderr}"
+    );
+}
+
+#[test]
+fn list_refuses_a_configuration_that_is_not_a_regular_file() {
+    for case in BadConfig::ALL {
+        let dir = PluginDir::new();
+        dir.add("echo", "libecho.so");
+        let (args, named) = case.set_up(&dir);
+        let child = limited_worker(500_000, &dir, &dir.shadow().join("state"))
+            .args(&args)
+            .arg("list")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = wait_bounded(child, Duration::from_secs(30));
+        assert_config_refused(case, "list", &named, &output);
+    }
+}
+
+#[test]
+fn serve_exits_at_once_on_a_configuration_that_is_not_a_regular_file() {
+    for case in BadConfig::ALL {
+        let dir = PluginDir::new();
+        dir.add("echo", "libecho.so");
+        let (args, named) = case.set_up(&dir);
+        let child = limited_worker(500_000, &dir, &dir.shadow().join("state"))
+            .args(&args)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = wait_bounded(child, Duration::from_secs(30));
+        assert_config_refused(case, "serve", &named, &output);
+    }
 }
