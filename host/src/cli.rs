@@ -136,10 +136,13 @@ pub enum Command {
 /// Runs the worker with the process's arguments; returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter: Targets = match cli.log.parse() {
+    let filter = match parse_log_filter(&cli.log) {
         Ok(filter) => filter,
         Err(e) => {
-            eprintln!("error: invalid --log filter `{}`: {e}", cli.log);
+            eprintln!(
+                "error: invalid --log filter `{}`: {e}; use a level (error, warn, info, debug, trace, off) or comma-separated TARGET=LEVEL pairs such as `warn,host=debug`",
+                crate::text::escape_control(&cli.log)
+            );
             return ExitCode::from(2);
         }
     };
@@ -158,6 +161,37 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses a `--log` filter: comma-separated directives, each a level, or `TARGET=LEVEL`.
+///
+/// Stricter than [`Targets`]' own parser, which takes any bare word as a target to log at
+/// every level: a misspelt level (`warnn`) would silently switch every log line off.
+fn parse_log_filter(text: &str) -> Result<Targets, String> {
+    const LEVELS: [&str; 12] = [
+        "off", "error", "warn", "info", "debug", "trace", "0", "1", "2", "3", "4", "5",
+    ];
+    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word));
+    let is_target = |word: &str| {
+        !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_:-.".contains(c))
+    };
+    for directive in text.split(',') {
+        let directive = directive.trim();
+        let valid = match directive.split_once('=') {
+            Some((target, level)) => is_target(target.trim()) && is_level(level.trim()),
+            None => is_level(directive),
+        };
+        if !valid {
+            return Err(format!(
+                "`{}` is neither a level nor TARGET=LEVEL",
+                crate::text::escape_control(directive)
+            ));
+        }
+    }
+    text.parse::<Targets>().map_err(|e| e.to_string())
 }
 
 /// Runs one parsed command, writing its output to `out`.
@@ -459,6 +493,37 @@ impl Progress {
     fn done(&mut self) {
         if self.total.is_some() {
             eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_are_levels_or_target_level_pairs() {
+        for good in [
+            "warn",
+            "WARN",
+            "off",
+            "3",
+            "warn,host=debug",
+            "host::cli=info",
+            " info , plugin-x=trace",
+        ] {
+            assert!(parse_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "warnn",
+            "",
+            "host",
+            "info,host=loud",
+            "=debug",
+            "a b=info",
+            "warn,",
+        ] {
+            assert!(parse_log_filter(bad).is_err(), "{bad}");
         }
     }
 }

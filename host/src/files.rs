@@ -96,7 +96,9 @@ pub(crate) fn open_regular(
     };
     match looked {
         Ok(meta) if meta.file_type().is_symlink() => return Err(FileError::Symlink),
-        Ok(meta) if !meta.is_file() => return Err(FileError::NotRegular(kind_of(meta.file_type()))),
+        Ok(meta) if !meta.is_file() => {
+            return Err(FileError::NotRegular(kind_of(meta.file_type())));
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(FileError::NotFound),
         Err(e) => return Err(FileError::Io(e)),

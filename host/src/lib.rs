@@ -37,6 +37,7 @@ mod loader;
 pub mod pipeline;
 mod state;
 mod stats;
+pub mod text;
 pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};

@@ -157,12 +157,7 @@ impl PlantedState {
         assert_eq!(std::fs::read_to_string(&saved).unwrap(), "1");
         // The next run restores it (the state file now is ours) and saves again.
         let second = self.call("add", r#"{"n": 2}"#);
-        assert_eq!(
-            text(&second.stdout).trim(),
-            "3",
-            "{}",
-            text(&second.stderr)
-        );
+        assert_eq!(text(&second.stdout).trim(), "3", "{}", text(&second.stderr));
         assert_eq!(
             std::fs::read_to_string(&self.victim_temp).unwrap(),
             VICTIM_TEMP
@@ -198,7 +193,9 @@ fn state_symlinks_planted_by_another_user_are_never_followed() {
         .map(|o| text(&o.stdout).trim() == "0")
         .unwrap_or(false);
     if !setpriv.exists() || !is_root {
-        eprintln!("skipped: needs root and setpriv to act as another user; planted links are tested above");
+        eprintln!(
+            "skipped: needs root and setpriv to act as another user; planted links are tested above"
+        );
         return;
     }
     let planted = PlantedState::new();
@@ -225,7 +222,8 @@ fn state_symlinks_planted_by_another_user_are_never_followed() {
 // Task lines
 
 const TASK_A: &str = r#"{"id": "a", "type": "chat", "input": {"messages": [{"role": "user", "content": "My city is Hanoi."}, {"role": "user", "content": "What is my city?"}]}, "reference": "Hanoi"}"#;
-const TASK_B: &str = r#"{"id": "b", "type": "chat", "input": {"messages": [{"role": "user", "content": "Hello"}]}}"#;
+const TASK_B: &str =
+    r#"{"id": "b", "type": "chat", "input": {"messages": [{"role": "user", "content": "Hello"}]}}"#;
 
 fn records(output: &Output) -> Vec<serde_json::Value> {
     text(&output.stdout)
@@ -262,11 +260,16 @@ fn run_gives_bad_and_overlong_lines_an_error_record_and_goes_on() {
     assert!(records[0].get("error").is_none(), "{records:?}");
     assert_eq!(records[1]["line"], 2);
     let error = records[1]["error"].as_str().unwrap();
-    assert!(error.contains("line 2") && error.contains("UTF-8"), "{error}");
+    assert!(
+        error.contains("line 2") && error.contains("UTF-8"),
+        "{error}"
+    );
     assert_eq!(records[2]["line"], 3);
     let error = records[2]["error"].as_str().unwrap();
     assert!(
-        error.contains("line 3") && error.contains("1000 bytes") && error.contains("--max-line-bytes"),
+        error.contains("line 3")
+            && error.contains("1000 bytes")
+            && error.contains("--max-line-bytes"),
         "{error}"
     );
     assert_eq!(records[3]["id"], "b", "{records:?}");
@@ -333,7 +336,11 @@ enum BadConfig {
 }
 
 impl BadConfig {
-    const ALL: [BadConfig; 3] = [BadConfig::Fifo, BadConfig::LinkToDevZero, BadConfig::DevZero];
+    const ALL: [BadConfig; 3] = [
+        BadConfig::Fifo,
+        BadConfig::LinkToDevZero,
+        BadConfig::DevZero,
+    ];
 
     /// Sets the case up in `dir`; returns the extra arguments and the file the error must name.
     fn set_up(self, dir: &PluginDir) -> (Vec<String>, String) {
@@ -409,4 +416,47 @@ fn serve_exits_at_once_on_a_configuration_that_is_not_a_regular_file() {
         let output = wait_bounded(child, Duration::from_secs(30));
         assert_config_refused(case, "serve", &named, &output);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The log filter
+
+#[test]
+fn an_invalid_log_filter_is_a_usage_error() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    for (flag, env) in [
+        (Some("warnn"), None),
+        (Some("info,host=loud"), None),
+        (None, Some("warnn")),
+    ] {
+        let mut command = worker_command(&dir, &state);
+        if let Some(filter) = flag {
+            command.args(["--log", filter]);
+        }
+        if let Some(filter) = env {
+            command.env("WORKER_LOG", filter);
+        }
+        command.arg("list");
+        let output = run(command);
+        let stderr = text(&output.stderr);
+        let filter = flag.or(env).unwrap();
+        assert_eq!(output.status.code(), Some(2), "{filter}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid --log filter `{filter}`")),
+            "{filter}: {stderr}"
+        );
+        assert!(
+            output.stdout.is_empty(),
+            "nothing ran: {}",
+            text(&output.stdout)
+        );
+    }
+    // A valid one still works.
+    let mut command = worker_command(&dir, &state);
+    command.args(["--log", "warn,host=info", "list"]);
+    let output = run(command);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("plugin loaded"));
 }
