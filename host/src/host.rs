@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
-use crate::dylib::PluginLibrary;
+use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::{CallError, LoadError};
 use crate::hooks::HookPoint;
 use crate::loader;
@@ -1066,8 +1066,15 @@ impl PluginHost {
             .library
             .call(method, params, |answer| match answer {
                 Ok(json) => on_answer(json),
-                Err((ErrorKind::UnknownMethod, _)) => Err(Failure::MethodNotFound),
-                Err((kind, message)) => Err(Failure::Plugin(kind, message.to_owned())),
+                Err(PluginFailure::Reported(ErrorKind::UnknownMethod, _)) => {
+                    Err(Failure::MethodNotFound)
+                }
+                Err(PluginFailure::Reported(kind, message)) => {
+                    Err(Failure::Plugin(kind, message.to_owned()))
+                }
+                Err(PluginFailure::NotUtf8(e)) => Err(Failure::InvalidJson(format!(
+                    "the answer is not UTF-8 text ({e})"
+                ))),
             })
             .unwrap_or(Err(Failure::PluginNotFound));
         let ticks = clock.map_or(0, |c| c.raw().saturating_sub(started).max(1));

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::{Failure, Generation, Inner, PluginHost, Plugins, Registry};
 use crate::config::PluginsConfig;
+use crate::dylib::PluginFailure;
 use crate::hooks::{
     HookEvent, HookPoint, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
 };
@@ -377,7 +378,11 @@ fn run_subscriber(
                 .library
                 .on_hook(point.name(), text, |answer| match answer {
                     Ok(json) => parse_answer(json).map_err(|e| (ErrorKind::Failed, e)),
-                    Err((kind, message)) => Err((kind, message.to_owned())),
+                    Err(PluginFailure::Reported(kind, message)) => Err((kind, message.to_owned())),
+                    Err(PluginFailure::NotUtf8(e)) => Err((
+                        ErrorKind::Failed,
+                        format!("the hook answer is not UTF-8 text ({e})"),
+                    )),
                 });
             let ticks = timer.stop(started);
             match result {

@@ -460,3 +460,41 @@ fn an_invalid_log_filter_is_a_usage_error() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stderr).contains("plugin loaded"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Plugin text
+
+fn fixture_call(method: &str) -> Output {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let mut command = worker_command(&dir, &dir.shadow().join("state"));
+    command.args(["--log", "warn", "call", "fixture", method]);
+    run(command)
+}
+
+#[test]
+fn an_answer_that_is_not_utf8_answers_nothing() {
+    let output = fixture_call("not_utf8");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    // Before: the raw bytes 0xFF 0xFE went to stdout as "JSON".
+    assert_eq!(output.stdout, b"null\n", "{stderr}");
+    assert!(
+        stderr.contains("fixture.not_utf8") && stderr.contains("not UTF-8"),
+        "{stderr}"
+    );
+
+    // The library answers nothing too, and counts an error.
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let host = dir.host();
+    host.scan().unwrap();
+    assert_eq!(
+        host.execute("fixture", "not_utf8", &serde_json::Value::Null),
+        None
+    );
+    let error = host
+        .call("fixture", "not_utf8", &serde_json::Value::Null)
+        .unwrap_err();
+    assert!(error.to_string().contains("not UTF-8"), "{error}");
+}
