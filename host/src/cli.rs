@@ -12,6 +12,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 use crate::http::ControlServer;
+use crate::text::EscapeControl;
 use crate::watch::{WatchOptions, Watcher};
 use crate::{LoadedPlugin, PluginHost, Refusal};
 
@@ -289,7 +290,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                             out,
                             "    {}. {} ({}) {} priority {}",
                             i + 1,
-                            s.name,
+                            EscapeControl(&s.name),
                             s.kind,
                             s.mode,
                             s.priority
@@ -330,24 +331,33 @@ fn write_list(
     )?;
     for plugin in plugins {
         writeln!(out)?;
+        // Everything but the counts comes from the plugin (its manifest) or a file name:
+        // control characters are escaped, so no line can be forged and no terminal driven.
         writeln!(
             out,
             "{} {}  ({})",
-            plugin.name,
-            plugin.version,
-            plugin.file.display()
+            EscapeControl(&plugin.name),
+            EscapeControl(&plugin.version),
+            EscapeControl(&plugin.file.display().to_string())
         )?;
         if !plugin.description.is_empty() {
-            writeln!(out, "    {}", plugin.description)?;
+            writeln!(out, "    {}", EscapeControl(&plugin.description))?;
         }
         for method in &plugin.methods {
-            writeln!(out, "    - {}: {}", method.name, method.description)?;
+            writeln!(
+                out,
+                "    - {}: {}",
+                EscapeControl(&method.name),
+                EscapeControl(&method.description)
+            )?;
         }
         for hook in &plugin.hooks {
             writeln!(
                 out,
                 "    @ {} ({}, priority {})",
-                hook.hook, hook.mode, hook.priority
+                EscapeControl(&hook.hook),
+                hook.mode,
+                hook.priority
             )?;
         }
     }
@@ -355,7 +365,13 @@ fn write_list(
         writeln!(out)?;
         writeln!(out, "refused:")?;
         for refusal in refused {
-            writeln!(out, "  {}", refusal.reason.replace('\n', "\n    "))?;
+            // A reason may span lines (a layout mismatch); each line is escaped on its own.
+            let lines: Vec<String> = refusal
+                .reason
+                .split('\n')
+                .map(|line| EscapeControl(line).to_string())
+                .collect();
+            writeln!(out, "  {}", lines.join("\n    "))?;
         }
     }
     Ok(())

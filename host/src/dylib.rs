@@ -102,9 +102,11 @@ extern "C" fn host_call(
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
         let context = unsafe { &*context.0.cast::<LogContext>() };
-        let (Ok(plugin), Ok(method), Ok(params)) =
-            (plugin_text(plugin), plugin_text(method), plugin_text(params))
-        else {
+        let (Ok(plugin), Ok(method), Ok(params)) = (
+            plugin_text(plugin),
+            plugin_text(method),
+            plugin_text(params),
+        ) else {
             return Err((
                 ErrorKind::InvalidParams,
                 "the plugin, method or params of a plugin call are not UTF-8 text".to_owned(),

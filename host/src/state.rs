@@ -142,7 +142,8 @@ impl StateStore {
             plugin,
             file = %path.display(),
             kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| p.display().to_string()),
-            "`{plugin}` refused its saved state: {reason}; it starts fresh"
+            "`{plugin}` refused its saved state: {}; it starts fresh",
+            crate::text::EscapeControl(reason)
         );
     }
 

@@ -20,6 +20,7 @@ use crate::hooks::{
     HookEvent, HookPoint, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
 };
 use crate::stats::{Outcome, StatsCell};
+use crate::text::EscapeControl;
 
 /// Who runs when a subscriber's turn comes.
 #[derive(Clone)]
@@ -405,7 +406,7 @@ fn run_subscriber(
                     tracing::warn!(
                         plugin = %subscriber.name,
                         hook = %point,
-                        error = %message,
+                        error = %EscapeControl(&message),
                         "hook subscriber {}; skipped, the chain goes on",
                         if panicked { "panicked" } else { "failed" }
                     );
@@ -679,7 +680,7 @@ impl PluginHost {
             reason,
             code,
         };
-        tracing::info!(hook = %point, subscriber = %violation.subscriber, code = %violation.code, reason = %violation.reason, "hook blocked");
+        tracing::info!(hook = %point, subscriber = %EscapeControl(&violation.subscriber), code = %EscapeControl(&violation.code), reason = %EscapeControl(&violation.reason), "hook blocked");
         violation
     }
 
@@ -827,7 +828,7 @@ impl PluginHost {
             }
         });
         if let Some(message) = cycle {
-            tracing::warn!(caller, plugin, method, "{message}");
+            tracing::warn!(caller, plugin = %EscapeControl(plugin), method = %EscapeControl(method), "{}", EscapeControl(&message));
             return Err((ErrorKind::Failed, message));
         }
         CALL_CHAIN.with(|chain| chain.borrow_mut().push(caller.to_owned()));

@@ -498,3 +498,63 @@ fn an_answer_that_is_not_utf8_answers_nothing() {
         .unwrap_err();
     assert!(error.to_string().contains("not UTF-8"), "{error}");
 }
+
+/// The fixture's text: `oops ESC[2J NEWLINE <a forged log line>`.
+const FORGED: &str = "2030-01-01T00:00:00Z  INFO host: forged line";
+
+fn assert_escaped_on_one_line(stderr: &str, context: &str) {
+    assert!(!stderr.contains('\x1b'), "{context}: a raw ESC: {stderr:?}");
+    assert!(
+        stderr.contains(r"oops\x1b[2J\n2030-01-01T00:00:00Z  INFO host: forged line"),
+        "{context}: escaped in place: {stderr}"
+    );
+    assert!(
+        !stderr.lines().any(|line| line.starts_with(FORGED)),
+        "{context}: a forged line: {stderr}"
+    );
+}
+
+#[test]
+fn control_characters_from_plugins_are_escaped_in_cli_output_and_logs() {
+    // The error message, printed by `worker call` and in the warning log line.
+    let output = fixture_call("control_error");
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(output.stdout, b"null\n");
+    assert!(
+        stderr.contains("note: the call answered nothing: fixture.control_error failed: oops"),
+        "{stderr}"
+    );
+    assert_escaped_on_one_line(&stderr, "call");
+
+    // A plugin's log event, re-emitted by the host.
+    let output = fixture_call("control_log");
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_escaped_on_one_line(&stderr, "log");
+
+    // In a log line of the library's own, through `worker run` (the pipeline asks plugins).
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    dir.configure(&serde_json::json!({
+        "fixture": {"config": {"on": {"task.received": {"block": {"reason": "oops\u{1b}[2J\n2030-01-01T00:00:00Z  INFO host: forged line", "code": "c\nd"}}}}}
+    }));
+    let mut command = worker_command(&dir, &dir.shadow().join("state"));
+    command.args(["--log", "info", "run", "--tasks", "-"]);
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{TASK_A}").unwrap();
+    }
+    let output = wait_bounded(child, Duration::from_secs(60));
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("hook blocked"), "{stderr}");
+    assert_escaped_on_one_line(&stderr, "hook blocked");
+}
