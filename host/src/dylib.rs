@@ -5,11 +5,13 @@
 //! [`PluginLibrary::create`]) holding the plugin's instance. Dropping it destroys the instance,
 //! closes the library and deletes the shadow copy, in that order.
 
+use std::borrow::Cow;
 use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::str::Utf8Error;
 
 use abi_stable::StableAbi;
 use abi_stable::abi_stability::abi_checking::{
@@ -26,9 +28,40 @@ use plugin_api::abi::{
 };
 
 use crate::error::LoadError;
+use crate::text::EscapeControl;
 
-/// A failure reported by the plugin's side of a call: its kind and message.
-pub(crate) type PluginFailure<'a> = (ErrorKind, &'a str);
+/// Why a call into a plugin gave no usable answer.
+#[derive(Debug)]
+pub(crate) enum PluginFailure<'a> {
+    /// The plugin's side reported a failure: its kind and message (bytes that are not UTF-8
+    /// replaced by U+FFFD).
+    Reported(ErrorKind, &'a str),
+    /// The plugin answered bytes that are not UTF-8 text.
+    NotUtf8(Utf8Error),
+}
+
+/// The text of a string a plugin handed over, checked: abi_stable's string types promise
+/// UTF-8, but a plugin's `unsafe` code can break that promise, and the host must never pass
+/// such bytes on as text (to stdout, an HTTP body, a log). One pass over the bytes.
+#[inline]
+fn plugin_text(text: RStr<'_>) -> Result<&str, Utf8Error> {
+    std::str::from_utf8(text.as_rslice().as_slice())
+}
+
+/// A plugin's message for people: the bytes that are not UTF-8 replaced (no copy when all are).
+fn plugin_message(text: RStr<'_>) -> Cow<'_, str> {
+    String::from_utf8_lossy(text.as_rslice().as_slice())
+}
+
+/// An owned string from a plugin, checked as [`plugin_text`]; `what` names it in the error.
+fn plugin_string(text: RString, what: &str) -> Result<String, (ErrorKind, String)> {
+    String::from_utf8(text.into_bytes().into_vec()).map_err(|e| {
+        (
+            ErrorKind::Failed,
+            format!("{what} is not UTF-8 text ({})", e.utf8_error()),
+        )
+    })
+}
 
 /// The shadow copy of a plugin file; deleted when dropped.
 #[derive(Debug)]
@@ -69,7 +102,17 @@ extern "C" fn host_call(
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
         let context = unsafe { &*context.0.cast::<LogContext>() };
-        (context.call)(plugin.as_str(), method.as_str(), params.as_str())
+        let (Ok(plugin), Ok(method), Ok(params)) = (
+            plugin_text(plugin),
+            plugin_text(method),
+            plugin_text(params),
+        ) else {
+            return Err((
+                ErrorKind::InvalidParams,
+                "the plugin, method or params of a plugin call are not UTF-8 text".to_owned(),
+            ));
+        };
+        (context.call)(plugin, method, params)
     }));
     match result {
         Ok(Ok(answer)) => ROk(answer.map(RString::from).into()),
@@ -93,14 +136,18 @@ extern "C" fn host_log(context: HostContext, level: u8, target: RStr<'_>, messag
         // can call this function) it is alive.
         let context = unsafe { &*context.0.cast::<LogContext>() };
         let plugin = context.plugin.as_str();
-        let target = target.as_str();
-        let message = message.as_str();
+        // The plugin's text goes into the host's log lines: no control characters (a newline
+        // would forge a line), nothing that is not UTF-8.
+        let target = plugin_message(target);
+        let target = EscapeControl(&target);
+        let message = plugin_message(message);
+        let message = EscapeControl(&message);
         match level {
-            abi::level::ERROR => tracing::error!(plugin, target, "{message}"),
-            abi::level::WARN => tracing::warn!(plugin, target, "{message}"),
-            abi::level::INFO => tracing::info!(plugin, target, "{message}"),
-            abi::level::DEBUG => tracing::debug!(plugin, target, "{message}"),
-            _ => tracing::trace!(plugin, target, "{message}"),
+            abi::level::ERROR => tracing::error!(plugin, %target, "{message}"),
+            abi::level::WARN => tracing::warn!(plugin, %target, "{message}"),
+            abi::level::INFO => tracing::info!(plugin, %target, "{message}"),
+            abi::level::DEBUG => tracing::debug!(plugin, %target, "{message}"),
+            _ => tracing::trace!(plugin, %target, "{message}"),
         }
     }));
 }
@@ -179,7 +226,7 @@ impl PluginLibrary {
     /// The manifest JSON the plugin exports.
     pub(crate) fn manifest_json(&self) -> Result<String, (ErrorKind, String)> {
         match (self.table.manifest())() {
-            ROk(json) => Ok(json.into_string()),
+            ROk(json) => plugin_string(json, "the manifest"),
             RErr(e) => Err(owned(e)),
         }
     }
@@ -224,8 +271,15 @@ impl PluginLibrary {
         let result =
             (self.table.execute())(instance, RStr::from_str(method), RStr::from_str(params));
         Some(match &result {
-            ROk(json) => f(Ok(json.as_ref().map(RString::as_str).into_option())),
-            RErr(e) => f(Err((e.kind, e.message.as_str()))),
+            ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
+                Ok(json) => f(Ok(Some(json))),
+                Err(e) => f(Err(PluginFailure::NotUtf8(e))),
+            },
+            ROk(RNone) => f(Ok(None)),
+            RErr(e) => f(Err(PluginFailure::Reported(
+                e.kind,
+                &plugin_message(e.message.as_rstr()),
+            ))),
         })
         // `result` drops here, in the plugin's code, while the library is loaded.
     }
@@ -245,8 +299,14 @@ impl PluginLibrary {
         Some(match &result {
             // "Continue", by far the most common answer: nothing to free.
             ROk(RNone) => f(Ok(None)),
-            ROk(RSome(json)) => f(Ok(Some(json.as_str()))),
-            RErr(e) => f(Err((e.kind, e.message.as_str()))),
+            ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
+                Ok(json) => f(Ok(Some(json))),
+                Err(e) => f(Err(PluginFailure::NotUtf8(e))),
+            },
+            RErr(e) => f(Err(PluginFailure::Reported(
+                e.kind,
+                &plugin_message(e.message.as_rstr()),
+            ))),
         })
     }
 
@@ -256,7 +316,8 @@ impl PluginLibrary {
         let instance = self.instance?;
         let save = self.table.save_state()?;
         Some(match save(instance) {
-            ROk(json) => Ok(json.into_option().map(RString::into_string)),
+            ROk(RSome(json)) => plugin_string(json, "the saved state").map(Some),
+            ROk(RNone) => Ok(None),
             RErr(e) => Err(owned(e)),
         })
     }
@@ -307,7 +368,7 @@ impl Drop for PluginLibrary {
 }
 
 fn owned(e: CallError) -> (ErrorKind, String) {
-    (e.kind, e.message.into_string())
+    (e.kind, plugin_message(e.message.as_rstr()).into_owned())
 }
 
 /// Reads the header of an opened library and checks it; returns the function table.

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::text::EscapeControl;
+
 /// Why a plugin file was refused. Every message says what to do about it.
 ///
 /// Load functions return `anyhow::Error` whose context names the file; reach this with
@@ -126,7 +128,9 @@ impl fmt::Display for LoadError {
                 "its function table does not match this host's; rebuild the plugin against this host's plugin-api. What differs:\n{}",
                 details.trim_end()
             ),
-            LoadError::BadManifest { reason } => write!(f, "unreadable plugin manifest: {reason}"),
+            LoadError::BadManifest { reason } => {
+                write!(f, "unreadable plugin manifest: {}", EscapeControl(reason))
+            }
             LoadError::Disabled { plugin } => write!(
                 f,
                 "plugin `{plugin}` is disabled in the configuration file (set \"enabled\": true to load it)"
@@ -136,12 +140,18 @@ impl fmt::Display for LoadError {
                 "plugin `{plugin}` is already loaded from {}; remove one of the two files",
                 loaded_from.display()
             ),
-            LoadError::CreateFailed { plugin, message } => {
-                write!(f, "plugin `{plugin}` refused to start: {message}")
-            }
-            LoadError::CreatePanicked { plugin, message } => {
-                write!(f, "plugin `{plugin}` panicked while starting: {message}")
-            }
+            LoadError::CreateFailed { plugin, message } => write!(
+                f,
+                "plugin `{}` refused to start: {}",
+                EscapeControl(plugin),
+                EscapeControl(message)
+            ),
+            LoadError::CreatePanicked { plugin, message } => write!(
+                f,
+                "plugin `{}` panicked while starting: {}",
+                EscapeControl(plugin),
+                EscapeControl(message)
+            ),
         }
     }
 }
@@ -227,37 +237,69 @@ impl CallError {
 impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CallError::PluginNotFound { plugin } => write!(f, "no plugin `{plugin}` is loaded"),
-            CallError::MethodNotFound { plugin, method } => {
-                write!(f, "plugin `{plugin}` has no method `{method}`")
+            CallError::PluginNotFound { plugin } => {
+                write!(f, "no plugin `{}` is loaded", EscapeControl(plugin))
             }
+            CallError::MethodNotFound { plugin, method } => write!(
+                f,
+                "plugin `{}` has no method `{}`",
+                EscapeControl(plugin),
+                EscapeControl(method)
+            ),
             CallError::InvalidParams {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method}: invalid params: {message}"),
+            } => write!(
+                f,
+                "{}.{}: invalid params: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::Failed {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method} failed: {message}"),
+            } => write!(
+                f,
+                "{}.{} failed: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::Panicked {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method} panicked: {message}"),
+            } => write!(
+                f,
+                "{}.{} panicked: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::InvalidJson {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method} answered invalid JSON: {message}"),
+            } => write!(
+                f,
+                "{}.{} answered invalid JSON: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::WrongType {
                 plugin,
                 method,
                 message,
             } => write!(
                 f,
-                "{plugin}.{method} answered an unexpected value: {message}"
+                "{}.{} answered an unexpected value: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
             ),
         }
     }

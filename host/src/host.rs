@@ -16,12 +16,13 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
-use crate::dylib::PluginLibrary;
+use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::{CallError, LoadError};
 use crate::hooks::HookPoint;
 use crate::loader;
 use crate::state::StateStore;
 use crate::stats::{Outcome, PluginStats, StatsCell};
+use crate::text::EscapeControl;
 
 mod dispatch;
 
@@ -584,7 +585,7 @@ impl PluginHost {
         refused.retain(|r| r.file != file);
         if let Some(e) = error {
             let refusal = refusal(file, e);
-            tracing::warn!(file = %file.display(), reason = %refusal.reason, "plugin file refused");
+            tracing::warn!(file = %file.display(), reason = %EscapeControl(&refusal.reason), "plugin file refused");
             refused.push(refusal);
         }
     }
@@ -686,7 +687,7 @@ impl PluginHost {
                     Err(e) => tracing::warn!(plugin, error = %format!("{e:#}"), "state not saved"),
                 },
                 Some(Err((_, message))) => {
-                    tracing::warn!(plugin, error = %message, "the plugin failed to save its state");
+                    tracing::warn!(plugin, error = %EscapeControl(&message), "the plugin failed to save its state");
                 }
             }
         }
@@ -1066,8 +1067,15 @@ impl PluginHost {
             .library
             .call(method, params, |answer| match answer {
                 Ok(json) => on_answer(json),
-                Err((ErrorKind::UnknownMethod, _)) => Err(Failure::MethodNotFound),
-                Err((kind, message)) => Err(Failure::Plugin(kind, message.to_owned())),
+                Err(PluginFailure::Reported(ErrorKind::UnknownMethod, _)) => {
+                    Err(Failure::MethodNotFound)
+                }
+                Err(PluginFailure::Reported(kind, message)) => {
+                    Err(Failure::Plugin(kind, message.to_owned()))
+                }
+                Err(PluginFailure::NotUtf8(e)) => Err(Failure::InvalidJson(format!(
+                    "the answer is not UTF-8 text ({e})"
+                ))),
             })
             .unwrap_or(Err(Failure::PluginNotFound));
         let ticks = clock.map_or(0, |c| c.raw().saturating_sub(started).max(1));
@@ -1127,16 +1135,16 @@ fn log_failure(plugin: &str, method: &str, failure: &Failure) {
             tracing::debug!(plugin, method, "no such method; answering nothing");
         }
         Failure::Plugin(ErrorKind::Panicked, message) => {
-            tracing::warn!(plugin, method, panic = %message, "plugin panicked; answering nothing");
+            tracing::warn!(plugin, method, panic = %EscapeControl(message), "plugin panicked; answering nothing");
         }
         Failure::Plugin(_, message) => {
-            tracing::warn!(plugin, method, error = %message, "plugin call failed; answering nothing");
+            tracing::warn!(plugin, method, error = %EscapeControl(message), "plugin call failed; answering nothing");
         }
         Failure::InvalidJson(message) => {
-            tracing::warn!(plugin, method, error = %message, "plugin answered invalid JSON; answering nothing");
+            tracing::warn!(plugin, method, error = %EscapeControl(message), "plugin answered invalid JSON; answering nothing");
         }
         Failure::WrongType(message, expected) => {
-            tracing::warn!(plugin, method, error = %message, expected, "plugin answered an unexpected value; answering nothing");
+            tracing::warn!(plugin, method, error = %EscapeControl(message), expected, "plugin answered an unexpected value; answering nothing");
         }
     }
 }
@@ -1167,14 +1175,14 @@ fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
         None | Some(Ok(None)) => return,
         Some(Ok(Some(state))) => state,
         Some(Err((_, message))) => {
-            tracing::warn!(plugin, error = %message, "saving state for the reload failed; the new generation starts fresh");
+            tracing::warn!(plugin, error = %EscapeControl(&message), "saving state for the reload failed; the new generation starts fresh");
             return;
         }
     };
     match new.library.restore_state(&state) {
         Some(Ok(())) => tracing::debug!(plugin, bytes = state.len(), "state carried over"),
         Some(Err((_, message))) => {
-            tracing::warn!(plugin, error = %message, "restoring state into the new generation failed; it starts fresh");
+            tracing::warn!(plugin, error = %EscapeControl(&message), "restoring state into the new generation failed; it starts fresh");
         }
         None => tracing::warn!(
             plugin,

@@ -29,6 +29,7 @@ pub mod config;
 )]
 mod dylib;
 mod error;
+mod files;
 pub mod hooks;
 mod host;
 pub mod http;
@@ -36,6 +37,7 @@ mod loader;
 pub mod pipeline;
 mod state;
 mod stats;
+pub mod text;
 pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};

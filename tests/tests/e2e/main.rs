@@ -12,6 +12,7 @@ mod calls;
 mod cli;
 mod experiment;
 mod hardening_http;
+mod hardening_inputs;
 mod hooks;
 mod lifecycle;
 mod pipeline;
