@@ -21,8 +21,8 @@ use abi_stable::std_types::{RErr, RNone, ROk, RSome, RStr, RString};
 use abi_stable::type_layout::TypeLayout;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::abi::{
-    self, CallError, ErrorKind, HEADER_VERSION, HostApi, HostApiRef,
-    HostContext, InstanceHandle, JsonResult, MAGIC, PluginHeader, PluginTable, PluginTableRef,
+    self, CallError, ErrorKind, HEADER_VERSION, HostApi, HostApiRef, HostContext, InstanceHandle,
+    JsonResult, MAGIC, PluginHeader, PluginTable, PluginTableRef,
 };
 
 use crate::error::LoadError;
@@ -471,7 +471,11 @@ fn check_header(
         });
     }
     // SAFETY: as for `table_layout` above.
-    let table = unsafe { std::ptr::addr_of!((*header).table).cast::<usize>().read_unaligned() };
+    let table = unsafe {
+        std::ptr::addr_of!((*header).table)
+            .cast::<usize>()
+            .read_unaligned()
+    };
     // Only the start is checked: the table's size depends on the plugin-api version the plugin
     // was built with, and the prefix-type accessors read only the fields its layout declares.
     if table % std::mem::align_of::<usize>() != 0

@@ -59,7 +59,10 @@ fn validate_name(name: &str) -> Result<(), LoadError> {
     let reason = if name.is_empty() {
         Some("it is empty".to_owned())
     } else if name.len() > MAX_NAME_LEN {
-        Some(format!("it is {} bytes long, the limit is {MAX_NAME_LEN}", name.len()))
+        Some(format!(
+            "it is {} bytes long, the limit is {MAX_NAME_LEN}",
+            name.len()
+        ))
     } else if name.starts_with('.') {
         Some("it starts with `.`".to_owned())
     } else {
@@ -256,9 +259,8 @@ impl PluginHostBuilder {
         let state = self.state_dir.map(StateStore::new).transpose()?;
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
             Some(dir) => {
-                use_given_shadow_dir(&dir).with_context(|| {
-                    format!("preparing the shadow directory {}", dir.display())
-                })?;
+                use_given_shadow_dir(&dir)
+                    .with_context(|| format!("preparing the shadow directory {}", dir.display()))?;
                 (dir, false)
             }
             None => {
@@ -323,7 +325,10 @@ fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
     let metadata = std::fs::symlink_metadata(dir)?;
     let euid = crate::dylib::effective_uid();
     if !metadata.file_type().is_dir() {
-        anyhow::bail!("{} is not a directory (a symlink is not accepted)", dir.display());
+        anyhow::bail!(
+            "{} is not a directory (a symlink is not accepted)",
+            dir.display()
+        );
     }
     if metadata.uid() != euid {
         anyhow::bail!(

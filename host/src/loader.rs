@@ -313,6 +313,13 @@ type HostElf = object::elf::FileHeader32<object::Endianness>;
 /// # Errors
 ///
 /// The reason the file is refused.
+#[cfg_attr(
+    target_pointer_width = "64",
+    expect(
+        clippy::useless_conversion,
+        reason = "ELF words are u64 here but u32 on 32-bit hosts"
+    )
+)]
 pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
     use object::elf;
     let not_so = |reason: String| LoadError::NotSharedLibrary { reason };
@@ -339,7 +346,12 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
                 usize::BITS
             )));
         }
-        None => return Err(LoadError::Truncated { expected: 64, actual: len }),
+        None => {
+            return Err(LoadError::Truncated {
+                expected: 64,
+                actual: len,
+            });
+        }
     }
     let header_len = std::mem::size_of::<HostElf>() as u64;
     if len < header_len {
@@ -354,9 +366,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
         .map_err(|e| malformed("unknown ELF byte order", e))?;
     let host_little = cfg!(target_endian = "little");
     if endian.is_little_endian() != host_little {
-        return Err(not_so(
-            "ELF byte order differs from the host's".to_owned(),
-        ));
+        return Err(not_so("ELF byte order differs from the host's".to_owned()));
     }
     let e_type = header.e_type(endian);
     if e_type != elf::ET_DYN {
@@ -419,12 +429,16 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
         return Err(bad(format!("it is {what}, not a data object")));
     }
     if symbol.st_shndx(endian) == elf::SHN_ABS {
-        return Err(bad("it is an absolute symbol, not data in the library".to_owned()));
+        return Err(bad(
+            "it is an absolute symbol, not data in the library".to_owned()
+        ));
     }
     let size: u64 = symbol.st_size(endian).into();
     let want = std::mem::size_of::<PluginHeader>() as u64;
     if size != want {
-        return Err(bad(format!("it is {size} bytes, a plugin header is {want}")));
+        return Err(bad(format!(
+            "it is {size} bytes, a plugin header is {want}"
+        )));
     }
     let vaddr: u64 = symbol.st_value(endian).into();
     let align = std::mem::align_of::<PluginHeader>() as u64;
@@ -457,7 +471,11 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
     let header_bytes = at
         .checked_add(want as usize)
         .and_then(|end| bytes.get(at..end))
-        .ok_or_else(|| bad(format!("its file offset {offset:#x} is past the end of the file")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "its file offset {offset:#x} is past the end of the file"
+            ))
+        })?;
     if header_bytes[..MAGIC.len()] != MAGIC {
         return Err(LoadError::BadMagic);
     }
@@ -481,6 +499,13 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
 /// table ends within the file. `Err` with [`LoadError::Truncated`] or [`LoadError::Empty`]
 /// while it is still being written; every other state is `Ok` (the load reports it). Never
 /// blocks: anything but a regular file is not opened.
+#[cfg_attr(
+    target_pointer_width = "64",
+    expect(
+        clippy::useless_conversion,
+        reason = "ELF words are u64 here but u32 on 32-bit hosts"
+    )
+)]
 pub(crate) fn check_complete(path: &Path) -> Result<(), LoadError> {
     let Ok(metadata) = std::fs::metadata(path) else {
         return Ok(());
@@ -552,7 +577,13 @@ pub(crate) fn shadow_copy(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "plugin".to_owned())
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     let shadow = shadow_dir.join(format!(

@@ -11,6 +11,7 @@ mod abi;
 mod calls;
 mod cli;
 mod experiment;
+mod hardening_loader;
 mod hooks;
 mod lifecycle;
 mod pipeline;
