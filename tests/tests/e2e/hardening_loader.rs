@@ -271,12 +271,16 @@ fn a_header_symbol_that_is_not_a_header_object_is_refused_before_loading() {
     }
 }
 
-/// C source of a library exporting a header with the right magic and version whose pointers
-/// are `layout` and `table` (C expressions).
+/// C source of a library exporting a header that is right in everything (magic, version,
+/// panic strategy, abi_stable's header) but its pointers, which are `layout` and `table` (C
+/// expressions). A host that checks the abi_stable header and then follows the layout pointer
+/// crashes on it.
 fn header_source(layout: &str, table: &str) -> String {
+    use abi_stable::library::AbiHeader;
     use plugin_api::abi::PluginHeader;
     let layout_at = std::mem::offset_of!(PluginHeader, table_layout);
     let table_at = std::mem::offset_of!(PluginHeader, table);
+    let abi_at = std::mem::offset_of!(PluginHeader, abi);
     let pointer = std::mem::size_of::<usize>();
     assert_eq!(table_at, layout_at + pointer, "the header layout changed");
     assert_eq!(
@@ -284,6 +288,16 @@ fn header_source(layout: &str, table: &str) -> String {
         table_at + pointer,
         "the header layout changed"
     );
+    // The bytes between `panic_unwind` (at 12) and `table_layout`: padding and abi_stable's
+    // header, as this very abi_stable writes it.
+    let abi = AbiHeader::VALUE;
+    let mut abi_bytes = abi.magic_string.to_vec();
+    abi_bytes.extend_from_slice(&abi.abi_major.to_ne_bytes());
+    abi_bytes.extend_from_slice(&abi.abi_minor.to_ne_bytes());
+    let mut middle = vec![0u8; layout_at - 13];
+    middle[abi_at - 13..abi_at - 13 + abi_bytes.len()].copy_from_slice(&abi_bytes);
+    let middle: Vec<String> = middle.iter().map(u8::to_string).collect();
+    let middle_bytes = middle.join(", ");
     format!(
         r#"
 #include <stdint.h>
@@ -298,7 +312,7 @@ struct header {{
 _Static_assert(sizeof(struct header) == {size}, "header size");
 extern const struct header PLUGIN_HOST_HEADER;
 const struct header PLUGIN_HOST_HEADER = {{
-    {{'P', 'l', 'g', 'H', 'o', 's', 't', 1}}, {version}, 1, {{0}}, {layout}, {table}
+    {{'P', 'l', 'g', 'H', 'o', 's', 't', 1}}, {version}, 1, {{{middle_bytes}}}, {layout}, {table}
 }};
 "#,
         middle = layout_at - 13,
