@@ -268,6 +268,7 @@ impl WatchState {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        self.forget_removed();
         let files = loader::plugin_files(self.host.plugins_dir());
         let config_file = self.host.config_file().to_path_buf();
 
@@ -366,6 +367,30 @@ impl WatchState {
                 // The host logged the refusal and, on a failed reload, kept the old generation.
                 tracing::debug!(file = %path.display(), error = %format!("{e:#}"), "change not applied");
             }
+        }
+    }
+
+    /// Forgets handled files that are gone; a file refused because a file now gone claimed the
+    /// same plugin name is tried again.
+    fn forget_removed(&mut self) {
+        let gone: Vec<PathBuf> = self
+            .handled
+            .keys()
+            .filter(|path| std::fs::symlink_metadata(path).is_err())
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for refusal in self.host.refused() {
+            if let Some(LoadError::NameConflict { others, .. }) = &refusal.error {
+                if others.iter().any(|other| gone.contains(other)) {
+                    self.handled.remove(&refusal.file);
+                }
+            }
+        }
+        for path in gone {
+            self.handled.remove(&path);
         }
     }
 

@@ -612,6 +612,18 @@ fn a_name_claimed_by_two_files_goes_to_neither_unless_pinned() {
         "{refused:#?}"
     );
 
+    // The watcher tries a file again when the other claimant goes away.
+    let host = dir.host();
+    assert!(host.scan().unwrap().loaded.is_empty());
+    let watcher =
+        host::watch::Watcher::start(host.clone(), host::watch::WatchOptions::default()).unwrap();
+    std::fs::remove_file(&dup).unwrap();
+    assert!(eventually(PATIENCE, || host.plugin("echo").is_some()));
+    assert_eq!(host.plugin("echo").unwrap().file, echo);
+    drop(watcher);
+    drop(host);
+    std::fs::copy(&echo, &dup).unwrap();
+
     // Pinned to a file, the name goes to that file only.
     dir.configure(&json!({"echo": {"file": "libecho.so"}}));
     let host = dir.host();
