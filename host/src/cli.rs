@@ -38,6 +38,23 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR", default_value = "state")]
     pub state_dir: PathBuf,
 
+    /// Accept plugin files and a plugins directory that other users can write (group- or
+    /// other-writable, or owned by a user other than the worker's or root), with a warning.
+    /// Insecure: whoever can write a plugin runs code as the worker. For development setups
+    /// only.
+    #[arg(long, global = true)]
+    pub insecure_permissions: bool,
+
+    /// Largest plugin file accepted, in MiB; a bigger file is refused without being read.
+    #[arg(
+        long,
+        global = true,
+        value_name = "MIB",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20)
+    )]
+    pub max_plugin_size_mb: u64,
+
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,host=debug`.
     #[arg(
@@ -229,7 +246,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut builder = PluginHost::builder(&cli.plugins);
+    let mut builder = PluginHost::builder(&cli.plugins)
+        .with_insecure_permissions(cli.insecure_permissions)
+        .with_max_plugin_size(cli.max_plugin_size_mb << 20);
     if let Some(config) = &cli.config {
         builder = builder.with_config_file(config);
     }

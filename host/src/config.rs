@@ -51,6 +51,11 @@ pub struct PluginSettings {
     /// Overrides of the plugin's hook subscriptions, by hook name.
     #[serde(default)]
     pub hooks: BTreeMap<String, HookOverride>,
+    /// Pins the plugin's name to one file in the plugins directory (its file name, such as
+    /// `libecho.so`): only that file may provide the plugin, and another file claiming the name
+    /// is refused instead of making both refused.
+    #[serde(default)]
+    pub file: Option<String>,
 }
 
 impl Default for PluginSettings {
@@ -59,6 +64,7 @@ impl Default for PluginSettings {
             enabled: true,
             config: Value::Null,
             hooks: BTreeMap::new(),
+            file: None,
         }
     }
 }

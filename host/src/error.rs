@@ -90,6 +90,63 @@ pub enum LoadError {
         /// The panic message.
         message: String,
     },
+    /// The name is not a regular file (a directory, FIFO, socket, device, or a symlink to one).
+    NotRegularFile {
+        /// What it is.
+        kind: String,
+    },
+    /// The file or its directory can be written by another user (group/other-writable, or
+    /// owned by someone other than the worker's user or root).
+    InsecurePermissions {
+        /// Which path, what is wrong, and the command that fixes it.
+        reason: String,
+    },
+    /// The file is bigger than the configured maximum plugin size.
+    TooLarge {
+        /// Its size in bytes.
+        size: u64,
+        /// The maximum in bytes.
+        max: u64,
+    },
+    /// The file exports `PLUGIN_HOST_HEADER`, but not as a plugin header: checked from the
+    /// file's bytes, before any of its code ran.
+    BadHeaderSymbol {
+        /// What is wrong with the symbol.
+        reason: String,
+    },
+    /// A pointer in the plugin header does not point into the library's own mapped segments.
+    BadHeaderPointer {
+        /// The header field.
+        field: &'static str,
+        /// The pointer's value.
+        address: usize,
+    },
+    /// The plugin's name is not a valid plugin name.
+    InvalidName {
+        /// The name, escaped and shortened for display.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Other files in the plugins directory claim the same plugin name; none of them loads.
+    NameConflict {
+        /// The plugin name.
+        plugin: String,
+        /// The other files claiming it.
+        others: Vec<PathBuf>,
+    },
+    /// The watcher saw the file written to and not closed since, for longer than it waits.
+    StillOpenForWriting {
+        /// Seconds since the last write.
+        seconds: u64,
+    },
+    /// The configuration pins the plugin name to another file.
+    NamePinned {
+        /// The plugin name.
+        plugin: String,
+        /// The file name the configuration pins it to.
+        pinned: String,
+    },
 }
 
 impl fmt::Display for LoadError {
@@ -151,6 +208,47 @@ impl fmt::Display for LoadError {
                 "plugin `{}` panicked while starting: {}",
                 EscapeControl(plugin),
                 EscapeControl(message)
+            ),
+            LoadError::NotRegularFile { kind } => write!(
+                f,
+                "not a regular file but {kind}; only plugin builds (regular files) belong in the plugins directory"
+            ),
+            LoadError::InsecurePermissions { reason } => write!(
+                f,
+                "{reason} (or start the worker with --insecure-permissions, for development only)"
+            ),
+            LoadError::TooLarge { size, max } => write!(
+                f,
+                "{size} bytes, more than the maximum plugin size of {max} bytes; it was not read (raise the limit with --max-plugin-size-mb)"
+            ),
+            LoadError::BadHeaderSymbol { reason } => write!(
+                f,
+                "its `PLUGIN_HOST_HEADER` symbol is not a plugin header ({reason}); it was checked before loading and none of its code ran; build the plugin with `plugin_api::export_plugin!`"
+            ),
+            LoadError::BadHeaderPointer { field, address } => write!(
+                f,
+                "the plugin header's `{field}` pointer ({address:#x}) does not point into the library itself; the file is corrupt or not built with plugin-api"
+            ),
+            LoadError::InvalidName { name, reason } => write!(
+                f,
+                "invalid plugin name {name}: {reason}; a name is 1-64 characters of a-z, 0-9, `-`, `_` and `.`, not starting with `.`"
+            ),
+            LoadError::NameConflict { plugin, others } => {
+                let others: Vec<String> =
+                    others.iter().map(|p| p.display().to_string()).collect();
+                write!(
+                    f,
+                    "plugin `{plugin}` is also claimed by {}; neither loads: remove all but one of these files, or pin the name to one file in the configuration (\"plugins\": {{\"{plugin}\": {{\"file\": \"<file name>\"}}}})",
+                    others.join(", ")
+                )
+            }
+            LoadError::StillOpenForWriting { seconds } => write!(
+                f,
+                "written to and still not closed after {seconds} s; it is loaded once its writer closes it (write plugins under a hidden name and rename them into place)"
+            ),
+            LoadError::NamePinned { plugin, pinned } => write!(
+                f,
+                "plugin `{plugin}` is pinned to the file {pinned} in the configuration; this file may not provide it (remove it, or change the pin)"
             ),
         }
     }

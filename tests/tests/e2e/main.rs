@@ -13,6 +13,7 @@ mod cli;
 mod experiment;
 mod hardening_http;
 mod hardening_inputs;
+mod hardening_loader;
 mod hooks;
 mod lifecycle;
 mod pipeline;
