@@ -40,7 +40,7 @@ fn direct_noop(_params: &Value) -> Option<Value> {
 /// The machine is shared and its speed drifts between criterion's sequential measurements, so
 /// this also measures the two JSON paths interleaved: 301 rounds, each timing 200 direct calls
 /// then 200 host calls, and prints the median of the per-round ratios.
-fn paired_ratio(host: &host::PluginHost, params: &Value) {
+fn paired_ratio(host: &plugin_host::PluginHost, params: &Value) {
     use std::time::Instant;
     let mut ratios = Vec::with_capacity(301);
     for _ in 0..301 {
@@ -69,7 +69,7 @@ fn bench(c: &mut Criterion) {
     host.scan().unwrap();
     let untimed_dir = PluginDir::new();
     untimed_dir.add("echo", "libecho.so");
-    let untimed = host::PluginHost::builder(untimed_dir.path())
+    let untimed = plugin_host::PluginHost::builder(untimed_dir.path())
         .with_shadow_dir(untimed_dir.shadow())
         .with_call_timing(false)
         .build()

@@ -16,7 +16,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use host::HookPoint;
+use plugin_host::HookPoint;
 use serde_json::json;
 use tests::{PluginDir, built_plugin, patched};
 
@@ -143,7 +143,7 @@ fn bench(c: &mut Criterion) {
             let bytes = patched(&source, b"hb-000", name.as_bytes());
             dir.write(&format!("lib{name}.so"), &bytes);
         }
-        let untimed = host::PluginHost::builder(dir.path())
+        let untimed = plugin_host::PluginHost::builder(dir.path())
             .with_shadow_dir(dir.shadow().join("untimed"))
             .with_call_timing(false)
             .build()
@@ -159,7 +159,7 @@ fn bench(c: &mut Criterion) {
                 n
             );
         }
-        let libraries = |host: &host::PluginHost| -> Vec<direct::Library> {
+        let libraries = |host: &plugin_host::PluginHost| -> Vec<direct::Library> {
             host.plugins()
                 .iter()
                 .map(|p| direct::Library::open(&p.shadow_file))
@@ -174,7 +174,7 @@ fn bench(c: &mut Criterion) {
             }
             payload
         };
-        let fire = |host: &host::PluginHost| {
+        let fire = |host: &plugin_host::PluginHost| {
             host.fire(HookPoint::TaskScored, || payload.clone())
                 .unwrap()
         };
@@ -204,7 +204,7 @@ fn bench(c: &mut Criterion) {
                 HookPoint::TaskScored,
                 &format!("h-{i:03}"),
                 0,
-                host::HookMode::Sequential,
+                plugin_host::HookMode::Sequential,
                 |event| {
                     let text = event.payload.to_string();
                     black_box(hookbench::handle(&text).unwrap())

@@ -7,8 +7,8 @@
 use std::io::Cursor;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use host::pipeline::{Pipeline, example_tasks};
 use tests::PluginDir;
+use worker::pipeline::{Pipeline, example_tasks};
 
 const PLUGINS: &[&str] = &[
     "echo",
@@ -42,7 +42,7 @@ fn bench(c: &mut Criterion) {
 
     // The machine's speed drifts between criterion's back-to-back measurements: also time the two
     // interleaved, 21 rounds of one run each, and print the median ratio.
-    let run = |host: &host::PluginHost| {
+    let run = |host: &plugin_host::PluginHost| {
         let started = std::time::Instant::now();
         let mut out = Vec::with_capacity(1 << 20);
         let summary = Pipeline::new(host.clone())

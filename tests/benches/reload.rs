@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use host::watch::{WatchOptions, Watcher};
+use plugin_host::watch::{WatchOptions, Watcher};
 use serde_json::json;
 use tests::{PluginDir, built_plugin, drop_in, fixture_build};
 
@@ -55,7 +55,7 @@ fn rename_to_serving() {
 /// Calls from two threads for `run`, reloading every `reload_every` if given; returns the
 /// sorted latencies and the number of failed calls.
 fn calls(
-    host: &host::PluginHost,
+    host: &plugin_host::PluginHost,
     run: Duration,
     reload_every: Option<Duration>,
 ) -> (Vec<Duration>, usize, usize) {

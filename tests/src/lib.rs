@@ -159,8 +159,8 @@ impl PluginDir {
     }
 
     /// A host on this directory (not scanned yet).
-    pub fn host(&self) -> host::PluginHost {
-        host::PluginHost::builder(self.path())
+    pub fn host(&self) -> plugin_host::PluginHost {
+        plugin_host::PluginHost::builder(self.path())
             .with_shadow_dir(self.shadow())
             .build()
             .unwrap()

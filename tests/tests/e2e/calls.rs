@@ -1,10 +1,10 @@
 //! Calls: answers, every no-op path, typed helpers, statistics.
 
-use host::CallError;
+use plugin_host::CallError;
 use serde_json::{Value, json};
 use tests::PluginDir;
 
-fn host_with(plugins: &[&str]) -> (PluginDir, host::PluginHost) {
+fn host_with(plugins: &[&str]) -> (PluginDir, plugin_host::PluginHost) {
     let dir = PluginDir::new();
     for name in plugins {
         dir.add(name, &format!("lib{name}.so"));

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 use tests::PluginDir;
 
-fn experiment_host(config: Value) -> (PluginDir, host::PluginHost) {
+fn experiment_host(config: Value) -> (PluginDir, plugin_host::PluginHost) {
     let dir = PluginDir::new();
     dir.configure(&json!({"experiment": {"config": config}}));
     dir.add("experiment", "libexperiment.so");
@@ -13,7 +13,7 @@ fn experiment_host(config: Value) -> (PluginDir, host::PluginHost) {
     (dir, host)
 }
 
-fn pick(host: &host::PluginHost, params: Value) -> String {
+fn pick(host: &plugin_host::PluginHost, params: Value) -> String {
     host.execute_or("experiment", "pickVariant", &params, "A".to_owned())
 }
 

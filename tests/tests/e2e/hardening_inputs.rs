@@ -455,7 +455,7 @@ fn an_invalid_log_filter_is_a_usage_error() {
     }
     // A valid one still works.
     let mut command = worker_command(&dir, &state);
-    command.args(["--log", "warn,host=info", "list"]);
+    command.args(["--log", "warn,plugin_host=info", "list"]);
     let output = run(command);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stderr).contains("plugin loaded"));

@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use host::LoadError;
+use plugin_host::LoadError;
 use serde_json::{Value, json};
 use tests::{PluginDir, built_plugin, drop_in, eventually};
 
@@ -479,7 +479,7 @@ fn files_over_the_size_limit_are_refused_without_being_copied() {
         reason.contains("more than the maximum plugin size of 1048576 bytes"),
         "{reason}"
     );
-    let limited = host::PluginHost::builder(dir.path())
+    let limited = plugin_host::PluginHost::builder(dir.path())
         .with_shadow_dir(dir.shadow())
         .with_max_plugin_size(1 << 20)
         .build()
@@ -615,8 +615,11 @@ fn a_name_claimed_by_two_files_goes_to_neither_unless_pinned() {
     // The watcher tries a file again when the other claimant goes away.
     let host = dir.host();
     assert!(host.scan().unwrap().loaded.is_empty());
-    let watcher =
-        host::watch::Watcher::start(host.clone(), host::watch::WatchOptions::default()).unwrap();
+    let watcher = plugin_host::watch::Watcher::start(
+        host.clone(),
+        plugin_host::watch::WatchOptions::default(),
+    )
+    .unwrap();
     std::fs::remove_file(&dup).unwrap();
     assert!(eventually(PATIENCE, || host.plugin("echo").is_some()));
     assert_eq!(host.plugin("echo").unwrap().file, echo);
@@ -644,8 +647,11 @@ fn a_name_claimed_by_two_files_goes_to_neither_unless_pinned() {
     std::fs::remove_file(&dup).unwrap();
     let host = dir.host();
     assert_eq!(host.scan().unwrap().loaded, ["echo"]);
-    let _watcher =
-        host::watch::Watcher::start(host.clone(), host::watch::WatchOptions::default()).unwrap();
+    let _watcher = plugin_host::watch::Watcher::start(
+        host.clone(),
+        plugin_host::watch::WatchOptions::default(),
+    )
+    .unwrap();
     let newcomer = drop_in(&built_plugin("echo"), &dir.path(), "libnewcomer.so");
     assert!(eventually(PATIENCE, || host
         .refused()
@@ -668,8 +674,12 @@ fn the_default_shadow_directory_is_fresh_private_and_unguessable() {
         .collect();
     let dir = PluginDir::new();
     dir.add("echo", "libecho.so");
-    let hosts: Vec<host::PluginHost> = (0..2)
-        .map(|_| host::PluginHost::builder(dir.path()).build().unwrap())
+    let hosts: Vec<plugin_host::PluginHost> = (0..2)
+        .map(|_| {
+            plugin_host::PluginHost::builder(dir.path())
+                .build()
+                .unwrap()
+        })
         .collect();
     for host in &hosts {
         host.scan().unwrap();
@@ -747,7 +757,9 @@ fn stale_shadow_cleanup_removes_only_our_own_exactly_named_directories() {
     std::os::unix::fs::symlink(target.path(), &link).unwrap();
 
     let dir = PluginDir::new();
-    let _host = host::PluginHost::builder(dir.path()).build().unwrap();
+    let _host = plugin_host::PluginHost::builder(dir.path())
+        .build()
+        .unwrap();
     let left: Vec<bool> = [&ours, &foreign, &open, &link, &inexact]
         .iter()
         .map(|p| std::fs::symlink_metadata(p).is_ok())

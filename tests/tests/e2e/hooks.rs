@@ -5,7 +5,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use host::{HookMode, HookPoint, HookResult, PluginHost};
+use plugin_host::{HookMode, HookPoint, HookResult, PluginHost};
 use serde_json::{Value, json};
 use tests::PluginDir;
 

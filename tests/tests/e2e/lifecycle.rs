@@ -205,7 +205,9 @@ fn dropping_the_host_unloads_everything() {
 fn default_shadow_directory_is_private_and_removed() {
     let dir = PluginDir::new();
     dir.add("echo", "libecho.so");
-    let host = host::PluginHost::builder(dir.path()).build().unwrap();
+    let host = plugin_host::PluginHost::builder(dir.path())
+        .build()
+        .unwrap();
     host.scan().unwrap();
     let shadow_dir = host.shadow_dir().to_path_buf();
     use std::os::unix::fs::PermissionsExt as _;
@@ -283,7 +285,9 @@ fn shadow_copies_of_a_killed_process_are_removed_by_the_next_host() {
     std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::write(stale.join(format!("libecho.{pid}.1.so")), b"left behind").unwrap();
     let dir = PluginDir::new();
-    let host = host::PluginHost::builder(dir.path()).build().unwrap();
+    let host = plugin_host::PluginHost::builder(dir.path())
+        .build()
+        .unwrap();
     assert!(!stale.exists(), "{} was not cleaned up", stale.display());
     // A live process's directory (this one's) is left alone.
     assert!(host.shadow_dir().exists());

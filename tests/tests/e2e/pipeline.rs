@@ -3,17 +3,17 @@
 
 use std::io::Cursor;
 
-use host::pipeline::{Pipeline, Summary, example_tasks};
 use serde_json::{Value, json};
 use tests::PluginDir;
+use worker::pipeline::{Pipeline, Summary, example_tasks};
 
 /// Runs `tasks` through the pipeline of `host`; returns the output records and the summary.
-pub(crate) fn run(host: &host::PluginHost, tasks: &[Value]) -> (Vec<Value>, Summary) {
+pub(crate) fn run(host: &plugin_host::PluginHost, tasks: &[Value]) -> (Vec<Value>, Summary) {
     let input: String = tasks.iter().map(|t| format!("{t}\n")).collect();
     run_text(host, &input)
 }
 
-pub(crate) fn run_text(host: &host::PluginHost, input: &str) -> (Vec<Value>, Summary) {
+pub(crate) fn run_text(host: &plugin_host::PluginHost, input: &str) -> (Vec<Value>, Summary) {
     let mut out = Vec::new();
     let summary = Pipeline::new(host.clone())
         .run_job(Cursor::new(input.to_owned()), &mut out, |_| {})
@@ -141,7 +141,7 @@ fn every_documented_hook_point_fires() {
         .iter()
         .map(|e| e["hook"].as_str().unwrap())
         .collect();
-    for point in host::HookPoint::ALL {
+    for point in plugin_host::HookPoint::ALL {
         assert!(
             fired.contains(&point.name()),
             "{} never fired; fired: {fired:?}",

@@ -1,7 +1,7 @@
 //! Every reason a file is refused, each with an error that names the file and the reason; the
 //! other files in the directory load regardless.
 
-use host::LoadError;
+use plugin_host::LoadError;
 use serde_json::json;
 use tests::{PluginDir, built_plugin, fixture_build, header_offset, patched};
 
@@ -239,7 +239,7 @@ fn one_bad_file_does_not_stop_the_others() {
 #[test]
 fn missing_directory_is_an_error_that_says_what_to_do() {
     let dir = PluginDir::new();
-    let host = host::PluginHost::builder(dir.path().join("nope"))
+    let host = plugin_host::PluginHost::builder(dir.path().join("nope"))
         .with_shadow_dir(dir.shadow())
         .build()
         .unwrap();
@@ -258,7 +258,7 @@ fn invalid_configuration_file_names_file_and_field() {
         r#"{"plugins": {"echo": {"enabled": "yes"}}}"#,
     )
     .unwrap();
-    let err = host::PluginHost::builder(dir.path())
+    let err = plugin_host::PluginHost::builder(dir.path())
         .with_shadow_dir(dir.shadow())
         .build()
         .unwrap_err();

@@ -397,7 +397,7 @@ fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
     dir.add("bandit", "libbandit.so");
     let state = dir.shadow().join("state");
     let worker = Worker::start(&dir, &state, &[]);
-    let tasks: Vec<serde_json::Value> = host::pipeline::example_tasks(40, 8);
+    let tasks: Vec<serde_json::Value> = worker::pipeline::example_tasks(40, 8);
     let batch = serde_json::to_vec(&tasks).unwrap();
     let first = worker.http("POST", "/v1/tasks", &batch);
     assert_eq!(first.status, 200);

@@ -4,13 +4,13 @@
 
 use std::process::Command;
 
-use host::pipeline::example_tasks;
 use serde_json::{Value, json};
 use tests::PluginDir;
+use worker::pipeline::example_tasks;
 
 use crate::pipeline::run;
 
-fn host_with(dir: &PluginDir, plugins: &[&str], config: Value) -> host::PluginHost {
+fn host_with(dir: &PluginDir, plugins: &[&str], config: Value) -> plugin_host::PluginHost {
     dir.configure(&config);
     for name in plugins {
         dir.add(name, &format!("lib{}.so", name.replace('-', "_")));

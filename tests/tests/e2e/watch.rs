@@ -4,13 +4,13 @@ use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use host::watch::{WatchOptions, Watcher};
+use plugin_host::watch::{WatchOptions, Watcher};
 use serde_json::json;
 use tests::{PluginDir, built_plugin, drop_in, eventually, fixture_build};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
-fn watched(dir: &PluginDir) -> (host::PluginHost, Watcher) {
+fn watched(dir: &PluginDir) -> (plugin_host::PluginHost, Watcher) {
     let host = dir.host();
     host.scan().unwrap();
     let watcher = Watcher::start(host.clone(), WatchOptions::default()).unwrap();

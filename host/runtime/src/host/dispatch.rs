@@ -132,7 +132,7 @@ impl HookTable {
 /// Host-side hooks registered through a session; all are unregistered when it is dropped.
 ///
 /// ```no_run
-/// use host::{HookPoint, PluginHost};
+/// use plugin_host::{HookPoint, PluginHost};
 /// use plugin_api::{HookMode, HookResult};
 ///
 /// let host = PluginHost::builder("plugins").build()?;

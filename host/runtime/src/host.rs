@@ -148,7 +148,7 @@ struct Inner {
 /// # Examples
 ///
 /// ```no_run
-/// use host::PluginHost;
+/// use plugin_host::PluginHost;
 /// use serde_json::json;
 ///
 /// let host = PluginHost::builder("plugins")
@@ -1138,7 +1138,7 @@ impl PluginHost {
     /// is `Ok(None)`.
     ///
     /// ```no_run
-    /// # fn demo(host: &host::PluginHost) {
+    /// # fn demo(host: &plugin_host::PluginHost) {
     /// #[derive(serde::Serialize)]
     /// struct Pick<'a> {
     ///     experiment: &'a str,

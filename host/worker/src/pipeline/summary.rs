@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{TaskError, TaskRecord};
-use crate::{PluginHost, PluginStats};
+use plugin_host::{PluginHost, PluginStats};
 
 /// One row of the summary.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -128,7 +128,7 @@ impl fmt::Display for Summary {
         for (key, row) in &self.rows {
             let mut parts = key.splitn(3, '/');
             // Task types come from the input, variants from plugins: no control characters.
-            let mut part = || crate::text::escape_control(parts.next().unwrap_or(""));
+            let mut part = || plugin_host::text::escape_control(parts.next().unwrap_or(""));
             let (t, h, v) = (part(), part(), part());
             let score = row
                 .mean_score
@@ -147,7 +147,7 @@ impl fmt::Display for Summary {
                 "plugin", "calls", "errors", "panics", "mean µs", "max µs"
             )?;
             for (name, s) in &self.plugins {
-                let name = crate::text::escape_control(name);
+                let name = plugin_host::text::escape_control(name);
                 writeln!(
                     f,
                     "{name:<14} {:>8} {:>7} {:>7} {:>10.1} {:>10.1}",

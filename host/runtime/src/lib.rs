@@ -1,8 +1,10 @@
-//! The plugin host: loads native plugins (`cdylib` crates built against `plugin-api`) from a
-//! directory, calls them safely, and loads, unloads and reloads them while other threads call.
+//! The plugin runtime: loads native plugins (`cdylib` crates built against `plugin-api`) from a
+//! directory, calls them safely, dispatches hooks to them, and loads, unloads and reloads them
+//! while other threads call. It knows nothing of the application that embeds it: no command
+//! line, no HTTP, no task types; the embedder declares its own hook points.
 //!
 //! ```no_run
-//! use host::PluginHost;
+//! use plugin_host::PluginHost;
 //! use serde_json::json;
 //!
 //! let host = PluginHost::builder("plugins").build()?;
@@ -21,7 +23,6 @@
 // Every `unsafe` of the host is in `dylib`; the rest may not have any.
 #![deny(unsafe_code)]
 
-pub mod cli;
 pub mod config;
 #[expect(
     unsafe_code,
@@ -32,9 +33,7 @@ mod error;
 mod files;
 pub mod hooks;
 mod host;
-pub mod http;
 mod loader;
-pub mod pipeline;
 mod state;
 mod stats;
 pub mod text;
@@ -46,8 +45,3 @@ pub use hooks::{HookEvent, HookPoint, HookPointInfo, SubscriberInfo, Violation};
 pub use host::{HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
 pub use plugin_api::{HookMode, HookResult};
 pub use stats::PluginStats;
-
-/// The README's Rust examples, compiled and run as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-mod readme {}

@@ -12,9 +12,9 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 use crate::http::{ControlOptions, ControlServer, Token};
-use crate::text::EscapeControl;
-use crate::watch::{WatchOptions, Watcher};
-use crate::{LoadedPlugin, PluginHost, Refusal};
+use plugin_host::text::EscapeControl;
+use plugin_host::watch::{WatchOptions, Watcher};
+use plugin_host::{LoadedPlugin, PluginHost, Refusal};
 
 /// The worker: runs native plugins from a directory.
 ///
@@ -56,7 +56,7 @@ pub struct Cli {
     pub max_plugin_size_mb: u64,
 
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
-    /// such as `warn,host=debug`.
+    /// such as `warn,plugin_host=debug`.
     #[arg(
         long,
         global = true,
@@ -165,8 +165,8 @@ pub fn main() -> ExitCode {
         Ok(filter) => filter,
         Err(e) => {
             eprintln!(
-                "error: invalid --log filter `{}`: {e}; use a level (error, warn, info, debug, trace, off) or comma-separated TARGET=LEVEL pairs such as `warn,host=debug`",
-                crate::text::escape_control(&cli.log)
+                "error: invalid --log filter `{}`: {e}; use a level (error, warn, info, debug, trace, off) or comma-separated TARGET=LEVEL pairs such as `warn,plugin_host=debug`",
+                plugin_host::text::escape_control(&cli.log)
             );
             return ExitCode::from(2);
         }
@@ -212,7 +212,7 @@ fn parse_log_filter(text: &str) -> Result<Targets, String> {
         if !valid {
             return Err(format!(
                 "`{}` is neither a level nor TARGET=LEVEL",
-                crate::text::escape_control(directive)
+                plugin_host::text::escape_control(directive)
             ));
         }
     }
@@ -593,8 +593,8 @@ mod tests {
             "WARN",
             "off",
             "3",
-            "warn,host=debug",
-            "host::cli=info",
+            "warn,plugin_host=debug",
+            "worker::cli=info",
             " info , plugin-x=trace",
         ] {
             assert!(parse_log_filter(good).is_ok(), "{good}");

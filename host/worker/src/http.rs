@@ -58,7 +58,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, watch};
 
-use crate::PluginHost;
+use plugin_host::PluginHost;
 
 mod auth;
 mod listen;
@@ -772,7 +772,7 @@ type Family = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&crate::LoadedPlugin) -> f64,
+    fn(&plugin_host::LoadedPlugin) -> f64,
 );
 
 /// Per-plugin statistics in the Prometheus text format.

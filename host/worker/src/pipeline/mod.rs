@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 pub use example::generate as example_tasks;
 pub use summary::Summary;
 
-use crate::{CallError, HookPoint, PluginHost};
+use plugin_host::{CallError, HookPoint, PluginHost};
 
 /// One task.
 #[derive(Debug, Clone, Deserialize)]

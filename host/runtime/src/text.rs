@@ -41,8 +41,8 @@ fn write_escaped(f: &mut impl fmt::Write, text: &str) -> fmt::Result {
 /// Use it for plugin-provided text in log lines, HTTP header values and plain-text CLI output.
 ///
 /// ```
-/// assert_eq!(host::text::escape_control("ok"), "ok");
-/// assert_eq!(host::text::escape_control("a\nb\x1b[2J"), "a\\nb\\x1b[2J");
+/// assert_eq!(plugin_host::text::escape_control("ok"), "ok");
+/// assert_eq!(plugin_host::text::escape_control("a\nb\x1b[2J"), "a\\nb\\x1b[2J");
 /// ```
 pub fn escape_control(text: &str) -> Cow<'_, str> {
     if !text.chars().any(needs_escape) {
