@@ -27,7 +27,7 @@ use plugin_api::abi::{
     JsonResult, MAGIC, PluginHeader, PluginTable, PluginTableRef,
 };
 
-use crate::error::LoadError;
+use crate::error::{LoadError, PluginError};
 use crate::loader::HeaderLocation;
 use crate::text::EscapeControl;
 
@@ -149,13 +149,9 @@ fn plugin_message(text: RStr<'_>) -> Cow<'_, str> {
 }
 
 /// An owned string from a plugin, checked as [`plugin_text`]; `what` names it in the error.
-fn plugin_string(text: RString, what: &str) -> Result<String, (ErrorKind, String)> {
-    String::from_utf8(text.into_bytes().into_vec()).map_err(|e| {
-        (
-            ErrorKind::Failed,
-            format!("{what} is not UTF-8 text ({})", e.utf8_error()),
-        )
-    })
+fn plugin_string(text: RString, what: &str) -> Result<String, PluginError> {
+    String::from_utf8(text.into_bytes().into_vec())
+        .map_err(|e| PluginError::failed(format!("{what} is not UTF-8 text ({})", e.utf8_error())))
 }
 
 /// The shadow copy of a plugin file; deleted when dropped.
@@ -173,7 +169,7 @@ impl Drop for ShadowFile {
 /// Answers a plugin's call to another plugin: (plugin, method, params JSON text) to the answer's
 /// JSON text, or the failure.
 pub(crate) type CallBack =
-    Box<dyn Fn(&str, &str, &str) -> Result<Option<String>, (ErrorKind, String)> + Send + Sync>;
+    Box<dyn Fn(&str, &str, &str) -> Result<Option<String>, PluginError> + Send + Sync>;
 
 /// What the host's callbacks need: the plugin's name for its log events, and how to reach the
 /// other plugins.
@@ -202,16 +198,17 @@ extern "C" fn host_call(
             plugin_text(method),
             plugin_text(params),
         ) else {
-            return Err((
-                ErrorKind::InvalidParams,
-                "the plugin, method or params of a plugin call are not UTF-8 text".to_owned(),
-            ));
+            return Err(PluginError {
+                kind: ErrorKind::InvalidParams,
+                message: "the plugin, method or params of a plugin call are not UTF-8 text"
+                    .to_owned(),
+            });
         };
         (context.call)(plugin, method, params)
     }));
     match result {
         Ok(Ok(answer)) => ROk(answer.map(RString::from).into()),
-        Ok(Err((kind, message))) => RErr(CallError {
+        Ok(Err(PluginError { kind, message })) => RErr(CallError {
             kind,
             message: RString::from(message),
         }),
@@ -321,7 +318,7 @@ impl PluginLibrary {
     }
 
     /// The manifest JSON the plugin exports.
-    pub(crate) fn manifest_json(&self) -> Result<String, (ErrorKind, String)> {
+    pub(crate) fn manifest_json(&self) -> Result<String, PluginError> {
         match (self.table.manifest())() {
             ROk(json) => plugin_string(json, "the manifest"),
             RErr(e) => Err(owned(e)),
@@ -334,7 +331,7 @@ impl PluginLibrary {
         plugin: &str,
         config: &str,
         call: CallBack,
-    ) -> Result<(), (ErrorKind, String)> {
+    ) -> Result<(), PluginError> {
         let context = Box::new(LogContext {
             plugin: plugin.to_owned(),
             call,
@@ -409,7 +406,7 @@ impl PluginLibrary {
 
     /// The plugin's saved state: `None` when the plugin predates state (table version 1) or was
     /// not created.
-    pub(crate) fn save_state(&self) -> Option<Result<Option<String>, (ErrorKind, String)>> {
+    pub(crate) fn save_state(&self) -> Option<Result<Option<String>, PluginError>> {
         let instance = self.instance?;
         let save = self.table.save_state()?;
         Some(match save(instance) {
@@ -420,7 +417,7 @@ impl PluginLibrary {
     }
 
     /// Gives the plugin a state saved earlier. `None` when the plugin predates state.
-    pub(crate) fn restore_state(&self, state: &str) -> Option<Result<(), (ErrorKind, String)>> {
+    pub(crate) fn restore_state(&self, state: &str) -> Option<Result<(), PluginError>> {
         let instance = self.instance?;
         let restore = self.table.restore_state()?;
         Some(match restore(instance, RStr::from_str(state)) {
@@ -464,8 +461,11 @@ impl Drop for PluginLibrary {
     }
 }
 
-fn owned(e: CallError) -> (ErrorKind, String) {
-    (e.kind, plugin_message(e.message.as_rstr()).into_owned())
+fn owned(e: CallError) -> PluginError {
+    PluginError {
+        kind: e.kind,
+        message: plugin_message(e.message.as_rstr()).into_owned(),
+    }
 }
 
 /// Reads the header of an opened library and checks it; returns the function table.

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use plugin_api::abi::ErrorKind;
+
 use crate::text::EscapeControl;
 
 /// Why a plugin file was refused. Every message says what to do about it.
@@ -256,12 +258,44 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// What a plugin reported when one of its functions failed: the error it returned, or a panic
+/// caught at the boundary. The plugin-side form of this is the frozen ABI type
+/// [`plugin_api::abi::CallError`]; this is the host's owned copy of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// The plugin's message (bytes that were not UTF-8 replaced by U+FFFD).
+    pub message: String,
+}
+
+impl PluginError {
+    /// A failure of kind [`ErrorKind::Failed`].
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ErrorKind::Panicked => write!(f, "panicked: {}", EscapeControl(&self.message)),
+            _ => EscapeControl(&self.message).fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for PluginError {}
+
 /// Why a call answered nothing. [`PluginHost::execute`](crate::PluginHost::execute) turns every
 /// one of these into `None` plus a log event; [`PluginHost::call`](crate::PluginHost::call)
 /// returns them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum CallError {
+pub enum PluginCallError {
     /// No plugin of that name is loaded.
     PluginNotFound {
         /// The name asked for.
@@ -321,30 +355,42 @@ pub enum CallError {
     },
 }
 
-impl CallError {
+impl PluginCallError {
+    /// The error a plugin sees when its own call to another plugin fails this way.
+    pub(crate) fn to_plugin_error(&self) -> PluginError {
+        PluginError {
+            kind: match self {
+                PluginCallError::MethodNotFound { .. } => ErrorKind::UnknownMethod,
+                PluginCallError::InvalidParams { .. } => ErrorKind::InvalidParams,
+                _ => ErrorKind::Failed,
+            },
+            message: self.to_string(),
+        }
+    }
+
     /// True when the call never reached plugin code that misbehaved: the plugin or method does
     /// not exist. These are logged at debug level, the others at warn.
     pub fn is_missing(&self) -> bool {
         matches!(
             self,
-            CallError::PluginNotFound { .. } | CallError::MethodNotFound { .. }
+            PluginCallError::PluginNotFound { .. } | PluginCallError::MethodNotFound { .. }
         )
     }
 }
 
-impl fmt::Display for CallError {
+impl fmt::Display for PluginCallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CallError::PluginNotFound { plugin } => {
+            PluginCallError::PluginNotFound { plugin } => {
                 write!(f, "no plugin `{}` is loaded", EscapeControl(plugin))
             }
-            CallError::MethodNotFound { plugin, method } => write!(
+            PluginCallError::MethodNotFound { plugin, method } => write!(
                 f,
                 "plugin `{}` has no method `{}`",
                 EscapeControl(plugin),
                 EscapeControl(method)
             ),
-            CallError::InvalidParams {
+            PluginCallError::InvalidParams {
                 plugin,
                 method,
                 message,
@@ -355,7 +401,7 @@ impl fmt::Display for CallError {
                 EscapeControl(method),
                 EscapeControl(message)
             ),
-            CallError::Failed {
+            PluginCallError::Failed {
                 plugin,
                 method,
                 message,
@@ -366,7 +412,7 @@ impl fmt::Display for CallError {
                 EscapeControl(method),
                 EscapeControl(message)
             ),
-            CallError::Panicked {
+            PluginCallError::Panicked {
                 plugin,
                 method,
                 message,
@@ -377,7 +423,7 @@ impl fmt::Display for CallError {
                 EscapeControl(method),
                 EscapeControl(message)
             ),
-            CallError::InvalidJson {
+            PluginCallError::InvalidJson {
                 plugin,
                 method,
                 message,
@@ -388,7 +434,7 @@ impl fmt::Display for CallError {
                 EscapeControl(method),
                 EscapeControl(message)
             ),
-            CallError::WrongType {
+            PluginCallError::WrongType {
                 plugin,
                 method,
                 message,
@@ -403,4 +449,4 @@ impl fmt::Display for CallError {
     }
 }
 
-impl std::error::Error for CallError {}
+impl std::error::Error for PluginCallError {}

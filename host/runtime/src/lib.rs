@@ -40,8 +40,9 @@ pub mod text;
 pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
-pub use error::{CallError, LoadError};
+pub use error::{LoadError, PluginCallError, PluginError};
 pub use hooks::{HookEvent, HookPoint, HookPointInfo, SubscriberInfo, Violation};
 pub use host::{HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
+pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
 pub use stats::PluginStats;

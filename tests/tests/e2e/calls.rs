@@ -1,6 +1,6 @@
 //! Calls: answers, every no-op path, typed helpers, statistics.
 
-use plugin_host::CallError;
+use plugin_host::PluginCallError;
 use serde_json::{Value, json};
 use tests::PluginDir;
 
@@ -59,30 +59,30 @@ fn call_says_why() {
     let none = json!(null);
     assert!(matches!(
         host.call("nobody", "x", &none),
-        Err(CallError::PluginNotFound { .. })
+        Err(PluginCallError::PluginNotFound { .. })
     ));
     assert!(matches!(
         host.call("echo", "x", &none),
-        Err(CallError::MethodNotFound { .. })
+        Err(PluginCallError::MethodNotFound { .. })
     ));
     match host.call("faulty", "panic", &none) {
-        Err(CallError::Panicked { message, .. }) => {
+        Err(PluginCallError::Panicked { message, .. }) => {
             assert_eq!(message, "faulty plugin panicked on purpose")
         }
         other => panic!("{other:?}"),
     }
     match host.call("faulty", "error", &none) {
-        Err(CallError::Failed { message, .. }) => {
+        Err(PluginCallError::Failed { message, .. }) => {
             assert_eq!(message, "faulty plugin failed on purpose")
         }
         other => panic!("{other:?}"),
     }
     assert!(matches!(
         host.call("faulty", "bad_json", &none),
-        Err(CallError::InvalidJson { .. })
+        Err(PluginCallError::InvalidJson { .. })
     ));
     match host.call("echo", "summarize", &json!({"values": "x"})) {
-        Err(e @ CallError::InvalidParams { .. }) => {
+        Err(e @ PluginCallError::InvalidParams { .. }) => {
             assert!(e.to_string().contains("echo.summarize"), "{e}");
         }
         other => panic!("{other:?}"),
@@ -92,9 +92,9 @@ fn call_says_why() {
 #[test]
 fn typed_helpers() {
     let (_dir, host) = host_with(&["echo", "faulty"]);
-    let n: Option<u32> = host.execute_as("echo", "echo", &json!(7));
+    let n: Option<u32> = host.execute_with("echo", "echo", &json!(7));
     assert_eq!(n, Some(7));
-    let wrong: Option<u32> = host.execute_as("echo", "echo", &json!("seven"));
+    let wrong: Option<u32> = host.execute_with("echo", "echo", &json!("seven"));
     assert_eq!(wrong, None);
     assert_eq!(
         host.execute_or("faulty", "panic", &json!(null), "A".to_owned()),
@@ -156,7 +156,7 @@ fn typed_calls_write_params_and_read_answers_directly() {
 
     // An answer of another shape is WrongType, naming the type asked for.
     match host.call_with::<_, Summary>("echo", "echo", &[1, 2]) {
-        Err(CallError::WrongType {
+        Err(PluginCallError::WrongType {
             plugin,
             method,
             message,
@@ -177,22 +177,22 @@ fn typed_calls_write_params_and_read_answers_directly() {
     let calls_before = host.plugin("echo").unwrap().stats.calls;
     assert!(matches!(
         host.call_with::<_, Value>("echo", "echo", &bad_keys),
-        Err(CallError::InvalidParams { .. })
+        Err(PluginCallError::InvalidParams { .. })
     ));
     assert_eq!(host.plugin("echo").unwrap().stats.calls, calls_before);
 
     // The other failures are the same as `call`'s.
     assert!(matches!(
         host.call_with::<_, Value>("nobody", "echo", &1),
-        Err(CallError::PluginNotFound { .. })
+        Err(PluginCallError::PluginNotFound { .. })
     ));
     assert!(matches!(
         host.call_with::<_, Value>("faulty", "bad_json", &()),
-        Err(CallError::InvalidJson { .. })
+        Err(PluginCallError::InvalidJson { .. })
     ));
     assert!(matches!(
         host.call_with::<_, Value>("faulty", "panic", &()),
-        Err(CallError::Panicked { .. })
+        Err(PluginCallError::Panicked { .. })
     ));
     assert_eq!(host.execute_with::<_, Value>("faulty", "error", &()), None);
     assert_eq!(
@@ -246,7 +246,7 @@ fn missing_plugin_fast_path_never_hides_a_loaded_plugin() {
         host.unload(gone).unwrap();
         assert!(matches!(
             probe(gone, "ok"),
-            Err(CallError::PluginNotFound { .. })
+            Err(PluginCallError::PluginNotFound { .. })
         ));
         for other in ["echo", "faulty", "fixture"]
             .into_iter()
@@ -267,7 +267,10 @@ fn missing_plugin_fast_path_never_hides_a_loaded_plugin() {
     }
     for name in ["nobody", "echo2", "", "ECHO"] {
         assert!(
-            matches!(probe(name, "x"), Err(CallError::PluginNotFound { .. })),
+            matches!(
+                probe(name, "x"),
+                Err(PluginCallError::PluginNotFound { .. })
+            ),
             "{name}"
         );
     }

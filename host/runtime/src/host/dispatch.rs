@@ -1,30 +1,12 @@
-//! Hook dispatch, host-side hooks, the fire-and-forget queue, and plugin-to-plugin calls.
+//! Hook dispatch: the subscribers of each point in execution order, the payload made as each
+//! subscriber needs it, and the phases of a dispatch (sequential, concurrent, audit,
+//! fire-and-forget).
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
-
-use plugin_api::abi::ErrorKind;
-use plugin_api::{HookMode, HookResult};
-use serde::Serialize;
-use serde_json::{Map, Value};
-
-use super::{Failure, Generation, Inner, PluginHost, Plugins, Registry};
-use crate::config::PluginsConfig;
-use crate::dylib::PluginFailure;
-use crate::hooks::{
-    HookEvent, HookPoint, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
-};
-use crate::stats::{Outcome, StatsCell};
-use crate::text::EscapeControl;
+use super::*;
 
 /// Who runs when a subscriber's turn comes.
 #[derive(Clone)]
-enum Target {
+pub(super) enum Target {
     Plugin {
         generation: Arc<Generation>,
         stats: Arc<StatsCell>,
@@ -35,38 +17,19 @@ enum Target {
 /// One subscriber of one hook point, with the priority and mode in force.
 #[derive(Clone)]
 pub(super) struct Subscriber {
-    name: Arc<str>,
-    priority: i32,
-    mode: HookMode,
-    target: Target,
-}
-
-/// A hook registered from Rust.
-#[derive(Clone)]
-pub(super) struct HostHook {
-    point: HookPoint,
-    name: Arc<str>,
-    priority: i32,
-    mode: HookMode,
-    f: HostHookFn,
-}
-
-impl std::fmt::Debug for HostHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostHook")
-            .field("point", &self.point)
-            .field("name", &self.name)
-            .finish()
-    }
+    pub(super) name: Arc<str>,
+    pub(super) priority: i32,
+    pub(super) mode: HookMode,
+    pub(super) target: Target,
 }
 
 /// The subscribers of every hook point, in execution order.
 #[derive(Clone, Default)]
 pub(super) struct HookTable {
-    points: [Arc<[Subscriber]>; HookPoint::ALL.len()],
+    pub(super) points: [Arc<[Subscriber]>; HookPoint::ALL.len()],
     /// Per point, where each mode's subscribers start in `points` (sequential, concurrent,
     /// audit, fire-and-forget), then the end.
-    phases: [[usize; 5]; HookPoint::ALL.len()],
+    pub(super) phases: [[usize; 5]; HookPoint::ALL.len()],
 }
 
 impl std::fmt::Debug for HookTable {
@@ -79,7 +42,11 @@ impl std::fmt::Debug for HookTable {
 }
 
 impl HookTable {
-    fn build(plugins: &Plugins, host_hooks: &BTreeMap<u64, HostHook>, host: &PluginHost) -> Self {
+    pub(super) fn build(
+        plugins: &Plugins,
+        host_hooks: &BTreeMap<u64, HostHook>,
+        host: &PluginHost,
+    ) -> Self {
         let config: Arc<PluginsConfig> = host.inner.config.load_full();
         let mut points: Vec<Vec<Subscriber>> = vec![Vec::new(); HookPoint::ALL.len()];
         for (name, slot) in plugins {
@@ -129,127 +96,14 @@ impl HookTable {
     }
 }
 
-/// Host-side hooks registered through a session; all are unregistered when it is dropped.
-///
-/// ```no_run
-/// use plugin_host::{HookPoint, PluginHost};
-/// use plugin_api::{HookMode, HookResult};
-///
-/// let host = PluginHost::builder("plugins").build()?;
-/// let session = host.hook_session();
-/// session.register(HookPoint::TaskScored, "print-scores", 0, HookMode::Audit, |event| {
-///     println!("scored: {}", event.payload["score"]);
-///     HookResult::Continue
-/// });
-/// // ... run tasks ...
-/// drop(session); // the hook is gone
-/// # Ok::<(), anyhow::Error>(())
-/// ```
-#[derive(Debug)]
-pub struct HookSession {
-    host: PluginHost,
-    ids: std::sync::Mutex<Vec<u64>>,
-}
-
-impl HookSession {
-    /// Registers a hook for as long as this session lives. See
-    /// [`PluginHost::register_hook`].
-    pub fn register(
-        &self,
-        point: HookPoint,
-        name: &str,
-        priority: i32,
-        mode: HookMode,
-        f: impl Fn(&HookEvent<'_>) -> HookResult + Send + Sync + 'static,
-    ) {
-        let id = self.host.register_hook(point, name, priority, mode, f);
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
-    }
-}
-
-impl Drop for HookSession {
-    fn drop(&mut self) {
-        let ids = std::mem::take(&mut *self.ids.lock().unwrap_or_else(|p| p.into_inner()));
-        for id in ids {
-            self.host.unregister_hook(id);
-        }
-    }
-}
-
-/// A queued fire-and-forget event: the payload as a value for a host hook, as text for a plugin.
-struct Job {
-    subscriber: Subscriber,
-    point: HookPoint,
-    value: Option<Arc<Value>>,
-    text: Option<Arc<str>>,
-}
-
-/// The bounded queue of fire-and-forget events and the thread that runs them.
-#[derive(Debug)]
-pub(super) struct FireQueue {
-    sender: Option<SyncSender<Job>>,
-    dropped: AtomicU64,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FireQueue {
-    pub(super) fn start(capacity: usize) -> anyhow::Result<Self> {
-        let (sender, receiver) = std::sync::mpsc::sync_channel::<Job>(capacity);
-        let thread = std::thread::Builder::new()
-            .name("hook-fire-and-forget".into())
-            .spawn(move || {
-                while let Ok(job) = receiver.recv() {
-                    run_subscriber(
-                        &job.subscriber,
-                        job.point,
-                        job.value.as_deref(),
-                        job.text.as_deref(),
-                        &mut Timer::new(None),
-                    );
-                }
-            })?;
-        Ok(Self {
-            sender: Some(sender),
-            dropped: AtomicU64::new(0),
-            thread: Some(thread),
-        })
-    }
-
-    fn push(&self, job: Job) {
-        let Some(sender) = &self.sender else {
-            return;
-        };
-        if let Err(TrySendError::Full(job)) = sender.try_send(job) {
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            // Counted always; logged at 1, 2, 4, 8, ... so a flood does not flood the log too.
-            if dropped.is_power_of_two() {
-                tracing::warn!(
-                    hook = %job.point,
-                    subscriber = %job.subscriber.name,
-                    dropped_total = dropped,
-                    "the fire-and-forget queue is full; event dropped"
-                );
-            }
-        }
-    }
-
-    /// Runs what is queued, then stops the thread.
-    pub(super) fn stop(&mut self) {
-        self.sender = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 impl Subscriber {
-    fn is_plugin(&self) -> bool {
+    pub(super) fn is_plugin(&self) -> bool {
         matches!(self.target, Target::Plugin { .. })
     }
 }
 
 /// A payload given as a typed value, written out only as far as the subscribers need it.
-trait Source {
+pub(super) trait Source {
     fn to_value(&self) -> Value;
     fn to_text(&self) -> String;
 }
@@ -273,10 +127,10 @@ impl<T: Serialize> Source for T {
 /// A dispatch's payload: the value (for host hooks and modifications) and the JSON text (for
 /// plugins), each made the first time a subscriber needs it, from the value once there is one,
 /// else from the typed source.
-struct Payload<'s> {
-    value: Option<Value>,
-    text: Option<String>,
-    source: Option<&'s dyn Source>,
+pub(super) struct Payload<'s> {
+    pub(super) value: Option<Value>,
+    pub(super) text: Option<String>,
+    pub(super) source: Option<&'s dyn Source>,
 }
 
 impl Payload<'_> {
@@ -321,17 +175,13 @@ impl Payload<'_> {
     }
 }
 
-/// Runs one subscriber; `None` when it failed (logged, and counted for plugins).
-///
-/// `text` caches the payload as JSON text: made the first time a plugin subscriber needs it
-/// (host hooks take the value itself), and reset by the caller when the payload changes.
 /// Times subscribers run one after another. Reading the clock costs about as much as a small
 /// subscriber, so when nothing happens between two subscribers, the reading that ends one call
 /// starts the next.
 pub(super) struct Timer<'c> {
-    clock: Option<&'c quanta::Clock>,
+    pub(super) clock: Option<&'c quanta::Clock>,
     /// The reading that ended the previous call, when nothing has happened since; else 0.
-    last: u64,
+    pub(super) last: u64,
 }
 
 impl<'c> Timer<'c> {
@@ -364,7 +214,7 @@ impl<'c> Timer<'c> {
 /// Runs one subscriber on the payload as a value (host hooks) or as text (plugins), whichever
 /// its kind takes; the caller made that one. `None` when it failed (logged, and counted for
 /// plugins).
-fn run_subscriber(
+pub(super) fn run_subscriber(
     subscriber: &Subscriber,
     point: HookPoint,
     value: Option<&Value>,
@@ -378,12 +228,14 @@ fn run_subscriber(
             let result = generation
                 .library
                 .on_hook(point.name(), text, |answer| match answer {
-                    Ok(json) => parse_answer(json).map_err(|e| (ErrorKind::Failed, e)),
-                    Err(PluginFailure::Reported(kind, message)) => Err((kind, message.to_owned())),
-                    Err(PluginFailure::NotUtf8(e)) => Err((
-                        ErrorKind::Failed,
-                        format!("the hook answer is not UTF-8 text ({e})"),
-                    )),
+                    Ok(json) => parse_answer(json).map_err(PluginError::failed),
+                    Err(PluginFailure::Reported(kind, message)) => Err(PluginError {
+                        kind,
+                        message: message.to_owned(),
+                    }),
+                    Err(PluginFailure::NotUtf8(e)) => Err(PluginError::failed(format!(
+                        "the hook answer is not UTF-8 text ({e})"
+                    ))),
                 });
             let ticks = timer.stop(started);
             match result {
@@ -392,7 +244,7 @@ fn run_subscriber(
                     stats.record(ticks, Outcome::Ok);
                     Some(answer)
                 }
-                Some(Err((kind, message))) => {
+                Some(Err(PluginError { kind, message })) => {
                     let panicked = kind == ErrorKind::Panicked;
                     stats.record(
                         ticks,
@@ -429,7 +281,7 @@ fn run_subscriber(
 }
 
 /// Runs a subscriber on this thread, making the form of the payload it takes first.
-fn run_in_turn(
+pub(super) fn run_in_turn(
     subscriber: &Subscriber,
     point: HookPoint,
     payload: &mut Payload<'_>,
@@ -449,7 +301,7 @@ fn run_in_turn(
 
 /// Applies a modification within the hook point's write policy; returns whether anything
 /// changed. Fields outside the policy are refused, each with a warning.
-fn apply_patch(
+pub(super) fn apply_patch(
     point: HookPoint,
     subscriber: &str,
     payload: &mut Value,
@@ -476,14 +328,6 @@ fn apply_patch(
     }
     changed
 }
-
-thread_local! {
-    /// The plugins waiting on this thread for a plugin-to-plugin call to return.
-    static CALL_CHAIN: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Deepest chain of plugin-to-plugin calls allowed.
-const MAX_CALL_DEPTH: usize = 16;
 
 impl PluginHost {
     /// Runs the subscribers of `point`; see [the module docs](crate::hooks) for the order.
@@ -541,7 +385,7 @@ impl PluginHost {
     }
 
     /// The phases of a dispatch; `take_changes` says whether sequential subscribers may modify.
-    fn dispatch_hook(
+    pub(super) fn dispatch_hook(
         &self,
         registry: &Registry,
         point: HookPoint,
@@ -667,7 +511,7 @@ impl PluginHost {
         !self.inner.registry.load().hooks.points[point.index()].is_empty()
     }
 
-    fn blocked(
+    pub(super) fn blocked(
         &self,
         point: HookPoint,
         subscriber: &Subscriber,
@@ -682,60 +526,6 @@ impl PluginHost {
         };
         tracing::info!(hook = %point, subscriber = %EscapeControl(&violation.subscriber), code = %EscapeControl(&violation.code), reason = %EscapeControl(&violation.reason), "hook blocked");
         violation
-    }
-
-    /// Registers a hook written in Rust, for the life of the host (see
-    /// [`hook_session`](Self::hook_session) for a scoped one). It runs like a plugin
-    /// subscriber of that priority and mode; `name` identifies it in listings, logs and
-    /// violations. Returns an id for [`unregister_hook`](Self::unregister_hook).
-    pub fn register_hook(
-        &self,
-        point: HookPoint,
-        name: &str,
-        priority: i32,
-        mode: HookMode,
-        f: impl Fn(&HookEvent<'_>) -> HookResult + Send + Sync + 'static,
-    ) -> u64 {
-        let _admin = self.admin();
-        let id = self.inner.next_hook_id.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .host_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                HostHook {
-                    point,
-                    name: Arc::from(name),
-                    priority,
-                    mode,
-                    f: Arc::new(f),
-                },
-            );
-        self.republish();
-        id
-    }
-
-    /// Removes a hook registered with [`register_hook`](Self::register_hook).
-    pub fn unregister_hook(&self, id: u64) {
-        let _admin = self.admin();
-        let removed = self
-            .inner
-            .host_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        if removed.is_some() {
-            self.republish();
-        }
-    }
-
-    /// A session: hooks registered through it are unregistered when it is dropped.
-    pub fn hook_session(&self) -> HookSession {
-        HookSession {
-            host: self.clone(),
-            ids: std::sync::Mutex::new(Vec::new()),
-        }
     }
 
     /// Every hook point with its subscribers in execution order.
@@ -761,104 +551,5 @@ impl PluginHost {
                     .collect(),
             })
             .collect()
-    }
-
-    /// Fire-and-forget events dropped because the queue was full, since the host started.
-    pub fn dropped_hook_events(&self) -> u64 {
-        self.inner.fire_queue.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Stores a new registry built from `plugins` (with its hook table). Called with the admin
-    /// lock held.
-    pub(super) fn publish(&self, plugins: Plugins) {
-        let hooks = {
-            let host_hooks = self
-                .inner
-                .host_hooks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            HookTable::build(&plugins, &host_hooks, self)
-        };
-        // The name filter may only answer "missing" for a name absent from the registry a
-        // caller could see: widen it before the new registry is visible, narrow it after.
-        let bits = super::name_bits(&plugins);
-        self.inner.names.fetch_or(bits, Ordering::AcqRel);
-        self.inner
-            .registry
-            .store(Arc::new(super::Registry { plugins, hooks }));
-        self.inner.names.store(bits, Ordering::Release);
-    }
-
-    /// Rebuilds the hook table over the current plugins (hooks or configuration changed).
-    pub(super) fn republish(&self) {
-        let plugins = self.inner.registry.load().plugins.clone();
-        self.publish(plugins);
-    }
-
-    /// The function a plugin's `call_plugin` reaches: the same no-op safety as `execute`, plus
-    /// cycle detection. `caller` is the plugin making the call.
-    pub(super) fn plugin_call_back(inner: Weak<Inner>, caller: String) -> crate::dylib::CallBack {
-        Box::new(move |plugin, method, params| {
-            let inner = inner
-                .upgrade()
-                .ok_or_else(|| (ErrorKind::Failed, "the host is shutting down".to_owned()))?;
-            let host = PluginHost { inner };
-            host.call_from_plugin(&caller, plugin, method, params)
-        })
-    }
-
-    fn call_from_plugin(
-        &self,
-        caller: &str,
-        plugin: &str,
-        method: &str,
-        params: &str,
-    ) -> Result<Option<String>, (ErrorKind, String)> {
-        let cycle = CALL_CHAIN.with(|chain| {
-            let chain = chain.borrow();
-            if chain.iter().any(|p| p == plugin) || caller == plugin {
-                let mut path: Vec<&str> = chain.iter().map(String::as_str).collect();
-                path.push(caller);
-                path.push(plugin);
-                Some(format!("call cycle cut: {}", path.join(" -> ")))
-            } else if chain.len() >= MAX_CALL_DEPTH {
-                Some(format!("plugin calls nested deeper than {MAX_CALL_DEPTH}"))
-            } else {
-                None
-            }
-        });
-        if let Some(message) = cycle {
-            tracing::warn!(caller, plugin = %EscapeControl(plugin), method = %EscapeControl(method), "{}", EscapeControl(&message));
-            return Err((ErrorKind::Failed, message));
-        }
-        CALL_CHAIN.with(|chain| chain.borrow_mut().push(caller.to_owned()));
-        let result = self.dispatch_text(plugin, method, params, |answer| {
-            Ok(answer.map(str::to_owned))
-        });
-        CALL_CHAIN.with(|chain| chain.borrow_mut().pop());
-        result.map_err(|failure| match failure {
-            Failure::PluginNotFound => {
-                (ErrorKind::Failed, format!("no plugin `{plugin}` is loaded"))
-            }
-            Failure::MethodNotFound => (
-                ErrorKind::UnknownMethod,
-                format!("plugin `{plugin}` has no method `{method}`"),
-            ),
-            Failure::InvalidJson(e) => (
-                ErrorKind::Failed,
-                format!("{plugin}.{method} answered invalid JSON: {e}"),
-            ),
-            Failure::WrongType(e, expected) => (
-                ErrorKind::Failed,
-                format!(
-                    "{plugin}.{method} answered an unexpected value: {e} (expected {expected})"
-                ),
-            ),
-            Failure::Plugin(ErrorKind::Panicked, message) => (
-                ErrorKind::Failed,
-                format!("{plugin}.{method} panicked: {message}"),
-            ),
-            Failure::Plugin(kind, message) => (kind, format!("{plugin}.{method}: {message}")),
-        })
     }
 }

@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 pub use example::generate as example_tasks;
 pub use summary::Summary;
 
-use plugin_host::{CallError, HookPoint, PluginHost};
+use plugin_host::{HookPoint, PluginCallError, PluginHost};
 
 /// One task.
 #[derive(Debug, Clone, Deserialize)]
@@ -138,7 +138,7 @@ impl PluginCalls {
         let started = Instant::now();
         let answer = host.call_with(plugin, method, params);
         match answer {
-            Err(CallError::PluginNotFound { .. }) => None,
+            Err(PluginCallError::PluginNotFound { .. }) => None,
             answer => {
                 let ms = started.elapsed().as_secs_f64() * 1e3;
                 match self.ms.iter_mut().find(|(p, _)| *p == plugin) {

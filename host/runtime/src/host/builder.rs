@@ -1,0 +1,295 @@
+//! [`PluginHostBuilder`]: the options of a host, and the private shadow directory it prepares.
+
+use super::*;
+
+/// Builds a [`PluginHost`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use plugin_host::PluginHost;
+/// use serde_json::json;
+///
+/// let host = PluginHost::builder("plugins")
+///     .with_plugin_config("experiment", json!({"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}}))
+///     .build()?;
+/// let report = host.scan()?;
+/// for refusal in &report.refused {
+///     eprintln!("{}: {}", refusal.file.display(), refusal.reason);
+/// }
+/// let variant = host.execute_or("experiment", "pickVariant", &json!({"experiment": "tone"}), "A".to_owned());
+/// # let _ = variant;
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PluginHostBuilder {
+    pub(super) plugins_dir: PathBuf,
+    pub(super) shadow_dir: Option<PathBuf>,
+    pub(super) config_file: Option<PathBuf>,
+    pub(super) overrides: BTreeMap<String, PluginSettings>,
+    pub(super) call_timing: bool,
+    pub(super) state_dir: Option<PathBuf>,
+    pub(super) fire_and_forget_capacity: usize,
+    pub(super) file_policy: loader::FilePolicy,
+}
+
+impl PluginHostBuilder {
+    /// Whether every call is timed for the latency statistics (the default). Timing reads the
+    /// CPU's cycle counter twice per call (about 20 ns); switch it off where every nanosecond of
+    /// the host's overhead counts. Call, error and panic counts are kept either way.
+    pub fn with_call_timing(mut self, enabled: bool) -> Self {
+        self.call_timing = enabled;
+        self
+    }
+
+    /// Uses `dir` as the private directory for shadow copies instead of a fresh one under the
+    /// system's temporary directory (`plugin-host-<pid>-<random>`, created new with mode 0700,
+    /// removed when the host is dropped). The host writes `<stem>.<pid>.<generation>.so` files
+    /// there (each created new, never through a symlink) and deletes each when its generation
+    /// is unloaded. `dir` is created if missing; it must be a directory (not a symlink) owned by
+    /// the worker's user, and writable by nobody else.
+    pub fn with_shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.shadow_dir = Some(dir.into());
+        self
+    }
+
+    /// Largest plugin file accepted, in bytes (default 256 MiB). A bigger file is refused
+    /// without being read or copied.
+    pub fn with_max_plugin_size(mut self, bytes: u64) -> Self {
+        self.file_policy.max_size = bytes;
+        self
+    }
+
+    /// Whether plugin files and the plugins directory may be writable by group or others, or
+    /// owned by a user other than the worker's or root (default `false`: such files are
+    /// refused, as sshd's StrictModes refuses keys). `true` turns each refusal into a warning;
+    /// for development setups only, since any user who can write a plugin runs code as the
+    /// worker.
+    pub fn with_insecure_permissions(mut self, allowed: bool) -> Self {
+        self.file_policy.insecure_permissions = allowed;
+        self
+    }
+
+    /// Capacity of the queue of `fire_and_forget` hook events (default 1024). When it is full,
+    /// new events are dropped for those subscribers, with a counted warning.
+    pub fn with_fire_and_forget_capacity(mut self, capacity: usize) -> Self {
+        self.fire_and_forget_capacity = capacity.max(1);
+        self
+    }
+
+    /// Keeps plugin state in `dir` (created if missing): a plugin's state is saved there when it
+    /// is unloaded (including [`PluginHost::shutdown`]) and restored into it when it is loaded
+    /// again, in this process or the next. One `<plugin>.json` per plugin, written atomically;
+    /// an unreadable file is moved aside and the plugin starts fresh.
+    pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Reads the plugin configuration from `file` instead of `plugins.json` in the plugins
+    /// directory.
+    pub fn with_config_file(mut self, file: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(file.into());
+        self
+    }
+
+    /// Gives `plugin` this configuration, over whatever the file says.
+    pub fn with_plugin_config(mut self, plugin: impl Into<String>, config: Value) -> Self {
+        self.overrides.entry(plugin.into()).or_default().config = config;
+        self
+    }
+
+    /// Enables or disables `plugin`, over whatever the file says.
+    pub fn with_plugin_enabled(mut self, plugin: impl Into<String>, enabled: bool) -> Self {
+        self.overrides.entry(plugin.into()).or_default().enabled = enabled;
+        self
+    }
+
+    /// Reads the configuration file and prepares the shadow directory. Loads nothing yet: call
+    /// [`PluginHost::scan`] or [`PluginHost::load`].
+    ///
+    /// # Errors
+    ///
+    /// The configuration file is invalid, or the shadow directory cannot be created.
+    pub fn build(self) -> anyhow::Result<PluginHost> {
+        let config_file = self
+            .config_file
+            .unwrap_or_else(|| self.plugins_dir.join(CONFIG_FILE_NAME));
+        let config = PluginsConfig::read(&config_file)?;
+        let state = self.state_dir.map(StateStore::new).transpose()?;
+        let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
+            Some(dir) => {
+                use_given_shadow_dir(&dir)
+                    .with_context(|| format!("preparing the shadow directory {}", dir.display()))?;
+                (dir, false)
+            }
+            None => {
+                let temp = std::env::temp_dir();
+                remove_stale_shadow_dirs(&temp);
+                let dir = create_shadow_dir(&temp).with_context(|| {
+                    format!("creating a shadow directory in {}", temp.display())
+                })?;
+                (dir, true)
+            }
+        };
+        Ok(PluginHost {
+            inner: Arc::new(Inner {
+                plugins_dir: self.plugins_dir,
+                shadow_dir,
+                remove_shadow_dir,
+                config_file,
+                file_policy: self.file_policy,
+                config: ArcSwap::from_pointee(config),
+                state,
+                overrides: self.overrides,
+                registry: ArcSwap::from_pointee(Registry::default()),
+                names: AtomicU64::new(0),
+                host_hooks: Mutex::new(BTreeMap::new()),
+                next_hook_id: AtomicU64::new(1),
+                fire_queue: FireQueue::start(self.fire_and_forget_capacity)?,
+                clock: self.call_timing.then(clock),
+                refused: Mutex::new(Vec::new()),
+                next_generation: AtomicU64::new(1),
+                admin: Mutex::new(()),
+            }),
+        })
+    }
+}
+
+/// Prefix of the default shadow directories: `plugin-host-<pid>-<random>`.
+pub(super) const SHADOW_DIR_PREFIX: &str = "plugin-host-";
+/// Length of the random part of a default shadow directory's name.
+pub(super) const SHADOW_DIR_RANDOM: usize = 12;
+
+/// Creates a new shadow directory in `temp` as `mkdtemp` does: a name nobody can guess
+/// (`plugin-host-<pid>-<12 random characters>`), created with mode 0700 and failing if anything
+/// of that name exists, so another user can neither prepare it nor plant links in it. Owner and
+/// mode are checked again after creating.
+pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{SHADOW_DIR_PREFIX}{}-", std::process::id()))
+        .rand_bytes(SHADOW_DIR_RANDOM)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir_in(temp)?
+        // Removed by the host when it drops (only when empty: a library still mapped keeps
+        // its copy).
+        .keep();
+    check_private_dir(&dir, true)?;
+    Ok(dir)
+}
+
+/// Checks that `dir` is a real directory (not a symlink) owned by the worker's user and
+/// writable by nobody else; with `exact`, that its mode is exactly 0700.
+pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::symlink_metadata(dir)?;
+    let euid = crate::dylib::effective_uid();
+    if !metadata.file_type().is_dir() {
+        anyhow::bail!(
+            "{} is not a directory (a symlink is not accepted)",
+            dir.display()
+        );
+    }
+    if metadata.uid() != euid {
+        anyhow::bail!(
+            "{} is owned by uid {}, not by the worker's user (uid {euid}); use a directory of your own",
+            dir.display(),
+            metadata.uid()
+        );
+    }
+    let mode = metadata.mode() & 0o7777;
+    if (exact && mode != 0o700) || mode & 0o022 != 0 {
+        anyhow::bail!(
+            "{} has mode {mode:04o}; a shadow directory must be writable by its owner only (run `chmod 700 {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Prepares a shadow directory the embedder chose: created (mode 0700) if missing, then
+/// checked as [`check_private_dir`] does.
+pub(super) fn use_given_shadow_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    check_private_dir(dir, false)
+}
+
+/// Whether `name` is exactly a default shadow directory's name; returns the pid it encodes.
+pub(super) fn shadow_dir_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(SHADOW_DIR_PREFIX)?;
+    let (pid, random) = rest.split_once('-')?;
+    let digits = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    let random_ok =
+        random.len() == SHADOW_DIR_RANDOM && random.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !(digits && random_ok) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes the default shadow directories of processes that no longer run: a host killed
+/// before it could clean up leaves its copies behind. Only directories whose name matches
+/// exactly (`plugin-host-<pid>-<random>`), that are real directories (not symlinks) owned by
+/// this user with mode 0700, as this host creates them, and whose process is gone. A pid that
+/// was reused by another process keeps its directory, which is the safe mistake.
+pub(super) fn remove_stale_shadow_dirs(temp: &Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(shadow_dir_pid) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if let Err(e) = check_private_dir(&path, true) {
+            tracing::debug!(dir = %path.display(), reason = %e, "not a shadow directory of ours; left alone");
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(dir = %path.display(), "removed the shadow copies of a process that is gone")
+            }
+            Err(e) => {
+                tracing::debug!(dir = %path.display(), error = %e, "could not remove a stale shadow directory")
+            }
+        }
+    }
+}
+
+/// The process's calibrated cycle-counter clock (calibrated once, in well under a millisecond).
+pub(super) fn clock() -> quanta::Clock {
+    static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new).clone()
+}
+
+impl PluginHost {
+    /// Starts building a host for the plugins in `plugins_dir`.
+    pub fn builder(plugins_dir: impl Into<PathBuf>) -> PluginHostBuilder {
+        PluginHostBuilder {
+            plugins_dir: plugins_dir.into(),
+            shadow_dir: None,
+            config_file: None,
+            overrides: BTreeMap::new(),
+            call_timing: true,
+            state_dir: None,
+            fire_and_forget_capacity: 1024,
+            file_policy: loader::FilePolicy::default(),
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Calls from the embedder: `call`, `execute` and their typed forms, and the one mapping from a
+//! failed call to what the caller sees.
+
+use super::*;
+
+/// Why a call failed, before names are attached: kept cheap (no allocation) for the paths that
+/// answer nothing, a missing plugin above all.
+pub(super) enum Failure {
+    PluginNotFound,
+    MethodNotFound,
+    Plugin(PluginError),
+    InvalidJson(String),
+    /// The answer is JSON of another shape than asked for (message, expected type).
+    WrongType(String, &'static str),
+}
+
+impl Failure {
+    /// The one mapping from a failed call to the error its caller sees; the log event, the
+    /// answer to a plugin's own call and [`PluginHost::call`] are all made from it.
+    pub(super) fn into_error(self, plugin: &str, method: &str) -> PluginCallError {
+        let (plugin, method) = (plugin.to_owned(), method.to_owned());
+        match self {
+            Failure::PluginNotFound => PluginCallError::PluginNotFound { plugin },
+            Failure::MethodNotFound => PluginCallError::MethodNotFound { plugin, method },
+            Failure::InvalidJson(message) => PluginCallError::InvalidJson {
+                plugin,
+                method,
+                message,
+            },
+            Failure::WrongType(message, expected) => PluginCallError::WrongType {
+                plugin,
+                method,
+                message: format!("{message} (expected {expected})"),
+            },
+            Failure::Plugin(PluginError { kind, message }) => match kind {
+                ErrorKind::Panicked => PluginCallError::Panicked {
+                    plugin,
+                    method,
+                    message,
+                },
+                ErrorKind::InvalidParams => PluginCallError::InvalidParams {
+                    plugin,
+                    method,
+                    message,
+                },
+                _ => PluginCallError::Failed {
+                    plugin,
+                    method,
+                    message,
+                },
+            },
+        }
+    }
+}
+
+/// Logs a call that answers nothing: at debug level when the plugin or method is missing (no
+/// error is made: that path stays free of allocations), at warn for a failure.
+#[cold]
+pub(super) fn log_failure(plugin: &str, method: &str, failure: Failure) {
+    match failure {
+        Failure::PluginNotFound => {
+            tracing::debug!(plugin, method, "no such plugin; answering nothing");
+        }
+        Failure::MethodNotFound => {
+            tracing::debug!(plugin, method, "no such method; answering nothing");
+        }
+        failure => match failure.into_error(plugin, method) {
+            PluginCallError::Panicked { message, .. } => {
+                tracing::warn!(plugin, method, panic = %EscapeControl(&message), "plugin panicked; answering nothing");
+            }
+            PluginCallError::InvalidJson { message, .. } => {
+                tracing::warn!(plugin, method, error = %EscapeControl(&message), "plugin answered invalid JSON; answering nothing");
+            }
+            PluginCallError::WrongType { message, .. } => {
+                tracing::warn!(plugin, method, error = %EscapeControl(&message), "plugin answered an unexpected value; answering nothing");
+            }
+            PluginCallError::InvalidParams { message, .. }
+            | PluginCallError::Failed { message, .. } => {
+                tracing::warn!(plugin, method, error = %EscapeControl(&message), "plugin call failed; answering nothing");
+            }
+            error => tracing::debug!(plugin, method, %error, "answering nothing"),
+        },
+    }
+}
+
+/// What a literal JSON `null` answer means: `Some(Value::Null)` for [`PluginHost::execute`] and
+/// [`PluginHost::call`] (a `Value` can hold it), no answer for the typed calls.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    NullIsValue,
+    NullIsNone,
+}
+
+impl PluginHost {
+    /// Calls `plugin.method(params)` and says why when it answers nothing.
+    ///
+    /// `Ok(None)` means the plugin answered nothing; a literal JSON `null` answer is
+    /// `Ok(Some(Value::Null))`. Statistics count every call that reached the plugin.
+    ///
+    /// # Errors
+    ///
+    /// A [`PluginCallError`]: no such plugin or method, the plugin failed or panicked, or it
+    /// answered text that is not JSON.
+    pub fn call(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Result<Option<Value>, PluginCallError> {
+        self.dispatch(plugin, method, params, Answer::NullIsValue)
+            .map_err(|failure| failure.into_error(plugin, method))
+    }
+
+    /// Like [`call`](Self::call), typed both ways: `params` (any `Serialize` value) is written
+    /// straight to JSON text and the answer read straight into `T`, with no [`Value`] in
+    /// between; a call to a plugin that is not loaded serializes nothing. A JSON `null` answer
+    /// is `Ok(None)`.
+    ///
+    /// ```no_run
+    /// # fn demo(host: &plugin_host::PluginHost) {
+    /// #[derive(serde::Serialize)]
+    /// struct Pick<'a> {
+    ///     experiment: &'a str,
+    ///     key: &'a str,
+    /// }
+    /// let variant: String = host
+    ///     .call_with("experiment", "pickVariant", &Pick { experiment: "tone", key: "user-7" })
+    ///     .ok()
+    ///     .flatten()
+    ///     .unwrap_or_else(|| "A".to_owned());
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call), plus [`PluginCallError::WrongType`] when the answer does not
+    /// fit `T` and [`PluginCallError::InvalidParams`] when `params` cannot be written as JSON.
+    pub fn call_with<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+    ) -> Result<Option<T>, PluginCallError> {
+        self.dispatch(plugin, method, params, Answer::NullIsNone)
+            .map_err(|failure| failure.into_error(plugin, method))
+    }
+
+    /// Calls `plugin.method(params)`; `None` when the plugin answered nothing or the call could
+    /// not be made.
+    ///
+    /// Never fails and never panics because of a plugin: a missing plugin or method, an error,
+    /// a panic, or invalid JSON coming back all answer `None` and emit a `tracing` event with the
+    /// plugin, the method and the reason (at debug level for missing plugins and methods, at
+    /// warn for failures). A literal JSON `null` answer is `Some(Value::Null)`.
+    #[inline]
+    pub fn execute(&self, plugin: &str, method: &str, params: &Value) -> Option<Value> {
+        match self.dispatch(plugin, method, params, Answer::NullIsValue) {
+            Ok(value) => value,
+            Err(failure) => {
+                log_failure(plugin, method, failure);
+                None
+            }
+        }
+    }
+
+    /// Like [`execute`](Self::execute), typed both ways as [`call_with`](Self::call_with):
+    /// `params` of any `Serialize` type (a [`Value`] too), the answer deserialized into `T`.
+    /// `None` (with a log event) for every failure, an answer of another shape included, and
+    /// for a JSON `null` answer.
+    pub fn execute_with<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+    ) -> Option<T> {
+        match self.dispatch(plugin, method, params, Answer::NullIsNone) {
+            Ok(value) => value,
+            Err(failure) => {
+                log_failure(plugin, method, failure);
+                None
+            }
+        }
+    }
+
+    /// The common pattern `execute(...) or default`:
+    /// `host.execute_or("experiment", "pickVariant", &params, "A".to_owned())`.
+    pub fn execute_or<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+        default: T,
+    ) -> T {
+        self.execute_with(plugin, method, params).unwrap_or(default)
+    }
+
+    /// The one call path: params written straight to JSON text (none for `null`), the answer
+    /// read straight into `T` while the plugin's string is alive.
+    #[inline]
+    fn dispatch<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+        null: Answer,
+    ) -> Result<Option<T>, Failure> {
+        // A plugin that is not loaded costs no serialization.
+        if !self.may_be_loaded(plugin) {
+            return Err(Failure::PluginNotFound);
+        }
+        let text = serde_json::to_string(params).map_err(|e| {
+            Failure::Plugin(PluginError {
+                kind: ErrorKind::InvalidParams,
+                message: format!("the params cannot be written as JSON: {e}"),
+            })
+        })?;
+        // No params reach the plugin as empty text.
+        let text = if text == "null" { "" } else { text.as_str() };
+        self.dispatch_text(plugin, method, text, |answer| match answer {
+            None => Ok(None),
+            Some("null") if null == Answer::NullIsNone => Ok(None),
+            Some(json) => serde_json::from_str(json).map(Some).map_err(|e| {
+                if e.is_syntax() || e.is_eof() {
+                    Failure::InvalidJson(e.to_string())
+                } else {
+                    Failure::WrongType(e.to_string(), std::any::type_name::<T>())
+                }
+            }),
+        })
+    }
+
+    /// Calls `plugin.method` with params as JSON text; `on_answer` reads the answer while the
+    /// plugin's string is alive.
+    #[inline]
+    pub(super) fn dispatch_text<R>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &str,
+        on_answer: impl FnOnce(Option<&str>) -> Result<Option<R>, Failure>,
+    ) -> Result<Option<R>, Failure> {
+        if !self.may_be_loaded(plugin) {
+            return Err(Failure::PluginNotFound);
+        }
+        // This snapshot of the registry holds the generation alive until the call returns,
+        // whatever reload or unload does meanwhile.
+        let registry = self.inner.registry.load();
+        let slot = registry.get(plugin).ok_or(Failure::PluginNotFound)?;
+        let clock = self.inner.clock.as_ref();
+        let started = clock.map_or(0, quanta::Clock::raw);
+        let result = slot
+            .generation
+            .library
+            .call(method, params, |answer| match answer {
+                Ok(json) => on_answer(json),
+                Err(PluginFailure::Reported(ErrorKind::UnknownMethod, _)) => {
+                    Err(Failure::MethodNotFound)
+                }
+                Err(PluginFailure::Reported(kind, message)) => Err(Failure::Plugin(PluginError {
+                    kind,
+                    message: message.to_owned(),
+                })),
+                Err(PluginFailure::NotUtf8(e)) => Err(Failure::InvalidJson(format!(
+                    "the answer is not UTF-8 text ({e})"
+                ))),
+            })
+            .unwrap_or(Err(Failure::PluginNotFound));
+        let ticks = clock.map_or(0, |c| c.raw().saturating_sub(started).max(1));
+        let outcome = match &result {
+            Ok(_) | Err(Failure::MethodNotFound | Failure::PluginNotFound) => Outcome::Ok,
+            Err(Failure::Plugin(PluginError {
+                kind: ErrorKind::Panicked,
+                ..
+            })) => Outcome::Panic,
+            Err(_) => Outcome::Error,
+        };
+        slot.stats.record(ticks, outcome);
+        result
+    }
+}

@@ -1,0 +1,576 @@
+//! Loading, unloading, reloading, scanning and shutting down: everything that changes which
+//! generations are in the registry. Serialized by the admin lock; `plugin.loaded` and
+//! `plugin.unloaded` fire after it is released.
+
+use super::*;
+
+/// Longest plugin name accepted.
+pub(super) const MAX_NAME_LEN: usize = 64;
+
+/// Checks a plugin's name: 1-64 characters of `a-z`, `0-9`, `-`, `_`, `.`, not starting with
+/// `.`. Names become file names (state files), log fields and URL path segments, so nothing
+/// else is accepted.
+pub(super) fn validate_name(name: &str) -> Result<(), LoadError> {
+    let reason = if name.is_empty() {
+        Some("it is empty".to_owned())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!(
+            "it is {} bytes long, the limit is {MAX_NAME_LEN}",
+            name.len()
+        ))
+    } else if name.starts_with('.') {
+        Some("it starts with `.`".to_owned())
+    } else {
+        name.chars()
+            .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-' | '_' | '.'))
+            .map(|c| format!("it contains {:?}", c))
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => {
+            // Shown escaped and shortened: the name is the plugin's, and may hold anything.
+            let mut shown: String = name.chars().take(MAX_NAME_LEN).collect();
+            if shown.len() < name.len() {
+                shown.push_str("...");
+            }
+            Err(LoadError::InvalidName {
+                name: format!("{shown:?}"),
+                reason,
+            })
+        }
+    }
+}
+
+pub(super) fn refusal(file: &Path, error: &anyhow::Error) -> Refusal {
+    Refusal {
+        file: file.to_path_buf(),
+        reason: format!("{error:#}"),
+        error: error.downcast_ref::<LoadError>().cloned(),
+    }
+}
+
+/// Moves the state of `old` into `new`. Failures are logged; `new` then starts fresh.
+pub(super) fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
+    let state = match old.library.save_state() {
+        None | Some(Ok(None)) => return,
+        Some(Ok(Some(state))) => state,
+        Some(Err(PluginError { message, .. })) => {
+            tracing::warn!(plugin, error = %EscapeControl(&message), "saving state for the reload failed; the new generation starts fresh");
+            return;
+        }
+    };
+    match new.library.restore_state(&state) {
+        Some(Ok(())) => tracing::debug!(plugin, bytes = state.len(), "state carried over"),
+        Some(Err(PluginError { message, .. })) => {
+            tracing::warn!(plugin, error = %EscapeControl(&message), "restoring state into the new generation failed; it starts fresh");
+        }
+        None => tracing::warn!(
+            plugin,
+            "the new generation was built without state support; its state starts fresh"
+        ),
+    }
+}
+
+impl PluginHost {
+    /// Loads every shared library (`*.so`, hidden files excepted) in the plugins directory that
+    /// is not loaded yet, in file-name order. A file that fails is reported in the result and
+    /// the others load.
+    ///
+    /// A plugin name claimed by two or more of these files goes to none of them (each is refused,
+    /// naming the others), unless the configuration pins the name to one file (`"file"` in the
+    /// plugin's settings); a name already loaded stays with the file that has it.
+    ///
+    /// # Errors
+    ///
+    /// Only when the directory itself cannot be read.
+    pub fn scan(&self) -> anyhow::Result<ScanReport> {
+        let dir = &self.inner.plugins_dir;
+        std::fs::read_dir(dir).with_context(|| {
+            format!(
+                "reading the plugins directory {}; create it or point to another with --plugins DIR",
+                dir.display()
+            )
+        })?;
+        let files = loader::plugin_files(dir).into_iter().map(|(path, _)| path);
+        let mut report = ScanReport::default();
+        let mut loaded = Vec::new();
+        {
+            let _admin = self.admin();
+            let mut opened = Vec::new();
+            for file in files {
+                if self.loaded_from(&file).is_some() {
+                    continue;
+                }
+                let started = Instant::now();
+                match self.open_file(&file) {
+                    Ok(generation) => opened.push((generation, started)),
+                    Err(e) => {
+                        self.note_result(&file, Some(&e));
+                        report.refused.push(refusal(&file, &e));
+                    }
+                }
+            }
+            let mut claims: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+            for (generation, _) in &opened {
+                claims
+                    .entry(generation.manifest.name.clone())
+                    .or_default()
+                    .push(generation.file.clone());
+            }
+            for (generation, started) in opened {
+                let name = generation.manifest.name.clone();
+                let file = generation.file.clone();
+                let claimants = claims.get(&name).map_or(&[][..], Vec::as_slice);
+                // A pin settles the claim: `start` refuses every file but the pinned one.
+                let result = if claimants.len() > 1 && self.settings(&name).file.is_none() {
+                    let others = claimants.iter().filter(|f| **f != file).cloned().collect();
+                    Err(anyhow::Error::new(LoadError::NameConflict {
+                        plugin: name,
+                        others,
+                    })
+                    .context(format!("loading plugin file {}", file.display())))
+                } else {
+                    self.install(generation, started)
+                };
+                self.note_result(&file, result.as_ref().err());
+                match result {
+                    Ok(plugin) => {
+                        report.loaded.push(plugin.name.clone());
+                        loaded.push(plugin);
+                    }
+                    Err(e) => report.refused.push(refusal(&file, &e)),
+                }
+            }
+        }
+        for plugin in &loaded {
+            self.fire_lifecycle(HookPoint::PluginLoaded, plugin);
+        }
+        Ok(report)
+    }
+
+    /// Loads one plugin file.
+    ///
+    /// # Errors
+    ///
+    /// The file is refused; the error names the file and the reason, and downcasts to
+    /// [`LoadError`]. The refusal is also listed by [`refused`](Self::refused) until the file
+    /// loads.
+    pub fn load(&self, file: impl AsRef<Path>) -> anyhow::Result<LoadedPlugin> {
+        let file = file.as_ref();
+        let result = {
+            let _admin = self.admin();
+            let result = self.load_locked(file);
+            self.note_result(file, result.as_ref().err());
+            result
+        };
+        if let Ok(plugin) = &result {
+            self.fire_lifecycle(HookPoint::PluginLoaded, plugin);
+        }
+        result
+    }
+
+    /// Fires `plugin.loaded` or `plugin.unloaded` (informational: a block is logged, not
+    /// obeyed). Never called with the admin lock held, so subscribers may load and unload.
+    pub(super) fn fire_lifecycle(&self, point: HookPoint, plugin: &LoadedPlugin) {
+        let fired = self.fire(point, || {
+            serde_json::json!({
+                "plugin": plugin.name,
+                "version": plugin.version,
+                "generation": plugin.generation,
+                "file": plugin.file,
+            })
+        });
+        if let Err(violation) = fired {
+            tracing::warn!(%violation, "{point} cannot be blocked; ignored");
+        }
+    }
+
+    pub(super) fn load_locked(&self, file: &Path) -> anyhow::Result<LoadedPlugin> {
+        let started = Instant::now();
+        let opened = self.open_file(file)?;
+        self.install(opened, started)
+    }
+
+    /// Creates an opened generation as a newly loaded plugin and publishes it.
+    pub(super) fn install(&self, opened: Opened, started: Instant) -> anyhow::Result<LoadedPlugin> {
+        let file = opened.file.clone();
+        let generation = self
+            .start(opened, None)
+            .with_context(|| format!("loading plugin file {}", file.display()))?;
+        let file = file.as_path();
+        let name = generation.manifest.name.clone();
+        self.restore_saved_state(&name, &generation);
+        let registry = self.inner.registry.load();
+        let load_order = registry
+            .values()
+            .map(|slot| slot.load_order + 1)
+            .max()
+            .unwrap_or(0);
+        let slot = Slot {
+            generation: Arc::new(generation),
+            stats: Arc::default(),
+            load_order,
+        };
+        let mut next = registry.plugins.clone();
+        next.insert(name.clone().into_boxed_str(), slot.clone());
+        self.publish(next);
+        tracing::info!(
+            plugin = %name,
+            version = %slot.generation.manifest.version,
+            generation = slot.generation.number,
+            file = %file.display(),
+            took_us = started.elapsed().as_micros(),
+            "plugin loaded"
+        );
+        Ok(self.describe(&name, &slot))
+    }
+
+    /// Copies, checks, opens and creates one generation of `file`. `replacing` is the name the
+    /// file must provide on a reload.
+    pub(super) fn open_generation(
+        &self,
+        file: &Path,
+        replacing: Option<&str>,
+    ) -> anyhow::Result<Generation> {
+        let opened = self.open_file(file)?;
+        self.start(opened, replacing)
+    }
+
+    /// Checks `file`, copies it to the shadow directory, opens the copy and reads its manifest:
+    /// everything up to creating the instance.
+    pub(super) fn open_file(&self, file: &Path) -> anyhow::Result<Opened> {
+        self.open_file_inner(file)
+            .with_context(|| format!("loading plugin file {}", file.display()))
+    }
+
+    pub(super) fn open_file_inner(&self, file: &Path) -> anyhow::Result<Opened> {
+        let number = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
+        // The checks and the copy see the same bytes, read once from one open descriptor.
+        let checked = loader::check_plugin_file(file, self.inner.file_policy)?;
+        let stamp = Some(checked.stamp);
+        let shadow = loader::shadow_copy(file, &checked, &self.inner.shadow_dir, number)?;
+        let header = checked.header;
+        drop(checked);
+        let library = PluginLibrary::open(shadow, header)?;
+        let manifest_json = library
+            .manifest_json()
+            .map_err(|PluginError { kind, message }| LoadError::BadManifest {
+                reason: match kind {
+                    ErrorKind::Panicked => format!("reading it panicked: {message}"),
+                    _ => message,
+                },
+            })?;
+        let mut manifest: Manifest =
+            serde_json::from_str(&manifest_json).map_err(|e| LoadError::BadManifest {
+                reason: e.to_string(),
+            })?;
+        if !manifest.hooks.is_empty() && !library.supports_hooks() {
+            tracing::warn!(
+                plugin = %manifest.name,
+                table_version = manifest.table_version,
+                "the plugin lists hook subscriptions but its function table predates hooks; they are ignored (rebuild it against this plugin-api)"
+            );
+            manifest.hooks.clear();
+        }
+        validate_name(&manifest.name)?;
+        let name = manifest.name.clone();
+        for subscription in &manifest.hooks {
+            if HookPoint::from_name(&subscription.hook).is_none() {
+                let known: Vec<&str> = HookPoint::ALL.iter().map(|p| p.name()).collect();
+                tracing::warn!(
+                    plugin = %name,
+                    hook = %subscription.hook,
+                    known = %known.join(", "),
+                    "the plugin subscribes to a hook point that does not exist; that subscription will never fire"
+                );
+            }
+        }
+        Ok(Opened {
+            manifest,
+            file: file.to_path_buf(),
+            stamp,
+            number,
+            library,
+        })
+    }
+
+    /// Creates the instance of an opened generation, once its name may be used: `replacing` is
+    /// the name it must provide on a reload; otherwise the name must be free, and the file the
+    /// configuration pins it to, if any.
+    pub(super) fn start(
+        &self,
+        opened: Opened,
+        replacing: Option<&str>,
+    ) -> anyhow::Result<Generation> {
+        let Opened {
+            manifest,
+            file,
+            stamp,
+            number,
+            mut library,
+        } = opened;
+        let file = file.as_path();
+        let name = manifest.name.clone();
+        match replacing {
+            Some(expected) if expected != name => {
+                return Err(LoadError::BadManifest {
+                    reason: format!(
+                        "the file now provides plugin `{name}`, not `{expected}`; unload `{expected}` first"
+                    ),
+                }
+                .into());
+            }
+            Some(_) => {}
+            None => {
+                if let Some(slot) = self.inner.registry.load().get(name.as_str()) {
+                    return Err(LoadError::DuplicateName {
+                        plugin: name,
+                        loaded_from: slot.generation.file.clone(),
+                    }
+                    .into());
+                }
+            }
+        }
+        let settings = self.settings(&name);
+        if let Some(pinned) = &settings.file {
+            if file.file_name().is_none_or(|n| n != pinned.as_str()) {
+                return Err(LoadError::NamePinned {
+                    plugin: name,
+                    pinned: pinned.clone(),
+                }
+                .into());
+            }
+        }
+        if !settings.enabled {
+            return Err(LoadError::Disabled { plugin: name }.into());
+        }
+        let config = match &settings.config {
+            Value::Null => String::new(),
+            config => config.to_string(),
+        };
+        let call_back = PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
+        library
+            .create(&name, &config, call_back)
+            .map_err(|PluginError { kind, message }| match kind {
+                ErrorKind::Panicked => LoadError::CreatePanicked {
+                    plugin: name.clone(),
+                    message,
+                },
+                _ => LoadError::CreateFailed {
+                    plugin: name.clone(),
+                    message,
+                },
+            })?;
+        Ok(Generation {
+            manifest,
+            file: file.to_path_buf(),
+            stamp,
+            number,
+            library,
+        })
+    }
+
+    /// Lists `file` as refused for `error` without trying to load it.
+    pub(crate) fn note_refused(&self, file: &Path, error: LoadError) {
+        let error =
+            anyhow::Error::new(error).context(format!("loading plugin file {}", file.display()));
+        self.note_result(file, Some(&error));
+    }
+
+    pub(super) fn note_result(&self, file: &Path, error: Option<&anyhow::Error>) {
+        let mut refused = self
+            .inner
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        refused.retain(|r| r.file != file);
+        if let Some(e) = error {
+            let refusal = refusal(file, e);
+            tracing::warn!(file = %file.display(), reason = %EscapeControl(&refusal.reason), "plugin file refused");
+            refused.push(refusal);
+        }
+    }
+
+    /// Unloads `plugin`. Calls already in flight finish on it; its generation is destroyed when
+    /// the last of them returns.
+    ///
+    /// # Errors
+    ///
+    /// No plugin of that name is loaded.
+    pub fn unload(&self, plugin: &str) -> anyhow::Result<()> {
+        let info = {
+            let _admin = self.admin();
+            let registry = self.inner.registry.load();
+            let Some(slot) = registry.get(plugin).cloned() else {
+                return Err(anyhow!(
+                    "cannot unload `{plugin}`: no plugin of that name is loaded"
+                ));
+            };
+            let mut next = registry.plugins.clone();
+            next.remove(plugin);
+            self.publish(next);
+            drop(registry);
+            let info = self.describe(plugin, &slot);
+            self.retire(plugin, slot);
+            info
+        };
+        self.fire_lifecycle(HookPoint::PluginUnloaded, &info);
+        Ok(())
+    }
+
+    /// Loads `plugin`'s file again as a new generation, carries its state over
+    /// ([`plugin_api::Plugin::save_state`] → [`plugin_api::Plugin::restore_state`]), and swaps
+    /// it in. Calls never see a gap: they reach the old generation until the swap, the new one
+    /// after.
+    ///
+    /// # Errors
+    ///
+    /// The plugin is not loaded, or the new file is refused; the old generation keeps serving.
+    pub fn reload(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
+        let reloaded = self.reload_locked(plugin)?;
+        self.fire_lifecycle(HookPoint::PluginLoaded, &reloaded);
+        Ok(reloaded)
+    }
+
+    pub(super) fn reload_locked(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
+        let _admin = self.admin();
+        let old = self
+            .inner
+            .registry
+            .load()
+            .get(plugin)
+            .map(|slot| Arc::clone(&slot.generation))
+            .ok_or_else(|| anyhow!("cannot reload `{plugin}`: no plugin of that name is loaded"))?;
+        let started = Instant::now();
+        let result = self
+            .open_generation(&old.file, Some(plugin))
+            .with_context(|| {
+                format!(
+                    "reloading plugin `{plugin}` from {}; generation {} keeps serving",
+                    old.file.display(),
+                    old.number
+                )
+            });
+        self.note_result(&old.file, result.as_ref().err());
+        let new = Arc::new(result?);
+        carry_state(plugin, &old, &new);
+        let registry = self.inner.registry.load();
+        let mut next = registry.plugins.clone();
+        let slot = next
+            .get_mut(plugin)
+            .ok_or_else(|| anyhow!("plugin `{plugin}` disappeared during its reload"))?;
+        slot.generation = Arc::clone(&new);
+        let slot = slot.clone();
+        self.publish(next);
+        drop(registry);
+        tracing::info!(
+            plugin,
+            from_generation = old.number,
+            generation = new.number,
+            file = %old.file.display(),
+            took_us = started.elapsed().as_micros(),
+            "plugin reloaded"
+        );
+        Ok(self.describe(plugin, &slot))
+    }
+
+    /// Saves the state of a plugin just taken out of the registry (when there is a state
+    /// directory) and logs the unload. The generation itself is destroyed when its last call
+    /// returns.
+    pub(super) fn retire(&self, plugin: &str, slot: Slot) {
+        let started = Instant::now();
+        let generation = &slot.generation;
+        if let Some(store) = &self.inner.state {
+            match generation.library.save_state() {
+                None | Some(Ok(None)) => {}
+                Some(Ok(Some(state))) => match store.save(plugin, &state) {
+                    Ok(path) => tracing::debug!(plugin, file = %path.display(), "state saved"),
+                    Err(e) => tracing::warn!(plugin, error = %format!("{e:#}"), "state not saved"),
+                },
+                Some(Err(PluginError { message, .. })) => {
+                    tracing::warn!(plugin, error = %EscapeControl(&message), "the plugin failed to save its state");
+                }
+            }
+        }
+        tracing::info!(
+            plugin,
+            version = %generation.manifest.version,
+            generation = generation.number,
+            file = %generation.file.display(),
+            took_us = started.elapsed().as_micros(),
+            "plugin unloaded"
+        );
+    }
+
+    /// Gives a newly loaded plugin the state saved in the state directory, if any.
+    pub(super) fn restore_saved_state(&self, plugin: &str, generation: &Generation) {
+        let Some(store) = &self.inner.state else {
+            return;
+        };
+        let Some(state) = store.load(plugin) else {
+            return;
+        };
+        match generation.library.restore_state(&state) {
+            Some(Ok(())) => tracing::info!(plugin, bytes = state.len(), "saved state restored"),
+            Some(Err(PluginError { message, .. })) => store.reject(plugin, &message),
+            None => tracing::warn!(
+                plugin,
+                "a saved state exists but the plugin was built without state support; it starts fresh"
+            ),
+        }
+    }
+
+    /// Unloads every plugin in reverse load order, saving each one's state first when the host
+    /// has a state directory. Calls in flight finish on their generation; calls after this answer
+    /// nothing. Dropping the last clone of the host unloads too, but saves no state.
+    pub fn shutdown(&self) {
+        let _admin = self.admin();
+        let registry = self.inner.registry.swap(Arc::new(Registry::default()));
+        let mut slots: Vec<(Box<str>, Slot)> = registry
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        drop(registry);
+        slots.sort_by_key(|(_, slot)| std::cmp::Reverse(slot.load_order));
+        for (name, slot) in slots {
+            self.retire(&name, slot);
+        }
+    }
+
+    /// Reads the configuration file again and applies what changed: a plugin now disabled is
+    /// unloaded, one whose `config` changed is reloaded with it (state carried over), and files
+    /// not loaded yet (for example, plugins now enabled) are loaded.
+    ///
+    /// # Errors
+    ///
+    /// The file is invalid; the configuration in force stays.
+    pub fn reload_config(&self) -> anyhow::Result<ScanReport> {
+        let config = PluginsConfig::read(&self.inner.config_file)?;
+        let old = self.inner.config.swap(Arc::new(config));
+        let mut report = ScanReport::default();
+        for plugin in self.plugins() {
+            let before = self.settings_in(&old, &plugin.name);
+            let now = self.settings(&plugin.name);
+            if before.enabled == now.enabled && before.config == now.config {
+                continue;
+            }
+            if !now.enabled {
+                self.unload(&plugin.name)?;
+                tracing::info!(plugin = %plugin.name, "unloaded: disabled in the configuration");
+            } else if let Err(e) = self.reload(&plugin.name) {
+                report.refused.push(refusal(&plugin.file, &e));
+            } else {
+                report.loaded.push(plugin.name);
+            }
+        }
+        // Hook overrides and sets may have changed without any reload.
+        {
+            let _admin = self.admin();
+            self.republish();
+        }
+        let scanned = self.scan()?;
+        report.loaded.extend(scanned.loaded);
+        report.refused.extend(scanned.refused);
+        Ok(report)
+    }
+}

@@ -1,0 +1,129 @@
+//! The registry: generations, the slot each plugin name holds, publishing a new registry
+//! (copy on write, with its hook table), and the name filter that answers "missing" without
+//! touching it.
+
+use super::*;
+
+/// One loaded generation of a plugin.
+#[derive(Debug)]
+pub(super) struct Generation {
+    pub(super) manifest: Manifest,
+    pub(super) file: PathBuf,
+    /// The file as it was when this generation was copied from it.
+    pub(super) stamp: Option<loader::FileStamp>,
+    pub(super) number: u64,
+    /// Dropped last of all: destroying the instance and closing the library.
+    pub(super) library: PluginLibrary,
+}
+
+/// A generation opened and checked, its manifest read; not created yet.
+#[derive(Debug)]
+pub(super) struct Opened {
+    pub(super) manifest: Manifest,
+    pub(super) file: PathBuf,
+    pub(super) stamp: Option<loader::FileStamp>,
+    pub(super) number: u64,
+    pub(super) library: PluginLibrary,
+}
+
+/// A plugin name's place in the registry: a reload replaces the generation, the statistics stay.
+#[derive(Debug, Clone)]
+pub(super) struct Slot {
+    pub(super) generation: Arc<Generation>,
+    pub(super) stats: Arc<StatsCell>,
+    pub(super) load_order: u64,
+}
+
+/// Plugins by name.
+pub(super) type Plugins = FxHashMap<Box<str>, Slot>;
+
+/// The plugins and the hook subscribers built from them. Replaced as a whole (copy on write) by
+/// load, unload, reload and hook registration, so a call or a hook dispatch needs one atomic load
+/// to reach everything it runs, and holding that snapshot holds those generations alive.
+#[derive(Debug, Default)]
+pub(super) struct Registry {
+    pub(super) plugins: Plugins,
+    pub(super) hooks: dispatch::HookTable,
+}
+
+impl std::ops::Deref for Registry {
+    type Target = Plugins;
+
+    fn deref(&self) -> &Plugins {
+        &self.plugins
+    }
+}
+
+/// The bit of `plugin`'s name in [`Inner::names`].
+#[inline]
+pub(super) fn name_bit(plugin: &str) -> u64 {
+    use std::hash::BuildHasher as _;
+    1 << (rustc_hash::FxBuildHasher.hash_one(plugin) >> 58)
+}
+
+/// The name bits of every plugin in `plugins`.
+pub(super) fn name_bits(plugins: &Plugins) -> u64 {
+    plugins.keys().fold(0, |bits, name| bits | name_bit(name))
+}
+
+impl PluginHost {
+    /// The plugin loaded from `file`, if any.
+    pub(super) fn loaded_from(&self, file: &Path) -> Option<String> {
+        self.inner
+            .registry
+            .load()
+            .iter()
+            .find(|(_, slot)| slot.generation.file == file)
+            .map(|(name, _)| name.to_string())
+    }
+
+    /// Loaded plugins with the file each came from and the file's stamp at load time.
+    pub(crate) fn loaded_files(&self) -> Vec<(String, PathBuf, Option<loader::FileStamp>)> {
+        self.inner
+            .registry
+            .load()
+            .iter()
+            .map(|(name, slot)| {
+                (
+                    name.to_string(),
+                    slot.generation.file.clone(),
+                    slot.generation.stamp,
+                )
+            })
+            .collect()
+    }
+
+    /// Whether a plugin of this name may be loaded: `false` is certain, `true` is checked by the
+    /// registry.
+    #[inline]
+    pub(super) fn may_be_loaded(&self, plugin: &str) -> bool {
+        self.inner.names.load(Ordering::Acquire) & name_bit(plugin) != 0
+    }
+
+    /// Stores a new registry built from `plugins` (with its hook table). Called with the admin
+    /// lock held.
+    pub(super) fn publish(&self, plugins: Plugins) {
+        let hooks = {
+            let host_hooks = self
+                .inner
+                .host_hooks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            HookTable::build(&plugins, &host_hooks, self)
+        };
+        // The name filter may only answer "missing" for a name absent from the registry a
+        // caller could see: widen it before the new registry is visible, narrow it after.
+        let bits = super::name_bits(&plugins);
+        self.inner.names.fetch_or(bits, Ordering::AcqRel);
+        self.inner
+            .registry
+            .store(Arc::new(super::Registry { plugins, hooks }));
+        self.inner.names.store(bits, Ordering::Release);
+    }
+
+    /// Rebuilds the hook table over the current plugins (hooks or configuration changed).
+    pub(super) fn republish(&self) {
+        let plugins = self.inner.registry.load().plugins.clone();
+        self.publish(plugins);
+    }
+}
