@@ -16,9 +16,9 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use plugin_host::HookPoint;
 use serde_json::json;
 use tests::{PluginDir, built_plugin, patched};
+use worker::hooks;
 
 /// Calls a loaded plugin library's entry points directly, without the host.
 mod direct {
@@ -143,7 +143,7 @@ fn bench(c: &mut Criterion) {
             let bytes = patched(&source, b"hb-000", name.as_bytes());
             dir.write(&format!("lib{name}.so"), &bytes);
         }
-        let untimed = plugin_host::PluginHost::builder(dir.path())
+        let untimed = worker::hooks::host_builder(dir.path())
             .with_shadow_dir(dir.shadow().join("untimed"))
             .with_call_timing(false)
             .build()
@@ -153,7 +153,10 @@ fn bench(c: &mut Criterion) {
             let report = host.scan().unwrap();
             assert_eq!(report.loaded.len(), n, "{:?}", report.refused);
             assert_eq!(
-                host.hook_points()[HookPoint::TaskScored as usize]
+                host.hook_points()
+                    .iter()
+                    .find(|p| p.name == "task.scored")
+                    .unwrap()
                     .subscribers
                     .len(),
                 n
@@ -175,8 +178,7 @@ fn bench(c: &mut Criterion) {
             payload
         };
         let fire = |host: &plugin_host::PluginHost| {
-            host.fire(HookPoint::TaskScored, || payload.clone())
-                .unwrap()
+            host.fire(hooks::TASK_SCORED, || payload.clone()).unwrap()
         };
         paired_overhead(n, "timed", || direct(&timed_libraries), || fire(&host));
         paired_overhead(
@@ -201,7 +203,7 @@ fn bench(c: &mut Criterion) {
         let host = dir.host();
         for i in 0..n {
             host.register_hook(
-                HookPoint::TaskScored,
+                hooks::TASK_SCORED,
                 &format!("h-{i:03}"),
                 0,
                 plugin_host::HookMode::Sequential,
@@ -222,10 +224,7 @@ fn bench(c: &mut Criterion) {
             })
         });
         group.bench_with_input(BenchmarkId::new("host_fire", n), &n, |b, _| {
-            b.iter(|| {
-                host.fire(HookPoint::TaskScored, || payload.clone())
-                    .unwrap()
-            })
+            b.iter(|| host.fire(hooks::TASK_SCORED, || payload.clone()).unwrap())
         });
     }
     group.finish();
@@ -235,7 +234,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("hook_unsubscribed");
     group.bench_function("host_fire", |b| {
         b.iter(|| {
-            host.fire(black_box(HookPoint::TaskScored), || payload.clone())
+            host.fire(black_box(hooks::TASK_SCORED), || payload.clone())
                 .unwrap()
         })
     });

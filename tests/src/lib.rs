@@ -158,9 +158,9 @@ impl PluginDir {
         .unwrap();
     }
 
-    /// A host on this directory (not scanned yet).
+    /// A host on this directory with the worker's hook points (not scanned yet).
     pub fn host(&self) -> plugin_host::PluginHost {
-        plugin_host::PluginHost::builder(self.path())
+        worker::hooks::host_builder(self.path())
             .with_shadow_dir(self.shadow())
             .build()
             .unwrap()

@@ -7,16 +7,11 @@
 
 use std::borrow::Cow;
 use std::ffi::c_void;
-use std::fmt::Write as _;
 use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::Utf8Error;
 
-use abi_stable::StableAbi;
-use abi_stable::abi_stability::abi_checking::{
-    CheckingGlobals, check_layout_compatibility_with_globals,
-};
 use abi_stable::library::AbiHeader;
 use abi_stable::prefix_type::{PrefixRef, WithMetadata};
 use abi_stable::std_types::{RErr, RNone, ROk, RSome, RStr, RString};
@@ -319,7 +314,8 @@ impl PluginLibrary {
 
     /// The manifest JSON the plugin exports.
     pub(crate) fn manifest_json(&self) -> Result<String, PluginError> {
-        match (self.table.manifest())() {
+        // SAFETY: the library is open while `self` lives (it is closed in `Drop`).
+        match unsafe { table::manifest(self.table) } {
             ROk(json) => plugin_string(json, "the manifest"),
             RErr(e) => Err(owned(e)),
         }
@@ -338,8 +334,17 @@ impl PluginLibrary {
         });
         let context_ptr = HostContext(std::ptr::from_ref::<LogContext>(&context).cast::<c_void>());
         let host = HostApiRef(HOST_API.static_as_prefix());
-        let result =
-            (self.table.create())(RStr::from_str(config), max_log_level(), host, context_ptr);
+        // SAFETY: the library is open while `self` lives; `context` is kept in `self` (below)
+        // until after the library is closed, so it outlives the instance.
+        let result = unsafe {
+            table::create(
+                self.table,
+                RStr::from_str(config),
+                max_log_level(),
+                host,
+                context_ptr,
+            )
+        };
         // Kept even when create failed: the plugin may have logged through it and may hold it.
         self.log_context = Some(context);
         match result {
@@ -362,8 +367,16 @@ impl PluginLibrary {
         f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
     ) -> Option<R> {
         let instance = self.instance?;
-        let result =
-            (self.table.execute())(instance, RStr::from_str(method), RStr::from_str(params));
+        // SAFETY: the library is open while `self` lives; `instance` came from this table's
+        // `create` and is destroyed only in `Drop`, which `&self` excludes.
+        let result = unsafe {
+            table::execute(
+                self.table,
+                instance,
+                RStr::from_str(method),
+                RStr::from_str(params),
+            )
+        };
         Some(match &result {
             ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
                 Ok(json) => f(Ok(Some(json))),
@@ -388,8 +401,15 @@ impl PluginLibrary {
         f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
     ) -> Option<R> {
         let instance = self.instance?;
-        let on_hook = self.table.on_hook()?;
-        let result = on_hook(instance, RStr::from_str(hook), RStr::from_str(payload));
+        // SAFETY: as in `call`: the library is open and `instance` alive while `&self` is held.
+        let result = unsafe {
+            table::on_hook(
+                self.table,
+                instance,
+                RStr::from_str(hook),
+                RStr::from_str(payload),
+            )
+        }?;
         Some(match &result {
             // "Continue", by far the most common answer: nothing to free.
             ROk(RNone) => f(Ok(None)),
@@ -408,8 +428,9 @@ impl PluginLibrary {
     /// not created.
     pub(crate) fn save_state(&self) -> Option<Result<Option<String>, PluginError>> {
         let instance = self.instance?;
-        let save = self.table.save_state()?;
-        Some(match save(instance) {
+        // SAFETY: as in `call`: the library is open and `instance` alive while `&self` is held.
+        let saved = unsafe { table::save_state(self.table, instance) }?;
+        Some(match saved {
             ROk(RSome(json)) => plugin_string(json, "the saved state").map(Some),
             ROk(RNone) => Ok(None),
             RErr(e) => Err(owned(e)),
@@ -419,8 +440,10 @@ impl PluginLibrary {
     /// Gives the plugin a state saved earlier. `None` when the plugin predates state.
     pub(crate) fn restore_state(&self, state: &str) -> Option<Result<(), PluginError>> {
         let instance = self.instance?;
-        let restore = self.table.restore_state()?;
-        Some(match restore(instance, RStr::from_str(state)) {
+        // SAFETY: as in `call`: the library is open and `instance` alive while `&self` is held.
+        let restored =
+            unsafe { table::restore_state(self.table, instance, RStr::from_str(state)) }?;
+        Some(match restored {
             ROk(()) => Ok(()),
             RErr(e) => Err(owned(e)),
         })
@@ -441,7 +464,10 @@ impl Drop for PluginLibrary {
     fn drop(&mut self) {
         let started = std::time::Instant::now();
         if let Some(instance) = self.instance.take() {
-            (self.table.destroy())(instance);
+            // SAFETY: the library is still open (closed below); `instance` came from `create`
+            // and is destroyed once (taken out of `self.instance`); no call is in flight, since
+            // every call holds an `Arc` of this generation and we are in its `Drop`.
+            unsafe { table::destroy(self.table, instance) };
         }
         // SAFETY: `library` is taken exactly once, here; nothing of the plugin's is alive any
         // more: the instance was destroyed above, every call held an `Arc` of this generation
@@ -564,7 +590,7 @@ fn check_header(
             ),
         });
     }
-    check_table_layout(header.table_layout)?;
+    crate::layout::check_table_layout(header.table_layout)?;
     // SAFETY: every check passed: `table` points to the plugin's `WithMetadata<PluginTable>`
     // whose layout abi_stable just proved compatible with ours; its prefix accessors check at
     // run time which of the later fields it has.
@@ -572,87 +598,107 @@ fn check_header(
     Ok(PluginTableRef(prefix))
 }
 
-/// Checks the plugin's table layout against the host's.
-///
-/// abi_stable accepts an implementation with *more* prefix-type fields than the interface. A
-/// plugin built against a newer plugin-api passes that way round; one built against an older
-/// plugin-api (fewer fields: capabilities it predates) passes the other way round, and its
-/// missing fields read as `None` through the prefix accessors. Anything else is refused.
-fn check_table_layout(plugin: &'static TypeLayout) -> Result<(), LoadError> {
-    let host = <PluginTableRef as StableAbi>::LAYOUT;
-    // A fresh `CheckingGlobals` per check: abi_stable's process-wide one would keep pointers
-    // into this library after it is closed.
-    let newer_or_same =
-        check_layout_compatibility_with_globals(host, plugin, &CheckingGlobals::new());
-    let Err(errors) = newer_or_same else {
-        return Ok(());
+/// The entries of a plugin's function table, reached only through these wrappers. The entries
+/// are `extern "C"` function pointers that Rust lets anyone call; what makes a call sound is
+/// stated here, once per entry, and promised at each call site.
+mod table {
+    use abi_stable::std_types::{RResult, RStr, RString};
+    use plugin_api::abi::{
+        CallError, HostApiRef, HostContext, InstanceHandle, JsonResult, PluginTableRef,
     };
-    if check_layout_compatibility_with_globals(plugin, host, &CheckingGlobals::new()).is_ok() {
-        return Ok(());
-    }
-    // Formatted now, into owned text: the errors borrow the plugin's layouts.
-    let mut full = String::new();
-    for error in &errors.errors {
-        let _ = write!(full, "{error}");
-    }
-    Err(LoadError::LayoutMismatch {
-        details: summarize_layout_errors(&full),
-    })
-}
 
-/// abi_stable's report prints both complete layouts; keep what differs: each `Error:` with its
-/// expected and found values, and the last field named before it.
-fn summarize_layout_errors(full: &str) -> String {
-    let lines: Vec<&str> = full.lines().map(str::trim).collect();
-    let mut summary: Vec<String> = Vec::new();
-    let mut field = None;
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        i += 1;
-        if let Some(name) = line.strip_prefix("field_name:") {
-            field = Some(name);
-            continue;
-        }
-        let Some(what) = line.strip_prefix("Error:") else {
-            continue;
-        };
-        let mut expected = Vec::new();
-        let mut found = Vec::new();
-        let mut into: Option<&mut Vec<&str>> = None;
-        while i < lines.len() {
-            match lines[i] {
-                "Expected:" => into = Some(&mut expected),
-                "Found:" => into = Some(&mut found),
-                l if l.is_empty() || l.ends_with("error(s)inside:") || l.starts_with("Error:") => {
-                    break;
-                }
-                l => {
-                    if let Some(values) = into.as_mut() {
-                        values.push(l);
-                    }
-                }
-            }
-            i += 1;
-        }
-        let mut entry = match field {
-            Some(field) => format!("field `{field}`: {what}"),
-            None => what.to_owned(),
-        };
-        if !expected.is_empty() || !found.is_empty() {
-            entry.push_str(&format!(
-                " (expected {}, found {})",
-                expected.join(" "),
-                found.join(" ")
-            ));
-        }
-        if !summary.contains(&entry) {
-            summary.push(entry);
-        }
+    /// The plugin's manifest as JSON text.
+    ///
+    /// # Safety
+    ///
+    /// The library `table` came from is open for the whole call.
+    pub(super) unsafe fn manifest(table: PluginTableRef) -> RResult<RString, CallError> {
+        (table.manifest())()
     }
-    if summary.is_empty() {
-        full.trim().to_owned()
-    } else {
-        summary.join("\n")
+
+    /// Creates the plugin's instance.
+    ///
+    /// # Safety
+    ///
+    /// The library `table` came from is open for the whole call, and the object `context`
+    /// points to stays alive (and at that address) until the library is closed: the plugin may
+    /// keep it and pass it to the host's callbacks from any thread.
+    pub(super) unsafe fn create(
+        table: PluginTableRef,
+        config: RStr<'_>,
+        max_log_level: u8,
+        host: HostApiRef,
+        context: HostContext,
+    ) -> RResult<InstanceHandle, CallError> {
+        (table.create())(config, max_log_level, host, context)
+    }
+
+    /// Calls a method of the instance.
+    ///
+    /// # Safety
+    ///
+    /// The library `table` came from is open for the whole call and for as long as the answer
+    /// lives (the answer is freed by the plugin's code); `instance` was returned by this
+    /// table's `create` and has not been passed to `destroy`.
+    pub(super) unsafe fn execute(
+        table: PluginTableRef,
+        instance: InstanceHandle,
+        method: RStr<'_>,
+        params: RStr<'_>,
+    ) -> JsonResult {
+        (table.execute())(instance, method, params)
+    }
+
+    /// Runs the instance's handler for a hook; `None` when the table predates hooks.
+    ///
+    /// # Safety
+    ///
+    /// As for [`execute`].
+    pub(super) unsafe fn on_hook(
+        table: PluginTableRef,
+        instance: InstanceHandle,
+        hook: RStr<'_>,
+        payload: RStr<'_>,
+    ) -> Option<JsonResult> {
+        table
+            .on_hook()
+            .map(|on_hook| on_hook(instance, hook, payload))
+    }
+
+    /// The instance's saved state; `None` when the table predates state.
+    ///
+    /// # Safety
+    ///
+    /// As for [`execute`].
+    pub(super) unsafe fn save_state(
+        table: PluginTableRef,
+        instance: InstanceHandle,
+    ) -> Option<JsonResult> {
+        table.save_state().map(|save| save(instance))
+    }
+
+    /// Gives the instance a saved state; `None` when the table predates state.
+    ///
+    /// # Safety
+    ///
+    /// As for [`execute`].
+    pub(super) unsafe fn restore_state(
+        table: PluginTableRef,
+        instance: InstanceHandle,
+        state: RStr<'_>,
+    ) -> Option<RResult<(), CallError>> {
+        table
+            .restore_state()
+            .map(|restore| restore(instance, state))
+    }
+
+    /// Destroys the instance.
+    ///
+    /// # Safety
+    ///
+    /// As for [`execute`], and no call on `instance` is in flight or will be made: `instance`
+    /// is destroyed exactly once.
+    pub(super) unsafe fn destroy(table: PluginTableRef, instance: InstanceHandle) {
+        (table.destroy())(instance);
     }
 }

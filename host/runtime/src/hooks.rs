@@ -1,5 +1,5 @@
-//! The hook pipeline: named hook points in the worker, their payloads and write policies, and
-//! the subscribers of each in execution order.
+//! The hook pipeline: named hook points (the runtime's own and those its embedder declares),
+//! their payloads and write policies, and the subscribers of each in execution order.
 //!
 //! For one hook point the host runs, in this order:
 //!
@@ -25,120 +25,147 @@ use serde_json::Value;
 
 use crate::text::EscapeControl;
 
-/// The hook points of the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[non_exhaustive]
-pub enum HookPoint {
-    /// The worker started (after plugins loaded). Payload `{"plugins": [names]}`; read-only.
-    WorkerStart,
-    /// The worker is stopping (before plugins unload). Payload `{"reason"}`; read-only.
-    WorkerStop,
-    /// A task arrived. Payload `{"id", "type", "input", "meta"}`; writable: `input`, `meta`. A
-    /// block skips the task.
-    TaskReceived,
-    /// A handler was chosen and is about to run. Payload `{"id", "type", "handler", "variant",
-    /// "experiment", "input", "meta"}`; writable: `handler`, `variant`, `input`, `meta`.
-    TaskBeforeHandle,
-    /// Between two steps of a multi-step handler. Payload `{"id", "type", "handler", "step",
-    /// "messages": [{"role", "content"}]}`; writable: `messages` (the next step sees them).
-    TaskAfterStep,
-    /// The handler finished. Payload `{"id", "type", "handler", "variant", "output",
-    /// "latency_ms"}`; writable: `output`.
-    TaskAfterHandle,
-    /// A task failed or was blocked. Payload `{"id", "type", "error"}`; read-only.
-    TaskError,
-    /// A task was scored. Payload `{"id", "type", "handler", "variant", "experiment", "score",
-    /// "latency_ms", "output_len"}`; read-only.
-    TaskScored,
-    /// A plugin was loaded or reloaded. Payload `{"plugin", "version", "generation", "file"}`;
-    /// read-only.
-    PluginLoaded,
-    /// A plugin was unloaded. Payload `{"plugin", "version", "generation", "file"}`; read-only.
-    PluginUnloaded,
+/// One field of a hook point's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PayloadField {
+    /// The field's name in the payload object.
+    pub name: &'static str,
+    /// What it holds, in one line.
+    pub description: &'static str,
 }
+
+/// A hook point as its embedder declares it: plain data, listed by
+/// [`PluginHost::hook_points`](crate::PluginHost::hook_points).
+///
+/// The runtime declares its own two points ([`HookPoint::BUILT_IN`]); an application declares
+/// its points as one `const` list and gives it to
+/// [`PluginHostBuilder::with_hook_points`](crate::PluginHostBuilder::with_hook_points).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HookSpec {
+    /// The name plugins subscribe with, e.g. `task.received`.
+    pub name: &'static str,
+    /// When it fires, in one line.
+    pub description: &'static str,
+    /// The fields of its payload object.
+    pub payload: &'static [PayloadField],
+    /// The payload fields a sequential subscriber may change (none: read-only).
+    pub writable: &'static [&'static str],
+}
+
+/// The payload of `plugin.loaded` and `plugin.unloaded`.
+const PLUGIN_PAYLOAD: &[PayloadField] = &[
+    PayloadField {
+        name: "plugin",
+        description: "the plugin's name",
+    },
+    PayloadField {
+        name: "version",
+        description: "its version",
+    },
+    PayloadField {
+        name: "generation",
+        description: "the generation number",
+    },
+    PayloadField {
+        name: "file",
+        description: "the file it was loaded from",
+    },
+];
+
+/// A hook point of a host: a small handle, copied into every `fire`, that indexes the host's
+/// table of points (no name is looked up on that path).
+///
+/// The runtime's own points are [`HookPoint::PLUGIN_LOADED`] and
+/// [`HookPoint::PLUGIN_UNLOADED`]. An application's points are constants made from its one
+/// declaration with [`HookPoint::declared`]:
+///
+/// ```
+/// use plugin_host::{HookPoint, HookSpec, PayloadField};
+///
+/// pub const POINTS: &[HookSpec] = &[HookSpec {
+///     name: "job.done",
+///     description: "a job finished",
+///     payload: &[PayloadField { name: "id", description: "the job's id" }],
+///     writable: &[],
+/// }];
+/// pub const JOB_DONE: HookPoint = HookPoint::declared(POINTS, "job.done");
+///
+/// let host = plugin_host::PluginHost::builder("plugins").with_hook_points(POINTS).build()?;
+/// assert_eq!(host.hook_point("job.done"), Some(JOB_DONE));
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+///
+/// A handle means the point of that place in the host's table: use an application's handles
+/// with hosts built with that application's list. Firing a handle a host does not have is a
+/// no-op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HookPoint(u16);
 
 impl HookPoint {
-    /// Every hook point, in documentation order.
-    pub const ALL: [HookPoint; 10] = [
-        HookPoint::WorkerStart,
-        HookPoint::WorkerStop,
-        HookPoint::TaskReceived,
-        HookPoint::TaskBeforeHandle,
-        HookPoint::TaskAfterStep,
-        HookPoint::TaskAfterHandle,
-        HookPoint::TaskError,
-        HookPoint::TaskScored,
-        HookPoint::PluginLoaded,
-        HookPoint::PluginUnloaded,
+    /// A plugin was loaded or reloaded. Read-only.
+    pub const PLUGIN_LOADED: HookPoint = HookPoint(0);
+    /// A plugin was unloaded. Read-only.
+    pub const PLUGIN_UNLOADED: HookPoint = HookPoint(1);
+
+    /// The runtime's own hook points, in the order of their handles.
+    pub const BUILT_IN: &'static [HookSpec] = &[
+        HookSpec {
+            name: "plugin.loaded",
+            description: "a plugin loaded or reloaded",
+            payload: PLUGIN_PAYLOAD,
+            writable: &[],
+        },
+        HookSpec {
+            name: "plugin.unloaded",
+            description: "a plugin unloaded",
+            payload: PLUGIN_PAYLOAD,
+            writable: &[],
+        },
     ];
 
-    /// The name plugins subscribe with, e.g. `task.received`.
-    pub fn name(self) -> &'static str {
-        match self {
-            HookPoint::WorkerStart => "worker.start",
-            HookPoint::WorkerStop => "worker.stop",
-            HookPoint::TaskReceived => "task.received",
-            HookPoint::TaskBeforeHandle => "task.before_handle",
-            HookPoint::TaskAfterStep => "task.after_step",
-            HookPoint::TaskAfterHandle => "task.after_handle",
-            HookPoint::TaskError => "task.error",
-            HookPoint::TaskScored => "task.scored",
-            HookPoint::PluginLoaded => "plugin.loaded",
-            HookPoint::PluginUnloaded => "plugin.unloaded",
+    /// The handle of the point named `name` in `points`, the list given to
+    /// [`with_hook_points`](crate::PluginHostBuilder::with_hook_points). Meant for constants:
+    /// a name that is not in the list fails to compile.
+    ///
+    /// # Panics
+    ///
+    /// `name` is not in `points` (at compile time in a `const`).
+    pub const fn declared(points: &[HookSpec], name: &str) -> HookPoint {
+        let mut i = 0;
+        while i < points.len() {
+            if str_eq(points[i].name, name) {
+                return HookPoint((HookPoint::BUILT_IN.len() + i) as u16);
+            }
+            i += 1;
         }
+        panic!("no hook point of that name in the list");
     }
 
-    /// The hook point of that name.
-    pub fn from_name(name: &str) -> Option<HookPoint> {
-        HookPoint::ALL.into_iter().find(|p| p.name() == name)
-    }
-
-    /// The payload fields a sequential subscriber may change.
-    pub fn writable(self) -> &'static [&'static str] {
-        match self {
-            HookPoint::TaskReceived => &["input", "meta"],
-            HookPoint::TaskBeforeHandle => &["handler", "variant", "input", "meta"],
-            HookPoint::TaskAfterStep => &["messages"],
-            HookPoint::TaskAfterHandle => &["output"],
-            _ => &[],
-        }
-    }
-
-    /// What the point is and what its payload holds.
-    pub fn description(self) -> &'static str {
-        match self {
-            HookPoint::WorkerStart => "the worker started; {plugins}",
-            HookPoint::WorkerStop => "the worker is stopping; {reason}",
-            HookPoint::TaskReceived => "a task arrived; {id, type, input, meta}; a block skips it",
-            HookPoint::TaskBeforeHandle => {
-                "a handler is about to run; {id, type, handler, variant, experiment, input, meta}"
-            }
-            HookPoint::TaskAfterStep => {
-                "between steps of a multi-step task; {id, type, handler, step, messages}"
-            }
-            HookPoint::TaskAfterHandle => {
-                "the handler finished; {id, type, handler, variant, output, latency_ms}"
-            }
-            HookPoint::TaskError => "a task failed or was blocked; {id, type, error}",
-            HookPoint::TaskScored => {
-                "a task was scored; {id, type, handler, variant, experiment, score, latency_ms, output_len}"
-            }
-            HookPoint::PluginLoaded => {
-                "a plugin loaded or reloaded; {plugin, version, generation, file}"
-            }
-            HookPoint::PluginUnloaded => "a plugin unloaded; {plugin, version, generation, file}",
-        }
-    }
-
+    /// Its place in the host's table of points.
     pub(crate) fn index(self) -> usize {
-        self as usize
+        usize::from(self.0)
+    }
+
+    /// The handle of the point at `index` of the host's table.
+    pub(crate) fn from_index(index: usize) -> HookPoint {
+        HookPoint(u16::try_from(index).unwrap_or(u16::MAX))
     }
 }
 
-impl fmt::Display for HookPoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+/// `a == b`, in a `const fn`.
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
     }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// A subscriber blocked a hook.
@@ -174,6 +201,8 @@ impl std::error::Error for Violation {}
 pub struct HookEvent<'a> {
     /// The hook point.
     pub point: HookPoint,
+    /// Its name.
+    pub name: &'static str,
     /// The payload as it stands.
     pub payload: &'a Value,
 }
@@ -199,8 +228,10 @@ pub struct SubscriberInfo {
 pub struct HookPointInfo {
     /// The hook point's name.
     pub name: &'static str,
-    /// What it is and what its payload holds.
+    /// When it fires.
     pub description: &'static str,
+    /// The fields of its payload.
+    pub payload: &'static [PayloadField],
     /// The fields sequential subscribers may change.
     pub writable: &'static [&'static str],
     /// Subscribers in the order they run.
@@ -250,12 +281,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_round_trip_and_are_unique() {
-        for point in HookPoint::ALL {
-            assert_eq!(HookPoint::from_name(point.name()), Some(point));
-            assert_eq!(HookPoint::ALL[point.index()], point);
-        }
-        assert_eq!(HookPoint::from_name("task.recieved"), None);
+    fn declared_points_follow_the_built_in_ones() {
+        const POINTS: &[HookSpec] = &[
+            HookSpec {
+                name: "a",
+                description: "",
+                payload: &[],
+                writable: &[],
+            },
+            HookSpec {
+                name: "b",
+                description: "",
+                payload: &[],
+                writable: &[],
+            },
+        ];
+        assert_eq!(HookPoint::declared(POINTS, "a").index(), 2);
+        assert_eq!(HookPoint::declared(POINTS, "b").index(), 3);
+        assert_eq!(
+            HookPoint::BUILT_IN[HookPoint::PLUGIN_LOADED.index()].name,
+            "plugin.loaded"
+        );
+        assert_eq!(
+            HookPoint::BUILT_IN[HookPoint::PLUGIN_UNLOADED.index()].name,
+            "plugin.unloaded"
+        );
     }
 
     #[test]

@@ -18,10 +18,10 @@ use serde_json::Value;
 use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
 use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::{LoadError, PluginCallError, PluginError};
-use crate::hooks::HookPoint;
 use crate::hooks::{
     HookEvent, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
 };
+use crate::hooks::{HookPoint, HookSpec};
 use crate::loader;
 use crate::state::StateStore;
 use crate::stats::{Outcome, PluginStats, StatsCell};
@@ -44,7 +44,7 @@ mod queue;
 mod registry;
 
 pub use builder::PluginHostBuilder;
-use dispatch::{HookTable, Subscriber, Timer, run_subscriber};
+use dispatch::{At, HookTable, Subscriber, Timer, run_subscriber};
 pub use host_hooks::HookSession;
 use host_hooks::HostHook;
 use queue::{FireQueue, Job};
@@ -65,6 +65,9 @@ struct Inner {
     /// clear answers "missing" without touching the registry. Calls to optional plugins that
     /// are not installed are the common case this makes nearly free.
     names: AtomicU64,
+    /// Every hook point of this host, indexed by [`HookPoint`]: the runtime's own, then the
+    /// embedder's.
+    points: Box<[&'static HookSpec]>,
     /// Hooks registered from Rust, by id.
     host_hooks: Mutex<BTreeMap<u64, HostHook>>,
     next_hook_id: AtomicU64,

@@ -16,8 +16,9 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 //!
-//! All unsafe code is in one private module (`dylib`); see the repository's DESIGN notes for why
-//! each step of loading is done the way it is.
+//! All unsafe code is in one private module (`dylib`); the repository's `ARCHITECTURE.md` says
+//! where everything lives and which invariants hold, and why each step of loading is done the
+//! way it is.
 
 #![deny(missing_docs)]
 // Every `unsafe` of the host is in `dylib`; the rest may not have any.
@@ -33,6 +34,7 @@ mod error;
 mod files;
 pub mod hooks;
 mod host;
+mod layout;
 mod loader;
 mod state;
 mod stats;
@@ -41,7 +43,9 @@ pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
 pub use error::{LoadError, PluginCallError, PluginError};
-pub use hooks::{HookEvent, HookPoint, HookPointInfo, SubscriberInfo, Violation};
+pub use hooks::{
+    HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
+};
 pub use host::{HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};

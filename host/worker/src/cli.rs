@@ -11,6 +11,7 @@ use serde_json::Value;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
+use crate::Worker;
 use crate::http::{ControlOptions, ControlServer, Token};
 use plugin_host::text::EscapeControl;
 use plugin_host::watch::{WatchOptions, Watcher};
@@ -246,7 +247,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut builder = PluginHost::builder(&cli.plugins)
+    let mut builder = crate::hooks::host_builder(&cli.plugins)
         .with_insecure_permissions(cli.insecure_permissions)
         .with_max_plugin_size(cli.max_plugin_size_mb << 20);
     if let Some(config) = &cli.config {
@@ -325,6 +326,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             } else {
                 for point in points {
                     writeln!(out, "{}  {}", point.name, point.description)?;
+                    let fields: Vec<&str> = point.payload.iter().map(|f| f.name).collect();
+                    writeln!(out, "    payload: {{{}}}", fields.join(", "))?;
                     if !point.writable.is_empty() {
                         writeln!(out, "    writable: {}", point.writable.join(", "))?;
                     }
@@ -458,6 +461,7 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
     } else {
         None
     };
+    let worker = Worker::start(host.clone());
     writeln!(
         out,
         "worker: {} plugin(s) loaded from {}{}; control API on {}",
@@ -472,6 +476,7 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
         token_file.display()
     )?;
     out.flush()?;
+    let mut stopped_by = "signal";
     for signal in signals.forever() {
         if signal == SIGHUP {
             match &watcher {
@@ -484,12 +489,18 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
             }
         } else {
             tracing::info!(signal, "shutting down");
+            stopped_by = if signal == SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
             break;
         }
     }
     let started = std::time::Instant::now();
     server.stop();
     drop(watcher);
+    worker.stop(stopped_by);
     host.shutdown();
     tracing::info!(took_ms = started.elapsed().as_millis(), "worker stopped");
     writeln!(out, "worker: stopped")?;
@@ -506,7 +517,6 @@ fn run_tasks(
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
     use std::io::BufReader;
-    let pipeline = crate::pipeline::Pipeline::new(host.clone()).with_max_line_bytes(max_line_bytes);
     let (input, total): (Box<dyn std::io::BufRead>, Option<u64>) = if tasks == "-" {
         (Box::new(BufReader::new(std::io::stdin().lock())), None)
     } else {
@@ -522,14 +532,19 @@ fn run_tasks(
                 let file = std::fs::File::create(path)
                     .with_context(|| format!("creating the results file {}", path.display()))?;
                 let mut writer = std::io::BufWriter::new(file);
-                // `run_job` fires worker.start and worker.stop.
-                let summary = pipeline.run_job(input, &mut writer, |b| progress.update(b))?;
+                let worker = Worker::start(host.clone());
+                let summary =
+                    worker.run_tasks(input, &mut writer, max_line_bytes, |b| progress.update(b))?;
+                worker.stop("tasks done");
                 progress.done();
                 writeln!(out, "{summary}")?;
                 Ok(summary)
             }
             None => {
-                let summary = pipeline.run_job(input, out, |b| progress.update(b))?;
+                let worker = Worker::start(host.clone());
+                let summary =
+                    worker.run_tasks(input, out, max_line_bytes, |b| progress.update(b))?;
+                worker.stop("tasks done");
                 progress.done();
                 eprintln!("{summary}");
                 Ok(summary)

@@ -1,13 +1,18 @@
 //! The worker application over the plugin runtime ([`plugin_host`]): the `worker` command line
 //! ([`cli`]), the HTTP control API ([`http`]) and the task pipeline with its handlers, example
-//! tasks and summary ([`pipeline`]).
+//! tasks and summary ([`pipeline`]), the worker's hook points ([`hooks`]) and the [`Worker`]
+//! that owns its lifecycle.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod hooks;
 pub mod http;
+mod lifecycle;
 pub mod pipeline;
+
+pub use lifecycle::Worker;
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[cfg(doctest)]

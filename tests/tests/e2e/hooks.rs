@@ -8,6 +8,7 @@ use std::time::Duration;
 use plugin_host::{HookMode, HookPoint, HookResult, PluginHost};
 use serde_json::{Value, json};
 use tests::PluginDir;
+use worker::hooks;
 
 fn task() -> Value {
     json!({"id": "t1", "type": "qa", "input": "question", "meta": {}})
@@ -45,9 +46,9 @@ fn recorder(
 fn a_hook_nobody_subscribes_to_builds_no_payload() {
     let dir = PluginDir::new();
     let host = host_with(&dir, &["echo"]);
-    let fired = host.fire(HookPoint::TaskScored, || panic!("the payload was built"));
+    let fired = host.fire(hooks::TASK_SCORED, || panic!("the payload was built"));
     assert_eq!(fired, Ok(None));
-    assert!(!host.has_subscribers(HookPoint::TaskScored));
+    assert!(!host.has_subscribers(hooks::TASK_SCORED));
 }
 
 /// `notify`: a typed payload goes to plugins as JSON text, to host hooks as a value; nothing is
@@ -69,7 +70,7 @@ fn notify_sends_a_typed_payload_and_takes_no_changes() {
 
     let bare = PluginDir::new();
     let host = host_with(&bare, &["echo"]);
-    let nobody = host.notify(HookPoint::TaskScored, || -> Scored<'static> {
+    let nobody = host.notify(hooks::TASK_SCORED, || -> Scored<'static> {
         panic!("the payload was built")
     });
     assert_eq!(nobody, Ok(()));
@@ -82,7 +83,7 @@ fn notify_sends_a_typed_payload_and_takes_no_changes() {
     let seen_by_host = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&seen_by_host);
     host.register_hook(
-        HookPoint::TaskScored,
+        hooks::TASK_SCORED,
         "after",
         500,
         HookMode::Sequential,
@@ -91,7 +92,7 @@ fn notify_sends_a_typed_payload_and_takes_no_changes() {
             HookResult::Continue
         },
     );
-    assert_eq!(host.notify(HookPoint::TaskScored, scored), Ok(()));
+    assert_eq!(host.notify(hooks::TASK_SCORED, scored), Ok(()));
     let expected = json!({"id": "t9", "score": 0.5, "plugins_ms": [["bandit", 0.25]]});
     let plugin_saw = host.execute("fixture", "seen", &json!(null)).unwrap();
     let scored_events: Vec<&Value> = plugin_saw
@@ -113,7 +114,7 @@ fn notify_sends_a_typed_payload_and_takes_no_changes() {
         "on": {"task.scored": {"block": {"reason": "no", "code": "nope"}}}
     }}}));
     let host = host_with(&blocking, &["fixture"]);
-    let violation = host.notify(HookPoint::TaskScored, scored).unwrap_err();
+    let violation = host.notify(hooks::TASK_SCORED, scored).unwrap_err();
     assert_eq!(
         (violation.subscriber.as_str(), violation.code.as_str()),
         ("fixture", "nope")
@@ -126,7 +127,7 @@ fn order_is_priority_then_name_and_modes_run_in_phases() {
     let host = host_with(&dir, &["fixture"]);
     let log = recorder(
         &host,
-        HookPoint::TaskReceived,
+        hooks::TASK_RECEIVED,
         &[
             ("zeta", 10, HookMode::Sequential),
             ("alpha", 10, HookMode::Sequential),
@@ -136,7 +137,7 @@ fn order_is_priority_then_name_and_modes_run_in_phases() {
             ("checker", -100, HookMode::Concurrent),
         ],
     );
-    host.fire(HookPoint::TaskReceived, task).unwrap();
+    host.fire(hooks::TASK_RECEIVED, task).unwrap();
     assert_eq!(
         *log.lock().unwrap(),
         ["early", "alpha", "zeta", "late", "checker", "watcher"]
@@ -177,7 +178,7 @@ fn sequential_modifications_chain_within_the_write_policy() {
     let seen_by_next = Arc::new(Mutex::new(Value::Null));
     let seen = Arc::clone(&seen_by_next);
     host.register_hook(
-        HookPoint::TaskReceived,
+        hooks::TASK_RECEIVED,
         "next",
         200,
         HookMode::Sequential,
@@ -192,7 +193,7 @@ fn sequential_modifications_chain_within_the_write_policy() {
             )])
         },
     );
-    let payload = host.fire(HookPoint::TaskReceived, task).unwrap().unwrap();
+    let payload = host.fire(hooks::TASK_RECEIVED, task).unwrap().unwrap();
     assert_eq!(seen_by_next.lock().unwrap()["input"], "rewritten by $label");
     assert_eq!(payload["input"], "rewritten by $label + next");
     assert_eq!(payload["meta"], json!({"by": "$label"}));
@@ -211,13 +212,13 @@ fn a_block_stops_the_hook_and_names_the_plugin() {
     let host = host_with(&dir, &["fixture"]);
     let after = recorder(
         &host,
-        HookPoint::TaskReceived,
+        hooks::TASK_RECEIVED,
         &[
             ("after", 200, HookMode::Sequential),
             ("audit", 0, HookMode::Audit),
         ],
     );
-    let violation = host.fire(HookPoint::TaskReceived, task).unwrap_err();
+    let violation = host.fire(hooks::TASK_RECEIVED, task).unwrap_err();
     assert_eq!(violation.subscriber, "fixture");
     assert_eq!(violation.reason, "input too long");
     assert_eq!(violation.code, "too_long");
@@ -232,7 +233,7 @@ fn a_block_stops_the_hook_and_names_the_plugin() {
 fn a_panicking_subscriber_is_skipped_counted_and_the_chain_goes_on() {
     let dir = PluginDir::new();
     let host = host_with(&dir, &["faulty", "fixture"]);
-    let payload = host.fire(HookPoint::TaskReceived, task).unwrap().unwrap();
+    let payload = host.fire(hooks::TASK_RECEIVED, task).unwrap().unwrap();
     assert_eq!(payload, task());
     let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
     assert_eq!(
@@ -263,7 +264,7 @@ fn concurrent_subscribers_run_in_parallel_and_may_block_but_not_modify() {
     let parallel = Arc::new(Mutex::new(Vec::new()));
     let p = Arc::clone(&parallel);
     host.register_hook(
-        HookPoint::TaskReceived,
+        hooks::TASK_RECEIVED,
         "a",
         1,
         HookMode::Concurrent,
@@ -280,7 +281,7 @@ fn concurrent_subscribers_run_in_parallel_and_may_block_but_not_modify() {
     );
     let p = Arc::clone(&parallel);
     host.register_hook(
-        HookPoint::TaskReceived,
+        hooks::TASK_RECEIVED,
         "b",
         2,
         HookMode::Concurrent,
@@ -295,7 +296,7 @@ fn concurrent_subscribers_run_in_parallel_and_may_block_but_not_modify() {
             HookResult::Continue
         },
     );
-    let payload = host.fire(HookPoint::TaskReceived, task).unwrap().unwrap();
+    let payload = host.fire(hooks::TASK_RECEIVED, task).unwrap().unwrap();
     assert_eq!(
         *parallel.lock().unwrap(),
         [true, true],
@@ -306,15 +307,11 @@ fn concurrent_subscribers_run_in_parallel_and_may_block_but_not_modify() {
         "a concurrent subscriber modified the payload"
     );
 
-    host.register_hook(
-        HookPoint::TaskReceived,
-        "c",
-        3,
-        HookMode::Concurrent,
-        |_| HookResult::block("no", "nope"),
-    );
+    host.register_hook(hooks::TASK_RECEIVED, "c", 3, HookMode::Concurrent, |_| {
+        HookResult::block("no", "nope")
+    });
     assert_eq!(
-        host.fire(HookPoint::TaskReceived, task)
+        host.fire(hooks::TASK_RECEIVED, task)
             .unwrap_err()
             .subscriber,
         "c"
@@ -329,21 +326,17 @@ fn audit_subscribers_cannot_block_or_modify() {
         "hooks": {"task.received": {"mode": "audit"}}
     }}));
     let host = host_with(&dir, &["fixture"]);
-    host.register_hook(
-        HookPoint::TaskReceived,
-        "auditor",
-        0,
-        HookMode::Audit,
-        |_| HookResult::modify([("input", json!("x"))]),
-    );
-    assert_eq!(host.fire(HookPoint::TaskReceived, task), Ok(Some(task())));
+    host.register_hook(hooks::TASK_RECEIVED, "auditor", 0, HookMode::Audit, |_| {
+        HookResult::modify([("input", json!("x"))])
+    });
+    assert_eq!(host.fire(hooks::TASK_RECEIVED, task), Ok(Some(task())));
 }
 
 #[test]
 fn fire_and_forget_never_waits_and_overflow_is_counted() {
     let dir = PluginDir::new();
     dir.add("echo", "libecho.so");
-    let host = PluginHost::builder(dir.path())
+    let host = worker::hooks::host_builder(dir.path())
         .with_shadow_dir(dir.shadow())
         .with_fire_and_forget_capacity(1)
         .build()
@@ -354,7 +347,7 @@ fn fire_and_forget_never_waits_and_overflow_is_counted() {
     let (ran, ran_rx) = mpsc::channel::<u64>();
     let ran = Mutex::new(ran);
     host.register_hook(
-        HookPoint::TaskScored,
+        hooks::TASK_SCORED,
         "slow",
         0,
         HookMode::FireAndForget,
@@ -370,7 +363,7 @@ fn fire_and_forget_never_waits_and_overflow_is_counted() {
     );
     for n in 0..6 {
         // Returns at once although the subscriber is stuck: it runs in the background.
-        assert!(host.fire(HookPoint::TaskScored, || json!({"n": n})).is_ok());
+        assert!(host.fire(hooks::TASK_SCORED, || json!({"n": n})).is_ok());
     }
     // One event runs (stuck), one waits in the queue of capacity 1, the rest were dropped.
     assert!(
@@ -391,18 +384,18 @@ fn subscriptions_follow_a_reloaded_plugin() {
     dir.configure(&json!({"fixture": {"config": {"label": "one", "on": {"task.received": {"modify": {"meta": "$label"}}}}}}));
     let host = host_with(&dir, &["fixture"]);
     assert_eq!(
-        host.fire(HookPoint::TaskReceived, task).unwrap().unwrap()["meta"],
+        host.fire(hooks::TASK_RECEIVED, task).unwrap().unwrap()["meta"],
         "one"
     );
     dir.configure(&json!({"fixture": {"config": {"label": "two", "on": {"task.received": {"modify": {"meta": "$label"}}}}}}));
     host.reload_config().unwrap();
     assert_eq!(
-        host.fire(HookPoint::TaskReceived, task).unwrap().unwrap()["meta"],
+        host.fire(hooks::TASK_RECEIVED, task).unwrap().unwrap()["meta"],
         "two"
     );
     host.unload("fixture").unwrap();
     assert_eq!(
-        host.fire(HookPoint::TaskReceived, task),
+        host.fire(hooks::TASK_RECEIVED, task),
         Ok(None),
         "an unloaded plugin still subscribed"
     );
@@ -417,7 +410,7 @@ fn session_hooks_go_away_with_the_session() {
         let session = host.hook_session();
         let c = Arc::clone(&calls);
         session.register(
-            HookPoint::TaskScored,
+            hooks::TASK_SCORED,
             "session-hook",
             0,
             HookMode::Sequential,
@@ -426,11 +419,11 @@ fn session_hooks_go_away_with_the_session() {
                 HookResult::Continue
             },
         );
-        host.fire(HookPoint::TaskScored, || json!({})).unwrap();
-        assert!(host.has_subscribers(HookPoint::TaskScored));
+        host.fire(hooks::TASK_SCORED, || json!({})).unwrap();
+        assert!(host.has_subscribers(hooks::TASK_SCORED));
     }
-    assert!(!host.has_subscribers(HookPoint::TaskScored));
-    assert_eq!(host.fire(HookPoint::TaskScored, || json!({})), Ok(None));
+    assert!(!host.has_subscribers(hooks::TASK_SCORED));
+    assert_eq!(host.fire(hooks::TASK_SCORED, || json!({})), Ok(None));
     assert_eq!(*calls.lock().unwrap(), 1);
 }
 

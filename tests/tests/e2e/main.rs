@@ -21,3 +21,4 @@ mod refusals;
 mod serve;
 mod tuning;
 mod watch;
+mod worker_lifecycle;

@@ -5,7 +5,8 @@ use std::io::Cursor;
 
 use serde_json::{Value, json};
 use tests::PluginDir;
-use worker::pipeline::{Pipeline, Summary, example_tasks};
+use worker::Worker;
+use worker::pipeline::{DEFAULT_MAX_LINE_BYTES, Summary, example_tasks};
 
 /// Runs `tasks` through the pipeline of `host`; returns the output records and the summary.
 pub(crate) fn run(host: &plugin_host::PluginHost, tasks: &[Value]) -> (Vec<Value>, Summary) {
@@ -15,9 +16,17 @@ pub(crate) fn run(host: &plugin_host::PluginHost, tasks: &[Value]) -> (Vec<Value
 
 pub(crate) fn run_text(host: &plugin_host::PluginHost, input: &str) -> (Vec<Value>, Summary) {
     let mut out = Vec::new();
-    let summary = Pipeline::new(host.clone())
-        .run_job(Cursor::new(input.to_owned()), &mut out, |_| {})
+    // The worker's job: worker.start, the tasks, worker.stop.
+    let worker = Worker::start(host.clone());
+    let summary = worker
+        .run_tasks(
+            Cursor::new(input.to_owned()),
+            &mut out,
+            DEFAULT_MAX_LINE_BYTES,
+            |_| {},
+        )
         .unwrap();
+    worker.stop("tasks done");
     let records = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -141,11 +150,11 @@ fn every_documented_hook_point_fires() {
         .iter()
         .map(|e| e["hook"].as_str().unwrap())
         .collect();
-    for point in plugin_host::HookPoint::ALL {
+    for point in host.hook_points() {
         assert!(
-            fired.contains(&point.name()),
+            fired.contains(&point.name),
             "{} never fired; fired: {fired:?}",
-            point.name()
+            point.name
         );
     }
     let step = seen

@@ -30,6 +30,7 @@ pub struct PluginHostBuilder {
     pub(super) call_timing: bool,
     pub(super) state_dir: Option<PathBuf>,
     pub(super) fire_and_forget_capacity: usize,
+    pub(super) hook_points: &'static [HookSpec],
     pub(super) file_policy: loader::FilePolicy,
 }
 
@@ -67,6 +68,14 @@ impl PluginHostBuilder {
     /// worker.
     pub fn with_insecure_permissions(mut self, allowed: bool) -> Self {
         self.file_policy.insecure_permissions = allowed;
+        self
+    }
+
+    /// Declares the embedder's hook points, in the order `worker hooks`-style listings show
+    /// them; the runtime adds its own (`plugin.loaded`, `plugin.unloaded`) after them. Fire
+    /// them with the handles [`HookPoint::declared`] makes from this same list.
+    pub fn with_hook_points(mut self, points: &'static [HookSpec]) -> Self {
+        self.hook_points = points;
         self
     }
 
@@ -110,8 +119,26 @@ impl PluginHostBuilder {
     ///
     /// # Errors
     ///
-    /// The configuration file is invalid, or the shadow directory cannot be created.
+    /// The configuration file is invalid, the shadow directory cannot be created, or a hook
+    /// point is declared twice.
     pub fn build(self) -> anyhow::Result<PluginHost> {
+        let mut points: Vec<&'static HookSpec> = HookPoint::BUILT_IN.iter().collect();
+        for spec in self.hook_points {
+            if points.iter().any(|p| p.name == spec.name) {
+                anyhow::bail!(
+                    "the hook point `{}` is declared twice; each name may be declared once",
+                    spec.name
+                );
+            }
+            points.push(spec);
+        }
+        if points.len() > usize::from(u16::MAX) {
+            anyhow::bail!(
+                "{} hook points declared; the limit is {}",
+                points.len(),
+                u16::MAX
+            );
+        }
         let config_file = self
             .config_file
             .unwrap_or_else(|| self.plugins_dir.join(CONFIG_FILE_NAME));
@@ -146,6 +173,7 @@ impl PluginHostBuilder {
                 names: AtomicU64::new(0),
                 host_hooks: Mutex::new(BTreeMap::new()),
                 next_hook_id: AtomicU64::new(1),
+                points: points.into(),
                 fire_queue: FireQueue::start(self.fire_and_forget_capacity)?,
                 clock: self.call_timing.then(clock),
                 refused: Mutex::new(Vec::new()),
@@ -289,6 +317,7 @@ impl PluginHost {
             call_timing: true,
             state_dir: None,
             fire_and_forget_capacity: 1024,
+            hook_points: &[],
             file_policy: loader::FilePolicy::default(),
         }
     }

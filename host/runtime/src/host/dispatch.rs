@@ -23,18 +23,42 @@ pub(super) struct Subscriber {
     pub(super) target: Target,
 }
 
-/// The subscribers of every hook point, in execution order.
+/// A hook point being dispatched: its handle and its declaration.
+#[derive(Clone, Copy)]
+pub(super) struct At {
+    pub(super) point: HookPoint,
+    pub(super) spec: &'static HookSpec,
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.spec.name)
+    }
+}
+
+/// The subscribers of one hook point, in execution order.
+#[derive(Clone)]
+pub(super) struct PointTable {
+    pub(super) spec: &'static HookSpec,
+    pub(super) subscribers: Arc<[Subscriber]>,
+    /// Where each mode's subscribers start in `subscribers` (sequential, concurrent, audit,
+    /// fire-and-forget), then the end.
+    pub(super) phases: [usize; 5],
+}
+
+/// The subscribers of every hook point of the host, indexed by [`HookPoint`].
 #[derive(Clone, Default)]
 pub(super) struct HookTable {
-    pub(super) points: [Arc<[Subscriber]>; HookPoint::ALL.len()],
-    /// Per point, where each mode's subscribers start in `points` (sequential, concurrent,
-    /// audit, fire-and-forget), then the end.
-    pub(super) phases: [[usize; 5]; HookPoint::ALL.len()],
+    pub(super) points: Box<[PointTable]>,
 }
 
 impl std::fmt::Debug for HookTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let counts: Vec<usize> = self.points.iter().map(|p| p.len()).collect();
+        let counts: Vec<(&str, usize)> = self
+            .points
+            .iter()
+            .map(|p| (p.spec.name, p.subscribers.len()))
+            .collect();
         f.debug_struct("HookTable")
             .field("subscribers", &counts)
             .finish()
@@ -47,12 +71,13 @@ impl HookTable {
         host_hooks: &BTreeMap<u64, HostHook>,
         host: &PluginHost,
     ) -> Self {
+        let specs = &host.inner.points;
         let config: Arc<PluginsConfig> = host.inner.config.load_full();
-        let mut points: Vec<Vec<Subscriber>> = vec![Vec::new(); HookPoint::ALL.len()];
+        let mut points: Vec<Vec<Subscriber>> = vec![Vec::new(); specs.len()];
         for (name, slot) in plugins {
             let settings = host.settings_in(&config, name);
             for subscription in &slot.generation.manifest.hooks {
-                let Some(point) = HookPoint::from_name(&subscription.hook) else {
+                let Some(point) = host.hook_point(&subscription.hook) else {
                     continue;
                 };
                 let declared = (subscription.priority, subscription.mode);
@@ -73,26 +98,36 @@ impl HookTable {
             }
         }
         for hook in host_hooks.values() {
-            points[hook.point.index()].push(Subscriber {
-                name: Arc::clone(&hook.name),
-                priority: hook.priority,
-                mode: hook.mode,
-                target: Target::Host(Arc::clone(&hook.f)),
-            });
-        }
-        let mut table = HookTable::default();
-        for (i, mut subscribers) in points.into_iter().enumerate() {
-            subscribers.sort_by(|a, b| {
-                (phase(a.mode), a.priority, &a.name).cmp(&(phase(b.mode), b.priority, &b.name))
-            });
-            let mut bounds = [0; 5];
-            for (phase_index, bound) in bounds.iter_mut().enumerate() {
-                *bound = subscribers.partition_point(|s| usize::from(phase(s.mode)) < phase_index);
+            // A handle this host does not have was refused at registration.
+            if let Some(subscribers) = points.get_mut(hook.point.index()) {
+                subscribers.push(Subscriber {
+                    name: Arc::clone(&hook.name),
+                    priority: hook.priority,
+                    mode: hook.mode,
+                    target: Target::Host(Arc::clone(&hook.f)),
+                });
             }
-            table.phases[i] = bounds;
-            table.points[i] = subscribers.into();
         }
-        table
+        let points = points
+            .into_iter()
+            .zip(specs.iter())
+            .map(|(mut subscribers, spec)| {
+                subscribers.sort_by(|a, b| {
+                    (phase(a.mode), a.priority, &a.name).cmp(&(phase(b.mode), b.priority, &b.name))
+                });
+                let mut phases = [0; 5];
+                for (phase_index, bound) in phases.iter_mut().enumerate() {
+                    *bound =
+                        subscribers.partition_point(|s| usize::from(phase(s.mode)) < phase_index);
+                }
+                PointTable {
+                    spec,
+                    subscribers: subscribers.into(),
+                    phases,
+                }
+            })
+            .collect();
+        HookTable { points }
     }
 }
 
@@ -167,7 +202,7 @@ impl Payload<'_> {
     }
 
     /// Applies a modification within the write policy; the value is the payload from then on.
-    fn modify(&mut self, point: HookPoint, subscriber: &str, fields: Map<String, Value>) {
+    fn modify(&mut self, point: At, subscriber: &str, fields: Map<String, Value>) {
         if apply_patch(point, subscriber, self.value(), fields) {
             self.text = None;
             self.source = None;
@@ -216,7 +251,7 @@ impl<'c> Timer<'c> {
 /// plugins).
 pub(super) fn run_subscriber(
     subscriber: &Subscriber,
-    point: HookPoint,
+    point: At,
     value: Option<&Value>,
     text: Option<&str>,
     timer: &mut Timer<'_>,
@@ -227,7 +262,7 @@ pub(super) fn run_subscriber(
             let started = timer.start();
             let result = generation
                 .library
-                .on_hook(point.name(), text, |answer| match answer {
+                .on_hook(point.spec.name, text, |answer| match answer {
                     Ok(json) => parse_answer(json).map_err(PluginError::failed),
                     Err(PluginFailure::Reported(kind, message)) => Err(PluginError {
                         kind,
@@ -269,7 +304,13 @@ pub(super) fn run_subscriber(
         Target::Host(f) => {
             timer.interrupt();
             let payload = value.unwrap_or(&Value::Null);
-            match catch_unwind(AssertUnwindSafe(|| f(&HookEvent { point, payload }))) {
+            match catch_unwind(AssertUnwindSafe(|| {
+                f(&HookEvent {
+                    point: point.point,
+                    name: point.spec.name,
+                    payload,
+                })
+            })) {
                 Ok(answer) => Some(answer),
                 Err(_) => {
                     tracing::warn!(subscriber = %subscriber.name, hook = %point, "host hook panicked; skipped, the chain goes on");
@@ -283,7 +324,7 @@ pub(super) fn run_subscriber(
 /// Runs a subscriber on this thread, making the form of the payload it takes first.
 pub(super) fn run_in_turn(
     subscriber: &Subscriber,
-    point: HookPoint,
+    point: At,
     payload: &mut Payload<'_>,
     timer: &mut Timer<'_>,
 ) -> Option<HookResult> {
@@ -302,12 +343,12 @@ pub(super) fn run_in_turn(
 /// Applies a modification within the hook point's write policy; returns whether anything
 /// changed. Fields outside the policy are refused, each with a warning.
 pub(super) fn apply_patch(
-    point: HookPoint,
+    point: At,
     subscriber: &str,
     payload: &mut Value,
     fields: Map<String, Value>,
 ) -> bool {
-    let writable = point.writable();
+    let writable = point.spec.writable;
     let Some(object) = payload.as_object_mut() else {
         return false;
     };
@@ -345,15 +386,22 @@ impl PluginHost {
         payload: impl FnOnce() -> Value,
     ) -> Result<Option<Value>, Violation> {
         let registry = self.inner.registry.load();
-        if registry.hooks.points[point.index()].is_empty() {
+        let Some(table) = registry.hooks.points.get(point.index()) else {
+            return Ok(None);
+        };
+        if table.subscribers.is_empty() {
             return Ok(None);
         }
+        let at = At {
+            point,
+            spec: table.spec,
+        };
         let mut payload = Payload {
             value: Some(payload()),
             text: None,
             source: None,
         };
-        self.dispatch_hook(&registry, point, &mut payload, true)?;
+        self.dispatch_hook(table, at, &mut payload, true)?;
         Ok(payload.value)
     }
 
@@ -372,30 +420,37 @@ impl PluginHost {
         payload: impl FnOnce() -> P,
     ) -> Result<(), Violation> {
         let registry = self.inner.registry.load();
-        if registry.hooks.points[point.index()].is_empty() {
+        let Some(table) = registry.hooks.points.get(point.index()) else {
+            return Ok(());
+        };
+        if table.subscribers.is_empty() {
             return Ok(());
         }
+        let at = At {
+            point,
+            spec: table.spec,
+        };
         let source = payload();
         let mut payload = Payload {
             value: None,
             text: None,
             source: Some(&source),
         };
-        self.dispatch_hook(&registry, point, &mut payload, false)
+        self.dispatch_hook(table, at, &mut payload, false)
     }
 
     /// The phases of a dispatch; `take_changes` says whether sequential subscribers may modify.
     pub(super) fn dispatch_hook(
         &self,
-        registry: &Registry,
-        point: HookPoint,
+        table: &PointTable,
+        point: At,
         payload: &mut Payload<'_>,
         take_changes: bool,
     ) -> Result<(), Violation> {
-        let subscribers = &registry.hooks.points[point.index()];
+        let subscribers = &table.subscribers;
         let clock = self.inner.clock.as_ref();
         // The table is sorted by mode first, so each mode's subscribers are one slice.
-        let [seq, conc, aud, det, end] = registry.hooks.phases[point.index()];
+        let [seq, conc, aud, det, end] = table.phases;
         let (sequential, concurrent, audit, detached) = (
             &subscribers[seq..conc],
             &subscribers[conc..aud],
@@ -508,18 +563,24 @@ impl PluginHost {
 
     /// Whether anyone subscribes to `point`.
     pub fn has_subscribers(&self, point: HookPoint) -> bool {
-        !self.inner.registry.load().hooks.points[point.index()].is_empty()
+        self.inner
+            .registry
+            .load()
+            .hooks
+            .points
+            .get(point.index())
+            .is_some_and(|table| !table.subscribers.is_empty())
     }
 
     pub(super) fn blocked(
         &self,
-        point: HookPoint,
+        point: At,
         subscriber: &Subscriber,
         reason: String,
         code: String,
     ) -> Violation {
         let violation = Violation {
-            hook: point.name().to_owned(),
+            hook: point.spec.name.to_owned(),
             subscriber: subscriber.name.to_string(),
             reason,
             code,
@@ -528,28 +589,54 @@ impl PluginHost {
         violation
     }
 
-    /// Every hook point with its subscribers in execution order.
+    /// Every hook point with its subscribers in execution order: the embedder's points in the
+    /// order it declared them, then the runtime's own.
     pub fn hook_points(&self) -> Vec<HookPointInfo> {
         let registry = self.inner.registry.load();
-        HookPoint::ALL
-            .into_iter()
-            .map(|point| HookPointInfo {
-                name: point.name(),
-                description: point.description(),
-                writable: point.writable(),
-                subscribers: registry.hooks.points[point.index()]
-                    .iter()
-                    .map(|s| SubscriberInfo {
-                        name: s.name.to_string(),
-                        kind: match s.target {
-                            Target::Plugin { .. } => "plugin",
-                            Target::Host(_) => "host",
-                        },
-                        priority: s.priority,
-                        mode: s.mode,
-                    })
-                    .collect(),
+        let builtin = HookPoint::BUILT_IN.len();
+        let specs = &self.inner.points;
+        let order = (builtin..specs.len()).chain(0..builtin.min(specs.len()));
+        order
+            .map(|index| {
+                let spec = specs[index];
+                let subscribers = registry
+                    .hooks
+                    .points
+                    .get(index)
+                    .map_or(&[][..], |table| &table.subscribers[..]);
+                HookPointInfo {
+                    name: spec.name,
+                    description: spec.description,
+                    payload: spec.payload,
+                    writable: spec.writable,
+                    subscribers: subscribers
+                        .iter()
+                        .map(|s| SubscriberInfo {
+                            name: s.name.to_string(),
+                            kind: match s.target {
+                                Target::Plugin { .. } => "plugin",
+                                Target::Host(_) => "host",
+                            },
+                            priority: s.priority,
+                            mode: s.mode,
+                        })
+                        .collect(),
+                }
             })
             .collect()
+    }
+
+    /// The handle of the hook point named `name`, if this host has one.
+    pub fn hook_point(&self, name: &str) -> Option<HookPoint> {
+        self.inner
+            .points
+            .iter()
+            .position(|spec| spec.name == name)
+            .map(HookPoint::from_index)
+    }
+
+    /// The declaration of a hook point of this host.
+    pub fn hook_spec(&self, point: HookPoint) -> Option<&'static HookSpec> {
+        self.inner.points.get(point.index()).copied()
     }
 }

@@ -30,8 +30,8 @@ impl std::fmt::Debug for HostHook {
 ///
 /// let host = PluginHost::builder("plugins").build()?;
 /// let session = host.hook_session();
-/// session.register(HookPoint::TaskScored, "print-scores", 0, HookMode::Audit, |event| {
-///     println!("scored: {}", event.payload["score"]);
+/// session.register(HookPoint::PLUGIN_LOADED, "print-loads", 0, HookMode::Audit, |event| {
+///     println!("loaded: {}", event.payload["plugin"]);
 ///     HookResult::Continue
 /// });
 /// // ... run tasks ...
@@ -82,6 +82,13 @@ impl PluginHost {
         mode: HookMode,
         f: impl Fn(&HookEvent<'_>) -> HookResult + Send + Sync + 'static,
     ) -> u64 {
+        if self.hook_spec(point).is_none() {
+            tracing::warn!(
+                name,
+                point = point.index(),
+                "a host hook registered for a hook point this host does not have; it will never run (build the host with the hook points its handles come from)"
+            );
+        }
         let _admin = self.admin();
         let id = self.inner.next_hook_id.fetch_add(1, Ordering::Relaxed);
         self.inner

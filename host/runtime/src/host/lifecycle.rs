@@ -143,7 +143,7 @@ impl PluginHost {
             }
         }
         for plugin in &loaded {
-            self.fire_lifecycle(HookPoint::PluginLoaded, plugin);
+            self.fire_lifecycle(HookPoint::PLUGIN_LOADED, plugin);
         }
         Ok(report)
     }
@@ -164,7 +164,7 @@ impl PluginHost {
             result
         };
         if let Ok(plugin) = &result {
-            self.fire_lifecycle(HookPoint::PluginLoaded, plugin);
+            self.fire_lifecycle(HookPoint::PLUGIN_LOADED, plugin);
         }
         result
     }
@@ -181,7 +181,8 @@ impl PluginHost {
             })
         });
         if let Err(violation) = fired {
-            tracing::warn!(%violation, "{point} cannot be blocked; ignored");
+            let hook = HookPoint::BUILT_IN[point.index()].name;
+            tracing::warn!(%violation, "{hook} cannot be blocked; ignored");
         }
     }
 
@@ -275,8 +276,8 @@ impl PluginHost {
         validate_name(&manifest.name)?;
         let name = manifest.name.clone();
         for subscription in &manifest.hooks {
-            if HookPoint::from_name(&subscription.hook).is_none() {
-                let known: Vec<&str> = HookPoint::ALL.iter().map(|p| p.name()).collect();
+            if self.hook_point(&subscription.hook).is_none() {
+                let known: Vec<&str> = self.inner.points.iter().map(|p| p.name).collect();
                 tracing::warn!(
                     plugin = %name,
                     hook = %subscription.hook,
@@ -414,7 +415,7 @@ impl PluginHost {
             self.retire(plugin, slot);
             info
         };
-        self.fire_lifecycle(HookPoint::PluginUnloaded, &info);
+        self.fire_lifecycle(HookPoint::PLUGIN_UNLOADED, &info);
         Ok(())
     }
 
@@ -428,7 +429,7 @@ impl PluginHost {
     /// The plugin is not loaded, or the new file is refused; the old generation keeps serving.
     pub fn reload(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
         let reloaded = self.reload_locked(plugin)?;
-        self.fire_lifecycle(HookPoint::PluginLoaded, &reloaded);
+        self.fire_lifecycle(HookPoint::PLUGIN_LOADED, &reloaded);
         Ok(reloaded)
     }
 
@@ -451,8 +452,13 @@ impl PluginHost {
                     old.number
                 )
             });
-        self.note_result(&old.file, result.as_ref().err());
-        let new = Arc::new(result?);
+        let new = match result {
+            Ok(generation) => Arc::new(generation),
+            Err(e) => {
+                self.note_result(&old.file, Some(&e));
+                return Err(e);
+            }
+        };
         carry_state(plugin, &old, &new);
         let registry = self.inner.registry.load();
         let mut next = registry.plugins.clone();
@@ -463,6 +469,8 @@ impl PluginHost {
         let slot = slot.clone();
         self.publish(next);
         drop(registry);
+        // Cleared once the new generation serves: whoever sees the refusal gone sees it.
+        self.note_result(&old.file, None);
         tracing::info!(
             plugin,
             from_generation = old.number,

@@ -5,7 +5,7 @@ use super::*;
 /// A queued fire-and-forget event: the payload as a value for a host hook, as text for a plugin.
 pub(super) struct Job {
     pub(super) subscriber: Subscriber,
-    pub(super) point: HookPoint,
+    pub(super) point: At,
     pub(super) value: Option<Arc<Value>>,
     pub(super) text: Option<Arc<str>>,
 }

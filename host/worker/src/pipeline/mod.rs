@@ -36,7 +36,9 @@ use serde_json::{Value, json};
 pub use example::generate as example_tasks;
 pub use summary::Summary;
 
-use plugin_host::{HookPoint, PluginCallError, PluginHost};
+use plugin_host::{PluginCallError, PluginHost};
+
+use crate::hooks;
 
 /// One task.
 #[derive(Debug, Clone, Deserialize)]
@@ -259,8 +261,14 @@ fn truncate_words(text: &str, max: usize) -> String {
 }
 
 impl Pipeline {
-    /// A pipeline calling the plugins of `host`.
+    /// A pipeline calling the plugins of `host`, which is built with the worker's hook points
+    /// ([`hooks::host_builder`]); on a host without them, the task hooks never fire (logged).
     pub fn new(host: PluginHost) -> Self {
+        if !hooks::has_worker_points(&host) {
+            tracing::warn!(
+                "the host was built without the worker's hook points; the task hooks will not fire (build it with worker::hooks::host_builder)"
+            );
+        }
         Self {
             host,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
@@ -283,7 +291,7 @@ impl Pipeline {
 
     fn failure(&self, task: &Task, error: String, blocked_by: Option<String>) -> TaskError {
         let fired = self.host.fire(
-            HookPoint::TaskError,
+            hooks::TASK_ERROR,
             || json!({"id": task.id, "type": task.task_type, "error": error}),
         );
         if let Err(v) = fired {
@@ -309,7 +317,7 @@ impl Pipeline {
         let mut calls = PluginCalls::default();
         let mut task = task;
 
-        match host.fire(HookPoint::TaskReceived, || {
+        match host.fire(hooks::TASK_RECEIVED, || {
             json!({"id": task.id, "type": task.task_type, "input": task.input, "meta": task.meta})
         }) {
             Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber))),
@@ -435,7 +443,7 @@ impl Pipeline {
         };
         let mut variant = variant;
 
-        match host.fire(HookPoint::TaskBeforeHandle, || {
+        match host.fire(hooks::TASK_BEFORE_HANDLE, || {
             json!({
                 "id": task.id, "type": task.task_type, "handler": handler, "variant": variant,
                 "experiment": experiment, "input": task.input, "meta": task.meta,
@@ -474,7 +482,7 @@ impl Pipeline {
             let mut after_step = |step: usize,
                                   messages: Vec<Value>|
              -> Result<Vec<Value>, String> {
-                let fired = host.fire(HookPoint::TaskAfterStep, || {
+                let fired = host.fire(hooks::TASK_AFTER_STEP, || {
                     json!({"id": task.id, "type": task.task_type, "handler": handler, "step": step, "messages": messages})
                 });
                 match fired {
@@ -500,7 +508,7 @@ impl Pipeline {
             Err(error) => return Err(self.failure(&task, error, None)),
         };
 
-        match host.fire(HookPoint::TaskAfterHandle, || {
+        match host.fire(hooks::TASK_AFTER_HANDLE, || {
             json!({
                 "id": task.id, "type": task.task_type, "handler": handler, "variant": variant,
                 "output": output, "latency_ms": latency_ms,
@@ -521,7 +529,7 @@ impl Pipeline {
         let score = task.reference.as_deref().map(|r| score(&output, r));
         if let Some(score) = score {
             // Nobody reads this payload back: written straight to JSON for the plugins.
-            let fired = host.notify(HookPoint::TaskScored, || ScoredEvent {
+            let fired = host.notify(hooks::TASK_SCORED, || ScoredEvent {
                 id: &task.id,
                 task_type: &task.task_type,
                 handler: &handler,
@@ -568,34 +576,6 @@ impl Pipeline {
                 blocked_by: None,
             }),
         }
-    }
-
-    /// The worker's job: fires `worker.start`, runs the tasks like
-    /// [`run_stream`](Self::run_stream), then fires `worker.stop`.
-    ///
-    /// # Errors
-    ///
-    /// As [`run_stream`](Self::run_stream).
-    pub fn run_job(
-        &self,
-        input: impl BufRead,
-        out: &mut dyn Write,
-        progress: impl FnMut(u64),
-    ) -> anyhow::Result<Summary> {
-        let host = &self.host;
-        let fired = host.fire(
-            HookPoint::WorkerStart,
-            || json!({"plugins": host.plugins().into_iter().map(|p| p.name).collect::<Vec<_>>()}),
-        );
-        if let Err(v) = fired {
-            tracing::warn!(violation = %v, "worker.start cannot be blocked; ignored");
-        }
-        let summary = self.run_stream(input, out, progress);
-        let fired = host.fire(HookPoint::WorkerStop, || json!({"reason": "tasks done"}));
-        if let Err(v) = fired {
-            tracing::warn!(violation = %v, "worker.stop cannot be blocked; ignored");
-        }
-        summary
     }
 
     /// Runs JSON-lines tasks from `input`, writing one JSON line per task to `out` (a result or
