@@ -611,6 +611,10 @@ fn a_modification_outside_the_writable_fields_is_refused_with_a_warning() {
         "hook=task.received",
         "field=id",
     ] {
-        assert!(refusals[0].contains(field), "{field} missing: {}", refusals[0]);
+        assert!(
+            refusals[0].contains(field),
+            "{field} missing: {}",
+            refusals[0]
+        );
     }
 }
