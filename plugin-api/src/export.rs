@@ -100,8 +100,9 @@ pub const fn header<P: Plugin>(panic_unwind: bool) -> PluginHeader {
 
 static QUIET_PANICS: Once = Once::new();
 
-/// Set once a [`Harness`](crate::Harness) exists: the plugin runs inside the caller's own process (a test),
-/// whose panics outside plugin calls must still reach the hook that was there before.
+/// Set once a [`Harness`](crate::Harness) exists: the plugin runs inside the caller's own
+/// process (a test), whose panics outside plugin calls must still reach the hook that was there
+/// before.
 pub(crate) static IN_PROCESS: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
@@ -243,7 +244,7 @@ extern "C" fn destroy<P: Plugin>(handle: InstanceHandle) {
     }
 }
 
-// Also what `Harness::call` runs, so it stays in use in the incompatible test table too (and
+// Also what `Harness::call_text` runs, so it stays in use in the incompatible test table too (and
 // likewise the state and hook shims in the version 1 table).
 pub(crate) extern "C" fn execute<P: Plugin>(
     handle: InstanceHandle,
