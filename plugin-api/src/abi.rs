@@ -63,9 +63,7 @@ pub struct PluginHeader {
     pub table: *const c_void,
 }
 
-// SAFETY: every field is immutable `'static` data: `table` points to a `static`-promoted
-// constant that nothing ever writes through, so sharing the header between threads is sound.
-unsafe impl Sync for PluginHeader {}
+// `PluginHeader` is `Sync` (it is exported as a `static`): see the crate's `export` module.
 
 /// An opaque pointer to a plugin instance, made by `create` and released by `destroy`.
 #[repr(transparent)]

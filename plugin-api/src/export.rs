@@ -1,10 +1,12 @@
 //! The shims [`export_plugin!`](crate::export_plugin) exports: every function the host can call,
 //! each catching panics so that none unwinds into the host (which would abort the process).
+//!
+//! All of this crate's `unsafe` is here: turning an [`InstanceHandle`] back into the instance
+//! it points to, and the `Send`/`Sync` promises of the types that hold raw pointers.
 
 use std::any::Any;
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::fmt;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
@@ -14,22 +16,53 @@ use abi_stable::StableAbi;
 use abi_stable::library::AbiHeader;
 use abi_stable::prefix_type::WithMetadata;
 use abi_stable::std_types::{RErr, RNone, ROk, ROption, RResult, RSome, RStr, RString};
+use serde::Serialize;
 
 use crate::abi::{
     CallError, ErrorKind, HEADER_VERSION, HostApiRef, HostContext, InstanceHandle, JsonResult,
     MAGIC, PluginHeader, PluginTable, PluginTableRef,
 };
-use crate::{Hooks, Manifest, Methods, Plugin, PluginError, TABLE_VERSION, Value};
+use crate::log::HostLink;
+use crate::{Hooks, Manifest, Methods, Plugin, PluginError, TABLE_VERSION, typed};
+
+// SAFETY: every field is immutable `'static` data: `table` points to a `static`-promoted
+// constant that nothing ever writes through, so sharing the header between threads is sound.
+unsafe impl Sync for PluginHeader {}
+
+// SAFETY: a `HostLink`'s `context` is an opaque pointer that the plugin never dereferences; it
+// only hands it back to the host's functions, which the host guarantees may be called from any
+// thread for as long as the plugin is loaded. `api` points to the host's immutable table.
+unsafe impl Send for HostLink {}
+// SAFETY: as for `Send`: nothing behind a `HostLink` is ever mutated or dereferenced here.
+unsafe impl Sync for HostLink {}
 
 /// What an [`InstanceHandle`] points to.
-struct Instance<P> {
-    plugin: P,
+pub(crate) struct Instance<P> {
+    pub(crate) plugin: P,
     methods: Methods<P>,
-    #[cfg_attr(
-        feature = "__fixture_table_v1",
-        expect(dead_code, reason = "the version 1 table has no hook entry point")
-    )]
     hooks: Hooks<P>,
+}
+
+impl<P: Plugin> Instance<P> {
+    /// The plugin made from its configuration's JSON text (empty for none), with its methods
+    /// and hooks registered: all that the `create` shim does besides installing the log bridge.
+    pub(crate) fn create(config: &str) -> Result<Self, PluginError> {
+        let plugin = P::create(typed::config(config)?)?;
+        let mut methods = Methods::new();
+        P::methods(&mut methods);
+        let mut hooks = Hooks::new();
+        P::hooks(&mut hooks);
+        Ok(Instance {
+            plugin,
+            methods,
+            hooks,
+        })
+    }
+
+    /// A handle to this instance, for the shims. Valid as long as `self` is borrowed.
+    pub(crate) fn handle(&self) -> InstanceHandle {
+        InstanceHandle(std::ptr::from_ref(self).cast::<c_void>())
+    }
 }
 
 struct Exports<P>(PhantomData<P>);
@@ -67,9 +100,10 @@ pub const fn header<P: Plugin>(panic_unwind: bool) -> PluginHeader {
 
 static QUIET_PANICS: Once = Once::new();
 
-/// Set once a [`Harness`] exists: the plugin runs inside the caller's own process (a test),
-/// whose panics outside plugin calls must still reach the hook that was there before.
-static IN_PROCESS: AtomicBool = AtomicBool::new(false);
+/// Set once a [`Harness`](crate::Harness) exists: the plugin runs inside the caller's own
+/// process (a test), whose panics outside plugin calls must still reach the hook that was there
+/// before.
+pub(crate) static IN_PROCESS: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     /// How many shims this thread is inside.
@@ -80,7 +114,7 @@ thread_local! {
 /// has its own copy of `std`) with one that only reports the location through the log bridge:
 /// the default hook prints to stderr and, with `RUST_BACKTRACE=1`, maps this library for
 /// symbolization and never lets go of it, which would keep it from unloading.
-fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, CallError> {
+pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, CallError> {
     QUIET_PANICS.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
@@ -129,7 +163,7 @@ fn call_error(e: PluginError) -> CallError {
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -152,7 +186,7 @@ fn json_option(json: Option<String>) -> ROption<RString> {
 ///
 /// `handle` must point to an `Instance<P>` that outlives the returned reference: one made by
 /// `create::<P>` of this library and not yet passed to `destroy` (the host keeps it alive for
-/// the whole call), or one a [`Harness`] owns and lends for the call.
+/// the whole call), or one a [`Harness`](crate::Harness) owns and lends for the call.
 unsafe fn instance<'a, P>(handle: InstanceHandle) -> &'a Instance<P> {
     // SAFETY: per this function's contract the pointer is to a live `Instance<P>` (from
     // `Box::into_raw` in `create::<P>`, or borrowed from a `Harness`).
@@ -191,22 +225,7 @@ extern "C" fn create<P: Plugin>(
 ) -> RResult<InstanceHandle, CallError> {
     guard(|| {
         crate::log::install(host, context, max_log_level);
-        let config: Value = match config.as_str() {
-            "" => Value::Null,
-            text => serde_json::from_str(text).map_err(|e| {
-                PluginError::new(format!("the configuration is not valid JSON: {e}"))
-            })?,
-        };
-        let plugin = P::create(config)?;
-        let mut methods = Methods::new();
-        P::methods(&mut methods);
-        let mut hooks = Hooks::new();
-        P::hooks(&mut hooks);
-        let instance = Box::new(Instance {
-            plugin,
-            methods,
-            hooks,
-        });
+        let instance = Box::new(Instance::<P>::create(config.as_str())?);
         Ok(InstanceHandle(
             Box::into_raw(instance).cast::<c_void>().cast_const(),
         ))
@@ -225,8 +244,9 @@ extern "C" fn destroy<P: Plugin>(handle: InstanceHandle) {
     }
 }
 
-// Also what `Harness::call` runs, so it stays in use in the incompatible test table too.
-extern "C" fn execute<P: Plugin>(
+// Also what `Harness::call_text` runs, so it stays in use in the incompatible test table too (and
+// likewise the state and hook shims in the version 1 table).
+pub(crate) extern "C" fn execute<P: Plugin>(
     handle: InstanceHandle,
     method: RStr<'_>,
     params: RStr<'_>,
@@ -251,33 +271,30 @@ extern "C" fn execute_incompatible(_: InstanceHandle, _: RStr<'_>, _: u64) -> Js
     })
 }
 
-#[cfg(not(feature = "__fixture_table_v1"))]
-extern "C" fn save_state<P: Plugin>(handle: InstanceHandle) -> JsonResult {
+pub(crate) extern "C" fn save_state<P: Plugin>(handle: InstanceHandle) -> JsonResult {
     guard(|| {
         // SAFETY: as in `execute`.
         let instance = unsafe { instance::<P>(handle) };
-        let state = instance.plugin.save_state()?;
-        let json = state.map(|s| serde_json::to_string(&s)).transpose()?;
+        let json = match instance.plugin.save_state()? {
+            Some(state) => Some(to_json(&state, "the state to save")?),
+            None => None,
+        };
         Ok(json_option(json))
     })
 }
 
-#[cfg(not(feature = "__fixture_table_v1"))]
-extern "C" fn restore_state<P: Plugin>(
+pub(crate) extern "C" fn restore_state<P: Plugin>(
     handle: InstanceHandle,
     state: RStr<'_>,
 ) -> RResult<(), CallError> {
     guard(|| {
         // SAFETY: as in `execute`.
         let instance = unsafe { instance::<P>(handle) };
-        let state: Value = serde_json::from_str(state.as_str())
-            .map_err(|e| PluginError::new(format!("saved state is not valid JSON: {e}")))?;
-        instance.plugin.restore_state(state)
+        instance.plugin.restore_state(typed::state(state.as_str())?)
     })
 }
 
-#[cfg(not(feature = "__fixture_table_v1"))]
-extern "C" fn on_hook<P: Plugin>(
+pub(crate) extern "C" fn on_hook<P: Plugin>(
     handle: InstanceHandle,
     hook: RStr<'_>,
     payload: RStr<'_>,
@@ -292,128 +309,14 @@ extern "C" fn on_hook<P: Plugin>(
     })
 }
 
-/// A plugin instance driven in-process through the very entry points the host calls: the same
-/// panic-catching shims, method and hook lookup and JSON handling, without a library or a host.
-///
-/// For unit tests of a plugin (a panic comes back as an error of kind
-/// [`Panicked`](ErrorKind::Panicked), as the host would see it) and for benchmarks that need the
-/// plugin's own cost as a baseline. The plugin's `tracing` events go to the process's own
-/// subscriber, since no host bridge is installed. Plugin-to-plugin calls
-/// ([`call_plugin`](crate::call_plugin)) fail: there is no host to route them.
-///
-/// # Examples
-///
-/// ```
-/// use plugin_api::{Harness, Methods, Plugin, PluginError, PluginInfo, Value};
-///
-/// struct Doubler;
-///
-/// impl Plugin for Doubler {
-///     fn info() -> PluginInfo {
-///         PluginInfo::new("doubler", "0.1.0", "Doubles a number")
-///     }
-///     fn create(_config: Value) -> Result<Self, PluginError> {
-///         Ok(Doubler)
-///     }
-///     fn methods(methods: &mut Methods<Self>) {
-///         methods.method("double", "Doubles n", |_, n: f64| Ok(n * 2.0));
-///         methods.method("boom", "Panics", |_, _: Value| -> Result<(), PluginError> {
-///             panic!("boom")
-///         });
-///     }
-/// }
-///
-/// let doubler = Harness::<Doubler>::new(Value::Null)?;
-/// assert_eq!(doubler.call("double", "21")?.as_deref(), Some("42.0"));
-/// assert!(doubler.call("boom", "null").is_err());
-/// assert!(doubler.call("triple", "1").is_err());
-/// # Ok::<(), PluginError>(())
-/// ```
-pub struct Harness<P: Plugin> {
-    instance: Instance<P>,
+fn to_json(value: &impl Serialize, what: &str) -> Result<String, PluginError> {
+    serde_json::to_string(value).map_err(|e| PluginError::new(format!("{what} is not JSON: {e}")))
 }
 
-impl<P: Plugin> Harness<P> {
-    /// Creates the plugin with `config`, as the host's load would (without the log bridge).
-    ///
-    /// # Errors
-    ///
-    /// The plugin's `create` failed or panicked.
-    pub fn new(config: Value) -> Result<Self, PluginError> {
-        IN_PROCESS.store(true, Ordering::Relaxed);
-        let _inside = ShimDepth::enter();
-        let instance = catch_unwind(|| -> Result<Instance<P>, PluginError> {
-            let plugin = P::create(config)?;
-            let mut methods = Methods::new();
-            P::methods(&mut methods);
-            let mut hooks = Hooks::new();
-            P::hooks(&mut hooks);
-            Ok(Instance {
-                plugin,
-                methods,
-                hooks,
-            })
-        })
-        .map_err(|payload| PluginError {
-            kind: ErrorKind::Panicked,
-            message: panic_message(payload.as_ref()),
-        })??;
-        Ok(Self { instance })
-    }
-
-    /// The plugin itself.
-    pub fn plugin(&self) -> &P {
-        &self.instance.plugin
-    }
-
-    fn handle(&self) -> InstanceHandle {
-        // Valid while `&self` is borrowed, which spans each call that uses it.
-        InstanceHandle(std::ptr::from_ref(&self.instance).cast::<c_void>())
-    }
-
-    /// Calls `method` with params as JSON text (empty for none), through the entry point the
-    /// host calls; the answer is JSON text, `None` for no answer.
-    ///
-    /// # Errors
-    ///
-    /// What the host would see as a failed call: no such method, invalid params, an error, or
-    /// a panic (kind [`Panicked`](ErrorKind::Panicked)).
-    pub fn call(&self, method: &str, params: &str) -> Result<Option<String>, PluginError> {
-        owned(execute::<P>(
-            self.handle(),
-            RStr::from_str(method),
-            RStr::from_str(params),
-        ))
-    }
-
-    /// Runs the plugin's handler for `hook` with the payload as JSON text, through the entry
-    /// point the host calls. The answer is `None` for "continue", else JSON text of
-    /// `{"modify": {..}}` or `{"block": {"reason", "code"}}`.
-    ///
-    /// # Errors
-    ///
-    /// The plugin does not subscribe to `hook`, or its handler failed or panicked.
-    #[cfg(not(feature = "__fixture_table_v1"))]
-    pub fn hook(&self, hook: &str, payload: &str) -> Result<Option<String>, PluginError> {
-        owned(on_hook::<P>(
-            self.handle(),
-            RStr::from_str(hook),
-            RStr::from_str(payload),
-        ))
-    }
-}
-
-impl<P: Plugin + fmt::Debug> fmt::Debug for Harness<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Harness")
-            .field("plugin", &self.instance.plugin)
-            .finish_non_exhaustive()
-    }
-}
-
-fn owned(result: JsonResult) -> Result<Option<String>, PluginError> {
+/// The answer of a shim as std types.
+pub(crate) fn owned<T>(result: RResult<T, CallError>) -> Result<T, PluginError> {
     match result {
-        ROk(json) => Ok(json.into_option().map(RString::into_string)),
+        ROk(value) => Ok(value),
         RErr(e) => Err(PluginError {
             kind: e.kind,
             message: e.message.into_string(),

@@ -82,10 +82,6 @@ impl HookResult {
     }
 
     /// The JSON the host reads: `None` for continue.
-    #[cfg_attr(
-        feature = "__fixture_table_v1",
-        expect(dead_code, reason = "the version 1 table has no hook entry point")
-    )]
     pub(crate) fn to_json(&self) -> Option<String> {
         match self {
             HookResult::Continue => None,

@@ -4,13 +4,26 @@
 //! A complete plugin:
 //!
 //! ```
-//! use plugin_api::{Methods, Plugin, PluginError, PluginInfo, export_plugin};
+//! use plugin_api::{Methods, NoState, Plugin, PluginError, PluginInfo, export_plugin};
 //! use serde::{Deserialize, Serialize};
-//! use serde_json::Value;
 //!
-//! /// Greets people. Its configuration may set the greeting: `{"greeting": "Hi"}`.
+//! /// Greets people.
 //! pub struct Greeter {
 //!     greeting: String,
+//! }
+//!
+//! /// The configuration, e.g. `{"greeting": "Hi"}`. No configuration gives the default; a
+//! /// field of the wrong type refuses the load, naming the field (`greeting: invalid type: …`).
+//! #[derive(Deserialize)]
+//! #[serde(default, deny_unknown_fields)]
+//! pub struct Config {
+//!     greeting: String,
+//! }
+//!
+//! impl Default for Config {
+//!     fn default() -> Self {
+//!         Config { greeting: "Hello".to_owned() }
+//!     }
 //! }
 //!
 //! #[derive(Deserialize)]
@@ -24,21 +37,18 @@
 //! }
 //!
 //! impl Plugin for Greeter {
+//!     type Config = Config;
+//!     type State = NoState;
+//!
 //!     fn info() -> PluginInfo {
 //!         PluginInfo::new("greeter", env!("CARGO_PKG_VERSION"), "Greets people by name")
 //!     }
 //!
-//!     fn create(config: Value) -> Result<Self, PluginError> {
-//!         let greeting = match config.get("greeting") {
-//!             None => "Hello".to_owned(),
-//!             Some(Value::String(s)) => s.clone(),
-//!             Some(other) => {
-//!                 return Err(PluginError::new(format!(
-//!                     "config field `greeting` must be a string, found {other}"
-//!                 )));
-//!             }
-//!         };
-//!         Ok(Greeter { greeting })
+//!     fn create(config: Config) -> Result<Self, PluginError> {
+//!         if config.greeting.is_empty() {
+//!             return Err(PluginError::new("greeting: must not be empty"));
+//!         }
+//!         Ok(Greeter { greeting: config.greeting })
 //!     }
 //!
 //!     fn methods(methods: &mut Methods<Self>) {
@@ -66,7 +76,8 @@
 //!   `panic = "abort"` is refused at load, since its first panic would kill the worker.
 //! - `tracing` events inside the plugin reach the host's log, tagged with the plugin's name.
 //! - [`Plugin::save_state`] and [`Plugin::restore_state`] carry what the plugin learned across a
-//!   hot reload.
+//!   hot reload, as the plugin's own [`Plugin::State`] type; a state that no longer fits a newer
+//!   build is refused naming the field, and the new generation starts fresh.
 //! - A plugin that spawns threads or uses `thread_local!` values with destructors keeps its
 //!   library mapped after unload (the C library keeps it until those destructors run). Reloads
 //!   still work; each such generation stays in memory. Join your threads in `Drop`.
@@ -75,23 +86,38 @@
 //! FFI shims.
 
 #![deny(missing_docs)]
+// Every `unsafe` of this crate is in `export`; the rest may not have any.
+#![deny(unsafe_code)]
 
+#[expect(
+    unsafe_code,
+    reason = "abi_stable's `StableAbi` derive writes the accessors of the prefix types' later \
+              fields with `unsafe`; this module writes none by hand"
+)]
 pub mod abi;
 pub mod assign;
+#[expect(
+    unsafe_code,
+    reason = "the one module that turns the host's handles back into plugin instances"
+)]
 mod export;
+mod harness;
 mod hooks;
 pub mod lenient;
 mod log;
 mod methods;
+mod typed;
 
 use std::fmt;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use export::Harness;
+pub use harness::Harness;
 pub use hooks::{HookMode, HookResult, HookSubscription, Hooks};
 pub use methods::Methods;
 pub use serde_json::Value;
+pub use typed::{NoConfig, NoState};
 
 /// Calls a method of another plugin through the host, with the same safety as the host's own
 /// calls: a missing plugin or method, a failure or a panic in the other plugin comes back as an
@@ -127,17 +153,34 @@ pub const TABLE_VERSION: u32 = 1;
 /// The host creates one instance per loaded generation of the library and calls it from many
 /// threads at once.
 pub trait Plugin: Send + Sync + Sized + 'static {
+    /// The plugin's configuration, read from its entry in the host's configuration file.
+    ///
+    /// No configuration (absent or `null`) gives `Config::default()`; anything else is
+    /// deserialized, and a value that does not fit refuses the load with the path of the bad
+    /// field (`experiments.tone.variants.A: invalid type: string "x", expected f64`). A struct
+    /// with `#[serde(default)]` takes any subset of its fields. Use [`NoConfig`] for a plugin
+    /// that takes none, and `Option<T>` for one that needs a configuration to start (refuse
+    /// `None` in [`Plugin::create`]).
+    type Config: DeserializeOwned + Default;
+
+    /// What the plugin carries over a hot reload (see [`Plugin::save_state`]). Use [`NoState`]
+    /// for a plugin that keeps none.
+    ///
+    /// The next generation may be a newer build of the plugin: a saved state that no longer
+    /// fits is not restored, and the host logs the path of the field that did not fit.
+    type State: Serialize + DeserializeOwned;
+
     /// Name, version and description. The name is how callers reach the plugin; two files that
     /// claim one name cannot both be loaded.
     fn info() -> PluginInfo;
 
-    /// Makes the instance from the plugin's configuration (`Value::Null` when it has none).
+    /// Makes the instance from the plugin's configuration.
     ///
     /// # Errors
     ///
-    /// Return an error that says what is wrong with the configuration; the host refuses to load
-    /// the plugin and shows the message.
-    fn create(config: Value) -> Result<Self, PluginError>;
+    /// Return an error that says which field of the configuration is wrong and why; the host
+    /// refuses to load the plugin and shows the message.
+    fn create(config: Self::Config) -> Result<Self, PluginError>;
 
     /// Registers the plugin's methods.
     fn methods(methods: &mut Methods<Self>);
@@ -147,23 +190,23 @@ pub trait Plugin: Send + Sync + Sized + 'static {
         let _ = hooks;
     }
 
-    /// The state to carry over to the next generation on a hot reload, or to keep across a
-    /// restart. `None` (the default) means the plugin keeps no state.
+    /// The state to carry over to the next generation on a hot reload. `None` (the default)
+    /// means the plugin keeps no state.
     ///
     /// # Errors
     ///
     /// An error is logged and the new generation starts fresh.
-    fn save_state(&self) -> Result<Option<Value>, PluginError> {
+    fn save_state(&self) -> Result<Option<Self::State>, PluginError> {
         Ok(None)
     }
 
     /// Takes over the state a previous generation saved. Called after [`Plugin::create`] and
-    /// before the first call reaches the new instance.
+    /// before the first call reaches the new instance; not called when nothing was saved.
     ///
     /// # Errors
     ///
     /// An error is logged and the plugin goes on with the state it has.
-    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
+    fn restore_state(&self, state: Self::State) -> Result<(), PluginError> {
         let _ = state;
         Ok(())
     }
@@ -308,11 +351,13 @@ impl From<serde_json::Error> for PluginError {
 /// `rlib` into a program: the program's own thread-local destructors would stop running.
 ///
 /// ```
-/// # use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value};
+/// # use plugin_api::{Methods, NoConfig, NoState, Plugin, PluginError, PluginInfo};
 /// pub struct Nothing;
 /// impl Plugin for Nothing {
+///     type Config = NoConfig;
+///     type State = NoState;
 ///     fn info() -> PluginInfo { PluginInfo::new("nothing", "0.1.0", "Does nothing") }
-///     fn create(_config: Value) -> Result<Self, PluginError> { Ok(Nothing) }
+///     fn create(_config: NoConfig) -> Result<Self, PluginError> { Ok(Nothing) }
 ///     fn methods(_methods: &mut Methods<Self>) {}
 /// }
 /// plugin_api::export_plugin!(Nothing);

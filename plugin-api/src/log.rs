@@ -15,18 +15,14 @@ use tracing::{Event, Level, Metadata, Subscriber};
 use crate::abi::{HostApiRef, HostContext, level};
 
 /// The host's functions and the context to pass back to them, for this library's instance.
+///
+/// `Send` and `Sync` (it lives in a `static` and in the global subscriber): see the crate's
+/// `export` module, which holds this crate's `unsafe`.
 #[derive(Clone, Copy)]
-struct HostLink {
+pub(crate) struct HostLink {
     api: HostApiRef,
     context: HostContext,
 }
-
-// SAFETY: `context` is an opaque pointer that this code never dereferences; it only hands it back
-// to the host's functions, which the host guarantees may be called from any thread for as long
-// as the plugin is loaded. `api` points to the host's immutable function table.
-unsafe impl Send for HostLink {}
-// SAFETY: as for `Send`: nothing here is ever mutated or dereferenced.
-unsafe impl Sync for HostLink {}
 
 static HOST: std::sync::OnceLock<HostLink> = std::sync::OnceLock::new();
 

@@ -409,3 +409,28 @@ pub fn resident_bytes() -> u64 {
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * 4096
 }
+
+/// This thread's id in the kernel (what `/proc/PID/task/` lists).
+pub fn thread_id() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").unwrap();
+    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
+}
+
+/// Whether thread `tid` of process `pid` is asleep in `nanosleep` (as a plugin's `sleep` call
+/// is): how a test knows a slow call is in flight without sleeping itself.
+pub fn is_sleeping(pid: u32, tid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan"))
+        .is_ok_and(|w| w.contains("nanosleep"))
+}
+
+/// How many threads of process `pid` are asleep in `nanosleep`.
+pub fn sleeping_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .filter(|tid| is_sleeping(pid, *tid))
+        .count()
+}

@@ -186,7 +186,13 @@ impl KeyStats {
     }
 }
 
-type Stats = BTreeMap<String, KeyStats>;
+/// The sums per key: the state carried over a reload.
+pub type Stats = BTreeMap<String, KeyStats>;
+
+/// The plugin takes no configuration: `null` or `{}`; any field is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {}
 
 /// The plugin instance.
 #[derive(Debug)]
@@ -310,6 +316,9 @@ impl Attribution {
 }
 
 impl Plugin for Attribution {
+    type Config = Config;
+    type State = Stats;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "attribution",
@@ -318,23 +327,7 @@ impl Plugin for Attribution {
         )
     }
 
-    fn create(config: Value) -> Result<Self, PluginError> {
-        match &config {
-            Value::Null => {}
-            Value::Object(fields) if fields.is_empty() => {}
-            Value::Object(fields) => {
-                let names: Vec<&str> = fields.keys().map(String::as_str).collect();
-                return Err(PluginError::new(format!(
-                    "invalid configuration: attribution takes none, found field(s) {}",
-                    names.join(", ")
-                )));
-            }
-            other => {
-                return Err(PluginError::new(format!(
-                    "invalid configuration: attribution takes none, found {other}"
-                )));
-            }
-        }
+    fn create(Config {}: Config) -> Result<Self, PluginError> {
         Ok(Self {
             stats: Mutex::new(Stats::new()),
         })
@@ -363,13 +356,11 @@ impl Plugin for Attribution {
         );
     }
 
-    fn save_state(&self) -> Result<Option<Value>, PluginError> {
-        Ok(Some(serde_json::to_value(&*self.lock())?))
+    fn save_state(&self) -> Result<Option<Stats>, PluginError> {
+        Ok(Some(self.lock().clone()))
     }
 
-    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
-        let saved: Stats = serde_json::from_value(state)
-            .map_err(|e| PluginError::new(format!("saved state has another shape: {e}")))?;
+    fn restore_state(&self, saved: Stats) -> Result<(), PluginError> {
         for (key, s) in &saved {
             if !(s.score_sum.is_finite() && s.latency.is_valid() && s.output_len.is_valid()) {
                 return Err(PluginError::new(format!(
@@ -389,11 +380,13 @@ export_plugin!(Attribution);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use plugin_api::Harness;
     use serde_json::json;
 
+    use super::*;
+
     fn plugin() -> Attribution {
-        Attribution::create(Value::Null).unwrap()
+        Attribution::create(Config {}).unwrap()
     }
 
     fn observe(p: &Attribution, key: &str, score: f64, latency_ms: f64, output_size: f64) {
@@ -493,7 +486,13 @@ mod tests {
         assert_eq!(k["n"], 10);
         assert!((r(&k["scoreVsLatency"]) - 1.0).abs() < 1e-9, "{k}");
         assert!((r(&k["scoreVsOutputLen"]) + 1.0).abs() < 1e-9, "{k}");
-        assert!(other.restore_state(json!({"k": 3})).is_err());
+        let harness = Harness::<Attribution>::new(()).unwrap();
+        let err = harness.restore_state(r#"{"k": 3}"#).unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("the saved state does not fit: k: "),
+            "{err}"
+        );
     }
 
     #[test]
@@ -508,7 +507,8 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.message().contains("score"), "{err}");
-        let err = Attribution::create(json!({"window": 10})).unwrap_err();
-        assert!(err.message().contains("window"), "{err}");
+        let err = Harness::<Attribution>::new(json!({"window": 10})).unwrap_err();
+        assert!(err.message().contains("unknown field `window`"), "{err}");
+        Harness::<Attribution>::new(json!({})).unwrap();
     }
 }

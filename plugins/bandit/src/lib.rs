@@ -46,92 +46,55 @@ use std::sync::Mutex;
 use plugin_api::{
     HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
 };
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// How the bandit picks an arm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Algorithm {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Upper confidence bound (the default).
+    #[default]
     Ucb1,
+    /// Thompson sampling.
     Thompson,
 }
 
-const CONFIG_FIELDS: [&str; 4] = ["contexts", "algorithm", "exploration", "seed"];
-
-#[derive(Debug)]
-struct Config {
-    contexts: Option<Vec<String>>,
-    algorithm: Algorithm,
-    exploration: f64,
-    seed: Option<u64>,
-}
-
-/// Reads one optional field of the configuration; an error names the field.
-fn field<T: DeserializeOwned>(
-    config: &serde_json::Map<String, Value>,
-    name: &str,
-) -> Result<Option<T>, PluginError> {
-    match config.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(value) => T::deserialize(value)
-            .map(Some)
-            .map_err(|e| PluginError::new(format!("config field `{name}`: {e}"))),
-    }
+/// The plugin's configuration (see the crate docs). A field that is absent or `null` takes
+/// its default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The contexts handled; all when absent.
+    pub contexts: Option<Vec<String>>,
+    /// How arms are picked.
+    pub algorithm: Option<Algorithm>,
+    /// The UCB1 constant (default 2.0).
+    pub exploration: Option<f64>,
+    /// Seeds the Thompson sampler.
+    pub seed: Option<u64>,
 }
 
 impl Config {
-    fn parse(config: &Value) -> Result<Self, PluginError> {
-        let empty = serde_json::Map::new();
-        let map = match config {
-            Value::Null => &empty,
-            Value::Object(map) => map,
-            other => {
-                return Err(PluginError::new(format!(
-                    "configuration must be an object or null, found {other}"
-                )));
-            }
-        };
-        if let Some(unknown) = map.keys().find(|k| !CONFIG_FIELDS.contains(&k.as_str())) {
-            return Err(PluginError::new(format!(
-                "config field `{unknown}` is unknown (known: {})",
-                CONFIG_FIELDS.join(", ")
-            )));
-        }
-        let contexts: Option<Vec<String>> = field(map, "contexts")?;
-        if let Some(contexts) = &contexts {
+    /// What the types alone do not check.
+    fn check(&self) -> Result<(), PluginError> {
+        if let Some(contexts) = &self.contexts {
             if contexts.is_empty() {
                 return Err(PluginError::new(
-                    "config field `contexts` must list at least one context (omit it to handle all)",
+                    "contexts: must list at least one context (omit it to handle all)",
                 ));
             }
             if contexts.iter().any(String::is_empty) {
-                return Err(PluginError::new(
-                    "config field `contexts` must not contain an empty name",
-                ));
+                return Err(PluginError::new("contexts: must not contain an empty name"));
             }
         }
-        let algorithm = match field::<String>(map, "algorithm")?.as_deref() {
-            None | Some("ucb1") => Algorithm::Ucb1,
-            Some("thompson") => Algorithm::Thompson,
-            Some(other) => {
+        if let Some(exploration) = self.exploration {
+            if !exploration.is_finite() || exploration < 0.0 {
                 return Err(PluginError::new(format!(
-                    "config field `algorithm` must be \"ucb1\" or \"thompson\", found \"{other}\""
+                    "exploration: must be a number >= 0, found {exploration}"
                 )));
             }
-        };
-        let exploration = field::<f64>(map, "exploration")?.unwrap_or(2.0);
-        if !exploration.is_finite() || exploration < 0.0 {
-            return Err(PluginError::new(format!(
-                "config field `exploration` must be a number >= 0, found {exploration}"
-            )));
         }
-        let seed = field(map, "seed")?;
-        Ok(Self {
-            contexts,
-            algorithm,
-            exploration,
-            seed,
-        })
+        Ok(())
     }
 }
 
@@ -151,8 +114,8 @@ impl ArmStats {
     }
 }
 
-/// Context → arm → stats.
-type Stats = BTreeMap<String, BTreeMap<String, ArmStats>>;
+/// Context → arm → stats: the state carried over a reload.
+pub type Stats = BTreeMap<String, BTreeMap<String, ArmStats>>;
 
 /// The plugin instance.
 #[derive(Debug)]
@@ -385,6 +348,9 @@ impl BanditPlugin {
 }
 
 impl Plugin for BanditPlugin {
+    type Config = Config;
+    type State = Stats;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "bandit",
@@ -393,8 +359,8 @@ impl Plugin for BanditPlugin {
         )
     }
 
-    fn create(config: Value) -> Result<Self, PluginError> {
-        let config = Config::parse(&config)?;
+    fn create(config: Config) -> Result<Self, PluginError> {
+        config.check()?;
         let seed = config.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -402,8 +368,8 @@ impl Plugin for BanditPlugin {
         });
         Ok(Self {
             contexts: config.contexts,
-            algorithm: config.algorithm,
-            exploration: config.exploration,
+            algorithm: config.algorithm.unwrap_or_default(),
+            exploration: config.exploration.unwrap_or(2.0),
             stats: Mutex::new(Stats::new()),
             rng: Random::new(seed),
         })
@@ -432,13 +398,11 @@ impl Plugin for BanditPlugin {
         hooks.on("task.scored", 50, HookMode::Audit, Self::on_scored);
     }
 
-    fn save_state(&self) -> Result<Option<Value>, PluginError> {
-        Ok(Some(serde_json::to_value(&*self.stats_lock())?))
+    fn save_state(&self) -> Result<Option<Stats>, PluginError> {
+        Ok(Some(self.stats_lock().clone()))
     }
 
-    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
-        let saved: Stats = serde_json::from_value(state)
-            .map_err(|e| PluginError::new(format!("saved state has another shape: {e}")))?;
+    fn restore_state(&self, saved: Stats) -> Result<(), PluginError> {
         let mut stats = self.stats_lock();
         for (context, arms) in saved {
             if !self.handles(&context) {
@@ -468,11 +432,14 @@ export_plugin!(BanditPlugin);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use plugin_api::Harness;
     use serde_json::json;
 
+    use super::*;
+
     fn plugin(config: Value) -> BanditPlugin {
-        BanditPlugin::create(config).unwrap()
+        let config: Option<Config> = serde_json::from_value(config).unwrap();
+        BanditPlugin::create(config.unwrap_or_default()).unwrap()
     }
 
     fn choose(p: &BanditPlugin, context: &str, arms: &[&str]) -> Option<String> {
@@ -578,20 +545,27 @@ mod tests {
     #[test]
     fn config_errors_name_the_field() {
         for (config, name) in [
-            (json!({"algorithm": "greedy"}), "algorithm"),
-            (json!({"algorithm": 3}), "algorithm"),
-            (json!({"exploration": -1}), "exploration"),
-            (json!({"exploration": "big"}), "exploration"),
-            (json!({"contexts": []}), "contexts"),
-            (json!({"contexts": "chat"}), "contexts"),
-            (json!({"seed": -4}), "seed"),
-            (json!({"explore": 1}), "explore"),
+            (json!({"algorithm": "greedy"}), "algorithm: "),
+            (json!({"algorithm": 3}), "algorithm: "),
+            (json!({"exploration": -1}), "exploration: "),
+            (json!({"exploration": "big"}), "exploration: "),
+            (json!({"contexts": []}), "contexts: "),
+            (json!({"contexts": "chat"}), "contexts: "),
+            (json!({"seed": -4}), "seed: "),
+            (json!({"explore": 1}), "unknown field `explore`"),
+            (json!("chat"), "invalid type: string"),
         ] {
-            let err = BanditPlugin::create(config.clone()).unwrap_err();
-            assert!(
-                err.message().contains(&format!("`{name}`")),
-                "{config}: {err}"
-            );
+            let err = Harness::<BanditPlugin>::new(&config).unwrap_err();
+            assert!(err.message().contains(name), "{config}: {err}");
+        }
+        for absent in [
+            Value::Null,
+            json!({}),
+            json!({"algorithm": null, "exploration": null}),
+        ] {
+            let p = Harness::<BanditPlugin>::new(&absent).unwrap();
+            assert_eq!(p.plugin().algorithm, Algorithm::Ucb1);
+            assert_eq!(p.plugin().exploration, 2.0);
         }
     }
 
@@ -611,7 +585,16 @@ mod tests {
         assert_eq!(stats["chat"]["arms"]["good"]["pulls"], 4);
         assert_eq!(stats["chat"]["best"], "good");
 
-        assert!(fresh.restore_state(json!([1, 2])).is_err());
+        let harness = Harness::<BanditPlugin>::new(json!({"contexts": ["chat"]})).unwrap();
+        let err = harness.restore_state("[1, 2]").unwrap_err();
+        assert!(
+            err.message().starts_with("the saved state does not fit"),
+            "{err}"
+        );
+        let err = harness
+            .restore_state(r#"{"chat": {"good": {"pulls": 1, "rewardSum": "lots"}}}"#)
+            .unwrap_err();
+        assert!(err.message().contains("chat.good.rewardSum: "), "{err}");
     }
 
     #[test]

@@ -54,35 +54,33 @@ use std::sync::Mutex;
 use plugin_api::{
     HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
 };
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-const CONFIG_FIELDS: [&str; 5] = [
-    "taskTypes",
-    "challengerShare",
-    "minScored",
-    "threshold",
-    "seed",
-];
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct TaskTypeConfig {
-    champion: String,
-    challenger: Option<String>,
+/// The plugin's configuration (see the crate docs). A field that is absent or `null` takes
+/// its default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Task type → its champion and challenger.
+    pub task_types: BTreeMap<String, TaskTypeConfig>,
+    /// The challenger's share of traffic (default 0.2).
+    pub challenger_share: Option<f64>,
+    /// Scored tasks each side needs before a promotion (default 50).
+    pub min_scored: Option<u64>,
+    /// How much better the challenger must score (default 0.02).
+    pub threshold: Option<f64>,
+    /// Seeds the random routing of calls without a key.
+    pub seed: Option<u64>,
 }
 
-/// Reads one optional field of the configuration; an error names the field.
-fn field<T: DeserializeOwned>(
-    config: &serde_json::Map<String, Value>,
-    name: &str,
-) -> Result<Option<T>, PluginError> {
-    match config.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(value) => T::deserialize(value)
-            .map(Some)
-            .map_err(|e| PluginError::new(format!("config field `{name}`: {e}"))),
-    }
+/// One task type of the [`Config`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TaskTypeConfig {
+    /// The handler that gets most of the traffic.
+    pub champion: String,
+    /// The handler that gets the challenger's share.
+    pub challenger: Option<String>,
 }
 
 /// Score count and sum of one handler.
@@ -173,7 +171,8 @@ impl Deployment {
     }
 }
 
-type Deployments = BTreeMap<String, Deployment>;
+/// The state carried over a reload.
+pub type Deployments = BTreeMap<String, Deployment>;
 
 /// The plugin instance.
 #[derive(Debug)]
@@ -387,6 +386,9 @@ impl ChampionPlugin {
 }
 
 impl Plugin for ChampionPlugin {
+    type Config = Config;
+    type State = Deployments;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "champion",
@@ -395,42 +397,23 @@ impl Plugin for ChampionPlugin {
         )
     }
 
-    fn create(config: Value) -> Result<Self, PluginError> {
-        let empty = serde_json::Map::new();
-        let map = match &config {
-            Value::Null => &empty,
-            Value::Object(map) => map,
-            other => {
-                return Err(PluginError::new(format!(
-                    "configuration must be an object or null, found {other}"
-                )));
-            }
-        };
-        if let Some(unknown) = map.keys().find(|k| !CONFIG_FIELDS.contains(&k.as_str())) {
-            return Err(PluginError::new(format!(
-                "config field `{unknown}` is unknown (known: {})",
-                CONFIG_FIELDS.join(", ")
-            )));
-        }
-        let task_types: BTreeMap<String, Value> = field(map, "taskTypes")?.unwrap_or_default();
+    fn create(config: Config) -> Result<Self, PluginError> {
         let mut configured = Deployments::new();
-        for (task_type, value) in task_types {
+        for (task_type, tc) in config.task_types {
             let name = format!("taskTypes.{task_type}");
-            let tc = TaskTypeConfig::deserialize(&value)
-                .map_err(|e| PluginError::new(format!("config field `{name}`: {e}")))?;
             if tc.champion.is_empty() {
                 return Err(PluginError::new(format!(
-                    "config field `{name}.champion` must not be empty"
+                    "{name}.champion: must not be empty"
                 )));
             }
             if tc.challenger.as_deref() == Some("") {
                 return Err(PluginError::new(format!(
-                    "config field `{name}.challenger` must not be empty"
+                    "{name}.challenger: must not be empty"
                 )));
             }
             if tc.challenger.as_deref() == Some(tc.champion.as_str()) {
                 return Err(PluginError::new(format!(
-                    "config field `{name}.challenger` must differ from the champion `{}`",
+                    "{name}.challenger: must differ from the champion `{}`",
                     tc.champion
                 )));
             }
@@ -444,25 +427,25 @@ impl Plugin for ChampionPlugin {
                 },
             );
         }
-        let challenger_share = field::<f64>(map, "challengerShare")?.unwrap_or(0.2);
+        let challenger_share = config.challenger_share.unwrap_or(0.2);
         if !challenger_share.is_finite() || !(0.0..=1.0).contains(&challenger_share) {
             return Err(PluginError::new(format!(
-                "config field `challengerShare` must be a number in 0..=1, found {challenger_share}"
+                "challengerShare: must be a number in 0..=1, found {challenger_share}"
             )));
         }
-        let min_scored = field::<u64>(map, "minScored")?.unwrap_or(50);
+        let min_scored = config.min_scored.unwrap_or(50);
         if min_scored < 1 {
             return Err(PluginError::new(
-                "config field `minScored` must be an integer >= 1, found 0",
+                "minScored: must be an integer >= 1, found 0",
             ));
         }
-        let threshold = field::<f64>(map, "threshold")?.unwrap_or(0.02);
+        let threshold = config.threshold.unwrap_or(0.02);
         if !threshold.is_finite() || threshold < 0.0 {
             return Err(PluginError::new(format!(
-                "config field `threshold` must be a number >= 0, found {threshold}"
+                "threshold: must be a number >= 0, found {threshold}"
             )));
         }
-        let seed = field::<u64>(map, "seed")?.unwrap_or_else(|| {
+        let seed = config.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64)
@@ -498,13 +481,11 @@ impl Plugin for ChampionPlugin {
         hooks.on("task.scored", 40, HookMode::Audit, Self::on_scored);
     }
 
-    fn save_state(&self) -> Result<Option<Value>, PluginError> {
-        Ok(Some(serde_json::to_value(&*self.state_lock())?))
+    fn save_state(&self) -> Result<Option<Deployments>, PluginError> {
+        Ok(Some(self.state_lock().clone()))
     }
 
-    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
-        let saved: Deployments = serde_json::from_value(state)
-            .map_err(|e| PluginError::new(format!("saved state has another shape: {e}")))?;
+    fn restore_state(&self, saved: Deployments) -> Result<(), PluginError> {
         let mut current = self.state_lock();
         for (task_type, deployment) in saved {
             let Some(configured) = self.configured.get(&task_type) else {
@@ -534,8 +515,10 @@ export_plugin!(ChampionPlugin);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use plugin_api::Harness;
     use serde_json::json;
+
+    use super::*;
 
     fn config() -> Value {
         json!({
@@ -548,7 +531,7 @@ mod tests {
     }
 
     fn plugin(config: Value) -> ChampionPlugin {
-        ChampionPlugin::create(config).unwrap()
+        ChampionPlugin::create(serde_json::from_value(config).unwrap()).unwrap()
     }
 
     fn scored(p: &ChampionPlugin, handler: &str, score: f64) -> Option<Promotion> {
@@ -682,7 +665,16 @@ mod tests {
         let none = plugin(json!({"taskTypes": {"chat": {"champion": "a", "challenger": "b"}}}));
         none.restore_state(state).unwrap();
         assert!(none.status(None).unwrap().get("summarize").is_none());
-        assert!(none.restore_state(json!("nonsense")).is_err());
+        let harness = Harness::<ChampionPlugin>::new(config()).unwrap();
+        let err = harness.restore_state(r#""nonsense""#).unwrap_err();
+        assert!(
+            err.message().starts_with("the saved state does not fit"),
+            "{err}"
+        );
+        let err = harness
+            .restore_state(r#"{"summarize": {"champion": 1}}"#)
+            .unwrap_err();
+        assert!(err.message().contains("summarize.champion: "), "{err}");
     }
 
     #[test]
@@ -759,13 +751,10 @@ mod tests {
             (json!({"taskTypes": [1]}), "taskTypes"),
             (json!({"share": 0.1}), "share"),
         ] {
-            let err = ChampionPlugin::create(config.clone()).unwrap_err();
-            assert!(
-                err.message().contains(&format!("`{name}")),
-                "{config}: {err}"
-            );
+            let err = Harness::<ChampionPlugin>::new(&config).unwrap_err();
+            assert!(err.message().contains(name), "{config}: {err}");
         }
-        assert!(ChampionPlugin::create(Value::Null).is_ok());
+        assert!(Harness::<ChampionPlugin>::new(()).is_ok());
     }
 
     #[test]

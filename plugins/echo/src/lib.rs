@@ -9,7 +9,9 @@
 
 #![forbid(unsafe_code)]
 
-use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value, export_plugin};
+use plugin_api::{
+    Methods, NoConfig, NoState, Plugin, PluginError, PluginInfo, Value, export_plugin,
+};
 use serde::{Deserialize, Serialize};
 
 /// The plugin instance. It keeps no state.
@@ -61,6 +63,9 @@ pub fn summarize(readings: &Readings) -> Summary {
 }
 
 impl Plugin for Echo {
+    type Config = NoConfig;
+    type State = NoState;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "echo",
@@ -69,7 +74,7 @@ impl Plugin for Echo {
         )
     }
 
-    fn create(_config: Value) -> Result<Self, PluginError> {
+    fn create(_config: NoConfig) -> Result<Self, PluginError> {
         Ok(Echo)
     }
 

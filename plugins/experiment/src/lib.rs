@@ -47,19 +47,25 @@ use plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
+/// The plugin's configuration (see the crate docs).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Config {
+pub struct Config {
+    /// The experiments by name.
     #[serde(default)]
-    experiments: BTreeMap<String, ExperimentConfig>,
-    seed: Option<u64>,
+    pub experiments: BTreeMap<String, ExperimentConfig>,
+    /// Seeds the random picks of calls without a key.
+    pub seed: Option<u64>,
 }
 
+/// One experiment of the [`Config`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ExperimentConfig {
-    variants: BTreeMap<String, f64>,
-    task_types: Option<Vec<String>>,
+pub struct ExperimentConfig {
+    /// Variant name → weight.
+    pub variants: BTreeMap<String, f64>,
+    /// The task types it applies to; all when absent.
+    pub task_types: Option<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -118,7 +124,8 @@ pub struct VariantStats {
     pub score_sum: f64,
 }
 
-type Stats = BTreeMap<String, BTreeMap<String, VariantStats>>;
+/// Counts per experiment and variant: the state carried over a reload.
+pub type Stats = BTreeMap<String, BTreeMap<String, VariantStats>>;
 
 /// The plugin instance.
 #[derive(Debug)]
@@ -264,6 +271,9 @@ impl ExperimentPlugin {
 }
 
 impl Plugin for ExperimentPlugin {
+    type Config = Config;
+    type State = Stats;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "experiment",
@@ -272,16 +282,7 @@ impl Plugin for ExperimentPlugin {
         )
     }
 
-    fn create(config: Value) -> Result<Self, PluginError> {
-        let config: Config = if config.is_null() {
-            Config {
-                experiments: BTreeMap::new(),
-                seed: None,
-            }
-        } else {
-            serde_json::from_value(config)
-                .map_err(|e| PluginError::new(format!("invalid configuration: {e}")))?
-        };
+    fn create(config: Config) -> Result<Self, PluginError> {
         let mut experiments = BTreeMap::new();
         for (name, experiment) in config.experiments {
             let experiment = Experiment::from_config(&name, experiment)?;
@@ -338,13 +339,11 @@ impl Plugin for ExperimentPlugin {
         );
     }
 
-    fn save_state(&self) -> Result<Option<Value>, PluginError> {
-        Ok(Some(serde_json::to_value(&*self.stats_lock())?))
+    fn save_state(&self) -> Result<Option<Stats>, PluginError> {
+        Ok(Some(self.stats_lock().clone()))
     }
 
-    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
-        let saved: Stats = serde_json::from_value(state)
-            .map_err(|e| PluginError::new(format!("saved state has another shape: {e}")))?;
+    fn restore_state(&self, saved: Stats) -> Result<(), PluginError> {
         let mut stats = self.stats_lock();
         for (experiment, variants) in saved {
             for (variant, s) in variants {
@@ -366,11 +365,13 @@ export_plugin!(ExperimentPlugin);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use plugin_api::Harness;
     use serde_json::json;
 
-    fn plugin(config: Value) -> ExperimentPlugin {
-        ExperimentPlugin::create(config).unwrap()
+    use super::*;
+
+    fn plugin(config: Value) -> Harness<ExperimentPlugin> {
+        Harness::new(config).unwrap()
     }
 
     #[test]
@@ -379,6 +380,7 @@ mod tests {
         let mut b = 0;
         for i in 0..4000 {
             let v = p
+                .plugin()
                 .pick(PickParams {
                     experiment: "e".into(),
                     key: Some(format!("user-{i}")),
@@ -394,8 +396,32 @@ mod tests {
 
     #[test]
     fn zero_total_weight_is_refused_with_the_field() {
-        let err = ExperimentPlugin::create(json!({"experiments": {"e": {"variants": {"A": 0}}}}))
-            .unwrap_err();
+        let err =
+            Harness::<ExperimentPlugin>::new(json!({"experiments": {"e": {"variants": {"A": 0}}}}))
+                .unwrap_err();
         assert!(err.message().contains("experiments.e.variants"), "{err}");
+        let err = Harness::<ExperimentPlugin>::new(
+            json!({"experiments": {"tone": {"variants": {"A": "x"}}}}),
+        )
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("experiments.tone.variants.A: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn outcomes_survive_a_reload_and_a_misfit_state_is_refused() {
+        let p = plugin(json!({"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}}));
+        let outcome = json!({"experiment": "tone", "variant": "B", "score": 0.5});
+        p.call::<()>("recordOutcome", &outcome).unwrap();
+        let before: Value = p.call("stats", &()).unwrap();
+        let p = p.reload().unwrap();
+        assert_eq!(p.call::<Value>("stats", &()).unwrap(), before);
+        let err = p
+            .restore_state(r#"{"tone": {"B": {"assigned": "many"}}}"#)
+            .unwrap_err();
+        assert!(err.message().contains("tone.B.assigned"), "{err}");
     }
 }

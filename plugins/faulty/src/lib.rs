@@ -32,6 +32,9 @@ struct Call {
 }
 
 impl Plugin for Faulty {
+    type Config = Value;
+    type State = plugin_api::NoState;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "faulty",

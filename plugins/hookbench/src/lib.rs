@@ -5,7 +5,8 @@
 #![forbid(unsafe_code)]
 
 use plugin_api::{
-    HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
+    HookMode, HookResult, Hooks, Methods, NoConfig, NoState, Plugin, PluginError, PluginInfo,
+    export_plugin,
 };
 use serde::de::IgnoredAny;
 
@@ -24,6 +25,9 @@ pub fn handle(payload: &str) -> Result<HookResult, PluginError> {
 }
 
 impl Plugin for HookBench {
+    type Config = NoConfig;
+    type State = NoState;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "hb-000",
@@ -32,7 +36,7 @@ impl Plugin for HookBench {
         )
     }
 
-    fn create(_config: Value) -> Result<Self, PluginError> {
+    fn create(_config: NoConfig) -> Result<Self, PluginError> {
         Ok(HookBench)
     }
 

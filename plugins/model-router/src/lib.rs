@@ -37,15 +37,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value, export_plugin};
+use plugin_api::{Methods, NoState, Plugin, PluginError, PluginInfo, Value, export_plugin};
 use serde::{Deserialize, Serialize};
 
-/// The fields a rule may have.
-const RULE_FIELDS: &str = "taskType, minInputWords, maxInputWords, handler";
-
 /// One routing rule.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rule {
     /// The task type it applies to (any when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,55 +57,35 @@ pub struct Rule {
     pub handler: String,
 }
 
+/// The plugin's configuration (see the crate docs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The rules, tried in order.
+    pub rules: Option<Vec<Rule>>,
+}
+
 impl Rule {
-    /// Reads rule `i` from the configuration.
-    fn parse(i: usize, value: &Value) -> Result<Self, PluginError> {
-        let path = format!("rules[{i}]");
-        let Value::Object(fields) = value else {
+    /// What the types alone do not check; `path` names the rule in errors.
+    fn check(&self, path: &str) -> Result<(), PluginError> {
+        if self.task_type.as_deref() == Some("") {
             return Err(PluginError::new(format!(
-                "{path}: a rule must be an object, found {value}"
+                "{path}.taskType: must be a non-empty string"
             )));
-        };
-        let mut rule = Rule::default();
-        let mut handler = None;
-        for (field, v) in fields {
-            let at = format!("{path}.{field}");
-            let string = || match v.as_str() {
-                Some(s) if !s.is_empty() => Ok(s.to_owned()),
-                _ => Err(PluginError::new(format!(
-                    "{at}: must be a non-empty string, found {v}"
-                ))),
-            };
-            let count = || {
-                v.as_u64().ok_or_else(|| {
-                    PluginError::new(format!("{at}: must be an integer >= 0, found {v}"))
-                })
-            };
-            match field.as_str() {
-                "taskType" => rule.task_type = Some(string()?),
-                "minInputWords" => rule.min_input_words = Some(count()?),
-                "maxInputWords" => rule.max_input_words = Some(count()?),
-                "handler" => handler = Some(string()?),
-                _ => {
-                    return Err(PluginError::new(format!(
-                        "{at}: unknown field (a rule has {RULE_FIELDS})"
-                    )));
-                }
-            }
         }
-        rule.handler = handler.ok_or_else(|| {
-            PluginError::new(format!(
-                "{path}.handler: required, the handler the rule chooses"
-            ))
-        })?;
-        if let (Some(min), Some(max)) = (rule.min_input_words, rule.max_input_words) {
+        if self.handler.is_empty() {
+            return Err(PluginError::new(format!(
+                "{path}.handler: must be a non-empty string"
+            )));
+        }
+        if let (Some(min), Some(max)) = (self.min_input_words, self.max_input_words) {
             if min > max {
                 return Err(PluginError::new(format!(
                     "{path}.maxInputWords: {max} is below minInputWords {min}; no task could match"
                 )));
             }
         }
-        Ok(rule)
+        Ok(())
     }
 
     /// Whether every condition of the rule holds for the task.
@@ -194,6 +171,9 @@ impl ModelRouter {
 }
 
 impl Plugin for ModelRouter {
+    type Config = Config;
+    type State = NoState;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "model-router",
@@ -202,36 +182,10 @@ impl Plugin for ModelRouter {
         )
     }
 
-    fn create(config: Value) -> Result<Self, PluginError> {
-        let fields = match config {
-            Value::Null => serde_json::Map::new(),
-            Value::Object(fields) => fields,
-            other => {
-                return Err(PluginError::new(format!(
-                    "invalid configuration: must be an object, found {other}"
-                )));
-            }
-        };
-        let mut rules = Vec::new();
-        for (field, value) in &fields {
-            match (field.as_str(), value) {
-                ("rules", Value::Null) => {}
-                ("rules", Value::Array(items)) => {
-                    for (i, item) in items.iter().enumerate() {
-                        rules.push(Rule::parse(i, item)?);
-                    }
-                }
-                ("rules", other) => {
-                    return Err(PluginError::new(format!(
-                        "rules: must be a list of rules, found {other}"
-                    )));
-                }
-                _ => {
-                    return Err(PluginError::new(format!(
-                        "{field}: unknown configuration field (expected rules)"
-                    )));
-                }
-            }
+    fn create(config: Config) -> Result<Self, PluginError> {
+        let rules = config.rules.unwrap_or_default();
+        for (i, rule) in rules.iter().enumerate() {
+            rule.check(&format!("rules[{i}]"))?;
         }
         if rules.is_empty() {
             tracing::warn!("no rules configured; chooseModel will answer nothing");
@@ -259,11 +213,14 @@ export_plugin!(ModelRouter);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use plugin_api::Harness;
     use serde_json::json;
 
+    use super::*;
+
     fn plugin(config: Value) -> ModelRouter {
-        ModelRouter::create(config).unwrap()
+        let config: Option<Config> = serde_json::from_value(config).unwrap();
+        ModelRouter::create(config.unwrap_or_default()).unwrap()
     }
 
     fn example() -> ModelRouter {
@@ -365,9 +322,13 @@ mod tests {
         let cases = [
             (
                 json!({"rules": [{"handler": "a"}, {"taskType": "chat"}]}),
-                "rules[1].handler",
+                "rules[1]: missing field `handler`",
             ),
             (json!({"rules": [{"handler": ""}]}), "rules[0].handler"),
+            (
+                json!({"rules": [{"handler": "a", "taskType": ""}]}),
+                "rules[0].taskType",
+            ),
             (
                 json!({"rules": [{"handler": "a", "minInputWords": -1}]}),
                 "rules[0].minInputWords",
@@ -393,8 +354,8 @@ mod tests {
             (json!({"rule": []}), "rule"),
         ];
         for (config, path) in cases {
-            let err = ModelRouter::create(config.clone()).unwrap_err();
-            assert!(err.message().starts_with(path), "{config}: {err}");
+            let err = Harness::<ModelRouter>::new(&config).unwrap_err();
+            assert!(err.message().contains(path), "{config}: {err}");
         }
     }
 }

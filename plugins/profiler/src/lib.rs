@@ -252,10 +252,12 @@ impl Tables {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The plugin's configuration (see the crate docs).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Config {
-    percentiles: Option<Vec<f64>>,
+pub struct Config {
+    /// The percentiles reported when a call names none (default `[50, 95, 99]`).
+    pub percentiles: Option<Vec<f64>>,
 }
 
 /// The plugin instance.
@@ -393,6 +395,9 @@ impl Profiler {
 }
 
 impl Plugin for Profiler {
+    type Config = Config;
+    type State = Tables;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "profiler",
@@ -401,13 +406,7 @@ impl Plugin for Profiler {
         )
     }
 
-    fn create(config: Value) -> Result<Self, PluginError> {
-        let config: Config = if config.is_null() {
-            Config { percentiles: None }
-        } else {
-            serde_json::from_value(config)
-                .map_err(|e| PluginError::new(format!("invalid configuration: {e}")))?
-        };
+    fn create(config: Config) -> Result<Self, PluginError> {
         let percentiles = match config.percentiles {
             Some(list) => {
                 check_percentiles(&list, "percentiles").map_err(PluginError::new)?;
@@ -444,13 +443,11 @@ impl Plugin for Profiler {
         );
     }
 
-    fn save_state(&self) -> Result<Option<Value>, PluginError> {
-        Ok(Some(serde_json::to_value(&*self.lock())?))
+    fn save_state(&self) -> Result<Option<Tables>, PluginError> {
+        Ok(Some(self.lock().clone()))
     }
 
-    fn restore_state(&self, state: Value) -> Result<(), PluginError> {
-        let saved: Tables = serde_json::from_value(state)
-            .map_err(|e| PluginError::new(format!("saved state has another shape: {e}")))?;
+    fn restore_state(&self, saved: Tables) -> Result<(), PluginError> {
         for kind in Kind::ALL {
             for (key, h) in saved.of(kind) {
                 h.check(&format!("{}.{key}", kind.name()))?;
@@ -471,11 +468,13 @@ export_plugin!(Profiler);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use plugin_api::Harness;
     use serde_json::json;
 
+    use super::*;
+
     fn plugin() -> Profiler {
-        Profiler::create(Value::Null).unwrap()
+        Profiler::create(Config::default()).unwrap()
     }
 
     fn observe(p: &Profiler, kind: Kind, key: &str, ms: f64) {
@@ -597,14 +596,22 @@ mod tests {
             }))
             .unwrap_err();
         assert!(err.message().contains("p[1]"), "{err}");
-        let err = Profiler::create(json!({"percentiles": [50, -3]})).unwrap_err();
+        let err = Harness::<Profiler>::new(json!({"percentiles": [50, -3]})).unwrap_err();
         assert!(err.message().contains("percentiles[1]"), "{err}");
-        assert!(Profiler::create(json!({"percentile": [50]})).is_err());
+        let err = Harness::<Profiler>::new(json!({"percentiles": [50, "p99"]})).unwrap_err();
+        assert!(
+            err.message().contains("percentiles[1]: invalid type"),
+            "{err}"
+        );
+        assert!(Harness::<Profiler>::new(json!({"percentile": [50]})).is_err());
     }
 
     #[test]
     fn configured_percentiles_are_the_default() {
-        let p = Profiler::create(json!({"percentiles": [75]})).unwrap();
+        let p = Profiler::create(Config {
+            percentiles: Some(vec![75.0]),
+        })
+        .unwrap();
         observe(&p, Kind::Plugin, "bandit", 2.0);
         let r = query(&p, Value::Null);
         let bandit = r["plugin"]["bandit"].as_object().unwrap();
@@ -622,6 +629,15 @@ mod tests {
         let next = plugin();
         next.restore_state(state.clone()).unwrap();
         assert_eq!(next.save_state().unwrap().unwrap(), state);
-        assert!(next.restore_state(json!({"type": {"x": {"counts": [1], "count": 1, "sum": 1.0, "min": 1.0, "max": 1.0}}})).is_err());
+        let short: Tables = serde_json::from_value(
+            json!({"type": {"x": {"counts": [1], "count": 1, "sum": 1.0, "min": 1.0, "max": 1.0}}}),
+        )
+        .unwrap();
+        assert!(next.restore_state(short).is_err());
+        let harness = Harness::<Profiler>::new(()).unwrap();
+        let err = harness
+            .restore_state(r#"{"type": {"x": {"counts": [1], "count": -1}}}"#)
+            .unwrap_err();
+        assert!(err.message().contains("type.x.count: "), "{err}");
     }
 }

@@ -35,15 +35,12 @@
 
 use std::collections::BTreeMap;
 
-use plugin_api::{Methods, Plugin, PluginError, PluginInfo, Value, export_plugin};
+use plugin_api::{Methods, NoState, Plugin, PluginError, PluginInfo, Value, export_plugin};
 use serde::{Deserialize, Serialize};
 
-/// The fields a profile may have.
-const PROFILE_FIELDS: &str = "maxWords, verbosity, handlers";
-
 /// One task type's profile; every field optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Profile {
     /// The longest answer, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,39 +53,37 @@ pub struct Profile {
     pub handlers: Option<Vec<String>>,
 }
 
+/// The plugin's configuration (see the crate docs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Task type → its profile.
+    pub profiles: Option<BTreeMap<String, Profile>>,
+    /// What a type's profile falls back to.
+    pub default: Option<Profile>,
+}
+
 impl Profile {
-    /// Reads a profile from the configuration; `path` names it in errors.
-    fn parse(path: &str, value: &Value) -> Result<Self, PluginError> {
-        let Value::Object(fields) = value else {
+    /// What the types alone do not check; `path` names the profile in errors.
+    fn check(&self, path: &str) -> Result<(), PluginError> {
+        if self.max_words == Some(0) {
             return Err(PluginError::new(format!(
-                "{path}: a profile must be an object, found {value}"
+                "{path}.maxWords: must be an integer >= 1, found 0"
             )));
-        };
-        let mut profile = Profile::default();
-        for (field, v) in fields {
-            let at = format!("{path}.{field}");
-            match field.as_str() {
-                "maxWords" => {
-                    let n = v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
-                        PluginError::new(format!("{at}: must be an integer >= 1, found {v}"))
-                    })?;
-                    profile.max_words = Some(n);
-                }
-                "verbosity" => {
-                    let s = v.as_str().ok_or_else(|| {
-                        PluginError::new(format!("{at}: must be a string, found {v}"))
-                    })?;
-                    profile.verbosity = Some(s.to_owned());
-                }
-                "handlers" => profile.handlers = Some(parse_handlers(&at, v)?),
-                _ => {
-                    return Err(PluginError::new(format!(
-                        "{at}: unknown field (a profile has {PROFILE_FIELDS})"
-                    )));
-                }
+        }
+        if let Some(handlers) = &self.handlers {
+            if handlers.is_empty() {
+                return Err(PluginError::new(format!(
+                    "{path}.handlers: needs at least one handler"
+                )));
+            }
+            if let Some(i) = handlers.iter().position(String::is_empty) {
+                return Err(PluginError::new(format!(
+                    "{path}.handlers[{i}]: must be a non-empty handler name"
+                )));
             }
         }
-        Ok(profile)
+        Ok(())
     }
 
     /// This profile with the fields it lacks taken from `base`.
@@ -99,29 +94,6 @@ impl Profile {
             handlers: self.handlers.clone().or_else(|| base.handlers.clone()),
         }
     }
-}
-
-fn parse_handlers(at: &str, v: &Value) -> Result<Vec<String>, PluginError> {
-    let Value::Array(items) = v else {
-        return Err(PluginError::new(format!(
-            "{at}: must be a list of handler names, found {v}"
-        )));
-    };
-    if items.is_empty() {
-        return Err(PluginError::new(format!(
-            "{at}: needs at least one handler"
-        )));
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| match item.as_str() {
-            Some(s) if !s.is_empty() => Ok(s.to_owned()),
-            _ => Err(PluginError::new(format!(
-                "{at}[{i}]: must be a non-empty handler name, found {item}"
-            ))),
-        })
-        .collect()
 }
 
 /// The plugin instance.
@@ -163,6 +135,9 @@ impl TaskPolicy {
 }
 
 impl Plugin for TaskPolicy {
+    type Config = Config;
+    type State = NoState;
+
     fn info() -> PluginInfo {
         PluginInfo::new(
             "task-policy",
@@ -171,45 +146,16 @@ impl Plugin for TaskPolicy {
         )
     }
 
-    fn create(config: Value) -> Result<Self, PluginError> {
-        let fields = match config {
-            Value::Null => serde_json::Map::new(),
-            Value::Object(fields) => fields,
-            other => {
-                return Err(PluginError::new(format!(
-                    "invalid configuration: must be an object, found {other}"
-                )));
-            }
+    fn create(config: Config) -> Result<Self, PluginError> {
+        let policy = TaskPolicy {
+            profiles: config.profiles.unwrap_or_default(),
+            default: config.default,
         };
-        let mut policy = TaskPolicy::default();
-        for (field, value) in &fields {
-            match field.as_str() {
-                "profiles" => match value {
-                    Value::Null => {}
-                    Value::Object(profiles) => {
-                        for (task_type, profile) in profiles {
-                            let profile =
-                                Profile::parse(&format!("profiles.{task_type}"), profile)?;
-                            policy.profiles.insert(task_type.clone(), profile);
-                        }
-                    }
-                    other => {
-                        return Err(PluginError::new(format!(
-                            "profiles: must be an object of task type -> profile, found {other}"
-                        )));
-                    }
-                },
-                "default" => {
-                    if !value.is_null() {
-                        policy.default = Some(Profile::parse("default", value)?);
-                    }
-                }
-                _ => {
-                    return Err(PluginError::new(format!(
-                        "{field}: unknown configuration field (expected profiles, default)"
-                    )));
-                }
-            }
+        for (task_type, profile) in &policy.profiles {
+            profile.check(&format!("profiles.{task_type}"))?;
+        }
+        if let Some(default) = &policy.default {
+            default.check("default")?;
         }
         if policy.profiles.is_empty() && policy.default.is_none() {
             tracing::warn!("no profiles configured; selectProfile will answer nothing");
@@ -236,15 +182,18 @@ export_plugin!(TaskPolicy);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use plugin_api::Harness;
     use serde_json::json;
 
-    fn plugin(config: Value) -> TaskPolicy {
-        TaskPolicy::create(config).unwrap()
+    use super::*;
+
+    fn plugin(config: Value) -> Harness<TaskPolicy> {
+        Harness::new(config).unwrap()
     }
 
-    fn select(p: &TaskPolicy, task_type: &str) -> Value {
+    fn select(p: &Harness<TaskPolicy>, task_type: &str) -> Value {
         let profile = p
+            .plugin()
             .select(SelectParams {
                 task_type: task_type.into(),
             })
@@ -321,15 +270,15 @@ mod tests {
             (json!({"profile": {}}), "profile"),
         ];
         for (config, path) in cases {
-            let err = TaskPolicy::create(config.clone()).unwrap_err();
-            assert!(err.message().starts_with(path), "{config}: {err}");
+            let err = Harness::<TaskPolicy>::new(&config).unwrap_err();
+            assert!(err.message().contains(path), "{config}: {err}");
         }
     }
 
     #[test]
     fn profiles_lists_the_configuration() {
         let p = plugin(json!({"profiles": {"summarize": {"maxWords": 40}}}));
-        let listed = p.configured(None).unwrap();
+        let listed: Value = p.call("profiles", &()).unwrap();
         assert_eq!(
             listed,
             json!({"profiles": {"summarize": {"maxWords": 40}}, "default": null})

@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tests::{PluginDir, http, http_raw, http_with};
+use tests::{PluginDir, eventually, http, http_raw, http_with, sleeping_threads};
 
 use crate::serve::Worker;
 
@@ -311,6 +311,7 @@ fn slow_clients_block_neither_healthz_nor_shutdown() {
 fn healthz_answers_while_plugin_calls_are_busy() {
     let (_dir, worker) = worker(&["--no-watch"]);
     let api = worker.api();
+    let asleep = sleeping_threads(worker.pid());
     let sleepers: Vec<_> = (0..6)
         .map(|_| {
             let api = api.clone();
@@ -319,7 +320,13 @@ fn healthz_answers_while_plugin_calls_are_busy() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // The control API runs plugin calls on four threads: all four asleep in the plugin, two
+    // calls queued behind them.
+    assert!(
+        eventually(Duration::from_secs(20), || sleeping_threads(worker.pid())
+            >= asleep + 4),
+        "the plugin calls never took every call thread"
+    );
     let started = Instant::now();
     assert_eq!(http(&api.addr, "GET", "/healthz", b"").status, 200);
     assert!(

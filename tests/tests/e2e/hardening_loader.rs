@@ -523,10 +523,11 @@ fn a_file_held_open_for_writing_is_loaded_only_after_its_writer_closes_it() {
         });
     }
     let mut started = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut started)
-        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut started).unwrap();
     assert!(started.contains("watching for changes"), "{started}");
+    // Keep reading what `serve` prints, so its stdout never becomes a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let loaded = || log.lock().unwrap().contains("plugin loaded");
 
     // The writer preallocates the whole file and writes everything but the code, which comes

@@ -1,6 +1,7 @@
 //! The hook pipeline with real plugins: order, modes, write policies, blocks, panics,
 //! fire-and-forget overflow, reloads, sessions, configuration, plugin-to-plugin calls.
 
+use std::process::Command;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -435,14 +436,19 @@ fn configuration_overrides_subscriptions_and_sets() {
         "sets": {"noisy": {"plugins": ["faulty"], "priority": 1000}}
     }));
     let host = host_with(&dir, &["fixture", "faulty"]);
-    let points = host.hook_points();
+    // Read afresh at each call: the list as it stands now.
     let subscribers = |name: &str| {
-        points
-            .iter()
+        host.hook_points()
+            .into_iter()
             .find(|p| p.name == name)
             .unwrap()
             .subscribers
-            .clone()
+    };
+    let listed = |name: &str| -> Vec<(String, HookMode, i32)> {
+        subscribers(name)
+            .into_iter()
+            .map(|s| (s.name, s.mode, s.priority))
+            .collect()
     };
     assert!(subscribers("task.scored").is_empty());
     let error = &subscribers("task.error")[0];
@@ -456,20 +462,15 @@ fn configuration_overrides_subscriptions_and_sets() {
         [("fixture".to_owned(), 100), ("faulty".to_owned(), 1000)]
     );
 
-    // A disabled set unloads its plugins.
+    // A disabled set unloads its plugins; the fixture's overrides are gone from the file, so
+    // its own subscriptions (sequential, priority 100) apply again.
     dir.configure_file(&json!({"sets": {"noisy": {"plugins": ["faulty"], "enabled": false}}}));
     host.reload_config().unwrap();
     assert!(host.plugin("faulty").is_none());
-    assert_eq!(subscribers("task.scored").len(), 0);
-    assert_eq!(
-        host.hook_points()
-            .iter()
-            .find(|p| p.name == "task.scored")
-            .unwrap()
-            .subscribers
-            .len(),
-        1
-    );
+    let own = || vec![("fixture".to_owned(), HookMode::Sequential, 100)];
+    assert_eq!(listed("task.scored"), own());
+    assert_eq!(listed("task.error"), own());
+    assert_eq!(listed("task.received"), own());
 }
 
 #[test]
@@ -508,35 +509,41 @@ fn plugins_call_plugins_and_cycles_are_cut() {
     );
 }
 
+/// `plugin.loaded` fires once per load and once per reload (a reload is a new generation
+/// loaded), `plugin.unloaded` once per unload, each naming the plugin and its generation.
 #[test]
 fn plugin_lifecycle_hooks_fire() {
     let dir = PluginDir::new();
     let host = host_with(&dir, &["fixture"]);
     let file = dir.add("echo", "libecho.so");
-    host.load(&file).unwrap();
+    let loaded = host.load(&file).unwrap().generation;
+    let reloaded = host.reload("echo").unwrap().generation;
     host.unload("echo").unwrap();
     let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
-    let events: Vec<(String, String)> = seen
+    let events: Vec<(String, u64)> = seen
         .as_array()
         .unwrap()
         .iter()
+        .filter(|e| e["payload"]["plugin"] == "echo")
         .map(|e| {
             (
                 e["hook"].as_str().unwrap().to_owned(),
-                e["payload"]["plugin"].as_str().unwrap_or("").to_owned(),
+                e["payload"]["generation"].as_u64().unwrap(),
             )
         })
         .collect();
-    assert!(
-        events.contains(&("plugin.loaded".into(), "echo".into())),
-        "{events:?}"
-    );
-    assert!(
-        events.contains(&("plugin.unloaded".into(), "echo".into())),
-        "{events:?}"
+    assert_eq!(
+        events,
+        [
+            ("plugin.loaded".to_owned(), loaded),
+            ("plugin.loaded".to_owned(), reloaded),
+            ("plugin.unloaded".to_owned(), reloaded),
+        ]
     );
 }
 
+/// The host drops the hooks of a plugin whose older function table cannot serve them, and says
+/// so: the library subscribes it nowhere, and `worker hooks` logs a warning naming it.
 #[test]
 fn an_older_plugin_with_hooks_in_its_manifest_is_not_silently_subscribed() {
     let dir = PluginDir::new();
@@ -544,4 +551,63 @@ fn an_older_plugin_with_hooks_in_its_manifest_is_not_silently_subscribed() {
     let host = dir.host();
     host.load(&file).unwrap();
     assert!(host.hook_points().iter().all(|p| p.subscribers.is_empty()));
+    drop(host);
+
+    let output = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(["--log", "warn", "hooks", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{stderr}");
+    let points: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let subscribed: Vec<&Value> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["subscribers"].as_array().unwrap())
+        .collect();
+    assert!(subscribed.is_empty(), "{subscribed:?}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("function table predates hooks"))
+        .unwrap_or_else(|| panic!("no warning that the hooks are ignored:\n{stderr}"));
+    assert!(
+        warning.contains("plugin=fixture") && warning.contains("table_version=1"),
+        "{warning}"
+    );
+}
+
+/// A modification of a field outside the hook point's writable fields is refused with a
+/// warning naming the plugin, the hook and the field; the writable ones apply. Through
+/// `worker run`, the real binary, reading what it logs.
+#[test]
+fn a_modification_outside_the_writable_fields_is_refused_with_a_warning() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"config": {
+        "on": {"task.received": {"modify": {"id": "hijacked", "meta": {"by": "fixture"}}}}
+    }}}));
+    dir.add("fixture", "libfixture.so");
+    let task = json!({"id": "t1", "type": "summarize", "input": {"title": "Orion", "text": "The Orion price is 5 dollars."}});
+    let (records, log) = crate::pipeline::worker_run(&dir, &format!("{task}\n"));
+    assert_eq!(records[0]["id"], "t1", "{records:?}");
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("modification refused"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "{log}");
+    for field in [
+        "WARN",
+        "the field is not writable",
+        "plugin=fixture",
+        "hook=task.received",
+        "field=id",
+    ] {
+        assert!(
+            refusals[0].contains(field),
+            "{field} missing: {}",
+            refusals[0]
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use tests::{PluginDir, is_mapped};
+use tests::{PluginDir, eventually, is_mapped, is_sleeping, thread_id};
 
 #[test]
 fn unload_unmaps_the_library_and_deletes_its_shadow_copy() {
@@ -36,8 +36,20 @@ fn unload_waits_for_the_call_in_flight() {
     let host = dir.host();
     let shadow = host.load(&file).unwrap().shadow_file;
     std::thread::scope(|s| {
-        let slow = s.spawn(|| host.execute("fixture", "sleep", &json!({"ms": 400})));
-        std::thread::sleep(Duration::from_millis(100));
+        let (tid, caller) = std::sync::mpsc::channel();
+        let host = &host;
+        let slow = s.spawn(move || {
+            tid.send(thread_id()).unwrap();
+            host.execute("fixture", "sleep", &json!({"ms": 400}))
+        });
+        let caller = caller.recv().unwrap();
+        assert!(
+            eventually(Duration::from_secs(20), || is_sleeping(
+                std::process::id(),
+                caller
+            )),
+            "the call never reached the plugin"
+        );
         host.unload("fixture").unwrap();
         assert!(
             is_mapped(&shadow),

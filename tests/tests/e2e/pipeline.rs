@@ -1,7 +1,9 @@
 //! The task pipeline end to end: defaults without plugins, bad lines, every hook point, plugin
 //! handlers, experiments, and (in `tuning`) the plugins that make the worker better as it runs.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
+use std::process::Command;
 
 use serde_json::{Value, json};
 use tests::PluginDir;
@@ -33,6 +35,30 @@ pub(crate) fn run_text(host: &plugin_host::PluginHost, input: &str) -> (Vec<Valu
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     (records, summary)
+}
+
+/// Runs the test build of `worker run` on `dir` with `input` as the tasks file (warnings and
+/// above logged, state in a folder of its own); returns the output records and what it logged.
+pub(crate) fn worker_run(dir: &PluginDir, input: &str) -> (Vec<Value>, String) {
+    let tasks = dir.shadow().join("tasks.jsonl");
+    std::fs::write(&tasks, input).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.shadow().join("state"))
+        .args(["--log", "warn", "run", "--tasks"])
+        .arg(&tasks)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "worker run failed:\n{stderr}");
+    let records = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (records, stderr)
 }
 
 #[test]
@@ -114,8 +140,100 @@ fn bad_lines_get_error_records_and_processing_goes_on() {
     );
 }
 
+/// `worker run`, the real binary, with the fixture subscribed to every hook point and failing
+/// in each, so every delivery is one warning naming the hook: each point fires exactly as often
+/// as the input and the loaded plugins say.
 #[test]
 fn every_documented_hook_point_fires() {
+    let dir = PluginDir::new();
+    let fail_everywhere: serde_json::Map<String, Value> = worker::hooks::HOOK_POINTS
+        .iter()
+        .chain(plugin_host::HookPoint::BUILT_IN)
+        .map(|p| (p.name.to_owned(), json!("error")))
+        .collect();
+    dir.configure(&json!({
+        "experiment": {"config": {"experiments": {"chat": {"variants": {"recall": 1}}}}},
+        "fixture": {"config": {"on": fail_everywhere}}
+    }));
+    dir.add("fixture", "libfixture.so");
+    dir.add("experiment", "libexperiment.so");
+    let chat = |id: &str| json!({"id": id, "type": "chat", "input": {"messages": [{"role": "user", "content": "My city is Lima."}, {"role": "user", "content": "What is my city?"}]}, "reference": "Lima"});
+    let summarize = |id: &str, reference: Option<&str>| {
+        let mut task = json!({"id": id, "type": "summarize", "input": {"title": "Orion price", "text": "Hello. The Orion price is 5 dollars."}});
+        if let Some(reference) = reference {
+            task["reference"] = json!(reference);
+        }
+        task
+    };
+    let poetry = |id: &str| json!({"id": id, "type": "poetry", "input": {}});
+    // Chat tasks take the two-step `recall` handler (the experiment's only variant).
+    let (chats, summaries, scored_summaries, unknown) = (3, 2, 1, 2);
+    let mut lines: Vec<String> = Vec::new();
+    for i in 0..chats {
+        lines.push(chat(&format!("c{i}")).to_string());
+    }
+    for i in 0..summaries {
+        let reference = (i < scored_summaries).then_some("The Orion price is 5 dollars.");
+        lines.push(summarize(&format!("s{i}"), reference).to_string());
+    }
+    for i in 0..unknown {
+        lines.push(poetry(&format!("p{i}")).to_string());
+    }
+    lines.push("not a task at all".to_owned());
+    let (records, log) = worker_run(&dir, &(lines.join("\n") + "\n"));
+    assert_eq!(records.len(), lines.len(), "{records:?}");
+
+    let handled = chats + summaries;
+    let expected: BTreeMap<&str, usize> = [
+        ("worker.start", 1),
+        ("worker.stop", 1),
+        ("task.received", handled + unknown),
+        ("task.before_handle", handled),
+        ("task.after_step", chats),
+        ("task.after_handle", handled),
+        ("task.scored", chats + scored_summaries),
+        ("task.error", unknown),
+        // Both plugins load at the start, the fixture sees itself too.
+        ("plugin.loaded", 2),
+        // Nothing unloads while the run lasts; at the end the plugins leave together.
+        ("plugin.unloaded", 0),
+    ]
+    .into_iter()
+    .collect();
+    let documented: Vec<&str> = worker::hooks::HOOK_POINTS
+        .iter()
+        .chain(plugin_host::HookPoint::BUILT_IN)
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(
+        expected.keys().copied().collect::<Vec<_>>(),
+        {
+            let mut sorted = documented.clone();
+            sorted.sort_unstable();
+            sorted
+        },
+        "every documented point is counted"
+    );
+    let mut fired: BTreeMap<&str, usize> = documented.iter().map(|p| (*p, 0)).collect();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("hook subscriber failed") && l.contains("plugin=fixture"))
+    {
+        let hook = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("hook="))
+            .unwrap_or_else(|| panic!("no hook named in {line:?}"));
+        *fired
+            .get_mut(hook)
+            .unwrap_or_else(|| panic!("an undocumented hook point fired: {line}")) += 1;
+    }
+    assert_eq!(fired, expected, "log:\n{log}");
+}
+
+/// `task.after_step` replaces the messages between the steps of a multi-step handler, and the
+/// next step works from them.
+#[test]
+fn an_after_step_hook_changes_what_the_next_step_sees() {
     let dir = PluginDir::new();
     dir.configure(&json!({
         "experiment": {"config": {"experiments": {"chat": {"variants": {"recall": 1}}}}},
@@ -128,15 +246,10 @@ fn every_documented_hook_point_fires() {
     dir.add("experiment", "libexperiment.so");
     let host = dir.host();
     host.scan().unwrap();
-    let echo = dir.add("echo", "libecho.so");
-    host.load(&echo).unwrap();
-    host.unload("echo").unwrap();
     let tasks = vec![
         json!({"id": "c1", "type": "chat", "input": {"messages": [{"role": "user", "content": "My city is Lima."}, {"role": "user", "content": "What is my order number?"}]}, "reference": "Quito"}),
-        json!({"id": "bad", "type": "poetry", "input": {}}),
     ];
     let (records, _) = run(&host, &tasks);
-    // The after_step hook replaced the messages, and step 2 worked from them.
     assert_eq!(records[0]["handler"], "recall");
     assert_eq!(
         records[0]["output"], "Quito",
@@ -144,28 +257,16 @@ fn every_documented_hook_point_fires() {
     );
     assert_eq!(records[0]["score"], 1.0);
     let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
-    let fired: Vec<&str> = seen
+    let steps: Vec<&Value> = seen
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["hook"].as_str().unwrap())
+        .filter(|e| e["hook"] == "task.after_step")
         .collect();
-    for point in host.hook_points() {
-        assert!(
-            fired.contains(&point.name),
-            "{} never fired; fired: {fired:?}",
-            point.name
-        );
-    }
-    let step = seen
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["hook"] == "task.after_step")
-        .unwrap();
-    assert_eq!(step["payload"]["step"], 1);
+    assert_eq!(steps.len(), 1, "{seen}");
+    assert_eq!(steps[0]["payload"]["step"], 1);
     assert_eq!(
-        step["payload"]["messages"]
+        steps[0]["payload"]["messages"]
             .as_array()
             .unwrap()
             .last()

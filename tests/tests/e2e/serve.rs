@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tests::{Api, HttpAnswer, PluginDir, built_plugin, drop_in, eventually};
+use tests::{Api, HttpAnswer, PluginDir, built_plugin, drop_in, eventually, sleeping_threads};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -130,9 +132,19 @@ impl Worker {
         assert!(status.success());
     }
 
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits; returns the exit status and what it logged.
-    pub(crate) fn stop(mut self) -> (std::process::ExitStatus, String) {
-        self.signal("TERM");
+    pub(crate) fn stop(self) -> (std::process::ExitStatus, String) {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `signal` (`TERM`, `INT`), then waits; returns the exit status and what it logged.
+    pub(crate) fn stop_with(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+        self.signal(signal);
         let status = self.child.wait().unwrap();
         let stderr = self.stderr.take().unwrap().join().unwrap();
         (status, stderr)
@@ -285,8 +297,16 @@ fn control_api_end_to_end() {
     assert!(status.success());
 }
 
+/// SIGTERM and SIGINT alike: a clean exit, each plugin's state saved, plugins unloaded in
+/// reverse load order, and the state back at the next start.
 #[test]
 fn state_survives_a_restart_and_shutdown_unloads_in_reverse_order() {
+    for signal in ["TERM", "INT"] {
+        state_survives_a_restart_after(signal);
+    }
+}
+
+fn state_survives_a_restart_after(signal: &str) {
     let dir = PluginDir::new();
     dir.configure(&json!({"experiment": {"config": {"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}}}}));
     dir.add("experiment", "libexperiment.so");
@@ -300,30 +320,32 @@ fn state_survives_a_restart_and_shutdown_unloads_in_reverse_order() {
         record.to_string().as_bytes(),
     );
     worker.http("POST", "/v1/plugins/fixture/add", br#"{"n": 9}"#);
-    let (status, log) = worker.stop();
-    assert!(status.success(), "{log}");
-    assert!(state.join("experiment.json").is_file());
-    assert!(state.join("fixture.json").is_file());
+    let (status, log) = worker.stop_with(signal);
+    assert!(status.success(), "SIG{signal}: {status}\n{log}");
+    assert!(state.join("experiment.json").is_file(), "SIG{signal}");
+    assert!(state.join("fixture.json").is_file(), "SIG{signal}");
     let fixture_at = log.find("plugin unloaded plugin=\"fixture\"").expect(&log);
     let experiment_at = log
         .find("plugin unloaded plugin=\"experiment\"")
         .expect(&log);
     assert!(
         fixture_at < experiment_at,
-        "not unloaded in reverse load order:\n{log}"
+        "SIG{signal}: not unloaded in reverse load order:\n{log}"
     );
 
     let worker = Worker::start(&dir, &state, &[]);
     let stats = worker
         .http("POST", "/v1/plugins/experiment/stats", b"")
         .json();
-    assert_eq!(stats["tone"]["B"]["outcomes"], 1);
-    assert_eq!(stats["tone"]["B"]["meanScore"], 0.75);
+    assert_eq!(stats["tone"]["B"]["outcomes"], 1, "SIG{signal}");
+    assert_eq!(stats["tone"]["B"]["meanScore"], 0.75, "SIG{signal}");
     assert_eq!(
         worker.http("POST", "/v1/plugins/fixture/total", b"").json(),
-        json!(9)
+        json!(9),
+        "SIG{signal}"
     );
-    worker.stop();
+    let (status, log) = worker.stop_with(signal);
+    assert!(status.success(), "SIG{signal}: {status}\n{log}");
 }
 
 #[test]
@@ -363,6 +385,7 @@ fn sighup_rescans_and_sigterm_lets_requests_finish() {
     let state = dir.shadow().join("state");
     let worker = Worker::start(&dir, &state, &["--no-watch"]);
     drop_in(&built_plugin("echo"), &dir.path(), "libecho.so");
+    // A quiet period, not a synchronisation: a watcher would have loaded it by now.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         worker.http("GET", "/healthz", b"").json()["plugins"],
@@ -375,19 +398,30 @@ fn sighup_rescans_and_sigterm_lets_requests_finish() {
         .json()["plugins"]
         == 2));
 
+    a_request_in_flight_finishes(worker, "TERM");
+    a_request_in_flight_finishes(Worker::start(&dir, &state, &["--no-watch"]), "INT");
+}
+
+/// Stops `worker` with `signal` while a slow plugin call is running in it: the call finishes
+/// and its answer arrives, and the worker exits cleanly.
+fn a_request_in_flight_finishes(worker: Worker, signal: &str) {
+    let asleep = sleeping_threads(worker.pid());
     let api = worker.api();
     let slow = std::thread::spawn(move || {
         api.http("POST", "/v1/plugins/fixture/sleep", br#"{"ms": 600}"#)
     });
-    std::thread::sleep(Duration::from_millis(150));
-    let (status, log) = worker.stop();
+    assert!(
+        eventually(PATIENCE, || sleeping_threads(worker.pid()) > asleep),
+        "the request never reached the plugin"
+    );
+    let (status, log) = worker.stop_with(signal);
     let answer = slow.join().unwrap();
     assert_eq!(
         (answer.status, answer.json()),
         (200, json!("done")),
-        "the request in flight did not finish"
+        "SIG{signal}: the request in flight did not finish"
     );
-    assert!(status.success(), "{log}");
+    assert!(status.success(), "SIG{signal}: {log}");
 }
 
 #[test]
@@ -438,17 +472,45 @@ fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
             .map(|a| a["pulls"].as_u64().unwrap())
             .sum::<u64>()
     };
+    // The bandit learns one pull from every scored chat task.
+    let chat_scored = |records: &serde_json::Value| {
+        let records = match records.as_array() {
+            Some(batch) => batch.clone(),
+            None => vec![records.clone()],
+        };
+        records
+            .iter()
+            .filter(|r| r["type"] == "chat" && r["score"].is_number())
+            .count() as u64
+    };
     let before = pulls(&worker.api());
+    assert_eq!(before, chat_scored(&records) + chat_scored(&one));
     assert!(before > 0);
     let generation = worker.http("GET", "/v1/plugins/bandit", b"").json()["generation"]
         .as_u64()
         .unwrap();
-    let api = worker.api();
-    let load = std::thread::spawn(move || {
-        (0..10)
-            .map(|_| api.http("POST", "/v1/tasks", &batch).json())
-            .collect::<Vec<_>>()
-    });
+
+    // Batches go in one after another until told to stop; each answer is kept with the times
+    // its request was sent and answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (api, stop, answered) = (worker.api(), Arc::clone(&stop), Arc::clone(&answered));
+        let small: Vec<&serde_json::Value> = tasks.iter().take(8).collect();
+        let batch = serde_json::to_vec(&small).unwrap();
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                let answer = api.http("POST", "/v1/tasks", &batch);
+                answers.push((sent, Instant::now(), answer));
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+            answers
+        })
+    };
+    assert!(eventually(PATIENCE, || answered.load(Ordering::SeqCst) >= 2));
+    let swap_started = Instant::now();
     drop_in(&built_plugin("bandit"), &dir.path(), "libbandit.so");
     assert!(eventually(PATIENCE, || {
         worker.http("GET", "/v1/plugins/bandit", b"").json()["generation"]
@@ -456,19 +518,56 @@ fn tasks_run_over_the_control_api_while_a_plugin_is_swapped() {
             .unwrap()
             > generation
     }));
-    for answer in load.join().unwrap() {
+    let swap_ended = Instant::now();
+    let at_swap_end = answered.load(Ordering::SeqCst);
+    // Two more answers: the second was surely asked for after the swap.
+    assert!(eventually(PATIENCE, || answered.load(Ordering::SeqCst)
+        >= at_swap_end + 2));
+    stop.store(true, Ordering::SeqCst);
+    let answers = load.join().unwrap();
+
+    let mut load_scored = 0;
+    for (_, _, answer) in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let records = answer.json();
         assert!(
-            answer
+            records
                 .as_array()
                 .unwrap()
                 .iter()
                 .all(|r| r["score"].is_number()),
-            "{answer}"
+            "{records}"
         );
+        load_scored += chat_scored(&records);
     }
+    let count = |f: &dyn Fn(&(Instant, Instant, HttpAnswer)) -> bool| {
+        answers.iter().filter(|a| f(a)).count()
+    };
+    let answered_before = count(&|(_, done, _)| *done < swap_started);
+    let answered_during = count(&|(_, done, _)| swap_started <= *done && *done <= swap_ended);
+    let asked_after = count(&|(sent, _, _)| *sent > swap_ended);
     assert!(
-        pulls(&worker.api()) >= before,
-        "the bandit lost what it learned in the swap"
+        answered_before > 0 && answered_during > 0 && asked_after > 0,
+        "the task load did not overlap the swap: {answered_before} batches answered before \
+         it, {answered_during} during it ({:?}), {asked_after} asked for after it",
+        swap_ended - swap_started
+    );
+
+    // With the state carried over, the new generation counts every pull since the start but
+    // those of the few tasks scored by the old generation between its state being saved and
+    // the swap. Without it, only the pulls since the swap: at most the load's.
+    let after = pulls(&worker.api());
+    let total = before + load_scored;
+    eprintln!(
+        "batches answered before the swap {answered_before}, during it {answered_during} \
+         ({:?}), asked for after it {asked_after}; pulls {before} before the load, {after} \
+         after it, of {total} chat tasks scored",
+        swap_ended - swap_started
+    );
+    assert!(
+        after <= total && after > load_scored,
+        "the bandit lost what it learned in the swap: {after} pulls after it, {total} chat \
+         tasks scored in all, {before} before the load and {load_scored} during it"
     );
     worker.stop();
 }

@@ -1,0 +1,178 @@
+//! Instruction counts of the call path, for `scripts/instructions` (which runs this under
+//! `valgrind --tool=callgrind` and counts only inside the `measure_*` functions).
+//!
+//! Every path does the same unit of work as the `echo` plugin's `summarize` method on the same
+//! params text; the baseline (`direct`) is that work called in-process on the text, with no host
+//! in between: parse the params text, summarize, write the answer text.
+//!
+//! Run one path: `instructions PATH [CALLS]`; with no path it lists them. Outside valgrind it
+//! prints the wall time per call, which is only a rough second figure on a shared machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tests::PluginDir;
+
+/// The params as a caller that builds them would hold them.
+#[derive(Serialize)]
+struct ReadingsOut<'a> {
+    source: &'a str,
+    values: &'a [f64],
+}
+
+/// The answer as a caller that reads it into its own type would hold it.
+#[derive(Deserialize)]
+#[expect(dead_code, reason = "read to measure the parse, never used")]
+struct SummaryIn {
+    source: String,
+    count: usize,
+    mean: f64,
+    range: (f64, f64),
+}
+
+const SOURCE: &str = "sensor-7";
+const VALUES: [f64; 10] = [1.5, -2.25, 3.0, 4.75, 10.5, -0.5, 7.25, 8.0, 9.5, 12.0];
+
+fn params_text() -> String {
+    serde_json::to_string(&ReadingsOut {
+        source: SOURCE,
+        values: &VALUES,
+    })
+    .unwrap()
+}
+
+/// The plugin's own work on the text: what a call costs with no host at all.
+#[inline(never)]
+fn direct_work(text: &str) -> Option<String> {
+    let readings: echo::Readings = serde_json::from_str(text).ok()?;
+    serde_json::to_string(&echo::summarize(&readings)).ok()
+}
+
+#[inline(never)]
+fn measure_direct(text: &str, calls: u64) {
+    for _ in 0..calls {
+        black_box(direct_work(black_box(text)));
+    }
+}
+
+#[inline(never)]
+fn measure_execute(host: &plugin_host::PluginHost, params: &Value, calls: u64) {
+    for _ in 0..calls {
+        black_box(host.execute(black_box("echo"), "summarize", black_box(params)));
+    }
+}
+
+#[inline(never)]
+fn measure_call_with(host: &plugin_host::PluginHost, calls: u64) {
+    let params = ReadingsOut {
+        source: SOURCE,
+        values: &VALUES,
+    };
+    for _ in 0..calls {
+        let answer: Option<SummaryIn> = host
+            .call_with(black_box("echo"), "summarize", black_box(&params))
+            .ok()
+            .flatten();
+        black_box(answer);
+    }
+}
+
+#[inline(never)]
+fn measure_noop(host: &plugin_host::PluginHost, calls: u64) {
+    let null = Value::Null;
+    for _ in 0..calls {
+        black_box(host.execute(black_box("echo"), black_box("noop"), black_box(&null)));
+    }
+}
+
+#[inline(never)]
+fn measure_missing_execute(host: &plugin_host::PluginHost, calls: u64) {
+    let null = Value::Null;
+    for _ in 0..calls {
+        black_box(host.execute(black_box("nobody"), black_box("noop"), black_box(&null)));
+    }
+}
+
+#[inline(never)]
+fn measure_missing_call_with(host: &plugin_host::PluginHost, calls: u64) {
+    let params = ReadingsOut {
+        source: SOURCE,
+        values: &VALUES,
+    };
+    for _ in 0..calls {
+        let answer: Option<SummaryIn> = host
+            .call_with(black_box("nobody"), "summarize", black_box(&params))
+            .ok()
+            .flatten();
+        black_box(answer);
+    }
+}
+
+const PATHS: [&str; 7] = [
+    "direct",
+    "execute",
+    "call_with",
+    "noop",
+    "noop_untimed",
+    "missing_execute",
+    "missing_call_with",
+];
+
+fn host(dir: &PluginDir, timing: bool) -> plugin_host::PluginHost {
+    dir.add("echo", "libecho.so");
+    let host = plugin_host::PluginHost::builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_call_timing(timing)
+        .build()
+        .unwrap();
+    host.scan().unwrap();
+    host
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list-paths") {
+        println!("paths: {}", PATHS.join(" "));
+        return;
+    }
+    // `cargo bench` passes `--bench`: run every path briefly, as a smoke run.
+    let Some(path) = args.first().filter(|a| !a.starts_with("--")) else {
+        println!("paths: {}", PATHS.join(" "));
+        for path in PATHS {
+            run(path, 20_000);
+        }
+        return;
+    };
+    let calls = args.get(1).map_or(20_000, |n| n.parse().unwrap());
+    run(path, calls);
+}
+
+fn run(path: &str, calls: u64) {
+    let dir = PluginDir::new();
+    let text = params_text();
+    let params: Value = serde_json::from_str(&text).unwrap();
+    let host = host(&dir, path != "noop_untimed");
+    // The host answers what the plugin's work answers: the same unit on both sides.
+    let expected: Value = serde_json::from_str(&direct_work(&text).unwrap()).unwrap();
+    assert_eq!(host.execute("echo", "summarize", &params), Some(expected));
+    let started = Instant::now();
+    match path {
+        "direct" => measure_direct(&text, calls),
+        "execute" => measure_execute(&host, &params, calls),
+        "call_with" => measure_call_with(&host, calls),
+        "noop" | "noop_untimed" => measure_noop(&host, calls),
+        "missing_execute" => measure_missing_execute(&host, calls),
+        "missing_call_with" => measure_missing_call_with(&host, calls),
+        other => panic!("unknown path {other}; paths: {}", PATHS.join(" ")),
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{path}: {calls} calls, {:.1} ns a call (params {} bytes)",
+        elapsed.as_secs_f64() * 1e9 / calls as f64,
+        text.len()
+    );
+}
