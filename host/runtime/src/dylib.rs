@@ -22,7 +22,7 @@ use plugin_api::abi::{
     JsonResult, MAGIC, PluginHeader, PluginTable, PluginTableRef,
 };
 
-use crate::error::{LoadError, PluginError};
+use crate::error::{LoadErrorKind, PluginError};
 use crate::loader::HeaderLocation;
 use crate::text::EscapeControl;
 
@@ -284,14 +284,14 @@ impl PluginLibrary {
     /// `header` comes from the ELF pre-check of these very bytes (`loader::check_elf`): the file
     /// is a complete shared object of this host's kind that exports a plugin header, so opening
     /// it runs the initializers of a plugin, not of an arbitrary library.
-    pub(crate) fn open(shadow: ShadowFile, header: HeaderLocation) -> Result<Self, LoadError> {
+    pub(crate) fn open(shadow: ShadowFile, header: HeaderLocation) -> Result<Self, LoadErrorKind> {
         // SAFETY: loading a library runs its initializers. The file passed the ELF pre-check
         // (complete, of this host's kind, exporting a plugin header whose magic and version
         // are right) and lies in our private directory, created with O_EXCL from the checked
         // bytes; running a plugin's initializers is what loading a plugin means.
         let library =
             unsafe { Library::open(Some(&shadow.0), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
-                LoadError::NotLoadable {
+                LoadErrorKind::NotLoadable {
                     reason: e.to_string(),
                 }
             })?;
@@ -506,8 +506,8 @@ fn check_header(
     _library: &Library,
     path: &Path,
     location: HeaderLocation,
-) -> Result<PluginTableRef, LoadError> {
-    let segments = Segments::of_library(path).ok_or_else(|| LoadError::NotLoadable {
+) -> Result<PluginTableRef, LoadErrorKind> {
+    let segments = Segments::of_library(path).ok_or_else(|| LoadErrorKind::NotLoadable {
         reason: format!(
             "the dynamic loader opened {} but does not list it among the loaded objects",
             path.display()
@@ -520,7 +520,7 @@ fn check_header(
             segments.contains(a, std::mem::size_of::<PluginHeader>())
                 && a % std::mem::align_of::<PluginHeader>() == 0
         })
-        .ok_or(LoadError::BadHeaderPointer {
+        .ok_or(LoadErrorKind::BadHeaderPointer {
             field: "PLUGIN_HOST_HEADER",
             address: location.vaddr() as usize,
         })?;
@@ -529,13 +529,13 @@ fn check_header(
     // library, which is open; the magic bytes are plain bytes, valid for any content.
     let magic = unsafe { std::ptr::addr_of!((*header).magic).read_unaligned() };
     if magic != MAGIC {
-        return Err(LoadError::BadMagic);
+        return Err(LoadErrorKind::BadMagic);
     }
     // SAFETY: the magic matched, so this is a plugin-api header, whose first two fields have
     // been frozen since header version 1.
     let version = unsafe { std::ptr::addr_of!((*header).header_version).read_unaligned() };
     if version != HEADER_VERSION {
-        return Err(LoadError::HeaderVersion {
+        return Err(LoadErrorKind::HeaderVersion {
             found: version,
             supported: HEADER_VERSION,
         });
@@ -552,7 +552,7 @@ fn check_header(
     if layout % std::mem::align_of::<TypeLayout>() != 0
         || !segments.contains(layout, std::mem::size_of::<TypeLayout>())
     {
-        return Err(LoadError::BadHeaderPointer {
+        return Err(LoadErrorKind::BadHeaderPointer {
             field: "table_layout",
             address: layout,
         });
@@ -568,7 +568,7 @@ fn check_header(
     if table % std::mem::align_of::<usize>() != 0
         || !segments.contains(table, std::mem::size_of::<usize>())
     {
-        return Err(LoadError::BadHeaderPointer {
+        return Err(LoadErrorKind::BadHeaderPointer {
             field: "table",
             address: table,
         });
@@ -578,10 +578,10 @@ fn check_header(
     // that lives as long as the library.
     let header = unsafe { &*header };
     if !header.panic_unwind {
-        return Err(LoadError::PanicAbort);
+        return Err(LoadErrorKind::PanicAbort);
     }
     if !header.abi.is_compatible(&AbiHeader::VALUE) {
-        return Err(LoadError::AbiStableMismatch {
+        return Err(LoadErrorKind::AbiStableMismatch {
             plugin: format!("{}.{}", header.abi.abi_major, header.abi.abi_minor),
             host: format!(
                 "{}.{}",

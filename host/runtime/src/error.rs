@@ -7,13 +7,11 @@ use plugin_api::abi::ErrorKind;
 
 use crate::text::EscapeControl;
 
-/// Why a plugin file was refused. Every message says what to do about it.
-///
-/// Load functions return `anyhow::Error` whose context names the file; reach this with
-/// `err.downcast_ref::<LoadError>()`.
+/// Why a plugin file was refused, as data a caller can match on. Every message says what to do
+/// about it. Carried by a [`LoadError`], which names the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum LoadError {
+pub enum LoadErrorKind {
     /// The file does not exist (any more).
     NotFound,
     /// The file is empty.
@@ -149,93 +147,104 @@ pub enum LoadError {
         /// The file name the configuration pins it to.
         pinned: String,
     },
+    /// Reading the plugins directory failed (a [`PluginHost::scan`](crate::PluginHost::scan)
+    /// of a directory that is missing or unreadable).
+    DirectoryUnreadable {
+        /// The system's message.
+        message: String,
+    },
+    /// No plugin of that name is loaded (a reload of a plugin that is not there).
+    NotLoaded {
+        /// The plugin name.
+        plugin: String,
+    },
 }
 
-impl fmt::Display for LoadError {
+impl fmt::Display for LoadErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LoadError::NotFound => f.write_str("no such file"),
-            LoadError::Empty => f.write_str("the file is empty; rebuild the plugin and copy it again"),
-            LoadError::NotSharedLibrary { reason } => write!(
+            LoadErrorKind::NotFound => f.write_str("no such file"),
+            LoadErrorKind::Empty => f.write_str("the file is empty; rebuild the plugin and copy it again"),
+            LoadErrorKind::NotSharedLibrary { reason } => write!(
                 f,
                 "not a shared library ({reason}); only plugin builds (`cargo build` of a cdylib crate) belong in the plugins directory"
             ),
-            LoadError::Truncated { expected, actual } => write!(
+            LoadErrorKind::Truncated { expected, actual } => write!(
                 f,
                 "truncated: {actual} of {expected} bytes; the file is still being written or was cut off, copy it again"
             ),
-            LoadError::NotLoadable { reason } => write!(f, "the dynamic loader refused it: {reason}"),
-            LoadError::NoHeader => f.write_str(
+            LoadErrorKind::NotLoadable { reason } => write!(f, "the dynamic loader refused it: {reason}"),
+            LoadErrorKind::NoHeader => f.write_str(
                 "no plugin header symbol `PLUGIN_HOST_HEADER`; build the plugin with `plugin_api::export_plugin!`",
             ),
-            LoadError::BadMagic => f.write_str(
+            LoadErrorKind::BadMagic => f.write_str(
                 "the plugin header has the wrong magic bytes; this library was not built with plugin-api",
             ),
-            LoadError::HeaderVersion { found, supported } => write!(
+            LoadErrorKind::HeaderVersion { found, supported } => write!(
                 f,
                 "plugin header version {found}, this host reads version {supported}; rebuild the plugin against this host's plugin-api"
             ),
-            LoadError::PanicAbort => f.write_str(
+            LoadErrorKind::PanicAbort => f.write_str(
                 "built with panic = \"abort\", so any panic would kill the worker; rebuild it with the default panic = \"unwind\"",
             ),
-            LoadError::AbiStableMismatch { plugin, host } => write!(
+            LoadErrorKind::AbiStableMismatch { plugin, host } => write!(
                 f,
                 "built with abi_stable ABI {plugin}, the host uses {host}; rebuild the plugin against this host's plugin-api"
             ),
-            LoadError::LayoutMismatch { details } => write!(
+            LoadErrorKind::LayoutMismatch { details } => write!(
                 f,
                 "its function table does not match this host's; rebuild the plugin against this host's plugin-api. What differs:\n{}",
                 details.trim_end()
             ),
-            LoadError::BadManifest { reason } => {
+            LoadErrorKind::BadManifest { reason } => {
                 write!(f, "unreadable plugin manifest: {}", EscapeControl(reason))
             }
-            LoadError::Disabled { plugin } => write!(
+            LoadErrorKind::Disabled { plugin } => write!(
                 f,
                 "plugin `{plugin}` is disabled in the configuration file (set \"enabled\": true to load it)"
             ),
-            LoadError::DuplicateName { plugin, loaded_from } => write!(
+            LoadErrorKind::DuplicateName { plugin, loaded_from } => write!(
                 f,
                 "plugin `{plugin}` is already loaded from {}; remove one of the two files",
                 loaded_from.display()
             ),
-            LoadError::CreateFailed { plugin, message } => write!(
+            LoadErrorKind::CreateFailed { plugin, message } => write!(
                 f,
                 "plugin `{}` refused to start: {}",
                 EscapeControl(plugin),
                 EscapeControl(message)
             ),
-            LoadError::CreatePanicked { plugin, message } => write!(
+            LoadErrorKind::CreatePanicked { plugin, message } => write!(
                 f,
                 "plugin `{}` panicked while starting: {}",
                 EscapeControl(plugin),
                 EscapeControl(message)
             ),
-            LoadError::NotRegularFile { kind } => write!(
+            LoadErrorKind::NotRegularFile { kind } => write!(
                 f,
                 "not a regular file but {kind}; only plugin builds (regular files) belong in the plugins directory"
             ),
-            LoadError::InsecurePermissions { reason } => write!(
+            LoadErrorKind::InsecurePermissions { reason } => write!(
                 f,
                 "{reason} (or start the worker with --insecure-permissions, for development only)"
             ),
-            LoadError::TooLarge { size, max } => write!(
+            LoadErrorKind::TooLarge { size, max } => write!(
                 f,
                 "{size} bytes, more than the maximum plugin size of {max} bytes; it was not read (raise the limit with --max-plugin-size-mb)"
             ),
-            LoadError::BadHeaderSymbol { reason } => write!(
+            LoadErrorKind::BadHeaderSymbol { reason } => write!(
                 f,
                 "its `PLUGIN_HOST_HEADER` symbol is not a plugin header ({reason}); it was checked before loading and none of its code ran; build the plugin with `plugin_api::export_plugin!`"
             ),
-            LoadError::BadHeaderPointer { field, address } => write!(
+            LoadErrorKind::BadHeaderPointer { field, address } => write!(
                 f,
                 "the plugin header's `{field}` pointer ({address:#x}) does not point into the library itself; the file is corrupt or not built with plugin-api"
             ),
-            LoadError::InvalidName { name, reason } => write!(
+            LoadErrorKind::InvalidName { name, reason } => write!(
                 f,
                 "invalid plugin name {name}: {reason}; a name is 1-64 characters of a-z, 0-9, `-`, `_` and `.`, not starting with `.`"
             ),
-            LoadError::NameConflict { plugin, others } => {
+            LoadErrorKind::NameConflict { plugin, others } => {
                 let others: Vec<String> =
                     others.iter().map(|p| p.display().to_string()).collect();
                 write!(
@@ -244,19 +253,123 @@ impl fmt::Display for LoadError {
                     others.join(", ")
                 )
             }
-            LoadError::StillOpenForWriting { seconds } => write!(
+            LoadErrorKind::StillOpenForWriting { seconds } => write!(
                 f,
                 "written to and still not closed after {seconds} s; it is loaded once its writer closes it (write plugins under a hidden name and rename them into place)"
             ),
-            LoadError::NamePinned { plugin, pinned } => write!(
+            LoadErrorKind::NamePinned { plugin, pinned } => write!(
                 f,
                 "plugin `{plugin}` is pinned to the file {pinned} in the configuration; this file may not provide it (remove it, or change the pin)"
             ),
+            LoadErrorKind::DirectoryUnreadable { message } => write!(
+                f,
+                "{message}; create it or point to another with --plugins DIR"
+            ),
+            LoadErrorKind::NotLoaded { plugin } => {
+                write!(f, "no plugin `{}` is loaded", EscapeControl(plugin))
+            }
         }
     }
 }
 
+impl std::error::Error for LoadErrorKind {}
+
+/// A plugin file refused by [`PluginHost::load`](crate::PluginHost::load),
+/// [`scan`](crate::PluginHost::scan) or [`reload`](crate::PluginHost::reload): the file, why
+/// ([`kind`](Self::kind), to match on), and what was being done. A [`Refusal`](crate::Refusal)
+/// listed by the host is this same error.
+///
+/// ```no_run
+/// use plugin_host::{LoadErrorKind, PluginHost};
+///
+/// let host = PluginHost::builder("plugins").build()?;
+/// match host.load("plugins/libecho.so") {
+///     Ok(plugin) => println!("loaded {}", plugin.name),
+///     Err(e) if matches!(e.kind, LoadErrorKind::Disabled { .. }) => println!("disabled"),
+///     Err(e) => eprintln!("{} refused: {e}", e.file.display()),
+/// }
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadError {
+    /// The plugin file (the plugins directory for [`LoadErrorKind::DirectoryUnreadable`],
+    /// empty for [`LoadErrorKind::NotLoaded`]).
+    pub file: PathBuf,
+    /// Why it was refused.
+    pub kind: LoadErrorKind,
+    /// What was being done when it is more than loading the file: a reload names the plugin
+    /// and the generation that keeps serving.
+    pub during: Option<String>,
+}
+
+impl LoadError {
+    /// `file` refused for `kind`, while loading it.
+    pub(crate) fn new(file: impl Into<PathBuf>, kind: LoadErrorKind) -> Self {
+        LoadError {
+            file: file.into(),
+            kind,
+            during: None,
+        }
+    }
+
+    /// The same error, while doing `during`.
+    pub(crate) fn during(mut self, during: String) -> Self {
+        self.during = Some(during);
+        self
+    }
+
+    /// The whole message: the file, what was being done, the reason and what to do.
+    pub fn reason(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            LoadErrorKind::NotLoaded { plugin } => {
+                return write!(
+                    f,
+                    "cannot {} `{}`: no plugin of that name is loaded",
+                    self.during.as_deref().unwrap_or("reload"),
+                    EscapeControl(plugin)
+                );
+            }
+            LoadErrorKind::DirectoryUnreadable { .. } => {
+                return write!(
+                    f,
+                    "reading the plugins directory {}: {}",
+                    self.file.display(),
+                    self.kind
+                );
+            }
+            _ => {}
+        }
+        if let Some(during) = &self.during {
+            write!(f, "{during}: ")?;
+        }
+        write!(
+            f,
+            "loading plugin file {}: {}",
+            self.file.display(),
+            self.kind
+        )
+    }
+}
+
 impl std::error::Error for LoadError {}
+
+/// Listed as `{"file", "reason"}` (`worker list --json`, the control API).
+impl serde::Serialize for LoadError {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut refusal = serializer.serialize_struct("Refusal", 2)?;
+        refusal.serialize_field("file", &self.file)?;
+        refusal.serialize_field("reason", &self.reason())?;
+        refusal.end()
+    }
+}
 
 /// What a plugin reported when one of its functions failed: the error it returned, or a panic
 /// caught at the boundary. The plugin-side form of this is the frozen ABI type

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
 use crate::dylib::{PluginFailure, PluginLibrary};
-use crate::error::{LoadError, PluginCallError, PluginError};
+use crate::error::{LoadError, LoadErrorKind, PluginCallError, PluginError};
 use crate::hooks::{
     HookEvent, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
 };
@@ -123,17 +123,8 @@ pub struct LoadedPlugin {
     pub stats: PluginStats,
 }
 
-/// A file that could not be loaded, and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Refusal {
-    /// The file.
-    pub file: PathBuf,
-    /// The reason, with what to do about it.
-    pub reason: String,
-    /// The reason as data, when it is one of the [`LoadError`]s.
-    #[serde(skip)]
-    pub error: Option<LoadError>,
-}
+/// A file that could not be loaded, and why: the [`LoadError`] that refused it.
+pub type Refusal = LoadError;
 
 /// What a [`PluginHost::scan`] did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -11,7 +11,7 @@ use abi_stable::abi_stability::abi_checking::{
 use abi_stable::type_layout::TypeLayout;
 use plugin_api::abi::PluginTableRef;
 
-use crate::error::LoadError;
+use crate::error::LoadErrorKind;
 
 /// Checks the plugin's table layout against the host's.
 ///
@@ -19,7 +19,7 @@ use crate::error::LoadError;
 /// plugin built against a newer plugin-api passes that way round; one built against an older
 /// plugin-api (fewer fields: capabilities it predates) passes the other way round, and its
 /// missing fields read as `None` through the prefix accessors. Anything else is refused.
-pub(crate) fn check_table_layout(plugin: &'static TypeLayout) -> Result<(), LoadError> {
+pub(crate) fn check_table_layout(plugin: &'static TypeLayout) -> Result<(), LoadErrorKind> {
     let host = <PluginTableRef as StableAbi>::LAYOUT;
     // A fresh `CheckingGlobals` per check: abi_stable's process-wide one would keep pointers
     // into this library after it is closed.
@@ -36,7 +36,7 @@ pub(crate) fn check_table_layout(plugin: &'static TypeLayout) -> Result<(), Load
     for error in &errors.errors {
         let _ = write!(full, "{error}");
     }
-    Err(LoadError::LayoutMismatch {
+    Err(LoadErrorKind::LayoutMismatch {
         details: summarize_layout_errors(&full),
     })
 }

@@ -42,7 +42,7 @@ pub mod text;
 pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
-pub use error::{LoadError, PluginCallError, PluginError};
+pub use error::{LoadError, LoadErrorKind, PluginCallError, PluginError};
 pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
 };

@@ -28,7 +28,7 @@ use object::read::elf::{FileHeader as _, ProgramHeader as _, Sym as _};
 use plugin_api::abi::{HEADER_SYMBOL, HEADER_VERSION, MAGIC, PluginHeader};
 
 use crate::dylib::{ShadowFile, effective_uid};
-use crate::error::LoadError;
+use crate::error::LoadErrorKind;
 
 /// Default largest plugin file accepted: 256 MiB.
 pub(crate) const DEFAULT_MAX_PLUGIN_SIZE: u64 = 256 << 20;
@@ -82,7 +82,10 @@ pub(crate) struct CheckedFile {
 
 /// Reads `path` and checks it up to the point where it could be opened: [`read_plugin_file`]
 /// and [`check_elf`].
-pub(crate) fn check_plugin_file(path: &Path, policy: FilePolicy) -> Result<CheckedFile, LoadError> {
+pub(crate) fn check_plugin_file(
+    path: &Path,
+    policy: FilePolicy,
+) -> Result<CheckedFile, LoadErrorKind> {
     let (bytes, stamp) = read_plugin_file(path, policy)?;
     let header = check_elf(&bytes)?;
     Ok(CheckedFile {
@@ -121,7 +124,7 @@ fn check_ownership(
     metadata: &std::fs::Metadata,
     what: &str,
     policy: FilePolicy,
-) -> Result<(), LoadError> {
+) -> Result<(), LoadErrorKind> {
     let euid = effective_uid();
     let uid = metadata.uid();
     let mode = metadata.mode() & 0o7777;
@@ -151,7 +154,7 @@ fn check_ownership(
             tracing::warn!(path = %path.display(), %reason, "insecure permissions allowed by --insecure-permissions");
             Ok(())
         }
-        Some(reason) => Err(LoadError::InsecurePermissions { reason }),
+        Some(reason) => Err(LoadErrorKind::InsecurePermissions { reason }),
     }
 }
 
@@ -174,19 +177,19 @@ fn parent_dir(path: &Path) -> PathBuf {
 pub(crate) fn read_plugin_file(
     path: &Path,
     policy: FilePolicy,
-) -> Result<(Vec<u8>, FileStamp), LoadError> {
-    let io = |e: std::io::Error| LoadError::NotLoadable {
+) -> Result<(Vec<u8>, FileStamp), LoadErrorKind> {
+    let io = |e: std::io::Error| LoadErrorKind::NotLoadable {
         reason: format!("reading {}: {e}", path.display()),
     };
     let not_found = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::NotFound => LoadError::NotFound,
+        std::io::ErrorKind::NotFound => LoadErrorKind::NotFound,
         _ => io(e),
     };
     // Decided before opening: opening a FIFO blocks, opening a device can act on it.
     let link = std::fs::symlink_metadata(path).map_err(not_found)?;
     let target = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound if link.file_type().is_symlink() => {
-            LoadError::NotRegularFile {
+            LoadErrorKind::NotRegularFile {
                 kind: "a symbolic link whose target does not exist".to_owned(),
             }
         }
@@ -194,7 +197,7 @@ pub(crate) fn read_plugin_file(
     })?;
     if !target.file_type().is_file() {
         let kind = kind_of(target.file_type());
-        return Err(LoadError::NotRegularFile {
+        return Err(LoadErrorKind::NotRegularFile {
             kind: if link.file_type().is_symlink() {
                 format!("a symbolic link to {kind}")
             } else {
@@ -229,17 +232,17 @@ pub(crate) fn read_plugin_file(
     // points to meanwhile.
     let metadata = file.metadata().map_err(io)?;
     if !metadata.file_type().is_file() {
-        return Err(LoadError::NotRegularFile {
+        return Err(LoadErrorKind::NotRegularFile {
             kind: kind_of(metadata.file_type()).to_owned(),
         });
     }
     check_ownership(path, &metadata, "plugin file", policy)?;
     let len = metadata.len();
     if len == 0 {
-        return Err(LoadError::Empty);
+        return Err(LoadErrorKind::Empty);
     }
     if len > policy.max_size {
-        return Err(LoadError::TooLarge {
+        return Err(LoadErrorKind::TooLarge {
             size: len,
             max: policy.max_size,
         });
@@ -247,11 +250,11 @@ pub(crate) fn read_plugin_file(
     let mut magic = [0u8; 4];
     let got = file.by_ref().take(4).read(&mut magic).map_err(io)?;
     if got < 4 || magic != *b"\x7fELF" {
-        return Err(LoadError::NotSharedLibrary {
+        return Err(LoadErrorKind::NotSharedLibrary {
             reason: "no ELF magic bytes".to_owned(),
         });
     }
-    let capacity = usize::try_from(len).map_err(|_| LoadError::TooLarge {
+    let capacity = usize::try_from(len).map_err(|_| LoadErrorKind::TooLarge {
         size: len,
         max: policy.max_size,
     })?;
@@ -263,7 +266,7 @@ pub(crate) fn read_plugin_file(
         .read_to_end(&mut bytes)
         .map_err(io)?;
     if bytes.len() as u64 != len {
-        return Err(LoadError::Truncated {
+        return Err(LoadErrorKind::Truncated {
             expected: len,
             actual: bytes.len() as u64,
         });
@@ -320,13 +323,13 @@ type HostElf = object::elf::FileHeader32<object::Endianness>;
         reason = "ELF words are u64 here but u32 on 32-bit hosts"
     )
 )]
-pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
+pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadErrorKind> {
     use object::elf;
-    let not_so = |reason: String| LoadError::NotSharedLibrary { reason };
+    let not_so = |reason: String| LoadErrorKind::NotSharedLibrary { reason };
     let malformed = |what: &str, e: object::read::Error| not_so(format!("{what}: {e}"));
     let len = bytes.len() as u64;
     if bytes.is_empty() {
-        return Err(LoadError::Empty);
+        return Err(LoadErrorKind::Empty);
     }
     if bytes.len() < 4 || bytes[..4] != *b"\x7fELF" {
         return Err(not_so("no ELF magic bytes".to_owned()));
@@ -347,7 +350,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
             )));
         }
         None => {
-            return Err(LoadError::Truncated {
+            return Err(LoadErrorKind::Truncated {
                 expected: 64,
                 actual: len,
             });
@@ -355,7 +358,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
     }
     let header_len = std::mem::size_of::<HostElf>() as u64;
     if len < header_len {
-        return Err(LoadError::Truncated {
+        return Err(LoadErrorKind::Truncated {
             expected: header_len,
             actual: len,
         });
@@ -390,7 +393,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
     let shnum = u64::from(header.e_shnum(endian));
     let expected = shoff.saturating_add(shentsize.saturating_mul(shnum));
     if expected > len {
-        return Err(LoadError::Truncated {
+        return Err(LoadErrorKind::Truncated {
             expected,
             actual: len,
         });
@@ -415,9 +418,9 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
         }
     }
     let Some(symbol) = found else {
-        return Err(LoadError::NoHeader);
+        return Err(LoadErrorKind::NoHeader);
     };
-    let bad = |reason: String| LoadError::BadHeaderSymbol { reason };
+    let bad = |reason: String| LoadErrorKind::BadHeaderSymbol { reason };
     let st_type = symbol.st_type();
     if st_type != elf::STT_OBJECT {
         let what = match st_type {
@@ -477,7 +480,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
             ))
         })?;
     if header_bytes[..MAGIC.len()] != MAGIC {
-        return Err(LoadError::BadMagic);
+        return Err(LoadErrorKind::BadMagic);
     }
     let mut version = [0u8; 4];
     version.copy_from_slice(&header_bytes[8..12]);
@@ -487,7 +490,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
         u32::from_be_bytes(version)
     };
     if version != HEADER_VERSION {
-        return Err(LoadError::HeaderVersion {
+        return Err(LoadErrorKind::HeaderVersion {
             found: version,
             supported: HEADER_VERSION,
         });
@@ -496,7 +499,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
 }
 
 /// Whether the file at `path` looks complete from its ELF header alone: the section header
-/// table ends within the file. `Err` with [`LoadError::Truncated`] or [`LoadError::Empty`]
+/// table ends within the file. `Err` with [`LoadErrorKind::Truncated`] or [`LoadErrorKind::Empty`]
 /// while it is still being written; every other state is `Ok` (the load reports it). Never
 /// blocks: anything but a regular file is not opened.
 #[cfg_attr(
@@ -506,7 +509,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadError> {
         reason = "ELF words are u64 here but u32 on 32-bit hosts"
     )
 )]
-pub(crate) fn check_complete(path: &Path) -> Result<(), LoadError> {
+pub(crate) fn check_complete(path: &Path) -> Result<(), LoadErrorKind> {
     let Ok(metadata) = std::fs::metadata(path) else {
         return Ok(());
     };
@@ -522,7 +525,7 @@ pub(crate) fn check_complete(path: &Path) -> Result<(), LoadError> {
     };
     let len = file.metadata().map_or(0, |m| m.len());
     if len == 0 {
-        return Err(LoadError::Empty);
+        return Err(LoadErrorKind::Empty);
     }
     let mut head = Vec::with_capacity(64);
     if file.take(64).read_to_end(&mut head).is_err() {
@@ -531,7 +534,7 @@ pub(crate) fn check_complete(path: &Path) -> Result<(), LoadError> {
     let header_len = std::mem::size_of::<HostElf>();
     if head.len() < header_len {
         return if head.starts_with(b"\x7fELF") {
-            Err(LoadError::Truncated {
+            Err(LoadErrorKind::Truncated {
                 expected: header_len as u64,
                 actual: len,
             })
@@ -550,7 +553,7 @@ pub(crate) fn check_complete(path: &Path) -> Result<(), LoadError> {
         u64::from(header.e_shentsize(endian)).saturating_mul(u64::from(header.e_shnum(endian))),
     );
     if expected > len {
-        return Err(LoadError::Truncated {
+        return Err(LoadErrorKind::Truncated {
             expected,
             actual: len,
         });
@@ -570,7 +573,7 @@ pub(crate) fn shadow_copy(
     checked: &CheckedFile,
     shadow_dir: &Path,
     generation: u64,
-) -> Result<ShadowFile, LoadError> {
+) -> Result<ShadowFile, LoadErrorKind> {
     use std::io::Write as _;
     let stem: String = file
         .file_stem()
@@ -591,7 +594,7 @@ pub(crate) fn shadow_copy(
         std::process::id(),
         std::env::consts::DLL_EXTENSION
     ));
-    let failed = |shadow: &Path, e: std::io::Error| LoadError::NotLoadable {
+    let failed = |shadow: &Path, e: std::io::Error| LoadErrorKind::NotLoadable {
         reason: format!("writing its shadow copy {} failed: {e}", shadow.display()),
     };
     let mut out = std::fs::OpenOptions::new()

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher as _};
 
 use crate::PluginHost;
-use crate::error::LoadError;
+use crate::error::LoadErrorKind;
 use crate::loader::{self, FileStamp};
 
 /// How the watcher paces itself.
@@ -344,14 +344,16 @@ impl WatchState {
                 self.handled.insert(path.clone(), stamp);
                 self.host.note_refused(
                     &path,
-                    LoadError::StillOpenForWriting {
+                    LoadErrorKind::StillOpenForWriting {
                         seconds: idle.as_secs(),
                     },
                 );
                 continue;
             }
             match loader::check_complete(&path) {
-                Err(LoadError::Truncated { .. } | LoadError::Empty) if waited < GIVE_UP_WAITING => {
+                Err(LoadErrorKind::Truncated { .. } | LoadErrorKind::Empty)
+                    if waited < GIVE_UP_WAITING =>
+                {
                     tracing::debug!(file = %path.display(), "waiting for the file to be complete");
                     continue;
                 }
@@ -383,7 +385,7 @@ impl WatchState {
             return;
         }
         for refusal in self.host.refused() {
-            if let Some(LoadError::NameConflict { others, .. }) = &refusal.error {
+            if let LoadErrorKind::NameConflict { others, .. } = &refusal.kind {
                 if others.iter().any(|other| gone.contains(other)) {
                     self.handled.remove(&refusal.file);
                 }

@@ -281,7 +281,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         (Command::Run { .. }, Err(e)) => {
             tracing::warn!(error = %format!("{e:#}"), "no plugins; running on the defaults");
         }
-        (_, Err(e)) => return Err(e),
+        (_, Err(e)) => return Err(e.into()),
     }
     match cli.command {
         Command::ExampleTasks { .. } => {}
@@ -416,7 +416,7 @@ fn write_list(
         for refusal in refused {
             // A reason may span lines (a layout mismatch); each line is escaped on its own.
             let lines: Vec<String> = refusal
-                .reason
+                .reason()
                 .split('\n')
                 .map(|line| EscapeControl(line).to_string())
                 .collect();

@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use plugin_host::LoadError;
+use plugin_host::LoadErrorKind;
 use serde_json::{Value, json};
 use tests::{PluginDir, built_plugin, drop_in, eventually};
 
@@ -459,11 +459,11 @@ fn files_over_the_size_limit_are_refused_without_being_copied() {
     let report = host.scan().unwrap();
     assert!(report.loaded.is_empty());
     assert_eq!(
-        report.refused[0].error,
-        Some(LoadError::TooLarge {
+        report.refused[0].kind,
+        LoadErrorKind::TooLarge {
             size: 2 << 30,
             max: 256 << 20
-        })
+        }
     );
     assert!(dir.shadow_files().is_empty());
     // Not read either: a 2 GiB read would take far longer.
@@ -635,11 +635,11 @@ fn a_name_claimed_by_two_files_goes_to_neither_unless_pinned() {
     assert_eq!(report.loaded, ["echo"]);
     assert_eq!(host.plugin("echo").unwrap().file, echo);
     assert_eq!(
-        report.refused[0].error,
-        Some(LoadError::NamePinned {
+        report.refused[0].kind,
+        LoadErrorKind::NamePinned {
             plugin: "echo".into(),
             pinned: "libecho.so".into()
-        })
+        }
     );
     drop(host);
 

@@ -102,7 +102,7 @@ fn broken_replacement_keeps_the_old_version_until_a_fixed_one_arrives() {
     drop_in(&broken, &dir.path(), "libfixture.so");
     assert!(eventually(PATIENCE, || !host.refused().is_empty()));
     assert!(
-        host.refused()[0].reason.contains("keeps serving"),
+        host.refused()[0].reason().contains("keeps serving"),
         "{:?}",
         host.refused()
     );

@@ -15,7 +15,7 @@ use super::*;
 ///     .build()?;
 /// let report = host.scan()?;
 /// for refusal in &report.refused {
-///     eprintln!("{}: {}", refusal.file.display(), refusal.reason);
+///     eprintln!("{}: {:?}", refusal.file.display(), refusal.kind);
 /// }
 /// let variant = host.execute_or("experiment", "pickVariant", &json!({"experiment": "tone"}), "A".to_owned());
 /// # let _ = variant;

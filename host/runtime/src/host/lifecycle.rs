@@ -10,7 +10,7 @@ pub(super) const MAX_NAME_LEN: usize = 64;
 /// Checks a plugin's name: 1-64 characters of `a-z`, `0-9`, `-`, `_`, `.`, not starting with
 /// `.`. Names become file names (state files), log fields and URL path segments, so nothing
 /// else is accepted.
-pub(super) fn validate_name(name: &str) -> Result<(), LoadError> {
+pub(super) fn validate_name(name: &str) -> Result<(), LoadErrorKind> {
     let reason = if name.is_empty() {
         Some("it is empty".to_owned())
     } else if name.len() > MAX_NAME_LEN {
@@ -33,7 +33,7 @@ pub(super) fn validate_name(name: &str) -> Result<(), LoadError> {
             if shown.len() < name.len() {
                 shown.push_str("...");
             }
-            Err(LoadError::InvalidName {
+            Err(LoadErrorKind::InvalidName {
                 name: format!("{shown:?}"),
                 reason,
             })
@@ -41,12 +41,14 @@ pub(super) fn validate_name(name: &str) -> Result<(), LoadError> {
     }
 }
 
-pub(super) fn refusal(file: &Path, error: &anyhow::Error) -> Refusal {
-    Refusal {
-        file: file.to_path_buf(),
-        reason: format!("{error:#}"),
-        error: error.downcast_ref::<LoadError>().cloned(),
-    }
+/// A reload of a plugin that is not loaded.
+fn not_loaded(plugin: &str) -> LoadError {
+    LoadError::new(
+        PathBuf::new(),
+        LoadErrorKind::NotLoaded {
+            plugin: plugin.to_owned(),
+        },
+    )
 }
 
 /// Moves the state of `old` into `new`. Failures are logged; `new` then starts fresh.
@@ -83,12 +85,14 @@ impl PluginHost {
     /// # Errors
     ///
     /// Only when the directory itself cannot be read.
-    pub fn scan(&self) -> anyhow::Result<ScanReport> {
+    pub fn scan(&self) -> Result<ScanReport, LoadError> {
         let dir = &self.inner.plugins_dir;
-        std::fs::read_dir(dir).with_context(|| {
-            format!(
-                "reading the plugins directory {}; create it or point to another with --plugins DIR",
-                dir.display()
+        std::fs::read_dir(dir).map_err(|e| {
+            LoadError::new(
+                dir,
+                LoadErrorKind::DirectoryUnreadable {
+                    message: e.to_string(),
+                },
             )
         })?;
         let files = loader::plugin_files(dir).into_iter().map(|(path, _)| path);
@@ -106,7 +110,7 @@ impl PluginHost {
                     Ok(generation) => opened.push((generation, started)),
                     Err(e) => {
                         self.note_result(&file, Some(&e));
-                        report.refused.push(refusal(&file, &e));
+                        report.refused.push(e);
                     }
                 }
             }
@@ -124,11 +128,13 @@ impl PluginHost {
                 // A pin settles the claim: `start` refuses every file but the pinned one.
                 let result = if claimants.len() > 1 && self.settings(&name).file.is_none() {
                     let others = claimants.iter().filter(|f| **f != file).cloned().collect();
-                    Err(anyhow::Error::new(LoadError::NameConflict {
-                        plugin: name,
-                        others,
-                    })
-                    .context(format!("loading plugin file {}", file.display())))
+                    Err(LoadError::new(
+                        &file,
+                        LoadErrorKind::NameConflict {
+                            plugin: name,
+                            others,
+                        },
+                    ))
                 } else {
                     self.install(generation, started)
                 };
@@ -138,7 +144,7 @@ impl PluginHost {
                         report.loaded.push(plugin.name.clone());
                         loaded.push(plugin);
                     }
-                    Err(e) => report.refused.push(refusal(&file, &e)),
+                    Err(e) => report.refused.push(e),
                 }
             }
         }
@@ -152,10 +158,10 @@ impl PluginHost {
     ///
     /// # Errors
     ///
-    /// The file is refused; the error names the file and the reason, and downcasts to
-    /// [`LoadError`]. The refusal is also listed by [`refused`](Self::refused) until the file
-    /// loads.
-    pub fn load(&self, file: impl AsRef<Path>) -> anyhow::Result<LoadedPlugin> {
+    /// The file is refused: the [`LoadError`] names the file and carries the reason as a
+    /// [`LoadErrorKind`]. The refusal is also listed by [`refused`](Self::refused) until the
+    /// file loads.
+    pub fn load(&self, file: impl AsRef<Path>) -> Result<LoadedPlugin, LoadError> {
         let file = file.as_ref();
         let result = {
             let _admin = self.admin();
@@ -186,18 +192,22 @@ impl PluginHost {
         }
     }
 
-    pub(super) fn load_locked(&self, file: &Path) -> anyhow::Result<LoadedPlugin> {
+    pub(super) fn load_locked(&self, file: &Path) -> Result<LoadedPlugin, LoadError> {
         let started = Instant::now();
         let opened = self.open_file(file)?;
         self.install(opened, started)
     }
 
     /// Creates an opened generation as a newly loaded plugin and publishes it.
-    pub(super) fn install(&self, opened: Opened, started: Instant) -> anyhow::Result<LoadedPlugin> {
+    pub(super) fn install(
+        &self,
+        opened: Opened,
+        started: Instant,
+    ) -> Result<LoadedPlugin, LoadError> {
         let file = opened.file.clone();
         let generation = self
             .start(opened, None)
-            .with_context(|| format!("loading plugin file {}", file.display()))?;
+            .map_err(|kind| LoadError::new(&file, kind))?;
         let file = file.as_path();
         let name = generation.manifest.name.clone();
         self.restore_saved_state(&name, &generation);
@@ -232,19 +242,20 @@ impl PluginHost {
         &self,
         file: &Path,
         replacing: Option<&str>,
-    ) -> anyhow::Result<Generation> {
+    ) -> Result<Generation, LoadError> {
         let opened = self.open_file(file)?;
         self.start(opened, replacing)
+            .map_err(|kind| LoadError::new(file, kind))
     }
 
     /// Checks `file`, copies it to the shadow directory, opens the copy and reads its manifest:
     /// everything up to creating the instance.
-    pub(super) fn open_file(&self, file: &Path) -> anyhow::Result<Opened> {
+    pub(super) fn open_file(&self, file: &Path) -> Result<Opened, LoadError> {
         self.open_file_inner(file)
-            .with_context(|| format!("loading plugin file {}", file.display()))
+            .map_err(|kind| LoadError::new(file, kind))
     }
 
-    pub(super) fn open_file_inner(&self, file: &Path) -> anyhow::Result<Opened> {
+    fn open_file_inner(&self, file: &Path) -> Result<Opened, LoadErrorKind> {
         let number = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
         // The checks and the copy see the same bytes, read once from one open descriptor.
         let checked = loader::check_plugin_file(file, self.inner.file_policy)?;
@@ -255,14 +266,14 @@ impl PluginHost {
         let library = PluginLibrary::open(shadow, header)?;
         let manifest_json = library
             .manifest_json()
-            .map_err(|PluginError { kind, message }| LoadError::BadManifest {
+            .map_err(|PluginError { kind, message }| LoadErrorKind::BadManifest {
                 reason: match kind {
                     ErrorKind::Panicked => format!("reading it panicked: {message}"),
                     _ => message,
                 },
             })?;
         let mut manifest: Manifest =
-            serde_json::from_str(&manifest_json).map_err(|e| LoadError::BadManifest {
+            serde_json::from_str(&manifest_json).map_err(|e| LoadErrorKind::BadManifest {
                 reason: e.to_string(),
             })?;
         if !manifest.hooks.is_empty() && !library.supports_hooks() {
@@ -302,7 +313,7 @@ impl PluginHost {
         &self,
         opened: Opened,
         replacing: Option<&str>,
-    ) -> anyhow::Result<Generation> {
+    ) -> Result<Generation, LoadErrorKind> {
         let Opened {
             manifest,
             file,
@@ -314,36 +325,33 @@ impl PluginHost {
         let name = manifest.name.clone();
         match replacing {
             Some(expected) if expected != name => {
-                return Err(LoadError::BadManifest {
+                return Err(LoadErrorKind::BadManifest {
                     reason: format!(
                         "the file now provides plugin `{name}`, not `{expected}`; unload `{expected}` first"
                     ),
-                }
-                .into());
+                });
             }
             Some(_) => {}
             None => {
                 if let Some(slot) = self.inner.registry.load().get(name.as_str()) {
-                    return Err(LoadError::DuplicateName {
+                    return Err(LoadErrorKind::DuplicateName {
                         plugin: name,
                         loaded_from: slot.generation.file.clone(),
-                    }
-                    .into());
+                    });
                 }
             }
         }
         let settings = self.settings(&name);
         if let Some(pinned) = &settings.file {
             if file.file_name().is_none_or(|n| n != pinned.as_str()) {
-                return Err(LoadError::NamePinned {
+                return Err(LoadErrorKind::NamePinned {
                     plugin: name,
                     pinned: pinned.clone(),
-                }
-                .into());
+                });
             }
         }
         if !settings.enabled {
-            return Err(LoadError::Disabled { plugin: name }.into());
+            return Err(LoadErrorKind::Disabled { plugin: name });
         }
         let config = match &settings.config {
             Value::Null => String::new(),
@@ -353,11 +361,11 @@ impl PluginHost {
         library
             .create(&name, &config, call_back)
             .map_err(|PluginError { kind, message }| match kind {
-                ErrorKind::Panicked => LoadError::CreatePanicked {
+                ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
                     plugin: name.clone(),
                     message,
                 },
-                _ => LoadError::CreateFailed {
+                _ => LoadErrorKind::CreateFailed {
                     plugin: name.clone(),
                     message,
                 },
@@ -372,13 +380,11 @@ impl PluginHost {
     }
 
     /// Lists `file` as refused for `error` without trying to load it.
-    pub(crate) fn note_refused(&self, file: &Path, error: LoadError) {
-        let error =
-            anyhow::Error::new(error).context(format!("loading plugin file {}", file.display()));
-        self.note_result(file, Some(&error));
+    pub(crate) fn note_refused(&self, file: &Path, error: LoadErrorKind) {
+        self.note_result(file, Some(&LoadError::new(file, error)));
     }
 
-    pub(super) fn note_result(&self, file: &Path, error: Option<&anyhow::Error>) {
+    pub(super) fn note_result(&self, file: &Path, error: Option<&LoadError>) {
         let mut refused = self
             .inner
             .refused
@@ -386,9 +392,8 @@ impl PluginHost {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         refused.retain(|r| r.file != file);
         if let Some(e) = error {
-            let refusal = refusal(file, e);
-            tracing::warn!(file = %file.display(), reason = %EscapeControl(&refusal.reason), "plugin file refused");
-            refused.push(refusal);
+            tracing::warn!(file = %file.display(), reason = %EscapeControl(&e.reason()), "plugin file refused");
+            refused.push(e.clone());
         }
     }
 
@@ -427,13 +432,13 @@ impl PluginHost {
     /// # Errors
     ///
     /// The plugin is not loaded, or the new file is refused; the old generation keeps serving.
-    pub fn reload(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
+    pub fn reload(&self, plugin: &str) -> Result<LoadedPlugin, LoadError> {
         let reloaded = self.reload_locked(plugin)?;
         self.fire_lifecycle(HookPoint::PLUGIN_LOADED, &reloaded);
         Ok(reloaded)
     }
 
-    pub(super) fn reload_locked(&self, plugin: &str) -> anyhow::Result<LoadedPlugin> {
+    pub(super) fn reload_locked(&self, plugin: &str) -> Result<LoadedPlugin, LoadError> {
         let _admin = self.admin();
         let old = self
             .inner
@@ -441,17 +446,15 @@ impl PluginHost {
             .load()
             .get(plugin)
             .map(|slot| Arc::clone(&slot.generation))
-            .ok_or_else(|| anyhow!("cannot reload `{plugin}`: no plugin of that name is loaded"))?;
+            .ok_or_else(|| not_loaded(plugin))?;
         let started = Instant::now();
-        let result = self
-            .open_generation(&old.file, Some(plugin))
-            .with_context(|| {
-                format!(
-                    "reloading plugin `{plugin}` from {}; generation {} keeps serving",
-                    old.file.display(),
-                    old.number
-                )
-            });
+        let result = self.open_generation(&old.file, Some(plugin)).map_err(|e| {
+            e.during(format!(
+                "reloading plugin `{plugin}` from {}; generation {} keeps serving",
+                old.file.display(),
+                old.number
+            ))
+        });
         let new = match result {
             Ok(generation) => Arc::new(generation),
             Err(e) => {
@@ -464,7 +467,8 @@ impl PluginHost {
         let mut next = registry.plugins.clone();
         let slot = next
             .get_mut(plugin)
-            .ok_or_else(|| anyhow!("plugin `{plugin}` disappeared during its reload"))?;
+            // Cannot happen under the admin lock; answered as the unload it would have been.
+            .ok_or_else(|| not_loaded(plugin))?;
         slot.generation = Arc::clone(&new);
         let slot = slot.clone();
         self.publish(next);
@@ -566,7 +570,7 @@ impl PluginHost {
                 self.unload(&plugin.name)?;
                 tracing::info!(plugin = %plugin.name, "unloaded: disabled in the configuration");
             } else if let Err(e) = self.reload(&plugin.name) {
-                report.refused.push(refusal(&plugin.file, &e));
+                report.refused.push(e);
             } else {
                 report.loaded.push(plugin.name);
             }
