@@ -25,6 +25,9 @@ use crate::stats::{Outcome, PluginStats, StatsCell};
 
 mod dispatch;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use dispatch::apply_patch;
+
 pub use dispatch::HookSession;
 
 /// One loaded generation of a plugin.

@@ -23,6 +23,11 @@
 
 pub mod cli;
 pub mod config;
+/// Entry points of the fuzz targets in `tests/fuzz`; not an API (feature `fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
 #[expect(
     unsafe_code,
     reason = "the one module that loads libraries and calls through their tables"
