@@ -12,6 +12,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 use crate::http::{ControlOptions, ControlServer, Token};
+use crate::text::EscapeControl;
 use crate::watch::{WatchOptions, Watcher};
 use crate::{LoadedPlugin, PluginHost, Refusal};
 
@@ -36,6 +37,23 @@ pub struct Cli {
     /// plugin loads, saved when it unloads. Used by run, serve and call.
     #[arg(long, global = true, value_name = "DIR", default_value = "state")]
     pub state_dir: PathBuf,
+
+    /// Accept plugin files and a plugins directory that other users can write (group- or
+    /// other-writable, or owned by a user other than the worker's or root), with a warning.
+    /// Insecure: whoever can write a plugin runs code as the worker. For development setups
+    /// only.
+    #[arg(long, global = true)]
+    pub insecure_permissions: bool,
+
+    /// Largest plugin file accepted, in MiB; a bigger file is refused without being read.
+    #[arg(
+        long,
+        global = true,
+        value_name = "MIB",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20)
+    )]
+    pub max_plugin_size_mb: u64,
 
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,host=debug`.
@@ -109,6 +127,11 @@ pub enum Command {
         /// Where to write the results [default: stdout].
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// The longest task line read, in bytes: a longer line gets an error record and is
+        /// skipped without being held in memory whole.
+        #[arg(long, value_name = "BYTES", default_value_t = crate::pipeline::DEFAULT_MAX_LINE_BYTES as u64,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_line_bytes: u64,
     },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
@@ -138,10 +161,13 @@ pub enum Command {
 /// Runs the worker with the process's arguments; returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter: Targets = match cli.log.parse() {
+    let filter = match parse_log_filter(&cli.log) {
         Ok(filter) => filter,
         Err(e) => {
-            eprintln!("error: invalid --log filter `{}`: {e}", cli.log);
+            eprintln!(
+                "error: invalid --log filter `{}`: {e}; use a level (error, warn, info, debug, trace, off) or comma-separated TARGET=LEVEL pairs such as `warn,host=debug`",
+                crate::text::escape_control(&cli.log)
+            );
             return ExitCode::from(2);
         }
     };
@@ -160,6 +186,37 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses a `--log` filter: comma-separated directives, each a level, or `TARGET=LEVEL`.
+///
+/// Stricter than [`Targets`]' own parser, which takes any bare word as a target to log at
+/// every level: a misspelt level (`warnn`) would silently switch every log line off.
+fn parse_log_filter(text: &str) -> Result<Targets, String> {
+    const LEVELS: [&str; 12] = [
+        "off", "error", "warn", "info", "debug", "trace", "0", "1", "2", "3", "4", "5",
+    ];
+    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word));
+    let is_target = |word: &str| {
+        !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_:-.".contains(c))
+    };
+    for directive in text.split(',') {
+        let directive = directive.trim();
+        let valid = match directive.split_once('=') {
+            Some((target, level)) => is_target(target.trim()) && is_level(level.trim()),
+            None => is_level(directive),
+        };
+        if !valid {
+            return Err(format!(
+                "`{}` is neither a level nor TARGET=LEVEL",
+                crate::text::escape_control(directive)
+            ));
+        }
+    }
+    text.parse::<Targets>().map_err(|e| e.to_string())
 }
 
 /// Runs one parsed command, writing its output to `out`.
@@ -189,7 +246,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut builder = PluginHost::builder(&cli.plugins);
+    let mut builder = PluginHost::builder(&cli.plugins)
+        .with_insecure_permissions(cli.insecure_permissions)
+        .with_max_plugin_size(cli.max_plugin_size_mb << 20);
     if let Some(config) = &cli.config {
         builder = builder.with_config_file(config);
     }
@@ -228,8 +287,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Run {
             tasks,
             out: out_file,
-            ..
-        } => return run_tasks(&host, &tasks, out_file.as_deref(), out),
+            max_line_bytes,
+        } => {
+            let max_line_bytes = usize::try_from(max_line_bytes).unwrap_or(usize::MAX);
+            return run_tasks(&host, &tasks, out_file.as_deref(), max_line_bytes, out);
+        }
         Command::Serve {
             listen,
             no_watch,
@@ -274,7 +336,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                             out,
                             "    {}. {} ({}) {} priority {}",
                             i + 1,
-                            s.name,
+                            EscapeControl(&s.name),
                             s.kind,
                             s.mode,
                             s.priority
@@ -315,24 +377,33 @@ fn write_list(
     )?;
     for plugin in plugins {
         writeln!(out)?;
+        // Everything but the counts comes from the plugin (its manifest) or a file name:
+        // control characters are escaped, so no line can be forged and no terminal driven.
         writeln!(
             out,
             "{} {}  ({})",
-            plugin.name,
-            plugin.version,
-            plugin.file.display()
+            EscapeControl(&plugin.name),
+            EscapeControl(&plugin.version),
+            EscapeControl(&plugin.file.display().to_string())
         )?;
         if !plugin.description.is_empty() {
-            writeln!(out, "    {}", plugin.description)?;
+            writeln!(out, "    {}", EscapeControl(&plugin.description))?;
         }
         for method in &plugin.methods {
-            writeln!(out, "    - {}: {}", method.name, method.description)?;
+            writeln!(
+                out,
+                "    - {}: {}",
+                EscapeControl(&method.name),
+                EscapeControl(&method.description)
+            )?;
         }
         for hook in &plugin.hooks {
             writeln!(
                 out,
                 "    @ {} ({}, priority {})",
-                hook.hook, hook.mode, hook.priority
+                EscapeControl(&hook.hook),
+                hook.mode,
+                hook.priority
             )?;
         }
     }
@@ -340,7 +411,13 @@ fn write_list(
         writeln!(out)?;
         writeln!(out, "refused:")?;
         for refusal in refused {
-            writeln!(out, "  {}", refusal.reason.replace('\n', "\n    "))?;
+            // A reason may span lines (a layout mismatch); each line is escaped on its own.
+            let lines: Vec<String> = refusal
+                .reason
+                .split('\n')
+                .map(|line| EscapeControl(line).to_string())
+                .collect();
+            writeln!(out, "  {}", lines.join("\n    "))?;
         }
     }
     Ok(())
@@ -419,15 +496,17 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-/// `worker run`: the task pipeline over a file or stdin.
+/// `worker run`: the task pipeline over a file or stdin. Plugin state is saved even when
+/// reading the tasks or writing the results fails.
 fn run_tasks(
     host: &PluginHost,
     tasks: &str,
     out_file: Option<&std::path::Path>,
+    max_line_bytes: usize,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
     use std::io::BufReader;
-    let pipeline = crate::pipeline::Pipeline::new(host.clone());
+    let pipeline = crate::pipeline::Pipeline::new(host.clone()).with_max_line_bytes(max_line_bytes);
     let (input, total): (Box<dyn std::io::BufRead>, Option<u64>) = if tasks == "-" {
         (Box::new(BufReader::new(std::io::stdin().lock())), None)
     } else {
@@ -437,31 +516,29 @@ fn run_tasks(
         (Box::new(BufReader::new(file)), len)
     };
     let mut progress = Progress::new(total);
-    let summary = match out_file {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("creating the results file {}", path.display()))?;
-            let mut writer = std::io::BufWriter::new(file);
-            let summary = pipeline.run_job(input, &mut writer, |b| progress.update(b))?;
-            progress.done();
-            writeln!(out, "{summary}")?;
-            summary
-        }
-        None => {
-            let summary = pipeline.run_job(input, out, |b| progress.update(b))?;
-            progress.done();
-            eprintln!("{summary}");
-            summary
+    let run = || -> anyhow::Result<crate::pipeline::Summary> {
+        match out_file {
+            Some(path) => {
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("creating the results file {}", path.display()))?;
+                let mut writer = std::io::BufWriter::new(file);
+                // `run_job` fires worker.start and worker.stop.
+                let summary = pipeline.run_job(input, &mut writer, |b| progress.update(b))?;
+                progress.done();
+                writeln!(out, "{summary}")?;
+                Ok(summary)
+            }
+            None => {
+                let summary = pipeline.run_job(input, out, |b| progress.update(b))?;
+                progress.done();
+                eprintln!("{summary}");
+                Ok(summary)
+            }
         }
     };
-    let fired = host.fire(
-        crate::HookPoint::WorkerStop,
-        || serde_json::json!({"reason": "tasks done"}),
-    );
-    if let Err(v) = fired {
-        tracing::warn!(violation = %v, "worker.stop cannot be blocked; ignored");
-    }
+    let summary = run();
     host.shutdown();
+    let summary = summary?;
     tracing::info!(
         completed = summary.completed,
         failed = summary.failed,
@@ -501,6 +578,37 @@ impl Progress {
     fn done(&mut self) {
         if self.total.is_some() {
             eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_are_levels_or_target_level_pairs() {
+        for good in [
+            "warn",
+            "WARN",
+            "off",
+            "3",
+            "warn,host=debug",
+            "host::cli=info",
+            " info , plugin-x=trace",
+        ] {
+            assert!(parse_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "warnn",
+            "",
+            "host",
+            "info,host=loud",
+            "=debug",
+            "a b=info",
+            "warn,",
+        ] {
+            assert!(parse_log_filter(bad).is_err(), "{bad}");
         }
     }
 }

@@ -35,6 +35,9 @@ use serde_json::Value;
 /// File name of the configuration file inside the plugins directory.
 pub const CONFIG_FILE_NAME: &str = "plugins.json";
 
+/// The largest configuration file read (4 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 /// Settings of one plugin.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +51,11 @@ pub struct PluginSettings {
     /// Overrides of the plugin's hook subscriptions, by hook name.
     #[serde(default)]
     pub hooks: BTreeMap<String, HookOverride>,
+    /// Pins the plugin's name to one file in the plugins directory (its file name, such as
+    /// `libecho.so`): only that file may provide the plugin, and another file claiming the name
+    /// is refused instead of making both refused.
+    #[serde(default)]
+    pub file: Option<String>,
 }
 
 impl Default for PluginSettings {
@@ -56,6 +64,7 @@ impl Default for PluginSettings {
             enabled: true,
             config: Value::Null,
             hooks: BTreeMap::new(),
+            file: None,
         }
     }
 }
@@ -105,20 +114,36 @@ pub struct PluginsConfig {
 impl PluginsConfig {
     /// Reads the file; a file that does not exist is an empty configuration.
     ///
+    /// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read. A symbolic link is followed
+    /// (configuration is often linked into place), but what it ends at must be such a file: a
+    /// FIFO, a device or a directory is refused without blocking and without being read.
+    ///
     /// # Errors
     ///
-    /// The file cannot be read or is not valid: the message names the file, the line and the
-    /// field.
+    /// The file is not a regular file, is too big, cannot be read or is not valid: the message
+    /// names the file, and the line and the field where they apply.
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+        let bytes = match crate::files::read_regular(
+            path,
+            MAX_CONFIG_BYTES,
+            crate::files::Symlinks::Follow,
+        ) {
+            Ok(bytes) => bytes,
+            Err(crate::files::FileError::NotFound) => return Ok(Self::default()),
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("reading the plugin configuration {}", path.display())
-                });
+                return Err(anyhow::anyhow!(
+                    "refusing the plugin configuration {}: {e}",
+                    path.display()
+                ));
             }
         };
+        let text = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid plugin configuration {}: it is not UTF-8 text ({})",
+                path.display(),
+                e.utf8_error()
+            )
+        })?;
         Self::parse(&text).with_context(|| {
             format!(
                 "invalid plugin configuration {}; expected {{\"plugins\": {{\"<plugin>\": {{\"enabled\": true, \"config\": ...}}}}, \"sets\": {{...}}}}",

@@ -5,11 +5,13 @@
 //! [`PluginLibrary::create`]) holding the plugin's instance. Dropping it destroys the instance,
 //! closes the library and deletes the shadow copy, in that order.
 
+use std::borrow::Cow;
 use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::str::Utf8Error;
 
 use abi_stable::StableAbi;
 use abi_stable::abi_stability::abi_checking::{
@@ -21,14 +23,140 @@ use abi_stable::std_types::{RErr, RNone, ROk, RSome, RStr, RString};
 use abi_stable::type_layout::TypeLayout;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::abi::{
-    self, CallError, ErrorKind, HEADER_SYMBOL_NUL, HEADER_VERSION, HostApi, HostApiRef,
-    HostContext, InstanceHandle, JsonResult, MAGIC, PluginHeader, PluginTable, PluginTableRef,
+    self, CallError, ErrorKind, HEADER_VERSION, HostApi, HostApiRef, HostContext, InstanceHandle,
+    JsonResult, MAGIC, PluginHeader, PluginTable, PluginTableRef,
 };
 
 use crate::error::LoadError;
+use crate::loader::HeaderLocation;
+use crate::text::EscapeControl;
 
-/// A failure reported by the plugin's side of a call: its kind and message.
-pub(crate) type PluginFailure<'a> = (ErrorKind, &'a str);
+/// The process's effective user id: whose files the worker trusts.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` takes no arguments, touches no memory of ours and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The readable loaded segments of one library in this process, as absolute address ranges.
+#[derive(Debug)]
+struct Segments {
+    /// The library's load address (what its virtual addresses are relative to).
+    base: usize,
+    /// `[start, end)` of each readable `PT_LOAD` segment.
+    readable: Vec<(usize, usize)>,
+}
+
+impl Segments {
+    /// Whether `len` bytes at `address` lie inside one readable segment of the library.
+    fn contains(&self, address: usize, len: usize) -> bool {
+        let Some(end) = address.checked_add(len) else {
+            return false;
+        };
+        self.readable
+            .iter()
+            .any(|&(start, stop)| address >= start && end <= stop)
+    }
+
+    /// The segments of the library loaded from `path`, found by its name in the dynamic loader's
+    /// list of loaded objects (`dl_iterate_phdr`). `None` when no such library is loaded.
+    fn of_library(path: &Path) -> Option<Segments> {
+        use std::os::unix::ffi::OsStrExt as _;
+        struct Search<'a> {
+            name: &'a [u8],
+            found: Option<Segments>,
+        }
+        /// Called by `dl_iterate_phdr` for every loaded object; stops (returns 1) at ours.
+        ///
+        /// # Safety
+        ///
+        /// `info` must point to a valid `dl_phdr_info` and `data` to the `Search` passed to
+        /// `dl_iterate_phdr`, as `dl_iterate_phdr` guarantees.
+        unsafe extern "C" fn visit(
+            info: *mut libc::dl_phdr_info,
+            _size: usize,
+            data: *mut c_void,
+        ) -> libc::c_int {
+            // SAFETY: `data` is the `&mut Search` given to `dl_iterate_phdr` below, alive and
+            // not otherwise borrowed during the iteration.
+            let search = unsafe { &mut *data.cast::<Search<'_>>() };
+            // SAFETY: the dynamic loader passes a valid `dl_phdr_info` for the duration of
+            // this call.
+            let info = unsafe { &*info };
+            if info.dlpi_name.is_null() || info.dlpi_phdr.is_null() {
+                return 0;
+            }
+            // SAFETY: a non-null `dlpi_name` is the loaded object's NUL-terminated name, alive
+            // during this call.
+            let name = unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) };
+            if name.to_bytes() != search.name {
+                return 0;
+            }
+            // SAFETY: `dlpi_phdr` points to the object's `dlpi_phnum` program headers, mapped
+            // with the object.
+            let headers =
+                unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
+            let base = info.dlpi_addr as usize;
+            let readable = headers
+                .iter()
+                .filter(|h| h.p_type == libc::PT_LOAD && h.p_flags & libc::PF_R != 0)
+                .filter_map(|h| {
+                    let start = base.checked_add(usize::try_from(h.p_vaddr).ok()?)?;
+                    let end = start.checked_add(usize::try_from(h.p_memsz).ok()?)?;
+                    Some((start, end))
+                })
+                .collect();
+            search.found = Some(Segments { base, readable });
+            1
+        }
+        let mut search = Search {
+            name: path.as_os_str().as_bytes(),
+            found: None,
+        };
+        // SAFETY: `visit` matches the callback type `dl_iterate_phdr` expects, never unwinds
+        // (nothing in it can panic) and only reads what the loader hands it; `search` outlives
+        // the call.
+        unsafe {
+            libc::dl_iterate_phdr(
+                Some(visit),
+                std::ptr::from_mut(&mut search).cast::<c_void>(),
+            );
+        }
+        search.found
+    }
+}
+
+/// Why a call into a plugin gave no usable answer.
+#[derive(Debug)]
+pub(crate) enum PluginFailure<'a> {
+    /// The plugin's side reported a failure: its kind and message (bytes that are not UTF-8
+    /// replaced by U+FFFD).
+    Reported(ErrorKind, &'a str),
+    /// The plugin answered bytes that are not UTF-8 text.
+    NotUtf8(Utf8Error),
+}
+
+/// The text of a string a plugin handed over, checked: abi_stable's string types promise
+/// UTF-8, but a plugin's `unsafe` code can break that promise, and the host must never pass
+/// such bytes on as text (to stdout, an HTTP body, a log). One pass over the bytes.
+#[inline]
+fn plugin_text(text: RStr<'_>) -> Result<&str, Utf8Error> {
+    std::str::from_utf8(text.as_rslice().as_slice())
+}
+
+/// A plugin's message for people: the bytes that are not UTF-8 replaced (no copy when all are).
+fn plugin_message(text: RStr<'_>) -> Cow<'_, str> {
+    String::from_utf8_lossy(text.as_rslice().as_slice())
+}
+
+/// An owned string from a plugin, checked as [`plugin_text`]; `what` names it in the error.
+fn plugin_string(text: RString, what: &str) -> Result<String, (ErrorKind, String)> {
+    String::from_utf8(text.into_bytes().into_vec()).map_err(|e| {
+        (
+            ErrorKind::Failed,
+            format!("{what} is not UTF-8 text ({})", e.utf8_error()),
+        )
+    })
+}
 
 /// The shadow copy of a plugin file; deleted when dropped.
 #[derive(Debug)]
@@ -69,7 +197,17 @@ extern "C" fn host_call(
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
         let context = unsafe { &*context.0.cast::<LogContext>() };
-        (context.call)(plugin.as_str(), method.as_str(), params.as_str())
+        let (Ok(plugin), Ok(method), Ok(params)) = (
+            plugin_text(plugin),
+            plugin_text(method),
+            plugin_text(params),
+        ) else {
+            return Err((
+                ErrorKind::InvalidParams,
+                "the plugin, method or params of a plugin call are not UTF-8 text".to_owned(),
+            ));
+        };
+        (context.call)(plugin, method, params)
     }));
     match result {
         Ok(Ok(answer)) => ROk(answer.map(RString::from).into()),
@@ -93,14 +231,18 @@ extern "C" fn host_log(context: HostContext, level: u8, target: RStr<'_>, messag
         // can call this function) it is alive.
         let context = unsafe { &*context.0.cast::<LogContext>() };
         let plugin = context.plugin.as_str();
-        let target = target.as_str();
-        let message = message.as_str();
+        // The plugin's text goes into the host's log lines: no control characters (a newline
+        // would forge a line), nothing that is not UTF-8.
+        let target = plugin_message(target);
+        let target = EscapeControl(&target);
+        let message = plugin_message(message);
+        let message = EscapeControl(&message);
         match level {
-            abi::level::ERROR => tracing::error!(plugin, target, "{message}"),
-            abi::level::WARN => tracing::warn!(plugin, target, "{message}"),
-            abi::level::INFO => tracing::info!(plugin, target, "{message}"),
-            abi::level::DEBUG => tracing::debug!(plugin, target, "{message}"),
-            _ => tracing::trace!(plugin, target, "{message}"),
+            abi::level::ERROR => tracing::error!(plugin, %target, "{message}"),
+            abi::level::WARN => tracing::warn!(plugin, %target, "{message}"),
+            abi::level::INFO => tracing::info!(plugin, %target, "{message}"),
+            abi::level::DEBUG => tracing::debug!(plugin, %target, "{message}"),
+            _ => tracing::trace!(plugin, %target, "{message}"),
         }
     }));
 }
@@ -147,19 +289,21 @@ impl PluginLibrary {
     /// Opens the shadow copy with `RTLD_NOW | RTLD_LOCAL` and runs every check on the header
     /// and the table layout.
     ///
-    /// The caller must have checked that the file is a complete ELF shared object: opening a
-    /// half-written file can crash the process.
-    pub(crate) fn open(shadow: ShadowFile) -> Result<Self, LoadError> {
-        // SAFETY: loading a library runs its initializers. The file is a complete shared object
-        // (checked by the caller) in a private directory nobody else writes to; running a
-        // plugin's initializers is what loading a plugin means.
+    /// `header` comes from the ELF pre-check of these very bytes (`loader::check_elf`): the file
+    /// is a complete shared object of this host's kind that exports a plugin header, so opening
+    /// it runs the initializers of a plugin, not of an arbitrary library.
+    pub(crate) fn open(shadow: ShadowFile, header: HeaderLocation) -> Result<Self, LoadError> {
+        // SAFETY: loading a library runs its initializers. The file passed the ELF pre-check
+        // (complete, of this host's kind, exporting a plugin header whose magic and version
+        // are right) and lies in our private directory, created with O_EXCL from the checked
+        // bytes; running a plugin's initializers is what loading a plugin means.
         let library =
             unsafe { Library::open(Some(&shadow.0), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
                 LoadError::NotLoadable {
                     reason: e.to_string(),
                 }
             })?;
-        let table = match check_header(&library) {
+        let table = match check_header(&library, &shadow.0, header) {
             Ok(table) => table,
             Err(e) => {
                 // The error is owned data (no borrow of the library), so closing is safe.
@@ -179,7 +323,7 @@ impl PluginLibrary {
     /// The manifest JSON the plugin exports.
     pub(crate) fn manifest_json(&self) -> Result<String, (ErrorKind, String)> {
         match (self.table.manifest())() {
-            ROk(json) => Ok(json.into_string()),
+            ROk(json) => plugin_string(json, "the manifest"),
             RErr(e) => Err(owned(e)),
         }
     }
@@ -224,8 +368,15 @@ impl PluginLibrary {
         let result =
             (self.table.execute())(instance, RStr::from_str(method), RStr::from_str(params));
         Some(match &result {
-            ROk(json) => f(Ok(json.as_ref().map(RString::as_str).into_option())),
-            RErr(e) => f(Err((e.kind, e.message.as_str()))),
+            ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
+                Ok(json) => f(Ok(Some(json))),
+                Err(e) => f(Err(PluginFailure::NotUtf8(e))),
+            },
+            ROk(RNone) => f(Ok(None)),
+            RErr(e) => f(Err(PluginFailure::Reported(
+                e.kind,
+                &plugin_message(e.message.as_rstr()),
+            ))),
         })
         // `result` drops here, in the plugin's code, while the library is loaded.
     }
@@ -245,8 +396,14 @@ impl PluginLibrary {
         Some(match &result {
             // "Continue", by far the most common answer: nothing to free.
             ROk(RNone) => f(Ok(None)),
-            ROk(RSome(json)) => f(Ok(Some(json.as_str()))),
-            RErr(e) => f(Err((e.kind, e.message.as_str()))),
+            ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
+                Ok(json) => f(Ok(Some(json))),
+                Err(e) => f(Err(PluginFailure::NotUtf8(e))),
+            },
+            RErr(e) => f(Err(PluginFailure::Reported(
+                e.kind,
+                &plugin_message(e.message.as_rstr()),
+            ))),
         })
     }
 
@@ -256,7 +413,8 @@ impl PluginLibrary {
         let instance = self.instance?;
         let save = self.table.save_state()?;
         Some(match save(instance) {
-            ROk(json) => Ok(json.into_option().map(RString::into_string)),
+            ROk(RSome(json)) => plugin_string(json, "the saved state").map(Some),
+            ROk(RNone) => Ok(None),
             RErr(e) => Err(owned(e)),
         })
     }
@@ -307,19 +465,42 @@ impl Drop for PluginLibrary {
 }
 
 fn owned(e: CallError) -> (ErrorKind, String) {
-    (e.kind, e.message.into_string())
+    (e.kind, plugin_message(e.message.as_rstr()).into_owned())
 }
 
 /// Reads the header of an opened library and checks it; returns the function table.
-fn check_header(library: &Library) -> Result<PluginTableRef, LoadError> {
-    // SAFETY: the symbol is declared by plugin-api as `static PLUGIN_HOST_HEADER: PluginHeader`;
-    // we only take its address here. A foreign library could export something else under that
-    // name, so nothing beyond the magic bytes is read until they match.
-    let symbol = unsafe { library.get::<*const PluginHeader>(HEADER_SYMBOL_NUL) }
-        .map_err(|_| LoadError::NoHeader)?;
-    let header: *const PluginHeader = *symbol;
-    // SAFETY: the symbol is at least 8 bytes of readable data in any library that exports a
-    // data symbol of this name: ours is a `PluginHeader`, which starts with `magic`.
+///
+/// The header is found at the library's load address plus the symbol's address the pre-check
+/// read from the file, not through `dlsym` (which runs an IFUNC resolver, and could find a
+/// symbol of that name in another library). Every pointer in it must point into the library's
+/// own readable segments before it is followed.
+///
+/// `_library` is the opened library: its segments exist only while it is open.
+fn check_header(
+    _library: &Library,
+    path: &Path,
+    location: HeaderLocation,
+) -> Result<PluginTableRef, LoadError> {
+    let segments = Segments::of_library(path).ok_or_else(|| LoadError::NotLoadable {
+        reason: format!(
+            "the dynamic loader opened {} but does not list it among the loaded objects",
+            path.display()
+        ),
+    })?;
+    let address = usize::try_from(location.vaddr())
+        .ok()
+        .and_then(|vaddr| segments.base.checked_add(vaddr))
+        .filter(|&a| {
+            segments.contains(a, std::mem::size_of::<PluginHeader>())
+                && a % std::mem::align_of::<PluginHeader>() == 0
+        })
+        .ok_or(LoadError::BadHeaderPointer {
+            field: "PLUGIN_HOST_HEADER",
+            address: location.vaddr() as usize,
+        })?;
+    let header = address as *const PluginHeader;
+    // SAFETY: `header` is aligned and the whole header lies in a readable segment of the
+    // library, which is open; the magic bytes are plain bytes, valid for any content.
     let magic = unsafe { std::ptr::addr_of!((*header).magic).read_unaligned() };
     if magic != MAGIC {
         return Err(LoadError::BadMagic);
@@ -333,8 +514,42 @@ fn check_header(library: &Library) -> Result<PluginTableRef, LoadError> {
             supported: HEADER_VERSION,
         });
     }
-    // SAFETY: magic and version match, so the symbol is a complete `PluginHeader` of this very
-    // layout, a `static` that lives as long as the library.
+    // The pointers are read as plain addresses (any value is a valid `usize`) and checked
+    // before the header is read as a `PluginHeader`, whose reference field must be valid.
+    // SAFETY: the whole header is readable (checked above); the field is read unaligned as an
+    // address.
+    let layout = unsafe {
+        std::ptr::addr_of!((*header).table_layout)
+            .cast::<usize>()
+            .read_unaligned()
+    };
+    if layout % std::mem::align_of::<TypeLayout>() != 0
+        || !segments.contains(layout, std::mem::size_of::<TypeLayout>())
+    {
+        return Err(LoadError::BadHeaderPointer {
+            field: "table_layout",
+            address: layout,
+        });
+    }
+    // SAFETY: as for `table_layout` above.
+    let table = unsafe {
+        std::ptr::addr_of!((*header).table)
+            .cast::<usize>()
+            .read_unaligned()
+    };
+    // Only the start is checked: the table's size depends on the plugin-api version the plugin
+    // was built with, and the prefix-type accessors read only the fields its layout declares.
+    if table % std::mem::align_of::<usize>() != 0
+        || !segments.contains(table, std::mem::size_of::<usize>())
+    {
+        return Err(LoadError::BadHeaderPointer {
+            field: "table",
+            address: table,
+        });
+    }
+    // SAFETY: magic and version match and both pointers point into the library's own
+    // segments, so the symbol is a complete `PluginHeader` of this very layout, a `static`
+    // that lives as long as the library.
     let header = unsafe { &*header };
     if !header.panic_unwind {
         return Err(LoadError::PanicAbort);

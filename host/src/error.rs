@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::text::EscapeControl;
+
 /// Why a plugin file was refused. Every message says what to do about it.
 ///
 /// Load functions return `anyhow::Error` whose context names the file; reach this with
@@ -88,6 +90,63 @@ pub enum LoadError {
         /// The panic message.
         message: String,
     },
+    /// The name is not a regular file (a directory, FIFO, socket, device, or a symlink to one).
+    NotRegularFile {
+        /// What it is.
+        kind: String,
+    },
+    /// The file or its directory can be written by another user (group/other-writable, or
+    /// owned by someone other than the worker's user or root).
+    InsecurePermissions {
+        /// Which path, what is wrong, and the command that fixes it.
+        reason: String,
+    },
+    /// The file is bigger than the configured maximum plugin size.
+    TooLarge {
+        /// Its size in bytes.
+        size: u64,
+        /// The maximum in bytes.
+        max: u64,
+    },
+    /// The file exports `PLUGIN_HOST_HEADER`, but not as a plugin header: checked from the
+    /// file's bytes, before any of its code ran.
+    BadHeaderSymbol {
+        /// What is wrong with the symbol.
+        reason: String,
+    },
+    /// A pointer in the plugin header does not point into the library's own mapped segments.
+    BadHeaderPointer {
+        /// The header field.
+        field: &'static str,
+        /// The pointer's value.
+        address: usize,
+    },
+    /// The plugin's name is not a valid plugin name.
+    InvalidName {
+        /// The name, escaped and shortened for display.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Other files in the plugins directory claim the same plugin name; none of them loads.
+    NameConflict {
+        /// The plugin name.
+        plugin: String,
+        /// The other files claiming it.
+        others: Vec<PathBuf>,
+    },
+    /// The watcher saw the file written to and not closed since, for longer than it waits.
+    StillOpenForWriting {
+        /// Seconds since the last write.
+        seconds: u64,
+    },
+    /// The configuration pins the plugin name to another file.
+    NamePinned {
+        /// The plugin name.
+        plugin: String,
+        /// The file name the configuration pins it to.
+        pinned: String,
+    },
 }
 
 impl fmt::Display for LoadError {
@@ -126,7 +185,9 @@ impl fmt::Display for LoadError {
                 "its function table does not match this host's; rebuild the plugin against this host's plugin-api. What differs:\n{}",
                 details.trim_end()
             ),
-            LoadError::BadManifest { reason } => write!(f, "unreadable plugin manifest: {reason}"),
+            LoadError::BadManifest { reason } => {
+                write!(f, "unreadable plugin manifest: {}", EscapeControl(reason))
+            }
             LoadError::Disabled { plugin } => write!(
                 f,
                 "plugin `{plugin}` is disabled in the configuration file (set \"enabled\": true to load it)"
@@ -136,12 +197,59 @@ impl fmt::Display for LoadError {
                 "plugin `{plugin}` is already loaded from {}; remove one of the two files",
                 loaded_from.display()
             ),
-            LoadError::CreateFailed { plugin, message } => {
-                write!(f, "plugin `{plugin}` refused to start: {message}")
+            LoadError::CreateFailed { plugin, message } => write!(
+                f,
+                "plugin `{}` refused to start: {}",
+                EscapeControl(plugin),
+                EscapeControl(message)
+            ),
+            LoadError::CreatePanicked { plugin, message } => write!(
+                f,
+                "plugin `{}` panicked while starting: {}",
+                EscapeControl(plugin),
+                EscapeControl(message)
+            ),
+            LoadError::NotRegularFile { kind } => write!(
+                f,
+                "not a regular file but {kind}; only plugin builds (regular files) belong in the plugins directory"
+            ),
+            LoadError::InsecurePermissions { reason } => write!(
+                f,
+                "{reason} (or start the worker with --insecure-permissions, for development only)"
+            ),
+            LoadError::TooLarge { size, max } => write!(
+                f,
+                "{size} bytes, more than the maximum plugin size of {max} bytes; it was not read (raise the limit with --max-plugin-size-mb)"
+            ),
+            LoadError::BadHeaderSymbol { reason } => write!(
+                f,
+                "its `PLUGIN_HOST_HEADER` symbol is not a plugin header ({reason}); it was checked before loading and none of its code ran; build the plugin with `plugin_api::export_plugin!`"
+            ),
+            LoadError::BadHeaderPointer { field, address } => write!(
+                f,
+                "the plugin header's `{field}` pointer ({address:#x}) does not point into the library itself; the file is corrupt or not built with plugin-api"
+            ),
+            LoadError::InvalidName { name, reason } => write!(
+                f,
+                "invalid plugin name {name}: {reason}; a name is 1-64 characters of a-z, 0-9, `-`, `_` and `.`, not starting with `.`"
+            ),
+            LoadError::NameConflict { plugin, others } => {
+                let others: Vec<String> =
+                    others.iter().map(|p| p.display().to_string()).collect();
+                write!(
+                    f,
+                    "plugin `{plugin}` is also claimed by {}; neither loads: remove all but one of these files, or pin the name to one file in the configuration (\"plugins\": {{\"{plugin}\": {{\"file\": \"<file name>\"}}}})",
+                    others.join(", ")
+                )
             }
-            LoadError::CreatePanicked { plugin, message } => {
-                write!(f, "plugin `{plugin}` panicked while starting: {message}")
-            }
+            LoadError::StillOpenForWriting { seconds } => write!(
+                f,
+                "written to and still not closed after {seconds} s; it is loaded once its writer closes it (write plugins under a hidden name and rename them into place)"
+            ),
+            LoadError::NamePinned { plugin, pinned } => write!(
+                f,
+                "plugin `{plugin}` is pinned to the file {pinned} in the configuration; this file may not provide it (remove it, or change the pin)"
+            ),
         }
     }
 }
@@ -227,37 +335,69 @@ impl CallError {
 impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CallError::PluginNotFound { plugin } => write!(f, "no plugin `{plugin}` is loaded"),
-            CallError::MethodNotFound { plugin, method } => {
-                write!(f, "plugin `{plugin}` has no method `{method}`")
+            CallError::PluginNotFound { plugin } => {
+                write!(f, "no plugin `{}` is loaded", EscapeControl(plugin))
             }
+            CallError::MethodNotFound { plugin, method } => write!(
+                f,
+                "plugin `{}` has no method `{}`",
+                EscapeControl(plugin),
+                EscapeControl(method)
+            ),
             CallError::InvalidParams {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method}: invalid params: {message}"),
+            } => write!(
+                f,
+                "{}.{}: invalid params: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::Failed {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method} failed: {message}"),
+            } => write!(
+                f,
+                "{}.{} failed: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::Panicked {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method} panicked: {message}"),
+            } => write!(
+                f,
+                "{}.{} panicked: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::InvalidJson {
                 plugin,
                 method,
                 message,
-            } => write!(f, "{plugin}.{method} answered invalid JSON: {message}"),
+            } => write!(
+                f,
+                "{}.{} answered invalid JSON: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
+            ),
             CallError::WrongType {
                 plugin,
                 method,
                 message,
             } => write!(
                 f,
-                "{plugin}.{method} answered an unexpected value: {message}"
+                "{}.{} answered an unexpected value: {}",
+                EscapeControl(plugin),
+                EscapeControl(method),
+                EscapeControl(message)
             ),
         }
     }

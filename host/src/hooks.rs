@@ -23,6 +23,8 @@ use plugin_api::{HookMode, HookResult};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::text::EscapeControl;
+
 /// The hook points of the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[non_exhaustive]
@@ -157,7 +159,10 @@ impl fmt::Display for Violation {
         write!(
             f,
             "{} blocked {} ({}): {}",
-            self.subscriber, self.hook, self.code, self.reason
+            EscapeControl(&self.subscriber),
+            self.hook,
+            EscapeControl(&self.code),
+            EscapeControl(&self.reason)
         )
     }
 }

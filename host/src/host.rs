@@ -16,12 +16,13 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{CONFIG_FILE_NAME, PluginSettings, PluginsConfig};
-use crate::dylib::PluginLibrary;
+use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::{CallError, LoadError};
 use crate::hooks::HookPoint;
 use crate::loader;
 use crate::state::StateStore;
 use crate::stats::{Outcome, PluginStats, StatsCell};
+use crate::text::EscapeControl;
 
 mod dispatch;
 
@@ -40,6 +41,53 @@ struct Generation {
     number: u64,
     /// Dropped last of all: destroying the instance and closing the library.
     library: PluginLibrary,
+}
+
+/// A generation opened and checked, its manifest read; not created yet.
+#[derive(Debug)]
+struct Opened {
+    manifest: Manifest,
+    file: PathBuf,
+    stamp: Option<loader::FileStamp>,
+    number: u64,
+    library: PluginLibrary,
+}
+
+/// Longest plugin name accepted.
+const MAX_NAME_LEN: usize = 64;
+
+/// Checks a plugin's name: 1-64 characters of `a-z`, `0-9`, `-`, `_`, `.`, not starting with
+/// `.`. Names become file names (state files), log fields and URL path segments, so nothing
+/// else is accepted.
+fn validate_name(name: &str) -> Result<(), LoadError> {
+    let reason = if name.is_empty() {
+        Some("it is empty".to_owned())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!(
+            "it is {} bytes long, the limit is {MAX_NAME_LEN}",
+            name.len()
+        ))
+    } else if name.starts_with('.') {
+        Some("it starts with `.`".to_owned())
+    } else {
+        name.chars()
+            .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-' | '_' | '.'))
+            .map(|c| format!("it contains {:?}", c))
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => {
+            // Shown escaped and shortened: the name is the plugin's, and may hold anything.
+            let mut shown: String = name.chars().take(MAX_NAME_LEN).collect();
+            if shown.len() < name.len() {
+                shown.push_str("...");
+            }
+            Err(LoadError::InvalidName {
+                name: format!("{shown:?}"),
+                reason,
+            })
+        }
+    }
 }
 
 /// A plugin name's place in the registry: a reload replaces the generation, the statistics stay.
@@ -76,6 +124,7 @@ struct Inner {
     shadow_dir: PathBuf,
     remove_shadow_dir: bool,
     config_file: PathBuf,
+    file_policy: loader::FilePolicy,
     config: ArcSwap<PluginsConfig>,
     state: Option<StateStore>,
     overrides: BTreeMap<String, PluginSettings>,
@@ -125,6 +174,7 @@ pub struct PluginHostBuilder {
     call_timing: bool,
     state_dir: Option<PathBuf>,
     fire_and_forget_capacity: usize,
+    file_policy: loader::FilePolicy,
 }
 
 impl PluginHostBuilder {
@@ -137,11 +187,30 @@ impl PluginHostBuilder {
     }
 
     /// Uses `dir` as the private directory for shadow copies instead of a fresh one under the
-    /// system's temporary directory (`plugin-host-<pid>-<n>`, mode 0700, removed when the host is
-    /// dropped). The host writes `<stem>.<pid>.<generation>.so` files there
-    /// and deletes each when its generation is unloaded.
+    /// system's temporary directory (`plugin-host-<pid>-<random>`, created new with mode 0700,
+    /// removed when the host is dropped). The host writes `<stem>.<pid>.<generation>.so` files
+    /// there (each created new, never through a symlink) and deletes each when its generation
+    /// is unloaded. `dir` is created if missing; it must be a directory (not a symlink) owned by
+    /// the worker's user, and writable by nobody else.
     pub fn with_shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.shadow_dir = Some(dir.into());
+        self
+    }
+
+    /// Largest plugin file accepted, in bytes (default 256 MiB). A bigger file is refused
+    /// without being read or copied.
+    pub fn with_max_plugin_size(mut self, bytes: u64) -> Self {
+        self.file_policy.max_size = bytes;
+        self
+    }
+
+    /// Whether plugin files and the plugins directory may be writable by group or others, or
+    /// owned by a user other than the worker's or root (default `false`: such files are
+    /// refused, as sshd's StrictModes refuses keys). `true` turns each refusal into a warning;
+    /// for development setups only, since any user who can write a plugin runs code as the
+    /// worker.
+    pub fn with_insecure_permissions(mut self, allowed: bool) -> Self {
+        self.file_policy.insecure_permissions = allowed;
         self
     }
 
@@ -193,24 +262,27 @@ impl PluginHostBuilder {
         let config = PluginsConfig::read(&config_file)?;
         let state = self.state_dir.map(StateStore::new).transpose()?;
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
-            Some(dir) => (dir, false),
+            Some(dir) => {
+                use_given_shadow_dir(&dir)
+                    .with_context(|| format!("preparing the shadow directory {}", dir.display()))?;
+                (dir, false)
+            }
             None => {
-                remove_stale_shadow_dirs(&std::env::temp_dir());
-                // One directory per host: several hosts in one process never share one.
-                static HOSTS: AtomicU64 = AtomicU64::new(0);
-                let n = HOSTS.fetch_add(1, Ordering::Relaxed);
-                let name = format!("plugin-host-{}-{n}", std::process::id());
-                (std::env::temp_dir().join(name), true)
+                let temp = std::env::temp_dir();
+                remove_stale_shadow_dirs(&temp);
+                let dir = create_shadow_dir(&temp).with_context(|| {
+                    format!("creating a shadow directory in {}", temp.display())
+                })?;
+                (dir, true)
             }
         };
-        create_private_dir(&shadow_dir)
-            .with_context(|| format!("creating the shadow directory {}", shadow_dir.display()))?;
         Ok(PluginHost {
             inner: Arc::new(Inner {
                 plugins_dir: self.plugins_dir,
                 shadow_dir,
                 remove_shadow_dir,
                 config_file,
+                file_policy: self.file_policy,
                 config: ArcSwap::from_pointee(config),
                 state,
                 overrides: self.overrides,
@@ -228,29 +300,117 @@ impl PluginHostBuilder {
     }
 }
 
-/// Removes the default shadow directories (`plugin-host-<pid>-<n>`) of processes that no longer
-/// run: a host killed before it could clean up leaves its copies behind.
+/// Prefix of the default shadow directories: `plugin-host-<pid>-<random>`.
+const SHADOW_DIR_PREFIX: &str = "plugin-host-";
+/// Length of the random part of a default shadow directory's name.
+const SHADOW_DIR_RANDOM: usize = 12;
+
+/// Creates a new shadow directory in `temp` as `mkdtemp` does: a name nobody can guess
+/// (`plugin-host-<pid>-<12 random characters>`), created with mode 0700 and failing if anything
+/// of that name exists, so another user can neither prepare it nor plant links in it. Owner and
+/// mode are checked again after creating.
+fn create_shadow_dir(temp: &Path) -> anyhow::Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{SHADOW_DIR_PREFIX}{}-", std::process::id()))
+        .rand_bytes(SHADOW_DIR_RANDOM)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir_in(temp)?
+        // Removed by the host when it drops (only when empty: a library still mapped keeps
+        // its copy).
+        .keep();
+    check_private_dir(&dir, true)?;
+    Ok(dir)
+}
+
+/// Checks that `dir` is a real directory (not a symlink) owned by the worker's user and
+/// writable by nobody else; with `exact`, that its mode is exactly 0700.
+fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::symlink_metadata(dir)?;
+    let euid = crate::dylib::effective_uid();
+    if !metadata.file_type().is_dir() {
+        anyhow::bail!(
+            "{} is not a directory (a symlink is not accepted)",
+            dir.display()
+        );
+    }
+    if metadata.uid() != euid {
+        anyhow::bail!(
+            "{} is owned by uid {}, not by the worker's user (uid {euid}); use a directory of your own",
+            dir.display(),
+            metadata.uid()
+        );
+    }
+    let mode = metadata.mode() & 0o7777;
+    if (exact && mode != 0o700) || mode & 0o022 != 0 {
+        anyhow::bail!(
+            "{} has mode {mode:04o}; a shadow directory must be writable by its owner only (run `chmod 700 {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Prepares a shadow directory the embedder chose: created (mode 0700) if missing, then
+/// checked as [`check_private_dir`] does.
+fn use_given_shadow_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    check_private_dir(dir, false)
+}
+
+/// Whether `name` is exactly a default shadow directory's name; returns the pid it encodes.
+fn shadow_dir_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(SHADOW_DIR_PREFIX)?;
+    let (pid, random) = rest.split_once('-')?;
+    let digits = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    let random_ok =
+        random.len() == SHADOW_DIR_RANDOM && random.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !(digits && random_ok) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes the default shadow directories of processes that no longer run: a host killed
+/// before it could clean up leaves its copies behind. Only directories whose name matches
+/// exactly (`plugin-host-<pid>-<random>`), that are real directories (not symlinks) owned by
+/// this user with mode 0700, as this host creates them, and whose process is gone. A pid that
+/// was reused by another process keeps its directory, which is the safe mistake.
 fn remove_stale_shadow_dirs(temp: &Path) {
     let Ok(entries) = std::fs::read_dir(temp) else {
         return;
     };
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("plugin-host-")) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = name.to_str().and_then(shadow_dir_pid) else {
             continue;
         };
         if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
             continue;
         }
-        match std::fs::remove_dir_all(entry.path()) {
+        let path = entry.path();
+        if let Err(e) = check_private_dir(&path, true) {
+            tracing::debug!(dir = %path.display(), reason = %e, "not a shadow directory of ours; left alone");
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
             Ok(()) => {
-                tracing::info!(dir = %entry.path().display(), "removed the shadow copies of a process that is gone")
+                tracing::info!(dir = %path.display(), "removed the shadow copies of a process that is gone")
             }
             Err(e) => {
-                tracing::debug!(dir = %entry.path().display(), error = %e, "could not remove a stale shadow directory")
+                tracing::debug!(dir = %path.display(), error = %e, "could not remove a stale shadow directory")
             }
         }
     }
@@ -260,14 +420,6 @@ fn remove_stale_shadow_dirs(temp: &Path) {
 fn clock() -> quanta::Clock {
     static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
     CLOCK.get_or_init(quanta::Clock::new).clone()
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 /// The plugin host: loads plugins from a directory and calls them.
@@ -354,6 +506,7 @@ impl PluginHost {
             call_timing: true,
             state_dir: None,
             fire_and_forget_capacity: 1024,
+            file_policy: loader::FilePolicy::default(),
         }
     }
 
@@ -381,7 +534,12 @@ impl PluginHost {
     }
 
     /// Loads every shared library (`*.so`, hidden files excepted) in the plugins directory that
-    /// is not loaded yet, in file-name order. A file that fails is reported in the result and the others load.
+    /// is not loaded yet, in file-name order. A file that fails is reported in the result and
+    /// the others load.
+    ///
+    /// A plugin name claimed by two or more of these files goes to none of them (each is refused,
+    /// naming the others), unless the configuration pins the name to one file (`"file"` in the
+    /// plugin's settings); a name already loaded stays with the file that has it.
     ///
     /// # Errors
     ///
@@ -396,14 +554,57 @@ impl PluginHost {
         })?;
         let files = loader::plugin_files(dir).into_iter().map(|(path, _)| path);
         let mut report = ScanReport::default();
-        for file in files {
-            if self.loaded_from(&file).is_some() {
-                continue;
+        let mut loaded = Vec::new();
+        {
+            let _admin = self.admin();
+            let mut opened = Vec::new();
+            for file in files {
+                if self.loaded_from(&file).is_some() {
+                    continue;
+                }
+                let started = Instant::now();
+                match self.open_file(&file) {
+                    Ok(generation) => opened.push((generation, started)),
+                    Err(e) => {
+                        self.note_result(&file, Some(&e));
+                        report.refused.push(refusal(&file, &e));
+                    }
+                }
             }
-            match self.load(&file) {
-                Ok(plugin) => report.loaded.push(plugin.name),
-                Err(e) => report.refused.push(refusal(&file, &e)),
+            let mut claims: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+            for (generation, _) in &opened {
+                claims
+                    .entry(generation.manifest.name.clone())
+                    .or_default()
+                    .push(generation.file.clone());
             }
+            for (generation, started) in opened {
+                let name = generation.manifest.name.clone();
+                let file = generation.file.clone();
+                let claimants = claims.get(&name).map_or(&[][..], Vec::as_slice);
+                // A pin settles the claim: `start` refuses every file but the pinned one.
+                let result = if claimants.len() > 1 && self.settings(&name).file.is_none() {
+                    let others = claimants.iter().filter(|f| **f != file).cloned().collect();
+                    Err(anyhow::Error::new(LoadError::NameConflict {
+                        plugin: name,
+                        others,
+                    })
+                    .context(format!("loading plugin file {}", file.display())))
+                } else {
+                    self.install(generation, started)
+                };
+                self.note_result(&file, result.as_ref().err());
+                match result {
+                    Ok(plugin) => {
+                        report.loaded.push(plugin.name.clone());
+                        loaded.push(plugin);
+                    }
+                    Err(e) => report.refused.push(refusal(&file, &e)),
+                }
+            }
+        }
+        for plugin in &loaded {
+            self.fire_lifecycle(HookPoint::PluginLoaded, plugin);
         }
         Ok(report)
     }
@@ -457,9 +658,17 @@ impl PluginHost {
 
     fn load_locked(&self, file: &Path) -> anyhow::Result<LoadedPlugin> {
         let started = Instant::now();
+        let opened = self.open_file(file)?;
+        self.install(opened, started)
+    }
+
+    /// Creates an opened generation as a newly loaded plugin and publishes it.
+    fn install(&self, opened: Opened, started: Instant) -> anyhow::Result<LoadedPlugin> {
+        let file = opened.file.clone();
         let generation = self
-            .open_generation(file, None)
+            .start(opened, None)
             .with_context(|| format!("loading plugin file {}", file.display()))?;
+        let file = file.as_path();
         let name = generation.manifest.name.clone();
         self.restore_saved_state(&name, &generation);
         let registry = self.inner.registry.load();
@@ -490,11 +699,26 @@ impl PluginHost {
     /// Copies, checks, opens and creates one generation of `file`. `replacing` is the name the
     /// file must provide on a reload.
     fn open_generation(&self, file: &Path, replacing: Option<&str>) -> anyhow::Result<Generation> {
+        let opened = self.open_file(file)?;
+        self.start(opened, replacing)
+    }
+
+    /// Checks `file`, copies it to the shadow directory, opens the copy and reads its manifest:
+    /// everything up to creating the instance.
+    fn open_file(&self, file: &Path) -> anyhow::Result<Opened> {
+        self.open_file_inner(file)
+            .with_context(|| format!("loading plugin file {}", file.display()))
+    }
+
+    fn open_file_inner(&self, file: &Path) -> anyhow::Result<Opened> {
         let number = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
-        let stamp = loader::stamp(file);
-        let shadow = loader::shadow_copy(file, &self.inner.shadow_dir, number)?;
-        loader::check_elf(&shadow.0)?;
-        let mut library = PluginLibrary::open(shadow)?;
+        // The checks and the copy see the same bytes, read once from one open descriptor.
+        let checked = loader::check_plugin_file(file, self.inner.file_policy)?;
+        let stamp = Some(checked.stamp);
+        let shadow = loader::shadow_copy(file, &checked, &self.inner.shadow_dir, number)?;
+        let header = checked.header;
+        drop(checked);
+        let library = PluginLibrary::open(shadow, header)?;
         let manifest_json =
             library
                 .manifest_json()
@@ -516,6 +740,7 @@ impl PluginHost {
             );
             manifest.hooks.clear();
         }
+        validate_name(&manifest.name)?;
         let name = manifest.name.clone();
         for subscription in &manifest.hooks {
             if HookPoint::from_name(&subscription.hook).is_none() {
@@ -528,6 +753,28 @@ impl PluginHost {
                 );
             }
         }
+        Ok(Opened {
+            manifest,
+            file: file.to_path_buf(),
+            stamp,
+            number,
+            library,
+        })
+    }
+
+    /// Creates the instance of an opened generation, once its name may be used: `replacing` is
+    /// the name it must provide on a reload; otherwise the name must be free, and the file the
+    /// configuration pins it to, if any.
+    fn start(&self, opened: Opened, replacing: Option<&str>) -> anyhow::Result<Generation> {
+        let Opened {
+            manifest,
+            file,
+            stamp,
+            number,
+            mut library,
+        } = opened;
+        let file = file.as_path();
+        let name = manifest.name.clone();
         match replacing {
             Some(expected) if expected != name => {
                 return Err(LoadError::BadManifest {
@@ -549,6 +796,15 @@ impl PluginHost {
             }
         }
         let settings = self.settings(&name);
+        if let Some(pinned) = &settings.file {
+            if file.file_name().is_none_or(|n| n != pinned.as_str()) {
+                return Err(LoadError::NamePinned {
+                    plugin: name,
+                    pinned: pinned.clone(),
+                }
+                .into());
+            }
+        }
         if !settings.enabled {
             return Err(LoadError::Disabled { plugin: name }.into());
         }
@@ -578,6 +834,13 @@ impl PluginHost {
         })
     }
 
+    /// Lists `file` as refused for `error` without trying to load it.
+    pub(crate) fn note_refused(&self, file: &Path, error: LoadError) {
+        let error =
+            anyhow::Error::new(error).context(format!("loading plugin file {}", file.display()));
+        self.note_result(file, Some(&error));
+    }
+
     fn note_result(&self, file: &Path, error: Option<&anyhow::Error>) {
         let mut refused = self
             .inner
@@ -587,7 +850,7 @@ impl PluginHost {
         refused.retain(|r| r.file != file);
         if let Some(e) = error {
             let refusal = refusal(file, e);
-            tracing::warn!(file = %file.display(), reason = %refusal.reason, "plugin file refused");
+            tracing::warn!(file = %file.display(), reason = %EscapeControl(&refusal.reason), "plugin file refused");
             refused.push(refusal);
         }
     }
@@ -689,7 +952,7 @@ impl PluginHost {
                     Err(e) => tracing::warn!(plugin, error = %format!("{e:#}"), "state not saved"),
                 },
                 Some(Err((_, message))) => {
-                    tracing::warn!(plugin, error = %message, "the plugin failed to save its state");
+                    tracing::warn!(plugin, error = %EscapeControl(&message), "the plugin failed to save its state");
                 }
             }
         }
@@ -1069,8 +1332,15 @@ impl PluginHost {
             .library
             .call(method, params, |answer| match answer {
                 Ok(json) => on_answer(json),
-                Err((ErrorKind::UnknownMethod, _)) => Err(Failure::MethodNotFound),
-                Err((kind, message)) => Err(Failure::Plugin(kind, message.to_owned())),
+                Err(PluginFailure::Reported(ErrorKind::UnknownMethod, _)) => {
+                    Err(Failure::MethodNotFound)
+                }
+                Err(PluginFailure::Reported(kind, message)) => {
+                    Err(Failure::Plugin(kind, message.to_owned()))
+                }
+                Err(PluginFailure::NotUtf8(e)) => Err(Failure::InvalidJson(format!(
+                    "the answer is not UTF-8 text ({e})"
+                ))),
             })
             .unwrap_or(Err(Failure::PluginNotFound));
         let ticks = clock.map_or(0, |c| c.raw().saturating_sub(started).max(1));
@@ -1130,16 +1400,16 @@ fn log_failure(plugin: &str, method: &str, failure: &Failure) {
             tracing::debug!(plugin, method, "no such method; answering nothing");
         }
         Failure::Plugin(ErrorKind::Panicked, message) => {
-            tracing::warn!(plugin, method, panic = %message, "plugin panicked; answering nothing");
+            tracing::warn!(plugin, method, panic = %EscapeControl(message), "plugin panicked; answering nothing");
         }
         Failure::Plugin(_, message) => {
-            tracing::warn!(plugin, method, error = %message, "plugin call failed; answering nothing");
+            tracing::warn!(plugin, method, error = %EscapeControl(message), "plugin call failed; answering nothing");
         }
         Failure::InvalidJson(message) => {
-            tracing::warn!(plugin, method, error = %message, "plugin answered invalid JSON; answering nothing");
+            tracing::warn!(plugin, method, error = %EscapeControl(message), "plugin answered invalid JSON; answering nothing");
         }
         Failure::WrongType(message, expected) => {
-            tracing::warn!(plugin, method, error = %message, expected, "plugin answered an unexpected value; answering nothing");
+            tracing::warn!(plugin, method, error = %EscapeControl(message), expected, "plugin answered an unexpected value; answering nothing");
         }
     }
 }
@@ -1170,14 +1440,14 @@ fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
         None | Some(Ok(None)) => return,
         Some(Ok(Some(state))) => state,
         Some(Err((_, message))) => {
-            tracing::warn!(plugin, error = %message, "saving state for the reload failed; the new generation starts fresh");
+            tracing::warn!(plugin, error = %EscapeControl(&message), "saving state for the reload failed; the new generation starts fresh");
             return;
         }
     };
     match new.library.restore_state(&state) {
         Some(Ok(())) => tracing::debug!(plugin, bytes = state.len(), "state carried over"),
         Some(Err((_, message))) => {
-            tracing::warn!(plugin, error = %message, "restoring state into the new generation failed; it starts fresh");
+            tracing::warn!(plugin, error = %EscapeControl(&message), "restoring state into the new generation failed; it starts fresh");
         }
         None => tracing::warn!(
             plugin,

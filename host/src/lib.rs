@@ -34,6 +34,7 @@ pub mod __fuzz;
 )]
 mod dylib;
 mod error;
+mod files;
 pub mod hooks;
 mod host;
 pub mod http;
@@ -41,6 +42,7 @@ mod loader;
 pub mod pipeline;
 mod state;
 mod stats;
+pub mod text;
 pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};

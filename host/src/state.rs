@@ -1,17 +1,34 @@
 //! Plugin state on disk: one JSON file per plugin in a state directory, written atomically
 //! (temporary file, fsync, rename, fsync of the directory). A file that cannot be read or is not
 //! JSON is never deleted: it is moved aside under a new name and the plugin starts fresh.
+//!
+//! The directory may be shared with, or reachable by, other local users, so nothing in it is
+//! trusted to be what its name says:
+//! - the temporary file has a random name and is created with `O_CREAT | O_EXCL` and mode 0600
+//!   (`O_EXCL` refuses an existing name, a symbolic link planted there included), so a planted
+//!   link can never make the worker write through it;
+//! - a state file is read only if it is a regular file (opened with `O_NOFOLLOW | O_NONBLOCK`,
+//!   checked with `fstat`) of at most [`MAX_STATE_BYTES`]; a symbolic link is refused with a
+//!   warning, never followed;
+//! - the directory's path is made absolute once, when the store is made: a plugin that changes
+//!   the process's working directory cannot redirect it.
 
-use std::fs::File;
 use std::io::Write as _;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 
+use crate::files::{FileError, Symlinks};
+
+/// The largest state file read back (64 MiB); a bigger one is set aside.
+pub(crate) const MAX_STATE_BYTES: u64 = 64 << 20;
+
 /// The state directory.
 #[derive(Debug, Clone)]
 pub(crate) struct StateStore {
+    /// Absolute, resolved once in [`StateStore::new`].
     dir: PathBuf,
 }
 
@@ -30,9 +47,22 @@ fn file_stem(plugin: &str) -> String {
 }
 
 impl StateStore {
+    /// The store in `dir`, created (mode 0700) if missing. The path is resolved to an absolute
+    /// one now and kept.
     pub(crate) fn new(dir: PathBuf) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
             .with_context(|| format!("creating the state directory {}", dir.display()))?;
+        let dir = std::fs::canonicalize(&dir)
+            .with_context(|| format!("resolving the state directory {}", dir.display()))?;
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "the state directory {} is not a directory; pass another --state-dir",
+                dir.display()
+            );
+        }
         Ok(Self { dir })
     }
 
@@ -41,30 +71,57 @@ impl StateStore {
     }
 
     /// Writes `state` (JSON text) for `plugin`, replacing the previous file atomically.
+    ///
+    /// If the state file's name is taken by a symbolic link, the link itself is replaced (the
+    /// rename does not follow it), with a warning; its target is never written.
     pub(crate) fn save(&self, plugin: &str, state: &str) -> anyhow::Result<PathBuf> {
         let path = self.path(plugin);
-        let temp = self.dir.join(format!(".{}.json.tmp", file_stem(plugin)));
         let write = || -> std::io::Result<()> {
-            let mut file = File::create(&temp)?;
-            file.write_all(state.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&temp, &path)?;
-            File::open(&self.dir)?.sync_all()
+            let mut temp = tempfile::Builder::new()
+                .prefix(&format!(".{}.json.", file_stem(plugin)))
+                .suffix(".tmp")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .tempfile_in(&self.dir)?;
+            temp.write_all(state.as_bytes())?;
+            temp.as_file().sync_all()?;
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                if meta.file_type().is_symlink() {
+                    tracing::warn!(
+                        plugin,
+                        file = %path.display(),
+                        "the state file is a symbolic link; replacing the link itself, its target is left alone"
+                    );
+                }
+            }
+            temp.persist(&path).map_err(|e| e.error)?;
+            std::fs::File::open(&self.dir)?.sync_all()
         };
         write().with_context(|| format!("saving the state of `{plugin}` to {}", path.display()))?;
         Ok(path)
     }
 
     /// The saved state of `plugin`, if there is a readable one. A file that cannot be read or is
-    /// not JSON is moved aside with a warning, and `None` is returned.
+    /// not JSON is moved aside with a warning, and `None` is returned. A symbolic link is not
+    /// followed (a warning names it; the next save replaces the link).
     pub(crate) fn load(&self, plugin: &str) -> Option<String> {
         let path = self.path(plugin);
-        let problem = match std::fs::read_to_string(&path) {
-            Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
-                Ok(_) => return Some(text),
-                Err(e) => format!("it is not valid JSON ({e})"),
+        let problem = match crate::files::read_regular(&path, MAX_STATE_BYTES, Symlinks::Refuse) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(_) => return Some(text),
+                    Err(e) => format!("it is not valid JSON ({e})"),
+                },
+                Err(e) => format!("it is not UTF-8 text ({})", e.utf8_error()),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(FileError::NotFound) => return None,
+            Err(e @ (FileError::Symlink | FileError::NotRegular(_))) => {
+                tracing::warn!(
+                    plugin,
+                    file = %path.display(),
+                    "the saved state of `{plugin}` is not read: {e}; the plugin starts fresh"
+                );
+                return None;
+            }
             Err(e) => format!("it cannot be read ({e})"),
         };
         let aside = self.set_aside(&path, "corrupt");
@@ -85,11 +142,13 @@ impl StateStore {
             plugin,
             file = %path.display(),
             kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| p.display().to_string()),
-            "`{plugin}` refused its saved state: {reason}; it starts fresh"
+            "`{plugin}` refused its saved state: {}; it starts fresh",
+            crate::text::EscapeControl(reason)
         );
     }
 
-    /// Renames `path` to `<path>.<why>-<unix seconds>[-n]`, never overwriting anything.
+    /// Renames `path` to `<path>.<why>-<unix seconds>[-n]`, never overwriting anything (a
+    /// symbolic link counts as taken).
     fn set_aside(&self, path: &Path, why: &str) -> std::io::Result<PathBuf> {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -97,7 +156,7 @@ impl StateStore {
         let base = format!("{}.{why}-{secs}", path.display());
         let mut candidate = PathBuf::from(&base);
         let mut n = 1;
-        while candidate.exists() {
+        while std::fs::symlink_metadata(&candidate).is_ok() {
             candidate = PathBuf::from(format!("{base}-{n}"));
             n += 1;
         }

@@ -1,11 +1,15 @@
 //! Watching the plugins directory: a new file loads, a removed file unloads, a changed file
 //! reloads, a changed configuration file applies.
 //!
-//! Filesystem events (through `notify`) only wake the watcher up; what it does is decided by
+//! Filesystem events (through `notify`) wake the watcher up; what it does is decided by
 //! comparing each file's stamp (length, modification time, inode) with the stamp it last acted
 //! on. A file is acted on only once its stamp has stayed the same for the settle time *and* its
-//! ELF headers say it is complete, so a file still being written, even slowly and in place, is
-//! never opened. If notify cannot watch the directory, the watcher polls it.
+//! ELF headers say it is complete *and*, where the OS reports it (inotify's `IN_CLOSE_WRITE`
+//! and `IN_MOVED_TO`), its writer has closed it: a file written to since its last
+//! close-after-write is still being written, even if it is stable and looks complete (a writer
+//! that preallocates the full size and fills the code last). A file renamed into place is
+//! complete. If notify cannot watch the directory, the watcher polls it, and only the settle
+//! time and the ELF check apply.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -48,10 +52,39 @@ const TICK: Duration = Duration::from_millis(20);
 /// never be complete gets a refusal with its reason instead of silence.
 const GIVE_UP_WAITING: Duration = Duration::from_secs(10);
 
+/// A writer that keeps a file open, unchanged, for this long gets the file refused (it is tried
+/// again when it changes, or at a rescan): a wait for a writer must end.
+const OPEN_WRITER_LIMIT: Duration = Duration::from_secs(30);
+
 enum Message {
     Changed,
+    /// Files written to: their writer may still hold them open.
+    Written(Vec<PathBuf>),
+    /// Files closed after writing, or renamed into place: their writer is done.
+    Closed(Vec<PathBuf>),
+    /// Events were lost (the event queue overflowed): what is open is unknown.
+    Overflow,
     Rescan,
     Stop,
+}
+
+/// What a filesystem event says about the writers of the files it names.
+fn message_for(event: notify::Result<notify::Event>) -> Message {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+    let Ok(event) = event else {
+        return Message::Overflow;
+    };
+    if event.need_rescan() {
+        return Message::Overflow;
+    }
+    match event.kind {
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => Message::Written(event.paths),
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
+            Message::Closed(event.paths)
+        }
+        _ => Message::Changed,
+    }
 }
 
 /// A running watcher; stops when dropped.
@@ -75,8 +108,8 @@ impl Watcher {
             None
         } else {
             let events = sender.clone();
-            let watched = notify::recommended_watcher(move |_event| {
-                let _ = events.send(Message::Changed);
+            let watched = notify::recommended_watcher(move |event| {
+                let _ = events.send(message_for(event));
             })
             .and_then(|mut watcher| {
                 watcher.watch(host.plugins_dir(), RecursiveMode::NonRecursive)?;
@@ -118,6 +151,9 @@ impl Watcher {
                     match receiver.recv_timeout(wait) {
                         Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                         Ok(Message::Rescan) => state.rescan(),
+                        Ok(Message::Written(paths)) => state.written(paths),
+                        Ok(Message::Closed(paths)) => state.closed(paths),
+                        Ok(Message::Overflow) => state.open_for_writing.clear(),
                         Ok(Message::Changed) | Err(RecvTimeoutError::Timeout) => {}
                     }
                     state.tick();
@@ -169,6 +205,9 @@ struct WatchState {
     handled: HashMap<PathBuf, FileStamp>,
     pending: HashMap<PathBuf, Pending>,
     config_stamp: Option<FileStamp>,
+    /// Files written to since their last close-after-write (only known from events), with the
+    /// time of the last write.
+    open_for_writing: HashMap<PathBuf, Instant>,
 }
 
 impl WatchState {
@@ -192,6 +231,20 @@ impl WatchState {
             handled,
             pending: HashMap::new(),
             config_stamp,
+            open_for_writing: HashMap::new(),
+        }
+    }
+
+    fn written(&mut self, paths: Vec<PathBuf>) {
+        let now = Instant::now();
+        for path in paths {
+            self.open_for_writing.insert(path, now);
+        }
+    }
+
+    fn closed(&mut self, paths: Vec<PathBuf>) {
+        for path in paths {
+            self.open_for_writing.remove(&path);
         }
     }
 
@@ -215,6 +268,7 @@ impl WatchState {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        self.forget_removed();
         let files = loader::plugin_files(self.host.plugins_dir());
         let config_file = self.host.config_file().to_path_buf();
 
@@ -250,6 +304,7 @@ impl WatchState {
         }
         // Files that went back to what was handled (or vanished unloaded) need nothing.
         self.pending.retain(|path, _| changed.contains(path));
+        self.open_for_writing.retain(|path, _| path.exists());
 
         for (path, stamp, waited) in ready {
             if path == config_file {
@@ -273,7 +328,29 @@ impl WatchState {
                 }
                 continue;
             };
-            match loader::check_elf(&path) {
+            if let Some(&last_write) = self.open_for_writing.get(&path) {
+                let idle = now.duration_since(last_write);
+                if idle < OPEN_WRITER_LIMIT {
+                    tracing::debug!(file = %path.display(), "waiting for the writer to close the file");
+                    continue;
+                }
+                tracing::warn!(
+                    file = %path.display(),
+                    idle_s = idle.as_secs(),
+                    "the file is still open for writing; refused until it changes"
+                );
+                self.pending.remove(&path);
+                self.open_for_writing.remove(&path);
+                self.handled.insert(path.clone(), stamp);
+                self.host.note_refused(
+                    &path,
+                    LoadError::StillOpenForWriting {
+                        seconds: idle.as_secs(),
+                    },
+                );
+                continue;
+            }
+            match loader::check_complete(&path) {
                 Err(LoadError::Truncated { .. } | LoadError::Empty) if waited < GIVE_UP_WAITING => {
                     tracing::debug!(file = %path.display(), "waiting for the file to be complete");
                     continue;
@@ -290,6 +367,30 @@ impl WatchState {
                 // The host logged the refusal and, on a failed reload, kept the old generation.
                 tracing::debug!(file = %path.display(), error = %format!("{e:#}"), "change not applied");
             }
+        }
+    }
+
+    /// Forgets handled files that are gone; a file refused because a file now gone claimed the
+    /// same plugin name is tried again.
+    fn forget_removed(&mut self) {
+        let gone: Vec<PathBuf> = self
+            .handled
+            .keys()
+            .filter(|path| std::fs::symlink_metadata(path).is_err())
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for refusal in self.host.refused() {
+            if let Some(LoadError::NameConflict { others, .. }) = &refusal.error {
+                if others.iter().any(|other| gone.contains(other)) {
+                    self.handled.remove(&refusal.file);
+                }
+            }
+        }
+        for path in gone {
+            self.handled.remove(&path);
         }
     }
 

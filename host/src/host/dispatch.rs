@@ -15,10 +15,12 @@ use serde_json::{Map, Value};
 
 use super::{Failure, Generation, Inner, PluginHost, Plugins, Registry};
 use crate::config::PluginsConfig;
+use crate::dylib::PluginFailure;
 use crate::hooks::{
     HookEvent, HookPoint, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
 };
 use crate::stats::{Outcome, StatsCell};
+use crate::text::EscapeControl;
 
 /// Who runs when a subscriber's turn comes.
 #[derive(Clone)]
@@ -377,7 +379,11 @@ fn run_subscriber(
                 .library
                 .on_hook(point.name(), text, |answer| match answer {
                     Ok(json) => parse_answer(json).map_err(|e| (ErrorKind::Failed, e)),
-                    Err((kind, message)) => Err((kind, message.to_owned())),
+                    Err(PluginFailure::Reported(kind, message)) => Err((kind, message.to_owned())),
+                    Err(PluginFailure::NotUtf8(e)) => Err((
+                        ErrorKind::Failed,
+                        format!("the hook answer is not UTF-8 text ({e})"),
+                    )),
                 });
             let ticks = timer.stop(started);
             match result {
@@ -400,7 +406,7 @@ fn run_subscriber(
                     tracing::warn!(
                         plugin = %subscriber.name,
                         hook = %point,
-                        error = %message,
+                        error = %EscapeControl(&message),
                         "hook subscriber {}; skipped, the chain goes on",
                         if panicked { "panicked" } else { "failed" }
                     );
@@ -674,7 +680,7 @@ impl PluginHost {
             reason,
             code,
         };
-        tracing::info!(hook = %point, subscriber = %violation.subscriber, code = %violation.code, reason = %violation.reason, "hook blocked");
+        tracing::info!(hook = %point, subscriber = %EscapeControl(&violation.subscriber), code = %EscapeControl(&violation.code), reason = %EscapeControl(&violation.reason), "hook blocked");
         violation
     }
 
@@ -822,7 +828,7 @@ impl PluginHost {
             }
         });
         if let Some(message) = cycle {
-            tracing::warn!(caller, plugin, method, "{message}");
+            tracing::warn!(caller, plugin = %EscapeControl(plugin), method = %EscapeControl(method), "{}", EscapeControl(&message));
             return Err((ErrorKind::Failed, message));
         }
         CALL_CHAIN.with(|chain| chain.borrow_mut().push(caller.to_owned()));

@@ -105,7 +105,12 @@ pub struct TaskError {
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     host: PluginHost,
+    max_line_bytes: usize,
 }
+
+/// The longest task line [`Pipeline::run_stream`] reads by default (16 MiB); a longer one gets an
+/// error record.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 16 << 20;
 
 /// Plugin calls made for one task, with their time.
 #[derive(Default)]
@@ -256,7 +261,19 @@ fn truncate_words(text: &str, max: usize) -> String {
 impl Pipeline {
     /// A pipeline calling the plugins of `host`.
     pub fn new(host: PluginHost) -> Self {
-        Self { host }
+        Self {
+            host,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+        }
+    }
+
+    /// Sets the longest task line [`run_stream`](Self::run_stream) reads (default
+    /// [`DEFAULT_MAX_LINE_BYTES`]). A longer line gets an error record and is skipped without
+    /// being held in memory whole.
+    #[must_use]
+    pub fn with_max_line_bytes(mut self, max: usize) -> Self {
+        self.max_line_bytes = max;
+        self
     }
 
     /// The host.
@@ -590,33 +607,45 @@ impl Pipeline {
     /// Reading the input or writing the output failed (bad tasks are records, not errors).
     pub fn run_stream(
         &self,
-        input: impl BufRead,
+        mut input: impl BufRead,
         out: &mut dyn Write,
         mut progress: impl FnMut(u64),
     ) -> anyhow::Result<Summary> {
         let started = Instant::now();
         let mut summary = Summary::default();
         let mut bytes = 0u64;
-        for (index, line) in input.lines().enumerate() {
-            let line = line?;
-            bytes += line.len() as u64 + 1;
-            let number = index + 1;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let result = match serde_json::from_str::<Task>(&line) {
-                Ok(task) => self.run_task(task),
-                Err(e) => Err(TaskError {
+        let mut number = 0usize;
+        let mut buffer = Vec::new();
+        let max = self.max_line_bytes;
+        while let Some(read) = read_line(&mut input, &mut buffer, max)? {
+            number += 1;
+            bytes += read.bytes;
+            let result = if read.too_long {
+                Err(TaskError {
                     line: Some(number),
-                    id: serde_json::from_str::<Value>(&line)
-                        .ok()
-                        .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned)),
+                    id: None,
                     task_type: None,
                     error: format!(
-                        "line {number} is not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
+                        "line {number} is longer than the limit of {max} bytes ({} bytes); it was skipped. Split the task, or raise --max-line-bytes",
+                        read.bytes - 1
                     ),
                     blocked_by: None,
-                }),
+                })
+            } else {
+                match std::str::from_utf8(&buffer) {
+                    Ok(line) if line.trim().is_empty() => continue,
+                    Ok(line) => self.run_line(line, number),
+                    Err(e) => Err(TaskError {
+                        line: Some(number),
+                        id: None,
+                        task_type: None,
+                        error: format!(
+                            "line {number} is not valid UTF-8 (invalid bytes after byte {}); tasks are JSON text in UTF-8",
+                            e.valid_up_to()
+                        ),
+                        blocked_by: None,
+                    }),
+                }
             };
             match result {
                 Ok(record) => {
@@ -636,6 +665,84 @@ impl Pipeline {
         summary.finish(started.elapsed(), &self.host);
         Ok(summary)
     }
+
+    /// Runs the task on line `number` of a stream.
+    fn run_line(&self, line: &str, number: usize) -> Result<TaskRecord, TaskError> {
+        match serde_json::from_str::<Task>(line) {
+            Ok(task) => self.run_task(task),
+            Err(e) => Err(TaskError {
+                line: Some(number),
+                id: serde_json::from_str::<Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned)),
+                task_type: None,
+                error: format!(
+                    "line {number} is not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
+                ),
+                blocked_by: None,
+            }),
+        }
+    }
+}
+
+/// What [`read_line`] read.
+struct LineRead {
+    /// Bytes taken from the input, the newline included.
+    bytes: u64,
+    /// The line was longer than the limit: the buffer is empty, the rest of the line skipped.
+    too_long: bool,
+}
+
+/// Reads the next line of `input` into `buffer` (without its `\n` or `\r\n`), holding at most
+/// `max` bytes of it: the rest of a longer line is read and dropped up to its newline. `None` at
+/// the end of the input.
+fn read_line(
+    input: &mut impl BufRead,
+    buffer: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<LineRead>> {
+    buffer.clear();
+    let mut read = LineRead {
+        bytes: 0,
+        too_long: false,
+    };
+    loop {
+        let available = match input.fill_buf() {
+            Ok(available) => available,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            if read.bytes == 0 {
+                return Ok(None);
+            }
+            // The last line, without a newline: counted as if it had one.
+            read.bytes += 1;
+            break;
+        }
+        let (chunk, ends) = match available.iter().position(|&b| b == b'\n') {
+            Some(end) => (&available[..end], true),
+            None => (available, false),
+        };
+        if !read.too_long {
+            if buffer.len() + chunk.len() > max {
+                read.too_long = true;
+                *buffer = Vec::new();
+            } else {
+                buffer.extend_from_slice(chunk);
+            }
+        }
+        let used = chunk.len() + usize::from(ends);
+        read.bytes += used as u64;
+        input.consume(used);
+        if ends {
+            break;
+        }
+    }
+    if buffer.last() == Some(&b'\r') {
+        buffer.pop();
+    }
+    Ok(Some(read))
 }
 
 #[cfg(test)]
@@ -656,5 +763,27 @@ mod tests {
     fn truncation_keeps_short_text() {
         assert_eq!(truncate_words("a b c", 5), "a b c");
         assert_eq!(truncate_words("a b c", 2), "a b");
+    }
+
+    #[test]
+    fn lines_are_read_with_a_bound() {
+        // A tiny buffer, so lines span several reads.
+        let data: &[u8] = b"ab\r\n0123456789\n\xff\nlast";
+        let mut input = std::io::BufReader::with_capacity(3, data);
+        let mut buffer = Vec::new();
+        let mut lines = Vec::new();
+        while let Some(read) = read_line(&mut input, &mut buffer, 5).unwrap() {
+            lines.push((buffer.clone(), read.bytes, read.too_long));
+            assert!(buffer.capacity() <= 8, "held {}", buffer.capacity());
+        }
+        assert_eq!(
+            lines,
+            [
+                (b"ab".to_vec(), 4, false),
+                (Vec::new(), 11, true),
+                (b"\xff".to_vec(), 2, false),
+                (b"last".to_vec(), 5, false),
+            ]
+        );
     }
 }

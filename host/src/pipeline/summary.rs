@@ -127,11 +127,9 @@ impl fmt::Display for Summary {
         )?;
         for (key, row) in &self.rows {
             let mut parts = key.splitn(3, '/');
-            let (t, h, v) = (
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-            );
+            // Task types come from the input, variants from plugins: no control characters.
+            let mut part = || crate::text::escape_control(parts.next().unwrap_or(""));
+            let (t, h, v) = (part(), part(), part());
             let score = row
                 .mean_score
                 .map_or_else(|| "-".to_owned(), |s| format!("{s:.3}"));
@@ -149,6 +147,7 @@ impl fmt::Display for Summary {
                 "plugin", "calls", "errors", "panics", "mean µs", "max µs"
             )?;
             for (name, s) in &self.plugins {
+                let name = crate::text::escape_control(name);
                 writeln!(
                     f,
                     "{name:<14} {:>8} {:>7} {:>7} {:>10.1} {:>10.1}",

@@ -1,5 +1,6 @@
 //! Load, unload and reload at run time, with calls in flight.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -277,8 +278,9 @@ fn shadow_copies_of_a_killed_process_are_removed_by_the_next_host() {
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let pid = child.id();
     child.wait().unwrap();
-    let stale = std::env::temp_dir().join(format!("plugin-host-{pid}-0"));
+    let stale = std::env::temp_dir().join(format!("plugin-host-{pid}-0stale0dir00"));
     std::fs::create_dir_all(&stale).unwrap();
+    std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::write(stale.join(format!("libecho.{pid}.1.so")), b"left behind").unwrap();
     let dir = PluginDir::new();
     let host = host::PluginHost::builder(dir.path()).build().unwrap();

@@ -12,6 +12,8 @@ mod calls;
 mod cli;
 mod experiment;
 mod hardening_http;
+mod hardening_inputs;
+mod hardening_loader;
 mod hooks;
 mod lifecycle;
 mod pipeline;
