@@ -128,25 +128,45 @@ fn check_patch(
 /// The bearer token the `http_request` target's server expects.
 pub const HTTP_TOKEN: &str = "fuzz-token-0123456789";
 
+fn fail(what: &str, e: &dyn std::fmt::Display) -> ! {
+    panic!("setting up a fuzz target: {what}: {e:#}")
+}
+
+struct EmptyHost {
+    host: PluginHost,
+    /// A scratch directory beside the plugins directory, for files a target writes.
+    scratch: tempfile::TempDir,
+    _plugins: tempfile::TempDir,
+}
+
+/// One host for the whole run, on an empty plugins directory: no plugin code runs.
+fn empty_host() -> &'static EmptyHost {
+    static HOST: OnceLock<EmptyHost> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let plugins = tempfile::tempdir().unwrap_or_else(|e| fail("temporary directory", &e));
+        let scratch = tempfile::tempdir().unwrap_or_else(|e| fail("temporary directory", &e));
+        let host = PluginHost::builder(plugins.path())
+            .build()
+            .unwrap_or_else(|e| fail("plugin host", &e));
+        EmptyHost {
+            host,
+            scratch,
+            _plugins: plugins,
+        }
+    })
+}
+
 struct HttpFixture {
     runtime: tokio::runtime::Runtime,
     host: PluginHost,
     token: Token,
-    _plugins: tempfile::TempDir,
 }
 
-/// One server for the whole run: a host on an empty plugins directory (no plugin code runs),
-/// the same small runtime as `serve`'s.
+/// One server for the whole run: the empty host, the same small runtime as `serve`'s.
 fn http_fixture() -> &'static HttpFixture {
     static FIXTURE: OnceLock<HttpFixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-            panic!("setting up the http_request fuzz target: {what}: {e:#}")
-        };
-        let plugins = tempfile::tempdir().unwrap_or_else(|e| fail("temporary directory", &e));
-        let host = PluginHost::builder(plugins.path())
-            .build()
-            .unwrap_or_else(|e| fail("plugin host", &e));
+        let host = empty_host().host.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .max_blocking_threads(4)
@@ -157,7 +177,6 @@ fn http_fixture() -> &'static HttpFixture {
             runtime,
             host,
             token,
-            _plugins: plugins,
         }
     })
 }
@@ -184,6 +203,132 @@ pub fn http_request(data: &[u8]) {
         "the control API wrote something that is not an HTTP answer: {:?}",
         String::from_utf8_lossy(&out[..out.len().min(200)])
     );
+}
+
+/// What a line of a task stream must give, by the reading rules of `worker run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    /// Longer than the limit: an error record, without the line held in memory.
+    TooLong,
+    /// Not UTF-8: an error record.
+    NotUtf8,
+    /// Blank: nothing.
+    Blank,
+    /// Text: a result or an error record.
+    Text,
+}
+
+/// The lines of `stream` (split at `\n`; a final `\r` is not part of a line; a last line
+/// without a newline still counts), each with what it must give under a limit of `max` bytes
+/// (counted before the `\r` is taken off).
+fn expected_lines(stream: &[u8], max: usize) -> Vec<LineKind> {
+    let mut segments: Vec<&[u8]> = stream.split(|&b| b == b'\n').collect();
+    if segments.last().is_some_and(|last| last.is_empty()) {
+        segments.pop();
+    }
+    segments
+        .into_iter()
+        .map(|segment| {
+            if segment.len() > max {
+                return LineKind::TooLong;
+            }
+            let line = segment.strip_suffix(b"\r").unwrap_or(segment);
+            match std::str::from_utf8(line) {
+                Err(_) => LineKind::NotUtf8,
+                Ok(text) if text.trim().is_empty() => LineKind::Blank,
+                Ok(_) => LineKind::Text,
+            }
+        })
+        .collect()
+}
+
+/// The task-line reader of `worker run` ([`Pipeline::run_stream`](crate::pipeline::Pipeline::run_stream))
+/// on a host with no plugins.
+///
+/// `data` is: one byte giving the line limit (`--max-line-bytes`, 1 to 64), one byte giving the
+/// size of the reader's buffer (1 to 32 bytes, so that lines span reads), then the stream.
+///
+/// Checks that every non-blank line gives exactly one output line of JSON, in order: an error
+/// record naming the line for a line too long or not UTF-8, a result or error record for the
+/// others.
+///
+/// # Panics
+///
+/// When the check fails, or the run fails (it reads from memory and writes to memory, so it
+/// never has a reason to).
+pub fn task_line(data: &[u8]) {
+    let data = cut(data);
+    let [limit, buffer, stream @ ..] = data else {
+        return;
+    };
+    let max = 1 + usize::from(*limit % 64);
+    let capacity = 1 + usize::from(*buffer % 32);
+    let pipeline =
+        crate::pipeline::Pipeline::new(empty_host().host.clone()).with_max_line_bytes(max);
+    let mut out = Vec::new();
+    let input = std::io::BufReader::with_capacity(capacity, stream);
+    let summary = pipeline.run_stream(input, &mut out, |_| {});
+    assert!(summary.is_ok(), "run_stream failed: {summary:?}");
+    let text = std::str::from_utf8(&out).unwrap_or_else(|e| panic!("output not UTF-8: {e}"));
+    let records: Vec<Value> = text
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("output line not JSON ({e}): {line}"))
+        })
+        .collect();
+    let expected: Vec<(usize, LineKind)> = expected_lines(stream, max)
+        .into_iter()
+        .enumerate()
+        .map(|(i, kind)| (i + 1, kind))
+        .filter(|(_, kind)| *kind != LineKind::Blank)
+        .collect();
+    assert_eq!(
+        records.len(),
+        expected.len(),
+        "one record per non-blank line: expected {expected:?}, got {records:?}"
+    );
+    for ((number, kind), record) in expected.into_iter().zip(&records) {
+        let error = record.get("error").and_then(Value::as_str);
+        let line = record.get("line").and_then(Value::as_u64);
+        let says = |what: &str| error.is_some_and(|e| e.contains(what));
+        match kind {
+            LineKind::TooLong => assert!(says("longer than the limit"), "line {number}: {record}"),
+            LineKind::NotUtf8 => assert!(says("not valid UTF-8"), "line {number}: {record}"),
+            LineKind::Blank | LineKind::Text => {}
+        }
+        if error.is_some() {
+            assert_eq!(line, Some(number as u64), "error record for line {number}: {record}");
+        }
+    }
+}
+
+/// The ELF pre-check of plugin files: `data` as the bytes of a file in `plugins/`.
+///
+/// Checks that a file the pre-check accepts is also complete by the watcher's check (which
+/// reads only its head), so that an accepted file is never held back as half-written.
+///
+/// # Panics
+///
+/// When the check fails.
+pub fn elf_precheck(data: &[u8]) {
+    let data = cut(data);
+    let checked = crate::loader::check_elf(data);
+    // Every refusal is shown to users: writing it out must not fail either.
+    let shown = match &checked {
+        Ok(location) => format!("{:#x}", location.vaddr()),
+        Err(e) => e.to_string(),
+    };
+    assert!(!shown.is_empty());
+    if checked.is_ok() {
+        let path = empty_host().scratch.path().join("accepted.so");
+        if std::fs::write(&path, data).is_ok() {
+            let complete = crate::loader::check_complete(&path);
+            assert!(
+                complete.is_ok(),
+                "the pre-check accepted a file the completeness check refuses: {complete:?}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -225,6 +370,28 @@ mod tests {
     #[test]
     fn hook_answer_seeds() {
         run("hook_answer", super::hook_answer);
+    }
+
+    #[test]
+    fn task_line_seeds() {
+        run("task_line", super::task_line);
+    }
+
+    #[test]
+    fn elf_precheck_seeds() {
+        run("elf_precheck", super::elf_precheck);
+    }
+
+    #[test]
+    fn the_minimal_plugin_seed_passes_the_precheck() {
+        // The fuzzer mutates from this seed; one the pre-check refuses would leave the accepting
+        // paths unexplored.
+        let seed = seeds("elf_precheck")
+            .into_iter()
+            .find(|(path, _)| path.ends_with("minimal.so"))
+            .expect("the seed minimal.so");
+        let checked = crate::loader::check_elf(&seed.1);
+        assert!(checked.is_ok(), "{checked:?}");
     }
 
     #[test]
