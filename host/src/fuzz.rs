@@ -66,7 +66,9 @@ pub fn hook_answer(data: &[u8]) {
         None => (&rest[..0], rest),
     };
     let mut payload = serde_json::from_slice(payload).unwrap_or_else(|_| {
-        let fields = ["id", "type", "input", "meta", "handler", "variant", "output"];
+        let fields = [
+            "id", "type", "input", "meta", "handler", "variant", "output",
+        ];
         Value::Object(
             fields
                 .into_iter()
@@ -94,7 +96,10 @@ fn check_patch(
     let writable = point.writable();
     let (Some(before), Some(after)) = (before.as_object(), after.as_object()) else {
         assert_eq!(before, after, "a payload that is not an object was changed");
-        assert!(!changed, "a payload that is not an object reported a change");
+        assert!(
+            !changed,
+            "a payload that is not an object reported a change"
+        );
         return;
     };
     for (key, value) in before {
@@ -273,7 +278,8 @@ pub fn task_line(data: &[u8]) {
     let records: Vec<Value> = text
         .lines()
         .map(|line| {
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("output line not JSON ({e}): {line}"))
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("output line not JSON ({e}): {line}"))
         })
         .collect();
     let expected: Vec<(usize, LineKind)> = expected_lines(stream, max)
@@ -297,7 +303,11 @@ pub fn task_line(data: &[u8]) {
             LineKind::Blank | LineKind::Text => {}
         }
         if error.is_some() {
-            assert_eq!(line, Some(number as u64), "error record for line {number}: {record}");
+            assert_eq!(
+                line,
+                Some(number as u64),
+                "error record for line {number}: {record}"
+            );
         }
     }
 }
@@ -392,6 +402,21 @@ mod tests {
             .expect("the seed minimal.so");
         let checked = crate::loader::check_elf(&seed.1);
         assert!(checked.is_ok(), "{checked:?}");
+    }
+
+    #[test]
+    #[should_panic(expected = "read-only field `id` was changed")]
+    fn the_patch_check_catches_a_forged_read_only_field() {
+        let before = serde_json::json!({"id": "1", "input": "x"});
+        let after = serde_json::json!({"id": "forged", "input": "x"});
+        let fields = serde_json::Map::new();
+        super::check_patch(
+            crate::HookPoint::TaskReceived,
+            &before,
+            &after,
+            &fields,
+            false,
+        );
     }
 
     #[test]

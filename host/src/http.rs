@@ -899,13 +899,11 @@ pub(crate) fn serve_bytes(
                 return Ok(());
             };
             let (_stop, stopping) = watch::channel(false);
-            tokio::time::timeout(
-                HANG,
-                connection(server, Some(local.ip()), shared, stopping),
-            )
-            .await
+            tokio::time::timeout(HANG, connection(server, Some(local.ip()), shared, stopping)).await
         });
-        let out = answer.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let out = answer
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
         assert!(
             served.is_ok(),
             "the control API hung: the connection was still open {HANG:?} after the client stopped sending"
