@@ -26,6 +26,9 @@ use crate::text::EscapeControl;
 
 mod dispatch;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use dispatch::apply_patch;
+
 pub use dispatch::HookSession;
 
 /// One loaded generation of a plugin.

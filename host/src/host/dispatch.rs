@@ -449,7 +449,7 @@ fn run_in_turn(
 
 /// Applies a modification within the hook point's write policy; returns whether anything
 /// changed. Fields outside the policy are refused, each with a warning.
-fn apply_patch(
+pub(crate) fn apply_patch(
     point: HookPoint,
     subscriber: &str,
     payload: &mut Value,
