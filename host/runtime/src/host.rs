@@ -44,7 +44,10 @@ mod queue;
 mod registry;
 
 pub use builder::PluginHostBuilder;
-use dispatch::{At, HookTable, Subscriber, Timer, run_subscriber};
+pub(crate) use dispatch::At;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use dispatch::apply_patch;
+use dispatch::{HookTable, Subscriber, Timer, run_subscriber};
 pub use host_hooks::HookSession;
 use host_hooks::HostHook;
 use queue::{FireQueue, Job};

@@ -24,6 +24,11 @@
 // Every `unsafe` of the host is in `dylib`; the rest may not have any.
 #![deny(unsafe_code)]
 
+/// Entry points of the fuzz targets in `tests/fuzz`; not an API (feature `fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
 pub mod config;
 #[expect(
     unsafe_code,

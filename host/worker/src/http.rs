@@ -125,6 +125,10 @@ struct Shared {
     options: ControlOptions,
     /// `None` on a Unix socket: no browser reaches it, so no `Host` check.
     policy: Option<HostPolicy>,
+    /// Whether a client that shuts down its writing side still gets its answers (hyper's
+    /// default, `false`, closes the connection at that end of input). Only [`serve_bytes`]
+    /// sets it, so that its client can say where its input ends.
+    half_close: bool,
 }
 
 /// The running control API server. Stops (as [`ControlServer::stop`]) when dropped.
@@ -186,6 +190,7 @@ impl ControlServer {
             host,
             options,
             policy,
+            half_close: false,
         });
         let (shutdown, stopping) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -365,6 +370,7 @@ async fn connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let in_progress = Arc::new(AtomicUsize::new(0));
+    let half_close = shared.half_close;
     let service = {
         let in_progress = Arc::clone(&in_progress);
         let stopping = stopping.clone();
@@ -383,7 +389,8 @@ async fn connection<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_header_size(MAX_HEADER)
-        .keep_alive(true);
+        .keep_alive(true)
+        .half_close(half_close);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -843,4 +850,64 @@ fn escape_label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Serves one connection on which a client sends `request` and then closes its writing side,
+/// exactly as a TCP connection to `127.0.0.1:7878` is served (hyper's parser, the `Host`,
+/// `Origin` and token checks, the body limits, the routes); returns the bytes the server wrote.
+/// The fuzz target `http_request` and its seed test drive it.
+///
+/// # Panics
+///
+/// The server does not close the connection within 30 s after the client stopped sending: a
+/// hang, which a fuzzer must report.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn serve_bytes(
+    runtime: &tokio::runtime::Runtime,
+    host: PluginHost,
+    token: Token,
+    request: &[u8],
+) -> Vec<u8> {
+    use std::io::{Read as _, Write as _};
+    use std::net::Shutdown;
+
+    const HANG: Duration = Duration::from_secs(30);
+    let local: std::net::SocketAddr = ([127, 0, 0, 1], 7878).into();
+    let shared = Arc::new(Shared {
+        host,
+        options: ControlOptions::new(token),
+        policy: Some(HostPolicy::new("127.0.0.1:7878", local)),
+        half_close: true,
+    });
+    let Ok((mut client, server)) = std::os::unix::net::UnixStream::pair() else {
+        return Vec::new();
+    };
+    if server.set_nonblocking(true).is_err() || client.set_read_timeout(Some(HANG * 2)).is_err() {
+        return Vec::new();
+    }
+    std::thread::scope(|scope| {
+        let answer = scope.spawn(move || {
+            // A write error means the server closed early: what it wrote is still readable.
+            let _ = client.write_all(request);
+            let _ = client.shutdown(Shutdown::Write);
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out);
+            out
+        });
+        let served = runtime.block_on(async {
+            let Ok(server) = tokio::net::UnixStream::from_std(server) else {
+                return Ok(());
+            };
+            let (_stop, stopping) = watch::channel(false);
+            tokio::time::timeout(HANG, connection(server, Some(local.ip()), shared, stopping)).await
+        });
+        let out = answer
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        assert!(
+            served.is_ok(),
+            "the control API hung: the connection was still open {HANG:?} after the client stopped sending"
+        );
+        out
+    })
 }

@@ -6,6 +6,11 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+/// Entry points of the fuzz targets in `tests/fuzz`; not an API (feature `fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
 pub mod cli;
 pub mod hooks;
 pub mod http;

@@ -25,9 +25,9 @@ pub(super) struct Subscriber {
 
 /// A hook point being dispatched: its handle and its declaration.
 #[derive(Clone, Copy)]
-pub(super) struct At {
-    pub(super) point: HookPoint,
-    pub(super) spec: &'static HookSpec,
+pub(crate) struct At {
+    pub(crate) point: HookPoint,
+    pub(crate) spec: &'static HookSpec,
 }
 
 impl std::fmt::Display for At {
@@ -342,7 +342,7 @@ pub(super) fn run_in_turn(
 
 /// Applies a modification within the hook point's write policy; returns whether anything
 /// changed. Fields outside the policy are refused, each with a warning.
-pub(super) fn apply_patch(
+pub(crate) fn apply_patch(
     point: At,
     subscriber: &str,
     payload: &mut Value,

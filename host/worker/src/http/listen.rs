@@ -171,7 +171,7 @@ pub(super) struct HostPolicy {
 }
 
 impl HostPolicy {
-    fn new(listen: &str, local: SocketAddr) -> Self {
+    pub(super) fn new(listen: &str, local: SocketAddr) -> Self {
         let mut names: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
             .into_iter()
             .map(str::to_owned)
