@@ -254,7 +254,9 @@ impl ChampionPlugin {
         let route = match &deployment.challenger {
             Some(challenger) => {
                 let draw = match &p.key {
-                    Some(key) => stable_hash(&[&p.task_type, key]),
+                    // The plugin's name in the key: the experiment splits the same task ids, and
+                    // its variant must be independent of the role.
+                    Some(key) => stable_hash(&["champion", &p.task_type, key]),
                     None => self.rng.next_u64(),
                 };
                 if unit(draw) < self.challenger_share {

@@ -197,7 +197,9 @@ impl ExperimentPlugin {
             }
         }
         let draw = match &p.key {
-            Some(key) => stable_hash(&[&p.experiment, key]),
+            // The plugin's name and the experiment's in the key: another plugin that splits the
+            // same keys (the champion's routing) draws an independent number.
+            Some(key) => stable_hash(&["experiment", &p.experiment, key]),
             None => self.rng.next_u64(),
         };
         let variant = experiment.at(unit(draw)).to_owned();

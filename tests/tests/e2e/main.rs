@@ -19,5 +19,6 @@ mod lifecycle;
 mod pipeline;
 mod refusals;
 mod serve;
+mod statistics;
 mod tuning;
 mod watch;
