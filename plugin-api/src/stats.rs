@@ -128,11 +128,13 @@ pub struct Welch {
 pub fn welch(control: &Moments, treatment: &Moments, level: f64) -> Option<Welch> {
     let (a, b) = (control, treatment);
     let diff = b.mean()? - a.mean()?;
-    let (va, vb) = (a.variance()? / a.count as f64, b.variance()? / b.count as f64);
+    let (va, vb) = (
+        a.variance()? / a.count as f64,
+        b.variance()? / b.count as f64,
+    );
     let se = (va + vb).sqrt();
     let df = if se > 0.0 {
-        (va + vb).powi(2)
-            / (va * va / (a.count as f64 - 1.0) + vb * vb / (b.count as f64 - 1.0))
+        (va + vb).powi(2) / (va * va / (a.count as f64 - 1.0) + vb * vb / (b.count as f64 - 1.0))
     } else {
         (a.count + b.count - 2) as f64
     };
@@ -426,7 +428,10 @@ impl UniqueCount {
     /// Whether the registers have the expected shape (for checking a saved state).
     pub fn is_consistent(&self) -> bool {
         self.registers.len() == HLL_REGISTERS
-            && self.registers.iter().all(|r| u32::from(*r) <= 65 - HLL_BITS)
+            && self
+                .registers
+                .iter()
+                .all(|r| u32::from(*r) <= 65 - HLL_BITS)
     }
 
     /// The estimated number of distinct keys.

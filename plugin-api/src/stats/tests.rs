@@ -63,9 +63,17 @@ fn mean_interval_and_welch_match_textbook_values() {
 
 #[test]
 fn chi_square_fit_flags_a_mismatch() {
-    close(chi_square_fit(&[500, 500], &[1.0, 1.0]).unwrap(), 1.0, 1e-12);
+    close(
+        chi_square_fit(&[500, 500], &[1.0, 1.0]).unwrap(),
+        1.0,
+        1e-12,
+    );
     // 50.5 % vs 49.5 % of 100 000 at 1:1: chi2 = 10, p = 0.00157.
-    close(chi_square_fit(&[50_500, 49_500], &[1.0, 1.0]).unwrap(), 0.001_565, 1e-5);
+    close(
+        chi_square_fit(&[50_500, 49_500], &[1.0, 1.0]).unwrap(),
+        0.001_565,
+        1e-5,
+    );
     // 51 % vs 49 %: chi2 = 40, p = 2.5e-10.
     assert!(chi_square_fit(&[51_000, 49_000], &[1.0, 1.0]).unwrap() < 1e-9);
     close(
