@@ -175,3 +175,94 @@ fn the_champion_rarely_promotes_an_equal_or_worse_challenger() {
         );
     }
 }
+
+fn close(got: &Value, want: f64, tolerance: f64) {
+    let got = got.as_f64().unwrap_or(f64::NAN);
+    assert!(
+        (got - want).abs() <= tolerance,
+        "got {got}, want {want} ± {tolerance}"
+    );
+}
+
+/// `experiment.stats`: per variant the mean with its 95 % interval, the difference from the
+/// control with its interval and Welch p-value, calls and unique keys, and the sample-ratio
+/// check, checked against textbook values (R: `t.test(b, a)` on 1..5 and 2..10, scaled).
+#[test]
+fn experiment_stats_report_intervals_p_values_and_unique_keys() {
+    let dir = PluginDir::new();
+    let host = host_with(
+        &dir,
+        &["experiment"],
+        &json!({"experiment": {"config": {"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}}}}),
+    );
+    for i in 1..=5 {
+        for (variant, score) in [("A", 0.1 * f64::from(i)), ("B", 0.2 * f64::from(i))] {
+            let params = json!({"experiment": "tone", "variant": variant, "score": score});
+            assert_eq!(host.call("experiment", "recordOutcome", &params), Ok(None));
+        }
+    }
+    for _ in 0..3 {
+        for i in 0..1000 {
+            let key = format!("user-{i}");
+            host.execute(
+                "experiment",
+                "pickVariant",
+                &json!({"experiment": "tone", "key": key}),
+            )
+            .unwrap();
+        }
+    }
+    let stats = host
+        .execute("experiment", "stats", &json!({"experiment": "tone"}))
+        .unwrap();
+    let tone = &stats["tone"];
+    assert_eq!(tone["control"], "A");
+    let (a, b) = (&tone["variants"]["A"], &tone["variants"]["B"]);
+    close(&a["meanScore"], 0.3, 1e-9);
+    // 0.3 ± t(0.975, 4) · √(0.025/5)
+    close(&a["ciLow"], 0.3 - 0.196_324, 1e-5);
+    close(&a["ciHigh"], 0.3 + 0.196_324, 1e-5);
+    assert_eq!(a["vsControl"], Value::Null);
+    close(&b["vsControl"]["diff"], 0.3, 1e-9);
+    close(&b["vsControl"]["pValue"], 0.107_5, 5e-4);
+    assert!(b["vsControl"]["ciLow"].as_f64().unwrap() < 0.0);
+    assert!(b["vsControl"]["ciHigh"].as_f64().unwrap() > 0.3);
+
+    let assigned = a["assigned"].as_u64().unwrap() + b["assigned"].as_u64().unwrap();
+    assert_eq!(assigned, 3000);
+    let unique = a["uniqueKeys"].as_u64().unwrap() + b["uniqueKeys"].as_u64().unwrap();
+    assert!(
+        (950..=1050).contains(&unique),
+        "{unique} unique keys of 1000"
+    );
+    assert!(
+        tone["sampleRatio"]["pValue"].as_f64().unwrap() > 0.001,
+        "{tone}"
+    );
+    assert_eq!(tone["sampleRatio"]["mismatch"], false);
+}
+
+/// Weights changed mid-experiment (1:1, then 1:3 for the same counts): the assignments no longer
+/// fit the configured weights, and `experiment.stats` says so.
+#[test]
+fn a_sample_ratio_mismatch_is_flagged() {
+    let dir = PluginDir::new();
+    let config = |b: u32| json!({"experiment": {"config": {"experiments": {"tone": {"variants": {"A": 1, "B": b}}}}}});
+    let host = host_with(&dir, &["experiment"], &config(1));
+    for i in 0..4000 {
+        host.execute(
+            "experiment",
+            "pickVariant",
+            &json!({"experiment": "tone", "key": format!("user-{i}")}),
+        )
+        .unwrap();
+    }
+    let fits = host.execute("experiment", "stats", &json!(null)).unwrap();
+    assert_eq!(fits["tone"]["sampleRatio"]["mismatch"], false, "{fits}");
+    dir.configure(&config(3));
+    host.reload_config().unwrap();
+    let stats = host.execute("experiment", "stats", &json!(null)).unwrap();
+    let ratio = &stats["tone"]["sampleRatio"];
+    assert_eq!(ratio["mismatch"], true, "{stats}");
+    assert!(ratio["pValue"].as_f64().unwrap() < 1e-6, "{stats}");
+}
