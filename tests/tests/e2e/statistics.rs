@@ -266,3 +266,28 @@ fn a_sample_ratio_mismatch_is_flagged() {
     assert_eq!(ratio["mismatch"], true, "{stats}");
     assert!(ratio["pValue"].as_f64().unwrap() < 1e-6, "{stats}");
 }
+
+/// The profiler's percentile is the value of integer nearest rank: p7 of 1..=100 ms is the 7th
+/// value, in the bucket ending at 10^0.9 ms. Float arithmetic made the rank 8 (0.07 · 100 =
+/// 7.000000000000001), whose bucket ends at 10 ms.
+#[test]
+fn the_profiler_uses_the_integer_nearest_rank() {
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["profiler"], &json!({}));
+    for ms in 1..=100 {
+        let params = json!({"kind": "type", "key": "chat", "ms": f64::from(ms)});
+        assert_eq!(host.call("profiler", "observeLatency", &params), Ok(None));
+    }
+    let answer = host
+        .execute(
+            "profiler",
+            "percentiles",
+            &json!({"kind": "type", "key": "chat", "p": [7]}),
+        )
+        .unwrap();
+    let p7 = answer["type"]["chat"]["p7"].as_f64().unwrap();
+    assert!(
+        (7.0..10f64.powf(0.9) + 1e-9).contains(&p7),
+        "p7 of 1..=100 ms reported as {p7}"
+    );
+}
