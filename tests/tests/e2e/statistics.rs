@@ -291,3 +291,87 @@ fn the_profiler_uses_the_integer_nearest_rank() {
         "p7 of 1..=100 ms reported as {p7}"
     );
 }
+
+/// The champion and the bandit learn only from the tasks they routed, and a failed task
+/// (`task.error`) counts as a score of 0 for the handler it was routed to.
+#[test]
+fn champion_and_bandit_learn_only_from_their_tasks_and_count_failures() {
+    let dir = PluginDir::new();
+    let host = host_with(
+        &dir,
+        &["champion", "bandit"],
+        &json!({
+            "champion": {"config": {"taskTypes": {"summarize": {"champion": "lead", "challenger": "title-match"}}}},
+            "bandit": {"config": {"contexts": ["chat"]}},
+        }),
+    );
+    let scored = |id: &str, task_type: &str, handler: &Value, score: f64| {
+        host.fire(host::HookPoint::TaskScored, || {
+            json!({"id": id, "type": task_type, "handler": handler, "role": null, "score": score})
+        })
+        .unwrap();
+    };
+    let failed = |id: &str, task_type: &str| {
+        host.fire(
+            host::HookPoint::TaskError,
+            || json!({"id": id, "type": task_type, "error": "handler lead failed: boom"}),
+        )
+        .unwrap();
+    };
+    // Tasks someone else routed: not counted.
+    scored("other-1", "summarize", &json!("lead"), 0.9);
+    scored("other-2", "chat", &json!("recall"), 0.9);
+    // A routed task that ran and one that failed.
+    let routed = host
+        .execute(
+            "champion",
+            "route",
+            &json!({"taskType": "summarize", "key": "s-1"}),
+        )
+        .unwrap();
+    scored("s-1", "summarize", &routed["handler"], 0.9);
+    let failing = host
+        .execute(
+            "champion",
+            "route",
+            &json!({"taskType": "summarize", "key": "s-2"}),
+        )
+        .unwrap();
+    failed("s-2", "summarize");
+    let chosen = host
+        .execute(
+            "bandit",
+            "choose",
+            &json!({"context": "chat", "arms": ["recall"], "key": "c-1"}),
+        )
+        .unwrap();
+    failed("c-1", "chat");
+
+    let status = host.execute("champion", "status", &json!(null)).unwrap();
+    let arms = &status["summarize"]["scored"];
+    let count = |h: &Value| arms[h.as_str().unwrap()]["count"].as_u64().unwrap();
+    let total: u64 = ["lead", "title-match"]
+        .iter()
+        .map(|h| arms[h]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 2, "{status}");
+    assert!(
+        count(&routed["handler"]) >= 1 && count(&failing["handler"]) >= 1,
+        "{status}"
+    );
+    let sum: f64 = ["lead", "title-match"]
+        .iter()
+        .map(|h| arms[h]["meanScore"].as_f64().unwrap_or(0.0) * arms[h]["count"].as_f64().unwrap())
+        .sum();
+    assert!((sum - 0.9).abs() < 1e-9, "the failure counts 0: {status}");
+
+    let stats = host
+        .execute("bandit", "stats", &json!({"context": "chat"}))
+        .unwrap();
+    let arm = &stats["chat"]["arms"][chosen.as_str().unwrap()];
+    assert_eq!(
+        (&arm["pulls"], &arm["meanReward"]),
+        (&json!(1), &json!(0.0)),
+        "{stats}"
+    );
+}
