@@ -106,6 +106,7 @@ mod hooks;
 pub mod lenient;
 mod log;
 mod methods;
+pub mod stats;
 mod typed;
 
 use std::fmt;

@@ -21,26 +21,40 @@
 //!
 //! # Methods
 //!
-//! - `choose {"context", "arms"}` → the chosen arm, or `null` when the context is not handled or
-//!   `arms` is empty. UCB1 tries every unpulled arm first (in the given order), then takes the
-//!   highest upper confidence bound; Thompson samples `Beta(1 + rewards, 1 + pulls - rewards)`
-//!   per arm and takes the highest draw. Choosing is not a pull; only updates count.
+//! - `choose {"context", "arms", "key"?}` → the chosen arm, or `null` when the context is not
+//!   handled or `arms` is empty. UCB1 tries the unpulled arms first (a random one of them), then
+//!   takes the highest upper confidence bound, ties broken at random. Thompson sampling uses the
+//!   Bernoulli trick: each reward `r` in 0..=1 is turned into a success with probability `r`
+//!   when it is recorded, so `Beta(1 + successes, 1 + pulls − successes)` is the exact
+//!   posterior of the arm's success rate, whose mean is the arm's mean reward; `choose` draws
+//!   from each arm's posterior and takes the highest draw. Choosing is not a pull; only updates
+//!   count. `key` (the task id) lets the hooks tie the task's outcome to this choice.
 //! - `update {"context", "arm", "reward"}` → nothing; `reward` must be a number in 0..=1. Updates
 //!   for a context that is not handled are ignored.
-//! - `stats {"context"?}` → per context: `{"arms": {arm: {"pulls", "meanReward"}}, "best"}`,
-//!   where `best` is the arm with the highest mean reward so far (`null` without data).
+//! - `stats {"context"?}` → per context: `{"arms": {arm: {"pulls", "meanReward", "ciLow",
+//!   "ciHigh", "successes"}}, "best"}`, where `best` is the arm with the highest mean reward so
+//!   far (`null` without data) and `[ciLow, ciHigh]` the 95 % Student-t interval of the mean.
 //!
 //! # Hooks
 //!
-//! - `task.scored` (audit, priority 50): a payload with `type` (the context), `handler` (the
-//!   arm) and a numeric `score` updates the bandit like `update`. Always continues.
+//! The bandit learns only from tasks it chose the handler for:
+//! - `task.scored` (audit, priority 50): the `score` updates the arm like `update` when the task
+//!   is one the bandit chose, by its `id` (when `choose` had a `key`) and its `handler`; without a
+//!   key, a scored task of that context and handler counts while choices of that arm await their
+//!   outcome (one per choice).
+//! - `task.error` (audit, priority 50): a task the bandit chose with a `key` counts as a reward
+//!   of 0 for its arm, unless its error says it was `blocked` by a hook. Without a key the
+//!   failure cannot be tied to an arm (the payload names no handler) and is not counted.
 //!
-//! Pulls and reward sums survive hot reloads (`save_state` / `restore_state`).
+//! Pulls, reward sums and sums of squares and successes survive hot reloads (`save_state` /
+//! `restore_state`). A state saved by an older version (no sum of squares, no successes) loads
+//! with the successes taken as the rounded reward sum and without intervals.
 
 #![forbid(unsafe_code)]
 
 use plugin_api::assign::{Random, open_unit};
-use std::collections::BTreeMap;
+use plugin_api::stats::Moments;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use plugin_api::{
@@ -106,11 +120,63 @@ pub struct ArmStats {
     pub pulls: u64,
     /// Sum of their rewards (each in 0..=1).
     pub reward_sum: f64,
+    /// Sum of their squares (absent in states of older versions).
+    #[serde(default)]
+    pub reward_sum_sq: Option<f64>,
+    /// Bernoulli successes drawn from the rewards (absent in states of older versions).
+    #[serde(default)]
+    pub successes: Option<u64>,
 }
 
 impl ArmStats {
     fn mean(&self) -> Option<f64> {
         (self.pulls > 0).then(|| self.reward_sum / self.pulls as f64)
+    }
+
+    fn moments(&self) -> Option<Moments> {
+        Some(Moments {
+            count: self.pulls,
+            sum: self.reward_sum,
+            sum_sq: self.reward_sum_sq?,
+        })
+    }
+
+    fn successes(&self) -> u64 {
+        self.successes
+            .unwrap_or_else(|| self.reward_sum.round() as u64)
+            .min(self.pulls)
+    }
+}
+
+/// Tasks chosen and not yet back: by id (from `choose`'s key), and per context and arm for
+/// choices without a key.
+#[derive(Debug, Default)]
+struct Pending {
+    by_id: HashMap<String, (String, String)>,
+    order: VecDeque<String>,
+    keyless: HashMap<(String, String), u64>,
+}
+
+/// Tasks in flight the bandit remembers by id.
+const MAX_PENDING: usize = 100_000;
+
+impl Pending {
+    fn insert(&mut self, id: String, context: String, arm: String) {
+        if self.by_id.insert(id.clone(), (context, arm)).is_none() {
+            self.order.push_back(id);
+        }
+        while self.by_id.len() > MAX_PENDING {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.by_id.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if self.order.len() > 2 * MAX_PENDING {
+            let by_id = &self.by_id;
+            self.order.retain(|id| by_id.contains_key(id));
+        }
     }
 }
 
@@ -124,6 +190,7 @@ pub struct BanditPlugin {
     algorithm: Algorithm,
     exploration: f64,
     stats: Mutex<Stats>,
+    pending: Mutex<Pending>,
     rng: Random,
 }
 
@@ -132,6 +199,8 @@ pub struct BanditPlugin {
 struct ChooseParams {
     context: String,
     arms: Vec<String>,
+    #[serde(default)]
+    key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +221,8 @@ struct StatsParams {
 /// of another type; such a payload is skipped.
 #[derive(Debug, Default, PartialEq, Deserialize)]
 struct ScoredTask {
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    id: Option<String>,
     #[serde(
         rename = "type",
         default,
@@ -164,7 +235,28 @@ struct ScoredTask {
     score: Option<f64>,
 }
 
+/// The fields of a `task.error` payload the bandit reads.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+struct FailedTask {
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    id: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    error: Option<String>,
+}
+
 impl BanditPlugin {
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One of `candidates` at random.
+    fn pick_random<'a>(&self, candidates: &[&'a String]) -> Option<&'a String> {
+        let i = (self.rng.next_unit() * candidates.len() as f64) as usize;
+        candidates
+            .get(i.min(candidates.len().saturating_sub(1)))
+            .copied()
+    }
+
     fn handles(&self, context: &str) -> bool {
         self.contexts
             .as_ref()
@@ -225,28 +317,42 @@ impl BanditPlugin {
             Algorithm::Ucb1 => {
                 let arms: Vec<(&String, ArmStats)> =
                     p.arms.iter().map(|a| (a, arm_stats(a))).collect();
-                if let Some((arm, _)) = arms.iter().find(|(_, s)| s.pulls == 0) {
-                    (*arm).clone()
+                let unpulled: Vec<&String> = arms
+                    .iter()
+                    .filter(|(_, s)| s.pulls == 0)
+                    .map(|(a, _)| *a)
+                    .collect();
+                if !unpulled.is_empty() {
+                    self.pick_random(&unpulled).cloned().unwrap_or_default()
                 } else {
                     let total: u64 = arms.iter().map(|(_, s)| s.pulls).sum();
                     let ln_total = (total as f64).ln();
-                    let mut best: Option<(&String, f64)> = None;
-                    for (arm, s) in &arms {
-                        let n = s.pulls as f64;
-                        let bound = s.reward_sum / n + (self.exploration * ln_total / n).sqrt();
-                        if best.is_none_or(|(_, b)| bound > b) {
-                            best = Some((arm, bound));
-                        }
-                    }
-                    best.map_or_else(String::new, |(arm, _)| arm.clone())
+                    let bounds: Vec<(&String, f64)> = arms
+                        .iter()
+                        .map(|(arm, s)| {
+                            let n = s.pulls as f64;
+                            (
+                                *arm,
+                                s.reward_sum / n + (self.exploration * ln_total / n).sqrt(),
+                            )
+                        })
+                        .collect();
+                    let top = bounds.iter().map(|(_, b)| *b).fold(f64::MIN, f64::max);
+                    let tied: Vec<&String> = bounds
+                        .iter()
+                        .filter(|(_, b)| top - b <= 1e-12 * top.abs().max(1.0))
+                        .map(|(a, _)| *a)
+                        .collect();
+                    self.pick_random(&tied).cloned().unwrap_or_default()
                 }
             }
             Algorithm::Thompson => {
                 let mut best: Option<(&String, f64)> = None;
                 for arm in &p.arms {
                     let s = arm_stats(arm);
-                    let successes = s.reward_sum.clamp(0.0, s.pulls as f64);
-                    let draw = self.beta(1.0 + successes, 1.0 + s.pulls as f64 - successes);
+                    let successes = s.successes();
+                    let draw =
+                        self.beta(1.0 + successes as f64, 1.0 + (s.pulls - successes) as f64);
                     if best.is_none_or(|(_, b)| draw > b) {
                         best = Some((arm, draw));
                     }
@@ -254,6 +360,17 @@ impl BanditPlugin {
                 best.map_or_else(String::new, |(arm, _)| arm.clone())
             }
         };
+        drop(stats);
+        let mut pending = self.pending_lock();
+        match p.key {
+            Some(key) => pending.insert(key, p.context, chosen.clone()),
+            None => {
+                *pending
+                    .keyless
+                    .entry((p.context, chosen.clone()))
+                    .or_default() += 1
+            }
+        }
         Ok(Some(chosen))
     }
 
@@ -277,8 +394,17 @@ impl BanditPlugin {
             .or_default()
             .entry(p.arm)
             .or_default();
+        // The Bernoulli trick: a success with probability `reward`.
+        let success = self.next_unit() < p.reward;
+        let successes = entry.successes();
         entry.pulls += 1;
         entry.reward_sum += p.reward;
+        entry.reward_sum_sq = match entry.reward_sum_sq {
+            Some(q) => Some(q + p.reward * p.reward),
+            None if entry.pulls == 1 => Some(p.reward * p.reward),
+            None => None,
+        };
+        entry.successes = Some(successes + u64::from(success));
         Ok(())
     }
 
@@ -291,12 +417,58 @@ impl BanditPlugin {
         if !self.handles(&context) {
             return Ok(HookResult::Continue);
         }
+        if !self.chose(task.id.as_deref(), &context, &arm) {
+            return Ok(HookResult::Continue);
+        }
         if let Err(e) = self.update(UpdateParams {
             context,
             arm,
             reward,
         }) {
             tracing::warn!(error = %e, "task.scored: payload skipped");
+        }
+        Ok(HookResult::Continue)
+    }
+
+    /// Whether the bandit chose `arm` for this task; takes the choice back.
+    fn chose(&self, id: Option<&str>, context: &str, arm: &str) -> bool {
+        let mut pending = self.pending_lock();
+        if let Some(routed) = id.and_then(|id| pending.by_id.remove(id)) {
+            return routed.0 == context && routed.1 == arm;
+        }
+        match pending
+            .keyless
+            .get_mut(&(context.to_owned(), arm.to_owned()))
+        {
+            Some(waiting) if *waiting > 0 => {
+                *waiting -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn on_error(&self, task: Option<FailedTask>) -> Result<HookResult, PluginError> {
+        let task = task.unwrap_or_default();
+        let Some(id) = task.id else {
+            return Ok(HookResult::Continue);
+        };
+        let Some((context, arm)) = self.pending_lock().by_id.remove(&id) else {
+            return Ok(HookResult::Continue);
+        };
+        if task
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("blocked"))
+        {
+            return Ok(HookResult::Continue);
+        }
+        if let Err(e) = self.update(UpdateParams {
+            context,
+            arm,
+            reward: 0.0,
+        }) {
+            tracing::warn!(error = %e, "task.error: not counted");
         }
         Ok(HookResult::Continue)
     }
@@ -333,9 +505,16 @@ impl BanditPlugin {
                         best = Some((arm, m));
                     }
                 }
+                let interval = s.moments().and_then(|m| m.interval(0.95));
                 arms.insert(
                     arm.clone(),
-                    serde_json::json!({ "pulls": s.pulls, "meanReward": mean }),
+                    serde_json::json!({
+                        "pulls": s.pulls,
+                        "meanReward": mean,
+                        "ciLow": interval.map(|i| i.low),
+                        "ciHigh": interval.map(|i| i.high),
+                        "successes": s.successes(),
+                    }),
                 );
             }
             report.insert(
@@ -371,6 +550,7 @@ impl Plugin for BanditPlugin {
             algorithm: config.algorithm.unwrap_or_default(),
             exploration: config.exploration.unwrap_or(2.0),
             stats: Mutex::new(Stats::new()),
+            pending: Mutex::new(Pending::default()),
             rng: Random::new(seed),
         })
     }
@@ -396,6 +576,7 @@ impl Plugin for BanditPlugin {
 
     fn hooks(hooks: &mut Hooks<Self>) {
         hooks.on("task.scored", 50, HookMode::Audit, Self::on_scored);
+        hooks.on("task.error", 50, HookMode::Audit, Self::on_error);
     }
 
     fn save_state(&self) -> Result<Option<Stats>, PluginError> {
@@ -420,6 +601,13 @@ impl Plugin for BanditPlugin {
                     .or_default()
                     .entry(arm)
                     .or_default();
+                let fresh = entry.pulls == 0;
+                entry.successes = Some(entry.successes() + s.successes());
+                entry.reward_sum_sq = match (entry.reward_sum_sq, s.reward_sum_sq) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (None, b) if fresh => b,
+                    _ => None,
+                };
                 entry.pulls += s.pulls;
                 entry.reward_sum += s.reward_sum;
             }
@@ -446,6 +634,7 @@ mod tests {
         p.choose(ChooseParams {
             context: context.into(),
             arms: arms.iter().map(|a| (*a).to_owned()).collect(),
+            key: None,
         })
         .unwrap()
     }
@@ -508,12 +697,36 @@ mod tests {
     }
 
     #[test]
-    fn ucb1_tries_unpulled_arms_first_in_order() {
-        let p = plugin(Value::Null);
+    fn ucb1_tries_unpulled_arms_first_and_breaks_ties_at_random() {
+        let p = plugin(json!({"seed": 4}));
         update(&p, "chat", "a", 1.0);
-        assert_eq!(choose(&p, "chat", &["a", "b", "c"]).unwrap(), "b");
-        // Choosing is not a pull.
-        assert_eq!(choose(&p, "chat", &["a", "b", "c"]).unwrap(), "b");
+        let mut seen = BTreeMap::new();
+        for _ in 0..200 {
+            // Choosing is not a pull: b and c stay unpulled.
+            *seen
+                .entry(choose(&p, "chat", &["a", "b", "c"]).unwrap())
+                .or_insert(0) += 1;
+        }
+        assert_eq!(seen.get("a"), None);
+        assert!(seen["b"] > 60 && seen["c"] > 60, "{seen:?}");
+        // Equal bounds: either arm, not always the first.
+        update(&p, "chat", "b", 1.0);
+        let firsts = (0..200)
+            .filter(|_| choose(&p, "chat", &["a", "b"]).unwrap() == "a")
+            .count();
+        assert!((60..140).contains(&firsts), "a chosen {firsts} of 200 ties");
+    }
+
+    #[test]
+    fn the_bernoulli_trick_keeps_integer_successes_at_the_mean_reward() {
+        let p = plugin(json!({"seed": 11}));
+        for _ in 0..4000 {
+            update(&p, "chat", "a", 0.3);
+        }
+        let s = p.stats_lock()["chat"]["a"].clone();
+        let rate = s.successes() as f64 / s.pulls as f64;
+        assert!((rate - 0.3).abs() < 0.03, "success rate {rate}");
+        assert!((s.reward_sum_sq.unwrap() - 4000.0 * 0.09).abs() < 1e-6);
     }
 
     #[test]
@@ -610,8 +823,25 @@ mod tests {
         let payload = json!({"id": "t-1", "type": "chat", "handler": "recall", "variant": null,
             "experiment": null, "role": null, "score": 0.75, "latency_ms": 0.4,
             "output_len": 3, "plugins_ms": {"bandit": 0.01}});
+        // Not chosen by the bandit: not counted.
         let r = hooks.run(&p, "task.scored", &payload.to_string()).unwrap();
         assert_eq!(r, HookResult::Continue);
+        assert!(
+            p.report(None).unwrap()["chat"]["arms"]
+                .as_object()
+                .unwrap()
+                .is_empty()
+        );
+        // Chosen (with the task id as key), then scored: counted.
+        let chosen = methods
+            .call(
+                &p,
+                "choose",
+                r#"{"context": "chat", "arms": ["recall"], "key": "t-1"}"#,
+            )
+            .unwrap();
+        assert_eq!(chosen.as_deref(), Some("\"recall\""));
+        hooks.run(&p, "task.scored", &payload.to_string()).unwrap();
         for odd in [
             json!(null),
             json!({}),
@@ -632,6 +862,21 @@ mod tests {
             )
             .unwrap();
         assert_eq!(chosen.as_deref(), Some("\"recent\""));
+        // A chosen task that fails counts as 0; the keyless choice above cannot be tied to it.
+        methods
+            .call(
+                &p,
+                "choose",
+                r#"{"context": "chat", "arms": ["recall", "recent"], "key": "t-2"}"#,
+            )
+            .unwrap();
+        hooks
+            .run(
+                &p,
+                "task.error",
+                r#"{"id": "t-2", "type": "chat", "error": "handler failed"}"#,
+            )
+            .unwrap();
         let none = methods
             .call(&p, "choose", r#"{"context": "other", "arms": ["recall"]}"#)
             .unwrap();
@@ -646,13 +891,18 @@ mod tests {
         assert_eq!(answer, None);
         let stats: Value =
             serde_json::from_str(&methods.call(&p, "stats", "").unwrap().unwrap()).unwrap();
+        // recall: the scored task it chose (0.75); recent: the failed task (0) and the update.
+        let arms = &stats["chat"]["arms"];
         assert_eq!(
-            stats,
-            json!({"chat": {"arms": {
-                "recall": {"pulls": 1, "meanReward": 0.75},
-                "recent": {"pulls": 1, "meanReward": 0.25},
-            }, "best": "recall"}})
+            (&arms["recall"]["pulls"], &arms["recall"]["meanReward"]),
+            (&json!(1), &json!(0.75))
         );
+        assert_eq!(
+            (&arms["recent"]["pulls"], &arms["recent"]["meanReward"]),
+            (&json!(2), &json!(0.125))
+        );
+        assert!(arms["recent"]["ciLow"].as_f64().unwrap() < 0.125);
+        assert_eq!(stats["chat"]["best"], "recall");
         assert!(
             methods
                 .call(&p, "stats", r#"{"context": "other"}"#)

@@ -1,8 +1,10 @@
-//! `champion`: champion/challenger deployment per task type, with automatic promotion.
+//! `champion`: champion/challenger deployment per task type, with a promotion decided by a
+//! statistical test that controls the rate of false promotions.
 //!
 //! The pattern it serves: `route = execute("champion", "route", {...})`, then run
 //! `route.handler` (or the caller's default when the answer is `null`). Scores come back through
-//! the `task.scored` hook; when the challenger proves better, it becomes the champion.
+//! the `task.scored` hook (failures through `task.error`); when the challenger is shown to be
+//! better, it becomes the champion.
 //!
 //! # Configuration
 //!
@@ -11,6 +13,8 @@
 //!   "taskTypes": { "summarize": { "champion": "lead", "challenger": "title-match" } },
 //!   "challengerShare": 0.2,
 //!   "minScored": 50,
+//!   "looks": 5,
+//!   "alpha": 0.05,
 //!   "threshold": 0.02,
 //!   "seed": 7
 //! }
@@ -19,42 +23,77 @@
 //! - `taskTypes`: task type → its `champion` handler and (optionally) its `challenger`; the two
 //!   must differ. Without a challenger every task goes to the champion.
 //! - `challengerShare` (default 0.2): the share of traffic, in 0..=1, sent to the challenger.
-//! - `minScored` (default 50, at least 1): scored tasks each side needs before a promotion.
+//! - `minScored` (default 50, at least 2): the spacing of the looks, in scored tasks of the
+//!   smaller arm.
+//! - `looks` (default 5, at least 1): how many times the test is run.
+//! - `alpha` (default 0.05, in (0, 1)): the false-promotion rate the rule guarantees at most.
 //! - `threshold` (default 0.02, >= 0): how much the challenger's mean score must exceed the
 //!   champion's for a promotion.
 //! - `seed` (optional): seeds the random routing of calls without a key.
+//!
+//! # The promotion rule
+//!
+//! A group-sequential test with Bonferroni alpha spending: the test looks when the smaller arm
+//! reaches `minScored`, `2 · minScored`, …, `looks · minScored` scored tasks, and each look is a
+//! one-sided Welch t-test of `challenger mean − champion mean − threshold > 0` at level
+//! `alpha / looks`. The challenger is promoted at the first look that rejects; if the last look
+//! does not, the champion is kept. By the union bound, whatever the scores' distribution, the
+//! chance of promoting a challenger that is not better by more than `threshold` is at most
+//! `alpha` (up to the t-test's normal approximation, good for a few dozen scores per arm). The
+//! price of the guarantee is power: a small improvement may end in "kept".
+//!
+//! Either way the experiment ends: the loser is retired, the challenger slot stays empty (all
+//! traffic goes to the champion) and the decision is recorded with its statistics in the state
+//! and in an `info` log event. A new experiment starts when the configuration names a challenger
+//! that is neither the champion nor retired (at the next load of the configuration). The host
+//! writes the state at reload and shutdown; a plugin cannot ask for an earlier write.
+//!
+//! # Which tasks count
+//!
+//! Only the tasks this plugin routed: `route` with a `key` (the pipeline passes the task id)
+//! remembers the task's handler until its `task.scored` or `task.error` (at most 100,000 tasks
+//! in flight; the oldest are forgotten beyond that). A scored task counts for the handler it was
+//! routed to if it ran that handler; a failed task (`task.error`) counts as a score of 0 for it,
+//! unless its error says it was `blocked` by a hook (the handler did not fail). A scored task
+//! routed without a key counts when its payload's `role` names the handler's current role.
 //!
 //! # Methods
 //!
 //! - `route {"taskType", "key"?}` → `{"handler", "role": "champion" | "challenger"}`, or `null`
 //!   for a task type not configured. The same key always gets the same role (sticky); without a
 //!   key the pick is random with the challenger share.
-//! - `status {"taskType"?}` → per task type: `{"champion", "challenger", "scored": {handler:
-//!   {"count", "meanScore"}}, "promotions": [{"taskType", "from", "to", "championMean",
-//!   "challengerMean", "scored": {"champion", "challenger"}}]}`.
+//! - `status {"taskType"?}` → per task type: `{"champion", "challenger", "retired",
+//!   "scored": {handler: {"count", "meanScore", "ciLow", "ciHigh"}}, "comparison": {"diff",
+//!   "ciLow", "ciHigh", "pValue", "pPromote", "looksTaken", "nextLookAt"} | null, "decisions":
+//!   [..], "promotions": [..]}`. Intervals are 95 % Student-t intervals of the mean; `diff` is
+//!   challenger minus champion with its 95 % Welch interval and two-sided `pValue`; `pPromote`
+//!   is the one-sided p-value the rule compares with `alpha / looks` at each look. A decision is
+//!   `{"taskType", "outcome": "promoted" | "kept", "from" (the champion), "to" (the challenger),
+//!   "championMean", "challengerMean", "scored": {"champion", "challenger"}, "diff", "ciLow",
+//!   "ciHigh", "pValue", "look", "level", "threshold"}`; `promotions` lists the promoted ones.
 //!
 //! # Hooks
 //!
-//! - `task.scored` (audit, priority 40): a payload whose `type` is configured, whose `handler` is
-//!   the current champion or challenger and whose `score` is a number in 0..=1 is counted. Once
-//!   both sides have `minScored` scores and the challenger's mean beats the champion's by more
-//!   than `threshold`, they swap roles (the old champion becomes the challenger and can win
-//!   back), the counters restart from zero and the promotion is recorded. Always continues.
+//! - `task.scored` (audit, priority 40) and `task.error` (audit, priority 40), as above.
 //!
-//! The deployment (who is champion, counters, promotions) survives hot reloads and restarts
-//! (`save_state` / `restore_state`): a saved decision replaces the configured one for task types
-//! still configured with the same two handlers.
+//! The deployment (who is champion, the arms' count, sum and sum of squares, retired handlers,
+//! decisions) survives hot reloads and restarts (`save_state` / `restore_state`). A state saved
+//! by a version that kept no sum of squares loads with its arms' statistics reset.
 
 #![forbid(unsafe_code)]
 
 use plugin_api::assign::{Random, stable_hash, unit};
-use std::collections::{BTreeMap, BTreeSet};
+use plugin_api::stats::{Moments, welch, welch_one_sided};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use plugin_api::{
     HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, Value, export_plugin,
 };
 use serde::{Deserialize, Serialize};
+
+/// Tasks routed and not yet scored or failed that the plugin remembers.
+const MAX_PENDING: usize = 100_000;
 
 /// The plugin's configuration (see the crate docs). A field that is absent or `null` takes
 /// its default.
@@ -65,8 +104,12 @@ pub struct Config {
     pub task_types: BTreeMap<String, TaskTypeConfig>,
     /// The challenger's share of traffic (default 0.2).
     pub challenger_share: Option<f64>,
-    /// Scored tasks each side needs before a promotion (default 50).
+    /// Spacing of the looks in scored tasks of the smaller arm (default 50).
     pub min_scored: Option<u64>,
+    /// How many looks (default 5).
+    pub looks: Option<u32>,
+    /// The false-promotion rate (default 0.05).
+    pub alpha: Option<f64>,
     /// How much better the challenger must score (default 0.02).
     pub threshold: Option<f64>,
     /// Seeds the random routing of calls without a key.
@@ -83,47 +126,97 @@ pub struct TaskTypeConfig {
     pub challenger: Option<String>,
 }
 
-/// Score count and sum of one handler.
+/// Sufficient statistics of one arm as saved. `sumSq` is absent in states of older versions
+/// (whose `scoreSum` is read as `sum`); such an arm is reset on restore.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Counter {
+pub struct Arm {
     /// Scored tasks.
     pub count: u64,
     /// Sum of their scores.
-    pub score_sum: f64,
+    #[serde(alias = "scoreSum")]
+    pub sum: f64,
+    /// Sum of their squares.
+    pub sum_sq: Option<f64>,
 }
 
-impl Counter {
-    fn mean(&self) -> Option<f64> {
-        (self.count > 0).then(|| self.score_sum / self.count as f64)
+impl Arm {
+    fn moments(&self) -> Moments {
+        Moments {
+            count: self.count,
+            sum: self.sum,
+            sum_sq: self.sum_sq.unwrap_or(0.0),
+        }
+    }
+
+    fn push(&mut self, score: f64) {
+        self.count += 1;
+        self.sum += score;
+        self.sum_sq = Some(self.sum_sq.unwrap_or(0.0) + score * score);
     }
 }
 
-/// How many scored tasks each side had when a promotion happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PromotionCounts {
-    /// The old champion's scored tasks.
+/// How many scored tasks each side had when a decision was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionCounts {
+    /// The champion's scored tasks.
     pub champion: u64,
-    /// The old challenger's (the new champion's) scored tasks.
+    /// The challenger's scored tasks.
     pub challenger: u64,
 }
 
-/// One promotion: the challenger `to` replaced the champion `from`.
+/// What a decision did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The challenger became the champion.
+    #[default]
+    Promoted,
+    /// The last look did not reject: the champion stays.
+    Kept,
+}
+
+/// One decision that ended an experiment. States of older versions hold only promotions,
+/// without the test's fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Promotion {
+pub struct Decision {
     /// The task type.
     pub task_type: String,
-    /// The champion that lost its place.
+    /// What happened.
+    #[serde(default)]
+    pub outcome: Outcome,
+    /// The champion when the decision was made.
     pub from: String,
-    /// The challenger that took it.
+    /// The challenger when the decision was made.
     pub to: String,
-    /// The old champion's mean score.
+    /// The champion's mean score.
     pub champion_mean: f64,
-    /// The old challenger's mean score.
+    /// The challenger's mean score.
     pub challenger_mean: f64,
     /// Scored tasks per side.
-    pub scored: PromotionCounts,
+    pub scored: DecisionCounts,
+    /// Challenger minus champion.
+    #[serde(default)]
+    pub diff: Option<f64>,
+    /// Lower bound of the difference's 95 % interval.
+    #[serde(default)]
+    pub ci_low: Option<f64>,
+    /// Upper bound of the difference's 95 % interval.
+    #[serde(default)]
+    pub ci_high: Option<f64>,
+    /// The one-sided p-value of the look that decided.
+    #[serde(default)]
+    pub p_value: Option<f64>,
+    /// Which look decided (1-based).
+    #[serde(default)]
+    pub look: Option<u32>,
+    /// The level the p-value was compared with (`alpha / looks`).
+    #[serde(default)]
+    pub level: Option<f64>,
+    /// The threshold in force.
+    #[serde(default)]
+    pub threshold: Option<f64>,
 }
 
 /// The deployment of one task type: also the shape of the saved state.
@@ -134,12 +227,18 @@ pub struct Deployment {
     pub champion: String,
     /// The handler that gets the challenger share, if any.
     pub challenger: Option<String>,
-    /// Counters of the current champion and challenger since the last promotion.
+    /// Statistics of the current champion and challenger since the experiment began.
     #[serde(default)]
-    pub scored: BTreeMap<String, Counter>,
-    /// Past promotions, oldest first.
+    pub scored: BTreeMap<String, Arm>,
+    /// Looks of the test taken in this experiment.
     #[serde(default)]
-    pub promotions: Vec<Promotion>,
+    pub looks_taken: u32,
+    /// Handlers that lost an experiment; never routed to again until configured anew.
+    #[serde(default)]
+    pub retired: Vec<String>,
+    /// Decisions, oldest first.
+    #[serde(default, alias = "promotions")]
+    pub decisions: Vec<Decision>,
 }
 
 impl Deployment {
@@ -147,6 +246,13 @@ impl Deployment {
         std::iter::once(self.champion.as_str())
             .chain(self.challenger.as_deref())
             .collect()
+    }
+
+    fn arm(&self, handler: &str) -> Moments {
+        self.scored
+            .get(handler)
+            .map(Arm::moments)
+            .unwrap_or_default()
     }
 
     /// Why a saved deployment cannot be used, if it cannot.
@@ -162,9 +268,9 @@ impl Deployment {
             .keys()
             .find(|h| !self.handlers().contains(h.as_str()))
         {
-            return Some(format!("counter for `{handler}`, which is neither side"));
+            return Some(format!("statistics for `{handler}`, which is neither side"));
         }
-        if self.scored.values().any(|c| !c.score_sum.is_finite()) {
+        if self.scored.values().any(|a| !a.moments().is_consistent()) {
             return Some("a score sum is not finite".to_owned());
         }
         None
@@ -174,15 +280,69 @@ impl Deployment {
 /// The state carried over a reload.
 pub type Deployments = BTreeMap<String, Deployment>;
 
+/// A task routed and not yet back.
+#[derive(Debug)]
+struct Routed {
+    task_type: String,
+    handler: String,
+}
+
+/// Routed tasks by id, oldest first, bounded by [`MAX_PENDING`].
+#[derive(Debug, Default)]
+struct Pending {
+    by_id: HashMap<String, Routed>,
+    order: VecDeque<String>,
+}
+
+impl Pending {
+    fn insert(&mut self, id: String, routed: Routed) {
+        if self.by_id.insert(id.clone(), routed).is_none() {
+            self.order.push_back(id);
+        }
+        while self.by_id.len() > MAX_PENDING {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.by_id.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Ids already taken back leave stale entries in `order`: compact now and then.
+        if self.order.len() > 2 * MAX_PENDING {
+            let by_id = &self.by_id;
+            self.order.retain(|id| by_id.contains_key(id));
+        }
+    }
+
+    fn take(&mut self, id: &str) -> Option<Routed> {
+        self.by_id.remove(id)
+    }
+}
+
+/// The test's settings.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    min_scored: u64,
+    looks: u32,
+    alpha: f64,
+    threshold: f64,
+}
+
+impl Rule {
+    fn level(&self) -> f64 {
+        self.alpha / f64::from(self.looks)
+    }
+}
+
 /// The plugin instance.
 #[derive(Debug)]
 pub struct ChampionPlugin {
     challenger_share: f64,
-    min_scored: u64,
-    threshold: f64,
+    rule: Rule,
     /// The configured task types and their initial deployments (also the keys of `state`).
     configured: Deployments,
     state: Mutex<Deployments>,
+    pending: Mutex<Pending>,
     rng: Random,
 }
 
@@ -217,6 +377,8 @@ struct StatusParams {
 /// of another type; such a payload is skipped.
 #[derive(Debug, Default, PartialEq, Deserialize)]
 struct ScoredTask {
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    id: Option<String>,
     #[serde(
         rename = "type",
         default,
@@ -225,13 +387,28 @@ struct ScoredTask {
     task_type: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     handler: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    role: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::number")]
     score: Option<f64>,
+}
+
+/// The fields of a `task.error` payload the plugin reads.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+struct FailedTask {
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    id: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    error: Option<String>,
 }
 
 impl ChampionPlugin {
     fn state_lock(&self) -> std::sync::MutexGuard<'_, Deployments> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn unknown_task_type(&self, task_type: &str) -> PluginError {
@@ -254,7 +431,9 @@ impl ChampionPlugin {
         let route = match &deployment.challenger {
             Some(challenger) => {
                 let draw = match &p.key {
-                    Some(key) => stable_hash(&[&p.task_type, key]),
+                    // The plugin's name in the key: the experiment splits the same task ids, and
+                    // its variant must be independent of the role.
+                    Some(key) => stable_hash(&["champion", &p.task_type, key]),
                     None => self.rng.next_u64(),
                 };
                 if unit(draw) < self.challenger_share {
@@ -274,79 +453,166 @@ impl ChampionPlugin {
                 role: Role::Champion,
             },
         };
+        drop(state);
+        if let Some(key) = p.key {
+            self.pending_lock().insert(
+                key,
+                Routed {
+                    task_type: p.task_type,
+                    handler: route.handler.clone(),
+                },
+            );
+        }
         Ok(Some(route))
     }
 
-    /// Counts one scored task; answers the promotion it caused, if any.
-    fn record_scored(&self, task: ScoredTask) -> Option<Promotion> {
+    /// Counts one scored task if this plugin routed it; answers the decision it caused, if any.
+    fn record_scored(&self, task: ScoredTask) -> Option<Decision> {
         let (Some(task_type), Some(handler), Some(score)) =
             (task.task_type, task.handler, task.score)
         else {
             return None;
         };
-        let mut state = self.state_lock();
-        let deployment = state.get_mut(&task_type)?;
-        if handler != deployment.champion && deployment.challenger.as_ref() != Some(&handler) {
-            return None;
-        }
         if !score.is_finite() || !(0.0..=1.0).contains(&score) {
             tracing::warn!(%task_type, %handler, score, "task.scored: score outside 0..=1; skipped");
             return None;
         }
-        let counter = deployment.scored.entry(handler).or_default();
-        counter.count += 1;
-        counter.score_sum += score;
-        let challenger = deployment.challenger.clone()?;
+        let routed = task
+            .id
+            .as_deref()
+            .and_then(|id| self.pending_lock().take(id));
+        match routed {
+            Some(routed) if routed.task_type == task_type && routed.handler == handler => {}
+            Some(routed) => {
+                tracing::debug!(%task_type, %handler, routed = %routed.handler, "task.scored: the task ran another handler than routed; not counted");
+                return None;
+            }
+            None => {
+                // Routed without a key (or forgotten): the role in the payload must match.
+                let state = self.state_lock();
+                let deployment = state.get(&task_type)?;
+                let ours = match task.role.as_deref() {
+                    Some("champion") => handler == deployment.champion,
+                    Some("challenger") => deployment.challenger.as_deref() == Some(&handler),
+                    _ => false,
+                };
+                if !ours {
+                    return None;
+                }
+            }
+        }
+        self.count(&task_type, &handler, score)
+    }
 
-        let champion = deployment
-            .scored
-            .get(&deployment.champion)
-            .cloned()
-            .unwrap_or_default();
-        let contender = deployment
-            .scored
-            .get(&challenger)
-            .cloned()
-            .unwrap_or_default();
-        if champion.count < self.min_scored || contender.count < self.min_scored {
+    /// Counts a failed task this plugin routed as a score of 0 for its handler.
+    fn record_failed(&self, task: FailedTask) -> Option<Decision> {
+        let routed = self.pending_lock().take(task.id.as_deref()?)?;
+        if task
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("blocked"))
+        {
             return None;
         }
-        let (Some(champion_mean), Some(challenger_mean)) = (champion.mean(), contender.mean())
-        else {
-            return None;
-        };
-        if challenger_mean <= champion_mean + self.threshold {
+        self.count(&routed.task_type, &routed.handler, 0.0)
+    }
+
+    /// Adds a score to the handler's arm and takes a look when one is due.
+    fn count(&self, task_type: &str, handler: &str, score: f64) -> Option<Decision> {
+        let mut state = self.state_lock();
+        let deployment = state.get_mut(task_type)?;
+        if !deployment.handlers().contains(handler) {
+            // Retired or unknown since it was routed.
             return None;
         }
-        let promotion = Promotion {
-            task_type: task_type.clone(),
-            from: deployment.champion.clone(),
-            to: challenger.clone(),
-            champion_mean,
-            challenger_mean,
-            scored: PromotionCounts {
-                champion: champion.count,
-                challenger: contender.count,
-            },
-        };
-        deployment.challenger = Some(std::mem::replace(&mut deployment.champion, challenger));
-        deployment.scored.clear();
-        deployment.promotions.push(promotion.clone());
+        deployment
+            .scored
+            .entry(handler.to_owned())
+            .or_default()
+            .push(score);
+        let decision = self.look(task_type, deployment)?;
         drop(state);
         tracing::info!(
-            task_type = %promotion.task_type,
-            from = %promotion.from,
-            to = %promotion.to,
-            champion_mean = promotion.champion_mean,
-            challenger_mean = promotion.challenger_mean,
-            "challenger promoted to champion"
+            task_type = %decision.task_type,
+            outcome = ?decision.outcome,
+            champion = %decision.from,
+            challenger = %decision.to,
+            champion_mean = decision.champion_mean,
+            challenger_mean = decision.challenger_mean,
+            champion_scored = decision.scored.champion,
+            challenger_scored = decision.scored.challenger,
+            diff = decision.diff,
+            ci_low = decision.ci_low,
+            ci_high = decision.ci_high,
+            p_value = decision.p_value,
+            level = decision.level,
+            look = decision.look,
+            "champion/challenger experiment decided"
         );
-        Some(promotion)
+        Some(decision)
+    }
+
+    /// Runs the test when the smaller arm reached the next look; ends the experiment when the
+    /// test rejects or the last look did not.
+    fn look(&self, task_type: &str, deployment: &mut Deployment) -> Option<Decision> {
+        let challenger = deployment.challenger.clone()?;
+        let champion_arm = deployment.arm(&deployment.champion);
+        let challenger_arm = deployment.arm(&challenger);
+        let smaller = champion_arm.count.min(challenger_arm.count);
+        let look = deployment.looks_taken + 1;
+        if smaller < u64::from(look) * self.rule.min_scored {
+            return None;
+        }
+        deployment.looks_taken = look;
+        let p_value = welch_one_sided(&champion_arm, &challenger_arm, self.rule.threshold)?;
+        let promote = p_value < self.rule.level();
+        if !promote && look < self.rule.looks {
+            return None;
+        }
+        let w = welch(&champion_arm, &challenger_arm, 0.95)?;
+        let decision = Decision {
+            task_type: task_type.to_owned(),
+            outcome: if promote {
+                Outcome::Promoted
+            } else {
+                Outcome::Kept
+            },
+            from: deployment.champion.clone(),
+            to: challenger.clone(),
+            champion_mean: champion_arm.mean()?,
+            challenger_mean: challenger_arm.mean()?,
+            scored: DecisionCounts {
+                champion: champion_arm.count,
+                challenger: challenger_arm.count,
+            },
+            diff: Some(w.diff),
+            ci_low: Some(w.low),
+            ci_high: Some(w.high),
+            p_value: Some(p_value),
+            look: Some(look),
+            level: Some(self.rule.level()),
+            threshold: Some(self.rule.threshold),
+        };
+        let loser = if promote {
+            std::mem::replace(&mut deployment.champion, challenger)
+        } else {
+            challenger
+        };
+        deployment.retired.push(loser);
+        deployment.challenger = None;
+        deployment.scored.clear();
+        deployment.looks_taken = 0;
+        deployment.decisions.push(decision.clone());
+        Some(decision)
     }
 
     fn on_scored(&self, task: Option<ScoredTask>) -> Result<HookResult, PluginError> {
-        let task = task.unwrap_or_default();
-        self.record_scored(task);
+        self.record_scored(task.unwrap_or_default());
+        Ok(HookResult::Continue)
+    }
+
+    fn on_error(&self, task: Option<FailedTask>) -> Result<HookResult, PluginError> {
+        self.record_failed(task.unwrap_or_default());
         Ok(HookResult::Continue)
     }
 
@@ -365,23 +631,84 @@ impl ChampionPlugin {
             }
             let mut scored = serde_json::Map::new();
             for handler in deployment.handlers() {
-                let c = deployment.scored.get(handler).cloned().unwrap_or_default();
+                let m = deployment.arm(handler);
+                let interval = m.interval(0.95);
                 scored.insert(
                     handler.to_owned(),
-                    serde_json::json!({ "count": c.count, "meanScore": c.mean() }),
+                    serde_json::json!({
+                        "count": m.count,
+                        "meanScore": m.mean(),
+                        "ciLow": interval.map(|i| i.low),
+                        "ciHigh": interval.map(|i| i.high),
+                    }),
                 );
             }
+            let comparison = deployment.challenger.as_deref().and_then(|challenger| {
+                let (a, b) = (
+                    deployment.arm(&deployment.champion),
+                    deployment.arm(challenger),
+                );
+                let w = welch(&a, &b, 0.95)?;
+                Some(serde_json::json!({
+                    "diff": w.diff,
+                    "ciLow": w.low,
+                    "ciHigh": w.high,
+                    "pValue": w.p_value,
+                    "pPromote": welch_one_sided(&a, &b, self.rule.threshold),
+                    "level": self.rule.level(),
+                    "looksTaken": deployment.looks_taken,
+                    "nextLookAt": u64::from(deployment.looks_taken + 1) * self.rule.min_scored,
+                }))
+            });
+            let promotions: Vec<&Decision> = deployment
+                .decisions
+                .iter()
+                .filter(|d| d.outcome == Outcome::Promoted)
+                .collect();
             report.insert(
                 task_type.clone(),
                 serde_json::json!({
                     "champion": deployment.champion,
                     "challenger": deployment.challenger,
+                    "retired": deployment.retired,
                     "scored": scored,
-                    "promotions": deployment.promotions,
+                    "comparison": comparison,
+                    "decisions": deployment.decisions,
+                    "promotions": promotions,
                 }),
             );
         }
         Ok(Value::Object(report))
+    }
+
+    /// The deployment to go on with, given a saved one and the configured one.
+    fn merge_saved(task_type: &str, saved: Deployment, configured: &Deployment) -> Deployment {
+        let known = |h: &str| {
+            h == saved.champion
+                || saved.challenger.as_deref() == Some(h)
+                || saved.retired.iter().any(|r| r == h)
+        };
+        if !known(&configured.champion) {
+            tracing::warn!(%task_type, champion = %configured.champion, "the configuration names a champion the saved state never had; starting from the configuration");
+            return Deployment {
+                decisions: saved.decisions,
+                ..configured.clone()
+            };
+        }
+        match &configured.challenger {
+            Some(challenger) if !known(challenger) => {
+                tracing::info!(%task_type, champion = %saved.champion, %challenger, "a new challenger from the configuration: a new experiment begins");
+                Deployment {
+                    champion: saved.champion,
+                    challenger: Some(challenger.clone()),
+                    scored: BTreeMap::new(),
+                    looks_taken: 0,
+                    retired: saved.retired,
+                    decisions: saved.decisions,
+                }
+            }
+            _ => saved,
+        }
     }
 }
 
@@ -393,7 +720,7 @@ impl Plugin for ChampionPlugin {
         PluginInfo::new(
             "champion",
             env!("CARGO_PKG_VERSION"),
-            "Champion/challenger routing per task type, promoting a challenger that scores better",
+            "Champion/challenger routing per task type, promoting a challenger a sequential test shows better",
         )
     }
 
@@ -423,7 +750,9 @@ impl Plugin for ChampionPlugin {
                     champion: tc.champion,
                     challenger: tc.challenger,
                     scored: BTreeMap::new(),
-                    promotions: Vec::new(),
+                    looks_taken: 0,
+                    retired: Vec::new(),
+                    decisions: Vec::new(),
                 },
             );
         }
@@ -434,10 +763,20 @@ impl Plugin for ChampionPlugin {
             )));
         }
         let min_scored = config.min_scored.unwrap_or(50);
-        if min_scored < 1 {
-            return Err(PluginError::new(
-                "minScored: must be an integer >= 1, found 0",
-            ));
+        if min_scored < 2 {
+            return Err(PluginError::new(format!(
+                "minScored: must be an integer >= 2 (a variance needs two scores), found {min_scored}"
+            )));
+        }
+        let looks = config.looks.unwrap_or(5);
+        if looks < 1 {
+            return Err(PluginError::new("looks: must be an integer >= 1, found 0"));
+        }
+        let alpha = config.alpha.unwrap_or(0.05);
+        if !alpha.is_finite() || alpha <= 0.0 || alpha >= 1.0 {
+            return Err(PluginError::new(format!(
+                "alpha: must be a number in (0, 1), found {alpha}"
+            )));
         }
         let threshold = config.threshold.unwrap_or(0.02);
         if !threshold.is_finite() || threshold < 0.0 {
@@ -445,21 +784,21 @@ impl Plugin for ChampionPlugin {
                 "threshold: must be a number >= 0, found {threshold}"
             )));
         }
-        let seed = config.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
         if configured.is_empty() {
             tracing::warn!("no task types configured; route will answer nothing");
         }
         Ok(Self {
             challenger_share,
-            min_scored,
-            threshold,
+            rule: Rule {
+                min_scored,
+                looks,
+                alpha,
+                threshold,
+            },
             state: Mutex::new(configured.clone()),
             configured,
-            rng: Random::new(seed),
+            pending: Mutex::new(Pending::default()),
+            rng: Random::seeded(config.seed),
         })
     }
 
@@ -472,13 +811,14 @@ impl Plugin for ChampionPlugin {
             )
             .method(
                 "status",
-                "Champion, challenger, score counters and promotions: {\"taskType\"?}",
+                "Champion, challenger, per-arm means with 95% intervals, the comparison and decisions: {\"taskType\"?}",
                 Self::status,
             );
     }
 
     fn hooks(hooks: &mut Hooks<Self>) {
         hooks.on("task.scored", 40, HookMode::Audit, Self::on_scored);
+        hooks.on("task.error", 40, HookMode::Audit, Self::on_error);
     }
 
     fn save_state(&self) -> Result<Option<Deployments>, PluginError> {
@@ -487,7 +827,7 @@ impl Plugin for ChampionPlugin {
 
     fn restore_state(&self, saved: Deployments) -> Result<(), PluginError> {
         let mut current = self.state_lock();
-        for (task_type, deployment) in saved {
+        for (task_type, mut deployment) in saved {
             let Some(configured) = self.configured.get(&task_type) else {
                 tracing::warn!(%task_type, "saved deployment for a task type no longer configured; dropped");
                 continue;
@@ -496,15 +836,12 @@ impl Plugin for ChampionPlugin {
                 tracing::warn!(%task_type, %problem, "saved deployment is inconsistent; dropped");
                 continue;
             }
-            if deployment.handlers() != configured.handlers() {
-                tracing::warn!(
-                    %task_type,
-                    saved = ?deployment.handlers(),
-                    configured = ?configured.handlers(),
-                    "configured handlers changed since the state was saved; using the configuration"
-                );
-                continue;
+            if deployment.scored.values().any(|a| a.sum_sq.is_none()) {
+                tracing::warn!(%task_type, "saved arms lack the sum of squares (an older version); their statistics restart");
+                deployment.scored.clear();
+                deployment.looks_taken = 0;
             }
+            let deployment = Self::merge_saved(&task_type, deployment, configured);
             current.insert(task_type, deployment);
         }
         Ok(())
@@ -534,9 +871,15 @@ mod tests {
         ChampionPlugin::create(serde_json::from_value(config).unwrap()).unwrap()
     }
 
-    fn scored(p: &ChampionPlugin, handler: &str, score: f64) -> Option<Promotion> {
+    /// A scored task routed without a key: counted by the role in the payload.
+    fn scored(p: &ChampionPlugin, handler: &str, score: f64) -> Option<Decision> {
+        let role = if handler == p.state_lock()["summarize"].champion {
+            "champion"
+        } else {
+            "challenger"
+        };
         let payload = json!({"id": "t-1", "type": "summarize", "handler": handler,
-            "variant": null, "experiment": null, "role": null, "score": score,
+            "variant": null, "experiment": null, "role": role, "score": score,
             "latency_ms": 0.4, "output_len": 12, "plugins_ms": {"champion": 0.01}});
         p.record_scored(serde_json::from_value(payload).unwrap())
     }
@@ -550,121 +893,164 @@ mod tests {
         .unwrap()
     }
 
-    /// Feeds 20 champion scores (0.5), then 20 challenger scores (0.9).
-    fn promote(p: &ChampionPlugin) -> Promotion {
-        for _ in 0..20 {
-            assert_eq!(scored(p, "lead", 0.5), None);
+    /// Feeds 20 champion scores (around 0.5), then 20 challenger scores (around 0.9).
+    fn promote(p: &ChampionPlugin) -> Decision {
+        for i in 0..20 {
+            assert_eq!(scored(p, "lead", 0.45 + 0.1 * f64::from(i % 2)), None);
         }
-        for _ in 0..19 {
-            assert_eq!(scored(p, "title-match", 0.9), None);
+        for i in 0..19 {
+            assert_eq!(
+                scored(p, "title-match", 0.85 + 0.1 * f64::from(i % 2)),
+                None
+            );
         }
-        scored(p, "title-match", 0.9).unwrap()
+        scored(p, "title-match", 0.95).unwrap()
     }
 
     #[test]
-    fn better_challenger_is_promoted_and_routed_to() {
+    fn better_challenger_is_promoted_at_the_first_look_and_the_slot_empties() {
         let p = plugin(config());
-        let promotion = promote(&p);
-        assert_eq!(
-            (promotion.from.as_str(), promotion.to.as_str()),
-            ("lead", "title-match")
-        );
-        assert!((promotion.challenger_mean - 0.9).abs() < 1e-9);
-        assert!((promotion.champion_mean - 0.5).abs() < 1e-9);
+        let d = promote(&p);
+        assert_eq!(d.outcome, Outcome::Promoted);
+        assert_eq!((d.from.as_str(), d.to.as_str()), ("lead", "title-match"));
+        assert!((d.challenger_mean - 0.9).abs() < 1e-9);
+        assert!((d.champion_mean - 0.5).abs() < 1e-9);
+        assert_eq!(d.look, Some(1));
+        assert!(d.p_value.unwrap() < 0.01 && d.ci_low.unwrap() > 0.3);
 
         let status = p.status(None).unwrap();
         let s = &status["summarize"];
         assert_eq!(s["champion"], "title-match");
-        assert_eq!(s["challenger"], "lead");
-        assert_eq!(s["scored"]["lead"], json!({"count": 0, "meanScore": null}));
+        assert_eq!(s["challenger"], Value::Null);
+        assert_eq!(s["retired"], json!(["lead"]));
+        assert_eq!(s["comparison"], Value::Null);
         assert_eq!(
             s["promotions"][0]["scored"],
             json!({"champion": 20, "challenger": 20})
         );
-
-        // The champion role now means the new champion; with a share of 0.5, half the keys.
-        let mut champion = 0;
-        for i in 0..1000 {
+        // Every key now goes to the new champion; the old one is not scored any more.
+        for i in 0..200 {
             let r = route(&p, Some(format!("doc-{i}")));
-            match r.role {
-                Role::Champion => {
-                    assert_eq!(r.handler, "title-match");
-                    champion += 1;
-                }
-                Role::Challenger => assert_eq!(r.handler, "lead"),
+            assert_eq!(
+                (r.handler.as_str(), r.role),
+                ("title-match", Role::Champion)
+            );
+        }
+        assert_eq!(scored(&p, "lead", 1.0), None);
+        assert_eq!(p.state_lock()["summarize"].scored.get("lead"), None);
+    }
+
+    #[test]
+    fn a_small_lead_is_kept_after_the_last_look() {
+        let p = plugin(config());
+        let mut decision = None;
+        for i in 0..100 {
+            let wobble = 0.1 * f64::from(i % 2);
+            assert_eq!(scored(&p, "lead", 0.5 + wobble), None);
+            decision = scored(&p, "title-match", 0.52 + wobble);
+            if i < 99 {
+                assert_eq!(decision, None, "decided after {i}");
             }
         }
-        assert!(
-            (400..600).contains(&champion),
-            "champion got {champion} of 1000"
+        let d = decision.unwrap();
+        assert_eq!((d.outcome, d.look), (Outcome::Kept, Some(5)));
+        let s = &p.status(None).unwrap()["summarize"];
+        assert_eq!(
+            (&s["champion"], &s["challenger"], &s["retired"]),
+            (&json!("lead"), &Value::Null, &json!(["title-match"]))
         );
     }
 
     #[test]
-    fn a_small_lead_or_too_few_scores_does_not_promote() {
+    fn only_routed_tasks_count_and_a_failure_scores_zero() {
         let p = plugin(config());
-        for _ in 0..100 {
-            assert_eq!(scored(&p, "lead", 0.5), None);
-            assert_eq!(scored(&p, "title-match", 0.54), None);
+        let mut roles = BTreeMap::new();
+        for i in 0..10 {
+            let r = route(&p, Some(format!("t-{i}")));
+            roles.insert(format!("t-{i}"), r);
         }
-        let p = plugin(config());
-        for _ in 0..100 {
-            assert_eq!(scored(&p, "title-match", 0.9), None);
-        }
-        for _ in 0..19 {
-            assert_eq!(scored(&p, "lead", 0.5), None);
-        }
-        assert!(scored(&p, "lead", 0.5).is_some());
+        let hook = |id: &str, handler: &str| {
+            let payload = json!({"id": id, "type": "summarize", "handler": handler, "role": null, "score": 0.8});
+            p.record_scored(serde_json::from_value(payload).unwrap())
+        };
+        // Not routed by us (no pending id, no role): skipped.
+        hook("other", "lead");
+        // Routed, but another handler ran: skipped.
+        let (id, r) = roles.iter().next().unwrap();
+        let other = if r.handler == "lead" {
+            "title-match"
+        } else {
+            "lead"
+        };
+        hook(id, other);
+        assert!(p.state_lock()["summarize"].scored.is_empty());
+        // Routed and ran: counted, once.
+        let (id, r) = roles.iter().nth(1).unwrap();
+        hook(id, &r.handler);
+        hook(id, &r.handler);
+        assert_eq!(p.state_lock()["summarize"].arm(&r.handler).count, 1);
+        // A failure of a routed task is a 0 for its handler; a block is not.
+        let (id, _) = roles.iter().nth(2).unwrap();
+        p.record_failed(FailedTask {
+            id: Some(id.clone()),
+            error: Some("handler failed".into()),
+        });
+        let (blocked, _) = roles.iter().nth(3).unwrap();
+        p.record_failed(FailedTask {
+            id: Some(blocked.clone()),
+            error: Some("blocked: by policy".into()),
+        });
+        let total: u64 = p.state_lock()["summarize"]
+            .scored
+            .values()
+            .map(|a| a.count)
+            .sum();
+        assert_eq!(total, 2, "one scored and one failed task");
+        let sum: f64 = p.state_lock()["summarize"]
+            .scored
+            .values()
+            .map(|a| a.sum)
+            .sum();
+        assert!((sum - 0.8).abs() < 1e-12, "the failure counts 0: {sum}");
     }
 
     #[test]
-    fn the_old_champion_can_win_back() {
+    fn the_decision_survives_save_and_restore_and_a_new_challenger_starts_over() {
         let p = plugin(config());
         promote(&p);
-        for _ in 0..20 {
-            assert_eq!(scored(&p, "title-match", 0.2), None);
-        }
-        for _ in 0..19 {
-            assert_eq!(scored(&p, "lead", 0.7), None);
-        }
-        let back = scored(&p, "lead", 0.7).unwrap();
-        assert_eq!(
-            (back.from.as_str(), back.to.as_str()),
-            ("title-match", "lead")
-        );
-        assert_eq!(
-            p.status(None).unwrap()["summarize"]["promotions"]
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
-    }
-
-    #[test]
-    fn promotion_survives_save_and_restore() {
-        let p = plugin(config());
-        promote(&p);
-        scored(&p, "lead", 0.4);
         let state = p.save_state().unwrap().unwrap();
 
         let fresh = plugin(config());
         fresh.restore_state(state.clone()).unwrap();
         assert_eq!(fresh.save_state().unwrap().unwrap(), state);
         assert_eq!(fresh.status(None).unwrap(), p.status(None).unwrap());
-        assert_eq!(
-            fresh.status(None).unwrap()["summarize"]["champion"],
-            "title-match"
-        );
 
-        // Task types no longer configured, and changed handlers, keep the configuration.
-        let other =
-            plugin(json!({"taskTypes": {"summarize": {"champion": "lead", "challenger": "new"}}}));
+        // The configuration names a new challenger: a new experiment against the new champion.
+        let next = plugin(
+            json!({"taskTypes": {"summarize": {"champion": "lead", "challenger": "plugin:echo"}}}),
+        );
+        next.restore_state(state.clone()).unwrap();
+        let s = &next.status(None).unwrap()["summarize"];
+        assert_eq!(s["champion"], "title-match");
+        assert_eq!(s["challenger"], "plugin:echo");
+        assert_eq!(s["decisions"].as_array().unwrap().len(), 1);
+        // A retired handler named again does not come back.
+        let again = plugin(
+            json!({"taskTypes": {"summarize": {"champion": "title-match", "challenger": "lead"}}}),
+        );
+        again.restore_state(state.clone()).unwrap();
+        assert_eq!(
+            again.status(None).unwrap()["summarize"]["challenger"],
+            Value::Null
+        );
+        // A champion the state never had: the configuration wins.
+        let other = plugin(json!({"taskTypes": {"summarize": {"champion": "new"}}}));
         other.restore_state(state.clone()).unwrap();
-        assert_eq!(other.status(None).unwrap()["summarize"]["champion"], "lead");
+        assert_eq!(other.status(None).unwrap()["summarize"]["champion"], "new");
         let none = plugin(json!({"taskTypes": {"chat": {"champion": "a", "challenger": "b"}}}));
         none.restore_state(state).unwrap();
         assert!(none.status(None).unwrap().get("summarize").is_none());
+
         let harness = Harness::<ChampionPlugin>::new(config()).unwrap();
         let err = harness.restore_state(r#""nonsense""#).unwrap_err();
         assert!(
@@ -675,6 +1061,22 @@ mod tests {
             .restore_state(r#"{"summarize": {"champion": 1}}"#)
             .unwrap_err();
         assert!(err.message().contains("summarize.champion: "), "{err}");
+    }
+
+    #[test]
+    fn a_state_of_the_older_shape_loads_with_its_statistics_reset() {
+        let old = r#"{"summarize": {"champion": "title-match", "challenger": "lead",
+            "scored": {"lead": {"count": 3, "scoreSum": 1.2}},
+            "promotions": [{"taskType": "summarize", "from": "lead", "to": "title-match",
+                "championMean": 0.4, "challengerMean": 0.9,
+                "scored": {"champion": 40, "challenger": 41}}]}}"#;
+        let harness = Harness::<ChampionPlugin>::new(config()).unwrap();
+        harness.restore_state(old).unwrap();
+        let s = &harness.call::<Value>("status", &()).unwrap()["summarize"];
+        assert_eq!(s["champion"], "title-match");
+        assert_eq!(s["scored"]["lead"]["count"], 0);
+        assert_eq!(s["promotions"][0]["from"], "lead");
+        assert_eq!(s["decisions"][0]["outcome"], "promoted");
     }
 
     #[test]
@@ -729,8 +1131,11 @@ mod tests {
                 json!({"taskTypes": tt, "challengerShare": "x"}),
                 "challengerShare",
             ),
-            (json!({"taskTypes": tt, "minScored": 0}), "minScored"),
+            (json!({"taskTypes": tt, "minScored": 1}), "minScored"),
             (json!({"taskTypes": tt, "minScored": -3}), "minScored"),
+            (json!({"taskTypes": tt, "looks": 0}), "looks"),
+            (json!({"taskTypes": tt, "alpha": 0}), "alpha"),
+            (json!({"taskTypes": tt, "alpha": 1.5}), "alpha"),
             (json!({"taskTypes": tt, "threshold": -0.1}), "threshold"),
             (
                 json!({"taskTypes": {"s": {"champion": "a", "challenger": "a"}}}),
@@ -758,14 +1163,19 @@ mod tests {
     }
 
     #[test]
-    fn methods_and_hook_speak_json() {
+    fn methods_and_hooks_speak_json() {
         let p = plugin(config());
         let mut methods = Methods::new();
         ChampionPlugin::methods(&mut methods);
         let mut hooks = Hooks::new();
         ChampionPlugin::hooks(&mut hooks);
-        assert_eq!(hooks.subscriptions()[0].mode, HookMode::Audit);
-        assert_eq!(hooks.subscriptions()[0].priority, 40);
+        assert_eq!(hooks.subscriptions().len(), 2);
+        assert!(
+            hooks
+                .subscriptions()
+                .iter()
+                .all(|s| s.mode == HookMode::Audit)
+        );
 
         for payload in [
             json!(null),
@@ -778,6 +1188,14 @@ mod tests {
             json!({"type": "summarize", "handler": "lead", "score": 0.4, "role": "champion"}),
         ] {
             let r = hooks.run(&p, "task.scored", &payload.to_string()).unwrap();
+            assert_eq!(r, HookResult::Continue);
+        }
+        for payload in [
+            json!(null),
+            json!({"id": 3}),
+            json!({"id": "x", "error": "e"}),
+        ] {
+            let r = hooks.run(&p, "task.error", &payload.to_string()).unwrap();
             assert_eq!(r, HookResult::Continue);
         }
 
@@ -805,18 +1223,10 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        assert_eq!(
-            status,
-            json!({"summarize": {
-                "champion": "lead",
-                "challenger": "title-match",
-                "scored": {
-                    "lead": {"count": 1, "meanScore": 0.4},
-                    "title-match": {"count": 0, "meanScore": null},
-                },
-                "promotions": [],
-            }})
-        );
+        assert_eq!(status["summarize"]["scored"]["lead"]["count"], 1);
+        assert_eq!(status["summarize"]["scored"]["lead"]["meanScore"], 0.4);
+        assert_eq!(status["summarize"]["scored"]["lead"]["ciLow"], Value::Null);
+        assert_eq!(status["summarize"]["comparison"], Value::Null);
         assert!(
             methods
                 .call(&p, "status", r#"{"taskType": "chat"}"#)

@@ -4,9 +4,16 @@
 //! Every histogram has the same fixed log-scale buckets: 10 per decade from 1 µs to 100 s
 //! (values in milliseconds), plus one bucket for everything at or below 1 µs and one for
 //! everything above 100 s. Each keeps its count, sum, minimum and maximum, so memory per
-//! histogram is constant. A percentile is the upper bound of the bucket where the cumulative
-//! count reaches it, clamped to the observed `[min, max]`: within one bucket (about 26 %) of the
-//! exact value.
+//! histogram is constant. The `p`th percentile of `n` values is the value of nearest rank
+//! `ceil(p/100 · n)` (1-based, computed in integers with `p` to millionths); the histogram
+//! reports the upper bound of the bucket holding that rank, clamped to the observed
+//! `[min, max]`.
+//!
+//! Error bound: for a true percentile value `v` in (1 µs, 100 s] the report `r` satisfies
+//! `v <= r < v · 10^0.1`, an overestimate of less than 25.9 %. It stops holding outside that
+//! range: at or below 1 µs the report is at most 1 µs (an absolute error below 1 µs, no
+//! relative bound), and above 100 s the last bucket is open, so the report is the largest value
+//! seen, with no bound relative to the true percentile.
 //!
 //! # Configuration
 //!
@@ -79,6 +86,16 @@ fn bucket_of(ms: f64) -> usize {
     1 + bounds.partition_point(|&bound| bound < ms)
 }
 
+/// The 1-based nearest rank of the `p`th percentile of `n` values, `ceil(p/100 · n)` and at
+/// least 1, in integers: `p` is taken to millionths (float products such as `0.07 · 100 =
+/// 7.000000000000001` would move the rank up by one).
+fn nearest_rank(p: f64, n: u64) -> u64 {
+    let micro = (p.clamp(0.0, 100.0) * 1e6).round() as u128;
+    let scale = 100_000_000u128;
+    let rank = (micro * u128::from(n)).div_ceil(scale);
+    u64::try_from(rank).unwrap_or(u64::MAX).clamp(1, n.max(1))
+}
+
 /// A latency histogram in milliseconds with fixed log-scale buckets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Histogram {
@@ -128,7 +145,7 @@ impl Histogram {
         if self.count == 0 {
             return None;
         }
-        let target = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let target = nearest_rank(p, self.count);
         let mut cumulative = 0u64;
         let mut bound = self.max;
         for (i, c) in self.counts.iter().enumerate() {
@@ -639,5 +656,25 @@ mod tests {
             .restore_state(r#"{"type": {"x": {"counts": [1], "count": -1}}}"#)
             .unwrap_err();
         assert!(err.message().contains("type.x.count: "), "{err}");
+    }
+
+    #[test]
+    fn nearest_rank_is_exact_in_integers() {
+        assert_eq!(nearest_rank(7.0, 100), 7);
+        assert_eq!(nearest_rank(95.0, 20), 19);
+        assert_eq!(nearest_rank(50.0, 1), 1);
+        assert_eq!(nearest_rank(0.0, 10), 1);
+        assert_eq!(nearest_rank(100.0, 10), 10);
+        assert_eq!(nearest_rank(99.9, 1000), 999);
+        assert_eq!(nearest_rank(99.9, 1001), 1000);
+        for n in 1..300u64 {
+            for p in 0..=100u64 {
+                assert_eq!(
+                    nearest_rank(p as f64, n),
+                    (p * n).div_ceil(100).max(1),
+                    "p{p} of {n}"
+                );
+            }
+        }
     }
 }

@@ -94,9 +94,10 @@ fn outcomes_and_stats_survive_a_reload() {
     let before = host
         .execute("experiment", "stats", &json!({"experiment": "tone"}))
         .unwrap();
-    assert_eq!(before["tone"]["A"]["outcomes"], 2);
-    assert!((before["tone"]["A"]["meanScore"].as_f64().unwrap() - 0.6).abs() < 1e-9);
-    assert_eq!(before["tone"]["B"]["meanScore"], 0.9);
+    let variants = &before["tone"]["variants"];
+    assert_eq!(variants["A"]["outcomes"], 2);
+    assert!((variants["A"]["meanScore"].as_f64().unwrap() - 0.6).abs() < 1e-9);
+    assert_eq!(variants["B"]["meanScore"], 0.9);
     host.reload("experiment").unwrap();
     let after = host.execute("experiment", "stats", &json!(null)).unwrap();
     assert_eq!(after, before);

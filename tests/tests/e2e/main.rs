@@ -19,6 +19,7 @@ mod lifecycle;
 mod pipeline;
 mod refusals;
 mod serve;
+mod statistics;
 mod tuning;
 mod watch;
 mod worker_lifecycle;

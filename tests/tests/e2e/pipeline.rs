@@ -317,8 +317,12 @@ fn experiment_variants_are_recorded_sticky_and_counted() {
     let stats = host
         .execute("experiment", "stats", &json!({"experiment": "chat"}))
         .unwrap();
-    let outcomes = stats["chat"]["recent"]["outcomes"].as_u64().unwrap()
-        + stats["chat"]["recall"]["outcomes"].as_u64().unwrap();
+    let outcomes = stats["chat"]["variants"]["recent"]["outcomes"]
+        .as_u64()
+        .unwrap()
+        + stats["chat"]["variants"]["recall"]["outcomes"]
+            .as_u64()
+            .unwrap();
     assert_eq!(
         outcomes as usize,
         2 * counted,
@@ -328,7 +332,7 @@ fn experiment_variants_are_recorded_sticky_and_counted() {
     let recall = summary.mean_score("chat/recall/recall").unwrap();
     let recent = summary.mean_score("chat/recent/recent").unwrap();
     assert!(recall > recent + 0.2, "recall {recall} vs recent {recent}");
-    let mean = |v: &str| stats["chat"][v]["meanScore"].as_f64().unwrap();
+    let mean = |v: &str| stats["chat"]["variants"][v]["meanScore"].as_f64().unwrap();
     assert!(mean("recall") > mean("recent"));
 }
 

@@ -337,8 +337,11 @@ fn state_survives_a_restart_after(signal: &str) {
     let stats = worker
         .http("POST", "/v1/plugins/experiment/stats", b"")
         .json();
-    assert_eq!(stats["tone"]["B"]["outcomes"], 1, "SIG{signal}");
-    assert_eq!(stats["tone"]["B"]["meanScore"], 0.75, "SIG{signal}");
+    assert_eq!(stats["tone"]["variants"]["B"]["outcomes"], 1, "SIG{signal}");
+    assert_eq!(
+        stats["tone"]["variants"]["B"]["meanScore"], 0.75,
+        "SIG{signal}"
+    );
     assert_eq!(
         worker.http("POST", "/v1/plugins/fixture/total", b"").json(),
         json!(9),
