@@ -17,7 +17,7 @@ fn bundled(names: &[&str]) -> Value {
     Value::Object(picked)
 }
 
-fn host_with(dir: &PluginDir, plugins: &[&str], config: &Value) -> host::PluginHost {
+fn host_with(dir: &PluginDir, plugins: &[&str], config: &Value) -> plugin_host::PluginHost {
     dir.configure(config);
     for name in plugins {
         dir.add(name, &format!("lib{}.so", name.replace('-', "_")));
@@ -102,7 +102,7 @@ fn example_like_score(random: &plugin_api::assign::Random) -> f64 {
 /// plugin (one task type per experiment), the challenger's scores shifted by `shift`; answers
 /// how many ended in a promotion.
 fn promotions(
-    host: &host::PluginHost,
+    host: &plugin_host::PluginHost,
     prefix: &str,
     experiments: usize,
     tasks: usize,
@@ -124,7 +124,7 @@ fn promotions(
             if route["role"] == "challenger" {
                 score = (score + shift).clamp(0.0, 1.0);
             }
-            host.fire(host::HookPoint::TaskScored, || {
+            host.fire(worker::hooks::TASK_SCORED, || {
                 json!({"id": id, "type": task_type, "handler": route["handler"],
                        "role": route["role"], "score": score})
             })
@@ -306,14 +306,14 @@ fn champion_and_bandit_learn_only_from_their_tasks_and_count_failures() {
         }),
     );
     let scored = |id: &str, task_type: &str, handler: &Value, score: f64| {
-        host.fire(host::HookPoint::TaskScored, || {
+        host.fire(worker::hooks::TASK_SCORED, || {
             json!({"id": id, "type": task_type, "handler": handler, "role": null, "score": score})
         })
         .unwrap();
     };
     let failed = |id: &str, task_type: &str| {
         host.fire(
-            host::HookPoint::TaskError,
+            worker::hooks::TASK_ERROR,
             || json!({"id": id, "type": task_type, "error": "handler lead failed: boom"}),
         )
         .unwrap();
