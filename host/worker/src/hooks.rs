@@ -16,6 +16,14 @@ const META: PayloadField = field("meta", "free-form data for plugins");
 const HANDLER: PayloadField = field("handler", "the handler chosen");
 const VARIANT: PayloadField = field("variant", "the experiment's variant, or null");
 const EXPERIMENT: PayloadField = field("experiment", "the experiment that applied, or null");
+const CHOOSER: PayloadField = field(
+    "chooser",
+    "who chose the handler: `model-router`, `champion`, `bandit`, `experiment` (the variant names the handler), `task-policy` (it narrowed the handlers to this one), `default` (the type's first handler) or `task.before_handle` (a subscriber changed it)",
+);
+const ROLE: PayloadField = field(
+    "role",
+    "`champion` or `challenger` when the champion plugin routed the task, else null",
+);
 const LATENCY_MS: PayloadField = field("latency_ms", "time the handler took, in milliseconds");
 
 /// The worker's hook points, in the order they are listed.
@@ -75,7 +83,23 @@ pub const HOOK_POINTS: &[HookSpec] = &[
     HookSpec {
         name: "task.error",
         description: "a task failed or was blocked",
-        payload: &[ID, TYPE, field("error", "what went wrong")],
+        payload: &[
+            ID,
+            TYPE,
+            field(
+                "error",
+                "what went wrong (`blocked: ...` when a subscriber blocked it)",
+            ),
+            field(
+                "handler",
+                "the handler chosen, or null when the task failed before one was",
+            ),
+            field(
+                "chooser",
+                "who chose the handler (as in `task.scored`), or null",
+            ),
+            ROLE,
+        ],
         writable: &[],
     },
     HookSpec {
@@ -85,12 +109,10 @@ pub const HOOK_POINTS: &[HookSpec] = &[
             ID,
             TYPE,
             HANDLER,
+            CHOOSER,
             VARIANT,
             EXPERIMENT,
-            field(
-                "role",
-                "`champion` or `challenger` when the champion plugin routed the task, else null",
-            ),
+            ROLE,
             field("score", "the score, 0 to 1"),
             LATENCY_MS,
             field("output_len", "the output's length in characters"),

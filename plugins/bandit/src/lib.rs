@@ -42,9 +42,12 @@
 //!   is one the bandit chose, by its `id` (when `choose` had a `key`) and its `handler`; without a
 //!   key, a scored task of that context and handler counts while choices of that arm await their
 //!   outcome (one per choice).
-//! - `task.error` (audit, priority 50): a task the bandit chose with a `key` counts as a reward
-//!   of 0 for its arm, unless its error says it was `blocked` by a hook. Without a key the
-//!   failure cannot be tied to an arm (the payload names no handler) and is not counted.
+//! - `task.error` (audit, priority 50): a task the bandit chose counts as a reward of 0 for its
+//!   arm, unless its error says it was `blocked` by a hook. Without a key, the payload's
+//!   `chooser` (`bandit`) and `handler` tie it to an arm.
+//!
+//! A payload whose `chooser` names someone else (the champion, or a subscriber that changed the
+//! handler) is never counted, even for an arm the bandit also chose.
 //!
 //! Pulls, reward sums and sums of squares and successes survive hot reloads (`save_state` /
 //! `restore_state`). A state saved by an older version (no sum of squares, no successes) loads
@@ -231,6 +234,8 @@ struct ScoredTask {
     task_type: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     handler: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    chooser: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::number")]
     score: Option<f64>,
 }
@@ -240,8 +245,24 @@ struct ScoredTask {
 struct FailedTask {
     #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     id: Option<String>,
+    #[serde(
+        rename = "type",
+        default,
+        deserialize_with = "plugin_api::lenient::text"
+    )]
+    task_type: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    handler: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    chooser: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     error: Option<String>,
+}
+
+/// What a payload's `chooser` says about the bandit: `Some(true)` when the bandit chose the
+/// handler, `Some(false)` when someone else did, `None` when the payload does not say.
+fn chosen_by_bandit(chooser: Option<&str>) -> Option<bool> {
+    chooser.map(|c| c == "bandit")
 }
 
 impl BanditPlugin {
@@ -417,6 +438,13 @@ impl BanditPlugin {
         if !self.handles(&context) {
             return Ok(HookResult::Continue);
         }
+        if chosen_by_bandit(task.chooser.as_deref()) == Some(false) {
+            // Someone else chose (or a subscriber changed) the handler: forget our choice.
+            if let Some(id) = &task.id {
+                self.pending_lock().by_id.remove(id);
+            }
+            return Ok(HookResult::Continue);
+        }
         if !self.chose(task.id.as_deref(), &context, &arm) {
             return Ok(HookResult::Continue);
         }
@@ -450,11 +478,28 @@ impl BanditPlugin {
 
     fn on_error(&self, task: Option<FailedTask>) -> Result<HookResult, PluginError> {
         let task = task.unwrap_or_default();
-        let Some(id) = task.id else {
-            return Ok(HookResult::Continue);
-        };
-        let Some((context, arm)) = self.pending_lock().by_id.remove(&id) else {
-            return Ok(HookResult::Continue);
+        let by_bandit = chosen_by_bandit(task.chooser.as_deref());
+        let routed = task
+            .id
+            .as_deref()
+            .and_then(|id| self.pending_lock().by_id.remove(id));
+        let (context, arm) = match (routed, by_bandit, task.task_type, task.handler) {
+            // Someone else chose the handler, or the task failed before one was chosen.
+            (_, Some(false), _, _) => return Ok(HookResult::Continue),
+            (Some((context, arm)), _, _, handler) => {
+                if handler.is_some_and(|h| h != arm) {
+                    return Ok(HookResult::Continue);
+                }
+                (context, arm)
+            }
+            // Chosen without a key: the payload names the arm.
+            (None, Some(true), Some(context), Some(arm)) => {
+                if !self.chose(None, &context, &arm) {
+                    return Ok(HookResult::Continue);
+                }
+                (context, arm)
+            }
+            _ => return Ok(HookResult::Continue),
         };
         if task
             .error
@@ -908,5 +953,49 @@ mod tests {
                 .call(&p, "stats", r#"{"context": "other"}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_chooser_says_whose_task_it_is() {
+        let p = plugin(json!({"contexts": ["chat"]}));
+        let pulls = |p: &BanditPlugin| -> Value {
+            p.report(None).unwrap()["chat"]["arms"]["recall"]["pulls"].clone()
+        };
+        let scored = |id: &str, chooser: &str| {
+            let payload = json!({"id": id, "type": "chat", "handler": "recall",
+                "chooser": chooser, "score": 0.5});
+            p.on_scored(serde_json::from_value(payload).unwrap())
+                .unwrap();
+        };
+        // Chosen with a key, then a subscriber changed the handler back to the same arm's
+        // name: the chooser says it was not the bandit's choice.
+        assert_eq!(choose_keyed(&p, "t-1").as_deref(), Some("recall"));
+        scored("t-1", "task.before_handle");
+        assert_eq!(pulls(&p), Value::Null);
+        // The choice was forgotten: a late payload naming the bandit does not count either.
+        scored("t-1", "bandit");
+        assert_eq!(pulls(&p), Value::Null);
+        // Chosen without a key: a scored task the champion chose for the same arm is not ours;
+        // the one the bandit chose is.
+        assert_eq!(choose(&p, "chat", &["recall"]).as_deref(), Some("recall"));
+        scored("t-2", "champion");
+        assert_eq!(pulls(&p), Value::Null);
+        scored("t-3", "bandit");
+        assert_eq!(pulls(&p), json!(1));
+        // A keyless failure naming the bandit and the arm counts 0.
+        assert_eq!(choose(&p, "chat", &["recall"]).as_deref(), Some("recall"));
+        let failed = json!({"id": "t-4", "type": "chat", "handler": "recall",
+            "chooser": "bandit", "error": "handler recall failed"});
+        p.on_error(serde_json::from_value(failed).unwrap()).unwrap();
+        assert_eq!(pulls(&p), json!(2));
+    }
+
+    fn choose_keyed(p: &BanditPlugin, key: &str) -> Option<String> {
+        p.choose(ChooseParams {
+            context: "chat".into(),
+            arms: vec!["recall".into()],
+            key: Some(key.into()),
+        })
+        .unwrap()
     }
 }

@@ -54,8 +54,10 @@
 //! remembers the task's handler until its `task.scored` or `task.error` (at most 100,000 tasks
 //! in flight; the oldest are forgotten beyond that). A scored task counts for the handler it was
 //! routed to if it ran that handler; a failed task (`task.error`) counts as a score of 0 for it,
-//! unless its error says it was `blocked` by a hook (the handler did not fail). A scored task
-//! routed without a key counts when its payload's `role` names the handler's current role.
+//! unless its error says it was `blocked` by a hook (the handler did not fail). A payload whose
+//! `chooser` names someone else (a subscriber changed the handler, say) is not counted; a task
+//! routed without a key counts when its `chooser` is `champion` (or, for payloads without a
+//! `chooser`, when its `role` names the handler's current role).
 //!
 //! # Methods
 //!
@@ -389,6 +391,8 @@ struct ScoredTask {
     handler: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     role: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    chooser: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::number")]
     score: Option<f64>,
 }
@@ -398,8 +402,24 @@ struct ScoredTask {
 struct FailedTask {
     #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     id: Option<String>,
+    #[serde(
+        rename = "type",
+        default,
+        deserialize_with = "plugin_api::lenient::text"
+    )]
+    task_type: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    handler: Option<String>,
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    chooser: Option<String>,
     #[serde(default, deserialize_with = "plugin_api::lenient::text")]
     error: Option<String>,
+}
+
+/// What a payload's `chooser` says about this plugin: `Some(true)` when the champion routed the
+/// task, `Some(false)` when someone else chose its handler, `None` when the payload does not say.
+fn routed_by_champion(chooser: Option<&str>) -> Option<bool> {
+    chooser.map(|c| c == "champion")
 }
 
 impl ChampionPlugin {
@@ -481,14 +501,21 @@ impl ChampionPlugin {
             .id
             .as_deref()
             .and_then(|id| self.pending_lock().take(id));
+        let ours = routed_by_champion(task.chooser.as_deref());
+        if ours == Some(false) {
+            tracing::debug!(%task_type, %handler, chooser = ?task.chooser, "task.scored: another chose the handler; not counted");
+            return None;
+        }
         match routed {
             Some(routed) if routed.task_type == task_type && routed.handler == handler => {}
             Some(routed) => {
                 tracing::debug!(%task_type, %handler, routed = %routed.handler, "task.scored: the task ran another handler than routed; not counted");
                 return None;
             }
+            None if ours == Some(true) => {}
             None => {
-                // Routed without a key (or forgotten): the role in the payload must match.
+                // Routed without a key (or forgotten), and the payload does not say who chose:
+                // the role in the payload must match.
                 let state = self.state_lock();
                 let deployment = state.get(&task_type)?;
                 let ours = match task.role.as_deref() {
@@ -506,7 +533,10 @@ impl ChampionPlugin {
 
     /// Counts a failed task this plugin routed as a score of 0 for its handler.
     fn record_failed(&self, task: FailedTask) -> Option<Decision> {
-        let routed = self.pending_lock().take(task.id.as_deref()?)?;
+        let routed = task
+            .id
+            .as_deref()
+            .and_then(|id| self.pending_lock().take(id));
         if task
             .error
             .as_deref()
@@ -514,7 +544,20 @@ impl ChampionPlugin {
         {
             return None;
         }
-        self.count(&routed.task_type, &routed.handler, 0.0)
+        let (task_type, handler) = match (routed, routed_by_champion(task.chooser.as_deref())) {
+            // Someone else chose the handler, or the task failed before one was chosen.
+            (_, Some(false)) => return None,
+            (Some(routed), _) => {
+                if task.handler.is_some_and(|h| h != routed.handler) {
+                    return None;
+                }
+                (routed.task_type, routed.handler)
+            }
+            // Routed without a key: the payload names the handler.
+            (None, Some(true)) => (task.task_type?, task.handler?),
+            (None, None) => return None,
+        };
+        self.count(&task_type, &handler, 0.0)
     }
 
     /// Adds a score to the handler's arm and takes a look when one is due.
@@ -994,11 +1037,13 @@ mod tests {
         p.record_failed(FailedTask {
             id: Some(id.clone()),
             error: Some("handler failed".into()),
+            ..FailedTask::default()
         });
         let (blocked, _) = roles.iter().nth(3).unwrap();
         p.record_failed(FailedTask {
             id: Some(blocked.clone()),
             error: Some("blocked: by policy".into()),
+            ..FailedTask::default()
         });
         let total: u64 = p.state_lock()["summarize"]
             .scored
@@ -1012,6 +1057,38 @@ mod tests {
             .map(|a| a.sum)
             .sum();
         assert!((sum - 0.8).abs() < 1e-12, "the failure counts 0: {sum}");
+    }
+
+    #[test]
+    fn the_chooser_says_whose_task_it_is() {
+        let p = plugin(config());
+        let count = |p: &ChampionPlugin| -> u64 {
+            p.state_lock()["summarize"]
+                .scored
+                .values()
+                .map(|a| a.count)
+                .sum()
+        };
+        // Routed with a key, but a subscriber changed the handler: not ours.
+        let r = route(&p, Some("changed".into()));
+        let payload = json!({"id": "changed", "type": "summarize", "handler": r.handler,
+            "chooser": "task.before_handle", "score": 0.8});
+        p.record_scored(serde_json::from_value(payload).unwrap());
+        assert_eq!(count(&p), 0);
+        // Routed without a key: the chooser names us, no role needed.
+        let r = route(&p, None);
+        let payload = json!({"id": "keyless", "type": "summarize", "handler": r.handler,
+            "chooser": "champion", "role": null, "score": 0.8});
+        p.record_scored(serde_json::from_value(payload).unwrap());
+        assert_eq!(count(&p), 1);
+        // A keyless failure with the chooser and handler counts 0; another chooser's does not.
+        let payload = json!({"id": "f", "type": "summarize", "handler": "lead",
+            "chooser": "champion", "error": "handler lead failed"});
+        p.record_failed(serde_json::from_value(payload).unwrap());
+        let payload = json!({"id": "g", "type": "summarize", "handler": "lead",
+            "chooser": "bandit", "error": "handler lead failed"});
+        p.record_failed(serde_json::from_value(payload).unwrap());
+        assert_eq!(count(&p), 2);
     }
 
     #[test]

@@ -349,3 +349,111 @@ fn a_plugin_handler_competes_with_the_built_in_ones() {
     assert_eq!(records[0]["handler"], "plugin:echo");
     assert_eq!(records[0]["output"], "Orion price");
 }
+
+/// `task.scored` and `task.error` name the handler and who chose it; the bandit is asked with the
+/// task id as its key and learns only from the tasks it chose.
+#[test]
+fn scored_and_error_payloads_name_the_handler_and_its_chooser() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({
+        "experiment": {"config": {"experiments": {"chat": {"variants": {"recall": 1}}}}},
+        "bandit": {"config": {"contexts": ["summarize"]}},
+        // Changes chat's handler (summarize has no `recent`: ignored there).
+        "fixture": {"config": {"on": {"task.before_handle": {"modify": {"handler": "recent"}}}}}
+    }));
+    dir.add("fixture", "libfixture.so");
+    dir.add("experiment", "libexperiment.so");
+    dir.add("bandit", "libbandit.so");
+    let host = dir.host();
+    host.scan().unwrap();
+    let tasks = vec![
+        json!({"id": "c1", "type": "chat", "input": {"messages": [{"role": "user", "content": "My city is Lima."}, {"role": "user", "content": "What is my city?"}]}, "reference": "Lima"}),
+        json!({"id": "s1", "type": "summarize", "input": {"title": "Orion price", "text": "The Orion price is 5 dollars."}, "reference": "Orion price"}),
+        json!({"id": "p1", "type": "poetry", "input": {}}),
+    ];
+    let (records, _) = run(&host, &tasks);
+    assert_eq!(records[0]["handler"], "recent", "{}", records[0]);
+    let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
+    let payload = |hook: &str, id: &str| -> Value {
+        seen.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["hook"] == hook && e["payload"]["id"] == id)
+            .unwrap_or_else(|| panic!("no {hook} for {id} in {seen}"))["payload"]
+            .clone()
+    };
+    let chat = payload("task.scored", "c1");
+    assert_eq!(
+        (&chat["handler"], &chat["chooser"]),
+        (&json!("recent"), &json!("task.before_handle")),
+        "{chat}"
+    );
+    let summarize = payload("task.scored", "s1");
+    assert_eq!(summarize["chooser"], "bandit", "{summarize}");
+    let error = payload("task.error", "p1");
+    assert_eq!(
+        (&error["handler"], &error["chooser"], &error["type"]),
+        (&Value::Null, &Value::Null, &json!("poetry")),
+        "{error}"
+    );
+    // The bandit chose s1 with its id as the key and counted its score, once.
+    let stats = host.execute("bandit", "stats", &json!({})).unwrap();
+    let arm = &stats["summarize"]["arms"][summarize["handler"].as_str().unwrap()];
+    assert_eq!(arm["pulls"], 1, "{stats}");
+
+    // A task blocked after its handler ran names the handler and its chooser in task.error.
+    let blocked = PluginDir::new();
+    blocked.configure(&json!({
+        "fixture": {"config": {"on": {"task.after_handle": {"block": {"reason": "no", "code": "no"}}}}}
+    }));
+    blocked.add("fixture", "libfixture.so");
+    let host = blocked.host();
+    host.scan().unwrap();
+    let (records, _) = run(&host, &tasks[1..2]);
+    assert_eq!(records[0]["blocked_by"], "fixture", "{}", records[0]);
+    let seen = host.execute("fixture", "seen", &json!(null)).unwrap();
+    let error = seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["hook"] == "task.error")
+        .unwrap_or_else(|| panic!("no task.error in {seen}"));
+    assert_eq!(
+        (&error["payload"]["handler"], &error["payload"]["chooser"]),
+        (&json!("lead"), &json!("default")),
+        "{error}"
+    );
+}
+
+/// `worker run` ends with each experiment's variants against the control: the difference, its
+/// 95 % interval and the p-value.
+#[test]
+fn the_run_summary_compares_each_variant_with_the_control() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"experiment": {"config": {"experiments": {"chat": {
+        "variants": {"recent": 1, "recall": 1}, "control": "recent"}}}}}));
+    dir.add("experiment", "libexperiment.so");
+    let input: String = example_tasks(200, 5)
+        .iter()
+        .map(|t| format!("{t}\n"))
+        .collect();
+    let (_, log) = worker_run(&dir, &input);
+    assert!(
+        log.contains("vs control") && log.contains("95% interval"),
+        "{log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("chat ") && l.contains('[') && l.contains("recall"))
+        .unwrap_or_else(|| panic!("no comparison line in:\n{log}"));
+    // chat  recall  recent  <outcomes>  +0.xxx  [+0.xxx, +0.xxx]  <0.001
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&words[..3], ["chat", "recall", "recent"], "{line}");
+    let diff: f64 = words[4].parse().unwrap();
+    assert!(diff > 0.2, "recall beats recent: {line}");
+    let low: f64 = words[5].trim_matches(['[', ',']).parse().unwrap();
+    let high: f64 = words[6].trim_matches(']').parse().unwrap();
+    assert!(low < diff && diff < high && low > 0.0, "{line}");
+    assert_eq!(words[7], "<0.001", "{line}");
+    assert!(!log.contains("MISMATCH"), "{log}");
+}

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 pub use example::generate as example_tasks;
-pub use summary::Summary;
+pub use summary::{ExperimentSummary, SampleRatio, Summary, VariantSummary, VsControl};
 
 use plugin_host::{PluginCallError, PluginHost};
 
@@ -190,6 +190,7 @@ struct ScoredEvent<'a> {
     #[serde(rename = "type")]
     task_type: &'a str,
     handler: &'a str,
+    chooser: &'a str,
     variant: Option<&'a str>,
     experiment: Option<&'a str>,
     role: Option<&'a str>,
@@ -197,6 +198,14 @@ struct ScoredEvent<'a> {
     latency_ms: f64,
     output_len: usize,
     plugins_ms: &'a PluginCalls,
+}
+
+/// The handler of a task, who chose it, and the champion's role when the champion routed it.
+#[derive(Clone, Copy)]
+struct Chosen<'a> {
+    handler: &'a str,
+    chooser: &'a str,
+    role: Option<&'a str>,
 }
 
 /// What the `task-policy` plugin answers: a profile for the task's type.
@@ -289,11 +298,22 @@ impl Pipeline {
         &self.host
     }
 
-    fn failure(&self, task: &Task, error: String, blocked_by: Option<String>) -> TaskError {
-        let fired = self.host.fire(
-            hooks::TASK_ERROR,
-            || json!({"id": task.id, "type": task.task_type, "error": error}),
-        );
+    /// The error record of `task`, after firing `task.error`; `chosen` is the handler, who chose
+    /// it and the champion's role, once they are known.
+    fn failure(
+        &self,
+        task: &Task,
+        error: String,
+        blocked_by: Option<String>,
+        chosen: Option<Chosen<'_>>,
+    ) -> TaskError {
+        let fired = self.host.fire(hooks::TASK_ERROR, || {
+            json!({
+                "id": task.id, "type": task.task_type, "error": error,
+                "handler": chosen.map(|c| c.handler), "chooser": chosen.map(|c| c.chooser),
+                "role": chosen.and_then(|c| c.role),
+            })
+        });
         if let Err(v) = fired {
             tracing::warn!(violation = %v, "task.error cannot be blocked; ignored");
         }
@@ -320,7 +340,7 @@ impl Pipeline {
         match host.fire(hooks::TASK_RECEIVED, || {
             json!({"id": task.id, "type": task.task_type, "input": task.input, "meta": task.meta})
         }) {
-            Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber))),
+            Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber), None)),
             Ok(Some(payload)) => {
                 task.input = payload["input"].clone();
                 task.meta = payload["meta"].clone();
@@ -348,6 +368,7 @@ impl Pipeline {
                     known.join(", ")
                 ),
                 None,
+                None,
             ));
         }
 
@@ -362,6 +383,7 @@ impl Pipeline {
                 },
             )
             .unwrap_or_default();
+        let mut narrowed_by_policy = false;
         if let Some(allowed) = &profile.handlers {
             let narrowed: Vec<String> = candidates
                 .iter()
@@ -371,6 +393,7 @@ impl Pipeline {
             if narrowed.is_empty() {
                 tracing::warn!(task = %task.id, ?allowed, ?candidates, "the task policy allows none of the handlers; ignoring it");
             } else {
+                narrowed_by_policy = narrowed.len() < candidates.len();
                 candidates = narrowed;
             }
         }
@@ -379,6 +402,7 @@ impl Pipeline {
         let input_words = count_words(&task.input);
 
         let mut role = None;
+        let mut chooser = "model-router";
         let mut handler = calls
             .ask::<_, String>(
                 host,
@@ -393,6 +417,7 @@ impl Pipeline {
             )
             .filter(|h| is_candidate(h));
         if handler.is_none() {
+            chooser = "champion";
             if let Some(route) = calls.ask::<_, Route>(
                 host,
                 "champion",
@@ -410,6 +435,7 @@ impl Pipeline {
             }
         }
         if handler.is_none() {
+            chooser = "bandit";
             handler = calls
                 .ask::<_, String>(
                     host,
@@ -417,6 +443,7 @@ impl Pipeline {
                     "choose",
                     &AskParams {
                         context: Some(&task.task_type),
+                        key: Some(&task.id),
                         arms: Some(&candidates),
                         ..AskParams::default()
                     },
@@ -438,8 +465,18 @@ impl Pipeline {
         let experiment = variant.as_ref().map(|_| task.task_type.clone());
         let mut handler = match (handler, &variant) {
             (Some(h), _) => h,
-            (None, Some(v)) if is_candidate(v) => v.clone(),
-            _ => candidates[0].clone(),
+            (None, Some(v)) if is_candidate(v) => {
+                chooser = "experiment";
+                v.clone()
+            }
+            _ => {
+                chooser = if narrowed_by_policy {
+                    "task-policy"
+                } else {
+                    "default"
+                };
+                candidates[0].clone()
+            }
         };
         let mut variant = variant;
 
@@ -449,10 +486,26 @@ impl Pipeline {
                 "experiment": experiment, "input": task.input, "meta": task.meta,
             })
         }) {
-            Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber))),
+            Err(v) => {
+                let chosen = Chosen {
+                    handler: &handler,
+                    chooser,
+                    role: role.as_deref(),
+                };
+                return Err(self.failure(
+                    &task,
+                    format!("blocked: {v}"),
+                    Some(v.subscriber),
+                    Some(chosen),
+                ));
+            }
             Ok(Some(payload)) => {
                 if let Some(h) = payload["handler"].as_str() {
                     if is_candidate(h) {
+                        if h != handler {
+                            chooser = "task.before_handle";
+                            role = None;
+                        }
                         handler = h.to_owned();
                     } else {
                         tracing::warn!(task = %task.id, handler = h, "task.before_handle chose a handler that is not a candidate; ignored");
@@ -505,7 +558,14 @@ impl Pipeline {
         let latency_ms = handler_started.elapsed().as_secs_f64() * 1e3;
         let mut output = match output {
             Ok(output) => output,
-            Err(error) => return Err(self.failure(&task, error, None)),
+            Err(error) => {
+                let chosen = Chosen {
+                    handler: &handler,
+                    chooser,
+                    role: role.as_deref(),
+                };
+                return Err(self.failure(&task, error, None, Some(chosen)));
+            }
         };
 
         match host.fire(hooks::TASK_AFTER_HANDLE, || {
@@ -514,7 +574,19 @@ impl Pipeline {
                 "output": output, "latency_ms": latency_ms,
             })
         }) {
-            Err(v) => return Err(self.failure(&task, format!("blocked: {v}"), Some(v.subscriber))),
+            Err(v) => {
+                let chosen = Chosen {
+                    handler: &handler,
+                    chooser,
+                    role: role.as_deref(),
+                };
+                return Err(self.failure(
+                    &task,
+                    format!("blocked: {v}"),
+                    Some(v.subscriber),
+                    Some(chosen),
+                ));
+            }
             Ok(Some(payload)) => {
                 if let Some(o) = payload["output"].as_str() {
                     output = o.to_owned();
@@ -533,6 +605,7 @@ impl Pipeline {
                 id: &task.id,
                 task_type: &task.task_type,
                 handler: &handler,
+                chooser,
                 variant: variant.as_deref(),
                 experiment: experiment.as_deref(),
                 role: role.as_deref(),

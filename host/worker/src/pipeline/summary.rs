@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{TaskError, TaskRecord};
 use plugin_host::{PluginHost, PluginStats};
@@ -44,6 +44,65 @@ pub struct Summary {
     pub elapsed: Duration,
     /// Statistics of every loaded plugin at the end of the run.
     pub plugins: BTreeMap<String, PluginStats>,
+    /// Each experiment's variants against its control, from `experiment.stats` at the end of
+    /// the run (empty without the plugin).
+    pub experiments: BTreeMap<String, ExperimentSummary>,
+}
+
+/// One experiment at the end of a run, as `experiment.stats` reported it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentSummary {
+    /// The control variant.
+    #[serde(default)]
+    pub control: Option<String>,
+    /// The sample-ratio check of the assignments.
+    #[serde(default)]
+    pub sample_ratio: SampleRatio,
+    /// Each variant (the control included).
+    #[serde(default)]
+    pub variants: BTreeMap<String, VariantSummary>,
+}
+
+/// The sample-ratio check: a mismatch means the comparison is not to be trusted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SampleRatio {
+    /// The chi-square test's p-value.
+    #[serde(default)]
+    pub p_value: Option<f64>,
+    /// Whether the p-value is below the plugin's level.
+    #[serde(default)]
+    pub mismatch: bool,
+}
+
+/// One variant of an experiment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VariantSummary {
+    /// Scores counted for it.
+    #[serde(default)]
+    pub outcomes: u64,
+    /// Their mean.
+    #[serde(default)]
+    pub mean_score: Option<f64>,
+    /// The difference from the control (null for the control, or too few outcomes).
+    #[serde(default)]
+    pub vs_control: Option<VsControl>,
+}
+
+/// A variant's mean minus the control's, with Welch's 95 % interval and two-sided p-value.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsControl {
+    /// The difference of the means.
+    pub diff: f64,
+    /// The interval's lower end.
+    pub ci_low: f64,
+    /// The interval's upper end.
+    pub ci_high: f64,
+    /// The p-value of "no difference".
+    pub p_value: f64,
 }
 
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -99,6 +158,7 @@ impl Summary {
             .into_iter()
             .map(|p| (p.name, p.stats))
             .collect();
+        self.experiments = experiments(host);
     }
 
     /// Tasks (completed or failed) per second.
@@ -116,6 +176,29 @@ impl Summary {
             .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
         (n > 0).then(|| sum / n as f64)
     }
+}
+
+/// `experiment.stats`, read leniently: nothing when the plugin is missing or answers another
+/// shape (logged).
+fn experiments(host: &PluginHost) -> BTreeMap<String, ExperimentSummary> {
+    match host.call_with::<_, BTreeMap<String, ExperimentSummary>>(
+        "experiment",
+        "stats",
+        &serde_json::json!({}),
+    ) {
+        Ok(stats) => stats.unwrap_or_default(),
+        Err(e) => {
+            if !e.is_missing() {
+                tracing::warn!(error = %e, "experiment.stats failed; the summary shows no experiment");
+            }
+            BTreeMap::new()
+        }
+    }
+}
+
+/// A signed number with 3 decimals.
+fn signed(x: f64) -> String {
+    format!("{x:+.3}")
 }
 
 impl fmt::Display for Summary {
@@ -138,6 +221,59 @@ impl fmt::Display for Summary {
                 "{t:<10} {h:<20} {v:<8} {:>6} {score:>10} {:>9.3} {:>9.3}",
                 row.count, row.p50_ms, row.p95_ms
             )?;
+        }
+        if self
+            .experiments
+            .values()
+            .any(|e| e.variants.len() > 1 || e.sample_ratio.mismatch)
+        {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "{:<10} {:<20} {:<8} {:>8} {:>10} {:>20} {:>9}",
+                "experiment",
+                "variant",
+                "control",
+                "outcomes",
+                "vs control",
+                "95% interval",
+                "p-value"
+            )?;
+            for (name, experiment) in &self.experiments {
+                let name = plugin_host::text::escape_control(name);
+                let control = experiment.control.as_deref().unwrap_or("");
+                for (variant, v) in &experiment.variants {
+                    if variant == control {
+                        continue;
+                    }
+                    let (diff, interval, p) = match v.vs_control {
+                        Some(d) => (
+                            signed(d.diff),
+                            format!("[{}, {}]", signed(d.ci_low), signed(d.ci_high)),
+                            if d.p_value < 0.001 {
+                                "<0.001".to_owned()
+                            } else {
+                                format!("{:.3}", d.p_value)
+                            },
+                        ),
+                        None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+                    };
+                    writeln!(
+                        f,
+                        "{name:<10} {:<20} {:<8} {:>8} {diff:>10} {interval:>20} {p:>9}",
+                        plugin_host::text::escape_control(variant),
+                        plugin_host::text::escape_control(control),
+                        v.outcomes,
+                    )?;
+                }
+                if experiment.sample_ratio.mismatch {
+                    writeln!(
+                        f,
+                        "{name}: SAMPLE-RATIO MISMATCH (p = {:.2e}): the assignments do not fit the weights; do not trust this comparison",
+                        experiment.sample_ratio.p_value.unwrap_or(0.0)
+                    )?;
+                }
+            }
         }
         if !self.plugins.is_empty() {
             writeln!(f)?;
@@ -162,11 +298,13 @@ impl fmt::Display for Summary {
         writeln!(f)?;
         write!(
             f,
-            "{} tasks done, {} failed ({} blocked, {} bad lines) in {:.2} s: {:.0} tasks/s",
+            "{} {} done, {} failed ({} blocked, {} bad {}) in {:.2} s: {:.0} tasks/s",
             self.completed,
+            if self.completed == 1 { "task" } else { "tasks" },
             self.failed,
             self.blocked,
             self.bad_lines,
+            if self.bad_lines == 1 { "line" } else { "lines" },
             self.elapsed.as_secs_f64(),
             self.tasks_per_second()
         )
