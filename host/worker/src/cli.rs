@@ -251,6 +251,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         .with_insecure_permissions(cli.insecure_permissions)
         .with_max_plugin_size(cli.max_plugin_size_mb << 20);
     if let Some(config) = &cli.config {
+        // Only the default path may be absent: a file named on the command line must exist.
+        match std::fs::metadata(config) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "the configuration file {} given with --config does not exist; give an existing file, or leave --config out to use DIR/plugins.json (which may be absent)",
+                config.display()
+            ),
+            _ => {}
+        }
         builder = builder.with_config_file(config);
     }
     if matches!(
@@ -283,6 +291,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         (_, Err(e)) => return Err(e.into()),
     }
+    crate::config_check::warn_unknown_entries(&host);
     match cli.command {
         Command::ExampleTasks { .. } => {}
         Command::Run {

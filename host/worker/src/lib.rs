@@ -12,6 +12,7 @@
 #[path = "fuzz.rs"]
 pub mod __fuzz;
 pub mod cli;
+pub mod config_check;
 pub mod hooks;
 pub mod http;
 mod lifecycle;

@@ -218,3 +218,59 @@ fn hooks_lists_every_point_with_subscribers_in_order() {
     assert_eq!(json[2]["subscribers"][0]["name"], "faulty");
     assert_eq!(json[2]["writable"], json!(["input", "meta"]));
 }
+
+/// A configuration entry for a plugin nobody has, or an override of a hook point that does not
+/// exist, is a warning naming the entry and the closest known name.
+#[test]
+fn misspelt_configuration_entries_are_warned_about_with_the_closest_name() {
+    let dir = example_dir();
+    dir.configure_file(&json!({
+        "plugins": {
+            "ecoh": {"config": {"x": 1}},
+            "faulty": {"hooks": {"task.recieved": {"priority": 1}}},
+            "echo": {}
+        },
+        "sets": {"mine": {"plugins": ["faulty", "fauly"]}}
+    }));
+    for command in [&["list"][..], &["call", "echo", "echo", "1"]] {
+        let output = worker(&dir, command);
+        assert!(output.status.success(), "{command:?}");
+        let err = stderr(&output);
+        assert!(
+            err.contains("plugins.\"ecoh\"") && err.contains("closest known name is `echo`"),
+            "{command:?}: {err}"
+        );
+        assert!(
+            err.contains("plugins.\"faulty\".hooks.\"task.recieved\"")
+                && err.contains("closest known name is `task.received`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sets.\"mine\".plugins \"fauly\"")
+                && err.contains("closest known name is `faulty`"),
+            "{err}"
+        );
+        assert_eq!(err.matches("configuration entry").count(), 3, "{err}");
+    }
+    // A disabled (refused) plugin's entry names a known plugin: no warning.
+    dir.configure(&json!({"echo": {"enabled": false}}));
+    let err = stderr(&worker(&dir, &["list"]));
+    assert!(!err.contains("configuration entry"), "{err}");
+}
+
+/// `--config FILE` given and missing is an error; the default path may be absent.
+#[test]
+fn an_explicit_config_file_must_exist() {
+    let dir = example_dir();
+    let missing = dir.path().parent().unwrap().join("no-such.json");
+    let output = worker(&dir, &["--config", missing.to_str().unwrap(), "list"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("no-such.json") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(stdout(&output).is_empty());
+    // Without --config, plugins.json may be absent.
+    assert!(worker(&dir, &["list"]).status.success());
+}
