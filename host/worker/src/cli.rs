@@ -133,6 +133,14 @@ pub enum Command {
         #[arg(long, value_name = "BYTES", default_value_t = crate::pipeline::DEFAULT_MAX_LINE_BYTES as u64,
               value_parser = clap::value_parser!(u64).range(1..))]
         max_line_bytes: u64,
+        /// Also write the summary tables as JSON to FILE: {"rows", "completed", "failed",
+        /// "blocked", "bad_lines", "elapsed", "plugins", "experiments"}.
+        #[arg(long, value_name = "FILE")]
+        summary_json: Option<PathBuf>,
+        /// Exit 1 when any task failed, was blocked or was a bad line (the summary says how
+        /// many), instead of 0.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
@@ -147,7 +155,8 @@ pub enum Command {
     /// from and goes back to --state-dir, so `call` sees what `run` learned.
     ///
     /// Prints `null` when the call answered nothing (the plugin or method is missing, failed or
-    /// panicked); the reason goes to stderr. Exits 0 in both cases, 2 on malformed PARAMS_JSON.
+    /// panicked); the reason goes to stderr. Exits 0 in both cases (with --strict: 3 when the
+    /// plugin or method is missing, 4 when the plugin failed), 2 on malformed PARAMS_JSON.
     Call {
         /// The plugin's name (from its manifest, see `worker list`).
         plugin: String,
@@ -156,6 +165,11 @@ pub enum Command {
         /// The params, one JSON value (usually an object) [default: null].
         #[arg(value_name = "PARAMS_JSON")]
         params: Option<String>,
+        /// Exit non-zero when the call answered nothing: 3 when the plugin or the method is
+        /// missing, 4 when the plugin failed (an error, invalid params, a panic, an answer that is
+        /// not JSON).
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -298,9 +312,17 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             tasks,
             out: out_file,
             max_line_bytes,
+            summary_json,
+            strict,
         } => {
-            let max_line_bytes = usize::try_from(max_line_bytes).unwrap_or(usize::MAX);
-            return run_tasks(&host, &tasks, out_file.as_deref(), max_line_bytes, out);
+            let options = RunOptions {
+                tasks,
+                out_file,
+                max_line_bytes: usize::try_from(max_line_bytes).unwrap_or(usize::MAX),
+                summary_json,
+                strict,
+            };
+            return run_tasks(&host, &options, out);
         }
         Command::Serve {
             listen,
@@ -357,18 +379,29 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Call { plugin, method, .. } => {
-            let answer = match host.call(&plugin, &method, &params) {
-                Ok(answer) => answer,
+        Command::Call {
+            plugin,
+            method,
+            strict,
+            ..
+        } => {
+            let (answer, code) = match host.call(&plugin, &method, &params) {
+                Ok(answer) => (answer, ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("note: the call answered nothing: {e}");
-                    None
+                    let code = match (strict, e.is_missing()) {
+                        (false, _) => ExitCode::SUCCESS,
+                        (true, true) => ExitCode::from(EXIT_CALL_MISSING),
+                        (true, false) => ExitCode::from(EXIT_CALL_FAILED),
+                    };
+                    (None, code)
                 }
             };
             let answer = answer.unwrap_or(Value::Null);
             writeln!(out, "{}", serde_json::to_string(&answer)?).context("writing the answer")?;
             // Saves what the call changed (an outcome recorded, say) for the next command.
             host.shutdown();
+            return Ok(code);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -516,16 +549,36 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
+/// `worker call --strict`: the plugin or the method is missing.
+pub const EXIT_CALL_MISSING: u8 = 3;
+/// `worker call --strict`: the plugin failed (an error, invalid params, a panic, an answer that
+/// is not JSON).
+pub const EXIT_CALL_FAILED: u8 = 4;
+
+/// What `worker run` was asked.
+struct RunOptions {
+    tasks: String,
+    out_file: Option<PathBuf>,
+    max_line_bytes: usize,
+    summary_json: Option<PathBuf>,
+    strict: bool,
+}
+
 /// `worker run`: the task pipeline over a file or stdin. Plugin state is saved even when
 /// reading the tasks or writing the results fails.
 fn run_tasks(
     host: &PluginHost,
-    tasks: &str,
-    out_file: Option<&std::path::Path>,
-    max_line_bytes: usize,
+    options: &RunOptions,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
     use std::io::BufReader;
+    let RunOptions {
+        tasks,
+        out_file,
+        max_line_bytes,
+        ..
+    } = options;
+    let (tasks, out_file, max_line_bytes) = (tasks.as_str(), out_file.as_deref(), *max_line_bytes);
     let (input, total): (Box<dyn std::io::BufRead>, Option<u64>) = if tasks == "-" {
         (Box::new(BufReader::new(std::io::stdin().lock())), None)
     } else {
@@ -568,6 +621,18 @@ fn run_tasks(
         failed = summary.failed,
         "run finished"
     );
+    if let Some(path) = &options.summary_json {
+        let text = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing the summary to {}", path.display()))?;
+    }
+    if options.strict && summary.failed > 0 {
+        eprintln!(
+            "error: --strict: {} task(s) did not complete ({} blocked, {} bad lines); see their error records",
+            summary.failed, summary.blocked, summary.bad_lines
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -274,3 +274,88 @@ fn an_explicit_config_file_must_exist() {
     // Without --config, plugins.json may be absent.
     assert!(worker(&dir, &["list"]).status.success());
 }
+
+/// `call --strict` exits 3 when the plugin or method is missing, 4 when the plugin failed.
+#[test]
+fn strict_call_exits_non_zero_when_nothing_answered() {
+    let dir = example_dir();
+    for (args, code) in [
+        (&["call", "--strict", "echo", "echo", "1"][..], 0),
+        (&["call", "--strict", "nobody", "x"], 3),
+        (&["call", "--strict", "echo", "nothing"], 3),
+        (&["call", "--strict", "faulty", "error"], 4),
+        (&["call", "--strict", "faulty", "panic"], 4),
+        (&["call", "faulty", "error"], 0),
+    ] {
+        let output = worker(&dir, args);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        if code != 0 {
+            assert_eq!(stdout(&output).trim(), "null", "{args:?}");
+        }
+    }
+}
+
+/// `run --strict` exits 1 when a task failed, was blocked or was a bad line; `--summary-json`
+/// writes the summary tables; an error record keeps the fields that parsed.
+#[test]
+fn strict_run_and_the_json_summary() {
+    let dir = PluginDir::new();
+    let good = json!({"id": "a", "type": "summarize", "input": {"title": "Orion", "text": "The Orion price is 5 dollars."}, "reference": "Orion"});
+    let tasks = dir.shadow().join("tasks.jsonl");
+    let summary_file = dir.shadow().join("summary.json");
+    let run = |input: &str, strict: bool| {
+        std::fs::write(&tasks, input).unwrap();
+        let mut args = vec!["run", "--tasks", tasks.to_str().unwrap()];
+        args.extend(["--summary-json", summary_file.to_str().unwrap()]);
+        if strict {
+            args.push("--strict");
+        }
+        worker(&dir, &args)
+    };
+    let output = run(&format!("{good}\n"), true);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("1 task done, 0 failed"),
+        "{}",
+        stderr(&output)
+    );
+    let summary: Value = serde_json::from_slice(&std::fs::read(&summary_file).unwrap()).unwrap();
+    assert_eq!(summary["completed"], 1, "{summary}");
+    assert_eq!(summary["rows"]["summarize/lead/-"]["count"], 1, "{summary}");
+    assert!(
+        summary["rows"]["summarize/lead/-"]["mean_score"].is_number(),
+        "{summary}"
+    );
+    assert!(summary["elapsed"].is_number(), "{summary}");
+
+    let bad = format!("{good}\n{}\n", json!({"id": "c", "type": "summarize"}));
+    let output = run(&bad, true);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--strict: 1 task(s)"),
+        "{}",
+        stderr(&output)
+    );
+    let records: Vec<Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        (&records[1]["id"], &records[1]["type"]),
+        (&json!("c"), &json!("summarize")),
+        "{}",
+        records[1]
+    );
+    let summary: Value = serde_json::from_slice(&std::fs::read(&summary_file).unwrap()).unwrap();
+    assert_eq!(
+        (&summary["failed"], &summary["bad_lines"]),
+        (&json!(1), &json!(1))
+    );
+    // Without --strict the same run exits 0.
+    assert_eq!(run(&bad, false).status.code(), Some(0));
+}

@@ -120,6 +120,10 @@ fn bad_lines_get_error_records_and_processing_goes_on() {
         records[2]
     );
     assert_eq!(records[2]["id"], "x");
+    assert_eq!(
+        records[2]["type"], "chat",
+        "the fields that parsed are kept"
+    );
     assert!(
         records[3]["error"]
             .as_str()

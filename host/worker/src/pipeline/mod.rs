@@ -101,6 +101,21 @@ pub struct TaskError {
     /// The subscriber that blocked the task, when one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_by: Option<String>,
+    /// The line was not a task (not JSON, not UTF-8, too long, or fields missing or of the
+    /// wrong type); counted as a bad line in the summary.
+    #[serde(skip)]
+    pub not_a_task: bool,
+}
+
+/// The `id` and `type` of a JSON object that is not a valid task, as far as they parsed.
+fn parsed_fields(value: Option<&Value>) -> (Option<String>, Option<String>) {
+    let field = |name: &str| {
+        value
+            .and_then(|v| v.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    (field("id"), field("type"))
 }
 
 /// The pipeline over a plugin host.
@@ -323,6 +338,7 @@ impl Pipeline {
             task_type: Some(task.task_type.clone()),
             error,
             blocked_by,
+            not_a_task: false,
         }
     }
 
@@ -634,6 +650,7 @@ impl Pipeline {
 
     /// Runs one JSON value (a task) and answers its record or error as JSON.
     pub fn run_value(&self, value: Value) -> Value {
+        let (id, task_type) = parsed_fields(Some(&value));
         match serde_json::from_value::<Task>(value) {
             Ok(task) => match self.run_task(task) {
                 Ok(record) => json!(record),
@@ -641,12 +658,13 @@ impl Pipeline {
             },
             Err(e) => json!(TaskError {
                 line: None,
-                id: None,
-                task_type: None,
+                id,
+                task_type,
                 error: format!(
                     "not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
                 ),
                 blocked_by: None,
+                not_a_task: true,
             }),
         }
     }
@@ -683,6 +701,7 @@ impl Pipeline {
                         read.bytes - 1
                     ),
                     blocked_by: None,
+                    not_a_task: true,
                 })
             } else {
                 match std::str::from_utf8(&buffer) {
@@ -697,6 +716,7 @@ impl Pipeline {
                             e.valid_up_to()
                         ),
                         blocked_by: None,
+                        not_a_task: true,
                     }),
                 }
             };
@@ -723,17 +743,20 @@ impl Pipeline {
     fn run_line(&self, line: &str, number: usize) -> Result<TaskRecord, TaskError> {
         match serde_json::from_str::<Task>(line) {
             Ok(task) => self.run_task(task),
-            Err(e) => Err(TaskError {
-                line: Some(number),
-                id: serde_json::from_str::<Value>(line)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned)),
-                task_type: None,
-                error: format!(
-                    "line {number} is not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
-                ),
-                blocked_by: None,
-            }),
+            Err(e) => {
+                let (id, task_type) =
+                    parsed_fields(serde_json::from_str::<Value>(line).ok().as_ref());
+                Err(TaskError {
+                    line: Some(number),
+                    id,
+                    task_type,
+                    error: format!(
+                        "line {number} is not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
+                    ),
+                    blocked_by: None,
+                    not_a_task: true,
+                })
+            }
         }
     }
 }

@@ -139,7 +139,7 @@ impl Summary {
         if error.blocked_by.is_some() {
             self.blocked += 1;
         }
-        if error.task_type.is_none() {
+        if error.not_a_task {
             self.bad_lines += 1;
         }
     }
