@@ -911,3 +911,23 @@ pub(crate) fn serve_bytes(
         out
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The README documents the answer to a call of an unknown plugin as the no-op it is
+    /// (`200 null` with `X-Noop-Reason`, tested end to end in `tests/tests/e2e/serve.rs`), not
+    /// as a 404.
+    #[test]
+    fn the_readme_documents_the_no_op_answer() {
+        let readme = include_str!("../../../README.md");
+        let text = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            text.contains("answers `200` with `null` when the call answered nothing, the plugin or the method missing included"),
+            "README.md must document POST /v1/plugins/{{plugin}}/{{method}} for an unknown plugin as 200 null with X-Noop-Reason"
+        );
+        assert!(
+            !text.contains("404 for an unknown endpoint or plugin,"),
+            "README.md still says 404 for any unknown plugin"
+        );
+    }
+}
