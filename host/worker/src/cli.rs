@@ -281,7 +281,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     ) {
         builder = builder.with_state_dir(&cli.state_dir);
     }
-    if let Command::Serve { .. } = &cli.command {
+    if let Command::Serve { listen, .. } = &cli.command {
+        // Said before any plugin loads.
+        crate::http::check_listen_address(listen)?;
         if !cli.plugins.exists() {
             std::fs::create_dir_all(&cli.plugins).with_context(|| {
                 format!("creating the plugins directory {}", cli.plugins.display())

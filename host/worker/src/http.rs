@@ -64,8 +64,8 @@ mod auth;
 mod listen;
 
 pub use auth::Token;
-pub use listen::ControlAddress;
 use listen::{Bound, HostPolicy, OwnedSocket};
+pub use listen::{ControlAddress, check_address as check_listen_address};
 
 /// Largest request body accepted.
 const MAX_BODY: u64 = 1024 * 1024;

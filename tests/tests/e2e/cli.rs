@@ -359,3 +359,23 @@ fn strict_run_and_the_json_summary() {
     // Without --strict the same run exits 0.
     assert_eq!(run(&bad, false).status.code(), Some(0));
 }
+
+/// `serve --listen 7879` (a port without a host) says to give HOST:PORT, before any plugin loads.
+#[test]
+fn listen_without_a_host_says_to_give_host_and_port() {
+    let dir = example_dir();
+    for listen in ["7879", ":7879"] {
+        let output = worker(&dir, &["serve", "--no-watch", "--listen", listen]);
+        assert_eq!(output.status.code(), Some(1), "{listen}");
+        let err = stderr(&output);
+        assert!(
+            err.contains("has no host: give HOST:PORT, for example 127.0.0.1:7879"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("libbroken.so"),
+            "plugins were loaded first: {err}"
+        );
+        assert!(stdout(&output).is_empty());
+    }
+}

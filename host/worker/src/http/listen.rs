@@ -57,8 +57,25 @@ impl OwnedSocket {
     }
 }
 
+/// Checks the form of a `--listen` address without binding: a port alone (`7879`, `:7879`)
+/// has no host, and the error says to give `HOST:PORT`.
+///
+/// # Errors
+///
+/// The address is a port without a host.
+pub fn check_address(listen: &str) -> anyhow::Result<()> {
+    let port = listen.strip_prefix(':').unwrap_or(listen);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        bail!(
+            "--listen {listen} has no host: give HOST:PORT, for example 127.0.0.1:{port} (this machine only) or 0.0.0.0:{port} (every interface), or unix:PATH"
+        );
+    }
+    Ok(())
+}
+
 /// Binds `listen`: `unix:/path/to/socket`, or a TCP address such as `127.0.0.1:7878`.
 pub(super) fn bind(listen: &str) -> anyhow::Result<(Bound, ControlAddress, Option<HostPolicy>)> {
+    check_address(listen)?;
     if let Some(path) = listen.strip_prefix("unix:") {
         if path.is_empty() {
             bail!("--listen unix: needs a path, for example unix:/run/worker/control.sock");
