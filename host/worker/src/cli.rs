@@ -142,6 +142,15 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Print a shell completion script for the worker on stdout.
+    ///
+    /// bash: `worker completions bash > ~/.local/share/bash-completion/completions/worker`;
+    /// zsh: `worker completions zsh > ~/.zfunc/_worker` (with `fpath+=~/.zfunc` before
+    /// `compinit`); fish: `worker completions fish > ~/.config/fish/completions/worker.fish`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
         /// How many tasks.
@@ -255,6 +264,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         },
         _ => Value::Null,
     };
+    if let Command::Completions { shell } = &cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        // Generated into memory: clap_complete panics when its writer fails (a closed pipe).
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut command, "worker", &mut script);
+        out.write_all(&script)
+            .context("writing the completion script")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::ExampleTasks { count, seed } = &cli.command {
         for task in crate::pipeline::example_tasks(*count, *seed) {
             writeln!(out, "{task}")?;
@@ -309,7 +327,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     }
     crate::config_check::warn_unknown_entries(&host);
     match cli.command {
-        Command::ExampleTasks { .. } => {}
+        Command::ExampleTasks { .. } | Command::Completions { .. } => {}
         Command::Run {
             tasks,
             out: out_file,

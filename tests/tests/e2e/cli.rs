@@ -379,3 +379,47 @@ fn listen_without_a_host_says_to_give_host_and_port() {
         assert!(stdout(&output).is_empty());
     }
 }
+
+/// `worker completions SHELL` prints a completion script from the CLI definition; bash's
+/// completes commands and options when sourced in a real bash.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let dir = PluginDir::new();
+    let script = |shell: &str| {
+        let output = worker(&dir, &["completions", shell]);
+        assert!(output.status.success(), "{shell}: {}", stderr(&output));
+        stdout(&output)
+    };
+    let zsh = script("zsh");
+    assert!(zsh.starts_with("#compdef worker"), "{zsh}");
+    let fish = script("fish");
+    assert!(
+        fish.contains("complete -c worker") && fish.contains("summary-json"),
+        "{fish}"
+    );
+    let bash = script("bash");
+    let file = dir.shadow().join("worker.bash");
+    std::fs::write(&file, &bash).unwrap();
+    let complete = |words: &str, current: usize| {
+        let program = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD={current}; _worker worker \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; echo \"${{COMPREPLY[@]}}\"",
+            file.display()
+        );
+        let output = Command::new("bash")
+            .args(["--noprofile", "--norc", "-c", &program])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        stdout(&output)
+    };
+    assert_eq!(complete("worker comp", 1).trim(), "completions");
+    let options = complete("worker call --st", 2);
+    assert!(options.contains("--strict"), "{options}");
+    let shells = complete("worker completions ''", 2);
+    assert!(
+        shells.contains("fish") && shells.contains("zsh"),
+        "{shells}"
+    );
+    let output = worker(&dir, &["completions", "tcsh"]);
+    assert_eq!(output.status.code(), Some(2));
+}
