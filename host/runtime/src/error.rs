@@ -466,6 +466,14 @@ pub enum PluginCallError {
         /// The deserializer's message.
         message: String,
     },
+    /// The plugin's circuit breaker is open (too many failures in a row, or a call past its
+    /// deadline): the call was refused without reaching the plugin.
+    CircuitOpen {
+        /// The plugin.
+        plugin: String,
+        /// The method.
+        method: String,
+    },
 }
 
 impl PluginCallError {
@@ -546,6 +554,12 @@ impl fmt::Display for PluginCallError {
                 EscapeControl(plugin),
                 EscapeControl(method),
                 EscapeControl(message)
+            ),
+            PluginCallError::CircuitOpen { plugin, method } => write!(
+                f,
+                "{}.{}: circuit open; the call was refused",
+                EscapeControl(plugin),
+                EscapeControl(method)
             ),
             PluginCallError::WrongType {
                 plugin,

@@ -37,6 +37,7 @@ pub mod config;
 mod dylib;
 mod error;
 mod files;
+mod health;
 pub mod hooks;
 mod host;
 mod layout;
@@ -48,6 +49,7 @@ pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
 pub use error::{LoadError, LoadErrorKind, PluginCallError, PluginError};
+pub use health::{CallInFlight, PluginHealth};
 pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
 };

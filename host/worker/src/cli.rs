@@ -56,6 +56,18 @@ pub struct Cli {
     )]
     pub max_plugin_size_mb: u64,
 
+    /// The deadline of one plugin call, in milliseconds, for plugins whose plugins.json entry
+    /// sets no `timeoutMs`. In-process code cannot be interrupted: a call past its deadline is
+    /// logged and counted, and opens the plugin's circuit breaker so no new call enters it.
+    #[arg(
+        long,
+        global = true,
+        value_name = "MS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub call_timeout_ms: u64,
+
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,plugin_host=debug`.
     #[arg(
@@ -249,7 +261,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     }
     let mut builder = crate::hooks::host_builder(&cli.plugins)
         .with_insecure_permissions(cli.insecure_permissions)
-        .with_max_plugin_size(cli.max_plugin_size_mb << 20);
+        .with_max_plugin_size(cli.max_plugin_size_mb << 20)
+        .with_call_timeout(std::time::Duration::from_millis(cli.call_timeout_ms));
     if let Some(config) = &cli.config {
         builder = builder.with_config_file(config);
     }
@@ -392,6 +405,17 @@ fn write_list(
         if !plugin.description.is_empty() {
             writeln!(out, "    {}", EscapeControl(&plugin.description))?;
         }
+        let health = &plugin.health;
+        writeln!(
+            out,
+            "    breaker {} ({} failure(s) in a row, opened {} time(s), {} call(s) refused), {} timeout(s), deadline {} ms",
+            health.breaker,
+            health.consecutive_failures,
+            health.times_opened,
+            health.calls_refused,
+            health.timeouts,
+            health.timeout_ms
+        )?;
         for method in &plugin.methods {
             writeln!(
                 out,

@@ -1,0 +1,185 @@
+//! Recovery from misbehaving plugins, end to end: the circuit breaker, call deadlines,
+//! checkpoints of plugin state, and a bounded shutdown.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::{PluginDir, eventually};
+
+use crate::serve::Worker;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The `health` of `plugin` in `GET /v1/plugins`.
+fn health(worker: &Worker, plugin: &str) -> Value {
+    let plugins = worker.http("GET", "/v1/plugins", b"").json();
+    plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == plugin)
+        .unwrap_or_else(|| panic!("no {plugin} in {plugins}"))["health"]
+        .clone()
+}
+
+/// The value of a metric line `name{plugin="plugin"}` in `/metrics`.
+fn metric(worker: &Worker, name: &str, plugin: &str) -> f64 {
+    let text = worker.http("GET", "/metrics", b"").body;
+    let prefix = format!("{name}{{plugin=\"{plugin}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Calls `fixture.method` over the control API: the answer and the no-op reason, if any.
+fn call(worker: &Worker, method: &str, params: &[u8]) -> (Value, String) {
+    let answer = worker.http("POST", &format!("/v1/plugins/fixture/{method}"), params);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let reason = answer.header("x-noop-reason").unwrap_or("").to_owned();
+    (answer.json(), reason)
+}
+
+/// Five failures in a row open the breaker; calls are then refused at once and counted (in
+/// `/v1/plugins`, `/metrics` and `/healthz`); after the cool-down a trial call goes through: a
+/// failure opens the breaker again, a success closes it.
+#[test]
+fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"breaker": {"failures": 5, "cooldownMs": 600}}}));
+    dir.add("fixture", "libfixture.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+
+    for _ in 0..5 {
+        let (answer, reason) = call(&worker, "control_error", b"");
+        assert_eq!(answer, Value::Null);
+        assert!(reason.contains("failed"), "{reason}");
+    }
+    let open = health(&worker, "fixture");
+    assert_eq!(open["breaker"], "open", "{open}");
+    assert_eq!(open["consecutive_failures"], 5, "{open}");
+    assert_eq!(open["times_opened"], 1, "{open}");
+
+    let started = Instant::now();
+    for _ in 0..10 {
+        let (answer, reason) = call(&worker, "total", b"");
+        assert_eq!(answer, Value::Null);
+        assert!(reason.contains("circuit open"), "{reason}");
+    }
+    // Refused without reaching the plugin: ten round trips over loopback, well within the
+    // cool-down (the breaker would let a trial through after it).
+    assert!(started.elapsed() < Duration::from_millis(600));
+    assert_eq!(health(&worker, "fixture")["calls_refused"], 10);
+    assert_eq!(metric(&worker, "plugin_breaker_open", "fixture"), 1.0);
+    assert_eq!(
+        metric(&worker, "plugin_breaker_refused_total", "fixture"),
+        10.0
+    );
+    assert_eq!(
+        metric(&worker, "plugin_breaker_opened_total", "fixture"),
+        1.0
+    );
+    let healthz = worker.http("GET", "/healthz", b"");
+    assert_eq!(healthz.status, 200);
+    assert_eq!(
+        healthz.json(),
+        json!({"status": "degraded", "plugins": 2, "degraded": ["fixture"]})
+    );
+    // Other plugins answer throughout.
+    assert_eq!(
+        worker
+            .http("POST", "/v1/plugins/echo/echo", br#"{"x": 1}"#)
+            .json(),
+        json!({"x": 1})
+    );
+
+    // After the cool-down, a failing trial opens it again...
+    std::thread::sleep(Duration::from_millis(650));
+    let (_, reason) = call(&worker, "control_error", b"");
+    assert!(
+        reason.contains("failed"),
+        "the trial did not reach the plugin: {reason}"
+    );
+    let reopened = health(&worker, "fixture");
+    assert_eq!(reopened["breaker"], "open", "{reopened}");
+    assert_eq!(reopened["times_opened"], 2, "{reopened}");
+    let (_, reason) = call(&worker, "total", b"");
+    assert!(reason.contains("circuit open"), "{reason}");
+
+    // ... and a successful one closes it.
+    assert!(
+        eventually(PATIENCE, || call(&worker, "total", b"").0 == json!(0)),
+        "no trial call went through"
+    );
+    let closed = health(&worker, "fixture");
+    assert_eq!(closed["breaker"], "closed", "{closed}");
+    assert_eq!(closed["consecutive_failures"], 0, "{closed}");
+    assert_eq!(metric(&worker, "plugin_breaker_open", "fixture"), 0.0);
+    assert_eq!(
+        worker.http("GET", "/healthz", b"").json(),
+        json!({"status": "ok", "plugins": 2})
+    );
+    let (status, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("circuit breaker open") && log.contains("circuit breaker closed"),
+        "{log}"
+    );
+}
+
+/// `"breaker": false` switches it off: failures never refuse a call. `worker list` shows each
+/// plugin's breaker, in text and JSON.
+#[test]
+fn a_breaker_switched_off_never_opens_and_list_shows_breakers() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"breaker": false, "timeoutMs": 1234}}));
+    dir.add("fixture", "libfixture.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    for _ in 0..8 {
+        let (_, reason) = call(&worker, "control_error", b"");
+        assert!(reason.contains("failed"), "{reason}");
+    }
+    let off = health(&worker, "fixture");
+    assert_eq!(off["breaker"], "off", "{off}");
+    assert_eq!(off["consecutive_failures"], 8, "{off}");
+    assert_eq!(call(&worker, "total", b"").0, json!(0));
+    let (status, log) = worker.stop();
+    assert!(status.success(), "{log}");
+
+    let list = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+            .arg("--plugins")
+            .arg(dir.path())
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .env_remove("WORKER_LOG")
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let json: Value = serde_json::from_str(&list(&["list", "--json"])).unwrap();
+    let by_name = |name: &str| {
+        json["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["health"]
+            .clone()
+    };
+    assert_eq!(by_name("fixture")["breaker"], "off");
+    assert_eq!(by_name("fixture")["timeout_ms"], 1234);
+    assert_eq!(by_name("echo")["breaker"], "closed");
+    assert_eq!(by_name("echo")["timeout_ms"], 10_000);
+    let text = list(&["--call-timeout-ms", "2500", "list"]);
+    assert!(text.contains("breaker off (0 failure(s) in a row, opened 0 time(s), 0 call(s) refused), 0 timeout(s), deadline 1234 ms"), "{text}");
+    assert!(text.contains("breaker closed (0 failure(s) in a row, opened 0 time(s), 0 call(s) refused), 0 timeout(s), deadline 2500 ms"), "{text}");
+}
