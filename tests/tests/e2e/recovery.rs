@@ -183,3 +183,64 @@ fn a_breaker_switched_off_never_opens_and_list_shows_breakers() {
     assert!(text.contains("breaker off (0 failure(s) in a row, opened 0 time(s), 0 call(s) refused), 0 timeout(s), deadline 1234 ms"), "{text}");
     assert!(text.contains("breaker closed (0 failure(s) in a row, opened 0 time(s), 0 call(s) refused), 0 timeout(s), deadline 2500 ms"), "{text}");
 }
+
+/// A call past its deadline (the fixture's `sleep` with `timeoutMs` 200): the watchdog logs
+/// it once with plugin, method and elapsed time, counts a timeout and opens the breaker;
+/// `/healthz` says degraded and names the plugin; other plugins answer throughout; the call
+/// itself, which cannot be interrupted in-process, still finishes.
+#[test]
+fn a_call_past_its_deadline_is_reported_once_and_opens_the_breaker() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"timeoutMs": 200}}));
+    dir.add("fixture", "libfixture.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    let api = worker.api();
+    let slow = std::thread::spawn(move || {
+        api.http("POST", "/v1/plugins/fixture/sleep", br#"{"ms": 1500}"#)
+    });
+    assert!(
+        eventually(PATIENCE, || health(&worker, "fixture")["timeouts"] == 1),
+        "no timeout counted: {}",
+        health(&worker, "fixture")
+    );
+    let stuck = health(&worker, "fixture");
+    assert_eq!(stuck["breaker"], "open", "{stuck}");
+    assert_eq!(stuck["overdue_calls"], 1, "{stuck}");
+    assert_eq!(metric(&worker, "plugin_timeouts_total", "fixture"), 1.0);
+    let healthz = worker.http("GET", "/healthz", b"");
+    assert_eq!(healthz.status, 200);
+    assert_eq!(healthz.json()["status"], "degraded");
+    assert_eq!(healthz.json()["degraded"], json!(["fixture"]));
+    // No new call enters the stuck plugin; the others answer.
+    let (answer, reason) = call(&worker, "total", b"");
+    assert_eq!(answer, Value::Null);
+    assert!(reason.contains("circuit open"), "{reason}");
+    assert_eq!(
+        worker.http("POST", "/v1/plugins/echo/echo", b"[1]").json(),
+        json!([1])
+    );
+    assert_eq!(health(&worker, "echo")["breaker"], "closed");
+
+    let answer = slow.join().unwrap();
+    assert_eq!((answer.status, answer.json()), (200, json!("done")));
+    let after = health(&worker, "fixture");
+    assert_eq!(after["overdue_calls"], 0, "{after}");
+    assert_eq!(after["timeouts"], 1, "reported more than once: {after}");
+    let (status, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    let reports: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("plugin call overdue"))
+        .collect();
+    assert_eq!(reports.len(), 1, "{log}");
+    let report = reports[0];
+    assert!(
+        report.contains("plugin=\"fixture\"")
+            && report.contains("method=sleep")
+            && report.contains("elapsed_ms=")
+            && report.contains("timeout_ms=200"),
+        "{report}"
+    );
+}
