@@ -85,6 +85,8 @@ struct Inner {
     /// What the watchdog looks at; the watchdog itself, stopped when the host drops.
     watched: watchdog::Watched,
     _watchdog: watchdog::Watchdog,
+    /// Serializes writes to the state directory (checkpoints, unloads, reloads).
+    saving: Mutex<()>,
     /// Serializes load, unload, reload and scan. Never held during a plugin call other than
     /// the create/destroy/state calls those operations make.
     admin: Mutex<()>,
@@ -132,6 +134,24 @@ pub struct LoadedPlugin {
     pub stats: PluginStats,
     /// Its circuit breaker and deadline.
     pub health: crate::health::PluginHealth,
+}
+
+/// What [`PluginHost::shutdown_within`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ShutdownReport {
+    /// Plugins whose state was saved.
+    pub saved: Vec<String>,
+    /// Plugins left behind, and why.
+    pub abandoned: Vec<Abandoned>,
+}
+
+/// A plugin a bounded shutdown left behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Abandoned {
+    /// The plugin.
+    pub plugin: String,
+    /// Why, in words.
+    pub reason: String,
 }
 
 /// A file that could not be loaded, and why: the [`LoadError`] that refused it.

@@ -53,7 +53,10 @@ pub use health::{CallInFlight, PluginHealth};
 pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
 };
-pub use host::{HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
+pub use host::{
+    Abandoned, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport,
+    ShutdownReport,
+};
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
 pub use stats::PluginStats;

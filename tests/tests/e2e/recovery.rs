@@ -244,3 +244,130 @@ fn a_call_past_its_deadline_is_reported_once_and_opens_the_breaker() {
         "{report}"
     );
 }
+
+/// `--checkpoint-interval 1`: the state reaches the state directory while the worker runs, so
+/// after `kill -9` a restart has it. A reload writes a checkpoint too.
+#[test]
+fn checkpoints_survive_kill_9() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let saved = state.join("fixture.json");
+    let worker = Worker::start(&dir, &state, &["--no-watch", "--checkpoint-interval", "1"]);
+    assert_eq!(call(&worker, "add", br#"{"n": 7}"#).0, json!(7));
+    assert!(
+        eventually(PATIENCE, || std::fs::read_to_string(&saved)
+            .is_ok_and(|text| text.trim() == "7")),
+        "no checkpoint in {}",
+        state.display()
+    );
+    worker.signal("KILL");
+    drop(worker);
+
+    let worker = Worker::start(&dir, &state, &["--no-watch", "--checkpoint-interval", "0"]);
+    assert_eq!(call(&worker, "total", b"").0, json!(7));
+    assert_eq!(call(&worker, "add", br#"{"n": 3}"#).0, json!(10));
+    // No periodic checkpoint now; the reload writes one before it answers.
+    let reload = worker.http("POST", "/v1/plugins/fixture/reload", b"");
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    assert_eq!(std::fs::read_to_string(&saved).unwrap().trim(), "10");
+    worker.signal("KILL");
+    drop(worker);
+
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    assert_eq!(call(&worker, "total", b"").0, json!(10));
+    let (status, log) = worker.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Starts a call to the fixture's `sleep` for a minute over the control API, in the
+/// background (the answer never comes: the worker exits first).
+fn stuck_call(worker: &Worker) {
+    let api = worker.api();
+    std::thread::spawn(move || {
+        let _ = std::panic::catch_unwind(|| {
+            api.http("POST", "/v1/plugins/fixture/sleep", br#"{"ms": 60000}"#)
+        });
+    });
+}
+
+/// SIGTERM with a plugin stuck in a call ends the worker within `--shutdown-timeout` (plus
+/// slack): plugins that answer are saved, a plugin past its deadline is not (its last
+/// checkpoint stays), the exit status is 1 and the log names the plugin.
+#[test]
+fn shutdown_is_bounded_when_a_plugin_is_stuck() {
+    let dir = PluginDir::new();
+    let tone = json!({"config": {"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}}});
+    dir.configure(&json!({"fixture": {"timeoutMs": 300}, "experiment": tone}));
+    dir.add("fixture", "libfixture.so");
+    dir.add("experiment", "libexperiment.so");
+    let state = dir.shadow().join("state");
+    let args = [
+        "--no-watch",
+        "--checkpoint-interval",
+        "0",
+        "--shutdown-timeout",
+        "2",
+    ];
+    let worker = Worker::start(&dir, &state, &args);
+    let record = json!({"experiment": "tone", "variant": "B", "score": 0.5});
+    let recorded = worker.http(
+        "POST",
+        "/v1/plugins/experiment/recordOutcome",
+        record.to_string().as_bytes(),
+    );
+    assert_eq!(recorded.header("x-noop-reason"), None, "{}", recorded.body);
+    assert_eq!(call(&worker, "add", br#"{"n": 5}"#).0, json!(5));
+    stuck_call(&worker);
+    assert!(
+        eventually(PATIENCE, || health(&worker, "fixture")["timeouts"] == 1),
+        "the call never went overdue"
+    );
+    let started = Instant::now();
+    let (status, log) = worker
+        .stop_within(Duration::from_secs(4))
+        .expect("still running 4 s after SIGTERM with --shutdown-timeout 2");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("plugin abandoned")
+            && l.contains("plugin=\"fixture\"")
+            && l.contains("stuck in `sleep`")),
+        "{log}"
+    );
+    assert!(state.join("experiment.json").is_file(), "{log}");
+    assert!(
+        !state.join("fixture.json").exists(),
+        "saved while stuck: {log}"
+    );
+
+    // Stuck but not yet past its deadline: saved (it answers `save_state`), still abandoned.
+    dir.configure(&json!({"experiment": tone}));
+    let worker = Worker::start(&dir, &state, &args);
+    assert_eq!(call(&worker, "add", br#"{"n": 2}"#).0, json!(2));
+    let asleep = tests::sleeping_threads(worker.pid());
+    stuck_call(&worker);
+    assert!(
+        eventually(PATIENCE, || tests::sleeping_threads(worker.pid()) > asleep),
+        "the call never reached the plugin"
+    );
+    let started = Instant::now();
+    let (status, log) = worker
+        .stop_within(Duration::from_secs(4))
+        .expect("still running 4 s after SIGTERM with --shutdown-timeout 2");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("abandoned in a call still running")
+                && l.contains("plugin=\"fixture\"")
+                && l.contains("method=sleep")),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(state.join("fixture.json"))
+            .unwrap()
+            .trim(),
+        "2"
+    );
+}

@@ -195,6 +195,7 @@ impl PluginHostBuilder {
                 clock: self.call_timing.then(clock),
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
+                saving: Mutex::new(()),
                 admin: Mutex::new(()),
             }),
         })
