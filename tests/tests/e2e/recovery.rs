@@ -371,3 +371,45 @@ fn shutdown_is_bounded_when_a_plugin_is_stuck() {
         "2"
     );
 }
+
+/// A `create` that overruns the plugin's deadline is abandoned: the load is refused with the
+/// reason, and other plugins' loads, reloads and calls go on without waiting for it.
+#[test]
+fn a_create_past_its_deadline_is_abandoned_and_other_loads_go_on() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"fixture": {"config": {"createSleepMs": 5000}, "timeoutMs": 300}}));
+    dir.add("fixture", "libfixture.so");
+    dir.add("echo", "libecho.so");
+    let host = dir.host();
+    let started = Instant::now();
+    let report = host.scan().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the scan waited for the sleeping create: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(report.loaded, vec!["echo".to_owned()]);
+    assert_eq!(report.refused.len(), 1, "{:?}", report.refused);
+    assert!(
+        matches!(
+            &report.refused[0].kind,
+            plugin_host::LoadErrorKind::CreateTimedOut { plugin, timeout_ms: 300 } if plugin == "fixture"
+        ),
+        "{:?}",
+        report.refused[0]
+    );
+    assert!(
+        report.refused[0]
+            .to_string()
+            .contains("did not finish starting within 300 ms"),
+        "{}",
+        report.refused[0]
+    );
+    assert_eq!(
+        host.execute("echo", "echo", &json!({"x": 1})),
+        Some(json!({"x": 1}))
+    );
+    let started = Instant::now();
+    host.reload("echo").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+}

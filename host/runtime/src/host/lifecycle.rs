@@ -52,6 +52,48 @@ fn not_loaded(plugin: &str) -> LoadError {
 }
 
 /// Moves the state of `old` into `new`. Failures are logged; `new` then starts fresh.
+/// Runs the plugin's `create` on a thread of its own and waits at most `timeout_ms` for it. An
+/// overrun is abandoned: the thread keeps the library (and drops the instance if `create` ever
+/// returns), and the caller (holding the admin lock) goes on, so the watcher, the control API
+/// and other loads are not held up by one plugin's `create`.
+fn create_within(
+    mut library: PluginLibrary,
+    name: &str,
+    config: String,
+    call_back: crate::dylib::CallBack,
+    timeout_ms: u64,
+) -> Result<(PluginLibrary, Result<(), PluginError>), LoadErrorKind> {
+    let (sender, created) = std::sync::mpsc::sync_channel(1);
+    let plugin = name.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("plugin-create".into())
+        .spawn(move || {
+            let result = library.create(&plugin, &config, call_back);
+            // Nobody waits any more when the deadline passed: the library is dropped here.
+            let _ = sender.send((library, result));
+        });
+    if let Err(e) = spawned {
+        return Err(LoadErrorKind::CreateFailed {
+            plugin: name.to_owned(),
+            message: format!("no thread to run create on: {e}"),
+        });
+    }
+    match created.recv_timeout(std::time::Duration::from_millis(timeout_ms)) {
+        Ok(created) => Ok(created),
+        Err(_) => {
+            tracing::warn!(
+                plugin = name,
+                timeout_ms,
+                "plugin create overran its deadline; abandoned, the load goes on without it"
+            );
+            Err(LoadErrorKind::CreateTimedOut {
+                plugin: name.to_owned(),
+                timeout_ms,
+            })
+        }
+    }
+}
+
 pub(super) fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
     let state = match old.library.save_state() {
         None | Some(Ok(None)) => return,
@@ -319,7 +361,7 @@ impl PluginHost {
             file,
             stamp,
             number,
-            mut library,
+            library,
         } = opened;
         let file = file.as_path();
         let name = manifest.name.clone();
@@ -358,18 +400,18 @@ impl PluginHost {
             config => config.to_string(),
         };
         let call_back = PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
-        library
-            .create(&name, &config, call_back)
-            .map_err(|PluginError { kind, message }| match kind {
-                ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
-                    plugin: name.clone(),
-                    message,
-                },
-                _ => LoadErrorKind::CreateFailed {
-                    plugin: name.clone(),
-                    message,
-                },
-            })?;
+        let timeout_ms = settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms);
+        let (library, created) = create_within(library, &name, config, call_back, timeout_ms)?;
+        created.map_err(|PluginError { kind, message }| match kind {
+            ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
+                plugin: name.clone(),
+                message,
+            },
+            _ => LoadErrorKind::CreateFailed {
+                plugin: name.clone(),
+                message,
+            },
+        })?;
         Ok(Generation {
             manifest,
             file: file.to_path_buf(),
