@@ -21,6 +21,9 @@
 //!   no configuration.
 //! - `hooks` overrides a plugin's subscriptions by hook name: `priority`, `mode`, or
 //!   `"enabled": false` to switch the subscription off.
+//! - `breaker` configures the plugin's circuit breaker: `{"failures": 5, "cooldownMs": 30000}`
+//!   (the defaults), or `false` to switch it off. `timeoutMs` is the deadline of one call (the
+//!   host's default, 10 s, when absent).
 //! - `sets` groups plugins: a set with `"enabled": false` disables all its plugins; a set's
 //!   `priority` applies to all their subscriptions (a plugin's own `hooks` override wins).
 
@@ -56,6 +59,13 @@ pub struct PluginSettings {
     /// is refused instead of making both refused.
     #[serde(default)]
     pub file: Option<String>,
+    /// The plugin's circuit breaker: `{"failures": N, "cooldownMs": M}` (each optional), `true`
+    /// for the defaults, `false` to switch it off.
+    #[serde(default, deserialize_with = "breaker")]
+    pub breaker: Breaker,
+    /// The deadline of one call, in milliseconds (`timeoutMs`); the host's default when absent.
+    #[serde(default, rename = "timeoutMs", deserialize_with = "timeout")]
+    pub timeout_ms: Option<u64>,
 }
 
 impl Default for PluginSettings {
@@ -65,7 +75,77 @@ impl Default for PluginSettings {
             config: Value::Null,
             hooks: BTreeMap::new(),
             file: None,
+            breaker: Breaker::default(),
+            timeout_ms: None,
         }
+    }
+}
+
+/// A plugin's circuit breaker: after `failures` failures in a row (errors, panics, calls past
+/// their deadline) calls are refused at once for `cooldown_ms`; then one trial call goes through,
+/// and its success closes the breaker again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    /// No breaker: the plugin is always called.
+    Off,
+    /// A breaker with these limits.
+    On {
+        /// Consecutive failures that open it (at least 1; default 5).
+        failures: u32,
+        /// How long it stays open before a trial call, in milliseconds (default 30000).
+        cooldown_ms: u64,
+    },
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker::On {
+            failures: crate::health::DEFAULT_FAILURES,
+            cooldown_ms: crate::health::DEFAULT_COOLDOWN_MS,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BreakerLimits {
+    failures: Option<u32>,
+    cooldown_ms: Option<u64>,
+}
+
+fn breaker<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Breaker, D::Error> {
+    use serde::de::Error as _;
+    match Value::deserialize(d)? {
+        Value::Bool(false) => Ok(Breaker::Off),
+        Value::Bool(true) => Ok(Breaker::default()),
+        limits @ Value::Object(_) => {
+            let limits: BreakerLimits = serde_json::from_value(limits)
+                .map_err(|e| D::Error::custom(format!("breaker: {e}")))?;
+            let failures = limits.failures.unwrap_or(crate::health::DEFAULT_FAILURES);
+            if failures == 0 {
+                return Err(D::Error::custom(
+                    "breaker.failures must be at least 1 (use \"breaker\": false to switch the breaker off)",
+                ));
+            }
+            Ok(Breaker::On {
+                failures,
+                cooldown_ms: limits
+                    .cooldown_ms
+                    .unwrap_or(crate::health::DEFAULT_COOLDOWN_MS),
+            })
+        }
+        other => Err(D::Error::custom(format!(
+            "breaker: expected {{\"failures\": N, \"cooldownMs\": M}}, true or false, found {other}"
+        ))),
+    }
+}
+
+fn timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match u64::deserialize(d)? {
+        0 => Err(serde::de::Error::custom(
+            "timeoutMs must be at least 1 (milliseconds)",
+        )),
+        ms => Ok(Some(ms)),
     }
 }
 
@@ -222,6 +302,46 @@ mod tests {
         assert_eq!(config.settings("a").config, serde_json::json!({"x": 1}));
         assert!(!config.settings("b").enabled);
         assert_eq!(config.settings("c"), PluginSettings::default());
+    }
+
+    #[test]
+    fn breaker_and_timeout_settings() {
+        let config = PluginsConfig::parse(
+            r#"{"plugins": {"a": {"breaker": {"failures": 2, "cooldownMs": 50}, "timeoutMs": 200},
+                "b": {"breaker": false}, "c": {"breaker": {"cooldownMs": 7}}}}"#,
+        )
+        .unwrap();
+        let a = config.settings("a");
+        assert_eq!(
+            a.breaker,
+            Breaker::On {
+                failures: 2,
+                cooldown_ms: 50
+            }
+        );
+        assert_eq!(a.timeout_ms, Some(200));
+        assert_eq!(config.settings("b").breaker, Breaker::Off);
+        assert_eq!(
+            config.settings("c").breaker,
+            Breaker::On {
+                failures: 5,
+                cooldown_ms: 7
+            }
+        );
+        assert_eq!(config.settings("d").breaker, Breaker::default());
+        assert_eq!(config.settings("d").timeout_ms, None);
+        for bad in [
+            r#"{"plugins": {"a": {"breaker": {"failures": 0}}}}"#,
+            r#"{"plugins": {"a": {"breaker": {"failure": 3}}}}"#,
+            r#"{"plugins": {"a": {"breaker": "off"}}}"#,
+            r#"{"plugins": {"a": {"timeoutMs": 0}}}"#,
+        ] {
+            let message = format!("{:#}", PluginsConfig::parse(bad).unwrap_err());
+            assert!(
+                message.contains("breaker") || message.contains("timeoutMs"),
+                "{bad}: {message}"
+            );
+        }
     }
 
     #[test]

@@ -90,6 +90,14 @@ pub enum LoadErrorKind {
         /// The panic message.
         message: String,
     },
+    /// The plugin's `create` did not return within the plugin's deadline (`timeoutMs`); it was
+    /// abandoned (it goes on in the background, and its instance is dropped if it returns).
+    CreateTimedOut {
+        /// The plugin's name.
+        plugin: String,
+        /// The deadline, in milliseconds.
+        timeout_ms: u64,
+    },
     /// The name is not a regular file (a directory, FIFO, socket, device, or a symlink to one).
     NotRegularFile {
         /// What it is.
@@ -219,6 +227,11 @@ impl fmt::Display for LoadErrorKind {
                 "plugin `{}` panicked while starting: {}",
                 EscapeControl(plugin),
                 EscapeControl(message)
+            ),
+            LoadErrorKind::CreateTimedOut { plugin, timeout_ms } => write!(
+                f,
+                "plugin `{}` did not finish starting within {timeout_ms} ms (its timeoutMs); abandoned: its `create` goes on in the background and the instance is dropped if it ever returns",
+                EscapeControl(plugin)
             ),
             LoadErrorKind::NotRegularFile { kind } => write!(
                 f,
@@ -466,6 +479,14 @@ pub enum PluginCallError {
         /// The deserializer's message.
         message: String,
     },
+    /// The plugin's circuit breaker is open (too many failures in a row, or a call past its
+    /// deadline): the call was refused without reaching the plugin.
+    CircuitOpen {
+        /// The plugin.
+        plugin: String,
+        /// The method.
+        method: String,
+    },
 }
 
 impl PluginCallError {
@@ -546,6 +567,12 @@ impl fmt::Display for PluginCallError {
                 EscapeControl(plugin),
                 EscapeControl(method),
                 EscapeControl(message)
+            ),
+            PluginCallError::CircuitOpen { plugin, method } => write!(
+                f,
+                "{}.{}: circuit open; the call was refused",
+                EscapeControl(plugin),
+                EscapeControl(method)
             ),
             PluginCallError::WrongType {
                 plugin,

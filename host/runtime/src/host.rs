@@ -42,6 +42,7 @@ mod lifecycle;
 mod plugin_calls;
 mod queue;
 mod registry;
+mod watchdog;
 
 pub use builder::PluginHostBuilder;
 pub(crate) use dispatch::At;
@@ -79,6 +80,13 @@ struct Inner {
     clock: Option<quanta::Clock>,
     refused: Mutex<Vec<Refusal>>,
     next_generation: AtomicU64,
+    /// The deadline of a call for plugins whose configuration sets none (milliseconds).
+    call_timeout_ms: u64,
+    /// What the watchdog looks at; the watchdog itself, stopped when the host drops.
+    watched: watchdog::Watched,
+    _watchdog: watchdog::Watchdog,
+    /// Serializes writes to the state directory (checkpoints, unloads, reloads).
+    saving: Mutex<()>,
     /// Serializes load, unload, reload and scan. Never held during a plugin call other than
     /// the create/destroy/state calls those operations make.
     admin: Mutex<()>,
@@ -124,6 +132,26 @@ pub struct LoadedPlugin {
     pub table_version: u32,
     /// Call statistics since it was first loaded.
     pub stats: PluginStats,
+    /// Its circuit breaker and deadline.
+    pub health: crate::health::PluginHealth,
+}
+
+/// What [`PluginHost::shutdown_within`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ShutdownReport {
+    /// Plugins whose state was saved.
+    pub saved: Vec<String>,
+    /// Plugins left behind, and why.
+    pub abandoned: Vec<Abandoned>,
+}
+
+/// A plugin a bounded shutdown left behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Abandoned {
+    /// The plugin.
+    pub plugin: String,
+    /// Why, in words.
+    pub reason: String,
 }
 
 /// A file that could not be loaded, and why: the [`LoadError`] that refused it.
@@ -237,6 +265,34 @@ impl PluginHost {
             .map(|slot| self.describe(name, slot))
     }
 
+    /// Names of the plugins that are not healthy: their circuit breaker is open or half-open, or
+    /// a call is running past its deadline. By name.
+    pub fn degraded(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .registry
+            .load()
+            .iter()
+            .filter(|(_, slot)| slot.stats.health.degraded())
+            .map(|(name, _)| name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The plugin calls (methods and hook deliveries) running now, longest first.
+    pub fn calls_in_flight(&self) -> Vec<crate::health::CallInFlight> {
+        let mut calls: Vec<_> = self
+            .inner
+            .watched
+            .load()
+            .iter()
+            .flat_map(|(name, cell)| cell.health.in_flight(name))
+            .collect();
+        calls.sort_by_key(|call| std::cmp::Reverse(call.elapsed));
+        calls
+    }
+
     /// Files refused so far (and not loaded since), by file name.
     pub fn refused(&self) -> Vec<Refusal> {
         let mut refused = self
@@ -264,6 +320,7 @@ impl PluginHost {
             api_version: manifest.api_version.clone(),
             table_version: manifest.table_version,
             stats: slot.stats.snapshot(self.inner.clock.as_ref()),
+            health: slot.stats.health.snapshot(),
         }
     }
 }

@@ -37,6 +37,7 @@ pub mod config;
 mod dylib;
 mod error;
 mod files;
+mod health;
 pub mod hooks;
 mod host;
 mod layout;
@@ -48,10 +49,14 @@ pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
 pub use error::{LoadError, LoadErrorKind, PluginCallError, PluginError};
+pub use health::{CallInFlight, PluginHealth};
 pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
 };
-pub use host::{HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport};
+pub use host::{
+    Abandoned, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport,
+    ShutdownReport,
+};
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
 pub use stats::PluginStats;

@@ -9,7 +9,7 @@ use serde::Serialize;
 /// Counter shards per plugin. Each of the first `OWNED` belongs to one thread at a time, which
 /// updates it with plain loads and stores: no locked instruction on the call path. Threads
 /// beyond that share the last shard and update it with atomic read-modify-writes.
-const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 const OWNED: usize = SHARDS - 1;
 const SHARED: usize = SHARDS - 1;
 
@@ -23,11 +23,13 @@ struct Shard {
     max_ticks: AtomicU64,
 }
 
-/// Counters of one plugin, summed over all its generations since it was first loaded. Latency
-/// is kept in clock ticks and converted when read.
+/// Counters of one plugin, summed over all its generations since it was first loaded, and its
+/// health (breaker, calls in flight), kept the same way. Latency is kept in clock ticks and
+/// converted when read.
 #[derive(Debug, Default)]
 pub(crate) struct StatsCell {
     shards: [Shard; SHARDS],
+    pub(crate) health: crate::health::Health,
 }
 
 /// How a call ended, for the counters.
@@ -86,12 +88,18 @@ fn add(counter: &AtomicU64, n: u64, owned: bool) {
     }
 }
 
+/// The calling thread's shard (and in-flight marker) index.
+#[inline]
+pub(crate) fn thread_shard() -> usize {
+    // A thread whose thread-locals are already destroyed counts in the shared shard.
+    CLAIM.try_with(|claim| claim.0).unwrap_or(SHARED)
+}
+
 impl StatsCell {
-    /// Counts one call that took `ticks` of the host's clock (0 when calls are not timed).
+    /// Counts one call that took `ticks` of the host's clock (0 when calls are not timed), in
+    /// shard `index` ([`thread_shard`]).
     #[inline]
-    pub(crate) fn record(&self, ticks: u64, outcome: Outcome) {
-        // A thread whose thread-locals are already destroyed counts in the shared shard.
-        let index = CLAIM.try_with(|claim| claim.0).unwrap_or(SHARED);
+    pub(crate) fn record_at(&self, index: usize, ticks: u64, outcome: Outcome) {
         let owned = index != SHARED;
         let shard = &self.shards[index];
         add(&shard.calls, 1, owned);
@@ -192,10 +200,10 @@ mod tests {
                                 1 => Outcome::Panic,
                                 _ => Outcome::Ok,
                             };
-                            cell.record(1 + (i + t + round) % 7, outcome);
+                            cell.record_at(thread_shard(), 1 + (i + t + round) % 7, outcome);
                         }
                         if t == 3 && round == 1 {
-                            cell.record(1_000_000, Outcome::Ok);
+                            cell.record_at(thread_shard(), 1_000_000, Outcome::Ok);
                         }
                     });
                 }

@@ -4,6 +4,7 @@
 use std::io::{IsTerminal as _, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -56,6 +57,18 @@ pub struct Cli {
     )]
     pub max_plugin_size_mb: u64,
 
+    /// The deadline of one plugin call, in milliseconds, for plugins whose plugins.json entry
+    /// sets no `timeoutMs`. In-process code cannot be interrupted: a call past its deadline is
+    /// logged and counted, and opens the plugin's circuit breaker so no new call enters it.
+    #[arg(
+        long,
+        global = true,
+        value_name = "MS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub call_timeout_ms: u64,
+
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,plugin_host=debug`.
     #[arg(
@@ -95,8 +108,9 @@ pub enum Command {
     ///
     /// SIGHUP rescans (the configuration and every file not loaded). SIGINT and SIGTERM shut
     /// down gracefully: requests in progress finish, each plugin's state is saved to the state
-    /// directory, and plugins unload in reverse load order. The state is restored at the next
-    /// start.
+    /// directory, and plugins unload in reverse load order, within --shutdown-timeout (a plugin
+    /// stuck in a call is abandoned and the exit status is 1). The state is also saved every
+    /// --checkpoint-interval seconds and after each reload, and restored at the next start.
     Serve {
         /// Address of the control API (HTTP, JSON): HOST:PORT, or unix:PATH for a Unix socket
         /// (created with mode 0600). Port 0 picks a free port; the address is printed on stdout.
@@ -112,6 +126,16 @@ pub enum Command {
         /// Do not watch the plugins directory (SIGHUP and POST /v1/reload still rescan).
         #[arg(long)]
         no_watch: bool,
+        /// Save every plugin's state to the state directory every SECONDS (and after each
+        /// reload), so a worker killed outright restarts with at most this much lost; 0 = only
+        /// at reloads and shutdown.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        checkpoint_interval: u64,
+        /// SIGTERM and SIGINT end the worker within SECONDS, whatever the plugins do: plugins
+        /// that answer are saved; a plugin stuck in a call keeps its last checkpoint, and the
+        /// exit status is then 1 with the log naming what was abandoned.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        shutdown_timeout: u64,
     },
     /// Process JSON-lines tasks and write one JSON-lines result per task, then a summary per
     /// task type, handler and variant, and per plugin.
@@ -281,7 +305,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     }
     let mut builder = crate::hooks::host_builder(&cli.plugins)
         .with_insecure_permissions(cli.insecure_permissions)
-        .with_max_plugin_size(cli.max_plugin_size_mb << 20);
+        .with_max_plugin_size(cli.max_plugin_size_mb << 20)
+        .with_call_timeout(std::time::Duration::from_millis(cli.call_timeout_ms));
     if let Some(config) = &cli.config {
         // Only the default path may be absent: a file named on the command line must exist.
         match std::fs::metadata(config) {
@@ -349,6 +374,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             no_watch,
             token_file,
             metrics_public,
+            checkpoint_interval,
+            shutdown_timeout,
         } => {
             let token_file = token_file.unwrap_or_else(|| cli.state_dir.join("control-token"));
             let serving = Serving {
@@ -357,6 +384,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 token_file,
                 user_token: token_given,
                 metrics_public,
+                checkpoint_interval: Duration::from_secs(checkpoint_interval),
+                shutdown_timeout: Duration::from_secs(shutdown_timeout),
             };
             return serve(&host, serving, out);
         }
@@ -454,6 +483,17 @@ fn write_list(
         if !plugin.description.is_empty() {
             writeln!(out, "    {}", EscapeControl(&plugin.description))?;
         }
+        let health = &plugin.health;
+        writeln!(
+            out,
+            "    breaker {} ({} failure(s) in a row, opened {} time(s), {} call(s) refused), {} timeout(s), deadline {} ms",
+            health.breaker,
+            health.consecutive_failures,
+            health.times_opened,
+            health.calls_refused,
+            health.timeouts,
+            health.timeout_ms
+        )?;
         for method in &plugin.methods {
             writeln!(
                 out,
@@ -496,6 +536,32 @@ struct Serving {
     /// Whether the token file was given (`--token-file`) rather than our own in the state dir.
     user_token: bool,
     metrics_public: bool,
+    /// Zero: no periodic checkpoints.
+    checkpoint_interval: Duration,
+    shutdown_timeout: Duration,
+}
+
+/// Saves the plugins' state every `interval` until the returned sender is dropped.
+fn start_checkpoints(
+    host: &PluginHost,
+    interval: Duration,
+) -> anyhow::Result<Option<std::sync::mpsc::Sender<()>>> {
+    use std::sync::mpsc::RecvTimeoutError;
+    if interval.is_zero() {
+        return Ok(None);
+    }
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let host = host.clone();
+    std::thread::Builder::new()
+        .name("checkpoints".to_owned())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                let saved = host.checkpoint();
+                tracing::debug!(plugins = saved.len(), "checkpoint written");
+            }
+        })
+        .context("starting the checkpoint thread")?;
+    Ok(Some(stop))
 }
 
 /// The long-running worker: control API, watcher, signals, graceful shutdown.
@@ -507,6 +573,8 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
         token_file,
         user_token,
         metrics_public,
+        checkpoint_interval,
+        shutdown_timeout,
     } = serving;
     // Registered before anything is announced, so a signal sent right after start is handled.
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
@@ -524,6 +592,7 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
         None
     };
     let worker = Worker::start(host.clone());
+    let checkpoints = start_checkpoints(host, checkpoint_interval)?;
     writeln!(
         out,
         "worker: {} plugin(s) loaded from {}{}; control API on {}",
@@ -559,14 +628,103 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
             break;
         }
     }
-    let started = std::time::Instant::now();
-    server.stop();
-    drop(watcher);
-    worker.stop(stopped_by);
-    host.shutdown();
-    tracing::info!(took_ms = started.elapsed().as_millis(), "worker stopped");
-    writeln!(out, "worker: stopped")?;
-    Ok(ExitCode::SUCCESS)
+    drop(checkpoints);
+    let abandoned = stop_within(host, server, watcher, worker, stopped_by, shutdown_timeout);
+    if abandoned.is_empty() {
+        writeln!(out, "worker: stopped")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "worker: stopped after {} s, abandoning {}",
+        shutdown_timeout.as_secs(),
+        abandoned.join(", ")
+    )?;
+    out.flush()?;
+    // Threads are still running plugin code: exit without running destructors, which would
+    // wait for them or unmap code they run.
+    std::process::exit(1);
+}
+
+/// Stops serving within `timeout`: the control API finishes its requests (for at most half the
+/// time), the watcher stops, `worker.stop` fires, and the host saves and unloads its plugins in
+/// what is left. Returns the names of what was abandoned (each logged with the reason).
+fn stop_within(
+    host: &PluginHost,
+    server: ControlServer,
+    watcher: Option<Watcher>,
+    worker: Worker,
+    stopped_by: &'static str,
+    timeout: Duration,
+) -> Vec<String> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let (api_done, api_stopped) = std::sync::mpsc::channel::<()>();
+    let stopping_api = std::thread::Builder::new()
+        .name("stopping-control-api".to_owned())
+        .spawn(move || {
+            server.stop();
+            drop(watcher);
+            let _ = api_done.send(());
+        });
+    let api_finished = stopping_api.is_ok() && api_stopped.recv_timeout(timeout / 2).is_ok();
+    if !api_finished {
+        tracing::warn!(
+            waited_ms = (timeout / 2).as_millis(),
+            "control API: requests still running; shutting the plugins down without them"
+        );
+    }
+    let (report_sender, reports) = std::sync::mpsc::channel();
+    let stopping_host = host.clone();
+    let stopping = std::thread::Builder::new()
+        .name("stopping-plugins".to_owned())
+        .spawn(move || {
+            worker.stop(stopped_by);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = report_sender.send(stopping_host.shutdown_within(left));
+        });
+    // shutdown_within keeps to its deadline; a little more for the report to arrive.
+    let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
+    let report = match stopping {
+        Ok(_) => reports.recv_timeout(wait).ok(),
+        Err(_) => None,
+    };
+    let mut abandoned: Vec<String> = Vec::new();
+    match &report {
+        Some(report) => {
+            for left in &report.abandoned {
+                tracing::error!(plugin = left.plugin.as_str(), reason = %left.reason, "shutdown: plugin abandoned");
+                abandoned.push(left.plugin.clone());
+            }
+        }
+        None => {
+            tracing::error!(
+                "shutdown: the worker.stop hooks or the plugins' unloading did not finish in time"
+            );
+            abandoned.push("worker.stop".to_owned());
+        }
+    }
+    for call in host.calls_in_flight() {
+        tracing::error!(
+            plugin = call.plugin.as_str(),
+            method = %EscapeControl(&call.method),
+            elapsed_ms = call.elapsed.as_millis(),
+            "shutdown: plugin abandoned in a call still running"
+        );
+        if !abandoned.contains(&call.plugin) {
+            abandoned.push(call.plugin.clone());
+        }
+    }
+    if !api_finished && abandoned.is_empty() {
+        tracing::error!("shutdown: control API requests abandoned");
+        abandoned.push("control API requests".to_owned());
+    }
+    tracing::info!(
+        took_ms = started.elapsed().as_millis(),
+        saved = report.map_or(0, |r| r.saved.len()),
+        "worker stopped"
+    );
+    abandoned
 }
 
 /// `worker call --strict`: the plugin or the method is missing.

@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /healthz` | `{"status": "ok", "plugins": N}` (no token needed) |
+//! | `GET /healthz` | `{"status": "ok", "plugins": N}`, or `"degraded"` with the unhealthy plugins under `degraded` (always 200; no token needed) |
 //! | `GET /metrics` | Prometheus text: calls, errors, panics, latency per plugin (no token needed with [`ControlOptions::with_metrics_public`]) |
 //! | `GET /v1/plugins` | `{"plugins": [...], "refused": [...]}` |
 //! | `GET /v1/plugins/{plugin}` | one loaded plugin |
@@ -58,7 +58,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, watch};
 
-use plugin_host::PluginHost;
+use plugin_host::{PluginCallError, PluginHost};
 
 mod auth;
 mod listen;
@@ -506,10 +506,7 @@ async fn answer(
         }
     }
     if segments == ["healthz"] && method == Method::GET {
-        return Answer::json(
-            200,
-            &json!({"status": "ok", "plugins": shared.host.plugins().len()}),
-        );
+        return healthz(&shared.host);
     }
     let body = if method == Method::POST {
         match read_body(request.into_body(), stopping).await {
@@ -684,10 +681,7 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
         answer
     };
     match (segments.as_slice(), method) {
-        (["healthz"], &Method::GET) => Answer::json(
-            200,
-            &json!({"status": "ok", "plugins": host.plugins().len()}),
-        ),
+        (["healthz"], &Method::GET) => healthz(host),
         (["healthz"], _) => allow("GET"),
         (["metrics"], &Method::GET) => Answer {
             status: 200,
@@ -759,7 +753,7 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
                     answer
                         .headers
                         .push(("X-Noop-Reason", e.to_string().replace(['\r', '\n'], " ")));
-                    if !e.is_missing() {
+                    if !e.is_missing() && !matches!(e, PluginCallError::CircuitOpen { .. }) {
                         tracing::warn!(plugin, method = method_name, error = %e, "plugin call failed; answering null");
                     }
                     answer
@@ -774,6 +768,23 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
     }
 }
 
+/// `GET /healthz`: `ok`, or `degraded` naming the plugins whose breaker is open or that have a
+/// call past its deadline. 200 either way: the worker itself answers (a restart would lose what
+/// the plugins learned since the last checkpoint); a probe that wants a restart matches on the
+/// status in the body.
+fn healthz(host: &PluginHost) -> Answer {
+    let degraded = host.degraded();
+    let plugins = host.plugins().len();
+    Answer::json(
+        200,
+        &if degraded.is_empty() {
+            json!({"status": "ok", "plugins": plugins})
+        } else {
+            json!({"status": "degraded", "plugins": plugins, "degraded": degraded})
+        },
+    )
+}
+
 /// One metric family: name, type, help, and how to read it off a plugin.
 type Family = (
     &'static str,
@@ -786,7 +797,7 @@ type Family = (
 fn metrics(host: &PluginHost) -> String {
     let plugins = host.plugins();
     let mut out = String::new();
-    let families: [Family; 6] = [
+    let families: [Family; 11] = [
         (
             "plugin_calls_total",
             "counter",
@@ -822,6 +833,40 @@ fn metrics(host: &PluginHost) -> String {
             "gauge",
             "Generation number of the loaded plugin.",
             |p| p.generation as f64,
+        ),
+        (
+            "plugin_breaker_open",
+            "gauge",
+            "Circuit breaker state: 0 closed (or off), 1 open, 2 half-open.",
+            |p| match p.health.breaker {
+                "open" => 1.0,
+                "half-open" => 2.0,
+                _ => 0.0,
+            },
+        ),
+        (
+            "plugin_breaker_opened_total",
+            "counter",
+            "Times the circuit breaker opened.",
+            |p| p.health.times_opened as f64,
+        ),
+        (
+            "plugin_breaker_refused_total",
+            "counter",
+            "Calls and hook deliveries refused while the breaker was open.",
+            |p| p.health.calls_refused as f64,
+        ),
+        (
+            "plugin_consecutive_failures",
+            "gauge",
+            "Failures in a row since the last success.",
+            |p| f64::from(p.health.consecutive_failures),
+        ),
+        (
+            "plugin_timeouts_total",
+            "counter",
+            "Calls found running past their deadline.",
+            |p| p.health.timeouts as f64,
         ),
     ];
     for (name, kind, help, value) in families {

@@ -17,6 +17,7 @@ mod hardening_loader;
 mod hooks;
 mod lifecycle;
 mod pipeline;
+mod recovery;
 mod refusals;
 mod serve;
 mod statistics;

@@ -157,7 +157,8 @@ fn every_documented_hook_point_fires() {
         .collect();
     dir.configure(&json!({
         "experiment": {"config": {"experiments": {"chat": {"variants": {"recall": 1}}}}},
-        "fixture": {"config": {"on": fail_everywhere}}
+        // Every delivery must reach it: no breaker.
+        "fixture": {"config": {"on": fail_everywhere}, "breaker": false}
     }));
     dir.add("fixture", "libfixture.so");
     dir.add("experiment", "libexperiment.so");

@@ -217,9 +217,27 @@ fn the_task_policy_and_the_model_router_shape_each_task() {
 fn a_misbehaving_plugin_never_stops_the_pipeline() {
     let dir = PluginDir::new();
     // faulty's task.received hook panics on every task; the pipeline goes on.
-    let host = host_with(&dir, &["faulty", "bandit"], json!({}));
+    let host = host_with(
+        &dir,
+        &["faulty", "bandit"],
+        json!({"faulty": {"breaker": false}}),
+    );
     let (records, summary) = run(&host, &example_tasks(50, 4));
     assert_eq!(summary.completed, 50);
     assert!(records.iter().all(|r| r["score"].is_number()));
     assert_eq!(host.plugin("faulty").unwrap().stats.panics, 50);
+    drop(host);
+
+    // With the default breaker, five panics in a row open it: the other deliveries are refused
+    // without reaching the plugin (the cool-down, 30 s, outlasts the run).
+    let dir = PluginDir::new();
+    let host = host_with(&dir, &["faulty", "bandit"], json!({}));
+    let (records, summary) = run(&host, &example_tasks(50, 4));
+    assert_eq!(summary.completed, 50);
+    assert!(records.iter().all(|r| r["score"].is_number()));
+    let faulty = host.plugin("faulty").unwrap();
+    assert_eq!(faulty.stats.panics, 5);
+    assert_eq!(faulty.health.breaker, "open");
+    assert_eq!(faulty.health.times_opened, 1);
+    assert_eq!(faulty.health.calls_refused, 45);
 }

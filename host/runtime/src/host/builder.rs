@@ -32,6 +32,7 @@ pub struct PluginHostBuilder {
     pub(super) fire_and_forget_capacity: usize,
     pub(super) hook_points: &'static [HookSpec],
     pub(super) file_policy: loader::FilePolicy,
+    pub(super) call_timeout_ms: u64,
 }
 
 impl PluginHostBuilder {
@@ -76,6 +77,17 @@ impl PluginHostBuilder {
     /// them with the handles [`HookPoint::declared`] makes from this same list.
     pub fn with_hook_points(mut self, points: &'static [HookSpec]) -> Self {
         self.hook_points = points;
+        self
+    }
+
+    /// The deadline of one call (method or hook delivery) for plugins whose configuration sets
+    /// no `timeoutMs` (default 10 s). An in-process call cannot be interrupted: a call past its
+    /// deadline is logged and counted once by the host's watchdog, and opens the plugin's
+    /// circuit breaker so that no new call enters the plugin. The watchdog looks every 50 ms.
+    pub fn with_call_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.call_timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self
     }
 
@@ -159,8 +171,13 @@ impl PluginHostBuilder {
                 (dir, true)
             }
         };
+        let watched = watchdog::Watched::default();
+        let watchdog = watchdog::Watchdog::start(Arc::clone(&watched))?;
         Ok(PluginHost {
             inner: Arc::new(Inner {
+                call_timeout_ms: self.call_timeout_ms,
+                watched,
+                _watchdog: watchdog,
                 plugins_dir: self.plugins_dir,
                 shadow_dir,
                 remove_shadow_dir,
@@ -178,6 +195,7 @@ impl PluginHostBuilder {
                 clock: self.call_timing.then(clock),
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
+                saving: Mutex::new(()),
                 admin: Mutex::new(()),
             }),
         })
@@ -319,6 +337,7 @@ impl PluginHost {
             fire_and_forget_capacity: 1024,
             hook_points: &[],
             file_policy: loader::FilePolicy::default(),
+            call_timeout_ms: crate::health::DEFAULT_TIMEOUT_MS,
         }
     }
 }

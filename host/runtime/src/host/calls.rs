@@ -12,6 +12,8 @@ pub(super) enum Failure {
     InvalidJson(String),
     /// The answer is JSON of another shape than asked for (message, expected type).
     WrongType(String, &'static str),
+    /// The plugin's circuit breaker is open: the call was refused without reaching it.
+    CircuitOpen,
 }
 
 impl Failure {
@@ -22,6 +24,7 @@ impl Failure {
         match self {
             Failure::PluginNotFound => PluginCallError::PluginNotFound { plugin },
             Failure::MethodNotFound => PluginCallError::MethodNotFound { plugin, method },
+            Failure::CircuitOpen => PluginCallError::CircuitOpen { plugin, method },
             Failure::InvalidJson(message) => PluginCallError::InvalidJson {
                 plugin,
                 method,
@@ -63,6 +66,10 @@ pub(super) fn log_failure(plugin: &str, method: &str, failure: Failure) {
         }
         Failure::MethodNotFound => {
             tracing::debug!(plugin, method, "no such method; answering nothing");
+        }
+        // Counted (`calls_refused`); one warning when the breaker opened is enough.
+        Failure::CircuitOpen => {
+            tracing::debug!(plugin, method, "circuit open; answering nothing");
         }
         failure => match failure.into_error(plugin, method) {
             PluginCallError::Panicked { message, .. } => {
@@ -246,6 +253,12 @@ impl PluginHost {
         // whatever reload or unload does meanwhile.
         let registry = self.inner.registry.load();
         let slot = registry.get(plugin).ok_or(Failure::PluginNotFound)?;
+        let shard = crate::stats::thread_shard();
+        let entry = slot
+            .stats
+            .health
+            .begin(method, shard)
+            .map_err(|_| Failure::CircuitOpen)?;
         let clock = self.inner.clock.as_ref();
         let started = clock.map_or(0, quanta::Clock::raw);
         let result = slot
@@ -274,7 +287,8 @@ impl PluginHost {
             })) => Outcome::Panic,
             Err(_) => Outcome::Error,
         };
-        slot.stats.record(ticks, outcome);
+        slot.stats.record_at(shard, ticks, outcome);
+        slot.stats.health.end(entry, outcome != Outcome::Ok, plugin);
         result
     }
 }

@@ -259,6 +259,11 @@ pub(super) fn run_subscriber(
     match &subscriber.target {
         Target::Plugin { generation, stats } => {
             let text = text.unwrap_or("null");
+            let shard = crate::stats::thread_shard();
+            let Ok(entry) = stats.health.begin(point.spec.name, shard) else {
+                tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
+                return None;
+            };
             let started = timer.start();
             let result = generation
                 .library
@@ -273,15 +278,19 @@ pub(super) fn run_subscriber(
                     ))),
                 });
             let ticks = timer.stop(started);
+            stats
+                .health
+                .end(entry, matches!(result, Some(Err(_))), &subscriber.name);
             match result {
                 None => None,
                 Some(Ok(answer)) => {
-                    stats.record(ticks, Outcome::Ok);
+                    stats.record_at(shard, ticks, Outcome::Ok);
                     Some(answer)
                 }
                 Some(Err(PluginError { kind, message })) => {
                     let panicked = kind == ErrorKind::Panicked;
-                    stats.record(
+                    stats.record_at(
+                        shard,
                         ticks,
                         if panicked {
                             Outcome::Panic

@@ -52,6 +52,48 @@ fn not_loaded(plugin: &str) -> LoadError {
 }
 
 /// Moves the state of `old` into `new`. Failures are logged; `new` then starts fresh.
+/// Runs the plugin's `create` on a thread of its own and waits at most `timeout_ms` for it. An
+/// overrun is abandoned: the thread keeps the library (and drops the instance if `create` ever
+/// returns), and the caller (holding the admin lock) goes on, so the watcher, the control API
+/// and other loads are not held up by one plugin's `create`.
+fn create_within(
+    mut library: PluginLibrary,
+    name: &str,
+    config: String,
+    call_back: crate::dylib::CallBack,
+    timeout_ms: u64,
+) -> Result<(PluginLibrary, Result<(), PluginError>), LoadErrorKind> {
+    let (sender, created) = std::sync::mpsc::sync_channel(1);
+    let plugin = name.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("plugin-create".into())
+        .spawn(move || {
+            let result = library.create(&plugin, &config, call_back);
+            // Nobody waits any more when the deadline passed: the library is dropped here.
+            let _ = sender.send((library, result));
+        });
+    if let Err(e) = spawned {
+        return Err(LoadErrorKind::CreateFailed {
+            plugin: name.to_owned(),
+            message: format!("no thread to run create on: {e}"),
+        });
+    }
+    match created.recv_timeout(std::time::Duration::from_millis(timeout_ms)) {
+        Ok(created) => Ok(created),
+        Err(_) => {
+            tracing::warn!(
+                plugin = name,
+                timeout_ms,
+                "plugin create overran its deadline; abandoned, the load goes on without it"
+            );
+            Err(LoadErrorKind::CreateTimedOut {
+                plugin: name.to_owned(),
+                timeout_ms,
+            })
+        }
+    }
+}
+
 pub(super) fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
     let state = match old.library.save_state() {
         None | Some(Ok(None)) => return,
@@ -319,7 +361,7 @@ impl PluginHost {
             file,
             stamp,
             number,
-            mut library,
+            library,
         } = opened;
         let file = file.as_path();
         let name = manifest.name.clone();
@@ -358,18 +400,18 @@ impl PluginHost {
             config => config.to_string(),
         };
         let call_back = PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
-        library
-            .create(&name, &config, call_back)
-            .map_err(|PluginError { kind, message }| match kind {
-                ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
-                    plugin: name.clone(),
-                    message,
-                },
-                _ => LoadErrorKind::CreateFailed {
-                    plugin: name.clone(),
-                    message,
-                },
-            })?;
+        let timeout_ms = settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms);
+        let (library, created) = create_within(library, &name, config, call_back, timeout_ms)?;
+        created.map_err(|PluginError { kind, message }| match kind {
+            ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
+                plugin: name.clone(),
+                message,
+            },
+            _ => LoadErrorKind::CreateFailed {
+                plugin: name.clone(),
+                message,
+            },
+        })?;
         Ok(Generation {
             manifest,
             file: file.to_path_buf(),
@@ -475,6 +517,8 @@ impl PluginHost {
         drop(registry);
         // Cleared once the new generation serves: whoever sees the refusal gone sees it.
         self.note_result(&old.file, None);
+        // A checkpoint of the new generation: what it was given survives a crash from now on.
+        self.save_state(plugin, &new);
         tracing::info!(
             plugin,
             from_generation = old.number,
@@ -490,20 +534,14 @@ impl PluginHost {
     /// directory) and logs the unload. The generation itself is destroyed when its last call
     /// returns.
     pub(super) fn retire(&self, plugin: &str, slot: Slot) {
+        self.save_state(plugin, &slot.generation);
+        self.retire_saved(plugin, slot);
+    }
+
+    /// Logs the unload of a plugin taken out of the registry, its state saved.
+    pub(super) fn retire_saved(&self, plugin: &str, slot: Slot) {
         let started = Instant::now();
         let generation = &slot.generation;
-        if let Some(store) = &self.inner.state {
-            match generation.library.save_state() {
-                None | Some(Ok(None)) => {}
-                Some(Ok(Some(state))) => match store.save(plugin, &state) {
-                    Ok(path) => tracing::debug!(plugin, file = %path.display(), "state saved"),
-                    Err(e) => tracing::warn!(plugin, error = %format!("{e:#}"), "state not saved"),
-                },
-                Some(Err(PluginError { message, .. })) => {
-                    tracing::warn!(plugin, error = %EscapeControl(&message), "the plugin failed to save its state");
-                }
-            }
-        }
         tracing::info!(
             plugin,
             version = %generation.manifest.version,
@@ -512,6 +550,67 @@ impl PluginHost {
             took_us = started.elapsed().as_micros(),
             "plugin unloaded"
         );
+    }
+
+    /// Writes the state of `generation` to the state directory (when the host has one and the
+    /// plugin keeps state); whether it was written. Saves are serialized, so a checkpoint taken
+    /// earlier never replaces a later save.
+    pub(super) fn save_state(&self, plugin: &str, generation: &Generation) -> bool {
+        let Some(store) = &self.inner.state else {
+            return false;
+        };
+        let _saving = self
+            .inner
+            .saving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match generation.library.save_state() {
+            None | Some(Ok(None)) => false,
+            Some(Ok(Some(state))) => match store.save(plugin, &state) {
+                Ok(path) => {
+                    tracing::debug!(plugin, file = %path.display(), "state saved");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(plugin, error = %format!("{e:#}"), "state not saved");
+                    false
+                }
+            },
+            Some(Err(PluginError { message, .. })) => {
+                tracing::warn!(plugin, error = %EscapeControl(&message), "the plugin failed to save its state");
+                false
+            }
+        }
+    }
+
+    /// Saves every loaded plugin's state to the state directory now (a checkpoint), without
+    /// unloading anything; returns the names of the plugins whose state was written. A plugin
+    /// whose breaker is open or that has a call past its deadline is skipped (it may be stuck:
+    /// its last saved state stays). Does nothing without a state directory.
+    ///
+    /// `worker serve` calls it every `--checkpoint-interval` seconds, so that a worker killed
+    /// outright (`kill -9`, a crash) restarts with the state of the last checkpoint.
+    pub fn checkpoint(&self) -> Vec<String> {
+        if self.inner.state.is_none() {
+            return Vec::new();
+        }
+        let registry = self.inner.registry.load_full();
+        let mut slots: Vec<(&Box<str>, &Slot)> = registry.iter().collect();
+        slots.sort_by_key(|(_, slot)| slot.load_order);
+        let mut saved = Vec::new();
+        for (name, slot) in slots {
+            if slot.stats.health.degraded() {
+                tracing::warn!(plugin = %name, "checkpoint skipped: the plugin's breaker is open or a call is past its deadline; its last saved state stays");
+                continue;
+            }
+            if self.save_state(name, &slot.generation) {
+                saved.push(name.to_string());
+            }
+        }
+        if !saved.is_empty() {
+            tracing::debug!(plugins = ?saved, "checkpoint");
+        }
+        saved
     }
 
     /// Gives a newly loaded plugin the state saved in the state directory, if any.
@@ -547,6 +646,109 @@ impl PluginHost {
         for (name, slot) in slots {
             self.retire(&name, slot);
         }
+    }
+
+    /// [`shutdown`](Self::shutdown) within `timeout`, whatever the plugins do: plugins that
+    /// answer are saved and unloaded in reverse load order; a plugin with a call past its
+    /// deadline is neither saved (its last checkpoint stays) nor destroyed (its library stays
+    /// mapped: code is still running in it); plugins whose `save_state` had not returned by the
+    /// deadline are left behind the same way. The report names what was left behind; an
+    /// embedder that gets a non-empty one should exit soon.
+    pub fn shutdown_within(&self, timeout: std::time::Duration) -> ShutdownReport {
+        let deadline = Instant::now() + timeout;
+        // A load or reload stuck in a plugin's `create` holds the admin lock: go on without it.
+        let admin = loop {
+            match self.inner.admin.try_lock() {
+                Ok(guard) => break Some(guard),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                    break Some(poisoned.into_inner());
+                }
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    tracing::warn!(
+                        "a load or reload is still running; shutting down without waiting for it"
+                    );
+                    break None;
+                }
+            }
+        };
+        let registry = self.inner.registry.swap(Arc::new(Registry::default()));
+        let mut slots: Vec<(Box<str>, Slot)> = registry
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        drop(registry);
+        slots.sort_by_key(|(_, slot)| std::cmp::Reverse(slot.load_order));
+        let mut report = ShutdownReport::default();
+        let mut retiring = Vec::with_capacity(slots.len());
+        for (name, slot) in slots {
+            let overdue: Vec<_> = slot
+                .stats
+                .health
+                .in_flight(&name)
+                .into_iter()
+                .filter(|call| call.overdue)
+                .collect();
+            if let Some(call) = overdue.first() {
+                report.abandoned.push(Abandoned {
+                    plugin: name.to_string(),
+                    reason: format!(
+                        "stuck in `{}` for {} ms; not saved (its last checkpoint stays) and not unloaded",
+                        EscapeControl(&call.method),
+                        call.elapsed.as_millis()
+                    ),
+                });
+                // Code is running in it: its library must stay mapped until the process ends.
+                std::mem::forget(slot);
+            } else {
+                retiring.push((name, slot));
+            }
+        }
+        let (done, finished) = std::sync::mpsc::channel::<(String, bool)>();
+        let names: Vec<String> = retiring.iter().map(|(n, _)| n.to_string()).collect();
+        let host = self.clone();
+        let retired = std::thread::Builder::new()
+            .name("plugin-shutdown".into())
+            .spawn(move || {
+                for (name, slot) in retiring {
+                    let saved = host.save_state(&name, &slot.generation);
+                    host.retire_saved(&name, slot);
+                    if done.send((name.to_string(), saved)).is_err() {
+                        return;
+                    }
+                }
+            });
+        let mut pending: std::collections::VecDeque<String> = names.into();
+        if retired.is_ok() {
+            while let Some(next) = pending.front() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match finished.recv_timeout(left) {
+                    Ok((name, saved)) => {
+                        debug_assert_eq!(&name, next);
+                        pending.pop_front();
+                        if saved {
+                            report.saved.push(name);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        for (i, name) in pending.into_iter().enumerate() {
+            report.abandoned.push(Abandoned {
+                plugin: name,
+                reason: if i == 0 {
+                    "its state was still being saved at the deadline; its last checkpoint stays"
+                } else {
+                    "not reached before the deadline; its last checkpoint stays"
+                }
+                .to_owned(),
+            });
+        }
+        drop(admin);
+        report
     }
 
     /// Reads the configuration file again and applies what changed: a plugin now disabled is

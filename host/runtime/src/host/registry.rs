@@ -113,12 +113,35 @@ impl PluginHost {
         };
         // The name filter may only answer "missing" for a name absent from the registry a
         // caller could see: widen it before the new registry is visible, narrow it after.
+        self.configure_health(&plugins);
         let bits = super::name_bits(&plugins);
         self.inner.names.fetch_or(bits, Ordering::AcqRel);
         self.inner
             .registry
             .store(Arc::new(super::Registry { plugins, hooks }));
         self.inner.names.store(bits, Ordering::Release);
+    }
+
+    /// Applies each plugin's breaker and deadline settings, and shows the watchdog the plugins.
+    fn configure_health(&self, plugins: &Plugins) {
+        let config = self.inner.config.load();
+        let mut watched = Vec::with_capacity(plugins.len());
+        for (name, slot) in plugins {
+            let settings = self.settings_in(&config, name);
+            let breaker = match settings.breaker {
+                crate::config::Breaker::Off => None,
+                crate::config::Breaker::On {
+                    failures,
+                    cooldown_ms,
+                } => Some((failures, cooldown_ms)),
+            };
+            slot.stats.health.configure(
+                breaker,
+                settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms),
+            );
+            watched.push((name.clone(), Arc::clone(&slot.stats)));
+        }
+        self.inner.watched.store(Arc::new(watched));
     }
 
     /// Rebuilds the hook table over the current plugins (hooks or configuration changed).

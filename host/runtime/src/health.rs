@@ -1,0 +1,473 @@
+//! Per-plugin health: the circuit breaker, and the in-flight markers the watchdog scans for
+//! overdue calls.
+//!
+//! The call path pays, when the breaker is closed: one relaxed load of the breaker's state, one
+//! relaxed load of the coarse clock and five relaxed stores to mark the call in flight (start
+//! time and method name, in the calling thread's own marker), one store to clear the marker, and
+//! one relaxed load of the failure count after a success. No lock, no allocation, no
+//! read-modify-write except on a failure or on a thread past the first [`MARKERS`] - 1.
+
+use std::sync::LazyLock;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Consecutive failures that open a breaker, by default.
+pub const DEFAULT_FAILURES: u32 = 5;
+/// How long a breaker stays open before a trial call, by default (milliseconds).
+pub const DEFAULT_COOLDOWN_MS: u64 = 30_000;
+/// How long a call may run before the watchdog reports it, by default (milliseconds).
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+
+/// In-flight markers per plugin: one per statistics shard, so a thread that owns a shard owns
+/// the marker of the same index and writes it with plain stores; threads sharing the last shard
+/// take the last marker with a compare-and-swap when it is free (and go unmarked when not).
+pub(crate) const MARKERS: usize = crate::stats::SHARDS;
+const SHARED_MARKER: usize = MARKERS - 1;
+/// No marker taken.
+const NO_MARKER: u8 = u8::MAX;
+/// Bytes of the method name a marker keeps (longer names are cut).
+const METHOD_BYTES: usize = 32;
+/// Set in a marker's start once the watchdog has reported the call.
+const REPORTED: u64 = 1 << 63;
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// The process's millisecond clock: a precise reading for the breaker's cold paths, and a coarse
+/// one (kept by the watchdogs, read with one relaxed load) that stamps calls in flight.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+static COARSE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds since the process's epoch, read now.
+pub(crate) fn now_ms() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX >> 2)
+}
+
+/// Brings the coarse clock forward (the watchdog's tick).
+pub(crate) fn tick() -> u64 {
+    let now = now_ms();
+    COARSE_MS.fetch_max(now, Relaxed);
+    now
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Marker {
+    /// 0 when free; else the coarse start time + 1, with [`REPORTED`] once reported.
+    started: AtomicU64,
+    method: [AtomicU64; METHOD_BYTES / 8],
+}
+
+/// A call admitted by [`Health::begin`]; hand it back to [`Health::end`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Entry {
+    marker: u8,
+    trial: bool,
+}
+
+/// A call the breaker refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refused;
+
+/// Health of one plugin name, kept across its generations like its statistics.
+#[derive(Debug)]
+pub(crate) struct Health {
+    state: AtomicU8,
+    /// Consecutive failures.
+    failures: AtomicU32,
+    /// Failures that open the breaker; 0 = breaker off.
+    threshold: AtomicU32,
+    cooldown_ms: AtomicU64,
+    timeout_ms: AtomicU64,
+    opened_at: AtomicU64,
+    times_opened: AtomicU64,
+    refused: AtomicU64,
+    timeouts: AtomicU64,
+    markers: [Marker; MARKERS],
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            state: AtomicU8::new(CLOSED),
+            failures: AtomicU32::new(0),
+            threshold: AtomicU32::new(DEFAULT_FAILURES),
+            cooldown_ms: AtomicU64::new(DEFAULT_COOLDOWN_MS),
+            timeout_ms: AtomicU64::new(DEFAULT_TIMEOUT_MS),
+            opened_at: AtomicU64::new(0),
+            times_opened: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            markers: Default::default(),
+        }
+    }
+}
+
+/// A plugin's breaker and deadline state, as [`LoadedPlugin`](crate::LoadedPlugin) reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PluginHealth {
+    /// `closed`, `open`, `half-open`, or `off` (no breaker configured).
+    pub breaker: &'static str,
+    /// Failures in a row since the last success.
+    pub consecutive_failures: u32,
+    /// How many times the breaker opened.
+    pub times_opened: u64,
+    /// Calls and hook deliveries refused while it was open.
+    pub calls_refused: u64,
+    /// Calls the watchdog found past their deadline.
+    pub timeouts: u64,
+    /// Calls in flight now past their deadline.
+    pub overdue_calls: u32,
+    /// The deadline of a call, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// A call in flight, as the watchdog or a shutdown sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallInFlight {
+    /// The plugin.
+    pub plugin: String,
+    /// The method or hook (cut to 32 bytes).
+    pub method: String,
+    /// How long it has been running.
+    pub elapsed: Duration,
+    /// Whether it is past its deadline.
+    pub overdue: bool,
+}
+
+impl Health {
+    /// Applies a plugin's configuration: `None` switches the breaker off.
+    pub(crate) fn configure(&self, breaker: Option<(u32, u64)>, timeout_ms: u64) {
+        let (threshold, cooldown) = breaker.unwrap_or((0, DEFAULT_COOLDOWN_MS));
+        self.threshold.store(threshold, Relaxed);
+        self.cooldown_ms.store(cooldown, Relaxed);
+        self.timeout_ms.store(timeout_ms.max(1), Relaxed);
+        if threshold == 0 {
+            self.state.store(CLOSED, Release);
+        }
+    }
+
+    /// Admits a call of `method` from the thread of statistics shard `shard`, or refuses it
+    /// when the breaker is open.
+    #[inline]
+    pub(crate) fn begin(&self, method: &str, shard: usize) -> Result<Entry, Refused> {
+        let trial = if self.state.load(Relaxed) == CLOSED {
+            false
+        } else {
+            self.admit()?
+        };
+        Ok(Entry {
+            marker: self.mark(method, shard),
+            trial,
+        })
+    }
+
+    /// Ends a call [`begin`](Self::begin) admitted; `failed` for an error, a panic or invalid
+    /// JSON back.
+    #[inline]
+    pub(crate) fn end(&self, entry: Entry, failed: bool, plugin: &str) {
+        if entry.marker != NO_MARKER {
+            self.markers[usize::from(entry.marker)]
+                .started
+                .store(0, Release);
+        }
+        if entry.trial {
+            self.end_trial(failed, plugin);
+        } else if failed {
+            self.failed(plugin);
+        } else if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
+    }
+
+    #[inline]
+    fn mark(&self, method: &str, shard: usize) -> u8 {
+        let start = COARSE_MS.load(Relaxed) + 1;
+        let marker = &self.markers[shard];
+        if shard == SHARED_MARKER {
+            if marker
+                .started
+                .compare_exchange(0, start, Acquire, Relaxed)
+                .is_err()
+            {
+                return NO_MARKER;
+            }
+        } else if marker.started.load(Relaxed) != 0 {
+            // A nested call of the same plugin on this thread: the outer call's marker is the
+            // older, and stays.
+            return NO_MARKER;
+        } else {
+            marker.started.store(start, Relaxed);
+        }
+        let mut bytes = [0u8; METHOD_BYTES];
+        let n = method.len().min(METHOD_BYTES);
+        bytes[..n].copy_from_slice(&method.as_bytes()[..n]);
+        for (word, chunk) in marker.method.iter().zip(bytes.chunks_exact(8)) {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(eight), Relaxed);
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "shard < MARKERS, which is far below 255"
+        )]
+        let index = shard as u8;
+        index
+    }
+
+    /// The breaker is not closed: a trial call after the cool-down, else refused.
+    #[cold]
+    fn admit(&self) -> Result<bool, Refused> {
+        let state = self.state.load(Acquire);
+        if state == OPEN
+            && now_ms().saturating_sub(self.opened_at.load(Relaxed))
+                >= self.cooldown_ms.load(Relaxed)
+            // A plugin still stuck in a call gets no trial: it would be stuck too.
+            && self.overdue() == 0
+            && self
+                .state
+                .compare_exchange(OPEN, HALF_OPEN, AcqRel, Relaxed)
+                .is_ok()
+        {
+            return Ok(true);
+        }
+        if state == CLOSED {
+            return Ok(false);
+        }
+        self.refused.fetch_add(1, Relaxed);
+        Err(Refused)
+    }
+
+    #[cold]
+    fn failed(&self, plugin: &str) {
+        let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
+        let threshold = self.threshold.load(Relaxed);
+        if threshold != 0 && failures >= threshold && self.open(CLOSED) {
+            tracing::warn!(
+                plugin,
+                failures,
+                cooldown_ms = self.cooldown_ms.load(Relaxed),
+                "circuit breaker open: calls answer nothing until a trial call after the cool-down"
+            );
+        }
+    }
+
+    #[cold]
+    fn end_trial(&self, failed: bool, plugin: &str) {
+        if failed {
+            self.failures.fetch_add(1, Relaxed);
+            if self.open(HALF_OPEN) {
+                tracing::warn!(
+                    plugin,
+                    cooldown_ms = self.cooldown_ms.load(Relaxed),
+                    "circuit breaker open again: the trial call failed"
+                );
+            }
+        } else {
+            self.failures.store(0, Relaxed);
+            if self
+                .state
+                .compare_exchange(HALF_OPEN, CLOSED, AcqRel, Relaxed)
+                .is_ok()
+            {
+                tracing::info!(plugin, "circuit breaker closed: the trial call succeeded");
+            }
+        }
+    }
+
+    /// Opens the breaker if it is in state `from`; whether it did.
+    fn open(&self, from: u8) -> bool {
+        if self.threshold.load(Relaxed) == 0 {
+            return false;
+        }
+        self.opened_at.store(now_ms(), Relaxed);
+        if self
+            .state
+            .compare_exchange(from, OPEN, AcqRel, Relaxed)
+            .is_ok()
+        {
+            self.times_opened.fetch_add(1, Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Calls in flight now past their deadline.
+    fn overdue(&self) -> u32 {
+        let now = now_ms();
+        let timeout = self.timeout_ms.load(Relaxed);
+        let count = self
+            .markers
+            .iter()
+            .filter(|m| {
+                let started = m.started.load(Acquire);
+                started != 0 && now.saturating_sub((started & !REPORTED) - 1) > timeout
+            })
+            .count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the breaker is open (or half-open), or a call is overdue.
+    pub(crate) fn degraded(&self) -> bool {
+        self.state.load(Acquire) != CLOSED || self.overdue() != 0
+    }
+
+    /// The calls in flight now.
+    pub(crate) fn in_flight(&self, plugin: &str) -> Vec<CallInFlight> {
+        let now = now_ms();
+        let timeout = self.timeout_ms.load(Relaxed);
+        self.markers
+            .iter()
+            .filter_map(|m| {
+                let started = m.started.load(Acquire);
+                if started == 0 {
+                    return None;
+                }
+                let method = read_method(m);
+                // The call may have ended and another begun while the name was read.
+                if m.started.load(Acquire) != started {
+                    return None;
+                }
+                let elapsed = now.saturating_sub((started & !REPORTED) - 1);
+                Some(CallInFlight {
+                    plugin: plugin.to_owned(),
+                    method,
+                    elapsed: Duration::from_millis(elapsed),
+                    overdue: elapsed > timeout,
+                })
+            })
+            .collect()
+    }
+
+    /// The watchdog's look at this plugin: each call past its deadline is reported once (logged,
+    /// counted as a timeout) and opens the breaker.
+    pub(crate) fn watch(&self, plugin: &str, now: u64) {
+        let timeout = self.timeout_ms.load(Relaxed);
+        for marker in &self.markers {
+            let started = marker.started.load(Acquire);
+            if started == 0 || started & REPORTED != 0 {
+                continue;
+            }
+            let elapsed = now.saturating_sub(started - 1);
+            if elapsed <= timeout {
+                continue;
+            }
+            let method = read_method(marker);
+            if marker
+                .started
+                .compare_exchange(started, started | REPORTED, AcqRel, Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            self.timeouts.fetch_add(1, Relaxed);
+            self.failures.fetch_add(1, Relaxed);
+            let state = self.state.load(Acquire);
+            let opened = state != OPEN && self.open(state);
+            tracing::warn!(
+                plugin,
+                method = %crate::text::EscapeControl(&method),
+                elapsed_ms = elapsed,
+                timeout_ms = timeout,
+                breaker = if opened { "opened" } else if self.threshold.load(Relaxed) == 0 { "off" } else { "open" },
+                "plugin call overdue: it cannot be interrupted in-process; no new call enters the plugin while the breaker is open"
+            );
+        }
+    }
+
+    /// What [`PluginHealth`] reports.
+    pub(crate) fn snapshot(&self) -> PluginHealth {
+        let breaker = if self.threshold.load(Relaxed) == 0 {
+            "off"
+        } else {
+            match self.state.load(Acquire) {
+                OPEN => "open",
+                HALF_OPEN => "half-open",
+                _ => "closed",
+            }
+        };
+        PluginHealth {
+            breaker,
+            consecutive_failures: self.failures.load(Relaxed),
+            times_opened: self.times_opened.load(Relaxed),
+            calls_refused: self.refused.load(Relaxed),
+            timeouts: self.timeouts.load(Relaxed),
+            overdue_calls: self.overdue(),
+            timeout_ms: self.timeout_ms.load(Relaxed),
+        }
+    }
+}
+
+fn read_method(marker: &Marker) -> String {
+    let mut bytes = Vec::with_capacity(METHOD_BYTES);
+    for word in &marker.method {
+        bytes.extend_from_slice(&word.load(Relaxed).to_ne_bytes());
+    }
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_the_threshold_and_a_trial_success_closes() {
+        let health = Health::default();
+        health.configure(Some((3, 0)), 1_000);
+        for _ in 0..3 {
+            let entry = health.begin("m", 0).unwrap();
+            health.end(entry, true, "p");
+        }
+        assert_eq!(health.snapshot().breaker, "open");
+        // Cool-down 0: the next call is the trial; others are refused meanwhile.
+        let trial = health.begin("m", 0).unwrap();
+        assert!(trial.trial);
+        assert!(health.begin("m", 1).is_err());
+        health.end(trial, true, "p");
+        assert_eq!(health.snapshot().breaker, "open");
+        assert_eq!(health.snapshot().times_opened, 2);
+        let trial = health.begin("m", 0).unwrap();
+        health.end(trial, false, "p");
+        let snapshot = health.snapshot();
+        assert_eq!(snapshot.breaker, "closed");
+        assert_eq!(snapshot.calls_refused, 1);
+        assert_eq!(snapshot.consecutive_failures, 0);
+    }
+
+    #[test]
+    fn a_success_resets_the_count_and_off_never_opens() {
+        let health = Health::default();
+        health.configure(Some((2, 60_000)), 1_000);
+        for failed in [true, false, true, false] {
+            let entry = health.begin("m", 0).unwrap();
+            health.end(entry, failed, "p");
+        }
+        assert_eq!(health.snapshot().breaker, "closed");
+        health.configure(None, 1_000);
+        for _ in 0..10 {
+            let entry = health.begin("m", 0).unwrap();
+            health.end(entry, true, "p");
+        }
+        assert_eq!(health.snapshot().breaker, "off");
+        assert!(health.begin("m", 0).is_ok());
+    }
+
+    #[test]
+    fn markers_name_the_method_and_clear() {
+        let health = Health::default();
+        let entry = health
+            .begin("a_rather_long_method_name_over_32_bytes", 3)
+            .unwrap();
+        let calls = health.in_flight("p");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].method, "a_rather_long_method_name_over_3");
+        health.end(entry, false, "p");
+        assert!(health.in_flight("p").is_empty());
+    }
+}
