@@ -12,7 +12,8 @@
 //! time and the ELF check apply.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,23 +69,51 @@ enum Message {
     Stop,
 }
 
-/// What a filesystem event says about the writers of the files it names.
-fn message_for(event: notify::Result<notify::Event>) -> Message {
+/// Whether an event on `path` can matter to the watcher: a `*.so` file, or the configuration
+/// file. Events on the directory itself (the watcher's own listing opens it) and on other files
+/// are dropped, or every scan would wake the watcher for the next one.
+fn is_relevant(path: &Path, config_name: Option<&OsStr>) -> bool {
+    match path.file_name() {
+        Some(name) => {
+            Some(name) == config_name || path.extension().is_some_and(|ext| ext == "so")
+        }
+        None => false,
+    }
+}
+
+/// What a filesystem event says about the writers of the files it names; `None` for an event
+/// that cannot change what the watcher does (opening or reading a file, an event on the
+/// directory itself or on a file that is neither a plugin nor the configuration file).
+fn message_for(
+    event: notify::Result<notify::Event>,
+    config_name: Option<&OsStr>,
+) -> Option<Message> {
     use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
     let Ok(event) = event else {
-        return Message::Overflow;
+        return Some(Message::Overflow);
     };
     if event.need_rescan() {
-        return Message::Overflow;
+        return Some(Message::Overflow);
     }
-    match event.kind {
+    if !event.paths.iter().any(|p| is_relevant(p, config_name)) {
+        return None;
+    }
+    Some(match event.kind {
+        // Opening, reading and closing after reading change nothing (the watcher's own checks
+        // and the loader's copy do all three).
+        EventKind::Access(
+            AccessKind::Open(_)
+            | AccessKind::Read
+            | AccessKind::Close(AccessMode::Read | AccessMode::Execute)
+            | AccessKind::Any,
+        ) => return None,
         EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => Message::Written(event.paths),
         EventKind::Access(AccessKind::Close(AccessMode::Write))
         | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
             Message::Closed(event.paths)
         }
         _ => Message::Changed,
-    }
+    })
 }
 
 /// A running watcher; stops when dropped.
@@ -108,8 +137,11 @@ impl Watcher {
             None
         } else {
             let events = sender.clone();
+            let config_name = host.config_file().file_name().map(OsStr::to_os_string);
             let watched = notify::recommended_watcher(move |event| {
-                let _ = events.send(message_for(event));
+                if let Some(message) = message_for(event, config_name.as_deref()) {
+                    let _ = events.send(message);
+                }
             })
             .and_then(|mut watcher| {
                 watcher.watch(host.plugins_dir(), RecursiveMode::NonRecursive)?;
@@ -148,13 +180,26 @@ impl Watcher {
                     } else {
                         poll_interval
                     };
-                    match receiver.recv_timeout(wait) {
-                        Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                        Ok(Message::Rescan) => state.rescan(),
-                        Ok(Message::Written(paths)) => state.written(paths),
-                        Ok(Message::Closed(paths)) => state.closed(paths),
-                        Ok(Message::Overflow) => state.open_for_writing.clear(),
-                        Ok(Message::Changed) | Err(RecvTimeoutError::Timeout) => {}
+                    let first = match receiver.recv_timeout(wait) {
+                        Ok(message) => Some(message),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
+                    // Everything already queued is taken before one tick: a burst of events
+                    // (a file written in many chunks) costs one look at the directory.
+                    let mut stop = false;
+                    for message in first.into_iter().chain(receiver.try_iter()) {
+                        match message {
+                            Message::Stop => stop = true,
+                            Message::Rescan => state.rescan(),
+                            Message::Written(paths) => state.written(paths),
+                            Message::Closed(paths) => state.closed(paths),
+                            Message::Overflow => state.open_for_writing.clear(),
+                            Message::Changed => {}
+                        }
+                    }
+                    if stop {
+                        break;
                     }
                     state.tick();
                 }

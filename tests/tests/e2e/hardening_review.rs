@@ -1,0 +1,74 @@
+//! Findings of a hostile review of the hardening work, each against the real `worker`: an idle
+//! watcher that must stay idle, file names and manifest fields that must not forge log lines,
+//! a token file that must not hang start-up, a state directory others can write.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::PluginDir;
+
+use crate::serve::Worker;
+
+/// CPU time (user + system) of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Runs the worker CLI on `dir` with `args`, killed if it takes over two minutes.
+fn worker(dir: &PluginDir, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
+    command
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.shadow().join("state"))
+        .args(args)
+        .env_remove("WORKER_LOG")
+        .env_remove("WORKER_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(child.wait_with_output());
+    });
+    match receive.recv_timeout(Duration::from_secs(120)) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("the worker did not finish within two minutes: {args:?}");
+        }
+    }
+}
+
+#[test]
+fn an_idle_watcher_does_not_wake_itself_up() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &[]);
+    // Past the start-up work.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(worker.pid());
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(worker.pid()) - before;
+    let elapsed = start.elapsed().as_secs_f64();
+    // Ticks are 1/100 s on Linux; 10% of a core over the interval is a generous bound.
+    let share = used as f64 / 100.0 / elapsed;
+    let (status, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        share < 0.10,
+        "an idle worker used {:.0}% of a core ({used} ticks in {elapsed:.1} s)",
+        share * 100.0
+    );
+}
