@@ -13,6 +13,7 @@
 //! - the directory's path is made absolute once, when the store is made: a plugin that changes
 //!   the process's working directory cannot redirect it.
 
+use crate::text::EscapePath;
 use std::io::Write as _;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
@@ -54,13 +55,13 @@ impl StateStore {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .with_context(|| format!("creating the state directory {}", dir.display()))?;
+            .with_context(|| format!("creating the state directory {}", EscapePath(&dir)))?;
         let dir = std::fs::canonicalize(&dir)
-            .with_context(|| format!("resolving the state directory {}", dir.display()))?;
+            .with_context(|| format!("resolving the state directory {}", EscapePath(&dir)))?;
         if !dir.is_dir() {
             anyhow::bail!(
                 "the state directory {} is not a directory; pass another --state-dir",
-                dir.display()
+                EscapePath(&dir)
             );
         }
         Ok(Self { dir })
@@ -88,7 +89,7 @@ impl StateStore {
                 if meta.file_type().is_symlink() {
                     tracing::warn!(
                         plugin,
-                        file = %path.display(),
+                        file = %EscapePath(&path),
                         "the state file is a symbolic link; replacing the link itself, its target is left alone"
                     );
                 }
@@ -96,7 +97,8 @@ impl StateStore {
             temp.persist(&path).map_err(|e| e.error)?;
             std::fs::File::open(&self.dir)?.sync_all()
         };
-        write().with_context(|| format!("saving the state of `{plugin}` to {}", path.display()))?;
+        write()
+            .with_context(|| format!("saving the state of `{plugin}` to {}", EscapePath(&path)))?;
         Ok(path)
     }
 
@@ -117,7 +119,7 @@ impl StateStore {
             Err(e @ (FileError::Symlink | FileError::NotRegular(_))) => {
                 tracing::warn!(
                     plugin,
-                    file = %path.display(),
+                    file = %EscapePath(&path),
                     "the saved state of `{plugin}` is not read: {e}; the plugin starts fresh"
                 );
                 return None;
@@ -127,8 +129,8 @@ impl StateStore {
         let aside = self.set_aside(&path, "corrupt");
         tracing::warn!(
             plugin,
-            file = %path.display(),
-            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| p.display().to_string()),
+            file = %EscapePath(&path),
+            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(&p).to_string()),
             "the saved state of `{plugin}` is unusable: {problem}; the plugin starts fresh"
         );
         None
@@ -140,8 +142,8 @@ impl StateStore {
         let aside = self.set_aside(&path, "rejected");
         tracing::warn!(
             plugin,
-            file = %path.display(),
-            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| p.display().to_string()),
+            file = %EscapePath(&path),
+            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(&p).to_string()),
             "`{plugin}` refused its saved state: {}; it starts fresh",
             crate::text::EscapeControl(reason)
         );
@@ -153,11 +155,14 @@ impl StateStore {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let base = format!("{}.{why}-{secs}", path.display());
+        let mut base = path.as_os_str().to_os_string();
+        base.push(format!(".{why}-{secs}"));
         let mut candidate = PathBuf::from(&base);
         let mut n = 1;
         while std::fs::symlink_metadata(&candidate).is_ok() {
-            candidate = PathBuf::from(format!("{base}-{n}"));
+            let mut numbered = base.clone();
+            numbered.push(format!("-{n}"));
+            candidate = PathBuf::from(numbered);
             n += 1;
         }
         std::fs::rename(path, &candidate)?;

@@ -11,6 +11,7 @@
 //! complete. If notify cannot watch the directory, the watcher polls it, and only the settle
 //! time and the ELF check apply.
 
+use crate::text::EscapePath;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -74,9 +75,7 @@ enum Message {
 /// are dropped, or every scan would wake the watcher for the next one.
 fn is_relevant(path: &Path, config_name: Option<&OsStr>) -> bool {
     match path.file_name() {
-        Some(name) => {
-            Some(name) == config_name || path.extension().is_some_and(|ext| ext == "so")
-        }
+        Some(name) => Some(name) == config_name || path.extension().is_some_and(|ext| ext == "so"),
         None => false,
     }
 }
@@ -156,7 +155,7 @@ impl Watcher {
                 Ok(watcher) => Some(watcher),
                 Err(e) => {
                     tracing::warn!(
-                        dir = %host.plugins_dir().display(),
+                        dir = %EscapePath(&host.plugins_dir()),
                         error = %e,
                         poll_ms = options.poll_interval.as_millis(),
                         "cannot watch the plugins directory for events; polling it instead"
@@ -366,7 +365,7 @@ impl WatchState {
                 self.pending.remove(&path);
                 self.handled.remove(&path);
                 if let Some(plugin) = plugin {
-                    tracing::info!(plugin = %plugin, file = %path.display(), "plugin file removed");
+                    tracing::info!(plugin = %plugin, file = %EscapePath(&path), "plugin file removed");
                     if let Err(e) = self.host.unload(&plugin) {
                         tracing::warn!(error = %format!("{e:#}"), "unload failed");
                     }
@@ -376,11 +375,11 @@ impl WatchState {
             if let Some(&last_write) = self.open_for_writing.get(&path) {
                 let idle = now.duration_since(last_write);
                 if idle < OPEN_WRITER_LIMIT {
-                    tracing::debug!(file = %path.display(), "waiting for the writer to close the file");
+                    tracing::debug!(file = %EscapePath(&path), "waiting for the writer to close the file");
                     continue;
                 }
                 tracing::warn!(
-                    file = %path.display(),
+                    file = %EscapePath(&path),
                     idle_s = idle.as_secs(),
                     "the file is still open for writing; refused until it changes"
                 );
@@ -399,7 +398,7 @@ impl WatchState {
                 Err(LoadErrorKind::Truncated { .. } | LoadErrorKind::Empty)
                     if waited < GIVE_UP_WAITING =>
                 {
-                    tracing::debug!(file = %path.display(), "waiting for the file to be complete");
+                    tracing::debug!(file = %EscapePath(&path), "waiting for the file to be complete");
                     continue;
                 }
                 _ => {}
@@ -412,7 +411,7 @@ impl WatchState {
             };
             if let Err(e) = result {
                 // The host logged the refusal and, on a failed reload, kept the old generation.
-                tracing::debug!(file = %path.display(), error = %format!("{e:#}"), "change not applied");
+                tracing::debug!(file = %EscapePath(&path), error = %format!("{e:#}"), "change not applied");
             }
         }
     }
@@ -442,7 +441,7 @@ impl WatchState {
     }
 
     fn apply_config(&mut self) {
-        tracing::info!(file = %self.host.config_file().display(), "configuration changed");
+        tracing::info!(file = %EscapePath(&self.host.config_file()), "configuration changed");
         match self.host.reload_config() {
             Ok(report) => {
                 for (_, file, stamp) in self.host.loaded_files() {

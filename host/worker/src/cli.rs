@@ -1,6 +1,7 @@
 //! The `worker` command line. `main.rs` only calls [`main`]; everything else is here so that
 //! tests and embedders can reach it.
 
+use plugin_host::text::EscapePath;
 use std::io::{IsTerminal as _, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -262,9 +263,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     if let Command::Serve { .. } = &cli.command {
         if !cli.plugins.exists() {
             std::fs::create_dir_all(&cli.plugins).with_context(|| {
-                format!("creating the plugins directory {}", cli.plugins.display())
+                format!(
+                    "creating the plugins directory {}",
+                    EscapePath(&cli.plugins)
+                )
             })?;
-            tracing::info!(dir = %cli.plugins.display(), "created the plugins directory");
+            tracing::info!(dir = %EscapePath(&cli.plugins), "created the plugins directory");
         }
     }
     let token_given = matches!(
@@ -374,7 +378,7 @@ fn write_list(
     writeln!(
         out,
         "{}: {} plugin(s) loaded, {} file(s) refused",
-        host.plugins_dir().display(),
+        EscapePath(&host.plugins_dir()),
         plugins.len(),
         refused.len()
     )?;
@@ -387,7 +391,7 @@ fn write_list(
             "{} {}  ({})",
             EscapeControl(&plugin.name),
             EscapeControl(&plugin.version),
-            EscapeControl(&plugin.file.display().to_string())
+            EscapePath(&plugin.file)
         )?;
         if !plugin.description.is_empty() {
             writeln!(out, "    {}", EscapeControl(&plugin.description))?;
@@ -414,13 +418,10 @@ fn write_list(
         writeln!(out)?;
         writeln!(out, "refused:")?;
         for refusal in refused {
-            // A reason may span lines (a layout mismatch); each line is escaped on its own.
-            let lines: Vec<String> = refusal
-                .reason()
-                .split('\n')
-                .map(|line| EscapeControl(line).to_string())
-                .collect();
-            writeln!(out, "  {}", lines.join("\n    "))?;
+            // The reason names the file, whose name anyone who can write the directory chose:
+            // it is escaped as one string, so a refusal is always one line (a layout mismatch
+            // shows its line breaks as `\n`).
+            writeln!(out, "  {}", EscapeControl(&refusal.reason()))?;
         }
     }
     Ok(())
@@ -466,14 +467,14 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
         out,
         "worker: {} plugin(s) loaded from {}{}; control API on {}",
         host.plugins().len(),
-        host.plugins_dir().display(),
+        EscapePath(&host.plugins_dir()),
         if watch { ", watching for changes" } else { "" },
         server.address()
     )?;
     writeln!(
         out,
         "worker: control API token in {} (send `Authorization: Bearer <token>`)",
-        token_file.display()
+        EscapePath(&token_file)
     )?;
     out.flush()?;
     let mut stopped_by = "signal";
@@ -530,7 +531,7 @@ fn run_tasks(
         match out_file {
             Some(path) => {
                 let file = std::fs::File::create(path)
-                    .with_context(|| format!("creating the results file {}", path.display()))?;
+                    .with_context(|| format!("creating the results file {}", EscapePath(&path)))?;
                 let mut writer = std::io::BufWriter::new(file);
                 let worker = Worker::start(host.clone());
                 let summary =

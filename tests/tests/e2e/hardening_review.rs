@@ -2,7 +2,6 @@
 //! watcher that must stay idle, file names and manifest fields that must not forge log lines,
 //! a token file that must not hang start-up, a state directory others can write.
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 /// Runs the worker CLI on `dir` with `args`, killed if it takes over two minutes.
-fn worker(dir: &PluginDir, args: &[&str]) -> Output {
+fn worker(dir: &PluginDir, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
     command
         .arg("--plugins")
@@ -34,6 +33,9 @@ fn worker(dir: &PluginDir, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
     let child = command.spawn().unwrap();
     let pid = child.id();
     let (send, receive) = std::sync::mpsc::channel();
@@ -71,4 +73,80 @@ fn an_idle_watcher_does_not_wake_itself_up() {
         "an idle worker used {:.0}% of a core ({used} ticks in {elapsed:.1} s)",
         share * 100.0
     );
+}
+
+/// A log line the tests try to forge through a file name or a manifest field.
+const FORGED: &str = "\n2026-01-01T00:00:00.000000Z ERROR host: FORGED LINE \x1b[31mred";
+
+/// Asserts that nothing in `text` starts a forged line or carries an escape character.
+fn assert_not_forged(text: &str, context: &str) {
+    assert!(
+        !text.contains('\x1b'),
+        "{context}: an escape character got through:\n{text}"
+    );
+    for line in text.lines() {
+        assert!(
+            !line.starts_with("2026-01-01T00:00:00.000000Z"),
+            "{context}: a forged line:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("FORGED LINE"),
+        "{context}: the name was not shown at all:\n{text}"
+    );
+}
+
+#[test]
+fn file_names_cannot_forge_log_lines_or_drive_a_terminal() {
+    let dir = PluginDir::new();
+    // One that loads (a real plugin under a hostile name), one that is refused.
+    dir.add("echo", &format!("libecho{FORGED}.so"));
+    dir.write(&format!("junk{FORGED}.so"), b"not a plugin at all");
+    let output = worker(&dir, &["--log", "info", "list"], &[]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("plugin loaded"), "{stderr}");
+    assert!(stderr.contains("plugin file refused"), "{stderr}");
+    assert_not_forged(&stderr, "worker list's log");
+    assert_not_forged(&stdout, "worker list's listing");
+}
+
+#[test]
+fn a_plugin_version_is_validated_and_never_logged_raw() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let version = format!("1.0{FORGED}");
+    let output = worker(
+        &dir,
+        &["--log", "info", "list", "--json"],
+        &[("FIXTURE_PLUGIN_VERSION", &version)],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_not_forged(&stderr, "worker list's log");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["plugins"], serde_json::json!([]), "{report:#}");
+    let reason = report["refused"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("invalid version"), "{reason}");
+    assert!(reason.contains("control character"), "{reason}");
+
+    let long = "1".repeat(65);
+    let output = worker(
+        &dir,
+        &["list", "--json"],
+        &[("FIXTURE_PLUGIN_VERSION", &long)],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let reason = report["refused"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("65 characters long"), "{reason}");
+
+    let fine = "2.0.0-rc.1+build.5 (test)";
+    let output = worker(
+        &dir,
+        &["list", "--json"],
+        &[("FIXTURE_PLUGIN_VERSION", fine)],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["plugins"][0]["version"], fine, "{report:#}");
 }

@@ -1,6 +1,7 @@
 //! [`PluginHostBuilder`]: the options of a host, and the private shadow directory it prepares.
 
 use super::*;
+use crate::text::EscapePath;
 
 /// Builds a [`PluginHost`].
 ///
@@ -146,15 +147,16 @@ impl PluginHostBuilder {
         let state = self.state_dir.map(StateStore::new).transpose()?;
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
             Some(dir) => {
-                use_given_shadow_dir(&dir)
-                    .with_context(|| format!("preparing the shadow directory {}", dir.display()))?;
+                use_given_shadow_dir(&dir).with_context(|| {
+                    format!("preparing the shadow directory {}", EscapePath(&dir))
+                })?;
                 (dir, false)
             }
             None => {
                 let temp = std::env::temp_dir();
                 remove_stale_shadow_dirs(&temp);
                 let dir = create_shadow_dir(&temp).with_context(|| {
-                    format!("creating a shadow directory in {}", temp.display())
+                    format!("creating a shadow directory in {}", EscapePath(&temp))
                 })?;
                 (dir, true)
             }
@@ -215,13 +217,13 @@ pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
     if !metadata.file_type().is_dir() {
         anyhow::bail!(
             "{} is not a directory (a symlink is not accepted)",
-            dir.display()
+            EscapePath(&dir)
         );
     }
     if metadata.uid() != euid {
         anyhow::bail!(
             "{} is owned by uid {}, not by the worker's user (uid {euid}); use a directory of your own",
-            dir.display(),
+            EscapePath(&dir),
             metadata.uid()
         );
     }
@@ -229,8 +231,8 @@ pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
     if (exact && mode != 0o700) || mode & 0o022 != 0 {
         anyhow::bail!(
             "{} has mode {mode:04o}; a shadow directory must be writable by its owner only (run `chmod 700 {}`)",
-            dir.display(),
-            dir.display()
+            EscapePath(&dir),
+            EscapePath(&dir)
         );
     }
     Ok(())
@@ -286,15 +288,15 @@ pub(super) fn remove_stale_shadow_dirs(temp: &Path) {
         }
         let path = entry.path();
         if let Err(e) = check_private_dir(&path, true) {
-            tracing::debug!(dir = %path.display(), reason = %e, "not a shadow directory of ours; left alone");
+            tracing::debug!(dir = %EscapePath(&path), reason = %e, "not a shadow directory of ours; left alone");
             continue;
         }
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {
-                tracing::info!(dir = %path.display(), "removed the shadow copies of a process that is gone")
+                tracing::info!(dir = %EscapePath(&path), "removed the shadow copies of a process that is gone")
             }
             Err(e) => {
-                tracing::debug!(dir = %path.display(), error = %e, "could not remove a stale shadow directory")
+                tracing::debug!(dir = %EscapePath(&path), error = %e, "could not remove a stale shadow directory")
             }
         }
     }
