@@ -2,6 +2,7 @@
 //! watcher that must stay idle, file names and manifest fields that must not forge log lines,
 //! a token file that must not hang start-up, a state directory others can write.
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -149,4 +150,70 @@ fn a_plugin_version_is_validated_and_never_logged_raw() {
     );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["plugins"][0]["version"], fine, "{report:#}");
+}
+
+/// Runs `worker serve` on `dir` with `args`; `None` if it had not exited within `limit` (it is
+/// then killed).
+fn serve_within(dir: &PluginDir, args: &[&str], limit: Duration) -> Option<Output> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
+    command
+        .arg("--plugins")
+        .arg(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-watch",
+            "--state-dir",
+        ])
+        .arg(dir.shadow().join("state"))
+        .args(args)
+        .env_remove("WORKER_LOG")
+        .env_remove("WORKER_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[test]
+fn a_token_file_that_is_a_fifo_is_refused_at_once() {
+    let dir = PluginDir::new();
+    let fifo = dir.shadow().join("token-fifo");
+    mkfifo(&fifo);
+    let output = serve_within(
+        &dir,
+        &["--token-file", fifo.to_str().unwrap()],
+        Duration::from_secs(10),
+    )
+    .expect("serve hung on a FIFO given as --token-file");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+    assert!(stderr.contains("token-fifo"), "{stderr}");
+
+    // A FIFO planted where the generated token is kept.
+    let state = dir.shadow().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    mkfifo(&state.join("control-token"));
+    let output = serve_within(&dir, &[], Duration::from_secs(10))
+        .expect("serve hung on a FIFO in place of the control token");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not a regular file"), "{stderr}");
 }

@@ -70,16 +70,30 @@ impl Token {
     /// The file cannot be opened, is not a regular file, is bigger than 4 KiB, or does not hold
     /// a usable token.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let file = File::open(path)
+        let not_regular = || {
+            anyhow::anyhow!(
+                "the control API token file {} is not a regular file; give a file that holds the token",
+                EscapePath(&path)
+            )
+        };
+        // A first look without opening: a FIFO or a device is refused before it is opened.
+        let looked = std::fs::metadata(path)
+            .with_context(|| format!("opening the control API token file {}", EscapePath(&path)))?;
+        if !looked.is_file() {
+            return Err(not_regular());
+        }
+        // Never blocks, even if a FIFO was swapped in after the look (it is then refused by
+        // the check on the descriptor below, instead of waiting for a writer forever).
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)
             .with_context(|| format!("opening the control API token file {}", EscapePath(&path)))?;
         let meta = file
             .metadata()
             .with_context(|| format!("reading the metadata of {}", EscapePath(&path)))?;
         if !meta.is_file() {
-            bail!(
-                "the control API token file {} is not a regular file; give a file that holds the token",
-                EscapePath(&path)
-            );
+            return Err(not_regular());
         }
         if meta.mode() & 0o044 != 0 {
             tracing::warn!(
@@ -142,9 +156,12 @@ impl Token {
                 EscapePath(&path)
             )
         };
+        // Never through a link, and never blocking (a FIFO planted there is refused below).
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
             .open(path)
             .map_err(|e| {
                 if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
