@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::PluginDir;
+use std::io::{Read as _, Write as _};
+
+use tests::{PluginDir, http};
 
 use crate::serve::Worker;
 
@@ -216,4 +218,104 @@ fn a_token_file_that_is_a_fifo_is_refused_at_once() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not a regular file"), "{stderr}");
+}
+
+/// A worker serving the fixture plugin, without the watcher.
+fn serving() -> (PluginDir, Worker) {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    (dir, worker)
+}
+
+#[test]
+fn healthz_answers_while_every_connection_slot_is_held() {
+    let (_dir, worker) = serving();
+    // 64 connections that never finish their head hold every regular slot.
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&worker.addr).unwrap();
+            stream.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            stream
+        })
+        .collect();
+    assert!(
+        tests::eventually(Duration::from_secs(5), || worker
+            .http("GET", "/v1/plugins", b"")
+            .status
+            == 503),
+        "a 65th connection was served in full"
+    );
+    for _ in 0..3 {
+        let started = Instant::now();
+        let health = http(&worker.addr, "GET", "/healthz", b"");
+        assert_eq!(health.status, 200, "{}", health.body);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    drop(held);
+    assert!(
+        tests::eventually(Duration::from_secs(5), || worker
+            .http("GET", "/v1/plugins", b"")
+            .status
+            == 200),
+        "the slots did not come back"
+    );
+    worker.stop();
+}
+
+#[test]
+fn a_client_that_never_reads_its_answers_is_cut_off() {
+    let (_dir, worker) = serving();
+    let mut stream = std::net::TcpStream::connect(&worker.addr).unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", worker.addr);
+    let chunk = request.repeat(65536 / request.len());
+    let started = Instant::now();
+    let mut sent = 0usize;
+    // Pipelined requests, answers never read: once both sides' buffers are full the
+    // worker's write blocks; it must give up and close the connection.
+    let closed = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the connection is still open after {:?} ({sent} bytes sent)",
+            started.elapsed()
+        );
+        match stream.write(chunk.as_bytes()) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(
+            closed.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{closed}"
+    );
+    assert_eq!(http(&worker.addr, "GET", "/healthz", b"").status, 200);
+    worker.stop();
+}
+
+#[test]
+fn a_client_that_shuts_down_its_writing_side_gets_its_answer() {
+    let (_dir, worker) = serving();
+    let mut stream = std::net::TcpStream::connect(&worker.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n",
+        worker.addr
+    )
+    .unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    worker.stop();
 }
