@@ -319,3 +319,56 @@ fn a_client_that_shuts_down_its_writing_side_gets_its_answer() {
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
     worker.stop();
 }
+
+/// A user id that is neither root nor the tests' user.
+const OTHER_USER: u32 = 65534;
+
+#[test]
+fn a_state_directory_others_can_write_is_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let output = worker(&dir, &["call", "fixture", "total"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("refusing the state directory"), "{stderr}");
+    assert!(stderr.contains("chmod go-w"), "{stderr}");
+
+    let output = worker(
+        &dir,
+        &["--insecure-permissions", "call", "fixture", "total"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0");
+    assert!(stderr.contains("--insecure-permissions"), "{stderr}");
+}
+
+#[test]
+fn a_state_file_owned_by_another_user_is_not_restored() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let saved = worker(&dir, &["call", "fixture", "add", r#"{"n": 5}"#], &[]);
+    assert!(saved.status.success(), "{saved:?}");
+    let total = worker(&dir, &["call", "fixture", "total"], &[]);
+    assert_eq!(String::from_utf8_lossy(&total.stdout).trim(), "5");
+
+    let file = dir.shadow().join("state").join("fixture.json");
+    if std::os::unix::fs::chown(&file, Some(OTHER_USER), None).is_err() {
+        eprintln!("skipped: cannot give a file to another user here (not root)");
+        return;
+    }
+    let output = worker(&dir, &["call", "fixture", "total"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "0",
+        "a state file owned by another user was restored: {stderr}"
+    );
+    assert!(stderr.contains("owned by another user"), "{stderr}");
+}

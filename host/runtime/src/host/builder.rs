@@ -144,7 +144,10 @@ impl PluginHostBuilder {
             .config_file
             .unwrap_or_else(|| self.plugins_dir.join(CONFIG_FILE_NAME));
         let config = PluginsConfig::read(&config_file)?;
-        let state = self.state_dir.map(StateStore::new).transpose()?;
+        let state = self
+            .state_dir
+            .map(|dir| StateStore::new(dir, self.file_policy.insecure_permissions))
+            .transpose()?;
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
             Some(dir) => {
                 use_given_shadow_dir(&dir).with_context(|| {
