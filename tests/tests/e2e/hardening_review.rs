@@ -372,3 +372,58 @@ fn a_state_file_owned_by_another_user_is_not_restored() {
     );
     assert!(stderr.contains("owned by another user"), "{stderr}");
 }
+
+#[test]
+fn a_plugin_that_changes_the_working_directory_does_not_unload_the_others() {
+    use std::io::BufRead as _;
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    dir.add("echo", "libecho.so");
+    let root = dir.path().parent().unwrap().to_path_buf();
+    // Relative paths, from the directory the worker starts in.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .current_dir(&root)
+        .args(["--plugins", "plugins", "--log", "info", "serve"])
+        .args(["--state-dir", "shadow/state", "--listen", "127.0.0.1:0"])
+        .env_remove("WORKER_LOG")
+        .env_remove("WORKER_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let addr = first
+        .split(" control API on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .trim()
+        .trim_start_matches("http://")
+        .to_owned();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stdout.read_to_string(&mut rest);
+    });
+    let token = std::fs::read_to_string(root.join("shadow/state/control-token")).unwrap();
+    let api = tests::Api {
+        addr,
+        token: token.trim().to_owned(),
+    };
+    assert_eq!(api.http("GET", "/v1/plugins/echo", b"").status, 200);
+    let moved = api.http("POST", "/v1/plugins/fixture/chdir", b"\"/\"");
+    assert_eq!((moved.status, moved.body.as_str()), (200, "\"done\""));
+    // Well past the watcher's settle time and a poll.
+    std::thread::sleep(Duration::from_secs(2));
+    let echo = api.http("GET", "/v1/plugins/echo", b"");
+    let fixture = api.http("GET", "/v1/plugins/fixture", b"");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(echo.status, 200, "echo was unloaded: {}", echo.body);
+    assert_eq!(
+        fixture.status, 200,
+        "fixture was unloaded: {}",
+        fixture.body
+    );
+}

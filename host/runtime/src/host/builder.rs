@@ -140,9 +140,22 @@ impl PluginHostBuilder {
                 u16::MAX
             );
         }
-        let config_file = self
-            .config_file
-            .unwrap_or_else(|| self.plugins_dir.join(CONFIG_FILE_NAME));
+        // Both made absolute once: a plugin that changes the working directory must not make
+        // the watcher see every plugin gone, or the configuration file vanish.
+        let plugins_dir = std::fs::canonicalize(&self.plugins_dir)
+            .or_else(|_| std::path::absolute(&self.plugins_dir))
+            .with_context(|| {
+                format!(
+                    "resolving the plugins directory {}",
+                    EscapePath(&self.plugins_dir)
+                )
+            })?;
+        let config_file = match self.config_file {
+            Some(file) => std::path::absolute(&file).with_context(|| {
+                format!("resolving the configuration file {}", EscapePath(&file))
+            })?,
+            None => plugins_dir.join(CONFIG_FILE_NAME),
+        };
         let config = PluginsConfig::read(&config_file)?;
         let state = self
             .state_dir
@@ -166,7 +179,7 @@ impl PluginHostBuilder {
         };
         Ok(PluginHost {
             inner: Arc::new(Inner {
-                plugins_dir: self.plugins_dir,
+                plugins_dir,
                 shadow_dir,
                 remove_shadow_dir,
                 config_file,
