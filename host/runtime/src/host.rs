@@ -57,6 +57,9 @@ use registry::{Generation, Opened, Plugins, Registry, Slot, name_bits};
 struct Inner {
     plugins_dir: PathBuf,
     shadow_dir: PathBuf,
+    /// The shadow directory's device and inode when it was made: checked again before each
+    /// copy is written, so a directory swapped in under its name is never written to.
+    shadow_id: (u64, u64),
     remove_shadow_dir: bool,
     config_file: PathBuf,
     file_policy: loader::FilePolicy,

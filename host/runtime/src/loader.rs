@@ -573,9 +573,11 @@ pub(crate) fn shadow_copy(
     file: &Path,
     checked: &CheckedFile,
     shadow_dir: &Path,
+    shadow_id: (u64, u64),
     generation: u64,
 ) -> Result<ShadowFile, LoadErrorKind> {
     use std::io::Write as _;
+    verify_shadow_dir(shadow_dir, shadow_id)?;
     let stem: String = file
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -613,6 +615,43 @@ pub(crate) fn shadow_copy(
     out.write_all(&checked.bytes)
         .map_err(|e| failed(&shadow.0, e))?;
     Ok(shadow)
+}
+
+/// Checks that `shadow_dir` is still the directory made at build (same device and inode, not a
+/// link, ours, writable by nobody else) before a copy is written into it and opened from it.
+fn verify_shadow_dir(shadow_dir: &Path, shadow_id: (u64, u64)) -> Result<(), LoadErrorKind> {
+    let refuse = |why: String| LoadErrorKind::NotLoadable {
+        reason: format!(
+            "the shadow directory {} {why}; no copy is written there (restart the worker to make a new one)",
+            EscapePath(shadow_dir)
+        ),
+    };
+    let meta = std::fs::symlink_metadata(shadow_dir)
+        .map_err(|e| refuse(format!("cannot be checked ({e})")))?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse(
+            "is no longer a directory (a link was put in its place)".to_owned(),
+        ));
+    }
+    if (meta.dev(), meta.ino()) != shadow_id {
+        return Err(refuse(
+            "was replaced by another directory since the worker made it".to_owned(),
+        ));
+    }
+    let euid = effective_uid();
+    if meta.uid() != euid {
+        return Err(refuse(format!(
+            "is owned by uid {}, not by uid {euid}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "became writable by other users (mode {:04o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// What identifies one version of a file: length, modification time and inode. A rename into

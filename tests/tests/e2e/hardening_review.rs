@@ -427,3 +427,70 @@ fn a_plugin_that_changes_the_working_directory_does_not_unload_the_others() {
         fixture.body
     );
 }
+
+#[test]
+fn a_temporary_directory_others_can_write_without_the_sticky_bit_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let temp = dir.shadow().join("open-temp");
+    std::fs::create_dir(&temp).unwrap();
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
+    let output = command
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(["list", "--json"])
+        .env("TMPDIR", &temp)
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("sticky bit"), "{stderr}");
+    assert!(stderr.contains("open-temp"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&temp).unwrap().count(),
+        0,
+        "a shadow directory was made"
+    );
+
+    // With the sticky bit (as /tmp has), it is fine.
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(["list", "--json"])
+        .env("TMPDIR", &temp)
+        .env_remove("WORKER_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn a_shadow_directory_swapped_under_its_name_is_never_written_to() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let host = dir.host();
+    host.scan().unwrap();
+    assert!(host.plugin("fixture").is_some());
+    // Someone renames the shadow directory away and puts another in its place (here with the
+    // same owner and mode: only its identity differs).
+    let shadow = dir.shadow();
+    let moved = shadow.with_file_name("shadow-moved");
+    std::fs::rename(&shadow, &moved).unwrap();
+    std::fs::create_dir(&shadow).unwrap();
+    let error = host.reload("fixture").unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("was replaced"), "{message}");
+    assert_eq!(
+        std::fs::read_dir(&shadow).unwrap().count(),
+        0,
+        "a copy was written into the swapped-in directory"
+    );
+    // The loaded generation keeps serving.
+    assert!(host.plugin("fixture").is_some());
+}

@@ -163,6 +163,7 @@ impl PluginHostBuilder {
             .transpose()?;
         let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
             Some(dir) => {
+                check_parent_dir(&dir)?;
                 use_given_shadow_dir(&dir).with_context(|| {
                     format!("preparing the shadow directory {}", EscapePath(&dir))
                 })?;
@@ -170,6 +171,7 @@ impl PluginHostBuilder {
             }
             None => {
                 let temp = std::env::temp_dir();
+                check_parent_dir(&temp.join("x"))?;
                 remove_stale_shadow_dirs(&temp);
                 let dir = create_shadow_dir(&temp).with_context(|| {
                     format!("creating a shadow directory in {}", EscapePath(&temp))
@@ -177,10 +179,18 @@ impl PluginHostBuilder {
                 (dir, true)
             }
         };
+        let shadow_id = {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::symlink_metadata(&shadow_dir).with_context(|| {
+                format!("checking the shadow directory {}", EscapePath(&shadow_dir))
+            })?;
+            (meta.dev(), meta.ino())
+        };
         Ok(PluginHost {
             inner: Arc::new(Inner {
                 plugins_dir,
                 shadow_dir,
+                shadow_id,
                 remove_shadow_dir,
                 config_file,
                 file_policy: self.file_policy,
@@ -249,6 +259,29 @@ pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
             "{} has mode {mode:04o}; a shadow directory must be writable by its owner only (run `chmod 700 {}`)",
             EscapePath(&dir),
             EscapePath(&dir)
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to make a shadow directory `dir` in a parent that other users can write unless it
+/// has the sticky bit (as `/tmp` has): there, another user could rename the shadow directory
+/// away and put a directory or link of their own in its place between two copies.
+pub(super) fn check_parent_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::metadata(parent) else {
+        // Missing: it is created below, by us.
+        return Ok(());
+    };
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        anyhow::bail!(
+            "the directory {} holding the shadow directory is writable by other users without the sticky bit (mode {mode:04o}): another user could replace the shadow directory; set TMPDIR (or the shadow directory) to a directory of your own, or run `chmod +t {}`",
+            EscapePath(parent),
+            EscapePath(parent)
         );
     }
     Ok(())

@@ -283,7 +283,13 @@ impl PluginHost {
         // The checks and the copy see the same bytes, read once from one open descriptor.
         let checked = loader::check_plugin_file(file, self.inner.file_policy)?;
         let stamp = Some(checked.stamp);
-        let shadow = loader::shadow_copy(file, &checked, &self.inner.shadow_dir, number)?;
+        let shadow = loader::shadow_copy(
+            file,
+            &checked,
+            &self.inner.shadow_dir,
+            self.inner.shadow_id,
+            number,
+        )?;
         let header = checked.header;
         drop(checked);
         let library = PluginLibrary::open(shadow, header)?;
