@@ -59,6 +59,7 @@ pub struct Cli {
 
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,plugin_host=debug`.
+    /// Empty means the default.
     #[arg(
         long,
         global = true,
@@ -163,7 +164,13 @@ pub enum Command {
 /// Runs the worker with the process's arguments; returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = match parse_log_filter(&cli.log) {
+    // An empty filter (`Environment=WORKER_LOG=` in a systemd unit) means the default.
+    let log = if cli.log.trim().is_empty() {
+        "warn"
+    } else {
+        cli.log.as_str()
+    };
+    let filter = match parse_log_filter(log) {
         Ok(filter) => filter,
         Err(e) => {
             eprintln!(

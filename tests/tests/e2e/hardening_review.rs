@@ -494,3 +494,21 @@ fn a_shadow_directory_swapped_under_its_name_is_never_written_to() {
     // The loaded generation keeps serving.
     assert!(host.plugin("fixture").is_some());
 }
+
+#[test]
+fn an_empty_worker_log_means_the_default_filter() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
+    let output = command
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(["list", "--json"])
+        .env("WORKER_LOG", "")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["plugins"][0]["name"], "echo");
+}
