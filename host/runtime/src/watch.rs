@@ -188,14 +188,7 @@ impl Watcher {
                     // (a file written in many chunks) costs one look at the directory.
                     let mut stop = false;
                     for message in first.into_iter().chain(receiver.try_iter()) {
-                        match message {
-                            Message::Stop => stop = true,
-                            Message::Rescan => state.rescan(),
-                            Message::Written(paths) => state.written(paths),
-                            Message::Closed(paths) => state.closed(paths),
-                            Message::Overflow => state.open_for_writing.clear(),
-                            Message::Changed => {}
-                        }
+                        stop |= state.apply(message);
                     }
                     if stop {
                         break;
@@ -277,6 +270,27 @@ impl WatchState {
             config_stamp,
             open_for_writing: HashMap::new(),
         }
+    }
+
+    /// Takes in one message; `true` for [`Message::Stop`].
+    fn apply(&mut self, message: Message) -> bool {
+        match message {
+            Message::Stop => return true,
+            Message::Rescan => self.rescan(),
+            Message::Written(paths) => self.written(paths),
+            Message::Closed(paths) => self.closed(paths),
+            // Events were lost, a close among them perhaps, but so perhaps were writes: a file
+            // known to be open for writing stays so until an event says its writer is done (or
+            // the wait for it runs out). Forgetting them would load a file still being written.
+            Message::Overflow => {
+                tracing::warn!(
+                    open_for_writing = self.open_for_writing.len(),
+                    "filesystem events were lost; files being written are still waited for"
+                );
+            }
+            Message::Changed => {}
+        }
+        false
     }
 
     fn written(&mut self, paths: Vec<PathBuf>) {
@@ -460,5 +474,32 @@ impl WatchState {
                 "the new configuration was not applied; the previous one stays in force"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_events_do_not_forget_a_file_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir(&plugins).unwrap();
+        let host = PluginHost::builder(&plugins)
+            .with_shadow_dir(dir.path().join("shadow"))
+            .build()
+            .unwrap();
+        let mut state = WatchState::new(host, Duration::from_millis(50));
+        let file = plugins.join("libslow.so");
+        assert!(!state.apply(Message::Written(vec![file.clone()])));
+        assert!(!state.apply(Message::Overflow));
+        assert!(
+            state.open_for_writing.contains_key(&file),
+            "an overflow forgot the writer"
+        );
+        assert!(!state.apply(Message::Closed(vec![file.clone()])));
+        assert!(!state.open_for_writing.contains_key(&file));
+        assert!(state.apply(Message::Stop));
     }
 }
