@@ -512,3 +512,39 @@ fn an_empty_worker_log_means_the_default_filter() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["plugins"][0]["name"], "echo");
 }
+
+#[test]
+fn a_shadow_directory_whose_lock_is_held_is_not_removed_as_stale() {
+    use std::os::unix::fs::PermissionsExt as _;
+    // A pid that is gone here, as a live worker in another pid namespace sharing /tmp looks.
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let live = std::env::temp_dir().join(format!("plugin-host-{pid}-live00000000"));
+    std::fs::create_dir(&live).unwrap();
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(live.join("libecho.1.1.so"), b"mapped by the other worker").unwrap();
+    let lock = std::fs::File::create(live.join(".lock")).unwrap();
+    lock.lock().unwrap();
+
+    let dir = PluginDir::new();
+    let host = plugin_host::PluginHost::builder(dir.path())
+        .build()
+        .unwrap();
+    let kept = live.join("libecho.1.1.so").exists();
+    // The lock released (the other worker died): the next host removes it.
+    drop(lock);
+    let next = plugin_host::PluginHost::builder(dir.path())
+        .build()
+        .unwrap();
+    let removed = !live.exists();
+    let _ = std::fs::remove_dir_all(&live);
+    assert!(kept, "a live worker's shadow directory was removed");
+    assert!(removed, "a dead worker's shadow directory was left");
+    // A host's own shadow directory holds its lock file while it lives, and is gone after.
+    let own = host.shadow_dir().to_path_buf();
+    assert!(own.join(".lock").exists());
+    drop(host);
+    drop(next);
+    assert!(!own.exists(), "{} left behind", own.display());
+}

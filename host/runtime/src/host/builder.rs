@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::text::EscapePath;
+use std::os::unix::fs::OpenOptionsExt as _;
 
 /// Builds a [`PluginHost`].
 ///
@@ -161,22 +162,22 @@ impl PluginHostBuilder {
             .state_dir
             .map(|dir| StateStore::new(dir, self.file_policy.insecure_permissions))
             .transpose()?;
-        let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
+        let (shadow_dir, remove_shadow_dir, shadow_lock) = match self.shadow_dir {
             Some(dir) => {
                 check_parent_dir(&dir)?;
                 use_given_shadow_dir(&dir).with_context(|| {
                     format!("preparing the shadow directory {}", EscapePath(&dir))
                 })?;
-                (dir, false)
+                (dir, false, None)
             }
             None => {
                 let temp = std::env::temp_dir();
                 check_parent_dir(&temp.join("x"))?;
                 remove_stale_shadow_dirs(&temp);
-                let dir = create_shadow_dir(&temp).with_context(|| {
+                let (dir, lock) = create_shadow_dir(&temp).with_context(|| {
                     format!("creating a shadow directory in {}", EscapePath(&temp))
                 })?;
-                (dir, true)
+                (dir, true, Some(lock))
             }
         };
         let shadow_id = {
@@ -192,6 +193,7 @@ impl PluginHostBuilder {
                 shadow_dir,
                 shadow_id,
                 remove_shadow_dir,
+                shadow_lock,
                 config_file,
                 file_policy: self.file_policy,
                 config: ArcSwap::from_pointee(config),
@@ -221,7 +223,10 @@ pub(super) const SHADOW_DIR_RANDOM: usize = 12;
 /// (`plugin-host-<pid>-<12 random characters>`), created with mode 0700 and failing if anything
 /// of that name exists, so another user can neither prepare it nor plant links in it. Owner and
 /// mode are checked again after creating.
-pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<PathBuf> {
+///
+/// Returns the directory and its lock file ([`SHADOW_LOCK_FILE`]), locked (`flock`) for as
+/// long as the host keeps it open.
+pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("{SHADOW_DIR_PREFIX}{}-", std::process::id()))
         .rand_bytes(SHADOW_DIR_RANDOM)
@@ -231,7 +236,49 @@ pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<PathBuf> {
         // its copy).
         .keep();
     check_private_dir(&dir, true)?;
-    Ok(dir)
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(SHADOW_LOCK_FILE))
+        .context("creating the shadow directory's lock file")?;
+    lock.try_lock()
+        .map_err(|e| anyhow::anyhow!("locking the shadow directory's lock file: {e}"))?;
+    Ok((dir, lock))
+}
+
+/// The lock file in a default shadow directory.
+pub(super) const SHADOW_LOCK_FILE: &str = ".lock";
+
+/// Whether the stale-looking shadow directory `dir` may be removed: if it has a lock file,
+/// when its lock can be taken (no live host holds it, whatever pid namespace it runs in);
+/// the lock is returned, to be held while removing. A directory without a lock file (made
+/// before there were lock files) may be removed when the process its name names is gone.
+fn stale_dir_lock(dir: &Path, pid: u32) -> Result<Option<std::fs::File>, &'static str> {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir.join(SHADOW_LOCK_FILE));
+    match opened {
+        Ok(lock) => {
+            if !lock.metadata().is_ok_and(|m| m.is_file()) {
+                return Err("its lock file is not a regular file");
+            }
+            match lock.try_lock() {
+                Ok(()) => Ok(Some(lock)),
+                Err(_) => Err("a live host holds its lock"),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if Path::new("/proc").join(pid.to_string()).exists() {
+                Err("its process still runs")
+            } else {
+                Ok(None)
+            }
+        }
+        Err(_) => Err("its lock file cannot be opened"),
+    }
 }
 
 /// Checks that `dir` is a real directory (not a symlink) owned by the worker's user and
@@ -332,7 +379,7 @@ pub(super) fn remove_stale_shadow_dirs(temp: &Path) {
         let Some(pid) = name.to_str().and_then(shadow_dir_pid) else {
             continue;
         };
-        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+        if pid == std::process::id() {
             continue;
         }
         let path = entry.path();
@@ -340,6 +387,13 @@ pub(super) fn remove_stale_shadow_dirs(temp: &Path) {
             tracing::debug!(dir = %EscapePath(&path), reason = %e, "not a shadow directory of ours; left alone");
             continue;
         }
+        let _lock = match stale_dir_lock(&path, pid) {
+            Ok(lock) => lock,
+            Err(reason) => {
+                tracing::debug!(dir = %EscapePath(&path), reason, "a shadow directory in use; left alone");
+                continue;
+            }
+        };
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {
                 tracing::info!(dir = %EscapePath(&path), "removed the shadow copies of a process that is gone")
