@@ -26,7 +26,8 @@
 //!   `Host` check there.
 //! - Headers must arrive within 10 s and fit in 16 KiB (`431`); a body must arrive within 10 s
 //!   (`408`) and fit in 1 MiB (`413`); a negative, unparsable or conflicting `Content-Length` is
-//!   `400` (hyper's parser); at most 64 connections are served at once.
+//!   `400` (hyper's parser); at most 64 connections are served at once, and 16 more answer
+//!   `GET /healthz` only; a write a client does not read for 10 s ends its connection.
 //!
 //! # Why hyper on a tokio runtime
 //!
