@@ -134,21 +134,21 @@ impl PluginsConfig {
             Err(e) => {
                 return Err(anyhow::anyhow!(
                     "refusing the plugin configuration {}: {e}",
-                    EscapePath(&path)
+                    EscapePath(path)
                 ));
             }
         };
         let text = String::from_utf8(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "invalid plugin configuration {}: it is not UTF-8 text ({})",
-                EscapePath(&path),
+                EscapePath(path),
                 e.utf8_error()
             )
         })?;
         Self::parse(&text).with_context(|| {
             format!(
                 "invalid plugin configuration {}; expected {{\"plugins\": {{\"<plugin>\": {{\"enabled\": true, \"config\": ...}}}}, \"sets\": {{...}}}}",
-                EscapePath(&path)
+                EscapePath(path)
             )
         })
     }

@@ -511,7 +511,7 @@ fn check_header(
     let segments = Segments::of_library(path).ok_or_else(|| LoadErrorKind::NotLoadable {
         reason: format!(
             "the dynamic loader opened {} but does not list it among the loaded objects",
-            EscapePath(&path)
+            EscapePath(path)
         ),
     })?;
     let address = usize::try_from(location.vaddr())

@@ -207,7 +207,7 @@ impl fmt::Display for LoadErrorKind {
             LoadErrorKind::DuplicateName { plugin, loaded_from } => write!(
                 f,
                 "plugin `{plugin}` is already loaded from {}; remove one of the two files",
-                EscapePath(&loaded_from)
+                EscapePath(loaded_from)
             ),
             LoadErrorKind::CreateFailed { plugin, message } => write!(
                 f,
@@ -247,7 +247,7 @@ impl fmt::Display for LoadErrorKind {
             ),
             LoadErrorKind::NameConflict { plugin, others } => {
                 let others: Vec<String> =
-                    others.iter().map(|p| EscapePath(&p).to_string()).collect();
+                    others.iter().map(|p| EscapePath(p).to_string()).collect();
                 write!(
                     f,
                     "plugin `{plugin}` is also claimed by {}; neither loads: remove all but one of these files, or pin the name to one file in the configuration (\"plugins\": {{\"{plugin}\": {{\"file\": \"<file name>\"}}}})",

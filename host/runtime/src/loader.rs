@@ -132,19 +132,19 @@ fn check_ownership(
     let reason = if uid != euid && uid != 0 {
         Some(format!(
             "the {what} {} is owned by uid {uid}, not by the worker's user (uid {euid}) or root: another user could replace the plugin; run `chown {euid} {}`",
-            EscapePath(&path),
-            EscapePath(&path)
+            EscapePath(path),
+            EscapePath(path)
         ))
     } else if mode & 0o022 != 0 {
         Some(format!(
             "the {what} {} is writable by {} (mode {mode:04o}): another user could replace the plugin; run `chmod go-w {}`",
-            EscapePath(&path),
+            EscapePath(path),
             match (mode & 0o020 != 0, mode & 0o002 != 0) {
                 (true, true) => "group and others",
                 (true, false) => "its group",
                 _ => "others",
             },
-            EscapePath(&path)
+            EscapePath(path)
         ))
     } else {
         None
@@ -152,7 +152,7 @@ fn check_ownership(
     match reason {
         None => Ok(()),
         Some(reason) if policy.insecure_permissions => {
-            tracing::warn!(path = %EscapePath(&path), %reason, "insecure permissions allowed by --insecure-permissions");
+            tracing::warn!(path = %EscapePath(path), %reason, "insecure permissions allowed by --insecure-permissions");
             Ok(())
         }
         Some(reason) => Err(LoadErrorKind::InsecurePermissions { reason }),
@@ -180,7 +180,7 @@ pub(crate) fn read_plugin_file(
     policy: FilePolicy,
 ) -> Result<(Vec<u8>, FileStamp), LoadErrorKind> {
     let io = |e: std::io::Error| LoadErrorKind::NotLoadable {
-        reason: format!("reading {}: {e}", EscapePath(&path)),
+        reason: format!("reading {}: {e}", EscapePath(path)),
     };
     let not_found = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => LoadErrorKind::NotFound,
@@ -598,10 +598,7 @@ pub(crate) fn shadow_copy(
         std::env::consts::DLL_EXTENSION
     ));
     let failed = |shadow: &Path, e: std::io::Error| LoadErrorKind::NotLoadable {
-        reason: format!(
-            "writing its shadow copy {} failed: {e}",
-            EscapePath(&shadow)
-        ),
+        reason: format!("writing its shadow copy {} failed: {e}", EscapePath(shadow)),
     };
     let mut out = std::fs::OpenOptions::new()
         .write(true)

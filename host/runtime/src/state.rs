@@ -178,7 +178,7 @@ impl StateStore {
         tracing::warn!(
             plugin,
             file = %EscapePath(&path),
-            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(&p).to_string()),
+            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(p).to_string()),
             "the saved state of `{plugin}` is unusable: {problem}; the plugin starts fresh"
         );
         None
@@ -191,7 +191,7 @@ impl StateStore {
         tracing::warn!(
             plugin,
             file = %EscapePath(&path),
-            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(&p).to_string()),
+            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(p).to_string()),
             "`{plugin}` refused its saved state: {}; it starts fresh",
             crate::text::EscapeControl(reason)
         );

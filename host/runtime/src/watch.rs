@@ -155,7 +155,7 @@ impl Watcher {
                 Ok(watcher) => Some(watcher),
                 Err(e) => {
                     tracing::warn!(
-                        dir = %EscapePath(&host.plugins_dir()),
+                        dir = %EscapePath(host.plugins_dir()),
                         error = %e,
                         poll_ms = options.poll_interval.as_millis(),
                         "cannot watch the plugins directory for events; polling it instead"
@@ -455,7 +455,7 @@ impl WatchState {
     }
 
     fn apply_config(&mut self) {
-        tracing::info!(file = %EscapePath(&self.host.config_file()), "configuration changed");
+        tracing::info!(file = %EscapePath(self.host.config_file()), "configuration changed");
         match self.host.reload_config() {
             Ok(report) => {
                 for (_, file, stamp) in self.host.loaded_files() {

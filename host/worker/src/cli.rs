@@ -385,7 +385,7 @@ fn write_list(
     writeln!(
         out,
         "{}: {} plugin(s) loaded, {} file(s) refused",
-        EscapePath(&host.plugins_dir()),
+        EscapePath(host.plugins_dir()),
         plugins.len(),
         refused.len()
     )?;
@@ -474,7 +474,7 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
         out,
         "worker: {} plugin(s) loaded from {}{}; control API on {}",
         host.plugins().len(),
-        EscapePath(&host.plugins_dir()),
+        EscapePath(host.plugins_dir()),
         if watch { ", watching for changes" } else { "" },
         server.address()
     )?;
@@ -538,7 +538,7 @@ fn run_tasks(
         match out_file {
             Some(path) => {
                 let file = std::fs::File::create(path)
-                    .with_context(|| format!("creating the results file {}", EscapePath(&path)))?;
+                    .with_context(|| format!("creating the results file {}", EscapePath(path)))?;
                 let mut writer = std::io::BufWriter::new(file);
                 let worker = Worker::start(host.clone());
                 let summary =

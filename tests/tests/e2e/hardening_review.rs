@@ -524,8 +524,22 @@ fn a_shadow_directory_whose_lock_is_held_is_not_removed_as_stale() {
     std::fs::create_dir(&live).unwrap();
     std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::write(live.join("libecho.1.1.so"), b"mapped by the other worker").unwrap();
-    let lock = std::fs::File::create(live.join(".lock")).unwrap();
-    lock.lock().unwrap();
+    // The other worker: a process holding the lock (`flock(1)`), until it is killed.
+    let mut holder = Command::new("flock")
+        // -o: the lock stays with `flock` itself, not with the command it runs.
+        .args(["-n", "-o"])
+        .arg(live.join(".lock"))
+        .args(["-c", "echo locked; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut said,
+    )
+    .unwrap();
+    assert_eq!(said.trim(), "locked");
 
     let dir = PluginDir::new();
     let host = plugin_host::PluginHost::builder(dir.path())
@@ -533,7 +547,8 @@ fn a_shadow_directory_whose_lock_is_held_is_not_removed_as_stale() {
         .unwrap();
     let kept = live.join("libecho.1.1.so").exists();
     // The lock released (the other worker died): the next host removes it.
-    drop(lock);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
     let next = plugin_host::PluginHost::builder(dir.path())
         .build()
         .unwrap();

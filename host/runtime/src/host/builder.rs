@@ -243,9 +243,14 @@ pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<(PathBuf, std::fs
         .custom_flags(libc::O_NOFOLLOW)
         .open(dir.join(SHADOW_LOCK_FILE))
         .context("creating the shadow directory's lock file")?;
-    lock.try_lock()
-        .map_err(|e| anyhow::anyhow!("locking the shadow directory's lock file: {e}"))?;
+    try_lock(&lock).context("locking the shadow directory's lock file")?;
     Ok((dir, lock))
+}
+
+/// Takes an exclusive `flock` on `file` without waiting; held until the file is closed.
+fn try_lock(file: &std::fs::File) -> std::io::Result<()> {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(std::io::Error::from)
 }
 
 /// The lock file in a default shadow directory.
@@ -265,7 +270,7 @@ fn stale_dir_lock(dir: &Path, pid: u32) -> Result<Option<std::fs::File>, &'stati
             if !lock.metadata().is_ok_and(|m| m.is_file()) {
                 return Err("its lock file is not a regular file");
             }
-            match lock.try_lock() {
+            match try_lock(&lock) {
                 Ok(()) => Ok(Some(lock)),
                 Err(_) => Err("a live host holds its lock"),
             }
@@ -290,13 +295,13 @@ pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
     if !metadata.file_type().is_dir() {
         anyhow::bail!(
             "{} is not a directory (a symlink is not accepted)",
-            EscapePath(&dir)
+            EscapePath(dir)
         );
     }
     if metadata.uid() != euid {
         anyhow::bail!(
             "{} is owned by uid {}, not by the worker's user (uid {euid}); use a directory of your own",
-            EscapePath(&dir),
+            EscapePath(dir),
             metadata.uid()
         );
     }
@@ -304,8 +309,8 @@ pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
     if (exact && mode != 0o700) || mode & 0o022 != 0 {
         anyhow::bail!(
             "{} has mode {mode:04o}; a shadow directory must be writable by its owner only (run `chmod 700 {}`)",
-            EscapePath(&dir),
-            EscapePath(&dir)
+            EscapePath(dir),
+            EscapePath(dir)
         );
     }
     Ok(())

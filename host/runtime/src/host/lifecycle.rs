@@ -252,7 +252,7 @@ impl PluginHost {
             plugin = %name,
             version = %EscapeControl(&slot.generation.manifest.version),
             generation = slot.generation.number,
-            file = %EscapePath(&file),
+            file = %EscapePath(file),
             took_us = started.elapsed().as_micros(),
             "plugin loaded"
         );
@@ -422,7 +422,7 @@ impl PluginHost {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         refused.retain(|r| r.file != file);
         if let Some(e) = error {
-            tracing::warn!(file = %EscapePath(&file), reason = %EscapeControl(&e.reason()), "plugin file refused");
+            tracing::warn!(file = %EscapePath(file), reason = %EscapeControl(&e.reason()), "plugin file refused");
             refused.push(e.clone());
         }
     }

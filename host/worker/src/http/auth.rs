@@ -73,12 +73,12 @@ impl Token {
         let not_regular = || {
             anyhow::anyhow!(
                 "the control API token file {} is not a regular file; give a file that holds the token",
-                EscapePath(&path)
+                EscapePath(path)
             )
         };
         // A first look without opening: a FIFO or a device is refused before it is opened.
         let looked = std::fs::metadata(path)
-            .with_context(|| format!("opening the control API token file {}", EscapePath(&path)))?;
+            .with_context(|| format!("opening the control API token file {}", EscapePath(path)))?;
         if !looked.is_file() {
             return Err(not_regular());
         }
@@ -88,22 +88,22 @@ impl Token {
             .read(true)
             .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
             .open(path)
-            .with_context(|| format!("opening the control API token file {}", EscapePath(&path)))?;
+            .with_context(|| format!("opening the control API token file {}", EscapePath(path)))?;
         let meta = file
             .metadata()
-            .with_context(|| format!("reading the metadata of {}", EscapePath(&path)))?;
+            .with_context(|| format!("reading the metadata of {}", EscapePath(path)))?;
         if !meta.is_file() {
             return Err(not_regular());
         }
         if meta.mode() & 0o044 != 0 {
             tracing::warn!(
-                file = %EscapePath(&path),
+                file = %EscapePath(path),
                 mode = format!("{:o}", meta.mode() & 0o777),
                 "the control API token file can be read by other users; run `chmod 600` on it"
             );
         }
         let token = read_bounded(file, path)?;
-        Self::new(&token).with_context(|| format!("the token in {}", EscapePath(&path)))
+        Self::new(&token).with_context(|| format!("the token in {}", EscapePath(path)))
     }
 
     /// The token kept in `path` (normally `<state-dir>/control-token`): created with a fresh
@@ -120,7 +120,7 @@ impl Token {
     pub fn load_or_create(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the directory {}", EscapePath(&dir)))?;
+                .with_context(|| format!("creating the directory {}", EscapePath(dir)))?;
         }
         let created = OpenOptions::new()
             .write(true)
@@ -137,14 +137,14 @@ impl Token {
                 file.write_all(format!("{secret}\n").as_bytes())
                     .and_then(|()| file.sync_all())
                     .with_context(|| {
-                        format!("writing the control API token to {}", EscapePath(&path))
+                        format!("writing the control API token to {}", EscapePath(path))
                     })?;
-                tracing::info!(file = %EscapePath(&path), "created a new control API token");
+                tracing::info!(file = %EscapePath(path), "created a new control API token");
                 Self::new(&secret)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::reuse(path),
             Err(e) => Err(e).with_context(|| {
-                format!("creating the control API token file {}", EscapePath(&path))
+                format!("creating the control API token file {}", EscapePath(path))
             }),
         }
     }
@@ -153,7 +153,7 @@ impl Token {
         let refuse = |why: &str| {
             anyhow::anyhow!(
                 "refusing the control API token file {}: {why}; remove it (a new token is made at the next start) or give one with --token-file",
-                EscapePath(&path)
+                EscapePath(path)
             )
         };
         // Never through a link, and never blocking (a FIFO planted there is refused below).
@@ -169,13 +169,13 @@ impl Token {
                 } else {
                     anyhow::Error::new(e).context(format!(
                         "opening the control API token file {}",
-                        EscapePath(&path)
+                        EscapePath(path)
                     ))
                 }
             })?;
         let meta = file
             .metadata()
-            .with_context(|| format!("reading the metadata of {}", EscapePath(&path)))?;
+            .with_context(|| format!("reading the metadata of {}", EscapePath(path)))?;
         if !meta.is_file() {
             return Err(refuse("it is not a regular file"));
         }
@@ -193,7 +193,7 @@ impl Token {
             )));
         }
         let token = read_bounded(file, path)?;
-        Self::new(&token).with_context(|| format!("the token in {}", EscapePath(&path)))
+        Self::new(&token).with_context(|| format!("the token in {}", EscapePath(path)))
     }
 }
 
@@ -201,11 +201,11 @@ fn read_bounded(file: File, path: &Path) -> anyhow::Result<String> {
     let mut text = String::new();
     file.take(MAX_TOKEN_FILE + 1)
         .read_to_string(&mut text)
-        .with_context(|| format!("reading the control API token from {}", EscapePath(&path)))?;
+        .with_context(|| format!("reading the control API token from {}", EscapePath(path)))?;
     if text.len() as u64 > MAX_TOKEN_FILE {
         bail!(
             "the control API token file {} is bigger than {MAX_TOKEN_FILE} bytes; it should hold the token alone",
-            EscapePath(&path)
+            EscapePath(path)
         );
     }
     Ok(text)

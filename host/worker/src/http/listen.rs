@@ -23,7 +23,7 @@ impl std::fmt::Display for ControlAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Tcp(addr) => write!(f, "http://{addr}"),
-            Self::Unix(path) => write!(f, "unix:{}", EscapePath(&path)),
+            Self::Unix(path) => write!(f, "unix:{}", EscapePath(path)),
         }
     }
 }
@@ -95,28 +95,28 @@ fn bind_unix(path: &Path) -> anyhow::Result<(UnixListener, OwnedSocket)> {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => bail!(
                 "another process is serving on the socket {}; stop it or choose another path",
-                EscapePath(&path)
+                EscapePath(path)
             ),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path)
-                    .with_context(|| format!("removing the stale socket {}", EscapePath(&path)))?;
-                tracing::info!(socket = %EscapePath(&path), "removed a stale control API socket");
+                    .with_context(|| format!("removing the stale socket {}", EscapePath(path)))?;
+                tracing::info!(socket = %EscapePath(path), "removed a stale control API socket");
             }
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!(
                         "checking whether the socket {} is still in use; remove it if it is stale",
-                        EscapePath(&path)
+                        EscapePath(path)
                     )
                 });
             }
         },
         Ok(_) => bail!(
             "{} exists and is not a socket; refusing to remove it: choose another path or remove it yourself",
-            EscapePath(&path)
+            EscapePath(path)
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("checking {}", EscapePath(&path))),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", EscapePath(path))),
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -128,7 +128,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<(UnixListener, OwnedSocket)> {
         .with_context(|| {
             format!(
                 "creating a private directory in {} to bind the socket",
-                EscapePath(&parent)
+                EscapePath(parent)
             )
         })?;
     let temp = private.path().join("s");
@@ -143,11 +143,11 @@ fn bind_unix(path: &Path) -> anyhow::Result<(UnixListener, OwnedSocket)> {
     std::fs::hard_link(&temp, path).with_context(|| {
         format!(
             "putting the control API socket at {} (something else appeared there?)",
-            EscapePath(&path)
+            EscapePath(path)
         )
     })?;
     let meta = std::fs::symlink_metadata(path)
-        .with_context(|| format!("checking the socket {}", EscapePath(&path)))?;
+        .with_context(|| format!("checking the socket {}", EscapePath(path)))?;
     let owned = OwnedSocket {
         path: path.to_path_buf(),
         dev: meta.dev(),
