@@ -27,6 +27,7 @@
 //! - `sets` groups plugins: a set with `"enabled": false` disables all its plugins; a set's
 //!   `priority` applies to all their subscriptions (a plugin's own `hooks` override wins).
 
+use crate::text::EscapePath;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -213,21 +214,21 @@ impl PluginsConfig {
             Err(e) => {
                 return Err(anyhow::anyhow!(
                     "refusing the plugin configuration {}: {e}",
-                    path.display()
+                    EscapePath(path)
                 ));
             }
         };
         let text = String::from_utf8(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "invalid plugin configuration {}: it is not UTF-8 text ({})",
-                path.display(),
+                EscapePath(path),
                 e.utf8_error()
             )
         })?;
         Self::parse(&text).with_context(|| {
             format!(
                 "invalid plugin configuration {}; expected {{\"plugins\": {{\"<plugin>\": {{\"enabled\": true, \"config\": ...}}}}, \"sets\": {{...}}}}",
-                path.display()
+                EscapePath(path)
             )
         })
     }

@@ -5,6 +5,7 @@
 //! [`PluginLibrary::create`]) holding the plugin's instance. Dropping it destroys the instance,
 //! closes the library and deletes the shadow copy, in that order.
 
+use crate::text::EscapePath;
 use std::borrow::Cow;
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
@@ -156,7 +157,7 @@ pub(crate) struct ShadowFile(pub(crate) PathBuf);
 impl Drop for ShadowFile {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_file(&self.0) {
-            tracing::warn!(file = %self.0.display(), error = %e, "could not delete a shadow copy");
+            tracing::warn!(file = %EscapePath(&self.0), error = %e, "could not delete a shadow copy");
         }
     }
 }
@@ -475,11 +476,11 @@ impl Drop for PluginLibrary {
         // call returned.
         let library = unsafe { ManuallyDrop::take(&mut self.library) };
         if let Err(e) = library.close() {
-            tracing::warn!(file = %self.shadow.0.display(), error = %e, "dlclose failed");
+            tracing::warn!(file = %EscapePath(&self.shadow.0), error = %e, "dlclose failed");
         }
         tracing::debug!(
             plugin = self.log_context.as_ref().map_or("", |c| c.plugin.as_str()),
-            shadow = %self.shadow.0.display(),
+            shadow = %EscapePath(&self.shadow.0),
             took_us = started.elapsed().as_micros(),
             "generation destroyed and closed"
         );
@@ -510,7 +511,7 @@ fn check_header(
     let segments = Segments::of_library(path).ok_or_else(|| LoadErrorKind::NotLoadable {
         reason: format!(
             "the dynamic loader opened {} but does not list it among the loaded objects",
-            path.display()
+            EscapePath(path)
         ),
     })?;
     let address = usize::try_from(location.vaddr())

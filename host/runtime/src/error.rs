@@ -1,5 +1,6 @@
 //! Errors callers branch on: why a file was refused, why a call answered nothing.
 
+use crate::text::EscapePath;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -214,7 +215,7 @@ impl fmt::Display for LoadErrorKind {
             LoadErrorKind::DuplicateName { plugin, loaded_from } => write!(
                 f,
                 "plugin `{plugin}` is already loaded from {}; remove one of the two files",
-                loaded_from.display()
+                EscapePath(loaded_from)
             ),
             LoadErrorKind::CreateFailed { plugin, message } => write!(
                 f,
@@ -259,7 +260,7 @@ impl fmt::Display for LoadErrorKind {
             ),
             LoadErrorKind::NameConflict { plugin, others } => {
                 let others: Vec<String> =
-                    others.iter().map(|p| p.display().to_string()).collect();
+                    others.iter().map(|p| EscapePath(p).to_string()).collect();
                 write!(
                     f,
                     "plugin `{plugin}` is also claimed by {}; neither loads: remove all but one of these files, or pin the name to one file in the configuration (\"plugins\": {{\"{plugin}\": {{\"file\": \"<file name>\"}}}})",
@@ -353,7 +354,7 @@ impl fmt::Display for LoadError {
                 return write!(
                     f,
                     "reading the plugins directory {}: {}",
-                    self.file.display(),
+                    EscapePath(&self.file),
                     self.kind
                 );
             }
@@ -365,7 +366,7 @@ impl fmt::Display for LoadError {
         write!(
             f,
             "loading plugin file {}: {}",
-            self.file.display(),
+            EscapePath(&self.file),
             self.kind
         )
     }

@@ -34,6 +34,11 @@ pub(crate) enum FileError {
         /// The limit.
         limit: u64,
     },
+    /// The file is owned by another user (neither this process's user nor root).
+    Foreign {
+        /// Its owner's user id.
+        owner: u32,
+    },
     /// Opening or reading failed.
     Io(std::io::Error),
 }
@@ -52,6 +57,10 @@ impl fmt::Display for FileError {
             FileError::TooBig { size, limit } => write!(
                 f,
                 "it is too big ({size} bytes or more; the limit is {limit} bytes)"
+            ),
+            FileError::Foreign { owner } => write!(
+                f,
+                "it is owned by another user (uid {owner}), whose files are not trusted here"
             ),
             FileError::Io(e) => write!(f, "{e}"),
         }
@@ -136,6 +145,11 @@ pub(crate) fn read_regular(
     symlinks: Symlinks,
 ) -> Result<Vec<u8>, FileError> {
     let (file, len) = open_regular(path, limit, symlinks)?;
+    read_opened(file, len, limit)
+}
+
+/// Reads a file opened by [`open_regular`] (of length `len`) whole, at most `limit` bytes.
+pub(crate) fn read_opened(file: File, len: u64, limit: u64) -> Result<Vec<u8>, FileError> {
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)

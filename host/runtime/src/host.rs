@@ -58,7 +58,13 @@ use registry::{Generation, Opened, Plugins, Registry, Slot, name_bits};
 struct Inner {
     plugins_dir: PathBuf,
     shadow_dir: PathBuf,
+    /// The shadow directory's device and inode when it was made: checked again before each
+    /// copy is written, so a directory swapped in under its name is never written to.
+    shadow_id: (u64, u64),
     remove_shadow_dir: bool,
+    /// The lock on a default shadow directory's lock file, held while the host lives: stale
+    /// cleanup by other workers removes only directories whose lock it can take.
+    shadow_lock: Option<std::fs::File>,
     config_file: PathBuf,
     file_policy: loader::FilePolicy,
     config: ArcSwap<PluginsConfig>,
@@ -185,7 +191,10 @@ impl Drop for Inner {
             tracing::debug!(plugin = %name, generation, "plugin unloaded at shutdown");
         }
         if self.remove_shadow_dir {
-            // Only succeeds when empty: a plugin still mapped keeps its copy.
+            // Only succeeds when empty: a plugin still mapped keeps its copy (and then the
+            // lock file goes too: a later cleanup takes such a directory for a dead one's).
+            let _ = std::fs::remove_file(self.shadow_dir.join(builder::SHADOW_LOCK_FILE));
+            self.shadow_lock.take();
             let _ = std::fs::remove_dir(&self.shadow_dir);
         }
     }

@@ -19,6 +19,7 @@
 //! The plugin file itself is never opened by the dynamic loader: a file overwritten while mapped
 //! crashes the process, and `dlopen` of a path it has seen returns the old library.
 
+use crate::text::EscapePath;
 use std::io::Read as _;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
@@ -131,19 +132,19 @@ fn check_ownership(
     let reason = if uid != euid && uid != 0 {
         Some(format!(
             "the {what} {} is owned by uid {uid}, not by the worker's user (uid {euid}) or root: another user could replace the plugin; run `chown {euid} {}`",
-            path.display(),
-            path.display()
+            EscapePath(path),
+            EscapePath(path)
         ))
     } else if mode & 0o022 != 0 {
         Some(format!(
             "the {what} {} is writable by {} (mode {mode:04o}): another user could replace the plugin; run `chmod go-w {}`",
-            path.display(),
+            EscapePath(path),
             match (mode & 0o020 != 0, mode & 0o002 != 0) {
                 (true, true) => "group and others",
                 (true, false) => "its group",
                 _ => "others",
             },
-            path.display()
+            EscapePath(path)
         ))
     } else {
         None
@@ -151,7 +152,7 @@ fn check_ownership(
     match reason {
         None => Ok(()),
         Some(reason) if policy.insecure_permissions => {
-            tracing::warn!(path = %path.display(), %reason, "insecure permissions allowed by --insecure-permissions");
+            tracing::warn!(path = %EscapePath(path), %reason, "insecure permissions allowed by --insecure-permissions");
             Ok(())
         }
         Some(reason) => Err(LoadErrorKind::InsecurePermissions { reason }),
@@ -179,7 +180,7 @@ pub(crate) fn read_plugin_file(
     policy: FilePolicy,
 ) -> Result<(Vec<u8>, FileStamp), LoadErrorKind> {
     let io = |e: std::io::Error| LoadErrorKind::NotLoadable {
-        reason: format!("reading {}: {e}", path.display()),
+        reason: format!("reading {}: {e}", EscapePath(path)),
     };
     let not_found = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => LoadErrorKind::NotFound,
@@ -572,9 +573,11 @@ pub(crate) fn shadow_copy(
     file: &Path,
     checked: &CheckedFile,
     shadow_dir: &Path,
+    shadow_id: (u64, u64),
     generation: u64,
 ) -> Result<ShadowFile, LoadErrorKind> {
     use std::io::Write as _;
+    verify_shadow_dir(shadow_dir, shadow_id)?;
     let stem: String = file
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -595,7 +598,7 @@ pub(crate) fn shadow_copy(
         std::env::consts::DLL_EXTENSION
     ));
     let failed = |shadow: &Path, e: std::io::Error| LoadErrorKind::NotLoadable {
-        reason: format!("writing its shadow copy {} failed: {e}", shadow.display()),
+        reason: format!("writing its shadow copy {} failed: {e}", EscapePath(shadow)),
     };
     let mut out = std::fs::OpenOptions::new()
         .write(true)
@@ -609,6 +612,43 @@ pub(crate) fn shadow_copy(
     out.write_all(&checked.bytes)
         .map_err(|e| failed(&shadow.0, e))?;
     Ok(shadow)
+}
+
+/// Checks that `shadow_dir` is still the directory made at build (same device and inode, not a
+/// link, ours, writable by nobody else) before a copy is written into it and opened from it.
+fn verify_shadow_dir(shadow_dir: &Path, shadow_id: (u64, u64)) -> Result<(), LoadErrorKind> {
+    let refuse = |why: String| LoadErrorKind::NotLoadable {
+        reason: format!(
+            "the shadow directory {} {why}; no copy is written there (restart the worker to make a new one)",
+            EscapePath(shadow_dir)
+        ),
+    };
+    let meta = std::fs::symlink_metadata(shadow_dir)
+        .map_err(|e| refuse(format!("cannot be checked ({e})")))?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse(
+            "is no longer a directory (a link was put in its place)".to_owned(),
+        ));
+    }
+    if (meta.dev(), meta.ino()) != shadow_id {
+        return Err(refuse(
+            "was replaced by another directory since the worker made it".to_owned(),
+        ));
+    }
+    let euid = effective_uid();
+    if meta.uid() != euid {
+        return Err(refuse(format!(
+            "is owned by uid {}, not by uid {euid}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "became writable by other users (mode {:04o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// What identifies one version of a file: length, modification time and inode. A rename into

@@ -11,10 +11,15 @@
 //!   checked with `fstat`) of at most [`MAX_STATE_BYTES`]; a symbolic link is refused with a
 //!   warning, never followed;
 //! - the directory's path is made absolute once, when the store is made: a plugin that changes
-//!   the process's working directory cannot redirect it.
+//!   the process's working directory cannot redirect it;
+//! - the directory itself must be owned by the worker's user (or root) and writable by no one
+//!   else, as sshd's StrictModes (unless `insecure_permissions`, then with a warning): in a
+//!   directory others can write, they could plant a state file for a plugin;
+//! - a state file owned by another user (but root) is never read.
 
+use crate::text::EscapePath;
 use std::io::Write as _;
-use std::os::unix::fs::DirBuilderExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,19 +53,51 @@ fn file_stem(plugin: &str) -> String {
 
 impl StateStore {
     /// The store in `dir`, created (mode 0700) if missing. The path is resolved to an absolute
-    /// one now and kept.
-    pub(crate) fn new(dir: PathBuf) -> anyhow::Result<Self> {
+    /// one now and kept. A directory owned by another user (but root), or writable by its group
+    /// or others, is refused, or only warned about with `insecure_permissions`.
+    pub(crate) fn new(dir: PathBuf, insecure_permissions: bool) -> anyhow::Result<Self> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .with_context(|| format!("creating the state directory {}", dir.display()))?;
+            .with_context(|| format!("creating the state directory {}", EscapePath(&dir)))?;
         let dir = std::fs::canonicalize(&dir)
-            .with_context(|| format!("resolving the state directory {}", dir.display()))?;
+            .with_context(|| format!("resolving the state directory {}", EscapePath(&dir)))?;
         if !dir.is_dir() {
             anyhow::bail!(
                 "the state directory {} is not a directory; pass another --state-dir",
-                dir.display()
+                EscapePath(&dir)
+            );
+        }
+        let meta = std::fs::metadata(&dir)
+            .with_context(|| format!("checking the state directory {}", EscapePath(&dir)))?;
+        let euid = crate::dylib::effective_uid();
+        let mode = meta.mode() & 0o7777;
+        let problem = if meta.uid() != euid && meta.uid() != 0 {
+            Some(format!(
+                "it is owned by uid {}, not by the worker's user (uid {euid}) or root; run `chown {euid} {}`",
+                meta.uid(),
+                EscapePath(&dir)
+            ))
+        } else if mode & 0o022 != 0 {
+            Some(format!(
+                "it is writable by other users (mode {mode:04o}), who could plant saved state for a plugin; run `chmod go-w {}`",
+                EscapePath(&dir)
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            if !insecure_permissions {
+                anyhow::bail!(
+                    "refusing the state directory {}: {problem} (or start the worker with --insecure-permissions, for development only)",
+                    EscapePath(&dir)
+                );
+            }
+            tracing::warn!(
+                dir = %EscapePath(&dir),
+                reason = %problem,
+                "insecure state directory allowed by --insecure-permissions"
             );
         }
         Ok(Self { dir })
@@ -88,7 +125,7 @@ impl StateStore {
                 if meta.file_type().is_symlink() {
                     tracing::warn!(
                         plugin,
-                        file = %path.display(),
+                        file = %EscapePath(&path),
                         "the state file is a symbolic link; replacing the link itself, its target is left alone"
                     );
                 }
@@ -96,7 +133,8 @@ impl StateStore {
             temp.persist(&path).map_err(|e| e.error)?;
             std::fs::File::open(&self.dir)?.sync_all()
         };
-        write().with_context(|| format!("saving the state of `{plugin}` to {}", path.display()))?;
+        write()
+            .with_context(|| format!("saving the state of `{plugin}` to {}", EscapePath(&path)))?;
         Ok(path)
     }
 
@@ -105,7 +143,17 @@ impl StateStore {
     /// followed (a warning names it; the next save replaces the link).
     pub(crate) fn load(&self, plugin: &str) -> Option<String> {
         let path = self.path(plugin);
-        let problem = match crate::files::read_regular(&path, MAX_STATE_BYTES, Symlinks::Refuse) {
+        let read = crate::files::open_regular(&path, MAX_STATE_BYTES, Symlinks::Refuse).and_then(
+            |(file, len)| {
+                let owner = file.metadata().map_err(FileError::Io)?.uid();
+                let euid = crate::dylib::effective_uid();
+                if owner != euid && owner != 0 {
+                    return Err(FileError::Foreign { owner });
+                }
+                crate::files::read_opened(file, len, MAX_STATE_BYTES)
+            },
+        );
+        let problem = match read {
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
                     Ok(_) => return Some(text),
@@ -114,10 +162,12 @@ impl StateStore {
                 Err(e) => format!("it is not UTF-8 text ({})", e.utf8_error()),
             },
             Err(FileError::NotFound) => return None,
-            Err(e @ (FileError::Symlink | FileError::NotRegular(_))) => {
+            Err(
+                e @ (FileError::Symlink | FileError::NotRegular(_) | FileError::Foreign { .. }),
+            ) => {
                 tracing::warn!(
                     plugin,
-                    file = %path.display(),
+                    file = %EscapePath(&path),
                     "the saved state of `{plugin}` is not read: {e}; the plugin starts fresh"
                 );
                 return None;
@@ -127,8 +177,8 @@ impl StateStore {
         let aside = self.set_aside(&path, "corrupt");
         tracing::warn!(
             plugin,
-            file = %path.display(),
-            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| p.display().to_string()),
+            file = %EscapePath(&path),
+            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(p).to_string()),
             "the saved state of `{plugin}` is unusable: {problem}; the plugin starts fresh"
         );
         None
@@ -140,8 +190,8 @@ impl StateStore {
         let aside = self.set_aside(&path, "rejected");
         tracing::warn!(
             plugin,
-            file = %path.display(),
-            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| p.display().to_string()),
+            file = %EscapePath(&path),
+            kept_as = %aside.as_ref().map_or_else(|e| format!("(could not move it: {e})"), |p| EscapePath(p).to_string()),
             "`{plugin}` refused its saved state: {}; it starts fresh",
             crate::text::EscapeControl(reason)
         );
@@ -153,11 +203,14 @@ impl StateStore {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let base = format!("{}.{why}-{secs}", path.display());
+        let mut base = path.as_os_str().to_os_string();
+        base.push(format!(".{why}-{secs}"));
         let mut candidate = PathBuf::from(&base);
         let mut n = 1;
         while std::fs::symlink_metadata(&candidate).is_ok() {
-            candidate = PathBuf::from(format!("{base}-{n}"));
+            let mut numbered = base.clone();
+            numbered.push(format!("-{n}"));
+            candidate = PathBuf::from(numbered);
             n += 1;
         }
         std::fs::rename(path, &candidate)?;
@@ -172,7 +225,7 @@ mod tests {
     #[test]
     fn save_then_load_round_trips_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state")).unwrap();
+        let store = StateStore::new(dir.path().join("state"), false).unwrap();
         assert_eq!(store.load("a/b"), None);
         let path = store.save("a/b", r#"{"n": 1}"#).unwrap();
         assert_eq!(path.file_name().unwrap(), "a_b.json");
@@ -186,7 +239,7 @@ mod tests {
     #[test]
     fn corrupt_file_is_kept_aside_not_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().to_path_buf()).unwrap();
+        let store = StateStore::new(dir.path().to_path_buf(), false).unwrap();
         std::fs::write(store.path("p"), "{ half a file").unwrap();
         assert_eq!(store.load("p"), None);
         assert!(!store.path("p").exists());

@@ -8,12 +8,13 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::path::Path;
 
 /// Whether `c` is escaped: every control character (C0, DEL, C1), and the invisible Unicode
 /// formatting characters that move or reorder text (line and paragraph separators,
 /// bidirectional overrides and isolates).
 #[inline]
-fn needs_escape(c: char) -> bool {
+pub(crate) fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
@@ -65,6 +66,19 @@ impl fmt::Display for EscapeControl<'_> {
     }
 }
 
+/// Displays a path with its control characters escaped, as [`EscapeControl`] does for text:
+/// for every path that names a file in the plugins or state directory (whoever can write
+/// there chooses the names), `tracing::warn!(file = %EscapePath(&path), ...)`. A name that is
+/// not UTF-8 is shown with U+FFFD in place of the bytes that are not.
+#[derive(Debug, Clone, Copy)]
+pub struct EscapePath<'a>(pub &'a Path);
+
+impl fmt::Display for EscapePath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_escaped(f, &self.0.to_string_lossy())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +96,10 @@ mod tests {
         assert_eq!(
             EscapeControl("a\nb").to_string(),
             escape_control("a\nb").into_owned()
+        );
+        assert_eq!(
+            EscapePath(Path::new("/p/a\nb\x1b.so")).to_string(),
+            "/p/a\\nb\\x1b.so"
         );
     }
 }

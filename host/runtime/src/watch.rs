@@ -11,8 +11,10 @@
 //! complete. If notify cannot watch the directory, the watcher polls it, and only the settle
 //! time and the ELF check apply.
 
+use crate::text::EscapePath;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,23 +70,49 @@ enum Message {
     Stop,
 }
 
-/// What a filesystem event says about the writers of the files it names.
-fn message_for(event: notify::Result<notify::Event>) -> Message {
+/// Whether an event on `path` can matter to the watcher: a `*.so` file, or the configuration
+/// file. Events on the directory itself (the watcher's own listing opens it) and on other files
+/// are dropped, or every scan would wake the watcher for the next one.
+fn is_relevant(path: &Path, config_name: Option<&OsStr>) -> bool {
+    match path.file_name() {
+        Some(name) => Some(name) == config_name || path.extension().is_some_and(|ext| ext == "so"),
+        None => false,
+    }
+}
+
+/// What a filesystem event says about the writers of the files it names; `None` for an event
+/// that cannot change what the watcher does (opening or reading a file, an event on the
+/// directory itself or on a file that is neither a plugin nor the configuration file).
+fn message_for(
+    event: notify::Result<notify::Event>,
+    config_name: Option<&OsStr>,
+) -> Option<Message> {
     use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
     let Ok(event) = event else {
-        return Message::Overflow;
+        return Some(Message::Overflow);
     };
     if event.need_rescan() {
-        return Message::Overflow;
+        return Some(Message::Overflow);
     }
-    match event.kind {
+    if !event.paths.iter().any(|p| is_relevant(p, config_name)) {
+        return None;
+    }
+    Some(match event.kind {
+        // Opening, reading and closing after reading change nothing (the watcher's own checks
+        // and the loader's copy do all three).
+        EventKind::Access(
+            AccessKind::Open(_)
+            | AccessKind::Read
+            | AccessKind::Close(AccessMode::Read | AccessMode::Execute)
+            | AccessKind::Any,
+        ) => return None,
         EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => Message::Written(event.paths),
         EventKind::Access(AccessKind::Close(AccessMode::Write))
         | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
             Message::Closed(event.paths)
         }
         _ => Message::Changed,
-    }
+    })
 }
 
 /// A running watcher; stops when dropped.
@@ -108,8 +136,11 @@ impl Watcher {
             None
         } else {
             let events = sender.clone();
+            let config_name = host.config_file().file_name().map(OsStr::to_os_string);
             let watched = notify::recommended_watcher(move |event| {
-                let _ = events.send(message_for(event));
+                if let Some(message) = message_for(event, config_name.as_deref()) {
+                    let _ = events.send(message);
+                }
             })
             .and_then(|mut watcher| {
                 watcher.watch(host.plugins_dir(), RecursiveMode::NonRecursive)?;
@@ -124,7 +155,7 @@ impl Watcher {
                 Ok(watcher) => Some(watcher),
                 Err(e) => {
                     tracing::warn!(
-                        dir = %host.plugins_dir().display(),
+                        dir = %EscapePath(host.plugins_dir()),
                         error = %e,
                         poll_ms = options.poll_interval.as_millis(),
                         "cannot watch the plugins directory for events; polling it instead"
@@ -148,13 +179,19 @@ impl Watcher {
                     } else {
                         poll_interval
                     };
-                    match receiver.recv_timeout(wait) {
-                        Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                        Ok(Message::Rescan) => state.rescan(),
-                        Ok(Message::Written(paths)) => state.written(paths),
-                        Ok(Message::Closed(paths)) => state.closed(paths),
-                        Ok(Message::Overflow) => state.open_for_writing.clear(),
-                        Ok(Message::Changed) | Err(RecvTimeoutError::Timeout) => {}
+                    let first = match receiver.recv_timeout(wait) {
+                        Ok(message) => Some(message),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
+                    // Everything already queued is taken before one tick: a burst of events
+                    // (a file written in many chunks) costs one look at the directory.
+                    let mut stop = false;
+                    for message in first.into_iter().chain(receiver.try_iter()) {
+                        stop |= state.apply(message);
+                    }
+                    if stop {
+                        break;
                     }
                     state.tick();
                 }
@@ -233,6 +270,27 @@ impl WatchState {
             config_stamp,
             open_for_writing: HashMap::new(),
         }
+    }
+
+    /// Takes in one message; `true` for [`Message::Stop`].
+    fn apply(&mut self, message: Message) -> bool {
+        match message {
+            Message::Stop => return true,
+            Message::Rescan => self.rescan(),
+            Message::Written(paths) => self.written(paths),
+            Message::Closed(paths) => self.closed(paths),
+            // Events were lost, a close among them perhaps, but so perhaps were writes: a file
+            // known to be open for writing stays so until an event says its writer is done (or
+            // the wait for it runs out). Forgetting them would load a file still being written.
+            Message::Overflow => {
+                tracing::warn!(
+                    open_for_writing = self.open_for_writing.len(),
+                    "filesystem events were lost; files being written are still waited for"
+                );
+            }
+            Message::Changed => {}
+        }
+        false
     }
 
     fn written(&mut self, paths: Vec<PathBuf>) {
@@ -321,7 +379,7 @@ impl WatchState {
                 self.pending.remove(&path);
                 self.handled.remove(&path);
                 if let Some(plugin) = plugin {
-                    tracing::info!(plugin = %plugin, file = %path.display(), "plugin file removed");
+                    tracing::info!(plugin = %plugin, file = %EscapePath(&path), "plugin file removed");
                     if let Err(e) = self.host.unload(&plugin) {
                         tracing::warn!(error = %format!("{e:#}"), "unload failed");
                     }
@@ -331,11 +389,11 @@ impl WatchState {
             if let Some(&last_write) = self.open_for_writing.get(&path) {
                 let idle = now.duration_since(last_write);
                 if idle < OPEN_WRITER_LIMIT {
-                    tracing::debug!(file = %path.display(), "waiting for the writer to close the file");
+                    tracing::debug!(file = %EscapePath(&path), "waiting for the writer to close the file");
                     continue;
                 }
                 tracing::warn!(
-                    file = %path.display(),
+                    file = %EscapePath(&path),
                     idle_s = idle.as_secs(),
                     "the file is still open for writing; refused until it changes"
                 );
@@ -354,7 +412,7 @@ impl WatchState {
                 Err(LoadErrorKind::Truncated { .. } | LoadErrorKind::Empty)
                     if waited < GIVE_UP_WAITING =>
                 {
-                    tracing::debug!(file = %path.display(), "waiting for the file to be complete");
+                    tracing::debug!(file = %EscapePath(&path), "waiting for the file to be complete");
                     continue;
                 }
                 _ => {}
@@ -367,7 +425,7 @@ impl WatchState {
             };
             if let Err(e) = result {
                 // The host logged the refusal and, on a failed reload, kept the old generation.
-                tracing::debug!(file = %path.display(), error = %format!("{e:#}"), "change not applied");
+                tracing::debug!(file = %EscapePath(&path), error = %format!("{e:#}"), "change not applied");
             }
         }
     }
@@ -397,7 +455,7 @@ impl WatchState {
     }
 
     fn apply_config(&mut self) {
-        tracing::info!(file = %self.host.config_file().display(), "configuration changed");
+        tracing::info!(file = %EscapePath(self.host.config_file()), "configuration changed");
         match self.host.reload_config() {
             Ok(report) => {
                 for (_, file, stamp) in self.host.loaded_files() {
@@ -416,5 +474,32 @@ impl WatchState {
                 "the new configuration was not applied; the previous one stays in force"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_events_do_not_forget_a_file_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir(&plugins).unwrap();
+        let host = PluginHost::builder(&plugins)
+            .with_shadow_dir(dir.path().join("shadow"))
+            .build()
+            .unwrap();
+        let mut state = WatchState::new(host, Duration::from_millis(50));
+        let file = plugins.join("libslow.so");
+        assert!(!state.apply(Message::Written(vec![file.clone()])));
+        assert!(!state.apply(Message::Overflow));
+        assert!(
+            state.open_for_writing.contains_key(&file),
+            "an overflow forgot the writer"
+        );
+        assert!(!state.apply(Message::Closed(vec![file.clone()])));
+        assert!(!state.open_for_writing.contains_key(&file));
+        assert!(state.apply(Message::Stop));
     }
 }

@@ -1,6 +1,7 @@
 //! The `worker` command line. `main.rs` only calls [`main`]; everything else is here so that
 //! tests and embedders can reach it.
 
+use plugin_host::text::EscapePath;
 use std::io::{IsTerminal as _, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +72,7 @@ pub struct Cli {
 
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,plugin_host=debug`.
+    /// Empty means the default.
     #[arg(
         long,
         global = true,
@@ -209,7 +211,13 @@ pub enum Command {
 /// Runs the worker with the process's arguments; returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = match parse_log_filter(&cli.log) {
+    // An empty filter (`Environment=WORKER_LOG=` in a systemd unit) means the default.
+    let log = if cli.log.trim().is_empty() {
+        "warn"
+    } else {
+        cli.log.as_str()
+    };
+    let filter = match parse_log_filter(log) {
         Ok(filter) => filter,
         Err(e) => {
             eprintln!(
@@ -329,9 +337,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         crate::http::check_listen_address(listen)?;
         if !cli.plugins.exists() {
             std::fs::create_dir_all(&cli.plugins).with_context(|| {
-                format!("creating the plugins directory {}", cli.plugins.display())
+                format!(
+                    "creating the plugins directory {}",
+                    EscapePath(&cli.plugins)
+                )
             })?;
-            tracing::info!(dir = %cli.plugins.display(), "created the plugins directory");
+            tracing::info!(dir = %EscapePath(&cli.plugins), "created the plugins directory");
         }
     }
     let token_given = matches!(
@@ -465,7 +476,7 @@ fn write_list(
     writeln!(
         out,
         "{}: {} plugin(s) loaded, {} file(s) refused",
-        host.plugins_dir().display(),
+        EscapePath(host.plugins_dir()),
         plugins.len(),
         refused.len()
     )?;
@@ -478,7 +489,7 @@ fn write_list(
             "{} {}  ({})",
             EscapeControl(&plugin.name),
             EscapeControl(&plugin.version),
-            EscapeControl(&plugin.file.display().to_string())
+            EscapePath(&plugin.file)
         )?;
         if !plugin.description.is_empty() {
             writeln!(out, "    {}", EscapeControl(&plugin.description))?;
@@ -516,13 +527,10 @@ fn write_list(
         writeln!(out)?;
         writeln!(out, "refused:")?;
         for refusal in refused {
-            // A reason may span lines (a layout mismatch); each line is escaped on its own.
-            let lines: Vec<String> = refusal
-                .reason()
-                .split('\n')
-                .map(|line| EscapeControl(line).to_string())
-                .collect();
-            writeln!(out, "  {}", lines.join("\n    "))?;
+            // The reason names the file, whose name anyone who can write the directory chose:
+            // it is escaped as one string, so a refusal is always one line (a layout mismatch
+            // shows its line breaks as `\n`).
+            writeln!(out, "  {}", EscapeControl(&refusal.reason()))?;
         }
     }
     Ok(())
@@ -597,14 +605,14 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
         out,
         "worker: {} plugin(s) loaded from {}{}; control API on {}",
         host.plugins().len(),
-        host.plugins_dir().display(),
+        EscapePath(host.plugins_dir()),
         if watch { ", watching for changes" } else { "" },
         server.address()
     )?;
     writeln!(
         out,
         "worker: control API token in {} (send `Authorization: Bearer <token>`)",
-        token_file.display()
+        EscapePath(&token_file)
     )?;
     out.flush()?;
     let mut stopped_by = "signal";
@@ -770,7 +778,7 @@ fn run_tasks(
         match out_file {
             Some(path) => {
                 let file = std::fs::File::create(path)
-                    .with_context(|| format!("creating the results file {}", path.display()))?;
+                    .with_context(|| format!("creating the results file {}", EscapePath(path)))?;
                 let mut writer = std::io::BufWriter::new(file);
                 let worker = Worker::start(host.clone());
                 let summary =

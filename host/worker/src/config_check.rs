@@ -95,7 +95,7 @@ pub fn warn_unknown_entries(host: &PluginHost) -> usize {
     let points: Vec<&str> = points.iter().map(|p| p.name).collect();
     let warnings = unknown_entries(&config, &plugins, &points);
     for warning in &warnings {
-        tracing::warn!(file = %host.config_file().display(), "{warning}");
+        tracing::warn!(file = %plugin_host::text::EscapePath(host.config_file()), "{warning}");
     }
     warnings.len()
 }

@@ -26,7 +26,8 @@
 //!   `Host` check there.
 //! - Headers must arrive within 10 s and fit in 16 KiB (`431`); a body must arrive within 10 s
 //!   (`408`) and fit in 1 MiB (`413`); a negative, unparsable or conflicting `Content-Length` is
-//!   `400` (hyper's parser); at most 64 connections are served at once.
+//!   `400` (hyper's parser); at most 64 connections are served at once, and 16 more answer
+//!   `GET /healthz` only; a write a client does not read for 10 s ends its connection.
 //!
 //! # Why hyper on a tokio runtime
 //!
@@ -79,8 +80,21 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a complete body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections served at once; past it, new connections get `503` and are closed.
+/// Connections served at once; past it, new connections are served by the reserve.
 const MAX_CONNECTIONS: usize = 64;
+
+/// Connections past [`MAX_CONNECTIONS`] that still get an answer: `GET /healthz` is served,
+/// anything else gets `503`; one request each, with a short head timeout. Past these too, a
+/// connection gets `503` and is closed. Clients that hold every regular slot cannot make the
+/// worker look dead to its health check.
+const RESERVE_CONNECTIONS: usize = 16;
+
+/// Time a reserve connection has to send its request head.
+const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A write to a client that stays blocked this long (a client that sends requests and never
+/// reads the answers) fails, and the connection is closed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Threads running plugin calls and other blocking work; further requests wait for one.
 const BLOCKING_THREADS: usize = 4;
@@ -125,10 +139,6 @@ struct Shared {
     options: ControlOptions,
     /// `None` on a Unix socket: no browser reaches it, so no `Host` check.
     policy: Option<HostPolicy>,
-    /// Whether a client that shuts down its writing side still gets its answers (hyper's
-    /// default, `false`, closes the connection at that end of input). Only [`serve_bytes`]
-    /// sets it, so that its client can say where its input ends.
-    half_close: bool,
 }
 
 /// The running control API server. Stops (as [`ControlServer::stop`]) when dropped.
@@ -190,7 +200,6 @@ impl ControlServer {
             host,
             options,
             policy,
-            half_close: false,
         });
         let (shutdown, stopping) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -240,6 +249,7 @@ impl Drop for ControlServer {
 
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stopping: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let reserve = Arc::new(Semaphore::new(RESERVE_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = stopping.wait_for(|s| *s) => break,
@@ -256,20 +266,36 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stopping: watc
                 }
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(
-                limit = MAX_CONNECTIONS,
-                "control API: too many connections; refusing one"
-            );
-            io.refuse();
-            continue;
+        let (slot, mode) = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => (slot, Mode::Full),
+            Err(_) => match Arc::clone(&reserve).try_acquire_owned() {
+                Ok(slot) => {
+                    tracing::debug!(
+                        limit = MAX_CONNECTIONS,
+                        "control API: every connection slot is taken; serving /healthz only"
+                    );
+                    (slot, Mode::HealthOnly)
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        limit = MAX_CONNECTIONS + RESERVE_CONNECTIONS,
+                        "control API: too many connections; refusing one"
+                    );
+                    io.refuse();
+                    continue;
+                }
+            },
         };
         let shared = Arc::clone(&shared);
         let stopping = stopping.clone();
         tokio::spawn(async move {
             match io {
-                Stream::Tcp(s) => connection(s, local_ip, shared, stopping).await,
-                Stream::Unix(s) => connection(s, local_ip, shared, stopping).await,
+                Stream::Tcp(s) => {
+                    connection(WriteTimeout::new(s), local_ip, shared, stopping, mode).await;
+                }
+                Stream::Unix(s) => {
+                    connection(WriteTimeout::new(s), local_ip, shared, stopping, mode).await;
+                }
             }
             drop(slot);
         });
@@ -277,7 +303,12 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stopping: watc
     drop(listener);
     // Every connection holds a slot: all slots back means all connections are done.
     let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
-    if tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all))
+    let all_reserve = u32::try_from(RESERVE_CONNECTIONS).unwrap_or(u32::MAX);
+    let all_back = async {
+        let _regular = slots.acquire_many(all).await;
+        let _reserve = reserve.acquire_many(all_reserve).await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_back)
         .await
         .is_err()
     {
@@ -361,16 +392,119 @@ impl hyper::body::Body for Reply {
     }
 }
 
+/// What a connection is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Every endpoint, keep-alive.
+    Full,
+    /// A reserve connection: `GET /healthz` only, one request.
+    HealthOnly,
+}
+
+/// A connection's IO whose writes fail once they stay blocked for [`WRITE_TIMEOUT`]: a client
+/// that pipelines requests and never reads the answers would otherwise hold its connection
+/// (and its slot) forever.
+struct WriteTimeout<I> {
+    io: I,
+    /// Set while a write is blocked: when it started waiting fails it.
+    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteTimeout<I> {
+    fn new(io: I) -> Self {
+        Self { io, blocked: None }
+    }
+
+    /// `pending` from a write: starts (or checks) the clock; an error once it ran out.
+    fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let sleep = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.blocked = None;
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read its answers",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match poll {
+            Poll::Pending => self.blocked(cx),
+            ready => {
+                self.blocked = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteTimeout<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.progress(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.progress(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.progress(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.progress(cx, poll)
+    }
+}
+
 async fn connection<I>(
     io: I,
     local_ip: Option<IpAddr>,
     shared: Arc<Shared>,
     mut stopping: watch::Receiver<bool>,
+    mode: Mode,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let in_progress = Arc::new(AtomicUsize::new(0));
-    let half_close = shared.half_close;
     let service = {
         let in_progress = Arc::clone(&in_progress);
         let stopping = stopping.clone();
@@ -379,7 +513,11 @@ async fn connection<I>(
             let shared = Arc::clone(&shared);
             let stopping = stopping.clone();
             async move {
-                let answer = answer(&shared, local_ip, request, stopping).await;
+                let answer = if mode == Mode::HealthOnly && !is_healthz(&request) {
+                    Answer::error(503, "too many connections; retry in a moment")
+                } else {
+                    answer(&shared, local_ip, request, stopping).await
+                };
                 Ok::<_, Infallible>(answer.into_response(guard))
             }
         })
@@ -387,10 +525,15 @@ async fn connection<I>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(match mode {
+            Mode::Full => HEADER_TIMEOUT,
+            Mode::HealthOnly => RESERVE_HEADER_TIMEOUT,
+        })
         .max_header_size(MAX_HEADER)
-        .keep_alive(true)
-        .half_close(half_close);
+        .keep_alive(mode == Mode::Full)
+        // A client that shuts down its writing side after its request (`nc -N`) still gets
+        // the answer.
+        .half_close(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -477,6 +620,17 @@ fn header_safe(value: &str) -> String {
             c => c.escape_unicode().to_string(),
         })
         .collect()
+}
+
+/// Whether `request` is `GET /healthz`.
+fn is_healthz<B>(request: &Request<B>) -> bool {
+    request.method() == Method::GET
+        && request
+            .uri()
+            .path()
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .eq(["healthz"])
 }
 
 /// Checks the request (host, origin, token), reads its body, and runs the route on the
@@ -922,7 +1076,6 @@ pub(crate) fn serve_bytes(
         host,
         options: ControlOptions::new(token),
         policy: Some(HostPolicy::new("127.0.0.1:7878", local)),
-        half_close: true,
     });
     let Ok((mut client, server)) = std::os::unix::net::UnixStream::pair() else {
         return Vec::new();
@@ -944,7 +1097,11 @@ pub(crate) fn serve_bytes(
                 return Ok(());
             };
             let (_stop, stopping) = watch::channel(false);
-            tokio::time::timeout(HANG, connection(server, Some(local.ip()), shared, stopping)).await
+            tokio::time::timeout(
+                HANG,
+                connection(server, Some(local.ip()), shared, stopping, Mode::Full),
+            )
+            .await
         });
         let out = answer
             .join()

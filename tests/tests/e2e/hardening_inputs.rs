@@ -74,6 +74,8 @@ struct PlantedState {
     state: PathBuf,
     victim_temp: PathBuf,
     victim_state: PathBuf,
+    /// Arguments before the command (`--insecure-permissions`).
+    global: Vec<&'static str>,
 }
 
 const VICTIM_TEMP: &str = "precious: must never be overwritten\n";
@@ -95,6 +97,7 @@ impl PlantedState {
             state,
             victim_temp,
             victim_state,
+            global: Vec::new(),
         }
     }
 
@@ -125,7 +128,9 @@ impl PlantedState {
 
     fn call(&self, method: &str, params: &str) -> Output {
         let mut command = worker_command(&self.dir, &self.state);
-        command.args(["--log", "warn", "call", "fixture", method, params]);
+        command
+            .args(&self.global)
+            .args(["--log", "warn", "call", "fixture", method, params]);
         run(command)
     }
 
@@ -215,6 +220,21 @@ fn state_symlinks_planted_by_another_user_are_never_followed() {
         "--regid=65534",
         "--clear-groups",
     ]);
+    // A state directory others can write is refused outright, and nothing in it is touched.
+    let refused = planted.call("add", r#"{"n": 1}"#);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("refusing the state directory"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&planted.victim_state).unwrap(),
+        VICTIM_STATE
+    );
+    // Allowed for development, the links are still never followed.
+    let mut planted = planted;
+    planted.global.push("--insecure-permissions");
     planted.check();
 }
 

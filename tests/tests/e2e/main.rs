@@ -14,6 +14,7 @@ mod experiment;
 mod hardening_http;
 mod hardening_inputs;
 mod hardening_loader;
+mod hardening_review;
 mod hooks;
 mod lifecycle;
 mod pipeline;

@@ -1,6 +1,8 @@
 //! [`PluginHostBuilder`]: the options of a host, and the private shadow directory it prepares.
 
 use super::*;
+use crate::text::EscapePath;
+use std::os::unix::fs::OpenOptionsExt as _;
 
 /// Builds a [`PluginHost`].
 ///
@@ -151,25 +153,51 @@ impl PluginHostBuilder {
                 u16::MAX
             );
         }
-        let config_file = self
-            .config_file
-            .unwrap_or_else(|| self.plugins_dir.join(CONFIG_FILE_NAME));
+        // Both made absolute once: a plugin that changes the working directory must not make
+        // the watcher see every plugin gone, or the configuration file vanish.
+        let plugins_dir = std::fs::canonicalize(&self.plugins_dir)
+            .or_else(|_| std::path::absolute(&self.plugins_dir))
+            .with_context(|| {
+                format!(
+                    "resolving the plugins directory {}",
+                    EscapePath(&self.plugins_dir)
+                )
+            })?;
+        let config_file = match self.config_file {
+            Some(file) => std::path::absolute(&file).with_context(|| {
+                format!("resolving the configuration file {}", EscapePath(&file))
+            })?,
+            None => plugins_dir.join(CONFIG_FILE_NAME),
+        };
         let config = PluginsConfig::read(&config_file)?;
-        let state = self.state_dir.map(StateStore::new).transpose()?;
-        let (shadow_dir, remove_shadow_dir) = match self.shadow_dir {
+        let state = self
+            .state_dir
+            .map(|dir| StateStore::new(dir, self.file_policy.insecure_permissions))
+            .transpose()?;
+        let (shadow_dir, remove_shadow_dir, shadow_lock) = match self.shadow_dir {
             Some(dir) => {
-                use_given_shadow_dir(&dir)
-                    .with_context(|| format!("preparing the shadow directory {}", dir.display()))?;
-                (dir, false)
+                check_parent_dir(&dir)?;
+                use_given_shadow_dir(&dir).with_context(|| {
+                    format!("preparing the shadow directory {}", EscapePath(&dir))
+                })?;
+                (dir, false, None)
             }
             None => {
                 let temp = std::env::temp_dir();
+                check_parent_dir(&temp.join("x"))?;
                 remove_stale_shadow_dirs(&temp);
-                let dir = create_shadow_dir(&temp).with_context(|| {
-                    format!("creating a shadow directory in {}", temp.display())
+                let (dir, lock) = create_shadow_dir(&temp).with_context(|| {
+                    format!("creating a shadow directory in {}", EscapePath(&temp))
                 })?;
-                (dir, true)
+                (dir, true, Some(lock))
             }
+        };
+        let shadow_id = {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::symlink_metadata(&shadow_dir).with_context(|| {
+                format!("checking the shadow directory {}", EscapePath(&shadow_dir))
+            })?;
+            (meta.dev(), meta.ino())
         };
         let watched = watchdog::Watched::default();
         let watchdog = watchdog::Watchdog::start(Arc::clone(&watched))?;
@@ -178,9 +206,11 @@ impl PluginHostBuilder {
                 call_timeout_ms: self.call_timeout_ms,
                 watched,
                 _watchdog: watchdog,
-                plugins_dir: self.plugins_dir,
+                plugins_dir,
                 shadow_dir,
+                shadow_id,
                 remove_shadow_dir,
+                shadow_lock,
                 config_file,
                 file_policy: self.file_policy,
                 config: ArcSwap::from_pointee(config),
@@ -211,7 +241,10 @@ pub(super) const SHADOW_DIR_RANDOM: usize = 12;
 /// (`plugin-host-<pid>-<12 random characters>`), created with mode 0700 and failing if anything
 /// of that name exists, so another user can neither prepare it nor plant links in it. Owner and
 /// mode are checked again after creating.
-pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<PathBuf> {
+///
+/// Returns the directory and its lock file ([`SHADOW_LOCK_FILE`]), locked (`flock`) for as
+/// long as the host keeps it open.
+pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("{SHADOW_DIR_PREFIX}{}-", std::process::id()))
         .rand_bytes(SHADOW_DIR_RANDOM)
@@ -221,7 +254,54 @@ pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<PathBuf> {
         // its copy).
         .keep();
     check_private_dir(&dir, true)?;
-    Ok(dir)
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(SHADOW_LOCK_FILE))
+        .context("creating the shadow directory's lock file")?;
+    try_lock(&lock).context("locking the shadow directory's lock file")?;
+    Ok((dir, lock))
+}
+
+/// Takes an exclusive `flock` on `file` without waiting; held until the file is closed.
+fn try_lock(file: &std::fs::File) -> std::io::Result<()> {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(std::io::Error::from)
+}
+
+/// The lock file in a default shadow directory.
+pub(super) const SHADOW_LOCK_FILE: &str = ".lock";
+
+/// Whether the stale-looking shadow directory `dir` may be removed: if it has a lock file,
+/// when its lock can be taken (no live host holds it, whatever pid namespace it runs in);
+/// the lock is returned, to be held while removing. A directory without a lock file (made
+/// before there were lock files) may be removed when the process its name names is gone.
+fn stale_dir_lock(dir: &Path, pid: u32) -> Result<Option<std::fs::File>, &'static str> {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir.join(SHADOW_LOCK_FILE));
+    match opened {
+        Ok(lock) => {
+            if !lock.metadata().is_ok_and(|m| m.is_file()) {
+                return Err("its lock file is not a regular file");
+            }
+            match try_lock(&lock) {
+                Ok(()) => Ok(Some(lock)),
+                Err(_) => Err("a live host holds its lock"),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if Path::new("/proc").join(pid.to_string()).exists() {
+                Err("its process still runs")
+            } else {
+                Ok(None)
+            }
+        }
+        Err(_) => Err("its lock file cannot be opened"),
+    }
 }
 
 /// Checks that `dir` is a real directory (not a symlink) owned by the worker's user and
@@ -233,13 +313,13 @@ pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
     if !metadata.file_type().is_dir() {
         anyhow::bail!(
             "{} is not a directory (a symlink is not accepted)",
-            dir.display()
+            EscapePath(dir)
         );
     }
     if metadata.uid() != euid {
         anyhow::bail!(
             "{} is owned by uid {}, not by the worker's user (uid {euid}); use a directory of your own",
-            dir.display(),
+            EscapePath(dir),
             metadata.uid()
         );
     }
@@ -247,8 +327,31 @@ pub(super) fn check_private_dir(dir: &Path, exact: bool) -> anyhow::Result<()> {
     if (exact && mode != 0o700) || mode & 0o022 != 0 {
         anyhow::bail!(
             "{} has mode {mode:04o}; a shadow directory must be writable by its owner only (run `chmod 700 {}`)",
-            dir.display(),
-            dir.display()
+            EscapePath(dir),
+            EscapePath(dir)
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to make a shadow directory `dir` in a parent that other users can write unless it
+/// has the sticky bit (as `/tmp` has): there, another user could rename the shadow directory
+/// away and put a directory or link of their own in its place between two copies.
+pub(super) fn check_parent_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::metadata(parent) else {
+        // Missing: it is created below, by us.
+        return Ok(());
+    };
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        anyhow::bail!(
+            "the directory {} holding the shadow directory is writable by other users without the sticky bit (mode {mode:04o}): another user could replace the shadow directory; set TMPDIR (or the shadow directory) to a directory of your own, or run `chmod +t {}`",
+            EscapePath(parent),
+            EscapePath(parent)
         );
     }
     Ok(())
@@ -299,20 +402,27 @@ pub(super) fn remove_stale_shadow_dirs(temp: &Path) {
         let Some(pid) = name.to_str().and_then(shadow_dir_pid) else {
             continue;
         };
-        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+        if pid == std::process::id() {
             continue;
         }
         let path = entry.path();
         if let Err(e) = check_private_dir(&path, true) {
-            tracing::debug!(dir = %path.display(), reason = %e, "not a shadow directory of ours; left alone");
+            tracing::debug!(dir = %EscapePath(&path), reason = %e, "not a shadow directory of ours; left alone");
             continue;
         }
+        let _lock = match stale_dir_lock(&path, pid) {
+            Ok(lock) => lock,
+            Err(reason) => {
+                tracing::debug!(dir = %EscapePath(&path), reason, "a shadow directory in use; left alone");
+                continue;
+            }
+        };
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {
-                tracing::info!(dir = %path.display(), "removed the shadow copies of a process that is gone")
+                tracing::info!(dir = %EscapePath(&path), "removed the shadow copies of a process that is gone")
             }
             Err(e) => {
-                tracing::debug!(dir = %path.display(), error = %e, "could not remove a stale shadow directory")
+                tracing::debug!(dir = %EscapePath(&path), error = %e, "could not remove a stale shadow directory")
             }
         }
     }

@@ -3,6 +3,7 @@
 //! `plugin.unloaded` fire after it is released.
 
 use super::*;
+use crate::text::{EscapeControl, EscapePath};
 
 /// Longest plugin name accepted.
 pub(super) const MAX_NAME_LEN: usize = 64;
@@ -39,6 +40,28 @@ pub(super) fn validate_name(name: &str) -> Result<(), LoadErrorKind> {
             })
         }
     }
+}
+
+/// Longest plugin version accepted, in characters.
+pub(super) const MAX_VERSION_LEN: usize = 64;
+
+/// Checks a plugin's version: at most 64 characters, none of them a control or formatting
+/// character. The version is shown in logs and listings next to the name.
+pub(super) fn validate_version(version: &str) -> Result<(), LoadErrorKind> {
+    let count = version.chars().count();
+    let reason = if count > MAX_VERSION_LEN {
+        format!("it is {count} characters long, the limit is {MAX_VERSION_LEN}")
+    } else if let Some(c) = version.chars().find(|&c| crate::text::needs_escape(c)) {
+        format!("it contains the control character {c:?}")
+    } else {
+        return Ok(());
+    };
+    let shown: String = version.chars().take(MAX_VERSION_LEN).collect();
+    Err(LoadErrorKind::BadManifest {
+        reason: format!(
+            "invalid version {shown:?}: {reason}; a version is at most {MAX_VERSION_LEN} printable characters"
+        ),
+    })
 }
 
 /// A reload of a plugin that is not loaded.
@@ -269,9 +292,9 @@ impl PluginHost {
         self.publish(next);
         tracing::info!(
             plugin = %name,
-            version = %slot.generation.manifest.version,
+            version = %EscapeControl(&slot.generation.manifest.version),
             generation = slot.generation.number,
-            file = %file.display(),
+            file = %EscapePath(file),
             took_us = started.elapsed().as_micros(),
             "plugin loaded"
         );
@@ -302,7 +325,13 @@ impl PluginHost {
         // The checks and the copy see the same bytes, read once from one open descriptor.
         let checked = loader::check_plugin_file(file, self.inner.file_policy)?;
         let stamp = Some(checked.stamp);
-        let shadow = loader::shadow_copy(file, &checked, &self.inner.shadow_dir, number)?;
+        let shadow = loader::shadow_copy(
+            file,
+            &checked,
+            &self.inner.shadow_dir,
+            self.inner.shadow_id,
+            number,
+        )?;
         let header = checked.header;
         drop(checked);
         let library = PluginLibrary::open(shadow, header)?;
@@ -327,13 +356,14 @@ impl PluginHost {
             manifest.hooks.clear();
         }
         validate_name(&manifest.name)?;
+        validate_version(&manifest.version)?;
         let name = manifest.name.clone();
         for subscription in &manifest.hooks {
             if self.hook_point(&subscription.hook).is_none() {
                 let known: Vec<&str> = self.inner.points.iter().map(|p| p.name).collect();
                 tracing::warn!(
                     plugin = %name,
-                    hook = %subscription.hook,
+                    hook = %EscapeControl(&subscription.hook),
                     known = %known.join(", "),
                     "the plugin subscribes to a hook point that does not exist; that subscription will never fire"
                 );
@@ -434,7 +464,7 @@ impl PluginHost {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         refused.retain(|r| r.file != file);
         if let Some(e) = error {
-            tracing::warn!(file = %file.display(), reason = %EscapeControl(&e.reason()), "plugin file refused");
+            tracing::warn!(file = %EscapePath(file), reason = %EscapeControl(&e.reason()), "plugin file refused");
             refused.push(e.clone());
         }
     }
@@ -493,7 +523,7 @@ impl PluginHost {
         let result = self.open_generation(&old.file, Some(plugin)).map_err(|e| {
             e.during(format!(
                 "reloading plugin `{plugin}` from {}; generation {} keeps serving",
-                old.file.display(),
+                EscapePath(&old.file),
                 old.number
             ))
         });
@@ -523,7 +553,7 @@ impl PluginHost {
             plugin,
             from_generation = old.number,
             generation = new.number,
-            file = %old.file.display(),
+            file = %EscapePath(&old.file),
             took_us = started.elapsed().as_micros(),
             "plugin reloaded"
         );
@@ -544,9 +574,9 @@ impl PluginHost {
         let generation = &slot.generation;
         tracing::info!(
             plugin,
-            version = %generation.manifest.version,
+            version = %EscapeControl(&generation.manifest.version),
             generation = generation.number,
-            file = %generation.file.display(),
+            file = %EscapePath(&generation.file),
             took_us = started.elapsed().as_micros(),
             "plugin unloaded"
         );
@@ -568,7 +598,7 @@ impl PluginHost {
             None | Some(Ok(None)) => false,
             Some(Ok(Some(state))) => match store.save(plugin, &state) {
                 Ok(path) => {
-                    tracing::debug!(plugin, file = %path.display(), "state saved");
+                    tracing::debug!(plugin, file = %EscapePath(&path), "state saved");
                     true
                 }
                 Err(e) => {

@@ -1,6 +1,7 @@
 //! The control API's bearer token: read from a file the user gives, or generated once into the
 //! state directory with a file only this user can read.
 
+use plugin_host::text::EscapePath;
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
@@ -69,26 +70,40 @@ impl Token {
     /// The file cannot be opened, is not a regular file, is bigger than 4 KiB, or does not hold
     /// a usable token.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let file = File::open(path)
-            .with_context(|| format!("opening the control API token file {}", path.display()))?;
+        let not_regular = || {
+            anyhow::anyhow!(
+                "the control API token file {} is not a regular file; give a file that holds the token",
+                EscapePath(path)
+            )
+        };
+        // A first look without opening: a FIFO or a device is refused before it is opened.
+        let looked = std::fs::metadata(path)
+            .with_context(|| format!("opening the control API token file {}", EscapePath(path)))?;
+        if !looked.is_file() {
+            return Err(not_regular());
+        }
+        // Never blocks, even if a FIFO was swapped in after the look (it is then refused by
+        // the check on the descriptor below, instead of waiting for a writer forever).
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)
+            .with_context(|| format!("opening the control API token file {}", EscapePath(path)))?;
         let meta = file
             .metadata()
-            .with_context(|| format!("reading the metadata of {}", path.display()))?;
+            .with_context(|| format!("reading the metadata of {}", EscapePath(path)))?;
         if !meta.is_file() {
-            bail!(
-                "the control API token file {} is not a regular file; give a file that holds the token",
-                path.display()
-            );
+            return Err(not_regular());
         }
         if meta.mode() & 0o044 != 0 {
             tracing::warn!(
-                file = %path.display(),
+                file = %EscapePath(path),
                 mode = format!("{:o}", meta.mode() & 0o777),
                 "the control API token file can be read by other users; run `chmod 600` on it"
             );
         }
         let token = read_bounded(file, path)?;
-        Self::new(&token).with_context(|| format!("the token in {}", path.display()))
+        Self::new(&token).with_context(|| format!("the token in {}", EscapePath(path)))
     }
 
     /// The token kept in `path` (normally `<state-dir>/control-token`): created with a fresh
@@ -105,7 +120,7 @@ impl Token {
     pub fn load_or_create(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the directory {}", dir.display()))?;
+                .with_context(|| format!("creating the directory {}", EscapePath(dir)))?;
         }
         let created = OpenOptions::new()
             .write(true)
@@ -122,14 +137,15 @@ impl Token {
                 file.write_all(format!("{secret}\n").as_bytes())
                     .and_then(|()| file.sync_all())
                     .with_context(|| {
-                        format!("writing the control API token to {}", path.display())
+                        format!("writing the control API token to {}", EscapePath(path))
                     })?;
-                tracing::info!(file = %path.display(), "created a new control API token");
+                tracing::info!(file = %EscapePath(path), "created a new control API token");
                 Self::new(&secret)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::reuse(path),
-            Err(e) => Err(e)
-                .with_context(|| format!("creating the control API token file {}", path.display())),
+            Err(e) => Err(e).with_context(|| {
+                format!("creating the control API token file {}", EscapePath(path))
+            }),
         }
     }
 
@@ -137,12 +153,15 @@ impl Token {
         let refuse = |why: &str| {
             anyhow::anyhow!(
                 "refusing the control API token file {}: {why}; remove it (a new token is made at the next start) or give one with --token-file",
-                path.display()
+                EscapePath(path)
             )
         };
+        // Never through a link, and never blocking (a FIFO planted there is refused below).
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
             .open(path)
             .map_err(|e| {
                 if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
@@ -150,13 +169,13 @@ impl Token {
                 } else {
                     anyhow::Error::new(e).context(format!(
                         "opening the control API token file {}",
-                        path.display()
+                        EscapePath(path)
                     ))
                 }
             })?;
         let meta = file
             .metadata()
-            .with_context(|| format!("reading the metadata of {}", path.display()))?;
+            .with_context(|| format!("reading the metadata of {}", EscapePath(path)))?;
         if !meta.is_file() {
             return Err(refuse("it is not a regular file"));
         }
@@ -174,7 +193,7 @@ impl Token {
             )));
         }
         let token = read_bounded(file, path)?;
-        Self::new(&token).with_context(|| format!("the token in {}", path.display()))
+        Self::new(&token).with_context(|| format!("the token in {}", EscapePath(path)))
     }
 }
 
@@ -182,11 +201,11 @@ fn read_bounded(file: File, path: &Path) -> anyhow::Result<String> {
     let mut text = String::new();
     file.take(MAX_TOKEN_FILE + 1)
         .read_to_string(&mut text)
-        .with_context(|| format!("reading the control API token from {}", path.display()))?;
+        .with_context(|| format!("reading the control API token from {}", EscapePath(path)))?;
     if text.len() as u64 > MAX_TOKEN_FILE {
         bail!(
             "the control API token file {} is bigger than {MAX_TOKEN_FILE} bytes; it should hold the token alone",
-            path.display()
+            EscapePath(path)
         );
     }
     Ok(text)

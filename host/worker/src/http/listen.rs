@@ -1,6 +1,7 @@
 //! Where the control API listens (a TCP address or a Unix socket) and which `Host` and
 //! `Origin` headers it answers.
 
+use plugin_host::text::EscapePath;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,7 +23,7 @@ impl std::fmt::Display for ControlAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Tcp(addr) => write!(f, "http://{addr}"),
-            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Unix(path) => write!(f, "unix:{}", EscapePath(path)),
         }
     }
 }
@@ -47,11 +48,11 @@ impl OwnedSocket {
         match std::fs::symlink_metadata(&self.path) {
             Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
-                    tracing::warn!(socket = %self.path.display(), error = %e, "could not remove the control API socket");
+                    tracing::warn!(socket = %EscapePath(&self.path), error = %e, "could not remove the control API socket");
                 }
             }
             _ => {
-                tracing::debug!(socket = %self.path.display(), "the control API socket was replaced or removed; leaving it");
+                tracing::debug!(socket = %EscapePath(&self.path), "the control API socket was replaced or removed; leaving it");
             }
         }
     }
@@ -111,28 +112,28 @@ fn bind_unix(path: &Path) -> anyhow::Result<(UnixListener, OwnedSocket)> {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => bail!(
                 "another process is serving on the socket {}; stop it or choose another path",
-                path.display()
+                EscapePath(path)
             ),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path)
-                    .with_context(|| format!("removing the stale socket {}", path.display()))?;
-                tracing::info!(socket = %path.display(), "removed a stale control API socket");
+                    .with_context(|| format!("removing the stale socket {}", EscapePath(path)))?;
+                tracing::info!(socket = %EscapePath(path), "removed a stale control API socket");
             }
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!(
                         "checking whether the socket {} is still in use; remove it if it is stale",
-                        path.display()
+                        EscapePath(path)
                     )
                 });
             }
         },
         Ok(_) => bail!(
             "{} exists and is not a socket; refusing to remove it: choose another path or remove it yourself",
-            path.display()
+            EscapePath(path)
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", EscapePath(path))),
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -144,26 +145,26 @@ fn bind_unix(path: &Path) -> anyhow::Result<(UnixListener, OwnedSocket)> {
         .with_context(|| {
             format!(
                 "creating a private directory in {} to bind the socket",
-                parent.display()
+                EscapePath(parent)
             )
         })?;
     let temp = private.path().join("s");
     let listener = UnixListener::bind(&temp).with_context(|| {
         format!(
             "binding a Unix socket at {} (a socket path must be shorter than about 100 bytes)",
-            temp.display()
+            EscapePath(&temp)
         )
     })?;
     std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting mode 0600 on {}", temp.display()))?;
+        .with_context(|| format!("setting mode 0600 on {}", EscapePath(&temp)))?;
     std::fs::hard_link(&temp, path).with_context(|| {
         format!(
             "putting the control API socket at {} (something else appeared there?)",
-            path.display()
+            EscapePath(path)
         )
     })?;
     let meta = std::fs::symlink_metadata(path)
-        .with_context(|| format!("checking the socket {}", path.display()))?;
+        .with_context(|| format!("checking the socket {}", EscapePath(path)))?;
     let owned = OwnedSocket {
         path: path.to_path_buf(),
         dev: meta.dev(),
