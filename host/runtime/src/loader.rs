@@ -446,7 +446,7 @@ pub(crate) fn check_elf(bytes: &[u8]) -> Result<HeaderLocation, LoadErrorKind> {
     }
     let vaddr: u64 = symbol.st_value(endian).into();
     let align = std::mem::align_of::<PluginHeader>() as u64;
-    if vaddr % align != 0 {
+    if !vaddr.is_multiple_of(align) {
         return Err(bad(format!(
             "its address {vaddr:#x} is not aligned to {align} bytes"
         )));

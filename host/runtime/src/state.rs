@@ -121,14 +121,14 @@ impl StateStore {
                 .tempfile_in(&self.dir)?;
             temp.write_all(state.as_bytes())?;
             temp.as_file().sync_all()?;
-            if let Ok(meta) = std::fs::symlink_metadata(&path) {
-                if meta.file_type().is_symlink() {
-                    tracing::warn!(
-                        plugin,
-                        file = %EscapePath(&path),
-                        "the state file is a symbolic link; replacing the link itself, its target is left alone"
-                    );
-                }
+            if let Ok(meta) = std::fs::symlink_metadata(&path)
+                && meta.file_type().is_symlink()
+            {
+                tracing::warn!(
+                    plugin,
+                    file = %EscapePath(&path),
+                    "the state file is a symbolic link; replacing the link itself, its target is left alone"
+                );
             }
             temp.persist(&path).map_err(|e| e.error)?;
             std::fs::File::open(&self.dir)?.sync_all()

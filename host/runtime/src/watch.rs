@@ -144,10 +144,11 @@ impl Watcher {
             })
             .and_then(|mut watcher| {
                 watcher.watch(host.plugins_dir(), RecursiveMode::NonRecursive)?;
-                if let Some(dir) = host.config_file().parent() {
-                    if dir != host.plugins_dir() && dir.is_dir() {
-                        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-                    }
+                if let Some(dir) = host.config_file().parent()
+                    && dir != host.plugins_dir()
+                    && dir.is_dir()
+                {
+                    watcher.watch(dir, RecursiveMode::NonRecursive)?;
                 }
                 Ok(watcher)
             });
@@ -443,10 +444,10 @@ impl WatchState {
             return;
         }
         for refusal in self.host.refused() {
-            if let LoadErrorKind::NameConflict { others, .. } = &refusal.kind {
-                if others.iter().any(|other| gone.contains(other)) {
-                    self.handled.remove(&refusal.file);
-                }
+            if let LoadErrorKind::NameConflict { others, .. } = &refusal.kind
+                && others.iter().any(|other| gone.contains(other))
+            {
+                self.handled.remove(&refusal.file);
             }
         }
         for path in gone {

@@ -641,10 +641,10 @@ async fn answer(
     request: Request<Incoming>,
     stopping: watch::Receiver<bool>,
 ) -> Answer {
-    if let Some(policy) = &shared.policy {
-        if let Err(answer) = check_host(policy, request.headers(), local_ip) {
-            return answer;
-        }
+    if let Some(policy) = &shared.policy
+        && let Err(answer) = check_host(policy, request.headers(), local_ip)
+    {
+        return answer;
     }
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -654,10 +654,8 @@ async fn answer(
         ["metrics"] => shared.options.metrics_public,
         _ => false,
     };
-    if !public {
-        if let Err(answer) = check_token(&shared.options.token, request.headers()) {
-            return answer;
-        }
+    if !public && let Err(answer) = check_token(&shared.options.token, request.headers()) {
+        return answer;
     }
     if segments == ["healthz"] && method == Method::GET {
         return healthz(&shared.host);

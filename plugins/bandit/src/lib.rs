@@ -104,12 +104,12 @@ impl Config {
                 return Err(PluginError::new("contexts: must not contain an empty name"));
             }
         }
-        if let Some(exploration) = self.exploration {
-            if !exploration.is_finite() || exploration < 0.0 {
-                return Err(PluginError::new(format!(
-                    "exploration: must be a number >= 0, found {exploration}"
-                )));
-            }
+        if let Some(exploration) = self.exploration
+            && (!exploration.is_finite() || exploration < 0.0)
+        {
+            return Err(PluginError::new(format!(
+                "exploration: must be a number >= 0, found {exploration}"
+            )));
         }
         Ok(())
     }
@@ -520,13 +520,13 @@ impl BanditPlugin {
 
     fn report(&self, p: Option<StatsParams>) -> Result<Value, PluginError> {
         let only = p.unwrap_or_default().context;
-        if let Some(context) = &only {
-            if !self.handles(context) {
-                return Err(PluginError::invalid_params(format!(
-                    "context `{context}` is not handled (configured: {})",
-                    self.contexts.as_deref().unwrap_or_default().join(", ")
-                )));
-            }
+        if let Some(context) = &only
+            && !self.handles(context)
+        {
+            return Err(PluginError::invalid_params(format!(
+                "context `{context}` is not handled (configured: {})",
+                self.contexts.as_deref().unwrap_or_default().join(", ")
+            )));
         }
         let stats = self.stats_lock();
         let mut names: Vec<&String> = stats.keys().collect();
@@ -545,10 +545,10 @@ impl BanditPlugin {
             let mut best: Option<(&String, f64)> = None;
             for (arm, s) in stats.get(name).into_iter().flatten() {
                 let mean = s.mean();
-                if let Some(m) = mean {
-                    if best.is_none_or(|(_, b)| m > b) {
-                        best = Some((arm, m));
-                    }
+                if let Some(m) = mean
+                    && best.is_none_or(|(_, b)| m > b)
+                {
+                    best = Some((arm, m));
                 }
                 let interval = s.moments().and_then(|m| m.interval(0.95));
                 arms.insert(

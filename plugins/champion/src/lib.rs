@@ -661,10 +661,10 @@ impl ChampionPlugin {
 
     fn status(&self, p: Option<StatusParams>) -> Result<Value, PluginError> {
         let only = p.unwrap_or_default().task_type;
-        if let Some(task_type) = &only {
-            if !self.configured.contains_key(task_type) {
-                return Err(self.unknown_task_type(task_type));
-            }
+        if let Some(task_type) = &only
+            && !self.configured.contains_key(task_type)
+        {
+            return Err(self.unknown_task_type(task_type));
         }
         let state = self.state_lock();
         let mut report = serde_json::Map::new();

@@ -250,10 +250,10 @@ impl ExperimentPlugin {
             return Ok(None);
         }
         let experiment = self.experiment(&p.experiment)?;
-        if let (Some(allowed), Some(task_type)) = (&experiment.task_types, &p.task_type) {
-            if !allowed.contains(task_type) {
-                return Ok(None);
-            }
+        if let (Some(allowed), Some(task_type)) = (&experiment.task_types, &p.task_type)
+            && !allowed.contains(task_type)
+        {
+            return Ok(None);
         }
         let draw = match &p.key {
             // The plugin's name and the experiment's in the key: another plugin that splits the
@@ -436,14 +436,13 @@ impl Plugin for ExperimentPlugin {
             |this: &Self, scored: Scored| {
                 if let (Some(experiment), Some(variant), Some(score)) =
                     (scored.experiment, scored.variant, scored.score)
+                    && this.experiments.contains_key(&experiment)
                 {
-                    if this.experiments.contains_key(&experiment) {
-                        this.record(OutcomeParams {
-                            experiment,
-                            variant,
-                            score,
-                        })?;
-                    }
+                    this.record(OutcomeParams {
+                        experiment,
+                        variant,
+                        score,
+                    })?;
                 }
                 Ok(HookResult::Continue)
             },

@@ -78,12 +78,12 @@ impl Rule {
                 "{path}.handler: must be a non-empty string"
             )));
         }
-        if let (Some(min), Some(max)) = (self.min_input_words, self.max_input_words) {
-            if min > max {
-                return Err(PluginError::new(format!(
-                    "{path}.maxInputWords: {max} is below minInputWords {min}; no task could match"
-                )));
-            }
+        if let (Some(min), Some(max)) = (self.min_input_words, self.max_input_words)
+            && min > max
+        {
+            return Err(PluginError::new(format!(
+                "{path}.maxInputWords: {max} is below minInputWords {min}; no task could match"
+            )));
         }
         Ok(())
     }

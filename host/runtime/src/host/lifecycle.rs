@@ -414,13 +414,13 @@ impl PluginHost {
             }
         }
         let settings = self.settings(&name);
-        if let Some(pinned) = &settings.file {
-            if file.file_name().is_none_or(|n| n != pinned.as_str()) {
-                return Err(LoadErrorKind::NamePinned {
-                    plugin: name,
-                    pinned: pinned.clone(),
-                });
-            }
+        if let Some(pinned) = &settings.file
+            && file.file_name().is_none_or(|n| n != pinned.as_str())
+        {
+            return Err(LoadErrorKind::NamePinned {
+                plugin: name,
+                pinned: pinned.clone(),
+            });
         }
         if !settings.enabled {
             return Err(LoadErrorKind::Disabled { plugin: name });

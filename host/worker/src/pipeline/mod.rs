@@ -443,11 +443,10 @@ impl Pipeline {
                     key: Some(&task.id),
                     ..AskParams::default()
                 },
-            ) {
-                if let Some(chosen) = route.handler.filter(|h| is_candidate(h)) {
-                    handler = Some(chosen);
-                    role = route.role;
-                }
+            ) && let Some(chosen) = route.handler.filter(|h| is_candidate(h))
+            {
+                handler = Some(chosen);
+                role = route.role;
             }
         }
         if handler.is_none() {
