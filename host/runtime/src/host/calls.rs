@@ -114,7 +114,7 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Result<Option<Value>, PluginCallError> {
-        self.dispatch(plugin, method, params, Answer::NullIsValue)
+        self.dispatch_value(plugin, method, params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -161,7 +161,7 @@ impl PluginHost {
     /// warn for failures). A literal JSON `null` answer is `Some(Value::Null)`.
     #[inline]
     pub fn execute(&self, plugin: &str, method: &str, params: &Value) -> Option<Value> {
-        match self.dispatch(plugin, method, params, Answer::NullIsValue) {
+        match self.dispatch_value(plugin, method, params) {
             Ok(value) => value,
             Err(failure) => {
                 log_failure(plugin, method, failure);
@@ -223,6 +223,32 @@ impl PluginHost {
         })?;
         // No params reach the plugin as empty text.
         let text = if text == "null" { "" } else { text.as_str() };
+        self.dispatch_answer(plugin, method, text, null)
+    }
+
+    /// [`dispatch`](Self::dispatch) of `Value` params, with a literal `null` answer kept as
+    /// `Some(Null)`. Absent params (`null`) go out as empty text without being written, so an
+    /// empty call allocates nothing.
+    fn dispatch_value(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Result<Option<Value>, Failure> {
+        if params.is_null() {
+            return self.dispatch_answer(plugin, method, "", Answer::NullIsValue);
+        }
+        self.dispatch(plugin, method, params, Answer::NullIsValue)
+    }
+
+    /// Calls `plugin.method` with params text and reads the answer into `T`.
+    fn dispatch_answer<T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        text: &str,
+        null: Answer,
+    ) -> Result<Option<T>, Failure> {
         self.dispatch_text(plugin, method, text, |answer| match answer {
             None => Ok(None),
             Some("null") if null == Answer::NullIsNone => Ok(None),
