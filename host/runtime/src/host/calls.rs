@@ -235,6 +235,9 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Result<Option<Value>, Failure> {
+        if !self.may_be_loaded(plugin) {
+            return Err(Failure::PluginNotFound);
+        }
         if params.is_null() {
             return self.dispatch_answer(plugin, method, "", Answer::NullIsValue);
         }
