@@ -4,6 +4,7 @@
 //! files claiming one name. Hostile C libraries are compiled by the tests with the system's C
 //! compiler (`cc`, or `$CC`).
 
+use crate::worker;
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -19,37 +20,6 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A user id that is neither root nor the tests' user.
 const OTHER_USER: u32 = 65534;
-
-/// Runs the worker CLI on `dir` with `args` (and `env`), killed if it takes over two minutes.
-fn worker(dir: &PluginDir, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
-    command
-        .arg("--plugins")
-        .arg(dir.path())
-        .arg("--state-dir")
-        .arg(dir.shadow().join("state"))
-        .args(args)
-        .env_remove("WORKER_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let child = command.spawn().unwrap();
-    let pid = child.id();
-    let (send, receive) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = send.send(child.wait_with_output());
-    });
-    match receive.recv_timeout(Duration::from_secs(120)) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("the worker did not finish within two minutes: {args:?}");
-        }
-    }
-}
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()

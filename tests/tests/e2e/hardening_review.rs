@@ -2,6 +2,7 @@
 //! watcher that must stay idle, file names and manifest fields that must not forge log lines,
 //! a token file that must not hang start-up, a state directory others can write.
 
+use crate::worker;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -20,38 +21,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     let fields: Vec<&str> = rest.split(' ').collect();
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-/// Runs the worker CLI on `dir` with `args`, killed if it takes over two minutes.
-fn worker(dir: &PluginDir, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
-    command
-        .arg("--plugins")
-        .arg(dir.path())
-        .arg("--state-dir")
-        .arg(dir.shadow().join("state"))
-        .args(args)
-        .env_remove("WORKER_LOG")
-        .env_remove("WORKER_TOKEN_FILE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let child = command.spawn().unwrap();
-    let pid = child.id();
-    let (send, receive) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = send.send(child.wait_with_output());
-    });
-    match receive.recv_timeout(Duration::from_secs(120)) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("the worker did not finish within two minutes: {args:?}");
-        }
-    }
 }
 
 #[test]

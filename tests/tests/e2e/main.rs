@@ -25,3 +25,40 @@ mod statistics;
 mod tuning;
 mod watch;
 mod worker_lifecycle;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use tests::PluginDir;
+
+/// Runs the worker CLI on `dir` with `args` (and `env`), killed if it takes over two minutes.
+pub(crate) fn worker(dir: &PluginDir, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker-under-test"));
+    command
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.shadow().join("state"))
+        .args(args)
+        .env_remove("WORKER_LOG")
+        .env_remove("WORKER_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(child.wait_with_output());
+    });
+    match receive.recv_timeout(Duration::from_secs(120)) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("the worker did not finish within two minutes: {args:?}");
+        }
+    }
+}
