@@ -21,8 +21,13 @@ fn stress() {
     swaps_under_load();
 }
 
-/// 300 reloads while two threads call without pause: every answer right, none missing.
+/// 300 reloads while two threads call without pause: every answer right, none missing. Between
+/// two reloads the callers get at least [`CALLS_BETWEEN_SWAPS`] answers, so every swap happens
+/// while calls are in flight however fast or slow the machine is (a count of answers in a fixed
+/// time would measure the machine, not the host).
 fn swaps_under_load() {
+    const SWAPS: u64 = 300;
+    const CALLS_BETWEEN_SWAPS: u64 = 200;
     let dir = PluginDir::new();
     let file = dir.add("echo", "libecho.so");
     let host = dir.host();
@@ -47,20 +52,25 @@ fn swaps_under_load() {
                 }
             });
         }
-        for _ in 0..300 {
+        for _ in 0..SWAPS {
             host.reload("echo").unwrap();
+            let seen = answers.load(Ordering::Relaxed);
+            let started = std::time::Instant::now();
+            while answers.load(Ordering::Relaxed) < seen + CALLS_BETWEEN_SWAPS {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(30),
+                    "the callers stopped answering after a swap"
+                );
+                std::thread::yield_now();
+            }
         }
         stop.store(true, Ordering::Relaxed);
     });
     let plugin = host.plugin("echo").unwrap();
     assert_eq!(plugin.stats.errors + plugin.stats.panics, 0);
-    assert!(
-        answers.load(Ordering::Relaxed) > 300_000,
-        "the callers barely ran: {} answers",
-        answers.load(Ordering::Relaxed)
-    );
+    assert!(answers.load(Ordering::Relaxed) >= SWAPS * CALLS_BETWEEN_SWAPS);
     eprintln!(
-        "300 swaps, {} answers, all right",
+        "{SWAPS} swaps, {} answers, all right",
         answers.load(Ordering::Relaxed)
     );
     drop(host);

@@ -48,7 +48,7 @@ fn call(worker: &Worker, method: &str, params: &[u8]) -> (Value, String) {
 #[test]
 fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
     let dir = PluginDir::new();
-    dir.configure(&json!({"fixture": {"breaker": {"failures": 5, "cooldownMs": 600}}}));
+    dir.configure(&json!({"fixture": {"breaker": {"failures": 5, "cooldownMs": 3000}}}));
     dir.add("fixture", "libfixture.so");
     dir.add("echo", "libecho.so");
     let state = dir.shadow().join("state");
@@ -64,15 +64,13 @@ fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
     assert_eq!(open["consecutive_failures"], 5, "{open}");
     assert_eq!(open["times_opened"], 1, "{open}");
 
-    let started = Instant::now();
     for _ in 0..10 {
         let (answer, reason) = call(&worker, "total", b"");
         assert_eq!(answer, Value::Null);
         assert!(reason.contains("circuit open"), "{reason}");
     }
-    // Refused without reaching the plugin: ten round trips over loopback, well within the
-    // cool-down (the breaker would let a trial through after it).
-    assert!(started.elapsed() < Duration::from_millis(600));
+    // Refused without reaching the plugin (ten round trips over loopback fit in the 3 s
+    // cool-down on a loaded machine too; after it the breaker would let a trial through).
     assert_eq!(health(&worker, "fixture")["calls_refused"], 10);
     assert_eq!(metric(&worker, "plugin_breaker_open", "fixture"), 1.0);
     assert_eq!(
@@ -98,7 +96,7 @@ fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
     );
 
     // After the cool-down, a failing trial opens it again...
-    std::thread::sleep(Duration::from_millis(650));
+    std::thread::sleep(Duration::from_millis(3050));
     let (_, reason) = call(&worker, "control_error", b"");
     assert!(
         reason.contains("failed"),
