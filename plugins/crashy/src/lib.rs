@@ -1,0 +1,222 @@
+//! `crashy`: a test fixture that misbehaves in every way a native plugin can, on request, for
+//! the host's crash-containment tests. In-process, most of these end the process; isolated, the
+//! host must contain each of them.
+//!
+//! Methods, each a way to go wrong (named as in the configuration below):
+//! - `segfault`: writes through a null pointer (SIGSEGV).
+//! - `abort`: calls `std::process::abort()` (SIGABRT).
+//! - `exit`: calls `std::process::exit(0)` from plugin code.
+//! - `stack_overflow`: recurses until the stack is exhausted.
+//! - `spin`: loops forever, never returning.
+//! - `sleep {"ms"}`: sleeps, then answers `"slept"` (a slow call).
+//! - `alloc {"mb"}`: allocates and touches `mb` MiB, then answers the size (beyond a memory
+//!   limit, the allocation fails and the process aborts).
+//! - `double_panic`: panics with a payload whose `Drop` panics again.
+//!
+//! And the well-behaved ones: `ok` answers `"fine"`; `add {"n"}` and `total` keep a counter
+//! that is carried across reloads and restarts through `save_state`/`restore_state`;
+//! `pid` answers the process id the plugin runs in (isolated: the child's).
+//!
+//! Configuration `{"in": {"create" | "destroy" | "save_state" | "restore_state" | "hook": FAULT}}`
+//! makes that entry misbehave, where FAULT is one of the method names above (`sleep` sleeps
+//! `sleepMs`, default 60 000). The hook is a sequential subscription to `task.scored`.
+
+// Denied, not forbidden: `segfault` writes through a null pointer on purpose, and nothing else
+// may use unsafe code.
+#![deny(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use plugin_api::{
+    HookMode, HookResult, Hooks, Methods, Plugin, PluginError, PluginInfo, export_plugin,
+};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+/// The plugin instance.
+#[derive(Debug)]
+pub struct Crashy {
+    total: AtomicI64,
+    config: Config,
+}
+
+/// Where to misbehave, and how long `sleep` sleeps there.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Entry (`create`, `destroy`, `save_state`, `restore_state`, `hook`) → fault name.
+    #[serde(default, rename = "in")]
+    faults: BTreeMap<String, String>,
+    /// How long a configured `sleep` fault sleeps, in milliseconds.
+    #[serde(default)]
+    sleep_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Ms {
+    ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Mb {
+    mb: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct N {
+    n: i64,
+}
+
+/// A panic payload whose `Drop` panics: dropping it while the first panic is handled ends the
+/// process.
+struct PanicOnDrop;
+
+impl Drop for PanicOnDrop {
+    fn drop(&mut self) {
+        panic!("crashy: the panic payload panicked while being dropped");
+    }
+}
+
+/// Goes wrong as `fault` names; returns for `sleep` (after sleeping) and for an unknown name.
+fn misbehave(fault: &str, sleep_ms: u64) {
+    match fault {
+        "segfault" => segfault(),
+        "abort" => std::process::abort(),
+        "exit" => std::process::exit(0),
+        "stack_overflow" => {
+            recurse(0);
+        }
+        "spin" => loop {
+            std::hint::spin_loop();
+        },
+        "sleep" => std::thread::sleep(std::time::Duration::from_millis(sleep_ms)),
+        "alloc" => {
+            let _ = touch(1 << 20);
+        }
+        "double_panic" => std::panic::panic_any(PanicOnDrop),
+        _ => {}
+    }
+}
+
+#[expect(unsafe_code, reason = "the fixture crashes on purpose")]
+fn segfault() {
+    let null = std::hint::black_box(std::ptr::null_mut::<u8>());
+    // SAFETY: none, on purpose: this write through a null pointer raises SIGSEGV.
+    unsafe { null.write_volatile(1) };
+}
+
+/// Recursion the optimizer cannot turn into a loop: each frame keeps a buffer alive.
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 512]);
+    if std::hint::black_box(depth) == u64::MAX {
+        return frame[0];
+    }
+    recurse(depth + 1) + frame[(depth % 512) as usize]
+}
+
+/// Allocates `mb` MiB and writes to every page, so the memory is really used.
+fn touch(mb: usize) -> usize {
+    let mut block = vec![0u8; mb << 20];
+    for page in block.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&block).len()
+}
+
+impl Crashy {
+    fn fault_in(&self, entry: &str) {
+        if let Some(fault) = self.config.faults.get(entry) {
+            misbehave(fault, self.config.sleep_ms.unwrap_or(60_000));
+        }
+    }
+}
+
+impl Drop for Crashy {
+    fn drop(&mut self) {
+        self.fault_in("destroy");
+    }
+}
+
+impl Plugin for Crashy {
+    type Config = Config;
+    type State = i64;
+
+    fn info() -> PluginInfo {
+        PluginInfo::new(
+            "crashy",
+            env!("CARGO_PKG_VERSION"),
+            "Test fixture: crashes, aborts, exits, overflows, spins and sleeps on request",
+        )
+    }
+
+    fn create(config: Config) -> Result<Self, PluginError> {
+        let this = Crashy {
+            total: AtomicI64::new(0),
+            config,
+        };
+        this.fault_in("create");
+        Ok(this)
+    }
+
+    fn methods(methods: &mut Methods<Self>) {
+        for fault in [
+            "segfault",
+            "abort",
+            "exit",
+            "stack_overflow",
+            "spin",
+            "double_panic",
+        ] {
+            methods.method(fault, "Misbehaves as named", move |_, _: IgnoredAny| {
+                misbehave(fault, 0);
+                Ok("survived")
+            });
+        }
+        methods
+            .method("sleep", "Sleeps {\"ms\"}, then answers", |_, p: Ms| {
+                std::thread::sleep(std::time::Duration::from_millis(p.ms));
+                Ok("slept")
+            })
+            .method("alloc", "Allocates and touches {\"mb\"} MiB", |_, p: Mb| {
+                Ok(touch(p.mb))
+            })
+            .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))
+            .method("add", "Adds {\"n\"} to the counter", |this, p: N| {
+                Ok(this.total.fetch_add(p.n, Ordering::Relaxed) + p.n)
+            })
+            .method("total", "The counter", |this, _: IgnoredAny| {
+                Ok(this.total.load(Ordering::Relaxed))
+            })
+            .method(
+                "pid",
+                "The process id the plugin runs in",
+                |_, _: IgnoredAny| Ok(std::process::id()),
+            );
+    }
+
+    fn hooks(hooks: &mut Hooks<Self>) {
+        hooks.on(
+            "task.scored",
+            100,
+            HookMode::Sequential,
+            |this: &Self, _: IgnoredAny| -> Result<HookResult, PluginError> {
+                this.fault_in("hook");
+                Ok(HookResult::Continue)
+            },
+        );
+    }
+
+    fn save_state(&self) -> Result<Option<i64>, PluginError> {
+        self.fault_in("save_state");
+        Ok(Some(self.total.load(Ordering::Relaxed)))
+    }
+
+    fn restore_state(&self, state: i64) -> Result<(), PluginError> {
+        self.fault_in("restore_state");
+        self.total.store(state, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+export_plugin!(Crashy);
