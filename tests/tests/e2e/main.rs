@@ -8,6 +8,7 @@
 )]
 
 mod abi;
+mod bandit;
 mod calls;
 mod cli;
 mod experiment;
