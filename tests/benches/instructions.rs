@@ -5,6 +5,11 @@
 //! params text; the baseline (`direct`) is that work called in-process on the text, with no host
 //! in between: parse the params text, summarize, write the answer text.
 //!
+//! `text` is the same call with the params already held as text (`execute_text`). The hook
+//! paths dispatch one `task.scored` event to ten `hookbench` subscribers, through the host
+//! (`hook_fire`) and by calling each library's hook entry directly (`hook_direct`); the
+//! difference divided by ten is the host's overhead per subscriber.
+//!
 //! Run one path: `instructions PATH [CALLS]`; with no path it lists them. Outside valgrind it
 //! prints the wall time per call, which is only a rough second figure on a shared machine.
 
@@ -14,8 +19,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use tests::PluginDir;
+use serde_json::{Value, json};
+use tests::{PluginDir, built_plugin, patched};
+
+#[path = "common/direct.rs"]
+mod direct;
 
 /// The params as a caller that builds them would hold them.
 #[derive(Serialize)]
@@ -67,6 +75,13 @@ fn measure_execute(host: &plugin_host::PluginHost, params: &Value, calls: u64) {
 }
 
 #[inline(never)]
+fn measure_text(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    for _ in 0..calls {
+        black_box(host.execute_text(black_box("echo"), "summarize", black_box(text)));
+    }
+}
+
+#[inline(never)]
 fn measure_call_with(host: &plugin_host::PluginHost, calls: u64) {
     let params = ReadingsOut {
         source: SOURCE,
@@ -112,14 +127,75 @@ fn measure_missing_call_with(host: &plugin_host::PluginHost, calls: u64) {
     }
 }
 
-const PATHS: [&str; 7] = [
+/// The subscribers of the hook paths: copies of `hookbench`, each renamed.
+const SUBSCRIBERS: usize = 10;
+
+/// The hook payload of the hook benchmarks: a scored task.
+fn hook_payload() -> Value {
+    json!({
+        "id": "task-17", "type": "qa", "handler": "retrieval", "variant": "B",
+        "experiment": "tone", "score": 0.82, "latency_ms": 12.5, "output_len": 120
+    })
+}
+
+/// The hook baseline: the payload cloned and written once, then each library's own hook entry
+/// point called through its table, as the host would, with no host in between.
+#[inline(never)]
+fn measure_hook_direct(libraries: &[direct::Library], payload: &Value, calls: u64) {
+    for _ in 0..calls {
+        let payload = black_box(payload).clone();
+        let text = payload.to_string();
+        for library in libraries {
+            black_box(library.on_hook(black_box("task.scored"), black_box(&text)));
+        }
+        black_box(payload);
+    }
+}
+
+#[inline(never)]
+fn measure_hook_fire(host: &plugin_host::PluginHost, payload: &Value, calls: u64) {
+    for _ in 0..calls {
+        black_box(
+            host.fire(worker::hooks::TASK_SCORED, || black_box(payload).clone())
+                .unwrap(),
+        );
+    }
+}
+
+/// A host with [`SUBSCRIBERS`] renamed `hookbench` copies, and each copy opened again for the
+/// direct baseline.
+fn hook_host(dir: &PluginDir) -> (plugin_host::PluginHost, Vec<direct::Library>) {
+    let source = built_plugin("hookbench");
+    for i in 0..SUBSCRIBERS {
+        let name = format!("hb-{i:03}");
+        let bytes = patched(&source, b"hb-000", name.as_bytes());
+        dir.write(&format!("lib{name}.so"), &bytes);
+    }
+    let host = worker::hooks::host_builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .build()
+        .unwrap();
+    let report = host.scan().unwrap();
+    assert_eq!(report.loaded.len(), SUBSCRIBERS, "{:?}", report.refused);
+    let libraries = host
+        .plugins()
+        .iter()
+        .map(|p| direct::Library::open(&p.shadow_file))
+        .collect();
+    (host, libraries)
+}
+
+const PATHS: [&str; 10] = [
     "direct",
+    "text",
     "execute",
     "call_with",
     "noop",
     "noop_untimed",
     "missing_execute",
     "missing_call_with",
+    "hook_direct",
+    "hook_fire",
 ];
 
 fn host(dir: &PluginDir, timing: bool) -> plugin_host::PluginHost {
@@ -135,6 +211,10 @@ fn host(dir: &PluginDir, timing: bool) -> plugin_host::PluginHost {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--subscribers") {
+        println!("{SUBSCRIBERS}");
+        return;
+    }
     if args.iter().any(|a| a == "--list-paths") {
         println!("paths: {}", PATHS.join(" "));
         return;
@@ -152,6 +232,9 @@ fn main() {
 }
 
 fn run(path: &str, calls: u64) {
+    if path.starts_with("hook_") {
+        return run_hooks(path, calls);
+    }
     let dir = PluginDir::new();
     let text = params_text();
     let params: Value = serde_json::from_str(&text).unwrap();
@@ -162,6 +245,7 @@ fn run(path: &str, calls: u64) {
     let started = Instant::now();
     match path {
         "direct" => measure_direct(&text, calls),
+        "text" => measure_text(&host, &text, calls),
         "execute" => measure_execute(&host, &params, calls),
         "call_with" => measure_call_with(&host, calls),
         "noop" | "noop_untimed" => measure_noop(&host, calls),
@@ -174,5 +258,24 @@ fn run(path: &str, calls: u64) {
         "{path}: {calls} calls, {:.1} ns a call (params {} bytes)",
         elapsed.as_secs_f64() * 1e9 / calls as f64,
         text.len()
+    );
+}
+
+/// The hook paths: one dispatch to [`SUBSCRIBERS`] plugins, through the host and directly.
+/// The difference divided by the subscribers is the host's overhead per subscriber.
+fn run_hooks(path: &str, calls: u64) {
+    let dir = PluginDir::new();
+    let (host, libraries) = hook_host(&dir);
+    let payload = hook_payload();
+    let started = Instant::now();
+    match path {
+        "hook_direct" => measure_hook_direct(&libraries, &payload, calls),
+        "hook_fire" => measure_hook_fire(&host, &payload, calls),
+        other => panic!("unknown path {other}; paths: {}", PATHS.join(" ")),
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{path}: {calls} dispatches to {SUBSCRIBERS} subscribers, {:.1} ns a dispatch",
+        elapsed.as_secs_f64() * 1e9 / calls as f64,
     );
 }

@@ -574,6 +574,16 @@ impl Answer {
         }
     }
 
+    /// An answer whose body is JSON text already (checked by whoever made it).
+    fn json_text(status: u16, body: String) -> Self {
+        Self {
+            status,
+            body,
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
+    }
+
     fn error(status: u16, message: impl Into<String>) -> Self {
         Self::json(status, &json!({ "error": message.into() }))
     }
@@ -810,11 +820,30 @@ async fn read_body(
     }
 }
 
-fn read_params(body: &[u8]) -> Result<Value, Answer> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+/// The params of a plugin call: the body as JSON text, checked to be one JSON value (without
+/// building it) so that a malformed body is the caller's 400, not the plugin's failure; an empty
+/// body is no params.
+fn read_params(body: &[u8]) -> Result<&str, Answer> {
+    let malformed = |e: &dyn std::fmt::Display| {
+        Answer::error(
+            400,
+            format!("the body is not valid JSON ({e}); send the params as one JSON value"),
+        )
+    };
+    let text = std::str::from_utf8(body).map_err(|e| malformed(&e))?;
+    if text.trim().is_empty() {
+        return Ok("");
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| malformed(&e))?;
+    Ok(text)
+}
+
+/// A body read by [`read_params`] as a value (no params: `null`).
+fn read_value(text: &str) -> Result<Value, Answer> {
+    if text.is_empty() {
         return Ok(Value::Null);
     }
-    serde_json::from_slice(body).map_err(|e| {
+    serde_json::from_str(text).map_err(|e| {
         Answer::error(
             400,
             format!("the body is not valid JSON ({e}); send the params as one JSON value"),
@@ -848,7 +877,7 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
         ),
         (["v1", "plugins"], _) => allow("GET"),
         (["v1", "tasks"], &Method::POST) => {
-            let body = match read_params(body) {
+            let body = match read_params(body).and_then(read_value) {
                 Ok(body) => body,
                 Err(answer) => return answer,
             };
@@ -898,8 +927,10 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
                 Ok(params) => params,
                 Err(answer) => return answer,
             };
-            match host.call(plugin, method_name, &params) {
-                Ok(answer) => Answer::json(200, &answer.unwrap_or(Value::Null)),
+            // Text in, text out: the body goes to the plugin and its answer comes back as
+            // the JSON text they are, with no value built on either side.
+            match host.call_text(plugin, method_name, params) {
+                Ok(answer) => Answer::json_text(200, answer.unwrap_or_else(|| "null".to_owned())),
                 Err(e) => {
                     let mut answer = Answer::json(200, &Value::Null);
                     answer

@@ -275,3 +275,44 @@ fn missing_plugin_fast_path_never_hides_a_loaded_plugin() {
         );
     }
 }
+
+/// The text path hands the caller's text to the plugin and its answer back as text, checked to
+/// be JSON: the same answers and failures as the value path, without a value on either side.
+#[test]
+fn the_text_path_answers_text_and_fails_like_the_value_path() {
+    let (_dir, host) = host_with(&["echo", "faulty"]);
+    let params = r#"{"source":"a","values":[1.0,3.0]}"#;
+    let answer = host
+        .call_text("echo", "summarize", params)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).unwrap(),
+        host.execute("echo", "summarize", &serde_json::from_str(params).unwrap())
+            .unwrap()
+    );
+    // No params: empty text or `null`; the plugin answers nothing for them.
+    assert_eq!(host.call_text("echo", "echo", "").unwrap(), None);
+    assert_eq!(host.call_text("echo", "echo", "null").unwrap(), None);
+    assert_eq!(
+        host.execute_text("echo", "echo", r#"[1, "two"]"#)
+            .as_deref(),
+        Some(r#"[1,"two"]"#)
+    );
+    // Params that are not JSON are the plugin's invalid params, not a host failure.
+    assert!(matches!(
+        host.call_text("echo", "summarize", "{not json"),
+        Err(PluginCallError::InvalidParams { .. })
+    ));
+    // An answer that is not JSON never reaches the caller.
+    assert!(matches!(
+        host.call_text("faulty", "bad_json", ""),
+        Err(PluginCallError::InvalidJson { .. })
+    ));
+    assert_eq!(host.execute_text("faulty", "bad_json", ""), None);
+    assert!(matches!(
+        host.call_text("nobody", "echo", "1"),
+        Err(PluginCallError::PluginNotFound { .. })
+    ));
+    assert_eq!(host.execute_text("faulty", "nothing", ""), None);
+}
