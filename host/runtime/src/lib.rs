@@ -40,6 +40,7 @@ mod files;
 mod health;
 pub mod hooks;
 mod host;
+mod json;
 mod layout;
 mod loader;
 mod state;

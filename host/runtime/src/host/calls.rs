@@ -246,10 +246,13 @@ impl PluginHost {
         let params = if params == "null" { "" } else { params };
         self.dispatch_text(plugin, method, params, |answer| match answer {
             None => Ok(None),
-            Some(json) => match serde_json::from_str::<serde::de::IgnoredAny>(json) {
-                Ok(_) => Ok(Some(json.to_owned())),
-                Err(e) => Err(Failure::InvalidJson(e.to_string())),
-            },
+            Some(json) if crate::json::is_json(json) => Ok(Some(json.to_owned())),
+            // The rare failure pays for serde_json's message saying where the text went wrong.
+            Some(json) => Err(Failure::InvalidJson(
+                serde_json::from_str::<serde::de::IgnoredAny>(json)
+                    .err()
+                    .map_or_else(|| "not one JSON value".to_owned(), |e| e.to_string()),
+            )),
         })
     }
 
