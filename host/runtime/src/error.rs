@@ -99,6 +99,18 @@ pub enum LoadErrorKind {
         /// The deadline, in milliseconds.
         timeout_ms: u64,
     },
+    /// The plugin's `save_state` or `restore_state` did not return within its deadline
+    /// (`timeoutMs`) during a load or reload; it was abandoned, and nothing was replaced: on a
+    /// reload the old generation keeps serving with its state, on a load the saved state file
+    /// stays for the next try.
+    StateTimedOut {
+        /// The plugin's name.
+        plugin: String,
+        /// `save_state` or `restore_state`.
+        entry: &'static str,
+        /// The deadline, in milliseconds.
+        timeout_ms: u64,
+    },
     /// The name is not a regular file (a directory, FIFO, socket, device, or a symlink to one).
     NotRegularFile {
         /// What it is.
@@ -232,6 +244,15 @@ impl fmt::Display for LoadErrorKind {
             LoadErrorKind::CreateTimedOut { plugin, timeout_ms } => write!(
                 f,
                 "plugin `{}` did not finish starting within {timeout_ms} ms (its timeoutMs); abandoned: its `create` goes on in the background and the instance is dropped if it ever returns",
+                EscapeControl(plugin)
+            ),
+            LoadErrorKind::StateTimedOut {
+                plugin,
+                entry,
+                timeout_ms,
+            } => write!(
+                f,
+                "plugin `{}`: its `{entry}` did not return within {timeout_ms} ms (its timeoutMs) and was abandoned; nothing was replaced, so no state is lost (a reload keeps the old generation serving; a load leaves the saved state for the next try)",
                 EscapeControl(plugin)
             ),
             LoadErrorKind::NotRegularFile { kind } => write!(

@@ -87,6 +87,9 @@ pub(crate) struct Health {
     times_opened: AtomicU64,
     refused: AtomicU64,
     timeouts: AtomicU64,
+    /// Lifecycle entries (`create`, `destroy`, `save_state`, `restore_state`) abandoned past
+    /// their deadline and still running.
+    stuck: AtomicU32,
     markers: [Marker; MARKERS],
 }
 
@@ -102,6 +105,7 @@ impl Default for Health {
             times_opened: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            stuck: AtomicU32::new(0),
             markers: Default::default(),
         }
     }
@@ -124,6 +128,9 @@ pub struct PluginHealth {
     pub overdue_calls: u32,
     /// The deadline of a call, in milliseconds.
     pub timeout_ms: u64,
+    /// Lifecycle entries (`destroy`, `save_state`, `restore_state`) abandoned past their
+    /// deadline that have not returned yet.
+    pub stuck_entries: u32,
 }
 
 /// A call in flight, as the watchdog or a shutdown sees it.
@@ -228,6 +235,7 @@ impl Health {
                 >= self.cooldown_ms.load(Relaxed)
             // A plugin still stuck in a call gets no trial: it would be stuck too.
             && self.overdue() == 0
+            && self.stuck.load(Relaxed) == 0
             && self
                 .state
                 .compare_exchange(OPEN, HALF_OPEN, AcqRel, Relaxed)
@@ -314,7 +322,64 @@ impl Health {
 
     /// Whether the breaker is open (or half-open), or a call is overdue.
     pub(crate) fn degraded(&self) -> bool {
-        self.state.load(Acquire) != CLOSED || self.overdue() != 0
+        self.state.load(Acquire) != CLOSED || self.overdue() != 0 || self.stuck() != 0
+    }
+
+    /// Lifecycle entries abandoned past their deadline and still running.
+    pub(crate) fn stuck(&self) -> u32 {
+        self.stuck.load(Acquire)
+    }
+
+    /// A lifecycle entry (`destroy`, `save_state`, ...) overran its deadline and was abandoned:
+    /// logged, counted as a timeout, and the breaker opened, as for a call.
+    #[cold]
+    pub(crate) fn entry_overran(
+        &self,
+        plugin: &str,
+        entry: &str,
+        elapsed_ms: u64,
+        timeout_ms: u64,
+    ) {
+        self.timeouts.fetch_add(1, Relaxed);
+        self.failures.fetch_add(1, Relaxed);
+        let state = self.state.load(Acquire);
+        let opened = state != OPEN && self.open(state);
+        tracing::warn!(
+            plugin,
+            entry,
+            elapsed_ms,
+            timeout_ms,
+            breaker = if opened {
+                "opened"
+            } else if self.threshold.load(Relaxed) == 0 {
+                "off"
+            } else {
+                "open"
+            },
+            "plugin entry overran its deadline; abandoned: it runs on in the background, and the worker goes on without it"
+        );
+    }
+
+    /// One more entry counts as stuck (before it is known abandoned).
+    pub(crate) fn stuck_more(&self) {
+        self.stuck.fetch_add(1, AcqRel);
+    }
+
+    /// One entry less counts as stuck.
+    pub(crate) fn stuck_less(&self) {
+        self.stuck.fetch_sub(1, AcqRel);
+    }
+
+    /// An abandoned lifecycle entry returned after all.
+    #[cold]
+    pub(crate) fn entry_returned(&self, plugin: &str, entry: &str, elapsed_ms: u64) {
+        self.stuck_less();
+        tracing::info!(
+            plugin,
+            entry,
+            elapsed_ms,
+            "an abandoned plugin entry returned; its result was dropped"
+        );
     }
 
     /// The calls in flight now.
@@ -399,6 +464,7 @@ impl Health {
             timeouts: self.timeouts.load(Relaxed),
             overdue_calls: self.overdue(),
             timeout_ms: self.timeout_ms.load(Relaxed),
+            stuck_entries: self.stuck(),
         }
     }
 }

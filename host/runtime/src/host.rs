@@ -36,6 +36,7 @@ use std::thread::JoinHandle;
 
 mod builder;
 mod calls;
+mod deadline;
 mod dispatch;
 mod host_hooks;
 mod lifecycle;

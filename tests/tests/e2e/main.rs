@@ -10,6 +10,7 @@
 mod abi;
 mod calls;
 mod cli;
+mod containment;
 mod experiment;
 mod hardening_http;
 mod hardening_inputs;

@@ -1,0 +1,196 @@
+//! Containment of in-process plugins, end to end with the `crashy` fixture: lifecycle entries
+//! past their deadline, hook deliveries past theirs, bounded joins, and crash records with
+//! quarantine.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::{PluginDir, eventually};
+
+use crate::serve::Worker;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+/// What an abandoned entry would take if it were waited for: far beyond any bound a test waits.
+const ASLEEP_MS: u64 = 120_000;
+
+/// The entry of `plugin` in `GET /v1/plugins`, if loaded.
+fn listed(worker: &Worker, plugin: &str) -> Option<Value> {
+    let plugins = worker.http("GET", "/v1/plugins", b"").json();
+    plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == plugin)
+        .cloned()
+}
+
+/// Runs `request` and asserts it answered well before the entry it waited on would have.
+fn promptly<T>(what: &str, request: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let answer = request();
+    assert!(
+        started.elapsed() < Duration::from_millis(ASLEEP_MS / 2),
+        "{what} waited for the sleeping entry: {:?}",
+        started.elapsed()
+    );
+    answer
+}
+
+fn crashy_in(entry: &str, fault: &str) -> Value {
+    json!({
+        "config": {"in": {entry: fault}, "sleepMs": ASLEEP_MS},
+        "timeoutMs": 300,
+        "breaker": false,
+    })
+}
+
+/// A reload whose `save_state` overruns is refused and the old generation keeps serving with
+/// its state; the overrun is logged, counted, and reported by `/healthz`; an unload whose
+/// `save_state` overruns completes; other plugins reload and load meanwhile; shutdown ends.
+#[test]
+fn a_save_state_past_its_deadline_is_abandoned_and_the_worker_goes_on() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": crashy_in("save_state", "sleep")}));
+    dir.add("crashy", "libcrashy.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let args = ["--checkpoint-interval", "0", "--shutdown-timeout", "3"];
+    let worker = Worker::start(&dir, &state, &args);
+    let added = worker.http("POST", "/v1/plugins/crashy/add", br#"{"n": 5}"#);
+    assert_eq!(added.json(), json!(5), "{}", added.body);
+    let generation = listed(&worker, "crashy").unwrap()["generation"].clone();
+
+    let reload = promptly("the reload", || {
+        worker.http("POST", "/v1/plugins/crashy/reload", b"")
+    });
+    assert_ne!(reload.status, 200, "{}", reload.body);
+    assert!(
+        reload.body.contains("save_state") && reload.body.contains("keeps serving"),
+        "{}",
+        reload.body
+    );
+    let crashy = listed(&worker, "crashy").unwrap();
+    assert_eq!(crashy["generation"], generation);
+    assert_eq!(crashy["health"]["timeouts"], 1, "{crashy}");
+    assert_eq!(crashy["health"]["stuck_entries"], 1, "{crashy}");
+    // The old generation serves, with what it learned.
+    let total = worker.http("POST", "/v1/plugins/crashy/total", b"");
+    assert_eq!(total.json(), json!(5), "{}", total.body);
+    let healthz = worker.http("GET", "/healthz", b"").json();
+    assert_eq!(healthz["status"], "degraded");
+    assert_eq!(healthz["degraded"], json!(["crashy"]));
+
+    let echo = worker.http("POST", "/v1/plugins/echo/reload", b"");
+    assert_eq!(echo.status, 200, "{}", echo.body);
+    let unload = promptly("the unload", || {
+        worker.http("DELETE", "/v1/plugins/crashy", b"")
+    });
+    assert_eq!(unload.status, 200, "{}", unload.body);
+    assert!(listed(&worker, "crashy").is_none());
+    dir.add("experiment", "libexperiment.so");
+    assert!(
+        eventually(PATIENCE, || listed(&worker, "experiment").is_some()),
+        "the watcher did not load a new plugin"
+    );
+    let (_, log) = worker
+        .stop_within(PATIENCE)
+        .expect("shutdown waited for the sleeping save_state");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("plugin entry overran its deadline")
+                && l.contains("plugin=\"crashy\"")
+                && l.contains("entry=\"save_state\"")
+                && l.contains("elapsed_ms=")),
+        "{log}"
+    );
+    // Never saved: what the worker had on disk stays (here, nothing).
+    assert!(!state.join("crashy.json").exists());
+}
+
+/// A `restore_state` past its deadline at load refuses the plugin and keeps its state file;
+/// the other plugins load and serve.
+#[test]
+fn a_restore_state_past_its_deadline_refuses_the_load_and_keeps_the_state() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": crashy_in("restore_state", "sleep")}));
+    dir.add("crashy", "libcrashy.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("crashy.json"), "7").unwrap();
+    let args = ["--checkpoint-interval", "0", "--shutdown-timeout", "3"];
+    let worker = promptly("the start", || Worker::start(&dir, &state, &args));
+    assert!(listed(&worker, "crashy").is_none());
+    let echoed = worker.http("POST", "/v1/plugins/echo/echo", br#"{"x": 1}"#);
+    assert_eq!(echoed.json(), json!({"x": 1}));
+    let (_, log) = worker
+        .stop_within(PATIENCE)
+        .expect("shutdown waited for the sleeping restore_state");
+    assert!(
+        log.lines().any(|l| l.contains("plugin file refused")
+            && l.contains("restore_state")
+            && l.contains("did not return within 300 ms")),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(state.join("crashy.json"))
+            .unwrap()
+            .trim(),
+        "7"
+    );
+}
+
+/// A `destroy` past its deadline: the unload completes, and so do later reloads and shutdown.
+#[test]
+fn a_destroy_past_its_deadline_is_abandoned() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": crashy_in("destroy", "sleep")}));
+    dir.add("crashy", "libcrashy.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let args = ["--checkpoint-interval", "0", "--shutdown-timeout", "3"];
+    let worker = Worker::start(&dir, &state, &args);
+    let unload = promptly("the unload", || {
+        worker.http("DELETE", "/v1/plugins/crashy", b"")
+    });
+    assert_eq!(unload.status, 200, "{}", unload.body);
+    let echo = promptly("the next reload", || {
+        worker.http("POST", "/v1/plugins/echo/reload", b"")
+    });
+    assert_eq!(echo.status, 200, "{}", echo.body);
+    let (_, log) = worker
+        .stop_within(PATIENCE)
+        .expect("shutdown waited for the sleeping destroy");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("plugin entry overran its deadline")
+                && l.contains("plugin=\"crashy\"")
+                && l.contains("entry=\"destroy\"")),
+        "{log}"
+    );
+}
+
+/// SIGTERM while a plugin's `save_state` sleeps: the worker ends within its shutdown timeout,
+/// with status 1 and the plugin named as abandoned; the others are saved.
+#[test]
+fn shutdown_with_a_sleeping_save_state_is_bounded() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": crashy_in("save_state", "sleep")}));
+    dir.add("crashy", "libcrashy.so");
+    dir.add("experiment", "libexperiment.so");
+    let state = dir.shadow().join("state");
+    let args = ["--checkpoint-interval", "0", "--shutdown-timeout", "3"];
+    let worker = Worker::start(&dir, &state, &args);
+    let (status, log) = promptly("the shutdown", || {
+        worker
+            .stop_within(PATIENCE)
+            .expect("shutdown waited for the sleeping save_state")
+    });
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("plugin abandoned") && l.contains("plugin=\"crashy\"")),
+        "{log}"
+    );
+    assert!(!state.join("crashy.json").exists(), "{log}");
+}
