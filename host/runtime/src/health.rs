@@ -59,7 +59,19 @@ pub(crate) fn tick() -> u64 {
 struct Marker {
     /// 0 when free; else the coarse start time + 1, with [`REPORTED`] once reported.
     started: AtomicU64,
+    /// The call's own deadline (a hook subscription's `timeoutMs`); 0 = the plugin's.
+    timeout_ms: AtomicU64,
     method: [AtomicU64; METHOD_BYTES / 8],
+}
+
+impl Marker {
+    /// The deadline of the call in this marker.
+    fn timeout(&self, plugin_timeout: u64) -> u64 {
+        match self.timeout_ms.load(Relaxed) {
+            0 => plugin_timeout,
+            own => own,
+        }
+    }
 }
 
 /// A call admitted by [`Health::begin`]; hand it back to [`Health::end`].
@@ -67,6 +79,8 @@ struct Marker {
 pub(crate) struct Entry {
     marker: u8,
     trial: bool,
+    /// The marker holds a deadline of its own, cleared at the end.
+    own_timeout: bool,
 }
 
 /// A call the breaker refused.
@@ -170,7 +184,26 @@ impl Health {
         Ok(Entry {
             marker: self.mark(method, shard),
             trial,
+            own_timeout: false,
         })
+    }
+
+    /// [`begin`](Self::begin) for a call with a deadline of its own (`timeout_ms`, not 0), such
+    /// as a hook subscription's.
+    pub(crate) fn begin_within(
+        &self,
+        method: &str,
+        shard: usize,
+        timeout_ms: u64,
+    ) -> Result<Entry, Refused> {
+        let mut entry = self.begin(method, shard)?;
+        if entry.marker != NO_MARKER && timeout_ms != 0 {
+            self.markers[usize::from(entry.marker)]
+                .timeout_ms
+                .store(timeout_ms, Relaxed);
+            entry.own_timeout = true;
+        }
+        Ok(entry)
     }
 
     /// Ends a call [`begin`](Self::begin) admitted; `failed` for an error, a panic or invalid
@@ -178,9 +211,11 @@ impl Health {
     #[inline]
     pub(crate) fn end(&self, entry: Entry, failed: bool, plugin: &str) {
         if entry.marker != NO_MARKER {
-            self.markers[usize::from(entry.marker)]
-                .started
-                .store(0, Release);
+            let marker = &self.markers[usize::from(entry.marker)];
+            if entry.own_timeout {
+                marker.timeout_ms.store(0, Relaxed);
+            }
+            marker.started.store(0, Release);
         }
         if entry.trial {
             self.end_trial(failed, plugin);
@@ -314,7 +349,7 @@ impl Health {
             .iter()
             .filter(|m| {
                 let started = m.started.load(Acquire);
-                started != 0 && now.saturating_sub((started & !REPORTED) - 1) > timeout
+                started != 0 && now.saturating_sub((started & !REPORTED) - 1) > m.timeout(timeout)
             })
             .count();
         u32::try_from(count).unwrap_or(u32::MAX)
@@ -403,7 +438,7 @@ impl Health {
                     plugin: plugin.to_owned(),
                     method,
                     elapsed: Duration::from_millis(elapsed),
-                    overdue: elapsed > timeout,
+                    overdue: elapsed > m.timeout(timeout),
                 })
             })
             .collect()
@@ -412,12 +447,13 @@ impl Health {
     /// The watchdog's look at this plugin: each call past its deadline is reported once (logged,
     /// counted as a timeout) and opens the breaker.
     pub(crate) fn watch(&self, plugin: &str, now: u64) {
-        let timeout = self.timeout_ms.load(Relaxed);
+        let plugin_timeout = self.timeout_ms.load(Relaxed);
         for marker in &self.markers {
             let started = marker.started.load(Acquire);
             if started == 0 || started & REPORTED != 0 {
                 continue;
             }
+            let timeout = marker.timeout(plugin_timeout);
             let elapsed = now.saturating_sub(started - 1);
             if elapsed <= timeout {
                 continue;

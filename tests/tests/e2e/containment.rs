@@ -194,3 +194,33 @@ fn shutdown_with_a_sleeping_save_state_is_bounded() {
     );
     assert!(!state.join("crashy.json").exists(), "{log}");
 }
+
+/// A hook subscription's own `timeoutMs` (in the plugin's hook override): a delivery past it is
+/// reported by the watchdog like a call (logged with the hook, counted, breaker opened), while
+/// the plugin's own deadline is far longer.
+#[test]
+fn a_hook_delivery_past_its_subscription_deadline_is_reported() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {
+        "config": {"in": {"hook": "sleep"}, "sleepMs": 3000},
+        "hooks": {"task.scored": {"timeoutMs": 100}},
+    }}));
+    dir.add("crashy", "libcrashy.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--checkpoint-interval", "0"]);
+    let tasks: Vec<Value> = worker::pipeline::example_tasks(1, 1);
+    let done = worker.http("POST", "/v1/tasks", tasks[0].to_string().as_bytes());
+    assert_eq!(done.status, 200, "{}", done.body);
+    let health = listed(&worker, "crashy").unwrap()["health"].clone();
+    assert_eq!(health["timeouts"], 1, "{health}");
+    assert_eq!(health["timeout_ms"], 10_000, "{health}");
+    assert_eq!(health["breaker"], "open", "{health}");
+    let (_, log) = worker.stop();
+    assert!(
+        log.lines().any(|l| l.contains("plugin call overdue")
+            && l.contains("plugin=\"crashy\"")
+            && l.contains("method=task.scored")
+            && l.contains("timeout_ms=100")),
+        "{log}"
+    );
+}

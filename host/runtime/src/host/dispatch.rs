@@ -20,6 +20,8 @@ pub(super) struct Subscriber {
     pub(super) name: Arc<str>,
     pub(super) priority: i32,
     pub(super) mode: HookMode,
+    /// The subscription's own deadline (`timeoutMs` in its hook override); 0 = the plugin's.
+    pub(super) timeout_ms: u64,
     pub(super) target: Target,
 }
 
@@ -86,10 +88,16 @@ impl HookTable {
                 else {
                     continue;
                 };
+                let timeout_ms = settings
+                    .hooks
+                    .get(&subscription.hook)
+                    .and_then(|o| o.timeout_ms)
+                    .unwrap_or(0);
                 points[point.index()].push(Subscriber {
                     name: Arc::from(&**name),
                     priority,
                     mode,
+                    timeout_ms,
                     target: Target::Plugin {
                         generation: Arc::clone(&slot.generation),
                         stats: Arc::clone(&slot.stats),
@@ -104,6 +112,7 @@ impl HookTable {
                     name: Arc::clone(&hook.name),
                     priority: hook.priority,
                     mode: hook.mode,
+                    timeout_ms: 0,
                     target: Target::Host(Arc::clone(&hook.f)),
                 });
             }
@@ -260,7 +269,14 @@ pub(super) fn run_subscriber(
         Target::Plugin { generation, stats } => {
             let text = text.unwrap_or("null");
             let shard = crate::stats::thread_shard();
-            let Ok(entry) = stats.health.begin(point.spec.name, shard) else {
+            let admitted = if subscriber.timeout_ms == 0 {
+                stats.health.begin(point.spec.name, shard)
+            } else {
+                stats
+                    .health
+                    .begin_within(point.spec.name, shard, subscriber.timeout_ms)
+            };
+            let Ok(entry) = admitted else {
                 tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
                 return None;
             };
