@@ -360,6 +360,11 @@ impl Health {
         self.state.load(Acquire) != CLOSED || self.overdue() != 0 || self.stuck() != 0
     }
 
+    /// The deadline of a call, in milliseconds.
+    pub(crate) fn timeout_ms(&self) -> u64 {
+        self.timeout_ms.load(Relaxed)
+    }
+
     /// Lifecycle entries abandoned past their deadline and still running.
     pub(crate) fn stuck(&self) -> u32 {
         self.stuck.load(Acquire)

@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 
 mod builder;
 mod calls;
-mod deadline;
+pub(crate) mod deadline;
 mod dispatch;
 mod host_hooks;
 mod lifecycle;
@@ -176,7 +176,8 @@ pub struct ScanReport {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Queued fire-and-forget events run first: they hold generations.
-        self.fire_queue.stop();
+        self.fire_queue
+            .stop(std::time::Duration::from_millis(self.call_timeout_ms));
         let registry = self.registry.swap(Arc::new(Registry::default()));
         let mut slots: Vec<(Box<str>, Slot)> = match Arc::try_unwrap(registry) {
             Ok(Registry { plugins, hooks }) => {

@@ -224,3 +224,39 @@ fn a_hook_delivery_past_its_subscription_deadline_is_reported() {
         "{log}"
     );
 }
+
+/// A fire-and-forget subscriber that sleeps does not hold the worker at exit: `worker run`
+/// waits for the queue at most the call deadline, then abandons it and ends.
+#[test]
+fn a_sleeping_fire_and_forget_subscriber_does_not_hold_the_exit() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {
+        "config": {"in": {"hook": "sleep"}, "sleepMs": ASLEEP_MS},
+        "hooks": {"task.scored": {"mode": "fire_and_forget"}},
+    }}));
+    dir.add("crashy", "libcrashy.so");
+    let tasks = dir.shadow().join("tasks.jsonl");
+    let task = &worker::pipeline::example_tasks(1, 1)[0];
+    std::fs::write(&tasks, format!("{task}\n")).unwrap();
+    let output = promptly("worker run", || {
+        crate::worker(
+            &dir,
+            &[
+                "--call-timeout-ms",
+                "500",
+                "--log",
+                "warn",
+                "run",
+                "--tasks",
+                tasks.to_str().unwrap(),
+            ],
+            &[],
+        )
+    });
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    assert!(
+        log.contains("hook-fire-and-forget") && log.contains("abandoned"),
+        "{log}"
+    );
+}

@@ -96,6 +96,11 @@ fn elapsed_ms(started: Instant) -> u64 {
 }
 
 impl PluginHost {
+    /// The host's default deadline of a call (`with_call_timeout`), in milliseconds.
+    pub(crate) fn call_timeout_ms(&self) -> u64 {
+        self.inner.call_timeout_ms
+    }
+
     /// The deadline of `plugin`'s calls and lifecycle entries, in milliseconds.
     pub(super) fn timeout_ms(&self, plugin: &str) -> u64 {
         self.settings(plugin)
@@ -124,4 +129,27 @@ impl PluginHost {
             },
         );
     }
+}
+
+/// Joins `thread` (`what`, for the log), waiting at most `bound`; a thread still running then
+/// is abandoned (detached) with a warning. Whether it finished.
+pub(crate) fn join_within(
+    thread: std::thread::JoinHandle<()>,
+    bound: Duration,
+    what: &str,
+) -> bool {
+    let started = Instant::now();
+    while !thread.is_finished() {
+        if started.elapsed() >= bound {
+            tracing::warn!(
+                thread = what,
+                waited_ms = started.elapsed().as_millis(),
+                "a thread did not finish within its bound; abandoned, the worker goes on without it"
+            );
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5).min(bound));
+    }
+    let _ = thread.join();
+    true
 }
