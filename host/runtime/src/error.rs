@@ -111,6 +111,16 @@ pub enum LoadErrorKind {
         /// The deadline, in milliseconds.
         timeout_ms: u64,
     },
+    /// The plugin is quarantined: a crash record names it as having brought the worker down
+    /// (see [`crate::quarantine`]). It stays refused until its records are cleared.
+    Quarantined {
+        /// The plugin's name.
+        plugin: String,
+        /// The latest crash, in words (signal or `exit`, and the method).
+        reason: String,
+        /// The crash-record file: removing the plugin's lines from it clears the quarantine.
+        records: PathBuf,
+    },
     /// The name is not a regular file (a directory, FIFO, socket, device, or a symlink to one).
     NotRegularFile {
         /// What it is.
@@ -254,6 +264,18 @@ impl fmt::Display for LoadErrorKind {
                 f,
                 "plugin `{}`: its `{entry}` did not return within {timeout_ms} ms (its timeoutMs) and was abandoned; nothing was replaced, so no state is lost (a reload keeps the old generation serving; a load leaves the saved state for the next try)",
                 EscapeControl(plugin)
+            ),
+            LoadErrorKind::Quarantined {
+                plugin,
+                reason,
+                records,
+            } => write!(
+                f,
+                "plugin `{}` is quarantined: {}; it is not loaded again until its crash records are cleared: `worker quarantine clear {}`, or remove its lines from {}",
+                EscapeControl(plugin),
+                EscapeControl(reason),
+                EscapeControl(plugin),
+                EscapePath(records)
             ),
             LoadErrorKind::NotRegularFile { kind } => write!(
                 f,

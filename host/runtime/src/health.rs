@@ -29,7 +29,7 @@ const SHARED_MARKER: usize = MARKERS - 1;
 /// No marker taken.
 const NO_MARKER: u8 = u8::MAX;
 /// Bytes of the method name a marker keeps (longer names are cut).
-const METHOD_BYTES: usize = 32;
+pub(crate) const METHOD_BYTES: usize = 32;
 /// Set in a marker's start once the watchdog has reported the call.
 const REPORTED: u64 = 1 << 63;
 
@@ -78,6 +78,8 @@ impl Marker {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Entry {
     marker: u8,
+    /// The crash site this call replaced on its thread.
+    site: crate::crash::CallSite,
     trial: bool,
     /// The marker holds a deadline of its own, cleared at the end.
     own_timeout: bool,
@@ -104,6 +106,8 @@ pub(crate) struct Health {
     /// Lifecycle entries (`create`, `destroy`, `save_state`, `restore_state`) abandoned past
     /// their deadline and still running.
     stuck: AtomicU32,
+    /// The plugin's name, zero-padded, for the crash handler (which cannot allocate).
+    name: [AtomicU64; 8],
     markers: [Marker; MARKERS],
 }
 
@@ -120,6 +124,7 @@ impl Default for Health {
             refused: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             stuck: AtomicU32::new(0),
+            name: Default::default(),
             markers: Default::default(),
         }
     }
@@ -162,7 +167,15 @@ pub struct CallInFlight {
 
 impl Health {
     /// Applies a plugin's configuration: `None` switches the breaker off.
-    pub(crate) fn configure(&self, breaker: Option<(u32, u64)>, timeout_ms: u64) {
+    pub(crate) fn configure(&self, name: &str, breaker: Option<(u32, u64)>, timeout_ms: u64) {
+        let mut bytes = [0u8; 64];
+        let n = name.len().min(bytes.len());
+        bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+        for (word, chunk) in self.name.iter().zip(bytes.chunks_exact(8)) {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(eight), Relaxed);
+        }
         let (threshold, cooldown) = breaker.unwrap_or((0, DEFAULT_COOLDOWN_MS));
         self.threshold.store(threshold, Relaxed);
         self.cooldown_ms.store(cooldown, Relaxed);
@@ -181,8 +194,10 @@ impl Health {
         } else {
             self.admit()?
         };
+        let marker = self.mark(method, shard);
         Ok(Entry {
-            marker: self.mark(method, shard),
+            marker,
+            site: crate::crash::enter_call(self, marker),
             trial,
             own_timeout: false,
         })
@@ -210,6 +225,7 @@ impl Health {
     /// JSON back.
     #[inline]
     pub(crate) fn end(&self, entry: Entry, failed: bool, plugin: &str) {
+        crate::crash::leave_call(entry.site);
         if entry.marker != NO_MARKER {
             let marker = &self.markers[usize::from(entry.marker)];
             if entry.own_timeout {
@@ -510,6 +526,26 @@ impl Health {
     }
 }
 
+impl Health {
+    /// The plugin's name, zero-padded (async-signal-safe: relaxed loads only).
+    pub(crate) fn name_bytes(&self, out: &mut [u8; 64]) {
+        for (word, chunk) in self.name.iter().zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&word.load(Relaxed).to_ne_bytes());
+        }
+    }
+
+    /// The method in marker `marker`, zero-padded; `false` for no marker (async-signal-safe).
+    pub(crate) fn method_bytes(&self, marker: u8, out: &mut [u8; METHOD_BYTES]) -> bool {
+        let Some(marker) = self.markers.get(usize::from(marker)) else {
+            return false;
+        };
+        for (word, chunk) in marker.method.iter().zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&word.load(Relaxed).to_ne_bytes());
+        }
+        true
+    }
+}
+
 fn read_method(marker: &Marker) -> String {
     let mut bytes = Vec::with_capacity(METHOD_BYTES);
     for word in &marker.method {
@@ -526,7 +562,7 @@ mod tests {
     #[test]
     fn opens_after_the_threshold_and_a_trial_success_closes() {
         let health = Health::default();
-        health.configure(Some((3, 0)), 1_000);
+        health.configure("p", Some((3, 0)), 1_000);
         for _ in 0..3 {
             let entry = health.begin("m", 0).unwrap();
             health.end(entry, true, "p");
@@ -550,13 +586,13 @@ mod tests {
     #[test]
     fn a_success_resets_the_count_and_off_never_opens() {
         let health = Health::default();
-        health.configure(Some((2, 60_000)), 1_000);
+        health.configure("p", Some((2, 60_000)), 1_000);
         for failed in [true, false, true, false] {
             let entry = health.begin("m", 0).unwrap();
             health.end(entry, failed, "p");
         }
         assert_eq!(health.snapshot().breaker, "closed");
-        health.configure(None, 1_000);
+        health.configure("p", None, 1_000);
         for _ in 0..10 {
             let entry = health.begin("m", 0).unwrap();
             health.end(entry, true, "p");

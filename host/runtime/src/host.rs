@@ -70,6 +70,8 @@ struct Inner {
     file_policy: loader::FilePolicy,
     config: ArcSwap<PluginsConfig>,
     state: Option<StateStore>,
+    /// Where the crash records that quarantine plugins are.
+    quarantine_dir: Option<PathBuf>,
     overrides: BTreeMap<String, PluginSettings>,
     registry: ArcSwap<Registry>,
     /// One bit per loaded plugin name (a 64-bit Bloom filter): a call to a plugin whose bit is

@@ -260,3 +260,131 @@ fn a_sleeping_fire_and_forget_subscriber_does_not_hold_the_exit() {
         "{log}"
     );
 }
+
+/// What `worker list --json` shows: the loaded plugins' names and the refusals' reasons.
+fn list(dir: &PluginDir) -> (Vec<String>, Vec<String>) {
+    let output = crate::worker(dir, &["list", "--json"], &[]);
+    assert!(output.status.success(), "{output:?}");
+    let listed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let names = listed["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    let refused = listed["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap().to_owned())
+        .collect();
+    (names, refused)
+}
+
+/// Each way plugin code can take the process down (a null write, `abort`, `exit`, a stack
+/// overflow, a double panic) leaves a crash record naming the plugin and the method; the next
+/// start refuses the plugin as quarantined (in `worker list`, text and JSON, and `worker
+/// quarantine list`) until `worker quarantine clear` clears it.
+#[test]
+fn a_crash_in_plugin_code_quarantines_the_plugin_until_cleared() {
+    for (fault, cause) in [
+        ("segfault", "SIGSEGV"),
+        ("abort", "SIGABRT"),
+        ("exit", "exit"),
+        ("stack_overflow", "SIGSEGV"),
+        ("double_panic", "SIGABRT"),
+    ] {
+        let dir = PluginDir::new();
+        dir.add("crashy", "libcrashy.so");
+        dir.add("echo", "libecho.so");
+        let crashed = crate::worker(&dir, &["call", "crashy", fault], &[]);
+        assert!(!crashed.status.success(), "{fault}: {crashed:?}");
+        if fault == "exit" {
+            assert_eq!(crashed.status.code(), Some(70), "{crashed:?}");
+        }
+
+        let (loaded, refused) = list(&dir);
+        assert_eq!(loaded, ["echo"], "{fault}: {refused:?}");
+        assert_eq!(refused.len(), 1, "{fault}: {refused:?}");
+        let expected = format!(
+            "plugin `crashy` is quarantined: it brought the worker down ({cause} in `{fault}`)"
+        );
+        assert!(refused[0].contains(&expected), "{fault}: {}", refused[0]);
+        assert!(
+            refused[0].contains("worker quarantine clear crashy"),
+            "{}",
+            refused[0]
+        );
+        let text = crate::worker(&dir, &["list"], &[]);
+        assert!(
+            String::from_utf8_lossy(&text.stdout).contains(&expected),
+            "{text:?}"
+        );
+        let records = crate::worker(&dir, &["quarantine", "list", "--json"], &[]);
+        let records: Value = serde_json::from_slice(&records.stdout).unwrap();
+        assert_eq!(records.as_array().unwrap().len(), 1, "{records}");
+        assert_eq!(records[0]["plugin"], "crashy");
+        assert_eq!(records[0]["method"], fault);
+        assert_eq!(records[0]["cause"], cause);
+
+        let cleared = crate::worker(&dir, &["quarantine", "clear", "crashy"], &[]);
+        assert!(cleared.status.success(), "{cleared:?}");
+        let (loaded, refused) = list(&dir);
+        assert_eq!(loaded, ["crashy", "echo"], "{fault}: {refused:?}");
+        let records = crate::worker(&dir, &["quarantine", "list"], &[]);
+        assert_eq!(
+            String::from_utf8_lossy(&records.stdout).trim(),
+            "no plugin is quarantined"
+        );
+    }
+}
+
+/// One HTTP request that makes a plugin segfault kills `worker serve`; the restarted worker
+/// refuses that plugin as quarantined (in `GET /v1/plugins`) and serves the others.
+#[test]
+fn serve_killed_by_a_plugin_restarts_with_the_plugin_quarantined() {
+    let dir = PluginDir::new();
+    dir.add("crashy", "libcrashy.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let args = ["--checkpoint-interval", "0"];
+    let worker = Worker::start(&dir, &state, &args);
+    let api = worker.api();
+    let _ = std::panic::catch_unwind(|| api.http("POST", "/v1/plugins/crashy/segfault", b""));
+    let (status, log) = worker
+        .stop_within(PATIENCE)
+        .expect("the worker survived a segfault in-process");
+    assert!(!status.success(), "{log}");
+
+    let worker = Worker::start(&dir, &state, &args);
+    assert!(listed(&worker, "crashy").is_none());
+    let plugins = worker.http("GET", "/v1/plugins", b"").json();
+    let reason = plugins["refused"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("quarantined") && reason.contains("SIGSEGV in `segfault`"),
+        "{plugins}"
+    );
+    let echoed = worker.http("POST", "/v1/plugins/echo/echo", br#"{"x": 1}"#);
+    assert_eq!(echoed.json(), json!({"x": 1}));
+    let (_, log) = worker.stop();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("plugin quarantined") && l.contains("plugin=\"crashy\"")),
+        "{log}"
+    );
+}
+
+/// A crash in a lifecycle entry (here `create`, while the worker loads its plugins) is
+/// recorded under that entry's name.
+#[test]
+fn a_crash_in_create_names_the_entry() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {"config": {"in": {"create": "abort"}}}}));
+    dir.add("crashy", "libcrashy.so");
+    dir.add("echo", "libecho.so");
+    let crashed = crate::worker(&dir, &["call", "echo", "echo", "1"], &[]);
+    assert!(!crashed.status.success(), "{crashed:?}");
+    let (loaded, refused) = list(&dir);
+    assert_eq!(loaded, ["echo"]);
+    assert!(refused[0].contains("(SIGABRT in `create`)"), "{refused:?}");
+}

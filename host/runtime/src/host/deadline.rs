@@ -38,7 +38,9 @@ pub(super) fn within<T: Send + 'static>(
         std::thread::Builder::new()
             .name(format!("plugin-{entry}"))
             .spawn(move || {
+                let site = crate::crash::EntryGuard::new(&name, entry);
                 let result = work();
+                drop(site);
                 let ran =
                     state.compare_exchange(RUNNING, RETURNED, Ordering::AcqRel, Ordering::Acquire);
                 if ran.is_ok() {

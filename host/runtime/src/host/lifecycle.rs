@@ -90,7 +90,9 @@ fn create_within(
     let spawned = std::thread::Builder::new()
         .name("plugin-create".into())
         .spawn(move || {
+            let site = crate::crash::EntryGuard::new(&plugin, "create");
             let result = library.create(&plugin, &config, call_back);
+            drop(site);
             // Nobody waits any more when the deadline passed: the library is dropped here.
             let _ = sender.send((library, result));
         });
@@ -460,6 +462,7 @@ impl PluginHost {
         if !settings.enabled {
             return Err(LoadErrorKind::Disabled { plugin: name });
         }
+        self.admit_quarantined(&name)?;
         let config = match &settings.config {
             Value::Null => String::new(),
             config => config.to_string(),
@@ -483,6 +486,36 @@ impl PluginHost {
             stamp,
             number,
             library,
+        })
+    }
+
+    /// The one place that decides what a quarantined plugin (one a crash record names) does at
+    /// load: today it is refused, naming the crash and how to clear it. (With process isolation,
+    /// this is where it would load isolated instead.)
+    fn admit_quarantined(&self, plugin: &str) -> Result<(), LoadErrorKind> {
+        let Some(dir) = &self.inner.quarantine_dir else {
+            return Ok(());
+        };
+        let records = match crate::quarantine::records(dir) {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "crash records unreadable; no plugin is quarantined");
+                return Ok(());
+            }
+        };
+        let Some(record) = records.iter().rev().find(|r| r.plugin == plugin) else {
+            return Ok(());
+        };
+        tracing::warn!(
+            plugin,
+            method = %EscapeControl(&record.method),
+            cause = %EscapeControl(&record.cause),
+            "plugin quarantined: it brought the worker down; refused until its crash records are cleared"
+        );
+        Err(LoadErrorKind::Quarantined {
+            plugin: plugin.to_owned(),
+            reason: record.reason(),
+            records: crate::quarantine::records_file(dir),
         })
     }
 
