@@ -388,3 +388,94 @@ fn a_crash_in_create_names_the_entry() {
     assert_eq!(loaded, ["echo"]);
     assert!(refused[0].contains("(SIGABRT in `create`)"), "{refused:?}");
 }
+
+/// A method that never returns (`spin`): the watchdog logs it with the plugin, method and
+/// elapsed time, counts a timeout and opens the breaker; `/healthz` is degraded naming the
+/// plugin; other plugins answer; SIGTERM still ends the worker within its shutdown timeout,
+/// with status 1 and the stuck plugin named.
+#[test]
+fn a_spinning_method_is_reported_and_shutdown_stays_bounded() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {"timeoutMs": 300}}));
+    dir.add("crashy", "libcrashy.so");
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    let args = ["--checkpoint-interval", "0", "--shutdown-timeout", "2"];
+    let worker = Worker::start(&dir, &state, &args);
+    let api = worker.api();
+    std::thread::spawn(move || {
+        let _ = std::panic::catch_unwind(|| api.http("POST", "/v1/plugins/crashy/spin", b""));
+    });
+    assert!(
+        eventually(
+            PATIENCE,
+            || listed(&worker, "crashy").unwrap()["health"]["timeouts"] == 1
+        ),
+        "the spinning call was never reported"
+    );
+    let health = listed(&worker, "crashy").unwrap()["health"].clone();
+    assert_eq!(health["breaker"], "open", "{health}");
+    assert_eq!(health["overdue_calls"], 1, "{health}");
+    let healthz = worker.http("GET", "/healthz", b"").json();
+    assert_eq!(healthz["status"], "degraded");
+    assert_eq!(healthz["degraded"], json!(["crashy"]));
+    let refused = worker.http("POST", "/v1/plugins/crashy/ok", b"");
+    let reason = refused.header("x-noop-reason").unwrap_or_default();
+    assert!(reason.contains("circuit open"), "{reason}");
+    let echoed = worker.http("POST", "/v1/plugins/echo/echo", br#"{"x": 1}"#);
+    assert_eq!(echoed.json(), json!({"x": 1}));
+    let (status, log) = worker
+        .stop_within(PATIENCE)
+        .expect("SIGTERM did not end a worker with a spinning plugin");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("plugin call overdue")
+            && l.contains("plugin=\"crashy\"")
+            && l.contains("method=spin")
+            && l.contains("elapsed_ms=")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("plugin abandoned")
+            && l.contains("plugin=\"crashy\"")
+            && l.contains("stuck in `spin`")),
+        "{log}"
+    );
+}
+
+/// A concurrent hook subscriber that sleeps (on a thread of its own, another subscriber runs
+/// first) holds the dispatch no longer than its deadline: the task completes, and the
+/// subscriber is logged as abandoned.
+#[test]
+fn a_sleeping_concurrent_subscriber_does_not_hold_the_dispatch() {
+    let dir = PluginDir::new();
+    let tone = json!({"experiments": {"tone": {"variants": {"A": 1, "B": 1}}}});
+    dir.configure(&json!({
+        "crashy": {
+            "config": {"in": {"hook": "sleep"}, "sleepMs": ASLEEP_MS},
+            "hooks": {"task.scored": {"mode": "concurrent", "priority": 1000, "timeoutMs": 300}},
+        },
+        "experiment": {
+            "config": tone,
+            "hooks": {"task.scored": {"mode": "concurrent", "priority": 0}},
+        },
+    }));
+    dir.add("crashy", "libcrashy.so");
+    dir.add("experiment", "libexperiment.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--checkpoint-interval", "0"]);
+    let task = &worker::pipeline::example_tasks(1, 1)[0];
+    let done = promptly("the task", || {
+        worker.http("POST", "/v1/tasks", task.to_string().as_bytes())
+    });
+    assert_eq!(done.status, 200, "{}", done.body);
+    let (_, log) = worker
+        .stop_within(PATIENCE)
+        .expect("shutdown waited for the sleeping subscriber");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("concurrent hook subscriber did not answer")
+                && l.contains("subscriber=crashy")),
+        "{log}"
+    );
+}
