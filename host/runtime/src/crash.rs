@@ -51,7 +51,7 @@ const ENTRY_BYTES: usize = 16;
 
 /// A call in progress on this thread: the plugin's health and the marker holding its method.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct CallSite {
+struct CallSite {
     health: *const Health,
     marker: u8,
 }
@@ -77,20 +77,32 @@ thread_local! {
     static ENTRY: Cell<Option<EntrySite>> = const { Cell::new(None) };
 }
 
-/// Marks a call of the plugin whose health is `health` (the method in marker `marker`) as
-/// running on this thread; returns the site it replaces, for [`leave_call`].
-#[inline]
-pub(crate) fn enter_call(health: &Health, marker: u8) -> CallSite {
-    CALL.replace(CallSite {
-        health: std::ptr::from_ref(health),
-        marker,
-    })
+/// A call of a plugin running on this thread, until dropped: the thread's site points at the
+/// plugin's health (its name) and the marker holding the method; dropping restores the site
+/// the call replaced (a call made from inside another plugin's call).
+#[derive(Debug)]
+pub(crate) struct CallSiteGuard {
+    previous: CallSite,
 }
 
-/// Ends the call [`enter_call`] marked.
-#[inline]
-pub(crate) fn leave_call(previous: CallSite) {
-    CALL.set(previous);
+impl CallSiteGuard {
+    /// Marks a call of the plugin whose health is `health`, its method in marker `marker`.
+    #[inline]
+    pub(crate) fn enter(health: &Health, marker: u8) -> Self {
+        CallSiteGuard {
+            previous: CALL.replace(CallSite {
+                health: std::ptr::from_ref(health),
+                marker,
+            }),
+        }
+    }
+}
+
+impl Drop for CallSiteGuard {
+    #[inline]
+    fn drop(&mut self) {
+        CALL.set(self.previous);
+    }
 }
 
 /// A lifecycle entry of a plugin running on this thread, until dropped.
@@ -269,7 +281,8 @@ fn record(cause: &[u8]) {
         line.push_field(&site.entry);
     } else {
         // SAFETY: a call's site points at the health of the plugin it runs, which the call
-        // keeps alive (through its registry snapshot) until it returns and clears the site.
+        // keeps alive (through its registry snapshot) for as long as its `CallSiteGuard`
+        // lives; the guard restores the previous site when dropped, on return and on unwind.
         let health = unsafe { &*call.health };
         let mut name = [0u8; NAME_BYTES];
         health.name_bytes(&mut name);

@@ -75,11 +75,12 @@ impl Marker {
 }
 
 /// A call admitted by [`Health::begin`]; hand it back to [`Health::end`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct Entry {
     marker: u8,
-    /// The crash site this call replaced on its thread.
-    site: crate::crash::CallSite,
+    /// The thread's crash site, pointing at this call until dropped (also when a panic
+    /// unwinds past the call, so the site never outlives the call).
+    _site: crate::crash::CallSiteGuard,
     trial: bool,
     /// The marker holds a deadline of its own, cleared at the end.
     own_timeout: bool,
@@ -197,7 +198,7 @@ impl Health {
         let marker = self.mark(method, shard);
         Ok(Entry {
             marker,
-            site: crate::crash::enter_call(self, marker),
+            _site: crate::crash::CallSiteGuard::enter(self, marker),
             trial,
             own_timeout: false,
         })
@@ -225,7 +226,6 @@ impl Health {
     /// JSON back.
     #[inline]
     pub(crate) fn end(&self, entry: Entry, failed: bool, plugin: &str) {
-        crate::crash::leave_call(entry.site);
         if entry.marker != NO_MARKER {
             let marker = &self.markers[usize::from(entry.marker)];
             if entry.own_timeout {
