@@ -125,3 +125,30 @@ pub fn clear(dir: &Path, plugin: &str) -> anyhow::Result<usize> {
     write().with_context(|| format!("rewriting the crash records {}", EscapePath(&path)))?;
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_read_and_cleared_per_plugin_and_junk_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(records(dir.path()).unwrap().is_empty());
+        std::fs::write(
+            records_file(dir.path()),
+            "a\tm\tSIGSEGV\t17\nnot a record\nb\tcreate\texit\t18\na\t?\tSIGABRT\t19\n",
+        )
+        .unwrap();
+        let all = records(dir.path()).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(
+            all[1].reason(),
+            "it brought the worker down (exit in `create`)"
+        );
+        assert_eq!(clear(dir.path(), "a").unwrap(), 2);
+        assert_eq!(clear(dir.path(), "a").unwrap(), 0);
+        let left = records(dir.path()).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].plugin.as_str(), left[0].time), ("b", 18));
+    }
+}
