@@ -374,19 +374,42 @@ fn serve_killed_by_a_plugin_restarts_with_the_plugin_quarantined() {
     );
 }
 
-/// A crash in a lifecycle entry (here `create`, while the worker loads its plugins) is
-/// recorded under that entry's name.
+/// A crash in a lifecycle entry or a hook is recorded under that entry's or hook's name:
+/// `create` (while the worker loads), `save_state` and `destroy` (while `worker call` saves and
+/// unloads at its end), and a `task.scored` delivery (during `worker run`).
 #[test]
-fn a_crash_in_create_names_the_entry() {
-    let dir = PluginDir::new();
-    dir.configure(&json!({"crashy": {"config": {"in": {"create": "abort"}}}}));
-    dir.add("crashy", "libcrashy.so");
-    dir.add("echo", "libecho.so");
-    let crashed = crate::worker(&dir, &["call", "echo", "echo", "1"], &[]);
-    assert!(!crashed.status.success(), "{crashed:?}");
-    let (loaded, refused) = list(&dir);
-    assert_eq!(loaded, ["echo"]);
-    assert!(refused[0].contains("(SIGABRT in `create`)"), "{refused:?}");
+fn a_crash_in_an_entry_or_a_hook_names_it() {
+    for (entry, fault, cause, command) in [
+        ("create", "abort", "SIGABRT", "call"),
+        ("save_state", "segfault", "SIGSEGV", "call"),
+        ("destroy", "exit", "exit", "call"),
+        ("hook", "segfault", "SIGSEGV", "run"),
+    ] {
+        let dir = PluginDir::new();
+        dir.configure(&json!({"crashy": {"config": {"in": {entry: fault}}}}));
+        dir.add("crashy", "libcrashy.so");
+        dir.add("echo", "libecho.so");
+        let tasks = dir.shadow().join("tasks.jsonl");
+        let task = &worker::pipeline::example_tasks(1, 1)[0];
+        std::fs::write(&tasks, format!("{task}\n")).unwrap();
+        let args: Vec<&str> = match command {
+            "call" => vec!["call", "crashy", "ok"],
+            _ => vec!["run", "--tasks", tasks.to_str().unwrap()],
+        };
+        let crashed = crate::worker(&dir, &args, &[]);
+        assert!(!crashed.status.success(), "{entry}: {crashed:?}");
+        let (loaded, refused) = list(&dir);
+        assert_eq!(loaded, ["echo"], "{entry}");
+        let method = if entry == "hook" {
+            "task.scored"
+        } else {
+            entry
+        };
+        assert!(
+            refused[0].contains(&format!("({cause} in `{method}`)")),
+            "{entry}: {refused:?}"
+        );
+    }
 }
 
 /// A method that never returns (`spin`): the watchdog logs it with the plugin, method and
