@@ -56,7 +56,8 @@ pub(super) fn within<T: Send + 'static>(
             })
     };
     if let Err(e) = spawned {
-        // The work went with the failed spawn, and ran nowhere.
+        // The work went with the failed spawn and did not run (what it owned was dropped here:
+        // for `release`, that drop is the `destroy`, without a deadline).
         tracing::warn!(plugin, entry, error = %e, "no thread to run the plugin entry on; skipped");
         return Err(Overran);
     }
