@@ -19,8 +19,8 @@
 //! - `plugins` is keyed by plugin name (the name in the plugin's manifest, not the file name).
 //!   `enabled` defaults to `true`, `config` to `null`. Plugins the file does not name load with
 //!   no configuration.
-//! - `hooks` overrides a plugin's subscriptions by hook name: `priority`, `mode`, or
-//!   `"enabled": false` to switch the subscription off.
+//! - `hooks` overrides a plugin's subscriptions by hook name: `priority`, `mode`, `timeoutMs`
+//!   (the deadline of one delivery), or `"enabled": false` to switch the subscription off.
 //! - `breaker` configures the plugin's circuit breaker: `{"failures": 5, "cooldownMs": 30000}`
 //!   (the defaults), or `false` to switch it off. `timeoutMs` is the deadline of one call (the
 //!   host's default, 10 s, when absent).
@@ -161,6 +161,10 @@ pub struct HookOverride {
     pub priority: Option<i32>,
     /// Replaces the mode the plugin declared.
     pub mode: Option<HookMode>,
+    /// The deadline of one delivery to this subscription, in milliseconds (`timeoutMs`); the
+    /// plugin's when absent.
+    #[serde(default, rename = "timeoutMs", deserialize_with = "timeout")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A named group of plugins configured as one.

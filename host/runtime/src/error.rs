@@ -99,6 +99,28 @@ pub enum LoadErrorKind {
         /// The deadline, in milliseconds.
         timeout_ms: u64,
     },
+    /// The plugin's `save_state` or `restore_state` did not return within its deadline
+    /// (`timeoutMs`) during a load or reload; it was abandoned, and nothing was replaced: on a
+    /// reload the old generation keeps serving with its state, on a load the saved state file
+    /// stays for the next try.
+    StateTimedOut {
+        /// The plugin's name.
+        plugin: String,
+        /// `save_state` or `restore_state`.
+        entry: &'static str,
+        /// The deadline, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// The plugin is quarantined: a crash record names it as having brought the worker down
+    /// (see [`crate::quarantine`]). It stays refused until its records are cleared.
+    Quarantined {
+        /// The plugin's name.
+        plugin: String,
+        /// The latest crash, in words (signal or `exit`, and the method).
+        reason: String,
+        /// The crash-record file: removing the plugin's lines from it clears the quarantine.
+        records: PathBuf,
+    },
     /// The name is not a regular file (a directory, FIFO, socket, device, or a symlink to one).
     NotRegularFile {
         /// What it is.
@@ -233,6 +255,27 @@ impl fmt::Display for LoadErrorKind {
                 f,
                 "plugin `{}` did not finish starting within {timeout_ms} ms (its timeoutMs); abandoned: its `create` goes on in the background and the instance is dropped if it ever returns",
                 EscapeControl(plugin)
+            ),
+            LoadErrorKind::StateTimedOut {
+                plugin,
+                entry,
+                timeout_ms,
+            } => write!(
+                f,
+                "plugin `{}`: its `{entry}` did not return within {timeout_ms} ms (its timeoutMs) and was abandoned; nothing was replaced, so no state is lost (a reload keeps the old generation serving; a load leaves the saved state for the next try)",
+                EscapeControl(plugin)
+            ),
+            LoadErrorKind::Quarantined {
+                plugin,
+                reason,
+                records,
+            } => write!(
+                f,
+                "plugin `{}` is quarantined: {}; it is not loaded again until its crash records are cleared: `worker quarantine clear {}`, or remove its lines from {}",
+                EscapeControl(plugin),
+                EscapeControl(reason),
+                EscapeControl(plugin),
+                EscapePath(records)
             ),
             LoadErrorKind::NotRegularFile { kind } => write!(
                 f,

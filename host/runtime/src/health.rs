@@ -29,7 +29,7 @@ const SHARED_MARKER: usize = MARKERS - 1;
 /// No marker taken.
 const NO_MARKER: u8 = u8::MAX;
 /// Bytes of the method name a marker keeps (longer names are cut).
-const METHOD_BYTES: usize = 32;
+pub(crate) const METHOD_BYTES: usize = 32;
 /// Set in a marker's start once the watchdog has reported the call.
 const REPORTED: u64 = 1 << 63;
 
@@ -59,14 +59,31 @@ pub(crate) fn tick() -> u64 {
 struct Marker {
     /// 0 when free; else the coarse start time + 1, with [`REPORTED`] once reported.
     started: AtomicU64,
+    /// The call's own deadline (a hook subscription's `timeoutMs`); 0 = the plugin's.
+    timeout_ms: AtomicU64,
     method: [AtomicU64; METHOD_BYTES / 8],
 }
 
+impl Marker {
+    /// The deadline of the call in this marker.
+    fn timeout(&self, plugin_timeout: u64) -> u64 {
+        match self.timeout_ms.load(Relaxed) {
+            0 => plugin_timeout,
+            own => own,
+        }
+    }
+}
+
 /// A call admitted by [`Health::begin`]; hand it back to [`Health::end`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct Entry {
     marker: u8,
+    /// The thread's crash site, pointing at this call until dropped (also when a panic
+    /// unwinds past the call, so the site never outlives the call).
+    _site: crate::crash::CallSiteGuard,
     trial: bool,
+    /// The marker holds a deadline of its own, cleared at the end.
+    own_timeout: bool,
 }
 
 /// A call the breaker refused.
@@ -87,6 +104,11 @@ pub(crate) struct Health {
     times_opened: AtomicU64,
     refused: AtomicU64,
     timeouts: AtomicU64,
+    /// Lifecycle entries (`create`, `destroy`, `save_state`, `restore_state`) abandoned past
+    /// their deadline and still running.
+    stuck: AtomicU32,
+    /// The plugin's name, zero-padded, for the crash handler (which cannot allocate).
+    name: [AtomicU64; 8],
     markers: [Marker; MARKERS],
 }
 
@@ -102,6 +124,8 @@ impl Default for Health {
             times_opened: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            stuck: AtomicU32::new(0),
+            name: Default::default(),
             markers: Default::default(),
         }
     }
@@ -124,6 +148,9 @@ pub struct PluginHealth {
     pub overdue_calls: u32,
     /// The deadline of a call, in milliseconds.
     pub timeout_ms: u64,
+    /// Lifecycle entries (`destroy`, `save_state`, `restore_state`) abandoned past their
+    /// deadline that have not returned yet.
+    pub stuck_entries: u32,
 }
 
 /// A call in flight, as the watchdog or a shutdown sees it.
@@ -141,7 +168,15 @@ pub struct CallInFlight {
 
 impl Health {
     /// Applies a plugin's configuration: `None` switches the breaker off.
-    pub(crate) fn configure(&self, breaker: Option<(u32, u64)>, timeout_ms: u64) {
+    pub(crate) fn configure(&self, name: &str, breaker: Option<(u32, u64)>, timeout_ms: u64) {
+        let mut bytes = [0u8; 64];
+        let n = name.len().min(bytes.len());
+        bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+        for (word, chunk) in self.name.iter().zip(bytes.chunks_exact(8)) {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(eight), Relaxed);
+        }
         let (threshold, cooldown) = breaker.unwrap_or((0, DEFAULT_COOLDOWN_MS));
         self.threshold.store(threshold, Relaxed);
         self.cooldown_ms.store(cooldown, Relaxed);
@@ -160,10 +195,31 @@ impl Health {
         } else {
             self.admit()?
         };
+        let marker = self.mark(method, shard);
         Ok(Entry {
-            marker: self.mark(method, shard),
+            marker,
+            _site: crate::crash::CallSiteGuard::enter(self, marker),
             trial,
+            own_timeout: false,
         })
+    }
+
+    /// [`begin`](Self::begin) for a call with a deadline of its own (`timeout_ms`, not 0), such
+    /// as a hook subscription's.
+    pub(crate) fn begin_within(
+        &self,
+        method: &str,
+        shard: usize,
+        timeout_ms: u64,
+    ) -> Result<Entry, Refused> {
+        let mut entry = self.begin(method, shard)?;
+        if entry.marker != NO_MARKER && timeout_ms != 0 {
+            self.markers[usize::from(entry.marker)]
+                .timeout_ms
+                .store(timeout_ms, Relaxed);
+            entry.own_timeout = true;
+        }
+        Ok(entry)
     }
 
     /// Ends a call [`begin`](Self::begin) admitted; `failed` for an error, a panic or invalid
@@ -171,9 +227,11 @@ impl Health {
     #[inline]
     pub(crate) fn end(&self, entry: Entry, failed: bool, plugin: &str) {
         if entry.marker != NO_MARKER {
-            self.markers[usize::from(entry.marker)]
-                .started
-                .store(0, Release);
+            let marker = &self.markers[usize::from(entry.marker)];
+            if entry.own_timeout {
+                marker.timeout_ms.store(0, Relaxed);
+            }
+            marker.started.store(0, Release);
         }
         if entry.trial {
             self.end_trial(failed, plugin);
@@ -228,6 +286,7 @@ impl Health {
                 >= self.cooldown_ms.load(Relaxed)
             // A plugin still stuck in a call gets no trial: it would be stuck too.
             && self.overdue() == 0
+            && self.stuck.load(Relaxed) == 0
             && self
                 .state
                 .compare_exchange(OPEN, HALF_OPEN, AcqRel, Relaxed)
@@ -306,7 +365,7 @@ impl Health {
             .iter()
             .filter(|m| {
                 let started = m.started.load(Acquire);
-                started != 0 && now.saturating_sub((started & !REPORTED) - 1) > timeout
+                started != 0 && now.saturating_sub((started & !REPORTED) - 1) > m.timeout(timeout)
             })
             .count();
         u32::try_from(count).unwrap_or(u32::MAX)
@@ -314,7 +373,69 @@ impl Health {
 
     /// Whether the breaker is open (or half-open), or a call is overdue.
     pub(crate) fn degraded(&self) -> bool {
-        self.state.load(Acquire) != CLOSED || self.overdue() != 0
+        self.state.load(Acquire) != CLOSED || self.overdue() != 0 || self.stuck() != 0
+    }
+
+    /// The deadline of a call, in milliseconds.
+    pub(crate) fn timeout_ms(&self) -> u64 {
+        self.timeout_ms.load(Relaxed)
+    }
+
+    /// Lifecycle entries abandoned past their deadline and still running.
+    pub(crate) fn stuck(&self) -> u32 {
+        self.stuck.load(Acquire)
+    }
+
+    /// A lifecycle entry (`destroy`, `save_state`, ...) overran its deadline and was abandoned:
+    /// logged, counted as a timeout, and the breaker opened, as for a call.
+    #[cold]
+    pub(crate) fn entry_overran(
+        &self,
+        plugin: &str,
+        entry: &str,
+        elapsed_ms: u64,
+        timeout_ms: u64,
+    ) {
+        self.timeouts.fetch_add(1, Relaxed);
+        self.failures.fetch_add(1, Relaxed);
+        let state = self.state.load(Acquire);
+        let opened = state != OPEN && self.open(state);
+        tracing::warn!(
+            plugin,
+            entry,
+            elapsed_ms,
+            timeout_ms,
+            breaker = if opened {
+                "opened"
+            } else if self.threshold.load(Relaxed) == 0 {
+                "off"
+            } else {
+                "open"
+            },
+            "plugin entry overran its deadline; abandoned: it runs on in the background, and the worker goes on without it"
+        );
+    }
+
+    /// One more entry counts as stuck (before it is known abandoned).
+    pub(crate) fn stuck_more(&self) {
+        self.stuck.fetch_add(1, AcqRel);
+    }
+
+    /// One entry less counts as stuck.
+    pub(crate) fn stuck_less(&self) {
+        self.stuck.fetch_sub(1, AcqRel);
+    }
+
+    /// An abandoned lifecycle entry returned after all.
+    #[cold]
+    pub(crate) fn entry_returned(&self, plugin: &str, entry: &str, elapsed_ms: u64) {
+        self.stuck_less();
+        tracing::info!(
+            plugin,
+            entry,
+            elapsed_ms,
+            "an abandoned plugin entry returned; its result was dropped"
+        );
     }
 
     /// The calls in flight now.
@@ -338,7 +459,7 @@ impl Health {
                     plugin: plugin.to_owned(),
                     method,
                     elapsed: Duration::from_millis(elapsed),
-                    overdue: elapsed > timeout,
+                    overdue: elapsed > m.timeout(timeout),
                 })
             })
             .collect()
@@ -347,12 +468,13 @@ impl Health {
     /// The watchdog's look at this plugin: each call past its deadline is reported once (logged,
     /// counted as a timeout) and opens the breaker.
     pub(crate) fn watch(&self, plugin: &str, now: u64) {
-        let timeout = self.timeout_ms.load(Relaxed);
+        let plugin_timeout = self.timeout_ms.load(Relaxed);
         for marker in &self.markers {
             let started = marker.started.load(Acquire);
             if started == 0 || started & REPORTED != 0 {
                 continue;
             }
+            let timeout = marker.timeout(plugin_timeout);
             let elapsed = now.saturating_sub(started - 1);
             if elapsed <= timeout {
                 continue;
@@ -399,7 +521,28 @@ impl Health {
             timeouts: self.timeouts.load(Relaxed),
             overdue_calls: self.overdue(),
             timeout_ms: self.timeout_ms.load(Relaxed),
+            stuck_entries: self.stuck(),
         }
+    }
+}
+
+impl Health {
+    /// The plugin's name, zero-padded (async-signal-safe: relaxed loads only).
+    pub(crate) fn name_bytes(&self, out: &mut [u8; 64]) {
+        for (word, chunk) in self.name.iter().zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&word.load(Relaxed).to_ne_bytes());
+        }
+    }
+
+    /// The method in marker `marker`, zero-padded; `false` for no marker (async-signal-safe).
+    pub(crate) fn method_bytes(&self, marker: u8, out: &mut [u8; METHOD_BYTES]) -> bool {
+        let Some(marker) = self.markers.get(usize::from(marker)) else {
+            return false;
+        };
+        for (word, chunk) in marker.method.iter().zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&word.load(Relaxed).to_ne_bytes());
+        }
+        true
     }
 }
 
@@ -419,7 +562,7 @@ mod tests {
     #[test]
     fn opens_after_the_threshold_and_a_trial_success_closes() {
         let health = Health::default();
-        health.configure(Some((3, 0)), 1_000);
+        health.configure("p", Some((3, 0)), 1_000);
         for _ in 0..3 {
             let entry = health.begin("m", 0).unwrap();
             health.end(entry, true, "p");
@@ -443,13 +586,13 @@ mod tests {
     #[test]
     fn a_success_resets_the_count_and_off_never_opens() {
         let health = Health::default();
-        health.configure(Some((2, 60_000)), 1_000);
+        health.configure("p", Some((2, 60_000)), 1_000);
         for failed in [true, false, true, false] {
             let entry = health.begin("m", 0).unwrap();
             health.end(entry, failed, "p");
         }
         assert_eq!(health.snapshot().breaker, "closed");
-        health.configure(None, 1_000);
+        health.configure("p", None, 1_000);
         for _ in 0..10 {
             let entry = health.begin("m", 0).unwrap();
             health.end(entry, true, "p");

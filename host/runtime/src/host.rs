@@ -36,6 +36,7 @@ use std::thread::JoinHandle;
 
 mod builder;
 mod calls;
+pub(crate) mod deadline;
 mod dispatch;
 mod host_hooks;
 mod lifecycle;
@@ -69,6 +70,8 @@ struct Inner {
     file_policy: loader::FilePolicy,
     config: ArcSwap<PluginsConfig>,
     state: Option<StateStore>,
+    /// Where the crash records that quarantine plugins are.
+    quarantine_dir: Option<PathBuf>,
     overrides: BTreeMap<String, PluginSettings>,
     registry: ArcSwap<Registry>,
     /// One bit per loaded plugin name (a 64-bit Bloom filter): a call to a plugin whose bit is
@@ -175,7 +178,8 @@ pub struct ScanReport {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Queued fire-and-forget events run first: they hold generations.
-        self.fire_queue.stop();
+        self.fire_queue
+            .stop(std::time::Duration::from_millis(self.call_timeout_ms));
         let registry = self.registry.swap(Arc::new(Registry::default()));
         let mut slots: Vec<(Box<str>, Slot)> = match Arc::try_unwrap(registry) {
             Ok(Registry { plugins, hooks }) => {

@@ -21,7 +21,7 @@
 //! way it is.
 
 #![deny(missing_docs)]
-// Every `unsafe` of the host is in `dylib`; the rest may not have any.
+// Every `unsafe` of the host is in `dylib` and `crash`; the rest may not have any.
 #![deny(unsafe_code)]
 
 /// Entry points of the fuzz targets in `tests/fuzz`; not an API (feature `fuzzing`).
@@ -30,6 +30,11 @@
 #[path = "fuzz.rs"]
 pub mod __fuzz;
 pub mod config;
+#[expect(
+    unsafe_code,
+    reason = "the fatal-signal and exit handlers that leave crash records"
+)]
+pub mod crash;
 #[expect(
     unsafe_code,
     reason = "the one module that loads libraries and calls through their tables"
@@ -43,6 +48,7 @@ mod host;
 mod json;
 mod layout;
 mod loader;
+pub mod quarantine;
 mod state;
 mod stats;
 pub mod text;

@@ -120,6 +120,9 @@ fn message_for(
 pub struct Watcher {
     sender: Sender<Message>,
     thread: Option<JoinHandle<()>>,
+    /// How long [`stop`](Self::stop) waits for a load or reload in progress: the host's call
+    /// deadline (each plugin entry it may be waiting on has a deadline of its own).
+    stop_bound: Duration,
     /// Kept alive for as long as the watcher runs; `None` when polling.
     _notify: Option<notify::RecommendedWatcher>,
 }
@@ -170,6 +173,7 @@ impl Watcher {
         } else {
             options.poll_interval.min(Duration::from_millis(100))
         };
+        let stop_bound = Duration::from_millis(host.call_timeout_ms());
         let mut state = WatchState::new(host, options.settle);
         let thread = std::thread::Builder::new()
             .name("plugin-watcher".into())
@@ -200,6 +204,7 @@ impl Watcher {
         Ok(Self {
             sender,
             thread: Some(thread),
+            stop_bound,
             _notify: notify,
         })
     }
@@ -210,7 +215,8 @@ impl Watcher {
         let _ = self.sender.send(Message::Rescan);
     }
 
-    /// Stops the watcher and waits for it to finish what it was doing.
+    /// Stops the watcher and waits for it to finish what it was doing, at most the host's call
+    /// deadline (`--call-timeout-ms`); a watcher still busy then is abandoned with a warning.
     pub fn stop(mut self) {
         self.stop_thread();
     }
@@ -218,7 +224,7 @@ impl Watcher {
     fn stop_thread(&mut self) {
         let _ = self.sender.send(Message::Stop);
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            crate::host::deadline::join_within(thread, self.stop_bound, "plugin-watcher");
         }
     }
 }

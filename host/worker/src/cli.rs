@@ -177,6 +177,13 @@ pub enum Command {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Plugins quarantined because they brought the worker down (a crash record in
+    /// --state-dir names them): they are refused at load until cleared.
+    Quarantine {
+        /// What to do.
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
         /// How many tasks.
@@ -305,6 +312,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             .context("writing the completion script")?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Quarantine { action } = &cli.command {
+        return quarantine(&cli.state_dir, action, out);
+    }
     if let Command::ExampleTasks { count, seed } = &cli.command {
         for task in crate::pipeline::example_tasks(*count, *seed) {
             writeln!(out, "{task}")?;
@@ -352,7 +362,17 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             ..
         }
     );
+    builder = builder.with_quarantine_dir(&cli.state_dir);
     let host = builder.build()?;
+    if matches!(
+        cli.command,
+        Command::Run { .. } | Command::Serve { .. } | Command::Call { .. }
+    ) {
+        // Before any plugin runs: a crash from here on leaves a record naming the plugin.
+        if let Err(e) = plugin_host::crash::record_crashes_in(&cli.state_dir) {
+            tracing::warn!(error = %format!("{e:#}"), "crash records off: a plugin that crashes the worker will not be quarantined");
+        }
+    }
     match (&cli.command, host.scan()) {
         (_, Ok(_)) => {}
         // The task pipeline runs on its defaults without any plugin.
@@ -363,7 +383,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     }
     crate::config_check::warn_unknown_entries(&host);
     match cli.command {
-        Command::ExampleTasks { .. } | Command::Completions { .. } => {}
+        Command::ExampleTasks { .. } | Command::Completions { .. } | Command::Quarantine { .. } => {
+        }
         Command::Run {
             tasks,
             out: out_file,
@@ -534,6 +555,67 @@ fn write_list(
         }
     }
     Ok(())
+}
+
+/// `worker quarantine ...`.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineAction {
+    /// List the quarantined plugins: each crash record (plugin, method, cause, time).
+    List {
+        /// Print JSON instead of text: [{"plugin", "method", "cause", "time"}, ...].
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear a plugin's quarantine (remove its crash records): it loads again at the next
+    /// start, reload or rescan (SIGHUP).
+    Clear {
+        /// The plugin's name.
+        plugin: String,
+    },
+}
+
+/// `worker quarantine list|clear`.
+fn quarantine(
+    state_dir: &std::path::Path,
+    action: &QuarantineAction,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    use plugin_host::quarantine;
+    match action {
+        QuarantineAction::List { json } => {
+            let records = quarantine::records(state_dir)?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&records)?)?;
+            } else if records.is_empty() {
+                writeln!(out, "no plugin is quarantined")?;
+            } else {
+                for record in &records {
+                    writeln!(
+                        out,
+                        "{}: {} in `{}` at {} (unix time); clear with `worker quarantine clear {}`",
+                        EscapeControl(&record.plugin),
+                        EscapeControl(&record.cause),
+                        EscapeControl(&record.method),
+                        record.time,
+                        EscapeControl(&record.plugin)
+                    )?;
+                }
+            }
+        }
+        QuarantineAction::Clear { plugin } => {
+            let removed = quarantine::clear(state_dir, plugin)?;
+            if removed == 0 {
+                writeln!(out, "{} is not quarantined", EscapeControl(plugin))?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: {removed} crash record(s) removed; it loads again at the next start or rescan",
+                    EscapeControl(plugin)
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How `serve` serves.

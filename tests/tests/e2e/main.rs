@@ -11,6 +11,7 @@ mod abi;
 mod bandit;
 mod calls;
 mod cli;
+mod containment;
 mod experiment;
 mod hardening_http;
 mod hardening_inputs;

@@ -31,6 +31,7 @@ pub struct PluginHostBuilder {
     pub(super) overrides: BTreeMap<String, PluginSettings>,
     pub(super) call_timing: bool,
     pub(super) state_dir: Option<PathBuf>,
+    pub(super) quarantine_dir: Option<PathBuf>,
     pub(super) fire_and_forget_capacity: usize,
     pub(super) hook_points: &'static [HookSpec],
     pub(super) file_policy: loader::FilePolicy,
@@ -109,6 +110,15 @@ impl PluginHostBuilder {
         self
     }
 
+    /// Quarantines the plugins named by the crash records in `dir` (its `crash-records` file,
+    /// see [`crate::quarantine`]): they are refused at load. Defaults to the state directory;
+    /// this is for a host that keeps no state but should still respect quarantine (`worker
+    /// list`).
+    pub fn with_quarantine_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.quarantine_dir = Some(dir.into());
+        self
+    }
+
     /// Reads the plugin configuration from `file` instead of `plugins.json` in the plugins
     /// directory.
     pub fn with_config_file(mut self, file: impl Into<PathBuf>) -> Self {
@@ -170,6 +180,7 @@ impl PluginHostBuilder {
             None => plugins_dir.join(CONFIG_FILE_NAME),
         };
         let config = PluginsConfig::read(&config_file)?;
+        let quarantine_dir = self.quarantine_dir.or_else(|| self.state_dir.clone());
         let state = self
             .state_dir
             .map(|dir| StateStore::new(dir, self.file_policy.insecure_permissions))
@@ -215,6 +226,7 @@ impl PluginHostBuilder {
                 file_policy: self.file_policy,
                 config: ArcSwap::from_pointee(config),
                 state,
+                quarantine_dir,
                 overrides: self.overrides,
                 registry: ArcSwap::from_pointee(Registry::default()),
                 names: AtomicU64::new(0),
@@ -444,6 +456,7 @@ impl PluginHost {
             overrides: BTreeMap::new(),
             call_timing: true,
             state_dir: None,
+            quarantine_dir: None,
             fire_and_forget_capacity: 1024,
             hook_points: &[],
             file_policy: loader::FilePolicy::default(),

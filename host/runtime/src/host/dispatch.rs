@@ -20,6 +20,8 @@ pub(super) struct Subscriber {
     pub(super) name: Arc<str>,
     pub(super) priority: i32,
     pub(super) mode: HookMode,
+    /// The subscription's own deadline (`timeoutMs` in its hook override); 0 = the plugin's.
+    pub(super) timeout_ms: u64,
     pub(super) target: Target,
 }
 
@@ -86,10 +88,16 @@ impl HookTable {
                 else {
                     continue;
                 };
+                let timeout_ms = settings
+                    .hooks
+                    .get(&subscription.hook)
+                    .and_then(|o| o.timeout_ms)
+                    .unwrap_or(0);
                 points[point.index()].push(Subscriber {
                     name: Arc::from(&**name),
                     priority,
                     mode,
+                    timeout_ms,
                     target: Target::Plugin {
                         generation: Arc::clone(&slot.generation),
                         stats: Arc::clone(&slot.stats),
@@ -104,6 +112,7 @@ impl HookTable {
                     name: Arc::clone(&hook.name),
                     priority: hook.priority,
                     mode: hook.mode,
+                    timeout_ms: 0,
                     target: Target::Host(Arc::clone(&hook.f)),
                 });
             }
@@ -260,7 +269,14 @@ pub(super) fn run_subscriber(
         Target::Plugin { generation, stats } => {
             let text = text.unwrap_or("null");
             let shard = crate::stats::thread_shard();
-            let Ok(entry) = stats.health.begin(point.spec.name, shard) else {
+            let admitted = if subscriber.timeout_ms == 0 {
+                stats.health.begin(point.spec.name, shard)
+            } else {
+                stats
+                    .health
+                    .begin_within(point.spec.name, shard, subscriber.timeout_ms)
+            };
+            let Ok(entry) = admitted else {
                 tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
                 return None;
             };
@@ -502,25 +518,7 @@ impl PluginHost {
                     &mut Timer::new(clock),
                 )]
             } else {
-                std::thread::scope(|scope| {
-                    let others: Vec<_> = concurrent[1..]
-                        .iter()
-                        .map(|s| {
-                            scope.spawn(move || {
-                                run_subscriber(s, point, value, text, &mut Timer::new(clock))
-                            })
-                        })
-                        .collect();
-                    let mut answers = vec![run_subscriber(
-                        &concurrent[0],
-                        point,
-                        value,
-                        text,
-                        &mut Timer::new(clock),
-                    )];
-                    answers.extend(others.into_iter().map(|h| h.join().unwrap_or(None)));
-                    answers
-                })
+                self.run_concurrently(concurrent, point, value, text, clock)
             };
             for (subscriber, answer) in concurrent.iter().zip(answers) {
                 match answer {
@@ -568,6 +566,90 @@ impl PluginHost {
             }
         }
         Ok(())
+    }
+
+    /// Runs concurrent subscribers, the first on this thread and the others on threads of
+    /// their own, and waits for the others at most the longest of their deadlines: a
+    /// subscriber still running then is abandoned (logged; its answer is ignored if it ever
+    /// comes), so a stuck subscriber never holds up the dispatch for good.
+    fn run_concurrently(
+        &self,
+        concurrent: &[Subscriber],
+        point: At,
+        value: Option<&Value>,
+        text: Option<&str>,
+        clock: Option<&quanta::Clock>,
+    ) -> Vec<Option<HookResult>> {
+        let started = Instant::now();
+        let shared_value: Option<Arc<Value>> = value.cloned().map(Arc::new);
+        let shared_text: Option<Arc<str>> = text.map(Arc::from);
+        let (sender, answered) = std::sync::mpsc::channel::<(usize, Option<HookResult>)>();
+        let mut waiting = vec![false; concurrent.len()];
+        let mut bound_ms = 0;
+        for (index, subscriber) in concurrent.iter().enumerate().skip(1) {
+            let (subscriber, value, text) = (
+                subscriber.clone(),
+                shared_value.clone(),
+                shared_text.clone(),
+            );
+            let (clock, sender) = (clock.cloned(), sender.clone());
+            bound_ms = bound_ms.max(self.deadline_ms(&subscriber));
+            let spawned = std::thread::Builder::new()
+                .name("hook-concurrent".into())
+                .spawn(move || {
+                    let answer = run_subscriber(
+                        &subscriber,
+                        point,
+                        value.as_deref(),
+                        text.as_deref(),
+                        &mut Timer::new(clock.as_ref()),
+                    );
+                    let _ = sender.send((index, answer));
+                });
+            match spawned {
+                Ok(_) => waiting[index] = true,
+                Err(e) => tracing::warn!(
+                    subscriber = %concurrent[index].name,
+                    hook = %point,
+                    error = %e,
+                    "no thread for a concurrent subscriber; skipped"
+                ),
+            }
+        }
+        drop(sender);
+        let mut answers: Vec<Option<HookResult>> = std::iter::repeat_with(|| None)
+            .take(concurrent.len())
+            .collect();
+        answers[0] = run_subscriber(&concurrent[0], point, value, text, &mut Timer::new(clock));
+        let deadline = started + std::time::Duration::from_millis(bound_ms);
+        while waiting.iter().any(|w| *w) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match answered.recv_timeout(left) {
+                Ok((index, answer)) => {
+                    answers[index] = answer;
+                    waiting[index] = false;
+                }
+                Err(_) => break,
+            }
+        }
+        for (subscriber, _) in concurrent.iter().zip(&waiting).filter(|(_, w)| **w) {
+            tracing::warn!(
+                subscriber = %subscriber.name,
+                hook = %point,
+                waited_ms = started.elapsed().as_millis(),
+                "concurrent hook subscriber did not answer within its deadline; abandoned, the dispatch goes on without its answer"
+            );
+        }
+        answers
+    }
+
+    /// The deadline of one delivery to `subscriber`, in milliseconds.
+    fn deadline_ms(&self, subscriber: &Subscriber) -> u64 {
+        match &subscriber.target {
+            _ if subscriber.timeout_ms != 0 => subscriber.timeout_ms,
+            Target::Plugin { stats, .. } => stats.health.timeout_ms(),
+            Target::Host(_) => self.inner.call_timeout_ms,
+        }
     }
 
     /// Whether anyone subscribes to `point`.

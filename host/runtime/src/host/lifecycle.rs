@@ -74,7 +74,6 @@ fn not_loaded(plugin: &str) -> LoadError {
     )
 }
 
-/// Moves the state of `old` into `new`. Failures are logged; `new` then starts fresh.
 /// Runs the plugin's `create` on a thread of its own and waits at most `timeout_ms` for it. An
 /// overrun is abandoned: the thread keeps the library (and drops the instance if `create` ever
 /// returns), and the caller (holding the admin lock) goes on, so the watcher, the control API
@@ -91,7 +90,9 @@ fn create_within(
     let spawned = std::thread::Builder::new()
         .name("plugin-create".into())
         .spawn(move || {
+            let site = crate::crash::EntryGuard::new(&plugin, "create");
             let result = library.create(&plugin, &config, call_back);
+            drop(site);
             // Nobody waits any more when the deadline passed: the library is dropped here.
             let _ = sender.send((library, result));
         });
@@ -117,28 +118,59 @@ fn create_within(
     }
 }
 
-pub(super) fn carry_state(plugin: &str, old: &Generation, new: &Generation) {
-    let state = match old.library.save_state() {
-        None | Some(Ok(None)) => return,
-        Some(Ok(Some(state))) => state,
-        Some(Err(PluginError { message, .. })) => {
-            tracing::warn!(plugin, error = %EscapeControl(&message), "saving state for the reload failed; the new generation starts fresh");
-            return;
-        }
-    };
-    match new.library.restore_state(&state) {
-        Some(Ok(())) => tracing::debug!(plugin, bytes = state.len(), "state carried over"),
-        Some(Err(PluginError { message, .. })) => {
-            tracing::warn!(plugin, error = %EscapeControl(&message), "restoring state into the new generation failed; it starts fresh");
-        }
-        None => tracing::warn!(
-            plugin,
-            "the new generation was built without state support; its state starts fresh"
-        ),
-    }
-}
-
 impl PluginHost {
+    /// Moves the state of `old` into `new`, each entry within the plugin's deadline. A failure
+    /// is logged and `new` starts fresh; an entry that overruns is abandoned and refuses the
+    /// reload, so that the old generation keeps serving with its state: nothing is lost.
+    fn carry_state(
+        &self,
+        plugin: &str,
+        old: &Arc<Generation>,
+        new: &Arc<Generation>,
+        health: &Arc<StatsCell>,
+    ) -> Result<(), LoadErrorKind> {
+        let timeout_ms = self.timeout_ms(plugin);
+        let timed_out = |entry| LoadErrorKind::StateTimedOut {
+            plugin: plugin.to_owned(),
+            entry,
+            timeout_ms,
+        };
+        let saving = Arc::clone(old);
+        let saved = deadline::within(plugin, "save_state", timeout_ms, Some(health), move || {
+            saving.library.save_state()
+        })
+        .map_err(|_| timed_out("save_state"))?;
+        let state = match saved {
+            None | Some(Ok(None)) => return Ok(()),
+            Some(Ok(Some(state))) => state,
+            Some(Err(PluginError { message, .. })) => {
+                tracing::warn!(plugin, error = %EscapeControl(&message), "saving state for the reload failed; the new generation starts fresh");
+                return Ok(());
+            }
+        };
+        let restoring = Arc::clone(new);
+        let bytes = state.len();
+        let restored = deadline::within(
+            plugin,
+            "restore_state",
+            timeout_ms,
+            Some(health),
+            move || restoring.library.restore_state(&state),
+        )
+        .map_err(|_| timed_out("restore_state"))?;
+        match restored {
+            Some(Ok(())) => tracing::debug!(plugin, bytes, "state carried over"),
+            Some(Err(PluginError { message, .. })) => {
+                tracing::warn!(plugin, error = %EscapeControl(&message), "restoring state into the new generation failed; it starts fresh");
+            }
+            None => tracing::warn!(
+                plugin,
+                "the new generation was built without state support; its state starts fresh"
+            ),
+        }
+        Ok(())
+    }
+
     /// Loads every shared library (`*.so`, hidden files excepted) in the plugins directory that
     /// is not loaded yet, in file-name order. A file that fails is reported in the result and
     /// the others load.
@@ -275,7 +307,12 @@ impl PluginHost {
             .map_err(|kind| LoadError::new(&file, kind))?;
         let file = file.as_path();
         let name = generation.manifest.name.clone();
-        self.restore_saved_state(&name, &generation);
+        let generation = Arc::new(generation);
+        let stats: Arc<StatsCell> = Arc::default();
+        if let Err(kind) = self.restore_saved_state(&name, &generation, &stats) {
+            self.release(&name, generation, None);
+            return Err(LoadError::new(file, kind));
+        }
         let registry = self.inner.registry.load();
         let load_order = registry
             .values()
@@ -283,8 +320,8 @@ impl PluginHost {
             .max()
             .unwrap_or(0);
         let slot = Slot {
-            generation: Arc::new(generation),
-            stats: Arc::default(),
+            generation,
+            stats,
             load_order,
         };
         let mut next = registry.plugins.clone();
@@ -425,6 +462,7 @@ impl PluginHost {
         if !settings.enabled {
             return Err(LoadErrorKind::Disabled { plugin: name });
         }
+        self.admit_quarantined(&name)?;
         let config = match &settings.config {
             Value::Null => String::new(),
             config => config.to_string(),
@@ -448,6 +486,36 @@ impl PluginHost {
             stamp,
             number,
             library,
+        })
+    }
+
+    /// The one place that decides what a quarantined plugin (one a crash record names) does at
+    /// load: today it is refused, naming the crash and how to clear it. (With process isolation,
+    /// this is where it would load isolated instead.)
+    fn admit_quarantined(&self, plugin: &str) -> Result<(), LoadErrorKind> {
+        let Some(dir) = &self.inner.quarantine_dir else {
+            return Ok(());
+        };
+        let records = match crate::quarantine::records(dir) {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "crash records unreadable; no plugin is quarantined");
+                return Ok(());
+            }
+        };
+        let Some(record) = records.iter().rev().find(|r| r.plugin == plugin) else {
+            return Ok(());
+        };
+        tracing::warn!(
+            plugin,
+            method = %EscapeControl(&record.method),
+            cause = %EscapeControl(&record.cause),
+            "plugin quarantined: it brought the worker down; refused until its crash records are cleared"
+        );
+        Err(LoadErrorKind::Quarantined {
+            plugin: plugin.to_owned(),
+            reason: record.reason(),
+            records: crate::quarantine::records_file(dir),
         })
     }
 
@@ -534,7 +602,23 @@ impl PluginHost {
                 return Err(e);
             }
         };
-        carry_state(plugin, &old, &new);
+        let stats = self
+            .inner
+            .registry
+            .load()
+            .get(plugin)
+            .map(|slot| Arc::clone(&slot.stats))
+            .ok_or_else(|| not_loaded(plugin))?;
+        if let Err(kind) = self.carry_state(plugin, &old, &new, &stats) {
+            let e = LoadError::new(&old.file, kind).during(format!(
+                "reloading plugin `{plugin}` from {}; generation {} keeps serving",
+                EscapePath(&old.file),
+                old.number
+            ));
+            self.note_result(&old.file, Some(&e));
+            self.release(plugin, new, None);
+            return Err(e);
+        }
         let registry = self.inner.registry.load();
         let mut next = registry.plugins.clone();
         let slot = next
@@ -548,7 +632,7 @@ impl PluginHost {
         // Cleared once the new generation serves: whoever sees the refusal gone sees it.
         self.note_result(&old.file, None);
         // A checkpoint of the new generation: what it was given survives a crash from now on.
-        self.save_state(plugin, &new);
+        self.save_state(plugin, &new, Some(&slot.stats));
         tracing::info!(
             plugin,
             from_generation = old.number,
@@ -557,6 +641,7 @@ impl PluginHost {
             took_us = started.elapsed().as_micros(),
             "plugin reloaded"
         );
+        self.release(plugin, old, Some(&slot.stats));
         Ok(self.describe(plugin, &slot))
     }
 
@@ -564,7 +649,7 @@ impl PluginHost {
     /// directory) and logs the unload. The generation itself is destroyed when its last call
     /// returns.
     pub(super) fn retire(&self, plugin: &str, slot: Slot) {
-        self.save_state(plugin, &slot.generation);
+        self.save_state(plugin, &slot.generation, Some(&slot.stats));
         self.retire_saved(plugin, slot);
     }
 
@@ -580,12 +665,21 @@ impl PluginHost {
             took_us = started.elapsed().as_micros(),
             "plugin unloaded"
         );
+        let Slot {
+            generation, stats, ..
+        } = slot;
+        self.release(plugin, generation, Some(&stats));
     }
 
     /// Writes the state of `generation` to the state directory (when the host has one and the
     /// plugin keeps state); whether it was written. Saves are serialized, so a checkpoint taken
     /// earlier never replaces a later save.
-    pub(super) fn save_state(&self, plugin: &str, generation: &Generation) -> bool {
+    pub(super) fn save_state(
+        &self,
+        plugin: &str,
+        generation: &Arc<Generation>,
+        health: Option<&Arc<StatsCell>>,
+    ) -> bool {
         let Some(store) = &self.inner.state else {
             return false;
         };
@@ -594,7 +688,22 @@ impl PluginHost {
             .saving
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match generation.library.save_state() {
+        let saving = Arc::clone(generation);
+        let saved = deadline::within(
+            plugin,
+            "save_state",
+            self.timeout_ms(plugin),
+            health,
+            move || saving.library.save_state(),
+        );
+        let Ok(saved) = saved else {
+            tracing::warn!(
+                plugin,
+                "state not saved: save_state overran its deadline; the last saved state stays"
+            );
+            return false;
+        };
+        match saved {
             None | Some(Ok(None)) => false,
             Some(Ok(Some(state))) => match store.save(plugin, &state) {
                 Ok(path) => {
@@ -633,7 +742,7 @@ impl PluginHost {
                 tracing::warn!(plugin = %name, "checkpoint skipped: the plugin's breaker is open or a call is past its deadline; its last saved state stays");
                 continue;
             }
-            if self.save_state(name, &slot.generation) {
+            if self.save_state(name, &slot.generation, Some(&slot.stats)) {
                 saved.push(name.to_string());
             }
         }
@@ -643,22 +752,50 @@ impl PluginHost {
         saved
     }
 
-    /// Gives a newly loaded plugin the state saved in the state directory, if any.
-    pub(super) fn restore_saved_state(&self, plugin: &str, generation: &Generation) {
+    /// Gives a newly loaded plugin the state saved in the state directory, if any, within the
+    /// plugin's deadline.
+    ///
+    /// # Errors
+    ///
+    /// `restore_state` overran and was abandoned: the load is refused, and the state file stays
+    /// for the next try (loading the plugin fresh would overwrite it at the next save).
+    pub(super) fn restore_saved_state(
+        &self,
+        plugin: &str,
+        generation: &Arc<Generation>,
+        health: &Arc<StatsCell>,
+    ) -> Result<(), LoadErrorKind> {
         let Some(store) = &self.inner.state else {
-            return;
+            return Ok(());
         };
         let Some(state) = store.load(plugin) else {
-            return;
+            return Ok(());
         };
-        match generation.library.restore_state(&state) {
-            Some(Ok(())) => tracing::info!(plugin, bytes = state.len(), "saved state restored"),
+        let timeout_ms = self.timeout_ms(plugin);
+        let restoring = Arc::clone(generation);
+        let bytes = state.len();
+        let given = state.clone();
+        let restored = deadline::within(
+            plugin,
+            "restore_state",
+            timeout_ms,
+            Some(health),
+            move || restoring.library.restore_state(&given),
+        )
+        .map_err(|_| LoadErrorKind::StateTimedOut {
+            plugin: plugin.to_owned(),
+            entry: "restore_state",
+            timeout_ms,
+        })?;
+        match restored {
+            Some(Ok(())) => tracing::info!(plugin, bytes, "saved state restored"),
             Some(Err(PluginError { message, .. })) => store.reject(plugin, &message),
             None => tracing::warn!(
                 plugin,
                 "a saved state exists but the plugin was built without state support; it starts fresh"
             ),
         }
+        Ok(())
     }
 
     /// Unloads every plugin in reverse load order, saving each one's state first when the host
@@ -721,7 +858,13 @@ impl PluginHost {
                 .into_iter()
                 .filter(|call| call.overdue)
                 .collect();
-            if let Some(call) = overdue.first() {
+            if slot.stats.health.stuck() != 0 {
+                report.abandoned.push(Abandoned {
+                    plugin: name.to_string(),
+                    reason: "an entry abandoned past its deadline is still running in it; not saved (its last checkpoint stays) and not unloaded".to_owned(),
+                });
+                std::mem::forget(slot);
+            } else if let Some(call) = overdue.first() {
                 report.abandoned.push(Abandoned {
                     plugin: name.to_string(),
                     reason: format!(
@@ -736,16 +879,22 @@ impl PluginHost {
                 retiring.push((name, slot));
             }
         }
-        let (done, finished) = std::sync::mpsc::channel::<(String, bool)>();
+        let (done, finished) = std::sync::mpsc::channel::<(String, bool, bool)>();
         let names: Vec<String> = retiring.iter().map(|(n, _)| n.to_string()).collect();
         let host = self.clone();
         let retired = std::thread::Builder::new()
             .name("plugin-shutdown".into())
             .spawn(move || {
                 for (name, slot) in retiring {
-                    let saved = host.save_state(&name, &slot.generation);
-                    host.retire_saved(&name, slot);
-                    if done.send((name.to_string(), saved)).is_err() {
+                    let saved = host.save_state(&name, &slot.generation, Some(&slot.stats));
+                    // Its `save_state` overran: code still runs in it, so its library stays.
+                    let stuck = slot.stats.health.stuck() != 0;
+                    if stuck {
+                        std::mem::forget(slot);
+                    } else {
+                        host.retire_saved(&name, slot);
+                    }
+                    if done.send((name.to_string(), saved, stuck)).is_err() {
                         return;
                     }
                 }
@@ -755,11 +904,16 @@ impl PluginHost {
             while let Some(next) = pending.front() {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match finished.recv_timeout(left) {
-                    Ok((name, saved)) => {
+                    Ok((name, saved, stuck)) => {
                         debug_assert_eq!(&name, next);
                         pending.pop_front();
                         if saved {
                             report.saved.push(name);
+                        } else if stuck {
+                            report.abandoned.push(Abandoned {
+                                plugin: name,
+                                reason: "its save_state overran its deadline and runs on; not saved (its last checkpoint stays) and not unloaded".to_owned(),
+                            });
                         }
                     }
                     Err(_) => break,

@@ -1,5 +1,6 @@
 //! The fire-and-forget queue: a bounded queue of hook events and the thread that runs them.
 
+use super::deadline;
 use super::*;
 
 /// A queued fire-and-forget event: the payload as a value for a host hook, as text for a plugin.
@@ -59,11 +60,13 @@ impl FireQueue {
         }
     }
 
-    /// Runs what is queued, then stops the thread.
-    pub(super) fn stop(&mut self) {
+    /// Runs what is queued, then stops the thread, waiting for it at most `bound`: a
+    /// subscriber still running then is abandoned with the thread (and keeps the generation it
+    /// runs in alive).
+    pub(super) fn stop(&mut self, bound: std::time::Duration) {
         self.sender = None;
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            deadline::join_within(thread, bound, "hook-fire-and-forget");
         }
     }
 }

@@ -136,6 +136,7 @@ impl PluginHost {
                 } => Some((failures, cooldown_ms)),
             };
             slot.stats.health.configure(
+                name,
                 breaker,
                 settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms),
             );
