@@ -96,6 +96,8 @@ impl HookResult {
 type HandlerFn<P> = dyn Fn(&P, &str) -> Result<HookResult, PluginError> + Send + Sync;
 
 struct Handler<P> {
+    /// The hook name's tag, compared first (see `methods::tag`).
+    tag: u64,
     subscription: HookSubscription,
     handle: Box<HandlerFn<P>>,
 }
@@ -162,6 +164,7 @@ impl<P> Hooks<P> {
     {
         let name = hook.to_owned();
         let handler = Handler {
+            tag: crate::methods::tag(hook),
             subscription: HookSubscription {
                 hook: hook.to_owned(),
                 priority,
@@ -202,7 +205,12 @@ impl<P> Hooks<P> {
     ///
     /// No handler for `hook`, a payload that does not fit, or the handler's own error.
     pub fn run(&self, plugin: &P, hook: &str, payload: &str) -> Result<HookResult, PluginError> {
-        match self.handlers.iter().find(|h| h.subscription.hook == hook) {
+        let tag = crate::methods::tag(hook);
+        match self
+            .handlers
+            .iter()
+            .find(|h| h.tag == tag && h.subscription.hook == hook)
+        {
             Some(handler) => (handler.handle)(plugin, payload),
             None => Err(PluginError::new(format!("not subscribed to hook `{hook}`"))),
         }

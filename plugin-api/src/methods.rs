@@ -10,9 +10,25 @@ use crate::PluginError;
 type RawFn<P> = dyn Fn(&P, &str) -> Result<Option<String>, PluginError> + Send + Sync;
 
 struct Method<P> {
+    /// [`tag`] of the name: compared first, so a lookup compares one integer per method and the
+    /// bytes of the one that matches.
+    tag: u64,
     name: &'static str,
     description: &'static str,
     call: Box<RawFn<P>>,
+}
+
+/// A method name's length and first bytes in one integer: two names with different tags
+/// differ. Names of up to seven bytes are told apart by the tag alone (the bytes are still
+/// compared on a match).
+#[inline]
+pub(crate) fn tag(name: &str) -> u64 {
+    let bytes = name.as_bytes();
+    let mut word = [0u8; 8];
+    let n = bytes.len().min(7);
+    word[..n].copy_from_slice(&bytes[..n]);
+    word[7] = bytes.len().min(255) as u8;
+    u64::from_ne_bytes(word)
 }
 
 /// The methods a plugin offers, registered once in [`Plugin::methods`](crate::Plugin::methods).
@@ -108,6 +124,7 @@ impl<P> Methods<P> {
         F: Fn(&P, &str) -> Result<Option<String>, PluginError> + Send + Sync + 'static,
     {
         let method = Method {
+            tag: tag(name),
             name,
             description,
             call: Box::new(f),
@@ -145,9 +162,39 @@ impl<P> Methods<P> {
         name: &str,
         params: &str,
     ) -> Result<Option<String>, PluginError> {
-        match self.methods.iter().find(|m| m.name == name) {
+        let tag = tag(name);
+        match self.methods.iter().find(|m| m.tag == tag && m.name == name) {
             Some(method) => (method.call)(plugin, params),
             None => Err(PluginError::unknown_method(name)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names with the same tag (same length, same first seven bytes) or told apart by the tag
+    /// alone each reach their own method; a prefix or an extension of a name reaches none.
+    #[test]
+    fn lookup_tells_every_name_apart() {
+        let names = [
+            "a", "b", "ab", "noop", "echo", "summarize_a", "summarize_b", "summariz", "summarize",
+        ];
+        let mut methods = Methods::<()>::new();
+        for name in names {
+            methods.raw_method(name, "", move |(), _| Ok(Some(format!("\"{name}\""))));
+        }
+        for name in names {
+            assert_eq!(
+                methods.call(&(), name, "").unwrap(),
+                Some(format!("\"{name}\""))
+            );
+        }
+        for missing in ["", "summarize_", "summarize_ab", "noo", "noops", "A"] {
+            assert!(methods.call(&(), missing, "").is_err(), "{missing}");
+        }
+        assert_ne!(tag("summarize_a"), tag("summarize"));
+        assert_eq!(tag("summarize_a"), tag("summarize_b"));
     }
 }
