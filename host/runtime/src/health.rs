@@ -87,6 +87,9 @@ pub(crate) struct Health {
     times_opened: AtomicU64,
     refused: AtomicU64,
     timeouts: AtomicU64,
+    /// The plugin runs isolated: a call past its deadline is ended by killing its process, not
+    /// reported by the watchdog.
+    preemptive: std::sync::atomic::AtomicBool,
     markers: [Marker; MARKERS],
 }
 
@@ -102,6 +105,7 @@ impl Default for Health {
             times_opened: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            preemptive: std::sync::atomic::AtomicBool::new(false),
             markers: Default::default(),
         }
     }
@@ -149,6 +153,12 @@ impl Health {
         if threshold == 0 {
             self.state.store(CLOSED, Release);
         }
+    }
+
+    /// Whether calls past their deadline are ended by the host (an isolated plugin) rather than
+    /// reported by the watchdog.
+    pub(crate) fn set_preemptive(&self, preemptive: bool) {
+        self.preemptive.store(preemptive, Relaxed);
     }
 
     /// Admits a call of `method` from the thread of statistics shard `shard`, or refuses it
@@ -347,6 +357,9 @@ impl Health {
     /// The watchdog's look at this plugin: each call past its deadline is reported once (logged,
     /// counted as a timeout) and opens the breaker.
     pub(crate) fn watch(&self, plugin: &str, now: u64) {
+        if self.preemptive.load(Relaxed) {
+            return;
+        }
         let timeout = self.timeout_ms.load(Relaxed);
         for marker in &self.markers {
             let started = marker.started.load(Acquire);

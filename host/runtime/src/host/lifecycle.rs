@@ -325,24 +325,40 @@ impl PluginHost {
         // The checks and the copy see the same bytes, read once from one open descriptor.
         let checked = loader::check_plugin_file(file, self.inner.file_policy)?;
         let stamp = Some(checked.stamp);
-        let shadow = loader::shadow_copy(
-            file,
-            &checked,
-            &self.inner.shadow_dir,
-            self.inner.shadow_id,
-            number,
-        )?;
-        let header = checked.header;
-        drop(checked);
-        let library = PluginLibrary::open(shadow, header)?;
-        let manifest_json = library
-            .manifest_json()
-            .map_err(|PluginError { kind, message }| LoadErrorKind::BadManifest {
-                reason: match kind {
-                    ErrorKind::Panicked => format!("reading it panicked: {message}"),
-                    _ => message,
-                },
-            })?;
+        // Which plugin a file provides is known from its manifest only: when any plugin may run
+        // isolated, a child reads it, and the host opens the file itself only if that plugin
+        // runs in-process.
+        let isolated = if self.may_isolate() {
+            Some(self.start_child(file, number)?)
+        } else {
+            None
+        };
+        let (library, manifest_json) = match isolated {
+            Some((isolated, json)) if self.isolation_of(&json) == crate::Isolation::Process => {
+                (Backend::Isolated(isolated), json)
+            }
+            _ => {
+                let shadow = loader::shadow_copy(
+                    file,
+                    &checked,
+                    &self.inner.shadow_dir,
+                    self.inner.shadow_id,
+                    number,
+                )?;
+                let header = checked.header;
+                drop(checked);
+                let library = PluginLibrary::open(shadow, header)?;
+                let json = library
+                    .manifest_json()
+                    .map_err(|PluginError { kind, message }| LoadErrorKind::BadManifest {
+                        reason: match kind {
+                            ErrorKind::Panicked => format!("reading it panicked: {message}"),
+                            _ => message,
+                        },
+                    })?;
+                (Backend::InProcess(library), json)
+            }
+        };
         let mut manifest: Manifest =
             serde_json::from_str(&manifest_json).map_err(|e| LoadErrorKind::BadManifest {
                 reason: e.to_string(),
@@ -376,6 +392,74 @@ impl PluginHost {
             number,
             library,
         })
+    }
+
+    /// Whether any plugin may run isolated (the host's default, or a plugin's setting).
+    fn may_isolate(&self) -> bool {
+        self.inner.isolation == crate::Isolation::Process
+            || self
+                .inner
+                .config
+                .load()
+                .plugins
+                .values()
+                .chain(self.inner.overrides.values())
+                .any(|s| s.isolation == Some(crate::Isolation::Process))
+    }
+
+    /// Where the plugin whose manifest is `manifest_json` runs; isolated when the manifest
+    /// cannot be read (its load fails anyway, and the host never opens an unknown file).
+    fn isolation_of(&self, manifest_json: &str) -> crate::Isolation {
+        match serde_json::from_str::<Manifest>(manifest_json) {
+            Ok(manifest) => self
+                .settings(&manifest.name)
+                .isolation
+                .unwrap_or(self.inner.isolation),
+            Err(_) => crate::Isolation::Process,
+        }
+    }
+
+    /// Starts a child process that loads `file`; the child and the manifest it read.
+    fn start_child(
+        &self,
+        file: &Path,
+        number: u64,
+    ) -> Result<(crate::isolation::Isolated, String), LoadErrorKind> {
+        let program = match &self.inner.child_program {
+            Some(program) => program.clone(),
+            None => std::env::current_exe().map_err(|e| LoadErrorKind::Isolation {
+                reason: format!(
+                    "this program's executable cannot be found to start the plugin's process: {e}"
+                ),
+            })?,
+        };
+        let launch = crate::isolation::Launch {
+            program,
+            spec: crate::isolation::child::ChildSpec {
+                parent: std::process::id(),
+                file: file.to_path_buf(),
+                shadow_dir: self.inner.shadow_dir.clone(),
+                shadow_id: self.inner.shadow_id,
+                generation: number,
+                max_size: self.inner.file_policy.max_size,
+                insecure_permissions: self.inner.file_policy.insecure_permissions,
+                memory_limit_mb: None,
+                log_level: crate::dylib::max_log_level(),
+            },
+            timeout_ms: self.inner.call_timeout_ms,
+            restarts: crate::RestartPolicy::default(),
+        };
+        let label = file.display().to_string();
+        let (supervisor, manifest, supports_hooks) =
+            crate::isolation::Supervisor::start(label, launch)
+                .map_err(|reason| LoadErrorKind::Isolation { reason })?;
+        Ok((
+            crate::isolation::Isolated {
+                supervisor,
+                supports_hooks,
+            },
+            manifest,
+        ))
     }
 
     /// Creates the instance of an opened generation, once its name may be used: `replacing` is
@@ -429,9 +513,46 @@ impl PluginHost {
             Value::Null => String::new(),
             config => config.to_string(),
         };
-        let call_back = PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
         let timeout_ms = settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms);
-        let (library, created) = create_within(library, &name, config, call_back, timeout_ms)?;
+        let (library, created) = match library {
+            Backend::InProcess(library) => {
+                let call_back =
+                    PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
+                let (library, created) =
+                    create_within(library, &name, config, call_back, timeout_ms)?;
+                (Backend::InProcess(library), created)
+            }
+            Backend::Isolated(isolated) => {
+                let supervisor = &isolated.supervisor;
+                supervisor.configure(
+                    timeout_ms,
+                    settings.memory_limit_mb,
+                    settings.restarts.unwrap_or_default(),
+                );
+                let link = PluginHost::host_link(Arc::downgrade(&self.inner));
+                let created = match supervisor.create(&name, config, link) {
+                    Ok(()) => Ok(()),
+                    Err(crate::isolation::CreateError::Plugin(e)) => Err(e),
+                    Err(crate::isolation::CreateError::Lost(crate::isolation::Lost::TimedOut)) => {
+                        tracing::warn!(
+                            plugin = %name,
+                            timeout_ms,
+                            "isolated plugin's create overran its deadline; its process was killed"
+                        );
+                        return Err(LoadErrorKind::CreateTimedOut {
+                            plugin: name,
+                            timeout_ms,
+                        });
+                    }
+                    Err(crate::isolation::CreateError::Lost(lost)) => {
+                        return Err(LoadErrorKind::Isolation {
+                            reason: format!("plugin `{name}`: its process {lost} in create"),
+                        });
+                    }
+                };
+                (Backend::Isolated(isolated), created)
+            }
+        };
         created.map_err(|PluginError { kind, message }| match kind {
             ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
                 plugin: name.clone(),

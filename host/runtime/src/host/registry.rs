@@ -12,8 +12,9 @@ pub(super) struct Generation {
     /// The file as it was when this generation was copied from it.
     pub(super) stamp: Option<loader::FileStamp>,
     pub(super) number: u64,
-    /// Dropped last of all: destroying the instance and closing the library.
-    pub(super) library: PluginLibrary,
+    /// Dropped last of all: destroying the instance and closing the library (or stopping the
+    /// isolated plugin's process).
+    pub(super) library: Backend,
 }
 
 /// A generation opened and checked, its manifest read; not created yet.
@@ -23,7 +24,7 @@ pub(super) struct Opened {
     pub(super) file: PathBuf,
     pub(super) stamp: Option<loader::FileStamp>,
     pub(super) number: u64,
-    pub(super) library: PluginLibrary,
+    pub(super) library: Backend,
 }
 
 /// A plugin name's place in the registry: a reload replaces the generation, the statistics stay.
@@ -139,6 +140,9 @@ impl PluginHost {
                 breaker,
                 settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms),
             );
+            slot.stats
+                .health
+                .set_preemptive(slot.generation.library.supervisor().is_some());
             watched.push((name.clone(), Arc::clone(&slot.stats)));
         }
         self.inner.watched.store(Arc::new(watched));
