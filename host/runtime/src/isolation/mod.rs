@@ -84,8 +84,8 @@ impl std::str::FromStr for Isolation {
     }
 }
 
-/// The crash-loop limit of an isolated plugin: more than `max` crashes within `window_sec`
-/// seconds and it is not restarted again until a reload, a changed file or a reset.
+/// The crash-loop limit of an isolated plugin: after `max` crashes within `window_sec` seconds
+/// it is not restarted again until a reload, a changed file or a reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RestartPolicy {

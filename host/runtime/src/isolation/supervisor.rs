@@ -39,6 +39,8 @@ enum Reply {
 
 /// One child process and the socket to it.
 struct Conn {
+    /// The plugin (its file, for a first child that has not read the manifest yet).
+    plugin: String,
     pid: u32,
     process: Mutex<Option<std::process::Child>>,
     out: Mutex<UnixStream>,
@@ -71,8 +73,15 @@ impl Conn {
         }
     }
 
-    /// Sends a request and waits for its answer at most `timeout`; an overrun kills the child.
-    fn request(&self, tag: Tag, fields: &[&str], timeout: Duration) -> Result<Frame, Lost> {
+    /// Sends a request and waits for its answer at most `timeout`; an overrun kills the child
+    /// (and is counted in `overruns`; calls the kill takes down with it are not).
+    fn request(
+        &self,
+        tag: Tag,
+        fields: &[&str],
+        timeout: Duration,
+        overruns: Option<&AtomicU64>,
+    ) -> Result<Frame, Lost> {
         if self.dead.load(Ordering::Acquire) {
             return Err(Lost::Crashed);
         }
@@ -113,6 +122,15 @@ impl Conn {
                 }
                 self.timed_out.store(true, Ordering::Release);
                 self.kill();
+                if let Some(overruns) = overruns {
+                    overruns.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        plugin = %self.plugin,
+                        pid = self.pid,
+                        timeout_ms = timeout.as_millis(),
+                        "isolated plugin call overran its deadline; its process is killed and restarted"
+                    );
+                }
                 Err(Lost::TimedOut)
             }
         }
@@ -247,18 +265,9 @@ impl Supervisor {
         if self.suspended.load(Ordering::Relaxed) {
             return Err(Lost::Suspended);
         }
-        let conn = self.conn.load();
-        let result = conn.request(tag, fields, self.timeout());
-        if matches!(result, Err(Lost::TimedOut)) {
-            self.timeouts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                plugin = %self.name(),
-                timeout_ms = self.timeout_ms.load(Ordering::Relaxed),
-                pid = conn.pid,
-                "isolated plugin call overran its deadline; its process is killed and restarted"
-            );
-        }
-        result
+        self.conn
+            .load()
+            .request(tag, fields, self.timeout(), Some(&self.timeouts))
     }
 
     /// The plugin's name (its file until created).
@@ -338,7 +347,7 @@ impl Supervisor {
             {
                 times.pop_front();
             }
-            times.len() > limit.max as usize
+            times.len() >= limit.max as usize
         };
         if looping {
             self.suspended.store(true, Ordering::Release);
@@ -413,7 +422,7 @@ impl Supervisor {
                 return;
             }
             if let Some(state) = &state {
-                match conn.request(Tag::Restore, &[state], self.timeout()) {
+                match conn.request(Tag::Restore, &[state], self.timeout(), None) {
                     Ok(frame) if frame.code == code::NONE || frame.code == code::UNSUPPORTED => {}
                     Ok(frame) => {
                         tracing::warn!(plugin = %self.name(), error = %EscapeControl(frame.field(0)), "the restarted plugin refused its last state; it starts fresh");
@@ -515,7 +524,7 @@ fn create_in(
     timeout: Duration,
 ) -> Result<(), CreateError> {
     let memory = memory_limit_mb.map(|mb| mb.to_string()).unwrap_or_default();
-    match conn.request(Tag::Create, &[config, &memory], timeout) {
+    match conn.request(Tag::Create, &[config, &memory], timeout, None) {
         Ok(frame) if frame.code == code::NONE => Ok(()),
         Ok(mut frame) => Err(CreateError::Plugin(PluginError {
             kind: super::error_kind(frame.code.saturating_sub(code::ERROR)),
@@ -528,7 +537,7 @@ fn create_in(
 fn stop_conn(conn: &Conn, timeout: Duration) {
     conn.stopping.store(true, Ordering::Release);
     if !timeout.is_zero() && !conn.dead.load(Ordering::Acquire) {
-        let _ = conn.request(Tag::Stop, &[], timeout);
+        let _ = conn.request(Tag::Stop, &[], timeout, None);
     }
     conn.kill();
 }
@@ -543,18 +552,18 @@ fn spawn(
         UnixStream::pair().map_err(|e| format!("no socket for the plugin's process: {e}"))?;
     let spec = serde_json::to_string(&launch.spec)
         .map_err(|e| format!("the plugin's process settings: {e}"))?;
-    let mut child = Command::new(&launch.program)
+    let mut command = Command::new(&launch.program);
+    command
         .env(CHILD_ENV, spec)
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "could not start the plugin's process ({}): {e}",
-                launch.program.display()
-            )
-        })?;
+        .stderr(Stdio::piped());
+    let mut child = spawn_from_lasting_thread(command).map_err(|e| {
+        format!(
+            "could not start the plugin's process ({}): {e}",
+            launch.program.display()
+        )
+    })?;
     let pid = child.id();
     for (stream, reader) in [
         (
@@ -628,6 +637,7 @@ fn spawn(
         Err(e) => return Err(kill(child, format!("the plugin's process: {e}"))),
     };
     let conn = Arc::new(Conn {
+        plugin: label.to_owned(),
         pid,
         process: Mutex::new(Some(child)),
         out: Mutex::new(ours),
@@ -648,6 +658,33 @@ fn spawn(
         return Err(format!("no thread to read the plugin's process: {e}"));
     }
     Ok((conn, manifest, hooks))
+}
+
+/// A child's parent-death signal fires when the *thread* that started it ends, not the process:
+/// every child is started by one thread that lasts as long as the process.
+fn spawn_from_lasting_thread(command: Command) -> std::io::Result<std::process::Child> {
+    type Job = (Command, SyncSender<std::io::Result<std::process::Child>>);
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, next) = std::sync::mpsc::channel::<Job>();
+        let _ = std::thread::Builder::new()
+            .name("plugin-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in next {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        Mutex::new(jobs)
+    });
+    let (reply, spawned) = sync_channel(1);
+    let sent = spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((command, reply));
+    let no_thread = || std::io::Error::other("the thread that starts plugin processes is gone");
+    sent.map_err(|_| no_thread())?;
+    spawned.recv().map_err(|_| no_thread())?
 }
 
 /// The reader of one child's socket: routes answers, forwards host calls and log events; at
