@@ -477,3 +477,59 @@ fn bad_isolation_settings_are_refused_naming_the_field() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("isolation"));
 }
+
+/// `worker run` with every plugin isolated: `worker run`'s records as JSON values.
+fn run_isolated(dir: &PluginDir, tasks: &[Value]) -> Vec<Value> {
+    let file = dir.shadow().join("tasks.jsonl");
+    let lines: Vec<String> = tasks.iter().map(Value::to_string).collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let output = worker(
+        dir,
+        &[
+            "--isolation",
+            "process",
+            "--log",
+            "warn",
+            "run",
+            "--tasks",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|record| record.get("id").is_some())
+        .collect()
+}
+
+/// Hooks work isolated: a sequential subscriber's modification reaches the next step, and a
+/// block stops the task, both from plugins in their own processes.
+#[test]
+fn isolated_hooks_modify_and_block() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({
+        "experiment": {"config": {"experiments": {"chat": {"variants": {"recall": 1}}}}},
+        "fixture": {"config": {"on": {"task.after_step": {"modify": {"messages": [
+            {"role": "user", "content": "My city is Quito."},
+            {"role": "assistant", "content": "Looking for: city"}
+        ]}}}}}
+    }));
+    dir.add("fixture", "libfixture.so");
+    dir.add("experiment", "libexperiment.so");
+    let task = json!({"id": "c1", "type": "chat", "input": {"messages": [{"role": "user", "content": "My city is Lima."}, {"role": "user", "content": "What is my order number?"}]}, "reference": "Quito"});
+    let records = run_isolated(&dir, std::slice::from_ref(&task));
+    assert_eq!(records[0]["handler"], "recall", "{records:?}");
+    assert_eq!(records[0]["output"], "Quito", "{records:?}");
+
+    dir.configure(&json!({"fixture": {"config": {"on": {"task.received": {"block": {"reason": "not today", "code": "closed"}}}}}}));
+    let records = run_isolated(&dir, &[task]);
+    assert_eq!(records[0]["blocked_by"], "fixture", "{records:?}");
+    assert!(
+        records[0]["error"].as_str().unwrap().contains("not today"),
+        "{records:?}"
+    );
+}

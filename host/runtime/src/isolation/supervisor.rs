@@ -453,18 +453,19 @@ impl Supervisor {
         }
     }
 
-    /// Stops the child: `destroy` within the deadline, then killed.
+    /// Stops the child: `destroy` within the plugin's deadline (as an in-process generation is
+    /// destroyed by whoever drops it last, but bounded), then killed.
     pub(crate) fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         let conn = self.conn.load_full();
-        let timeout = self.timeout();
-        // Off the caller's thread: the last call of a generation may be anyone's.
-        let stopped = std::thread::Builder::new()
-            .name("plugin-stop".into())
-            .spawn(move || stop_conn(&conn, timeout));
-        if stopped.is_err() {
-            self.conn.load().kill();
-        }
+        let started = Instant::now();
+        stop_conn(&conn, self.timeout());
+        tracing::debug!(
+            plugin = %self.name(),
+            pid = conn.pid,
+            took_us = started.elapsed().as_micros(),
+            "isolated plugin's process stopped"
+        );
     }
 
     fn forward_host_call(&self, conn: &Arc<Conn>, mut frame: Frame) {
