@@ -282,15 +282,23 @@ impl PluginHost {
             .map(|slot| self.describe(name, slot))
     }
 
-    /// Names of the plugins that are not healthy: their circuit breaker is open or half-open, or
-    /// a call is running past its deadline. By name.
+    /// Names of the plugins that are not healthy: their circuit breaker is open or half-open, a
+    /// call is running past its deadline, or (isolated) restarts are stopped by the crash-loop
+    /// limit. By name.
     pub fn degraded(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .inner
             .registry
             .load()
             .iter()
-            .filter(|(_, slot)| slot.stats.health.degraded())
+            .filter(|(_, slot)| {
+                slot.stats.health.degraded()
+                    || slot
+                        .generation
+                        .library
+                        .supervisor()
+                        .is_some_and(crate::isolation::Supervisor::suspended)
+            })
             .map(|(name, _)| name.to_string())
             .collect();
         names.sort();

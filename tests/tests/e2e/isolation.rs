@@ -238,6 +238,10 @@ fn the_crash_loop_limit_stops_restarts_until_a_reset() {
     assert_eq!(answer, Value::Null);
     assert!(why.contains("crashed"), "{why}");
     assert_eq!(metric(&worker, "plugin_restarts_suspended", "crashy"), 1.0);
+    assert_eq!(
+        worker.http("GET", "/healthz", b"").json()["degraded"],
+        json!(["crashy"])
+    );
     echo_answers(&worker);
 
     let reset = worker.http("POST", "/v1/plugins/crashy/reset", b"");
@@ -532,4 +536,49 @@ fn isolated_hooks_modify_and_block() {
         records[0]["error"].as_str().unwrap().contains("not today"),
         "{records:?}"
     );
+}
+
+/// An embedder isolates plugins through the library: `with_isolation` and, since a test
+/// binary's `main` is not its own, `with_child_program` naming a program whose `main` calls
+/// `run_child_if_requested`. A crash is `PluginCallError::Crashed`, an overrun `TimedOut`.
+#[test]
+fn an_embedder_isolates_through_the_builder() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {"timeoutMs": 1500, "breaker": false}}));
+    dir.add("crashy", "libcrashy.so");
+    let host = plugin_host::PluginHost::builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_isolation(plugin_host::Isolation::Process)
+        .with_child_program(env!("CARGO_BIN_EXE_worker-under-test"))
+        .build()
+        .unwrap();
+    let report = host.scan().unwrap();
+    assert_eq!(report.loaded, ["crashy"], "{report:?}");
+    let pid = host.execute("crashy", "pid", &Value::Null).unwrap();
+    assert_ne!(pid, json!(std::process::id()));
+    let crashed = host.call("crashy", "segfault", &Value::Null).unwrap_err();
+    assert!(
+        matches!(crashed, plugin_host::PluginCallError::Crashed { .. }),
+        "{crashed}"
+    );
+    assert!(eventually(PATIENCE, || host
+        .execute("crashy", "ok", &Value::Null)
+        .is_some()));
+    let timed_out = host.call("crashy", "spin", &Value::Null).unwrap_err();
+    assert!(
+        matches!(timed_out, plugin_host::PluginCallError::TimedOut { .. }),
+        "{timed_out}"
+    );
+    assert!(eventually(PATIENCE, || host.execute(
+        "crashy",
+        "ok",
+        &Value::Null
+    ) == Some(json!("fine"))));
+    let isolation = host.plugin("crashy").unwrap().isolation;
+    assert_eq!(
+        (isolation.crashes, isolation.timeouts),
+        (1, 1),
+        "{isolation:?}"
+    );
+    assert!(!maps_contain(std::process::id(), "libcrashy"));
 }

@@ -425,6 +425,12 @@ impl PluginHost {
         file: &Path,
         number: u64,
     ) -> Result<(crate::isolation::Isolated, String), LoadErrorKind> {
+        // A child whose `main` did not turn it into a runner would start children of its own.
+        if std::env::var_os(crate::isolation::child::CHILD_ENV).is_some() {
+            return Err(LoadErrorKind::Isolation {
+                reason: "this process was started as an isolated plugin's process but runs the program instead: its `main` must call `plugin_host::isolation::run_child_if_requested()` first".to_owned(),
+            });
+        }
         let program = match &self.inner.child_program {
             Some(program) => program.clone(),
             None => std::env::current_exe().map_err(|e| LoadErrorKind::Isolation {

@@ -280,6 +280,11 @@ impl Supervisor {
         *self.last_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.to_owned());
     }
 
+    /// Whether the crash-loop limit stopped restarts.
+    pub(crate) fn suspended(&self) -> bool {
+        self.suspended.load(Ordering::Relaxed)
+    }
+
     /// The last state the plugin saved or was given.
     pub(crate) fn last_state(&self) -> Option<String> {
         self.last_state
@@ -630,7 +635,7 @@ fn spawn(
             return Err(kill(
                 child,
                 format!(
-                    "the plugin's process did not load the plugin within {} ms; killed",
+                    "the plugin's process did not load the plugin within {} ms and was killed (does the program's `main` call `plugin_host::isolation::run_child_if_requested()` first?)",
                     launch.timeout_ms
                 ),
             ));
