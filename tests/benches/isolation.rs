@@ -117,8 +117,52 @@ fn bench(c: &mut Criterion) {
             black_box(&answer);
         });
     });
+    paired(&isolated, &mut to_child, &mut from_child);
     drop(to_child);
     let _ = child.wait();
+}
+
+/// Criterion's groups run one after the other while the shared machine's load drifts; this
+/// interleaves an isolated empty call and a pipe round trip (101 rounds of 200 each) and prints
+/// the medians per call and of the per-round ratio.
+fn paired(
+    isolated: &plugin_host::PluginHost,
+    to_child: &mut impl Write,
+    from_child: &mut impl Read,
+) {
+    use std::time::Instant;
+    let (mut ratios, mut calls, mut pipes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut frame = Vec::with_capacity(20);
+    frame.extend_from_slice(&16u32.to_le_bytes());
+    frame.extend_from_slice(&[7u8; 16]);
+    let mut answer = [0u8; 20];
+    for _ in 0..101 {
+        let started = Instant::now();
+        for _ in 0..200 {
+            black_box(isolated.execute(black_box("echo"), "noop", black_box(&Value::Null)));
+        }
+        let call = started.elapsed().as_secs_f64() / 200.0;
+        let started = Instant::now();
+        for _ in 0..200 {
+            to_child.write_all(black_box(&frame)).unwrap();
+            from_child.read_exact(&mut answer).unwrap();
+        }
+        let pipe = started.elapsed().as_secs_f64() / 200.0;
+        ratios.push(call / pipe);
+        calls.push(call);
+        pipes.push(pipe);
+    }
+    for v in [&mut ratios, &mut calls, &mut pipes] {
+        v.sort_by(f64::total_cmp);
+    }
+    println!(
+        "paired, median of 101 interleaved rounds: isolated empty call {:.1} us, pipe round trip {:.1} us, ratio {:.2} (quartiles {:.2} .. {:.2})",
+        calls[50] * 1e6,
+        pipes[50] * 1e6,
+        ratios[50],
+        ratios[25],
+        ratios[75]
+    );
 }
 
 fn main() {

@@ -133,12 +133,22 @@ fn serve(spec: &ChildSpec) -> i32 {
             return 0;
         }
     }
-    let mut reader = socket;
+    read_requests(&child, &Arc::new(socket));
+    // The reading went on another thread; that one ends the process when the socket closes.
     loop {
-        let frame = match read_frame(&mut reader) {
+        std::thread::park();
+    }
+}
+
+/// Reads the host's frames. A request is served by the thread that read it, once it has handed
+/// the reading over to a thread of the pool: the request starts without waiting for another
+/// thread to wake, and the next one is read meanwhile.
+fn read_requests(child: &Arc<Child>, socket: &Arc<UnixStream>) {
+    loop {
+        let frame = match read_frame(&mut &**socket) {
             Ok(Some(frame)) => frame,
             // The parent closed the socket or is gone: nothing more to do.
-            Ok(None) | Err(_) => return 0,
+            Ok(None) | Err(_) => std::process::exit(0),
         };
         match frame.tag {
             Tag::HostAnswer => {
@@ -152,7 +162,7 @@ fn serve(spec: &ChildSpec) -> i32 {
                 }
             }
             Tag::Stop => {
-                let child = Arc::clone(&child);
+                let child = Arc::clone(child);
                 // Destroying waits for calls in flight; the parent kills us past its deadline.
                 std::thread::spawn(move || {
                     let library = child
@@ -166,8 +176,12 @@ fn serve(spec: &ChildSpec) -> i32 {
                 });
             }
             _ => {
-                let served = Arc::clone(&child);
-                child.pool.submit(Box::new(move || served.handle(frame)));
+                let (next, reading) = (Arc::clone(child), Arc::clone(socket));
+                child
+                    .pool
+                    .submit(Box::new(move || read_requests(&next, &reading)));
+                child.handle(frame);
+                return;
             }
         }
     }

@@ -338,6 +338,22 @@ impl Supervisor {
         if !timed_out {
             self.crashes.fetch_add(1, Ordering::Relaxed);
         }
+        if self.crash_loop(&status) {
+            return;
+        }
+        tracing::warn!(
+            plugin = %self.name(),
+            pid = conn.pid,
+            %status,
+            reason = if timed_out { "timed out" } else { "crashed" },
+            "isolated plugin's process ended; restarting it with its last saved state"
+        );
+        self.restart_soon();
+    }
+
+    /// Counts a crash (or a failed restart) in the crash-loop window; at the limit, stops
+    /// restarts and says so.
+    fn crash_loop(&self, status: &str) -> bool {
         let limit = *self
             .restarts_policy
             .lock()
@@ -363,16 +379,8 @@ impl Supervisor {
                 window_sec = limit.window_sec,
                 "isolated plugin crashed too often; not restarted until it is reloaded, its file changes, or it is reset (POST /v1/plugins/{{plugin}}/reset)"
             );
-            return;
         }
-        tracing::warn!(
-            plugin = %self.name(),
-            pid = conn.pid,
-            %status,
-            reason = if timed_out { "timed out" } else { "crashed" },
-            "isolated plugin's process ended; restarting it with its last saved state"
-        );
-        self.restart_soon();
+        looping
     }
 
     fn restart_soon(&self) {
@@ -393,17 +401,35 @@ impl Supervisor {
         }
     }
 
+    /// Starts a new child until one serves; a failed start counts toward the crash-loop limit
+    /// and is tried again after a pause (0.1 s, doubling up to 5 s).
     fn restart(&self) {
-        if self.stopped.load(Ordering::Acquire) || self.suspended.load(Ordering::Acquire) {
-            return;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if self.stopped.load(Ordering::Acquire) || self.suspended.load(Ordering::Acquire) {
+                return;
+            }
+            match self.try_restart() {
+                Ok(()) => return,
+                Err(why) => {
+                    if self.crash_loop(&why) {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
         }
+    }
+
+    fn try_restart(&self) -> Result<(), String> {
         let Some(config) = self
             .config
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
         else {
-            return;
+            return Ok(());
         };
         let state = self
             .last_state
@@ -418,13 +444,13 @@ impl Supervisor {
                 Ok(spawned) => spawned,
                 Err(e) => {
                     tracing::error!(plugin = %self.name(), error = %e, "the isolated plugin's process could not be restarted");
-                    return;
+                    return Err(e);
                 }
             };
             if let Err(e) = create_in(&conn, &config, launch.spec.memory_limit_mb, self.timeout()) {
                 tracing::error!(plugin = %self.name(), error = %e, "the restarted plugin failed to create its instance");
                 stop_conn(&conn, Duration::ZERO);
-                return;
+                return Err(e.to_string());
             }
             if let Some(state) = &state {
                 match conn.request(Tag::Restore, &[state], self.timeout(), None) {
@@ -435,13 +461,14 @@ impl Supervisor {
                     Err(lost) => {
                         tracing::warn!(plugin = %self.name(), reason = %lost, "the restarted plugin's process ended while restoring its last state; starting it again without that state");
                         stop_conn(&conn, Duration::ZERO);
+                        *self.last_state.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         continue;
                     }
                 }
             }
             if self.stopped.load(Ordering::Acquire) {
                 stop_conn(&conn, Duration::ZERO);
-                return;
+                return Ok(());
             }
             self.pid.store(conn.pid, Ordering::Relaxed);
             let old = self.conn.swap(Arc::clone(&conn));
@@ -454,8 +481,9 @@ impl Supervisor {
                 took_ms = started.elapsed().as_millis(),
                 "isolated plugin restarted"
             );
-            return;
+            return Ok(());
         }
+        Err("the restarted plugin's process ended while restoring its state, twice".to_owned())
     }
 
     /// Stops the child: `destroy` within the plugin's deadline (as an in-process generation is
