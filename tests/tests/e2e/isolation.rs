@@ -424,7 +424,7 @@ fn an_isolated_plugins_output_is_logged_not_printed() {
 
 /// Plugin-to-plugin calls in both directions: an isolated plugin calls an in-process one
 /// through the host, an in-process one calls the isolated one, and a cycle through the child is
-/// cut.
+/// cut. The isolated plugin's log events are the worker's, with its name.
 #[test]
 fn plugin_calls_cross_the_process_boundary_both_ways() {
     let dir = PluginDir::new();
@@ -456,9 +456,18 @@ fn plugin_calls_cross_the_process_boundary_both_ways() {
         &json!({"plugin": "faulty", "method": "call", "params": {"plugin": "fixture", "method": "call", "params": {}}}),
     );
     assert_eq!(cycle.0, Value::Null);
+    // The plugin's `tracing` events, emitted in its process, reach the worker's log with its
+    // name.
+    assert_eq!(call(&worker, "fixture", "log", &Value::Null).0, Value::Null);
     let (status, log) = worker.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("call cycle cut"), "{log}");
+    assert!(
+        log.lines().any(|line| line.contains("fixture says hello")
+            && line.contains("WARN")
+            && line.contains("plugin=\"fixture\"")),
+        "{log}"
+    );
 }
 
 /// Configuration errors name the field.
