@@ -591,3 +591,41 @@ fn an_embedder_isolates_through_the_builder() {
     );
     assert!(!maps_contain(std::process::id(), "libcrashy"));
 }
+
+/// What the child logs while it loads the plugin (here the loader's warning about a file others
+/// may write, allowed by `--insecure-permissions`) reaches the worker's log, and the load goes
+/// on.
+#[test]
+fn warnings_of_the_child_while_loading_are_logged_and_the_load_goes_on() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = PluginDir::new();
+    let file = dir.add("echo", "libecho.so");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = worker(
+        &dir,
+        &[
+            "--isolation",
+            "process",
+            "--insecure-permissions",
+            "call",
+            "echo",
+            "echo",
+            r#"{"loaded": true}"#,
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        r#"{"loaded":true}"#,
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("insecure permissions allowed")
+                && l.contains("isolation::supervisor")),
+        "{stderr}"
+    );
+}

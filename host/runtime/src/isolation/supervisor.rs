@@ -635,7 +635,18 @@ fn spawn(
     };
     let timeout = Duration::from_millis(launch.timeout_ms).max(Duration::from_millis(1));
     let _ = reader.set_read_timeout(Some(timeout));
-    let first = read_frame(&mut reader);
+    let deadline = Instant::now() + timeout;
+    // The child may log while it loads (the loader's warnings): those come first.
+    let first = loop {
+        match read_frame(&mut reader) {
+            Ok(Some(frame)) if frame.tag == Tag::Log => {
+                emit(label, frame.code, frame.field(0), frame.field(1));
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = reader.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            }
+            other => break other,
+        }
+    };
     let _ = reader.set_read_timeout(None);
     let (manifest, shadow, hooks) = match first {
         Ok(Some(frame)) if frame.tag == Tag::Loaded => (
@@ -644,11 +655,11 @@ fn spawn(
             frame.code == 1,
         ),
         Ok(Some(frame)) if frame.tag == Tag::Refused => {
-            let reason = frame.field(0).to_owned();
-            let _ = child.wait();
-            return Err(reason);
+            return Err(kill(child, frame.field(0).to_owned()));
         }
+        // Every wait is bounded: whatever the child does next, it is ended first.
         Ok(_) => {
+            let _ = child.kill();
             let status = child.wait().map_or_else(|e| e.to_string(), describe_status);
             return Err(format!(
                 "the plugin's process ended while loading the plugin ({status})"
