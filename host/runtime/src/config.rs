@@ -24,6 +24,10 @@
 //! - `breaker` configures the plugin's circuit breaker: `{"failures": 5, "cooldownMs": 30000}`
 //!   (the defaults), or `false` to switch it off. `timeoutMs` is the deadline of one call (the
 //!   host's default, 10 s, when absent).
+//! - `isolation`: `"process"` runs the plugin in a child process of its own (a crash or an
+//!   overrun ends the child, not the host), `"in-process"` in the host's (the default, unless
+//!   the host sets another). `memoryLimitMb` limits an isolated plugin's memory; `restarts`
+//!   (`{"max": 3, "windowSec": 300}`, the defaults) is its crash-loop limit.
 //! - `sets` groups plugins: a set with `"enabled": false` disables all its plugins; a set's
 //!   `priority` applies to all their subscriptions (a plugin's own `hooks` override wins).
 
@@ -67,6 +71,16 @@ pub struct PluginSettings {
     /// The deadline of one call, in milliseconds (`timeoutMs`); the host's default when absent.
     #[serde(default, rename = "timeoutMs", deserialize_with = "timeout")]
     pub timeout_ms: Option<u64>,
+    /// Where the plugin runs (`isolation`: `"process"` or `"in-process"`); the host's default
+    /// when absent.
+    #[serde(default, deserialize_with = "isolation")]
+    pub isolation: Option<crate::Isolation>,
+    /// The memory limit of an isolated plugin's process, in MiB (`memoryLimitMb`).
+    #[serde(default, rename = "memoryLimitMb", deserialize_with = "memory_limit")]
+    pub memory_limit_mb: Option<u64>,
+    /// The crash-loop limit of an isolated plugin (`restarts`: `{"max": 3, "windowSec": 300}`).
+    #[serde(default)]
+    pub restarts: Option<crate::RestartPolicy>,
 }
 
 impl Default for PluginSettings {
@@ -78,6 +92,9 @@ impl Default for PluginSettings {
             file: None,
             breaker: Breaker::default(),
             timeout_ms: None,
+            isolation: None,
+            memory_limit_mb: None,
+            restarts: None,
         }
     }
 }
@@ -147,6 +164,22 @@ fn timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Err
             "timeoutMs must be at least 1 (milliseconds)",
         )),
         ms => Ok(Some(ms)),
+    }
+}
+
+fn isolation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<crate::Isolation>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("isolation: {e}")))
+}
+
+fn memory_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match u64::deserialize(d)? {
+        mb @ 16.. => Ok(Some(mb)),
+        mb => Err(serde::de::Error::custom(format!(
+            "memoryLimitMb: {mb} MiB is too little for a process; give at least 16"
+        ))),
     }
 }
 

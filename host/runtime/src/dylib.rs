@@ -129,6 +129,8 @@ pub(crate) enum PluginFailure<'a> {
     Reported(ErrorKind, &'a str),
     /// The plugin answered bytes that are not UTF-8 text.
     NotUtf8(Utf8Error),
+    /// An isolated plugin's process ended or was killed before it answered.
+    Lost(crate::isolation::Lost),
 }
 
 /// The text of a string a plugin handed over, checked: abi_stable's string types promise
@@ -240,7 +242,7 @@ extern "C" fn host_log(context: HostContext, level: u8, target: RStr<'_>, messag
     }));
 }
 
-fn max_log_level() -> u8 {
+pub(crate) fn max_log_level() -> u8 {
     use tracing::level_filters::LevelFilter;
     match LevelFilter::current() {
         LevelFilter::TRACE => abi::level::TRACE,

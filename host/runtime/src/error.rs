@@ -121,6 +121,12 @@ pub enum LoadErrorKind {
         /// The crash-record file: removing the plugin's lines from it clears the quarantine.
         records: PathBuf,
     },
+    /// An isolated plugin's process could not be started, refused the file, or ended while
+    /// loading it.
+    Isolation {
+        /// What happened, with the loader's reason when the child refused the file.
+        reason: String,
+    },
     /// The name is not a regular file (a directory, FIFO, socket, device, or a symlink to one).
     NotRegularFile {
         /// What it is.
@@ -250,6 +256,11 @@ impl fmt::Display for LoadErrorKind {
                 "plugin `{}` panicked while starting: {}",
                 EscapeControl(plugin),
                 EscapeControl(message)
+            ),
+            LoadErrorKind::Isolation { reason } => write!(
+                f,
+                "in the plugin's own process (isolation \"process\"): {}",
+                EscapeControl(reason)
             ),
             LoadErrorKind::CreateTimedOut { plugin, timeout_ms } => write!(
                 f,
@@ -531,6 +542,22 @@ pub enum PluginCallError {
         /// The method.
         method: String,
     },
+    /// An isolated plugin's process ended (a signal, an exit, out of memory) before it
+    /// answered; it is restarted with its last saved state.
+    Crashed {
+        /// The plugin.
+        plugin: String,
+        /// The method.
+        method: String,
+    },
+    /// An isolated plugin's call overran its deadline: its process was killed and is
+    /// restarted.
+    TimedOut {
+        /// The plugin.
+        plugin: String,
+        /// The method.
+        method: String,
+    },
 }
 
 impl PluginCallError {
@@ -615,6 +642,18 @@ impl fmt::Display for PluginCallError {
             PluginCallError::CircuitOpen { plugin, method } => write!(
                 f,
                 "{}.{}: circuit open; the call was refused",
+                EscapeControl(plugin),
+                EscapeControl(method)
+            ),
+            PluginCallError::Crashed { plugin, method } => write!(
+                f,
+                "{}.{}: crashed; the plugin's process ended before answering and is restarted",
+                EscapeControl(plugin),
+                EscapeControl(method)
+            ),
+            PluginCallError::TimedOut { plugin, method } => write!(
+                f,
+                "{}.{}: timed out; the plugin's process was killed and is restarted",
                 EscapeControl(plugin),
                 EscapeControl(method)
             ),

@@ -109,6 +109,9 @@ pub(crate) struct Health {
     stuck: AtomicU32,
     /// The plugin's name, zero-padded, for the crash handler (which cannot allocate).
     name: [AtomicU64; 8],
+    /// The plugin runs isolated: a call past its deadline is ended by killing its process, not
+    /// reported by the watchdog.
+    preemptive: std::sync::atomic::AtomicBool,
     markers: [Marker; MARKERS],
 }
 
@@ -126,6 +129,7 @@ impl Default for Health {
             timeouts: AtomicU64::new(0),
             stuck: AtomicU32::new(0),
             name: Default::default(),
+            preemptive: std::sync::atomic::AtomicBool::new(false),
             markers: Default::default(),
         }
     }
@@ -184,6 +188,12 @@ impl Health {
         if threshold == 0 {
             self.state.store(CLOSED, Release);
         }
+    }
+
+    /// Whether calls past their deadline are ended by the host (an isolated plugin) rather than
+    /// reported by the watchdog.
+    pub(crate) fn set_preemptive(&self, preemptive: bool) {
+        self.preemptive.store(preemptive, Relaxed);
     }
 
     /// Admits a call of `method` from the thread of statistics shard `shard`, or refuses it
@@ -468,6 +478,9 @@ impl Health {
     /// The watchdog's look at this plugin: each call past its deadline is reported once (logged,
     /// counted as a timeout) and opens the breaker.
     pub(crate) fn watch(&self, plugin: &str, now: u64) {
+        if self.preemptive.load(Relaxed) {
+            return;
+        }
         let plugin_timeout = self.timeout_ms.load(Relaxed);
         for marker in &self.markers {
             let started = marker.started.load(Acquire);

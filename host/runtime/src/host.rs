@@ -22,6 +22,7 @@ use crate::hooks::{
     HookEvent, HookPointInfo, HostHookFn, SubscriberInfo, Violation, parse_answer, phase,
 };
 use crate::hooks::{HookPoint, HookSpec};
+use crate::isolation::Backend;
 use crate::loader;
 use crate::state::StateStore;
 use crate::stats::{Outcome, PluginStats, StatsCell};
@@ -52,6 +53,7 @@ pub(crate) use dispatch::apply_patch;
 use dispatch::{HookTable, Subscriber, Timer, run_subscriber};
 pub use host_hooks::HookSession;
 use host_hooks::HostHook;
+pub(crate) use plugin_calls::call_chain;
 use queue::{FireQueue, Job};
 use registry::{Generation, Opened, Plugins, Registry, Slot, name_bits};
 
@@ -91,6 +93,10 @@ struct Inner {
     next_generation: AtomicU64,
     /// The deadline of a call for plugins whose configuration sets none (milliseconds).
     call_timeout_ms: u64,
+    /// Where plugins whose configuration sets no `isolation` run.
+    isolation: crate::Isolation,
+    /// The program started for isolated plugins (`None`: this process's executable).
+    child_program: Option<PathBuf>,
     /// What the watchdog looks at; the watchdog itself, stopped when the host drops.
     watched: watchdog::Watched,
     _watchdog: watchdog::Watchdog,
@@ -143,6 +149,8 @@ pub struct LoadedPlugin {
     pub stats: PluginStats,
     /// Its circuit breaker and deadline.
     pub health: crate::health::PluginHealth,
+    /// Where it runs, and (isolated) its process's crashes and restarts.
+    pub isolation: crate::IsolationReport,
 }
 
 /// What [`PluginHost::shutdown_within`] did.
@@ -278,19 +286,46 @@ impl PluginHost {
             .map(|slot| self.describe(name, slot))
     }
 
-    /// Names of the plugins that are not healthy: their circuit breaker is open or half-open, or
-    /// a call is running past its deadline. By name.
+    /// Names of the plugins that are not healthy: their circuit breaker is open or half-open, a
+    /// call is running past its deadline, or (isolated) restarts are stopped by the crash-loop
+    /// limit. By name.
     pub fn degraded(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .inner
             .registry
             .load()
             .iter()
-            .filter(|(_, slot)| slot.stats.health.degraded())
+            .filter(|(_, slot)| {
+                slot.stats.health.degraded()
+                    || slot
+                        .generation
+                        .library
+                        .supervisor()
+                        .is_some_and(crate::isolation::Supervisor::suspended)
+            })
             .map(|(name, _)| name.to_string())
             .collect();
         names.sort();
         names
+    }
+
+    /// Lifts an isolated plugin's crash-loop suspension (it crashed more often than its
+    /// `restarts` limit allows) and starts its process again, with its last saved state. Does
+    /// nothing more for a plugin that runs in-process.
+    ///
+    /// # Errors
+    ///
+    /// No plugin of that name is loaded.
+    pub fn reset(&self, plugin: &str) -> anyhow::Result<()> {
+        let registry = self.inner.registry.load();
+        let slot = registry
+            .get(plugin)
+            .ok_or_else(|| anyhow!("cannot reset `{plugin}`: no plugin of that name is loaded"))?;
+        if let Some(supervisor) = slot.generation.library.supervisor() {
+            supervisor.reset();
+            tracing::info!(plugin, "isolated plugin reset: restarts allowed again");
+        }
+        Ok(())
     }
 
     /// The plugin calls (methods and hook deliveries) running now, longest first.
@@ -334,6 +369,10 @@ impl PluginHost {
             table_version: manifest.table_version,
             stats: slot.stats.snapshot(self.inner.clock.as_ref()),
             health: slot.stats.health.snapshot(),
+            isolation: crate::IsolationReport {
+                quarantined: generation.quarantined.clone(),
+                ..generation.library.report()
+            },
         }
     }
 }

@@ -45,6 +45,7 @@ mod files;
 mod health;
 pub mod hooks;
 mod host;
+pub mod isolation;
 mod json;
 mod layout;
 mod loader;
@@ -64,6 +65,7 @@ pub use host::{
     Abandoned, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport,
     ShutdownReport,
 };
+pub use isolation::{Isolation, IsolationReport, RestartPolicy};
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
 pub use stats::PluginStats;

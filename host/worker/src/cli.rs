@@ -70,6 +70,13 @@ pub struct Cli {
     )]
     pub call_timeout_ms: u64,
 
+    /// Where plugins whose plugins.json entry sets no `isolation` run: `in-process` (the
+    /// default: native speed, but a crash of the plugin is a crash of the worker) or `process`
+    /// (each in a child process of its own, restarted with its last state when it crashes or
+    /// overruns its deadline).
+    #[arg(long, global = true, value_name = "MODE", default_value = "in-process")]
+    pub isolation: plugin_host::Isolation,
+
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
     /// such as `warn,plugin_host=debug`.
     /// Empty means the default.
@@ -324,7 +331,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let mut builder = crate::hooks::host_builder(&cli.plugins)
         .with_insecure_permissions(cli.insecure_permissions)
         .with_max_plugin_size(cli.max_plugin_size_mb << 20)
-        .with_call_timeout(std::time::Duration::from_millis(cli.call_timeout_ms));
+        .with_call_timeout(std::time::Duration::from_millis(cli.call_timeout_ms))
+        .with_isolation(cli.isolation);
     if let Some(config) = &cli.config {
         // Only the default path may be absent: a file named on the command line must exist.
         match std::fs::metadata(config) {
@@ -526,6 +534,31 @@ fn write_list(
             health.timeouts,
             health.timeout_ms
         )?;
+        let isolation = &plugin.isolation;
+        match isolation.pid {
+            None if isolation.mode == "in-process" => writeln!(out, "    isolation in-process")?,
+            pid => writeln!(
+                out,
+                "    isolation process (pid {}), {} crash(es), {} restart(s), {} timeout(s){}",
+                pid.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+                isolation.crashes,
+                isolation.restarts,
+                isolation.timeouts,
+                if isolation.restarts_suspended {
+                    ", restarts suspended (crash loop): reset or reload it"
+                } else {
+                    ""
+                }
+            )?,
+        }
+        if let Some(reason) = &isolation.quarantined {
+            writeln!(
+                out,
+                "    quarantined: {} (runs isolated until `worker quarantine clear {}`)",
+                EscapeControl(reason),
+                EscapeControl(&plugin.name)
+            )?;
+        }
         for method in &plugin.methods {
             writeln!(
                 out,

@@ -8,6 +8,7 @@
 //! | `GET /v1/plugins/{plugin}` | one loaded plugin |
 //! | `POST /v1/plugins/{plugin}/{method}` | body: the params (empty = `null`); answer: the result, or `null` for a no-op, with the reason in the `X-Noop-Reason` header |
 //! | `POST /v1/plugins/{plugin}/reload` | reloads; the plugin, or an error (the old generation keeps serving) |
+//! | `POST /v1/plugins/{plugin}/reset` | an isolated plugin stopped by its crash-loop limit is restarted (with its last state); the plugin |
 //! | `DELETE /v1/plugins/{plugin}` | unloads |
 //! | `POST /v1/reload` | reads the configuration again and loads new files |
 //! | `GET /v1/hooks` | every hook point with its subscribers in execution order |
@@ -922,6 +923,13 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
                 Err(e) => Answer::error(422, format!("{e:#}")),
             }
         }
+        (["v1", "plugins", plugin, "reset"], &Method::POST) => match host.reset(plugin) {
+            Ok(()) => match host.plugin(plugin) {
+                Some(info) => Answer::json(200, &json!(info)),
+                None => Answer::error(404, format!("no plugin `{plugin}` is loaded")),
+            },
+            Err(e) => Answer::error(404, format!("{e:#}")),
+        },
         (["v1", "plugins", plugin, method_name], &Method::POST) => {
             let params = match read_params(body) {
                 Ok(params) => params,
@@ -980,7 +988,7 @@ type Family = (
 fn metrics(host: &PluginHost) -> String {
     let plugins = host.plugins();
     let mut out = String::new();
-    let families: [Family; 11] = [
+    let families: [Family; 15] = [
         (
             "plugin_calls_total",
             "counter",
@@ -1050,6 +1058,30 @@ fn metrics(host: &PluginHost) -> String {
             "counter",
             "Calls found running past their deadline.",
             |p| p.health.timeouts as f64,
+        ),
+        (
+            "plugin_isolated",
+            "gauge",
+            "1 when the plugin runs in a child process of its own (isolation \"process\"), 0 in-process.",
+            |p| f64::from(u8::from(p.isolation.mode == "process")),
+        ),
+        (
+            "plugin_crashes_total",
+            "counter",
+            "Times an isolated plugin's process crashed (a signal, an exit, out of memory).",
+            |p| p.isolation.crashes as f64,
+        ),
+        (
+            "plugin_restarts_total",
+            "counter",
+            "Times an isolated plugin's process was started again after a crash or an overrun.",
+            |p| p.isolation.restarts as f64,
+        ),
+        (
+            "plugin_restarts_suspended",
+            "gauge",
+            "1 when an isolated plugin crashed too often and is not restarted until a reset or reload.",
+            |p| f64::from(u8::from(p.isolation.restarts_suspended)),
         ),
     ];
     for (name, kind, help, value) in families {

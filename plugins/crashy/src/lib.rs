@@ -15,7 +15,8 @@
 //!
 //! And the well-behaved ones: `ok` answers `"fine"`; `add {"n"}` and `total` keep a counter
 //! that is carried across reloads and restarts through `save_state`/`restore_state`;
-//! `pid` answers the process id the plugin runs in (isolated: the child's).
+//! `pid` answers the process id the plugin runs in (isolated: the child's); `print {"text"}`
+//! writes the text to stdout and stderr with `println!`/`eprintln!` and answers `"printed"`.
 //!
 //! Configuration `{"in": {"create" | "destroy" | "save_state" | "restore_state" | "hook": FAULT}}`
 //! makes that entry misbehave, where FAULT is one of the method names above (`sleep` sleeps
@@ -61,6 +62,11 @@ struct Ms {
 #[derive(Debug, Deserialize)]
 struct Mb {
     mb: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct Text {
+    text: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +194,15 @@ impl Plugin for Crashy {
             .method("total", "The counter", |this, _: IgnoredAny| {
                 Ok(this.total.load(Ordering::Relaxed))
             })
+            .method(
+                "print",
+                "Prints {\"text\"} on stdout and stderr",
+                |_, p: Text| {
+                    println!("{}", p.text);
+                    eprintln!("{}", p.text);
+                    Ok("printed")
+                },
+            )
             .method(
                 "pid",
                 "The process id the plugin runs in",

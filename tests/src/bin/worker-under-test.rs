@@ -4,5 +4,6 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
+    plugin_host::isolation::run_child_if_requested();
     worker::cli::main()
 }

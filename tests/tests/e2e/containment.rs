@@ -261,6 +261,22 @@ fn a_sleeping_fire_and_forget_subscriber_does_not_hold_the_exit() {
     );
 }
 
+/// The `quarantined` reason `worker list --json` shows for `plugin`, if it is loaded and
+/// quarantined; and that it then runs isolated.
+fn quarantined(dir: &PluginDir, plugin: &str) -> Option<String> {
+    let output = crate::worker(dir, &["list", "--json"], &[]);
+    assert!(output.status.success(), "{output:?}");
+    let listed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let entry = listed["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == plugin)?;
+    let reason = entry["isolation"]["quarantined"].as_str()?.to_owned();
+    assert_eq!(entry["isolation"]["mode"], "process", "{entry}");
+    Some(reason)
+}
+
 /// What `worker list --json` shows: the loaded plugins' names and the refusals' reasons.
 fn list(dir: &PluginDir) -> (Vec<String>, Vec<String>) {
     let output = crate::worker(dir, &["list", "--json"], &[]);
@@ -282,9 +298,10 @@ fn list(dir: &PluginDir) -> (Vec<String>, Vec<String>) {
 }
 
 /// Each way plugin code can take the process down (a null write, `abort`, `exit`, a stack
-/// overflow, a double panic) leaves a crash record naming the plugin and the method; the next
-/// start refuses the plugin as quarantined (in `worker list`, text and JSON, and `worker
-/// quarantine list`) until `worker quarantine clear` clears it.
+/// overflow, a double panic) leaves a crash record naming the plugin and the method; from the
+/// next start the plugin runs isolated, quarantined (in `worker list`, text and JSON, and
+/// `worker quarantine list`), so the same call no longer brings the worker down, until
+/// `worker quarantine clear` clears it.
 #[test]
 fn a_crash_in_plugin_code_quarantines_the_plugin_until_cleared() {
     for (fault, cause) in [
@@ -304,22 +321,22 @@ fn a_crash_in_plugin_code_quarantines_the_plugin_until_cleared() {
         }
 
         let (loaded, refused) = list(&dir);
-        assert_eq!(loaded, ["echo"], "{fault}: {refused:?}");
-        assert_eq!(refused.len(), 1, "{fault}: {refused:?}");
-        let expected = format!(
-            "plugin `crashy` is quarantined: it brought the worker down ({cause} in `{fault}`)"
-        );
-        assert!(refused[0].contains(&expected), "{fault}: {}", refused[0]);
-        assert!(
-            refused[0].contains("worker quarantine clear crashy"),
-            "{}",
-            refused[0]
-        );
+        assert_eq!(loaded, ["crashy", "echo"], "{fault}: {refused:?}");
+        let expected = format!("it brought the worker down ({cause} in `{fault}`)");
+        let reason = quarantined(&dir, "crashy").expect("crashy is not quarantined");
+        assert!(reason.contains(&expected), "{fault}: {reason}");
         let text = crate::worker(&dir, &["list"], &[]);
+        let text = String::from_utf8_lossy(&text.stdout);
         assert!(
-            String::from_utf8_lossy(&text.stdout).contains(&expected),
-            "{text:?}"
+            text.contains(&expected) && text.contains("worker quarantine clear crashy"),
+            "{text}"
         );
+        // Contained now: the same call answers nothing and the worker exits normally.
+        let contained = crate::worker(&dir, &["call", "crashy", fault], &[]);
+        assert!(contained.status.success(), "{fault}: {contained:?}");
+        assert_eq!(String::from_utf8_lossy(&contained.stdout).trim(), "null");
+        let ok = crate::worker(&dir, &["call", "crashy", "ok"], &[]);
+        assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "\"fine\"");
         let records = crate::worker(&dir, &["quarantine", "list", "--json"], &[]);
         let records: Value = serde_json::from_slice(&records.stdout).unwrap();
         assert_eq!(records.as_array().unwrap().len(), 1, "{records}");
@@ -331,6 +348,7 @@ fn a_crash_in_plugin_code_quarantines_the_plugin_until_cleared() {
         assert!(cleared.status.success(), "{cleared:?}");
         let (loaded, refused) = list(&dir);
         assert_eq!(loaded, ["crashy", "echo"], "{fault}: {refused:?}");
+        assert_eq!(quarantined(&dir, "crashy"), None);
         let records = crate::worker(&dir, &["quarantine", "list"], &[]);
         assert_eq!(
             String::from_utf8_lossy(&records.stdout).trim(),
@@ -340,7 +358,8 @@ fn a_crash_in_plugin_code_quarantines_the_plugin_until_cleared() {
 }
 
 /// One HTTP request that makes a plugin segfault kills `worker serve`; the restarted worker
-/// refuses that plugin as quarantined (in `GET /v1/plugins`) and serves the others.
+/// runs that plugin isolated, quarantined (in `GET /v1/plugins`): the same request now answers
+/// nothing, and the worker and the other plugins go on.
 #[test]
 fn serve_killed_by_a_plugin_restarts_with_the_plugin_quarantined() {
     let dir = PluginDir::new();
@@ -357,12 +376,21 @@ fn serve_killed_by_a_plugin_restarts_with_the_plugin_quarantined() {
     assert!(!status.success(), "{log}");
 
     let worker = Worker::start(&dir, &state, &args);
-    assert!(listed(&worker, "crashy").is_none());
-    let plugins = worker.http("GET", "/v1/plugins", b"").json();
-    let reason = plugins["refused"][0]["reason"].as_str().unwrap_or_default();
+    let crashy = listed(&worker, "crashy").expect("crashy is not loaded");
+    assert_eq!(crashy["isolation"]["mode"], "process", "{crashy}");
+    let reason = crashy["isolation"]["quarantined"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("SIGSEGV in `segfault`"), "{crashy}");
+    let answer = worker.http("POST", "/v1/plugins/crashy/segfault", b"");
+    assert_eq!(answer.json(), Value::Null);
     assert!(
-        reason.contains("quarantined") && reason.contains("SIGSEGV in `segfault`"),
-        "{plugins}"
+        answer
+            .header("x-noop-reason")
+            .unwrap_or("")
+            .contains("crashed"),
+        "{:?}",
+        answer.header("x-noop-reason")
     );
     let echoed = worker.http("POST", "/v1/plugins/echo/echo", br#"{"x": 1}"#);
     assert_eq!(echoed.json(), json!({"x": 1}));
@@ -398,16 +426,25 @@ fn a_crash_in_an_entry_or_a_hook_names_it() {
         };
         let crashed = crate::worker(&dir, &args, &[]);
         assert!(!crashed.status.success(), "{entry}: {crashed:?}");
-        let (loaded, refused) = list(&dir);
-        assert_eq!(loaded, ["echo"], "{entry}");
         let method = if entry == "hook" {
             "task.scored"
         } else {
             entry
         };
+        let expected = format!("({cause} in `{method}`)");
+        // A crash in `create` keeps an isolated plugin from loading at all: refused, with
+        // the isolated process's reason; the others load quarantined.
+        if entry == "create" {
+            let (loaded, refused) = list(&dir);
+            assert_eq!(loaded, ["echo"], "{entry}: {refused:?}");
+        } else {
+            let reason = quarantined(&dir, "crashy").expect("crashy is not quarantined");
+            assert!(reason.contains(&expected), "{entry}: {reason}");
+        }
+        let records = crate::worker(&dir, &["quarantine", "list"], &[]);
         assert!(
-            refused[0].contains(&format!("({cause} in `{method}`)")),
-            "{entry}: {refused:?}"
+            String::from_utf8_lossy(&records.stdout).contains(&format!("`{method}`")),
+            "{entry}: {records:?}"
         );
     }
 }

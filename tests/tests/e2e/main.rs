@@ -18,6 +18,7 @@ mod hardening_inputs;
 mod hardening_loader;
 mod hardening_review;
 mod hooks;
+mod isolation;
 mod lifecycle;
 mod pipeline;
 mod recovery;

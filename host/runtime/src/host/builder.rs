@@ -36,9 +36,25 @@ pub struct PluginHostBuilder {
     pub(super) hook_points: &'static [HookSpec],
     pub(super) file_policy: loader::FilePolicy,
     pub(super) call_timeout_ms: u64,
+    pub(super) isolation: crate::Isolation,
+    pub(super) child_program: Option<PathBuf>,
 }
 
 impl PluginHostBuilder {
+    /// Where plugins whose configuration sets no `isolation` run (default
+    /// [`Isolation::InProcess`](crate::Isolation::InProcess)).
+    pub fn with_isolation(mut self, isolation: crate::Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// The program started as an isolated plugin's child process (default: this process's own
+    /// executable). Its `main` must call
+    /// [`run_child_if_requested`](crate::isolation::run_child_if_requested) first.
+    pub fn with_child_program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.child_program = Some(program.into());
+        self
+    }
     /// Whether every call is timed for the latency statistics (the default). Timing reads the
     /// CPU's cycle counter twice per call (about 20 ns); switch it off where every nanosecond of
     /// the host's overhead counts. Call, error and panic counts are kept either way.
@@ -215,6 +231,8 @@ impl PluginHostBuilder {
         Ok(PluginHost {
             inner: Arc::new(Inner {
                 call_timeout_ms: self.call_timeout_ms,
+                isolation: self.isolation,
+                child_program: self.child_program,
                 watched,
                 _watchdog: watchdog,
                 plugins_dir,
@@ -461,6 +479,8 @@ impl PluginHost {
             hook_points: &[],
             file_policy: loader::FilePolicy::default(),
             call_timeout_ms: crate::health::DEFAULT_TIMEOUT_MS,
+            isolation: crate::Isolation::InProcess,
+            child_program: None,
         }
     }
 }

@@ -14,6 +14,8 @@ pub(super) enum Failure {
     WrongType(String, &'static str),
     /// The plugin's circuit breaker is open: the call was refused without reaching it.
     CircuitOpen,
+    /// An isolated plugin's process ended or was killed before answering.
+    Lost(crate::isolation::Lost),
 }
 
 impl Failure {
@@ -25,6 +27,10 @@ impl Failure {
             Failure::PluginNotFound => PluginCallError::PluginNotFound { plugin },
             Failure::MethodNotFound => PluginCallError::MethodNotFound { plugin, method },
             Failure::CircuitOpen => PluginCallError::CircuitOpen { plugin, method },
+            Failure::Lost(crate::isolation::Lost::TimedOut) => {
+                PluginCallError::TimedOut { plugin, method }
+            }
+            Failure::Lost(_) => PluginCallError::Crashed { plugin, method },
             Failure::InvalidJson(message) => PluginCallError::InvalidJson {
                 plugin,
                 method,
@@ -70,6 +76,9 @@ pub(super) fn log_failure(plugin: &str, method: &str, failure: Failure) {
         // Counted (`calls_refused`); one warning when the breaker opened is enough.
         Failure::CircuitOpen => {
             tracing::debug!(plugin, method, "circuit open; answering nothing");
+        }
+        Failure::Lost(lost) => {
+            tracing::warn!(plugin, method, reason = %lost, "isolated plugin gave no answer; answering nothing");
         }
         failure => match failure.into_error(plugin, method) {
             PluginCallError::Panicked { message, .. } => {
@@ -360,6 +369,7 @@ impl PluginHost {
                 Err(PluginFailure::NotUtf8(e)) => Err(Failure::InvalidJson(format!(
                     "the answer is not UTF-8 text ({e})"
                 ))),
+                Err(PluginFailure::Lost(lost)) => Err(Failure::Lost(lost)),
             })
             .unwrap_or(Err(Failure::PluginNotFound));
         let ticks = clock.map_or(0, |c| c.raw().saturating_sub(started).max(1));

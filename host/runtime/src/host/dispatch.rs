@@ -292,6 +292,9 @@ pub(super) fn run_subscriber(
                     Err(PluginFailure::NotUtf8(e)) => Err(PluginError::failed(format!(
                         "the hook answer is not UTF-8 text ({e})"
                     ))),
+                    Err(PluginFailure::Lost(lost)) => Err(PluginError::failed(format!(
+                        "its process {lost} (reason: {lost})"
+                    ))),
                 });
             let ticks = timer.stop(started);
             stats

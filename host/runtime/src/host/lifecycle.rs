@@ -362,24 +362,40 @@ impl PluginHost {
         // The checks and the copy see the same bytes, read once from one open descriptor.
         let checked = loader::check_plugin_file(file, self.inner.file_policy)?;
         let stamp = Some(checked.stamp);
-        let shadow = loader::shadow_copy(
-            file,
-            &checked,
-            &self.inner.shadow_dir,
-            self.inner.shadow_id,
-            number,
-        )?;
-        let header = checked.header;
-        drop(checked);
-        let library = PluginLibrary::open(shadow, header)?;
-        let manifest_json = library
-            .manifest_json()
-            .map_err(|PluginError { kind, message }| LoadErrorKind::BadManifest {
-                reason: match kind {
-                    ErrorKind::Panicked => format!("reading it panicked: {message}"),
-                    _ => message,
-                },
-            })?;
+        // Which plugin a file provides is known from its manifest only: when any plugin may run
+        // isolated, a child reads it, and the host opens the file itself only if that plugin
+        // runs in-process.
+        let isolated = if self.may_isolate() {
+            Some(self.start_child(file, number)?)
+        } else {
+            None
+        };
+        let (library, manifest_json) = match isolated {
+            Some((isolated, json)) if self.isolation_of(&json) == crate::Isolation::Process => {
+                (Backend::Isolated(isolated), json)
+            }
+            _ => {
+                let shadow = loader::shadow_copy(
+                    file,
+                    &checked,
+                    &self.inner.shadow_dir,
+                    self.inner.shadow_id,
+                    number,
+                )?;
+                let header = checked.header;
+                drop(checked);
+                let library = PluginLibrary::open(shadow, header)?;
+                let json = library
+                    .manifest_json()
+                    .map_err(|PluginError { kind, message }| LoadErrorKind::BadManifest {
+                        reason: match kind {
+                            ErrorKind::Panicked => format!("reading it panicked: {message}"),
+                            _ => message,
+                        },
+                    })?;
+                (Backend::InProcess(library), json)
+            }
+        };
         let mut manifest: Manifest =
             serde_json::from_str(&manifest_json).map_err(|e| LoadErrorKind::BadManifest {
                 reason: e.to_string(),
@@ -413,6 +429,85 @@ impl PluginHost {
             number,
             library,
         })
+    }
+
+    /// Whether any plugin may run isolated (the host's default, a plugin's setting, or a crash
+    /// record that quarantines a plugin).
+    fn may_isolate(&self) -> bool {
+        self.inner.isolation == crate::Isolation::Process
+            || self.quarantine_record_of(None).is_some()
+            || self
+                .inner
+                .config
+                .load()
+                .plugins
+                .values()
+                .chain(self.inner.overrides.values())
+                .any(|s| s.isolation == Some(crate::Isolation::Process))
+    }
+
+    /// Where the plugin whose manifest is `manifest_json` runs; isolated when the manifest
+    /// cannot be read (its load fails anyway, and the host never opens an unknown file).
+    fn isolation_of(&self, manifest_json: &str) -> crate::Isolation {
+        match serde_json::from_str::<Manifest>(manifest_json) {
+            Ok(manifest) if self.quarantine_record_of(Some(&manifest.name)).is_some() => {
+                crate::Isolation::Process
+            }
+            Ok(manifest) => self
+                .settings(&manifest.name)
+                .isolation
+                .unwrap_or(self.inner.isolation),
+            Err(_) => crate::Isolation::Process,
+        }
+    }
+
+    /// Starts a child process that loads `file`; the child and the manifest it read.
+    fn start_child(
+        &self,
+        file: &Path,
+        number: u64,
+    ) -> Result<(crate::isolation::Isolated, String), LoadErrorKind> {
+        // A child whose `main` did not turn it into a runner would start children of its own.
+        if std::env::var_os(crate::isolation::child::CHILD_ENV).is_some() {
+            return Err(LoadErrorKind::Isolation {
+                reason: "this process was started as an isolated plugin's process but runs the program instead: its `main` must call `plugin_host::isolation::run_child_if_requested()` first".to_owned(),
+            });
+        }
+        let program = match &self.inner.child_program {
+            Some(program) => program.clone(),
+            None => std::env::current_exe().map_err(|e| LoadErrorKind::Isolation {
+                reason: format!(
+                    "this program's executable cannot be found to start the plugin's process: {e}"
+                ),
+            })?,
+        };
+        let launch = crate::isolation::Launch {
+            program,
+            spec: crate::isolation::child::ChildSpec {
+                parent: std::process::id(),
+                file: file.to_path_buf(),
+                shadow_dir: self.inner.shadow_dir.clone(),
+                shadow_id: self.inner.shadow_id,
+                generation: number,
+                max_size: self.inner.file_policy.max_size,
+                insecure_permissions: self.inner.file_policy.insecure_permissions,
+                memory_limit_mb: None,
+                log_level: crate::dylib::max_log_level(),
+            },
+            timeout_ms: self.inner.call_timeout_ms,
+            restarts: crate::RestartPolicy::default(),
+        };
+        let label = file.display().to_string();
+        let (supervisor, manifest, supports_hooks) =
+            crate::isolation::Supervisor::start(label, launch)
+                .map_err(|reason| LoadErrorKind::Isolation { reason })?;
+        Ok((
+            crate::isolation::Isolated {
+                supervisor,
+                supports_hooks,
+            },
+            manifest,
+        ))
     }
 
     /// Creates the instance of an opened generation, once its name may be used: `replacing` is
@@ -462,14 +557,51 @@ impl PluginHost {
         if !settings.enabled {
             return Err(LoadErrorKind::Disabled { plugin: name });
         }
-        self.admit_quarantined(&name)?;
+        let quarantined = self.admit_quarantined(&name, &library)?;
         let config = match &settings.config {
             Value::Null => String::new(),
             config => config.to_string(),
         };
-        let call_back = PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
         let timeout_ms = settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms);
-        let (library, created) = create_within(library, &name, config, call_back, timeout_ms)?;
+        let (library, created) = match library {
+            Backend::InProcess(library) => {
+                let call_back =
+                    PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
+                let (library, created) =
+                    create_within(library, &name, config, call_back, timeout_ms)?;
+                (Backend::InProcess(library), created)
+            }
+            Backend::Isolated(isolated) => {
+                let supervisor = &isolated.supervisor;
+                supervisor.configure(
+                    timeout_ms,
+                    settings.memory_limit_mb,
+                    settings.restarts.unwrap_or_default(),
+                );
+                let link = PluginHost::host_link(Arc::downgrade(&self.inner));
+                let created = match supervisor.create(&name, config, link) {
+                    Ok(()) => Ok(()),
+                    Err(crate::isolation::CreateError::Plugin(e)) => Err(e),
+                    Err(crate::isolation::CreateError::Lost(crate::isolation::Lost::TimedOut)) => {
+                        tracing::warn!(
+                            plugin = %name,
+                            timeout_ms,
+                            "isolated plugin's create overran its deadline; its process was killed"
+                        );
+                        return Err(LoadErrorKind::CreateTimedOut {
+                            plugin: name,
+                            timeout_ms,
+                        });
+                    }
+                    Err(crate::isolation::CreateError::Lost(lost)) => {
+                        return Err(LoadErrorKind::Isolation {
+                            reason: format!("plugin `{name}`: its process {lost} in create"),
+                        });
+                    }
+                };
+                (Backend::Isolated(isolated), created)
+            }
+        };
         created.map_err(|PluginError { kind, message }| match kind {
             ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
                 plugin: name.clone(),
@@ -485,33 +617,54 @@ impl PluginHost {
             file: file.to_path_buf(),
             stamp,
             number,
+            quarantined,
             library,
         })
     }
 
-    /// The one place that decides what a quarantined plugin (one a crash record names) does at
-    /// load: today it is refused, naming the crash and how to clear it. (With process isolation,
-    /// this is where it would load isolated instead.)
-    fn admit_quarantined(&self, plugin: &str) -> Result<(), LoadErrorKind> {
-        let Some(dir) = &self.inner.quarantine_dir else {
-            return Ok(());
-        };
+    /// The latest crash record naming `plugin` (any plugin for `None`), when the host keeps
+    /// crash records; unreadable records quarantine nothing (with a warning).
+    fn quarantine_record_of(&self, plugin: Option<&str>) -> Option<crate::quarantine::CrashRecord> {
+        let dir = self.inner.quarantine_dir.as_ref()?;
         let records = match crate::quarantine::records(dir) {
             Ok(records) => records,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "crash records unreadable; no plugin is quarantined");
-                return Ok(());
+                return None;
             }
         };
-        let Some(record) = records.iter().rev().find(|r| r.plugin == plugin) else {
-            return Ok(());
+        records
+            .into_iter()
+            .rev()
+            .find(|r| plugin.is_none_or(|plugin| r.plugin == plugin))
+    }
+
+    /// The one place that decides what a quarantined plugin (one a crash record names) does at
+    /// load: it runs isolated, in a process of its own, with a warning, whatever its
+    /// configuration says; a backend that is not isolated (which `open_file` never gives a
+    /// quarantined plugin) is refused, naming the crash and how to clear it.
+    fn admit_quarantined(
+        &self,
+        plugin: &str,
+        backend: &Backend,
+    ) -> Result<Option<String>, LoadErrorKind> {
+        let Some(record) = self.quarantine_record_of(Some(plugin)) else {
+            return Ok(None);
         };
-        tracing::warn!(
-            plugin,
-            method = %EscapeControl(&record.method),
-            cause = %EscapeControl(&record.cause),
-            "plugin quarantined: it brought the worker down; refused until its crash records are cleared"
-        );
+        if matches!(backend, Backend::Isolated(_)) {
+            tracing::warn!(
+                plugin,
+                method = %EscapeControl(&record.method),
+                cause = %EscapeControl(&record.cause),
+                "plugin quarantined: it brought the worker down, so it runs isolated in a process of its own until its crash records are cleared (worker quarantine clear PLUGIN)"
+            );
+            return Ok(Some(record.reason()));
+        }
+        let dir = self
+            .inner
+            .quarantine_dir
+            .as_deref()
+            .unwrap_or(Path::new("."));
         Err(LoadErrorKind::Quarantined {
             plugin: plugin.to_owned(),
             reason: record.reason(),

@@ -11,7 +11,33 @@ thread_local! {
 /// Deepest chain of plugin-to-plugin calls allowed.
 pub(super) const MAX_CALL_DEPTH: usize = 16;
 
+/// The plugins waiting on this thread, joined by `,`: an isolated plugin's call carries it to
+/// its process, and the process's calls back through the host bring it back, so cycles and
+/// depth are checked across processes too.
+pub(crate) fn call_chain() -> String {
+    CALL_CHAIN.with(|chain| chain.borrow().join(","))
+}
+
 impl PluginHost {
+    /// How an isolated plugin's process reaches other plugins through this host.
+    pub(super) fn host_link(inner: Weak<Inner>) -> crate::isolation::HostLink {
+        Arc::new(move |caller, chain, plugin, method, params| {
+            let inner = inner
+                .upgrade()
+                .ok_or_else(|| PluginError::failed("the host is shutting down"))?;
+            let host = PluginHost { inner };
+            let outer: Vec<String> = chain
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let saved = CALL_CHAIN.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+            let result = host.call_from_plugin(caller, plugin, method, params);
+            CALL_CHAIN.with(|c| *c.borrow_mut() = saved);
+            result
+        })
+    }
+
     /// The function a plugin's `call_plugin` reaches: the same no-op safety as `execute`, plus
     /// cycle detection. `caller` is the plugin making the call.
     pub(super) fn plugin_call_back(inner: Weak<Inner>, caller: String) -> crate::dylib::CallBack {

@@ -12,8 +12,11 @@ pub(super) struct Generation {
     /// The file as it was when this generation was copied from it.
     pub(super) stamp: Option<loader::FileStamp>,
     pub(super) number: u64,
-    /// Dropped last of all: destroying the instance and closing the library.
-    pub(super) library: PluginLibrary,
+    /// The crash that quarantined the plugin (so it runs isolated), in words.
+    pub(super) quarantined: Option<String>,
+    /// Dropped last of all: destroying the instance and closing the library (or stopping the
+    /// isolated plugin's process).
+    pub(super) library: Backend,
 }
 
 /// A generation opened and checked, its manifest read; not created yet.
@@ -23,7 +26,7 @@ pub(super) struct Opened {
     pub(super) file: PathBuf,
     pub(super) stamp: Option<loader::FileStamp>,
     pub(super) number: u64,
-    pub(super) library: PluginLibrary,
+    pub(super) library: Backend,
 }
 
 /// A plugin name's place in the registry: a reload replaces the generation, the statistics stay.
@@ -140,6 +143,9 @@ impl PluginHost {
                 breaker,
                 settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms),
             );
+            slot.stats
+                .health
+                .set_preemptive(slot.generation.library.supervisor().is_some());
             watched.push((name.clone(), Arc::clone(&slot.stats)));
         }
         self.inner.watched.store(Arc::new(watched));

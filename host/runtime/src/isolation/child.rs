@@ -1,0 +1,493 @@
+//! The child side: the embedder's own executable, started again with [`CHILD_ENV`] set, loads
+//! one plugin through the same loader and checks as the host, and serves the host's requests
+//! over the Unix socket it was given as its standard input.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd as _;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::protocol::{Frame, Tag, code, read_frame, write_frame};
+use crate::dylib::{PluginFailure, PluginLibrary};
+use crate::error::PluginError;
+
+/// The environment variable that turns a process into an isolated plugin's child: its value is
+/// the [`ChildSpec`] as JSON.
+pub(crate) const CHILD_ENV: &str = "PLUGIN_HOST_ISOLATED_CHILD";
+
+/// What a child needs to know, from its parent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ChildSpec {
+    /// The parent's process id: the child exits if its parent is another one.
+    pub(crate) parent: u32,
+    /// The plugin file.
+    pub(crate) file: PathBuf,
+    /// The host's private shadow directory, with its device and inode.
+    pub(crate) shadow_dir: PathBuf,
+    pub(crate) shadow_id: (u64, u64),
+    pub(crate) generation: u64,
+    pub(crate) max_size: u64,
+    pub(crate) insecure_permissions: bool,
+    /// `RLIMIT_DATA`, in MiB.
+    pub(crate) memory_limit_mb: Option<u64>,
+    /// The parent's most verbose log level (`abi::level`).
+    pub(crate) log_level: u8,
+}
+
+/// The socket's writing side, shared by every thread of the child.
+struct Out(Mutex<UnixStream>);
+
+impl Out {
+    fn send(&self, tag: Tag, id: u64, code: u8, fields: &[&str]) {
+        let mut socket = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // A write that fails means the parent is gone: the death signal ends us soon.
+        let _ = write_frame(&mut *socket, tag, id, code, fields);
+    }
+}
+
+/// Answers to the plugin's own calls through the host, by request id.
+type Waiting = Mutex<HashMap<u64, SyncSender<Frame>>>;
+
+struct Child {
+    out: Out,
+    library: RwLock<Option<PluginLibrary>>,
+    plugin: Mutex<String>,
+    waiting: Waiting,
+    next_id: AtomicU64,
+    pool: Pool,
+}
+
+thread_local! {
+    /// The chain of plugin calls the request this thread serves came with.
+    static CHAIN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Runs the child: never returns.
+pub(crate) fn run(spec: &str) -> ! {
+    let code = match serde_json::from_str::<ChildSpec>(spec) {
+        Ok(spec) => serve(&spec),
+        Err(e) => {
+            eprintln!("plugin child: invalid {CHILD_ENV}: {e}");
+            2
+        }
+    };
+    std::process::exit(code)
+}
+
+fn serve(spec: &ChildSpec) -> i32 {
+    // Dies with the parent; checked after setting it, in case the parent died before.
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+    {
+        eprintln!("plugin child: cannot set the parent death signal: {e}");
+        return 3;
+    }
+    let parent = rustix::process::getppid().map_or(0, |pid| pid.as_raw_nonzero().get());
+    if u32::try_from(parent).ok() != Some(spec.parent) {
+        return 4;
+    }
+    let socket = match std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(UnixStream::from)
+    {
+        Ok(socket) => socket,
+        Err(e) => {
+            eprintln!("plugin child: no socket on standard input: {e}");
+            return 5;
+        }
+    };
+    let Ok(writer) = socket.try_clone() else {
+        return 5;
+    };
+    let child = Arc::new(Child {
+        out: Out(Mutex::new(writer)),
+        library: RwLock::new(None),
+        plugin: Mutex::new(String::new()),
+        waiting: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        pool: Pool::default(),
+    });
+    let _ = tracing::subscriber::set_global_default(Bridge {
+        child: Arc::clone(&child),
+        max: spec.log_level,
+    });
+    if let Some(mb) = spec.memory_limit_mb {
+        limit_memory(mb);
+    }
+    match load(spec) {
+        Ok((library, manifest)) => {
+            let shadow = library.shadow_path().to_string_lossy().into_owned();
+            let hooks = u8::from(library.supports_hooks());
+            *child.library.write().unwrap_or_else(|p| p.into_inner()) = Some(library);
+            child.out.send(Tag::Loaded, 0, hooks, &[&manifest, &shadow]);
+        }
+        Err(reason) => {
+            child.out.send(Tag::Refused, 0, 0, &[&reason]);
+            return 0;
+        }
+    }
+    read_requests(&child, &Arc::new(socket));
+    // The reading went on another thread; that one ends the process when the socket closes.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Reads the host's frames. A request is served by the thread that read it, once it has handed
+/// the reading over to a thread of the pool: the request starts without waiting for another
+/// thread to wake, and the next one is read meanwhile.
+fn read_requests(child: &Arc<Child>, socket: &Arc<UnixStream>) {
+    loop {
+        let frame = match read_frame(&mut &**socket) {
+            Ok(Some(frame)) => frame,
+            // The parent closed the socket or is gone: nothing more to do.
+            Ok(None) | Err(_) => std::process::exit(0),
+        };
+        match frame.tag {
+            Tag::HostAnswer => {
+                let waiter = child
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&frame.id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(frame);
+                }
+            }
+            Tag::Stop => {
+                let child = Arc::clone(child);
+                // Destroying waits for calls in flight; the parent kills us past its deadline.
+                std::thread::spawn(move || {
+                    let library = child
+                        .library
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                    drop(library);
+                    child.out.send(Tag::Answer, frame.id, code::NONE, &[]);
+                    std::process::exit(0);
+                });
+            }
+            _ => {
+                let (next, reading) = (Arc::clone(child), Arc::clone(socket));
+                child
+                    .pool
+                    .submit(Box::new(move || read_requests(&next, &reading)));
+                child.handle(frame);
+                return;
+            }
+        }
+    }
+}
+
+/// Limits the process's data (heap and private mappings) to `mb` MiB: an allocation beyond it
+/// fails, and the plugin's process ends, not the host.
+fn limit_memory(mb: u64) {
+    let bytes = mb.saturating_mul(1 << 20);
+    let limit = rustix::process::Rlimit {
+        current: Some(bytes),
+        maximum: Some(bytes),
+    };
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Data, limit) {
+        tracing::warn!(error = %e, memory_limit_mb = mb, "the memory limit could not be set");
+    }
+}
+
+/// Checks, copies and opens the plugin file as the host does in-process; the manifest's JSON.
+fn load(spec: &ChildSpec) -> Result<(PluginLibrary, String), String> {
+    let policy = crate::loader::FilePolicy {
+        max_size: spec.max_size,
+        insecure_permissions: spec.insecure_permissions,
+    };
+    let checked =
+        crate::loader::check_plugin_file(&spec.file, policy).map_err(|e| e.to_string())?;
+    let shadow = crate::loader::shadow_copy(
+        &spec.file,
+        &checked,
+        &spec.shadow_dir,
+        spec.shadow_id,
+        spec.generation,
+    )
+    .map_err(|e| e.to_string())?;
+    let header = checked.header;
+    drop(checked);
+    let library = PluginLibrary::open(shadow, header).map_err(|e| e.to_string())?;
+    let manifest = library
+        .manifest_json()
+        .map_err(|e| format!("the manifest could not be read: {}", e.message))?;
+    Ok((library, manifest))
+}
+
+/// The answer frame's code and fields for a plugin's answer.
+fn answer_of(answer: Result<Option<&str>, PluginFailure<'_>>) -> (u8, Vec<String>) {
+    match answer {
+        Ok(Some(json)) => (code::SOME, vec![json.to_owned()]),
+        Ok(None) => (code::NONE, Vec::new()),
+        Err(PluginFailure::Reported(kind, message)) => {
+            (code::ERROR + kind as u8, vec![message.to_owned()])
+        }
+        Err(PluginFailure::NotUtf8(e)) => (code::NOT_UTF8, vec![e.to_string()]),
+        Err(PluginFailure::Lost(lost)) => (code::ERROR, vec![lost.to_string()]),
+    }
+}
+
+fn error_of(error: PluginError) -> (u8, Vec<String>) {
+    (code::ERROR + error.kind as u8, vec![error.message])
+}
+
+impl Child {
+    fn handle(self: &Arc<Self>, mut frame: Frame) {
+        let id = frame.id;
+        let (code, fields) = match frame.tag {
+            Tag::Create => {
+                if let Ok(mb) = frame.field(1).parse::<u64>() {
+                    limit_memory(mb);
+                }
+                self.create(frame.take(0))
+            }
+            Tag::Call | Tag::Hook => {
+                CHAIN.with(|chain| *chain.borrow_mut() = frame.take(2));
+                let library = self.library.read().unwrap_or_else(|p| p.into_inner());
+                let (name, input) = (frame.field(0), frame.field(1));
+                let answer = library.as_ref().and_then(|library| {
+                    if frame.tag == Tag::Call {
+                        library.call(name, input, answer_of)
+                    } else {
+                        library.on_hook(name, input, answer_of)
+                    }
+                });
+                answer.unwrap_or((code::UNSUPPORTED, Vec::new()))
+            }
+            Tag::Save => {
+                let library = self.library.read().unwrap_or_else(|p| p.into_inner());
+                match library.as_ref().and_then(PluginLibrary::save_state) {
+                    None => (code::UNSUPPORTED, Vec::new()),
+                    Some(Ok(Some(state))) => (code::SOME, vec![state]),
+                    Some(Ok(None)) => (code::NONE, Vec::new()),
+                    Some(Err(e)) => error_of(e),
+                }
+            }
+            Tag::Restore => {
+                let library = self.library.read().unwrap_or_else(|p| p.into_inner());
+                match library
+                    .as_ref()
+                    .and_then(|library| library.restore_state(frame.field(0)))
+                {
+                    None => (code::UNSUPPORTED, Vec::new()),
+                    Some(Ok(())) => (code::NONE, Vec::new()),
+                    Some(Err(e)) => error_of(e),
+                }
+            }
+            _ => return,
+        };
+        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        self.out.send(Tag::Answer, id, code, &fields);
+    }
+
+    fn create(self: &Arc<Self>, config: String) -> (u8, Vec<String>) {
+        let mut library = self.library.write().unwrap_or_else(|p| p.into_inner());
+        let Some(library) = library.as_mut() else {
+            return (code::UNSUPPORTED, Vec::new());
+        };
+        let name = serde_json::from_str::<plugin_api::Manifest>(
+            &library.manifest_json().unwrap_or_default(),
+        )
+        .map(|m| m.name)
+        .unwrap_or_default();
+        name.clone_into(&mut self.plugin.lock().unwrap_or_else(|p| p.into_inner()));
+        let child = Arc::downgrade(self);
+        let call_back: crate::dylib::CallBack = Box::new(move |plugin, method, params| {
+            let child = child
+                .upgrade()
+                .ok_or_else(|| PluginError::failed("the plugin's process is stopping"))?;
+            child.call_host(plugin, method, params)
+        });
+        match library.create(&name, &config, call_back) {
+            Ok(()) => (code::NONE, Vec::new()),
+            Err(e) => error_of(e),
+        }
+    }
+
+    /// The plugin calls another plugin: the request goes to the host, this thread waits.
+    fn call_host(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &str,
+    ) -> Result<Option<String>, PluginError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, answer) = sync_channel(1);
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, sender);
+        let chain = CHAIN.with(|chain| chain.borrow().clone());
+        self.out
+            .send(Tag::HostCall, id, 0, &[plugin, method, params, &chain]);
+        // The host answers every call it gets (a failure is an answer); if it is gone, the
+        // death signal ends this process.
+        let mut frame = answer
+            .recv()
+            .map_err(|_| PluginError::failed("the host did not answer"))?;
+        match frame.code {
+            code::SOME => Ok(Some(frame.take(0))),
+            code::NONE => Ok(None),
+            c => Err(PluginError {
+                kind: super::error_kind(c.saturating_sub(code::ERROR)),
+                message: frame.take(0),
+            }),
+        }
+    }
+}
+
+/// Work for the pool.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that run requests: a request starts at once on an idle thread, or on a new one,
+/// so slow calls never queue behind each other. Threads idle for a minute end.
+#[derive(Default)]
+struct Pool {
+    state: Arc<(Mutex<PoolState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    jobs: VecDeque<Job>,
+    idle: usize,
+}
+
+impl Pool {
+    fn submit(&self, job: Job) {
+        let (lock, ready) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+        state.jobs.push_back(job);
+        if state.idle >= state.jobs.len() {
+            ready.notify_one();
+            return;
+        }
+        drop(state);
+        let shared = Arc::clone(&self.state);
+        let spawned = std::thread::Builder::new()
+            .name("plugin-call".into())
+            .spawn(move || work(&shared));
+        if spawned.is_err() {
+            // No new thread: an idle one (or the next to finish) takes the job.
+            ready.notify_one();
+        }
+    }
+}
+
+fn work(shared: &(Mutex<PoolState>, Condvar)) {
+    let (lock, ready) = shared;
+    let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if let Some(job) = state.jobs.pop_front() {
+            drop(state);
+            job();
+            state = lock.lock().unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        state.idle += 1;
+        let (next, waited) = ready
+            .wait_timeout(state, Duration::from_secs(60))
+            .unwrap_or_else(|p| p.into_inner());
+        state = next;
+        state.idle -= 1;
+        if waited.timed_out() && state.jobs.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The child's `tracing` subscriber: every event goes to the host as a log frame, where it is
+/// emitted again with the plugin's name.
+struct Bridge {
+    child: Arc<Child>,
+    max: u8,
+}
+
+fn level_number(level: tracing::Level) -> u8 {
+    use plugin_api::abi::level;
+    match level {
+        tracing::Level::ERROR => level::ERROR,
+        tracing::Level::WARN => level::WARN,
+        tracing::Level::INFO => level::INFO,
+        tracing::Level::DEBUG => level::DEBUG,
+        _ => level::TRACE,
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    target: Option<String>,
+    rest: String,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "message" => self.message.push_str(value),
+            "target" => self.target = Some(value.to_owned()),
+            "plugin" => {}
+            name => {
+                use std::fmt::Write as _;
+                let _ = write!(self.rest, " {name}={value}");
+            }
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        match field.name() {
+            "message" => {
+                let _ = write!(self.message, "{value:?}");
+            }
+            "target" => self.target = Some(format!("{value:?}")),
+            "plugin" => {}
+            name => {
+                let _ = write!(self.rest, " {name}={value:?}");
+            }
+        }
+    }
+}
+
+impl tracing::Subscriber for Bridge {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        level_number(*metadata.level()) <= self.max
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let target = fields
+            .target
+            .unwrap_or_else(|| event.metadata().target().to_owned());
+        fields.message.push_str(&fields.rest);
+        self.child.out.send(
+            Tag::Log,
+            0,
+            level_number(*event.metadata().level()),
+            &[&target, &fields.message],
+        );
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}

@@ -1,0 +1,864 @@
+//! The host side of an isolated plugin: starts its child process, routes answers to the
+//! threads waiting for them, forwards the plugin's calls to other plugins, logs what the child
+//! prints, and restarts the child (with the plugin's last saved state) when it crashes or
+//! overruns a deadline, within the crash-loop limit.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead as _, BufReader, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use super::child::{CHILD_ENV, ChildSpec};
+use super::protocol::{Frame, Tag, code, read_frame, write_frame};
+use super::{HostLink, IsolationReport, Lost, RestartPolicy};
+use crate::error::PluginError;
+use crate::text::EscapeControl;
+
+/// How a child is started: everything but the plugin's configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub(crate) program: PathBuf,
+    pub(crate) spec: ChildSpec,
+    /// The deadline of a call, and of `create`, `save_state`, `restore_state` and `destroy`.
+    pub(crate) timeout_ms: u64,
+    pub(crate) restarts: RestartPolicy,
+}
+
+enum Reply {
+    Frame(Frame),
+    Lost(Lost),
+}
+
+/// One child process and the socket to it.
+struct Conn {
+    /// The plugin (its file, for a first child that has not read the manifest yet).
+    plugin: String,
+    pid: u32,
+    process: Mutex<Option<std::process::Child>>,
+    out: Mutex<UnixStream>,
+    pending: Mutex<HashMap<u64, SyncSender<Reply>>>,
+    next_id: AtomicU64,
+    dead: AtomicBool,
+    /// Set when the host killed the child for a deadline: the calls it takes down with it
+    /// answer "timed out" too.
+    timed_out: AtomicBool,
+    /// Set when the host stopped the child on purpose: not a crash.
+    stopping: AtomicBool,
+    shadow: Mutex<Option<PathBuf>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("pid", &self.pid).finish()
+    }
+}
+
+impl Conn {
+    fn kill(&self) {
+        if let Some(child) = self
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            let _ = child.kill();
+        }
+    }
+
+    /// Sends a request and waits for its answer at most `timeout`; an overrun kills the child
+    /// (and is counted in `overruns`; calls the kill takes down with it are not).
+    fn request(
+        &self,
+        tag: Tag,
+        fields: &[&str],
+        timeout: Duration,
+        overruns: Option<&AtomicU64>,
+    ) -> Result<Frame, Lost> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(Lost::Crashed);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, answer) = sync_channel(1);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, sender);
+        let written = {
+            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+            write_frame(&mut *out, tag, id, 0, fields)
+        };
+        if written.is_err() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(Lost::Crashed);
+        }
+        match answer.recv_timeout(timeout) {
+            Ok(Reply::Frame(frame)) => Ok(frame),
+            Ok(Reply::Lost(lost)) => Err(lost),
+            Err(RecvTimeoutError::Disconnected) => Err(Lost::Crashed),
+            Err(RecvTimeoutError::Timeout) => {
+                let removed = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if removed.is_none() {
+                    // Answered (or lost) just now.
+                    return match answer.try_recv() {
+                        Ok(Reply::Frame(frame)) => Ok(frame),
+                        Ok(Reply::Lost(lost)) => Err(lost),
+                        Err(_) => Err(Lost::Crashed),
+                    };
+                }
+                self.timed_out.store(true, Ordering::Release);
+                self.kill();
+                if let Some(overruns) = overruns {
+                    overruns.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        plugin = %self.plugin,
+                        pid = self.pid,
+                        timeout_ms = timeout.as_millis(),
+                        "isolated plugin call overran its deadline; its process is killed and restarted"
+                    );
+                }
+                Err(Lost::TimedOut)
+            }
+        }
+    }
+}
+
+/// What an isolated plugin's generation holds: the current child, and how to start another.
+pub(crate) struct Supervisor {
+    plugin: String,
+    launch: Mutex<Launch>,
+    timeout_ms: AtomicU64,
+    restarts_policy: Mutex<RestartPolicy>,
+    /// The plugin's configuration, for `create` in every child.
+    config: Mutex<Option<String>>,
+    link: Mutex<Option<HostLink>>,
+    conn: ArcSwap<Conn>,
+    /// The last state the plugin saved or was given: a restarted child is given it.
+    last_state: Mutex<Option<String>>,
+    crashes: AtomicU64,
+    restarts: AtomicU64,
+    timeouts: AtomicU64,
+    crash_times: Mutex<VecDeque<Instant>>,
+    /// The crash-loop limit was reached: no restart until [`Supervisor::reset`].
+    suspended: AtomicBool,
+    restarting: AtomicBool,
+    stopped: AtomicBool,
+    /// The first child created its instance: from then on, a crash is restarted.
+    created: AtomicBool,
+    pid: AtomicU32,
+    this: Weak<Supervisor>,
+    /// What each child's reader reaches the supervisor through (set once it exists).
+    owner: Owner,
+    /// The plugin's name, once created.
+    name: std::sync::OnceLock<String>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("plugin", &self.name())
+            .field("pid", &self.pid())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The supervisor of a child's reader thread.
+type Owner = Arc<std::sync::OnceLock<Weak<Supervisor>>>;
+
+impl Supervisor {
+    /// Starts the first child of a generation; it loads the plugin file and answers with the
+    /// manifest's JSON text.
+    pub(crate) fn start(
+        plugin_file: String,
+        launch: Launch,
+    ) -> Result<(Arc<Self>, String, bool), String> {
+        let owner = Owner::default();
+        let (conn, manifest, hooks) = spawn(&launch, &plugin_file, Arc::clone(&owner))?;
+        let pid = conn.pid;
+        let supervisor = Arc::new_cyclic(|this| Supervisor {
+            plugin: plugin_file,
+            timeout_ms: AtomicU64::new(launch.timeout_ms),
+            restarts_policy: Mutex::new(launch.restarts),
+            launch: Mutex::new(launch),
+            config: Mutex::new(None),
+            link: Mutex::new(None),
+            conn: ArcSwap::new(Arc::clone(&conn)),
+            last_state: Mutex::new(None),
+            crashes: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            crash_times: Mutex::new(VecDeque::new()),
+            suspended: AtomicBool::new(false),
+            restarting: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            created: AtomicBool::new(false),
+            pid: AtomicU32::new(pid),
+            this: this.clone(),
+            owner: Arc::clone(&owner),
+            name: std::sync::OnceLock::new(),
+        });
+        let _ = owner.set(Arc::downgrade(&supervisor));
+        Ok((supervisor, manifest, hooks))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    fn launch(&self) -> Launch {
+        self.launch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies the plugin's settings, once its name is known (from the manifest).
+    pub(crate) fn configure(
+        &self,
+        timeout_ms: u64,
+        memory_limit_mb: Option<u64>,
+        restarts: RestartPolicy,
+    ) {
+        self.timeout_ms.store(timeout_ms.max(1), Ordering::Relaxed);
+        *self
+            .restarts_policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = restarts;
+        let mut launch = self.launch.lock().unwrap_or_else(|p| p.into_inner());
+        launch.timeout_ms = timeout_ms.max(1);
+        launch.restarts = restarts;
+        launch.spec.memory_limit_mb = memory_limit_mb;
+    }
+
+    /// Creates the instance in the child (the first one, and each restarted one).
+    pub(crate) fn create(
+        &self,
+        name: &str,
+        config: String,
+        link: HostLink,
+    ) -> Result<(), CreateError> {
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(link);
+        let _ = self.name.set(name.to_owned());
+        let memory = self.launch().spec.memory_limit_mb;
+        create_in(&self.conn.load(), &config, memory, self.timeout())?;
+        self.created.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// A request to the current child, with the plugin's deadline.
+    pub(crate) fn request(&self, tag: Tag, fields: &[&str]) -> Result<Frame, Lost> {
+        if self.suspended.load(Ordering::Relaxed) {
+            return Err(Lost::Suspended);
+        }
+        self.conn
+            .load()
+            .request(tag, fields, self.timeout(), Some(&self.timeouts))
+    }
+
+    /// The plugin's name (its file until created).
+    fn name(&self) -> String {
+        self.name.get().unwrap_or(&self.plugin).clone()
+    }
+
+    /// Remembers the state the plugin saved or was given.
+    pub(crate) fn keep_state(&self, state: &str) {
+        *self.last_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.to_owned());
+    }
+
+    /// Whether the crash-loop limit stopped restarts.
+    pub(crate) fn suspended(&self) -> bool {
+        self.suspended.load(Ordering::Relaxed)
+    }
+
+    /// The last state the plugin saved or was given.
+    pub(crate) fn last_state(&self) -> Option<String> {
+        self.last_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The child's process id now (0 while none runs).
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn report(&self) -> IsolationReport {
+        IsolationReport {
+            mode: "process",
+            pid: Some(self.pid()).filter(|&p| p != 0),
+            crashes: self.crashes.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+            restarts_suspended: self.suspended.load(Ordering::Relaxed),
+            memory_limit_mb: self.launch().spec.memory_limit_mb,
+            quarantined: None,
+        }
+    }
+
+    /// Lifts a crash-loop suspension and starts a child if none runs.
+    pub(crate) fn reset(&self) {
+        self.crash_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let was = self.suspended.swap(false, Ordering::AcqRel);
+        if was || self.conn.load().dead.load(Ordering::Acquire) {
+            self.restart_soon();
+        }
+    }
+
+    /// The child of `conn` ended: answer its calls, count the crash, restart.
+    fn ended(&self, conn: &Conn, status: String) {
+        if self.stopped.load(Ordering::Acquire)
+            || conn.stopping.load(Ordering::Acquire)
+            || !self.created.load(Ordering::Acquire)
+        {
+            return;
+        }
+        if !std::ptr::eq(Arc::as_ptr(&self.conn.load()), conn) {
+            return;
+        }
+        self.pid.store(0, Ordering::Relaxed);
+        let timed_out = conn.timed_out.load(Ordering::Acquire);
+        if !timed_out {
+            self.crashes.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.crash_loop(&status) {
+            return;
+        }
+        tracing::warn!(
+            plugin = %self.name(),
+            pid = conn.pid,
+            %status,
+            reason = if timed_out { "timed out" } else { "crashed" },
+            "isolated plugin's process ended; restarting it with its last saved state"
+        );
+        self.restart_soon();
+    }
+
+    /// Counts a crash (or a failed restart) in the crash-loop window; at the limit, stops
+    /// restarts and says so.
+    fn crash_loop(&self, status: &str) -> bool {
+        let limit = *self
+            .restarts_policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let looping = {
+            let mut times = self.crash_times.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            times.push_back(now);
+            while times
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(limit.window_sec))
+            {
+                times.pop_front();
+            }
+            times.len() >= limit.max as usize
+        };
+        if looping {
+            self.suspended.store(true, Ordering::Release);
+            tracing::error!(
+                plugin = %self.name(),
+                %status,
+                max = limit.max,
+                window_sec = limit.window_sec,
+                "isolated plugin crashed too often; not restarted until it is reloaded, its file changes, or it is reset (POST /v1/plugins/{{plugin}}/reset)"
+            );
+        }
+        looping
+    }
+
+    fn restart_soon(&self) {
+        if self.restarting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.this.clone();
+        let spawned = std::thread::Builder::new()
+            .name("plugin-restart".into())
+            .spawn(move || {
+                if let Some(this) = this.upgrade() {
+                    this.restart();
+                    this.restarting.store(false, Ordering::Release);
+                }
+            });
+        if spawned.is_err() {
+            self.restarting.store(false, Ordering::Release);
+        }
+    }
+
+    /// Starts a new child until one serves; a failed start counts toward the crash-loop limit
+    /// and is tried again after a pause (0.1 s, doubling up to 5 s).
+    fn restart(&self) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if self.stopped.load(Ordering::Acquire) || self.suspended.load(Ordering::Acquire) {
+                return;
+            }
+            match self.try_restart() {
+                Ok(()) => return,
+                Err(why) => {
+                    if self.crash_loop(&why) {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn try_restart(&self) -> Result<(), String> {
+        let Some(config) = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(());
+        };
+        let state = self
+            .last_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // A state that takes the plugin down is dropped: the second try starts fresh.
+        for state in [state, None] {
+            let started = Instant::now();
+            let launch = self.launch();
+            let (conn, _, _) = match spawn(&launch, &self.name(), Arc::clone(&self.owner)) {
+                Ok(spawned) => spawned,
+                Err(e) => {
+                    tracing::error!(plugin = %self.name(), error = %e, "the isolated plugin's process could not be restarted");
+                    return Err(e);
+                }
+            };
+            if let Err(e) = create_in(&conn, &config, launch.spec.memory_limit_mb, self.timeout()) {
+                tracing::error!(plugin = %self.name(), error = %e, "the restarted plugin failed to create its instance");
+                stop_conn(&conn, Duration::ZERO);
+                return Err(e.to_string());
+            }
+            if let Some(state) = &state {
+                match conn.request(Tag::Restore, &[state], self.timeout(), None) {
+                    Ok(frame) if frame.code == code::NONE || frame.code == code::UNSUPPORTED => {}
+                    Ok(frame) => {
+                        tracing::warn!(plugin = %self.name(), error = %EscapeControl(frame.field(0)), "the restarted plugin refused its last state; it starts fresh");
+                    }
+                    Err(lost) => {
+                        tracing::warn!(plugin = %self.name(), reason = %lost, "the restarted plugin's process ended while restoring its last state; starting it again without that state");
+                        stop_conn(&conn, Duration::ZERO);
+                        *self.last_state.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        continue;
+                    }
+                }
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                stop_conn(&conn, Duration::ZERO);
+                return Ok(());
+            }
+            self.pid.store(conn.pid, Ordering::Relaxed);
+            let old = self.conn.swap(Arc::clone(&conn));
+            drop(old);
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                plugin = %self.name(),
+                pid = conn.pid,
+                state_restored = state.is_some(),
+                took_ms = started.elapsed().as_millis(),
+                "isolated plugin restarted"
+            );
+            return Ok(());
+        }
+        Err("the restarted plugin's process ended while restoring its state, twice".to_owned())
+    }
+
+    /// Stops the child: `destroy` within the plugin's deadline (as an in-process generation is
+    /// destroyed by whoever drops it last, but bounded), then killed.
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let conn = self.conn.load_full();
+        let started = Instant::now();
+        stop_conn(&conn, self.timeout());
+        tracing::debug!(
+            plugin = %self.name(),
+            pid = conn.pid,
+            took_us = started.elapsed().as_micros(),
+            "isolated plugin's process stopped"
+        );
+    }
+
+    fn forward_host_call(&self, conn: &Arc<Conn>, mut frame: Frame) {
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let conn = Arc::clone(conn);
+        let caller = self.name();
+        let spawned = std::thread::Builder::new()
+            .name("plugin-host-call".into())
+            .spawn(move || {
+                let result = match link {
+                    Some(link) => {
+                        let chain = frame.take(3);
+                        link(
+                            &caller,
+                            &chain,
+                            frame.field(0),
+                            frame.field(1),
+                            frame.field(2),
+                        )
+                    }
+                    None => Err(PluginError::failed("the plugin is not created yet")),
+                };
+                let (code, text) = match result {
+                    Ok(Some(answer)) => (code::SOME, answer),
+                    Ok(None) => (code::NONE, String::new()),
+                    Err(e) => (code::ERROR + e.kind as u8, e.message),
+                };
+                let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = write_frame(&mut *out, Tag::HostAnswer, frame.id, code, &[&text]);
+            });
+        if spawned.is_err() {
+            tracing::warn!(plugin = %self.name(), "no thread for a plugin's call to another plugin; it gets no answer until its process is restarted");
+        }
+    }
+}
+
+/// Why `create` failed in a child.
+#[derive(Debug)]
+pub(crate) enum CreateError {
+    Plugin(PluginError),
+    Lost(Lost),
+}
+
+impl std::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CreateError::Plugin(e) => f.write_str(&e.message),
+            CreateError::Lost(lost) => write!(f, "its process {lost}"),
+        }
+    }
+}
+
+fn create_in(
+    conn: &Conn,
+    config: &str,
+    memory_limit_mb: Option<u64>,
+    timeout: Duration,
+) -> Result<(), CreateError> {
+    let memory = memory_limit_mb.map(|mb| mb.to_string()).unwrap_or_default();
+    match conn.request(Tag::Create, &[config, &memory], timeout, None) {
+        Ok(frame) if frame.code == code::NONE => Ok(()),
+        Ok(mut frame) => Err(CreateError::Plugin(PluginError {
+            kind: super::error_kind(frame.code.saturating_sub(code::ERROR)),
+            message: frame.take(0),
+        })),
+        Err(lost) => Err(CreateError::Lost(lost)),
+    }
+}
+
+fn stop_conn(conn: &Conn, timeout: Duration) {
+    conn.stopping.store(true, Ordering::Release);
+    if !timeout.is_zero() && !conn.dead.load(Ordering::Acquire) {
+        let _ = conn.request(Tag::Stop, &[], timeout, None);
+    }
+    conn.kill();
+}
+
+/// Starts a child for `launch` and waits (within the deadline) for it to load the plugin.
+fn spawn(
+    launch: &Launch,
+    label: &str,
+    supervisor: Owner,
+) -> Result<(Arc<Conn>, String, bool), String> {
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| format!("no socket for the plugin's process: {e}"))?;
+    let spec = serde_json::to_string(&launch.spec)
+        .map_err(|e| format!("the plugin's process settings: {e}"))?;
+    let mut command = Command::new(&launch.program);
+    command
+        .env(CHILD_ENV, spec)
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn_from_lasting_thread(command).map_err(|e| {
+        format!(
+            "could not start the plugin's process ({}): {e}",
+            launch.program.display()
+        )
+    })?;
+    let pid = child.id();
+    for (stream, reader) in [
+        (
+            "stdout",
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+        (
+            "stderr",
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+    ] {
+        if let Some(reader) = reader {
+            log_output(label.to_owned(), stream, reader);
+        }
+    }
+    let kill = |mut child: std::process::Child, why: String| {
+        let _ = child.kill();
+        let _ = child.wait();
+        why
+    };
+    let mut reader = match ours.try_clone() {
+        Ok(reader) => reader,
+        Err(e) => {
+            return Err(kill(
+                child,
+                format!("no socket for the plugin's process: {e}"),
+            ));
+        }
+    };
+    let timeout = Duration::from_millis(launch.timeout_ms).max(Duration::from_millis(1));
+    let _ = reader.set_read_timeout(Some(timeout));
+    let deadline = Instant::now() + timeout;
+    // The child may log while it loads (the loader's warnings): those come first.
+    let first = loop {
+        match read_frame(&mut reader) {
+            Ok(Some(frame)) if frame.tag == Tag::Log => {
+                emit(label, frame.code, frame.field(0), frame.field(1));
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = reader.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            }
+            other => break other,
+        }
+    };
+    let _ = reader.set_read_timeout(None);
+    let (manifest, shadow, hooks) = match first {
+        Ok(Some(frame)) if frame.tag == Tag::Loaded => (
+            frame.field(0).to_owned(),
+            PathBuf::from(frame.field(1)),
+            frame.code == 1,
+        ),
+        Ok(Some(frame)) if frame.tag == Tag::Refused => {
+            return Err(kill(child, frame.field(0).to_owned()));
+        }
+        // Every wait is bounded: whatever the child does next, it is ended first.
+        Ok(_) => {
+            let _ = child.kill();
+            let status = child.wait().map_or_else(|e| e.to_string(), describe_status);
+            return Err(format!(
+                "the plugin's process ended while loading the plugin ({status})"
+            ));
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(kill(
+                child,
+                format!(
+                    "the plugin's process did not load the plugin within {} ms and was killed (does the program's `main` call `plugin_host::isolation::run_child_if_requested()` first?)",
+                    launch.timeout_ms
+                ),
+            ));
+        }
+        Err(e) => return Err(kill(child, format!("the plugin's process: {e}"))),
+    };
+    let conn = Arc::new(Conn {
+        plugin: label.to_owned(),
+        pid,
+        process: Mutex::new(Some(child)),
+        out: Mutex::new(ours),
+        pending: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        dead: AtomicBool::new(false),
+        timed_out: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        shadow: Mutex::new(Some(shadow)),
+    });
+    let read_conn = Arc::clone(&conn);
+    let label = label.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("plugin-child-reader".into())
+        .spawn(move || read_answers(&read_conn, reader, &label, &supervisor));
+    if let Err(e) = spawned {
+        conn.kill();
+        return Err(format!("no thread to read the plugin's process: {e}"));
+    }
+    Ok((conn, manifest, hooks))
+}
+
+/// A child's parent-death signal fires when the *thread* that started it ends, not the process:
+/// every child is started by one thread that lasts as long as the process.
+fn spawn_from_lasting_thread(command: Command) -> std::io::Result<std::process::Child> {
+    type Job = (Command, SyncSender<std::io::Result<std::process::Child>>);
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, next) = std::sync::mpsc::channel::<Job>();
+        let _ = std::thread::Builder::new()
+            .name("plugin-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in next {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        Mutex::new(jobs)
+    });
+    let (reply, spawned) = sync_channel(1);
+    let sent = spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((command, reply));
+    let no_thread = || std::io::Error::other("the thread that starts plugin processes is gone");
+    sent.map_err(|_| no_thread())?;
+    spawned.recv().map_err(|_| no_thread())?
+}
+
+/// The reader of one child's socket: routes answers, forwards host calls and log events; at
+/// the end, answers every call in flight and reports the exit.
+fn read_answers(conn: &Arc<Conn>, mut reader: UnixStream, label: &str, owner: &Owner) {
+    let supervisor = || owner.get().and_then(Weak::upgrade);
+    while let Ok(Some(frame)) = read_frame(&mut reader) {
+        match frame.tag {
+            Tag::Answer => {
+                let waiter = conn
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&frame.id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Reply::Frame(frame));
+                }
+            }
+            Tag::HostCall => match supervisor() {
+                Some(supervisor) => supervisor.forward_host_call(conn, frame),
+                None => {
+                    let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = write_frame(
+                        &mut *out,
+                        Tag::HostAnswer,
+                        frame.id,
+                        code::ERROR,
+                        &["the plugin is not created yet"],
+                    );
+                }
+            },
+            Tag::Log => {
+                let name = supervisor().map_or_else(|| label.to_owned(), |s| s.name());
+                emit(&name, frame.code, frame.field(0), frame.field(1));
+            }
+            _ => {}
+        }
+    }
+    conn.dead.store(true, Ordering::Release);
+    let lost = if conn.timed_out.load(Ordering::Acquire) {
+        Lost::TimedOut
+    } else {
+        Lost::Crashed
+    };
+    let waiting: Vec<_> = conn
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .collect();
+    for (_, waiter) in waiting {
+        let _ = waiter.send(Reply::Lost(lost));
+    }
+    let child = conn
+        .process
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let status = match child {
+        Some(mut child) => {
+            // The socket closes when the process ends; a child that closed it and lives on is
+            // ended here.
+            let status = match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                _ => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    match child.try_wait() {
+                        Ok(Some(status)) => Ok(status),
+                        _ => {
+                            let _ = child.kill();
+                            child.wait()
+                        }
+                    }
+                }
+            };
+            status.map_or_else(|e| e.to_string(), describe_status)
+        }
+        None => "unknown".to_owned(),
+    };
+    // A killed child leaves its shadow copy behind.
+    if let Some(shadow) = conn.shadow.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = std::fs::remove_file(shadow);
+    }
+    if let Some(supervisor) = supervisor() {
+        supervisor.ended(conn, status);
+    }
+}
+
+fn describe_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}
+
+/// Logs each line the child writes to `stream` as the plugin's.
+fn log_output(plugin: String, stream: &'static str, reader: Box<dyn Read + Send>) {
+    let _ = std::thread::Builder::new()
+        .name("plugin-output".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(reader);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        let text = text.trim_end_matches(['\n', '\r']);
+                        tracing::info!(plugin = %plugin, stream, "{}", EscapeControl(text));
+                    }
+                }
+            }
+        });
+}
+
+/// Emits a child's log event on the host's subscriber, with the plugin's name.
+fn emit(plugin: &str, level: u8, target: &str, message: &str) {
+    use plugin_api::abi::level as l;
+    let target = EscapeControl(target);
+    let message = EscapeControl(message);
+    match level {
+        l::ERROR => tracing::error!(plugin, %target, "{message}"),
+        l::WARN => tracing::warn!(plugin, %target, "{message}"),
+        l::INFO => tracing::info!(plugin, %target, "{message}"),
+        l::DEBUG => tracing::debug!(plugin, %target, "{message}"),
+        _ => tracing::trace!(plugin, %target, "{message}"),
+    }
+}
