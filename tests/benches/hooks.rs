@@ -42,9 +42,14 @@ mod direct {
         ROk(abi_stable::std_types::RNone)
     }
 
+    extern "C" fn no_store(_: HostContext, _: RStr<'_>, _: RStr<'_>) -> JsonResult {
+        ROk(abi_stable::std_types::RNone)
+    }
+
     static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
         log: no_log,
         call: no_call,
+        store: no_store,
     });
 
     /// A second instance of a plugin, created in the library the host already loaded.

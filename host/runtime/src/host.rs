@@ -69,6 +69,8 @@ struct Inner {
     file_policy: loader::FilePolicy,
     config: ArcSwap<PluginsConfig>,
     state: Option<StateStore>,
+    /// The shared store offered to plugins, if any.
+    store: Option<crate::store::Store>,
     overrides: BTreeMap<String, PluginSettings>,
     registry: ArcSwap<Registry>,
     /// One bit per loaded plugin name (a 64-bit Bloom filter): a call to a plugin whose bit is

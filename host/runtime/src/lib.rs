@@ -44,6 +44,7 @@ mod layout;
 mod loader;
 mod state;
 mod stats;
+pub mod store;
 pub mod text;
 pub mod watch;
 

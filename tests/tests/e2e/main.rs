@@ -22,6 +22,7 @@ mod recovery;
 mod refusals;
 mod serve;
 mod statistics;
+mod store;
 mod tuning;
 mod watch;
 mod worker_lifecycle;

@@ -84,6 +84,7 @@ fn create_within(
     name: &str,
     config: String,
     call_back: crate::dylib::CallBack,
+    store: Option<crate::store::PluginStore>,
     timeout_ms: u64,
 ) -> Result<(PluginLibrary, Result<(), PluginError>), LoadErrorKind> {
     let (sender, created) = std::sync::mpsc::sync_channel(1);
@@ -91,7 +92,7 @@ fn create_within(
     let spawned = std::thread::Builder::new()
         .name("plugin-create".into())
         .spawn(move || {
-            let result = library.create(&plugin, &config, call_back);
+            let result = library.create(&plugin, &config, call_back, store);
             // Nobody waits any more when the deadline passed: the library is dropped here.
             let _ = sender.send((library, result));
         });
@@ -431,7 +432,9 @@ impl PluginHost {
         };
         let call_back = PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
         let timeout_ms = settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms);
-        let (library, created) = create_within(library, &name, config, call_back, timeout_ms)?;
+        let store = self.inner.store.as_ref().map(|s| s.for_plugin(&name));
+        let (library, created) =
+            create_within(library, &name, config, call_back, store, timeout_ms)?;
         created.map_err(|PluginError { kind, message }| match kind {
             ErrorKind::Panicked => LoadErrorKind::CreatePanicked {
                 plugin: name.clone(),

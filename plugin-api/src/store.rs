@@ -1,0 +1,107 @@
+//! The shared store: statistics and decision records that every worker of a fleet sees.
+//!
+//! A host may offer a store (SQLite on one machine, Redis for a fleet). Every operation here
+//! answers from the host's local cache, at once: additions are applied to that cache and sent
+//! to the store in the background, reads see the store as of its last refresh plus this
+//! process's own additions. Keys are the plugin's own: the host puts each plugin's keys in a
+//! namespace of its name, so two plugins never see each other's.
+//!
+//! Without a store (an older host, a host configured without one, or a
+//! [`Harness`](crate::Harness)) every function says so: `None` or `false`, never an error, and
+//! the plugin keeps its own state.
+//!
+//! - [`add`]: atomic additions to named numeric fields of a key (`n`, `sum`, `sumsq` of an arm).
+//! - [`add_once`]: the same, counted once fleet-wide per idempotency mark (a task id): a task
+//!   scored twice, by a retry or a replayed batch, counts once. [`mark_once`] is a mark alone.
+//! - [`read`]: a key's fields.
+//! - [`record`] and [`compare_and_set`]: a small JSON record with a version, for decisions
+//!   (a promotion) that exactly one worker of the fleet may make.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// A versioned JSON record of the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Starts at 1 with the first write and grows by one with each; 0 means "no record yet"
+    /// in [`compare_and_set`].
+    pub version: u64,
+    /// The record.
+    pub value: Value,
+}
+
+/// Sends one operation to the host's store: the answer's JSON, or `None` without a store.
+fn op(name: &str, args: &Value) -> Option<Value> {
+    match crate::log::store_call(name, &args.to_string()) {
+        Ok(Some(answer)) => serde_json::from_str(&answer).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(operation = name, error = %e.message, "the host's store refused an operation");
+            None
+        }
+    }
+}
+
+fn deltas(fields: &[(&str, f64)]) -> Value {
+    Value::Object(
+        fields
+            .iter()
+            .map(|(field, delta)| ((*field).to_owned(), json!(delta)))
+            .collect(),
+    )
+}
+
+/// Whether the host offers a store to this plugin.
+pub fn available() -> bool {
+    op("available", &Value::Null).is_some_and(|v| v == Value::Bool(true))
+}
+
+/// Adds each delta to its field of `key` (a missing field starts at 0). `false` without a store.
+pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
+    op("add", &json!({"key": key, "add": deltas(fields)})).is_some()
+}
+
+/// Adds the deltas of each key once fleet-wide for `mark`: a second call with the same mark,
+/// from this worker or any other, adds nothing. `Some(true)` when this process had not seen the
+/// mark (the store decides for the fleet when it flushes, in the same transaction as the
+/// additions); `None` without a store.
+pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
+    let adds: serde_json::Map<String, Value> = adds
+        .iter()
+        .map(|(key, fields)| ((*key).to_owned(), deltas(fields)))
+        .collect();
+    op("mark", &json!({"mark": mark, "adds": adds})).and_then(|v| v.as_bool())
+}
+
+/// Sets the idempotency mark `mark`: `Some(true)` when this process had not seen it, `None`
+/// without a store. See [`add_once`].
+pub fn mark_once(mark: &str) -> Option<bool> {
+    add_once(mark, &[])
+}
+
+/// The fields of `key` (empty when it has none yet); `None` without a store.
+pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
+    let answer = op("read", &json!({"key": key}))?;
+    serde_json::from_value(answer).ok()
+}
+
+/// The record at `key`: `Some(None)` when there is none yet, `None` without a store.
+pub fn record(key: &str) -> Option<Option<Record>> {
+    let answer = op("record", &json!({"key": key}))?;
+    Some(serde_json::from_value(answer).ok())
+}
+
+/// Writes `value` at `key` if the record's version is still `version` (0: no record yet).
+/// `Some(true)` when written (the record's version is now `version + 1`), `Some(false)` when
+/// another writer came first or the store cannot be reached, `None` without a store. This is
+/// the one operation that waits for the store (within the host's bounded timeouts): a decision
+/// must be the fleet's.
+pub fn compare_and_set(key: &str, version: u64, value: &Value) -> Option<bool> {
+    op(
+        "cas",
+        &json!({"key": key, "version": version, "value": value}),
+    )
+    .and_then(|v| v.as_bool())
+}
