@@ -213,6 +213,11 @@ impl PluginHost {
         &self.inner.shadow_dir
     }
 
+    /// The shared store offered to the plugins, if any.
+    pub fn store(&self) -> Option<&crate::store::Store> {
+        self.inner.store.as_ref()
+    }
+
     fn admin(&self) -> MutexGuard<'_, ()> {
         // A panic while holding the lock leaves no broken invariant behind (the registry is
         // replaced atomically), so a poisoned lock is simply taken over.

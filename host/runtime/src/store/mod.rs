@@ -60,6 +60,8 @@ pub(crate) trait Backend: Send {
     fn records(&mut self, keys: &[String]) -> anyhow::Result<HashMap<String, StoredRecord>>;
     /// Writes `value` at `key` if its version is `version` (0: none yet).
     fn compare_and_set(&mut self, key: &str, version: u64, value: &str) -> anyhow::Result<bool>;
+    /// Whether the backend answers.
+    fn ping(&mut self) -> anyhow::Result<()>;
     /// Every key under `prefix` with its fields.
     fn scan(&mut self, prefix: &str) -> anyhow::Result<Vec<(String, Fields)>>;
 }
@@ -173,6 +175,11 @@ fn stop_thread(shared: &Shared, handle: &Mutex<Option<std::thread::JoinHandle<()
     shared.wake.notify_all();
     if let Some(handle) = lock(handle).take() {
         let _ = handle.join();
+        let cache = lock(&shared.cache);
+        let left = cache.pending.len() + cache.inflight.as_ref().map_or(0, |b| b.groups.len());
+        if left > 0 {
+            tracing::warn!(store = %shared.url, groups = left, "the store could not be reached before exit: these additions are not in it (their idempotency marks are not either, so a re-run of the same tasks counts them)");
+        }
     }
 }
 
@@ -380,7 +387,7 @@ fn flush_once(shared: &Shared) {
     let mut backend = lock(&shared.backend);
     let applied = match &batch {
         Some(batch) => backend.apply(batch).map(|()| true),
-        None => Ok(false),
+        None => backend.ping().map(|()| false),
     };
     let read = match &applied {
         Ok(_) => backend

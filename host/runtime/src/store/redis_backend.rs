@@ -189,6 +189,11 @@ impl Backend for Redis {
         Ok(written == 1)
     }
 
+    fn ping(&mut self) -> anyhow::Result<()> {
+        self.with(|c| redis::cmd("PING").query::<String>(c))?;
+        Ok(())
+    }
+
     fn scan(&mut self, prefix: &str) -> anyhow::Result<Vec<(String, Fields)>> {
         let pattern = format!("store:f:{}*", glob_escape(prefix));
         let mut keys = Vec::new();

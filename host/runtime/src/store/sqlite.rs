@@ -141,6 +141,11 @@ impl Backend for Sqlite {
         Ok(written == 1)
     }
 
+    fn ping(&mut self) -> anyhow::Result<()> {
+        self.conn.query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     fn scan(&mut self, prefix: &str) -> anyhow::Result<Vec<(String, Fields)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT key, field, value FROM fields WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
