@@ -1,7 +1,8 @@
 //! The shared store: statistics and decision records that every worker of a fleet sees.
 //!
-//! A host may offer a store (SQLite on one machine, Redis for a fleet). Every operation here
-//! answers from the host's local cache, at once: additions are applied to that cache and sent
+//! A host may offer a store (SQLite on one machine, Redis for a fleet). Operations answer from
+//! the host's local cache (the first read of a key fetches it once; [`keys`] and
+//! [`compare_and_set`] wait for the store): additions are applied to that cache and sent
 //! to the store in the background, reads see the store as of its last refresh plus this
 //! process's own additions. Keys are the plugin's own: the host puts each plugin's keys in a
 //! namespace of its name, so two plugins never see each other's.
@@ -13,7 +14,7 @@
 //! - [`add`]: atomic additions to named numeric fields of a key (`n`, `sum`, `sumsq` of an arm).
 //! - [`add_once`]: the same, counted once fleet-wide per idempotency mark (a task id): a task
 //!   scored twice, by a retry or a replayed batch, counts once. [`mark_once`] is a mark alone.
-//! - [`read`]: a key's fields.
+//! - [`read`]: a key's fields; [`keys`]: the keys under a prefix (for reports).
 //! - [`record`] and [`compare_and_set`]: a small JSON record with a version, for decisions
 //!   (a promotion) that exactly one worker of the fleet may make.
 
@@ -84,6 +85,14 @@ pub fn mark_once(mark: &str) -> Option<bool> {
 /// The fields of `key` (empty when it has none yet); `None` without a store.
 pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
     let answer = op("read", &json!({"key": key}))?;
+    serde_json::from_value(answer).ok()
+}
+
+/// The keys under `prefix` that hold fields, the fleet's and this process's: a scan that waits
+/// for the store (within the host's timeouts), for reports rather than every call. `None`
+/// without a store.
+pub fn keys(prefix: &str) -> Option<Vec<String>> {
+    let answer = op("keys", &json!({"prefix": prefix}))?;
     serde_json::from_value(answer).ok()
 }
 

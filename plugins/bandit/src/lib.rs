@@ -607,7 +607,18 @@ impl BanditPlugin {
         let local = self.stats_lock();
         let fleet: Stats;
         let stats = if self.shared {
-            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            // The fleet's arms, including those this worker never saw.
+            for key in plugin_api::store::keys("arm/").unwrap_or_default() {
+                if let Some((context, arm)) = key
+                    .strip_prefix("arm/")
+                    .and_then(|rest| rest.split_once('/'))
+                {
+                    seen.entry(context.to_owned())
+                        .or_default()
+                        .insert(arm.to_owned());
+                }
+            }
             let mut arms = Stats::new();
             for (context, names) in local
                 .iter()

@@ -674,8 +674,7 @@ impl ChampionPlugin {
             if merged != saved {
                 // The configuration starts a new experiment: the fleet's record says so first.
                 let value = serde_json::to_value(&merged).unwrap_or(Value::Null);
-                if plugin_api::store::compare_and_set(&key, record.version, &value) != Some(true)
-                {
+                if plugin_api::store::compare_and_set(&key, record.version, &value) != Some(true) {
                     continue;
                 }
                 self.adopt(task_type, merged, record.version + 1);
@@ -707,8 +706,8 @@ impl ChampionPlugin {
 
     /// The fleet's statistics of `handler` in the deployment's experiment.
     fn fleet_arm(task_type: &str, deployment: &Deployment, handler: &str) -> Moments {
-        let fields =
-            plugin_api::store::read(&arm_key(task_type, deployment.epoch, handler)).unwrap_or_default();
+        let fields = plugin_api::store::read(&arm_key(task_type, deployment.epoch, handler))
+            .unwrap_or_default();
         let get = |f: &str| fields.get(f).copied().unwrap_or(0.0);
         Moments {
             count: get("n").max(0.0).round() as u64,

@@ -11,6 +11,7 @@ mod abi;
 mod calls;
 mod cli;
 mod experiment;
+mod fleet;
 mod hardening_http;
 mod hardening_inputs;
 mod hardening_loader;

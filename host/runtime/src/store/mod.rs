@@ -128,6 +128,8 @@ struct Status {
     errors: u64,
     last_error: Option<String>,
     warned: bool,
+    /// The last attempt failed: cold reads do not wait for the store.
+    down: bool,
 }
 
 struct Shared {
@@ -287,7 +289,7 @@ impl Store {
     ///
     /// The store could not be reached; the additions stay pending.
     pub fn flush(&self) -> anyhow::Result<()> {
-        flush_once(&self.shared);
+        flush_all(&self.shared);
         let cache = lock(&self.shared.cache);
         if cache.pending.is_empty() && cache.inflight.is_none() {
             Ok(())
@@ -356,7 +358,7 @@ fn flush_loop(shared: &Shared) {
             }
             *woken = false;
         }
-        flush_once(shared);
+        flush_all(shared);
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
@@ -367,7 +369,7 @@ static BATCH_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 /// One round: the batch in flight (or a new one from the pending groups) to the backend, then
 /// the keys the plugins use read back.
-fn flush_once(shared: &Shared) {
+fn flush_once(shared: &Shared) -> bool {
     let (batch, keys, record_keys) = {
         let mut cache = lock(&shared.cache);
         if cache.inflight.is_none() && !cache.pending.is_empty() {
@@ -409,8 +411,18 @@ fn flush_once(shared: &Shared) {
                     }
                 }
             }
-            if let Ok((fields, records)) = read {
-                cache.base = fields;
+            if let Ok((mut fields, records)) = read {
+                // Only the keys this round read: a key a cold read added meanwhile stays.
+                for key in &keys {
+                    match fields.remove(key) {
+                        Some(f) => {
+                            cache.base.insert(key.clone(), f);
+                        }
+                        None => {
+                            cache.base.remove(key);
+                        }
+                    }
+                }
                 for (key, record) in records {
                     let newer = cache
                         .records
@@ -426,19 +438,42 @@ fn flush_once(shared: &Shared) {
                 tracing::info!(store = %shared.url, "the store is reachable again; pending additions flushed");
             }
             cache.status.reachable = true;
+            cache.status.down = false;
             cache.status.warned = false;
+            true
         }
         Err(e) => {
-            let message = format!("{e:#}");
-            cache.status.errors += 1;
-            cache.status.reachable = false;
-            if !cache.status.warned {
-                tracing::warn!(store = %shared.url, error = %message, "the store cannot be reached: plugins go on learning locally, and their additions are flushed when it is back");
-                cache.status.warned = true;
-            }
-            cache.status.last_error = Some(message);
+            note_down(shared, &mut cache, &e);
+            false
         }
     }
+}
+
+/// Flushes until nothing is pending (a batch retried after an outage, then what came in
+/// meanwhile), or an attempt fails; at most a few rounds.
+fn flush_all(shared: &Shared) {
+    for _ in 0..8 {
+        if !flush_once(shared) {
+            return;
+        }
+        let cache = lock(&shared.cache);
+        if cache.pending.is_empty() && cache.inflight.is_none() {
+            return;
+        }
+    }
+}
+
+/// Records a failure to reach the store (one warning until it answers again).
+fn note_down(shared: &Shared, cache: &mut Cache, e: &anyhow::Error) {
+    let message = format!("{e:#}");
+    cache.status.errors += 1;
+    cache.status.reachable = false;
+    cache.status.down = true;
+    if !cache.status.warned {
+        tracing::warn!(store = %shared.url, error = %message, "the store cannot be reached: plugins go on learning locally, and their additions are flushed when it is back");
+        cache.status.warned = true;
+    }
+    cache.status.last_error = Some(message);
 }
 
 /// One plugin's view of the store.
@@ -461,6 +496,12 @@ struct MarkArgs {
     mark: String,
     #[serde(default)]
     adds: BTreeMap<String, Fields>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrefixArgs {
+    prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -544,12 +585,35 @@ impl PluginStore {
                 check_key("key", &a.key)?;
                 json!(self.read(&self.key(&a.key)))
             }
+            "keys" => {
+                let a: PrefixArgs = args(op, text)?;
+                json!(self.keys(&a.prefix))
+            }
             "record" => {
                 let a: KeyArgs = args(op, text)?;
                 check_key("key", &a.key)?;
                 let key = self.key(&a.key);
-                let mut cache = lock(&self.store.shared.cache);
-                cache.record_keys.insert(key.clone());
+                let shared = &self.store.shared;
+                let mut cache = lock(&shared.cache);
+                if cache.record_keys.insert(key.clone()) && !cache.status.down {
+                    // A cold miss, as in `read`.
+                    drop(cache);
+                    let read = lock(&shared.backend).records(std::slice::from_ref(&key));
+                    cache = lock(&shared.cache);
+                    match read {
+                        Ok(mut found) => {
+                            if let Some(record) = found.remove(&key)
+                                && cache
+                                    .records
+                                    .get(&key)
+                                    .is_none_or(|r| r.version < record.version)
+                            {
+                                cache.records.insert(key.clone(), record);
+                            }
+                        }
+                        Err(e) => note_down(shared, &mut cache, &e),
+                    }
+                }
                 match cache.records.get(&key) {
                     Some(r) => json!({
                         "version": r.version,
@@ -565,7 +629,7 @@ impl PluginStore {
             }
             other => {
                 return Err(invalid(format!(
-                    "store: no operation `{other}` (this host knows available, add, mark, read, record, cas)"
+                    "store: no operation `{other}` (this host knows available, add, mark, read, keys, record, cas)"
                 )));
             }
         };
@@ -574,6 +638,34 @@ impl PluginStore {
 
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.namespace)
+    }
+
+    /// The plugin's keys under `prefix` that hold fields: the store's (a scan, which waits for
+    /// it) and this process's own. Meant for reports, not for every call.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let shared = &self.store.shared;
+        let full = self.key(prefix);
+        let scanned = lock(&shared.backend).scan(&full);
+        let mut cache = lock(&shared.cache);
+        let mut keys: std::collections::BTreeSet<String> = cache
+            .keys
+            .iter()
+            .filter(|k| k.starts_with(&full))
+            .cloned()
+            .collect();
+        match scanned {
+            Ok(rows) => {
+                for (key, fields) in rows {
+                    cache.base.entry(key.clone()).or_insert(fields);
+                    cache.keys.insert(key.clone());
+                    keys.insert(key);
+                }
+            }
+            Err(e) => note_down(shared, &mut cache, &e),
+        }
+        keys.into_iter()
+            .filter_map(|k| k.strip_prefix(&self.namespace).map(str::to_owned))
+            .collect()
     }
 
     /// Queues the additions (once per mark); whether the mark was new to this process.
@@ -594,9 +686,26 @@ impl PluginStore {
     }
 
     fn read(&self, key: &str) -> Fields {
-        let mut cache = lock(&self.store.shared.cache);
+        let shared = &self.store.shared;
+        let mut cache = lock(&shared.cache);
         if !cache.keys.contains(key) {
+            // A cold miss: the one read of this key that waits for the store (bounded by its
+            // timeout, and skipped while the store is known to be down). Later reads come from
+            // the cache the flush thread refreshes.
             cache.keys.insert(key.to_owned());
+            if !cache.status.down {
+                drop(cache);
+                let read = lock(&shared.backend).read(&[key.to_owned()]);
+                cache = lock(&shared.cache);
+                match read {
+                    Ok(mut found) => {
+                        if let Some(fields) = found.remove(key) {
+                            cache.base.entry(key.to_owned()).or_insert(fields);
+                        }
+                    }
+                    Err(e) => note_down(shared, &mut cache, &e),
+                }
+            }
         }
         let mut fields = cache.base.get(key).cloned().unwrap_or_default();
         for sum in [&cache.inflight_sum, &cache.pending_sum] {
