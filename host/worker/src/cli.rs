@@ -317,6 +317,21 @@ fn parse_log_filter(text: &str) -> Result<Targets, String> {
 ///
 /// The plugins directory or the configuration cannot be read, or `out` cannot be written.
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let mut store = None;
+    let result = run_command(cli, out, &mut store);
+    // Plugins may hold the store past the host's shutdown (threads of the control API): the
+    // last flush happens here, after the plugins' last additions, before the process exits.
+    if let Some(store) = store {
+        store.close();
+    }
+    result
+}
+
+fn run_command(
+    cli: Cli,
+    out: &mut dyn Write,
+    opened: &mut Option<plugin_host::store::Store>,
+) -> anyhow::Result<ExitCode> {
     // Malformed params are a usage error, reported before anything is loaded.
     let params = match &cli.command {
         Command::Call {
@@ -389,6 +404,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    opened.clone_from(&store);
     if let Command::Store {
         action: StoreCommand::Status { json },
     } = &cli.command

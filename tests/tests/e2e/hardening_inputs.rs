@@ -176,6 +176,8 @@ impl PlantedState {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .filter(|n| n != ".fixture.json.tmp" && n != "fixture.json")
+            // The default store (see "Running a fleet" in the README).
+            .filter(|n| !n.starts_with("store.db"))
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }
