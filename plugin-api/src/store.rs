@@ -15,7 +15,9 @@
 //! - [`add_once`]: the same, counted once fleet-wide per idempotency mark (a task id): a task
 //!   scored twice, by a retry or a replayed batch, counts once. [`mark_once`] is a mark alone.
 //! - [`read`]: a key's fields; [`keys`]: the keys under a prefix (for reports).
-//! - [`record`] and [`compare_and_set`]: a small JSON record with a version, for decisions
+//!
+//! Keys, marks and field names are plain text without newlines or tabs.
+//! - [`record`] / [`record_since`] and [`compare_and_set`]: a small JSON record with a version, for decisions
 //!   (a promotion) that exactly one worker of the fleet may make.
 
 use std::collections::BTreeMap;
@@ -45,13 +47,26 @@ fn op(name: &str, args: &Value) -> Option<Value> {
     }
 }
 
-fn deltas(fields: &[(&str, f64)]) -> Value {
-    Value::Object(
-        fields
-            .iter()
-            .map(|(field, delta)| ((*field).to_owned(), json!(delta)))
-            .collect(),
-    )
+/// Sends one operation whose arguments and answer are plain text (the hot ones).
+fn raw(name: &str, text: &str) -> Option<String> {
+    match crate::log::store_call(name, text) {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(operation = name, error = %e.message, "the host's store refused an operation");
+            None
+        }
+    }
+}
+
+/// Whether `name` can be a key, mark or field: not empty, no newline, no tab.
+fn plain(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['\n', '\t'])
+}
+
+fn push_delta(text: &mut String, delta: f64) {
+    use std::fmt::Write as _;
+    // `Display` of an `f64` is the shortest text that reads back as the same number.
+    let _ = write!(text, "{delta}");
 }
 
 /// Whether the host offers a store to this plugin.
@@ -59,9 +74,21 @@ pub fn available() -> bool {
     op("available", &Value::Null).is_some_and(|v| v == Value::Bool(true))
 }
 
-/// Adds each delta to its field of `key` (a missing field starts at 0). `false` without a store.
+/// Adds each delta to its field of `key` (a missing field starts at 0). `false` without a
+/// store, or when a name is empty or holds a newline or a tab, or a delta is not finite.
 pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
-    op("add", &json!({"key": key, "add": deltas(fields)})).is_some()
+    if !plain(key) || fields.iter().any(|(f, d)| !plain(f) || !d.is_finite()) {
+        return false;
+    }
+    let mut text = String::with_capacity(key.len() + 24 * fields.len());
+    text.push_str(key);
+    for (field, delta) in fields {
+        text.push('\n');
+        text.push_str(field);
+        text.push('\t');
+        push_delta(&mut text, *delta);
+    }
+    raw("add", &text).is_some()
 }
 
 /// Adds the deltas of each key once fleet-wide for `mark`: a second call with the same mark,
@@ -69,11 +96,30 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
 /// mark (the store decides for the fleet when it flushes, in the same transaction as the
 /// additions); `None` without a store.
 pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
-    let adds: serde_json::Map<String, Value> = adds
-        .iter()
-        .map(|(key, fields)| ((*key).to_owned(), deltas(fields)))
-        .collect();
-    op("mark", &json!({"mark": mark, "adds": adds})).and_then(|v| v.as_bool())
+    let valid = plain(mark)
+        && adds.iter().all(|(key, fields)| {
+            plain(key) && fields.iter().all(|(f, d)| plain(f) && d.is_finite())
+        });
+    if !valid {
+        return None;
+    }
+    let mut text = String::with_capacity(mark.len() + 48 * adds.len());
+    text.push_str(mark);
+    for (key, fields) in adds {
+        for (field, delta) in *fields {
+            text.push('\n');
+            text.push_str(key);
+            text.push('\t');
+            text.push_str(field);
+            text.push('\t');
+            push_delta(&mut text, *delta);
+        }
+    }
+    match raw("mark", &text)?.as_str() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
 }
 
 /// Sets the idempotency mark `mark`: `Some(true)` when this process had not seen it, `None`
@@ -84,8 +130,19 @@ pub fn mark_once(mark: &str) -> Option<bool> {
 
 /// The fields of `key` (empty when it has none yet); `None` without a store.
 pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
-    let answer = op("read", &json!({"key": key}))?;
-    serde_json::from_value(answer).ok()
+    if !plain(key) {
+        return None;
+    }
+    let answer = raw("read", key)?;
+    Some(
+        answer
+            .lines()
+            .filter_map(|line| {
+                let (field, value) = line.split_once('\t')?;
+                Some((field.to_owned(), value.parse().ok()?))
+            })
+            .collect(),
+    )
 }
 
 /// The keys under `prefix` that hold fields, the fleet's and this process's: a scan that waits
@@ -98,7 +155,14 @@ pub fn keys(prefix: &str) -> Option<Vec<String>> {
 
 /// The record at `key`: `Some(None)` when there is none yet, `None` without a store.
 pub fn record(key: &str) -> Option<Option<Record>> {
-    let answer = op("record", &json!({"key": key}))?;
+    record_since(key, 0)
+}
+
+/// The record at `key` if its version is above `since` (what the caller already has):
+/// `Some(None)` when there is no newer one, `None` without a store. Cheaper than [`record`]
+/// when nothing changed: the record's value is not sent.
+pub fn record_since(key: &str, since: u64) -> Option<Option<Record>> {
+    let answer = op("record", &json!({"key": key, "since": since}))?;
     Some(serde_json::from_value(answer).ok())
 }
 

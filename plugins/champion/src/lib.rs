@@ -657,7 +657,7 @@ impl ChampionPlugin {
         let key = deploy_key(task_type);
         for _ in 0..CAS_TRIES {
             let known = self.version_of(task_type);
-            let Some(Some(record)) = plugin_api::store::record(&key) else {
+            let Some(Some(record)) = plugin_api::store::record_since(&key, known) else {
                 return known;
             };
             if record.version <= known {

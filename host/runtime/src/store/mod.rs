@@ -485,29 +485,17 @@ pub(crate) struct PluginStore {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AddArgs {
+struct RecordArgs {
     key: String,
-    add: Fields,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MarkArgs {
-    mark: String,
+    /// Answer only the version unless the record is newer than this.
     #[serde(default)]
-    adds: BTreeMap<String, Fields>,
+    since: u64,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PrefixArgs {
     prefix: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyArgs {
-    key: String,
 }
 
 #[derive(Deserialize)]
@@ -540,19 +528,26 @@ fn check_key(what: &str, key: &str) -> Result<(), PluginError> {
             key.len()
         )));
     }
+    if key.contains(['\n', '\t']) {
+        return Err(invalid(format!(
+            "store: a {what} may not contain a newline or a tab"
+        )));
+    }
     Ok(())
 }
 
-fn check_fields(fields: &Fields) -> Result<(), PluginError> {
-    for (field, delta) in fields {
-        check_key("field name", field)?;
-        if !delta.is_finite() {
-            return Err(invalid(format!(
-                "store: the delta of field `{field}` must be a finite number"
-            )));
+/// Adds `delta` (text) to `field` of `fields`.
+fn add_field(fields: &mut Fields, field: &str, delta: &str) -> Result<(), PluginError> {
+    check_key("field name", field)?;
+    match delta.parse::<f64>() {
+        Ok(d) if d.is_finite() => {
+            *fields.entry(field.to_owned()).or_insert(0.0) += d;
+            Ok(())
         }
+        _ => Err(invalid(format!(
+            "store: the delta of field `{field}` must be a finite number, found `{delta}`"
+        ))),
     }
-    Ok(())
 }
 
 impl PluginStore {
@@ -560,37 +555,58 @@ impl PluginStore {
     pub(crate) fn op(&self, op: &str, text: &str) -> Result<Option<String>, PluginError> {
         let answer = match op {
             "available" => json!(true),
+            // The hot operations speak lines, not JSON: `add` is the key, then `field\tdelta`
+            // lines; `mark` the mark, then `key\tfield\tdelta` lines; `read` the key, answered
+            // with `field\tvalue` lines.
             "add" => {
-                let a: AddArgs = args(op, text)?;
-                check_key("key", &a.key)?;
-                check_fields(&a.add)?;
+                let mut lines = text.split('\n');
+                let key = lines.next().unwrap_or_default();
+                check_key("key", key)?;
+                let mut fields = Fields::new();
+                for line in lines {
+                    let (field, delta) = line.split_once('\t').unwrap_or((line, ""));
+                    add_field(&mut fields, field, delta)?;
+                }
                 let mut adds = BTreeMap::new();
-                adds.insert(self.key(&a.key), a.add);
+                adds.insert(self.key(key), fields);
                 self.push(None, adds);
-                Value::Null
+                return Ok(Some("null".to_owned()));
             }
             "mark" => {
-                let a: MarkArgs = args(op, text)?;
-                check_key("mark", &a.mark)?;
-                let mut adds = BTreeMap::new();
-                for (key, fields) in a.adds {
-                    check_key("key", &key)?;
-                    check_fields(&fields)?;
-                    adds.insert(self.key(&key), fields);
+                let mut lines = text.split('\n');
+                let mark = lines.next().unwrap_or_default();
+                check_key("mark", mark)?;
+                let mut adds: BTreeMap<String, Fields> = BTreeMap::new();
+                for line in lines {
+                    let mut parts = line.splitn(3, '\t');
+                    let (key, field, delta) = (
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                    );
+                    check_key("key", key)?;
+                    add_field(adds.entry(self.key(key)).or_default(), field, delta)?;
                 }
-                json!(self.push(Some(self.key(&a.mark)), adds))
+                let new = self.push(Some(self.key(mark)), adds);
+                return Ok(Some(if new { "true" } else { "false" }.to_owned()));
             }
             "read" => {
-                let a: KeyArgs = args(op, text)?;
-                check_key("key", &a.key)?;
-                json!(self.read(&self.key(&a.key)))
+                check_key("key", text)?;
+                let mut answer = String::new();
+                for (field, value) in self.read(&self.key(text)) {
+                    answer.push_str(&field);
+                    answer.push('\t');
+                    answer.push_str(&value.to_string());
+                    answer.push('\n');
+                }
+                return Ok(Some(answer));
             }
             "keys" => {
                 let a: PrefixArgs = args(op, text)?;
                 json!(self.keys(&a.prefix))
             }
             "record" => {
-                let a: KeyArgs = args(op, text)?;
+                let a: RecordArgs = args(op, text)?;
                 check_key("key", &a.key)?;
                 let key = self.key(&a.key);
                 let shared = &self.store.shared;
@@ -615,6 +631,7 @@ impl PluginStore {
                     }
                 }
                 match cache.records.get(&key) {
+                    Some(r) if r.version <= a.since => json!({"version": r.version}),
                     Some(r) => json!({
                         "version": r.version,
                         "value": serde_json::from_str::<Value>(&r.value).unwrap_or(Value::Null),
