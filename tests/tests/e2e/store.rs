@@ -166,3 +166,98 @@ fn an_older_plugin_loads_in_a_host_with_a_store_and_has_none() {
     store.flush().unwrap();
     assert!(store.scan("fixture", "").unwrap().is_empty());
 }
+
+fn worker_json(dir: &PluginDir, state: &std::path::Path, args: &[&str]) -> Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env_remove("WORKER_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
+    let dir = PluginDir::new();
+    let state = dir.shadow().join("state");
+    // The default: SQLite in the state directory.
+    let status = worker_json(&dir, &state, &["store", "status", "--json"]);
+    assert_eq!(
+        status["store"]["backend"],
+        format!("sqlite://{}", state.join("store.db").display())
+    );
+    assert_eq!(status["store"]["reachable"], true, "{status}");
+    assert_eq!(status["store"]["pending"], 0, "{status}");
+    assert!(state.join("store.db").is_file());
+    // A Redis nobody listens on: not reachable, with the error, and the command still answers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let status = worker_json(
+        &dir,
+        &state,
+        &["--store", &url, "store", "status", "--json"],
+    );
+    assert_eq!(status["store"]["backend"], url);
+    assert_eq!(status["store"]["reachable"], false, "{status}");
+    assert!(status["store"]["errors"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["store"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("Redis"),
+        "{status}"
+    );
+    // `"store": "none"` in the configuration: no store.
+    dir.configure_file(&json!({"store": "none"}));
+    let status = worker_json(&dir, &state, &["store", "status", "--json"]);
+    assert_eq!(status, json!({"store": null}));
+}
+
+#[test]
+fn the_control_api_shows_the_store() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let worker = crate::serve::Worker::start(&dir, &state, &["--store-flush-ms", "50"]);
+    worker.http(
+        "POST",
+        "/v1/plugins/fixture/storeAdd",
+        br#"{"key": "arm", "field": "n", "delta": 2}"#,
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let status = worker.http("GET", "/v1/store", b"").json();
+            status["store"]["pending"] == 0 && status["store"]["lastFlushMs"].is_u64()
+        }),
+        "{}",
+        worker.http("GET", "/v1/store", b"").body
+    );
+    let status = worker.http("GET", "/v1/store", b"").json();
+    assert_eq!(
+        status["store"]["backend"],
+        format!("sqlite://{}", state.join("store.db").display())
+    );
+    assert_eq!(status["store"]["reachable"], true);
+    worker.stop();
+    // What the plugin added is in the store file for the next process.
+    let store = Store::open(
+        &format!("sqlite://{}", state.join("store.db").display()),
+        options(),
+    )
+    .unwrap();
+    let rows = store.scan("fixture", "").unwrap();
+    assert_eq!(rows[0].1.get("n"), Some(&2.0), "{rows:?}");
+}
