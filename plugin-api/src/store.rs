@@ -93,8 +93,9 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
 
 /// Adds the deltas of each key once fleet-wide for `mark`: a second call with the same mark,
 /// from this worker or any other, adds nothing. `Some(true)` when this process had not seen the
-/// mark (the store decides for the fleet when it flushes, in the same transaction as the
-/// additions); `None` without a store.
+/// mark since its last flush (the store decides for the fleet when it flushes, in the same
+/// transaction as the additions, and the next refresh of the cache shows its decision);
+/// `Some(false)` for a mark already pending here; `None` without a store.
 pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
     let valid = plain(mark)
         && adds.iter().all(|(key, fields)| {

@@ -64,6 +64,14 @@ fn two_hosts_share(url: &str) {
             n_of(host, "arm")
         );
     }
+    // Flushed marks are the store's to decide: task-1 again, after the flush, adds nothing.
+    add(&a, 3.0, Some("task-1"));
+    store_a.flush().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || n_of(&a, "arm") == Some(5.5)),
+        "task-1 replayed after a flush is not counted: {:?}",
+        n_of(&a, "arm")
+    );
     // Keys are in the plugin's namespace.
     let keys = store_a.scan("fixture", "").unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");

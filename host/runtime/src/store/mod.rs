@@ -112,7 +112,7 @@ struct Cache {
     pending: Vec<Group>,
     /// The batch being flushed, kept (with its id) until the store took it.
     inflight: Option<Batch>,
-    /// Marks this process has seen.
+    /// Marks this process has seen since their last flush.
     marks: HashSet<String>,
     records: HashMap<String, StoredRecord>,
     /// Keys the plugins read or wrote: refreshed by each flush.
@@ -402,7 +402,13 @@ fn flush_once(shared: &Shared) -> bool {
     match applied {
         Ok(applied) => {
             if applied {
-                cache.inflight = None;
+                // The store holds these marks now and decides for them: the local set keeps
+                // only the marks not yet flushed, so it stays small in a long-running worker.
+                if let Some(batch) = cache.inflight.take() {
+                    for mark in batch.groups.iter().filter_map(|g| g.mark.as_ref()) {
+                        cache.marks.remove(mark);
+                    }
+                }
                 let flushed = std::mem::take(&mut cache.inflight_sum);
                 if read.is_err() {
                     // Keep what was flushed visible until the next read.
