@@ -42,7 +42,7 @@ fn command(dir: &PluginDir, state: &Path, store: &str) -> Command {
         .arg(dir.path())
         .arg("--state-dir")
         .arg(state)
-        .args(["--store", store, "--store-flush-ms", "100"])
+        .args(["--store", store, "--store-flush-ms", "20"])
         .env_remove("WORKER_LOG")
         .env_remove("WORKER_TOKEN_FILE");
     command
@@ -117,6 +117,7 @@ struct Fed {
     child: Child,
     stdin: Option<ChildStdin>,
     answered: Arc<AtomicUsize>,
+    results: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Fed {
@@ -131,12 +132,12 @@ impl Fed {
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().unwrap();
         let answered = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&answered);
+        let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (counter, kept) = (Arc::clone(&answered), Arc::clone(&results));
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
-                if line.is_err() {
-                    break;
-                }
+                let Ok(line) = line else { break };
+                kept.lock().unwrap().push(line);
                 counter.fetch_add(1, Ordering::SeqCst);
             }
         });
@@ -144,6 +145,7 @@ impl Fed {
             child,
             stdin,
             answered,
+            results,
         }
     }
 
@@ -167,9 +169,19 @@ impl Fed {
         );
     }
 
-    fn close(mut self, what: &str) {
+    /// Closes its input, waits for it to finish; its result records.
+    fn close(mut self, what: &str) -> Vec<Value> {
         drop(self.stdin.take());
         finish(self.child, what);
+        // The reader thread sees the end of the output right after the exit.
+        assert!(eventually(Duration::from_secs(60), || Arc::strong_count(
+            &self.results
+        ) == 1));
+        let lines = self.results.lock().unwrap();
+        lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
@@ -275,27 +287,54 @@ fn assert_each_task_once(fleet: &Value, alone: &Alone, tasks: &[String]) {
     assert_eq!(outcomes, summarize_tasks(tasks));
 }
 
-/// Three workers on three thirds, in parallel, on `store`; then what the fleet learned.
+/// The decisions in the champion's record in the store, read directly.
+fn stored_decisions(url: &str) -> usize {
+    let store = Store::open(url, StoreOptions::default()).unwrap();
+    store
+        .read_record("champion", "deploy/summarize")
+        .unwrap()
+        .map_or(0, |r| {
+            let value: Value = serde_json::from_str(&r.value).unwrap();
+            value["decisions"].as_array().map_or(0, Vec::len)
+        })
+}
+
+/// Three workers on three thirds, fed in step (40 tasks each, then the next 40 once all three
+/// answered), on `store`; then what the fleet learned.
 fn three_workers(store: &str) {
     let tasks = example_tasks();
     let alone = alone(&tasks);
     let dir = fleet_dir();
     let work = tempfile::tempdir().unwrap();
-    let workers: Vec<Child> = (0..3)
-        .map(|k| {
-            let file = write_tasks(work.path(), &format!("third{k}.jsonl"), &third(&tasks, k));
-            run(
-                &dir,
-                &work.path().join(format!("state{k}")),
-                store,
-                &file,
-                &work.path().join(format!("out{k}.jsonl")),
-            )
-        })
+    let thirds: Vec<Vec<String>> = (0..3).map(|k| third(&tasks, k)).collect();
+    let mut workers: Vec<Fed> = (0..3)
+        .map(|k| Fed::start(&dir, &work.path().join(format!("state{k}")), store))
         .collect();
-    for (k, child) in workers.into_iter().enumerate() {
-        finish(child, &format!("worker {k}"));
+    // All but the last 100 tasks of each third in steps; by then the challenger is decided.
+    let tail = thirds[0].len() - 100;
+    let mut fed = 0;
+    while fed < tail {
+        let upto = (fed + 40).min(tail);
+        for (worker, part) in workers.iter_mut().zip(&thirds) {
+            worker.feed(&part[fed..upto]);
+        }
+        for worker in &workers {
+            worker.wait_answered(upto);
+        }
+        fed = upto;
     }
+    assert!(
+        eventually(Duration::from_secs(60), || stored_decisions(store) == 1),
+        "the champion decided once in the first {tail} tasks of each worker"
+    );
+    for (worker, part) in workers.iter_mut().zip(&thirds) {
+        worker.feed(&part[fed..]);
+    }
+    let results: Vec<Vec<Value>> = workers
+        .into_iter()
+        .enumerate()
+        .map(|(k, worker)| worker.close(&format!("worker {k}")))
+        .collect();
     // The experiment: the combined counts are the tasks scored, each once.
     let fleet = report(&dir, store);
     assert_each_task_once(&fleet, &alone, &tasks);
@@ -311,14 +350,14 @@ fn three_workers(store: &str) {
     let winner = decisions[0]["to"].as_str().unwrap();
     assert_eq!(status["summarize"]["champion"], winner);
     assert_eq!(status["summarize"]["challenger"], Value::Null);
-    for k in 0..3 {
-        let out = std::fs::read_to_string(work.path().join(format!("out{k}.jsonl"))).unwrap();
-        let summarize: Vec<Value> = out
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    for (k, records) in results.iter().enumerate() {
+        let summarize: Vec<&Value> = records
+            .iter()
             .filter(|r| r["type"] == "summarize")
             .collect();
-        let last = &summarize[summarize.len() - 20..];
+        // The last 100 tasks came after the decision was in the store; a worker follows it
+        // within a refresh of its cache (20 ms here), a few tasks at most.
+        let last = &summarize[summarize.len() - 10..];
         assert!(
             last.iter()
                 .all(|r| r["handler"] == winner && r["role"] == "champion"),
