@@ -111,7 +111,7 @@ struct Cache {
     inflight_sum: HashMap<String, Fields>,
     pending: Vec<Group>,
     /// The batch being flushed, kept (with its id) until the store took it.
-    inflight: Option<Batch>,
+    inflight: Option<Arc<Batch>>,
     /// Marks this process has seen since their last flush.
     marks: HashSet<String>,
     records: HashMap<String, StoredRecord>,
@@ -377,10 +377,10 @@ fn flush_once(shared: &Shared) -> bool {
             let sum = std::mem::take(&mut cache.pending_sum);
             cache.inflight_sum = sum;
             let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
-            cache.inflight = Some(Batch {
+            cache.inflight = Some(Arc::new(Batch {
                 id: format!("{}-{seq}", shared.batch_prefix),
                 groups,
-            });
+            }));
         }
         let keys: Vec<String> = cache.keys.iter().cloned().collect();
         let record_keys: Vec<String> = cache.record_keys.iter().cloned().collect();
