@@ -163,8 +163,17 @@ pub fn record(key: &str) -> Option<Option<Record>> {
 /// `Some(None)` when there is no newer one, `None` without a store. Cheaper than [`record`]
 /// when nothing changed: the record's value is not sent.
 pub fn record_since(key: &str, since: u64) -> Option<Option<Record>> {
-    let answer = op("record", &json!({"key": key, "since": since}))?;
-    Some(serde_json::from_value(answer).ok())
+    if !plain(key) {
+        return None;
+    }
+    let answer = raw("record", &format!("{key}\n{since}"))?;
+    let Some((version, value)) = answer.split_once('\n') else {
+        return Some(None);
+    };
+    Some(Some(Record {
+        version: version.parse().ok()?,
+        value: serde_json::from_str(value).ok()?,
+    }))
 }
 
 /// Writes `value` at `key` if the record's version is still `version` (0: no record yet).

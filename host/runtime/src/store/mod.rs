@@ -491,15 +491,6 @@ pub(crate) struct PluginStore {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RecordArgs {
-    key: String,
-    /// Answer only the version unless the record is newer than this.
-    #[serde(default)]
-    since: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct PrefixArgs {
     prefix: String,
 }
@@ -611,10 +602,15 @@ impl PluginStore {
                 let a: PrefixArgs = args(op, text)?;
                 json!(self.keys(&a.prefix))
             }
+            // Lines too: the key, then the version the caller has; answered with nothing (no
+            // newer record) or the version and the record's JSON text on the next line.
             "record" => {
-                let a: RecordArgs = args(op, text)?;
-                check_key("key", &a.key)?;
-                let key = self.key(&a.key);
+                let (key, since) = text.split_once('\n').unwrap_or((text, "0"));
+                check_key("key", key)?;
+                let since: u64 = since
+                    .parse()
+                    .map_err(|_| invalid(format!("store.record: `{since}` is not a version")))?;
+                let key = self.key(key);
                 let shared = &self.store.shared;
                 let mut cache = lock(&shared.cache);
                 if cache.record_keys.insert(key.clone()) && !cache.status.down {
@@ -636,14 +632,10 @@ impl PluginStore {
                         Err(e) => note_down(shared, &mut cache, &e),
                     }
                 }
-                match cache.records.get(&key) {
-                    Some(r) if r.version <= a.since => json!({"version": r.version}),
-                    Some(r) => json!({
-                        "version": r.version,
-                        "value": serde_json::from_str::<Value>(&r.value).unwrap_or(Value::Null),
-                    }),
-                    None => Value::Null,
-                }
+                return Ok(Some(match cache.records.get(&key) {
+                    Some(r) if r.version > since => format!("{}\n{}", r.version, r.value),
+                    _ => String::new(),
+                }));
             }
             "cas" => {
                 let a: CasArgs = args(op, text)?;
