@@ -2,6 +2,7 @@
 //! and `worker report` (the fleet-wide experiment table).
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -49,8 +50,6 @@ pub fn open_store(
     }
     Store::open(&url, options).map(Some)
 }
-
-use std::os::unix::fs::DirBuilderExt as _;
 
 /// `worker store status`: the backend, whether it answers, the last flush, pending additions
 /// and errors.
