@@ -128,6 +128,12 @@ pub struct HostApi {
     /// Added with table version 3: calls another plugin through the host (context, plugin,
     /// method, params as JSON text). The answer's strings are the host's.
     pub call: extern "C" fn(HostContext, RStr<'_>, RStr<'_>, RStr<'_>) -> JsonResult,
+    /// Added with table version 4: the shared store (context, operation, arguments as JSON
+    /// text); the answer is JSON text, `None` when the host has no store. The operations and
+    /// their arguments are those of [`crate::store`]. Absent in a host older than the store,
+    /// and in plugins built before it, which never call it.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub store: extern "C" fn(HostContext, RStr<'_>, RStr<'_>) -> JsonResult,
 }
 
 /// What `execute` and `save_state` answer: an optional JSON text, or an error.

@@ -159,3 +159,31 @@ pub(crate) fn call_plugin(
         }),
     }
 }
+
+/// Sends an operation to the host's store: `Ok(None)` when there is no host, the host is older
+/// than the store, or it has no store.
+pub(crate) fn store_call(op: &str, args: &str) -> Result<Option<String>, crate::PluginError> {
+    #[cfg(feature = "__fixture_table_v1")]
+    {
+        let _ = (op, args);
+        Ok(None)
+    }
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    {
+        use abi_stable::std_types::{RErr, RNone, ROk, RSome};
+        let Some(link) = HOST.get() else {
+            return Ok(None);
+        };
+        let Some(store) = link.api.store() else {
+            return Ok(None);
+        };
+        match store(link.context, RStr::from_str(op), RStr::from_str(args)) {
+            ROk(RNone) => Ok(None),
+            ROk(RSome(json)) => Ok(Some(json.into_string())),
+            RErr(e) => Err(crate::PluginError {
+                kind: e.kind,
+                message: e.message.into_string(),
+            }),
+        }
+    }
+}

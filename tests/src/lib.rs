@@ -434,3 +434,100 @@ pub fn sleeping_threads(pid: u32) -> usize {
         .filter(|tid| is_sleeping(pid, *tid))
         .count()
 }
+
+/// A real `redis-server` on a free loopback port, with its data in a temporary directory
+/// (append-only file, fsync'd on every write, so a stop and a start lose nothing). Killed when
+/// dropped. Panics with what to do when `redis-server` is not on `PATH`: the fleet tests need it
+/// (`.ci/run` installs it).
+#[derive(Debug)]
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    /// Starts a server and waits (at most a minute) until it answers PING.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        let mut server = RedisServer {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            port,
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server again (after [`RedisServer::stop`]) on the same port and data.
+    pub fn start_again(&mut self) {
+        let spawned = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => panic!(
+                "cannot start redis-server ({e}): the fleet tests need a real Redis; install it (apt-get install -y redis-server, as .ci/run does) and run again"
+            ),
+        };
+        self.child = Some(child);
+        assert!(
+            eventually(std::time::Duration::from_secs(60), || self.ping()),
+            "redis-server on port {} did not answer PING within a minute",
+            self.port
+        );
+    }
+
+    /// Whether the server answers PING.
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let mut answer = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    /// Stops the server (SIGTERM: it syncs its append-only file) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

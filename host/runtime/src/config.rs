@@ -227,6 +227,13 @@ pub struct PluginsConfig {
     /// Plugin sets by name.
     #[serde(default)]
     pub sets: BTreeMap<String, PluginSet>,
+    /// The shared store's URL (`sqlite://PATH`, `redis://HOST:PORT/DB` or `none`), for an
+    /// embedder that offers one; a command-line setting wins.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// How often the store is flushed and refreshed, in milliseconds.
+    #[serde(default, rename = "storeFlushMs")]
+    pub store_flush_ms: Option<u64>,
 }
 
 impl PluginsConfig {

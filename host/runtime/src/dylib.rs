@@ -174,12 +174,44 @@ pub(crate) type CallBack =
 struct LogContext {
     plugin: String,
     call: CallBack,
+    /// The shared store in the plugin's namespace; `None` when the host has none.
+    store: Option<crate::store::PluginStore>,
 }
 
 static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     log: host_log,
     call: host_call,
+    store: host_store,
 });
+
+/// A plugin's operation on the shared store (`plugin_api::store`).
+extern "C" fn host_store(context: HostContext, op: RStr<'_>, args: RStr<'_>) -> JsonResult {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
+        let context = unsafe { &*context.0.cast::<LogContext>() };
+        let Some(store) = &context.store else {
+            return Ok(None);
+        };
+        let (Ok(op), Ok(args)) = (plugin_text(op), plugin_text(args)) else {
+            return Err(PluginError {
+                kind: ErrorKind::InvalidParams,
+                message: "the operation or arguments of a store call are not UTF-8 text".to_owned(),
+            });
+        };
+        store.op(op, args)
+    }));
+    match result {
+        Ok(Ok(answer)) => ROk(answer.map(RString::from).into()),
+        Ok(Err(PluginError { kind, message })) => RErr(CallError {
+            kind,
+            message: RString::from(message),
+        }),
+        Err(_) => RErr(CallError {
+            kind: ErrorKind::Panicked,
+            message: RString::from("the host panicked in a store operation"),
+        }),
+    }
+}
 
 /// A plugin calls another plugin through the host.
 extern "C" fn host_call(
@@ -330,10 +362,12 @@ impl PluginLibrary {
         plugin: &str,
         config: &str,
         call: CallBack,
+        store: Option<crate::store::PluginStore>,
     ) -> Result<(), PluginError> {
         let context = Box::new(LogContext {
             plugin: plugin.to_owned(),
             call,
+            store,
         });
         let context_ptr = HostContext(std::ptr::from_ref::<LogContext>(&context).cast::<c_void>());
         let host = HostApiRef(HOST_API.static_as_prefix());

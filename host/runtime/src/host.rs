@@ -74,6 +74,8 @@ struct Inner {
     state: Option<StateStore>,
     /// Where the crash records that quarantine plugins are.
     quarantine_dir: Option<PathBuf>,
+    /// The shared store offered to plugins, if any.
+    store: Option<crate::store::Store>,
     overrides: BTreeMap<String, PluginSettings>,
     registry: ArcSwap<Registry>,
     /// One bit per loaded plugin name (a 64-bit Bloom filter): a call to a plugin whose bit is
@@ -221,6 +223,11 @@ impl PluginHost {
     /// The directory of shadow copies.
     pub fn shadow_dir(&self) -> &Path {
         &self.inner.shadow_dir
+    }
+
+    /// The shared store offered to the plugins, if any.
+    pub fn store(&self) -> Option<&crate::store::Store> {
+        self.inner.store.as_ref()
     }
 
     fn admin(&self) -> MutexGuard<'_, ()> {

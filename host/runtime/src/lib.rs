@@ -52,6 +52,7 @@ mod loader;
 pub mod quarantine;
 mod state;
 mod stats;
+pub mod store;
 pub mod text;
 pub mod watch;
 

@@ -41,6 +41,17 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR", default_value = "state")]
     pub state_dir: PathBuf,
 
+    /// The store of the plugins' shared statistics and decisions: sqlite://PATH (the processes
+    /// of one machine), redis://HOST:PORT/DB (a fleet), or none (each plugin keeps its own state
+    /// file) [default: `store` in plugins.json, else sqlite://STATE_DIR/store.db].
+    #[arg(long, global = true, value_name = "URL")]
+    pub store: Option<String>,
+
+    /// How often additions are flushed to the store and reads refreshed, in milliseconds
+    /// [default: `storeFlushMs` in plugins.json, else 1000].
+    #[arg(long, global = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub store_flush_ms: Option<u64>,
+
     /// Accept plugin files and a plugins directory that other users can write (group- or
     /// other-writable, or owned by a user other than the worker's or root), with a warning.
     /// Insecure: whoever can write a plugin runs code as the worker. For development setups
@@ -185,11 +196,25 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Plugins quarantined because they brought the worker down (a crash record in
-    /// --state-dir names them): they are refused at load until cleared.
+    /// --state-dir names them): they run isolated until cleared.
     Quarantine {
         /// What to do.
         #[command(subcommand)]
         action: QuarantineAction,
+    },
+    /// The shared store (see --store).
+    Store {
+        /// What to show.
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
+    /// Print the fleet-wide experiment table from the store: every worker's assignments and
+    /// outcomes, with each variant's mean, its 95% interval, and its difference from the
+    /// control with the interval and p-value.
+    Report {
+        /// Print the `experiment.stats` JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
@@ -219,6 +244,17 @@ pub enum Command {
         /// not JSON).
         #[arg(long)]
         strict: bool,
+    },
+}
+
+/// What `worker store` shows.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// The backend, whether it answers, the last flush, pending additions and errors.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -295,6 +331,21 @@ fn parse_log_filter(text: &str) -> Result<Targets, String> {
 ///
 /// The plugins directory or the configuration cannot be read, or `out` cannot be written.
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let mut store = None;
+    let result = run_command(cli, out, &mut store);
+    // Plugins may hold the store past the host's shutdown (threads of the control API): the
+    // last flush happens here, after the plugins' last additions, before the process exits.
+    if let Some(store) = store {
+        store.close();
+    }
+    result
+}
+
+fn run_command(
+    cli: Cli,
+    out: &mut dyn Write,
+    opened: &mut Option<plugin_host::store::Store>,
+) -> anyhow::Result<ExitCode> {
     // Malformed params are a usage error, reported before anything is loaded.
     let params = match &cli.command {
         Command::Call {
@@ -350,6 +401,38 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     ) {
         builder = builder.with_state_dir(&cli.state_dir);
     }
+    let store = if matches!(
+        cli.command,
+        Command::Run { .. }
+            | Command::Serve { .. }
+            | Command::Call { .. }
+            | Command::Store { .. }
+            | Command::Report { .. }
+    ) {
+        let config_file = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| cli.plugins.join(plugin_host::config::CONFIG_FILE_NAME));
+        crate::fleet::open_store(
+            cli.store.as_deref(),
+            cli.store_flush_ms,
+            &config_file,
+            &cli.state_dir,
+        )?
+    } else {
+        None
+    };
+    opened.clone_from(&store);
+    if let Command::Store {
+        action: StoreCommand::Status { json },
+    } = &cli.command
+    {
+        crate::fleet::status(store.as_ref(), *json, out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(store) = &store {
+        builder = builder.with_store(store.clone());
+    }
     if let Command::Serve { listen, .. } = &cli.command {
         // Said before any plugin loads.
         crate::http::check_listen_address(listen)?;
@@ -391,7 +474,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     }
     crate::config_check::warn_unknown_entries(&host);
     match cli.command {
-        Command::ExampleTasks { .. } | Command::Completions { .. } | Command::Quarantine { .. } => {
+        Command::ExampleTasks { .. }
+        | Command::Completions { .. }
+        | Command::Quarantine { .. }
+        | Command::Store { .. } => {}
+        Command::Report { json } => {
+            crate::fleet::report(&host, json, out)?;
+            host.shutdown();
         }
         Command::Run {
             tasks,

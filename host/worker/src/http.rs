@@ -893,6 +893,11 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
             }
         }
         (["v1", "tasks"], _) => allow("POST"),
+        (["v1", "store"], &Method::GET) => Answer::json(
+            200,
+            &json!({"store": host.store().map(plugin_host::store::Store::status)}),
+        ),
+        (["v1", "store"], _) => allow("GET"),
         (["v1", "hooks"], &Method::GET) => Answer::json(200, &json!(host.hook_points())),
         (["v1", "hooks"], _) => allow("GET"),
         (["v1", "reload"], &Method::POST) => match host.reload_config() {

@@ -13,6 +13,7 @@
 pub mod __fuzz;
 pub mod cli;
 pub mod config_check;
+pub mod fleet;
 pub mod hooks;
 pub mod http;
 mod lifecycle;

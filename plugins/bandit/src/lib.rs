@@ -49,6 +49,13 @@
 //! A payload whose `chooser` names someone else (the champion, or a subscriber that changed the
 //! handler) is never counted, even for an arm the bandit also chose.
 //!
+//! # A fleet
+//!
+//! When the host offers a store (`plugin_api::store`), the arms' statistics are the fleet's:
+//! `arm/<context>/<arm>` holds `n`, `sum`, `sumsq` and `succ` (the Bernoulli successes), a task
+//! counted once fleet-wide by its id, and `choose` and `stats` read them, so the fleet explores
+//! once. Without a store each worker learns alone, as above.
+//!
 //! Pulls, reward sums and sums of squares and successes survive hot reloads (`save_state` /
 //! `restore_state`). A state saved by an older version (no sum of squares, no successes) loads
 //! with the successes taken as the rounded reward sum and without intervals.
@@ -195,6 +202,28 @@ pub struct BanditPlugin {
     stats: Mutex<Stats>,
     pending: Mutex<Pending>,
     rng: Random,
+    /// Whether the host offers a store: the arms' statistics are then the fleet's.
+    shared: bool,
+    /// The arms seen per context (with a store, `stats` reads these from it).
+    seen: Mutex<BTreeMap<String, std::collections::BTreeSet<String>>>,
+}
+
+/// The store key of an arm's statistics.
+fn arm_key(context: &str, arm: &str) -> String {
+    format!("arm/{context}/{arm}")
+}
+
+/// An arm's statistics as the fleet knows them.
+fn fleet_arm(context: &str, arm: &str) -> ArmStats {
+    let fields = plugin_api::store::read(&arm_key(context, arm)).unwrap_or_default();
+    let get = |f: &str| fields.get(f).copied().unwrap_or(0.0);
+    let whole = |f: &str| get(f).max(0.0).round() as u64;
+    ArmStats {
+        pulls: whole("n"),
+        reward_sum: get("sum"),
+        reward_sum_sq: Some(get("sumsq")),
+        successes: Some(whole("succ")),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +241,9 @@ struct UpdateParams {
     context: String,
     arm: String,
     reward: f64,
+    /// The task's id: with a store, a task counts once fleet-wide.
+    #[serde(default)]
+    id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -331,9 +363,24 @@ impl BanditPlugin {
         if p.arms.is_empty() || !self.handles(&p.context) {
             return Ok(None);
         }
+        if self.shared {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let arms = seen.entry(p.context.clone()).or_default();
+            for arm in &p.arms {
+                if !arms.contains(arm) {
+                    arms.insert(arm.clone());
+                }
+            }
+        }
         let stats = self.stats_lock();
         let known = stats.get(&p.context);
-        let arm_stats = |arm: &str| known.and_then(|k| k.get(arm)).cloned().unwrap_or_default();
+        let arm_stats = |arm: &str| {
+            if self.shared {
+                fleet_arm(&p.context, arm)
+            } else {
+                known.and_then(|k| k.get(arm)).cloned().unwrap_or_default()
+            }
+        };
         let chosen = match self.algorithm {
             Algorithm::Ucb1 => {
                 let arms: Vec<(&String, ArmStats)> =
@@ -409,14 +456,41 @@ impl BanditPlugin {
             tracing::debug!(context = %p.context, "update for a context not handled; ignored");
             return Ok(());
         }
+        // The Bernoulli trick: a success with probability `reward`.
+        let success = self.next_unit() < p.reward;
+        if self.shared {
+            let key = arm_key(&p.context, &p.arm);
+            let fields = [
+                ("n", 1.0),
+                ("sum", p.reward),
+                ("sumsq", p.reward * p.reward),
+                ("succ", f64::from(u8::from(success))),
+            ];
+            match &p.id {
+                Some(id) => {
+                    let mark = format!("scored/{}/{id}", p.context);
+                    if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false)
+                    {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    plugin_api::store::add(&key, &fields);
+                }
+            }
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(p.context.clone())
+                .or_default()
+                .insert(p.arm.clone());
+        }
         let mut stats = self.stats_lock();
         let entry = stats
             .entry(p.context)
             .or_default()
             .entry(p.arm)
             .or_default();
-        // The Bernoulli trick: a success with probability `reward`.
-        let success = self.next_unit() < p.reward;
         let successes = entry.successes();
         entry.pulls += 1;
         entry.reward_sum += p.reward;
@@ -452,6 +526,7 @@ impl BanditPlugin {
             context,
             arm,
             reward,
+            id: task.id,
         }) {
             tracing::warn!(error = %e, "task.scored: payload skipped");
         }
@@ -512,6 +587,7 @@ impl BanditPlugin {
             context,
             arm,
             reward: 0.0,
+            id: task.id,
         }) {
             tracing::warn!(error = %e, "task.error: not counted");
         }
@@ -528,7 +604,37 @@ impl BanditPlugin {
                 self.contexts.as_deref().unwrap_or_default().join(", ")
             )));
         }
-        let stats = self.stats_lock();
+        let local = self.stats_lock();
+        let fleet: Stats;
+        let stats = if self.shared {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            // The fleet's arms, including those this worker never saw.
+            for key in plugin_api::store::keys("arm/").unwrap_or_default() {
+                if let Some((context, arm)) = key
+                    .strip_prefix("arm/")
+                    .and_then(|rest| rest.split_once('/'))
+                {
+                    seen.entry(context.to_owned())
+                        .or_default()
+                        .insert(arm.to_owned());
+                }
+            }
+            let mut arms = Stats::new();
+            for (context, names) in local
+                .iter()
+                .map(|(c, a)| (c, a.keys().cloned().collect::<Vec<_>>()))
+                .chain(seen.iter().map(|(c, a)| (c, a.iter().cloned().collect())))
+            {
+                for arm in names {
+                    let s = fleet_arm(context, &arm);
+                    arms.entry(context.clone()).or_default().insert(arm, s);
+                }
+            }
+            fleet = arms;
+            &fleet
+        } else {
+            &*local
+        };
         let mut names: Vec<&String> = stats.keys().collect();
         names.extend(self.contexts.iter().flatten());
         if let Some(context) = &only {
@@ -597,6 +703,8 @@ impl Plugin for BanditPlugin {
             stats: Mutex::new(Stats::new()),
             pending: Mutex::new(Pending::default()),
             rng: Random::new(seed),
+            shared: plugin_api::store::available(),
+            seen: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -689,6 +797,7 @@ mod tests {
             context: context.into(),
             arm: arm.into(),
             reward,
+            id: None,
         })
         .unwrap();
     }
@@ -793,6 +902,7 @@ mod tests {
                     context: "chat".into(),
                     arm: "a".into(),
                     reward,
+                    id: None,
                 })
                 .unwrap_err();
             assert_eq!(err.kind(), plugin_api::abi::ErrorKind::InvalidParams);

@@ -78,6 +78,18 @@
 //!
 //! - `task.scored` (audit, priority 40) and `task.error` (audit, priority 40), as above.
 //!
+//! # A fleet
+//!
+//! When the host offers a store (`plugin_api::store`), the workers share one deployment record
+//! per task type (`deploy/<task type>`: champion, challenger, retired, decisions, looks taken,
+//! and the experiment's `epoch`) and the arms' statistics (`arm/<task type>/<epoch>/<handler>`:
+//! `n`, `sum`, `sumsq`, a task counted once fleet-wide by its id). The test runs on the fleet's
+//! statistics, and each look, and so each decision, is a compare-and-set of the record: exactly
+//! one worker takes a look, so the fleet takes at most `looks` looks and the error rate holds,
+//! and exactly one promotes. The others follow the record within a refresh of the store. The
+//! record is written when the decision is made (with the default SQLite store, in the state
+//! directory). Routing stays a local hash.
+//!
 //! The deployment (who is champion, the arms' count, sum and sum of squares, retired handlers,
 //! decisions) survives hot reloads and restarts (`save_state` / `restore_state`). A state saved
 //! by a version that kept no sum of squares loads with its arms' statistics reset.
@@ -241,6 +253,10 @@ pub struct Deployment {
     /// Decisions, oldest first.
     #[serde(default, alias = "promotions")]
     pub decisions: Vec<Decision>,
+    /// The experiment's number: one more with each decision and each new challenger (names
+    /// the arms' statistics in a store).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl Deployment {
@@ -346,7 +362,24 @@ pub struct ChampionPlugin {
     state: Mutex<Deployments>,
     pending: Mutex<Pending>,
     rng: Random,
+    /// Whether the host offers a store: the deployment and the arms are then the fleet's.
+    shared: bool,
+    /// The version of each task type's record in the store that `state` follows.
+    versions: Mutex<HashMap<String, u64>>,
 }
+
+/// The store key of a task type's deployment record.
+fn deploy_key(task_type: &str) -> String {
+    format!("deploy/{task_type}")
+}
+
+/// The store key of an arm's statistics in an experiment.
+fn arm_key(task_type: &str, epoch: u64, handler: &str) -> String {
+    format!("arm/{task_type}/{epoch}/{handler}")
+}
+
+/// How many times a look retries after another worker changed the record first.
+const CAS_TRIES: usize = 4;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -444,6 +477,9 @@ impl ChampionPlugin {
     }
 
     fn route(&self, p: RouteParams) -> Result<Option<Route>, PluginError> {
+        if self.shared && self.configured.contains_key(&p.task_type) {
+            self.follow(&p.task_type);
+        }
         let state = self.state_lock();
         let Some(deployment) = state.get(&p.task_type) else {
             return Ok(None);
@@ -528,7 +564,7 @@ impl ChampionPlugin {
                 }
             }
         }
-        self.count(&task_type, &handler, score)
+        self.count_once(&task_type, &handler, score, task.id.as_deref())
     }
 
     /// Counts a failed task this plugin routed as a score of 0 for its handler.
@@ -557,11 +593,23 @@ impl ChampionPlugin {
             (None, Some(true)) => (task.task_type?, task.handler?),
             (None, None) => return None,
         };
-        self.count(&task_type, &handler, 0.0)
+        self.count_once(&task_type, &handler, 0.0, task.id.as_deref())
     }
 
     /// Adds a score to the handler's arm and takes a look when one is due.
-    fn count(&self, task_type: &str, handler: &str, score: f64) -> Option<Decision> {
+    /// With a store, counts in the fleet's arms, once per task `id`.
+    fn count_once(
+        &self,
+        task_type: &str,
+        handler: &str,
+        score: f64,
+        id: Option<&str>,
+    ) -> Option<Decision> {
+        if self.shared {
+            let decision = self.count_shared(task_type, handler, score, id)?;
+            Self::log_decision(&decision);
+            return Some(decision);
+        }
         let mut state = self.state_lock();
         let deployment = state.get_mut(task_type)?;
         if !deployment.handlers().contains(handler) {
@@ -575,6 +623,11 @@ impl ChampionPlugin {
             .push(score);
         let decision = self.look(task_type, deployment)?;
         drop(state);
+        Self::log_decision(&decision);
+        Some(decision)
+    }
+
+    fn log_decision(decision: &Decision) {
         tracing::info!(
             task_type = %decision.task_type,
             outcome = ?decision.outcome,
@@ -592,7 +645,127 @@ impl ChampionPlugin {
             look = decision.look,
             "champion/challenger experiment decided"
         );
-        Some(decision)
+    }
+
+    /// Adopts the store's record of `task_type` when it is newer than what this worker follows
+    /// (and writes the configuration's new challenger into it, if any). Answers the version
+    /// followed.
+    fn follow(&self, task_type: &str) -> u64 {
+        let Some(configured) = self.configured.get(task_type) else {
+            return 0;
+        };
+        let key = deploy_key(task_type);
+        for _ in 0..CAS_TRIES {
+            let known = self.version_of(task_type);
+            let Some(Some(record)) = plugin_api::store::record_since(&key, known) else {
+                return known;
+            };
+            if record.version <= known {
+                return known;
+            }
+            let saved: Deployment = match serde_json::from_value(record.value) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(%task_type, error = %e, "the store's deployment record does not fit; ignored");
+                    return known;
+                }
+            };
+            let merged = Self::merge_saved(task_type, saved.clone(), configured);
+            if merged != saved {
+                // The configuration starts a new experiment: the fleet's record says so first.
+                let value = serde_json::to_value(&merged).unwrap_or(Value::Null);
+                if plugin_api::store::compare_and_set(&key, record.version, &value) != Some(true) {
+                    continue;
+                }
+                self.adopt(task_type, merged, record.version + 1);
+                return record.version + 1;
+            }
+            self.adopt(task_type, saved, record.version);
+            return record.version;
+        }
+        self.version_of(task_type)
+    }
+
+    fn version_of(&self, task_type: &str) -> u64 {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task_type)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn adopt(&self, task_type: &str, deployment: Deployment, version: u64) {
+        let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        if versions.get(task_type).is_some_and(|v| *v >= version) {
+            return;
+        }
+        versions.insert(task_type.to_owned(), version);
+        self.state_lock().insert(task_type.to_owned(), deployment);
+    }
+
+    /// The fleet's statistics of `handler` in the deployment's experiment.
+    fn fleet_arm(task_type: &str, deployment: &Deployment, handler: &str) -> Moments {
+        let fields = plugin_api::store::read(&arm_key(task_type, deployment.epoch, handler))
+            .unwrap_or_default();
+        let get = |f: &str| fields.get(f).copied().unwrap_or(0.0);
+        Moments {
+            count: get("n").max(0.0).round() as u64,
+            sum: get("sum"),
+            sum_sq: get("sumsq"),
+        }
+    }
+
+    /// Counts a score in the store and takes the fleet's look when one is due: the look is a
+    /// compare-and-set of the record, so exactly one worker takes it.
+    fn count_shared(
+        &self,
+        task_type: &str,
+        handler: &str,
+        score: f64,
+        id: Option<&str>,
+    ) -> Option<Decision> {
+        self.follow(task_type);
+        let deployment = self.state_lock().get(task_type)?.clone();
+        if !deployment.handlers().contains(handler) || deployment.challenger.is_none() {
+            // Retired, unknown, or no experiment running: nothing to learn.
+            return None;
+        }
+        let key = arm_key(task_type, deployment.epoch, handler);
+        let fields = [("n", 1.0), ("sum", score), ("sumsq", score * score)];
+        match id {
+            Some(id) => {
+                let mark = format!("scored/{task_type}/{id}");
+                if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false) {
+                    return None;
+                }
+            }
+            None => {
+                plugin_api::store::add(&key, &fields);
+            }
+        }
+        for _ in 0..CAS_TRIES {
+            let version = self.follow(task_type);
+            let mut next = self.state_lock().get(task_type)?.clone();
+            let challenger = next.challenger.clone()?;
+            let champion_arm = Self::fleet_arm(task_type, &next, &next.champion);
+            let challenger_arm = Self::fleet_arm(task_type, &next, &challenger);
+            let looks_before = next.looks_taken;
+            let decision = self.look_with(task_type, &mut next, champion_arm, challenger_arm);
+            if decision.is_none() && next.looks_taken == looks_before {
+                return None;
+            }
+            let value = serde_json::to_value(&next).unwrap_or(Value::Null);
+            if plugin_api::store::compare_and_set(&deploy_key(task_type), version, &value)
+                == Some(true)
+            {
+                self.adopt(task_type, next, version + 1);
+                return decision;
+            }
+            // Another worker changed the record first (took this look, or decided): follow it
+            // and look again.
+        }
+        None
     }
 
     /// Runs the test when the smaller arm reached the next look; ends the experiment when the
@@ -601,6 +774,18 @@ impl ChampionPlugin {
         let challenger = deployment.challenger.clone()?;
         let champion_arm = deployment.arm(&deployment.champion);
         let challenger_arm = deployment.arm(&challenger);
+        self.look_with(task_type, deployment, champion_arm, challenger_arm)
+    }
+
+    /// [`Self::look`] on the given statistics of the two arms.
+    fn look_with(
+        &self,
+        task_type: &str,
+        deployment: &mut Deployment,
+        champion_arm: Moments,
+        challenger_arm: Moments,
+    ) -> Option<Decision> {
+        let challenger = deployment.challenger.clone()?;
         let smaller = champion_arm.count.min(challenger_arm.count);
         let look = deployment.looks_taken + 1;
         if smaller < u64::from(look) * self.rule.min_scored {
@@ -645,6 +830,7 @@ impl ChampionPlugin {
         deployment.challenger = None;
         deployment.scored.clear();
         deployment.looks_taken = 0;
+        deployment.epoch += 1;
         deployment.decisions.push(decision.clone());
         Some(decision)
     }
@@ -666,15 +852,27 @@ impl ChampionPlugin {
         {
             return Err(self.unknown_task_type(task_type));
         }
+        if self.shared {
+            for task_type in self.configured.keys() {
+                self.follow(task_type);
+            }
+        }
         let state = self.state_lock();
         let mut report = serde_json::Map::new();
         for (task_type, deployment) in state.iter() {
             if only.as_ref().is_some_and(|o| o != task_type) {
                 continue;
             }
+            let arm = |handler: &str| {
+                if self.shared {
+                    Self::fleet_arm(task_type, deployment, handler)
+                } else {
+                    deployment.arm(handler)
+                }
+            };
             let mut scored = serde_json::Map::new();
             for handler in deployment.handlers() {
-                let m = deployment.arm(handler);
+                let m = arm(handler);
                 let interval = m.interval(0.95);
                 scored.insert(
                     handler.to_owned(),
@@ -687,10 +885,7 @@ impl ChampionPlugin {
                 );
             }
             let comparison = deployment.challenger.as_deref().and_then(|challenger| {
-                let (a, b) = (
-                    deployment.arm(&deployment.champion),
-                    deployment.arm(challenger),
-                );
+                let (a, b) = (arm(&deployment.champion), arm(challenger));
                 let w = welch(&a, &b, 0.95)?;
                 Some(serde_json::json!({
                     "diff": w.diff,
@@ -718,6 +913,7 @@ impl ChampionPlugin {
                     "comparison": comparison,
                     "decisions": deployment.decisions,
                     "promotions": promotions,
+                    "fleet": self.shared,
                 }),
             );
         }
@@ -748,6 +944,7 @@ impl ChampionPlugin {
                     looks_taken: 0,
                     retired: saved.retired,
                     decisions: saved.decisions,
+                    epoch: saved.epoch + 1,
                 }
             }
             _ => saved,
@@ -796,6 +993,7 @@ impl Plugin for ChampionPlugin {
                     looks_taken: 0,
                     retired: Vec::new(),
                     decisions: Vec::new(),
+                    epoch: 0,
                 },
             );
         }
@@ -842,6 +1040,8 @@ impl Plugin for ChampionPlugin {
             configured,
             pending: Mutex::new(Pending::default()),
             rng: Random::seeded(config.seed),
+            shared: plugin_api::store::available(),
+            versions: Mutex::new(HashMap::new()),
         })
     }
 

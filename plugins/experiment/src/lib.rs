@@ -58,6 +58,15 @@
 //! this plugin knows, the `score` is recorded as an outcome, as `recordOutcome` would.
 //!
 //! Outcome statistics survive hot reloads (`save_state` / `restore_state`).
+//!
+//! # A fleet
+//!
+//! When the host offers a store (`plugin_api::store`), the statistics are the fleet's: per
+//! experiment and variant the key `exp/<experiment>/<variant>` holds `assigned`, `units`,
+//! `n`, `sum` and `sumsq`, and `stats` reports them. A scored task counts once fleet-wide
+//! (mark `scored/<experiment>/<task id>`), a unit once (mark `unit/<experiment>/<key>`: exact
+//! unique units, where the local figure is a HyperLogLog estimate). Assignment stays a local
+//! hash. Without a store the plugin keeps its own counts, as above.
 
 #![forbid(unsafe_code)]
 
@@ -192,6 +201,13 @@ pub struct ExperimentPlugin {
     experiments: BTreeMap<String, Experiment>,
     stats: Mutex<Stats>,
     rng: Random,
+    /// Whether the host offers a store: the statistics are then the fleet's.
+    shared: bool,
+}
+
+/// The store key of a variant's statistics.
+fn store_key(experiment: &str, variant: &str) -> String {
+    format!("exp/{experiment}/{variant}")
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,11 +226,16 @@ struct OutcomeParams {
     experiment: String,
     variant: String,
     score: f64,
+    /// The task's id: with a store, a task counts once fleet-wide.
+    #[serde(default)]
+    id: Option<String>,
 }
 
 /// The fields of a `task.scored` payload this plugin reads.
 #[derive(Debug, Deserialize)]
 struct Scored {
+    #[serde(default, deserialize_with = "plugin_api::lenient::text")]
+    id: Option<String>,
     experiment: Option<String>,
     variant: Option<String>,
     score: Option<f64>,
@@ -264,11 +285,21 @@ impl ExperimentPlugin {
         let variant = experiment.at(unit(draw)).to_owned();
         let mut stats = self.stats_lock();
         let entry = stats
-            .entry(p.experiment)
+            .entry(p.experiment.clone())
             .or_default()
             .entry(variant.clone())
             .or_default();
         entry.assigned += 1;
+        if self.shared {
+            let k = store_key(&p.experiment, &variant);
+            plugin_api::store::add(&k, &[("assigned", 1.0)]);
+            if let Some(key) = &p.key {
+                plugin_api::store::add_once(
+                    &format!("unit/{}/{key}", p.experiment),
+                    &[(k.as_str(), &[("units", 1.0)])],
+                );
+            }
+        }
         if let Some(key) = &p.key {
             // A hash of its own: the assignment's would crowd the variant's keys into a few
             // registers.
@@ -294,6 +325,23 @@ impl ExperimentPlugin {
         if !p.score.is_finite() {
             return Err(PluginError::invalid_params("score must be a finite number"));
         }
+        if self.shared {
+            let key = store_key(&p.experiment, &p.variant);
+            let fields = [("n", 1.0), ("sum", p.score), ("sumsq", p.score * p.score)];
+            match &p.id {
+                Some(id) => {
+                    let mark = format!("scored/{}/{id}", p.experiment);
+                    if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false)
+                    {
+                        // Scored before in this process: counted once.
+                        return Ok(());
+                    }
+                }
+                None => {
+                    plugin_api::store::add(&key, &fields);
+                }
+            }
+        }
         let mut stats = self.stats_lock();
         let entry = stats
             .entry(p.experiment)
@@ -317,20 +365,36 @@ impl ExperimentPlugin {
             if only.as_ref().is_some_and(|o| o != name) {
                 continue;
             }
-            let of = |variant: &str| {
-                stats
+            let of = |variant: &str| -> (VariantStats, u64) {
+                if self.shared
+                    && let Some(f) = plugin_api::store::read(&store_key(name, variant))
+                {
+                    let get = |field: &str| f.get(field).copied().unwrap_or(0.0);
+                    let whole = |field: &str| get(field).max(0.0).round() as u64;
+                    let s = VariantStats {
+                        assigned: whole("assigned"),
+                        outcomes: whole("n"),
+                        score_sum: get("sum"),
+                        score_sum_sq: Some(get("sumsq")),
+                        keys: UniqueCount::default(),
+                    };
+                    return (s, whole("units"));
+                }
+                let s = stats
                     .get(name)
                     .and_then(|v| v.get(variant))
                     .cloned()
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                let units = s.keys.estimate();
+                (s, units)
             };
-            let control = of(&experiment.control).moments();
+            let control = of(&experiment.control).0.moments();
             let mut variants = serde_json::Map::new();
             let mut assigned = Vec::new();
             let mut weights = Vec::new();
             let mut previous = 0.0;
             for (variant, upto) in &experiment.cumulative {
-                let s = of(variant);
+                let (s, units) = of(variant);
                 assigned.push(s.assigned);
                 weights.push(upto - previous);
                 previous = *upto;
@@ -348,7 +412,7 @@ impl ExperimentPlugin {
                     variant.clone(),
                     serde_json::json!({
                         "assigned": s.assigned,
-                        "uniqueKeys": s.keys.estimate(),
+                        "uniqueKeys": units,
                         "outcomes": s.outcomes,
                         "meanScore": m.mean(),
                         "ciLow": interval.map(|i| i.low),
@@ -374,6 +438,7 @@ impl ExperimentPlugin {
                     "control": experiment.control,
                     "sampleRatio": {"pValue": ratio_p, "mismatch": mismatch},
                     "variants": variants,
+                    "fleet": self.shared,
                 }),
             );
         }
@@ -406,6 +471,7 @@ impl Plugin for ExperimentPlugin {
             experiments,
             stats: Mutex::new(Stats::new()),
             rng: Random::seeded(config.seed),
+            shared: plugin_api::store::available(),
         })
     }
 
@@ -442,6 +508,7 @@ impl Plugin for ExperimentPlugin {
                         experiment,
                         variant,
                         score,
+                        id: scored.id,
                     })?;
                 }
                 Ok(HookResult::Continue)

@@ -20,9 +20,14 @@ extern "C" fn no_call(_: HostContext, _: RStr<'_>, _: RStr<'_>, _: RStr<'_>) -> 
     ROk(abi_stable::std_types::RNone)
 }
 
+extern "C" fn no_store(_: HostContext, _: RStr<'_>, _: RStr<'_>) -> JsonResult {
+    ROk(abi_stable::std_types::RNone)
+}
+
 static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     log: no_log,
     call: no_call,
+    store: no_store,
 });
 
 /// A second instance of a plugin, created in the library the host already loaded.

@@ -32,6 +32,7 @@ pub struct PluginHostBuilder {
     pub(super) call_timing: bool,
     pub(super) state_dir: Option<PathBuf>,
     pub(super) quarantine_dir: Option<PathBuf>,
+    pub(super) store: Option<crate::store::Store>,
     pub(super) fire_and_forget_capacity: usize,
     pub(super) hook_points: &'static [HookSpec],
     pub(super) file_policy: loader::FilePolicy,
@@ -114,6 +115,13 @@ impl PluginHostBuilder {
     /// new events are dropped for those subscribers, with a counted warning.
     pub fn with_fire_and_forget_capacity(mut self, capacity: usize) -> Self {
         self.fire_and_forget_capacity = capacity.max(1);
+        self
+    }
+
+    /// Offers `store` to the plugins (`plugin_api::store`), each in a namespace of its name.
+    /// Without it, plugins are told there is no store and keep their own state.
+    pub fn with_store(mut self, store: crate::store::Store) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -245,6 +253,7 @@ impl PluginHostBuilder {
                 config: ArcSwap::from_pointee(config),
                 state,
                 quarantine_dir,
+                store: self.store,
                 overrides: self.overrides,
                 registry: ArcSwap::from_pointee(Registry::default()),
                 names: AtomicU64::new(0),
@@ -475,6 +484,7 @@ impl PluginHost {
             call_timing: true,
             state_dir: None,
             quarantine_dir: None,
+            store: None,
             fire_and_forget_capacity: 1024,
             hook_points: &[],
             file_policy: loader::FilePolicy::default(),

@@ -83,6 +83,7 @@ fn create_within(
     name: &str,
     config: String,
     call_back: crate::dylib::CallBack,
+    store: Option<crate::store::PluginStore>,
     timeout_ms: u64,
 ) -> Result<(PluginLibrary, Result<(), PluginError>), LoadErrorKind> {
     let (sender, created) = std::sync::mpsc::sync_channel(1);
@@ -91,7 +92,7 @@ fn create_within(
         .name("plugin-create".into())
         .spawn(move || {
             let site = crate::crash::EntryGuard::new(&plugin, "create");
-            let result = library.create(&plugin, &config, call_back);
+            let result = library.create(&plugin, &config, call_back, store);
             drop(site);
             // Nobody waits any more when the deadline passed: the library is dropped here.
             let _ = sender.send((library, result));
@@ -567,8 +568,9 @@ impl PluginHost {
             Backend::InProcess(library) => {
                 let call_back =
                     PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
+                let store = self.inner.store.as_ref().map(|s| s.for_plugin(&name));
                 let (library, created) =
-                    create_within(library, &name, config, call_back, timeout_ms)?;
+                    create_within(library, &name, config, call_back, store, timeout_ms)?;
                 (Backend::InProcess(library), created)
             }
             Backend::Isolated(isolated) => {

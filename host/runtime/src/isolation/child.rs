@@ -309,7 +309,9 @@ impl Child {
                 .ok_or_else(|| PluginError::failed("the plugin's process is stopping"))?;
             child.call_host(plugin, method, params)
         });
-        match library.create(&name, &config, call_back) {
+        // No shared store in the child yet: the plugin sees none (`plugin_api::store` answers
+        // "unavailable") and keeps its figures in its own state.
+        match library.create(&name, &config, call_back, None) {
             Ok(()) => (code::NONE, Vec::new()),
             Err(e) => error_of(e),
         }

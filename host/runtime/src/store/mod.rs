@@ -1,0 +1,759 @@
+//! The shared store plugins reach through `plugin_api::store`: additions to numeric fields,
+//! idempotency marks and versioned records, kept in SQLite (one machine) or Redis (a fleet).
+//!
+//! Nothing on a plugin's call path waits for the backend (except a compare-and-set, a rare
+//! decision): each process keeps a cache, applies additions to it at once, and a background
+//! thread flushes them in batches and refreshes what the plugins read, every
+//! [`StoreOptions::flush_interval`]. A batch is one backend transaction with its own id, so a
+//! batch retried after an ambiguous failure is applied once; a group of additions under an
+//! idempotency mark is applied only if the mark is new, in the same transaction. While the
+//! backend cannot be reached the batch is kept and retried (one warning), and plugins go on
+//! learning from the cache.
+
+mod redis_backend;
+mod sqlite;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::PluginError;
+
+/// A key's numeric fields.
+pub type Fields = BTreeMap<String, f64>;
+
+/// A versioned JSON record as the store holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// 1 after the first write, one more with each.
+    pub version: u64,
+    /// The record's JSON text.
+    pub value: String,
+}
+
+/// Additions applied together, at most once per mark when there is one.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Group {
+    pub(crate) mark: Option<String>,
+    pub(crate) adds: BTreeMap<String, Fields>,
+}
+
+/// One flush: groups applied in one transaction, at most once per id.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Batch {
+    pub(crate) id: String,
+    pub(crate) groups: Vec<Group>,
+}
+
+/// What a backend does. Every call is bounded by the backend's timeouts.
+pub(crate) trait Backend: Send {
+    /// Applies the batch in one transaction; nothing when its id was applied before.
+    fn apply(&mut self, batch: &Batch) -> anyhow::Result<()>;
+    /// The fields of each key that has any.
+    fn read(&mut self, keys: &[String]) -> anyhow::Result<HashMap<String, Fields>>;
+    /// The records of each key that has one.
+    fn records(&mut self, keys: &[String]) -> anyhow::Result<HashMap<String, StoredRecord>>;
+    /// Writes `value` at `key` if its version is `version` (0: none yet).
+    fn compare_and_set(&mut self, key: &str, version: u64, value: &str) -> anyhow::Result<bool>;
+    /// Whether the backend answers.
+    fn ping(&mut self) -> anyhow::Result<()>;
+    /// Every key under `prefix` with its fields.
+    fn scan(&mut self, prefix: &str) -> anyhow::Result<Vec<(String, Fields)>>;
+}
+
+/// How the store behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// How often additions are flushed and reads refreshed (1 s by default).
+    pub flush_interval: Duration,
+    /// The bound of every wait on the backend: connecting, reading, a lock (5 s by default).
+    pub timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What `worker store status` shows.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStatus {
+    /// The backend and where it is (no password).
+    pub backend: String,
+    /// When the last flush succeeded (milliseconds since the Unix epoch), if one did.
+    pub last_flush_ms: Option<u64>,
+    /// Groups of additions not yet in the store.
+    pub pending: usize,
+    /// Whether the last attempt reached the store.
+    pub reachable: bool,
+    /// Failed attempts since the start.
+    pub errors: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// The store's fields as of the last refresh.
+    base: HashMap<String, Fields>,
+    /// Sums of the additions not yet flushed (`pending`) and of the batch being flushed.
+    pending_sum: HashMap<String, Fields>,
+    inflight_sum: HashMap<String, Fields>,
+    pending: Vec<Group>,
+    /// The batch being flushed, kept (with its id) until the store took it.
+    inflight: Option<Arc<Batch>>,
+    /// Marks this process has seen since their last flush.
+    marks: HashSet<String>,
+    records: HashMap<String, StoredRecord>,
+    /// Keys the plugins read or wrote: refreshed by each flush.
+    keys: HashSet<String>,
+    record_keys: HashSet<String>,
+    status: Status,
+}
+
+#[derive(Default)]
+struct Status {
+    last_flush_ms: Option<u64>,
+    reachable: bool,
+    errors: u64,
+    last_error: Option<String>,
+    warned: bool,
+    /// The last attempt failed: cold reads do not wait for the store.
+    down: bool,
+}
+
+struct Shared {
+    url: String,
+    cache: Mutex<Cache>,
+    backend: Mutex<Box<dyn Backend>>,
+    stop: AtomicBool,
+    wake: Condvar,
+    wake_lock: Mutex<bool>,
+    batch_prefix: String,
+    options: StoreOptions,
+}
+
+/// The store of one process: a cache, a backend and the thread that flushes to it.
+/// Cheap to clone; the flush thread stops (after a last flush) when [`Store::close`] is called
+/// or the last clone drops.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    _thread: Arc<FlushThread>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.shared.url)
+            .finish()
+    }
+}
+
+struct FlushThread {
+    shared: Arc<Shared>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for FlushThread {
+    fn drop(&mut self) {
+        stop_thread(&self.shared, &self.handle);
+    }
+}
+
+fn stop_thread(shared: &Shared, handle: &Mutex<Option<std::thread::JoinHandle<()>>>) {
+    shared.stop.store(true, Ordering::Release);
+    *lock(&shared.wake_lock) = true;
+    shared.wake.notify_all();
+    if let Some(handle) = lock(handle).take() {
+        let _ = handle.join();
+        let cache = lock(&shared.cache);
+        let left = cache.pending.len() + cache.inflight.as_ref().map_or(0, |b| b.groups.len());
+        if left > 0 {
+            tracing::warn!(store = %shared.url, groups = left, "the store could not be reached before exit: these additions are not in it (their idempotency marks are not either, so a re-run of the same tasks counts them)");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn add_into(sum: &mut HashMap<String, Fields>, key: &str, fields: &Fields) {
+    let entry = sum.entry(key.to_owned()).or_default();
+    for (field, delta) in fields {
+        *entry.entry(field.clone()).or_insert(0.0) += delta;
+    }
+}
+
+/// The URL with any password replaced, for logs and status.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Store {
+    /// Opens the store at `url`: `sqlite://PATH` (a file, created if missing) or
+    /// `redis://HOST:PORT/DB`. A Redis store that cannot be reached yet is not an error: the
+    /// process learns locally until it can.
+    ///
+    /// # Errors
+    ///
+    /// The URL has another scheme or is malformed, or the SQLite file cannot be opened.
+    pub fn open(url: &str, options: StoreOptions) -> anyhow::Result<Store> {
+        let backend: Box<dyn Backend> = if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                anyhow::bail!(
+                    "store URL `{url}`: sqlite:// needs a file path, as in sqlite://state/store.db"
+                );
+            }
+            Box::new(
+                sqlite::Sqlite::open(std::path::Path::new(path), options.timeout)
+                    .with_context(|| format!("opening the SQLite store {path}"))?,
+            )
+        } else if url.starts_with("redis://") {
+            Box::new(
+                redis_backend::Redis::new(url, options.timeout)
+                    .with_context(|| format!("store URL `{}`", redact(url)))?,
+            )
+        } else {
+            anyhow::bail!(
+                "store URL `{}`: the scheme must be sqlite:// (a file) or redis:// (host:port/db)",
+                redact(url)
+            );
+        };
+        let nonce = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let shared = Arc::new(Shared {
+            url: redact(url),
+            cache: Mutex::new(Cache::default()),
+            backend: Mutex::new(backend),
+            stop: AtomicBool::new(false),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(false),
+            batch_prefix: format!("{}-{nonce:x}", std::process::id()),
+            options,
+        });
+        let worker = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name("store-flush".into())
+            .spawn(move || flush_loop(&worker))
+            .context("starting the store's flush thread")?;
+        Ok(Store {
+            _thread: Arc::new(FlushThread {
+                shared: Arc::clone(&shared),
+                handle: Mutex::new(Some(handle)),
+            }),
+            shared,
+        })
+    }
+
+    /// The store's status.
+    pub fn status(&self) -> StoreStatus {
+        let cache = lock(&self.shared.cache);
+        StoreStatus {
+            backend: self.shared.url.clone(),
+            last_flush_ms: cache.status.last_flush_ms,
+            pending: cache.pending.len() + cache.inflight.as_ref().map_or(0, |b| b.groups.len()),
+            reachable: cache.status.reachable,
+            errors: cache.status.errors,
+            last_error: cache.status.last_error.clone(),
+        }
+    }
+
+    /// Flushes now and waits for it (bounded by the backend's timeouts). `Ok` when nothing is
+    /// left pending.
+    ///
+    /// # Errors
+    ///
+    /// The store could not be reached; the additions stay pending.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        flush_all(&self.shared);
+        let cache = lock(&self.shared.cache);
+        if cache.pending.is_empty() && cache.inflight.is_none() {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "{} groups of additions are not in the store {} yet: {}",
+                cache.pending.len() + cache.inflight.as_ref().map_or(0, |b| b.groups.len()),
+                self.shared.url,
+                cache
+                    .status
+                    .last_error
+                    .as_deref()
+                    .unwrap_or("unknown error")
+            )
+        }
+    }
+
+    /// Stops the flush thread after a last flush.
+    pub fn close(&self) {
+        stop_thread(&self.shared, &self._thread.handle);
+    }
+
+    /// Every key of `plugin` under `prefix`, with its fields, read from the store now.
+    ///
+    /// # Errors
+    ///
+    /// The store could not be reached.
+    pub fn scan(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<(String, Fields)>> {
+        let namespace = format!("{plugin}/");
+        let rows = lock(&self.shared.backend).scan(&format!("{namespace}{prefix}"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, f)| k.strip_prefix(&namespace).map(|k| (k.to_owned(), f)))
+            .collect())
+    }
+
+    /// The record of `plugin` at `key`, read from the store now.
+    ///
+    /// # Errors
+    ///
+    /// The store could not be reached.
+    pub fn read_record(&self, plugin: &str, key: &str) -> anyhow::Result<Option<StoredRecord>> {
+        let key = format!("{plugin}/{key}");
+        let mut found = lock(&self.shared.backend).records(std::slice::from_ref(&key))?;
+        Ok(found.remove(&key))
+    }
+
+    /// The handle a plugin's calls go through: its keys and marks in its own namespace.
+    pub(crate) fn for_plugin(&self, plugin: &str) -> PluginStore {
+        PluginStore {
+            store: self.clone(),
+            namespace: format!("{plugin}/"),
+        }
+    }
+}
+
+fn flush_loop(shared: &Shared) {
+    loop {
+        {
+            let mut woken = lock(&shared.wake_lock);
+            if !*woken {
+                woken = shared
+                    .wake
+                    .wait_timeout(woken, shared.options.flush_interval)
+                    .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+            }
+            *woken = false;
+        }
+        flush_all(shared);
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+static BATCH_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One round: the batch in flight (or a new one from the pending groups) to the backend, then
+/// the keys the plugins use read back.
+fn flush_once(shared: &Shared) -> bool {
+    let (batch, keys, record_keys) = {
+        let mut cache = lock(&shared.cache);
+        if cache.inflight.is_none() && !cache.pending.is_empty() {
+            let groups = std::mem::take(&mut cache.pending);
+            let sum = std::mem::take(&mut cache.pending_sum);
+            cache.inflight_sum = sum;
+            let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
+            cache.inflight = Some(Arc::new(Batch {
+                id: format!("{}-{seq}", shared.batch_prefix),
+                groups,
+            }));
+        }
+        let keys: Vec<String> = cache.keys.iter().cloned().collect();
+        let record_keys: Vec<String> = cache.record_keys.iter().cloned().collect();
+        (cache.inflight.clone(), keys, record_keys)
+    };
+    let mut backend = lock(&shared.backend);
+    let applied = match &batch {
+        Some(batch) => backend.apply(batch).map(|()| true),
+        None => backend.ping().map(|()| false),
+    };
+    let read = match &applied {
+        Ok(_) => backend
+            .read(&keys)
+            .and_then(|fields| Ok((fields, backend.records(&record_keys)?))),
+        Err(_) => Err(anyhow::anyhow!("not read: the flush failed")),
+    };
+    drop(backend);
+    let mut cache = lock(&shared.cache);
+    match applied {
+        Ok(applied) => {
+            if applied {
+                // The store holds these marks now and decides for them: the local set keeps
+                // only the marks not yet flushed, so it stays small in a long-running worker.
+                if let Some(batch) = cache.inflight.take() {
+                    for mark in batch.groups.iter().filter_map(|g| g.mark.as_ref()) {
+                        cache.marks.remove(mark);
+                    }
+                }
+                let flushed = std::mem::take(&mut cache.inflight_sum);
+                if read.is_err() {
+                    // Keep what was flushed visible until the next read.
+                    for (key, fields) in &flushed {
+                        add_into(&mut cache.base, key, fields);
+                    }
+                }
+            }
+            if let Ok((mut fields, records)) = read {
+                // Only the keys this round read: a key a cold read added meanwhile stays.
+                for key in &keys {
+                    match fields.remove(key) {
+                        Some(f) => {
+                            cache.base.insert(key.clone(), f);
+                        }
+                        None => {
+                            cache.base.remove(key);
+                        }
+                    }
+                }
+                for (key, record) in records {
+                    let newer = cache
+                        .records
+                        .get(&key)
+                        .is_none_or(|r| r.version <= record.version);
+                    if newer {
+                        cache.records.insert(key, record);
+                    }
+                }
+            }
+            cache.status.last_flush_ms = Some(now_ms());
+            if !cache.status.reachable && cache.status.warned {
+                tracing::info!(store = %shared.url, "the store is reachable again; pending additions flushed");
+            }
+            cache.status.reachable = true;
+            cache.status.down = false;
+            cache.status.warned = false;
+            true
+        }
+        Err(e) => {
+            note_down(shared, &mut cache, &e);
+            false
+        }
+    }
+}
+
+/// Flushes until nothing is pending (a batch retried after an outage, then what came in
+/// meanwhile), or an attempt fails; at most a few rounds.
+fn flush_all(shared: &Shared) {
+    for _ in 0..8 {
+        if !flush_once(shared) {
+            return;
+        }
+        let cache = lock(&shared.cache);
+        if cache.pending.is_empty() && cache.inflight.is_none() {
+            return;
+        }
+    }
+}
+
+/// Records a failure to reach the store (one warning until it answers again).
+fn note_down(shared: &Shared, cache: &mut Cache, e: &anyhow::Error) {
+    let message = format!("{e:#}");
+    cache.status.errors += 1;
+    cache.status.reachable = false;
+    cache.status.down = true;
+    if !cache.status.warned {
+        tracing::warn!(store = %shared.url, error = %message, "the store cannot be reached: plugins go on learning locally, and their additions are flushed when it is back");
+        cache.status.warned = true;
+    }
+    cache.status.last_error = Some(message);
+}
+
+/// One plugin's view of the store.
+#[derive(Clone)]
+pub(crate) struct PluginStore {
+    store: Store,
+    namespace: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrefixArgs {
+    prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CasArgs {
+    key: String,
+    version: u64,
+    value: Value,
+}
+
+fn invalid(message: String) -> PluginError {
+    PluginError {
+        kind: crate::ErrorKind::InvalidParams,
+        message,
+    }
+}
+
+/// Longest key or mark a plugin may use (bytes).
+const MAX_KEY: usize = 512;
+
+fn args<T: serde::de::DeserializeOwned>(op: &str, text: &str) -> Result<T, PluginError> {
+    serde_json::from_str(text)
+        .map_err(|e| invalid(format!("store.{op}: the arguments do not fit: {e}")))
+}
+
+fn check_key(what: &str, key: &str) -> Result<(), PluginError> {
+    if key.is_empty() || key.len() > MAX_KEY {
+        return Err(invalid(format!(
+            "store: a {what} must have 1 to {MAX_KEY} bytes, found {}",
+            key.len()
+        )));
+    }
+    if key.contains(['\n', '\t']) {
+        return Err(invalid(format!(
+            "store: a {what} may not contain a newline or a tab"
+        )));
+    }
+    Ok(())
+}
+
+/// Adds `delta` (text) to `field` of `fields`.
+fn add_field(fields: &mut Fields, field: &str, delta: &str) -> Result<(), PluginError> {
+    check_key("field name", field)?;
+    match delta.parse::<f64>() {
+        Ok(d) if d.is_finite() => {
+            *fields.entry(field.to_owned()).or_insert(0.0) += d;
+            Ok(())
+        }
+        _ => Err(invalid(format!(
+            "store: the delta of field `{field}` must be a finite number, found `{delta}`"
+        ))),
+    }
+}
+
+impl PluginStore {
+    /// Answers one operation of `plugin_api::store` (JSON text in, JSON text out).
+    pub(crate) fn op(&self, op: &str, text: &str) -> Result<Option<String>, PluginError> {
+        let answer = match op {
+            "available" => json!(true),
+            // The hot operations speak lines, not JSON: `add` is the key, then `field\tdelta`
+            // lines; `mark` the mark, then `key\tfield\tdelta` lines; `read` the key, answered
+            // with `field\tvalue` lines.
+            "add" => {
+                let mut lines = text.split('\n');
+                let key = lines.next().unwrap_or_default();
+                check_key("key", key)?;
+                let mut fields = Fields::new();
+                for line in lines {
+                    let (field, delta) = line.split_once('\t').unwrap_or((line, ""));
+                    add_field(&mut fields, field, delta)?;
+                }
+                let mut adds = BTreeMap::new();
+                adds.insert(self.key(key), fields);
+                self.push(None, adds);
+                return Ok(Some("null".to_owned()));
+            }
+            "mark" => {
+                let mut lines = text.split('\n');
+                let mark = lines.next().unwrap_or_default();
+                check_key("mark", mark)?;
+                let mut adds: BTreeMap<String, Fields> = BTreeMap::new();
+                for line in lines {
+                    let mut parts = line.splitn(3, '\t');
+                    let (key, field, delta) = (
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                    );
+                    check_key("key", key)?;
+                    add_field(adds.entry(self.key(key)).or_default(), field, delta)?;
+                }
+                let new = self.push(Some(self.key(mark)), adds);
+                return Ok(Some(if new { "true" } else { "false" }.to_owned()));
+            }
+            "read" => {
+                check_key("key", text)?;
+                let mut answer = String::new();
+                for (field, value) in self.read(&self.key(text)) {
+                    answer.push_str(&field);
+                    answer.push('\t');
+                    answer.push_str(&value.to_string());
+                    answer.push('\n');
+                }
+                return Ok(Some(answer));
+            }
+            "keys" => {
+                let a: PrefixArgs = args(op, text)?;
+                json!(self.keys(&a.prefix))
+            }
+            // Lines too: the key, then the version the caller has; answered with nothing (no
+            // newer record) or the version and the record's JSON text on the next line.
+            "record" => {
+                let (key, since) = text.split_once('\n').unwrap_or((text, "0"));
+                check_key("key", key)?;
+                let since: u64 = since
+                    .parse()
+                    .map_err(|_| invalid(format!("store.record: `{since}` is not a version")))?;
+                let key = self.key(key);
+                let shared = &self.store.shared;
+                let mut cache = lock(&shared.cache);
+                if cache.record_keys.insert(key.clone()) && !cache.status.down {
+                    // A cold miss, as in `read`.
+                    drop(cache);
+                    let read = lock(&shared.backend).records(std::slice::from_ref(&key));
+                    cache = lock(&shared.cache);
+                    match read {
+                        Ok(mut found) => {
+                            if let Some(record) = found.remove(&key)
+                                && cache
+                                    .records
+                                    .get(&key)
+                                    .is_none_or(|r| r.version < record.version)
+                            {
+                                cache.records.insert(key.clone(), record);
+                            }
+                        }
+                        Err(e) => note_down(shared, &mut cache, &e),
+                    }
+                }
+                return Ok(Some(match cache.records.get(&key) {
+                    Some(r) if r.version > since => format!("{}\n{}", r.version, r.value),
+                    _ => String::new(),
+                }));
+            }
+            "cas" => {
+                let a: CasArgs = args(op, text)?;
+                check_key("key", &a.key)?;
+                json!(self.compare_and_set(&self.key(&a.key), a.version, &a.value.to_string()))
+            }
+            other => {
+                return Err(invalid(format!(
+                    "store: no operation `{other}` (this host knows available, add, mark, read, keys, record, cas)"
+                )));
+            }
+        };
+        Ok(Some(answer.to_string()))
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.namespace)
+    }
+
+    /// The plugin's keys under `prefix` that hold fields: the store's (a scan, which waits for
+    /// it) and this process's own. Meant for reports, not for every call.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let shared = &self.store.shared;
+        let full = self.key(prefix);
+        let scanned = lock(&shared.backend).scan(&full);
+        let mut cache = lock(&shared.cache);
+        let mut keys: std::collections::BTreeSet<String> = cache
+            .keys
+            .iter()
+            .filter(|k| k.starts_with(&full))
+            .cloned()
+            .collect();
+        match scanned {
+            Ok(rows) => {
+                for (key, fields) in rows {
+                    cache.base.entry(key.clone()).or_insert(fields);
+                    cache.keys.insert(key.clone());
+                    keys.insert(key);
+                }
+            }
+            Err(e) => note_down(shared, &mut cache, &e),
+        }
+        keys.into_iter()
+            .filter_map(|k| k.strip_prefix(&self.namespace).map(str::to_owned))
+            .collect()
+    }
+
+    /// Queues the additions (once per mark); whether the mark was new to this process.
+    fn push(&self, mark: Option<String>, adds: BTreeMap<String, Fields>) -> bool {
+        let mut cache = lock(&self.store.shared.cache);
+        if let Some(mark) = &mark
+            && !cache.marks.insert(mark.clone())
+        {
+            return false;
+        }
+        let cache = &mut *cache;
+        for (key, fields) in &adds {
+            add_into(&mut cache.pending_sum, key, fields);
+            cache.keys.insert(key.clone());
+        }
+        cache.pending.push(Group { mark, adds });
+        true
+    }
+
+    fn read(&self, key: &str) -> Fields {
+        let shared = &self.store.shared;
+        let mut cache = lock(&shared.cache);
+        if !cache.keys.contains(key) {
+            // A cold miss: the one read of this key that waits for the store (bounded by its
+            // timeout, and skipped while the store is known to be down). Later reads come from
+            // the cache the flush thread refreshes.
+            cache.keys.insert(key.to_owned());
+            if !cache.status.down {
+                drop(cache);
+                let read = lock(&shared.backend).read(&[key.to_owned()]);
+                cache = lock(&shared.cache);
+                match read {
+                    Ok(mut found) => {
+                        if let Some(fields) = found.remove(key) {
+                            cache.base.entry(key.to_owned()).or_insert(fields);
+                        }
+                    }
+                    Err(e) => note_down(shared, &mut cache, &e),
+                }
+            }
+        }
+        let mut fields = cache.base.get(key).cloned().unwrap_or_default();
+        for sum in [&cache.inflight_sum, &cache.pending_sum] {
+            if let Some(local) = sum.get(key) {
+                for (field, delta) in local {
+                    *fields.entry(field.clone()).or_insert(0.0) += delta;
+                }
+            }
+        }
+        fields
+    }
+
+    fn compare_and_set(&self, key: &str, version: u64, value: &str) -> bool {
+        let shared = &self.store.shared;
+        lock(&shared.cache).record_keys.insert(key.to_owned());
+        let mut backend = lock(&shared.backend);
+        let written = backend.compare_and_set(key, version, value);
+        let fresh = backend.records(&[key.to_owned()]);
+        drop(backend);
+        let mut cache = lock(&shared.cache);
+        if let Ok(mut fresh) = fresh
+            && let Some(record) = fresh.remove(key)
+        {
+            cache.records.insert(key.to_owned(), record);
+        }
+        match written {
+            Ok(written) => written,
+            Err(e) => {
+                tracing::warn!(store = %shared.url, key, error = format!("{e:#}"), "a compare-and-set could not reach the store; the decision waits");
+                cache.status.errors += 1;
+                cache.status.last_error = Some(format!("{e:#}"));
+                false
+            }
+        }
+    }
+}

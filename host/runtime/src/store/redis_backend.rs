@@ -1,0 +1,229 @@
+//! The fleet backend: Redis. A batch is one Lua script (atomic on the server): the batch id
+//! and each group's mark are set with NX, and a group's additions (HINCRBYFLOAT) run only when
+//! its mark was new. Keys: `store:f:<key>` (a hash of fields), `store:m:<mark>`,
+//! `store:r:<key>` (a record: version and value), `store:b:<batch id>` (expires after a week).
+//! The scripts touch keys they do not declare: a standalone server or a replica set, not a
+//! Redis Cluster.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{Map, Value, json};
+
+use super::{Backend, Batch, Fields, StoredRecord};
+
+const APPLY: &str = r"
+local batch = cjson.decode(ARGV[1])
+if not redis.call('SET', 'store:b:' .. batch.id, '1', 'NX', 'EX', 604800) then return 0 end
+for _, g in ipairs(batch.groups) do
+  local fresh = true
+  if g.mark then fresh = redis.call('SET', 'store:m:' .. g.mark, '1', 'NX') end
+  if fresh then
+    for key, fields in pairs(g.adds) do
+      for field, delta in pairs(fields) do
+        redis.call('HINCRBYFLOAT', 'store:f:' .. key, field, delta)
+      end
+    end
+  end
+end
+return 1
+";
+
+const CAS: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if v ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', v + 1, 'value', ARGV[2])
+return 1
+";
+
+pub(crate) struct Redis {
+    client: redis::Client,
+    conn: Option<redis::Connection>,
+    timeout: Duration,
+}
+
+impl Redis {
+    pub(crate) fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).context("not a Redis URL (redis://host:port/db)")?;
+        Ok(Self {
+            client,
+            conn: None,
+            timeout,
+        })
+    }
+
+    /// Runs `f` on a connection, made if needed; a failed call drops the connection, so the
+    /// next one reconnects.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> anyhow::Result<T> {
+        if self.conn.is_none() {
+            let conn = self
+                .client
+                .get_connection_with_timeout(self.timeout)
+                .context("connecting to Redis")?;
+            conn.set_read_timeout(Some(self.timeout))?;
+            conn.set_write_timeout(Some(self.timeout))?;
+            self.conn = Some(conn);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            anyhow::bail!("no Redis connection");
+        };
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.conn = None;
+                Err(e).context("Redis")
+            }
+        }
+    }
+}
+
+fn parse_fields(hash: HashMap<String, String>) -> Fields {
+    hash.into_iter()
+        .filter_map(|(field, value)| value.parse::<f64>().ok().map(|v| (field, v)))
+        .collect()
+}
+
+/// Escapes the glob characters of a SCAN pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Backend for Redis {
+    fn apply(&mut self, batch: &Batch) -> anyhow::Result<()> {
+        let groups: Vec<Value> = batch
+            .groups
+            .iter()
+            .map(|g| {
+                let adds: Map<String, Value> = g
+                    .adds
+                    .iter()
+                    .map(|(key, fields)| {
+                        let fields: Map<String, Value> = fields
+                            .iter()
+                            // As text: Lua numbers would lose digits on their way to Redis.
+                            .map(|(f, d)| (f.clone(), Value::String(format!("{d:?}"))))
+                            .collect();
+                        (key.clone(), Value::Object(fields))
+                    })
+                    .collect();
+                let mut group = json!({"adds": adds});
+                if let Some(mark) = &g.mark {
+                    group["mark"] = json!(mark);
+                }
+                group
+            })
+            .collect();
+        let text = json!({"id": batch.id, "groups": groups}).to_string();
+        self.with(|c| {
+            redis::cmd("EVAL")
+                .arg(APPLY)
+                .arg(0)
+                .arg(&text)
+                .query::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    fn read(&mut self, keys: &[String]) -> anyhow::Result<HashMap<String, Fields>> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HGETALL").arg(format!("store:f:{key}"));
+        }
+        let hashes: Vec<HashMap<String, String>> = self.with(|c| pipe.query(c))?;
+        Ok(keys
+            .iter()
+            .cloned()
+            .zip(hashes)
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(k, h)| (k, parse_fields(h)))
+            .collect())
+    }
+
+    fn records(&mut self, keys: &[String]) -> anyhow::Result<HashMap<String, StoredRecord>> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HMGET")
+                .arg(format!("store:r:{key}"))
+                .arg("version")
+                .arg("value");
+        }
+        let rows: Vec<(Option<u64>, Option<String>)> = self.with(|c| pipe.query(c))?;
+        Ok(keys
+            .iter()
+            .cloned()
+            .zip(rows)
+            .filter_map(|(k, row)| match row {
+                (Some(version), Some(value)) => Some((k, StoredRecord { version, value })),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn compare_and_set(&mut self, key: &str, version: u64, value: &str) -> anyhow::Result<bool> {
+        let written: i64 = self.with(|c| {
+            redis::cmd("EVAL")
+                .arg(CAS)
+                .arg(1)
+                .arg(format!("store:r:{key}"))
+                .arg(version)
+                .arg(value)
+                .query(c)
+        })?;
+        Ok(written == 1)
+    }
+
+    fn ping(&mut self) -> anyhow::Result<()> {
+        self.with(|c| redis::cmd("PING").query::<String>(c))?;
+        Ok(())
+    }
+
+    fn scan(&mut self, prefix: &str) -> anyhow::Result<Vec<(String, Fields)>> {
+        let pattern = format!("store:f:{}*", glob_escape(prefix));
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = self.with(|c| {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)
+            })?;
+            keys.extend(
+                batch
+                    .into_iter()
+                    .filter_map(|k| k.strip_prefix("store:f:").map(str::to_owned)),
+            );
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        let mut fields = self.read(&keys)?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| fields.remove(&k).map(|f| (k, f)))
+            .collect())
+    }
+}

@@ -1,0 +1,194 @@
+//! The worker's side of the shared store: which store a command opens, `worker store status`
+//! and `worker report` (the fleet-wide experiment table).
+
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use plugin_host::PluginHost;
+use plugin_host::store::{Store, StoreOptions};
+use serde_json::{Value, json};
+
+/// The file name of the default store in the state directory.
+pub const DEFAULT_STORE_FILE: &str = "store.db";
+
+/// Opens the store for a command: `url` (from `--store`), else `store` in the configuration
+/// file, else SQLite in the state directory. `none` means no store.
+///
+/// # Errors
+///
+/// The URL is not a store URL, or the SQLite file cannot be opened.
+pub fn open_store(
+    url: Option<&str>,
+    flush_ms: Option<u64>,
+    config_file: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<Option<Store>> {
+    // An invalid configuration file is reported by the host's builder, with its line.
+    let config = plugin_host::PluginsConfig::read(config_file).unwrap_or_default();
+    let url = match url.map(str::to_owned).or(config.store) {
+        Some(url) if url == "none" => return Ok(None),
+        Some(url) => url,
+        None => {
+            // Made as the state directory would be (owner only), before the host makes it.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+            format!("sqlite://{}", state_dir.join(DEFAULT_STORE_FILE).display())
+        }
+    };
+    let mut options = StoreOptions::default();
+    if let Some(ms) = flush_ms.or(config.store_flush_ms) {
+        if !(10..=3_600_000).contains(&ms) {
+            anyhow::bail!("storeFlushMs: {ms} is out of range; give 10 to 3600000 milliseconds");
+        }
+        options.flush_interval = Duration::from_millis(ms);
+    }
+    Store::open(&url, options).map(Some)
+}
+
+/// `worker store status`: the backend, whether it answers, the last flush, pending additions
+/// and errors.
+///
+/// # Errors
+///
+/// `out` cannot be written.
+pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let Some(store) = store else {
+        writeln!(
+            out,
+            "{}",
+            if json {
+                "{\"store\": null}"
+            } else {
+                "no store (--store none): each plugin keeps its own state file"
+            }
+        )?;
+        return Ok(());
+    };
+    let flushed = store.flush();
+    let status = store.status();
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&json!({"store": status}))?
+        )?;
+    } else {
+        writeln!(out, "backend:   {}", status.backend)?;
+        writeln!(
+            out,
+            "reachable: {}",
+            if status.reachable { "yes" } else { "no" }
+        )?;
+        writeln!(
+            out,
+            "last flush: {}",
+            status.last_flush_ms.map_or_else(
+                || "never".to_owned(),
+                |ms| format!("{ms} ms since the Unix epoch")
+            )
+        )?;
+        writeln!(out, "pending:   {}", status.pending)?;
+        writeln!(out, "errors:    {}", status.errors)?;
+        if let (Err(_), Some(e)) = (&flushed, &status.last_error) {
+            writeln!(out, "last error: {e}")?;
+        }
+    }
+    Ok(())
+}
+
+fn num(v: &Value, precision: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_owned(), |x| format!("{x:.precision$}"))
+}
+
+/// `worker report`: every experiment of the `experiment` plugin, as the whole fleet sees it in
+/// the store.
+///
+/// # Errors
+///
+/// There is no store, it cannot be reached, or the `experiment` plugin is not loaded.
+pub fn report(host: &PluginHost, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let store = host
+        .store()
+        .context("no store (--store none): there is no fleet-wide table to report")?;
+    // The first call names the keys the plugin reads; the flush fetches them from the store.
+    host.call("experiment", "stats", &json!({}))
+        .context("asking the experiment plugin for its statistics")?;
+    store.flush().context("reading the store")?;
+    let stats = host
+        .call("experiment", "stats", &json!({}))
+        .context("asking the experiment plugin for its statistics")?
+        .unwrap_or(Value::Null);
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+        return Ok(());
+    }
+    writeln!(out, "store: {}", store.status().backend)?;
+    writeln!(
+        out,
+        "{:<14} {:<10} {:>8} {:>7} {:>8} {:>7} {:>17} {:>8} {:>17} {:>8}",
+        "experiment",
+        "variant",
+        "assigned",
+        "units",
+        "outcomes",
+        "mean",
+        "95% interval",
+        "vs ctrl",
+        "95% interval",
+        "p-value"
+    )?;
+    let Some(experiments) = stats.as_object() else {
+        return Ok(());
+    };
+    for (name, experiment) in experiments {
+        let name = plugin_host::text::escape_control(name);
+        let empty = serde_json::Map::new();
+        let variants = experiment["variants"].as_object().unwrap_or(&empty);
+        for (variant, v) in variants {
+            let interval = |low: &Value, high: &Value| match (low.as_f64(), high.as_f64()) {
+                (Some(l), Some(h)) => format!("[{l:.3}, {h:.3}]"),
+                _ => "-".to_owned(),
+            };
+            let vs = &v["vsControl"];
+            let p = vs["pValue"].as_f64().map_or_else(
+                || "-".to_owned(),
+                |p| {
+                    if p < 0.001 {
+                        "<0.001".to_owned()
+                    } else {
+                        format!("{p:.3}")
+                    }
+                },
+            );
+            writeln!(
+                out,
+                "{name:<14} {:<10} {:>8} {:>7} {:>8} {:>7} {:>17} {:>8} {:>17} {p:>8}",
+                plugin_host::text::escape_control(variant),
+                num(&v["assigned"], 0),
+                num(&v["uniqueKeys"], 0),
+                num(&v["outcomes"], 0),
+                num(&v["meanScore"], 3),
+                interval(&v["ciLow"], &v["ciHigh"]),
+                vs["diff"]
+                    .as_f64()
+                    .map_or_else(|| "-".to_owned(), |d| format!("{d:+.3}")),
+                interval(&vs["ciLow"], &vs["ciHigh"]),
+            )?;
+        }
+        if experiment["sampleRatio"]["mismatch"].as_bool() == Some(true) {
+            writeln!(
+                out,
+                "{name}: SAMPLE-RATIO MISMATCH (p = {}): the assignments do not fit the weights; do not trust this comparison",
+                num(&experiment["sampleRatio"]["pValue"], 6)
+            )?;
+        }
+    }
+    Ok(())
+}

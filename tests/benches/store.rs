@@ -1,0 +1,100 @@
+//! The task pipeline with all the example plugins, their state in files (no store), in an
+//! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
+//! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
+//! fresh task ids (a store counts a task id once, so a replay would be cheaper), the three
+//! setups interleaved, 11 rounds; the medians are printed with their ratio to the file state.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use plugin_host::store::{Store, StoreOptions};
+use tests::{PluginDir, RedisServer};
+use worker::pipeline::{Pipeline, example_tasks};
+
+const PLUGINS: &[&str] = &[
+    "echo",
+    "experiment",
+    "bandit",
+    "champion",
+    "profiler",
+    "attribution",
+    "task-policy",
+    "model-router",
+];
+const ROUNDS: usize = 11;
+
+fn host(dir: &PluginDir, store: Option<Store>) -> plugin_host::PluginHost {
+    let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/plugins.json");
+    std::fs::copy(bundled, dir.path().join("plugins.json")).unwrap();
+    for name in PLUGINS {
+        dir.add(name, &format!("lib{}.so", name.replace('-', "_")));
+    }
+    let mut builder = worker::hooks::host_builder(dir.path()).with_shadow_dir(dir.shadow());
+    if let Some(store) = store {
+        builder = builder.with_store(store);
+    }
+    let host = builder.build().unwrap();
+    let report = host.scan().unwrap();
+    assert_eq!(report.loaded.len(), PLUGINS.len(), "{:?}", report.refused);
+    host
+}
+
+fn main() {
+    let tasks: Vec<String> = example_tasks(1200, 42)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let options = StoreOptions {
+        flush_interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(5),
+    };
+    let redis = RedisServer::start();
+    let sqlite_dir = tempfile::tempdir().unwrap();
+    let sqlite_url = format!("sqlite://{}", sqlite_dir.path().join("store.db").display());
+    let dirs = [PluginDir::new(), PluginDir::new(), PluginDir::new()];
+    let setups = [
+        ("file state", host(&dirs[0], None)),
+        (
+            "SQLite",
+            host(&dirs[1], Some(Store::open(&sqlite_url, options).unwrap())),
+        ),
+        (
+            "Redis",
+            host(&dirs[2], Some(Store::open(&redis.url(), options).unwrap())),
+        ),
+    ];
+    let mut times = vec![Vec::new(); setups.len()];
+    for round in 0..ROUNDS {
+        for (i, (_, host)) in setups.iter().enumerate() {
+            let text: String = tasks
+                .iter()
+                .map(|t| t.replacen("\"id\":\"", &format!("\"id\":\"{i}-{round}-"), 1) + "\n")
+                .collect();
+            let started = std::time::Instant::now();
+            let mut out = Vec::with_capacity(1 << 20);
+            let summary = Pipeline::new(host.clone())
+                .run_stream(Cursor::new(text.as_bytes()), &mut out, |_| {})
+                .unwrap();
+            assert_eq!(summary.completed, 1200);
+            times[i].push(started.elapsed().as_secs_f64());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = times.iter_mut().map(median).collect();
+    for ((name, _), m) in setups.iter().zip(&medians) {
+        println!(
+            "{name:<10} median of {ROUNDS} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state",
+            m * 1e3,
+            1200.0 / m,
+            (m / medians[0] - 1.0) * 100.0
+        );
+    }
+    for (_, host) in &setups {
+        host.shutdown();
+    }
+}

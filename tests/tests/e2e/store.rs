@@ -1,0 +1,271 @@
+//! The shared store plugins reach through `plugin_api::store`: two hosts (as two workers would
+//! be) on one SQLite file or one real Redis, with the fixture plugin built as a cdylib.
+
+use std::time::Duration;
+
+use plugin_host::store::{Store, StoreOptions};
+use serde_json::{Value, json};
+use tests::{PluginDir, RedisServer, eventually, fixture_build};
+
+fn options() -> StoreOptions {
+    StoreOptions {
+        flush_interval: Duration::from_millis(50),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// A host with the fixture plugin, offered `store`.
+fn host_with(dir: &PluginDir, store: &Store) -> plugin_host::PluginHost {
+    dir.add("fixture", "libfixture.so");
+    let host = worker::hooks::host_builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_store(store.clone())
+        .build()
+        .unwrap();
+    host.scan().unwrap();
+    host
+}
+
+fn n_of(host: &plugin_host::PluginHost, key: &str) -> Option<f64> {
+    host.execute("fixture", "storeRead", &json!({"key": key}))
+        .and_then(|v| v.get("n").and_then(Value::as_f64))
+}
+
+fn two_hosts_share(url: &str) {
+    let (dir_a, dir_b) = (PluginDir::new(), PluginDir::new());
+    let (store_a, store_b) = (
+        Store::open(url, options()).unwrap(),
+        Store::open(url, options()).unwrap(),
+    );
+    let (a, b) = (host_with(&dir_a, &store_a), host_with(&dir_b, &store_b));
+    let add = |host: &plugin_host::PluginHost, delta: f64, mark: Option<&str>| {
+        host.execute(
+            "fixture",
+            "storeAdd",
+            &json!({"key": "arm", "field": "n", "delta": delta, "mark": mark}),
+        )
+    };
+    // Applied locally at once, before any flush.
+    assert_eq!(add(&a, 3.0, Some("task-1")), Some(json!(true)));
+    assert_eq!(n_of(&a, "arm"), Some(3.0));
+    // The same mark again in this process: not counted.
+    assert_eq!(add(&a, 3.0, Some("task-1")), Some(json!(false)));
+    assert_eq!(n_of(&a, "arm"), Some(3.0));
+    store_a.flush().unwrap();
+    // Another worker scores the same task (a replay) and a new one.
+    assert_eq!(add(&b, 3.0, Some("task-1")), Some(json!(true)));
+    assert_eq!(add(&b, 2.0, Some("task-2")), Some(json!(true)));
+    assert_eq!(add(&b, 0.5, None), Some(json!(true)));
+    store_b.flush().unwrap();
+    for host in [&a, &b] {
+        assert!(
+            eventually(Duration::from_secs(30), || n_of(host, "arm") == Some(5.5)),
+            "both workers see 3 + 2 + 0.5 (task-1 once): {:?}",
+            n_of(host, "arm")
+        );
+    }
+    // Flushed marks are the store's to decide: task-1 again, after the flush, adds nothing.
+    add(&a, 3.0, Some("task-1"));
+    store_a.flush().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || n_of(&a, "arm") == Some(5.5)),
+        "task-1 replayed after a flush is not counted: {:?}",
+        n_of(&a, "arm")
+    );
+    // Keys are in the plugin's namespace.
+    let keys = store_a.scan("fixture", "").unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].0, "arm");
+    assert!(store_a.scan("other", "").unwrap().is_empty());
+    // Exactly one compare-and-set from version 0 wins; the loser then sees the winner's record.
+    let cas = |host: &plugin_host::PluginHost, who: &str| {
+        host.execute(
+            "fixture",
+            "storeCas",
+            &json!({"key": "decision", "version": 0, "value": {"by": who}}),
+        )
+    };
+    assert_eq!(cas(&a, "a"), Some(json!(true)));
+    assert_eq!(cas(&b, "b"), Some(json!(false)));
+    assert_eq!(
+        b.execute("fixture", "storeRecord", &json!({"key": "decision"})),
+        Some(json!({"version": 1, "value": {"by": "a"}}))
+    );
+    let status = store_b.status();
+    assert_eq!(status.pending, 0, "{status:?}");
+    assert!(status.last_flush_ms.is_some(), "{status:?}");
+}
+
+#[test]
+fn two_workers_share_a_sqlite_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    two_hosts_share(&url);
+}
+
+#[test]
+fn two_workers_share_a_redis_store() {
+    let redis = RedisServer::start();
+    two_hosts_share(&redis.url());
+}
+
+#[test]
+fn additions_made_while_redis_is_down_are_flushed_once_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let dir = PluginDir::new();
+    let store = Store::open(&redis.url(), options()).unwrap();
+    let host = host_with(&dir, &store);
+    let add = |mark: &str| {
+        host.execute(
+            "fixture",
+            "storeAdd",
+            &json!({"key": "arm", "field": "n", "delta": 1.0, "mark": mark}),
+        )
+    };
+    add("t1");
+    store.flush().unwrap();
+    redis.stop();
+    for mark in ["t2", "t3", "t4"] {
+        // The plugin goes on learning locally.
+        assert_eq!(add(mark), Some(json!(true)));
+    }
+    assert_eq!(n_of(&host, "arm"), Some(4.0));
+    assert!(store.flush().is_err());
+    let status = store.status();
+    assert!(
+        !status.reachable && status.pending > 0 && status.errors > 0,
+        "{status:?}"
+    );
+    redis.start_again();
+    assert!(
+        eventually(Duration::from_secs(60), || store.status().pending == 0),
+        "the pending additions reach Redis once it is back: {:?}",
+        store.status()
+    );
+    // A second store (another worker) reads what is in Redis: each task once.
+    let other = Store::open(&redis.url(), options()).unwrap();
+    let rows = other.scan("fixture", "arm").unwrap();
+    assert_eq!(rows[0].1.get("n"), Some(&4.0), "{rows:?}");
+}
+
+#[test]
+fn an_older_plugin_loads_in_a_host_with_a_store_and_has_none() {
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", state.path().join("store.db").display());
+    let store = Store::open(&url, options()).unwrap();
+    let dir = PluginDir::new();
+    let file = dir.add_file(&fixture_build("table-v1"), "libfixture.so");
+    let host = worker::hooks::host_builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_store(store.clone())
+        .build()
+        .unwrap();
+    let plugin = host.load(&file).unwrap();
+    assert_eq!(plugin.table_version, 1);
+    // Built before the store: its wrappers say "no store", and nothing reaches the store.
+    let added = host.call(
+        "fixture",
+        "storeAdd",
+        &json!({"key": "arm", "field": "n", "delta": 1.0}),
+    );
+    assert!(matches!(added, Ok(None | Some(Value::Null))), "{added:?}");
+    let read = host.call("fixture", "storeRead", &json!({"key": "arm"}));
+    assert!(matches!(read, Ok(None | Some(Value::Null))), "{read:?}");
+    store.flush().unwrap();
+    assert!(store.scan("fixture", "").unwrap().is_empty());
+}
+
+fn worker_json(dir: &PluginDir, state: &std::path::Path, args: &[&str]) -> Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env_remove("WORKER_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
+    let dir = PluginDir::new();
+    let state = dir.shadow().join("state");
+    // The default: SQLite in the state directory.
+    let status = worker_json(&dir, &state, &["store", "status", "--json"]);
+    assert_eq!(
+        status["store"]["backend"],
+        format!("sqlite://{}", state.join("store.db").display())
+    );
+    assert_eq!(status["store"]["reachable"], true, "{status}");
+    assert_eq!(status["store"]["pending"], 0, "{status}");
+    assert!(state.join("store.db").is_file());
+    // A Redis nobody listens on: not reachable, with the error, and the command still answers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let status = worker_json(
+        &dir,
+        &state,
+        &["--store", &url, "store", "status", "--json"],
+    );
+    assert_eq!(status["store"]["backend"], url);
+    assert_eq!(status["store"]["reachable"], false, "{status}");
+    assert!(status["store"]["errors"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["store"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("Redis"),
+        "{status}"
+    );
+    // `"store": "none"` in the configuration: no store.
+    dir.configure_file(&json!({"store": "none"}));
+    let status = worker_json(&dir, &state, &["store", "status", "--json"]);
+    assert_eq!(status, json!({"store": null}));
+}
+
+#[test]
+fn the_control_api_shows_the_store() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let worker = crate::serve::Worker::start(&dir, &state, &["--store-flush-ms", "50"]);
+    worker.http(
+        "POST",
+        "/v1/plugins/fixture/storeAdd",
+        br#"{"key": "arm", "field": "n", "delta": 2}"#,
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let status = worker.http("GET", "/v1/store", b"").json();
+            status["store"]["pending"] == 0 && status["store"]["lastFlushMs"].is_u64()
+        }),
+        "{}",
+        worker.http("GET", "/v1/store", b"").body
+    );
+    let status = worker.http("GET", "/v1/store", b"").json();
+    assert_eq!(
+        status["store"]["backend"],
+        format!("sqlite://{}", state.join("store.db").display())
+    );
+    assert_eq!(status["store"]["reachable"], true);
+    worker.stop();
+    // What the plugin added is in the store file for the next process.
+    let store = Store::open(
+        &format!("sqlite://{}", state.join("store.db").display()),
+        options(),
+    )
+    .unwrap();
+    let rows = store.scan("fixture", "").unwrap();
+    assert_eq!(rows[0].1.get("n"), Some(&2.0), "{rows:?}");
+}
