@@ -24,7 +24,7 @@ use crate::hooks::{
 use crate::hooks::{HookPoint, HookSpec};
 use crate::loader;
 use crate::state::StateStore;
-use crate::stats::{Outcome, PluginStats, StatsCell};
+use crate::stats::{CallKind, Latency, LatencyHistogram, Outcome, PluginStats, StatsCell};
 use crate::text::EscapeControl;
 use plugin_api::{HookMode, HookResult};
 use serde_json::Map;
@@ -96,6 +96,8 @@ struct Inner {
     /// Serializes load, unload, reload and scan. Never held during a plugin call other than
     /// the create/destroy/state calls those operations make.
     admin: Mutex<()>,
+    /// Whether the last [`PluginHost::reload_config`] failed (the configuration unreadable).
+    config_reload_failed: std::sync::atomic::AtomicBool,
 }
 
 /// The plugin host: loads plugins from a directory and calls them.
@@ -263,6 +265,27 @@ impl PluginHost {
             .collect();
         plugins.sort_by(|a, b| a.name.cmp(&b.name));
         plugins
+    }
+
+    /// The latency histograms of each loaded plugin (by name), one per method and hook point
+    /// with at least one timed call since the plugin was first loaded. Empty when calls are not
+    /// timed ([`with_call_timing(false)`](PluginHostBuilder::with_call_timing)).
+    pub fn latencies(&self) -> Vec<(String, Vec<LatencyHistogram>)> {
+        let registry = self.inner.registry.load();
+        let mut out: Vec<(String, Vec<LatencyHistogram>)> = registry
+            .iter()
+            .map(|(name, slot)| (name.to_string(), slot.stats.latencies()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Whether the last [`reload_config`](Self::reload_config) failed (by the watcher, a
+    /// rescan or an embedder's call); false before the first.
+    pub fn config_reload_failed(&self) -> bool {
+        self.inner
+            .config_reload_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// One loaded plugin.

@@ -59,4 +59,4 @@ pub use host::{
 };
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
-pub use stats::PluginStats;
+pub use stats::{CallKind, LATENCY_BUCKETS, LatencyHistogram, PluginStats, latency_bucket_bound};

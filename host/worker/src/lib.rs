@@ -16,6 +16,7 @@ pub mod config_check;
 pub mod hooks;
 pub mod http;
 mod lifecycle;
+pub mod metrics;
 pub mod pipeline;
 
 pub use lifecycle::Worker;

@@ -233,19 +233,19 @@ fn control_api_end_to_end() {
     assert!(
         metrics
             .body
-            .contains("plugin_calls_total{plugin=\"echo\"} 2"),
+            .contains("worker_plugin_calls_total{plugin=\"echo\"} 2\n"),
         "{}",
         metrics.body
     );
     assert!(
         metrics
             .body
-            .contains("plugin_panics_total{plugin=\"faulty\"} 1"),
+            .contains("worker_plugin_panics_total{plugin=\"faulty\"} 1\n"),
         "{}",
         metrics.body
     );
     assert!(
-        metrics.body.contains("plugin_refused_files 1"),
+        metrics.body.contains("worker_plugin_refused_files 1\n"),
         "{}",
         metrics.body
     );

@@ -225,6 +225,7 @@ impl PluginHostBuilder {
                 clock: self.call_timing.then(clock),
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
+                config_reload_failed: std::sync::atomic::AtomicBool::new(false),
                 saving: Mutex::new(()),
                 admin: Mutex::new(()),
             }),

@@ -282,11 +282,7 @@ impl PluginHost {
             .map(|slot| slot.load_order + 1)
             .max()
             .unwrap_or(0);
-        let slot = Slot {
-            generation: Arc::new(generation),
-            stats: Arc::default(),
-            load_order,
-        };
+        let slot = Slot::new(Arc::new(generation), Arc::default(), load_order);
         let mut next = registry.plugins.clone();
         next.insert(name.clone().into_boxed_str(), slot.clone());
         self.publish(next);
@@ -541,7 +537,7 @@ impl PluginHost {
             .get_mut(plugin)
             // Cannot happen under the admin lock; answered as the unload it would have been.
             .ok_or_else(|| not_loaded(plugin))?;
-        slot.generation = Arc::clone(&new);
+        *slot = Slot::new(Arc::clone(&new), Arc::clone(&slot.stats), slot.load_order);
         let slot = slot.clone();
         self.publish(next);
         drop(registry);
@@ -789,6 +785,14 @@ impl PluginHost {
     ///
     /// The file is invalid; the configuration in force stays.
     pub fn reload_config(&self) -> anyhow::Result<ScanReport> {
+        let result = self.reload_config_now();
+        self.inner
+            .config_reload_failed
+            .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    fn reload_config_now(&self) -> anyhow::Result<ScanReport> {
         let config = PluginsConfig::read(&self.inner.config_file)?;
         let old = self.inner.config.swap(Arc::new(config));
         let mut report = ScanReport::default();

@@ -32,6 +32,41 @@ pub(super) struct Slot {
     pub(super) generation: Arc<Generation>,
     pub(super) stats: Arc<StatsCell>,
     pub(super) load_order: u64,
+    /// The latency histogram of each method the generation declares, found on the call path by
+    /// a scan of this short list (no lock, no hash).
+    pub(super) methods: Arc<[(Box<str>, Arc<Latency>)]>,
+}
+
+impl Slot {
+    /// A slot for `generation` with `stats`, its method histograms taken from `stats`.
+    pub(super) fn new(generation: Arc<Generation>, stats: Arc<StatsCell>, load_order: u64) -> Slot {
+        let methods = generation
+            .manifest
+            .methods
+            .iter()
+            .map(|m| {
+                (
+                    m.name.clone().into_boxed_str(),
+                    stats.latency(CallKind::Method, &m.name),
+                )
+            })
+            .collect();
+        Slot {
+            generation,
+            stats,
+            load_order,
+            methods,
+        }
+    }
+
+    /// The latency histogram of `method`, `None` for a method the plugin does not declare.
+    #[inline]
+    pub(super) fn method_latency(&self, method: &str) -> Option<&Latency> {
+        self.methods
+            .iter()
+            .find(|(name, _)| **name == *method)
+            .map(|(_, latency)| &**latency)
+    }
 }
 
 /// Plugins by name.

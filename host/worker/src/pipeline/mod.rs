@@ -123,6 +123,7 @@ fn parsed_fields(value: Option<&Value>) -> (Option<String>, Option<String>) {
 pub struct Pipeline {
     host: PluginHost,
     max_line_bytes: usize,
+    metrics: Option<std::sync::Arc<crate::metrics::TaskMetrics>>,
 }
 
 /// The longest task line [`Pipeline::run_stream`] reads by default (16 MiB); a longer one gets an
@@ -296,7 +297,48 @@ impl Pipeline {
         Self {
             host,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            metrics: None,
         }
+    }
+
+    /// Counts each task that ends in `metrics` (what `/metrics` shows of tasks).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::TaskMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts a task that ended (when the pipeline has metrics).
+    fn count(&self, result: Result<&TaskRecord, &TaskError>, seconds: Option<f64>) {
+        use crate::metrics::{TaskEnd, TaskOutcome};
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let end = match result {
+            Ok(record) => TaskEnd {
+                task_type: &record.task_type,
+                handler: &record.handler,
+                variant: record.variant.as_deref().unwrap_or("-"),
+                outcome: TaskOutcome::Completed,
+                seconds,
+                score: record.score,
+            },
+            Err(error) => TaskEnd {
+                task_type: error.task_type.as_deref().unwrap_or("-"),
+                handler: "-",
+                variant: "-",
+                outcome: if error.not_a_task {
+                    TaskOutcome::BadLine
+                } else if error.blocked_by.is_some() {
+                    TaskOutcome::Blocked
+                } else {
+                    TaskOutcome::Failed
+                },
+                seconds: (!error.not_a_task).then_some(seconds).flatten(),
+                score: None,
+            },
+        };
+        metrics.record(end);
     }
 
     /// Sets the longest task line [`run_stream`](Self::run_stream) reads (default
@@ -348,6 +390,13 @@ impl Pipeline {
     ///
     /// The task failed or was blocked; the error says why.
     pub fn run_task(&self, task: Task) -> Result<TaskRecord, TaskError> {
+        let started = Instant::now();
+        let result = self.run_task_unmeasured(task);
+        self.count(result.as_ref(), Some(started.elapsed().as_secs_f64()));
+        result
+    }
+
+    fn run_task_unmeasured(&self, task: Task) -> Result<TaskRecord, TaskError> {
         let started = Instant::now();
         let host = &self.host;
         let mut calls = PluginCalls::default();
@@ -655,16 +704,20 @@ impl Pipeline {
                 Ok(record) => json!(record),
                 Err(error) => json!(error),
             },
-            Err(e) => json!(TaskError {
-                line: None,
-                id,
-                task_type,
-                error: format!(
-                    "not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
-                ),
-                blocked_by: None,
-                not_a_task: true,
-            }),
+            Err(e) => {
+                let error = TaskError {
+                    line: None,
+                    id,
+                    task_type,
+                    error: format!(
+                        "not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
+                    ),
+                    blocked_by: None,
+                    not_a_task: true,
+                };
+                self.count(Err(&error), None);
+                json!(error)
+            }
         }
     }
 
