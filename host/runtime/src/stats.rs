@@ -285,7 +285,10 @@ impl StatsCell {
 /// back); `panics` counts caught panics. A call to a method the plugin does not have counts as
 /// a call only. Latencies stay zero when the host was built with
 /// [`with_call_timing(false)`](crate::PluginHostBuilder::with_call_timing).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+///
+/// In JSON the latencies name their unit: `total_latency_us`, `mean_latency_us` and
+/// `max_latency_us`, in microseconds rounded to the nanosecond.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PluginStats {
     /// Calls that reached the plugin, hook invocations included.
     pub calls: u64,
@@ -294,10 +297,8 @@ pub struct PluginStats {
     /// Calls that panicked.
     pub panics: u64,
     /// Time spent in the plugin, summed.
-    #[serde(serialize_with = "as_micros")]
     pub total_latency: Duration,
     /// The longest call.
-    #[serde(serialize_with = "as_micros")]
     pub max_latency: Duration,
 }
 
@@ -314,8 +315,24 @@ impl PluginStats {
     }
 }
 
-fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e6)
+impl Serialize for PluginStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut out = s.serialize_struct("PluginStats", 6)?;
+        out.serialize_field("calls", &self.calls)?;
+        out.serialize_field("errors", &self.errors)?;
+        out.serialize_field("panics", &self.panics)?;
+        out.serialize_field("total_latency_us", &micros(self.total_latency))?;
+        out.serialize_field("mean_latency_us", &micros(self.mean_latency()))?;
+        out.serialize_field("max_latency_us", &micros(self.max_latency))?;
+        out.end()
+    }
+}
+
+/// Microseconds with three decimals (whole nanoseconds): no binary-fraction noise in JSON.
+fn micros(d: Duration) -> f64 {
+    // Exact: nanoseconds below 2^53 are exact in f64, and one division by 1000 rounds once.
+    d.as_nanos() as f64 / 1e3
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ pub enum Command {
               value_parser = clap::value_parser!(u64).range(1..))]
         max_line_bytes: u64,
         /// Also write the summary tables as JSON to FILE: {"rows", "completed", "failed",
-        /// "blocked", "bad_lines", "elapsed", "plugins", "experiments"}.
+        /// "blocked", "bad_lines", "elapsed_s", "plugins", "experiments"}.
         #[arg(long, value_name = "FILE")]
         summary_json: Option<PathBuf>,
         /// Exit 1 when any task failed, was blocked or was a bad line (the summary says how

@@ -331,7 +331,7 @@ fn strict_run_and_the_json_summary() {
         summary["rows"]["summarize/lead/-"]["mean_score"].is_number(),
         "{summary}"
     );
-    assert!(summary["elapsed"].is_number(), "{summary}");
+    assert!(summary["elapsed_s"].is_number(), "{summary}");
 
     let bad = format!("{good}\n{}\n", json!({"id": "c", "type": "summarize"}));
     let output = run(&bad, true);
@@ -422,4 +422,78 @@ fn completions_for_bash_zsh_and_fish() {
     );
     let output = worker(&dir, &["completions", "tcsh"]);
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// Every latency a JSON answer carries names its unit in the field (`_us`, `_ms`, `_s`), the
+/// same in `list --json` and the run summary, and carries no binary-fraction noise: at most
+/// three decimals.
+#[test]
+fn latencies_name_their_unit_and_carry_no_float_noise() {
+    let dir = PluginDir::new();
+    dir.add("profiler", "libprofiler.so");
+    let tasks = dir.shadow().join("tasks.jsonl");
+    let summary_file = dir.shadow().join("summary.json");
+    let lines: Vec<String> = (0..20)
+        .map(|i| json!({"id": format!("t{i}"), "type": "summarize", "input": {"title": "Orion", "text": "The Orion price is 5 dollars. Then more."}, "reference": "Orion"}).to_string())
+        .collect();
+    std::fs::write(&tasks, lines.join("\n") + "\n").unwrap();
+    let output = worker(
+        &dir,
+        &[
+            "run",
+            "--tasks",
+            tasks.to_str().unwrap(),
+            "--summary-json",
+            summary_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let summary: Value = serde_json::from_slice(&std::fs::read(&summary_file).unwrap()).unwrap();
+    let profiler = &summary["plugins"]["profiler"];
+    assert!(profiler["calls"].as_u64().unwrap() > 0, "{summary}");
+    for field in ["total_latency_us", "mean_latency_us", "max_latency_us"] {
+        assert!(
+            profiler[field].as_f64().unwrap() > 0.0,
+            "{field}: {summary}"
+        );
+    }
+    assert!(profiler.get("max_latency").is_none(), "{summary}");
+    assert!(summary["elapsed_s"].is_number(), "{summary}");
+    assert_no_float_noise(&summary);
+    for line in stdout(&output).lines() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        assert!(record["latency_ms"].is_number(), "{record}");
+        assert_no_float_noise(&record);
+    }
+
+    let list: Value = serde_json::from_str(&stdout(&worker(&dir, &["list", "--json"]))).unwrap();
+    let stats = &list["plugins"][0]["stats"];
+    for field in ["total_latency_us", "mean_latency_us", "max_latency_us"] {
+        assert!(stats[field].is_number(), "{field}: {list}");
+    }
+}
+
+/// Every number in `value` under a key that names a unit or a score has at most three decimals
+/// (four for scores).
+fn assert_no_float_noise(value: &Value) {
+    fn walk(key: &str, value: &Value) {
+        match value {
+            Value::Object(map) => map.iter().for_each(|(k, v)| walk(k, v)),
+            Value::Array(items) => items.iter().for_each(|v| walk(key, v)),
+            Value::Number(n) if n.is_f64() => {
+                let text = n.to_string();
+                let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
+                let limit = if key.ends_with("score") { 4 } else { 3 };
+                if key.ends_with("_us")
+                    || key.ends_with("_ms")
+                    || key.ends_with("_s")
+                    || key == "mean_score"
+                {
+                    assert!(decimals <= limit, "{key} = {text}");
+                }
+            }
+            _ => {}
+        }
+    }
+    walk("", value);
 }

@@ -87,6 +87,23 @@ fn metrics_are_prometheus_families_with_histograms_info_and_task_figures() {
     assert_eq!(answer.status, 200, "{}", answer.body);
     let handler = answer.json()[0]["handler"].as_str().unwrap().to_owned();
 
+    // The same figures in JSON name their unit.
+    let plugins = worker.http("GET", "/v1/plugins", b"").json();
+    let echo_stats = &plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "echo")
+        .unwrap()["stats"];
+    assert!(
+        echo_stats["max_latency_us"].as_f64().unwrap() > 0.0,
+        "{plugins}"
+    );
+    assert!(
+        echo_stats["mean_latency_us"].as_f64().unwrap() > 0.0,
+        "{plugins}"
+    );
+
     let metrics = scrape(&worker);
     assert_eq!(
         value(&metrics, "worker_plugin_calls_total", &[("plugin", "echo")]),

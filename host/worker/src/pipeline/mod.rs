@@ -118,6 +118,18 @@ fn parsed_fields(value: Option<&Value>) -> (Option<String>, Option<String>) {
     (field("id"), field("type"))
 }
 
+/// Milliseconds with three decimals (whole microseconds), so that results carry no
+/// binary-fraction noise (`0.014953000000000001`).
+pub(crate) fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
+}
+
+/// `x` rounded to `decimals` decimal places, for figures written to JSON.
+pub(crate) fn rounded(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
 /// The pipeline over a plugin host.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -619,7 +631,7 @@ impl Pipeline {
                 &mut after_step,
             )
         };
-        let latency_ms = handler_started.elapsed().as_secs_f64() * 1e3;
+        let latency_ms = millis(handler_started.elapsed());
         let mut output = match output {
             Ok(output) => output,
             Err(error) => {
@@ -691,7 +703,7 @@ impl Pipeline {
             role,
             score,
             latency_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            total_ms: millis(started.elapsed()),
             output,
         })
     }
