@@ -131,9 +131,9 @@ pub struct LoadedPlugin {
     pub generation: u64,
     /// Its methods with their descriptions.
     pub methods: Vec<plugin_api::MethodInfo>,
-    /// The hook points it subscribes to, as it declares them (`worker hooks` shows them after
-    /// configuration).
-    pub hooks: Vec<plugin_api::HookSubscription>,
+    /// The hook points it subscribes to, as configured: the priority and mode in force after
+    /// `plugins.json` (sets and per-hook overrides), or off (the same as `worker hooks`).
+    pub hooks: Vec<ConfiguredHook>,
     /// plugin-api version it was built with.
     pub api_version: String,
     /// Function table version it was built with.
@@ -142,6 +142,20 @@ pub struct LoadedPlugin {
     pub stats: PluginStats,
     /// Its circuit breaker and deadline.
     pub health: crate::health::PluginHealth,
+}
+
+/// One hook subscription of a loaded plugin, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfiguredHook {
+    /// The hook point.
+    pub hook: String,
+    /// The priority in force (lower runs first); the declared one when off.
+    pub priority: i32,
+    /// The mode in force; the declared one when off.
+    pub mode: HookMode,
+    /// The subscription does not run: switched off in `plugins.json`, or this host has no such
+    /// hook point.
+    pub off: bool,
 }
 
 /// What [`PluginHost::shutdown_within`] did.
@@ -337,6 +351,32 @@ impl PluginHost {
         refused
     }
 
+    /// `manifest`'s subscriptions with the configuration in force applied.
+    fn configured_hooks(&self, name: &str, manifest: &Manifest) -> Vec<ConfiguredHook> {
+        let config = self.inner.config.load_full();
+        let settings = self.settings_in(&config, name);
+        manifest
+            .hooks
+            .iter()
+            .map(|s| {
+                let declared = (s.priority, s.mode);
+                let configured = self
+                    .hook_point(&s.hook)
+                    .and_then(|_| config.hook_settings(&settings, name, &s.hook, declared));
+                let ((priority, mode), off) = match configured {
+                    Some(in_force) => (in_force, false),
+                    None => (declared, true),
+                };
+                ConfiguredHook {
+                    hook: s.hook.clone(),
+                    priority,
+                    mode,
+                    off,
+                }
+            })
+            .collect()
+    }
+
     fn describe(&self, name: &str, slot: &Slot) -> LoadedPlugin {
         let generation = &slot.generation;
         let manifest = &generation.manifest;
@@ -348,7 +388,7 @@ impl PluginHost {
             shadow_file: generation.library.shadow_path().to_path_buf(),
             generation: generation.number,
             methods: manifest.methods.clone(),
-            hooks: manifest.hooks.clone(),
+            hooks: self.configured_hooks(name, manifest),
             api_version: manifest.api_version.clone(),
             table_version: manifest.table_version,
             stats: slot.stats.snapshot(self.inner.clock.as_ref()),

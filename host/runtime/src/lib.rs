@@ -54,8 +54,8 @@ pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
 };
 pub use host::{
-    Abandoned, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport,
-    ShutdownReport,
+    Abandoned, ConfiguredHook, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal,
+    ScanReport, ShutdownReport,
 };
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};

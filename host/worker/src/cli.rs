@@ -513,14 +513,19 @@ fn write_list(
                 EscapeControl(&method.description)
             )?;
         }
+        // As configured, the same as `worker hooks` shows them.
         for hook in &plugin.hooks {
-            writeln!(
-                out,
-                "    @ {} ({}, priority {})",
-                EscapeControl(&hook.hook),
-                hook.mode,
-                hook.priority
-            )?;
+            if hook.off {
+                writeln!(out, "    @ {} off", EscapeControl(&hook.hook))?;
+            } else {
+                writeln!(
+                    out,
+                    "    @ {} ({}, priority {})",
+                    EscapeControl(&hook.hook),
+                    hook.mode,
+                    hook.priority
+                )?;
+            }
         }
     }
     if !refused.is_empty() {

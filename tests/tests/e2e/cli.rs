@@ -497,3 +497,43 @@ fn assert_no_float_noise(value: &Value) {
     }
     walk("", value);
 }
+
+/// `worker list` shows each subscription as configured (priority and mode after `plugins.json`,
+/// or off), the same as `worker hooks`, in text and in JSON.
+#[test]
+fn list_shows_subscriptions_as_configured() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    dir.configure(&json!({
+        "fixture": {"hooks": {
+            "task.scored": {"priority": 7, "mode": "audit"},
+            "task.received": {"enabled": false},
+        }}
+    }));
+    let text = stdout(&worker(&dir, &["list"]));
+    assert!(text.contains("@ task.scored (audit, priority 7)"), "{text}");
+    assert!(text.contains("@ task.received off"), "{text}");
+    assert!(
+        text.contains("@ task.error (sequential, priority 100)"),
+        "{text}"
+    );
+    let hooks = stdout(&worker(&dir, &["hooks"]));
+    assert!(
+        hooks.contains("fixture (plugin) audit priority 7"),
+        "{hooks}"
+    );
+
+    let list: Value = serde_json::from_str(&stdout(&worker(&dir, &["list", "--json"]))).unwrap();
+    let subscriptions = list["plugins"][0]["hooks"].as_array().unwrap();
+    let find = |hook: &str| {
+        subscriptions
+            .iter()
+            .find(|s| s["hook"] == hook)
+            .unwrap_or_else(|| panic!("{hook} in {list}"))
+    };
+    assert_eq!(
+        find("task.scored"),
+        &json!({"hook": "task.scored", "priority": 7, "mode": "audit", "off": false})
+    );
+    assert_eq!(find("task.received")["off"], true);
+}
