@@ -98,6 +98,8 @@ struct Inner {
     admin: Mutex<()>,
     /// Whether the last [`PluginHost::reload_config`] failed (the configuration unreadable).
     config_reload_failed: std::sync::atomic::AtomicBool,
+    /// Why the state directory given with `with_state_dir_best_effort` is not used.
+    state_dir_error: Option<String>,
 }
 
 /// The plugin host: loads plugins from a directory and calls them.
@@ -300,6 +302,23 @@ impl PluginHost {
         self.inner
             .config_reload_failed
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Why the state directory given with
+    /// [`with_state_dir_best_effort`](PluginHostBuilder::with_state_dir_best_effort) could not
+    /// be used; `None` when it is used (or none was given).
+    pub fn state_dir_error(&self) -> Option<&str> {
+        self.inner.state_dir_error.as_deref()
+    }
+
+    /// Whether loaded `plugin` keeps state: its `save_state` answers some state now (or fails,
+    /// which counts as keeping state). False for a plugin that is not loaded.
+    pub fn keeps_state(&self, plugin: &str) -> bool {
+        let registry = self.inner.registry.load();
+        let Some(slot) = registry.get(plugin) else {
+            return false;
+        };
+        !matches!(slot.generation.library.save_state(), None | Some(Ok(None)))
     }
 
     /// One loaded plugin.

@@ -326,11 +326,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         builder = builder.with_config_file(config);
     }
-    if matches!(
-        cli.command,
-        Command::Run { .. } | Command::Serve { .. } | Command::Call { .. }
-    ) {
-        builder = builder.with_state_dir(&cli.state_dir);
+    // `list` and `hooks` only read: they never create or touch the state directory. `call`
+    // can do without one for a plugin that keeps no state (checked before the call).
+    match cli.command {
+        Command::Run { .. } | Command::Serve { .. } => {
+            builder = builder.with_state_dir(&cli.state_dir);
+        }
+        Command::Call { .. } => builder = builder.with_state_dir_best_effort(&cli.state_dir),
+        _ => {}
     }
     if let Command::Serve { listen, .. } = &cli.command {
         // Said before any plugin loads.
@@ -445,6 +448,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             strict,
             ..
         } => {
+            if let Some(error) = host.state_dir_error()
+                && host.keeps_state(&plugin)
+            {
+                anyhow::bail!(
+                    "plugin `{}` keeps state, and {error}; without it the call would run on fresh state and lose what it changes",
+                    EscapeControl(&plugin)
+                );
+            }
             let (answer, code) = match host.call(&plugin, &method, &params) {
                 Ok(answer) => (answer, ExitCode::SUCCESS),
                 Err(e) => {

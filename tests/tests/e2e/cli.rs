@@ -537,3 +537,50 @@ fn list_shows_subscriptions_as_configured() {
     );
     assert_eq!(find("task.received")["off"], true);
 }
+
+/// `list` and `hooks` only read: they do not create the state directory. `call` of a plugin
+/// that keeps no state answers even when the state directory cannot be used; a plugin that
+/// keeps state is refused with the reason, rather than run on fresh state.
+#[test]
+fn read_only_commands_leave_the_state_directory_alone() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    dir.add("fixture", "libfixture.so");
+    let run = |state: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+            .arg("--plugins")
+            .arg(dir.path())
+            .arg("--state-dir")
+            .arg(state)
+            .args(args)
+            .env_remove("WORKER_LOG")
+            .output()
+            .unwrap()
+    };
+    let state = dir.shadow().join("never-made");
+    for args in [
+        &["list"][..],
+        &["list", "--json"],
+        &["hooks"],
+        &["hooks", "--json"],
+    ] {
+        let output = run(&state, args);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        assert!(!state.exists(), "{args:?} created {}", state.display());
+    }
+
+    let not_a_dir = dir.shadow().join("a-file");
+    std::fs::write(&not_a_dir, "not a directory").unwrap();
+    let output = run(&not_a_dir, &["call", "echo", "echo", r#"{"x": 1}"#]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), r#"{"x":1}"#);
+
+    let output = run(&not_a_dir, &["call", "fixture", "total"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("plugin `fixture` keeps state") && err.contains("a-file"),
+        "{err}"
+    );
+    assert!(stdout(&output).is_empty());
+}

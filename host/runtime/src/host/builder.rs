@@ -31,6 +31,8 @@ pub struct PluginHostBuilder {
     pub(super) overrides: BTreeMap<String, PluginSettings>,
     pub(super) call_timing: bool,
     pub(super) state_dir: Option<PathBuf>,
+    /// Whether an unusable state directory leaves the host without one instead of failing.
+    pub(super) state_dir_best_effort: bool,
     pub(super) fire_and_forget_capacity: usize,
     pub(super) hook_points: &'static [HookSpec],
     pub(super) file_policy: loader::FilePolicy,
@@ -109,6 +111,17 @@ impl PluginHostBuilder {
         self
     }
 
+    /// As [`with_state_dir`](Self::with_state_dir), but a directory that cannot be used
+    /// (cannot be created, not a directory, unsafe permissions) does not fail
+    /// [`build`](Self::build): the host keeps no state, and
+    /// [`PluginHost::state_dir_error`] says why. For a caller that can do without state for
+    /// plugins that keep none ([`PluginHost::keeps_state`]).
+    pub fn with_state_dir_best_effort(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self.state_dir_best_effort = true;
+        self
+    }
+
     /// Reads the plugin configuration from `file` instead of `plugins.json` in the plugins
     /// directory.
     pub fn with_config_file(mut self, file: impl Into<PathBuf>) -> Self {
@@ -173,7 +186,12 @@ impl PluginHostBuilder {
         let state = self
             .state_dir
             .map(|dir| StateStore::new(dir, self.file_policy.insecure_permissions))
-            .transpose()?;
+            .transpose();
+        let (state, state_dir_error) = match state {
+            Ok(state) => (state, None),
+            Err(e) if self.state_dir_best_effort => (None, Some(format!("{e:#}"))),
+            Err(e) => return Err(e),
+        };
         let (shadow_dir, remove_shadow_dir, shadow_lock) = match self.shadow_dir {
             Some(dir) => {
                 check_parent_dir(&dir)?;
@@ -226,6 +244,7 @@ impl PluginHostBuilder {
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
                 config_reload_failed: std::sync::atomic::AtomicBool::new(false),
+                state_dir_error,
                 saving: Mutex::new(()),
                 admin: Mutex::new(()),
             }),
@@ -445,6 +464,7 @@ impl PluginHost {
             overrides: BTreeMap::new(),
             call_timing: true,
             state_dir: None,
+            state_dir_best_effort: false,
             fire_and_forget_capacity: 1024,
             hook_points: &[],
             file_policy: loader::FilePolicy::default(),
