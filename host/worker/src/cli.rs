@@ -15,6 +15,7 @@ use tracing_subscriber::prelude::*;
 
 use crate::Worker;
 use crate::http::{ControlOptions, ControlServer, Token};
+use crate::state_lock::StateLock;
 use plugin_host::text::EscapeControl;
 use plugin_host::watch::{WatchOptions, Watcher};
 use plugin_host::{LoadedPlugin, PluginHost, Refusal};
@@ -205,6 +206,20 @@ pub enum Command {
         /// not JSON).
         #[arg(long)]
         strict: bool,
+        /// Call through the control API of the worker serving at URL (http://HOST:PORT or
+        /// unix:PATH, as `worker serve` prints it) instead of loading the plugins here: the way
+        /// to call while `serve` holds the state directory.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// With --server: the file holding the control API token [default:
+        /// STATE_DIR/control-token].
+        #[arg(
+            long,
+            value_name = "FILE",
+            env = "WORKER_TOKEN_FILE",
+            requires = "server"
+        )]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -311,6 +326,34 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Call {
+        plugin,
+        method,
+        strict,
+        server: Some(server),
+        token_file,
+        ..
+    } = &cli.command
+    {
+        let token_file = token_file
+            .clone()
+            .unwrap_or_else(|| cli.state_dir.join("control-token"));
+        let token = Token::from_file(&token_file)?;
+        // The server's own deadline, and time to spare for the exchange.
+        let timeout = Duration::from_millis(cli.call_timeout_ms) + Duration::from_secs(30);
+        let remote = crate::remote::call(server, token.secret(), plugin, method, &params, timeout)?;
+        let code = match (&remote.noop_reason, strict, remote.missing) {
+            (None, _, _) | (Some(_), false, _) => ExitCode::SUCCESS,
+            (Some(_), true, true) => ExitCode::from(EXIT_CALL_MISSING),
+            (Some(_), true, false) => ExitCode::from(EXIT_CALL_FAILED),
+        };
+        if let Some(reason) = &remote.noop_reason {
+            eprintln!("note: the call answered nothing: {}", EscapeControl(reason));
+        }
+        writeln!(out, "{}", serde_json::to_string(&remote.answer)?)
+            .context("writing the answer")?;
+        return Ok(code);
+    }
     let mut builder = crate::hooks::host_builder(&cli.plugins)
         .with_insecure_permissions(cli.insecure_permissions)
         .with_max_plugin_size(cli.max_plugin_size_mb << 20)
@@ -356,6 +399,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
     );
     let host = builder.build()?;
+    // One writer per state directory, taken before any plugin loads (and restores its state).
+    let mut state_lock = match &cli.command {
+        Command::Run { .. } => Some(StateLock::take(&cli.state_dir, "run")?),
+        Command::Serve { .. } => Some(StateLock::take(&cli.state_dir, "serve")?),
+        Command::Call { .. } if host.state_dir_error().is_none() => {
+            Some(StateLock::take(&cli.state_dir, "call")?)
+        }
+        _ => None,
+    };
     match (&cli.command, host.scan()) {
         (_, Ok(_)) => {}
         // The task pipeline runs on its defaults without any plugin.
@@ -401,7 +453,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 checkpoint_interval: Duration::from_secs(checkpoint_interval),
                 shutdown_timeout: Duration::from_secs(shutdown_timeout),
             };
-            return serve(&host, serving, out);
+            return serve(&host, serving, state_lock.as_mut(), out);
         }
         Command::List { json } => {
             let plugins = host.plugins();
@@ -589,7 +641,12 @@ fn start_checkpoints(
 }
 
 /// The long-running worker: control API, watcher, signals, graceful shutdown.
-fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+fn serve(
+    host: &PluginHost,
+    serving: Serving,
+    state_lock: Option<&mut StateLock>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let Serving {
         listen,
@@ -610,6 +667,9 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
     };
     let options = ControlOptions::new(token).with_metrics_public(metrics_public);
     let server = ControlServer::start(host.clone(), &listen, options)?;
+    if let Some(lock) = state_lock {
+        lock.announce(&server.address().to_string(), &token_file);
+    }
     let watcher = if watch {
         Some(Watcher::start(host.clone(), WatchOptions::default())?)
     } else {

@@ -914,6 +914,10 @@ fn route(
                     answer
                         .headers
                         .push(("X-Noop-Reason", e.to_string().replace(['\r', '\n'], " ")));
+                    answer.headers.push((
+                        "X-Noop-Kind",
+                        if e.is_missing() { "missing" } else { "failed" }.to_owned(),
+                    ));
                     if !e.is_missing() && !matches!(e, PluginCallError::CircuitOpen { .. }) {
                         tracing::warn!(plugin, method = method_name, error = %e, "plugin call failed; answering null");
                     }

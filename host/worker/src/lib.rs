@@ -18,6 +18,8 @@ pub mod http;
 mod lifecycle;
 pub mod metrics;
 pub mod pipeline;
+mod remote;
+pub mod state_lock;
 
 pub use lifecycle::Worker;
 

@@ -175,7 +175,8 @@ impl PlantedState {
         let left: Vec<String> = std::fs::read_dir(&self.state)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n != ".fixture.json.tmp" && n != "fixture.json")
+            // worker.lock: the state directory's lock (one writer at a time).
+            .filter(|n| n != ".fixture.json.tmp" && n != "fixture.json" && n != "worker.lock")
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }
