@@ -205,8 +205,14 @@ impl Drop for Inner {
         slots.sort_by_key(|(_, slot)| std::cmp::Reverse(slot.load_order));
         for (name, slot) in slots {
             let generation = slot.generation.number;
+            let version = slot.generation.manifest.version.clone();
             drop(slot);
-            tracing::debug!(plugin = %name, generation, "plugin unloaded at shutdown");
+            tracing::debug!(
+                plugin = %EscapeControl(&name),
+                version = %EscapeControl(&version),
+                generation,
+                "plugin unloaded at shutdown"
+            );
         }
         if self.remove_shadow_dir {
             // Only succeeds when empty: a plugin still mapped keeps its copy (and then the

@@ -42,6 +42,7 @@ pub mod hooks;
 mod host;
 mod layout;
 mod loader;
+mod plugin_log;
 mod state;
 mod stats;
 pub mod text;

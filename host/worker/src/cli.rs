@@ -72,7 +72,8 @@ pub struct Cli {
     pub call_timeout_ms: u64,
 
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
-    /// such as `warn,plugin_host=debug`.
+    /// such as `warn,plugin_host=debug`. A plugin's own events have its name as their target:
+    /// `warn,rate_limiter=off` silences plugin `rate_limiter`, `warn,echo=debug` raises `echo`.
     /// Empty means the default.
     #[arg(
         long,
@@ -83,9 +84,29 @@ pub struct Cli {
     )]
     pub log: String,
 
+    /// How log lines are written on stderr: `text` for people, `json` for log collectors (one
+    /// JSON object per event: timestamp, level, target, fields).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        env = "WORKER_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The format of the log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// The worker's commands.
@@ -242,13 +263,30 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (text, json) = match cli.log_format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            ),
+        ),
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(filter),
-        )
+        .with(filter)
+        .with(text)
+        .with(json)
         .init();
     match run(cli, &mut std::io::stdout().lock()) {
         Ok(code) => code,

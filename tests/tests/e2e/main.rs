@@ -17,6 +17,7 @@ mod hardening_loader;
 mod hardening_review;
 mod hooks;
 mod lifecycle;
+mod logs;
 mod metrics;
 mod pipeline;
 mod recovery;

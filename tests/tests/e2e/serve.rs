@@ -324,10 +324,8 @@ fn state_survives_a_restart_after(signal: &str) {
     assert!(status.success(), "SIG{signal}: {status}\n{log}");
     assert!(state.join("experiment.json").is_file(), "SIG{signal}");
     assert!(state.join("fixture.json").is_file(), "SIG{signal}");
-    let fixture_at = log.find("plugin unloaded plugin=\"fixture\"").expect(&log);
-    let experiment_at = log
-        .find("plugin unloaded plugin=\"experiment\"")
-        .expect(&log);
+    let fixture_at = log.find("plugin unloaded plugin=fixture ").expect(&log);
+    let experiment_at = log.find("plugin unloaded plugin=experiment ").expect(&log);
     assert!(
         fixture_at < experiment_at,
         "SIG{signal}: not unloaded in reverse load order:\n{log}"

@@ -287,7 +287,7 @@ impl PluginHost {
         next.insert(name.clone().into_boxed_str(), slot.clone());
         self.publish(next);
         tracing::info!(
-            plugin = %name,
+            plugin = %EscapeControl(&name),
             version = %EscapeControl(&slot.generation.manifest.version),
             generation = slot.generation.number,
             file = %EscapePath(file),
@@ -546,7 +546,9 @@ impl PluginHost {
         // A checkpoint of the new generation: what it was given survives a crash from now on.
         self.save_state(plugin, &new);
         tracing::info!(
-            plugin,
+            plugin = %EscapeControl(plugin),
+            version = %EscapeControl(&new.manifest.version),
+            from_version = %EscapeControl(&old.manifest.version),
             from_generation = old.number,
             generation = new.number,
             file = %EscapePath(&old.file),
@@ -569,7 +571,7 @@ impl PluginHost {
         let started = Instant::now();
         let generation = &slot.generation;
         tracing::info!(
-            plugin,
+            plugin = %EscapeControl(plugin),
             version = %EscapeControl(&generation.manifest.version),
             generation = generation.number,
             file = %EscapePath(&generation.file),
@@ -804,7 +806,11 @@ impl PluginHost {
             }
             if !now.enabled {
                 self.unload(&plugin.name)?;
-                tracing::info!(plugin = %plugin.name, "unloaded: disabled in the configuration");
+                tracing::info!(
+                    plugin = %EscapeControl(&plugin.name),
+                    version = %EscapeControl(&plugin.version),
+                    "unloaded: disabled in the configuration"
+                );
             } else if let Err(e) = self.reload(&plugin.name) {
                 report.refused.push(e);
             } else {
