@@ -199,6 +199,16 @@ pub enum Command {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Write a new plugin crate NAME: a Cargo.toml (cdylib, with a plugin-api dependency that
+    /// resolves from there) and a src/lib.rs with one typed method, one hook, state and a
+    /// Harness test. It builds with `cargo build --release` and loads as it is.
+    New {
+        /// The plugin's name (also the crate's): lowercase letters, digits, `-` and `_`.
+        name: String,
+        /// Where to write it [default: ./NAME]; must be absent or empty.
+        #[arg(long, value_name = "DIR")]
+        path: Option<PathBuf>,
+    },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
         /// How many tasks.
@@ -358,6 +368,19 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             .context("writing the completion script")?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::New { name, path } = &cli.command {
+        let dir = crate::scaffold::new_plugin(name, path.as_deref())?;
+        let lib = name.replace('-', "_");
+        writeln!(
+            out,
+            "created plugin crate `{name}` in {}\nbuild it:  (cd {} && cargo build --release)\nload it:   cp {}/target/release/lib{lib}.so {}/",
+            EscapePath(&dir),
+            EscapePath(&dir),
+            EscapePath(&dir),
+            EscapePath(&cli.plugins),
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::ExampleTasks { count, seed } = &cli.command {
         for task in crate::pipeline::example_tasks(*count, *seed) {
             writeln!(out, "{task}")?;
@@ -456,7 +479,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     }
     crate::config_check::warn_unknown_entries(&host);
     match cli.command {
-        Command::ExampleTasks { .. } | Command::Completions { .. } => {}
+        Command::ExampleTasks { .. } | Command::Completions { .. } | Command::New { .. } => {}
         Command::Run {
             tasks,
             out: out_file,

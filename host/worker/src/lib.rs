@@ -19,6 +19,7 @@ mod lifecycle;
 pub mod metrics;
 pub mod pipeline;
 mod remote;
+mod scaffold;
 pub mod state_lock;
 
 pub use lifecycle::Worker;

@@ -19,6 +19,7 @@ mod hooks;
 mod lifecycle;
 mod logs;
 mod metrics;
+mod new_plugin;
 mod pipeline;
 mod recovery;
 mod refusals;
