@@ -959,38 +959,40 @@ fn run_tasks(
     Ok(ExitCode::SUCCESS)
 }
 
-/// A progress bar on stderr, drawn only when stderr is a terminal and the input's size is known.
+/// A progress bar on stderr (indicatif): bytes of the tasks file read, the rate and the time
+/// left. Drawn only when stderr is a terminal and the input's size is known.
 struct Progress {
-    total: Option<u64>,
-    shown: u64,
+    bar: indicatif::ProgressBar,
 }
 
 impl Progress {
     fn new(total: Option<u64>) -> Self {
-        let total = total.filter(|t| *t > 0 && std::io::stderr().is_terminal());
-        Self { total, shown: 0 }
+        let bar = match total.filter(|t| *t > 0 && std::io::stderr().is_terminal()) {
+            Some(total) => {
+                let bar = indicatif::ProgressBar::with_draw_target(
+                    Some(total),
+                    indicatif::ProgressDrawTarget::stderr(),
+                );
+                // A template of our own: it cannot fail to parse, but a failure would only
+                // lose the bar, never the run.
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "[{bar:25}] {percent:>3}%  {bytes}/{total_bytes}  {binary_bytes_per_sec}  eta {eta}",
+                ) {
+                    bar.set_style(style.progress_chars("#>-"));
+                }
+                bar
+            }
+            None => indicatif::ProgressBar::hidden(),
+        };
+        Self { bar }
     }
 
     fn update(&mut self, bytes: u64) {
-        let Some(total) = self.total else {
-            return;
-        };
-        let percent = (bytes * 100 / total).min(100);
-        if percent != self.shown {
-            self.shown = percent;
-            let filled = (percent / 4) as usize;
-            eprint!(
-                "\r[{}{}] {percent:>3}%",
-                "#".repeat(filled),
-                " ".repeat(25 - filled)
-            );
-        }
+        self.bar.set_position(bytes);
     }
 
     fn done(&mut self) {
-        if self.total.is_some() {
-            eprintln!();
-        }
+        self.bar.finish();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `worker` command line: output and exit codes.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
@@ -583,4 +584,54 @@ fn read_only_commands_leave_the_state_directory_alone() {
         "{err}"
     );
     assert!(stdout(&output).is_empty());
+}
+
+/// `worker run` draws a progress bar with the rate and the time left when stderr is a terminal
+/// (a real pseudo-terminal, through `script`), and nothing of it otherwise.
+#[test]
+fn run_shows_a_progress_bar_with_rate_and_eta_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: needs `script` (util-linux) for a pseudo-terminal");
+        return;
+    }
+    let dir = PluginDir::new();
+    let tasks = dir.shadow().join("tasks.jsonl");
+    let results = dir.shadow().join("results.jsonl");
+    let example = worker(&dir, &["example-tasks", "--count", "300"]);
+    std::fs::write(&tasks, &example.stdout).unwrap();
+    let quote =
+        |p: &std::path::Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let command = format!(
+        "{} --plugins {} --state-dir {} run --tasks {} --out {}",
+        quote(Path::new(env!("CARGO_BIN_EXE_worker-under-test"))),
+        quote(&dir.path()),
+        quote(&dir.shadow().join("state")),
+        quote(&tasks),
+        quote(&results),
+    );
+    let output = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env_remove("WORKER_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&output.stdout).replace('\r', "\n");
+    assert!(output.status.success(), "{shown}");
+    assert!(shown.contains("100%"), "{shown}");
+    assert!(shown.contains("eta "), "{shown}");
+    assert!(shown.contains("B/s"), "{shown}");
+    assert!(shown.contains("300 tasks done"), "{shown}");
+
+    let plain = worker(
+        &dir,
+        &[
+            "run",
+            "--tasks",
+            tasks.to_str().unwrap(),
+            "--out",
+            results.to_str().unwrap(),
+        ],
+    );
+    assert!(plain.status.success());
+    assert!(!stderr(&plain).contains("eta "), "{}", stderr(&plain));
 }
