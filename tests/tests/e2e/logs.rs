@@ -65,6 +65,7 @@ fn json_log_lines_are_one_object_per_event() {
     assert_eq!(loaded["level"], "INFO");
     assert_eq!(loaded["fields"]["plugin"], "fixture");
     assert_eq!(loaded["fields"]["version"], "0.1.0");
+    assert!(loaded["fields"]["took_us"].is_u64(), "{loaded}");
     let hello = events
         .iter()
         .find(|e| {

@@ -291,7 +291,7 @@ impl PluginHost {
             version = %EscapeControl(&slot.generation.manifest.version),
             generation = slot.generation.number,
             file = %EscapePath(file),
-            took_us = started.elapsed().as_micros(),
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "plugin loaded"
         );
         Ok(self.describe(&name, &slot))
@@ -552,7 +552,7 @@ impl PluginHost {
             from_generation = old.number,
             generation = new.number,
             file = %EscapePath(&old.file),
-            took_us = started.elapsed().as_micros(),
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "plugin reloaded"
         );
         Ok(self.describe(plugin, &slot))
@@ -575,7 +575,7 @@ impl PluginHost {
             version = %EscapeControl(&generation.manifest.version),
             generation = generation.number,
             file = %EscapePath(&generation.file),
-            took_us = started.elapsed().as_micros(),
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "plugin unloaded"
         );
     }
