@@ -249,7 +249,8 @@ extern "C" fn host_call(
     }
 }
 
-/// Re-emits a plugin's `tracing` event on the host's subscriber, tagged with the plugin's name.
+/// Re-emits a plugin's `tracing` event on the host's subscriber, with the plugin's name as its
+/// target.
 extern "C" fn host_log(context: HostContext, level: u8, target: RStr<'_>, message: RStr<'_>) {
     // Nothing may unwind into the plugin: a panic in a subscriber is dropped here.
     let _ = catch_unwind(AssertUnwindSafe(|| {
@@ -264,13 +265,21 @@ extern "C" fn host_log(context: HostContext, level: u8, target: RStr<'_>, messag
         let target = EscapeControl(&target);
         let message = plugin_message(message);
         let message = EscapeControl(&message);
-        match level {
-            abi::level::ERROR => tracing::error!(plugin, %target, "{message}"),
-            abi::level::WARN => tracing::warn!(plugin, %target, "{message}"),
-            abi::level::INFO => tracing::info!(plugin, %target, "{message}"),
-            abi::level::DEBUG => tracing::debug!(plugin, %target, "{message}"),
-            _ => tracing::trace!(plugin, %target, "{message}"),
-        }
+        let level = match level {
+            abi::level::ERROR => tracing::Level::ERROR,
+            abi::level::WARN => tracing::Level::WARN,
+            abi::level::INFO => tracing::Level::INFO,
+            abi::level::DEBUG => tracing::Level::DEBUG,
+            _ => tracing::Level::TRACE,
+        };
+        // The event's target is the plugin's name (filter with `NAME=LEVEL`); the plugin's own
+        // target goes in the field `source`.
+        crate::plugin_log::emit(
+            plugin,
+            level,
+            &format_args!("{target}"),
+            &format_args!("{message}"),
+        );
     }));
 }
 

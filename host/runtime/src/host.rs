@@ -25,7 +25,7 @@ use crate::hooks::{HookPoint, HookSpec};
 use crate::isolation::Backend;
 use crate::loader;
 use crate::state::StateStore;
-use crate::stats::{Outcome, PluginStats, StatsCell};
+use crate::stats::{CallKind, Latency, LatencyHistogram, Outcome, PluginStats, StatsCell};
 use crate::text::EscapeControl;
 use plugin_api::{HookMode, HookResult};
 use serde_json::Map;
@@ -107,6 +107,10 @@ struct Inner {
     /// Serializes load, unload, reload and scan. Never held during a plugin call other than
     /// the create/destroy/state calls those operations make.
     admin: Mutex<()>,
+    /// Whether the last [`PluginHost::reload_config`] failed (the configuration unreadable).
+    config_reload_failed: std::sync::atomic::AtomicBool,
+    /// Why the state directory given with `with_state_dir_best_effort` is not used.
+    state_dir_error: Option<String>,
 }
 
 /// The plugin host: loads plugins from a directory and calls them.
@@ -140,9 +144,9 @@ pub struct LoadedPlugin {
     pub generation: u64,
     /// Its methods with their descriptions.
     pub methods: Vec<plugin_api::MethodInfo>,
-    /// The hook points it subscribes to, as it declares them (`worker hooks` shows them after
-    /// configuration).
-    pub hooks: Vec<plugin_api::HookSubscription>,
+    /// The hook points it subscribes to, as configured: the priority and mode in force after
+    /// `plugins.json` (sets and per-hook overrides), or off (the same as `worker hooks`).
+    pub hooks: Vec<ConfiguredHook>,
     /// plugin-api version it was built with.
     pub api_version: String,
     /// Function table version it was built with.
@@ -153,6 +157,20 @@ pub struct LoadedPlugin {
     pub health: crate::health::PluginHealth,
     /// Where it runs, and (isolated) its process's crashes and restarts.
     pub isolation: crate::IsolationReport,
+}
+
+/// One hook subscription of a loaded plugin, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfiguredHook {
+    /// The hook point.
+    pub hook: String,
+    /// The priority in force (lower runs first); the declared one when off.
+    pub priority: i32,
+    /// The mode in force; the declared one when off.
+    pub mode: HookMode,
+    /// The subscription does not run: switched off in `plugins.json`, or this host has no such
+    /// hook point.
+    pub off: bool,
 }
 
 /// What [`PluginHost::shutdown_within`] did.
@@ -201,8 +219,14 @@ impl Drop for Inner {
         slots.sort_by_key(|(_, slot)| std::cmp::Reverse(slot.load_order));
         for (name, slot) in slots {
             let generation = slot.generation.number;
+            let version = slot.generation.manifest.version.clone();
             drop(slot);
-            tracing::debug!(plugin = %name, generation, "plugin unloaded at shutdown");
+            tracing::debug!(
+                plugin = %EscapeControl(&name),
+                version = %EscapeControl(&version),
+                generation,
+                "plugin unloaded at shutdown"
+            );
         }
         if self.remove_shadow_dir {
             // Only succeeds when empty: a plugin still mapped keeps its copy (and then the
@@ -284,6 +308,44 @@ impl PluginHost {
         plugins
     }
 
+    /// The latency histograms of each loaded plugin (by name), one per method and hook point
+    /// with at least one timed call since the plugin was first loaded. Empty when calls are not
+    /// timed ([`with_call_timing(false)`](PluginHostBuilder::with_call_timing)).
+    pub fn latencies(&self) -> Vec<(String, Vec<LatencyHistogram>)> {
+        let registry = self.inner.registry.load();
+        let mut out: Vec<(String, Vec<LatencyHistogram>)> = registry
+            .iter()
+            .map(|(name, slot)| (name.to_string(), slot.stats.latencies()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Whether the last [`reload_config`](Self::reload_config) failed (by the watcher, a
+    /// rescan or an embedder's call); false before the first.
+    pub fn config_reload_failed(&self) -> bool {
+        self.inner
+            .config_reload_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Why the state directory given with
+    /// [`with_state_dir_best_effort`](PluginHostBuilder::with_state_dir_best_effort) could not
+    /// be used; `None` when it is used (or none was given).
+    pub fn state_dir_error(&self) -> Option<&str> {
+        self.inner.state_dir_error.as_deref()
+    }
+
+    /// Whether loaded `plugin` keeps state: its `save_state` answers some state now (or fails,
+    /// which counts as keeping state). False for a plugin that is not loaded.
+    pub fn keeps_state(&self, plugin: &str) -> bool {
+        let registry = self.inner.registry.load();
+        let Some(slot) = registry.get(plugin) else {
+            return false;
+        };
+        !matches!(slot.generation.library.save_state(), None | Some(Ok(None)))
+    }
+
     /// One loaded plugin.
     pub fn plugin(&self, name: &str) -> Option<LoadedPlugin> {
         self.inner
@@ -360,6 +422,32 @@ impl PluginHost {
         refused
     }
 
+    /// `manifest`'s subscriptions with the configuration in force applied.
+    fn configured_hooks(&self, name: &str, manifest: &Manifest) -> Vec<ConfiguredHook> {
+        let config = self.inner.config.load_full();
+        let settings = self.settings_in(&config, name);
+        manifest
+            .hooks
+            .iter()
+            .map(|s| {
+                let declared = (s.priority, s.mode);
+                let configured = self
+                    .hook_point(&s.hook)
+                    .and_then(|_| config.hook_settings(&settings, name, &s.hook, declared));
+                let ((priority, mode), off) = match configured {
+                    Some(in_force) => (in_force, false),
+                    None => (declared, true),
+                };
+                ConfiguredHook {
+                    hook: s.hook.clone(),
+                    priority,
+                    mode,
+                    off,
+                }
+            })
+            .collect()
+    }
+
     fn describe(&self, name: &str, slot: &Slot) -> LoadedPlugin {
         let generation = &slot.generation;
         let manifest = &generation.manifest;
@@ -371,7 +459,7 @@ impl PluginHost {
             shadow_file: generation.library.shadow_path().to_path_buf(),
             generation: generation.number,
             methods: manifest.methods.clone(),
-            hooks: manifest.hooks.clone(),
+            hooks: self.configured_hooks(name, manifest),
             api_version: manifest.api_version.clone(),
             table_version: manifest.table_version,
             stats: slot.stats.snapshot(self.inner.clock.as_ref()),

@@ -49,6 +49,7 @@ pub mod isolation;
 mod json;
 mod layout;
 mod loader;
+mod plugin_log;
 pub mod quarantine;
 mod state;
 mod stats;
@@ -63,10 +64,10 @@ pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
 };
 pub use host::{
-    Abandoned, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal, ScanReport,
-    ShutdownReport,
+    Abandoned, ConfiguredHook, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal,
+    ScanReport, ShutdownReport,
 };
 pub use isolation::{Isolation, IsolationReport, RestartPolicy};
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
-pub use stats::PluginStats;
+pub use stats::{CallKind, LATENCY_BUCKETS, LatencyHistogram, PluginStats, latency_bucket_bound};

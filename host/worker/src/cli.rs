@@ -15,6 +15,7 @@ use tracing_subscriber::prelude::*;
 
 use crate::Worker;
 use crate::http::{ControlOptions, ControlServer, Token};
+use crate::state_lock::StateLock;
 use plugin_host::text::EscapeControl;
 use plugin_host::watch::{WatchOptions, Watcher};
 use plugin_host::{LoadedPlugin, PluginHost, Refusal};
@@ -89,7 +90,8 @@ pub struct Cli {
     pub isolation: plugin_host::Isolation,
 
     /// What to log on stderr: a level (error, warn, info, debug, trace) or per-target filters
-    /// such as `warn,plugin_host=debug`.
+    /// such as `warn,plugin_host=debug`. A plugin's own events have its name as their target:
+    /// `warn,rate_limiter=off` silences plugin `rate_limiter`, `warn,echo=debug` raises `echo`.
     /// Empty means the default.
     #[arg(
         long,
@@ -100,9 +102,29 @@ pub struct Cli {
     )]
     pub log: String,
 
+    /// How log lines are written on stderr: `text` for people, `json` for log collectors (one
+    /// JSON object per event: timestamp, level, target, fields).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        env = "WORKER_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The format of the log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// The worker's commands.
@@ -178,7 +200,7 @@ pub enum Command {
               value_parser = clap::value_parser!(u64).range(1..))]
         max_line_bytes: u64,
         /// Also write the summary tables as JSON to FILE: {"rows", "completed", "failed",
-        /// "blocked", "bad_lines", "elapsed", "plugins", "experiments"}.
+        /// "blocked", "bad_lines", "elapsed_s", "plugins", "experiments"}.
         #[arg(long, value_name = "FILE")]
         summary_json: Option<PathBuf>,
         /// Exit 1 when any task failed, was blocked or was a bad line (the summary says how
@@ -216,6 +238,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new plugin crate NAME: a Cargo.toml (cdylib, with a plugin-api dependency that
+    /// resolves from there) and a src/lib.rs with one typed method, one hook, state and a
+    /// Harness test. It builds with `cargo build --release` and loads as it is.
+    New {
+        /// The plugin's name (also the crate's): lowercase letters, digits, `-` and `_`.
+        name: String,
+        /// Where to write it [default: ./NAME]; must be absent or empty.
+        #[arg(long, value_name = "DIR")]
+        path: Option<PathBuf>,
+    },
     /// Print the bundled example task set (JSON lines), generated deterministically.
     ExampleTasks {
         /// How many tasks.
@@ -244,6 +276,20 @@ pub enum Command {
         /// not JSON).
         #[arg(long)]
         strict: bool,
+        /// Call through the control API of the worker serving at URL (http://HOST:PORT or
+        /// unix:PATH, as `worker serve` prints it) instead of loading the plugins here: the way
+        /// to call while `serve` holds the state directory.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// With --server: the file holding the control API token [default:
+        /// STATE_DIR/control-token].
+        #[arg(
+            long,
+            value_name = "FILE",
+            env = "WORKER_TOKEN_FILE",
+            requires = "server"
+        )]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -277,13 +323,30 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (text, json) = match cli.log_format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            ),
+        ),
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(filter),
-        )
+        .with(filter)
+        .with(text)
+        .with(json)
         .init();
     match run(cli, &mut std::io::stdout().lock()) {
         Ok(code) => code,
@@ -373,11 +436,52 @@ fn run_command(
     if let Command::Quarantine { action } = &cli.command {
         return quarantine(&cli.state_dir, action, out);
     }
+    if let Command::New { name, path } = &cli.command {
+        let dir = crate::scaffold::new_plugin(name, path.as_deref())?;
+        let lib = name.replace('-', "_");
+        writeln!(
+            out,
+            "created plugin crate `{name}` in {}\nbuild it:  (cd {} && cargo build --release)\nload it:   cp {}/target/release/lib{lib}.so {}/",
+            EscapePath(&dir),
+            EscapePath(&dir),
+            EscapePath(&dir),
+            EscapePath(&cli.plugins),
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::ExampleTasks { count, seed } = &cli.command {
         for task in crate::pipeline::example_tasks(*count, *seed) {
             writeln!(out, "{task}")?;
         }
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Call {
+        plugin,
+        method,
+        strict,
+        server: Some(server),
+        token_file,
+        ..
+    } = &cli.command
+    {
+        let token_file = token_file
+            .clone()
+            .unwrap_or_else(|| cli.state_dir.join("control-token"));
+        let token = Token::from_file(&token_file)?;
+        // The server's own deadline, and time to spare for the exchange.
+        let timeout = Duration::from_millis(cli.call_timeout_ms) + Duration::from_secs(30);
+        let remote = crate::remote::call(server, token.secret(), plugin, method, &params, timeout)?;
+        let code = match (&remote.noop_reason, strict, remote.missing) {
+            (None, _, _) | (Some(_), false, _) => ExitCode::SUCCESS,
+            (Some(_), true, true) => ExitCode::from(EXIT_CALL_MISSING),
+            (Some(_), true, false) => ExitCode::from(EXIT_CALL_FAILED),
+        };
+        if let Some(reason) = &remote.noop_reason {
+            eprintln!("note: the call answered nothing: {}", EscapeControl(reason));
+        }
+        writeln!(out, "{}", serde_json::to_string(&remote.answer)?)
+            .context("writing the answer")?;
+        return Ok(code);
     }
     let mut builder = crate::hooks::host_builder(&cli.plugins)
         .with_insecure_permissions(cli.insecure_permissions)
@@ -395,11 +499,14 @@ fn run_command(
         }
         builder = builder.with_config_file(config);
     }
-    if matches!(
-        cli.command,
-        Command::Run { .. } | Command::Serve { .. } | Command::Call { .. }
-    ) {
-        builder = builder.with_state_dir(&cli.state_dir);
+    // `list` and `hooks` only read: they never create or touch the state directory. `call`
+    // can do without one for a plugin that keeps no state (checked before the call).
+    match cli.command {
+        Command::Run { .. } | Command::Serve { .. } => {
+            builder = builder.with_state_dir(&cli.state_dir);
+        }
+        Command::Call { .. } => builder = builder.with_state_dir_best_effort(&cli.state_dir),
+        _ => {}
     }
     let store = if matches!(
         cli.command,
@@ -413,12 +520,21 @@ fn run_command(
             .config
             .clone()
             .unwrap_or_else(|| cli.plugins.join(plugin_host::config::CONFIG_FILE_NAME));
-        crate::fleet::open_store(
+        match crate::fleet::open_store(
             cli.store.as_deref(),
             cli.store_flush_ms,
             &config_file,
             &cli.state_dir,
-        )?
+        ) {
+            Ok(store) => store,
+            // `call` answers without a store as it answers without a state directory: a
+            // plugin that needs neither still answers.
+            Err(e) if matches!(cli.command, Command::Call { .. }) => {
+                tracing::warn!(error = %format!("{e:#}"), "no store for this call: plugins see none");
+                None
+            }
+            Err(e) => return Err(e),
+        }
     } else {
         None
     };
@@ -455,6 +571,15 @@ fn run_command(
     );
     builder = builder.with_quarantine_dir(&cli.state_dir);
     let host = builder.build()?;
+    // One writer per state directory, taken before any plugin loads (and restores its state).
+    let mut state_lock = match &cli.command {
+        Command::Run { .. } => Some(StateLock::take(&cli.state_dir, "run")?),
+        Command::Serve { .. } => Some(StateLock::take(&cli.state_dir, "serve")?),
+        Command::Call { .. } if host.state_dir_error().is_none() => {
+            Some(StateLock::take(&cli.state_dir, "call")?)
+        }
+        _ => None,
+    };
     if matches!(
         cli.command,
         Command::Run { .. } | Command::Serve { .. } | Command::Call { .. }
@@ -477,7 +602,8 @@ fn run_command(
         Command::ExampleTasks { .. }
         | Command::Completions { .. }
         | Command::Quarantine { .. }
-        | Command::Store { .. } => {}
+        | Command::Store { .. }
+        | Command::New { .. } => {}
         Command::Report { json } => {
             crate::fleet::report(&host, json, out)?;
             host.shutdown();
@@ -516,7 +642,7 @@ fn run_command(
                 checkpoint_interval: Duration::from_secs(checkpoint_interval),
                 shutdown_timeout: Duration::from_secs(shutdown_timeout),
             };
-            return serve(&host, serving, out);
+            return serve(&host, serving, state_lock.as_mut(), out);
         }
         Command::List { json } => {
             let plugins = host.plugins();
@@ -563,6 +689,14 @@ fn run_command(
             strict,
             ..
         } => {
+            if let Some(error) = host.state_dir_error()
+                && host.keeps_state(&plugin)
+            {
+                anyhow::bail!(
+                    "plugin `{}` keeps state, and {error}; without it the call would run on fresh state and lose what it changes",
+                    EscapeControl(&plugin)
+                );
+            }
             let (answer, code) = match host.call(&plugin, &method, &params) {
                 Ok(answer) => (answer, ExitCode::SUCCESS),
                 Err(e) => {
@@ -656,14 +790,19 @@ fn write_list(
                 EscapeControl(&method.description)
             )?;
         }
+        // As configured, the same as `worker hooks` shows them.
         for hook in &plugin.hooks {
-            writeln!(
-                out,
-                "    @ {} ({}, priority {})",
-                EscapeControl(&hook.hook),
-                hook.mode,
-                hook.priority
-            )?;
+            if hook.off {
+                writeln!(out, "    @ {} off", EscapeControl(&hook.hook))?;
+            } else {
+                writeln!(
+                    out,
+                    "    @ {} ({}, priority {})",
+                    EscapeControl(&hook.hook),
+                    hook.mode,
+                    hook.priority
+                )?;
+            }
         }
     }
     if !refused.is_empty() {
@@ -777,7 +916,12 @@ fn start_checkpoints(
 }
 
 /// The long-running worker: control API, watcher, signals, graceful shutdown.
-fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+fn serve(
+    host: &PluginHost,
+    serving: Serving,
+    state_lock: Option<&mut StateLock>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let Serving {
         listen,
@@ -798,6 +942,9 @@ fn serve(host: &PluginHost, serving: Serving, out: &mut dyn Write) -> anyhow::Re
     };
     let options = ControlOptions::new(token).with_metrics_public(metrics_public);
     let server = ControlServer::start(host.clone(), &listen, options)?;
+    if let Some(lock) = state_lock {
+        lock.announce(&server.address().to_string(), &token_file);
+    }
     let watcher = if watch {
         Some(Watcher::start(host.clone(), WatchOptions::default())?)
     } else {
@@ -1026,38 +1173,40 @@ fn run_tasks(
     Ok(ExitCode::SUCCESS)
 }
 
-/// A progress bar on stderr, drawn only when stderr is a terminal and the input's size is known.
+/// A progress bar on stderr (indicatif): bytes of the tasks file read, the rate and the time
+/// left. Drawn only when stderr is a terminal and the input's size is known.
 struct Progress {
-    total: Option<u64>,
-    shown: u64,
+    bar: indicatif::ProgressBar,
 }
 
 impl Progress {
     fn new(total: Option<u64>) -> Self {
-        let total = total.filter(|t| *t > 0 && std::io::stderr().is_terminal());
-        Self { total, shown: 0 }
+        let bar = match total.filter(|t| *t > 0 && std::io::stderr().is_terminal()) {
+            Some(total) => {
+                let bar = indicatif::ProgressBar::with_draw_target(
+                    Some(total),
+                    indicatif::ProgressDrawTarget::stderr(),
+                );
+                // A template of our own: it cannot fail to parse, but a failure would only
+                // lose the bar, never the run.
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "[{bar:25}] {percent:>3}%  {bytes}/{total_bytes}  {binary_bytes_per_sec}  eta {eta}",
+                ) {
+                    bar.set_style(style.progress_chars("#>-"));
+                }
+                bar
+            }
+            None => indicatif::ProgressBar::hidden(),
+        };
+        Self { bar }
     }
 
     fn update(&mut self, bytes: u64) {
-        let Some(total) = self.total else {
-            return;
-        };
-        let percent = (bytes * 100 / total).min(100);
-        if percent != self.shown {
-            self.shown = percent;
-            let filled = (percent / 4) as usize;
-            eprint!(
-                "\r[{}{}] {percent:>3}%",
-                "#".repeat(filled),
-                " ".repeat(25 - filled)
-            );
-        }
+        self.bar.set_position(bytes);
     }
 
     fn done(&mut self) {
-        if self.total.is_some() {
-            eprintln!();
-        }
+        self.bar.finish();
     }
 }
 

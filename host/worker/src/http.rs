@@ -3,7 +3,7 @@
 //! | request | answer |
 //! | --- | --- |
 //! | `GET /healthz` | `{"status": "ok", "plugins": N}`, or `"degraded"` with the unhealthy plugins under `degraded` (always 200; no token needed) |
-//! | `GET /metrics` | Prometheus text: calls, errors, panics, latency per plugin (no token needed with [`ControlOptions::with_metrics_public`]) |
+//! | `GET /metrics` | OpenMetrics text (`crate::metrics`): plugin calls, latency histograms, breakers, tasks (no token needed with [`ControlOptions::with_metrics_public`]) |
 //! | `GET /v1/plugins` | `{"plugins": [...], "refused": [...]}` |
 //! | `GET /v1/plugins/{plugin}` | one loaded plugin |
 //! | `POST /v1/plugins/{plugin}/{method}` | body: the params (empty = `null`); answer: the result, or `null` for a no-op, with the reason in the `X-Noop-Reason` header |
@@ -41,7 +41,6 @@
 //! and `/healthz`, always answer.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -137,6 +136,7 @@ impl ControlOptions {
 /// What every connection shares.
 struct Shared {
     host: PluginHost,
+    metrics: Arc<crate::metrics::Metrics>,
     options: ControlOptions,
     /// `None` on a Unix socket: no browser reaches it, so no `Host` check.
     policy: Option<HostPolicy>,
@@ -198,6 +198,7 @@ impl ControlServer {
             }
         };
         let shared = Arc::new(Shared {
+            metrics: Arc::new(crate::metrics::Metrics::new(host.clone())),
             host,
             options,
             policy,
@@ -680,7 +681,8 @@ async fn answer(
         Bytes::new()
     };
     let host = shared.host.clone();
-    match tokio::task::spawn_blocking(move || route(&host, &method, &path, &body)).await {
+    let metrics = Arc::clone(&shared.metrics);
+    match tokio::task::spawn_blocking(move || route(&host, &metrics, &method, &path, &body)).await {
         Ok(answer) => answer,
         Err(e) => {
             tracing::error!(error = %e, "control API: a request failed inside the worker");
@@ -852,7 +854,13 @@ fn read_value(text: &str) -> Result<Value, Answer> {
     })
 }
 
-fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer {
+fn route(
+    host: &PluginHost,
+    metrics: &crate::metrics::Metrics,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Answer {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let allow = |methods: &str| {
         let mut answer = Answer::error(
@@ -867,8 +875,8 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
         (["healthz"], _) => allow("GET"),
         (["metrics"], &Method::GET) => Answer {
             status: 200,
-            body: metrics(host),
-            content_type: "text/plain; version=0.0.4",
+            body: metrics.encode(),
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
             headers: Vec::new(),
         },
         (["metrics"], _) => allow("GET"),
@@ -882,7 +890,8 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
                 Ok(body) => body,
                 Err(answer) => return answer,
             };
-            let pipeline = crate::pipeline::Pipeline::new(host.clone());
+            let pipeline =
+                crate::pipeline::Pipeline::new(host.clone()).with_metrics(metrics.tasks());
             match body {
                 Value::Array(tasks) => Answer::json(
                     200,
@@ -949,6 +958,10 @@ fn route(host: &PluginHost, method: &Method, path: &str, body: &[u8]) -> Answer 
                     answer
                         .headers
                         .push(("X-Noop-Reason", e.to_string().replace(['\r', '\n'], " ")));
+                    answer.headers.push((
+                        "X-Noop-Kind",
+                        if e.is_missing() { "missing" } else { "failed" }.to_owned(),
+                    ));
                     if !e.is_missing() && !matches!(e, PluginCallError::CircuitOpen { .. }) {
                         tracing::warn!(plugin, method = method_name, error = %e, "plugin call failed; answering null");
                     }
@@ -981,142 +994,6 @@ fn healthz(host: &PluginHost) -> Answer {
     )
 }
 
-/// One metric family: name, type, help, and how to read it off a plugin.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&plugin_host::LoadedPlugin) -> f64,
-);
-
-/// Per-plugin statistics in the Prometheus text format.
-fn metrics(host: &PluginHost) -> String {
-    let plugins = host.plugins();
-    let mut out = String::new();
-    let families: [Family; 15] = [
-        (
-            "plugin_calls_total",
-            "counter",
-            "Calls that reached the plugin.",
-            |p| p.stats.calls as f64,
-        ),
-        (
-            "plugin_errors_total",
-            "counter",
-            "Calls that ended in an error.",
-            |p| p.stats.errors as f64,
-        ),
-        (
-            "plugin_panics_total",
-            "counter",
-            "Calls that panicked (caught).",
-            |p| p.stats.panics as f64,
-        ),
-        (
-            "plugin_latency_seconds_total",
-            "counter",
-            "Time spent in plugin calls.",
-            |p| p.stats.total_latency.as_secs_f64(),
-        ),
-        (
-            "plugin_latency_seconds_max",
-            "gauge",
-            "The longest plugin call.",
-            |p| p.stats.max_latency.as_secs_f64(),
-        ),
-        (
-            "plugin_generation",
-            "gauge",
-            "Generation number of the loaded plugin.",
-            |p| p.generation as f64,
-        ),
-        (
-            "plugin_breaker_open",
-            "gauge",
-            "Circuit breaker state: 0 closed (or off), 1 open, 2 half-open.",
-            |p| match p.health.breaker {
-                "open" => 1.0,
-                "half-open" => 2.0,
-                _ => 0.0,
-            },
-        ),
-        (
-            "plugin_breaker_opened_total",
-            "counter",
-            "Times the circuit breaker opened.",
-            |p| p.health.times_opened as f64,
-        ),
-        (
-            "plugin_breaker_refused_total",
-            "counter",
-            "Calls and hook deliveries refused while the breaker was open.",
-            |p| p.health.calls_refused as f64,
-        ),
-        (
-            "plugin_consecutive_failures",
-            "gauge",
-            "Failures in a row since the last success.",
-            |p| f64::from(p.health.consecutive_failures),
-        ),
-        (
-            "plugin_timeouts_total",
-            "counter",
-            "Calls found running past their deadline.",
-            |p| p.health.timeouts as f64,
-        ),
-        (
-            "plugin_isolated",
-            "gauge",
-            "1 when the plugin runs in a child process of its own (isolation \"process\"), 0 in-process.",
-            |p| f64::from(u8::from(p.isolation.mode == "process")),
-        ),
-        (
-            "plugin_crashes_total",
-            "counter",
-            "Times an isolated plugin's process crashed (a signal, an exit, out of memory).",
-            |p| p.isolation.crashes as f64,
-        ),
-        (
-            "plugin_restarts_total",
-            "counter",
-            "Times an isolated plugin's process was started again after a crash or an overrun.",
-            |p| p.isolation.restarts as f64,
-        ),
-        (
-            "plugin_restarts_suspended",
-            "gauge",
-            "1 when an isolated plugin crashed too often and is not restarted until a reset or reload.",
-            |p| f64::from(u8::from(p.isolation.restarts_suspended)),
-        ),
-    ];
-    for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for plugin in &plugins {
-            let _ = writeln!(
-                out,
-                "{name}{{plugin=\"{}\"}} {}",
-                escape_label(&plugin.name),
-                value(plugin)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP plugin_refused_files Files in the plugins directory that were refused."
-    );
-    let _ = writeln!(out, "# TYPE plugin_refused_files gauge");
-    let _ = writeln!(out, "plugin_refused_files {}", host.refused().len());
-    out
-}
-
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// Serves one connection on which a client sends `request` and then closes its writing side,
 /// exactly as a TCP connection to `127.0.0.1:7878` is served (hyper's parser, the `Host`,
 /// `Origin` and token checks, the body limits, the routes); returns the bytes the server wrote.
@@ -1139,6 +1016,7 @@ pub(crate) fn serve_bytes(
     const HANG: Duration = Duration::from_secs(30);
     let local: std::net::SocketAddr = ([127, 0, 0, 1], 7878).into();
     let shared = Arc::new(Shared {
+        metrics: Arc::new(crate::metrics::Metrics::new(host.clone())),
         host,
         options: ControlOptions::new(token),
         policy: Some(HostPolicy::new("127.0.0.1:7878", local)),

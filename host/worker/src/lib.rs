@@ -17,7 +17,11 @@ pub mod fleet;
 pub mod hooks;
 pub mod http;
 mod lifecycle;
+pub mod metrics;
 pub mod pipeline;
+mod remote;
+mod scaffold;
+pub mod state_lock;
 
 pub use lifecycle::Worker;
 

@@ -1,5 +1,6 @@
 //! The `worker` command line: output and exit codes.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
@@ -331,7 +332,7 @@ fn strict_run_and_the_json_summary() {
         summary["rows"]["summarize/lead/-"]["mean_score"].is_number(),
         "{summary}"
     );
-    assert!(summary["elapsed"].is_number(), "{summary}");
+    assert!(summary["elapsed_s"].is_number(), "{summary}");
 
     let bad = format!("{good}\n{}\n", json!({"id": "c", "type": "summarize"}));
     let output = run(&bad, true);
@@ -422,4 +423,215 @@ fn completions_for_bash_zsh_and_fish() {
     );
     let output = worker(&dir, &["completions", "tcsh"]);
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// Every latency a JSON answer carries names its unit in the field (`_us`, `_ms`, `_s`), the
+/// same in `list --json` and the run summary, and carries no binary-fraction noise: at most
+/// three decimals.
+#[test]
+fn latencies_name_their_unit_and_carry_no_float_noise() {
+    let dir = PluginDir::new();
+    dir.add("profiler", "libprofiler.so");
+    let tasks = dir.shadow().join("tasks.jsonl");
+    let summary_file = dir.shadow().join("summary.json");
+    let lines: Vec<String> = (0..20)
+        .map(|i| json!({"id": format!("t{i}"), "type": "summarize", "input": {"title": "Orion", "text": "The Orion price is 5 dollars. Then more."}, "reference": "Orion"}).to_string())
+        .collect();
+    std::fs::write(&tasks, lines.join("\n") + "\n").unwrap();
+    let output = worker(
+        &dir,
+        &[
+            "run",
+            "--tasks",
+            tasks.to_str().unwrap(),
+            "--summary-json",
+            summary_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let summary: Value = serde_json::from_slice(&std::fs::read(&summary_file).unwrap()).unwrap();
+    let profiler = &summary["plugins"]["profiler"];
+    assert!(profiler["calls"].as_u64().unwrap() > 0, "{summary}");
+    for field in ["total_latency_us", "mean_latency_us", "max_latency_us"] {
+        assert!(
+            profiler[field].as_f64().unwrap() > 0.0,
+            "{field}: {summary}"
+        );
+    }
+    assert!(profiler.get("max_latency").is_none(), "{summary}");
+    assert!(summary["elapsed_s"].is_number(), "{summary}");
+    assert_no_float_noise(&summary);
+    for line in stdout(&output).lines() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        assert!(record["latency_ms"].is_number(), "{record}");
+        assert_no_float_noise(&record);
+    }
+
+    let list: Value = serde_json::from_str(&stdout(&worker(&dir, &["list", "--json"]))).unwrap();
+    let stats = &list["plugins"][0]["stats"];
+    for field in ["total_latency_us", "mean_latency_us", "max_latency_us"] {
+        assert!(stats[field].is_number(), "{field}: {list}");
+    }
+}
+
+/// Every number in `value` under a key that names a unit or a score has at most three decimals
+/// (four for scores).
+fn assert_no_float_noise(value: &Value) {
+    fn walk(key: &str, value: &Value) {
+        match value {
+            Value::Object(map) => map.iter().for_each(|(k, v)| walk(k, v)),
+            Value::Array(items) => items.iter().for_each(|v| walk(key, v)),
+            Value::Number(n) if n.is_f64() => {
+                let text = n.to_string();
+                let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
+                let limit = if key.ends_with("score") { 4 } else { 3 };
+                if key.ends_with("_us")
+                    || key.ends_with("_ms")
+                    || key.ends_with("_s")
+                    || key == "mean_score"
+                {
+                    assert!(decimals <= limit, "{key} = {text}");
+                }
+            }
+            _ => {}
+        }
+    }
+    walk("", value);
+}
+
+/// `worker list` shows each subscription as configured (priority and mode after `plugins.json`,
+/// or off), the same as `worker hooks`, in text and in JSON.
+#[test]
+fn list_shows_subscriptions_as_configured() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    dir.configure(&json!({
+        "fixture": {"hooks": {
+            "task.scored": {"priority": 7, "mode": "audit"},
+            "task.received": {"enabled": false},
+        }}
+    }));
+    let text = stdout(&worker(&dir, &["list"]));
+    assert!(text.contains("@ task.scored (audit, priority 7)"), "{text}");
+    assert!(text.contains("@ task.received off"), "{text}");
+    assert!(
+        text.contains("@ task.error (sequential, priority 100)"),
+        "{text}"
+    );
+    let hooks = stdout(&worker(&dir, &["hooks"]));
+    assert!(
+        hooks.contains("fixture (plugin) audit priority 7"),
+        "{hooks}"
+    );
+
+    let list: Value = serde_json::from_str(&stdout(&worker(&dir, &["list", "--json"]))).unwrap();
+    let subscriptions = list["plugins"][0]["hooks"].as_array().unwrap();
+    let find = |hook: &str| {
+        subscriptions
+            .iter()
+            .find(|s| s["hook"] == hook)
+            .unwrap_or_else(|| panic!("{hook} in {list}"))
+    };
+    assert_eq!(
+        find("task.scored"),
+        &json!({"hook": "task.scored", "priority": 7, "mode": "audit", "off": false})
+    );
+    assert_eq!(find("task.received")["off"], true);
+}
+
+/// `list` and `hooks` only read: they do not create the state directory. `call` of a plugin
+/// that keeps no state answers even when the state directory cannot be used; a plugin that
+/// keeps state is refused with the reason, rather than run on fresh state.
+#[test]
+fn read_only_commands_leave_the_state_directory_alone() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    dir.add("fixture", "libfixture.so");
+    let run = |state: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+            .arg("--plugins")
+            .arg(dir.path())
+            .arg("--state-dir")
+            .arg(state)
+            .args(args)
+            .env_remove("WORKER_LOG")
+            .output()
+            .unwrap()
+    };
+    let state = dir.shadow().join("never-made");
+    for args in [
+        &["list"][..],
+        &["list", "--json"],
+        &["hooks"],
+        &["hooks", "--json"],
+    ] {
+        let output = run(&state, args);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        assert!(!state.exists(), "{args:?} created {}", state.display());
+    }
+
+    let not_a_dir = dir.shadow().join("a-file");
+    std::fs::write(&not_a_dir, "not a directory").unwrap();
+    let output = run(&not_a_dir, &["call", "echo", "echo", r#"{"x": 1}"#]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), r#"{"x":1}"#);
+
+    let output = run(&not_a_dir, &["call", "fixture", "total"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("plugin `fixture` keeps state") && err.contains("a-file"),
+        "{err}"
+    );
+    assert!(stdout(&output).is_empty());
+}
+
+/// `worker run` draws a progress bar with the rate and the time left when stderr is a terminal
+/// (a real pseudo-terminal, through `script`), and nothing of it otherwise.
+#[test]
+fn run_shows_a_progress_bar_with_rate_and_eta_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: needs `script` (util-linux) for a pseudo-terminal");
+        return;
+    }
+    let dir = PluginDir::new();
+    let tasks = dir.shadow().join("tasks.jsonl");
+    let results = dir.shadow().join("results.jsonl");
+    let example = worker(&dir, &["example-tasks", "--count", "300"]);
+    std::fs::write(&tasks, &example.stdout).unwrap();
+    let quote =
+        |p: &std::path::Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let command = format!(
+        "{} --plugins {} --state-dir {} run --tasks {} --out {}",
+        quote(Path::new(env!("CARGO_BIN_EXE_worker-under-test"))),
+        quote(&dir.path()),
+        quote(&dir.shadow().join("state")),
+        quote(&tasks),
+        quote(&results),
+    );
+    let output = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env_remove("WORKER_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&output.stdout).replace('\r', "\n");
+    assert!(output.status.success(), "{shown}");
+    assert!(shown.contains("100%"), "{shown}");
+    assert!(shown.contains("eta "), "{shown}");
+    assert!(shown.contains("B/s"), "{shown}");
+    assert!(shown.contains("300 tasks done"), "{shown}");
+
+    let plain = worker(
+        &dir,
+        &[
+            "run",
+            "--tasks",
+            tasks.to_str().unwrap(),
+            "--out",
+            results.to_str().unwrap(),
+        ],
+    );
+    assert!(plain.status.success());
+    assert!(!stderr(&plain).contains("eta "), "{}", stderr(&plain));
 }

@@ -86,7 +86,7 @@ fn every_endpoint_but_healthz_needs_the_token() {
     let metrics = http(&public.addr, "GET", "/metrics", b"");
     assert_eq!(metrics.status, 200);
     assert!(
-        metrics.body.contains("plugin_calls_total"),
+        metrics.body.contains("worker_plugin_calls_total"),
         "{}",
         metrics.body
     );

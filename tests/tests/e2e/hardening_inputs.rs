@@ -175,8 +175,14 @@ impl PlantedState {
         let left: Vec<String> = std::fs::read_dir(&self.state)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            // `crash-records` is opened (and created) at start, for the crash handler.
-            .filter(|n| n != ".fixture.json.tmp" && n != "fixture.json" && n != "crash-records")
+            // `crash-records` is opened (and created) at start, for the crash handler;
+            // worker.lock is the state directory's lock (one writer at a time).
+            .filter(|n| {
+                n != ".fixture.json.tmp"
+                    && n != "fixture.json"
+                    && n != "crash-records"
+                    && n != "worker.lock"
+            })
             // The default store (see "Running a fleet" in the README).
             .filter(|n| !n.starts_with("store.db"))
             .collect();

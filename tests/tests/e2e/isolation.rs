@@ -161,10 +161,16 @@ fn every_fault_in_a_method_is_contained_and_the_plugin_comes_back_with_its_state
     assert_eq!(isolation["restarts"], 8, "{crashy}");
     assert_eq!(isolation["memory_limit_mb"], 256, "{crashy}");
     assert_eq!(listed(&worker, "echo")["isolation"]["mode"], "in-process");
-    assert_eq!(metric(&worker, "plugin_isolated", "crashy"), 1.0);
-    assert_eq!(metric(&worker, "plugin_isolated", "echo"), 0.0);
-    assert_eq!(metric(&worker, "plugin_crashes_total", "crashy"), 6.0);
-    assert_eq!(metric(&worker, "plugin_restarts_total", "crashy"), 8.0);
+    assert_eq!(metric(&worker, "worker_plugin_isolated", "crashy"), 1.0);
+    assert_eq!(metric(&worker, "worker_plugin_isolated", "echo"), 0.0);
+    assert_eq!(
+        metric(&worker, "worker_plugin_crashes_total", "crashy"),
+        6.0
+    );
+    assert_eq!(
+        metric(&worker, "worker_plugin_restarts_total", "crashy"),
+        8.0
+    );
     let (status, log) = worker.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("isolated plugin restarted"), "{log}");
@@ -237,7 +243,10 @@ fn the_crash_loop_limit_stops_restarts_until_a_reset() {
     let (answer, why) = call(&worker, "crashy", "total", &Value::Null);
     assert_eq!(answer, Value::Null);
     assert!(why.contains("crashed"), "{why}");
-    assert_eq!(metric(&worker, "plugin_restarts_suspended", "crashy"), 1.0);
+    assert_eq!(
+        metric(&worker, "worker_plugin_restarts_suspended", "crashy"),
+        1.0
+    );
     assert_eq!(
         worker.http("GET", "/healthz", b"").json()["degraded"],
         json!(["crashy"])

@@ -21,10 +21,14 @@ mod hardening_review;
 mod hooks;
 mod isolation;
 mod lifecycle;
+mod logs;
+mod metrics;
+mod new_plugin;
 mod pipeline;
 mod recovery;
 mod refusals;
 mod serve;
+mod state_lock;
 mod statistics;
 mod store;
 mod tuning;
@@ -53,7 +57,17 @@ pub(crate) fn worker(dir: &PluginDir, args: &[&str], env: &[(&str, &str)]) -> Ou
     for (name, value) in env {
         command.env(name, value);
     }
-    let child = command.spawn().unwrap();
+    bounded(command)
+}
+
+/// Runs `command` with its output captured, killed if it takes over two minutes.
+pub(crate) fn bounded(mut command: Command) -> Output {
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id();
     let (send, receive) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

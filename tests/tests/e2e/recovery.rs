@@ -72,13 +72,16 @@ fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
     // Refused without reaching the plugin (ten round trips over loopback fit in the 3 s
     // cool-down on a loaded machine too; after it the breaker would let a trial through).
     assert_eq!(health(&worker, "fixture")["calls_refused"], 10);
-    assert_eq!(metric(&worker, "plugin_breaker_open", "fixture"), 1.0);
     assert_eq!(
-        metric(&worker, "plugin_breaker_refused_total", "fixture"),
+        metric(&worker, "worker_plugin_breaker_state", "fixture"),
+        1.0
+    );
+    assert_eq!(
+        metric(&worker, "worker_plugin_breaker_refused_total", "fixture"),
         10.0
     );
     assert_eq!(
-        metric(&worker, "plugin_breaker_opened_total", "fixture"),
+        metric(&worker, "worker_plugin_breaker_opened_total", "fixture"),
         1.0
     );
     let healthz = worker.http("GET", "/healthz", b"");
@@ -116,7 +119,10 @@ fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
     let closed = health(&worker, "fixture");
     assert_eq!(closed["breaker"], "closed", "{closed}");
     assert_eq!(closed["consecutive_failures"], 0, "{closed}");
-    assert_eq!(metric(&worker, "plugin_breaker_open", "fixture"), 0.0);
+    assert_eq!(
+        metric(&worker, "worker_plugin_breaker_state", "fixture"),
+        0.0
+    );
     assert_eq!(
         worker.http("GET", "/healthz", b"").json(),
         json!({"status": "ok", "plugins": 2})
@@ -206,7 +212,10 @@ fn a_call_past_its_deadline_is_reported_once_and_opens_the_breaker() {
     let stuck = health(&worker, "fixture");
     assert_eq!(stuck["breaker"], "open", "{stuck}");
     assert_eq!(stuck["overdue_calls"], 1, "{stuck}");
-    assert_eq!(metric(&worker, "plugin_timeouts_total", "fixture"), 1.0);
+    assert_eq!(
+        metric(&worker, "worker_plugin_timeouts_total", "fixture"),
+        1.0
+    );
     let healthz = worker.http("GET", "/healthz", b"");
     assert_eq!(healthz.status, 200);
     assert_eq!(healthz.json()["status"], "degraded");

@@ -233,19 +233,19 @@ fn control_api_end_to_end() {
     assert!(
         metrics
             .body
-            .contains("plugin_calls_total{plugin=\"echo\"} 2"),
+            .contains("worker_plugin_calls_total{plugin=\"echo\"} 2\n"),
         "{}",
         metrics.body
     );
     assert!(
         metrics
             .body
-            .contains("plugin_panics_total{plugin=\"faulty\"} 1"),
+            .contains("worker_plugin_panics_total{plugin=\"faulty\"} 1\n"),
         "{}",
         metrics.body
     );
     assert!(
-        metrics.body.contains("plugin_refused_files 1"),
+        metrics.body.contains("worker_plugin_refused_files 1\n"),
         "{}",
         metrics.body
     );
@@ -324,10 +324,8 @@ fn state_survives_a_restart_after(signal: &str) {
     assert!(status.success(), "SIG{signal}: {status}\n{log}");
     assert!(state.join("experiment.json").is_file(), "SIG{signal}");
     assert!(state.join("fixture.json").is_file(), "SIG{signal}");
-    let fixture_at = log.find("plugin unloaded plugin=\"fixture\"").expect(&log);
-    let experiment_at = log
-        .find("plugin unloaded plugin=\"experiment\"")
-        .expect(&log);
+    let fixture_at = log.find("plugin unloaded plugin=fixture ").expect(&log);
+    let experiment_at = log.find("plugin unloaded plugin=experiment ").expect(&log);
     assert!(
         fixture_at < experiment_at,
         "SIG{signal}: not unloaded in reverse load order:\n{log}"

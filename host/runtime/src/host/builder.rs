@@ -33,6 +33,8 @@ pub struct PluginHostBuilder {
     pub(super) state_dir: Option<PathBuf>,
     pub(super) quarantine_dir: Option<PathBuf>,
     pub(super) store: Option<crate::store::Store>,
+    /// Whether an unusable state directory leaves the host without one instead of failing.
+    pub(super) state_dir_best_effort: bool,
     pub(super) fire_and_forget_capacity: usize,
     pub(super) hook_points: &'static [HookSpec],
     pub(super) file_policy: loader::FilePolicy,
@@ -135,11 +137,22 @@ impl PluginHostBuilder {
     }
 
     /// Quarantines the plugins named by the crash records in `dir` (its `crash-records` file,
-    /// see [`crate::quarantine`]): they are refused at load. Defaults to the state directory;
+    /// see [`crate::quarantine`]): they run isolated. Defaults to the state directory;
     /// this is for a host that keeps no state but should still respect quarantine (`worker
     /// list`).
     pub fn with_quarantine_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.quarantine_dir = Some(dir.into());
+        self
+    }
+
+    /// As [`with_state_dir`](Self::with_state_dir), but a directory that cannot be used
+    /// (cannot be created, not a directory, unsafe permissions) does not fail
+    /// [`build`](Self::build): the host keeps no state, and
+    /// [`PluginHost::state_dir_error`] says why. For a caller that can do without state for
+    /// plugins that keep none ([`PluginHost::keeps_state`]).
+    pub fn with_state_dir_best_effort(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self.state_dir_best_effort = true;
         self
     }
 
@@ -208,7 +221,12 @@ impl PluginHostBuilder {
         let state = self
             .state_dir
             .map(|dir| StateStore::new(dir, self.file_policy.insecure_permissions))
-            .transpose()?;
+            .transpose();
+        let (state, state_dir_error) = match state {
+            Ok(state) => (state, None),
+            Err(e) if self.state_dir_best_effort => (None, Some(format!("{e:#}"))),
+            Err(e) => return Err(e),
+        };
         let (shadow_dir, remove_shadow_dir, shadow_lock) = match self.shadow_dir {
             Some(dir) => {
                 check_parent_dir(&dir)?;
@@ -264,6 +282,8 @@ impl PluginHostBuilder {
                 clock: self.call_timing.then(clock),
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
+                config_reload_failed: std::sync::atomic::AtomicBool::new(false),
+                state_dir_error,
                 saving: Mutex::new(()),
                 admin: Mutex::new(()),
             }),
@@ -485,6 +505,7 @@ impl PluginHost {
             state_dir: None,
             quarantine_dir: None,
             store: None,
+            state_dir_best_effort: false,
             fire_and_forget_capacity: 1024,
             hook_points: &[],
             file_policy: loader::FilePolicy::default(),

@@ -372,7 +372,16 @@ impl PluginHost {
                 Err(PluginFailure::Lost(lost)) => Err(Failure::Lost(lost)),
             })
             .unwrap_or(Err(Failure::PluginNotFound));
-        let ticks = clock.map_or(0, |c| c.raw().saturating_sub(started).max(1));
+        let ticks = match clock {
+            Some(clock) => {
+                let now = clock.raw();
+                if let Some(latency) = slot.method_latency(method) {
+                    latency.record_at(shard, clock.delta_as_nanos(started, now));
+                }
+                now.saturating_sub(started).max(1)
+            }
+            None => 0,
+        };
         let outcome = match &result {
             Ok(_) | Err(Failure::MethodNotFound | Failure::PluginNotFound) => Outcome::Ok,
             Err(Failure::Plugin(PluginError {

@@ -10,6 +10,8 @@ pub(super) enum Target {
     Plugin {
         generation: Arc<Generation>,
         stats: Arc<StatsCell>,
+        /// This plugin's latency histogram of this hook point.
+        latency: Arc<Latency>,
     },
     Host(HostHookFn),
 }
@@ -100,6 +102,7 @@ impl HookTable {
                     timeout_ms,
                     target: Target::Plugin {
                         generation: Arc::clone(&slot.generation),
+                        latency: slot.stats.latency(CallKind::Hook, &subscription.hook),
                         stats: Arc::clone(&slot.stats),
                     },
                 });
@@ -266,7 +269,11 @@ pub(super) fn run_subscriber(
     timer: &mut Timer<'_>,
 ) -> Option<HookResult> {
     match &subscriber.target {
-        Target::Plugin { generation, stats } => {
+        Target::Plugin {
+            generation,
+            stats,
+            latency,
+        } => {
             let text = text.unwrap_or("null");
             let shard = crate::stats::thread_shard();
             let admitted = if subscriber.timeout_ms == 0 {
@@ -297,6 +304,11 @@ pub(super) fn run_subscriber(
                     ))),
                 });
             let ticks = timer.stop(started);
+            if ticks != 0
+                && let Some(clock) = timer.clock
+            {
+                latency.record_at(shard, clock.delta_as_nanos(0, ticks));
+            }
             stats
                 .health
                 .end(entry, matches!(result, Some(Err(_))), &subscriber.name);

@@ -320,20 +320,16 @@ impl PluginHost {
             .map(|slot| slot.load_order + 1)
             .max()
             .unwrap_or(0);
-        let slot = Slot {
-            generation,
-            stats,
-            load_order,
-        };
+        let slot = Slot::new(generation, stats, load_order);
         let mut next = registry.plugins.clone();
         next.insert(name.clone().into_boxed_str(), slot.clone());
         self.publish(next);
         tracing::info!(
-            plugin = %name,
+            plugin = %EscapeControl(&name),
             version = %EscapeControl(&slot.generation.manifest.version),
             generation = slot.generation.number,
             file = %EscapePath(file),
-            took_us = started.elapsed().as_micros(),
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "plugin loaded"
         );
         Ok(self.describe(&name, &slot))
@@ -780,7 +776,7 @@ impl PluginHost {
             .get_mut(plugin)
             // Cannot happen under the admin lock; answered as the unload it would have been.
             .ok_or_else(|| not_loaded(plugin))?;
-        slot.generation = Arc::clone(&new);
+        *slot = Slot::new(Arc::clone(&new), Arc::clone(&slot.stats), slot.load_order);
         let slot = slot.clone();
         self.publish(next);
         drop(registry);
@@ -789,11 +785,13 @@ impl PluginHost {
         // A checkpoint of the new generation: what it was given survives a crash from now on.
         self.save_state(plugin, &new, Some(&slot.stats));
         tracing::info!(
-            plugin,
+            plugin = %EscapeControl(plugin),
+            version = %EscapeControl(&new.manifest.version),
+            from_version = %EscapeControl(&old.manifest.version),
             from_generation = old.number,
             generation = new.number,
             file = %EscapePath(&old.file),
-            took_us = started.elapsed().as_micros(),
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "plugin reloaded"
         );
         self.release(plugin, old, Some(&slot.stats));
@@ -813,11 +811,11 @@ impl PluginHost {
         let started = Instant::now();
         let generation = &slot.generation;
         tracing::info!(
-            plugin,
+            plugin = %EscapeControl(plugin),
             version = %EscapeControl(&generation.manifest.version),
             generation = generation.number,
             file = %EscapePath(&generation.file),
-            took_us = started.elapsed().as_micros(),
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "plugin unloaded"
         );
         let Slot {
@@ -1098,6 +1096,14 @@ impl PluginHost {
     ///
     /// The file is invalid; the configuration in force stays.
     pub fn reload_config(&self) -> anyhow::Result<ScanReport> {
+        let result = self.reload_config_now();
+        self.inner
+            .config_reload_failed
+            .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    fn reload_config_now(&self) -> anyhow::Result<ScanReport> {
         let config = PluginsConfig::read(&self.inner.config_file)?;
         let old = self.inner.config.swap(Arc::new(config));
         let mut report = ScanReport::default();
@@ -1109,7 +1115,11 @@ impl PluginHost {
             }
             if !now.enabled {
                 self.unload(&plugin.name)?;
-                tracing::info!(plugin = %plugin.name, "unloaded: disabled in the configuration");
+                tracing::info!(
+                    plugin = %EscapeControl(&plugin.name),
+                    version = %EscapeControl(&plugin.version),
+                    "unloaded: disabled in the configuration"
+                );
             } else if let Err(e) = self.reload(&plugin.name) {
                 report.refused.push(e);
             } else {

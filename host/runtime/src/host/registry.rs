@@ -35,6 +35,53 @@ pub(super) struct Slot {
     pub(super) generation: Arc<Generation>,
     pub(super) stats: Arc<StatsCell>,
     pub(super) load_order: u64,
+    /// The latency histogram of each method the generation declares, found on the call path by
+    /// a scan of this short list (no lock, no hash).
+    pub(super) methods: Arc<[(Box<str>, Arc<Latency>)]>,
+}
+
+impl Slot {
+    /// A slot for `generation` with `stats`, its method histograms taken from `stats`.
+    pub(super) fn new(generation: Arc<Generation>, stats: Arc<StatsCell>, load_order: u64) -> Slot {
+        let methods = generation
+            .manifest
+            .methods
+            .iter()
+            .map(|m| {
+                (
+                    m.name.clone().into_boxed_str(),
+                    stats.latency(CallKind::Method, &m.name),
+                )
+            })
+            .collect();
+        Slot {
+            generation,
+            stats,
+            load_order,
+            methods,
+        }
+    }
+
+    /// The latency histogram of `method`, `None` for a method the plugin does not declare.
+    #[inline]
+    pub(super) fn method_latency(&self, method: &str) -> Option<&Latency> {
+        let wanted = method.as_bytes();
+        let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
+            return None;
+        };
+        // Length, first and last byte first: most other names differ there, without a call
+        // to `memcmp`.
+        self.methods
+            .iter()
+            .find(|(name, _)| {
+                let name = name.as_bytes();
+                name.len() == wanted.len()
+                    && name.first() == Some(first)
+                    && name.last() == Some(last)
+                    && name == wanted
+            })
+            .map(|(_, latency)| &**latency)
+    }
 }
 
 /// Plugins by name.

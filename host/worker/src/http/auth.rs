@@ -52,6 +52,11 @@ impl Token {
         Ok(Self(secret.to_owned()))
     }
 
+    /// The secret, for a client that presents it (`worker call --server`).
+    pub(crate) fn secret(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `presented` is this token, compared in constant time (for tokens of equal
     /// length; a length mismatch fails at once, and the length is not the secret).
     pub fn matches(&self, presented: &[u8]) -> bool {

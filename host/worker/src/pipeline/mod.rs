@@ -118,11 +118,24 @@ fn parsed_fields(value: Option<&Value>) -> (Option<String>, Option<String>) {
     (field("id"), field("type"))
 }
 
+/// Milliseconds with three decimals (whole microseconds), so that results carry no
+/// binary-fraction noise (`0.014953000000000001`).
+pub(crate) fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
+}
+
+/// `x` rounded to `decimals` decimal places, for figures written to JSON.
+pub(crate) fn rounded(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
 /// The pipeline over a plugin host.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     host: PluginHost,
     max_line_bytes: usize,
+    metrics: Option<std::sync::Arc<crate::metrics::TaskMetrics>>,
 }
 
 /// The longest task line [`Pipeline::run_stream`] reads by default (16 MiB); a longer one gets an
@@ -296,7 +309,48 @@ impl Pipeline {
         Self {
             host,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            metrics: None,
         }
+    }
+
+    /// Counts each task that ends in `metrics` (what `/metrics` shows of tasks).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::TaskMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts a task that ended (when the pipeline has metrics).
+    fn count(&self, result: Result<&TaskRecord, &TaskError>, seconds: Option<f64>) {
+        use crate::metrics::{TaskEnd, TaskOutcome};
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let end = match result {
+            Ok(record) => TaskEnd {
+                task_type: &record.task_type,
+                handler: &record.handler,
+                variant: record.variant.as_deref().unwrap_or("-"),
+                outcome: TaskOutcome::Completed,
+                seconds,
+                score: record.score,
+            },
+            Err(error) => TaskEnd {
+                task_type: error.task_type.as_deref().unwrap_or("-"),
+                handler: "-",
+                variant: "-",
+                outcome: if error.not_a_task {
+                    TaskOutcome::BadLine
+                } else if error.blocked_by.is_some() {
+                    TaskOutcome::Blocked
+                } else {
+                    TaskOutcome::Failed
+                },
+                seconds: (!error.not_a_task).then_some(seconds).flatten(),
+                score: None,
+            },
+        };
+        metrics.record(end);
     }
 
     /// Sets the longest task line [`run_stream`](Self::run_stream) reads (default
@@ -348,6 +402,13 @@ impl Pipeline {
     ///
     /// The task failed or was blocked; the error says why.
     pub fn run_task(&self, task: Task) -> Result<TaskRecord, TaskError> {
+        let started = Instant::now();
+        let result = self.run_task_unmeasured(task);
+        self.count(result.as_ref(), Some(started.elapsed().as_secs_f64()));
+        result
+    }
+
+    fn run_task_unmeasured(&self, task: Task) -> Result<TaskRecord, TaskError> {
         let started = Instant::now();
         let host = &self.host;
         let mut calls = PluginCalls::default();
@@ -570,7 +631,7 @@ impl Pipeline {
                 &mut after_step,
             )
         };
-        let latency_ms = handler_started.elapsed().as_secs_f64() * 1e3;
+        let latency_ms = millis(handler_started.elapsed());
         let mut output = match output {
             Ok(output) => output,
             Err(error) => {
@@ -642,7 +703,7 @@ impl Pipeline {
             role,
             score,
             latency_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            total_ms: millis(started.elapsed()),
             output,
         })
     }
@@ -655,16 +716,20 @@ impl Pipeline {
                 Ok(record) => json!(record),
                 Err(error) => json!(error),
             },
-            Err(e) => json!(TaskError {
-                line: None,
-                id,
-                task_type,
-                error: format!(
-                    "not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
-                ),
-                blocked_by: None,
-                not_a_task: true,
-            }),
+            Err(e) => {
+                let error = TaskError {
+                    line: None,
+                    id,
+                    task_type,
+                    error: format!(
+                        "not a task: {e}; expected {{\"id\", \"type\", \"input\", \"reference\"?, \"meta\"?}}"
+                    ),
+                    blocked_by: None,
+                    not_a_task: true,
+                };
+                self.count(Err(&error), None);
+                json!(error)
+            }
         }
     }
 

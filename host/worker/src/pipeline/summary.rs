@@ -39,8 +39,8 @@ pub struct Summary {
     pub blocked: usize,
     /// Of those, lines that were not tasks.
     pub bad_lines: usize,
-    /// Wall time of the run.
-    #[serde(serialize_with = "as_secs")]
+    /// Wall time of the run (`elapsed_s` in JSON, seconds to the millisecond).
+    #[serde(rename = "elapsed_s", serialize_with = "as_secs")]
     pub elapsed: Duration,
     /// Statistics of every loaded plugin at the end of the run.
     pub plugins: BTreeMap<String, PluginStats>,
@@ -106,7 +106,7 @@ pub struct VsControl {
 }
 
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
+    s.serialize_f64(d.as_millis() as f64 / 1e3)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -150,8 +150,10 @@ impl Summary {
             row.total_ms.sort_by(f64::total_cmp);
             row.p50_ms = percentile(&row.total_ms, 0.5);
             row.p95_ms = percentile(&row.total_ms, 0.95);
-            row.mean_score = (!row.scores.is_empty())
-                .then(|| row.scores.iter().sum::<f64>() / row.scores.len() as f64);
+            // Four decimals: the scores themselves are ratios of small counts.
+            row.mean_score = (!row.scores.is_empty()).then(|| {
+                super::rounded(row.scores.iter().sum::<f64>() / row.scores.len() as f64, 4)
+            });
         }
         self.plugins = host
             .plugins()
