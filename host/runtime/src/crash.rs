@@ -1,7 +1,7 @@
 //! Crash records: which plugin a thread was running when the process died.
 //!
 //! Every call into plugin code leaves a site in its thread (a thread-local cell: a pointer to
-//! the plugin's [`Health`], which holds its name and the call's method, or for a lifecycle
+//! the plugin's health record (`Health`), which holds its name and the call's method, or for a lifecycle
 //! entry the plugin's name and the entry as bytes). When the process receives a fatal signal
 //! (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT: a null write, a stack overflow, `abort`, a double
 //! panic, a failed allocation) or plugin code calls `exit`, a handler reads the crashing
