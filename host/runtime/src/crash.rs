@@ -172,9 +172,26 @@ pub fn record_crashes_in(dir: &Path) -> anyhow::Result<PathBuf> {
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        // Non-blocking: a FIFO planted in its place must not hang the start (it is refused
+        // below, or the open fails at once when nothing reads it).
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(&path)
-        .with_context(|| format!("opening the crash-record file {}", path.display()))?;
+        .with_context(|| {
+            format!(
+                "opening the crash-record file {} (remove it if it is not a regular file)",
+                path.display()
+            )
+        })?;
+    let kind = file
+        .metadata()
+        .with_context(|| format!("reading the crash-record file {}", path.display()))?
+        .file_type();
+    if !kind.is_file() {
+        anyhow::bail!(
+            "the crash-record file {} is not a regular file; remove it (the worker creates it)",
+            path.display()
+        );
+    }
     // Kept open for the life of the process: the handler writes to it.
     FD.store(file.into_raw_fd(), Ordering::Release);
     for (index, &(signal, name)) in SIGNALS.iter().enumerate() {

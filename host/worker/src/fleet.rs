@@ -26,8 +26,9 @@ pub fn open_store(
     config_file: &Path,
     state_dir: &Path,
 ) -> anyhow::Result<Option<Store>> {
-    // An invalid configuration file is reported by the host's builder, with its line.
-    let config = plugin_host::PluginsConfig::read(config_file).unwrap_or_default();
+    // An invalid configuration file is an error here too (`store status` builds no host): the
+    // store it names must not silently become the default one.
+    let config = plugin_host::PluginsConfig::read(config_file)?;
     let url = match url.map(str::to_owned).or(config.store) {
         Some(url) if url == "none" => return Ok(None),
         Some(url) => url,

@@ -71,7 +71,10 @@ fn toml_string(text: &str) -> String {
 
 /// `rate-limiter` -> `RateLimiter`.
 fn type_name(name: &str) -> String {
-    name.split(['-', '_'])
+    // Suffixed, so that no name makes a type that is a keyword (`Self`) or one the template
+    // imports (`Plugin`, `Hooks`, ...).
+    let base: String = name
+        .split(['-', '_'])
         .filter(|part| !part.is_empty())
         .map(|part| {
             let mut chars = part.chars();
@@ -79,8 +82,72 @@ fn type_name(name: &str) -> String {
                 first.to_ascii_uppercase().to_string() + chars.as_str()
             })
         })
-        .collect()
+        .collect();
+    format!("{base}Plugin")
 }
+
+/// Names cargo or rustc refuse for a crate (keywords, the standard crates) or that would clash
+/// with the crate's own dependency.
+const RESERVED: [&str; 58] = [
+    "as",
+    "async",
+    "await",
+    "break",
+    "const",
+    "continue",
+    "crate",
+    "dyn",
+    "else",
+    "enum",
+    "extern",
+    "false",
+    "fn",
+    "for",
+    "if",
+    "impl",
+    "in",
+    "let",
+    "loop",
+    "match",
+    "mod",
+    "move",
+    "mut",
+    "pub",
+    "ref",
+    "return",
+    "self",
+    "static",
+    "struct",
+    "super",
+    "trait",
+    "true",
+    "type",
+    "unsafe",
+    "use",
+    "where",
+    "while",
+    "abstract",
+    "become",
+    "box",
+    "do",
+    "final",
+    "gen",
+    "macro",
+    "override",
+    "priv",
+    "try",
+    "typeof",
+    "unsized",
+    "virtual",
+    "yield",
+    "std",
+    "core",
+    "alloc",
+    "test",
+    "proc_macro",
+    "plugin-api",
+    "plugin_api",
+];
 
 /// Writes the crate `name` into `dir` (default `./NAME`); answers the directory.
 ///
@@ -98,6 +165,11 @@ pub(crate) fn new_plugin(name: &str, dir: Option<&Path>) -> anyhow::Result<PathB
         bail!(
             "`{}` is not a plugin name: use lowercase ASCII letters, digits, `-` and `_`, starting with a letter (at most 64 characters)",
             plugin_host::text::escape_control(name)
+        );
+    }
+    if RESERVED.contains(&name) {
+        bail!(
+            "`{name}` cannot name a crate (a Rust keyword, a standard crate, or this crate's own dependency): choose another name"
         );
     }
     let dir = dir.map_or_else(|| PathBuf::from(name), Path::to_path_buf);

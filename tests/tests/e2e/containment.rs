@@ -539,3 +539,53 @@ fn a_sleeping_concurrent_subscriber_does_not_hold_the_dispatch() {
         "{log}"
     );
 }
+
+/// A FIFO planted as the crash-record file neither hangs the start nor is written through: the
+/// worker says what it is (crash records off) and answers.
+#[test]
+fn a_fifo_planted_as_the_crash_record_file_does_not_hang_the_worker() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let fifo = state.join("crash-records");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let output = crate::worker(&dir, &["call", "echo", "echo", "1"], &[]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("crash records off"), "{log}");
+}
+
+/// `worker new` refuses names that cannot name a crate instead of writing one that does not
+/// compile, and any other name gets a type that is never a keyword.
+#[test]
+fn worker_new_refuses_reserved_names() {
+    let dir = PluginDir::new();
+    for name in ["self", "fn", "std", "test", "plugin-api"] {
+        let target = dir.shadow().join(format!("new-{name}"));
+        let output = crate::worker(
+            &dir,
+            &["new", name, "--path", target.to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(output.status.code(), Some(1), "{name}: {output:?}");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains("cannot name a crate"), "{name}: {err}");
+        assert!(!target.exists(), "{name}");
+    }
+    let target = dir.shadow().join("new-plugin");
+    let output = crate::worker(
+        &dir,
+        &["new", "plugin", "--path", target.to_str().unwrap()],
+        &[],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let lib = std::fs::read_to_string(target.join("src/lib.rs")).unwrap();
+    assert!(lib.contains("pub struct PluginPlugin"), "{lib}");
+}
