@@ -617,7 +617,7 @@ fn spawn(
         ),
     ] {
         if let Some(reader) = reader {
-            log_output(label.to_owned(), stream, reader);
+            log_output(label.to_owned(), Arc::clone(&supervisor), stream, reader);
         }
     }
     let kill = |mut child: std::process::Child, why: String| {
@@ -828,8 +828,19 @@ fn describe_status(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Logs each line the child writes to `stream` as the plugin's.
-fn log_output(plugin: String, stream: &'static str, reader: Box<dyn Read + Send>) {
+/// The longest line of a child's output logged whole; a longer one is logged in pieces of
+/// this size, so that output without newlines cannot grow the worker's memory.
+const MAX_OUTPUT_LINE: u64 = 8 << 10;
+
+/// Logs each line the child writes to `stream` as the plugin's: under the plugin's own log
+/// target (so `--log warn,NAME=info` shows it and `NAME=off` hides it), stdout at info and
+/// stderr (where a panic message goes) at warn, with the stream as `source`.
+fn log_output(label: String, owner: Owner, stream: &'static str, reader: Box<dyn Read + Send>) {
+    let level = if stream == "stderr" {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    };
     let _ = std::thread::Builder::new()
         .name("plugin-output".into())
         .spawn(move || {
@@ -837,28 +848,60 @@ fn log_output(plugin: String, stream: &'static str, reader: Box<dyn Read + Send>
             let mut line = Vec::new();
             loop {
                 line.clear();
-                match reader.read_until(b'\n', &mut line) {
+                match (&mut reader)
+                    .take(MAX_OUTPUT_LINE)
+                    .read_until(b'\n', &mut line)
+                {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line);
                         let text = text.trim_end_matches(['\n', '\r']);
-                        tracing::info!(plugin = %plugin, stream, "{}", EscapeControl(text));
+                        // The plugin's name once it is known (the first child reads it).
+                        let plugin = owner
+                            .get()
+                            .and_then(Weak::upgrade)
+                            .map_or_else(|| label.clone(), |s| s.name());
+                        crate::plugin_log::emit(
+                            &plugin,
+                            level,
+                            &format_args!("{stream}"),
+                            &format_args!("{}", EscapeControl(text)),
+                        );
                     }
                 }
             }
         });
 }
 
-/// Emits a child's log event on the host's subscriber, with the plugin's name.
+/// Emits a child's log event on the host's subscriber: the plugin's under the plugin's own log
+/// target (as an in-process plugin's events are), its own target as `source`; the runtime's
+/// (from the child's loader) as the runtime's, naming the plugin.
 fn emit(plugin: &str, level: u8, target: &str, message: &str) {
     use plugin_api::abi::level as l;
-    let target = EscapeControl(target);
-    let message = EscapeControl(message);
-    match level {
-        l::ERROR => tracing::error!(plugin, %target, "{message}"),
-        l::WARN => tracing::warn!(plugin, %target, "{message}"),
-        l::INFO => tracing::info!(plugin, %target, "{message}"),
-        l::DEBUG => tracing::debug!(plugin, %target, "{message}"),
-        _ => tracing::trace!(plugin, %target, "{message}"),
+    // The runtime's own events in the child (its loader's checks, say) stay the runtime's.
+    if target.starts_with("plugin_host") {
+        let target = EscapeControl(target);
+        let message = EscapeControl(message);
+        match level {
+            l::ERROR => tracing::error!(plugin, %target, "{message}"),
+            l::WARN => tracing::warn!(plugin, %target, "{message}"),
+            l::INFO => tracing::info!(plugin, %target, "{message}"),
+            l::DEBUG => tracing::debug!(plugin, %target, "{message}"),
+            _ => tracing::trace!(plugin, %target, "{message}"),
+        }
+        return;
     }
+    let level = match level {
+        l::ERROR => tracing::Level::ERROR,
+        l::WARN => tracing::Level::WARN,
+        l::INFO => tracing::Level::INFO,
+        l::DEBUG => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    crate::plugin_log::emit(
+        plugin,
+        level,
+        &format_args!("{}", EscapeControl(target)),
+        &format_args!("{}", EscapeControl(message)),
+    );
 }
