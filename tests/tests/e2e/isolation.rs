@@ -557,6 +557,26 @@ fn isolated_hooks_modify_and_block() {
     );
 }
 
+/// A hook subscription's own `timeoutMs` bounds an isolated delivery too: a `task.scored`
+/// subscriber that sleeps a minute, with a 300 ms subscription deadline under a ten-minute
+/// plugin deadline, is killed at the subscription's, and the run goes on (with the plugin's
+/// deadline it would outlast the test's two-minute bound).
+#[test]
+fn an_isolated_hook_delivery_keeps_its_subscription_deadline() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {
+        "timeoutMs": 600_000,
+        "breaker": false,
+        "hooks": {"task.scored": {"timeoutMs": 300}},
+        "config": {"in": {"hook": "sleep"}, "sleepMs": 60_000}
+    }}));
+    dir.add("crashy", "libcrashy.so");
+    let tasks = worker::pipeline::example_tasks(2, 3);
+    let records = run_isolated(&dir, &tasks);
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records.iter().all(|r| r["score"].is_number()), "{records:?}");
+}
+
 /// An embedder isolates plugins through the library: `with_isolation` and, since a test
 /// binary's `main` is not its own, `with_child_program` naming a program whose `main` calls
 /// `run_child_if_requested`. A crash is `PluginCallError::Crashed`, an overrun `TimedOut`.

@@ -288,9 +288,11 @@ pub(super) fn run_subscriber(
                 return None;
             };
             let started = timer.start();
-            let result = generation
-                .library
-                .on_hook(point.spec.name, text, |answer| match answer {
+            let result = generation.library.on_hook(
+                point.spec.name,
+                text,
+                subscriber.timeout_ms,
+                |answer| match answer {
                     Ok(json) => parse_answer(json).map_err(PluginError::failed),
                     Err(PluginFailure::Reported(kind, message)) => Err(PluginError {
                         kind,
@@ -302,7 +304,8 @@ pub(super) fn run_subscriber(
                     Err(PluginFailure::Lost(lost)) => Err(PluginError::failed(format!(
                         "its process {lost} (reason: {lost})"
                     ))),
-                });
+                },
+            );
             let ticks = timer.stop(started);
             if ticks != 0
                 && let Some(clock) = timer.clock

@@ -217,20 +217,24 @@ impl Backend {
     ) -> Option<R> {
         match self {
             Backend::InProcess(library) => library.call(method, params, f),
-            Backend::Isolated(isolated) => isolated.exchange(Tag::Call, method, params, f),
+            Backend::Isolated(isolated) => isolated.exchange(Tag::Call, method, params, 0, f),
         }
     }
 
-    /// Delivers `hook` (see [`PluginLibrary::on_hook`]).
+    /// Delivers `hook` (see [`PluginLibrary::on_hook`]); isolated, within `timeout_ms` (the
+    /// subscription's own deadline; 0 for the plugin's), past which the child is killed.
     pub(crate) fn on_hook<R>(
         &self,
         hook: &str,
         payload: &str,
+        timeout_ms: u64,
         f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
     ) -> Option<R> {
         match self {
             Backend::InProcess(library) => library.on_hook(hook, payload, f),
-            Backend::Isolated(isolated) => isolated.exchange(Tag::Hook, hook, payload, f),
+            Backend::Isolated(isolated) => {
+                isolated.exchange(Tag::Hook, hook, payload, timeout_ms, f)
+            }
         }
     }
 
@@ -333,10 +337,15 @@ impl Isolated {
         tag: Tag,
         name: &str,
         input: &str,
+        timeout_ms: u64,
         f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
     ) -> Option<R> {
         let chain = crate::host::call_chain();
-        let frame = match self.supervisor.request(tag, &[name, input, &chain]) {
+        let timeout = (timeout_ms != 0).then(|| std::time::Duration::from_millis(timeout_ms));
+        let frame = match self
+            .supervisor
+            .request_within(tag, &[name, input, &chain], timeout)
+        {
             Ok(frame) => frame,
             Err(lost) => return Some(f(Err(PluginFailure::Lost(lost)))),
         };

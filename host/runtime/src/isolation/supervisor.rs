@@ -262,12 +262,26 @@ impl Supervisor {
 
     /// A request to the current child, with the plugin's deadline.
     pub(crate) fn request(&self, tag: Tag, fields: &[&str]) -> Result<Frame, Lost> {
+        self.request_within(tag, fields, None)
+    }
+
+    /// [`request`](Self::request) with a deadline of its own (a hook subscription's
+    /// `timeoutMs`) instead of the plugin's.
+    pub(crate) fn request_within(
+        &self,
+        tag: Tag,
+        fields: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<Frame, Lost> {
         if self.suspended.load(Ordering::Relaxed) {
             return Err(Lost::Suspended);
         }
-        self.conn
-            .load()
-            .request(tag, fields, self.timeout(), Some(&self.timeouts))
+        self.conn.load().request(
+            tag,
+            fields,
+            timeout.unwrap_or_else(|| self.timeout()),
+            Some(&self.timeouts),
+        )
     }
 
     /// The plugin's name (its file until created).
