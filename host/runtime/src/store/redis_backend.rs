@@ -1,6 +1,6 @@
 //! The fleet backend: Redis. A batch is one Lua script (atomic on the server): the batch id
-//! and each group's mark are set with NX, and a group's additions (HINCRBYFLOAT) run only when
-//! its mark was new. Keys: `store:f:<key>` (a hash of fields), `store:m:<mark>`,
+//! and each group's mark are set with NX, and a group's additions count only when its mark was
+//! new; the additions that count are summed in the script, one HINCRBYFLOAT per field. Keys: `store:f:<key>` (a hash of fields), `store:m:<mark>`,
 //! `store:r:<key>` (a record: version and value), `store:b:<batch id>` (expires after a week).
 //! The scripts touch keys they do not declare: a standalone server or a replica set, not a
 //! Redis Cluster.
@@ -16,15 +16,23 @@ use super::{Backend, Batch, Fields, StoredRecord};
 const APPLY: &str = r"
 local batch = cjson.decode(ARGV[1])
 if not redis.call('SET', 'store:b:' .. batch.id, '1', 'NX', 'EX', 604800) then return 0 end
+local sums = {}
 for _, g in ipairs(batch.groups) do
   local fresh = true
   if g.mark then fresh = redis.call('SET', 'store:m:' .. g.mark, '1', 'NX') end
   if fresh then
     for key, fields in pairs(g.adds) do
+      local sum = sums[key]
+      if not sum then sum = {}; sums[key] = sum end
       for field, delta in pairs(fields) do
-        redis.call('HINCRBYFLOAT', 'store:f:' .. key, field, delta)
+        sum[field] = (sum[field] or 0) + tonumber(delta)
       end
     end
+  end
+end
+for key, fields in pairs(sums) do
+  for field, delta in pairs(fields) do
+    redis.call('HINCRBYFLOAT', 'store:f:' .. key, field, string.format('%.17g', delta))
   end
 end
 return 1
