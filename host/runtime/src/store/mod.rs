@@ -537,6 +537,28 @@ fn note_down(shared: &Shared, cache: &mut Cache, e: &anyhow::Error) {
     cache.status.last_error = Some(message);
 }
 
+/// Answers a plugin's store operations elsewhere: an isolated plugin's go to the host process.
+pub(crate) type StoreForward =
+    Box<dyn Fn(&str, &str) -> Result<Option<String>, PluginError> + Send + Sync>;
+
+/// How a plugin reaches the store: this process's, or the host's through its process link.
+pub(crate) enum StoreAccess {
+    /// The store of this process, in the plugin's namespace.
+    Local(PluginStore),
+    /// The host process answers (the plugin runs isolated in a child process).
+    Forward(StoreForward),
+}
+
+impl StoreAccess {
+    /// Answers one operation of `plugin_api::store`.
+    pub(crate) fn op(&self, op: &str, text: &str) -> Result<Option<String>, PluginError> {
+        match self {
+            StoreAccess::Local(store) => store.op(op, text),
+            StoreAccess::Forward(forward) => forward(op, text),
+        }
+    }
+}
+
 /// One plugin's view of the store.
 #[derive(Clone)]
 pub(crate) struct PluginStore {
