@@ -39,6 +39,8 @@ pub struct StoredRecord {
 /// Additions applied together, at most once per mark when there is one.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Group {
+    /// Left out of the JSON when there is none (the Redis script tests its presence).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) mark: Option<String>,
     pub(crate) adds: BTreeMap<String, Fields>,
 }

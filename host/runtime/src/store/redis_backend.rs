@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde_json::{Map, Value, json};
 
 use super::{Backend, Batch, Fields, StoredRecord};
 
@@ -109,30 +108,10 @@ fn glob_escape(text: &str) -> String {
 
 impl Backend for Redis {
     fn apply(&mut self, batch: &Batch) -> anyhow::Result<()> {
-        let groups: Vec<Value> = batch
-            .groups
-            .iter()
-            .map(|g| {
-                let adds: Map<String, Value> = g
-                    .adds
-                    .iter()
-                    .map(|(key, fields)| {
-                        let fields: Map<String, Value> = fields
-                            .iter()
-                            // As text: Lua numbers would lose digits on their way to Redis.
-                            .map(|(f, d)| (f.clone(), Value::String(format!("{d:?}"))))
-                            .collect();
-                        (key.clone(), Value::Object(fields))
-                    })
-                    .collect();
-                let mut group = json!({"adds": adds});
-                if let Some(mark) = &g.mark {
-                    group["mark"] = json!(mark);
-                }
-                group
-            })
-            .collect();
-        let text = json!({"id": batch.id, "groups": groups}).to_string();
+        // `{"id", "groups": [{"mark"?, "adds": {key: {field: delta}}}]}`, written straight from
+        // the batch. A delta is a JSON number in its shortest exact form, which the script's
+        // decoder reads back as the same double; the script writes its sums with 17 digits.
+        let text = serde_json::to_string(batch).context("encoding a batch")?;
         self.with(|c| {
             redis::cmd("EVAL")
                 .arg(APPLY)
