@@ -175,7 +175,7 @@ struct LogContext {
     plugin: String,
     call: CallBack,
     /// The shared store in the plugin's namespace; `None` when the host has none.
-    store: Option<crate::store::PluginStore>,
+    store: Option<crate::store::StoreAccess>,
 }
 
 static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
@@ -371,7 +371,7 @@ impl PluginLibrary {
         plugin: &str,
         config: &str,
         call: CallBack,
-        store: Option<crate::store::PluginStore>,
+        store: Option<crate::store::StoreAccess>,
     ) -> Result<(), PluginError> {
         let context = Box::new(LogContext {
             plugin: plugin.to_owned(),

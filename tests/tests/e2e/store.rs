@@ -269,3 +269,73 @@ fn the_control_api_shows_the_store() {
     let rows = store.scan("fixture", "").unwrap();
     assert_eq!(rows[0].1.get("n"), Some(&2.0), "{rows:?}");
 }
+
+/// `worker call` of the fixture with `"isolation": "process"`, on the store at `url`.
+fn isolated_call(dir: &PluginDir, url: &str, method: &str, params: &Value) -> Value {
+    let state = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--store", url, "--store-flush-ms", "20"])
+        .args(["call", "fixture", method, &params.to_string(), "--strict"])
+        .env_remove("WORKER_LOG")
+        .env_remove("WORKER_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "fixture.{method}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// An isolated plugin (its own process) shares the host's store: its additions reach the store
+/// through the host, once per mark, and its reads see the store's figures.
+#[test]
+fn an_isolated_plugin_shares_the_store() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    dir.configure(&json!({"fixture": {"isolation": "process"}}));
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("store.db").display());
+    let add = |delta: f64, mark: &str| {
+        isolated_call(
+            &dir,
+            &url,
+            "storeAdd",
+            &json!({"key": "arm", "field": "n", "delta": delta, "mark": mark}),
+        )
+    };
+    assert_eq!(add(2.0, "task-1"), json!(true));
+    // Another worker process scores the same task (counted once) and a new one.
+    add(2.0, "task-1");
+    assert_eq!(add(3.0, "task-2"), json!(true));
+    assert_eq!(
+        isolated_call(&dir, &url, "storeRead", &json!({"key": "arm"})),
+        json!({"n": 5.0})
+    );
+    let store = Store::open(&url, options()).unwrap();
+    let keys = store.scan("fixture", "").unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].1.get("n"), Some(&5.0), "{keys:?}");
+    // A decision too: the record is written through the host.
+    assert_eq!(
+        isolated_call(
+            &dir,
+            &url,
+            "storeCas",
+            &json!({"key": "decision", "version": 0, "value": {"by": "isolated"}})
+        ),
+        json!(true)
+    );
+    assert_eq!(
+        store
+            .read_record("fixture", "decision")
+            .unwrap()
+            .map(|r| r.version),
+        Some(1)
+    );
+}

@@ -83,7 +83,7 @@ fn create_within(
     name: &str,
     config: String,
     call_back: crate::dylib::CallBack,
-    store: Option<crate::store::PluginStore>,
+    store: Option<crate::store::StoreAccess>,
     timeout_ms: u64,
 ) -> Result<(PluginLibrary, Result<(), PluginError>), LoadErrorKind> {
     let (sender, created) = std::sync::mpsc::sync_channel(1);
@@ -564,7 +564,11 @@ impl PluginHost {
             Backend::InProcess(library) => {
                 let call_back =
                     PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
-                let store = self.inner.store.as_ref().map(|s| s.for_plugin(&name));
+                let store = self
+                    .inner
+                    .store
+                    .as_ref()
+                    .map(|s| crate::store::StoreAccess::Local(s.for_plugin(&name)));
                 let (library, created) =
                     create_within(library, &name, config, call_back, store, timeout_ms)?;
                 (Backend::InProcess(library), created)
@@ -577,7 +581,8 @@ impl PluginHost {
                     settings.restarts.unwrap_or_default(),
                 );
                 let link = PluginHost::host_link(Arc::downgrade(&self.inner));
-                let created = match supervisor.create(&name, config, link) {
+                let store = self.inner.store.as_ref().map(|s| s.for_plugin(&name));
+                let created = match supervisor.create(&name, config, link, store) {
                     Ok(()) => Ok(()),
                     Err(crate::isolation::CreateError::Plugin(e)) => Err(e),
                     Err(crate::isolation::CreateError::Lost(crate::isolation::Lost::TimedOut)) => {

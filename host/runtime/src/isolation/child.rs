@@ -250,7 +250,8 @@ impl Child {
                 if let Ok(mb) = frame.field(1).parse::<u64>() {
                     limit_memory(mb);
                 }
-                self.create(frame.take(0))
+                let store = frame.field(2) == "store";
+                self.create(frame.take(0), store)
             }
             Tag::Call | Tag::Hook => {
                 CHAIN.with(|chain| *chain.borrow_mut() = frame.take(2));
@@ -291,7 +292,7 @@ impl Child {
         self.out.send(Tag::Answer, id, code, &fields);
     }
 
-    fn create(self: &Arc<Self>, config: String) -> (u8, Vec<String>) {
+    fn create(self: &Arc<Self>, config: String, store: bool) -> (u8, Vec<String>) {
         let mut library = self.library.write().unwrap_or_else(|p| p.into_inner());
         let Some(library) = library.as_mut() else {
             return (code::UNSUPPORTED, Vec::new());
@@ -309,9 +310,19 @@ impl Child {
                 .ok_or_else(|| PluginError::failed("the plugin's process is stopping"))?;
             child.call_host(plugin, method, params)
         });
-        // No shared store in the child yet: the plugin sees none (`plugin_api::store` answers
-        // "unavailable") and keeps its figures in its own state.
-        match library.create(&name, &config, call_back, None) {
+        // The host's shared store, when it has one: each operation goes to the host process
+        // (`Tag::HostStore`), which answers from its store in the plugin's namespace.
+        let store = store.then(|| {
+            let child = Arc::downgrade(self);
+            let forward: crate::store::StoreForward = Box::new(move |op, args| {
+                let child = child
+                    .upgrade()
+                    .ok_or_else(|| PluginError::failed("the plugin's process is stopping"))?;
+                child.ask_host(Tag::HostStore, &[op, args])
+            });
+            crate::store::StoreAccess::Forward(forward)
+        });
+        match library.create(&name, &config, call_back, store) {
             Ok(()) => (code::NONE, Vec::new()),
             Err(e) => error_of(e),
         }
@@ -324,15 +335,19 @@ impl Child {
         method: &str,
         params: &str,
     ) -> Result<Option<String>, PluginError> {
+        let chain = CHAIN.with(|chain| chain.borrow().clone());
+        self.ask_host(Tag::HostCall, &[plugin, method, params, &chain])
+    }
+
+    /// Sends a request to the host and waits for its [`Tag::HostAnswer`].
+    fn ask_host(&self, tag: Tag, fields: &[&str]) -> Result<Option<String>, PluginError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, answer) = sync_channel(1);
         self.waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, sender);
-        let chain = CHAIN.with(|chain| chain.borrow().clone());
-        self.out
-            .send(Tag::HostCall, id, 0, &[plugin, method, params, &chain]);
+        self.out.send(tag, id, 0, fields);
         // The host answers every call it gets (a failure is an answer); if it is gone, the
         // death signal ends this process.
         let mut frame = answer

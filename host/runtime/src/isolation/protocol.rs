@@ -40,6 +40,9 @@ pub(crate) enum Tag {
     HostCall = 23,
     /// `[target, message]`, code = level: a log event of the child.
     Log = 24,
+    /// `[operation, arguments]`: the plugin's operation on the host's shared store, answered
+    /// with a [`Tag::HostAnswer`] as a [`Tag::HostCall`] is.
+    HostStore = 25,
 }
 
 impl Tag {
@@ -56,6 +59,7 @@ impl Tag {
             21 => Tag::Refused,
             22 => Tag::Answer,
             23 => Tag::HostCall,
+            25 => Tag::HostStore,
             24 => Tag::Log,
             _ => return None,
         })

@@ -146,6 +146,9 @@ pub(crate) struct Supervisor {
     /// The plugin's configuration, for `create` in every child.
     config: Mutex<Option<String>>,
     link: Mutex<Option<HostLink>>,
+    /// The host's shared store in the plugin's namespace: the child's store operations are
+    /// answered here. `None` when the host has no store.
+    store: Mutex<Option<crate::store::PluginStore>>,
     conn: ArcSwap<Conn>,
     /// The last state the plugin saved or was given: a restarted child is given it.
     last_state: Mutex<Option<String>>,
@@ -196,6 +199,7 @@ impl Supervisor {
             launch: Mutex::new(launch),
             config: Mutex::new(None),
             link: Mutex::new(None),
+            store: Mutex::new(None),
             conn: ArcSwap::new(Arc::clone(&conn)),
             last_state: Mutex::new(None),
             crashes: AtomicU64::new(0),
@@ -250,12 +254,20 @@ impl Supervisor {
         name: &str,
         config: String,
         link: HostLink,
+        store: Option<crate::store::PluginStore>,
     ) -> Result<(), CreateError> {
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(link);
+        *self.store.lock().unwrap_or_else(|p| p.into_inner()) = store;
         let _ = self.name.set(name.to_owned());
         let memory = self.launch().spec.memory_limit_mb;
-        create_in(&self.conn.load(), &config, memory, self.timeout())?;
+        create_in(
+            &self.conn.load(),
+            &config,
+            memory,
+            self.has_store(),
+            self.timeout(),
+        )?;
         self.created.store(true, Ordering::Release);
         Ok(())
     }
@@ -462,7 +474,13 @@ impl Supervisor {
                     return Err(e);
                 }
             };
-            if let Err(e) = create_in(&conn, &config, launch.spec.memory_limit_mb, self.timeout()) {
+            if let Err(e) = create_in(
+                &conn,
+                &config,
+                launch.spec.memory_limit_mb,
+                self.has_store(),
+                self.timeout(),
+            ) {
                 tracing::error!(plugin = %self.name(), error = %e, "the restarted plugin failed to create its instance");
                 stop_conn(&conn, Duration::ZERO);
                 return Err(e.to_string());
@@ -514,6 +532,45 @@ impl Supervisor {
             took_us = started.elapsed().as_micros(),
             "isolated plugin's process stopped"
         );
+    }
+
+    fn has_store(&self) -> bool {
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// The child's operation on the shared store: answered from the host's store. The hot
+    /// operations (additions, marks, warm reads) answer from its cache at once, on the reading
+    /// thread; one that may wait for the backend (a cold read, a compare-and-set, a scan) gets
+    /// its own thread, so the child's other answers are not held up.
+    fn forward_store(&self, conn: &Arc<Conn>, frame: Frame) {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let answer = move |conn: &Conn, frame: &Frame| {
+            let result = match &store {
+                Some(store) => store.op(frame.field(0), frame.field(1)),
+                None => Ok(None),
+            };
+            let (code, text) = match result {
+                Ok(Some(answer)) => (code::SOME, answer),
+                Ok(None) => (code::NONE, String::new()),
+                Err(e) => (code::ERROR + e.kind as u8, e.message),
+            };
+            let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = write_frame(&mut *out, Tag::HostAnswer, frame.id, code, &[&text]);
+        };
+        if matches!(frame.field(0), "add" | "mark" | "available") {
+            answer(conn, &frame);
+            return;
+        }
+        let conn = Arc::clone(conn);
+        let spawned = std::thread::Builder::new()
+            .name("plugin-host-store".into())
+            .spawn(move || answer(&conn, &frame));
+        if spawned.is_err() {
+            tracing::warn!(plugin = %self.name(), "no thread for a plugin's store operation; it gets no answer until its process is restarted");
+        }
     }
 
     fn forward_host_call(&self, conn: &Arc<Conn>, mut frame: Frame) {
@@ -570,10 +627,12 @@ fn create_in(
     conn: &Conn,
     config: &str,
     memory_limit_mb: Option<u64>,
+    store: bool,
     timeout: Duration,
 ) -> Result<(), CreateError> {
     let memory = memory_limit_mb.map(|mb| mb.to_string()).unwrap_or_default();
-    match conn.request(Tag::Create, &[config, &memory], timeout, None) {
+    let store = if store { "store" } else { "" };
+    match conn.request(Tag::Create, &[config, &memory, store], timeout, None) {
         Ok(frame) if frame.code == code::NONE => Ok(()),
         Ok(mut frame) => Err(CreateError::Plugin(PluginError {
             kind: super::error_kind(frame.code.saturating_sub(code::ERROR)),
@@ -774,6 +833,13 @@ fn read_answers(conn: &Arc<Conn>, mut reader: UnixStream, label: &str, owner: &O
                         code::ERROR,
                         &["the plugin is not created yet"],
                     );
+                }
+            },
+            Tag::HostStore => match supervisor() {
+                Some(supervisor) => supervisor.forward_store(conn, frame),
+                None => {
+                    let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = write_frame(&mut *out, Tag::HostAnswer, frame.id, code::NONE, &[""]);
                 }
             },
             Tag::Log => {

@@ -39,6 +39,8 @@ pub struct StoredRecord {
 /// Additions applied together, at most once per mark when there is one.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Group {
+    /// Left out of the JSON when there is none (the Redis script tests its presence).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) mark: Option<String>,
     pub(crate) adds: BTreeMap<String, Fields>,
 }
@@ -109,7 +111,11 @@ struct Cache {
     /// Sums of the additions not yet flushed (`pending`) and of the batch being flushed.
     pending_sum: HashMap<String, Fields>,
     inflight_sum: HashMap<String, Fields>,
+    /// Groups under a mark, each applied only if its mark is new.
     pending: Vec<Group>,
+    /// Additions without a mark, summed into one group at the next batch (they need no group
+    /// of their own: nothing decides whether they apply).
+    unmarked: HashMap<String, Fields>,
     /// The batch being flushed, kept (with its id) until the store took it.
     inflight: Option<Arc<Batch>>,
     /// Marks this process has seen since their last flush.
@@ -119,6 +125,21 @@ struct Cache {
     keys: HashSet<String>,
     record_keys: HashSet<String>,
     status: Status,
+}
+
+impl Cache {
+    /// Groups not yet in the store: the pending ones, the unmarked sums (one group) and the
+    /// batch in flight.
+    fn pending_groups(&self) -> usize {
+        self.pending.len()
+            + usize::from(!self.unmarked.is_empty())
+            + self.inflight.as_ref().map_or(0, |b| b.groups.len())
+    }
+
+    /// Whether additions are waiting for a batch.
+    fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.unmarked.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -178,7 +199,7 @@ fn stop_thread(shared: &Shared, handle: &Mutex<Option<std::thread::JoinHandle<()
     if let Some(handle) = lock(handle).take() {
         let _ = handle.join();
         let cache = lock(&shared.cache);
-        let left = cache.pending.len() + cache.inflight.as_ref().map_or(0, |b| b.groups.len());
+        let left = cache.pending_groups();
         if left > 0 {
             tracing::warn!(store = %shared.url, groups = left, "the store could not be reached before exit: these additions are not in it (their idempotency marks are not either, so a re-run of the same tasks counts them)");
         }
@@ -195,10 +216,35 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn add_into(sum: &mut HashMap<String, Fields>, key: &str, fields: &Fields) {
-    let entry = sum.entry(key.to_owned()).or_default();
+/// Adds `delta` to `field` of `fields`.
+fn add_into_fields(fields: &mut Fields, field: &str, delta: f64) {
+    match fields.get_mut(field) {
+        Some(value) => *value += delta,
+        None => {
+            fields.insert(field.to_owned(), delta);
+        }
+    }
+}
+
+/// Adds `fields` to `key`'s sums, allocating names only for a key or field seen the first time.
+fn add_into<'a>(
+    sum: &mut HashMap<String, Fields>,
+    key: &str,
+    fields: impl IntoIterator<Item = (&'a str, f64)>,
+) {
+    if !sum.contains_key(key) {
+        sum.insert(key.to_owned(), Fields::new());
+    }
+    let Some(entry) = sum.get_mut(key) else {
+        return;
+    };
     for (field, delta) in fields {
-        *entry.entry(field.clone()).or_insert(0.0) += delta;
+        match entry.get_mut(field) {
+            Some(value) => *value += delta,
+            None => {
+                entry.insert(field.to_owned(), delta);
+            }
+        }
     }
 }
 
@@ -275,7 +321,7 @@ impl Store {
         StoreStatus {
             backend: self.shared.url.clone(),
             last_flush_ms: cache.status.last_flush_ms,
-            pending: cache.pending.len() + cache.inflight.as_ref().map_or(0, |b| b.groups.len()),
+            pending: cache.pending_groups(),
             reachable: cache.status.reachable,
             errors: cache.status.errors,
             last_error: cache.status.last_error.clone(),
@@ -291,12 +337,12 @@ impl Store {
     pub fn flush(&self) -> anyhow::Result<()> {
         flush_all(&self.shared);
         let cache = lock(&self.shared.cache);
-        if cache.pending.is_empty() && cache.inflight.is_none() {
+        if !cache.has_pending() && cache.inflight.is_none() {
             Ok(())
         } else {
             anyhow::bail!(
                 "{} groups of additions are not in the store {} yet: {}",
-                cache.pending.len() + cache.inflight.as_ref().map_or(0, |b| b.groups.len()),
+                cache.pending_groups(),
                 self.shared.url,
                 cache
                     .status
@@ -372,8 +418,15 @@ static BATCH_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 fn flush_once(shared: &Shared) -> bool {
     let (batch, keys, record_keys) = {
         let mut cache = lock(&shared.cache);
-        if cache.inflight.is_none() && !cache.pending.is_empty() {
-            let groups = std::mem::take(&mut cache.pending);
+        if cache.inflight.is_none() && cache.has_pending() {
+            let mut groups = std::mem::take(&mut cache.pending);
+            let unmarked = std::mem::take(&mut cache.unmarked);
+            if !unmarked.is_empty() {
+                groups.push(Group {
+                    mark: None,
+                    adds: unmarked.into_iter().collect(),
+                });
+            }
             let sum = std::mem::take(&mut cache.pending_sum);
             cache.inflight_sum = sum;
             let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -413,7 +466,11 @@ fn flush_once(shared: &Shared) -> bool {
                 if read.is_err() {
                     // Keep what was flushed visible until the next read.
                     for (key, fields) in &flushed {
-                        add_into(&mut cache.base, key, fields);
+                        add_into(
+                            &mut cache.base,
+                            key,
+                            fields.iter().map(|(f, d)| (f.as_str(), *d)),
+                        );
                     }
                 }
             }
@@ -463,7 +520,7 @@ fn flush_all(shared: &Shared) {
             return;
         }
         let cache = lock(&shared.cache);
-        if cache.pending.is_empty() && cache.inflight.is_none() {
+        if !cache.has_pending() && cache.inflight.is_none() {
             return;
         }
     }
@@ -480,6 +537,28 @@ fn note_down(shared: &Shared, cache: &mut Cache, e: &anyhow::Error) {
         cache.status.warned = true;
     }
     cache.status.last_error = Some(message);
+}
+
+/// Answers a plugin's store operations elsewhere: an isolated plugin's go to the host process.
+pub(crate) type StoreForward =
+    Box<dyn Fn(&str, &str) -> Result<Option<String>, PluginError> + Send + Sync>;
+
+/// How a plugin reaches the store: this process's, or the host's through its process link.
+pub(crate) enum StoreAccess {
+    /// The store of this process, in the plugin's namespace.
+    Local(PluginStore),
+    /// The host process answers (the plugin runs isolated in a child process).
+    Forward(StoreForward),
+}
+
+impl StoreAccess {
+    /// Answers one operation of `plugin_api::store`.
+    pub(crate) fn op(&self, op: &str, text: &str) -> Result<Option<String>, PluginError> {
+        match self {
+            StoreAccess::Local(store) => store.op(op, text),
+            StoreAccess::Forward(forward) => forward(op, text),
+        }
+    }
 }
 
 /// One plugin's view of the store.
@@ -533,14 +612,11 @@ fn check_key(what: &str, key: &str) -> Result<(), PluginError> {
     Ok(())
 }
 
-/// Adds `delta` (text) to `field` of `fields`.
-fn add_field(fields: &mut Fields, field: &str, delta: &str) -> Result<(), PluginError> {
+/// A field's name and its delta (text), checked.
+fn field_delta<'a>(field: &'a str, delta: &str) -> Result<(&'a str, f64), PluginError> {
     check_key("field name", field)?;
     match delta.parse::<f64>() {
-        Ok(d) if d.is_finite() => {
-            *fields.entry(field.to_owned()).or_insert(0.0) += d;
-            Ok(())
-        }
+        Ok(d) if d.is_finite() => Ok((field, d)),
         _ => Err(invalid(format!(
             "store: the delta of field `{field}` must be a finite number, found `{delta}`"
         ))),
@@ -559,21 +635,23 @@ impl PluginStore {
                 let mut lines = text.split('\n');
                 let key = lines.next().unwrap_or_default();
                 check_key("key", key)?;
-                let mut fields = Fields::new();
-                for line in lines {
-                    let (field, delta) = line.split_once('\t').unwrap_or((line, ""));
-                    add_field(&mut fields, field, delta)?;
-                }
-                let mut adds = BTreeMap::new();
-                adds.insert(self.key(key), fields);
-                self.push(None, adds);
-                return Ok(Some("null".to_owned()));
+                // Every line is checked before anything is added: an operation applies whole.
+                let fields = lines
+                    .map(|line| {
+                        let (field, delta) = line.split_once('\t').unwrap_or((line, ""));
+                        field_delta(field, delta)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.add(&self.key(key), &fields);
+                // Any answer means "added"; an empty one needs no allocation.
+                return Ok(Some(String::new()));
             }
             "mark" => {
                 let mut lines = text.split('\n');
                 let mark = lines.next().unwrap_or_default();
                 check_key("mark", mark)?;
                 let mut adds: BTreeMap<String, Fields> = BTreeMap::new();
+                let mut last: Option<(&str, String)> = None;
                 for line in lines {
                     let mut parts = line.splitn(3, '\t');
                     let (key, field, delta) = (
@@ -582,21 +660,25 @@ impl PluginStore {
                         parts.next().unwrap_or_default(),
                     );
                     check_key("key", key)?;
-                    add_field(adds.entry(self.key(key)).or_default(), field, delta)?;
+                    let (field, delta) = field_delta(field, delta)?;
+                    // A key's lines come together: its full name is made once.
+                    let full = match &last {
+                        Some((k, full)) if *k == key => full,
+                        _ => &last.insert((key, self.key(key))).1,
+                    };
+                    if !adds.contains_key(full.as_str()) {
+                        adds.insert(full.clone(), Fields::new());
+                    }
+                    if let Some(fields) = adds.get_mut(full.as_str()) {
+                        add_into_fields(fields, field, delta);
+                    }
                 }
-                let new = self.push(Some(self.key(mark)), adds);
+                let new = self.push_marked(self.key(mark), adds);
                 return Ok(Some(if new { "true" } else { "false" }.to_owned()));
             }
             "read" => {
                 check_key("key", text)?;
-                let mut answer = String::new();
-                for (field, value) in self.read(&self.key(text)) {
-                    answer.push_str(&field);
-                    answer.push('\t');
-                    answer.push_str(&value.to_string());
-                    answer.push('\n');
-                }
-                return Ok(Some(answer));
+                return Ok(Some(self.read_lines(&self.key(text))));
             }
             "keys" => {
                 let a: PrefixArgs = args(op, text)?;
@@ -683,24 +765,84 @@ impl PluginStore {
             .collect()
     }
 
-    /// Queues the additions (once per mark); whether the mark was new to this process.
-    fn push(&self, mark: Option<String>, adds: BTreeMap<String, Fields>) -> bool {
+    /// Adds to `key` (its full name) without a mark: into the pending sums, no group.
+    fn add(&self, key: &str, fields: &[(&str, f64)]) {
         let mut cache = lock(&self.store.shared.cache);
-        if let Some(mark) = &mark
-            && !cache.marks.insert(mark.clone())
-        {
+        let cache = &mut *cache;
+        if !cache.keys.contains(key) {
+            cache.keys.insert(key.to_owned());
+        }
+        add_into(&mut cache.pending_sum, key, fields.iter().copied());
+        add_into(&mut cache.unmarked, key, fields.iter().copied());
+    }
+
+    /// Queues the additions under `mark` (once per mark); whether the mark was new to this
+    /// process.
+    fn push_marked(&self, mark: String, adds: BTreeMap<String, Fields>) -> bool {
+        let mut cache = lock(&self.store.shared.cache);
+        if cache.marks.contains(&mark) {
             return false;
         }
+        cache.marks.insert(mark.clone());
         let cache = &mut *cache;
         for (key, fields) in &adds {
-            add_into(&mut cache.pending_sum, key, fields);
-            cache.keys.insert(key.clone());
+            add_into(
+                &mut cache.pending_sum,
+                key,
+                fields.iter().map(|(f, d)| (f.as_str(), *d)),
+            );
+            if !cache.keys.contains(key) {
+                cache.keys.insert(key.clone());
+            }
         }
-        cache.pending.push(Group { mark, adds });
+        cache.pending.push(Group {
+            mark: Some(mark),
+            adds,
+        });
         true
     }
 
-    fn read(&self, key: &str) -> Fields {
+    /// The fields of `key` (its full name) as `field\tvalue` lines: the last refresh plus the
+    /// sums not yet in the store.
+    fn read_lines(&self, key: &str) -> String {
+        use std::fmt::Write as _;
+        let cache = self.warm(key);
+        let base = cache.base.get(key);
+        let sums = [cache.inflight_sum.get(key), cache.pending_sum.get(key)];
+        let mut answer = String::new();
+        let mut line = |field: &str, value: f64| {
+            let _ = writeln!(answer, "{field}\t{value}");
+        };
+        // Each field once: the base's with the sums added, then the sums' fields the base
+        // lacks (a field only in the pending sums after one only in the flight's).
+        for (field, value) in base.into_iter().flatten() {
+            let sum = sums
+                .iter()
+                .flatten()
+                .filter_map(|s| s.get(field))
+                .fold(*value, |sum, delta| sum + delta);
+            line(field, sum);
+        }
+        for (i, sum) in sums.iter().enumerate() {
+            for (field, value) in sum.iter().copied().flatten() {
+                if base.is_some_and(|b| b.contains_key(field))
+                    || sums[..i].iter().flatten().any(|s| s.contains_key(field))
+                {
+                    continue;
+                }
+                let sum = sums[i + 1..]
+                    .iter()
+                    .flatten()
+                    .filter_map(|s| s.get(field))
+                    .fold(*value, |sum, delta| sum + delta);
+                line(field, sum);
+            }
+        }
+        answer
+    }
+
+    /// The cache, with `key` in it: its first read waits for the store (a cold miss).
+    fn warm(&self, key: &str) -> MutexGuard<'_, Cache> {
         let shared = &self.store.shared;
         let mut cache = lock(&shared.cache);
         if !cache.keys.contains(key) {
@@ -722,15 +864,7 @@ impl PluginStore {
                 }
             }
         }
-        let mut fields = cache.base.get(key).cloned().unwrap_or_default();
-        for sum in [&cache.inflight_sum, &cache.pending_sum] {
-            if let Some(local) = sum.get(key) {
-                for (field, delta) in local {
-                    *fields.entry(field.clone()).or_insert(0.0) += delta;
-                }
-            }
-        }
-        fields
+        cache
     }
 
     fn compare_and_set(&self, key: &str, version: u64, value: &str) -> bool {

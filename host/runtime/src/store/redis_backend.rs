@@ -1,6 +1,6 @@
 //! The fleet backend: Redis. A batch is one Lua script (atomic on the server): the batch id
-//! and each group's mark are set with NX, and a group's additions (HINCRBYFLOAT) run only when
-//! its mark was new. Keys: `store:f:<key>` (a hash of fields), `store:m:<mark>`,
+//! and each group's mark are set with NX, and a group's additions count only when its mark was
+//! new; the additions that count are summed in the script, one HINCRBYFLOAT per field. Keys: `store:f:<key>` (a hash of fields), `store:m:<mark>`,
 //! `store:r:<key>` (a record: version and value), `store:b:<batch id>` (expires after a week).
 //! The scripts touch keys they do not declare: a standalone server or a replica set, not a
 //! Redis Cluster.
@@ -9,22 +9,29 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde_json::{Map, Value, json};
 
 use super::{Backend, Batch, Fields, StoredRecord};
 
 const APPLY: &str = r"
 local batch = cjson.decode(ARGV[1])
 if not redis.call('SET', 'store:b:' .. batch.id, '1', 'NX', 'EX', 604800) then return 0 end
+local sums = {}
 for _, g in ipairs(batch.groups) do
   local fresh = true
   if g.mark then fresh = redis.call('SET', 'store:m:' .. g.mark, '1', 'NX') end
   if fresh then
     for key, fields in pairs(g.adds) do
+      local sum = sums[key]
+      if not sum then sum = {}; sums[key] = sum end
       for field, delta in pairs(fields) do
-        redis.call('HINCRBYFLOAT', 'store:f:' .. key, field, delta)
+        sum[field] = (sum[field] or 0) + tonumber(delta)
       end
     end
+  end
+end
+for key, fields in pairs(sums) do
+  for field, delta in pairs(fields) do
+    redis.call('HINCRBYFLOAT', 'store:f:' .. key, field, string.format('%.17g', delta))
   end
 end
 return 1
@@ -101,30 +108,10 @@ fn glob_escape(text: &str) -> String {
 
 impl Backend for Redis {
     fn apply(&mut self, batch: &Batch) -> anyhow::Result<()> {
-        let groups: Vec<Value> = batch
-            .groups
-            .iter()
-            .map(|g| {
-                let adds: Map<String, Value> = g
-                    .adds
-                    .iter()
-                    .map(|(key, fields)| {
-                        let fields: Map<String, Value> = fields
-                            .iter()
-                            // As text: Lua numbers would lose digits on their way to Redis.
-                            .map(|(f, d)| (f.clone(), Value::String(format!("{d:?}"))))
-                            .collect();
-                        (key.clone(), Value::Object(fields))
-                    })
-                    .collect();
-                let mut group = json!({"adds": adds});
-                if let Some(mark) = &g.mark {
-                    group["mark"] = json!(mark);
-                }
-                group
-            })
-            .collect();
-        let text = json!({"id": batch.id, "groups": groups}).to_string();
+        // `{"id", "groups": [{"mark"?, "adds": {key: {field: delta}}}]}`, written straight from
+        // the batch. A delta is a JSON number in its shortest exact form, which the script's
+        // decoder reads back as the same double; the script writes its sums with 17 digits.
+        let text = serde_json::to_string(batch).context("encoding a batch")?;
         self.with(|c| {
             redis::cmd("EVAL")
                 .arg(APPLY)

@@ -1,7 +1,7 @@
 //! The embedded backend: one SQLite file, shared by the processes of one machine (WAL journal,
 //! a busy timeout, immediate transactions).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
@@ -65,6 +65,9 @@ impl Backend for Sqlite {
                 "INSERT INTO fields (key, field, value) VALUES (?1, ?2, ?3)
                  ON CONFLICT (key, field) DO UPDATE SET value = value + excluded.value",
             )?;
+            // The additions of the groups that apply (no mark, or a new one), summed: one
+            // statement per field rather than one per group and field.
+            let mut sums: BTreeMap<(&str, &str), f64> = BTreeMap::new();
             for group in &batch.groups {
                 if let Some(m) = &group.mark
                     && mark.execute(params![m])? == 0
@@ -73,9 +76,12 @@ impl Backend for Sqlite {
                 }
                 for (key, fields) in &group.adds {
                     for (field, delta) in fields {
-                        add.execute(params![key, field, delta])?;
+                        *sums.entry((key, field)).or_insert(0.0) += delta;
                     }
                 }
+            }
+            for ((key, field), delta) in sums {
+                add.execute(params![key, field, delta])?;
             }
             drop((mark, add));
         }
