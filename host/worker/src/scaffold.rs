@@ -389,8 +389,8 @@ mod tests {
             relative(Path::new("/a/b/c"), Path::new("/a/plugin-api")),
             PathBuf::from("../../plugin-api")
         );
-        assert_eq!(type_name("rate-limiter"), "RateLimiter");
-        assert_eq!(type_name("echo_2"), "Echo2");
+        assert_eq!(type_name("rate-limiter"), "RateLimiterPlugin");
+        assert_eq!(type_name("echo_2"), "Echo2Plugin");
         assert_eq!(toml_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
     }
 }

@@ -574,7 +574,10 @@ fn an_isolated_hook_delivery_keeps_its_subscription_deadline() {
     let tasks = worker::pipeline::example_tasks(2, 3);
     let records = run_isolated(&dir, &tasks);
     assert_eq!(records.len(), 2, "{records:?}");
-    assert!(records.iter().all(|r| r["score"].is_number()), "{records:?}");
+    assert!(
+        records.iter().all(|r| r["score"].is_number()),
+        "{records:?}"
+    );
 }
 
 /// An embedder isolates plugins through the library: `with_isolation` and, since a test
