@@ -339,3 +339,32 @@ fn an_isolated_plugin_shares_the_store() {
         Some(1)
     );
 }
+
+/// A store that answers one byte every half second never lets its socket's read timeout fire;
+/// the worker still ends (its last flush is waited for at most 15 s), with the answer given.
+#[test]
+fn a_store_that_answers_a_byte_at_a_time_does_not_hold_the_exit() {
+    use std::io::Write as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                loop {
+                    if stream.write_all(b"+").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            });
+        }
+    });
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let url = format!("redis://127.0.0.1:{port}/0");
+    // `bounded` kills the worker (and fails the test) after two minutes.
+    let output = crate::worker(&dir, &["--store", &url, "call", "echo", "echo", "1"], &[]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1");
+}

@@ -192,12 +192,26 @@ impl Drop for FlushThread {
     }
 }
 
+/// The longest wait for the flush thread's last flush at exit (three times a store
+/// operation's own timeouts).
+const STOP_BOUND: Duration = Duration::from_secs(15);
+
 fn stop_thread(shared: &Shared, handle: &Mutex<Option<std::thread::JoinHandle<()>>>) {
     shared.stop.store(true, Ordering::Release);
     *lock(&shared.wake_lock) = true;
     shared.wake.notify_all();
     if let Some(handle) = lock(handle).take() {
-        let _ = handle.join();
+        // Bounded: a store that answers a byte at a time keeps its socket's per-read timeouts
+        // from ever firing, and the process must still end.
+        let deadline = std::time::Instant::now() + STOP_BOUND;
+        while !handle.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !handle.is_finished() {
+            tracing::warn!(store = %shared.url, waited_s = STOP_BOUND.as_secs(), "the store's last flush did not finish in time (the store is slow or unreachable); exiting without it");
+        } else {
+            let _ = handle.join();
+        }
         let cache = lock(&shared.cache);
         let left = cache.pending_groups();
         if left > 0 {
