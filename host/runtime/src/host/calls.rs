@@ -30,6 +30,17 @@ impl Failure {
             Failure::Lost(crate::isolation::Lost::TimedOut) => {
                 PluginCallError::TimedOut { plugin, method }
             }
+            // Not "crashed": nothing crashed this time, and nothing is restarted.
+            Failure::Lost(crate::isolation::Lost::Suspended) => {
+                let message = format!(
+                    "its process crashed too often and is not restarted (crash-loop limit); reset it (POST /v1/plugins/{plugin}/reset) or reload it"
+                );
+                PluginCallError::Failed {
+                    plugin,
+                    method,
+                    message,
+                }
+            }
             Failure::Lost(_) => PluginCallError::Crashed { plugin, method },
             Failure::InvalidJson(message) => PluginCallError::InvalidJson {
                 plugin,
