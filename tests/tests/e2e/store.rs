@@ -206,6 +206,29 @@ fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
     assert_eq!(status["store"]["reachable"], true, "{status}");
     assert_eq!(status["store"]["pending"], 0, "{status}");
     assert!(state.join("store.db").is_file());
+    // Owner-only, as the state files are; and never opened through a planted link.
+    for file in ["store.db", "store.db-wal", "store.db-shm"] {
+        if let Ok(meta) = std::fs::metadata(state.join(file)) {
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+            assert_eq!(mode & 0o077, 0, "{file}: mode {mode:o}");
+        }
+    }
+    let planted = dir.shadow().join("planted");
+    std::fs::create_dir_all(&planted).unwrap();
+    std::os::unix::fs::symlink(dir.shadow().join("elsewhere.db"), planted.join("store.db"))
+        .unwrap();
+    let output = crate::worker(
+        &dir,
+        &[
+            "--store",
+            &format!("sqlite://{}", planted.join("store.db").display()),
+            "store",
+            "status",
+        ],
+        &[],
+    );
+    assert!(!output.status.success(), "{output:?}");
+    assert!(!dir.shadow().join("elsewhere.db").exists());
     // A Redis nobody listens on: not reachable, with the error, and the command still answers.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

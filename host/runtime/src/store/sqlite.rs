@@ -25,6 +25,23 @@ impl Sqlite {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating the directory {}", parent.display()))?;
         }
+        // Made (if new) by us, owner-only and never through a symbolic link, like the state
+        // files; SQLite gives its -wal and -shm files the database file's permissions.
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path)
+                .with_context(|| {
+                    format!(
+                        "opening the store file {} (it must be a regular file, not a link)",
+                        path.display()
+                    )
+                })?;
+        }
         let conn = Connection::open(path)?;
         conn.busy_timeout(timeout)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
