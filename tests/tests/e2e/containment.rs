@@ -13,17 +13,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// What an abandoned entry would take if it were waited for: far beyond any bound a test waits.
 const ASLEEP_MS: u64 = 120_000;
 
-/// The entry of `plugin` in `GET /v1/plugins`, if loaded.
-fn listed(worker: &Worker, plugin: &str) -> Option<Value> {
-    let plugins = worker.http("GET", "/v1/plugins", b"").json();
-    plugins["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == plugin)
-        .cloned()
-}
-
 /// Runs `request` and asserts it answered well before the entry it waited on would have.
 fn promptly<T>(what: &str, request: impl FnOnce() -> T) -> T {
     let started = Instant::now();
@@ -58,7 +47,7 @@ fn a_save_state_past_its_deadline_is_abandoned_and_the_worker_goes_on() {
     let worker = Worker::start(&dir, &state, &args);
     let added = worker.http("POST", "/v1/plugins/crashy/add", br#"{"n": 5}"#);
     assert_eq!(added.json(), json!(5), "{}", added.body);
-    let generation = listed(&worker, "crashy").unwrap()["generation"].clone();
+    let generation = worker.listed("crashy").unwrap()["generation"].clone();
 
     let reload = promptly("the reload", || {
         worker.http("POST", "/v1/plugins/crashy/reload", b"")
@@ -69,7 +58,7 @@ fn a_save_state_past_its_deadline_is_abandoned_and_the_worker_goes_on() {
         "{}",
         reload.body
     );
-    let crashy = listed(&worker, "crashy").unwrap();
+    let crashy = worker.listed("crashy").unwrap();
     assert_eq!(crashy["generation"], generation);
     assert_eq!(crashy["health"]["timeouts"], 1, "{crashy}");
     assert_eq!(crashy["health"]["stuck_entries"], 1, "{crashy}");
@@ -86,10 +75,10 @@ fn a_save_state_past_its_deadline_is_abandoned_and_the_worker_goes_on() {
         worker.http("DELETE", "/v1/plugins/crashy", b"")
     });
     assert_eq!(unload.status, 200, "{}", unload.body);
-    assert!(listed(&worker, "crashy").is_none());
+    assert!(worker.listed("crashy").is_none());
     dir.add("experiment", "libexperiment.so");
     assert!(
-        eventually(PATIENCE, || listed(&worker, "experiment").is_some()),
+        eventually(PATIENCE, || worker.listed("experiment").is_some()),
         "the watcher did not load a new plugin"
     );
     let (_, log) = worker
@@ -120,7 +109,7 @@ fn a_restore_state_past_its_deadline_refuses_the_load_and_keeps_the_state() {
     std::fs::write(state.join("crashy.json"), "7").unwrap();
     let args = ["--checkpoint-interval", "0", "--shutdown-timeout", "3"];
     let worker = promptly("the start", || Worker::start(&dir, &state, &args));
-    assert!(listed(&worker, "crashy").is_none());
+    assert!(worker.listed("crashy").is_none());
     let echoed = worker.http("POST", "/v1/plugins/echo/echo", br#"{"x": 1}"#);
     assert_eq!(echoed.json(), json!({"x": 1}));
     let (_, log) = worker
@@ -211,7 +200,7 @@ fn a_hook_delivery_past_its_subscription_deadline_is_reported() {
     let tasks: Vec<Value> = worker::pipeline::example_tasks(1, 1);
     let done = worker.http("POST", "/v1/tasks", tasks[0].to_string().as_bytes());
     assert_eq!(done.status, 200, "{}", done.body);
-    let health = listed(&worker, "crashy").unwrap()["health"].clone();
+    let health = worker.listed("crashy").unwrap()["health"].clone();
     assert_eq!(health["timeouts"], 1, "{health}");
     assert_eq!(health["timeout_ms"], 10_000, "{health}");
     assert_eq!(health["breaker"], "open", "{health}");
@@ -376,7 +365,7 @@ fn serve_killed_by_a_plugin_restarts_with_the_plugin_quarantined() {
     assert!(!status.success(), "{log}");
 
     let worker = Worker::start(&dir, &state, &args);
-    let crashy = listed(&worker, "crashy").expect("crashy is not loaded");
+    let crashy = worker.listed("crashy").expect("crashy is not loaded");
     assert_eq!(crashy["isolation"]["mode"], "process", "{crashy}");
     let reason = crashy["isolation"]["quarantined"]
         .as_str()
@@ -469,11 +458,11 @@ fn a_spinning_method_is_reported_and_shutdown_stays_bounded() {
     assert!(
         eventually(
             PATIENCE,
-            || listed(&worker, "crashy").unwrap()["health"]["timeouts"] == 1
+            || worker.listed("crashy").unwrap()["health"]["timeouts"] == 1
         ),
         "the spinning call was never reported"
     );
-    let health = listed(&worker, "crashy").unwrap()["health"].clone();
+    let health = worker.listed("crashy").unwrap()["health"].clone();
     assert_eq!(health["breaker"], "open", "{health}");
     assert_eq!(health["overdue_calls"], 1, "{health}");
     let healthz = worker.http("GET", "/healthz", b"").json();

@@ -15,16 +15,11 @@ use crate::worker;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// `plugin`'s entry in `GET /v1/plugins`.
+/// `plugin`'s entry in `GET /v1/plugins`; it must be loaded.
 fn listed(worker: &Worker, plugin: &str) -> Value {
-    let plugins = worker.http("GET", "/v1/plugins", b"").json();
-    plugins["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == plugin)
-        .unwrap_or_else(|| panic!("no {plugin} in {plugins}"))
-        .clone()
+    worker
+        .listed(plugin)
+        .unwrap_or_else(|| panic!("{plugin} is not loaded"))
 }
 
 /// Calls `plugin.method` over the control API: the answer and the no-op reason, if any.
@@ -37,17 +32,6 @@ fn call(worker: &Worker, plugin: &str, method: &str, params: &Value) -> (Value, 
     assert_eq!(answer.status, 200, "{}", answer.body);
     let reason = answer.header("x-noop-reason").unwrap_or("").to_owned();
     (answer.json(), reason)
-}
-
-/// The value of a metric line `name{plugin="plugin"}` in `/metrics`.
-fn metric(worker: &Worker, name: &str, plugin: &str) -> f64 {
-    let text = worker.http("GET", "/metrics", b"").body;
-    let prefix = format!("{name}{{plugin=\"{plugin}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-        .parse()
-        .unwrap()
 }
 
 fn echo_answers(worker: &Worker) {
@@ -161,16 +145,10 @@ fn every_fault_in_a_method_is_contained_and_the_plugin_comes_back_with_its_state
     assert_eq!(isolation["restarts"], 8, "{crashy}");
     assert_eq!(isolation["memory_limit_mb"], 256, "{crashy}");
     assert_eq!(listed(&worker, "echo")["isolation"]["mode"], "in-process");
-    assert_eq!(metric(&worker, "worker_plugin_isolated", "crashy"), 1.0);
-    assert_eq!(metric(&worker, "worker_plugin_isolated", "echo"), 0.0);
-    assert_eq!(
-        metric(&worker, "worker_plugin_crashes_total", "crashy"),
-        6.0
-    );
-    assert_eq!(
-        metric(&worker, "worker_plugin_restarts_total", "crashy"),
-        8.0
-    );
+    assert_eq!(worker.metric("worker_plugin_isolated", "crashy"), 1.0);
+    assert_eq!(worker.metric("worker_plugin_isolated", "echo"), 0.0);
+    assert_eq!(worker.metric("worker_plugin_crashes_total", "crashy"), 6.0);
+    assert_eq!(worker.metric("worker_plugin_restarts_total", "crashy"), 8.0);
     let (status, log) = worker.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("isolated plugin restarted"), "{log}");
@@ -247,7 +225,7 @@ fn the_crash_loop_limit_stops_restarts_until_a_reset() {
         "{why}"
     );
     assert_eq!(
-        metric(&worker, "worker_plugin_restarts_suspended", "crashy"),
+        worker.metric("worker_plugin_restarts_suspended", "crashy"),
         1.0
     );
     assert_eq!(

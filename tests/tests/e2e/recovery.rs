@@ -13,25 +13,10 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 /// The `health` of `plugin` in `GET /v1/plugins`.
 fn health(worker: &Worker, plugin: &str) -> Value {
-    let plugins = worker.http("GET", "/v1/plugins", b"").json();
-    plugins["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == plugin)
-        .unwrap_or_else(|| panic!("no {plugin} in {plugins}"))["health"]
+    worker
+        .listed(plugin)
+        .unwrap_or_else(|| panic!("{plugin} is not loaded"))["health"]
         .clone()
-}
-
-/// The value of a metric line `name{plugin="plugin"}` in `/metrics`.
-fn metric(worker: &Worker, name: &str, plugin: &str) -> f64 {
-    let text = worker.http("GET", "/metrics", b"").body;
-    let prefix = format!("{name}{{plugin=\"{plugin}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-        .parse()
-        .unwrap()
 }
 
 /// Calls `fixture.method` over the control API: the answer and the no-op reason, if any.
@@ -72,16 +57,13 @@ fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
     // Refused without reaching the plugin (ten round trips over loopback fit in the 3 s
     // cool-down on a loaded machine too; after it the breaker would let a trial through).
     assert_eq!(health(&worker, "fixture")["calls_refused"], 10);
+    assert_eq!(worker.metric("worker_plugin_breaker_state", "fixture"), 1.0);
     assert_eq!(
-        metric(&worker, "worker_plugin_breaker_state", "fixture"),
-        1.0
-    );
-    assert_eq!(
-        metric(&worker, "worker_plugin_breaker_refused_total", "fixture"),
+        worker.metric("worker_plugin_breaker_refused_total", "fixture"),
         10.0
     );
     assert_eq!(
-        metric(&worker, "worker_plugin_breaker_opened_total", "fixture"),
+        worker.metric("worker_plugin_breaker_opened_total", "fixture"),
         1.0
     );
     let healthz = worker.http("GET", "/healthz", b"");
@@ -119,10 +101,7 @@ fn the_breaker_opens_after_five_failures_and_a_trial_success_closes_it() {
     let closed = health(&worker, "fixture");
     assert_eq!(closed["breaker"], "closed", "{closed}");
     assert_eq!(closed["consecutive_failures"], 0, "{closed}");
-    assert_eq!(
-        metric(&worker, "worker_plugin_breaker_state", "fixture"),
-        0.0
-    );
+    assert_eq!(worker.metric("worker_plugin_breaker_state", "fixture"), 0.0);
     assert_eq!(
         worker.http("GET", "/healthz", b"").json(),
         json!({"status": "ok", "plugins": 2})
@@ -213,7 +192,7 @@ fn a_call_past_its_deadline_is_reported_once_and_opens_the_breaker() {
     assert_eq!(stuck["breaker"], "open", "{stuck}");
     assert_eq!(stuck["overdue_calls"], 1, "{stuck}");
     assert_eq!(
-        metric(&worker, "worker_plugin_timeouts_total", "fixture"),
+        worker.metric("worker_plugin_timeouts_total", "fixture"),
         1.0
     );
     let healthz = worker.http("GET", "/healthz", b"");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tests::{Api, HttpAnswer, PluginDir, built_plugin, drop_in, eventually, sleeping_threads};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -24,6 +24,31 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
+    /// `plugin`'s entry in `GET /v1/plugins`, if it is loaded.
+    pub(crate) fn listed(&self, plugin: &str) -> Option<Value> {
+        let plugins = self.http("GET", "/v1/plugins", b"").json();
+        plugins["plugins"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == plugin)
+            .cloned()
+    }
+
+    /// The value of the metric line `name{plugin="plugin"}` in `/metrics`.
+    ///
+    /// # Panics
+    ///
+    /// When there is no such line.
+    pub(crate) fn metric(&self, name: &str, plugin: &str) -> f64 {
+        let text = self.http("GET", "/metrics", b"").body;
+        let prefix = format!("{name}{{plugin=\"{plugin}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
     /// Starts the test build of `worker serve` on `dir` with state in `state`, on
     /// `127.0.0.1:0` unless `extra` has a `--listen`, and waits for it to announce its address
     /// and token file.
