@@ -118,6 +118,8 @@ struct Fed {
     stdin: Option<ChildStdin>,
     answered: Arc<AtomicUsize>,
     results: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Its standard error, read as it comes (a full pipe would stop the worker).
+    errors: Arc<std::sync::Mutex<String>>,
 }
 
 impl Fed {
@@ -133,6 +135,17 @@ impl Fed {
         let stdout = child.stdout.take().unwrap();
         let answered = Arc::new(AtomicUsize::new(0));
         let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let errors = Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let said = Arc::clone(&errors);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut said = said.lock().unwrap();
+                said.push_str(&line);
+                said.push('\n');
+            }
+        });
         let (counter, kept) = (Arc::clone(&answered), Arc::clone(&results));
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -146,6 +159,7 @@ impl Fed {
             stdin,
             answered,
             results,
+            errors,
         }
     }
 
@@ -157,22 +171,37 @@ impl Fed {
         stdin.flush().unwrap();
     }
 
-    /// Waits until the worker answered `n` tasks in all.
-    fn wait_answered(&self, n: usize) {
+    /// Waits until the worker answered `n` tasks in all; fails at once if it ended.
+    fn wait_answered(&mut self, n: usize) {
+        let mut ended = None;
+        let answered = eventually(Duration::from_secs(120), || {
+            ended = self.child.try_wait().unwrap();
+            self.answered.load(Ordering::SeqCst) >= n || ended.is_some()
+        });
         assert!(
-            eventually(Duration::from_secs(120), || self
-                .answered
-                .load(Ordering::SeqCst)
-                >= n),
-            "the worker answered {} of {n} tasks",
-            self.answered.load(Ordering::SeqCst)
+            answered && self.answered.load(Ordering::SeqCst) >= n,
+            "the worker answered {} of {n} tasks (ended: {ended:?}); it said: {}",
+            self.answered.load(Ordering::SeqCst),
+            self.errors.lock().unwrap()
         );
     }
 
     /// Closes its input, waits for it to finish; its result records.
     fn close(mut self, what: &str) -> Vec<Value> {
         drop(self.stdin.take());
-        finish(self.child, what);
+        let mut status = None;
+        eventually(Duration::from_secs(120), || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        if status.is_none() {
+            let _ = self.child.kill();
+        }
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{what} did not finish well within two minutes ({status:?}): {}",
+            self.errors.lock().unwrap()
+        );
         // The reader thread sees the end of the output right after the exit.
         assert!(eventually(Duration::from_secs(60), || Arc::strong_count(
             &self.results
@@ -318,7 +347,7 @@ fn three_workers(store: &str) {
         for (worker, part) in workers.iter_mut().zip(&thirds) {
             worker.feed(&part[fed..upto]);
         }
-        for worker in &workers {
+        for worker in &mut workers {
             worker.wait_answered(upto);
         }
         fed = upto;
@@ -462,7 +491,7 @@ fn redis_stopped_mid_run_and_started_again_loses_and_repeats_nothing() {
     for (fed, part) in workers.iter_mut().zip(&thirds) {
         fed.feed(&part[..part.len() / 2]);
     }
-    for (fed, part) in workers.iter().zip(&thirds) {
+    for (fed, part) in workers.iter_mut().zip(&thirds) {
         fed.wait_answered(part.len() / 2);
     }
     redis.stop();
@@ -470,7 +499,7 @@ fn redis_stopped_mid_run_and_started_again_loses_and_repeats_nothing() {
     for (fed, part) in workers.iter_mut().zip(&thirds) {
         fed.feed(&part[part.len() / 2..]);
     }
-    for (fed, part) in workers.iter().zip(&thirds) {
+    for (fed, part) in workers.iter_mut().zip(&thirds) {
         fed.wait_answered(part.len());
     }
     redis.start_again();

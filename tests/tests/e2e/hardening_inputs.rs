@@ -16,6 +16,9 @@ fn worker_command(dir: &PluginDir, state: &Path) -> Command {
         .arg(dir.path())
         .arg("--state-dir")
         .arg(state)
+        // One malloc arena: each further one reserves 64 MiB of address space up front, which
+        // under `ulimit -v` fails allocations at random, whatever the worker holds.
+        .env("MALLOC_ARENA_MAX", "1")
         .env_remove("WORKER_LOG");
     command
 }

@@ -726,6 +726,12 @@ fn stale_shadow_cleanup_removes_only_our_own_exactly_named_directories() {
     std::os::unix::fs::chown(&foreign, Some(OTHER_USER), None).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::os::unix::fs::symlink(target.path(), &link).unwrap();
+    // Left behind a while ago: a directory without a lock file younger than a minute may be a
+    // host being created, and is kept.
+    let ago = std::time::SystemTime::now() - Duration::from_secs(120);
+    for dir in [&ours, &foreign, &open, &inexact] {
+        std::fs::File::open(dir).unwrap().set_modified(ago).unwrap();
+    }
 
     let dir = PluginDir::new();
     let _host = plugin_host::PluginHost::builder(dir.path())
@@ -745,4 +751,36 @@ fn stale_shadow_cleanup_removes_only_our_own_exactly_named_directories() {
         "removed: ours (only); kept: another user's, a group/other-writable one, a link, an inexact name"
     );
     assert!(target.path().join("keep").exists());
+}
+
+#[test]
+fn hosts_started_together_never_remove_each_others_shadow_directories() {
+    // Each host sweeps the temporary directory for stale shadow directories as it starts; one
+    // being made at that moment must not look stale.
+    let dir = PluginDir::new();
+    for round in 0..60 {
+        let starting: Vec<_> = (0..8)
+            .map(|k| {
+                Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+                    .arg("--plugins")
+                    .arg(dir.path())
+                    .arg("--state-dir")
+                    .arg(dir.shadow().join(format!("state{k}")))
+                    .args(["list", "--json"])
+                    .env_remove("WORKER_LOG")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (k, child) in starting.into_iter().enumerate() {
+            let output = child.wait_with_output().unwrap();
+            assert!(
+                output.status.success(),
+                "round {round}, worker {k}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
 }

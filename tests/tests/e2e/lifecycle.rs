@@ -296,6 +296,11 @@ fn shadow_copies_of_a_killed_process_are_removed_by_the_next_host() {
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::write(stale.join(format!("libecho.{pid}.1.so")), b"left behind").unwrap();
+    // Left a while ago (without a lock file, a younger one may be a host being made).
+    std::fs::File::open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+        .unwrap();
     let dir = PluginDir::new();
     let host = plugin_host::PluginHost::builder(dir.path())
         .build()

@@ -391,3 +391,28 @@ fn a_store_that_answers_a_byte_at_a_time_does_not_hold_the_exit() {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1");
 }
+
+/// Workers started together on one new SQLite file all open it: the switch to WAL that the
+/// first one makes is waited for, not reported as "database is locked".
+#[test]
+fn workers_started_together_on_a_new_sqlite_file_all_open_it() {
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let opened: Vec<_> = (0..6)
+            .map(|_| {
+                let (url, start) = (url.clone(), std::sync::Arc::clone(&start));
+                std::thread::spawn(move || {
+                    start.wait();
+                    Store::open(&url, options()).map(drop)
+                })
+            })
+            .collect();
+        for (k, opened) in opened.into_iter().enumerate() {
+            if let Err(e) = opened.join().unwrap() {
+                panic!("round {round}, opener {k}: {e:#}");
+            }
+        }
+    }
+}

@@ -313,14 +313,20 @@ pub(super) fn create_shadow_dir(temp: &Path) -> anyhow::Result<(PathBuf, std::fs
         // its copy).
         .keep();
     check_private_dir(&dir, true)?;
+    // Locked under another name, then renamed into place: a host sweeping stale directories
+    // at the same moment must never find the lock file unlocked (it would take the lock and
+    // remove this directory). Until the rename it sees no lock file and a live process.
+    let unlocked = dir.join(".lock.new");
     let lock = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(dir.join(SHADOW_LOCK_FILE))
+        .open(&unlocked)
         .context("creating the shadow directory's lock file")?;
     try_lock(&lock).context("locking the shadow directory's lock file")?;
+    std::fs::rename(&unlocked, dir.join(SHADOW_LOCK_FILE))
+        .context("putting the shadow directory's lock file in place")?;
     Ok((dir, lock))
 }
 
@@ -353,7 +359,16 @@ fn stale_dir_lock(dir: &Path, pid: u32) -> Result<Option<std::fs::File>, &'stati
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if Path::new("/proc").join(pid.to_string()).exists() {
+            // A host being created (its lock file not yet in place) may run in another pid
+            // namespace: a directory this young is left alone whatever its pid says.
+            let young = std::fs::symlink_metadata(dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < std::time::Duration::from_secs(60));
+            if young {
+                Err("it was made less than a minute ago")
+            } else if Path::new("/proc").join(pid.to_string()).exists() {
                 Err("its process still runs")
             } else {
                 Ok(None)
