@@ -482,6 +482,37 @@ fn bad_isolation_settings_are_refused_naming_the_field() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("isolation"));
 }
 
+/// Limits that only an isolated plugin can have are said to be ignored for one in-process,
+/// naming the plugin and the field; with isolation they apply and nothing is said.
+#[test]
+fn isolation_limits_on_an_in_process_plugin_are_said_to_be_ignored() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    dir.configure(&json!({ "echo": {"memoryLimitMb": 256, "restarts": {"max": 2}} }));
+    let output = worker(&dir, &["--log", "warn", "list"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    for field in ["memoryLimitMb", "restarts"] {
+        assert!(
+            stderr.lines().any(|l| l.contains("WARN")
+                && l.contains("plugin=echo")
+                && l.contains(&format!("{field} applies only to an isolated plugin"))),
+            "{field}: {stderr}"
+        );
+    }
+    let output = worker(
+        &dir,
+        &["--log", "warn", "--isolation", "process", "list"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("applies only to an isolated plugin"),
+        "{stderr}"
+    );
+}
+
 /// `worker run` with every plugin isolated: `worker run`'s records as JSON values.
 fn run_isolated(dir: &PluginDir, tasks: &[Value]) -> Vec<Value> {
     let file = dir.shadow().join("tasks.jsonl");

@@ -562,6 +562,19 @@ impl PluginHost {
         let timeout_ms = settings.timeout_ms.unwrap_or(self.inner.call_timeout_ms);
         let (library, created) = match library {
             Backend::InProcess(library) => {
+                // Said, not silently ignored: these limits need a process of the plugin's own.
+                for (field, set) in [
+                    ("memoryLimitMb", settings.memory_limit_mb.is_some()),
+                    ("restarts", settings.restarts.is_some()),
+                ] {
+                    if set {
+                        tracing::warn!(
+                            plugin = %name,
+                            field,
+                            "{field} applies only to an isolated plugin and this one runs in-process: it is ignored; set \"isolation\": \"process\" in its entry to apply it"
+                        );
+                    }
+                }
                 let call_back =
                     PluginHost::plugin_call_back(Arc::downgrade(&self.inner), name.clone());
                 let store = self
