@@ -49,9 +49,18 @@ impl StateLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
             .open(&path)
             .with_context(|| format!("opening the state lock file {}", EscapePath(&path)))?;
+        // A FIFO or a device put there would take the holder's note (or block on it).
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            anyhow::bail!(
+                "the state lock file {} is not a regular file; remove it (the worker makes a new one)",
+                EscapePath(&path)
+            );
+        }
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             let mut text = String::new();
             let _ = std::io::Read::by_ref(&mut file)

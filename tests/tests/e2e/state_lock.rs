@@ -159,3 +159,28 @@ fn a_run_holds_the_state_directory_until_it_ends() {
     let output = worker_with_state(&dir, &state, &["call", "fixture", "total"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
 }
+
+#[test]
+fn a_lock_file_that_is_not_a_regular_file_is_refused_naming_it() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let state = dir.shadow().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let lock = state.join("worker.lock");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&lock)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let output = worker_with_state(&dir, &state, &["call", "echo", "echo", "{}"]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not a regular file") && stderr.contains(&lock.display().to_string()),
+        "{stderr}"
+    );
+    // Removed, the worker makes its own and goes on.
+    std::fs::remove_file(&lock).unwrap();
+    let output = worker_with_state(&dir, &state, &["call", "echo", "echo", "{}"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
