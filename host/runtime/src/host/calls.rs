@@ -183,7 +183,12 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Result<Option<Value>, PluginCallError> {
-        self.dispatch_value(plugin, method, params)
+        if !self.may_be_loaded(plugin) {
+            return Err(PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            });
+        }
+        self.dispatch_value_loaded(plugin, method, params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -293,7 +298,12 @@ impl PluginHost {
         method: &str,
         params: &str,
     ) -> Result<Option<String>, PluginCallError> {
-        self.dispatch_json_text(plugin, method, params)
+        if !self.may_be_loaded(plugin) {
+            return Err(PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            });
+        }
+        self.dispatch_json_text_loaded(plugin, method, params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -320,6 +330,16 @@ impl PluginHost {
         if !self.may_be_loaded(plugin) {
             return Err(Failure::PluginNotFound);
         }
+        self.dispatch_json_text_loaded(plugin, method, params)
+    }
+
+    /// [`dispatch_json_text`](Self::dispatch_json_text) past the name filter.
+    fn dispatch_json_text_loaded(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &str,
+    ) -> Result<Option<String>, Failure> {
         let params = if params == "null" { "" } else { params };
         self.dispatch_text(plugin, method, params, |answer| match answer {
             None => Ok(None),
@@ -391,6 +411,17 @@ impl PluginHost {
         if !self.may_be_loaded(plugin) {
             return Err(Failure::PluginNotFound);
         }
+        self.dispatch_value_loaded(plugin, method, params)
+    }
+
+    /// [`dispatch_value`](Self::dispatch_value) past the name filter.
+    #[inline]
+    fn dispatch_value_loaded(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Result<Option<Value>, Failure> {
         if params.is_null() {
             return self.dispatch_answer(plugin, method, "", Answer::NullIsValue);
         }
