@@ -93,7 +93,8 @@ fn bench(c: &mut Criterion) {
         let (timed_libraries, untimed_libraries) = (libraries(&host), libraries(&untimed));
         let direct = |libraries: &[direct::Library]| {
             let payload = payload.clone();
-            let text = payload.to_string();
+            // Written as the host writes it for plugin subscribers.
+            let text = serde_json::to_string(&payload).unwrap();
             for library in libraries {
                 assert!(library.on_hook(black_box("task.scored"), black_box(&text)));
             }

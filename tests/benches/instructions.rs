@@ -127,6 +127,26 @@ fn measure_missing_call_with(host: &plugin_host::PluginHost, calls: u64) {
     }
 }
 
+#[inline(never)]
+fn measure_missing_call(host: &plugin_host::PluginHost, params: &Value, calls: u64) {
+    for _ in 0..calls {
+        black_box(
+            host.call(black_box("nobody"), "summarize", black_box(params))
+                .ok(),
+        );
+    }
+}
+
+#[inline(never)]
+fn measure_missing_call_text(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    for _ in 0..calls {
+        black_box(
+            host.call_text(black_box("nobody"), "summarize", black_box(text))
+                .ok(),
+        );
+    }
+}
+
 /// The subscribers of the hook paths: copies of `hookbench`, each renamed.
 const SUBSCRIBERS: usize = 10;
 
@@ -144,7 +164,7 @@ fn hook_payload() -> Value {
 fn measure_hook_direct(libraries: &[direct::Library], payload: &Value, calls: u64) {
     for _ in 0..calls {
         let payload = black_box(payload).clone();
-        let text = payload.to_string();
+        let text = serde_json::to_string(&payload).unwrap();
         for library in libraries {
             black_box(library.on_hook(black_box("task.scored"), black_box(&text)));
         }
@@ -185,7 +205,7 @@ fn hook_host(dir: &PluginDir) -> (plugin_host::PluginHost, Vec<direct::Library>)
     (host, libraries)
 }
 
-const PATHS: [&str; 10] = [
+const PATHS: [&str; 12] = [
     "direct",
     "text",
     "execute",
@@ -194,6 +214,8 @@ const PATHS: [&str; 10] = [
     "noop_untimed",
     "missing_execute",
     "missing_call_with",
+    "missing_call",
+    "missing_call_text",
     "hook_direct",
     "hook_fire",
 ];
@@ -251,6 +273,8 @@ fn run(path: &str, calls: u64) {
         "noop" | "noop_untimed" => measure_noop(&host, calls),
         "missing_execute" => measure_missing_execute(&host, calls),
         "missing_call_with" => measure_missing_call_with(&host, calls),
+        "missing_call" => measure_missing_call(&host, &params, calls),
+        "missing_call_text" => measure_missing_call_text(&host, &text, calls),
         other => panic!("unknown path {other}; paths: {}", PATHS.join(" ")),
     }
     let elapsed = started.elapsed();

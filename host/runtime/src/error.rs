@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use plugin_api::abi::ErrorKind;
+pub use smol_str::SmolStr;
 
 use crate::text::EscapeControl;
 
@@ -248,13 +249,13 @@ impl fmt::Display for LoadErrorKind {
             LoadErrorKind::CreateFailed { plugin, message } => write!(
                 f,
                 "plugin `{}` refused to start: {}",
-                EscapeControl(plugin),
+                EscapeControl(plugin.as_str()),
                 EscapeControl(message)
             ),
             LoadErrorKind::CreatePanicked { plugin, message } => write!(
                 f,
                 "plugin `{}` panicked while starting: {}",
-                EscapeControl(plugin),
+                EscapeControl(plugin.as_str()),
                 EscapeControl(message)
             ),
             LoadErrorKind::Isolation { reason } => write!(
@@ -265,7 +266,7 @@ impl fmt::Display for LoadErrorKind {
             LoadErrorKind::CreateTimedOut { plugin, timeout_ms } => write!(
                 f,
                 "plugin `{}` did not finish starting within {timeout_ms} ms (its timeoutMs); abandoned: its `create` goes on in the background and the instance is dropped if it ever returns",
-                EscapeControl(plugin)
+                EscapeControl(plugin.as_str())
             ),
             LoadErrorKind::StateTimedOut {
                 plugin,
@@ -274,7 +275,7 @@ impl fmt::Display for LoadErrorKind {
             } => write!(
                 f,
                 "plugin `{}`: its `{entry}` did not return within {timeout_ms} ms (its timeoutMs) and was abandoned; nothing was replaced, so no state is lost (a reload keeps the old generation serving; a load leaves the saved state for the next try)",
-                EscapeControl(plugin)
+                EscapeControl(plugin.as_str())
             ),
             LoadErrorKind::Quarantined {
                 plugin,
@@ -283,9 +284,9 @@ impl fmt::Display for LoadErrorKind {
             } => write!(
                 f,
                 "plugin `{}` is quarantined: {}; it is not loaded again until its crash records are cleared: `worker quarantine clear {}`, or remove its lines from {}",
-                EscapeControl(plugin),
+                EscapeControl(plugin.as_str()),
                 EscapeControl(reason),
-                EscapeControl(plugin),
+                EscapeControl(plugin.as_str()),
                 EscapePath(records)
             ),
             LoadErrorKind::NotRegularFile { kind } => write!(
@@ -334,7 +335,7 @@ impl fmt::Display for LoadErrorKind {
                 "{message}; create it or point to another with --plugins DIR"
             ),
             LoadErrorKind::NotLoaded { plugin } => {
-                write!(f, "no plugin `{}` is loaded", EscapeControl(plugin))
+                write!(f, "no plugin `{}` is loaded", EscapeControl(plugin.as_str()))
             }
         }
     }
@@ -401,7 +402,7 @@ impl fmt::Display for LoadError {
                     f,
                     "cannot {} `{}`: no plugin of that name is loaded",
                     self.during.as_deref().unwrap_or("reload"),
-                    EscapeControl(plugin)
+                    EscapeControl(plugin.as_str())
                 );
             }
             LoadErrorKind::DirectoryUnreadable { .. } => {
@@ -474,63 +475,67 @@ impl std::error::Error for PluginError {}
 /// Why a call answered nothing. [`PluginHost::execute`](crate::PluginHost::execute) turns every
 /// one of these into `None` plus a log event; [`PluginHost::call`](crate::PluginHost::call)
 /// returns them.
+///
+/// The plugin and method names are [`SmolStr`]s: names up to 23 bytes are held inline, so an
+/// error for a plugin that is not loaded (the common case when calling optional plugins) is
+/// made and dropped without allocating.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PluginCallError {
     /// No plugin of that name is loaded.
     PluginNotFound {
         /// The name asked for.
-        plugin: String,
+        plugin: SmolStr,
     },
     /// The plugin has no such method.
     MethodNotFound {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method asked for.
-        method: String,
+        method: SmolStr,
     },
     /// The params did not fit the method.
     InvalidParams {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
         /// The plugin's message.
         message: String,
     },
     /// The plugin returned an error.
     Failed {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
         /// The plugin's message.
         message: String,
     },
     /// The plugin panicked (the panic was caught).
     Panicked {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
         /// The panic message.
         message: String,
     },
     /// The plugin answered text that is not JSON.
     InvalidJson {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
         /// The parser's message.
         message: String,
     },
     /// The answer is JSON but not of the type the caller asked for.
     WrongType {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
         /// The deserializer's message.
         message: String,
     },
@@ -538,25 +543,25 @@ pub enum PluginCallError {
     /// deadline): the call was refused without reaching the plugin.
     CircuitOpen {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
     },
     /// An isolated plugin's process ended (a signal, an exit, out of memory) before it
     /// answered; it is restarted with its last saved state.
     Crashed {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
     },
     /// An isolated plugin's call overran its deadline: its process was killed and is
     /// restarted.
     TimedOut {
         /// The plugin.
-        plugin: String,
+        plugin: SmolStr,
         /// The method.
-        method: String,
+        method: SmolStr,
     },
 }
 
@@ -587,13 +592,17 @@ impl fmt::Display for PluginCallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PluginCallError::PluginNotFound { plugin } => {
-                write!(f, "no plugin `{}` is loaded", EscapeControl(plugin))
+                write!(
+                    f,
+                    "no plugin `{}` is loaded",
+                    EscapeControl(plugin.as_str())
+                )
             }
             PluginCallError::MethodNotFound { plugin, method } => write!(
                 f,
                 "plugin `{}` has no method `{}`",
-                EscapeControl(plugin),
-                EscapeControl(method)
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str())
             ),
             PluginCallError::InvalidParams {
                 plugin,
@@ -602,8 +611,8 @@ impl fmt::Display for PluginCallError {
             } => write!(
                 f,
                 "{}.{}: invalid params: {}",
-                EscapeControl(plugin),
-                EscapeControl(method),
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str()),
                 EscapeControl(message)
             ),
             PluginCallError::Failed {
@@ -613,8 +622,8 @@ impl fmt::Display for PluginCallError {
             } => write!(
                 f,
                 "{}.{} failed: {}",
-                EscapeControl(plugin),
-                EscapeControl(method),
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str()),
                 EscapeControl(message)
             ),
             PluginCallError::Panicked {
@@ -624,8 +633,8 @@ impl fmt::Display for PluginCallError {
             } => write!(
                 f,
                 "{}.{} panicked: {}",
-                EscapeControl(plugin),
-                EscapeControl(method),
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str()),
                 EscapeControl(message)
             ),
             PluginCallError::InvalidJson {
@@ -635,27 +644,27 @@ impl fmt::Display for PluginCallError {
             } => write!(
                 f,
                 "{}.{} answered invalid JSON: {}",
-                EscapeControl(plugin),
-                EscapeControl(method),
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str()),
                 EscapeControl(message)
             ),
             PluginCallError::CircuitOpen { plugin, method } => write!(
                 f,
                 "{}.{}: circuit open; the call was refused",
-                EscapeControl(plugin),
-                EscapeControl(method)
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str())
             ),
             PluginCallError::Crashed { plugin, method } => write!(
                 f,
                 "{}.{}: crashed; the plugin's process ended before answering and is restarted",
-                EscapeControl(plugin),
-                EscapeControl(method)
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str())
             ),
             PluginCallError::TimedOut { plugin, method } => write!(
                 f,
                 "{}.{}: timed out; the plugin's process was killed and is restarted",
-                EscapeControl(plugin),
-                EscapeControl(method)
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str())
             ),
             PluginCallError::WrongType {
                 plugin,
@@ -664,8 +673,8 @@ impl fmt::Display for PluginCallError {
             } => write!(
                 f,
                 "{}.{} answered an unexpected value: {}",
-                EscapeControl(plugin),
-                EscapeControl(method),
+                EscapeControl(plugin.as_str()),
+                EscapeControl(method.as_str()),
                 EscapeControl(message)
             ),
         }

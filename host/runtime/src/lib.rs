@@ -58,7 +58,7 @@ pub mod text;
 pub mod watch;
 
 pub use config::{PluginSettings, PluginsConfig};
-pub use error::{LoadError, LoadErrorKind, PluginCallError, PluginError};
+pub use error::{LoadError, LoadErrorKind, PluginCallError, PluginError, SmolStr};
 pub use health::{CallInFlight, PluginHealth};
 pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,

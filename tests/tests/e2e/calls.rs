@@ -316,3 +316,33 @@ fn the_text_path_answers_text_and_fails_like_the_value_path() {
     ));
     assert_eq!(host.execute_text("faulty", "nothing", ""), None);
 }
+
+/// A call to a plugin that is not loaded, on every API that says why: the error reads as it
+/// always did, and the name is held inline (no allocation) when it fits, copied whole when not.
+#[test]
+fn a_missing_plugin_error_reads_as_before_and_holds_a_short_name_inline() {
+    let (_dir, host) = host_with(&["echo"]);
+    let errors = [
+        host.call("nobody", "echo", &json!(1)).unwrap_err(),
+        host.call_with::<_, Value>("nobody", "echo", &1)
+            .unwrap_err(),
+        host.call_text("nobody", "echo", "1").unwrap_err(),
+    ];
+    for error in errors {
+        let PluginCallError::PluginNotFound { plugin } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(plugin, "nobody");
+        assert!(!plugin.is_heap_allocated());
+        assert_eq!(error.to_string(), "no plugin `nobody` is loaded");
+    }
+    let long = "a-plugin-name-longer-than-twenty-three-bytes";
+    let error = host.call_with::<_, Value>(long, "echo", &1).unwrap_err();
+    assert_eq!(error.to_string(), format!("no plugin `{long}` is loaded"));
+    // A loaded plugin without the method still names both.
+    let error = host.call("echo", "nothing-here", &json!(1)).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "plugin `echo` has no method `nothing-here`"
+    );
+}

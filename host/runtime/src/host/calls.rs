@@ -2,6 +2,7 @@
 //! failed call to what the caller sees.
 
 use super::*;
+use crate::error::SmolStr;
 
 /// Why a call failed, before names are attached: kept cheap (no allocation) for the paths that
 /// answer nothing, a missing plugin above all.
@@ -22,7 +23,13 @@ impl Failure {
     /// The one mapping from a failed call to the error its caller sees; the log event, the
     /// answer to a plugin's own call and [`PluginHost::call`] are all made from it.
     pub(super) fn into_error(self, plugin: &str, method: &str) -> PluginCallError {
-        let (plugin, method) = (plugin.to_owned(), method.to_owned());
+        // Names up to 23 bytes are held inline: the missing-plugin error allocates nothing.
+        if let Failure::PluginNotFound = self {
+            return PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            };
+        }
+        let (plugin, method) = (name(plugin), name(method));
         match self {
             Failure::PluginNotFound => PluginCallError::PluginNotFound { plugin },
             Failure::MethodNotFound => PluginCallError::MethodNotFound { plugin, method },
@@ -73,6 +80,16 @@ impl Failure {
     }
 }
 
+/// A plugin or method name for an error: held inline (no allocation) when it fits.
+#[inline]
+fn name(text: &str) -> SmolStr {
+    if text.len() <= SmolStr::INLINE_CAP {
+        SmolStr::new_inline(text)
+    } else {
+        SmolStr::new(text)
+    }
+}
+
 /// Logs a call that answers nothing: at debug level when the plugin or method is missing (no
 /// error is made: that path stays free of allocations), at warn for a failure.
 #[cold]
@@ -110,6 +127,38 @@ pub(super) fn log_failure(plugin: &str, method: &str, failure: Failure) {
     }
 }
 
+/// Params buffers kept larger than this are not kept for the next call.
+const KEPT_BUFFER_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// This thread's params buffer, reused from call to call (taken out while in use, so a
+    /// nested call on the same thread makes its own).
+    static PARAMS: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's params buffer, emptied, while a call uses it; handed back on drop.
+struct ParamsBuffer(Vec<u8>);
+
+impl ParamsBuffer {
+    #[inline]
+    fn take() -> Self {
+        let mut buffer = PARAMS.try_with(std::cell::Cell::take).unwrap_or_default();
+        buffer.clear();
+        ParamsBuffer(buffer)
+    }
+}
+
+impl Drop for ParamsBuffer {
+    #[inline]
+    fn drop(&mut self) {
+        if self.0.capacity() <= KEPT_BUFFER_BYTES {
+            let buffer = std::mem::take(&mut self.0);
+            // A thread whose thread-locals are gone drops the buffer.
+            let _ = PARAMS.try_with(|kept| kept.set(buffer));
+        }
+    }
+}
+
 /// What a literal JSON `null` answer means: `Some(Value::Null)` for [`PluginHost::execute`] and
 /// [`PluginHost::call`] (a `Value` can hold it), no answer for the typed calls.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -134,7 +183,12 @@ impl PluginHost {
         method: &str,
         params: &Value,
     ) -> Result<Option<Value>, PluginCallError> {
-        self.dispatch_value(plugin, method, params)
+        if !self.may_be_loaded(plugin) {
+            return Err(PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            });
+        }
+        self.dispatch_value_loaded(plugin, method, params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -168,7 +222,12 @@ impl PluginHost {
         method: &str,
         params: &P,
     ) -> Result<Option<T>, PluginCallError> {
-        self.dispatch(plugin, method, params, Answer::NullIsNone)
+        if !self.may_be_loaded(plugin) {
+            return Err(PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            });
+        }
+        self.dispatch_loaded(plugin, method, params, Answer::NullIsNone)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -239,7 +298,12 @@ impl PluginHost {
         method: &str,
         params: &str,
     ) -> Result<Option<String>, PluginCallError> {
-        self.dispatch_json_text(plugin, method, params)
+        if !self.may_be_loaded(plugin) {
+            return Err(PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            });
+        }
+        self.dispatch_json_text_loaded(plugin, method, params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -258,6 +322,19 @@ impl PluginHost {
     /// The text path: params text as is (`null` as empty text), the answer checked to be JSON
     /// and copied out while the plugin's string is alive.
     fn dispatch_json_text(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &str,
+    ) -> Result<Option<String>, Failure> {
+        if !self.may_be_loaded(plugin) {
+            return Err(Failure::PluginNotFound);
+        }
+        self.dispatch_json_text_loaded(plugin, method, params)
+    }
+
+    /// [`dispatch_json_text`](Self::dispatch_json_text) past the name filter.
+    fn dispatch_json_text_loaded(
         &self,
         plugin: &str,
         method: &str,
@@ -290,14 +367,35 @@ impl PluginHost {
         if !self.may_be_loaded(plugin) {
             return Err(Failure::PluginNotFound);
         }
-        let text = serde_json::to_string(params).map_err(|e| {
+        self.dispatch_loaded(plugin, method, params, null)
+    }
+
+    /// [`dispatch`](Self::dispatch) past the name filter: the params are written into this
+    /// thread's reused buffer (no allocation once it has grown to the params' size), which is
+    /// handed back when the call returns.
+    fn dispatch_loaded<P: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &P,
+        null: Answer,
+    ) -> Result<Option<T>, Failure> {
+        let mut buffer = ParamsBuffer::take();
+        serde_json::to_writer(&mut buffer.0, params).map_err(|e| {
+            Failure::Plugin(PluginError {
+                kind: ErrorKind::InvalidParams,
+                message: format!("the params cannot be written as JSON: {e}"),
+            })
+        })?;
+        // serde_json writes UTF-8; the check is a fast pass over ASCII.
+        let text = std::str::from_utf8(&buffer.0).map_err(|e| {
             Failure::Plugin(PluginError {
                 kind: ErrorKind::InvalidParams,
                 message: format!("the params cannot be written as JSON: {e}"),
             })
         })?;
         // No params reach the plugin as empty text.
-        let text = if text == "null" { "" } else { text.as_str() };
+        let text = if text == "null" { "" } else { text };
         self.dispatch_answer(plugin, method, text, null)
     }
 
@@ -313,10 +411,21 @@ impl PluginHost {
         if !self.may_be_loaded(plugin) {
             return Err(Failure::PluginNotFound);
         }
+        self.dispatch_value_loaded(plugin, method, params)
+    }
+
+    /// [`dispatch_value`](Self::dispatch_value) past the name filter.
+    #[inline]
+    fn dispatch_value_loaded(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &Value,
+    ) -> Result<Option<Value>, Failure> {
         if params.is_null() {
             return self.dispatch_answer(plugin, method, "", Answer::NullIsValue);
         }
-        self.dispatch(plugin, method, params, Answer::NullIsValue)
+        self.dispatch_loaded(plugin, method, params, Answer::NullIsValue)
     }
 
     /// Calls `plugin.method` with params text and reads the answer into `T`.
@@ -350,10 +459,8 @@ impl PluginHost {
         params: &str,
         on_answer: impl FnOnce(Option<&str>) -> Result<Option<R>, Failure>,
     ) -> Result<Option<R>, Failure> {
-        if !self.may_be_loaded(plugin) {
-            return Err(Failure::PluginNotFound);
-        }
-        // This snapshot of the registry holds the generation alive until the call returns,
+        // Callers have asked the name filter already (where it pays); the registry answers
+        // for certain. This snapshot of the registry holds the generation alive until the call returns,
         // whatever reload or unload does meanwhile.
         let registry = self.inner.registry.load();
         let slot = registry.get(plugin).ok_or(Failure::PluginNotFound)?;

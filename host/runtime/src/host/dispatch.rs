@@ -195,7 +195,9 @@ impl Payload<'_> {
         let made = self.text.is_none();
         let (source, value) = (self.source, &self.value);
         let text = self.text.get_or_insert_with(|| match (value, source) {
-            (Some(value), _) => value.to_string(),
+            // Written by the serializer straight into bytes (the `Display` form goes through
+            // the formatter and grows a `String` piece by piece); the text is the same.
+            (Some(value), _) => serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned()),
             (None, Some(source)) => source.to_text(),
             (None, None) => "null".to_owned(),
         });
