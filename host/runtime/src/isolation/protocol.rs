@@ -262,7 +262,9 @@ impl FrameReader {
         } else {
             0
         };
-        let wanted = wanted.clamp(4 << 10, 4 + MAX_FRAME);
+        // A large frame's room grows with what arrives (a length alone reserves no more than
+        // a MiB beyond it), so that a peer cannot make the reader allocate by announcing.
+        let wanted = wanted.min(unread + (1 << 20)).clamp(4 << 10, 4 + MAX_FRAME);
         if self.start > 0 && self.start + wanted > self.buffer.len() {
             self.buffer.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, unread);

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead as _, BufReader, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -37,16 +37,15 @@ enum Reply {
     Lost(Lost),
 }
 
-/// The longest a caller reading the call socket waits in one `read` before it looks at its
-/// deadline again: a longer deadline is waited in several reads, a shorter one sets the
-/// socket's timeout to what is left of it.
+/// The longest a caller reading the answers waits in one `poll` before it looks at its
+/// deadline again (and whether the child was seen to end).
 const READ_TICK: Duration = Duration::from_secs(1);
 
 /// A caller waiting for its answer.
 struct Waiter {
     thread: std::thread::Thread,
     reply: Option<Reply>,
-    /// Its request went over the call socket (not the control socket).
+    /// Its request went over the request pipe (not the control socket).
     on_calls: bool,
 }
 
@@ -55,44 +54,43 @@ struct Waiter {
 struct Waits {
     /// The child ended: no new request is sent.
     dead: bool,
-    /// A caller reads the call socket for everyone (it leads); the others sleep until their
+    /// A caller reads the answer pipe for everyone (it leads); the others sleep until their
     /// answer is handed to them or the reading is handed over.
     reading: bool,
     pending: HashMap<u64, Waiter>,
 }
 
-/// The call socket's reading side, used by the caller that leads.
+/// The answer pipe's reading side, used by the caller that leads.
 struct Reading {
-    socket: UnixStream,
+    pipe: std::io::PipeReader,
     frames: FrameReader,
-    /// The socket's read timeout now.
-    timeout: Duration,
 }
 
 /// Why a leading caller stopped reading without its answer.
 enum Unanswered {
     /// Its deadline passed.
     Overdue,
-    /// The call socket ended or carried something that is not a frame.
+    /// The answer pipe ended or carried something that is not a frame.
     Ended,
 }
 
-/// One child process and the two sockets to it (see [`super::child`]): requests go over the
-/// call socket when no other request is on it, else over the control socket; every answer
-/// comes back on the call socket, which the waiting callers read themselves, one at a time
+/// One child process and the channels to it (see [`super::child`]): requests go over the
+/// request pipe when no other request is on it, else over the control socket; every answer
+/// comes back on the answer pipe, which the waiting callers read themselves, one at a time
 /// (leader and followers): the one reading hands each other caller its answer, and the reading
-/// to one of them when its own answer is in. A call thus costs one write and one read, and no
-/// thread in between wakes. What the child starts on its own (log events outside requests, its
-/// calls to other plugins and to the store) comes over the control socket, which a thread of
-/// its own reads; that thread also sees the child end when no call is in flight.
+/// to one of them when its own answer is in. A call thus costs a write, a `poll` and a read,
+/// and no thread in between wakes. What the child starts on its own (log events outside
+/// requests, its calls to other plugins and to the store) comes over the control socket, which
+/// a thread of its own reads; that thread also sees the child end when no call is in flight.
 struct Conn {
     /// The plugin (its file, for a first child that has not read the manifest yet).
     plugin: String,
     pid: u32,
     process: Mutex<Option<std::process::Child>>,
     control: Mutex<FrameWriter<UnixStream>>,
-    calls: Mutex<FrameWriter<UnixStream>>,
-    /// A request is on the call socket and not answered yet.
+    /// The request pipe's writing side.
+    calls: Mutex<FrameWriter<std::io::PipeWriter>>,
+    /// A request is on the request pipe and not answered yet.
     calls_busy: AtomicBool,
     waits: Mutex<Waits>,
     reading: Mutex<Reading>,
@@ -167,11 +165,13 @@ impl Conn {
             };
             waits.pending.insert(id, waiter);
         }
-        let socket = if on_calls { &self.calls } else { &self.control };
-        let written = socket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(tag, id, 0, fields);
+        let written = if on_calls {
+            let mut pipe = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            pipe.send(tag, id, 0, fields)
+        } else {
+            let mut socket = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            socket.send(tag, id, 0, fields)
+        };
         if written.is_err() {
             self.waits().pending.remove(&id);
             if on_calls {
@@ -209,8 +209,8 @@ impl Conn {
         }
     }
 
-    /// Waits for the answer to request `id`: handed over by the caller that reads the call
-    /// socket, or read here once the reading is free.
+    /// Waits for the answer to request `id`: handed over by the caller that reads the answer
+    /// pipe, or read here once the reading is free.
     fn wait(&self, id: u64, on_calls: bool, deadline: Instant) -> Result<Reply, Unanswered> {
         loop {
             let mut waits = self.waits();
@@ -236,8 +236,8 @@ impl Conn {
         }
     }
 
-    /// Reads the call socket until the answer to `id` is in (handing the others theirs), the
-    /// deadline passes or the socket ends; then hands the reading to another waiting caller.
+    /// Reads the answer pipe until the answer to `id` is in (handing the others theirs), the
+    /// deadline passes or the pipe ends; then hands the reading to another waiting caller.
     fn lead(&self, id: u64, on_calls: bool, deadline: Instant) -> Result<Reply, Unanswered> {
         let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
         let outcome = loop {
@@ -259,30 +259,32 @@ impl Conn {
             if now >= deadline {
                 break Err(Unanswered::Overdue);
             }
-            let want = (deadline - now)
-                .min(READ_TICK)
-                .max(Duration::from_millis(1));
-            if want != reading.timeout {
-                let _ = reading.socket.set_read_timeout(Some(want));
-                reading.timeout = want;
-            }
-            let Reading { socket, frames, .. } = &mut *reading;
-            match frames.fill(&mut &*socket) {
-                Ok(0) => break Err(Unanswered::Ended),
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
+            // A pipe has no read timeout: `poll` bounds the wait, then `read` takes what came.
+            let wait = rustix::event::Timespec::try_from((deadline - now).min(READ_TICK))
+                .unwrap_or(rustix::event::Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                });
+            let Reading { pipe, frames } = &mut *reading;
+            let mut fds = [rustix::event::PollFd::new(
+                &*pipe,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, Some(&wait)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => {
                     // The child may have been seen to end by the control socket's reader.
                     if self.dead.load(Ordering::Acquire) {
                         break Err(Unanswered::Ended);
                     }
+                    continue;
                 }
+                Ok(_) => {}
+                Err(_) => break Err(Unanswered::Ended),
+            }
+            match frames.fill(pipe) {
+                Ok(0) => break Err(Unanswered::Ended),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break Err(Unanswered::Ended),
             }
         };
@@ -309,7 +311,7 @@ impl Conn {
         }
     }
 
-    /// A frame on the call socket that is not the reader's own answer.
+    /// A frame on the answer pipe that is not the reader's own answer.
     fn route(&self, frame: Frame) {
         match frame.tag {
             Tag::Answer => {
@@ -865,7 +867,8 @@ fn spawn(
 ) -> Result<(Arc<Conn>, String, bool), String> {
     let no_socket = |e: std::io::Error| format!("no socket for the plugin's process: {e}");
     let (ours, theirs) = UnixStream::pair().map_err(no_socket)?;
-    let (calls, calls_theirs) = UnixStream::pair().map_err(no_socket)?;
+    let (requests_theirs, requests) = std::io::pipe().map_err(no_socket)?;
+    let (answers, answers_theirs) = std::io::pipe().map_err(no_socket)?;
     let spec = serde_json::to_string(&launch.spec)
         .map_err(|e| format!("the plugin's process settings: {e}"))?;
     let mut command = Command::new(&launch.program);
@@ -906,21 +909,13 @@ fn spawn(
         let _ = child.wait();
         why
     };
-    // The call socket goes first, before anything the child reads.
-    let sent = send_socket(&ours, &calls_theirs);
-    drop(calls_theirs);
-    let (mut reader, calls_reader, control, calls_writer) = match (
-        sent,
-        ours.try_clone(),
-        calls.try_clone(),
-        ours.try_clone(),
-    ) {
-        (Ok(()), Ok(reader), Ok(calls_reader), Ok(control)) => {
-            (reader, calls_reader, control, calls)
-        }
-        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
-            return Err(kill(child, no_socket(e)));
-        }
+    // The pipes go first, before anything the child reads; the host keeps no copy of the
+    // child's ends, so that the answer pipe ends when the child does.
+    let sent = send_pipes(&ours, requests_theirs.as_fd(), answers_theirs.as_fd());
+    drop((requests_theirs, answers_theirs));
+    let (mut reader, control) = match (sent, ours.try_clone()) {
+        (Ok(()), Ok(reader)) => (reader, ours),
+        (Err(e), _) | (_, Err(e)) => return Err(kill(child, no_socket(e))),
     };
     let mut frames = FrameReader::default();
     let timeout = Duration::from_millis(launch.timeout_ms).max(Duration::from_millis(1));
@@ -971,19 +966,17 @@ fn spawn(
         }
         Err(e) => return Err(kill(child, format!("the plugin's process: {e}"))),
     };
-    let _ = calls_reader.set_read_timeout(Some(READ_TICK));
     let conn = Arc::new(Conn {
         plugin: label.to_owned(),
         pid,
         process: Mutex::new(Some(child)),
         control: Mutex::new(FrameWriter::new(control)),
-        calls: Mutex::new(FrameWriter::new(calls_writer)),
+        calls: Mutex::new(FrameWriter::new(requests)),
         calls_busy: AtomicBool::new(false),
         waits: Mutex::new(Waits::default()),
         reading: Mutex::new(Reading {
-            socket: calls_reader,
+            pipe: answers,
             frames: FrameReader::default(),
-            timeout: READ_TICK,
         }),
         next_id: AtomicU64::new(1),
         dead: AtomicBool::new(false),
@@ -1031,15 +1024,19 @@ fn spawn_from_lasting_thread(command: Command) -> std::io::Result<std::process::
     spawned.recv().map_err(|_| no_thread())?
 }
 
-/// Sends `socket` over `control` (one byte carrying it).
-fn send_socket(control: &UnixStream, socket: &UnixStream) -> std::io::Result<()> {
+/// Sends the child's ends of the request and answer pipes over `control` (one byte carrying
+/// them).
+fn send_pipes(
+    control: &UnixStream,
+    requests: std::os::fd::BorrowedFd<'_>,
+    answers: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    use std::os::fd::AsFd as _;
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut ancillary = SendAncillaryBuffer::new(&mut space);
-    let fds = [socket.as_fd()];
+    let fds = [requests, answers];
     if !ancillary.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(std::io::Error::other("no room to send the call socket"));
+        return Err(std::io::Error::other("no room to send the pipes"));
     }
     let sent = rustix::net::sendmsg(
         control,
@@ -1050,7 +1047,7 @@ fn send_socket(control: &UnixStream, socket: &UnixStream) -> std::io::Result<()>
     if sent == 1 {
         Ok(())
     } else {
-        Err(std::io::Error::other("the call socket was not sent"))
+        Err(std::io::Error::other("the pipes were not sent"))
     }
 }
 
