@@ -152,7 +152,9 @@ fn serve(spec: &ChildSpec) -> i32 {
             let shadow = library.shadow_path().to_string_lossy().into_owned();
             let hooks = u8::from(library.supports_hooks());
             *child.library.write().unwrap_or_else(|p| p.into_inner()) = Some(library);
-            child.control.send(Tag::Loaded, 0, hooks, &[&manifest, &shadow]);
+            child
+                .control
+                .send(Tag::Loaded, 0, hooks, &[&manifest, &shadow]);
         }
         Err(reason) => {
             child.control.send(Tag::Refused, 0, 0, &[&reason]);

@@ -344,9 +344,10 @@ mod tests {
         for step in [1, 7, 4096, usize::MAX] {
             let mut input = Trickle(&bytes, step);
             let mut reader = FrameReader::default();
-            let ids: Vec<(u64, Vec<String>)> = std::iter::from_fn(|| reader.read(&mut input).unwrap())
-                .map(|f| (f.id, f.fields))
-                .collect();
+            let ids: Vec<(u64, Vec<String>)> =
+                std::iter::from_fn(|| reader.read(&mut input).unwrap())
+                    .map(|f| (f.id, f.fields))
+                    .collect();
             assert_eq!(
                 ids,
                 [
