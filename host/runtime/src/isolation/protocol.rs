@@ -175,13 +175,6 @@ fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of stream.
-#[cfg(test)]
-pub(crate) fn read_frame(input: &mut impl Read) -> io::Result<Option<Frame>> {
-    let mut reader = FrameReader::default();
-    reader.read(input)
-}
-
 /// The body of a frame (after its length): the frame.
 fn parse(body: &[u8]) -> io::Result<Frame> {
     let tag = Tag::from_u8(body[0]).ok_or_else(|| invalid(format!("unknown tag {}", body[0])))?;
@@ -309,17 +302,18 @@ mod tests {
         write_frame(&mut buffer, Tag::Call, 7, 0, &["echo", "{\"a\":1}", ""]).unwrap();
         write_frame(&mut buffer, Tag::Stop, 8, 3, &[]).unwrap();
         let mut input = buffer.as_slice();
-        let frame = read_frame(&mut input).unwrap().unwrap();
+        let mut reader = FrameReader::default();
+        let frame = reader.read(&mut input).unwrap().unwrap();
         assert_eq!(frame.tag, Tag::Call);
         assert_eq!(frame.id, 7);
         assert_eq!(frame.fields, ["echo", "{\"a\":1}", ""]);
-        let frame = read_frame(&mut input).unwrap().unwrap();
+        let frame = reader.read(&mut input).unwrap().unwrap();
         assert_eq!((frame.tag, frame.id, frame.code), (Tag::Stop, 8, 3));
-        assert!(read_frame(&mut input).unwrap().is_none());
+        assert!(reader.read(&mut input).unwrap().is_none());
         let mut garbage: &[u8] = &[255, 255, 255, 255, 1];
-        assert!(read_frame(&mut garbage).is_err());
+        assert!(FrameReader::default().read(&mut garbage).is_err());
         let mut unknown: &[u8] = &[10, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert!(read_frame(&mut unknown).is_err());
+        assert!(FrameReader::default().read(&mut unknown).is_err());
     }
 
     /// Frames that arrive a byte at a time, several in one read, or larger than the buffer are
@@ -358,7 +352,7 @@ mod tests {
                 "step {step}"
             );
         }
-        let mut cut = Trickle(&bytes[..20], 5);
+        let mut cut = Trickle(&bytes[..30], 5);
         let mut reader = FrameReader::default();
         assert!(reader.read(&mut cut).unwrap().is_some());
         assert!(reader.read(&mut cut).is_err());
