@@ -8,7 +8,7 @@
 //! - `exit`: calls `std::process::exit(0)` from plugin code.
 //! - `stack_overflow`: recurses until the stack is exhausted.
 //! - `spin`: loops forever, never returning.
-//! - `sleep {"ms"}`: sleeps, then answers `"slept"` (a slow call).
+//! - `sleep {"ms", "answer"?}`: sleeps, then answers `answer`, or `"slept"` (a slow call).
 //! - `alloc {"mb"}`: allocates and touches `mb` MiB, then answers the size (beyond a memory
 //!   limit, the allocation fails and the process aborts).
 //! - `double_panic`: panics with a payload whose `Drop` panics again.
@@ -57,6 +57,8 @@ pub struct Config {
 #[derive(Debug, Deserialize)]
 struct Ms {
     ms: u64,
+    #[serde(default)]
+    answer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,10 +182,14 @@ impl Plugin for Crashy {
             });
         }
         methods
-            .method("sleep", "Sleeps {\"ms\"}, then answers", |_, p: Ms| {
-                std::thread::sleep(std::time::Duration::from_millis(p.ms));
-                Ok("slept")
-            })
+            .method(
+                "sleep",
+                "Sleeps {\"ms\"}, then answers {\"answer\"} or \"slept\"",
+                |_, p: Ms| {
+                    std::thread::sleep(std::time::Duration::from_millis(p.ms));
+                    Ok(p.answer.unwrap_or_else(|| "slept".to_owned()))
+                },
+            )
             .method("alloc", "Allocates and touches {\"mb\"} MiB", |_, p: Mb| {
                 Ok(touch(p.mb))
             })

@@ -637,6 +637,96 @@ fn an_embedder_isolates_through_the_builder() {
     assert!(!maps_contain(std::process::id(), "libcrashy"));
 }
 
+/// An embedder's host with `crashy` isolated (deadline `timeout_ms`, no breaker).
+fn isolated_crashy(dir: &PluginDir, timeout_ms: u64) -> plugin_host::PluginHost {
+    dir.configure(&json!({"crashy": {"timeoutMs": timeout_ms, "breaker": false}}));
+    dir.add("crashy", "libcrashy.so");
+    let host = plugin_host::PluginHost::builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_isolation(plugin_host::Isolation::Process)
+        .with_child_program(env!("CARGO_BIN_EXE_worker-under-test"))
+        .build()
+        .unwrap();
+    let report = host.scan().unwrap();
+    assert_eq!(report.loaded, ["crashy"], "{report:?}");
+    host
+}
+
+/// Many callers at once, whose answers come back in another order than their requests went
+/// out (the first sleeps longest): each gets its own answer, whichever caller read it from the
+/// child, and quick calls are answered meanwhile.
+#[test]
+fn concurrent_callers_each_get_their_own_answer_whatever_the_order() {
+    let dir = PluginDir::new();
+    let host = std::sync::Arc::new(isolated_crashy(&dir, 30_000));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let callers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let (host, start) = (std::sync::Arc::clone(&host), std::sync::Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                std::thread::sleep(Duration::from_millis(i * 20));
+                let params = json!({"ms": (8 - i) * 60, "answer": format!("caller {i}")});
+                let slow = host.call("crashy", "sleep", &params);
+                let quick = host.call("crashy", "ok", &Value::Null);
+                (slow, quick)
+            })
+        })
+        .collect();
+    for (i, caller) in callers.into_iter().enumerate() {
+        let (slow, quick) = caller.join().unwrap();
+        assert_eq!(slow.unwrap(), Some(json!(format!("caller {i}"))));
+        assert_eq!(quick.unwrap(), Some(json!("fine")));
+    }
+    let isolation = host.plugin("crashy").unwrap().isolation;
+    assert_eq!(
+        (isolation.crashes, isolation.timeouts),
+        (0, 0),
+        "{isolation:?}"
+    );
+}
+
+/// A crash while several calls wait (one reading the child's answers for all, the others
+/// asleep): every one of them answers "crashed" (not "timed out" at its deadline), and the plugin
+/// serves again after the restart.
+#[test]
+fn a_crash_answers_every_waiting_caller_crashed() {
+    let dir = PluginDir::new();
+    let host = std::sync::Arc::new(isolated_crashy(&dir, 60_000));
+    let pid = host
+        .execute("crashy", "pid", &Value::Null)
+        .and_then(|pid| pid.as_u64())
+        .unwrap() as u32;
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let host = std::sync::Arc::clone(&host);
+            std::thread::spawn(move || host.call("crashy", "sleep", &json!({"ms": 50_000})))
+        })
+        .collect();
+    assert!(
+        eventually(PATIENCE, || sleeping_threads(pid) >= 4),
+        "the calls did not all reach the child"
+    );
+    let crashed = host.call("crashy", "segfault", &Value::Null).unwrap_err();
+    assert!(
+        matches!(crashed, plugin_host::PluginCallError::Crashed { .. }),
+        "{crashed}"
+    );
+    for caller in callers {
+        let error = caller.join().unwrap().unwrap_err();
+        assert!(
+            matches!(error, plugin_host::PluginCallError::Crashed { .. }),
+            "{error}"
+        );
+    }
+    assert!(eventually(PATIENCE, || host.execute(
+        "crashy",
+        "ok",
+        &Value::Null
+    ) == Some(json!("fine"))));
+    assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
+}
+
 /// What the child logs while it loads the plugin (here the loader's warning about a file others
 /// may write, allowed by `--insecure-permissions`) reaches the worker's log, and the load goes
 /// on.

@@ -104,15 +104,8 @@ impl Frame {
     }
 }
 
-/// Writes one frame with one `write_all` of a buffer built first (frames from several threads
-/// are written under a lock, never interleaved).
-pub(crate) fn write_frame(
-    out: &mut impl Write,
-    tag: Tag,
-    id: u64,
-    code: u8,
-    fields: &[&str],
-) -> io::Result<()> {
+/// Appends one frame to `buffer` (cleared first).
+fn encode(buffer: &mut Vec<u8>, tag: Tag, id: u64, code: u8, fields: &[&str]) -> io::Result<()> {
     let body: usize = 1 + 8 + 1 + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
     if body > MAX_FRAME {
         return Err(io::Error::new(
@@ -120,7 +113,8 @@ pub(crate) fn write_frame(
             format!("a frame of {body} bytes is over the limit of {MAX_FRAME}"),
         ));
     }
-    let mut buffer = Vec::with_capacity(4 + body);
+    buffer.clear();
+    buffer.reserve(4 + body);
     buffer.extend_from_slice(&(body as u32).to_le_bytes());
     buffer.push(tag as u8);
     buffer.extend_from_slice(&id.to_le_bytes());
@@ -129,27 +123,60 @@ pub(crate) fn write_frame(
         buffer.extend_from_slice(&(field.len() as u32).to_le_bytes());
         buffer.extend_from_slice(field.as_bytes());
     }
+    Ok(())
+}
+
+/// Writes one frame with one `write_all` of a buffer built first (frames from several threads
+/// are written under a lock, never interleaved).
+#[cfg(test)]
+pub(crate) fn write_frame(
+    out: &mut impl Write,
+    tag: Tag,
+    id: u64,
+    code: u8,
+    fields: &[&str],
+) -> io::Result<()> {
+    let mut buffer = Vec::new();
+    encode(&mut buffer, tag, id, code, fields)?;
     out.write_all(&buffer)
+}
+
+/// A socket's writing side with a buffer kept between frames: one `write` a frame, no
+/// allocation once the buffer has grown to the usual frame. Shared under a lock, so frames are
+/// never interleaved.
+#[derive(Debug)]
+pub(crate) struct FrameWriter<W> {
+    out: W,
+    buffer: Vec<u8>,
+}
+
+/// A buffer grown beyond this by a large frame is given back after it.
+const KEPT_BUFFER: usize = 64 << 10;
+
+impl<W: Write> FrameWriter<W> {
+    pub(crate) fn new(out: W) -> Self {
+        Self {
+            out,
+            buffer: Vec::with_capacity(512),
+        }
+    }
+
+    pub(crate) fn send(&mut self, tag: Tag, id: u64, code: u8, fields: &[&str]) -> io::Result<()> {
+        encode(&mut self.buffer, tag, id, code, fields)?;
+        let written = self.out.write_all(&self.buffer);
+        if self.buffer.capacity() > KEPT_BUFFER {
+            self.buffer = Vec::with_capacity(512);
+        }
+        written
+    }
 }
 
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of stream.
-pub(crate) fn read_frame(input: &mut impl Read) -> io::Result<Option<Frame>> {
-    let mut length = [0u8; 4];
-    match input.read_exact(&mut length) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let length = u32::from_le_bytes(length) as usize;
-    if !(10..=MAX_FRAME).contains(&length) {
-        return Err(invalid(format!("a frame of {length} bytes")));
-    }
-    let mut body = vec![0u8; length];
-    input.read_exact(&mut body)?;
+/// The body of a frame (after its length): the frame.
+fn parse(body: &[u8]) -> io::Result<Frame> {
     let tag = Tag::from_u8(body[0]).ok_or_else(|| invalid(format!("unknown tag {}", body[0])))?;
     let mut id = [0u8; 8];
     id.copy_from_slice(&body[1..9]);
@@ -172,12 +199,97 @@ pub(crate) fn read_frame(input: &mut impl Read) -> io::Result<Option<Frame>> {
         fields.push(text.to_owned());
         rest = &rest[len..];
     }
-    Ok(Some(Frame {
+    Ok(Frame {
         tag,
         id: u64::from_le_bytes(id),
         code,
         fields,
-    }))
+    })
+}
+
+/// A socket's reading side, buffered: one `read` brings a whole small frame (or several), where
+/// reading the length and then the body took two. A read that times out midway keeps what it
+/// got, so a reader with a deadline can wait again without losing its place in the stream.
+#[derive(Debug, Default)]
+pub(crate) struct FrameReader {
+    buffer: Vec<u8>,
+    /// The unread bytes are `buffer[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+impl FrameReader {
+    /// The next whole frame in the buffer, if there is one; an error if the bytes are not a
+    /// frame (the stream is then useless).
+    pub(crate) fn next(&mut self) -> io::Result<Option<Frame>> {
+        let unread = &self.buffer[self.start..self.end];
+        if unread.len() < 4 {
+            return Ok(None);
+        }
+        let length = u32::from_le_bytes([unread[0], unread[1], unread[2], unread[3]]) as usize;
+        if !(10..=MAX_FRAME).contains(&length) {
+            return Err(invalid(format!("a frame of {length} bytes")));
+        }
+        if unread.len() < 4 + length {
+            return Ok(None);
+        }
+        let frame = parse(&unread[4..4 + length]);
+        self.start += 4 + length;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+            if self.buffer.len() > KEPT_BUFFER {
+                self.buffer = Vec::new();
+            }
+        }
+        frame.map(Some)
+    }
+
+    /// Reads what `input` has (one `read`): the number of bytes, 0 at the end of the stream.
+    pub(crate) fn fill(&mut self, input: &mut impl Read) -> io::Result<usize> {
+        // Room for the frame under way (its length is known once 4 bytes are in), at least
+        // 4 KiB; what is unread moves to the front first.
+        let unread = self.end - self.start;
+        let wanted = if unread >= 4 {
+            let b = &self.buffer[self.start..self.start + 4];
+            4 + u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+        } else {
+            0
+        };
+        // A large frame's room grows with what arrives (a length alone reserves no more than
+        // a MiB beyond it), so that a peer cannot make the reader allocate by announcing.
+        let wanted = wanted.min(unread + (1 << 20)).clamp(4 << 10, 4 + MAX_FRAME);
+        if self.start > 0 && self.start + wanted > self.buffer.len() {
+            self.buffer.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, unread);
+        }
+        if self.buffer.len() < self.start + wanted {
+            self.buffer.resize(self.start + wanted, 0);
+        }
+        let n = input.read(&mut self.buffer[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Reads until a whole frame is in; `Ok(None)` at the end of the stream between frames.
+    pub(crate) fn read(&mut self, input: &mut impl Read) -> io::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.next()? {
+                return Ok(Some(frame));
+            }
+            match self.fill(input) {
+                Ok(0) if self.start == self.end => return Ok(None),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the stream ended inside a frame",
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -190,16 +302,59 @@ mod tests {
         write_frame(&mut buffer, Tag::Call, 7, 0, &["echo", "{\"a\":1}", ""]).unwrap();
         write_frame(&mut buffer, Tag::Stop, 8, 3, &[]).unwrap();
         let mut input = buffer.as_slice();
-        let frame = read_frame(&mut input).unwrap().unwrap();
+        let mut reader = FrameReader::default();
+        let frame = reader.read(&mut input).unwrap().unwrap();
         assert_eq!(frame.tag, Tag::Call);
         assert_eq!(frame.id, 7);
         assert_eq!(frame.fields, ["echo", "{\"a\":1}", ""]);
-        let frame = read_frame(&mut input).unwrap().unwrap();
+        let frame = reader.read(&mut input).unwrap().unwrap();
         assert_eq!((frame.tag, frame.id, frame.code), (Tag::Stop, 8, 3));
-        assert!(read_frame(&mut input).unwrap().is_none());
+        assert!(reader.read(&mut input).unwrap().is_none());
         let mut garbage: &[u8] = &[255, 255, 255, 255, 1];
-        assert!(read_frame(&mut garbage).is_err());
+        assert!(FrameReader::default().read(&mut garbage).is_err());
         let mut unknown: &[u8] = &[10, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert!(read_frame(&mut unknown).is_err());
+        assert!(FrameReader::default().read(&mut unknown).is_err());
+    }
+
+    /// Frames that arrive a byte at a time, several in one read, or larger than the buffer are
+    /// read whole and in order; a stream cut inside a frame is an error, not a frame.
+    #[test]
+    fn the_buffered_reader_reassembles_frames_however_they_arrive() {
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = self.1.min(self.0.len()).min(out.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let big = "x".repeat(100_000);
+        let mut bytes = Vec::new();
+        let mut writer = FrameWriter::new(&mut bytes);
+        writer.send(Tag::Answer, 1, 0, &["one"]).unwrap();
+        writer.send(Tag::Answer, 2, 1, &[&big, ""]).unwrap();
+        writer.send(Tag::Log, 3, 2, &[]).unwrap();
+        for step in [1, 7, 4096, usize::MAX] {
+            let mut input = Trickle(&bytes, step);
+            let mut reader = FrameReader::default();
+            let ids: Vec<(u64, Vec<String>)> =
+                std::iter::from_fn(|| reader.read(&mut input).unwrap())
+                    .map(|f| (f.id, f.fields))
+                    .collect();
+            assert_eq!(
+                ids,
+                [
+                    (1, vec!["one".to_owned()]),
+                    (2, vec![big.clone(), String::new()]),
+                    (3, vec![])
+                ],
+                "step {step}"
+            );
+        }
+        let mut cut = Trickle(&bytes[..30], 5);
+        let mut reader = FrameReader::default();
+        assert!(reader.read(&mut cut).unwrap().is_some());
+        assert!(reader.read(&mut cut).is_err());
     }
 }

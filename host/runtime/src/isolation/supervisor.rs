@@ -5,19 +5,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead as _, BufReader, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use super::child::{CHILD_ENV, ChildSpec};
-use super::protocol::{Frame, Tag, code, read_frame, write_frame};
+use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
 use super::{HostLink, IsolationReport, Lost, RestartPolicy};
 use crate::error::PluginError;
 use crate::text::EscapeControl;
@@ -37,14 +37,63 @@ enum Reply {
     Lost(Lost),
 }
 
-/// One child process and the socket to it.
+/// The longest a caller reading the answers waits in one `poll` before it looks at its
+/// deadline again (and whether the child was seen to end).
+const READ_TICK: Duration = Duration::from_secs(1);
+
+/// A caller waiting for its answer.
+struct Waiter {
+    thread: std::thread::Thread,
+    reply: Option<Reply>,
+    /// Its request went over the request pipe (not the control socket).
+    on_calls: bool,
+}
+
+/// The callers of one child, and which of them reads the call socket.
+#[derive(Default)]
+struct Waits {
+    /// The child ended: no new request is sent.
+    dead: bool,
+    /// A caller reads the answer pipe for everyone (it leads); the others sleep until their
+    /// answer is handed to them or the reading is handed over.
+    reading: bool,
+    pending: HashMap<u64, Waiter>,
+}
+
+/// The answer pipe's reading side, used by the caller that leads.
+struct Reading {
+    pipe: std::io::PipeReader,
+    frames: FrameReader,
+}
+
+/// Why a leading caller stopped reading without its answer.
+enum Unanswered {
+    /// Its deadline passed.
+    Overdue,
+    /// The answer pipe ended or carried something that is not a frame.
+    Ended,
+}
+
+/// One child process and the channels to it (see [`super::child`]): requests go over the
+/// request pipe when no other request is on it, else over the control socket; every answer
+/// comes back on the answer pipe, which the waiting callers read themselves, one at a time
+/// (leader and followers): the one reading hands each other caller its answer, and the reading
+/// to one of them when its own answer is in. A call thus costs a write, a `poll` and a read,
+/// and no thread in between wakes. What the child starts on its own (log events outside
+/// requests, its calls to other plugins and to the store) comes over the control socket, which
+/// a thread of its own reads; that thread also sees the child end when no call is in flight.
 struct Conn {
     /// The plugin (its file, for a first child that has not read the manifest yet).
     plugin: String,
     pid: u32,
     process: Mutex<Option<std::process::Child>>,
-    out: Mutex<UnixStream>,
-    pending: Mutex<HashMap<u64, SyncSender<Reply>>>,
+    control: Mutex<FrameWriter<UnixStream>>,
+    /// The request pipe's writing side.
+    calls: Mutex<FrameWriter<std::io::PipeWriter>>,
+    /// A request is on the request pipe and not answered yet.
+    calls_busy: AtomicBool,
+    waits: Mutex<Waits>,
+    reading: Mutex<Reading>,
     next_id: AtomicU64,
     dead: AtomicBool,
     /// Set when the host killed the child for a deadline: the calls it takes down with it
@@ -53,6 +102,7 @@ struct Conn {
     /// Set when the host stopped the child on purpose: not a crash.
     stopping: AtomicBool,
     shadow: Mutex<Option<PathBuf>>,
+    owner: Owner,
 }
 
 impl std::fmt::Debug for Conn {
@@ -73,6 +123,18 @@ impl Conn {
         }
     }
 
+    fn waits(&self) -> std::sync::MutexGuard<'_, Waits> {
+        self.waits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The plugin's name, for its log events.
+    fn name(&self) -> String {
+        self.owner
+            .get()
+            .and_then(Weak::upgrade)
+            .map_or_else(|| self.plugin.clone(), |s| s.name())
+    }
+
     /// Sends a request and waits for its answer at most `timeout`; an overrun kills the child
     /// (and is counted in `overruns`; calls the kill takes down with it are not).
     fn request(
@@ -82,44 +144,46 @@ impl Conn {
         timeout: Duration,
         overruns: Option<&AtomicU64>,
     ) -> Result<Frame, Lost> {
+        let deadline = Instant::now() + timeout;
         if self.dead.load(Ordering::Acquire) {
             return Err(Lost::Crashed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (sender, answer) = sync_channel(1);
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, sender);
-        let written = {
-            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-            write_frame(&mut *out, tag, id, 0, fields)
+        let on_calls = !self.calls_busy.swap(true, Ordering::AcqRel);
+        {
+            let mut waits = self.waits();
+            if waits.dead {
+                if on_calls {
+                    self.calls_busy.store(false, Ordering::Release);
+                }
+                return Err(Lost::Crashed);
+            }
+            let waiter = Waiter {
+                thread: std::thread::current(),
+                reply: None,
+                on_calls,
+            };
+            waits.pending.insert(id, waiter);
+        }
+        let written = if on_calls {
+            let mut pipe = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            pipe.send(tag, id, 0, fields)
+        } else {
+            let mut socket = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            socket.send(tag, id, 0, fields)
         };
         if written.is_err() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.waits().pending.remove(&id);
+            if on_calls {
+                self.calls_busy.store(false, Ordering::Release);
+            }
             return Err(Lost::Crashed);
         }
-        match answer.recv_timeout(timeout) {
+        match self.wait(id, on_calls, deadline) {
             Ok(Reply::Frame(frame)) => Ok(frame),
             Ok(Reply::Lost(lost)) => Err(lost),
-            Err(RecvTimeoutError::Disconnected) => Err(Lost::Crashed),
-            Err(RecvTimeoutError::Timeout) => {
-                let removed = self
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                if removed.is_none() {
-                    // Answered (or lost) just now.
-                    return match answer.try_recv() {
-                        Ok(Reply::Frame(frame)) => Ok(frame),
-                        Ok(Reply::Lost(lost)) => Err(lost),
-                        Err(_) => Err(Lost::Crashed),
-                    };
-                }
+            Err(Unanswered::Ended) => Err(self.lost()),
+            Err(Unanswered::Overdue) => {
                 self.timed_out.store(true, Ordering::Release);
                 self.kill();
                 if let Some(overruns) = overruns {
@@ -134,6 +198,163 @@ impl Conn {
                 Err(Lost::TimedOut)
             }
         }
+    }
+
+    /// Why calls in flight get no answer once the child ended.
+    fn lost(&self) -> Lost {
+        if self.timed_out.load(Ordering::Acquire) {
+            Lost::TimedOut
+        } else {
+            Lost::Crashed
+        }
+    }
+
+    /// Waits for the answer to request `id`: handed over by the caller that reads the answer
+    /// pipe, or read here once the reading is free.
+    fn wait(&self, id: u64, on_calls: bool, deadline: Instant) -> Result<Reply, Unanswered> {
+        loop {
+            let mut waits = self.waits();
+            let Some(waiter) = waits.pending.get_mut(&id) else {
+                return Err(Unanswered::Ended);
+            };
+            if let Some(reply) = waiter.reply.take() {
+                waits.pending.remove(&id);
+                return Ok(reply);
+            }
+            if !waits.reading {
+                waits.reading = true;
+                drop(waits);
+                return self.lead(id, on_calls, deadline);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                waits.pending.remove(&id);
+                return Err(Unanswered::Overdue);
+            }
+            drop(waits);
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+
+    /// Reads the answer pipe until the answer to `id` is in (handing the others theirs), the
+    /// deadline passes or the pipe ends; then hands the reading to another waiting caller.
+    fn lead(&self, id: u64, on_calls: bool, deadline: Instant) -> Result<Reply, Unanswered> {
+        let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = loop {
+            match reading.frames.next() {
+                Ok(Some(frame)) if frame.tag == Tag::Answer && frame.id == id => {
+                    if on_calls {
+                        self.calls_busy.store(false, Ordering::Release);
+                    }
+                    break Ok(Reply::Frame(frame));
+                }
+                Ok(Some(frame)) => {
+                    self.route(frame);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(_) => break Err(Unanswered::Ended),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(Unanswered::Overdue);
+            }
+            // A pipe has no read timeout: `poll` bounds the wait, then `read` takes what came.
+            let wait = rustix::event::Timespec::try_from((deadline - now).min(READ_TICK))
+                .unwrap_or(rustix::event::Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                });
+            let Reading { pipe, frames } = &mut *reading;
+            let mut fds = [rustix::event::PollFd::new(
+                &*pipe,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, Some(&wait)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => {
+                    // The child may have been seen to end by the control socket's reader.
+                    if self.dead.load(Ordering::Acquire) {
+                        break Err(Unanswered::Ended);
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => break Err(Unanswered::Ended),
+            }
+            match frames.fill(pipe) {
+                Ok(0) => break Err(Unanswered::Ended),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break Err(Unanswered::Ended),
+            }
+        };
+        drop(reading);
+        let answered = {
+            let mut waits = self.waits();
+            waits.reading = false;
+            let ours = waits.pending.remove(&id).and_then(|w| w.reply);
+            if let Some(next) = waits.pending.values().find(|w| w.reply.is_none()) {
+                next.thread.unpark();
+            }
+            ours
+        };
+        match outcome {
+            Ok(reply) => Ok(reply),
+            Err(Unanswered::Ended) => {
+                // A child that closed its end, or wrote something that is not a frame, is
+                // ended here; its control socket's reader then reports it.
+                self.kill();
+                self.end_calls();
+                Ok(answered.unwrap_or(Reply::Lost(self.lost())))
+            }
+            Err(Unanswered::Overdue) => answered.ok_or(Unanswered::Overdue),
+        }
+    }
+
+    /// A frame on the answer pipe that is not the reader's own answer.
+    fn route(&self, frame: Frame) {
+        match frame.tag {
+            Tag::Answer => {
+                let mut waits = self.waits();
+                if let Some(waiter) = waits.pending.get_mut(&frame.id)
+                    && waiter.reply.is_none()
+                {
+                    if waiter.on_calls {
+                        self.calls_busy.store(false, Ordering::Release);
+                    }
+                    waiter.reply = Some(Reply::Frame(frame));
+                    waiter.thread.unpark();
+                }
+            }
+            Tag::Log => emit(&self.name(), frame.code, frame.field(0), frame.field(1)),
+            _ => {}
+        }
+    }
+
+    /// The child ended: every call in flight answers "crashed" (or "timed out", when the host
+    /// killed it for a deadline), and no new request is sent.
+    fn end_calls(&self) {
+        self.dead.store(true, Ordering::Release);
+        let lost = self.lost();
+        let mut waits = self.waits();
+        waits.dead = true;
+        for waiter in waits.pending.values_mut() {
+            if waiter.reply.is_none() {
+                waiter.reply = Some(Reply::Lost(lost));
+                waiter.thread.unpark();
+            }
+        }
+    }
+
+    /// Answers the child's request `id` (a call to another plugin, a store operation).
+    fn answer_child(&self, id: u64, result: Result<Option<String>, PluginError>) {
+        let (code, text) = match result {
+            Ok(Some(answer)) => (code::SOME, answer),
+            Ok(None) => (code::NONE, String::new()),
+            Err(e) => (code::ERROR + e.kind as u8, e.message),
+        };
+        let mut out = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = out.send(Tag::HostAnswer, id, code, &[&text]);
     }
 }
 
@@ -552,13 +773,7 @@ impl Supervisor {
                 Some(store) => store.op(frame.field(0), frame.field(1)),
                 None => Ok(None),
             };
-            let (code, text) = match result {
-                Ok(Some(answer)) => (code::SOME, answer),
-                Ok(None) => (code::NONE, String::new()),
-                Err(e) => (code::ERROR + e.kind as u8, e.message),
-            };
-            let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = write_frame(&mut *out, Tag::HostAnswer, frame.id, code, &[&text]);
+            conn.answer_child(frame.id, result);
         };
         if matches!(frame.field(0), "add" | "mark" | "available") {
             answer(conn, &frame);
@@ -593,13 +808,7 @@ impl Supervisor {
                     }
                     None => Err(PluginError::failed("the plugin is not created yet")),
                 };
-                let (code, text) = match result {
-                    Ok(Some(answer)) => (code::SOME, answer),
-                    Ok(None) => (code::NONE, String::new()),
-                    Err(e) => (code::ERROR + e.kind as u8, e.message),
-                };
-                let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = write_frame(&mut *out, Tag::HostAnswer, frame.id, code, &[&text]);
+                conn.answer_child(frame.id, result);
             });
         if spawned.is_err() {
             tracing::warn!(plugin = %self.name(), "no thread for a plugin's call to another plugin; it gets no answer until its process is restarted");
@@ -656,8 +865,10 @@ fn spawn(
     label: &str,
     supervisor: Owner,
 ) -> Result<(Arc<Conn>, String, bool), String> {
-    let (ours, theirs) =
-        UnixStream::pair().map_err(|e| format!("no socket for the plugin's process: {e}"))?;
+    let no_socket = |e: std::io::Error| format!("no socket for the plugin's process: {e}");
+    let (ours, theirs) = UnixStream::pair().map_err(no_socket)?;
+    let (requests_theirs, requests) = std::io::pipe().map_err(no_socket)?;
+    let (answers, answers_theirs) = std::io::pipe().map_err(no_socket)?;
     let spec = serde_json::to_string(&launch.spec)
         .map_err(|e| format!("the plugin's process settings: {e}"))?;
     let mut command = Command::new(&launch.program);
@@ -698,21 +909,21 @@ fn spawn(
         let _ = child.wait();
         why
     };
-    let mut reader = match ours.try_clone() {
-        Ok(reader) => reader,
-        Err(e) => {
-            return Err(kill(
-                child,
-                format!("no socket for the plugin's process: {e}"),
-            ));
-        }
+    // The pipes go first, before anything the child reads; the host keeps no copy of the
+    // child's ends, so that the answer pipe ends when the child does.
+    let sent = send_pipes(&ours, requests_theirs.as_fd(), answers_theirs.as_fd());
+    drop((requests_theirs, answers_theirs));
+    let (mut reader, control) = match (sent, ours.try_clone()) {
+        (Ok(()), Ok(reader)) => (reader, ours),
+        (Err(e), _) | (_, Err(e)) => return Err(kill(child, no_socket(e))),
     };
+    let mut frames = FrameReader::default();
     let timeout = Duration::from_millis(launch.timeout_ms).max(Duration::from_millis(1));
     let _ = reader.set_read_timeout(Some(timeout));
     let deadline = Instant::now() + timeout;
     // The child may log while it loads (the loader's warnings): those come first.
     let first = loop {
-        match read_frame(&mut reader) {
+        match frames.read(&mut reader) {
             Ok(Some(frame)) if frame.tag == Tag::Log => {
                 emit(label, frame.code, frame.field(0), frame.field(1));
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -759,19 +970,26 @@ fn spawn(
         plugin: label.to_owned(),
         pid,
         process: Mutex::new(Some(child)),
-        out: Mutex::new(ours),
-        pending: Mutex::new(HashMap::new()),
+        control: Mutex::new(FrameWriter::new(control)),
+        calls: Mutex::new(FrameWriter::new(requests)),
+        calls_busy: AtomicBool::new(false),
+        waits: Mutex::new(Waits::default()),
+        reading: Mutex::new(Reading {
+            pipe: answers,
+            frames: FrameReader::default(),
+        }),
         next_id: AtomicU64::new(1),
         dead: AtomicBool::new(false),
         timed_out: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         shadow: Mutex::new(Some(shadow)),
+        owner: Arc::clone(&supervisor),
     });
     let read_conn = Arc::clone(&conn);
     let label = label.to_owned();
     let spawned = std::thread::Builder::new()
         .name("plugin-child-reader".into())
-        .spawn(move || read_answers(&read_conn, reader, &label, &supervisor));
+        .spawn(move || read_control(&read_conn, reader, frames, &label, &supervisor));
     if let Err(e) = spawned {
         conn.kill();
         return Err(format!("no thread to read the plugin's process: {e}"));
@@ -806,41 +1024,56 @@ fn spawn_from_lasting_thread(command: Command) -> std::io::Result<std::process::
     spawned.recv().map_err(|_| no_thread())?
 }
 
-/// The reader of one child's socket: routes answers, forwards host calls and log events; at
-/// the end, answers every call in flight and reports the exit.
-fn read_answers(conn: &Arc<Conn>, mut reader: UnixStream, label: &str, owner: &Owner) {
+/// Sends the child's ends of the request and answer pipes over `control` (one byte carrying
+/// them).
+fn send_pipes(
+    control: &UnixStream,
+    requests: std::os::fd::BorrowedFd<'_>,
+    answers: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut ancillary = SendAncillaryBuffer::new(&mut space);
+    let fds = [requests, answers];
+    if !ancillary.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other("no room to send the pipes"));
+    }
+    let sent = rustix::net::sendmsg(
+        control,
+        &[std::io::IoSlice::new(&[0])],
+        &mut ancillary,
+        SendFlags::NOSIGNAL,
+    )?;
+    if sent == 1 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("the pipes were not sent"))
+    }
+}
+
+/// The reader of one child's control socket: forwards the plugin's calls to other plugins and
+/// its store operations, emits its log events; at the end, answers every call in flight and
+/// reports the exit.
+fn read_control(
+    conn: &Arc<Conn>,
+    mut reader: UnixStream,
+    mut frames: FrameReader,
+    label: &str,
+    owner: &Owner,
+) {
     let supervisor = || owner.get().and_then(Weak::upgrade);
-    while let Ok(Some(frame)) = read_frame(&mut reader) {
+    while let Ok(Some(frame)) = frames.read(&mut reader) {
         match frame.tag {
-            Tag::Answer => {
-                let waiter = conn
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&frame.id);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(Reply::Frame(frame));
-                }
-            }
             Tag::HostCall => match supervisor() {
                 Some(supervisor) => supervisor.forward_host_call(conn, frame),
-                None => {
-                    let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = write_frame(
-                        &mut *out,
-                        Tag::HostAnswer,
-                        frame.id,
-                        code::ERROR,
-                        &["the plugin is not created yet"],
-                    );
-                }
+                None => conn.answer_child(
+                    frame.id,
+                    Err(PluginError::failed("the plugin is not created yet")),
+                ),
             },
             Tag::HostStore => match supervisor() {
                 Some(supervisor) => supervisor.forward_store(conn, frame),
-                None => {
-                    let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = write_frame(&mut *out, Tag::HostAnswer, frame.id, code::NONE, &[""]);
-                }
+                None => conn.answer_child(frame.id, Ok(None)),
             },
             Tag::Log => {
                 let name = supervisor().map_or_else(|| label.to_owned(), |s| s.name());
@@ -849,21 +1082,7 @@ fn read_answers(conn: &Arc<Conn>, mut reader: UnixStream, label: &str, owner: &O
             _ => {}
         }
     }
-    conn.dead.store(true, Ordering::Release);
-    let lost = if conn.timed_out.load(Ordering::Acquire) {
-        Lost::TimedOut
-    } else {
-        Lost::Crashed
-    };
-    let waiting: Vec<_> = conn
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
-    for (_, waiter) in waiting {
-        let _ = waiter.send(Reply::Lost(lost));
-    }
+    conn.end_calls();
     let child = conn
         .process
         .lock()
