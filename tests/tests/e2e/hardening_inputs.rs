@@ -16,9 +16,6 @@ fn worker_command(dir: &PluginDir, state: &Path) -> Command {
         .arg(dir.path())
         .arg("--state-dir")
         .arg(state)
-        // One malloc arena: each further one reserves 64 MiB of address space up front, which
-        // under `ulimit -v` fails allocations at random, whatever the worker holds.
-        .env("MALLOC_ARENA_MAX", "1")
         .env_remove("WORKER_LOG");
     command
 }
@@ -36,6 +33,10 @@ fn limited_worker(kib: u32, dir: &PluginDir, state: &Path) -> Command {
         .arg(dir.path())
         .arg("--state-dir")
         .arg(state)
+        // One malloc arena: each thread's own arena reserves 64 MiB of address space, which
+        // under `ulimit -v` fails allocations at random (whichever thread allocates first),
+        // whatever the worker actually holds.
+        .env("MALLOC_ARENA_MAX", "1")
         .env_remove("WORKER_LOG");
     command
 }
