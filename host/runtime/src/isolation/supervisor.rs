@@ -560,7 +560,7 @@ impl Supervisor {
             let mut out = conn.out.lock().unwrap_or_else(|p| p.into_inner());
             let _ = write_frame(&mut *out, Tag::HostAnswer, frame.id, code, &[&text]);
         };
-        if matches!(frame.field(0), "add" | "mark" | "available") {
+        if matches!(frame.field(0), "add" | "mark" | "available" | "generation") {
             answer(conn, &frame);
             return;
         }

@@ -14,7 +14,7 @@ mod redis_backend;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -162,6 +162,16 @@ struct Shared {
     wake_lock: Mutex<bool>,
     batch_prefix: String,
     options: StoreOptions,
+    /// Grows whenever what the cache read from the store changes (a refresh, a cold read, a
+    /// compare-and-set, a scan): a plugin keeps its reads while it is unchanged.
+    generation: AtomicU64,
+}
+
+impl Shared {
+    /// Says that what the cache read from the store changed.
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// The store of one process: a cache, a backend and the thread that flushes to it.
@@ -314,6 +324,7 @@ impl Store {
             wake_lock: Mutex::new(false),
             batch_prefix: format!("{}-{nonce:x}", std::process::id()),
             options,
+            generation: AtomicU64::new(1),
         });
         let worker = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -510,6 +521,7 @@ fn flush_once(shared: &Shared) -> bool {
                     }
                 }
             }
+            shared.bump();
             cache.status.last_flush_ms = Some(now_ms());
             if !cache.status.reachable && cache.status.warned {
                 tracing::info!(store = %shared.url, "the store is reachable again; pending additions flushed");
@@ -642,6 +654,17 @@ impl PluginStore {
     pub(crate) fn op(&self, op: &str, text: &str) -> Result<Option<String>, PluginError> {
         let answer = match op {
             "available" => json!(true),
+            // The number of the cache's refreshes: a plugin keeps what it read while it is the
+            // same (and applies its own additions to its copy).
+            "generation" => {
+                return Ok(Some(
+                    self.store
+                        .shared
+                        .generation
+                        .load(Ordering::Acquire)
+                        .to_string(),
+                ));
+            }
             // The hot operations speak lines, not JSON: `add` is the key, then `field\tdelta`
             // lines; `mark` the mark, then `key\tfield\tdelta` lines; `read` the key, answered
             // with `field\tvalue` lines.
@@ -724,6 +747,7 @@ impl PluginStore {
                             {
                                 cache.records.insert(key.clone(), record);
                             }
+                            shared.bump();
                         }
                         Err(e) => note_down(shared, &mut cache, &e),
                     }
@@ -740,7 +764,7 @@ impl PluginStore {
             }
             other => {
                 return Err(invalid(format!(
-                    "store: no operation `{other}` (this host knows available, add, mark, read, keys, record, cas)"
+                    "store: no operation `{other}` (this host knows available, generation, add, mark, read, keys, record, cas)"
                 )));
             }
         };
@@ -771,6 +795,7 @@ impl PluginStore {
                     cache.keys.insert(key.clone());
                     keys.insert(key);
                 }
+                shared.bump();
             }
             Err(e) => note_down(shared, &mut cache, &e),
         }
@@ -873,6 +898,7 @@ impl PluginStore {
                         if let Some(fields) = found.remove(key) {
                             cache.base.entry(key.to_owned()).or_insert(fields);
                         }
+                        shared.bump();
                     }
                     Err(e) => note_down(shared, &mut cache, &e),
                 }
@@ -894,6 +920,7 @@ impl PluginStore {
         {
             cache.records.insert(key.to_owned(), record);
         }
+        shared.bump();
         match written {
             Ok(written) => written,
             Err(e) => {
