@@ -20,15 +20,13 @@
 //! - [`record`] / [`record_since`] and [`compare_and_set`]: a small JSON record with a version, for decisions
 //!   (a promotion) that exactly one worker of the fleet may make.
 //!
-//! Reads are kept on the plugin's side too: the host numbers its cache's refreshes (a
-//! generation), and a read answers from the plugin's copy, with this plugin's own additions
-//! applied to it, while the host's generation is unchanged (asked at most once per
-//! [`GENERATION_TRUSTED`], one small crossing). A host older than the generation is asked
-//! every time, as before.
+//! Reads are kept on the plugin's side too: the host numbers the changes of its cache (a
+//! generation, read through a plain function of the host, no text), and a read answers from
+//! the plugin's copy, with this plugin's own additions applied to it, while the number is
+//! unchanged. A host older than the generation is asked every time, as before.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -43,17 +41,9 @@ pub struct Record {
     pub value: Value,
 }
 
-/// How long the host's generation, once asked, is trusted without asking again: reads may see
-/// a refresh of the host's cache this much later than the host does.
-pub const GENERATION_TRUSTED: Duration = Duration::from_millis(1);
-
 /// The plugin's copy of what it read, valid for one generation of the host's cache.
 struct ReadCache {
-    /// Whether the host numbers its refreshes: `None` until asked, `Some(false)` for a host
-    /// older than the generation (every read then asks it).
-    numbered: Option<bool>,
     generation: u64,
-    checked: Option<Instant>,
     /// Grows with every addition this plugin makes: a read that crossed while another thread
     /// added keeps its answer out of the cache (it may lack that addition).
     writes: u64,
@@ -63,9 +53,7 @@ struct ReadCache {
 }
 
 static READ_CACHE: Mutex<ReadCache> = Mutex::new(ReadCache {
-    numbered: None,
     generation: 0,
-    checked: None,
     writes: 0,
     fields: BTreeMap::new(),
     records: BTreeMap::new(),
@@ -75,39 +63,17 @@ fn read_cache() -> MutexGuard<'static, ReadCache> {
     READ_CACHE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The plugin's read cache when it can answer (the host's generation is known and was checked
-/// within [`GENERATION_TRUSTED`]; emptied when the host refreshed since), or `None`: the
-/// caller asks the host.
+/// The plugin's read cache, emptied if the host's cache changed since it was filled; `None`
+/// when the host does not number its cache (no store, or a host older than the generation):
+/// the caller asks the host.
 fn fresh_cache() -> Option<MutexGuard<'static, ReadCache>> {
+    let generation = crate::log::store_generation()?;
     let mut cache = read_cache();
-    if cache.numbered == Some(false) {
-        return None;
-    }
-    let now = Instant::now();
-    if cache
-        .checked
-        .is_some_and(|at| now.saturating_duration_since(at) < GENERATION_TRUSTED)
-    {
-        return Some(cache);
-    }
-    let generation = match crate::log::store_call("generation", "") {
-        Ok(Some(text)) => text.parse::<u64>().ok(),
-        // No store: nothing to keep.
-        Ok(None) => return None,
-        // A host older than the generation refuses the operation.
-        Err(_) => None,
-    };
-    let Some(generation) = generation else {
-        cache.numbered = Some(false);
-        return None;
-    };
-    if cache.numbered.is_none() || generation != cache.generation {
+    if generation != cache.generation {
         cache.fields.clear();
         cache.records.clear();
         cache.generation = generation;
     }
-    cache.numbered = Some(true);
-    cache.checked = Some(now);
     Some(cache)
 }
 

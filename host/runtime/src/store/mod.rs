@@ -585,6 +585,18 @@ impl StoreAccess {
             StoreAccess::Forward(forward) => forward(op, text),
         }
     }
+
+    /// The generation of the cache the plugin reads: it changes whenever what the cache read
+    /// from the store changes. 0 when it cannot be known (the plugin then asks every time).
+    pub(crate) fn generation(&self) -> u64 {
+        match self {
+            StoreAccess::Local(store) => store.store.shared.generation.load(Ordering::Acquire),
+            StoreAccess::Forward(forward) => match forward("generation", "") {
+                Ok(Some(text)) => text.parse().unwrap_or(0),
+                _ => 0,
+            },
+        }
+    }
 }
 
 /// One plugin's view of the store.
