@@ -14,7 +14,8 @@
 //! - [`add`]: atomic additions to named numeric fields of a key (`n`, `sum`, `sumsq` of an arm).
 //! - [`add_once`]: the same, counted once fleet-wide per idempotency mark (a task id): a task
 //!   scored twice, by a retry or a replayed batch, counts once. [`mark_once`] is a mark alone.
-//! - [`read`]: a key's fields; [`keys`]: the keys under a prefix (for reports).
+//! - [`read`]: a key's fields ([`read_values`]: some of them, without allocating); [`keys`]:
+//!   the keys under a prefix (for reports).
 //!
 //! Keys, marks and field names are plain text without newlines or tabs.
 //! - [`record`] / [`record_since`] and [`compare_and_set`]: a small JSON record with a version, for decisions
@@ -228,6 +229,22 @@ pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
         }
     }
     Some(fields)
+}
+
+/// The values of `fields` of `key`, in that order (0 for a field it does not have yet): [`read`]
+/// without the map, for a plugin's hot path (no allocation when the plugin's copy of the key
+/// answers). `None` without a store.
+pub fn read_values<const N: usize>(key: &str, fields: [&str; N]) -> Option<[f64; N]> {
+    if !plain(key) {
+        return None;
+    }
+    if let Some(cache) = fresh_cache()
+        && let Some(found) = cache.fields.get(key)
+    {
+        return Some(fields.map(|f| found.get(f).copied().unwrap_or(0.0)));
+    }
+    let found = read(key)?;
+    Some(fields.map(|f| found.get(f).copied().unwrap_or(0.0)))
 }
 
 /// The keys under `prefix` that hold fields, the fleet's and this process's: a scan that waits
