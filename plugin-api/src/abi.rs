@@ -134,6 +134,11 @@ pub struct HostApi {
     /// and in plugins built before it, which never call it.
     #[cfg(not(feature = "__fixture_table_v1"))]
     pub store: extern "C" fn(HostContext, RStr<'_>, RStr<'_>) -> JsonResult,
+    /// Added with table version 5: the generation of the host's store cache (context): a
+    /// number that changes whenever what the cache read from the store changes, 0 without a
+    /// store. A plugin keeps what it read while the number is unchanged.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub store_generation: extern "C" fn(HostContext) -> u64,
 }
 
 /// What `execute` and `save_state` answer: an optional JSON text, or an error.

@@ -160,6 +160,21 @@ pub(crate) fn call_plugin(
     }
 }
 
+/// The generation of the host's store cache: `None` when there is no host, no store, or the
+/// host is older than the generation.
+pub(crate) fn store_generation() -> Option<u64> {
+    #[cfg(feature = "__fixture_table_v1")]
+    {
+        None
+    }
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    {
+        let link = HOST.get()?;
+        let generation = link.api.store_generation()?;
+        Some(generation(link.context)).filter(|g| *g != 0)
+    }
+}
+
 /// Sends an operation to the host's store: `Ok(None)` when there is no host, the host is older
 /// than the store, or it has no store.
 pub(crate) fn store_call(op: &str, args: &str) -> Result<Option<String>, crate::PluginError> {

@@ -14,13 +14,20 @@
 //! - [`add`]: atomic additions to named numeric fields of a key (`n`, `sum`, `sumsq` of an arm).
 //! - [`add_once`]: the same, counted once fleet-wide per idempotency mark (a task id): a task
 //!   scored twice, by a retry or a replayed batch, counts once. [`mark_once`] is a mark alone.
-//! - [`read`]: a key's fields; [`keys`]: the keys under a prefix (for reports).
+//! - [`read`]: a key's fields ([`read_values`]: some of them, without allocating); [`keys`]:
+//!   the keys under a prefix (for reports).
 //!
 //! Keys, marks and field names are plain text without newlines or tabs.
 //! - [`record`] / [`record_since`] and [`compare_and_set`]: a small JSON record with a version, for decisions
 //!   (a promotion) that exactly one worker of the fleet may make.
+//!
+//! Reads are kept on the plugin's side too: the host numbers the changes of its cache (a
+//! generation, read through a plain function of the host, no text), and a read answers from
+//! the plugin's copy, with this plugin's own additions applied to it, while the number is
+//! unchanged. A host older than the generation is asked every time, as before.
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -33,6 +40,63 @@ pub struct Record {
     pub version: u64,
     /// The record.
     pub value: Value,
+}
+
+/// The plugin's copy of what it read, valid for one generation of the host's cache.
+struct ReadCache {
+    generation: u64,
+    /// Grows with every addition this plugin makes: a read that crossed while another thread
+    /// added keeps its answer out of the cache (it may lack that addition).
+    writes: u64,
+    fields: BTreeMap<String, BTreeMap<String, f64>>,
+    /// The last record read of each key (`None`: there was none).
+    records: BTreeMap<String, Option<Record>>,
+}
+
+static READ_CACHE: Mutex<ReadCache> = Mutex::new(ReadCache {
+    generation: 0,
+    writes: 0,
+    fields: BTreeMap::new(),
+    records: BTreeMap::new(),
+});
+
+fn read_cache() -> MutexGuard<'static, ReadCache> {
+    READ_CACHE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The plugin's read cache, emptied if the host's cache changed since it was filled; `None`
+/// when the host does not number its cache (no store, or a host older than the generation):
+/// the caller asks the host.
+fn fresh_cache() -> Option<MutexGuard<'static, ReadCache>> {
+    let generation = crate::log::store_generation()?;
+    let mut cache = read_cache();
+    if generation != cache.generation {
+        cache.fields.clear();
+        cache.records.clear();
+        cache.generation = generation;
+    }
+    Some(cache)
+}
+
+/// Applies this plugin's additions (which the host took) to its copies of the keys.
+fn note_adds<'a>(adds: impl IntoIterator<Item = (&'a str, &'a [(&'a str, f64)])>) {
+    let mut cache = read_cache();
+    cache.writes += 1;
+    if cache.fields.is_empty() {
+        return;
+    }
+    for (key, fields) in adds {
+        if let Some(entry) = cache.fields.get_mut(key) {
+            for (field, delta) in fields {
+                match entry.get_mut(*field) {
+                    Some(value) => *value += delta,
+                    None => {
+                        entry.insert((*field).to_owned(), *delta);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Sends one operation to the host's store: the answer's JSON, or `None` without a store.
@@ -88,7 +152,11 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
         text.push('\t');
         push_delta(&mut text, *delta);
     }
-    raw("add", &text).is_some()
+    let added = raw("add", &text).is_some();
+    if added {
+        note_adds([(key, fields)]);
+    }
+    added
 }
 
 /// Adds the deltas of each key once fleet-wide for `mark`: a second call with the same mark,
@@ -117,7 +185,10 @@ pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
         }
     }
     match raw("mark", &text)?.as_str() {
-        "true" => Some(true),
+        "true" => {
+            note_adds(adds.iter().copied());
+            Some(true)
+        }
         "false" => Some(false),
         _ => None,
     }
@@ -134,16 +205,46 @@ pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
     if !plain(key) {
         return None;
     }
+    let cached = fresh_cache().map(|cache| {
+        let hit = cache.fields.get(key).cloned();
+        (hit, cache.generation, cache.writes)
+    });
+    if let Some((Some(fields), _, _)) = cached {
+        return Some(fields);
+    }
     let answer = raw("read", key)?;
-    Some(
-        answer
-            .lines()
-            .filter_map(|line| {
-                let (field, value) = line.split_once('\t')?;
-                Some((field.to_owned(), value.parse().ok()?))
-            })
-            .collect(),
-    )
+    let fields: BTreeMap<String, f64> = answer
+        .lines()
+        .filter_map(|line| {
+            let (field, value) = line.split_once('\t')?;
+            Some((field.to_owned(), value.parse().ok()?))
+        })
+        .collect();
+    if let Some((None, generation, writes)) = cached {
+        let mut cache = read_cache();
+        // Kept only when nothing changed while the read crossed (a newer generation empties
+        // the cache at its next check anyway).
+        if cache.generation == generation && cache.writes == writes {
+            cache.fields.insert(key.to_owned(), fields.clone());
+        }
+    }
+    Some(fields)
+}
+
+/// The values of `fields` of `key`, in that order (0 for a field it does not have yet): [`read`]
+/// without the map, for a plugin's hot path (no allocation when the plugin's copy of the key
+/// answers). `None` without a store.
+pub fn read_values<const N: usize>(key: &str, fields: [&str; N]) -> Option<[f64; N]> {
+    if !plain(key) {
+        return None;
+    }
+    if let Some(cache) = fresh_cache()
+        && let Some(found) = cache.fields.get(key)
+    {
+        return Some(fields.map(|f| found.get(f).copied().unwrap_or(0.0)));
+    }
+    let found = read(key)?;
+    Some(fields.map(|f| found.get(f).copied().unwrap_or(0.0)))
 }
 
 /// The keys under `prefix` that hold fields, the fleet's and this process's: a scan that waits
@@ -166,14 +267,31 @@ pub fn record_since(key: &str, since: u64) -> Option<Option<Record>> {
     if !plain(key) {
         return None;
     }
-    let answer = raw("record", &format!("{key}\n{since}"))?;
-    let Some((version, value)) = answer.split_once('\n') else {
-        return Some(None);
+    let newer = |record: &Option<Record>| record.as_ref().filter(|r| r.version > since).cloned();
+    let cached = fresh_cache().map(|cache| {
+        let hit = cache.records.get(key).map(newer);
+        (hit, cache.generation, cache.writes)
+    });
+    if let Some((Some(hit), _, _)) = cached {
+        return Some(hit);
+    }
+    // Without a copy, the whole record (from version 0), to keep.
+    let asked = if cached.is_some() { 0 } else { since };
+    let answer = raw("record", &format!("{key}\n{asked}"))?;
+    let record = match answer.split_once('\n') {
+        None => None,
+        Some((version, value)) => Some(Record {
+            version: version.parse().ok()?,
+            value: serde_json::from_str(value).ok()?,
+        }),
     };
-    Some(Some(Record {
-        version: version.parse().ok()?,
-        value: serde_json::from_str(value).ok()?,
-    }))
+    if let Some((None, generation, writes)) = cached {
+        let mut cache = read_cache();
+        if cache.generation == generation && cache.writes == writes {
+            cache.records.insert(key.to_owned(), record.clone());
+        }
+    }
+    Some(newer(&record))
 }
 
 /// Writes `value` at `key` if the record's version is still `version` (0: no record yet).
@@ -182,9 +300,14 @@ pub fn record_since(key: &str, since: u64) -> Option<Option<Record>> {
 /// the one operation that waits for the store (within the host's bounded timeouts): a decision
 /// must be the fleet's.
 pub fn compare_and_set(key: &str, version: u64, value: &Value) -> Option<bool> {
-    op(
+    let written = op(
         "cas",
         &json!({"key": key, "version": version, "value": value}),
     )
-    .and_then(|v| v.as_bool())
+    .and_then(|v| v.as_bool());
+    // Whatever the answer, the record changed or another writer's is newer: read it again.
+    let mut cache = read_cache();
+    cache.writes += 1;
+    cache.records.remove(key);
+    written
 }

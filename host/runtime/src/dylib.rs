@@ -182,7 +182,22 @@ static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     log: host_log,
     call: host_call,
     store: host_store,
+    store_generation: host_store_generation,
 });
+
+/// The generation of the store cache the plugin reads (0 without a store): a plugin keeps its
+/// reads while it is unchanged.
+extern "C" fn host_store_generation(context: HostContext) -> u64 {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
+        let context = unsafe { &*context.0.cast::<LogContext>() };
+        context
+            .store
+            .as_ref()
+            .map_or(0, crate::store::StoreAccess::generation)
+    }))
+    .unwrap_or(0)
+}
 
 /// A plugin's operation on the shared store (`plugin_api::store`).
 extern "C" fn host_store(context: HostContext, op: RStr<'_>, args: RStr<'_>) -> JsonResult {

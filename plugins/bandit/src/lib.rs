@@ -215,14 +215,15 @@ fn arm_key(context: &str, arm: &str) -> String {
 
 /// An arm's statistics as the fleet knows them.
 fn fleet_arm(context: &str, arm: &str) -> ArmStats {
-    let fields = plugin_api::store::read(&arm_key(context, arm)).unwrap_or_default();
-    let get = |f: &str| fields.get(f).copied().unwrap_or(0.0);
-    let whole = |f: &str| get(f).max(0.0).round() as u64;
+    let [n, sum, sumsq, succ] =
+        plugin_api::store::read_values(&arm_key(context, arm), ["n", "sum", "sumsq", "succ"])
+            .unwrap_or_default();
+    let whole = |v: f64| v.max(0.0).round() as u64;
     ArmStats {
-        pulls: whole("n"),
-        reward_sum: get("sum"),
-        reward_sum_sq: Some(get("sumsq")),
-        successes: Some(whole("succ")),
+        pulls: whole(n),
+        reward_sum: sum,
+        reward_sum_sq: Some(sumsq),
+        successes: Some(whole(succ)),
     }
 }
 

@@ -706,13 +706,15 @@ impl ChampionPlugin {
 
     /// The fleet's statistics of `handler` in the deployment's experiment.
     fn fleet_arm(task_type: &str, deployment: &Deployment, handler: &str) -> Moments {
-        let fields = plugin_api::store::read(&arm_key(task_type, deployment.epoch, handler))
-            .unwrap_or_default();
-        let get = |f: &str| fields.get(f).copied().unwrap_or(0.0);
+        let [n, sum, sum_sq] = plugin_api::store::read_values(
+            &arm_key(task_type, deployment.epoch, handler),
+            ["n", "sum", "sumsq"],
+        )
+        .unwrap_or_default();
         Moments {
-            count: get("n").max(0.0).round() as u64,
-            sum: get("sum"),
-            sum_sq: get("sumsq"),
+            count: n.max(0.0).round() as u64,
+            sum,
+            sum_sq,
         }
     }
 

@@ -24,10 +24,15 @@ extern "C" fn no_store(_: HostContext, _: RStr<'_>, _: RStr<'_>) -> JsonResult {
     ROk(abi_stable::std_types::RNone)
 }
 
+extern "C" fn no_store_generation(_: HostContext) -> u64 {
+    0
+}
+
 static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     log: no_log,
     call: no_call,
     store: no_store,
+    store_generation: no_store_generation,
 });
 
 /// A second instance of a plugin, created in the library the host already loaded.

@@ -416,3 +416,70 @@ fn workers_started_together_on_a_new_sqlite_file_all_open_it() {
         }
     }
 }
+
+/// A plugin keeps what it read between refreshes of the host's cache: its own additions show
+/// in its next read at once (a field it had and a new one, with a mark or without), another
+/// worker's once this worker's cache is refreshed, and its records follow a compare-and-set.
+#[test]
+fn a_plugin_sees_its_own_additions_at_once_and_the_fleets_after_a_refresh() {
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("store.db").display());
+    let (dir_a, dir_b) = (PluginDir::new(), PluginDir::new());
+    // This worker refreshes only when told to.
+    let hourly = StoreOptions {
+        flush_interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(5),
+    };
+    let (store_a, store_b) = (
+        Store::open(&url, hourly).unwrap(),
+        Store::open(&url, options()).unwrap(),
+    );
+    let (a, b) = (host_with(&dir_a, &store_a), host_with(&dir_b, &store_b));
+    let add = |host: &plugin_host::PluginHost, field: &str, delta: f64, mark: Option<&str>| {
+        host.execute(
+            "fixture",
+            "storeAdd",
+            &json!({"key": "arm", "field": field, "delta": delta, "mark": mark}),
+        )
+    };
+    let read = |host: &plugin_host::PluginHost| {
+        host.execute("fixture", "storeRead", &json!({"key": "arm"}))
+    };
+    assert_eq!(read(&a), Some(json!({})));
+    for i in 1..=20 {
+        assert_eq!(add(&a, "n", 1.0, None), Some(json!(true)));
+        let mark = format!("task-{i}");
+        assert_eq!(add(&a, "sum", 0.5, Some(&mark)), Some(json!(true)));
+        // The same mark again: not counted, not in the read.
+        assert_eq!(add(&a, "sum", 0.5, Some(&mark)), Some(json!(false)));
+        let i = f64::from(i);
+        assert_eq!(
+            read(&a),
+            Some(json!({"n": i, "sum": 0.5 * i})),
+            "after {i} tasks"
+        );
+    }
+    // Another worker's addition, in the store: not in this worker's reads before its refresh.
+    assert_eq!(add(&b, "n", 100.0, None), Some(json!(true)));
+    store_b.flush().unwrap();
+    assert_eq!(read(&a), Some(json!({"n": 20.0, "sum": 10.0})));
+    store_a.flush().unwrap();
+    assert_eq!(read(&a), Some(json!({"n": 120.0, "sum": 10.0})));
+    // A record read, then changed by this worker's compare-and-set: the next read shows it.
+    let record = |host: &plugin_host::PluginHost| {
+        host.execute("fixture", "storeRecord", &json!({"key": "decision"}))
+    };
+    assert_eq!(record(&a), None, "no record yet");
+    assert_eq!(
+        a.execute(
+            "fixture",
+            "storeCas",
+            &json!({"key": "decision", "version": 0, "value": {"by": "a"}})
+        ),
+        Some(json!(true))
+    );
+    assert_eq!(
+        record(&a),
+        Some(json!({"version": 1, "value": {"by": "a"}}))
+    );
+}

@@ -775,7 +775,7 @@ impl Supervisor {
             };
             conn.answer_child(frame.id, result);
         };
-        if matches!(frame.field(0), "add" | "mark" | "available") {
+        if matches!(frame.field(0), "add" | "mark" | "available" | "generation") {
             answer(conn, &frame);
             return;
         }

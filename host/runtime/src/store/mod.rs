@@ -14,7 +14,7 @@ mod redis_backend;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -162,6 +162,16 @@ struct Shared {
     wake_lock: Mutex<bool>,
     batch_prefix: String,
     options: StoreOptions,
+    /// Grows whenever what the cache read from the store changes (a refresh, a cold read, a
+    /// compare-and-set, a scan): a plugin keeps its reads while it is unchanged.
+    generation: AtomicU64,
+}
+
+impl Shared {
+    /// Says that what the cache read from the store changed.
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// The store of one process: a cache, a backend and the thread that flushes to it.
@@ -246,11 +256,10 @@ fn add_into<'a>(
     key: &str,
     fields: impl IntoIterator<Item = (&'a str, f64)>,
 ) {
-    if !sum.contains_key(key) {
-        sum.insert(key.to_owned(), Fields::new());
-    }
-    let Some(entry) = sum.get_mut(key) else {
-        return;
+    // One lookup for a key seen before (the common case), a second only for a new one.
+    let entry = match sum.get_mut(key) {
+        Some(entry) => entry,
+        None => sum.entry(key.to_owned()).or_default(),
     };
     for (field, delta) in fields {
         match entry.get_mut(field) {
@@ -314,6 +323,7 @@ impl Store {
             wake_lock: Mutex::new(false),
             batch_prefix: format!("{}-{nonce:x}", std::process::id()),
             options,
+            generation: AtomicU64::new(1),
         });
         let worker = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -510,6 +520,7 @@ fn flush_once(shared: &Shared) -> bool {
                     }
                 }
             }
+            shared.bump();
             cache.status.last_flush_ms = Some(now_ms());
             if !cache.status.reachable && cache.status.warned {
                 tracing::info!(store = %shared.url, "the store is reachable again; pending additions flushed");
@@ -571,6 +582,18 @@ impl StoreAccess {
         match self {
             StoreAccess::Local(store) => store.op(op, text),
             StoreAccess::Forward(forward) => forward(op, text),
+        }
+    }
+
+    /// The generation of the cache the plugin reads: it changes whenever what the cache read
+    /// from the store changes. 0 when it cannot be known (the plugin then asks every time).
+    pub(crate) fn generation(&self) -> u64 {
+        match self {
+            StoreAccess::Local(store) => store.store.shared.generation.load(Ordering::Acquire),
+            StoreAccess::Forward(forward) => match forward("generation", "") {
+                Ok(Some(text)) => text.parse().unwrap_or(0),
+                _ => 0,
+            },
         }
     }
 }
@@ -642,6 +665,17 @@ impl PluginStore {
     pub(crate) fn op(&self, op: &str, text: &str) -> Result<Option<String>, PluginError> {
         let answer = match op {
             "available" => json!(true),
+            // The number of the cache's refreshes: a plugin keeps what it read while it is the
+            // same (and applies its own additions to its copy).
+            "generation" => {
+                return Ok(Some(
+                    self.store
+                        .shared
+                        .generation
+                        .load(Ordering::Acquire)
+                        .to_string(),
+                ));
+            }
             // The hot operations speak lines, not JSON: `add` is the key, then `field\tdelta`
             // lines; `mark` the mark, then `key\tfield\tdelta` lines; `read` the key, answered
             // with `field\tvalue` lines.
@@ -724,6 +758,7 @@ impl PluginStore {
                             {
                                 cache.records.insert(key.clone(), record);
                             }
+                            shared.bump();
                         }
                         Err(e) => note_down(shared, &mut cache, &e),
                     }
@@ -740,15 +775,20 @@ impl PluginStore {
             }
             other => {
                 return Err(invalid(format!(
-                    "store: no operation `{other}` (this host knows available, add, mark, read, keys, record, cas)"
+                    "store: no operation `{other}` (this host knows available, generation, add, mark, read, keys, record, cas)"
                 )));
             }
         };
         Ok(Some(answer.to_string()))
     }
 
+    /// The full name of the plugin's `key` (a plain concatenation: `format!` cost a thousand
+    /// instructions, on every operation).
     fn key(&self, key: &str) -> String {
-        format!("{}{key}", self.namespace)
+        let mut full = String::with_capacity(self.namespace.len() + key.len());
+        full.push_str(&self.namespace);
+        full.push_str(key);
+        full
     }
 
     /// The plugin's keys under `prefix` that hold fields: the store's (a scan, which waits for
@@ -771,6 +811,7 @@ impl PluginStore {
                     cache.keys.insert(key.clone());
                     keys.insert(key);
                 }
+                shared.bump();
             }
             Err(e) => note_down(shared, &mut cache, &e),
         }
@@ -794,10 +835,9 @@ impl PluginStore {
     /// process.
     fn push_marked(&self, mark: String, adds: BTreeMap<String, Fields>) -> bool {
         let mut cache = lock(&self.store.shared.cache);
-        if cache.marks.contains(&mark) {
+        if !cache.marks.insert(mark.clone()) {
             return false;
         }
-        cache.marks.insert(mark.clone());
         let cache = &mut *cache;
         for (key, fields) in &adds {
             add_into(
@@ -873,6 +913,7 @@ impl PluginStore {
                         if let Some(fields) = found.remove(key) {
                             cache.base.entry(key.to_owned()).or_insert(fields);
                         }
+                        shared.bump();
                     }
                     Err(e) => note_down(shared, &mut cache, &e),
                 }
@@ -894,6 +935,7 @@ impl PluginStore {
         {
             cache.records.insert(key.to_owned(), record);
         }
+        shared.bump();
         match written {
             Ok(written) => written,
             Err(e) => {
