@@ -210,7 +210,7 @@ impl Drop for Inner {
             .stop(std::time::Duration::from_millis(self.call_timeout_ms));
         let registry = self.registry.swap(Arc::new(Registry::default()));
         let mut slots: Vec<(Box<str>, Slot)> = match Arc::try_unwrap(registry) {
-            Ok(Registry { plugins, hooks }) => {
+            Ok(Registry { plugins, hooks, .. }) => {
                 drop(hooks);
                 plugins.into_iter().collect()
             }
@@ -281,20 +281,14 @@ impl PluginHost {
 
     /// Names of the loaded plugins that have a method called `method`, by name.
     pub fn method_providers(&self, method: &str) -> Vec<String> {
-        let registry = self.inner.registry.load();
-        let mut names: Vec<String> = registry
-            .iter()
-            .filter(|(_, slot)| {
-                slot.generation
-                    .manifest
-                    .methods
-                    .iter()
-                    .any(|m| m.name == method)
+        self.inner
+            .registry
+            .load()
+            .providers
+            .get(method)
+            .map_or_else(Vec::new, |names| {
+                names.iter().map(|name| name.to_string()).collect()
             })
-            .map(|(name, _)| name.to_string())
-            .collect();
-        names.sort();
-        names
     }
 
     /// Loaded plugins, by name.

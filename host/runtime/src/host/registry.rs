@@ -94,6 +94,9 @@ pub(super) type Plugins = FxHashMap<Box<str>, Slot>;
 pub(super) struct Registry {
     pub(super) plugins: Plugins,
     pub(super) hooks: dispatch::HookTable,
+    /// The plugins that declare each method, by name: what
+    /// [`PluginHost::method_providers`] answers (the pipeline asks on every task).
+    pub(super) providers: FxHashMap<Box<str>, Vec<Box<str>>>,
 }
 
 impl std::ops::Deref for Registry {
@@ -109,6 +112,25 @@ impl std::ops::Deref for Registry {
 pub(super) fn name_bit(plugin: &str) -> u64 {
     use std::hash::BuildHasher as _;
     1 << (rustc_hash::FxBuildHasher.hash_one(plugin) >> 58)
+}
+
+/// The plugins in `plugins` that declare each method, by name.
+pub(super) fn providers(plugins: &Plugins) -> FxHashMap<Box<str>, Vec<Box<str>>> {
+    let mut providers: FxHashMap<Box<str>, Vec<Box<str>>> = FxHashMap::default();
+    for (plugin, slot) in plugins {
+        for method in &slot.generation.manifest.methods {
+            let names = providers
+                .entry(Box::from(method.name.as_str()))
+                .or_default();
+            if !names.contains(plugin) {
+                names.push(plugin.clone());
+            }
+        }
+    }
+    for names in providers.values_mut() {
+        names.sort();
+    }
+    providers
 }
 
 /// The name bits of every plugin in `plugins`.
@@ -166,9 +188,11 @@ impl PluginHost {
         self.configure_health(&plugins);
         let bits = super::name_bits(&plugins);
         self.inner.names.fetch_or(bits, Ordering::AcqRel);
-        self.inner
-            .registry
-            .store(Arc::new(super::Registry { plugins, hooks }));
+        self.inner.registry.store(Arc::new(super::Registry {
+            providers: providers(&plugins),
+            plugins,
+            hooks,
+        }));
         self.inner.names.store(bits, Ordering::Release);
     }
 
