@@ -255,6 +255,17 @@ impl Conn {
                 Ok(None) => {}
                 Err(_) => break Err(Unanswered::Ended),
             }
+            // The answer pipe does not block: a read takes what came, and only an empty pipe
+            // costs a `poll`. Often the answer is in by now (the child ran when our request
+            // woke it), and the call costs one write and one read, as a pipe round trip does.
+            let Reading { pipe, frames } = &mut *reading;
+            match frames.fill(pipe) {
+                Ok(0) => break Err(Unanswered::Ended),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break Err(Unanswered::Ended),
+            }
             let now = Instant::now();
             if now >= deadline {
                 break Err(Unanswered::Overdue);
@@ -265,7 +276,6 @@ impl Conn {
                     tv_sec: 1,
                     tv_nsec: 0,
                 });
-            let Reading { pipe, frames } = &mut *reading;
             let mut fds = [rustix::event::PollFd::new(
                 &*pipe,
                 rustix::event::PollFlags::IN,
@@ -276,15 +286,8 @@ impl Conn {
                     if self.dead.load(Ordering::Acquire) {
                         break Err(Unanswered::Ended);
                     }
-                    continue;
                 }
                 Ok(_) => {}
-                Err(_) => break Err(Unanswered::Ended),
-            }
-            match frames.fill(pipe) {
-                Ok(0) => break Err(Unanswered::Ended),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break Err(Unanswered::Ended),
             }
         };
@@ -869,6 +872,8 @@ fn spawn(
     let (ours, theirs) = UnixStream::pair().map_err(no_socket)?;
     let (requests_theirs, requests) = std::io::pipe().map_err(no_socket)?;
     let (answers, answers_theirs) = std::io::pipe().map_err(no_socket)?;
+    // The host's end of the answer pipe does not block (see `Conn::lead`); the child's does.
+    rustix::io::ioctl_fionbio(&answers, true).map_err(|e| no_socket(e.into()))?;
     let spec = serde_json::to_string(&launch.spec)
         .map_err(|e| format!("the plugin's process settings: {e}"))?;
     let mut command = Command::new(&launch.program);
