@@ -3,7 +3,7 @@
 //! prints, and restarts the child (with the plugin's last saved state) when it crashes or
 //! overruns a deadline, within the crash-loop limit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader, Read};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 
 use super::child::{CHILD_ENV, ChildSpec};
 use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
@@ -57,7 +58,9 @@ struct Waits {
     /// A caller reads the answer pipe for everyone (it leads); the others sleep until their
     /// answer is handed to them or the reading is handed over.
     reading: bool,
-    pending: HashMap<u64, Waiter>,
+    /// By request id. The ids are the host's own (sequential), so a hash without a random
+    /// key serves: a child can only look ids up, never add them.
+    pending: FxHashMap<u64, Waiter>,
 }
 
 /// The answer pipe's reading side, used by the caller that leads.
