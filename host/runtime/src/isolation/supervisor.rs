@@ -81,8 +81,8 @@ enum Unanswered {
 /// request pipe when no other request is on it, else over the control socket; every answer
 /// comes back on the answer pipe, which the waiting callers read themselves, one at a time
 /// (leader and followers): the one reading hands each other caller its answer, and the reading
-/// to one of them when its own answer is in. A call thus costs a write, a `poll` and a read,
-/// and no thread in between wakes. What the child starts on its own (log events outside
+/// to one of them when its own answer is in. A call thus costs a write and a read (and a
+/// `poll` when the answer is not in yet), and no thread in between wakes. What the child starts on its own (log events outside
 /// requests, its calls to other plugins and to the store) comes over the control socket, which
 /// a thread of its own reads; that thread also sees the child end when no call is in flight.
 struct Conn {
