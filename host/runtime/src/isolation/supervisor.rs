@@ -243,6 +243,9 @@ impl Conn {
     /// deadline passes or the pipe ends; then hands the reading to another waiting caller.
     fn lead(&self, id: u64, on_calls: bool, deadline: Instant) -> Result<Reply, Unanswered> {
         let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        // Reads that brought something; from the second on, each is followed by a look at the
+        // deadline (the first, the common call's only one, is not: it saves a clock read).
+        let mut reads = 0u32;
         let outcome = loop {
             match reading.frames.next() {
                 Ok(Some(frame)) if frame.tag == Tag::Answer && frame.id == id => {
@@ -264,9 +267,20 @@ impl Conn {
             let Reading { pipe, frames } = &mut *reading;
             match frames.fill(pipe) {
                 Ok(0) => break Err(Unanswered::Ended),
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Ok(_) => {
+                    // A child that keeps writing without answering gets no time past the
+                    // deadline: the pipe is never empty for it, but the deadline is looked at.
+                    reads = reads.saturating_add(1);
+                    if reads > 1 && Instant::now() >= deadline {
+                        break Err(Unanswered::Overdue);
+                    }
+                    continue;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
                 Err(_) => break Err(Unanswered::Ended),
             }
             let now = Instant::now();
