@@ -3,7 +3,7 @@
 //! prints, and restarts the child (with the plugin's last saved state) when it crashes or
 //! overruns a deadline, within the crash-loop limit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader, Read};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 
 use super::child::{CHILD_ENV, ChildSpec};
 use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
@@ -57,7 +58,9 @@ struct Waits {
     /// A caller reads the answer pipe for everyone (it leads); the others sleep until their
     /// answer is handed to them or the reading is handed over.
     reading: bool,
-    pending: HashMap<u64, Waiter>,
+    /// By request id. The ids are the host's own (sequential), so a hash without a random
+    /// key serves: a child can only look ids up, never add them.
+    pending: FxHashMap<u64, Waiter>,
 }
 
 /// The answer pipe's reading side, used by the caller that leads.
@@ -78,8 +81,8 @@ enum Unanswered {
 /// request pipe when no other request is on it, else over the control socket; every answer
 /// comes back on the answer pipe, which the waiting callers read themselves, one at a time
 /// (leader and followers): the one reading hands each other caller its answer, and the reading
-/// to one of them when its own answer is in. A call thus costs a write, a `poll` and a read,
-/// and no thread in between wakes. What the child starts on its own (log events outside
+/// to one of them when its own answer is in. A call thus costs a write and a read (and a
+/// `poll` when the answer is not in yet), and no thread in between wakes. What the child starts on its own (log events outside
 /// requests, its calls to other plugins and to the store) comes over the control socket, which
 /// a thread of its own reads; that thread also sees the child end when no call is in flight.
 struct Conn {
@@ -240,6 +243,9 @@ impl Conn {
     /// deadline passes or the pipe ends; then hands the reading to another waiting caller.
     fn lead(&self, id: u64, on_calls: bool, deadline: Instant) -> Result<Reply, Unanswered> {
         let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        // Reads that brought something; from the second on, each is followed by a look at the
+        // deadline (the first, the common call's only one, is not: it saves a clock read).
+        let mut reads = 0u32;
         let outcome = loop {
             match reading.frames.next() {
                 Ok(Some(frame)) if frame.tag == Tag::Answer && frame.id == id => {
@@ -255,6 +261,28 @@ impl Conn {
                 Ok(None) => {}
                 Err(_) => break Err(Unanswered::Ended),
             }
+            // The answer pipe does not block: a read takes what came, and only an empty pipe
+            // costs a `poll`. Often the answer is in by now (the child ran when our request
+            // woke it), and the call costs one write and one read, as a pipe round trip does.
+            let Reading { pipe, frames } = &mut *reading;
+            match frames.fill(pipe) {
+                Ok(0) => break Err(Unanswered::Ended),
+                Ok(_) => {
+                    // A child that keeps writing without answering gets no time past the
+                    // deadline: the pipe is never empty for it, but the deadline is looked at.
+                    reads = reads.saturating_add(1);
+                    if reads > 1 && Instant::now() >= deadline {
+                        break Err(Unanswered::Overdue);
+                    }
+                    continue;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => break Err(Unanswered::Ended),
+            }
             let now = Instant::now();
             if now >= deadline {
                 break Err(Unanswered::Overdue);
@@ -265,7 +293,6 @@ impl Conn {
                     tv_sec: 1,
                     tv_nsec: 0,
                 });
-            let Reading { pipe, frames } = &mut *reading;
             let mut fds = [rustix::event::PollFd::new(
                 &*pipe,
                 rustix::event::PollFlags::IN,
@@ -276,15 +303,8 @@ impl Conn {
                     if self.dead.load(Ordering::Acquire) {
                         break Err(Unanswered::Ended);
                     }
-                    continue;
                 }
                 Ok(_) => {}
-                Err(_) => break Err(Unanswered::Ended),
-            }
-            match frames.fill(pipe) {
-                Ok(0) => break Err(Unanswered::Ended),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break Err(Unanswered::Ended),
             }
         };
@@ -869,6 +889,8 @@ fn spawn(
     let (ours, theirs) = UnixStream::pair().map_err(no_socket)?;
     let (requests_theirs, requests) = std::io::pipe().map_err(no_socket)?;
     let (answers, answers_theirs) = std::io::pipe().map_err(no_socket)?;
+    // The host's end of the answer pipe does not block (see `Conn::lead`); the child's does.
+    rustix::io::ioctl_fionbio(&answers, true).map_err(|e| no_socket(e.into()))?;
     let spec = serde_json::to_string(&launch.spec)
         .map_err(|e| format!("the plugin's process settings: {e}"))?;
     let mut command = Command::new(&launch.program);
