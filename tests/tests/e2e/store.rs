@@ -483,3 +483,49 @@ fn a_plugin_sees_its_own_additions_at_once_and_the_fleets_after_a_refresh() {
         Some(json!({"version": 1, "value": {"by": "a"}}))
     );
 }
+
+/// What a store server says reaches the log with its control characters escaped: an error
+/// with a newline in it cannot forge a log line.
+#[test]
+fn a_store_error_cannot_forge_a_log_line() {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {
+                    // An error for each command a read may hold (commands are pipelined).
+                    let forged = b"-ERR evil\n2026-01-01T00:00:00Z ERROR FORGED by the server\r\n";
+                    if stream.write_all(&forged.repeat(8)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let output = crate::worker(
+        &dir,
+        &[
+            "--log", "warn", "--store", &url, "call", "echo", "echo", "1",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("FORGED"),
+        "the server's error is logged: {stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .all(|l| !l.contains("FORGED") || l.contains("evil\\n")),
+        "{stderr}"
+    );
+}

@@ -553,7 +553,9 @@ fn flush_all(shared: &Shared) {
 
 /// Records a failure to reach the store (one warning until it answers again).
 fn note_down(shared: &Shared, cache: &mut Cache, e: &anyhow::Error) {
-    let message = format!("{e:#}");
+    // What a server said goes into the log: its control characters (a newline that would
+    // forge a log line) are escaped.
+    let message = crate::text::escape_control(&format!("{e:#}")).into_owned();
     cache.status.errors += 1;
     cache.status.reachable = false;
     cache.status.down = true;
@@ -939,7 +941,7 @@ impl PluginStore {
         match written {
             Ok(written) => written,
             Err(e) => {
-                tracing::warn!(store = %shared.url, key, error = format!("{e:#}"), "a compare-and-set could not reach the store; the decision waits");
+                tracing::warn!(store = %shared.url, key, error = %crate::text::EscapeControl(&format!("{e:#}")), "a compare-and-set could not reach the store; the decision waits");
                 cache.status.errors += 1;
                 cache.status.last_error = Some(format!("{e:#}"));
                 false
