@@ -193,6 +193,19 @@ impl Plugin for Crashy {
             .method("alloc", "Allocates and touches {\"mb\"} MiB", |_, p: Mb| {
                 Ok(touch(p.mb))
             })
+            .method(
+                "spawn_then_segfault",
+                "Starts a helper process that outlives it (`sleep 30`, standard input inherited), then crashes",
+                |_, _: IgnoredAny| {
+                    let _helper = std::process::Command::new("sleep")
+                        .arg("30")
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn();
+                    segfault();
+                    Ok("survived")
+                },
+            )
             .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))
             .method("add", "Adds {\"n\"} to the counter", |this, p: N| {
                 Ok(this.total.fetch_add(p.n, Ordering::Relaxed) + p.n)

@@ -764,3 +764,33 @@ fn warnings_of_the_child_while_loading_are_logged_and_the_load_goes_on() {
         "{stderr}"
     );
 }
+
+/// A plugin that started a helper process and then crashed is restarted: the helper holds
+/// nothing that hides the crash from the host (its standard input is not the control socket).
+#[test]
+fn a_crash_after_starting_a_helper_process_still_restarts_the_plugin() {
+    let dir = PluginDir::new();
+    let host = isolated_crashy(&dir, 60_000);
+    let before = host
+        .execute("crashy", "pid", &Value::Null)
+        .and_then(|pid| pid.as_u64())
+        .unwrap();
+    let crashed = host
+        .call("crashy", "spawn_then_segfault", &Value::Null)
+        .unwrap_err();
+    assert!(
+        matches!(crashed, plugin_host::PluginCallError::Crashed { .. }),
+        "{crashed}"
+    );
+    assert!(
+        eventually(PATIENCE, || host.execute("crashy", "ok", &Value::Null)
+            == Some(json!("fine"))),
+        "the plugin was not restarted"
+    );
+    let after = host
+        .execute("crashy", "pid", &Value::Null)
+        .and_then(|pid| pid.as_u64())
+        .unwrap();
+    assert_ne!(before, after);
+    assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
+}

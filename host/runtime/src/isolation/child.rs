@@ -121,6 +121,15 @@ fn serve(spec: &ChildSpec) -> i32 {
             return 5;
         }
     };
+    // Standard input becomes /dev/null: a process the plugin starts inherits it, and a copy
+    // of the control socket there would keep the host from seeing this process end. (The
+    // socket's own copy is close-on-exec.)
+    if let Err(e) = std::fs::File::open("/dev/null")
+        .and_then(|null| rustix::stdio::dup2_stdin(&null).map_err(std::io::Error::from))
+    {
+        eprintln!("plugin child: cannot detach standard input: {e}");
+        return 5;
+    }
     let (requests, answers) = match receive_pipes(&socket) {
         Ok(pipes) => pipes,
         Err(e) => {

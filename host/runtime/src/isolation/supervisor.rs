@@ -91,6 +91,8 @@ struct Conn {
     pid: u32,
     process: Mutex<Option<std::process::Child>>,
     control: Mutex<FrameWriter<UnixStream>>,
+    /// A handle on the control socket to hang it up when the child is killed.
+    hangup: Option<UnixStream>,
     /// The request pipe's writing side.
     calls: Mutex<FrameWriter<std::io::PipeWriter>>,
     /// A request is on the request pipe and not answered yet.
@@ -123,6 +125,11 @@ impl Conn {
             .as_mut()
         {
             let _ = child.kill();
+        }
+        // The control socket is hung up on our side too: a process the plugin forked may
+        // hold the child's end open, and the reader must see the end to reap and restart.
+        if let Some(hangup) = &self.hangup {
+            let _ = hangup.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -992,6 +999,7 @@ fn spawn(
         plugin: label.to_owned(),
         pid,
         process: Mutex::new(Some(child)),
+        hangup: control.try_clone().ok(),
         control: Mutex::new(FrameWriter::new(control)),
         calls: Mutex::new(FrameWriter::new(requests)),
         calls_busy: AtomicBool::new(false),
