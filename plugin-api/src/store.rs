@@ -48,6 +48,9 @@ struct ReadCache {
     /// Grows with every addition this plugin makes: a read that crossed while another thread
     /// added keeps its answer out of the cache (it may lack that addition).
     writes: u64,
+    /// Additions sent to the host and not yet applied to the copies: a read answered
+    /// meanwhile may already hold them, so it is not kept (they would count twice).
+    adding: u64,
     fields: BTreeMap<String, BTreeMap<String, f64>>,
     /// The last record read of each key (`None`: there was none).
     records: BTreeMap<String, Option<Record>>,
@@ -56,6 +59,7 @@ struct ReadCache {
 static READ_CACHE: Mutex<ReadCache> = Mutex::new(ReadCache {
     generation: 0,
     writes: 0,
+    adding: 0,
     fields: BTreeMap::new(),
     records: BTreeMap::new(),
 });
@@ -78,10 +82,19 @@ fn fresh_cache() -> Option<MutexGuard<'static, ReadCache>> {
     Some(cache)
 }
 
-/// Applies this plugin's additions (which the host took) to its copies of the keys.
+/// Notes an addition about to be sent to the host; [`note_adds`] ends it.
+fn begin_add() {
+    let mut cache = read_cache();
+    cache.writes += 1;
+    cache.adding += 1;
+}
+
+/// Ends an addition begun with [`begin_add`]: applies this plugin's additions, when the host
+/// took them (`adds`), to its copies of the keys.
 fn note_adds<'a>(adds: impl IntoIterator<Item = (&'a str, &'a [(&'a str, f64)])>) {
     let mut cache = read_cache();
     cache.writes += 1;
+    cache.adding = cache.adding.saturating_sub(1);
     if cache.fields.is_empty() {
         return;
     }
@@ -152,10 +165,9 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
         text.push('\t');
         push_delta(&mut text, *delta);
     }
+    begin_add();
     let added = raw("add", &text).is_some();
-    if added {
-        note_adds([(key, fields)]);
-    }
+    note_adds(if added { Some((key, fields)) } else { None });
     added
 }
 
@@ -184,11 +196,12 @@ pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
             push_delta(&mut text, *delta);
         }
     }
-    match raw("mark", &text)?.as_str() {
-        "true" => {
-            note_adds(adds.iter().copied());
-            Some(true)
-        }
+    begin_add();
+    let answer = raw("mark", &text);
+    let taken = answer.as_deref() == Some("true");
+    note_adds(adds.iter().copied().filter(|_| taken));
+    match answer?.as_str() {
+        "true" => Some(true),
         "false" => Some(false),
         _ => None,
     }
@@ -224,7 +237,7 @@ pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
         let mut cache = read_cache();
         // Kept only when nothing changed while the read crossed (a newer generation empties
         // the cache at its next check anyway).
-        if cache.generation == generation && cache.writes == writes {
+        if cache.generation == generation && cache.writes == writes && cache.adding == 0 {
             cache.fields.insert(key.to_owned(), fields.clone());
         }
     }
@@ -287,7 +300,7 @@ pub fn record_since(key: &str, since: u64) -> Option<Option<Record>> {
     };
     if let Some((None, generation, writes)) = cached {
         let mut cache = read_cache();
-        if cache.generation == generation && cache.writes == writes {
+        if cache.generation == generation && cache.writes == writes && cache.adding == 0 {
             cache.records.insert(key.to_owned(), record.clone());
         }
     }
