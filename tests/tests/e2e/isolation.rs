@@ -794,3 +794,40 @@ fn a_crash_after_starting_a_helper_process_still_restarts_the_plugin() {
     assert_ne!(before, after);
     assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
 }
+
+/// A child that takes no request (stopped here; a plugin could stop reading too) cannot hold
+/// the caller: a request larger than the pipe holds waits for room at most the call's deadline,
+/// the child is killed as for an overrun, and the plugin serves again after its restart.
+#[test]
+fn a_child_that_takes_no_request_cannot_hold_the_caller() {
+    let dir = PluginDir::new();
+    let host = std::sync::Arc::new(isolated_crashy(&dir, 2_000));
+    let pid = host
+        .execute("crashy", "pid", &Value::Null)
+        .and_then(|pid| pid.as_u64())
+        .unwrap();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let big = json!({ "text": "x".repeat(1 << 20) });
+    let caller = {
+        let host = std::sync::Arc::clone(&host);
+        std::thread::spawn(move || host.call("crashy", "ok", &big))
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || caller.is_finished()),
+        "the caller is still held by a child that reads nothing"
+    );
+    let error = caller.join().unwrap().unwrap_err();
+    assert!(
+        matches!(error, plugin_host::PluginCallError::TimedOut { .. }),
+        "{error}"
+    );
+    assert!(eventually(PATIENCE, || host.execute(
+        "crashy",
+        "ok",
+        &Value::Null
+    ) == Some(json!("fine"))));
+}

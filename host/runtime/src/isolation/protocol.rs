@@ -161,6 +161,11 @@ impl<W: Write> FrameWriter<W> {
         }
     }
 
+    /// The stream written to.
+    pub(crate) fn get_ref(&self) -> &W {
+        &self.out
+    }
+
     pub(crate) fn send(&mut self, tag: Tag, id: u64, code: u8, fields: &[&str]) -> io::Result<()> {
         encode(&mut self.buffer, tag, id, code, fields)?;
         let written = self.out.write_all(&self.buffer);
@@ -169,6 +174,62 @@ impl<W: Write> FrameWriter<W> {
         }
         written
     }
+}
+
+impl<W: Write + std::os::fd::AsFd> FrameWriter<W> {
+    /// [`send`](Self::send) on a non-blocking `out`, waiting (`poll`) for room no later than
+    /// `deadline`: a peer that stops reading cannot hold the writer. `TimedOut` past it.
+    pub(crate) fn send_by(
+        &mut self,
+        tag: Tag,
+        id: u64,
+        code: u8,
+        fields: &[&str],
+        deadline: std::time::Instant,
+    ) -> io::Result<()> {
+        encode(&mut self.buffer, tag, id, code, fields)?;
+        let written = write_by(&mut self.out, &self.buffer, deadline);
+        if self.buffer.capacity() > KEPT_BUFFER {
+            self.buffer = Vec::with_capacity(512);
+        }
+        written
+    }
+}
+
+/// Writes all of `bytes` to the non-blocking `out`, waiting for room until `deadline`.
+fn write_by(
+    out: &mut (impl Write + std::os::fd::AsFd),
+    mut bytes: &[u8],
+    deadline: std::time::Instant,
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match out.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                let wait =
+                    rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
+                        tv_sec: 1,
+                        tv_nsec: 0,
+                    });
+                let mut fds = [rustix::event::PollFd::new(
+                    &*out,
+                    rustix::event::PollFlags::OUT,
+                )];
+                match rustix::event::poll(&mut fds, Some(&wait)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn invalid(message: String) -> io::Error {

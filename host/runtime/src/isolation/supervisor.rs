@@ -175,17 +175,42 @@ impl Conn {
             };
             waits.pending.insert(id, waiter);
         }
+        // Both writes are bounded by the call's deadline (the pipe does not block, the
+        // socket has a send timeout): a child that stops reading cannot hold the caller.
         let written = if on_calls {
             let mut pipe = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-            pipe.send(tag, id, 0, fields)
+            pipe.send_by(tag, id, 0, fields, deadline)
         } else {
             let mut socket = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = socket
+                .get_ref()
+                .set_write_timeout(Some(left.max(Duration::from_millis(1))));
             socket.send(tag, id, 0, fields)
         };
-        if written.is_err() {
+        if let Err(e) = written {
             self.waits().pending.remove(&id);
             if on_calls {
                 self.calls_busy.store(false, Ordering::Release);
+            }
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ) {
+                // The child took no request within the deadline: an overrun, as a call that
+                // took too long.
+                self.timed_out.store(true, Ordering::Release);
+                self.kill();
+                if let Some(overruns) = overruns {
+                    overruns.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(
+                    plugin = %self.plugin,
+                    pid = self.pid,
+                    timeout_ms = timeout.as_millis(),
+                    "isolated plugin's process took no request within the deadline; it is killed and restarted"
+                );
+                return Err(Lost::TimedOut);
             }
             return Err(Lost::Crashed);
         }
@@ -898,6 +923,8 @@ fn spawn(
     let (answers, answers_theirs) = std::io::pipe().map_err(no_socket)?;
     // The host's end of the answer pipe does not block (see `Conn::lead`); the child's does.
     rustix::io::ioctl_fionbio(&answers, true).map_err(|e| no_socket(e.into()))?;
+    // Nor does its end of the request pipe: a request waits for room at most its deadline.
+    rustix::io::ioctl_fionbio(&requests, true).map_err(|e| no_socket(e.into()))?;
     let spec = serde_json::to_string(&launch.spec)
         .map_err(|e| format!("the plugin's process settings: {e}"))?;
     let mut command = Command::new(&launch.program);
@@ -949,6 +976,8 @@ fn spawn(
     let mut frames = FrameReader::default();
     let timeout = Duration::from_millis(launch.timeout_ms).max(Duration::from_millis(1));
     let _ = reader.set_read_timeout(Some(timeout));
+    // Every write on the control socket is bounded (answers to the child's own calls too).
+    let _ = control.set_write_timeout(Some(timeout));
     let deadline = Instant::now() + timeout;
     // The child may log while it loads (the loader's warnings): those come first.
     let first = loop {
