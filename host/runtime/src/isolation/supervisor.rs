@@ -199,18 +199,7 @@ impl Conn {
             ) {
                 // The child took no request within the deadline: an overrun, as a call that
                 // took too long.
-                self.timed_out.store(true, Ordering::Release);
-                self.kill();
-                if let Some(overruns) = overruns {
-                    overruns.fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::warn!(
-                    plugin = %self.plugin,
-                    pid = self.pid,
-                    timeout_ms = timeout.as_millis(),
-                    "isolated plugin's process took no request within the deadline; it is killed and restarted"
-                );
-                return Err(Lost::TimedOut);
+                return Err(self.overran(timeout, overruns, "took no request within"));
             }
             return Err(Lost::Crashed);
         }
@@ -218,21 +207,26 @@ impl Conn {
             Ok(Reply::Frame(frame)) => Ok(frame),
             Ok(Reply::Lost(lost)) => Err(lost),
             Err(Unanswered::Ended) => Err(self.lost()),
-            Err(Unanswered::Overdue) => {
-                self.timed_out.store(true, Ordering::Release);
-                self.kill();
-                if let Some(overruns) = overruns {
-                    overruns.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        plugin = %self.plugin,
-                        pid = self.pid,
-                        timeout_ms = timeout.as_millis(),
-                        "isolated plugin call overran its deadline; its process is killed and restarted"
-                    );
-                }
-                Err(Lost::TimedOut)
-            }
+            Err(Unanswered::Overdue) => Err(self.overran(timeout, overruns, "overran")),
         }
+    }
+
+    /// A request past its deadline (`what` the child did: `overran`, `took no request
+    /// within`): the child is killed (and restarted), the overrun counted and logged where
+    /// `overruns` counts them (not for a stop).
+    fn overran(&self, timeout: Duration, overruns: Option<&AtomicU64>, what: &str) -> Lost {
+        self.timed_out.store(true, Ordering::Release);
+        self.kill();
+        if let Some(overruns) = overruns {
+            overruns.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                plugin = %self.plugin,
+                pid = self.pid,
+                timeout_ms = timeout.as_millis(),
+                "isolated plugin's process {what} its deadline; it is killed and restarted"
+            );
+        }
+        Lost::TimedOut
     }
 
     /// Why calls in flight get no answer once the child ended.
@@ -827,7 +821,7 @@ impl Supervisor {
             };
             conn.answer_child(frame.id, result);
         };
-        if matches!(frame.field(0), "add" | "mark" | "available" | "generation") {
+        if matches!(frame.field(0), "add" | "mark" | "available") {
             answer(conn, &frame);
             return;
         }

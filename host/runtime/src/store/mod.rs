@@ -667,17 +667,6 @@ impl PluginStore {
     pub(crate) fn op(&self, op: &str, text: &str) -> Result<Option<String>, PluginError> {
         let answer = match op {
             "available" => json!(true),
-            // The number of the cache's refreshes: a plugin keeps what it read while it is the
-            // same (and applies its own additions to its copy).
-            "generation" => {
-                return Ok(Some(
-                    self.store
-                        .shared
-                        .generation
-                        .load(Ordering::Acquire)
-                        .to_string(),
-                ));
-            }
             // The hot operations speak lines, not JSON: `add` is the key, then `field\tdelta`
             // lines; `mark` the mark, then `key\tfield\tdelta` lines; `read` the key, answered
             // with `field\tvalue` lines.
