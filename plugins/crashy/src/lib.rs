@@ -107,6 +107,36 @@ fn misbehave(fault: &str, sleep_ms: u64) {
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct FanOut {
+    plugin: String,
+    method: String,
+    params: serde_json::Value,
+    n: usize,
+}
+
+fn fan_out(p: &FanOut) -> serde_json::Value {
+    let outcomes: Vec<Result<Option<serde_json::Value>, PluginError>> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..p.n.min(1000))
+            .map(|_| s.spawn(|| plugin_api::call_plugin(&p.plugin, &p.method, &p.params)))
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| {
+                c.join()
+                    .unwrap_or_else(|_| Err(PluginError::new("the calling thread panicked")))
+            })
+            .collect()
+    });
+    let answered = outcomes.iter().filter(|o| matches!(o, Ok(Some(_)))).count();
+    let errors: Vec<&PluginError> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    serde_json::json!({
+        "answered": answered,
+        "failed": errors.len(),
+        "error": errors.first().map(|e| e.to_string()),
+    })
+}
+
 #[expect(unsafe_code, reason = "the fixture crashes on purpose")]
 fn segfault() {
     let null = std::hint::black_box(std::ptr::null_mut::<u8>());
@@ -205,6 +235,11 @@ impl Plugin for Crashy {
                     segfault();
                     Ok("survived")
                 },
+            )
+            .method(
+                "fan_out",
+                "Calls {\"plugin\", \"method\", \"params\"} through the host from {\"n\"} threads at once; answers how many calls were answered and how many failed, with the first error",
+                |_, p: FanOut| Ok(fan_out(&p)),
             )
             .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))
             .method("add", "Adds {\"n\"} to the counter", |this, p: N| {

@@ -831,3 +831,55 @@ fn a_child_that_takes_no_request_cannot_hold_the_caller() {
         &Value::Null
     ) == Some(json!("fine"))));
 }
+
+/// A child that sends more calls to other plugins than the host answers at once (each is
+/// answered on a thread of its own) gets the excess refused at once with an error, instead of
+/// making the host start a thread for every frame it sends; the calls within the limit are
+/// answered, and the plugin calls out again as soon as they are.
+#[test]
+fn a_child_cannot_make_the_host_start_a_thread_per_call_it_sends() {
+    let dir = PluginDir::new();
+    dir.configure(
+        &json!({"crashy": {"isolation": "process", "timeoutMs": 60_000, "breaker": false}}),
+    );
+    dir.add("crashy", "libcrashy.so");
+    dir.add("fixture", "libfixture.so");
+    let host = plugin_host::PluginHost::builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_child_program(env!("CARGO_BIN_EXE_worker-under-test"))
+        .build()
+        .unwrap();
+    let report = host.scan().unwrap();
+    assert_eq!(report.loaded.len(), 2, "{report:?}");
+    let fan_out = |n: u64| {
+        host.execute(
+            "crashy",
+            "fan_out",
+            &json!({"plugin": "fixture", "method": "sleep", "params": {"ms": 5_000}, "n": n}),
+        )
+        .unwrap()
+    };
+    let flood = fan_out(100);
+    assert_eq!(
+        (flood["answered"].as_u64(), flood["failed"].as_u64()),
+        (Some(64), Some(36)),
+        "{flood}"
+    );
+    let error = flood["error"].as_str().unwrap();
+    assert!(
+        error.contains("too many") && error.contains("at most 64"),
+        "{error}"
+    );
+    let again = fan_out(3);
+    assert_eq!(
+        (again["answered"].as_u64(), again["failed"].as_u64()),
+        (Some(3), Some(0)),
+        "{again}"
+    );
+    let isolation = host.plugin("crashy").unwrap().isolation;
+    assert_eq!(
+        (isolation.crashes, isolation.timeouts),
+        (0, 0),
+        "{isolation:?}"
+    );
+}

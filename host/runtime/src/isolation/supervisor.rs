@@ -100,6 +100,9 @@ struct Conn {
     waits: Mutex<Waits>,
     reading: Mutex<Reading>,
     next_id: AtomicU64,
+    /// The child's plugin calls and slow store operations being answered, each on a thread of
+    /// its own: at most [`MAX_FORWARDED`].
+    forwarded: AtomicU32,
     dead: AtomicBool,
     /// Set when the host killed the child for a deadline: the calls it takes down with it
     /// answer "timed out" too.
@@ -825,22 +828,57 @@ impl Supervisor {
             answer(conn, &frame);
             return;
         }
+        let Some(slot) = self.forwarding(conn, frame.id) else {
+            return;
+        };
         let conn = Arc::clone(conn);
         let spawned = std::thread::Builder::new()
             .name("plugin-host-store".into())
-            .spawn(move || answer(&conn, &frame));
+            .spawn(move || {
+                let _slot = slot;
+                answer(&conn, &frame);
+            });
         if spawned.is_err() {
             tracing::warn!(plugin = %self.name(), "no thread for a plugin's store operation; it gets no answer until its process is restarted");
         }
     }
 
+    /// A place for one more of the child's operations answered on a thread of its own, or
+    /// `None` after answering the child at once with an error when [`MAX_FORWARDED`] are in
+    /// flight: a child sending plugin calls or store operations without waiting for their
+    /// answers must not make the host start a thread for each.
+    fn forwarding(&self, conn: &Arc<Conn>, id: u64) -> Option<Forwarded> {
+        let taken = conn.forwarded.fetch_add(1, Ordering::AcqRel);
+        let slot = Forwarded(Arc::clone(conn));
+        if taken < MAX_FORWARDED {
+            return Some(slot);
+        }
+        drop(slot);
+        tracing::warn!(
+            plugin = %self.name(),
+            limit = MAX_FORWARDED,
+            "the plugin's process has too many calls to other plugins and store operations in flight; this one is refused"
+        );
+        conn.answer_child(
+            id,
+            Err(PluginError::failed(format!(
+                "too many calls to other plugins and store operations in flight from this plugin's process (at most {MAX_FORWARDED}); wait for some to answer"
+            ))),
+        );
+        None
+    }
+
     fn forward_host_call(&self, conn: &Arc<Conn>, mut frame: Frame) {
+        let Some(slot) = self.forwarding(conn, frame.id) else {
+            return;
+        };
         let link = self.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let conn = Arc::clone(conn);
         let caller = self.name();
         let spawned = std::thread::Builder::new()
             .name("plugin-host-call".into())
             .spawn(move || {
+                let _slot = slot;
                 let result = match link {
                     Some(link) => {
                         let chain = frame.take(3);
@@ -859,6 +897,20 @@ impl Supervisor {
         if spawned.is_err() {
             tracing::warn!(plugin = %self.name(), "no thread for a plugin's call to another plugin; it gets no answer until its process is restarted");
         }
+    }
+}
+
+/// How many of a child's plugin calls and slow store operations the host answers at once, each
+/// on a thread of its own. The child makes them from its own threads, each waiting for its
+/// answer, so a plugin reaches this only with more than this many threads calling at once.
+const MAX_FORWARDED: u32 = 64;
+
+/// One of a child's operations answered on a thread of its own; dropping it frees its place.
+struct Forwarded(Arc<Conn>);
+
+impl Drop for Forwarded {
+    fn drop(&mut self) {
+        self.0.forwarded.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1032,6 +1084,7 @@ fn spawn(
             frames: FrameReader::default(),
         }),
         next_id: AtomicU64::new(1),
+        forwarded: AtomicU32::new(0),
         dead: AtomicBool::new(false),
         timed_out: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
