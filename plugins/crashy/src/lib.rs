@@ -137,6 +137,58 @@ fn fan_out(p: &FanOut) -> serde_json::Value {
     })
 }
 
+/// With `CRASHY_TRICKLE_AT_LOAD` in its environment, the library's constructor (run as the
+/// library is loaded, before any plugin code) starts a frame of a MiB on every socket of its
+/// process (in a plugin's child process, the channel to the worker) and sends its bytes one at
+/// a time, half a millisecond apart, without end: as hostile code could, to hold a reader that
+/// waits for whole frames.
+#[expect(
+    unsafe_code,
+    reason = "a constructor is a link section the loader runs"
+)]
+#[unsafe(link_section = ".init_array")]
+#[used]
+static TRICKLE_AT_LOAD: extern "C" fn() = trickle_at_load;
+
+extern "C" fn trickle_at_load() {
+    if std::env::var_os("CRASHY_TRICKLE_AT_LOAD").is_none() {
+        return;
+    }
+    let mut sockets: Vec<std::mem::ManuallyDrop<std::fs::File>> =
+        std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let link = std::fs::read_link(entry.path()).ok()?;
+                link.to_str()?.starts_with("socket:").then_some(())?;
+                let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+                Some(borrow_fd(fd))
+            })
+            .collect();
+    for socket in &mut sockets {
+        let _ = std::io::Write::write_all(&mut **socket, &(1u32 << 20).to_le_bytes());
+    }
+    loop {
+        for socket in &mut sockets {
+            let _ = std::io::Write::write_all(&mut **socket, b"x");
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+}
+
+/// A `File` over a descriptor this library does not own, never closed.
+#[expect(
+    unsafe_code,
+    reason = "writing to a descriptor the fixture does not own, on purpose"
+)]
+fn borrow_fd(fd: i32) -> std::mem::ManuallyDrop<std::fs::File> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `fd` is open (just listed in /proc/self/fd) and stays open: the `File` is never
+    // dropped, so it never closes a descriptor that belongs to someone else.
+    std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 #[expect(unsafe_code, reason = "the fixture crashes on purpose")]
 fn segfault() {
     let null = std::hint::black_box(std::ptr::null_mut::<u8>());

@@ -883,3 +883,27 @@ fn a_child_cannot_make_the_host_start_a_thread_per_call_it_sends() {
         "{isolation:?}"
     );
 }
+
+/// A plugin whose library, as it is loaded in its child process, sends the worker a frame a
+/// byte at a time without end (a constructor trickling onto the child's channel) is given up
+/// at the load's deadline: the worker does not wait for a load that never ends.
+#[test]
+fn a_child_trickling_bytes_while_loading_is_given_up_at_the_deadline() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {"isolation": "process"}}));
+    dir.add("crashy", "libcrashy.so");
+    let out = worker(
+        &dir,
+        &["--call-timeout-ms", "1000", "call", "crashy", "ok"],
+        &[("CRASHY_TRICKLE_AT_LOAD", "1")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("did not load the plugin within 1000 ms"),
+        "{}",
+        &stderr[stderr.len().saturating_sub(2000)..]
+    );
+    // Before the fix each read waited up to the whole deadline, so a byte every half
+    // millisecond held the load for as long as the frame lasted (500 s for a MiB; `worker`
+    // gives up after two minutes and fails the test).
+}

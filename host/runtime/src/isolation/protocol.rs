@@ -333,10 +333,36 @@ impl FrameReader {
 
     /// Reads until a whole frame is in; `Ok(None)` at the end of the stream between frames.
     pub(crate) fn read(&mut self, input: &mut impl Read) -> io::Result<Option<Frame>> {
+        self.read_with(input, |_| Ok(()))
+    }
+
+    /// As [`FrameReader::read`], given up with [`io::ErrorKind::TimedOut`] at `deadline`
+    /// however the peer spaces its bytes or frames: each `read` waits at most what is left.
+    pub(crate) fn read_by(
+        &mut self,
+        input: &mut std::os::unix::net::UnixStream,
+        deadline: std::time::Instant,
+    ) -> io::Result<Option<Frame>> {
+        self.read_with(input, |input| {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            input.set_read_timeout(Some(left))
+        })
+    }
+
+    /// Reads until a whole frame is in, calling `before_read` before each `read`.
+    fn read_with<R: Read>(
+        &mut self,
+        input: &mut R,
+        mut before_read: impl FnMut(&mut R) -> io::Result<()>,
+    ) -> io::Result<Option<Frame>> {
         loop {
             if let Some(frame) = self.next()? {
                 return Ok(Some(frame));
             }
+            before_read(input)?;
             match self.fill(input) {
                 Ok(0) if self.start == self.end => return Ok(None),
                 Ok(0) => {

@@ -1021,17 +1021,15 @@ fn spawn(
     };
     let mut frames = FrameReader::default();
     let timeout = Duration::from_millis(launch.timeout_ms).max(Duration::from_millis(1));
-    let _ = reader.set_read_timeout(Some(timeout));
     // Every write on the control socket is bounded (answers to the child's own calls too).
     let _ = control.set_write_timeout(Some(timeout));
     let deadline = Instant::now() + timeout;
-    // The child may log while it loads (the loader's warnings): those come first.
+    // The child may log while it loads (the loader's warnings): those come first, and however
+    // many it sends, the load ends at the deadline.
     let first = loop {
-        match frames.read(&mut reader) {
+        match frames.read_by(&mut reader, deadline) {
             Ok(Some(frame)) if frame.tag == Tag::Log => {
                 emit(label, frame.code, frame.field(0), frame.field(1));
-                let left = deadline.saturating_duration_since(Instant::now());
-                let _ = reader.set_read_timeout(Some(left.max(Duration::from_millis(1))));
             }
             other => break other,
         }
