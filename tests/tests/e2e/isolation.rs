@@ -832,7 +832,7 @@ fn a_child_that_takes_no_request_cannot_hold_the_caller() {
     ) == Some(json!("fine"))));
 }
 
-/// A child that sends more calls to other plugins than the host answers at once (each is
+/// A child that sends more calls to other plugins than the host answers at once (256, each
 /// answered on a thread of its own) gets the excess refused at once with an error, instead of
 /// making the host start a thread for every frame it sends; the calls within the limit are
 /// answered, and the plugin calls out again as soon as they are.
@@ -859,15 +859,15 @@ fn a_child_cannot_make_the_host_start_a_thread_per_call_it_sends() {
         )
         .unwrap()
     };
-    let flood = fan_out(100);
+    let flood = fan_out(300);
     assert_eq!(
         (flood["answered"].as_u64(), flood["failed"].as_u64()),
-        (Some(64), Some(36)),
+        (Some(256), Some(44)),
         "{flood}"
     );
     let error = flood["error"].as_str().unwrap();
     assert!(
-        error.contains("too many") && error.contains("at most 64"),
+        error.contains("too many") && error.contains("at most 256"),
         "{error}"
     );
     let again = fan_out(3);

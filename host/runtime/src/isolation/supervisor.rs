@@ -902,8 +902,10 @@ impl Supervisor {
 
 /// How many of a child's plugin calls and slow store operations the host answers at once, each
 /// on a thread of its own. The child makes them from its own threads, each waiting for its
-/// answer, so a plugin reaches this only with more than this many threads calling at once.
-const MAX_FORWARDED: u32 = 64;
+/// answer, so a plugin reaches this only with more than this many threads calling at once:
+/// well above what the host's own callers can make it run at once (the control API serves 64
+/// connections, and 16 more with `/healthz` only).
+const MAX_FORWARDED: u32 = 256;
 
 /// One of a child's operations answered on a thread of its own; dropping it frees its place.
 struct Forwarded(Arc<Conn>);
