@@ -105,6 +105,23 @@ fn measure_noop(host: &plugin_host::PluginHost, calls: u64) {
 }
 
 #[inline(never)]
+fn measure_noop_handle(host: &plugin_host::PluginHost, calls: u64) {
+    let null = Value::Null;
+    let noop = host.method("echo", "noop");
+    for _ in 0..calls {
+        black_box(black_box(&noop).execute(host, black_box(&null)));
+    }
+}
+
+#[inline(never)]
+fn measure_text_handle(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    let summarize = host.method("echo", "summarize");
+    for _ in 0..calls {
+        black_box(black_box(&summarize).execute_text(host, black_box(text)));
+    }
+}
+
+#[inline(never)]
 fn measure_missing_execute(host: &plugin_host::PluginHost, calls: u64) {
     let null = Value::Null;
     for _ in 0..calls {
@@ -205,13 +222,16 @@ fn hook_host(dir: &PluginDir) -> (plugin_host::PluginHost, Vec<direct::Library>)
     (host, libraries)
 }
 
-const PATHS: [&str; 12] = [
+const PATHS: [&str; 15] = [
     "direct",
     "text",
+    "text_handle",
     "execute",
     "call_with",
     "noop",
     "noop_untimed",
+    "noop_handle",
+    "noop_handle_untimed",
     "missing_execute",
     "missing_call_with",
     "missing_call",
@@ -260,7 +280,7 @@ fn run(path: &str, calls: u64) {
     let dir = PluginDir::new();
     let text = params_text();
     let params: Value = serde_json::from_str(&text).unwrap();
-    let host = host(&dir, path != "noop_untimed");
+    let host = host(&dir, !path.ends_with("_untimed"));
     // The host answers what the plugin's work answers: the same unit on both sides.
     let expected: Value = serde_json::from_str(&direct_work(&text).unwrap()).unwrap();
     assert_eq!(host.execute("echo", "summarize", &params), Some(expected));
@@ -270,7 +290,9 @@ fn run(path: &str, calls: u64) {
         "text" => measure_text(&host, &text, calls),
         "execute" => measure_execute(&host, &params, calls),
         "call_with" => measure_call_with(&host, calls),
+        "text_handle" => measure_text_handle(&host, &text, calls),
         "noop" | "noop_untimed" => measure_noop(&host, calls),
+        "noop_handle" | "noop_handle_untimed" => measure_noop_handle(&host, calls),
         "missing_execute" => measure_missing_execute(&host, calls),
         "missing_call_with" => measure_missing_call_with(&host, calls),
         "missing_call" => measure_missing_call(&host, &params, calls),
