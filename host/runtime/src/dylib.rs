@@ -471,6 +471,7 @@ impl PluginLibrary {
     /// Runs the plugin's handler for `hook`, handing its answer to `f` while the plugin's
     /// strings are alive. `None` when the plugin predates hooks (table version < 3) or was not
     /// created.
+    #[inline]
     pub(crate) fn on_hook<R>(
         &self,
         hook: &str,
@@ -487,18 +488,7 @@ impl PluginLibrary {
                 RStr::from_str(payload),
             )
         }?;
-        Some(match &result {
-            // "Continue", by far the most common answer: nothing to free.
-            ROk(RNone) => f(Ok(None)),
-            ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
-                Ok(json) => f(Ok(Some(json))),
-                Err(e) => f(Err(PluginFailure::NotUtf8(e))),
-            },
-            RErr(e) => f(Err(PluginFailure::Reported(
-                e.kind,
-                &plugin_message(e.message.as_rstr()),
-            ))),
-        })
+        Some(answer(&result, f))
     }
 
     /// The plugin's saved state: `None` when the plugin predates state (table version 1) or was
@@ -565,7 +555,7 @@ impl Drop for PluginLibrary {
 }
 
 /// Hands a method's answer to `f` as text, checked.
-#[inline]
+#[inline(always)]
 fn answer<R>(
     result: &JsonResult,
     f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,

@@ -247,11 +247,11 @@ impl Health {
     /// as a hook subscription's.
     pub(crate) fn begin_within(
         &self,
-        method: &str,
+        method: &MarkerName,
         shard: usize,
         timeout_ms: u64,
     ) -> Result<Entry, Refused> {
-        let mut entry = self.begin(method, shard)?;
+        let mut entry = self.begin_named(method, shard)?;
         if entry.marker != NO_MARKER && timeout_ms != 0 {
             self.markers[usize::from(entry.marker)]
                 .timeout_ms

@@ -1,7 +1,7 @@
 //! Calls from the embedder: `call`, `execute` and their typed forms, and the one mapping from a
 //! failed call to what the caller sees.
 
-use super::handle::Target;
+use super::handle::{Named, Target};
 use super::*;
 use crate::error::SmolStr;
 
@@ -189,7 +189,7 @@ impl PluginHost {
                 plugin: name(plugin),
             });
         }
-        self.dispatch_value_loaded(Target::Named(plugin, method), params)
+        self.dispatch_value_loaded(Named(plugin, method), params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -228,7 +228,7 @@ impl PluginHost {
                 plugin: name(plugin),
             });
         }
-        self.dispatch_loaded(Target::Named(plugin, method), params, Answer::NullIsNone)
+        self.dispatch_loaded(Named(plugin, method), params, Answer::NullIsNone)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -245,7 +245,7 @@ impl PluginHost {
             log_failure(plugin, method, Failure::PluginNotFound);
             return None;
         }
-        match self.dispatch_value_loaded(Target::Named(plugin, method), params) {
+        match self.dispatch_value_loaded(Named(plugin, method), params) {
             Ok(value) => value,
             Err(failure) => {
                 log_failure(plugin, method, failure);
@@ -269,7 +269,7 @@ impl PluginHost {
             log_failure(plugin, method, Failure::PluginNotFound);
             return None;
         }
-        match self.dispatch_loaded(Target::Named(plugin, method), params, Answer::NullIsNone) {
+        match self.dispatch_loaded(Named(plugin, method), params, Answer::NullIsNone) {
             Ok(value) => value,
             Err(failure) => {
                 log_failure(plugin, method, failure);
@@ -313,7 +313,7 @@ impl PluginHost {
                 plugin: name(plugin),
             });
         }
-        self.dispatch_json_text_loaded(Target::Named(plugin, method), params)
+        self.dispatch_json_text_loaded(Named(plugin, method), params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -324,7 +324,7 @@ impl PluginHost {
             log_failure(plugin, method, Failure::PluginNotFound);
             return None;
         }
-        match self.dispatch_json_text_loaded(Target::Named(plugin, method), params) {
+        match self.dispatch_json_text_loaded(Named(plugin, method), params) {
             Ok(answer) => answer,
             Err(failure) => {
                 log_failure(plugin, method, failure);
@@ -337,7 +337,7 @@ impl PluginHost {
     /// and copied out while the plugin's string is alive.
     pub(super) fn dispatch_json_text_loaded(
         &self,
-        target: Target<'_>,
+        target: impl Target,
         params: &str,
     ) -> Result<Option<String>, Failure> {
         let params = if params == "null" { "" } else { params };
@@ -360,7 +360,7 @@ impl PluginHost {
     /// no serialization).
     pub(super) fn dispatch_loaded<P: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
-        target: Target<'_>,
+        target: impl Target,
         params: &P,
         null: Answer,
     ) -> Result<Option<T>, Failure> {
@@ -389,7 +389,7 @@ impl PluginHost {
     #[inline]
     pub(super) fn dispatch_value_loaded(
         &self,
-        target: Target<'_>,
+        target: impl Target,
         params: &Value,
     ) -> Result<Option<Value>, Failure> {
         if params.is_null() {
@@ -401,7 +401,7 @@ impl PluginHost {
     /// Calls `plugin.method` with params text and reads the answer into `T`.
     fn dispatch_answer<T: DeserializeOwned>(
         &self,
-        target: Target<'_>,
+        target: impl Target,
         text: &str,
         null: Answer,
     ) -> Result<Option<T>, Failure> {
@@ -423,7 +423,7 @@ impl PluginHost {
     #[inline]
     pub(super) fn dispatch_text<R>(
         &self,
-        target: Target<'_>,
+        target: impl Target,
         params: &str,
         on_answer: impl FnOnce(Option<&str>) -> Result<Option<R>, Failure>,
     ) -> Result<Option<R>, Failure> {
@@ -432,12 +432,7 @@ impl PluginHost {
         // whatever reload or unload does meanwhile.
         let registry = self.inner.registry.load();
         let (plugin, method) = target.names();
-        let (slot, at) = match target {
-            Target::Named(plugin, _) => {
-                (registry.get(plugin).ok_or(Failure::PluginNotFound)?, None)
-            }
-            Target::Handle(handle) => handle.slot_in(&registry).ok_or(Failure::PluginNotFound)?,
-        };
+        let (slot, at) = target.find(&registry).ok_or(Failure::PluginNotFound)?;
         let shard = crate::stats::thread_shard();
         let entry = match at {
             Some((_, declared)) => slot.stats.health.begin_named(&declared.marker, shard),

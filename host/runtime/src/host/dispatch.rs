@@ -12,6 +12,8 @@ pub(super) enum Target {
         stats: Arc<StatsCell>,
         /// This plugin's latency histogram of this hook point.
         latency: Arc<Latency>,
+        /// The hook point's name in the in-flight marker's form, made once.
+        marker: crate::health::MarkerName,
     },
     Host(HostHookFn),
 }
@@ -104,6 +106,7 @@ impl HookTable {
                         generation: Arc::clone(&slot.generation),
                         latency: slot.stats.latency(CallKind::Hook, &subscription.hook),
                         stats: Arc::clone(&slot.stats),
+                        marker: crate::health::MarkerName::new(&subscription.hook),
                     },
                 });
             }
@@ -288,15 +291,16 @@ pub(super) fn run_subscriber(
             generation,
             stats,
             latency,
+            marker,
         } => {
             let text = text.unwrap_or("null");
             let shard = crate::stats::thread_shard();
             let admitted = if subscriber.timeout_ms == 0 {
-                stats.health.begin(point.spec.name, shard)
+                stats.health.begin_named(marker, shard)
             } else {
                 stats
                     .health
-                    .begin_within(point.spec.name, shard, subscriber.timeout_ms)
+                    .begin_within(marker, shard, subscriber.timeout_ms)
             };
             let Ok(entry) = admitted else {
                 tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");

@@ -11,22 +11,52 @@ use super::calls::{Answer, Failure, log_failure, name};
 use super::registry::{EPOCH_BITS, MethodEntry};
 use super::*;
 
-/// What a call is addressed to: names looked up on every call, or a handle.
-#[derive(Clone, Copy)]
-pub(super) enum Target<'a> {
-    /// `(plugin, method)`.
-    Named(&'a str, &'a str),
-    Handle(&'a MethodHandle),
+/// What a call is addressed to: names looked up on every call ([`Named`]), or a handle. A
+/// trait rather than an enum so that each kind of call compiles to its own path, with no branch
+/// on the kind.
+pub(super) trait Target: Copy {
+    /// The plugin's and the method's names.
+    fn names(&self) -> (&str, &str);
+
+    /// The plugin's slot in `registry`, with the method's index and entry when they are known
+    /// (`None`: called by name).
+    fn find<'r>(
+        &self,
+        registry: &'r Registry,
+    ) -> Option<(&'r Slot, Option<(u32, &'r MethodEntry)>)>;
 }
 
-impl<'a> Target<'a> {
-    /// The plugin's and the method's names.
+/// A call by name: `(plugin, method)`.
+#[derive(Clone, Copy)]
+pub(super) struct Named<'a>(pub(super) &'a str, pub(super) &'a str);
+
+impl Target for Named<'_> {
     #[inline]
-    pub(super) fn names(self) -> (&'a str, &'a str) {
-        match self {
-            Target::Named(plugin, method) => (plugin, method),
-            Target::Handle(handle) => (&handle.plugin, &handle.method),
-        }
+    fn names(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+
+    #[inline]
+    fn find<'r>(
+        &self,
+        registry: &'r Registry,
+    ) -> Option<(&'r Slot, Option<(u32, &'r MethodEntry)>)> {
+        Some((registry.get(self.0)?, None))
+    }
+}
+
+impl Target for &MethodHandle {
+    #[inline]
+    fn names(&self) -> (&str, &str) {
+        (&self.plugin, &self.method)
+    }
+
+    #[inline]
+    fn find<'r>(
+        &self,
+        registry: &'r Registry,
+    ) -> Option<(&'r Slot, Option<(u32, &'r MethodEntry)>)> {
+        self.slot_in(registry)
     }
 }
 
@@ -161,11 +191,6 @@ impl MethodHandle {
         host.inner.names.load(Ordering::Acquire) & self.name_bit != 0
     }
 
-    #[inline]
-    fn target(&self) -> Target<'_> {
-        Target::Handle(self)
-    }
-
     fn not_found(&self) -> PluginCallError {
         PluginCallError::PluginNotFound {
             plugin: name(&self.plugin),
@@ -185,7 +210,7 @@ impl MethodHandle {
         if !self.may_be_loaded(host) {
             return Err(self.not_found());
         }
-        host.dispatch_value_loaded(self.target(), params)
+        host.dispatch_value_loaded(self, params)
             .map_err(|failure| failure.into_error(&self.plugin, &self.method))
     }
 
@@ -202,7 +227,7 @@ impl MethodHandle {
         if !self.may_be_loaded(host) {
             return Err(self.not_found());
         }
-        host.dispatch_loaded(self.target(), params, Answer::NullIsNone)
+        host.dispatch_loaded(self, params, Answer::NullIsNone)
             .map_err(|failure| failure.into_error(&self.plugin, &self.method))
     }
 
@@ -219,7 +244,7 @@ impl MethodHandle {
         if !self.may_be_loaded(host) {
             return Err(self.not_found());
         }
-        host.dispatch_json_text_loaded(self.target(), params)
+        host.dispatch_json_text_loaded(self, params)
             .map_err(|failure| failure.into_error(&self.plugin, &self.method))
     }
 
@@ -227,7 +252,7 @@ impl MethodHandle {
     #[inline]
     pub fn execute(&self, host: &PluginHost, params: &Value) -> Option<Value> {
         let result = if self.may_be_loaded(host) {
-            host.dispatch_value_loaded(self.target(), params)
+            host.dispatch_value_loaded(self, params)
         } else {
             Err(Failure::PluginNotFound)
         };
@@ -241,7 +266,7 @@ impl MethodHandle {
         params: &P,
     ) -> Option<T> {
         let result = if self.may_be_loaded(host) {
-            host.dispatch_loaded(self.target(), params, Answer::NullIsNone)
+            host.dispatch_loaded(self, params, Answer::NullIsNone)
         } else {
             Err(Failure::PluginNotFound)
         };
@@ -251,7 +276,7 @@ impl MethodHandle {
     /// [`PluginHost::execute_text`] through the handle.
     pub fn execute_text(&self, host: &PluginHost, params: &str) -> Option<String> {
         let result = if self.may_be_loaded(host) {
-            host.dispatch_json_text_loaded(self.target(), params)
+            host.dispatch_json_text_loaded(self, params)
         } else {
             Err(Failure::PluginNotFound)
         };

@@ -239,6 +239,7 @@ impl Backend {
 
     /// Delivers `hook` (see [`PluginLibrary::on_hook`]); isolated, within `timeout_ms` (the
     /// subscription's own deadline; 0 for the plugin's), past which the child is killed.
+    #[inline]
     pub(crate) fn on_hook<R>(
         &self,
         hook: &str,
