@@ -5,7 +5,9 @@
 //! params text; the baseline (`direct`) is that work called in-process on the text, with no host
 //! in between: parse the params text, summarize, write the answer text.
 //!
-//! `text` is the same call with the params already held as text (`execute_text`). The hook
+//! `text` is the same call with the params already held as text (`execute_text`); `text_with`
+//! lends the answer to a closure instead of copying it (`call_text_with`); the `_handle`
+//! forms go through a method handle (`host.method`), as does `noop_handle`. The hook
 //! paths dispatch one `task.scored` event to ten `hookbench` subscribers, through the host
 //! (`hook_fire`) and by calling each library's hook entry directly (`hook_direct`); the
 //! difference divided by ten is the host's overhead per subscriber.
@@ -122,6 +124,30 @@ fn measure_text_handle(host: &plugin_host::PluginHost, text: &str, calls: u64) {
 }
 
 #[inline(never)]
+fn measure_text_with(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    for _ in 0..calls {
+        black_box(
+            host.call_text_with(black_box("echo"), "summarize", black_box(text), |json| {
+                black_box(json).len()
+            })
+            .ok(),
+        );
+    }
+}
+
+#[inline(never)]
+fn measure_text_handle_with(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    let summarize = host.method("echo", "summarize");
+    for _ in 0..calls {
+        black_box(
+            black_box(&summarize)
+                .call_text_with(host, black_box(text), |json| black_box(json).len())
+                .ok(),
+        );
+    }
+}
+
+#[inline(never)]
 fn measure_missing_execute(host: &plugin_host::PluginHost, calls: u64) {
     let null = Value::Null;
     for _ in 0..calls {
@@ -222,10 +248,12 @@ fn hook_host(dir: &PluginDir) -> (plugin_host::PluginHost, Vec<direct::Library>)
     (host, libraries)
 }
 
-const PATHS: [&str; 15] = [
+const PATHS: [&str; 17] = [
     "direct",
     "text",
+    "text_with",
     "text_handle",
+    "text_handle_with",
     "execute",
     "call_with",
     "noop",
@@ -290,7 +318,9 @@ fn run(path: &str, calls: u64) {
         "text" => measure_text(&host, &text, calls),
         "execute" => measure_execute(&host, &params, calls),
         "call_with" => measure_call_with(&host, calls),
+        "text_with" => measure_text_with(&host, &text, calls),
         "text_handle" => measure_text_handle(&host, &text, calls),
+        "text_handle_with" => measure_text_handle_with(&host, &text, calls),
         "noop" | "noop_untimed" => measure_noop(&host, calls),
         "noop_handle" | "noop_handle_untimed" => measure_noop_handle(&host, calls),
         "missing_execute" => measure_missing_execute(&host, calls),

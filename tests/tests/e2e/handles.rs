@@ -101,6 +101,25 @@ fn a_handle_answers_as_a_call_by_name() {
             .unwrap_err()
             .to_string()
     );
+    // The answer lent to a closure is the text `call_text` copies out.
+    let copied = host.call_text("echo", "summarize", &text).unwrap();
+    assert_eq!(
+        host.call_text_with("echo", "summarize", &text, str::to_owned)
+            .unwrap(),
+        copied
+    );
+    assert_eq!(
+        summarize.call_text_with(&host, &text, str::len).unwrap(),
+        copied.as_deref().map(str::len)
+    );
+    assert!(matches!(
+        host.call_text_with("nobody", "noop", "", |_| ()),
+        Err(PluginCallError::PluginNotFound { .. })
+    ));
+    assert!(matches!(
+        host.call_text_with("echo", "nope", "", |_| ()),
+        Err(PluginCallError::MethodNotFound { .. })
+    ));
     // A clone is a handle of its own to the same method.
     assert_eq!(summarize.clone().execute(&host, &params), by_name);
 }

@@ -317,6 +317,40 @@ impl PluginHost {
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
+    /// Like [`call_text`](Self::call_text), lending the answer's text to `read` instead of
+    /// copying it out: `read` runs while the plugin's string is alive (so it must not call
+    /// back into the host for long; it holds this plugin's generation loaded), and what it
+    /// returns is the answer. For callers that pass the text on (into a response body, an
+    /// output line) or parse it themselves, this saves a copy of each answer.
+    ///
+    /// ```no_run
+    /// # fn demo(host: &plugin_host::PluginHost, out: &mut Vec<u8>) {
+    /// let written = host.call_text_with("echo", "echo", r#"{"a": 1}"#, |json| {
+    ///     out.extend_from_slice(json.as_bytes());
+    ///     json.len()
+    /// });
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`call_text`](Self::call_text).
+    pub fn call_text_with<R>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &str,
+        read: impl FnOnce(&str) -> R,
+    ) -> Result<Option<R>, PluginCallError> {
+        if !self.may_be_loaded(plugin) {
+            return Err(PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            });
+        }
+        self.dispatch_json_text_with(Named(plugin, method), params, read)
+            .map_err(|failure| failure.into_error(plugin, method))
+    }
+
     /// Like [`call_text`](Self::call_text), answering `None` (with a log event, as
     /// [`execute`](Self::execute)) for every failure.
     pub fn execute_text(&self, plugin: &str, method: &str, params: &str) -> Option<String> {
@@ -340,10 +374,22 @@ impl PluginHost {
         target: impl Target,
         params: &str,
     ) -> Result<Option<String>, Failure> {
+        self.dispatch_json_text_with(target, params, str::to_owned)
+    }
+
+    /// The text path with the answer lent to `read` (no copy): params text as is (`null` as
+    /// empty text), the answer checked to be JSON while the plugin's string is alive.
+    #[inline]
+    pub(super) fn dispatch_json_text_with<R>(
+        &self,
+        target: impl Target,
+        params: &str,
+        read: impl FnOnce(&str) -> R,
+    ) -> Result<Option<R>, Failure> {
         let params = if params == "null" { "" } else { params };
         self.dispatch_text(target, params, |answer| match answer {
             None => Ok(None),
-            Some(json) if crate::json::is_json(json) => Ok(Some(json.to_owned())),
+            Some(json) if crate::json::is_json(json) => Ok(Some(read(json))),
             // The rare failure pays for serde_json's message saying where the text went wrong.
             Some(json) => Err(Failure::InvalidJson(
                 serde_json::from_str::<serde::de::IgnoredAny>(json)

@@ -248,6 +248,24 @@ impl MethodHandle {
             .map_err(|failure| failure.into_error(&self.plugin, &self.method))
     }
 
+    /// [`PluginHost::call_text_with`] through the handle: the answer's text lent to `read`.
+    ///
+    /// # Errors
+    ///
+    /// As [`PluginHost::call_text`].
+    pub fn call_text_with<R>(
+        &self,
+        host: &PluginHost,
+        params: &str,
+        read: impl FnOnce(&str) -> R,
+    ) -> Result<Option<R>, PluginCallError> {
+        if !self.may_be_loaded(host) {
+            return Err(self.not_found());
+        }
+        host.dispatch_json_text_with(self, params, read)
+            .map_err(|failure| failure.into_error(&self.plugin, &self.method))
+    }
+
     /// [`PluginHost::execute`] through the handle.
     #[inline]
     pub fn execute(&self, host: &PluginHost, params: &Value) -> Option<Value> {
