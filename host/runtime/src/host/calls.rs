@@ -318,10 +318,10 @@ impl PluginHost {
     }
 
     /// Like [`call_text`](Self::call_text), lending the answer's text to `read` instead of
-    /// copying it out: `read` runs while the plugin's string is alive (so it must not call
-    /// back into the host for long; it holds this plugin's generation loaded), and what it
-    /// returns is the answer. For callers that pass the text on (into a response body, an
-    /// output line) or parse it themselves, this saves a copy of each answer.
+    /// copying it out; what `read` returns is the answer. For callers that pass the text on
+    /// (into a response body, an output line) or parse it themselves, this saves a copy of
+    /// each answer. `read` runs inside the call, while the plugin's string is alive: its time
+    /// counts in the call's latency and toward the plugin's deadline, so keep it short.
     ///
     /// ```no_run
     /// # fn demo(host: &plugin_host::PluginHost, out: &mut Vec<u8>) {
