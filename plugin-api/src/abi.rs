@@ -177,4 +177,10 @@ pub struct PluginTable {
     /// `{"modify": {...}}` or `{"block": {"reason": "...", "code": "..."}}`.
     #[cfg(not(feature = "__fixture_table_v1"))]
     pub on_hook: extern "C" fn(InstanceHandle, RStr<'_>, RStr<'_>) -> JsonResult,
+    /// Added in table version 6: calls the method at `index` in the manifest's list of
+    /// methods (instance, index, method name, params as JSON text), skipping the lookup by
+    /// name. The name is checked against the entry at `index`; when they differ (or the index
+    /// is past the end) the method is found by name, as [`execute`](Self::execute) does.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub execute_at: extern "C" fn(InstanceHandle, u32, RStr<'_>, RStr<'_>) -> JsonResult,
 }

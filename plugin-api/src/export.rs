@@ -82,6 +82,8 @@ impl<P: Plugin> Exports<P> {
         restore_state: restore_state::<P>,
         #[cfg(not(feature = "__fixture_table_v1"))]
         on_hook: on_hook::<P>,
+        #[cfg(not(feature = "__fixture_table_v1"))]
+        execute_at: execute_at::<P>,
     });
 }
 
@@ -258,6 +260,26 @@ pub(crate) extern "C" fn execute<P: Plugin>(
         let json = instance
             .methods
             .call(&instance.plugin, method.as_str(), params.as_str())?;
+        Ok(json_option(json))
+    })
+}
+
+/// `execute` of the method at `index` in the manifest's list, checked against `method` (the
+/// lookup by name when they differ).
+#[cfg(not(feature = "__fixture_table_v1"))]
+extern "C" fn execute_at<P: Plugin>(
+    handle: InstanceHandle,
+    index: u32,
+    method: RStr<'_>,
+    params: RStr<'_>,
+) -> JsonResult {
+    guard(|| {
+        // SAFETY: as in `execute`.
+        let instance = unsafe { instance::<P>(handle) };
+        let json =
+            instance
+                .methods
+                .call_at(&instance.plugin, index, method.as_str(), params.as_str())?;
         Ok(json_option(json))
     })
 }

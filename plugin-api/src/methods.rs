@@ -174,6 +174,38 @@ impl<P> Methods<P> {
             None => Err(PluginError::unknown_method(name)),
         }
     }
+
+    /// Calls the method registered `index`-th (the order of [`names`](Self::names) and of the
+    /// manifest), which must be named `name`; when it is not (or there is none), the method
+    /// `name` as [`call`](Self::call) finds it.
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call).
+    #[inline]
+    pub fn call_at(
+        &self,
+        plugin: &P,
+        index: u32,
+        name: &str,
+        params: &str,
+    ) -> Result<Option<String>, PluginError> {
+        match usize::try_from(index)
+            .ok()
+            .and_then(|i| self.methods.get(i))
+        {
+            Some(method) if same_name(method.name, name) => (method.call)(plugin, params),
+            _ => self.call(plugin, name, params),
+        }
+    }
+}
+
+/// Whether two names are equal, compared byte by byte: the names are short, and a call to
+/// `memcmp` costs more than the loop.
+#[inline]
+fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 #[cfg(test)]
@@ -209,6 +241,19 @@ mod tests {
         for missing in ["", "summarize_", "summarize_ab", "noo", "noops", "A"] {
             assert!(methods.call(&(), missing, "").is_err(), "{missing}");
         }
+        for (index, name) in names.iter().enumerate() {
+            let index = u32::try_from(index).unwrap();
+            assert_eq!(
+                methods.call_at(&(), index, name, "").unwrap(),
+                Some(format!("\"{name}\""))
+            );
+            // A stale index (another method there, or past the end) finds the method by name.
+            assert_eq!(
+                methods.call_at(&(), index + 1, name, "").unwrap(),
+                Some(format!("\"{name}\""))
+            );
+        }
+        assert!(methods.call_at(&(), 0, "missing", "").is_err());
         assert_ne!(tag("summarize_a"), tag("summarize_b"));
         assert_eq!(tag("summarize_a"), tag("sxxxxrxxx_a"));
     }

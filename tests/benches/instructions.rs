@@ -5,7 +5,9 @@
 //! params text; the baseline (`direct`) is that work called in-process on the text, with no host
 //! in between: parse the params text, summarize, write the answer text.
 //!
-//! `text` is the same call with the params already held as text (`execute_text`). The hook
+//! `text` is the same call with the params already held as text (`execute_text`); `text_with`
+//! lends the answer to a closure instead of copying it (`call_text_with`); the `_handle`
+//! forms go through a method handle (`host.method`), as does `noop_handle`. The hook
 //! paths dispatch one `task.scored` event to ten `hookbench` subscribers, through the host
 //! (`hook_fire`) and by calling each library's hook entry directly (`hook_direct`); the
 //! difference divided by ten is the host's overhead per subscriber.
@@ -101,6 +103,47 @@ fn measure_noop(host: &plugin_host::PluginHost, calls: u64) {
     let null = Value::Null;
     for _ in 0..calls {
         black_box(host.execute(black_box("echo"), black_box("noop"), black_box(&null)));
+    }
+}
+
+#[inline(never)]
+fn measure_noop_handle(host: &plugin_host::PluginHost, calls: u64) {
+    let null = Value::Null;
+    let noop = host.method("echo", "noop");
+    for _ in 0..calls {
+        black_box(black_box(&noop).execute(host, black_box(&null)));
+    }
+}
+
+#[inline(never)]
+fn measure_text_handle(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    let summarize = host.method("echo", "summarize");
+    for _ in 0..calls {
+        black_box(black_box(&summarize).execute_text(host, black_box(text)));
+    }
+}
+
+#[inline(never)]
+fn measure_text_with(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    for _ in 0..calls {
+        black_box(
+            host.call_text_with(black_box("echo"), "summarize", black_box(text), |json| {
+                black_box(json).len()
+            })
+            .ok(),
+        );
+    }
+}
+
+#[inline(never)]
+fn measure_text_handle_with(host: &plugin_host::PluginHost, text: &str, calls: u64) {
+    let summarize = host.method("echo", "summarize");
+    for _ in 0..calls {
+        black_box(
+            black_box(&summarize)
+                .call_text_with(host, black_box(text), |json| black_box(json).len())
+                .ok(),
+        );
     }
 }
 
@@ -205,13 +248,18 @@ fn hook_host(dir: &PluginDir) -> (plugin_host::PluginHost, Vec<direct::Library>)
     (host, libraries)
 }
 
-const PATHS: [&str; 12] = [
+const PATHS: [&str; 17] = [
     "direct",
     "text",
+    "text_with",
+    "text_handle",
+    "text_handle_with",
     "execute",
     "call_with",
     "noop",
     "noop_untimed",
+    "noop_handle",
+    "noop_handle_untimed",
     "missing_execute",
     "missing_call_with",
     "missing_call",
@@ -260,7 +308,7 @@ fn run(path: &str, calls: u64) {
     let dir = PluginDir::new();
     let text = params_text();
     let params: Value = serde_json::from_str(&text).unwrap();
-    let host = host(&dir, path != "noop_untimed");
+    let host = host(&dir, !path.ends_with("_untimed"));
     // The host answers what the plugin's work answers: the same unit on both sides.
     let expected: Value = serde_json::from_str(&direct_work(&text).unwrap()).unwrap();
     assert_eq!(host.execute("echo", "summarize", &params), Some(expected));
@@ -270,7 +318,11 @@ fn run(path: &str, calls: u64) {
         "text" => measure_text(&host, &text, calls),
         "execute" => measure_execute(&host, &params, calls),
         "call_with" => measure_call_with(&host, calls),
+        "text_with" => measure_text_with(&host, &text, calls),
+        "text_handle" => measure_text_handle(&host, &text, calls),
+        "text_handle_with" => measure_text_handle_with(&host, &text, calls),
         "noop" | "noop_untimed" => measure_noop(&host, calls),
+        "noop_handle" | "noop_handle_untimed" => measure_noop_handle(&host, calls),
         "missing_execute" => measure_missing_execute(&host, calls),
         "missing_call_with" => measure_missing_call_with(&host, calls),
         "missing_call" => measure_missing_call(&host, &params, calls),

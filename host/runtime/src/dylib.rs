@@ -438,23 +438,40 @@ impl PluginLibrary {
                 RStr::from_str(params),
             )
         };
-        Some(match &result {
-            ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
-                Ok(json) => f(Ok(Some(json))),
-                Err(e) => f(Err(PluginFailure::NotUtf8(e))),
-            },
-            ROk(RNone) => f(Ok(None)),
-            RErr(e) => f(Err(PluginFailure::Reported(
-                e.kind,
-                &plugin_message(e.message.as_rstr()),
-            ))),
-        })
+        Some(answer(&result, f))
         // `result` drops here, in the plugin's code, while the library is loaded.
+    }
+
+    /// [`call`](Self::call) of the method at `index` in the manifest's list, named `method`:
+    /// the plugin skips its lookup by name (and falls back to it when the name at `index`
+    /// differs). A plugin whose table predates the entry (version 5 and older) is called by
+    /// name.
+    #[inline]
+    pub(crate) fn call_at<R>(
+        &self,
+        index: u32,
+        method: &str,
+        params: &str,
+        f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
+    ) -> Option<R> {
+        let instance = self.instance?;
+        // SAFETY: as in `call`: the library is open and `instance` alive while `&self` is held.
+        let result = unsafe {
+            table::execute_at(
+                self.table,
+                instance,
+                index,
+                RStr::from_str(method),
+                RStr::from_str(params),
+            )
+        };
+        Some(answer(&result, f))
     }
 
     /// Runs the plugin's handler for `hook`, handing its answer to `f` while the plugin's
     /// strings are alive. `None` when the plugin predates hooks (table version < 3) or was not
     /// created.
+    #[inline]
     pub(crate) fn on_hook<R>(
         &self,
         hook: &str,
@@ -471,18 +488,7 @@ impl PluginLibrary {
                 RStr::from_str(payload),
             )
         }?;
-        Some(match &result {
-            // "Continue", by far the most common answer: nothing to free.
-            ROk(RNone) => f(Ok(None)),
-            ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
-                Ok(json) => f(Ok(Some(json))),
-                Err(e) => f(Err(PluginFailure::NotUtf8(e))),
-            },
-            RErr(e) => f(Err(PluginFailure::Reported(
-                e.kind,
-                &plugin_message(e.message.as_rstr()),
-            ))),
-        })
+        Some(answer(&result, f))
     }
 
     /// The plugin's saved state: `None` when the plugin predates state (table version 1) or was
@@ -545,6 +551,25 @@ impl Drop for PluginLibrary {
             "generation destroyed and closed"
         );
         // `log_context`, then `shadow` (deleting the file) drop after this.
+    }
+}
+
+/// Hands a method's answer to `f` as text, checked.
+#[inline(always)]
+fn answer<R>(
+    result: &JsonResult,
+    f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
+) -> R {
+    match result {
+        ROk(RSome(json)) => match plugin_text(json.as_rstr()) {
+            Ok(json) => f(Ok(Some(json))),
+            Err(e) => f(Err(PluginFailure::NotUtf8(e))),
+        },
+        ROk(RNone) => f(Ok(None)),
+        RErr(e) => f(Err(PluginFailure::Reported(
+            e.kind,
+            &plugin_message(e.message.as_rstr()),
+        ))),
     }
 }
 
@@ -708,6 +733,26 @@ mod table {
         params: RStr<'_>,
     ) -> JsonResult {
         (table.execute())(instance, method, params)
+    }
+
+    /// Calls the method at `index` of the manifest's list, named `method`; by name when the
+    /// table predates `execute_at` (version 5 and older).
+    ///
+    /// # Safety
+    ///
+    /// As for [`execute`].
+    #[inline]
+    pub(super) unsafe fn execute_at(
+        table: PluginTableRef,
+        instance: InstanceHandle,
+        index: u32,
+        method: RStr<'_>,
+        params: RStr<'_>,
+    ) -> JsonResult {
+        match table.execute_at() {
+            Some(execute_at) => execute_at(instance, index, method, params),
+            None => (table.execute())(instance, method, params),
+        }
     }
 
     /// Runs the instance's handler for a hook; `None` when the table predates hooks.

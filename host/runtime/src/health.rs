@@ -74,6 +74,28 @@ impl Marker {
     }
 }
 
+/// A method's name as an in-flight marker holds it: its first [`METHOD_BYTES`] bytes,
+/// zero-padded, in words.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MarkerName([u64; METHOD_BYTES / 8]);
+
+impl MarkerName {
+    /// The marker's form of `method` (cut to [`METHOD_BYTES`]).
+    #[inline]
+    pub(crate) fn new(method: &str) -> Self {
+        let mut bytes = [0u8; METHOD_BYTES];
+        let n = method.len().min(METHOD_BYTES);
+        bytes[..n].copy_from_slice(&method.as_bytes()[..n]);
+        let mut words = [0u64; METHOD_BYTES / 8];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(chunk);
+            *word = u64::from_ne_bytes(eight);
+        }
+        MarkerName(words)
+    }
+}
+
 /// A call admitted by [`Health::begin`]; hand it back to [`Health::end`].
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -200,6 +222,13 @@ impl Health {
     /// when the breaker is open.
     #[inline]
     pub(crate) fn begin(&self, method: &str, shard: usize) -> Result<Entry, Refused> {
+        self.begin_named(&MarkerName::new(method), shard)
+    }
+
+    /// [`begin`](Self::begin) with the method's name already in the marker's form (a method
+    /// handle keeps it).
+    #[inline]
+    pub(crate) fn begin_named(&self, method: &MarkerName, shard: usize) -> Result<Entry, Refused> {
         let trial = if self.state.load(Relaxed) == CLOSED {
             false
         } else {
@@ -218,11 +247,11 @@ impl Health {
     /// as a hook subscription's.
     pub(crate) fn begin_within(
         &self,
-        method: &str,
+        method: &MarkerName,
         shard: usize,
         timeout_ms: u64,
     ) -> Result<Entry, Refused> {
-        let mut entry = self.begin(method, shard)?;
+        let mut entry = self.begin_named(method, shard)?;
         if entry.marker != NO_MARKER && timeout_ms != 0 {
             self.markers[usize::from(entry.marker)]
                 .timeout_ms
@@ -253,7 +282,7 @@ impl Health {
     }
 
     #[inline]
-    fn mark(&self, method: &str, shard: usize) -> u8 {
+    fn mark(&self, method: &MarkerName, shard: usize) -> u8 {
         let start = COARSE_MS.load(Relaxed) + 1;
         let marker = &self.markers[shard];
         if shard == SHARED_MARKER {
@@ -271,13 +300,8 @@ impl Health {
         } else {
             marker.started.store(start, Relaxed);
         }
-        let mut bytes = [0u8; METHOD_BYTES];
-        let n = method.len().min(METHOD_BYTES);
-        bytes[..n].copy_from_slice(&method.as_bytes()[..n]);
-        for (word, chunk) in marker.method.iter().zip(bytes.chunks_exact(8)) {
-            let mut eight = [0u8; 8];
-            eight.copy_from_slice(chunk);
-            word.store(u64::from_ne_bytes(eight), Relaxed);
+        for (word, value) in marker.method.iter().zip(method.0) {
+            word.store(value, Relaxed);
         }
         #[expect(
             clippy::cast_possible_truncation,

@@ -249,10 +249,17 @@ pub(crate) fn phase(mode: HookMode) -> u8 {
 }
 
 /// Reads a plugin's hook answer: `None` (continue) or `{"modify": {...}}` / `{"block": {...}}`.
+#[inline]
 pub(crate) fn parse_answer(json: Option<&str>) -> Result<HookResult, String> {
-    let Some(json) = json else {
-        return Ok(HookResult::Continue);
-    };
+    match json {
+        // "Continue", by far the most common answer.
+        None => Ok(HookResult::Continue),
+        Some(json) => parse_answer_text(json),
+    }
+}
+
+#[inline(never)]
+fn parse_answer_text(json: &str) -> Result<HookResult, String> {
     let value: Value = serde_json::from_str(json).map_err(|e| format!("invalid JSON: {e}"))?;
     if let Some(fields) = value.get("modify") {
         return match fields {

@@ -39,6 +39,7 @@ mod builder;
 mod calls;
 pub(crate) mod deadline;
 mod dispatch;
+mod handle;
 mod host_hooks;
 mod lifecycle;
 mod plugin_calls;
@@ -51,6 +52,7 @@ pub(crate) use dispatch::At;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use dispatch::apply_patch;
 use dispatch::{HookTable, Subscriber, Timer, run_subscriber};
+pub use handle::MethodHandle;
 pub use host_hooks::HookSession;
 use host_hooks::HostHook;
 pub(crate) use plugin_calls::call_chain;

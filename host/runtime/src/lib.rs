@@ -64,8 +64,8 @@ pub use hooks::{
     HookEvent, HookPoint, HookPointInfo, HookSpec, PayloadField, SubscriberInfo, Violation,
 };
 pub use host::{
-    Abandoned, ConfiguredHook, HookSession, LoadedPlugin, PluginHost, PluginHostBuilder, Refusal,
-    ScanReport, ShutdownReport,
+    Abandoned, ConfiguredHook, HookSession, LoadedPlugin, MethodHandle, PluginHost,
+    PluginHostBuilder, Refusal, ScanReport, ShutdownReport,
 };
 pub use isolation::{Isolation, IsolationReport, RestartPolicy};
 pub use plugin_api::abi::ErrorKind;

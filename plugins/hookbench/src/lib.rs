@@ -10,6 +10,9 @@ use plugin_api::{
 };
 use serde::de::IgnoredAny;
 
+/// The plugin's name, patched in each copy the benchmark loads.
+static NAME: &str = "hb-000";
+
 /// The plugin instance.
 #[derive(Debug)]
 pub struct HookBench;
@@ -30,7 +33,9 @@ impl Plugin for HookBench {
 
     fn info() -> PluginInfo {
         PluginInfo::new(
-            "hb-000",
+            // Read through `black_box` so that the name's bytes stay whole in the library for
+            // the benchmark to patch (an optimized build may otherwise write them as immediates).
+            std::hint::black_box(NAME),
             env!("CARGO_PKG_VERSION"),
             "Benchmark fixture: a minimal task.scored subscriber",
         )

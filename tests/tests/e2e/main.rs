@@ -14,6 +14,7 @@ mod cli;
 mod containment;
 mod experiment;
 mod fleet;
+mod handles;
 mod hardening_http;
 mod hardening_inputs;
 mod hardening_loader;

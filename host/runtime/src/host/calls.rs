@@ -1,6 +1,7 @@
 //! Calls from the embedder: `call`, `execute` and their typed forms, and the one mapping from a
 //! failed call to what the caller sees.
 
+use super::handle::{Named, Target};
 use super::*;
 use crate::error::SmolStr;
 
@@ -82,7 +83,7 @@ impl Failure {
 
 /// A plugin or method name for an error: held inline (no allocation) when it fits.
 #[inline]
-fn name(text: &str) -> SmolStr {
+pub(super) fn name(text: &str) -> SmolStr {
     if text.len() <= SmolStr::INLINE_CAP {
         SmolStr::new_inline(text)
     } else {
@@ -162,7 +163,7 @@ impl Drop for ParamsBuffer {
 /// What a literal JSON `null` answer means: `Some(Value::Null)` for [`PluginHost::execute`] and
 /// [`PluginHost::call`] (a `Value` can hold it), no answer for the typed calls.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Answer {
+pub(super) enum Answer {
     NullIsValue,
     NullIsNone,
 }
@@ -188,7 +189,7 @@ impl PluginHost {
                 plugin: name(plugin),
             });
         }
-        self.dispatch_value_loaded(plugin, method, params)
+        self.dispatch_value_loaded(Named(plugin, method), params)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -227,7 +228,7 @@ impl PluginHost {
                 plugin: name(plugin),
             });
         }
-        self.dispatch_loaded(plugin, method, params, Answer::NullIsNone)
+        self.dispatch_loaded(Named(plugin, method), params, Answer::NullIsNone)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
@@ -240,7 +241,11 @@ impl PluginHost {
     /// warn for failures). A literal JSON `null` answer is `Some(Value::Null)`.
     #[inline]
     pub fn execute(&self, plugin: &str, method: &str, params: &Value) -> Option<Value> {
-        match self.dispatch_value(plugin, method, params) {
+        if !self.may_be_loaded(plugin) {
+            log_failure(plugin, method, Failure::PluginNotFound);
+            return None;
+        }
+        match self.dispatch_value_loaded(Named(plugin, method), params) {
             Ok(value) => value,
             Err(failure) => {
                 log_failure(plugin, method, failure);
@@ -259,7 +264,12 @@ impl PluginHost {
         method: &str,
         params: &P,
     ) -> Option<T> {
-        match self.dispatch(plugin, method, params, Answer::NullIsNone) {
+        // A plugin that is not loaded costs no serialization.
+        if !self.may_be_loaded(plugin) {
+            log_failure(plugin, method, Failure::PluginNotFound);
+            return None;
+        }
+        match self.dispatch_loaded(Named(plugin, method), params, Answer::NullIsNone) {
             Ok(value) => value,
             Err(failure) => {
                 log_failure(plugin, method, failure);
@@ -303,14 +313,52 @@ impl PluginHost {
                 plugin: name(plugin),
             });
         }
-        self.dispatch_json_text_loaded(plugin, method, params)
+        self.dispatch_json_text_loaded(Named(plugin, method), params)
+            .map_err(|failure| failure.into_error(plugin, method))
+    }
+
+    /// Like [`call_text`](Self::call_text), lending the answer's text to `read` instead of
+    /// copying it out; what `read` returns is the answer. For callers that pass the text on
+    /// (into a response body, an output line) or parse it themselves, this saves a copy of
+    /// each answer. `read` runs inside the call, while the plugin's string is alive: its time
+    /// counts in the call's latency and toward the plugin's deadline, so keep it short.
+    ///
+    /// ```no_run
+    /// # fn demo(host: &plugin_host::PluginHost, out: &mut Vec<u8>) {
+    /// let written = host.call_text_with("echo", "echo", r#"{"a": 1}"#, |json| {
+    ///     out.extend_from_slice(json.as_bytes());
+    ///     json.len()
+    /// });
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`call_text`](Self::call_text).
+    pub fn call_text_with<R>(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: &str,
+        read: impl FnOnce(&str) -> R,
+    ) -> Result<Option<R>, PluginCallError> {
+        if !self.may_be_loaded(plugin) {
+            return Err(PluginCallError::PluginNotFound {
+                plugin: name(plugin),
+            });
+        }
+        self.dispatch_json_text_with(Named(plugin, method), params, read)
             .map_err(|failure| failure.into_error(plugin, method))
     }
 
     /// Like [`call_text`](Self::call_text), answering `None` (with a log event, as
     /// [`execute`](Self::execute)) for every failure.
     pub fn execute_text(&self, plugin: &str, method: &str, params: &str) -> Option<String> {
-        match self.dispatch_json_text(plugin, method, params) {
+        if !self.may_be_loaded(plugin) {
+            log_failure(plugin, method, Failure::PluginNotFound);
+            return None;
+        }
+        match self.dispatch_json_text_loaded(Named(plugin, method), params) {
             Ok(answer) => answer,
             Err(failure) => {
                 log_failure(plugin, method, failure);
@@ -321,29 +369,27 @@ impl PluginHost {
 
     /// The text path: params text as is (`null` as empty text), the answer checked to be JSON
     /// and copied out while the plugin's string is alive.
-    fn dispatch_json_text(
+    pub(super) fn dispatch_json_text_loaded(
         &self,
-        plugin: &str,
-        method: &str,
+        target: impl Target,
         params: &str,
     ) -> Result<Option<String>, Failure> {
-        if !self.may_be_loaded(plugin) {
-            return Err(Failure::PluginNotFound);
-        }
-        self.dispatch_json_text_loaded(plugin, method, params)
+        self.dispatch_json_text_with(target, params, str::to_owned)
     }
 
-    /// [`dispatch_json_text`](Self::dispatch_json_text) past the name filter.
-    fn dispatch_json_text_loaded(
+    /// The text path with the answer lent to `read` (no copy): params text as is (`null` as
+    /// empty text), the answer checked to be JSON while the plugin's string is alive.
+    #[inline]
+    pub(super) fn dispatch_json_text_with<R>(
         &self,
-        plugin: &str,
-        method: &str,
+        target: impl Target,
         params: &str,
-    ) -> Result<Option<String>, Failure> {
+        read: impl FnOnce(&str) -> R,
+    ) -> Result<Option<R>, Failure> {
         let params = if params == "null" { "" } else { params };
-        self.dispatch_text(plugin, method, params, |answer| match answer {
+        self.dispatch_text(target, params, |answer| match answer {
             None => Ok(None),
-            Some(json) if crate::json::is_json(json) => Ok(Some(json.to_owned())),
+            Some(json) if crate::json::is_json(json) => Ok(Some(read(json))),
             // The rare failure pays for serde_json's message saying where the text went wrong.
             Some(json) => Err(Failure::InvalidJson(
                 serde_json::from_str::<serde::de::IgnoredAny>(json)
@@ -353,30 +399,14 @@ impl PluginHost {
         })
     }
 
-    /// The one call path: params written straight to JSON text (none for `null`), the answer
-    /// read straight into `T` while the plugin's string is alive.
-    #[inline]
-    fn dispatch<P: Serialize + ?Sized, T: DeserializeOwned>(
+    /// The one call path: params written straight to JSON text (none for `null`) into this
+    /// thread's reused buffer (no allocation once it has grown to the params' size, handed
+    /// back when the call returns), the answer read straight into `T` while the plugin's
+    /// string is alive. Callers have asked the name filter (a plugin that is not loaded costs
+    /// no serialization).
+    pub(super) fn dispatch_loaded<P: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
-        plugin: &str,
-        method: &str,
-        params: &P,
-        null: Answer,
-    ) -> Result<Option<T>, Failure> {
-        // A plugin that is not loaded costs no serialization.
-        if !self.may_be_loaded(plugin) {
-            return Err(Failure::PluginNotFound);
-        }
-        self.dispatch_loaded(plugin, method, params, null)
-    }
-
-    /// [`dispatch`](Self::dispatch) past the name filter: the params are written into this
-    /// thread's reused buffer (no allocation once it has grown to the params' size), which is
-    /// handed back when the call returns.
-    fn dispatch_loaded<P: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        plugin: &str,
-        method: &str,
+        target: impl Target,
         params: &P,
         null: Answer,
     ) -> Result<Option<T>, Failure> {
@@ -396,47 +426,32 @@ impl PluginHost {
         })?;
         // No params reach the plugin as empty text.
         let text = if text == "null" { "" } else { text };
-        self.dispatch_answer(plugin, method, text, null)
+        self.dispatch_answer(target, text, null)
     }
 
-    /// [`dispatch`](Self::dispatch) of `Value` params, with a literal `null` answer kept as
-    /// `Some(Null)`. Absent params (`null`) go out as empty text without being written, so an
-    /// empty call allocates nothing.
-    fn dispatch_value(
-        &self,
-        plugin: &str,
-        method: &str,
-        params: &Value,
-    ) -> Result<Option<Value>, Failure> {
-        if !self.may_be_loaded(plugin) {
-            return Err(Failure::PluginNotFound);
-        }
-        self.dispatch_value_loaded(plugin, method, params)
-    }
-
-    /// [`dispatch_value`](Self::dispatch_value) past the name filter.
+    /// [`dispatch_loaded`](Self::dispatch_loaded) of `Value` params, with a literal `null`
+    /// answer kept as `Some(Null)`. Absent params (`null`) go out as empty text without being
+    /// written, so an empty call allocates nothing.
     #[inline]
-    fn dispatch_value_loaded(
+    pub(super) fn dispatch_value_loaded(
         &self,
-        plugin: &str,
-        method: &str,
+        target: impl Target,
         params: &Value,
     ) -> Result<Option<Value>, Failure> {
         if params.is_null() {
-            return self.dispatch_answer(plugin, method, "", Answer::NullIsValue);
+            return self.dispatch_answer(target, "", Answer::NullIsValue);
         }
-        self.dispatch_loaded(plugin, method, params, Answer::NullIsValue)
+        self.dispatch_loaded(target, params, Answer::NullIsValue)
     }
 
     /// Calls `plugin.method` with params text and reads the answer into `T`.
     fn dispatch_answer<T: DeserializeOwned>(
         &self,
-        plugin: &str,
-        method: &str,
+        target: impl Target,
         text: &str,
         null: Answer,
     ) -> Result<Option<T>, Failure> {
-        self.dispatch_text(plugin, method, text, |answer| match answer {
+        self.dispatch_text(target, text, |answer| match answer {
             None => Ok(None),
             Some("null") if null == Answer::NullIsNone => Ok(None),
             Some(json) => serde_json::from_str(json).map(Some).map_err(|e| {
@@ -449,13 +464,12 @@ impl PluginHost {
         })
     }
 
-    /// Calls `plugin.method` with params as JSON text; `on_answer` reads the answer while the
-    /// plugin's string is alive.
+    /// Calls the target method with params as JSON text; `on_answer` reads the answer while
+    /// the plugin's string is alive.
     #[inline]
     pub(super) fn dispatch_text<R>(
         &self,
-        plugin: &str,
-        method: &str,
+        target: impl Target,
         params: &str,
         on_answer: impl FnOnce(Option<&str>) -> Result<Option<R>, Failure>,
     ) -> Result<Option<R>, Failure> {
@@ -463,37 +477,44 @@ impl PluginHost {
         // for certain. This snapshot of the registry holds the generation alive until the call returns,
         // whatever reload or unload does meanwhile.
         let registry = self.inner.registry.load();
-        let slot = registry.get(plugin).ok_or(Failure::PluginNotFound)?;
+        let (plugin, method) = target.names();
+        let (slot, at) = target.find(&registry).ok_or(Failure::PluginNotFound)?;
         let shard = crate::stats::thread_shard();
-        let entry = slot
-            .stats
-            .health
-            .begin(method, shard)
-            .map_err(|_| Failure::CircuitOpen)?;
+        let entry = match at {
+            Some((_, declared)) => slot.stats.health.begin_named(&declared.marker, shard),
+            None => slot.stats.health.begin(method, shard),
+        }
+        .map_err(|_| Failure::CircuitOpen)?;
         let clock = self.inner.clock.as_ref();
         let started = clock.map_or(0, quanta::Clock::raw);
-        let result = slot
-            .generation
-            .library
-            .call(method, params, |answer| match answer {
-                Ok(json) => on_answer(json),
-                Err(PluginFailure::Reported(ErrorKind::UnknownMethod, _)) => {
-                    Err(Failure::MethodNotFound)
-                }
-                Err(PluginFailure::Reported(kind, message)) => Err(Failure::Plugin(PluginError {
-                    kind,
-                    message: message.to_owned(),
-                })),
-                Err(PluginFailure::NotUtf8(e)) => Err(Failure::InvalidJson(format!(
-                    "the answer is not UTF-8 text ({e})"
-                ))),
-                Err(PluginFailure::Lost(lost)) => Err(Failure::Lost(lost)),
-            })
-            .unwrap_or(Err(Failure::PluginNotFound));
+        let read = |answer: Result<Option<&str>, PluginFailure<'_>>| match answer {
+            Ok(json) => on_answer(json),
+            Err(PluginFailure::Reported(ErrorKind::UnknownMethod, _)) => {
+                Err(Failure::MethodNotFound)
+            }
+            Err(PluginFailure::Reported(kind, message)) => Err(Failure::Plugin(PluginError {
+                kind,
+                message: message.to_owned(),
+            })),
+            Err(PluginFailure::NotUtf8(e)) => Err(Failure::InvalidJson(format!(
+                "the answer is not UTF-8 text ({e})"
+            ))),
+            Err(PluginFailure::Lost(lost)) => Err(Failure::Lost(lost)),
+        };
+        let library = &slot.generation.library;
+        let result = match at {
+            Some((index, _)) => library.call_at(index, method, params, read),
+            None => library.call(method, params, read),
+        }
+        .unwrap_or(Err(Failure::PluginNotFound));
         let ticks = match clock {
             Some(clock) => {
                 let now = clock.raw();
-                if let Some(latency) = slot.method_latency(method) {
+                let latency = match at {
+                    Some((_, declared)) => Some(&*declared.latency),
+                    None => slot.method_latency(method),
+                };
+                if let Some(latency) = latency {
                     latency.record_at(shard, clock.delta_as_nanos(started, now));
                 }
                 now.saturating_sub(started).max(1)

@@ -12,6 +12,8 @@ pub(super) enum Target {
         stats: Arc<StatsCell>,
         /// This plugin's latency histogram of this hook point.
         latency: Arc<Latency>,
+        /// The hook point's name in the in-flight marker's form, made once.
+        marker: crate::health::MarkerName,
     },
     Host(HostHookFn),
 }
@@ -104,6 +106,7 @@ impl HookTable {
                         generation: Arc::clone(&slot.generation),
                         latency: slot.stats.latency(CallKind::Hook, &subscription.hook),
                         stats: Arc::clone(&slot.stats),
+                        marker: crate::health::MarkerName::new(&subscription.hook),
                     },
                 });
             }
@@ -204,6 +207,7 @@ impl Payload<'_> {
     }
 
     /// The text, and whether it was made just now.
+    #[inline]
     fn text(&mut self) -> (&str, bool) {
         let made = self.text.is_none();
         let (source, value) = (self.source, &self.value);
@@ -251,6 +255,7 @@ impl<'c> Timer<'c> {
         Timer { clock, last: 0 }
     }
 
+    #[inline]
     fn start(&mut self) -> u64 {
         match self.clock {
             None => 0,
@@ -260,6 +265,7 @@ impl<'c> Timer<'c> {
     }
 
     /// Ticks since `started`, at least 1 (0 means untimed); the reading may start the next call.
+    #[inline]
     fn stop(&mut self, started: u64) -> u64 {
         self.clock.map_or(0, |clock| {
             self.last = clock.raw();
@@ -288,15 +294,16 @@ pub(super) fn run_subscriber(
             generation,
             stats,
             latency,
+            marker,
         } => {
             let text = text.unwrap_or("null");
             let shard = crate::stats::thread_shard();
             let admitted = if subscriber.timeout_ms == 0 {
-                stats.health.begin(point.spec.name, shard)
+                stats.health.begin_named(marker, shard)
             } else {
                 stats
                     .health
-                    .begin_within(point.spec.name, shard, subscriber.timeout_ms)
+                    .begin_within(marker, shard, subscriber.timeout_ms)
             };
             let Ok(entry) = admitted else {
                 tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
@@ -361,25 +368,38 @@ pub(super) fn run_subscriber(
         }
         Target::Host(f) => {
             timer.interrupt();
-            let payload = value.unwrap_or(&Value::Null);
-            match catch_unwind(AssertUnwindSafe(|| {
-                f(&HookEvent {
-                    point: point.point,
-                    name: point.spec.name,
-                    payload,
-                })
-            })) {
-                Ok(answer) => Some(answer),
-                Err(_) => {
-                    tracing::warn!(subscriber = %subscriber.name, hook = %point, "host hook panicked; skipped, the chain goes on");
-                    None
-                }
-            }
+            run_host_hook(f, subscriber, point, value)
+        }
+    }
+}
+
+/// Runs a hook written in Rust: kept out of line, so that a plugin subscriber's path has a
+/// small frame.
+#[inline(never)]
+fn run_host_hook(
+    f: &HostHookFn,
+    subscriber: &Subscriber,
+    point: At,
+    value: Option<&Value>,
+) -> Option<HookResult> {
+    let payload = value.unwrap_or(&Value::Null);
+    match catch_unwind(AssertUnwindSafe(|| {
+        f(&HookEvent {
+            point: point.point,
+            name: point.spec.name,
+            payload,
+        })
+    })) {
+        Ok(answer) => Some(answer),
+        Err(_) => {
+            tracing::warn!(subscriber = %subscriber.name, hook = %point, "host hook panicked; skipped, the chain goes on");
+            None
         }
     }
 }
 
 /// Runs a subscriber on this thread, making the form of the payload it takes first.
+#[inline]
 pub(super) fn run_in_turn(
     subscriber: &Subscriber,
     point: At,

@@ -75,7 +75,7 @@ impl PluginHost {
             return Err(PluginError::failed(message));
         }
         CALL_CHAIN.with(|chain| chain.borrow_mut().push(caller.to_owned()));
-        let result = self.dispatch_text(plugin, method, params, |answer| {
+        let result = self.dispatch_text(handle::Named(plugin, method), params, |answer| {
             Ok(answer.map(str::to_owned))
         });
         CALL_CHAIN.with(|chain| chain.borrow_mut().pop());

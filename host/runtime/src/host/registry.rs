@@ -35,9 +35,19 @@ pub(super) struct Slot {
     pub(super) generation: Arc<Generation>,
     pub(super) stats: Arc<StatsCell>,
     pub(super) load_order: u64,
-    /// The latency histogram of each method the generation declares, found on the call path by
-    /// a scan of this short list (no lock, no hash).
-    pub(super) methods: Arc<[(Box<str>, Arc<Latency>)]>,
+    /// Each method the generation declares, in the manifest's order (a method handle's index
+    /// into it is the index the plugin's `execute_at` takes), with its latency histogram,
+    /// found on the by-name call path by a scan of this short list (no lock, no hash).
+    pub(super) methods: Arc<[MethodEntry]>,
+}
+
+/// A method of a generation, as the call path needs it.
+#[derive(Debug)]
+pub(super) struct MethodEntry {
+    pub(super) name: Box<str>,
+    pub(super) latency: Arc<Latency>,
+    /// The name in the in-flight marker's form, made once.
+    pub(super) marker: crate::health::MarkerName,
 }
 
 impl Slot {
@@ -47,11 +57,10 @@ impl Slot {
             .manifest
             .methods
             .iter()
-            .map(|m| {
-                (
-                    m.name.clone().into_boxed_str(),
-                    stats.latency(CallKind::Method, &m.name),
-                )
+            .map(|m| MethodEntry {
+                name: m.name.clone().into_boxed_str(),
+                latency: stats.latency(CallKind::Method, &m.name),
+                marker: crate::health::MarkerName::new(&m.name),
             })
             .collect();
         Slot {
@@ -73,14 +82,14 @@ impl Slot {
         // to `memcmp`.
         self.methods
             .iter()
-            .find(|(name, _)| {
-                let name = name.as_bytes();
+            .find(|entry| {
+                let name = entry.name.as_bytes();
                 name.len() == wanted.len()
                     && name.first() == Some(first)
                     && name.last() == Some(last)
                     && name == wanted
             })
-            .map(|(_, latency)| &**latency)
+            .map(|entry| &*entry.latency)
     }
 }
 
@@ -97,6 +106,26 @@ pub(super) struct Registry {
     /// The plugins that declare each method, by name: what
     /// [`PluginHost::method_providers`] answers (the pipeline asks on every task).
     pub(super) providers: FxHashMap<Box<str>, Vec<Box<str>>>,
+    /// This registry's number, unique among every registry of every host in the process (0
+    /// for the empty one a host starts with): what a [`MethodHandle`](super::MethodHandle)'s
+    /// resolution is valid for.
+    pub(super) epoch: u64,
+    /// The slots of `plugins` in a fixed order, for method handles: a handle resolved in this
+    /// registry keeps its slot's index.
+    pub(super) slots: Box<[(Box<str>, Slot)]>,
+}
+
+/// The epoch of the next registry published, in any host of the process.
+static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// Epochs fit in this many bits of a method handle's resolution.
+pub(super) const EPOCH_BITS: u32 = 40;
+
+impl Registry {
+    /// The index in [`slots`](Self::slots) of `plugin`'s slot.
+    pub(super) fn slot_index(&self, plugin: &str) -> Option<usize> {
+        self.slots.iter().position(|(name, _)| &**name == plugin)
+    }
 }
 
 impl std::ops::Deref for Registry {
@@ -188,10 +217,20 @@ impl PluginHost {
         self.configure_health(&plugins);
         let bits = super::name_bits(&plugins);
         self.inner.names.fetch_or(bits, Ordering::AcqRel);
+        // Epochs past what a handle's resolution holds wrap to 1: a handle resolved 2^40
+        // registries ago would take a slot index by mistake (still bounds-checked, and its
+        // plugin's name is checked on resolution only), which no process lives to see.
+        let epoch = NEXT_EPOCH.fetch_add(1, Ordering::Relaxed) % (1 << super::registry::EPOCH_BITS);
+        let slots = plugins
+            .iter()
+            .map(|(name, slot)| (name.clone(), slot.clone()))
+            .collect();
         self.inner.registry.store(Arc::new(super::Registry {
             providers: providers(&plugins),
             plugins,
             hooks,
+            epoch: epoch.max(1),
+            slots,
         }));
         self.inner.names.store(bits, Ordering::Release);
     }

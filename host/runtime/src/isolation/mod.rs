@@ -221,8 +221,25 @@ impl Backend {
         }
     }
 
+    /// Calls the method at `index` of the manifest's list, named `method` (see
+    /// [`PluginLibrary::call_at`]); isolated, by name (the round trip dwarfs the lookup).
+    #[inline]
+    pub(crate) fn call_at<R>(
+        &self,
+        index: u32,
+        method: &str,
+        params: &str,
+        f: impl FnOnce(Result<Option<&str>, PluginFailure<'_>>) -> R,
+    ) -> Option<R> {
+        match self {
+            Backend::InProcess(library) => library.call_at(index, method, params, f),
+            Backend::Isolated(isolated) => isolated.exchange(Tag::Call, method, params, 0, f),
+        }
+    }
+
     /// Delivers `hook` (see [`PluginLibrary::on_hook`]); isolated, within `timeout_ms` (the
     /// subscription's own deadline; 0 for the plugin's), past which the child is killed.
+    #[inline]
     pub(crate) fn on_hook<R>(
         &self,
         hook: &str,

@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 pub use example::generate as example_tasks;
 pub use summary::{ExperimentSummary, SampleRatio, Summary, VariantSummary, VsControl};
 
-use plugin_host::{PluginCallError, PluginHost};
+use plugin_host::{MethodHandle, PluginCallError, PluginHost};
 
 use crate::hooks;
 
@@ -134,8 +134,34 @@ pub(crate) fn rounded(x: f64, decimals: i32) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     host: PluginHost,
+    /// The methods asked on every task, resolved once (shared by the clones, which run on
+    /// other threads, so that a reload is resolved again once for all).
+    asks: std::sync::Arc<Asks>,
     max_line_bytes: usize,
     metrics: Option<std::sync::Arc<crate::metrics::TaskMetrics>>,
+}
+
+/// The plugin methods the pipeline asks on every task, as handles: a call through one skips
+/// looking up the plugin and the method by name.
+#[derive(Debug)]
+struct Asks {
+    select_profile: MethodHandle,
+    choose_model: MethodHandle,
+    route: MethodHandle,
+    choose: MethodHandle,
+    pick_variant: MethodHandle,
+}
+
+impl Asks {
+    fn new(host: &PluginHost) -> Self {
+        Asks {
+            select_profile: host.method("task-policy", "selectProfile"),
+            choose_model: host.method("model-router", "chooseModel"),
+            route: host.method("champion", "route"),
+            choose: host.method("bandit", "choose"),
+            pick_variant: host.method("experiment", "pickVariant"),
+        }
+    }
 }
 
 /// The longest task line [`Pipeline::run_stream`] reads by default (16 MiB); a longer one gets an
@@ -162,11 +188,12 @@ impl PluginCalls {
         &mut self,
         host: &PluginHost,
         plugin: &'static str,
-        method: &str,
+        method: &MethodHandle,
         params: &P,
     ) -> Option<T> {
+        debug_assert_eq!(method.plugin(), plugin);
         let started = Instant::now();
-        let answer = host.call_with(plugin, method, params);
+        let answer = method.call_with(host, params);
         match answer {
             Err(PluginCallError::PluginNotFound { .. }) => None,
             answer => {
@@ -179,7 +206,7 @@ impl PluginCalls {
                     Ok(value) => value,
                     Err(e) => {
                         if !e.is_missing() {
-                            tracing::warn!(plugin, method, error = %e, "plugin call failed; it has no say for this task");
+                            tracing::warn!(plugin, method = method.method(), error = %e, "plugin call failed; it has no say for this task");
                         }
                         None
                     }
@@ -307,6 +334,7 @@ impl Pipeline {
             );
         }
         Self {
+            asks: std::sync::Arc::new(Asks::new(&host)),
             host,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             metrics: None,
@@ -453,7 +481,7 @@ impl Pipeline {
             .ask(
                 host,
                 "task-policy",
-                "selectProfile",
+                &self.asks.select_profile,
                 &AskParams {
                     task_type: Some(&task.task_type),
                     ..AskParams::default()
@@ -484,7 +512,7 @@ impl Pipeline {
             .ask::<_, String>(
                 host,
                 "model-router",
-                "chooseModel",
+                &self.asks.choose_model,
                 &AskParams {
                     task_type: Some(&task.task_type),
                     input_words: Some(input_words),
@@ -498,7 +526,7 @@ impl Pipeline {
             if let Some(route) = calls.ask::<_, Route>(
                 host,
                 "champion",
-                "route",
+                &self.asks.route,
                 &AskParams {
                     task_type: Some(&task.task_type),
                     key: Some(&task.id),
@@ -516,7 +544,7 @@ impl Pipeline {
                 .ask::<_, String>(
                     host,
                     "bandit",
-                    "choose",
+                    &self.asks.choose,
                     &AskParams {
                         context: Some(&task.task_type),
                         key: Some(&task.id),
@@ -529,7 +557,7 @@ impl Pipeline {
         let variant: Option<String> = calls.ask(
             host,
             "experiment",
-            "pickVariant",
+            &self.asks.pick_variant,
             &AskParams {
                 experiment: Some(&task.task_type),
                 key: Some(&task.id),
