@@ -272,3 +272,44 @@ fn a_handle_reaches_an_isolated_plugin_through_a_crash() {
         == Some(json!("fine"))));
     assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
 }
+
+/// A `call_text_with` whose closure panics (the caller's code, reading a plugin's answer) ends
+/// the call as a failure: no call stays marked in flight, so the watchdog never finds the
+/// plugin overdue and its breaker never opens for good; by name and through a handle.
+#[test]
+fn a_panic_in_the_answer_closure_leaves_no_call_in_flight() {
+    let dir = PluginDir::new();
+    dir.configure(
+        &json!({"echo": {"timeoutMs": 200, "breaker": {"failures": 5, "cooldownMs": 60_000}}}),
+    );
+    dir.add("echo", "libecho.so");
+    let host = dir.host();
+    host.scan().unwrap();
+    let handle = host.method("echo", "echo");
+    for through_handle in [false, true] {
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let read = |_: &str| -> usize { panic!("the caller's reader panicked") };
+            if through_handle {
+                let _ = handle.call_text_with(&host, "[1]", read);
+            } else {
+                let _ = host.call_text_with("echo", "echo", "[1]", read);
+            }
+        }));
+        assert!(panicked.is_err());
+    }
+    // Well past the deadline: a call left marked in flight would be found overdue by now.
+    std::thread::sleep(Duration::from_millis(1_000));
+    let health = host.plugin("echo").unwrap().health;
+    assert_eq!(
+        (health.overdue_calls, health.timeouts),
+        (0, 0),
+        "{health:?}"
+    );
+    assert!(host.degraded().is_empty(), "{:?}", host.degraded());
+    assert_eq!(health.consecutive_failures, 2, "{health:?}");
+    assert_eq!(
+        host.call_text("echo", "echo", "[2]").unwrap().as_deref(),
+        Some("[2]")
+    );
+    assert_eq!(host.plugin("echo").unwrap().health.consecutive_failures, 0);
+}

@@ -320,8 +320,10 @@ impl PluginHost {
     /// Like [`call_text`](Self::call_text), lending the answer's text to `read` instead of
     /// copying it out; what `read` returns is the answer. For callers that pass the text on
     /// (into a response body, an output line) or parse it themselves, this saves a copy of
-    /// each answer. `read` runs inside the call, while the plugin's string is alive: its time
-    /// counts in the call's latency and toward the plugin's deadline, so keep it short.
+    /// each answer. `read` runs inside the call, while the plugin's string is alive: for a
+    /// plugin in the worker's process its time counts in the call's latency and toward the
+    /// plugin's deadline, and a crash in it is recorded as the plugin's, so keep it short and
+    /// plain. Should `read` panic, the call ends as the plugin's failure and the panic goes on.
     ///
     /// ```no_run
     /// # fn demo(host: &plugin_host::PluginHost, out: &mut Vec<u8>) {
@@ -485,6 +487,13 @@ impl PluginHost {
             None => slot.stats.health.begin(method, shard),
         }
         .map_err(|_| Failure::CircuitOpen)?;
+        // Ends the call as failed should the caller's code reading the answer (a closure, a
+        // `Deserialize`) panic: its in-flight marker must not outlive the call.
+        let entry = Ending {
+            health: &slot.stats.health,
+            entry: Some(entry),
+            plugin,
+        };
         let clock = self.inner.clock.as_ref();
         let started = clock.map_or(0, quanta::Clock::raw);
         let read = |answer: Result<Option<&str>, PluginFailure<'_>>| match answer {
@@ -530,7 +539,32 @@ impl PluginHost {
             Err(_) => Outcome::Error,
         };
         slot.stats.record_at(shard, ticks, outcome);
-        slot.stats.health.end(entry, outcome != Outcome::Ok, plugin);
+        entry.end(outcome != Outcome::Ok);
         result
+    }
+}
+
+/// A call's health entry, ended when the call returns, or as a failure when a panic unwinds
+/// past it.
+struct Ending<'a> {
+    health: &'a crate::health::Health,
+    entry: Option<crate::health::Entry>,
+    plugin: &'a str,
+}
+
+impl Ending<'_> {
+    #[inline]
+    fn end(mut self, failed: bool) {
+        if let Some(entry) = self.entry.take() {
+            self.health.end(entry, failed, self.plugin);
+        }
+    }
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            self.health.end(entry, true, self.plugin);
+        }
     }
 }

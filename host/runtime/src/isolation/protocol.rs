@@ -336,8 +336,9 @@ impl FrameReader {
         self.read_with(input, |_| Ok(()))
     }
 
-    /// As [`FrameReader::read`], given up with [`io::ErrorKind::TimedOut`] at `deadline`
-    /// however the peer spaces its bytes or frames: each `read` waits at most what is left.
+    /// As [`FrameReader::read`], given up at `deadline` however the peer spaces its bytes or
+    /// frames: each `read` waits at most what is left. The error is then
+    /// [`io::ErrorKind::TimedOut`], or [`io::ErrorKind::WouldBlock`] from a read that timed out.
     pub(crate) fn read_by(
         &mut self,
         input: &mut std::os::unix::net::UnixStream,
