@@ -1,15 +1,16 @@
 //! The child side: the embedder's own executable, started again with [`CHILD_ENV`] set, loads
 //! one plugin through the same loader and checks as the host, and serves the host's requests.
 //!
-//! A Unix socket and two pipes join it to the host. The *control* socket, its standard input,
-//! carries what either side starts on its own: the load's outcome, log events, the plugin's
-//! calls and store operations through the host and their answers, and requests that arrive
-//! while another runs. The *request pipe*, passed over the control socket at start with the
-//! *answer pipe*, carries one request at a time: its reader (the main thread) runs the request
-//! itself and writes the answer back, so a call costs one read and one write here and no
-//! hand-off between threads. Every answer, and every log event of a thread serving a request
-//! (so that it comes before the answer), goes on the answer pipe. (Pipes, not a second socket:
-//! a round trip over a pair of pipes costs about half what it costs over a Unix socket.)
+//! A Unix socket, a shared memory region and a pipe join it to the host. The *control* socket,
+//! its standard input, carries what either side starts on its own: the load's outcome, log
+//! events, the plugin's calls and store operations through the host and their answers, and
+//! requests that arrive while another runs (or do not fit the region). The *call region*
+//! ([`super::shm`]), passed over the control socket at start with the *answer pipe*, carries
+//! one request at a time: the main thread sleeps on it (a futex), runs the request itself and
+//! puts the answer back, waking the host only if it sleeps, so a call costs a wait and a wake
+//! here and no hand-off between threads. Every other answer, an answer that does not fit the
+//! region, and every log event of a thread serving a request (the answer then follows it on
+//! the pipe, so that it comes after the events) go on the answer pipe.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd as _;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
+use super::shm::{self, Region};
 use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::PluginError;
 
@@ -84,6 +86,8 @@ thread_local! {
     static CHAIN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     /// This thread serves a request: its log events go on the answer pipe, before the answer.
     static SERVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread wrote on the answer pipe while serving: its answer goes there too.
+    static PIPED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs the child: never returns.
@@ -130,10 +134,10 @@ fn serve(spec: &ChildSpec) -> i32 {
         eprintln!("plugin child: cannot detach standard input: {e}");
         return 5;
     }
-    let (requests, answers) = match receive_pipes(&socket) {
-        Ok(pipes) => pipes,
+    let (region, answers) = match receive_channels(&socket) {
+        Ok(channels) => channels,
         Err(e) => {
-            eprintln!("plugin child: no pipes from the host: {e}");
+            eprintln!("plugin child: no call region and answer pipe from the host: {e}");
             return 5;
         }
     };
@@ -177,14 +181,12 @@ fn serve(spec: &ChildSpec) -> i32 {
     if spawned.is_err() {
         return 5;
     }
-    serve_calls(&child, requests)
+    serve_calls(&child, &region)
 }
 
-/// Receives the request pipe's reading end and the answer pipe's writing end, which the host
-/// sends first thing over the control socket.
-fn receive_pipes(
-    control: &UnixStream,
-) -> std::io::Result<(std::io::PipeReader, std::io::PipeWriter)> {
+/// Receives the call region (mapped) and the answer pipe's writing end, which the host sends
+/// first thing over the control socket.
+fn receive_channels(control: &UnixStream) -> std::io::Result<(Region, std::io::PipeWriter)> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut ancillary = RecvAncillaryBuffer::new(&mut space);
@@ -203,27 +205,55 @@ fn receive_pipes(
     }
     let mut fds = fds.into_iter();
     match (fds.next(), fds.next()) {
-        (Some(requests), Some(answers)) if received.bytes == 1 => Ok((
-            std::io::PipeReader::from(requests),
-            std::io::PipeWriter::from(answers),
+        (Some(region), Some(answers)) if received.bytes == 1 => {
+            Ok((Region::open(&region)?, std::io::PipeWriter::from(answers)))
+        }
+        _ => Err(std::io::Error::other(
+            "the first message carried no call region and answer pipe",
         )),
-        _ => Err(std::io::Error::other("the first message carried no pipes")),
     }
 }
 
-/// Serves the request pipe: each request runs on this thread, which then writes its answer.
-/// The host sends a request here only when the one before is answered; others come over the
-/// control socket. The host closing the pipe (or going away) ends the process.
-fn serve_calls(child: &Arc<Child>, mut requests: std::io::PipeReader) -> ! {
-    let mut reader = FrameReader::default();
+/// Serves the call region: each request runs on this thread, which then puts its answer
+/// there (or on the answer pipe, see the module's documentation). The host puts a request
+/// there only when the one before is answered; others come over the control socket. The host
+/// going away ends the process (the control socket's reader exits, or the death signal).
+fn serve_calls(child: &Arc<Child>, region: &Region) -> ! {
+    let (mut last, mut bytes, mut answer) = (0u32, Vec::new(), Vec::new());
     loop {
-        let frame = match reader.read(&mut requests) {
-            Ok(Some(frame)) => frame,
-            Ok(None) | Err(_) => std::process::exit(0),
+        let Some(seq) = region.next_request(last, &mut bytes) else {
+            continue;
+        };
+        last = seq;
+        let Ok(frame) = super::protocol::decode(&bytes) else {
+            continue;
         };
         match frame.tag {
-            Tag::Stop => stop(child, frame.id),
-            Tag::Create | Tag::Call | Tag::Hook | Tag::Save | Tag::Restore => child.handle(frame),
+            Tag::Stop => {
+                stop(child, frame.id);
+                region.answer_on_the_pipe(seq);
+            }
+            Tag::Create | Tag::Call | Tag::Hook | Tag::Save | Tag::Restore => {
+                SERVING.with(|serving| serving.set(true));
+                PIPED.with(|piped| piped.set(false));
+                let served = child.serve(frame);
+                SERVING.with(|serving| serving.set(false));
+                let Some((id, code, fields)) = served else {
+                    continue;
+                };
+                let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+                let fits = super::protocol::frame_len(&fields) <= shm::SLOT
+                    && super::protocol::encode(&mut answer, Tag::Answer, id, code, &fields).is_ok();
+                if fits && !PIPED.with(std::cell::Cell::get) {
+                    region.answer_here(seq, &answer);
+                } else {
+                    child.calls.send(Tag::Answer, id, code, &fields);
+                    region.answer_on_the_pipe(seq);
+                }
+                if answer.capacity() > shm::SLOT {
+                    answer = Vec::new();
+                }
+            }
             _ => {}
         }
     }
@@ -338,14 +368,18 @@ fn error_of(error: PluginError) -> (u8, Vec<String>) {
 }
 
 impl Child {
-    /// Serves a request and writes its answer on the call socket.
+    /// Serves a request and writes its answer on the answer pipe.
     fn handle(self: &Arc<Self>, frame: Frame) {
         SERVING.with(|serving| serving.set(true));
-        self.serve(frame);
+        if let Some((id, code, fields)) = self.serve(frame) {
+            let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+            self.calls.send(Tag::Answer, id, code, &fields);
+        }
         SERVING.with(|serving| serving.set(false));
     }
 
-    fn serve(self: &Arc<Self>, mut frame: Frame) {
+    /// Runs a request: its id, and the answer's code and fields.
+    fn serve(self: &Arc<Self>, mut frame: Frame) -> Option<(u64, u8, Vec<String>)> {
         let id = frame.id;
         let (code, fields) = match frame.tag {
             Tag::Create => {
@@ -388,16 +422,9 @@ impl Child {
                     Some(Err(e)) => error_of(e),
                 }
             }
-            _ => return,
+            _ => return None,
         };
-        match fields.as_slice() {
-            [] => self.calls.send(Tag::Answer, id, code, &[]),
-            [one] => self.calls.send(Tag::Answer, id, code, &[one]),
-            _ => {
-                let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
-                self.calls.send(Tag::Answer, id, code, &fields);
-            }
-        }
+        Some((id, code, fields))
     }
 
     fn create(self: &Arc<Self>, config: String, store: bool) -> (u8, Vec<String>) {
@@ -605,6 +632,7 @@ impl tracing::Subscriber for Bridge {
             .unwrap_or_else(|| event.metadata().target().to_owned());
         fields.message.push_str(&fields.rest);
         let out = if SERVING.with(std::cell::Cell::get) {
+            PIPED.with(|piped| piped.set(true));
             &self.child.calls
         } else {
             &self.child.control

@@ -104,8 +104,35 @@ impl Frame {
     }
 }
 
+/// The bytes of a frame with these fields, its length prefix included.
+pub(crate) fn frame_len(fields: &[&str]) -> usize {
+    4 + 1 + 8 + 1 + fields.iter().map(|f| 4 + f.len()).sum::<usize>()
+}
+
+/// One whole frame's bytes (its length prefix included, nothing after it): the frame. For
+/// bytes copied out of the memory shared with a child: an error for anything else.
+pub(crate) fn decode(bytes: &[u8]) -> io::Result<Frame> {
+    let Some((length, body)) = bytes.split_first_chunk::<4>() else {
+        return Err(invalid(format!("a frame of {} bytes", bytes.len())));
+    };
+    let length = u32::from_le_bytes(*length) as usize;
+    if length < 10 || length != body.len() {
+        return Err(invalid(format!(
+            "a frame announcing {length} bytes in {}",
+            body.len()
+        )));
+    }
+    parse(body)
+}
+
 /// Appends one frame to `buffer` (cleared first).
-fn encode(buffer: &mut Vec<u8>, tag: Tag, id: u64, code: u8, fields: &[&str]) -> io::Result<()> {
+pub(crate) fn encode(
+    buffer: &mut Vec<u8>,
+    tag: Tag,
+    id: u64,
+    code: u8,
+    fields: &[&str],
+) -> io::Result<()> {
     let body: usize = 1 + 8 + 1 + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
     if body > MAX_FRAME {
         return Err(io::Error::new(
@@ -174,62 +201,6 @@ impl<W: Write> FrameWriter<W> {
         }
         written
     }
-}
-
-impl<W: Write + std::os::fd::AsFd> FrameWriter<W> {
-    /// [`send`](Self::send) on a non-blocking `out`, waiting (`poll`) for room no later than
-    /// `deadline`: a peer that stops reading cannot hold the writer. `TimedOut` past it.
-    pub(crate) fn send_by(
-        &mut self,
-        tag: Tag,
-        id: u64,
-        code: u8,
-        fields: &[&str],
-        deadline: std::time::Instant,
-    ) -> io::Result<()> {
-        encode(&mut self.buffer, tag, id, code, fields)?;
-        let written = write_by(&mut self.out, &self.buffer, deadline);
-        if self.buffer.capacity() > KEPT_BUFFER {
-            self.buffer = Vec::with_capacity(512);
-        }
-        written
-    }
-}
-
-/// Writes all of `bytes` to the non-blocking `out`, waiting for room until `deadline`.
-fn write_by(
-    out: &mut (impl Write + std::os::fd::AsFd),
-    mut bytes: &[u8],
-    deadline: std::time::Instant,
-) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match out.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                let wait =
-                    rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
-                        tv_sec: 1,
-                        tv_nsec: 0,
-                    });
-                let mut fds = [rustix::event::PollFd::new(
-                    &*out,
-                    rustix::event::PollFlags::OUT,
-                )];
-                match rustix::event::poll(&mut fds, Some(&wait)) {
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn invalid(message: String) -> io::Error {
@@ -375,6 +346,29 @@ mod tests {
         assert!(FrameReader::default().read(&mut garbage).is_err());
         let mut unknown: &[u8] = &[10, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(FrameReader::default().read(&mut unknown).is_err());
+    }
+
+    /// A whole frame decodes; bytes that are not exactly one frame do not.
+    #[test]
+    fn decode_takes_exactly_one_frame() {
+        let mut bytes = Vec::new();
+        encode(&mut bytes, Tag::Answer, 9, 1, &["a", "bc"]).unwrap();
+        assert_eq!(bytes.len(), frame_len(&["a", "bc"]));
+        let frame = decode(&bytes).unwrap();
+        assert_eq!((frame.tag, frame.id, frame.code), (Tag::Answer, 9, 1));
+        assert_eq!(frame.fields, ["a", "bc"]);
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer).is_err());
+        let mut lying = bytes.clone();
+        lying[0] = 200;
+        assert!(decode(&lying).is_err());
+        let mut field = bytes;
+        field[14] = 255;
+        assert!(decode(&field).is_err(), "a field length beyond the frame");
     }
 
     /// Frames that arrive a byte at a time, several in one read, or larger than the buffer are
