@@ -132,6 +132,44 @@ fn touch(mb: usize) -> usize {
     std::hint::black_box(&block).len()
 }
 
+/// The host's call region, as the host lays it out: `u32` words, the request's sequence number
+/// at byte 0, the answer's at 64 and its length at 72.
+const REQ_SEQ: u64 = 0;
+const ANS_SEQ: u64 = 64;
+const ANS_LEN: u64 = 72;
+
+/// What a hostile plugin can do to the memory its process shares with the host, with no
+/// unsafe code (through `/proc/self/mem`): forge an answer there. Answers "forging"; see the
+/// `scribble` method.
+fn scribble() -> Result<&'static str, PluginError> {
+    use std::os::unix::fs::FileExt as _;
+    let maps =
+        std::fs::read_to_string("/proc/self/maps").map_err(|e| PluginError::new(e.to_string()))?;
+    let start = maps
+        .lines()
+        .find(|line| line.contains("memfd:plugin-calls"))
+        .and_then(|line| line.split('-').next())
+        .and_then(|start| u64::from_str_radix(start, 16).ok())
+        .ok_or_else(|| PluginError::new("no call region: is the plugin isolated?"))?;
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    // Once this call's answer is in, an answer to the next request is forged: its number, and
+    // a length beyond the slot.
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut word = [0u8; 4];
+        if memory.read_exact_at(&mut word, start + REQ_SEQ).is_ok() {
+            let next = u32::from_ne_bytes(word).wrapping_add(1);
+            let _ = memory.write_all_at(&u32::MAX.wrapping_sub(7).to_ne_bytes(), start + ANS_LEN);
+            let _ = memory.write_all_at(&next.to_ne_bytes(), start + ANS_SEQ);
+        }
+    });
+    Ok("forging")
+}
+
 impl Crashy {
     fn fault_in(&self, entry: &str) {
         if let Some(fault) = self.config.faults.get(entry) {
@@ -205,6 +243,11 @@ impl Plugin for Crashy {
                     segfault();
                     Ok("survived")
                 },
+            )
+            .method(
+                "scribble",
+                "Isolated only: after 100 ms, forges an answer to the next request in the memory its process shares with the host, with a length beyond the slot",
+                |_, _: IgnoredAny| scribble(),
             )
             .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))
             .method("add", "Adds {\"n\"} to the counter", |this, p: N| {

@@ -321,6 +321,15 @@ mod tests {
         assert_eq!(host.answer(3, &mut bytes), Answer::NotYet);
     }
 
+    /// The child cannot shrink the region under the host (its reads would fault) nor grow it.
+    #[test]
+    fn the_region_is_sealed_against_resizing() {
+        let (_host, fd) = Region::create().unwrap();
+        assert!(rustix::fs::ftruncate(&fd, 0).is_err());
+        assert!(rustix::fs::ftruncate(&fd, 2 * SIZE as u64).is_err());
+        assert!(rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::WRITE).is_err());
+    }
+
     /// A child that writes what it likes into the header gets at most "invalid" or "not yet"
     /// for its own answer: a length beyond the slot is never read.
     #[test]
