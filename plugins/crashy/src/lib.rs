@@ -139,8 +139,7 @@ const ANS_SEQ: u64 = 64;
 const ANS_LEN: u64 = 72;
 
 /// What a hostile plugin can do to the memory its process shares with the host, with no
-/// unsafe code (through `/proc/self/mem`): forge an answer there. Answers "forging"; see the
-/// `scribble` method.
+/// unsafe code (through `/proc/self/mem`): forge an answer there. See the `scribble` method.
 fn scribble() -> Result<&'static str, PluginError> {
     use std::os::unix::fs::FileExt as _;
     let maps =
@@ -156,18 +155,19 @@ fn scribble() -> Result<&'static str, PluginError> {
         .write(true)
         .open("/proc/self/mem")
         .map_err(|e| PluginError::new(e.to_string()))?;
-    // Once this call's answer is in, an answer to the next request is forged: its number, and
-    // a length beyond the slot.
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let mut word = [0u8; 4];
-        if memory.read_exact_at(&mut word, start + REQ_SEQ).is_ok() {
-            let next = u32::from_ne_bytes(word).wrapping_add(1);
-            let _ = memory.write_all_at(&u32::MAX.wrapping_sub(7).to_ne_bytes(), start + ANS_LEN);
-            let _ = memory.write_all_at(&next.to_ne_bytes(), start + ANS_SEQ);
-        }
-    });
-    Ok("forging")
+    // This call's own answer is forged: its number, and a length beyond the slot. The host,
+    // woken by nothing, finds it when its wait ends (at most a second); the real answer comes
+    // later.
+    let mut word = [0u8; 4];
+    memory
+        .read_exact_at(&mut word, start + REQ_SEQ)
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    memory
+        .write_all_at(&u32::MAX.wrapping_sub(7).to_ne_bytes(), start + ANS_LEN)
+        .and_then(|()| memory.write_all_at(&word, start + ANS_SEQ))
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    Ok("unseen")
 }
 
 impl Crashy {
@@ -246,7 +246,7 @@ impl Plugin for Crashy {
             )
             .method(
                 "scribble",
-                "Isolated only: after 100 ms, forges an answer to the next request in the memory its process shares with the host, with a length beyond the slot",
+                "Isolated only: forges its own answer in the memory its process shares with the host, with a length beyond the slot, then sleeps 3 s and answers \"unseen\"",
                 |_, _: IgnoredAny| scribble(),
             )
             .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))

@@ -728,23 +728,14 @@ fn a_crash_answers_every_waiting_caller_crashed() {
 }
 
 /// A plugin that writes into the memory its process shares with the host (here: a forged
-/// answer to the next request, with a length beyond the slot) cannot make the host read beyond
-/// the slot or wait without bound: that call answers "crashed", the child is ended and started
-/// again, and the plugin serves again.
+/// answer to its own call, with a length beyond the slot) cannot make the host read beyond the
+/// slot or wait without bound: the call answers "crashed" (not the plugin's later answer), the
+/// child is ended and started again, and the plugin serves again.
 #[test]
 fn a_child_that_forges_an_answer_in_the_shared_memory_is_ended_and_restarted() {
     let dir = PluginDir::new();
     let host = isolated_crashy(&dir, 30_000);
-    assert_eq!(
-        host.execute("crashy", "add", &json!({"n": 4})),
-        Some(json!(4))
-    );
-    assert_eq!(
-        host.execute("crashy", "scribble", &Value::Null),
-        Some(json!("forging"))
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let forged = host.call("crashy", "total", &Value::Null).unwrap_err();
+    let forged = host.call("crashy", "scribble", &Value::Null).unwrap_err();
     assert!(
         matches!(forged, plugin_host::PluginCallError::Crashed { .. }),
         "{forged}"

@@ -220,14 +220,21 @@ fn receive_channels(control: &UnixStream) -> std::io::Result<(Region, std::io::P
 /// going away ends the process (the control socket's reader exits, or the death signal).
 fn serve_calls(child: &Arc<Child>, region: &Region) -> ! {
     let (mut last, mut bytes, mut answer) = (0u32, Vec::new(), Vec::new());
+    // One frame, its buffers used again from request to request.
+    let mut frame = Frame {
+        tag: Tag::Call,
+        id: 0,
+        code: 0,
+        fields: Vec::new(),
+    };
     loop {
         let Some(seq) = region.next_request(last, &mut bytes) else {
             continue;
         };
         last = seq;
-        let Ok(frame) = super::protocol::decode(&bytes) else {
+        if super::protocol::decode_into(&bytes, &mut frame).is_err() {
             continue;
-        };
+        }
         match frame.tag {
             Tag::Stop => {
                 stop(child, frame.id);
@@ -236,7 +243,7 @@ fn serve_calls(child: &Arc<Child>, region: &Region) -> ! {
             Tag::Create | Tag::Call | Tag::Hook | Tag::Save | Tag::Restore => {
                 SERVING.with(|serving| serving.set(true));
                 PIPED.with(|piped| piped.set(false));
-                let served = child.serve(frame);
+                let served = child.serve(&mut frame);
                 SERVING.with(|serving| serving.set(false));
                 let Some((id, code, fields)) = served else {
                     continue;
@@ -369,9 +376,9 @@ fn error_of(error: PluginError) -> (u8, Vec<String>) {
 
 impl Child {
     /// Serves a request and writes its answer on the answer pipe.
-    fn handle(self: &Arc<Self>, frame: Frame) {
+    fn handle(self: &Arc<Self>, mut frame: Frame) {
         SERVING.with(|serving| serving.set(true));
-        if let Some((id, code, fields)) = self.serve(frame) {
+        if let Some((id, code, fields)) = self.serve(&mut frame) {
             let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
             self.calls.send(Tag::Answer, id, code, &fields);
         }
@@ -379,7 +386,7 @@ impl Child {
     }
 
     /// Runs a request: its id, and the answer's code and fields.
-    fn serve(self: &Arc<Self>, mut frame: Frame) -> Option<(u64, u8, Vec<String>)> {
+    fn serve(self: &Arc<Self>, frame: &mut Frame) -> Option<(u64, u8, Vec<String>)> {
         let id = frame.id;
         let (code, fields) = match frame.tag {
             Tag::Create => {
@@ -390,7 +397,7 @@ impl Child {
                 self.create(frame.take(0), store)
             }
             Tag::Call | Tag::Hook => {
-                CHAIN.with(|chain| *chain.borrow_mut() = frame.take(2));
+                CHAIN.with(|chain| frame.field(2).clone_into(&mut chain.borrow_mut()));
                 let library = self.library.read().unwrap_or_else(|p| p.into_inner());
                 let (name, input) = (frame.field(0), frame.field(1));
                 let answer = library.as_ref().and_then(|library| {

@@ -112,6 +112,19 @@ pub(crate) fn frame_len(fields: &[&str]) -> usize {
 /// One whole frame's bytes (its length prefix included, nothing after it): the frame. For
 /// bytes copied out of the memory shared with a child: an error for anything else.
 pub(crate) fn decode(bytes: &[u8]) -> io::Result<Frame> {
+    let mut frame = Frame {
+        tag: Tag::Answer,
+        id: 0,
+        code: 0,
+        fields: Vec::new(),
+    };
+    decode_into(bytes, &mut frame)?;
+    Ok(frame)
+}
+
+/// [`decode`] into `frame`, whose fields' buffers are used again (no allocation for a frame
+/// no larger than the one before).
+pub(crate) fn decode_into(bytes: &[u8], frame: &mut Frame) -> io::Result<()> {
     let Some((length, body)) = bytes.split_first_chunk::<4>() else {
         return Err(invalid(format!("a frame of {} bytes", bytes.len())));
     };
@@ -122,7 +135,7 @@ pub(crate) fn decode(bytes: &[u8]) -> io::Result<Frame> {
             body.len()
         )));
     }
-    parse(body)
+    parse_into(body, frame)
 }
 
 /// Appends one frame to `buffer` (cleared first).
@@ -209,11 +222,24 @@ fn invalid(message: String) -> io::Error {
 
 /// The body of a frame (after its length): the frame.
 fn parse(body: &[u8]) -> io::Result<Frame> {
+    let mut frame = Frame {
+        tag: Tag::Answer,
+        id: 0,
+        code: 0,
+        fields: Vec::new(),
+    };
+    parse_into(body, &mut frame)?;
+    Ok(frame)
+}
+
+/// [`parse`] into `frame`, using its fields' buffers again. `body` has at least 10 bytes.
+fn parse_into(body: &[u8], frame: &mut Frame) -> io::Result<()> {
     let tag = Tag::from_u8(body[0]).ok_or_else(|| invalid(format!("unknown tag {}", body[0])))?;
     let mut id = [0u8; 8];
     id.copy_from_slice(&body[1..9]);
     let code = body[9];
-    let mut fields = Vec::new();
+    let mut count = 0;
+    let fields = &mut frame.fields;
     let mut rest = &body[10..];
     while !rest.is_empty() {
         if rest.len() < 4 {
@@ -228,15 +254,18 @@ fn parse(body: &[u8]) -> io::Result<Frame> {
         }
         let text = std::str::from_utf8(&rest[..len])
             .map_err(|e| invalid(format!("a field that is not UTF-8 ({e})")))?;
-        fields.push(text.to_owned());
+        match fields.get_mut(count) {
+            Some(field) => text.clone_into(field),
+            None => fields.push(text.to_owned()),
+        }
+        count += 1;
         rest = &rest[len..];
     }
-    Ok(Frame {
-        tag,
-        id: u64::from_le_bytes(id),
-        code,
-        fields,
-    })
+    fields.truncate(count);
+    frame.tag = tag;
+    frame.id = u64::from_le_bytes(id);
+    frame.code = code;
+    Ok(())
 }
 
 /// A socket's reading side, buffered: one `read` brings a whole small frame (or several), where

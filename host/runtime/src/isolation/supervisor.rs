@@ -62,6 +62,11 @@ struct Waits {
     /// By request id. The ids are the host's own (sequential), so a hash without a random
     /// key serves: a child can only look ids up, never add them.
     pending: FxHashMap<u64, Waiter>,
+    /// The last answer read from the answer pipe that no caller waited for: the call in the
+    /// call region waits there (unregistered) until the child says its answer is on the pipe,
+    /// and a reader may have taken it by then. One frame, so a child sending answers nobody
+    /// asked for holds no more.
+    stray: Option<Frame>,
 }
 
 /// The answer pipe's reading side, used by the caller that leads.
@@ -178,24 +183,10 @@ impl Conn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let on_calls = super::protocol::frame_len(fields) <= shm::SLOT
             && !self.calls_busy.swap(true, Ordering::AcqRel);
-        {
-            let mut waits = self.waits();
-            if waits.dead {
-                if on_calls {
-                    self.calls_busy.store(false, Ordering::Release);
-                }
-                return Err(Lost::Crashed);
-            }
-            let waiter = Waiter {
-                thread: std::thread::current(),
-                reply: None,
-                on_calls,
-            };
-            waits.pending.insert(id, waiter);
-        }
         if on_calls {
             // Putting the request in the region never blocks; a child that does not take it
-            // overruns the deadline as one that takes too long.
+            // overruns the deadline as one that takes too long. The caller is not registered
+            // among those the answer pipe's readers serve unless its answer goes there.
             let mut slot = self.calls.lock().unwrap_or_else(|p| p.into_inner());
             slot.seq = slot.seq % (i32::MAX as u32) + 1;
             let seq = slot.seq;
@@ -211,6 +202,18 @@ impl Conn {
                 Err(Unanswered::Ended) => Err(self.lost()),
                 Err(Unanswered::Overdue) => Err(self.overran(timeout, overruns, "overran")),
             };
+        }
+        {
+            let mut waits = self.waits();
+            if waits.dead {
+                return Err(Lost::Crashed);
+            }
+            let waiter = Waiter {
+                thread: std::thread::current(),
+                reply: None,
+                on_calls,
+            };
+            waits.pending.insert(id, waiter);
         }
         // The write is bounded by the call's deadline (the socket has a send timeout): a
         // child that stops reading cannot hold the caller.
@@ -283,15 +286,14 @@ impl Conn {
         loop {
             // Read before the looks below: any change after them wakes the wait at once.
             let seen = self.region.answered();
-            if self.dead.load(Ordering::Acquire) {
-                return self.wait(id, true, deadline);
+            if self.dead.load(Ordering::SeqCst) {
+                return Err(Unanswered::Ended);
             }
             match self.region.answer(seq, &mut slot.answer) {
                 shm::Answer::NotYet => {}
                 shm::Answer::Here => {
                     return match super::protocol::decode(&slot.answer) {
                         Ok(frame) if frame.tag == Tag::Answer && frame.id == id => {
-                            self.waits().pending.remove(&id);
                             self.calls_busy.store(false, Ordering::Release);
                             if slot.answer.capacity() > shm::SLOT {
                                 slot.answer = Vec::new();
@@ -301,13 +303,30 @@ impl Conn {
                         _ => Ok(self.garbled()),
                     };
                 }
-                shm::Answer::OnThePipe => return self.wait(id, true, deadline),
+                shm::Answer::OnThePipe => {
+                    {
+                        let mut waits = self.waits();
+                        if let Some(frame) = waits.stray.take_if(|frame| frame.id == id) {
+                            self.calls_busy.store(false, Ordering::Release);
+                            return Ok(Reply::Frame(frame));
+                        }
+                        if waits.dead {
+                            return Err(Unanswered::Ended);
+                        }
+                        let waiter = Waiter {
+                            thread: std::thread::current(),
+                            reply: None,
+                            on_calls: true,
+                        };
+                        waits.pending.insert(id, waiter);
+                    }
+                    return self.wait(id, true, deadline);
+                }
                 shm::Answer::Invalid => return Ok(self.garbled()),
             }
             let now = Instant::now();
             if now >= deadline {
-                let ours = self.waits().pending.remove(&id).and_then(|w| w.reply);
-                return ours.ok_or(Unanswered::Overdue);
+                return Err(Unanswered::Overdue);
             }
             self.region
                 .wait_answer(seen, (deadline - now).min(shm::TICK));
@@ -451,14 +470,16 @@ impl Conn {
         match frame.tag {
             Tag::Answer => {
                 let mut waits = self.waits();
-                if let Some(waiter) = waits.pending.get_mut(&frame.id)
-                    && waiter.reply.is_none()
-                {
-                    if waiter.on_calls {
-                        self.calls_busy.store(false, Ordering::Release);
+                match waits.pending.get_mut(&frame.id) {
+                    Some(waiter) if waiter.reply.is_none() => {
+                        if waiter.on_calls {
+                            self.calls_busy.store(false, Ordering::Release);
+                        }
+                        waiter.reply = Some(Reply::Frame(frame));
+                        waiter.thread.unpark();
                     }
-                    waiter.reply = Some(Reply::Frame(frame));
-                    waiter.thread.unpark();
+                    Some(_) => {}
+                    None => waits.stray = Some(frame),
                 }
             }
             Tag::Log => emit(&self.name(), frame.code, frame.field(0), frame.field(1)),
