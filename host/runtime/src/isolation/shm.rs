@@ -137,9 +137,19 @@ impl Region {
     /// Copies `bytes` (at most [`SLOT`]) into slot `slot` (0: request, 1: answer).
     fn put(&self, slot: usize, bytes: &[u8]) {
         let words = &self.slots()[slot * SLOT_WORDS..(slot + 1) * SLOT_WORDS];
-        for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
+        let chunks = bytes.chunks_exact(8);
+        let rest = chunks.remainder();
+        let mut words = words.iter();
+        // `chunks` first: `zip` takes no word once the chunks are done.
+        for (chunk, word) in chunks.zip(words.by_ref()) {
+            let eight: [u8; 8] = chunk.try_into().unwrap_or_default();
+            word.store(u64::from_ne_bytes(eight), Ordering::Relaxed);
+        }
+        if !rest.is_empty()
+            && let Some(word) = words.next()
+        {
             let mut eight = [0u8; 8];
-            eight[..chunk.len()].copy_from_slice(chunk);
+            eight[..rest.len()].copy_from_slice(rest);
             word.store(u64::from_ne_bytes(eight), Ordering::Relaxed);
         }
     }
@@ -151,9 +161,9 @@ impl Region {
         }
         let words = &self.slots()[slot * SLOT_WORDS..slot * SLOT_WORDS + len.div_ceil(8)];
         out.clear();
-        out.reserve(len.div_ceil(8) * 8);
-        for word in words {
-            out.extend_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+        out.resize(len.div_ceil(8) * 8, 0);
+        for (word, chunk) in words.iter().zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
         }
         out.truncate(len);
         true
