@@ -1,4 +1,5 @@
-//! The frames between a host and an isolated plugin's child process, over one Unix socket.
+//! The frames between a host and an isolated plugin's child process: over its control socket
+//! and answer pipe, and in its call region (`super::shm`), the same bytes.
 //!
 //! A frame is `u32` length (little endian, of what follows), a tag byte, a `u64` request id, a
 //! code byte, then text fields, each a `u32` length and UTF-8 bytes. Requests carry ids so that

@@ -406,8 +406,7 @@ impl Conn {
                 Err(_) => break Err(Unanswered::Ended),
             }
             // The answer pipe does not block: a read takes what came, and only an empty pipe
-            // costs a `poll`. Often the answer is in by now (the child ran when our request
-            // woke it), and the call costs one write and one read, as a pipe round trip does.
+            // costs a `poll` (an answer redirected from the call region is often in already).
             let Reading { pipe, frames } = &mut *reading;
             match frames.fill(pipe) {
                 Ok(0) => break Err(Unanswered::Ended),
