@@ -67,6 +67,11 @@ struct Mb {
 }
 
 #[derive(Debug, Deserialize)]
+struct Repeat {
+    n: usize,
+}
+
+#[derive(Debug, Deserialize)]
 struct Text {
     text: String,
 }
@@ -248,6 +253,22 @@ impl Plugin for Crashy {
                 "scribble",
                 "Isolated only: forges its own answer in the memory its process shares with the host, with a length beyond the slot, then sleeps 3 s and answers \"unseen\"",
                 |_, _: IgnoredAny| scribble(),
+            )
+            .method(
+                "repeat",
+                "Answers a text of {\"n\"} bytes (other params ignored: a large request)",
+                |_, p: Repeat| Ok("x".repeat(p.n.min(16 << 20))),
+            )
+            .method(
+                "chatter",
+                "Logs {\"n\"} warnings of 1 KiB each, then answers \"said\"",
+                |_, p: Repeat| {
+                    let line = "z".repeat(1024);
+                    for i in 0..p.n.min(100_000) {
+                        tracing::warn!(i, "{line}");
+                    }
+                    Ok("said")
+                },
             )
             .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))
             .method("add", "Adds {\"n\"} to the counter", |this, p: N| {

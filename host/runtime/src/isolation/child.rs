@@ -9,8 +9,9 @@
 //! one request at a time: the main thread sleeps on it (a futex), runs the request itself and
 //! puts the answer back, waking the host only if it sleeps, so a call costs a wait and a wake
 //! here and no hand-off between threads. Every other answer, an answer that does not fit the
-//! region, and every log event of a thread serving a request (the answer then follows it on
-//! the pipe, so that it comes after the events) go on the answer pipe.
+//! region, and every log event of a thread serving a request go on the answer pipe; for the
+//! region's request the host is told first (so that it reads the pipe while it fills), and the
+//! answer then follows the events there.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd as _;
@@ -74,6 +75,8 @@ struct Child {
     control: Out,
     /// The answer pipe: answers, and log events of threads serving a request.
     calls: Out,
+    /// The call region (see the module's documentation).
+    region: Region,
     library: RwLock<Option<PluginLibrary>>,
     plugin: Mutex<String>,
     waiting: Waiting,
@@ -86,8 +89,9 @@ thread_local! {
     static CHAIN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     /// This thread serves a request: its log events go on the answer pipe, before the answer.
     static SERVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// This thread wrote on the answer pipe while serving: its answer goes there too.
-    static PIPED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The call region's request this thread serves, while its answer may still go into the
+    /// region: taken (and the host told to read the answer pipe) by the first log event.
+    static REGION_CALL: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs the child: never returns.
@@ -147,6 +151,7 @@ fn serve(spec: &ChildSpec) -> i32 {
     let child = Arc::new(Child {
         control: Out::new(writer),
         calls: Out::new(answers),
+        region,
         library: RwLock::new(None),
         plugin: Mutex::new(String::new()),
         waiting: Mutex::new(HashMap::new()),
@@ -181,7 +186,7 @@ fn serve(spec: &ChildSpec) -> i32 {
     if spawned.is_err() {
         return 5;
     }
-    serve_calls(&child, &region)
+    serve_calls(&child)
 }
 
 /// Receives the call region (mapped) and the answer pipe's writing end, which the host sends
@@ -218,7 +223,8 @@ fn receive_channels(control: &UnixStream) -> std::io::Result<(Region, std::io::P
 /// there (or on the answer pipe, see the module's documentation). The host puts a request
 /// there only when the one before is answered; others come over the control socket. The host
 /// going away ends the process (the control socket's reader exits, or the death signal).
-fn serve_calls(child: &Arc<Child>, region: &Region) -> ! {
+fn serve_calls(child: &Arc<Child>) -> ! {
+    let region = &child.region;
     let (mut last, mut bytes, mut answer) = (0u32, Vec::new(), Vec::new());
     // One frame, its buffers used again from request to request.
     let mut frame = Frame {
@@ -242,20 +248,26 @@ fn serve_calls(child: &Arc<Child>, region: &Region) -> ! {
             }
             Tag::Create | Tag::Call | Tag::Hook | Tag::Save | Tag::Restore => {
                 SERVING.with(|serving| serving.set(true));
-                PIPED.with(|piped| piped.set(false));
+                REGION_CALL.with(|call| call.set(Some(seq)));
                 let served = child.serve(&mut frame);
                 SERVING.with(|serving| serving.set(false));
+                // Still ours unless a log event sent the host to the answer pipe.
+                let in_region = REGION_CALL.with(std::cell::Cell::take).is_some();
                 let Some((id, code, fields)) = served else {
                     continue;
                 };
                 let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
                 let fits = super::protocol::frame_len(&fields) <= shm::SLOT
                     && super::protocol::encode(&mut answer, Tag::Answer, id, code, &fields).is_ok();
-                if fits && !PIPED.with(std::cell::Cell::get) {
+                if in_region && fits {
                     region.answer_here(seq, &answer);
                 } else {
+                    // The host is told first, then reads the pipe while the answer is
+                    // written: an answer larger than the pipe holds does not wait for it.
+                    if in_region {
+                        region.answer_on_the_pipe(seq);
+                    }
                     child.calls.send(Tag::Answer, id, code, &fields);
-                    region.answer_on_the_pipe(seq);
                 }
                 if answer.capacity() > shm::SLOT {
                     answer = Vec::new();
@@ -639,7 +651,12 @@ impl tracing::Subscriber for Bridge {
             .unwrap_or_else(|| event.metadata().target().to_owned());
         fields.message.push_str(&fields.rest);
         let out = if SERVING.with(std::cell::Cell::get) {
-            PIPED.with(|piped| piped.set(true));
+            // Serving the region's request: the host is sent to the answer pipe before the
+            // first event goes there (a pipe full of events must have a reader), and the
+            // answer follows them there.
+            if let Some(seq) = REGION_CALL.with(std::cell::Cell::take) {
+                self.child.region.answer_on_the_pipe(seq);
+            }
             &self.child.calls
         } else {
             &self.child.control
