@@ -16,12 +16,13 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 //!
-//! All unsafe code is in one private module (`dylib`); the repository's `ARCHITECTURE.md` says
+//! All unsafe code is in a few private modules (`dylib`, `crash`, `isolation::shm`); the repository's `ARCHITECTURE.md` says
 //! where everything lives and which invariants hold, and why each step of loading is done the
 //! way it is.
 
 #![deny(missing_docs)]
-// Every `unsafe` of the host is in `dylib` and `crash`; the rest may not have any.
+// Every `unsafe` of the host is in `dylib`, `crash` and `isolation::shm`; the rest may not
+// have any.
 #![deny(unsafe_code)]
 
 /// Entry points of the fuzz targets in `tests/fuzz`; not an API (feature `fuzzing`).

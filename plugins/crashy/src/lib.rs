@@ -67,6 +67,11 @@ struct Mb {
 }
 
 #[derive(Debug, Deserialize)]
+struct Repeat {
+    n: usize,
+}
+
+#[derive(Debug, Deserialize)]
 struct Text {
     text: String,
 }
@@ -214,6 +219,44 @@ fn touch(mb: usize) -> usize {
     std::hint::black_box(&block).len()
 }
 
+/// The host's call region, as the host lays it out: `u32` words, the request's sequence number
+/// at byte 0, the answer's at 64 and its length at 72.
+const REQ_SEQ: u64 = 0;
+const ANS_SEQ: u64 = 64;
+const ANS_LEN: u64 = 72;
+
+/// What a hostile plugin can do to the memory its process shares with the host, with no
+/// unsafe code (through `/proc/self/mem`): forge an answer there. See the `scribble` method.
+fn scribble() -> Result<&'static str, PluginError> {
+    use std::os::unix::fs::FileExt as _;
+    let maps =
+        std::fs::read_to_string("/proc/self/maps").map_err(|e| PluginError::new(e.to_string()))?;
+    let start = maps
+        .lines()
+        .find(|line| line.contains("memfd:plugin-calls"))
+        .and_then(|line| line.split('-').next())
+        .and_then(|start| u64::from_str_radix(start, 16).ok())
+        .ok_or_else(|| PluginError::new("no call region: is the plugin isolated?"))?;
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    // This call's own answer is forged: its number, and a length beyond the slot. The host,
+    // woken by nothing, finds it when its wait ends (at most a second); the real answer comes
+    // later.
+    let mut word = [0u8; 4];
+    memory
+        .read_exact_at(&mut word, start + REQ_SEQ)
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    memory
+        .write_all_at(&u32::MAX.wrapping_sub(7).to_ne_bytes(), start + ANS_LEN)
+        .and_then(|()| memory.write_all_at(&word, start + ANS_SEQ))
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    Ok("unseen")
+}
+
 impl Crashy {
     fn fault_in(&self, entry: &str) {
         if let Some(fault) = self.config.faults.get(entry) {
@@ -292,6 +335,27 @@ impl Plugin for Crashy {
                 "fan_out",
                 "Calls {\"plugin\", \"method\", \"params\"} through the host from {\"n\"} threads at once; answers how many calls were answered and how many failed, with the first error",
                 |_, p: FanOut| Ok(fan_out(&p)),
+            )
+            .method(
+                "scribble",
+                "Isolated only: forges its own answer in the memory its process shares with the host, with a length beyond the slot, then sleeps 3 s and answers \"unseen\"",
+                |_, _: IgnoredAny| scribble(),
+            )
+            .method(
+                "repeat",
+                "Answers a text of {\"n\"} bytes (other params ignored: a large request)",
+                |_, p: Repeat| Ok("x".repeat(p.n.min(16 << 20))),
+            )
+            .method(
+                "chatter",
+                "Logs {\"n\"} warnings of 1 KiB each, then answers \"said\"",
+                |_, p: Repeat| {
+                    let line = "z".repeat(1024);
+                    for i in 0..p.n.min(100_000) {
+                        tracing::warn!(i, "{line}");
+                    }
+                    Ok("said")
+                },
             )
             .method("ok", "Answers \"fine\"", |_, _: IgnoredAny| Ok("fine"))
             .method("add", "Adds {\"n\"} to the counter", |this, p: N| {

@@ -727,6 +727,64 @@ fn a_crash_answers_every_waiting_caller_crashed() {
     assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
 }
 
+/// Requests and answers of every size get through, on either side of the call region's slot
+/// (32,640 bytes): what fits goes through the shared memory, the rest over the socket and the
+/// answer pipe, with the same answers.
+#[test]
+fn frames_of_every_size_cross_the_region_or_the_pipes() {
+    let dir = PluginDir::new();
+    let host = isolated_crashy(&dir, 30_000);
+    for n in [0, 1_000, 32_590, 32_620, 32_621, 32_700, 100_000, 1 << 20] {
+        let answer = host.execute("crashy", "repeat", &json!({"n": n}));
+        assert_eq!(answer, Some(json!("x".repeat(n))), "answer of {n} bytes");
+        let pad = "y".repeat(n);
+        let answer = host.execute("crashy", "repeat", &json!({"n": 3, "pad": pad}));
+        assert_eq!(answer, Some(json!("xxx")), "request of {n} bytes");
+    }
+    assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 0);
+}
+
+/// A call whose log events fill the answer pipe many times over (300 KiB of warnings, the
+/// pipe holds 64) is answered, after its events, well within its deadline: the host reads the
+/// pipe while the child writes.
+#[test]
+fn a_call_that_logs_more_than_the_pipe_holds_is_answered() {
+    let dir = PluginDir::new();
+    let worker = start(
+        &dir,
+        json!({"isolation": "process", "timeoutMs": 20_000}),
+        &["--no-watch"],
+    );
+    let started = std::time::Instant::now();
+    let (answer, reason) = call(&worker, "crashy", "chatter", &json!({"n": 300}));
+    assert_eq!((answer, reason.as_str()), (json!("said"), ""));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let (status, log) = worker.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("i=299"), "the last event is missing");
+}
+
+/// A plugin that writes into the memory its process shares with the host (here: a forged
+/// answer to its own call, with a length beyond the slot) cannot make the host read beyond the
+/// slot or wait without bound: the call answers "crashed" (not the plugin's later answer), the
+/// child is ended and started again, and the plugin serves again.
+#[test]
+fn a_child_that_forges_an_answer_in_the_shared_memory_is_ended_and_restarted() {
+    let dir = PluginDir::new();
+    let host = isolated_crashy(&dir, 30_000);
+    let forged = host.call("crashy", "scribble", &Value::Null).unwrap_err();
+    assert!(
+        matches!(forged, plugin_host::PluginCallError::Crashed { .. }),
+        "{forged}"
+    );
+    assert!(eventually(PATIENCE, || host.execute(
+        "crashy",
+        "ok",
+        &Value::Null
+    ) == Some(json!("fine"))));
+    assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
+}
+
 /// What the child logs while it loads the plugin (here the loader's warning about a file others
 /// may write, allowed by `--insecure-permissions`) reaches the worker's log, and the load goes
 /// on.

@@ -1,15 +1,17 @@
 //! The child side: the embedder's own executable, started again with [`CHILD_ENV`] set, loads
 //! one plugin through the same loader and checks as the host, and serves the host's requests.
 //!
-//! A Unix socket and two pipes join it to the host. The *control* socket, its standard input,
-//! carries what either side starts on its own: the load's outcome, log events, the plugin's
-//! calls and store operations through the host and their answers, and requests that arrive
-//! while another runs. The *request pipe*, passed over the control socket at start with the
-//! *answer pipe*, carries one request at a time: its reader (the main thread) runs the request
-//! itself and writes the answer back, so a call costs one read and one write here and no
-//! hand-off between threads. Every answer, and every log event of a thread serving a request
-//! (so that it comes before the answer), goes on the answer pipe. (Pipes, not a second socket:
-//! a round trip over a pair of pipes costs about half what it costs over a Unix socket.)
+//! A Unix socket, a shared memory region and a pipe join it to the host. The *control* socket,
+//! its standard input, carries what either side starts on its own: the load's outcome, log
+//! events, the plugin's calls and store operations through the host and their answers, and
+//! requests that arrive while another runs (or do not fit the region). The *call region*
+//! ([`super::shm`]), passed over the control socket at start with the *answer pipe*, carries
+//! one request at a time: the main thread sleeps on it (a futex), runs the request itself and
+//! puts the answer back, waking the host only if it sleeps, so a call costs a wait and a wake
+//! here and no hand-off between threads. Every other answer, an answer that does not fit the
+//! region, and every log event of a thread serving a request go on the answer pipe; for the
+//! region's request the host is told first (so that it reads the pipe while it fills), and the
+//! answer then follows the events there.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd as _;
@@ -23,6 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
+use super::shm::{self, Region};
 use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::PluginError;
 
@@ -72,6 +75,8 @@ struct Child {
     control: Out,
     /// The answer pipe: answers, and log events of threads serving a request.
     calls: Out,
+    /// The call region (see the module's documentation).
+    region: Region,
     library: RwLock<Option<PluginLibrary>>,
     plugin: Mutex<String>,
     waiting: Waiting,
@@ -84,6 +89,9 @@ thread_local! {
     static CHAIN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     /// This thread serves a request: its log events go on the answer pipe, before the answer.
     static SERVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The call region's request this thread serves, while its answer may still go into the
+    /// region: taken (and the host told to read the answer pipe) by the first log event.
+    static REGION_CALL: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs the child: never returns.
@@ -130,10 +138,10 @@ fn serve(spec: &ChildSpec) -> i32 {
         eprintln!("plugin child: cannot detach standard input: {e}");
         return 5;
     }
-    let (requests, answers) = match receive_pipes(&socket) {
-        Ok(pipes) => pipes,
+    let (region, answers) = match receive_channels(&socket) {
+        Ok(channels) => channels,
         Err(e) => {
-            eprintln!("plugin child: no pipes from the host: {e}");
+            eprintln!("plugin child: no call region and answer pipe from the host: {e}");
             return 5;
         }
     };
@@ -143,6 +151,7 @@ fn serve(spec: &ChildSpec) -> i32 {
     let child = Arc::new(Child {
         control: Out::new(writer),
         calls: Out::new(answers),
+        region,
         library: RwLock::new(None),
         plugin: Mutex::new(String::new()),
         waiting: Mutex::new(HashMap::new()),
@@ -177,14 +186,12 @@ fn serve(spec: &ChildSpec) -> i32 {
     if spawned.is_err() {
         return 5;
     }
-    serve_calls(&child, requests)
+    serve_calls(&child)
 }
 
-/// Receives the request pipe's reading end and the answer pipe's writing end, which the host
-/// sends first thing over the control socket.
-fn receive_pipes(
-    control: &UnixStream,
-) -> std::io::Result<(std::io::PipeReader, std::io::PipeWriter)> {
+/// Receives the call region (mapped) and the answer pipe's writing end, which the host sends
+/// first thing over the control socket.
+fn receive_channels(control: &UnixStream) -> std::io::Result<(Region, std::io::PipeWriter)> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut ancillary = RecvAncillaryBuffer::new(&mut space);
@@ -203,27 +210,69 @@ fn receive_pipes(
     }
     let mut fds = fds.into_iter();
     match (fds.next(), fds.next()) {
-        (Some(requests), Some(answers)) if received.bytes == 1 => Ok((
-            std::io::PipeReader::from(requests),
-            std::io::PipeWriter::from(answers),
+        (Some(region), Some(answers)) if received.bytes == 1 => {
+            Ok((Region::open(&region)?, std::io::PipeWriter::from(answers)))
+        }
+        _ => Err(std::io::Error::other(
+            "the first message carried no call region and answer pipe",
         )),
-        _ => Err(std::io::Error::other("the first message carried no pipes")),
     }
 }
 
-/// Serves the request pipe: each request runs on this thread, which then writes its answer.
-/// The host sends a request here only when the one before is answered; others come over the
-/// control socket. The host closing the pipe (or going away) ends the process.
-fn serve_calls(child: &Arc<Child>, mut requests: std::io::PipeReader) -> ! {
-    let mut reader = FrameReader::default();
+/// Serves the call region: each request runs on this thread, which then puts its answer
+/// there (or on the answer pipe, see the module's documentation). The host puts a request
+/// there only when the one before is answered; others come over the control socket. The host
+/// going away ends the process (the control socket's reader exits, or the death signal).
+fn serve_calls(child: &Arc<Child>) -> ! {
+    let region = &child.region;
+    let (mut last, mut bytes, mut answer) = (0u32, Vec::new(), Vec::new());
+    // One frame, its buffers used again from request to request.
+    let mut frame = Frame {
+        tag: Tag::Call,
+        id: 0,
+        code: 0,
+        fields: Vec::new(),
+    };
     loop {
-        let frame = match reader.read(&mut requests) {
-            Ok(Some(frame)) => frame,
-            Ok(None) | Err(_) => std::process::exit(0),
+        let Some(seq) = region.next_request(last, &mut bytes) else {
+            continue;
         };
+        last = seq;
+        if super::protocol::decode_into(&bytes, &mut frame).is_err() {
+            continue;
+        }
         match frame.tag {
-            Tag::Stop => stop(child, frame.id),
-            Tag::Create | Tag::Call | Tag::Hook | Tag::Save | Tag::Restore => child.handle(frame),
+            Tag::Stop => {
+                stop(child, frame.id);
+                region.answer_on_the_pipe(seq);
+            }
+            Tag::Create | Tag::Call | Tag::Hook | Tag::Save | Tag::Restore => {
+                SERVING.with(|serving| serving.set(true));
+                REGION_CALL.with(|call| call.set(Some(seq)));
+                let served = child.serve(&mut frame);
+                SERVING.with(|serving| serving.set(false));
+                // Still ours unless a log event sent the host to the answer pipe.
+                let in_region = REGION_CALL.with(std::cell::Cell::take).is_some();
+                let Some((id, code, fields)) = served else {
+                    continue;
+                };
+                let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+                let fits = super::protocol::frame_len(&fields) <= shm::SLOT
+                    && super::protocol::encode(&mut answer, Tag::Answer, id, code, &fields).is_ok();
+                if in_region && fits {
+                    region.answer_here(seq, &answer);
+                } else {
+                    // The host is told first, then reads the pipe while the answer is
+                    // written: an answer larger than the pipe holds does not wait for it.
+                    if in_region {
+                        region.answer_on_the_pipe(seq);
+                    }
+                    child.calls.send(Tag::Answer, id, code, &fields);
+                }
+                if answer.capacity() > shm::SLOT {
+                    answer = Vec::new();
+                }
+            }
             _ => {}
         }
     }
@@ -338,14 +387,18 @@ fn error_of(error: PluginError) -> (u8, Vec<String>) {
 }
 
 impl Child {
-    /// Serves a request and writes its answer on the call socket.
-    fn handle(self: &Arc<Self>, frame: Frame) {
+    /// Serves a request and writes its answer on the answer pipe.
+    fn handle(self: &Arc<Self>, mut frame: Frame) {
         SERVING.with(|serving| serving.set(true));
-        self.serve(frame);
+        if let Some((id, code, fields)) = self.serve(&mut frame) {
+            let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+            self.calls.send(Tag::Answer, id, code, &fields);
+        }
         SERVING.with(|serving| serving.set(false));
     }
 
-    fn serve(self: &Arc<Self>, mut frame: Frame) {
+    /// Runs a request: its id, and the answer's code and fields.
+    fn serve(self: &Arc<Self>, frame: &mut Frame) -> Option<(u64, u8, Vec<String>)> {
         let id = frame.id;
         let (code, fields) = match frame.tag {
             Tag::Create => {
@@ -356,7 +409,7 @@ impl Child {
                 self.create(frame.take(0), store)
             }
             Tag::Call | Tag::Hook => {
-                CHAIN.with(|chain| *chain.borrow_mut() = frame.take(2));
+                CHAIN.with(|chain| frame.field(2).clone_into(&mut chain.borrow_mut()));
                 let library = self.library.read().unwrap_or_else(|p| p.into_inner());
                 let (name, input) = (frame.field(0), frame.field(1));
                 let answer = library.as_ref().and_then(|library| {
@@ -388,16 +441,9 @@ impl Child {
                     Some(Err(e)) => error_of(e),
                 }
             }
-            _ => return,
+            _ => return None,
         };
-        match fields.as_slice() {
-            [] => self.calls.send(Tag::Answer, id, code, &[]),
-            [one] => self.calls.send(Tag::Answer, id, code, &[one]),
-            _ => {
-                let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
-                self.calls.send(Tag::Answer, id, code, &fields);
-            }
-        }
+        Some((id, code, fields))
     }
 
     fn create(self: &Arc<Self>, config: String, store: bool) -> (u8, Vec<String>) {
@@ -605,6 +651,12 @@ impl tracing::Subscriber for Bridge {
             .unwrap_or_else(|| event.metadata().target().to_owned());
         fields.message.push_str(&fields.rest);
         let out = if SERVING.with(std::cell::Cell::get) {
+            // Serving the region's request: the host is sent to the answer pipe before the
+            // first event goes there (a pipe full of events must have a reader), and the
+            // answer follows them there.
+            if let Some(seq) = REGION_CALL.with(std::cell::Cell::take) {
+                self.child.region.answer_on_the_pipe(seq);
+            }
             &self.child.calls
         } else {
             &self.child.control

@@ -8,7 +8,8 @@
 //! [`run_child_if_requested`] first (the `worker` binary does), or the embedder names another
 //! program that does with [`PluginHostBuilder::with_child_program`](crate::PluginHostBuilder::with_child_program).
 //!
-//! - `protocol`: the frames over the one Unix socket between host and child.
+//! - `protocol`: the frames between host and child.
+//! - `shm`: the memory host and child share to carry one call at a time.
 //! - `child`: the child's side: load, create, serve requests on a pool of threads.
 //! - `supervisor`: the host's side: start, route answers, forward host calls, restart.
 
@@ -23,6 +24,11 @@ use plugin_api::abi::ErrorKind;
 
 pub(crate) mod child;
 pub(crate) mod protocol;
+#[expect(
+    unsafe_code,
+    reason = "the mapping of the memory shared with the child, seen as atomics"
+)]
+pub(crate) mod shm;
 pub(crate) mod supervisor;
 
 use protocol::{Tag, code};

@@ -1,4 +1,5 @@
-//! The frames between a host and an isolated plugin's child process, over one Unix socket.
+//! The frames between a host and an isolated plugin's child process: over its control socket
+//! and answer pipe, and in its call region (`super::shm`), the same bytes.
 //!
 //! A frame is `u32` length (little endian, of what follows), a tag byte, a `u64` request id, a
 //! code byte, then text fields, each a `u32` length and UTF-8 bytes. Requests carry ids so that
@@ -104,8 +105,48 @@ impl Frame {
     }
 }
 
+/// The bytes of a frame with these fields, its length prefix included.
+pub(crate) fn frame_len(fields: &[&str]) -> usize {
+    4 + 1 + 8 + 1 + fields.iter().map(|f| 4 + f.len()).sum::<usize>()
+}
+
+/// One whole frame's bytes (its length prefix included, nothing after it): the frame. For
+/// bytes copied out of the memory shared with a child: an error for anything else.
+pub(crate) fn decode(bytes: &[u8]) -> io::Result<Frame> {
+    let mut frame = Frame {
+        tag: Tag::Answer,
+        id: 0,
+        code: 0,
+        fields: Vec::new(),
+    };
+    decode_into(bytes, &mut frame)?;
+    Ok(frame)
+}
+
+/// [`decode`] into `frame`, whose fields' buffers are used again (no allocation for a frame
+/// no larger than the one before).
+pub(crate) fn decode_into(bytes: &[u8], frame: &mut Frame) -> io::Result<()> {
+    let Some((length, body)) = bytes.split_first_chunk::<4>() else {
+        return Err(invalid(format!("a frame of {} bytes", bytes.len())));
+    };
+    let length = u32::from_le_bytes(*length) as usize;
+    if length < 10 || length != body.len() {
+        return Err(invalid(format!(
+            "a frame announcing {length} bytes in {}",
+            body.len()
+        )));
+    }
+    parse_into(body, frame)
+}
+
 /// Appends one frame to `buffer` (cleared first).
-fn encode(buffer: &mut Vec<u8>, tag: Tag, id: u64, code: u8, fields: &[&str]) -> io::Result<()> {
+pub(crate) fn encode(
+    buffer: &mut Vec<u8>,
+    tag: Tag,
+    id: u64,
+    code: u8,
+    fields: &[&str],
+) -> io::Result<()> {
     let body: usize = 1 + 8 + 1 + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
     if body > MAX_FRAME {
         return Err(io::Error::new(
@@ -176,73 +217,30 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-impl<W: Write + std::os::fd::AsFd> FrameWriter<W> {
-    /// [`send`](Self::send) on a non-blocking `out`, waiting (`poll`) for room no later than
-    /// `deadline`: a peer that stops reading cannot hold the writer. `TimedOut` past it.
-    pub(crate) fn send_by(
-        &mut self,
-        tag: Tag,
-        id: u64,
-        code: u8,
-        fields: &[&str],
-        deadline: std::time::Instant,
-    ) -> io::Result<()> {
-        encode(&mut self.buffer, tag, id, code, fields)?;
-        let written = write_by(&mut self.out, &self.buffer, deadline);
-        if self.buffer.capacity() > KEPT_BUFFER {
-            self.buffer = Vec::with_capacity(512);
-        }
-        written
-    }
-}
-
-/// Writes all of `bytes` to the non-blocking `out`, waiting for room until `deadline`.
-fn write_by(
-    out: &mut (impl Write + std::os::fd::AsFd),
-    mut bytes: &[u8],
-    deadline: std::time::Instant,
-) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match out.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                let wait =
-                    rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
-                        tv_sec: 1,
-                        tv_nsec: 0,
-                    });
-                let mut fds = [rustix::event::PollFd::new(
-                    &*out,
-                    rustix::event::PollFlags::OUT,
-                )];
-                match rustix::event::poll(&mut fds, Some(&wait)) {
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
 /// The body of a frame (after its length): the frame.
 fn parse(body: &[u8]) -> io::Result<Frame> {
+    let mut frame = Frame {
+        tag: Tag::Answer,
+        id: 0,
+        code: 0,
+        fields: Vec::new(),
+    };
+    parse_into(body, &mut frame)?;
+    Ok(frame)
+}
+
+/// [`parse`] into `frame`, using its fields' buffers again. `body` has at least 10 bytes.
+fn parse_into(body: &[u8], frame: &mut Frame) -> io::Result<()> {
     let tag = Tag::from_u8(body[0]).ok_or_else(|| invalid(format!("unknown tag {}", body[0])))?;
     let mut id = [0u8; 8];
     id.copy_from_slice(&body[1..9]);
     let code = body[9];
-    let mut fields = Vec::new();
+    let mut count = 0;
+    let fields = &mut frame.fields;
     let mut rest = &body[10..];
     while !rest.is_empty() {
         if rest.len() < 4 {
@@ -257,15 +255,18 @@ fn parse(body: &[u8]) -> io::Result<Frame> {
         }
         let text = std::str::from_utf8(&rest[..len])
             .map_err(|e| invalid(format!("a field that is not UTF-8 ({e})")))?;
-        fields.push(text.to_owned());
+        match fields.get_mut(count) {
+            Some(field) => text.clone_into(field),
+            None => fields.push(text.to_owned()),
+        }
+        count += 1;
         rest = &rest[len..];
     }
-    Ok(Frame {
-        tag,
-        id: u64::from_le_bytes(id),
-        code,
-        fields,
-    })
+    fields.truncate(count);
+    frame.tag = tag;
+    frame.id = u64::from_le_bytes(id);
+    frame.code = code;
+    Ok(())
 }
 
 /// A socket's reading side, buffered: one `read` brings a whole small frame (or several), where
@@ -402,6 +403,29 @@ mod tests {
         assert!(FrameReader::default().read(&mut garbage).is_err());
         let mut unknown: &[u8] = &[10, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(FrameReader::default().read(&mut unknown).is_err());
+    }
+
+    /// A whole frame decodes; bytes that are not exactly one frame do not.
+    #[test]
+    fn decode_takes_exactly_one_frame() {
+        let mut bytes = Vec::new();
+        encode(&mut bytes, Tag::Answer, 9, 1, &["a", "bc"]).unwrap();
+        assert_eq!(bytes.len(), frame_len(&["a", "bc"]));
+        let frame = decode(&bytes).unwrap();
+        assert_eq!((frame.tag, frame.id, frame.code), (Tag::Answer, 9, 1));
+        assert_eq!(frame.fields, ["a", "bc"]);
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer).is_err());
+        let mut lying = bytes.clone();
+        lying[0] = 200;
+        assert!(decode(&lying).is_err());
+        let mut field = bytes;
+        field[14] = 255;
+        assert!(decode(&field).is_err(), "a field length beyond the frame");
     }
 
     /// Frames that arrive a byte at a time, several in one read, or larger than the buffer are

@@ -19,6 +19,7 @@ use rustc_hash::FxHashMap;
 
 use super::child::{CHILD_ENV, ChildSpec};
 use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
+use super::shm::{self, Region};
 use super::{HostLink, IsolationReport, Lost, RestartPolicy};
 use crate::error::PluginError;
 use crate::text::EscapeControl;
@@ -46,7 +47,7 @@ const READ_TICK: Duration = Duration::from_secs(1);
 struct Waiter {
     thread: std::thread::Thread,
     reply: Option<Reply>,
-    /// Its request went over the request pipe (not the control socket).
+    /// Its request went through the call region (not the control socket).
     on_calls: bool,
 }
 
@@ -61,6 +62,11 @@ struct Waits {
     /// By request id. The ids are the host's own (sequential), so a hash without a random
     /// key serves: a child can only look ids up, never add them.
     pending: FxHashMap<u64, Waiter>,
+    /// The last answer read from the answer pipe that no caller waited for: the call in the
+    /// call region waits there (unregistered) until the child says its answer is on the pipe,
+    /// and a reader may have taken it by then. One frame, so a child sending answers nobody
+    /// asked for holds no more.
+    stray: Option<Frame>,
 }
 
 /// The answer pipe's reading side, used by the caller that leads.
@@ -77,14 +83,17 @@ enum Unanswered {
     Ended,
 }
 
-/// One child process and the channels to it (see [`super::child`]): requests go over the
-/// request pipe when no other request is on it, else over the control socket; every answer
-/// comes back on the answer pipe, which the waiting callers read themselves, one at a time
-/// (leader and followers): the one reading hands each other caller its answer, and the reading
-/// to one of them when its own answer is in. A call thus costs a write and a read (and a
-/// `poll` when the answer is not in yet), and no thread in between wakes. What the child starts on its own (log events outside
-/// requests, its calls to other plugins and to the store) comes over the control socket, which
-/// a thread of its own reads; that thread also sees the child end when no call is in flight.
+/// One child process and the channels to it (see [`super::child`]): a request goes through
+/// the call region ([`shm`]) when no other request is there and it fits, and its caller sleeps
+/// on the region until the answer is put there; a futex wakes either side only when it sleeps,
+/// so a call costs a wake and a wait on each side, and no thread in between wakes. Other
+/// requests go over the control socket, and their answers (and an answer that does not fit the
+/// region) come back on the answer pipe, which the waiting callers read themselves, one at a
+/// time (leader and followers): the one reading hands each other caller its answer, and the
+/// reading to one of them when its own answer is in. What the child starts on its own (log
+/// events outside requests, its calls to other plugins and to the store) comes over the control
+/// socket, which a thread of its own reads; that thread also sees the child end, and wakes
+/// every caller.
 struct Conn {
     /// The plugin (its file, for a first child that has not read the manifest yet).
     plugin: String,
@@ -93,9 +102,11 @@ struct Conn {
     control: Mutex<FrameWriter<UnixStream>>,
     /// A handle on the control socket to hang it up when the child is killed.
     hangup: Option<UnixStream>,
-    /// The request pipe's writing side.
-    calls: Mutex<FrameWriter<std::io::PipeWriter>>,
-    /// A request is on the request pipe and not answered yet.
+    /// The call region, shared with the child: everything read there is the child's to spoil.
+    region: Region,
+    /// The buffers of the call in the region.
+    calls: Mutex<CallSlot>,
+    /// A request is in the call region and not answered yet.
     calls_busy: AtomicBool,
     waits: Mutex<Waits>,
     reading: Mutex<Reading>,
@@ -111,6 +122,17 @@ struct Conn {
     stopping: AtomicBool,
     shadow: Mutex<Option<PathBuf>>,
     owner: Owner,
+}
+
+/// The host's side of the call region's one call.
+#[derive(Default)]
+struct CallSlot {
+    /// The last request's sequence number (1 to `i32::MAX`, then 1 again).
+    seq: u32,
+    /// The request's frame.
+    request: Vec<u8>,
+    /// The answer's bytes, copied out of the region.
+    answer: Vec<u8>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -162,13 +184,31 @@ impl Conn {
             return Err(Lost::Crashed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let on_calls = !self.calls_busy.swap(true, Ordering::AcqRel);
+        let on_calls = super::protocol::frame_len(fields) <= shm::SLOT
+            && !self.calls_busy.swap(true, Ordering::AcqRel);
+        if on_calls {
+            // Putting the request in the region never blocks; a child that does not take it
+            // overruns the deadline as one that takes too long. The caller is not registered
+            // among those the answer pipe's readers serve unless its answer goes there.
+            let mut slot = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            slot.seq = slot.seq % (i32::MAX as u32) + 1;
+            let seq = slot.seq;
+            if super::protocol::encode(&mut slot.request, tag, id, 0, fields).is_ok() {
+                self.region.request(seq, &slot.request);
+            }
+            if slot.request.capacity() > shm::SLOT {
+                slot.request = Vec::new();
+            }
+            return match self.wait_region(&mut slot, id, seq, deadline, timeout) {
+                Ok(Reply::Frame(frame)) => Ok(frame),
+                Ok(Reply::Lost(lost)) => Err(lost),
+                Err(Unanswered::Ended) => Err(self.lost()),
+                Err(Unanswered::Overdue) => Err(self.overran(timeout, overruns, "overran")),
+            };
+        }
         {
             let mut waits = self.waits();
             if waits.dead {
-                if on_calls {
-                    self.calls_busy.store(false, Ordering::Release);
-                }
                 return Err(Lost::Crashed);
             }
             let waiter = Waiter {
@@ -178,12 +218,9 @@ impl Conn {
             };
             waits.pending.insert(id, waiter);
         }
-        // Both writes are bounded by the call's deadline (the pipe does not block, the
-        // socket has a send timeout): a child that stops reading cannot hold the caller.
-        let written = if on_calls {
-            let mut pipe = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-            pipe.send_by(tag, id, 0, fields, deadline)
-        } else {
+        // The write is bounded by the call's deadline (the socket has a send timeout): a
+        // child that stops reading cannot hold the caller.
+        let written = {
             let mut socket = self.control.lock().unwrap_or_else(|p| p.into_inner());
             let left = deadline.saturating_duration_since(Instant::now());
             let _ = socket
@@ -193,9 +230,6 @@ impl Conn {
         };
         if let Err(e) = written {
             self.waits().pending.remove(&id);
-            if on_calls {
-                self.calls_busy.store(false, Ordering::Release);
-            }
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -239,6 +273,90 @@ impl Conn {
         } else {
             Lost::Crashed
         }
+    }
+
+    /// Waits for the answer to request `id`, number `seq` in the call region: put there by the
+    /// child (copied out, then checked: it must be one frame, the answer to `id`), or on the
+    /// answer pipe when the child says so. A child that ends wakes the caller (see
+    /// [`Conn::end_calls`]); a child that writes what is not an answer there is ended.
+    fn wait_region(
+        &self,
+        slot: &mut CallSlot,
+        id: u64,
+        seq: u32,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Reply, Unanswered> {
+        let mut first = true;
+        loop {
+            // Read before the looks below: any change after them wakes the wait at once.
+            let seen = self.region.answered();
+            if self.dead.load(Ordering::SeqCst) {
+                return Err(Unanswered::Ended);
+            }
+            match self.region.answer(seq, &mut slot.answer) {
+                shm::Answer::NotYet => {}
+                shm::Answer::Here => {
+                    return match super::protocol::decode(&slot.answer) {
+                        Ok(frame) if frame.tag == Tag::Answer && frame.id == id => {
+                            self.calls_busy.store(false, Ordering::Release);
+                            if slot.answer.capacity() > shm::SLOT {
+                                slot.answer = Vec::new();
+                            }
+                            Ok(Reply::Frame(frame))
+                        }
+                        _ => Ok(self.garbled()),
+                    };
+                }
+                shm::Answer::OnThePipe => {
+                    {
+                        let mut waits = self.waits();
+                        if let Some(frame) = waits.stray.take_if(|frame| frame.id == id) {
+                            self.calls_busy.store(false, Ordering::Release);
+                            return Ok(Reply::Frame(frame));
+                        }
+                        if waits.dead {
+                            return Err(Unanswered::Ended);
+                        }
+                        let waiter = Waiter {
+                            thread: std::thread::current(),
+                            reply: None,
+                            on_calls: true,
+                        };
+                        waits.pending.insert(id, waiter);
+                    }
+                    return self.wait(id, true, deadline);
+                }
+                shm::Answer::Invalid => return Ok(self.garbled()),
+            }
+            // The first wait is not preceded by a clock read (the common call's only wait): it
+            // lasts at most the call's whole timeout from now, which overshoots the deadline
+            // by the time since the call started (microseconds), once.
+            let wait = if first {
+                first = false;
+                timeout
+            } else {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Unanswered::Overdue);
+                }
+                deadline - now
+            };
+            self.region.wait_answer(seen, wait.min(shm::TICK));
+        }
+    }
+
+    /// The child put something in the call region that is not the answer it was asked for:
+    /// it is ended, as one that writes what is not a frame on the answer pipe.
+    fn garbled(&self) -> Reply {
+        tracing::warn!(
+            plugin = %self.plugin,
+            pid = self.pid,
+            "isolated plugin's process put a malformed answer in its call region; it is killed and restarted"
+        );
+        self.kill();
+        self.end_calls();
+        Reply::Lost(self.lost())
     }
 
     /// Waits for the answer to request `id`: handed over by the caller that reads the answer
@@ -291,8 +409,7 @@ impl Conn {
                 Err(_) => break Err(Unanswered::Ended),
             }
             // The answer pipe does not block: a read takes what came, and only an empty pipe
-            // costs a `poll`. Often the answer is in by now (the child ran when our request
-            // woke it), and the call costs one write and one read, as a pipe round trip does.
+            // costs a `poll` (an answer redirected from the call region is often in already).
             let Reading { pipe, frames } = &mut *reading;
             match frames.fill(pipe) {
                 Ok(0) => break Err(Unanswered::Ended),
@@ -365,14 +482,16 @@ impl Conn {
         match frame.tag {
             Tag::Answer => {
                 let mut waits = self.waits();
-                if let Some(waiter) = waits.pending.get_mut(&frame.id)
-                    && waiter.reply.is_none()
-                {
-                    if waiter.on_calls {
-                        self.calls_busy.store(false, Ordering::Release);
+                match waits.pending.get_mut(&frame.id) {
+                    Some(waiter) if waiter.reply.is_none() => {
+                        if waiter.on_calls {
+                            self.calls_busy.store(false, Ordering::Release);
+                        }
+                        waiter.reply = Some(Reply::Frame(frame));
+                        waiter.thread.unpark();
                     }
-                    waiter.reply = Some(Reply::Frame(frame));
-                    waiter.thread.unpark();
+                    Some(_) => {}
+                    None => waits.stray = Some(frame),
                 }
             }
             Tag::Log => emit(&self.name(), frame.code, frame.field(0), frame.field(1)),
@@ -383,7 +502,9 @@ impl Conn {
     /// The child ended: every call in flight answers "crashed" (or "timed out", when the host
     /// killed it for a deadline), and no new request is sent.
     fn end_calls(&self) {
-        self.dead.store(true, Ordering::Release);
+        self.dead.store(true, Ordering::SeqCst);
+        // A caller asleep on the call region wakes and sees `dead`.
+        self.region.wake_host();
         let lost = self.lost();
         let mut waits = self.waits();
         waits.dead = true;
@@ -967,12 +1088,11 @@ fn spawn(
 ) -> Result<(Arc<Conn>, String, bool), String> {
     let no_socket = |e: std::io::Error| format!("no socket for the plugin's process: {e}");
     let (ours, theirs) = UnixStream::pair().map_err(no_socket)?;
-    let (requests_theirs, requests) = std::io::pipe().map_err(no_socket)?;
+    let (region, region_theirs) = Region::create()
+        .map_err(|e| format!("no call region (shared memory) for the plugin's process: {e}"))?;
     let (answers, answers_theirs) = std::io::pipe().map_err(no_socket)?;
     // The host's end of the answer pipe does not block (see `Conn::lead`); the child's does.
     rustix::io::ioctl_fionbio(&answers, true).map_err(|e| no_socket(e.into()))?;
-    // Nor does its end of the request pipe: a request waits for room at most its deadline.
-    rustix::io::ioctl_fionbio(&requests, true).map_err(|e| no_socket(e.into()))?;
     let spec = serde_json::to_string(&launch.spec)
         .map_err(|e| format!("the plugin's process settings: {e}"))?;
     let mut command = Command::new(&launch.program);
@@ -1013,10 +1133,10 @@ fn spawn(
         let _ = child.wait();
         why
     };
-    // The pipes go first, before anything the child reads; the host keeps no copy of the
-    // child's ends, so that the answer pipe ends when the child does.
-    let sent = send_pipes(&ours, requests_theirs.as_fd(), answers_theirs.as_fd());
-    drop((requests_theirs, answers_theirs));
+    // The region and the pipe go first, before anything the child reads; the host keeps no
+    // copy of the child's end of the pipe, so that the answer pipe ends when the child does.
+    let sent = send_channels(&ours, region_theirs.as_fd(), answers_theirs.as_fd());
+    drop((region_theirs, answers_theirs));
     let (mut reader, control) = match (sent, ours.try_clone()) {
         (Ok(()), Ok(reader)) => (reader, ours),
         (Err(e), _) | (_, Err(e)) => return Err(kill(child, no_socket(e))),
@@ -1076,7 +1196,8 @@ fn spawn(
         process: Mutex::new(Some(child)),
         hangup: control.try_clone().ok(),
         control: Mutex::new(FrameWriter::new(control)),
-        calls: Mutex::new(FrameWriter::new(requests)),
+        region,
+        calls: Mutex::new(CallSlot::default()),
         calls_busy: AtomicBool::new(false),
         waits: Mutex::new(Waits::default()),
         reading: Mutex::new(Reading {
@@ -1130,19 +1251,19 @@ fn spawn_from_lasting_thread(command: Command) -> std::io::Result<std::process::
     spawned.recv().map_err(|_| no_thread())?
 }
 
-/// Sends the child's ends of the request and answer pipes over `control` (one byte carrying
-/// them).
-fn send_pipes(
+/// Sends the call region and the child's end of the answer pipe over `control` (one byte
+/// carrying them).
+fn send_channels(
     control: &UnixStream,
-    requests: std::os::fd::BorrowedFd<'_>,
+    region: std::os::fd::BorrowedFd<'_>,
     answers: std::os::fd::BorrowedFd<'_>,
 ) -> std::io::Result<()> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut ancillary = SendAncillaryBuffer::new(&mut space);
-    let fds = [requests, answers];
+    let fds = [region, answers];
     if !ancillary.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(std::io::Error::other("no room to send the pipes"));
+        return Err(std::io::Error::other("no room to send the call region"));
     }
     let sent = rustix::net::sendmsg(
         control,
@@ -1153,7 +1274,7 @@ fn send_pipes(
     if sent == 1 {
         Ok(())
     } else {
-        Err(std::io::Error::other("the pipes were not sent"))
+        Err(std::io::Error::other("the call region was not sent"))
     }
 }
 
