@@ -126,7 +126,11 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T,
         }));
     });
     let _inside = ShimDepth::enter();
-    match catch_unwind(AssertUnwindSafe(f)) {
+    crate::store::begin_call();
+    let result = catch_unwind(AssertUnwindSafe(f));
+    // The call's additions to the store go to the host in one crossing.
+    crate::store::end_call();
+    match result {
         Ok(Ok(value)) => ROk(value),
         Ok(Err(e)) => RErr(call_error(e)),
         Err(payload) => RErr(CallError {

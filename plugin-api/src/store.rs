@@ -26,8 +26,9 @@
 //! the plugin's copy, with this plugin's own additions applied to it, while the number is
 //! unchanged. A host older than the generation is asked every time, as before.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -42,7 +43,8 @@ pub struct Record {
     pub value: Value,
 }
 
-/// The plugin's copy of what it read, valid for one generation of the host's cache.
+/// The plugin's copy of what it read, valid for one generation of the host's cache, and the
+/// additions it has not handed to the host yet.
 struct ReadCache {
     generation: u64,
     /// Grows with every addition this plugin makes: a read that crossed while another thread
@@ -54,18 +56,169 @@ struct ReadCache {
     fields: BTreeMap<String, BTreeMap<String, f64>>,
     /// The last record read of each key (`None`: there was none).
     records: BTreeMap<String, Option<Record>>,
+    /// Additions not handed to the host yet, in the host's batch form (`HostApi::store_batch`):
+    /// handed over at the end of the plugin call that made them, in one crossing.
+    batch: Vec<u8>,
+    /// The ids the host gave to key names and field names.
+    key_ids: HashMap<String, u32>,
+    field_ids: HashMap<String, u32>,
+    /// The marks this process added under since the host's last refresh (as the host's own
+    /// set): [`add_once`] answers from it.
+    marks: HashSet<String>,
 }
 
-static READ_CACHE: Mutex<ReadCache> = Mutex::new(ReadCache {
-    generation: 0,
-    writes: 0,
-    adding: 0,
-    fields: BTreeMap::new(),
-    records: BTreeMap::new(),
+static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| {
+    Mutex::new(ReadCache {
+        generation: 0,
+        writes: 0,
+        adding: 0,
+        fields: BTreeMap::new(),
+        records: BTreeMap::new(),
+        batch: Vec::new(),
+        key_ids: HashMap::new(),
+        field_ids: HashMap::new(),
+        marks: HashSet::new(),
+    })
 });
+
+/// Whether [`READ_CACHE`] holds additions not handed over (read without its lock at the end of
+/// every call).
+static PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Plugin calls in progress on any thread: an addition made with none (on a thread of the
+/// plugin's own) is handed over at once, the others at the end of a call.
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// A batch past this size is handed over at once (the host takes at most 1 MiB).
+const HAND_OVER_AT: usize = 64 * 1024;
 
 fn read_cache() -> MutexGuard<'static, ReadCache> {
     READ_CACHE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReadCache {
+    /// Empties the copies (and the marks) if the host's cache changed since they were made.
+    fn renew(&mut self, generation: u64) {
+        if generation != self.generation {
+            self.fields.clear();
+            self.records.clear();
+            self.marks.clear();
+            self.generation = generation;
+        }
+    }
+
+    /// The host's id of a key (`kind` "k") or field ("f") name, asked for at its first use.
+    fn id(&mut self, kind: &str, name: &str) -> Option<u32> {
+        let ids = if kind == "k" {
+            &mut self.key_ids
+        } else {
+            &mut self.field_ids
+        };
+        if let Some(id) = ids.get(name) {
+            return Some(*id);
+        }
+        let id: u32 = raw("intern", &format!("{kind}\t{name}"))?.parse().ok()?;
+        ids.insert(name.to_owned(), id);
+        Some(id)
+    }
+
+    /// Hands the pending additions to the host, in one crossing.
+    fn hand_over(&mut self) {
+        PENDING.store(false, Ordering::Relaxed);
+        if self.batch.is_empty() {
+            return;
+        }
+        match crate::log::store_batch(&self.batch) {
+            // A mark was already pending in the host (the plugin's set was emptied at a
+            // refresh before the host's was): the host added nothing for it, so the copies,
+            // which did, are dropped and read again.
+            Ok(Some(answer)) if answer == "dup" => self.fields.clear(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.message, "the host's store refused a batch of additions");
+                self.fields.clear();
+            }
+        }
+        self.batch.clear();
+    }
+
+    /// Appends one entry (under `mark`, if any) to the batch and applies it to the copies;
+    /// `None` (nothing appended) when the host would not give an id.
+    fn append(&mut self, mark: Option<&str>, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+        let start = self.batch.len();
+        let appended = self.encode(mark, adds);
+        if appended.is_none() {
+            self.batch.truncate(start);
+            return None;
+        }
+        self.writes += 1;
+        if !self.fields.is_empty() {
+            for (key, fields) in adds {
+                if let Some(entry) = self.fields.get_mut(*key) {
+                    for (field, delta) in *fields {
+                        *entry.entry((*field).to_owned()).or_insert(0.0) += delta;
+                    }
+                }
+            }
+        }
+        PENDING.store(true, Ordering::Relaxed);
+        if self.batch.len() >= HAND_OVER_AT || CALLS.load(Ordering::Relaxed) == 0 {
+            self.hand_over();
+        }
+        Some(())
+    }
+
+    fn encode(&mut self, mark: Option<&str>, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+        let mut rows = Vec::with_capacity(adds.iter().map(|(_, f)| f.len()).sum());
+        for (key, fields) in adds {
+            let key = self.id("k", key)?;
+            for (field, delta) in *fields {
+                rows.push((key, self.id("f", field)?, *delta));
+            }
+        }
+        let batch = &mut self.batch;
+        match mark {
+            None => batch.push(0),
+            Some(mark) => {
+                batch.push(1);
+                batch.extend_from_slice(&u32::try_from(mark.len()).ok()?.to_le_bytes());
+                batch.extend_from_slice(mark.as_bytes());
+            }
+        }
+        batch.extend_from_slice(&u32::try_from(rows.len()).ok()?.to_le_bytes());
+        for (key, field, delta) in rows {
+            batch.extend_from_slice(&key.to_le_bytes());
+            batch.extend_from_slice(&field.to_le_bytes());
+            batch.extend_from_slice(&delta.to_le_bytes());
+        }
+        Some(())
+    }
+}
+
+/// Counts a plugin call as begun (the export shims call it): additions made during it are
+/// handed over when it ends ([`end_call`]).
+pub(crate) fn begin_call() {
+    CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Ends a call begun with [`begin_call`]: hands over the additions waiting, if any.
+pub(crate) fn end_call() {
+    CALLS.fetch_sub(1, Ordering::Relaxed);
+    if PENDING.load(Ordering::Relaxed) {
+        read_cache().hand_over();
+    }
+}
+
+/// The plugin's cache, renewed for the host's generation, when the host takes batches;
+/// `None` for the older paths (an older host, an isolated plugin, no store).
+fn batching() -> Option<MutexGuard<'static, ReadCache>> {
+    if !crate::log::has_store_batch() {
+        return None;
+    }
+    let generation = crate::log::store_generation()?;
+    let mut cache = read_cache();
+    cache.renew(generation);
+    Some(cache)
 }
 
 /// The plugin's read cache, emptied if the host's cache changed since it was filled; `None`
@@ -74,11 +227,7 @@ fn read_cache() -> MutexGuard<'static, ReadCache> {
 fn fresh_cache() -> Option<MutexGuard<'static, ReadCache>> {
     let generation = crate::log::store_generation()?;
     let mut cache = read_cache();
-    if generation != cache.generation {
-        cache.fields.clear();
-        cache.records.clear();
-        cache.generation = generation;
-    }
+    cache.renew(generation);
     Some(cache)
 }
 
@@ -157,6 +306,11 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
     if !plain(key) || fields.iter().any(|(f, d)| !plain(f) || !d.is_finite()) {
         return false;
     }
+    if let Some(mut cache) = batching()
+        && cache.append(None, &[(key, fields)]).is_some()
+    {
+        return true;
+    }
     let mut text = String::with_capacity(key.len() + 24 * fields.len());
     text.push_str(key);
     for (field, delta) in fields {
@@ -183,6 +337,15 @@ pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
         });
     if !valid {
         return None;
+    }
+    if let Some(mut cache) = batching() {
+        if cache.marks.contains(mark) {
+            return Some(false);
+        }
+        if cache.append(Some(mark), adds).is_some() {
+            cache.marks.insert(mark.to_owned());
+            return Some(true);
+        }
     }
     let mut text = String::with_capacity(mark.len() + 48 * adds.len());
     text.push_str(mark);
@@ -218,8 +381,12 @@ pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
     if !plain(key) {
         return None;
     }
-    let cached = fresh_cache().map(|cache| {
+    let cached = fresh_cache().map(|mut cache| {
         let hit = cache.fields.get(key).cloned();
+        if hit.is_none() {
+            // The host answers with what it holds: this plugin's additions first.
+            cache.hand_over();
+        }
         (hit, cache.generation, cache.writes)
     });
     if let Some((Some(fields), _, _)) = cached {

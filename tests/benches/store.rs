@@ -79,6 +79,7 @@ fn main() {
                 .iter()
                 .map(|t| t.replacen("\"id\":\"", &format!("\"id\":\"{i}-{round}-"), 1) + "\n")
                 .collect();
+            let flt0 = minflt();
             let started = std::time::Instant::now();
             let mut out = Vec::with_capacity(1 << 20);
             let summary = Pipeline::new(host.clone())
@@ -86,6 +87,13 @@ fn main() {
                 .unwrap();
             assert_eq!(summary.completed, 1200);
             times[i].push(started.elapsed().as_secs_f64());
+            if std::env::var_os("STORE_BENCH_VERBOSE").is_some() {
+                eprintln!(
+                    "{name} round {round}: {:.1} ms, {} minor faults",
+                    started.elapsed().as_secs_f64() * 1e3,
+                    minflt() - flt0
+                );
+            }
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -107,4 +115,10 @@ fn main() {
     for (_, host) in &setups {
         host.shutdown();
     }
+}
+
+fn minflt() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(7).unwrap().parse().unwrap()
 }
