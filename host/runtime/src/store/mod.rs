@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -166,7 +167,7 @@ fn intern(names: &mut Vec<Arc<str>>, ids: &mut HashMap<Arc<str>, u32>, name: &st
 }
 
 /// The sums of additions per key and field (ids).
-type Sums = HashMap<(u32, u32), f64>;
+type Sums = FxHashMap<(u32, u32), f64>;
 
 #[derive(Default)]
 struct Cache {
@@ -230,11 +231,11 @@ impl Cache {
     /// Queues `rows` under `mark` unless this process has seen the mark since its last flush;
     /// whether it was new.
     fn add_marked(&mut self, mark: &str, rows: impl Iterator<Item = Row>) -> bool {
-        if self.marks.contains(mark) {
+        // One hash: a mark seen before is rare (the plugin keeps a set of its own).
+        let mark: Arc<str> = Arc::from(mark);
+        if !self.marks.insert(Arc::clone(&mark)) {
             return false;
         }
-        let mark: Arc<str> = Arc::from(mark);
-        self.marks.insert(Arc::clone(&mark));
         let start = self.rows.len();
         for row in rows {
             *self.pending_sum.entry((row.key, row.field)).or_insert(0.0) += row.delta;
@@ -605,7 +606,7 @@ fn flush_once(shared: &Shared) -> bool {
     let mut cache = lock(&shared.cache);
     // What the store took is freed after the lock is let go (the plugins' calls wait for it).
     let mut flushed_batch = None;
-    let mut flushed_sums = Sums::new();
+    let mut flushed_sums = Sums::default();
     let ok = match applied {
         Ok(applied) => {
             if applied {
