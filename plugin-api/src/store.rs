@@ -119,6 +119,9 @@ impl ReadCache {
         if let Some(id) = ids.get(name) {
             return Some(*id);
         }
+        if !plain(name) {
+            return None;
+        }
         let id: u32 = raw("intern", &format!("{kind}\t{name}"))?.parse().ok()?;
         ids.insert(name.to_owned(), id);
         Some(id)
@@ -296,7 +299,7 @@ fn raw(name: &str, text: &str) -> Option<String> {
 
 /// Whether `name` can be a key, mark or field: not empty, no newline, no tab.
 fn plain(name: &str) -> bool {
-    !name.is_empty() && !name.contains(['\n', '\t'])
+    !name.is_empty() && name.bytes().all(|b| b != b'\n' && b != b'\t')
 }
 
 fn push_delta(text: &mut String, delta: f64) {
@@ -327,13 +330,17 @@ pub fn available() -> bool {
 /// Adds each delta to its field of `key` (a missing field starts at 0). `false` without a
 /// store, or when a name is empty or holds a newline or a tab, or a delta is not finite.
 pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
-    if !plain(key) || fields.iter().any(|(f, d)| !plain(f) || !d.is_finite()) {
+    if fields.iter().any(|(_, d)| !d.is_finite()) {
         return false;
     }
+    // Names are checked when the host numbers them (the first use).
     if let Some(mut cache) = batching()
         && cache.append(None, &[(key, fields)]).is_some()
     {
         return true;
+    }
+    if !plain(key) || fields.iter().any(|(f, _)| !plain(f)) {
+        return false;
     }
     let mut text = String::with_capacity(key.len() + 24 * fields.len());
     text.push_str(key);
@@ -356,12 +363,13 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
 /// `Some(false)` for a mark already pending here; `None` without a store.
 pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
     let valid = plain(mark)
-        && adds.iter().all(|(key, fields)| {
-            plain(key) && fields.iter().all(|(f, d)| plain(f) && d.is_finite())
-        });
+        && adds
+            .iter()
+            .all(|(_, fields)| fields.iter().all(|(_, d)| d.is_finite()));
     if !valid {
         return None;
     }
+    // Names are checked when the host numbers them (the first use).
     if let Some(mut cache) = batching() {
         // One hash: the mark is inserted first (a mark seen before is rare) and taken out
         // again if it cannot be handed over.
@@ -372,6 +380,12 @@ pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
             return Some(true);
         }
         cache.marks.remove(mark);
+    }
+    let valid = adds
+        .iter()
+        .all(|(key, fields)| plain(key) && fields.iter().all(|(f, _)| plain(f)));
+    if !valid {
+        return None;
     }
     let mut text = String::with_capacity(mark.len() + 48 * adds.len());
     text.push_str(mark);

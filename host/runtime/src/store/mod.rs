@@ -188,6 +188,10 @@ struct Cache {
     /// Marks this process has seen since their last flush.
     marks: HashSet<Arc<str>>,
     records: HashMap<String, StoredRecord>,
+    /// Kept between batches so that taking one allocates nothing of its own: the entries
+    /// read (byte ranges) and a mark's full name.
+    entries_scratch: Vec<(Option<(usize, usize)>, usize, usize)>,
+    mark_scratch: String,
     /// Keys the plugins read or wrote: refreshed by each flush.
     keys: HashSet<String>,
     record_keys: HashSet<String>,
@@ -799,7 +803,12 @@ struct Entry<'a> {
 
 impl Entry<'_> {
     fn rows(&self) -> impl Iterator<Item = Row> + '_ {
-        self.rows.chunks_exact(16).map(|row| {
+        Self::rows_of(self.rows)
+    }
+
+    /// The rows of an entry's row bytes (16 each).
+    fn rows_of(rows: &[u8]) -> impl Iterator<Item = Row> + '_ {
+        rows.chunks_exact(16).map(|row| {
             let word = |at: usize| {
                 let mut bytes = [0; 4];
                 bytes.copy_from_slice(&row[at..at + 4]);
@@ -1083,35 +1092,28 @@ impl PluginStore {
             .collect()
     }
 
-    /// Takes the additions a plugin hands over in one batch (the binary form of
-    /// `plugin_api::abi::HostApi::store_batch`): every entry is checked (ids numbered for this
-    /// plugin, finite deltas, marks, sizes) before anything is added, so a batch applies whole
-    /// or not at all. The answer is empty, or `dup` when a mark of the batch was already
-    /// pending here (its additions are dropped; the plugin's copies of the keys are then stale).
-    pub(crate) fn batch(&self, bytes: &[u8]) -> Result<Option<String>, PluginError> {
-        if bytes.len() > MAX_BATCH {
-            return Err(invalid(format!(
-                "store.batch: {} bytes, over the limit of {MAX_BATCH}; hand additions over in smaller batches",
-                bytes.len()
-            )));
-        }
+    /// Reads and checks every entry of `bytes` into `entries` (the mark's and the rows' byte
+    /// ranges): marks, ids given to this plugin, finite deltas.
+    fn check_batch(
+        &self,
+        cache: &Cache,
+        bytes: &[u8],
+        entries: &mut Vec<(Option<(usize, usize)>, usize, usize)>,
+    ) -> Result<(), PluginError> {
+        let fields = cache.names.fields.len();
         for entry in Entries(bytes) {
             let entry = entry?;
-            if let Some(mark) = entry.mark {
-                check_key("mark", mark)?;
-            }
-            for row in entry.rows() {
-                if !row.delta.is_finite() {
-                    return Err(invalid(format!(
-                        "store.batch: the delta of a field must be a finite number, found {}",
-                        row.delta
-                    )));
+            let at = |part: &[u8]| {
+                let start = part.as_ptr() as usize - bytes.as_ptr() as usize;
+                (start, start + part.len())
+            };
+            let mark = match entry.mark {
+                Some(mark) => {
+                    check_key("mark", mark)?;
+                    Some(at(mark.as_bytes()))
                 }
-            }
-        }
-        let mut cache = lock(&self.store.shared.cache);
-        let fields = cache.names.fields.len();
-        for entry in Entries(bytes).flatten() {
+                None => None,
+            };
             for row in entry.rows() {
                 let key = cache.names.keys.get(row.key as usize);
                 if !key.is_some_and(|k| k.starts_with(&self.namespace)) {
@@ -1126,21 +1128,57 @@ impl PluginStore {
                         row.field
                     )));
                 }
-            }
-        }
-        let mut dup = false;
-        let mut full = String::new();
-        for entry in Entries(bytes).flatten() {
-            match entry.mark {
-                None => entry.rows().for_each(|row| cache.add_unmarked(row)),
-                Some(mark) => {
-                    full.clear();
-                    full.push_str(&self.namespace);
-                    full.push_str(mark);
-                    dup |= !cache.add_marked(&full, entry.rows());
+                if !row.delta.is_finite() {
+                    return Err(invalid(format!(
+                        "store.batch: the delta of a field must be a finite number, found {}",
+                        row.delta
+                    )));
                 }
             }
+            let (start, end) = at(entry.rows);
+            entries.push((mark, start, end));
         }
+        Ok(())
+    }
+
+    /// Takes the additions a plugin hands over in one batch (the binary form of
+    /// `plugin_api::abi::HostApi::store_batch`): every entry is checked (ids numbered for this
+    /// plugin, finite deltas, marks, sizes) before anything is added, so a batch applies whole
+    /// or not at all. The answer is empty, or `dup` when a mark of the batch was already
+    /// pending here (its additions are dropped; the plugin's copies of the keys are then stale).
+    pub(crate) fn batch(&self, bytes: &[u8]) -> Result<Option<String>, PluginError> {
+        if bytes.len() > MAX_BATCH {
+            return Err(invalid(format!(
+                "store.batch: {} bytes, over the limit of {MAX_BATCH}; hand additions over in smaller batches",
+                bytes.len()
+            )));
+        }
+        let mut cache = lock(&self.store.shared.cache);
+        let cache = &mut *cache;
+        // Every entry is read and checked before anything is added.
+        let mut entries = std::mem::take(&mut cache.entries_scratch);
+        entries.clear();
+        let checked = self.check_batch(cache, bytes, &mut entries);
+        let mut dup = false;
+        if checked.is_ok() {
+            let mut full = std::mem::take(&mut cache.mark_scratch);
+            for &(mark, start, end) in &entries {
+                let rows = Entry::rows_of(bytes.get(start..end).unwrap_or_default());
+                match mark {
+                    None => rows.for_each(|row| cache.add_unmarked(row)),
+                    Some((start, end)) => {
+                        full.clear();
+                        full.push_str(&self.namespace);
+                        let mark = bytes.get(start..end).unwrap_or_default();
+                        full.push_str(std::str::from_utf8(mark).unwrap_or_default());
+                        dup |= !cache.add_marked(&full, rows);
+                    }
+                }
+            }
+            cache.mark_scratch = full;
+        }
+        cache.entries_scratch = entries;
+        checked?;
         Ok(Some(if dup { "dup" } else { "" }.to_owned()))
     }
 
@@ -1213,5 +1251,123 @@ impl PluginStore {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let options = StoreOptions {
+            flush_interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+        };
+        (dir, Store::open(&url, options).unwrap())
+    }
+
+    /// One entry of a batch, as `plugin_api::store` writes it.
+    fn entry(mark: Option<&str>, rows: &[(u32, u32, f64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match mark {
+            None => out.push(0),
+            Some(mark) => {
+                out.push(1);
+                out.extend_from_slice(&u32::try_from(mark.len()).unwrap().to_le_bytes());
+                out.extend_from_slice(mark.as_bytes());
+            }
+        }
+        out.extend_from_slice(&u32::try_from(rows.len()).unwrap().to_le_bytes());
+        for (key, field, delta) in rows {
+            out.extend_from_slice(&key.to_le_bytes());
+            out.extend_from_slice(&field.to_le_bytes());
+            out.extend_from_slice(&delta.to_le_bytes());
+        }
+        out
+    }
+
+    fn id(plugin: &PluginStore, kind: &str, name: &str) -> u32 {
+        let answer = plugin.op("intern", &format!("{kind}\t{name}")).unwrap();
+        answer.unwrap().parse().unwrap()
+    }
+
+    fn read(plugin: &PluginStore, key: &str) -> String {
+        plugin.op("read", key).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_batch_adds_once_per_mark_and_says_when_a_mark_was_pending() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        let mut batch = entry(None, &[(k, n, 1.0)]);
+        batch.extend(entry(Some("t1"), &[(k, n, 2.0)]));
+        assert_eq!(a.batch(&batch).unwrap().as_deref(), Some(""));
+        let again = entry(Some("t1"), &[(k, n, 2.0)]);
+        assert_eq!(a.batch(&again).unwrap().as_deref(), Some("dup"));
+        assert_eq!(read(&a, "arm"), "n\t3\n");
+        store.flush().unwrap();
+        assert_eq!(read(&a, "arm"), "n\t3\n");
+        // Flushed, the mark is the store's to decide: it refuses the repeat.
+        assert_eq!(a.batch(&again).unwrap().as_deref(), Some(""));
+        store.flush().unwrap();
+        assert_eq!(read(&a, "arm"), "n\t3\n");
+    }
+
+    #[test]
+    fn a_hostile_batch_is_refused_whole() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        let b = store.for_plugin("b");
+        let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        let good = entry(None, &[(k, n, 1.0)]);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                [good.clone(), entry(None, &[(k + 7, n, 1.0)])].concat(),
+                "key id",
+            ),
+            (
+                [good.clone(), entry(None, &[(k, n + 7, 1.0)])].concat(),
+                "field id",
+            ),
+            (
+                [good.clone(), entry(None, &[(k, n, f64::NAN)])].concat(),
+                "finite",
+            ),
+            ([good.clone(), entry(Some("a\nb"), &[])].concat(), "newline"),
+            (
+                [good.clone(), entry(Some(""), &[])].concat(),
+                "1 to 512 bytes",
+            ),
+            (good[..good.len() - 3].to_vec(), "ends inside"),
+            ([good.clone(), vec![9]].concat(), "starts with 9"),
+            (vec![0, 0xff, 0xff, 0xff, 0xff], "ends inside"),
+            (vec![0; MAX_BATCH + 1], "over the limit"),
+        ];
+        for (bytes, says) in cases {
+            let error = a.batch(&bytes).unwrap_err();
+            assert!(error.message.contains(says), "{}", error.message);
+        }
+        // Another plugin's key.
+        let error = b.batch(&good).unwrap_err();
+        assert!(
+            error.message.contains("not given to this plugin"),
+            "{}",
+            error.message
+        );
+        assert_eq!(read(&a, "arm"), "");
+        assert_eq!(store.status().pending, 0);
+    }
+
+    #[test]
+    fn names_are_checked_when_numbered() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        for text in ["k\t", "k\ta\nb", "f\tx\ty", "z\tname"] {
+            assert!(a.op("intern", text).is_err(), "{text:?}");
+        }
+        assert_eq!(id(&a, "k", "arm"), id(&a, "k", "arm"));
     }
 }
