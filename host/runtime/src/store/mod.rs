@@ -166,6 +166,9 @@ fn intern(names: &mut Vec<Arc<str>>, ids: &mut HashMap<Arc<str>, u32>, name: &st
     Some(id)
 }
 
+/// Where a checked entry of a batch is: its mark's bytes (if any) and its rows' bytes.
+type EntryAt = (Option<(usize, usize)>, usize, usize);
+
 /// The sums of additions per key and field (ids).
 type Sums = FxHashMap<(u32, u32), f64>;
 
@@ -190,7 +193,7 @@ struct Cache {
     records: HashMap<String, StoredRecord>,
     /// Kept between batches so that taking one allocates nothing of its own: the entries
     /// read (byte ranges) and a mark's full name.
-    entries_scratch: Vec<(Option<(usize, usize)>, usize, usize)>,
+    entries_scratch: Vec<EntryAt>,
     mark_scratch: String,
     /// Keys the plugins read or wrote: refreshed by each flush.
     keys: HashSet<String>,
@@ -895,7 +898,7 @@ fn check_key(what: &str, key: &str) -> Result<(), PluginError> {
             key.len()
         )));
     }
-    if key.contains(['\n', '\t']) {
+    if key.bytes().any(|b| b == b'\n' || b == b'\t') {
         return Err(invalid(format!(
             "store: a {what} may not contain a newline or a tab"
         )));
@@ -1098,7 +1101,7 @@ impl PluginStore {
         &self,
         cache: &Cache,
         bytes: &[u8],
-        entries: &mut Vec<(Option<(usize, usize)>, usize, usize)>,
+        entries: &mut Vec<EntryAt>,
     ) -> Result<(), PluginError> {
         let fields = cache.names.fields.len();
         for entry in Entries(bytes) {
