@@ -91,6 +91,10 @@ static PENDING: AtomicBool = AtomicBool::new(false);
 /// plugin's own) is handed over at once, the others at the end of a call.
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 
+/// Set at this plugin's first batched addition. Before it, no call is counted in [`CALLS`],
+/// so an addition made during a call that began earlier is handed over at once.
+static BATCHING: AtomicBool = AtomicBool::new(false);
+
 /// A batch past this size is handed over at once (the host takes at most 1 MiB).
 const HAND_OVER_AT: usize = 64 * 1024;
 
@@ -208,17 +212,24 @@ impl ReadCache {
     }
 }
 
-/// Counts a plugin call as begun (the export shims call it): additions made during it are
-/// handed over when it ends ([`end_call`]).
-pub(crate) fn begin_call() {
-    CALLS.fetch_add(1, Ordering::Relaxed);
+/// Counts a plugin call as begun (the export shims call it), once this plugin batches
+/// additions (a plugin without a store pays one load): additions made during it are handed
+/// over when it ends ([`end_call`], given what this answered).
+pub(crate) fn begin_call() -> bool {
+    let counted = BATCHING.load(Ordering::Relaxed);
+    if counted {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+    counted
 }
 
 /// Ends a call begun with [`begin_call`]: hands over the additions waiting, if any.
-pub(crate) fn end_call() {
-    CALLS.fetch_sub(1, Ordering::Relaxed);
-    if PENDING.load(Ordering::Relaxed) {
-        read_cache().hand_over();
+pub(crate) fn end_call(counted: bool) {
+    if counted {
+        CALLS.fetch_sub(1, Ordering::Relaxed);
+        if PENDING.load(Ordering::Relaxed) {
+            read_cache().hand_over();
+        }
     }
 }
 
@@ -229,6 +240,7 @@ fn batching() -> Option<MutexGuard<'static, ReadCache>> {
         return None;
     }
     let generation = crate::log::store_generation()?;
+    BATCHING.store(true, Ordering::Relaxed);
     let mut cache = read_cache();
     cache.renew(generation);
     Some(cache)
