@@ -1050,7 +1050,7 @@ impl PluginStore {
             }
             other => {
                 return Err(invalid(format!(
-                    "store: no operation `{other}` (this host knows available, generation, add, mark, read, keys, record, cas)"
+                    "store: no operation `{other}` (this host knows available, add, mark, intern, read, keys, record, cas)"
                 )));
             }
         };
