@@ -24,7 +24,7 @@ use std::ffi::c_void;
 
 use abi_stable::StableAbi;
 use abi_stable::library::AbiHeader;
-use abi_stable::std_types::{ROption, RResult, RStr, RString};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString};
 use abi_stable::type_layout::TypeLayout;
 
 /// Name of the exported symbol that holds the [`PluginHeader`].
@@ -139,6 +139,17 @@ pub struct HostApi {
     /// store. A plugin keeps what it read while the number is unchanged.
     #[cfg(not(feature = "__fixture_table_v1"))]
     pub store_generation: extern "C" fn(HostContext) -> u64,
+    /// Added with table version 6: additions to the shared store handed over in one batch
+    /// (context, the batch's bytes), with keys and fields as ids the host gave at their first
+    /// use (the store operation `intern`) and deltas as the bits of an `f64`. Each entry is a
+    /// byte, 0 (no mark) or 1 (an idempotency mark follows: its length as a `u32` and its
+    /// UTF-8 bytes), then the number of rows as a `u32` and the rows, 16 bytes each: key id
+    /// and field id (`u32`), delta (`f64` bits); all little-endian. The host checks the whole
+    /// batch before it adds anything. The answer is empty, or `dup` when a mark of the batch
+    /// was already pending in the host (its additions were not added again); `None` without a
+    /// store.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub store_batch: extern "C" fn(HostContext, RSlice<'_, u8>) -> JsonResult,
 }
 
 /// What `execute` and `save_state` answer: an optional JSON text, or an error.

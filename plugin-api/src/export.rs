@@ -128,7 +128,11 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T,
         }));
     });
     let _inside = ShimDepth::enter();
-    match catch_unwind(AssertUnwindSafe(f)) {
+    let counted = crate::store::begin_call();
+    let result = catch_unwind(AssertUnwindSafe(f));
+    // The call's additions to the store go to the host in one crossing.
+    crate::store::end_call(counted);
+    match result {
         Ok(Ok(value)) => ROk(value),
         Ok(Err(e)) => RErr(call_error(e)),
         Err(payload) => RErr(CallError {

@@ -175,6 +175,47 @@ pub(crate) fn store_generation() -> Option<u64> {
     }
 }
 
+/// Whether the host takes additions in batches (table version 6).
+pub(crate) fn has_store_batch() -> bool {
+    #[cfg(feature = "__fixture_table_v1")]
+    {
+        false
+    }
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    {
+        HOST.get()
+            .is_some_and(|link| link.api.store_batch().is_some())
+    }
+}
+
+/// Hands a batch of additions to the host's store (see `HostApi::store_batch`): `Ok(None)`
+/// when there is no host, the host takes no batches, or it has no store.
+pub(crate) fn store_batch(batch: &[u8]) -> Result<Option<String>, crate::PluginError> {
+    #[cfg(feature = "__fixture_table_v1")]
+    {
+        let _ = batch;
+        Ok(None)
+    }
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    {
+        use abi_stable::std_types::{RErr, RNone, ROk, RSlice, RSome};
+        let Some(link) = HOST.get() else {
+            return Ok(None);
+        };
+        let Some(store_batch) = link.api.store_batch() else {
+            return Ok(None);
+        };
+        match store_batch(link.context, RSlice::from_slice(batch)) {
+            ROk(RNone) => Ok(None),
+            ROk(RSome(answer)) => Ok(Some(answer.into_string())),
+            RErr(e) => Err(crate::PluginError {
+                kind: e.kind,
+                message: e.message.into_string(),
+            }),
+        }
+    }
+}
+
 /// Sends an operation to the host's store: `Ok(None)` when there is no host, the host is older
 /// than the store, or it has no store.
 pub(crate) fn store_call(op: &str, args: &str) -> Result<Option<String>, crate::PluginError> {

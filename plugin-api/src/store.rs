@@ -26,9 +26,11 @@
 //! the plugin's copy, with this plugin's own additions applied to it, while the number is
 //! unchanged. A host older than the generation is asked every time, as before.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -42,7 +44,8 @@ pub struct Record {
     pub value: Value,
 }
 
-/// The plugin's copy of what it read, valid for one generation of the host's cache.
+/// The plugin's copy of what it read, valid for one generation of the host's cache, and the
+/// additions it has not handed to the host yet.
 struct ReadCache {
     generation: u64,
     /// Grows with every addition this plugin makes: a read that crossed while another thread
@@ -54,18 +57,193 @@ struct ReadCache {
     fields: BTreeMap<String, BTreeMap<String, f64>>,
     /// The last record read of each key (`None`: there was none).
     records: BTreeMap<String, Option<Record>>,
+    /// Additions not handed to the host yet, in the host's batch form (`HostApi::store_batch`):
+    /// handed over at the end of the plugin call that made them, in one crossing.
+    batch: Vec<u8>,
+    /// The ids the host gave to key names and field names (names the plugin chose, so a
+    /// cheap hash serves; the marks, often from input, keep std's keyed one).
+    key_ids: FxHashMap<String, u32>,
+    field_ids: FxHashMap<String, u32>,
+    /// The marks this process added under since the host's last refresh (as the host's own
+    /// set): [`add_once`] answers from it.
+    marks: HashSet<String>,
 }
 
-static READ_CACHE: Mutex<ReadCache> = Mutex::new(ReadCache {
-    generation: 0,
-    writes: 0,
-    adding: 0,
-    fields: BTreeMap::new(),
-    records: BTreeMap::new(),
+static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| {
+    Mutex::new(ReadCache {
+        generation: 0,
+        writes: 0,
+        adding: 0,
+        fields: BTreeMap::new(),
+        records: BTreeMap::new(),
+        batch: Vec::new(),
+        key_ids: FxHashMap::default(),
+        field_ids: FxHashMap::default(),
+        marks: HashSet::new(),
+    })
 });
+
+/// Whether [`READ_CACHE`] holds additions not handed over (read without its lock at the end of
+/// every call).
+static PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Plugin calls in progress on any thread: an addition made with none (on a thread of the
+/// plugin's own) is handed over at once, the others at the end of a call.
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Set at this plugin's first batched addition. Before it, no call is counted in [`CALLS`],
+/// so an addition made during a call that began earlier is handed over at once.
+static BATCHING: AtomicBool = AtomicBool::new(false);
+
+/// A batch past this size is handed over at once (the host takes at most 1 MiB).
+const HAND_OVER_AT: usize = 64 * 1024;
 
 fn read_cache() -> MutexGuard<'static, ReadCache> {
     READ_CACHE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReadCache {
+    /// Empties the copies (and the marks) if the host's cache changed since they were made.
+    fn renew(&mut self, generation: u64) {
+        if generation != self.generation {
+            self.fields.clear();
+            self.records.clear();
+            self.marks.clear();
+            self.generation = generation;
+        }
+    }
+
+    /// The host's id of a key (`kind` "k") or field ("f") name, asked for at its first use.
+    fn id(&mut self, kind: &str, name: &str) -> Option<u32> {
+        let ids = if kind == "k" {
+            &mut self.key_ids
+        } else {
+            &mut self.field_ids
+        };
+        if let Some(id) = ids.get(name) {
+            return Some(*id);
+        }
+        if !plain(name) {
+            return None;
+        }
+        let id: u32 = raw("intern", &format!("{kind}\t{name}"))?.parse().ok()?;
+        ids.insert(name.to_owned(), id);
+        Some(id)
+    }
+
+    /// Hands the pending additions to the host, in one crossing.
+    fn hand_over(&mut self) {
+        PENDING.store(false, Ordering::Relaxed);
+        if self.batch.is_empty() {
+            return;
+        }
+        match crate::log::store_batch(&self.batch) {
+            // A mark was already pending in the host (the plugin's set was emptied at a
+            // refresh before the host's was): the host added nothing for it, so the copies,
+            // which did, are dropped and read again.
+            Ok(Some(answer)) if answer == "dup" => self.fields.clear(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.message, "the host's store refused a batch of additions");
+                self.fields.clear();
+            }
+        }
+        self.batch.clear();
+    }
+
+    /// Appends one entry (under `mark`, if any) to the batch and applies it to the copies;
+    /// `None` (nothing appended) when the host would not give an id.
+    fn append(&mut self, mark: Option<&str>, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+        let start = self.batch.len();
+        let appended = self.encode(mark, adds);
+        if appended.is_none() {
+            self.batch.truncate(start);
+            return None;
+        }
+        self.writes += 1;
+        if !self.fields.is_empty() {
+            for (key, fields) in adds {
+                if let Some(entry) = self.fields.get_mut(*key) {
+                    for (field, delta) in *fields {
+                        // A field's name is copied only the first time.
+                        match entry.get_mut(*field) {
+                            Some(value) => *value += delta,
+                            None => {
+                                entry.insert((*field).to_owned(), *delta);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        PENDING.store(true, Ordering::Relaxed);
+        if self.batch.len() >= HAND_OVER_AT || CALLS.load(Ordering::Relaxed) == 0 {
+            self.hand_over();
+        }
+        Some(())
+    }
+
+    /// Writes one entry at the end of the batch (the caller truncates it on `None`).
+    fn encode(&mut self, mark: Option<&str>, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+        match mark {
+            None => self.batch.push(0),
+            Some(mark) => {
+                self.batch.push(1);
+                let len = u32::try_from(mark.len()).ok()?;
+                self.batch.extend_from_slice(&len.to_le_bytes());
+                self.batch.extend_from_slice(mark.as_bytes());
+            }
+        }
+        let rows: usize = adds.iter().map(|(_, fields)| fields.len()).sum();
+        let rows = u32::try_from(rows).ok()?;
+        self.batch.extend_from_slice(&rows.to_le_bytes());
+        for (key, fields) in adds {
+            let key = self.id("k", key)?;
+            for (field, delta) in *fields {
+                let field = self.id("f", field)?;
+                let mut row = [0; 16];
+                row[..4].copy_from_slice(&key.to_le_bytes());
+                row[4..8].copy_from_slice(&field.to_le_bytes());
+                row[8..].copy_from_slice(&delta.to_le_bytes());
+                self.batch.extend_from_slice(&row);
+            }
+        }
+        Some(())
+    }
+}
+
+/// Counts a plugin call as begun (the export shims call it), once this plugin batches
+/// additions (a plugin without a store pays one load): additions made during it are handed
+/// over when it ends ([`end_call`], given what this answered).
+pub(crate) fn begin_call() -> bool {
+    let counted = BATCHING.load(Ordering::Relaxed);
+    if counted {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+    counted
+}
+
+/// Ends a call begun with [`begin_call`]: hands over the additions waiting, if any.
+pub(crate) fn end_call(counted: bool) {
+    if counted {
+        CALLS.fetch_sub(1, Ordering::Relaxed);
+        if PENDING.load(Ordering::Relaxed) {
+            read_cache().hand_over();
+        }
+    }
+}
+
+/// The plugin's cache, renewed for the host's generation, when the host takes batches;
+/// `None` for the older paths (an older host, an isolated plugin, no store).
+fn batching() -> Option<MutexGuard<'static, ReadCache>> {
+    if !crate::log::has_store_batch() {
+        return None;
+    }
+    let generation = crate::log::store_generation()?;
+    BATCHING.store(true, Ordering::Relaxed);
+    let mut cache = read_cache();
+    cache.renew(generation);
+    Some(cache)
 }
 
 /// The plugin's read cache, emptied if the host's cache changed since it was filled; `None`
@@ -74,11 +252,7 @@ fn read_cache() -> MutexGuard<'static, ReadCache> {
 fn fresh_cache() -> Option<MutexGuard<'static, ReadCache>> {
     let generation = crate::log::store_generation()?;
     let mut cache = read_cache();
-    if generation != cache.generation {
-        cache.fields.clear();
-        cache.records.clear();
-        cache.generation = generation;
-    }
+    cache.renew(generation);
     Some(cache)
 }
 
@@ -137,13 +311,27 @@ fn raw(name: &str, text: &str) -> Option<String> {
 
 /// Whether `name` can be a key, mark or field: not empty, no newline, no tab.
 fn plain(name: &str) -> bool {
-    !name.is_empty() && !name.contains(['\n', '\t'])
+    !name.is_empty() && name.bytes().all(|b| b != b'\n' && b != b'\t')
 }
 
 fn push_delta(text: &mut String, delta: f64) {
     use std::fmt::Write as _;
     // `Display` of an `f64` is the shortest text that reads back as the same number.
     let _ = write!(text, "{delta}");
+}
+
+/// The parts joined with `/`, as a key or a mark (`join(&["arm", context, arm])`): what
+/// `format!` makes, for a fraction of its cost on a hot path.
+pub fn join(parts: &[&str]) -> String {
+    let len = parts.iter().map(|p| p.len() + 1).sum::<usize>();
+    let mut out = String::with_capacity(len.saturating_sub(1));
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(part);
+    }
+    out
 }
 
 /// Whether the host offers a store to this plugin.
@@ -154,7 +342,16 @@ pub fn available() -> bool {
 /// Adds each delta to its field of `key` (a missing field starts at 0). `false` without a
 /// store, or when a name is empty or holds a newline or a tab, or a delta is not finite.
 pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
-    if !plain(key) || fields.iter().any(|(f, d)| !plain(f) || !d.is_finite()) {
+    if fields.iter().any(|(_, d)| !d.is_finite()) {
+        return false;
+    }
+    // Names are checked when the host numbers them (the first use).
+    if let Some(mut cache) = batching()
+        && cache.append(None, &[(key, fields)]).is_some()
+    {
+        return true;
+    }
+    if !plain(key) || fields.iter().any(|(f, _)| !plain(f)) {
         return false;
     }
     let mut text = String::with_capacity(key.len() + 24 * fields.len());
@@ -178,9 +375,27 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
 /// `Some(false)` for a mark already pending here; `None` without a store.
 pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
     let valid = plain(mark)
-        && adds.iter().all(|(key, fields)| {
-            plain(key) && fields.iter().all(|(f, d)| plain(f) && d.is_finite())
-        });
+        && adds
+            .iter()
+            .all(|(_, fields)| fields.iter().all(|(_, d)| d.is_finite()));
+    if !valid {
+        return None;
+    }
+    // Names are checked when the host numbers them (the first use).
+    if let Some(mut cache) = batching() {
+        // One hash: the mark is inserted first (a mark seen before is rare) and taken out
+        // again if it cannot be handed over.
+        if !cache.marks.insert(mark.to_owned()) {
+            return Some(false);
+        }
+        if cache.append(Some(mark), adds).is_some() {
+            return Some(true);
+        }
+        cache.marks.remove(mark);
+    }
+    let valid = adds
+        .iter()
+        .all(|(key, fields)| plain(key) && fields.iter().all(|(f, _)| plain(f)));
     if !valid {
         return None;
     }
@@ -218,8 +433,12 @@ pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
     if !plain(key) {
         return None;
     }
-    let cached = fresh_cache().map(|cache| {
+    let cached = fresh_cache().map(|mut cache| {
         let hit = cache.fields.get(key).cloned();
+        if hit.is_none() {
+            // The host answers with what it holds: this plugin's additions first.
+            cache.hand_over();
+        }
         (hit, cache.generation, cache.writes)
     });
     if let Some((Some(fields), _, _)) = cached {

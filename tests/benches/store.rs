@@ -2,9 +2,10 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the three
-//! setups interleaved, 11 rounds; the medians are printed with their ratio to the file state.
-//! `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, to count its
-//! instructions with callgrind.
+//! setups interleaved, 11 rounds; the medians (and the fastest rounds) are printed with their
+//! ratio to the file state. `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup
+//! alone, to count its instructions with callgrind; `STORE_BENCH_VERBOSE=1` prints each round
+//! (time and minor page faults).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
@@ -79,6 +80,7 @@ fn main() {
                 .iter()
                 .map(|t| t.replacen("\"id\":\"", &format!("\"id\":\"{i}-{round}-"), 1) + "\n")
                 .collect();
+            let flt0 = minflt();
             let started = std::time::Instant::now();
             let mut out = Vec::with_capacity(1 << 20);
             let summary = Pipeline::new(host.clone())
@@ -86,6 +88,13 @@ fn main() {
                 .unwrap();
             assert_eq!(summary.completed, 1200);
             times[i].push(started.elapsed().as_secs_f64());
+            if std::env::var_os("STORE_BENCH_VERBOSE").is_some() {
+                eprintln!(
+                    "{name} round {round}: {:.1} ms, {} minor faults",
+                    started.elapsed().as_secs_f64() * 1e3,
+                    minflt() - flt0
+                );
+            }
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -93,18 +102,32 @@ fn main() {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let medians: Vec<f64> = times.iter_mut().map(median).collect();
-    for ((name, _), m) in setups.iter().zip(&medians) {
+    // The fastest round too: on a shared machine the rounds another process slowed down move
+    // the median, rarely the minimum.
+    let fastest: Vec<f64> = times
+        .iter()
+        .map(|v| v.first().copied().unwrap_or(f64::NAN))
+        .collect();
+    for (((name, _), m), f) in setups.iter().zip(&medians).zip(&fastest) {
         if m.is_nan() {
             continue;
         }
         println!(
-            "{name:<10} median of {ROUNDS} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state",
+            "{name:<10} median of {ROUNDS} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state; fastest {:.1} ms, {:+.1}%",
             m * 1e3,
             1200.0 / m,
-            (m / medians[0] - 1.0) * 100.0
+            (m / medians[0] - 1.0) * 100.0,
+            f * 1e3,
+            (f / fastest[0] - 1.0) * 100.0
         );
     }
     for (_, host) in &setups {
         host.shutdown();
     }
+}
+
+fn minflt() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(7).unwrap().parse().unwrap()
 }

@@ -15,7 +15,7 @@ use std::str::Utf8Error;
 
 use abi_stable::library::AbiHeader;
 use abi_stable::prefix_type::{PrefixRef, WithMetadata};
-use abi_stable::std_types::{RErr, RNone, ROk, RSome, RStr, RString};
+use abi_stable::std_types::{RErr, RNone, ROk, RSlice, RSome, RStr, RString};
 use abi_stable::type_layout::TypeLayout;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::abi::{
@@ -183,7 +183,31 @@ static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     call: host_call,
     store: host_store,
     store_generation: host_store_generation,
+    store_batch: host_store_batch,
 });
+
+/// A plugin's additions to the store, handed over in one batch (`plugin_api::store`).
+extern "C" fn host_store_batch(context: HostContext, batch: RSlice<'_, u8>) -> JsonResult {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
+        let context = unsafe { &*context.0.cast::<LogContext>() };
+        match &context.store {
+            Some(store) => store.batch(batch.as_slice()),
+            None => Ok(None),
+        }
+    }));
+    match result {
+        Ok(Ok(answer)) => ROk(answer.map(RString::from).into()),
+        Ok(Err(PluginError { kind, message })) => RErr(CallError {
+            kind,
+            message: RString::from(message),
+        }),
+        Err(_) => RErr(CallError {
+            kind: ErrorKind::Panicked,
+            message: RString::from("the host panicked in a store operation"),
+        }),
+    }
+}
 
 /// The generation of the store cache the plugin reads (0 without a store): a plugin keeps its
 /// reads while it is unchanged.

@@ -210,7 +210,7 @@ pub struct BanditPlugin {
 
 /// The store key of an arm's statistics.
 fn arm_key(context: &str, arm: &str) -> String {
-    format!("arm/{context}/{arm}")
+    plugin_api::store::join(&["arm", context, arm])
 }
 
 /// An arm's statistics as the fleet knows them.
@@ -469,7 +469,7 @@ impl BanditPlugin {
             ];
             match &p.id {
                 Some(id) => {
-                    let mark = format!("scored/{}/{id}", p.context);
+                    let mark = plugin_api::store::join(&["scored", &p.context, id]);
                     if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false)
                     {
                         return Ok(());

@@ -370,12 +370,12 @@ pub struct ChampionPlugin {
 
 /// The store key of a task type's deployment record.
 fn deploy_key(task_type: &str) -> String {
-    format!("deploy/{task_type}")
+    plugin_api::store::join(&["deploy", task_type])
 }
 
 /// The store key of an arm's statistics in an experiment.
 fn arm_key(task_type: &str, epoch: u64, handler: &str) -> String {
-    format!("arm/{task_type}/{epoch}/{handler}")
+    plugin_api::store::join(&["arm", task_type, &epoch.to_string(), handler])
 }
 
 /// How many times a look retries after another worker changed the record first.
@@ -737,7 +737,7 @@ impl ChampionPlugin {
         let fields = [("n", 1.0), ("sum", score), ("sumsq", score * score)];
         match id {
             Some(id) => {
-                let mark = format!("scored/{task_type}/{id}");
+                let mark = plugin_api::store::join(&["scored", task_type, id]);
                 if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false) {
                     return None;
                 }

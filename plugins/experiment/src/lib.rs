@@ -207,7 +207,7 @@ pub struct ExperimentPlugin {
 
 /// The store key of a variant's statistics.
 fn store_key(experiment: &str, variant: &str) -> String {
-    format!("exp/{experiment}/{variant}")
+    plugin_api::store::join(&["exp", experiment, variant])
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,7 +295,7 @@ impl ExperimentPlugin {
             plugin_api::store::add(&k, &[("assigned", 1.0)]);
             if let Some(key) = &p.key {
                 plugin_api::store::add_once(
-                    &format!("unit/{}/{key}", p.experiment),
+                    &plugin_api::store::join(&["unit", &p.experiment, key]),
                     &[(k.as_str(), &[("units", 1.0)])],
                 );
             }
@@ -330,7 +330,7 @@ impl ExperimentPlugin {
             let fields = [("n", 1.0), ("sum", p.score), ("sumsq", p.score * p.score)];
             match &p.id {
                 Some(id) => {
-                    let mark = format!("scored/{}/{id}", p.experiment);
+                    let mark = plugin_api::store::join(&["scored", &p.experiment, id]);
                     if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false)
                     {
                         // Scored before in this process: counted once.

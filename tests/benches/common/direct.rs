@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use abi_stable::prefix_type::{PrefixRef, WithMetadata};
-use abi_stable::std_types::{ROk, RStr};
+use abi_stable::std_types::{ROk, RSlice, RStr};
 use plugin_api::abi::{
     HEADER_SYMBOL_NUL, HostApi, HostApiRef, HostContext, InstanceHandle, JsonResult, PluginHeader,
     PluginTable, PluginTableRef, level,
@@ -28,11 +28,16 @@ extern "C" fn no_store_generation(_: HostContext) -> u64 {
     0
 }
 
+extern "C" fn no_store_batch(_: HostContext, _: RSlice<'_, u8>) -> JsonResult {
+    ROk(abi_stable::std_types::RNone)
+}
+
 static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     log: no_log,
     call: no_call,
     store: no_store,
     store_generation: no_store_generation,
+    store_batch: no_store_batch,
 });
 
 /// A second instance of a plugin, created in the library the host already loaded.

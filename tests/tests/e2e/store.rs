@@ -103,6 +103,41 @@ fn two_workers_share_a_sqlite_store() {
     two_hosts_share(&url);
 }
 
+/// The plugin empties its set of marks whenever the host's cache changes (here a first read of
+/// another key), while the host keeps a mark until it is flushed: a task scored again then is
+/// new to the plugin but not to the host, which adds nothing and says so, and the plugin's
+/// copy of the key is read again rather than kept with the addition counted twice.
+#[test]
+fn a_mark_the_plugin_forgot_before_the_host_did_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    // No flush but the one asked for: a flush in between would make the host forget too.
+    let quiet = StoreOptions {
+        flush_interval: Duration::from_secs(3600),
+        ..options()
+    };
+    let store = Store::open(&url, quiet).unwrap();
+    let plugins = PluginDir::new();
+    let host = host_with(&plugins, &store);
+    let add = |mark: &str| {
+        host.execute(
+            "fixture",
+            "storeAdd",
+            &json!({"key": "arm", "field": "n", "delta": 1.0, "mark": mark}),
+        )
+    };
+    assert_eq!(n_of(&host, "arm"), None);
+    assert_eq!(add("task-9"), Some(json!(true)));
+    assert_eq!(n_of(&host, "arm"), Some(1.0));
+    // A first read of another key changes the cache's generation: the plugin forgets its marks.
+    assert_eq!(n_of(&host, "other"), None);
+    assert_eq!(n_of(&host, "arm"), Some(1.0));
+    add("task-9");
+    assert_eq!(n_of(&host, "arm"), Some(1.0), "task-9 counted once here");
+    store.flush().unwrap();
+    assert_eq!(n_of(&host, "arm"), Some(1.0), "and once in the store");
+}
+
 #[test]
 fn two_workers_share_a_redis_store() {
     let redis = RedisServer::start();

@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -36,20 +37,51 @@ pub struct StoredRecord {
     pub value: String,
 }
 
-/// Additions applied together, at most once per mark when there is one.
-#[derive(Debug, Clone, Default, Serialize)]
-pub(crate) struct Group {
-    /// Left out of the JSON when there is none (the Redis script tests its presence).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) mark: Option<String>,
-    pub(crate) adds: BTreeMap<String, Fields>,
+/// One addition of a batch: a field of a key (ids of the batch's names) and its delta.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Row {
+    pub(crate) key: u32,
+    pub(crate) field: u32,
+    pub(crate) delta: f64,
 }
 
-/// One flush: groups applied in one transaction, at most once per id.
-#[derive(Debug, Clone, Serialize)]
+/// Additions applied together, at most once per mark when there is one: a range of the
+/// batch's rows.
+#[derive(Debug, Clone)]
+pub(crate) struct Group {
+    pub(crate) mark: Option<Arc<str>>,
+    pub(crate) rows: std::ops::Range<usize>,
+}
+
+/// One flush: groups applied in one transaction, at most once per id. Keys and fields are
+/// ids of `keys` and `fields` (the names interned when this batch was made).
+#[derive(Debug, Clone)]
 pub(crate) struct Batch {
     pub(crate) id: String,
+    pub(crate) keys: Vec<Arc<str>>,
+    pub(crate) fields: Vec<Arc<str>>,
     pub(crate) groups: Vec<Group>,
+    pub(crate) rows: Vec<Row>,
+}
+
+impl Batch {
+    /// The additions of `group`: key, field, delta.
+    pub(crate) fn adds<'a>(
+        &'a self,
+        group: &Group,
+    ) -> impl Iterator<Item = (&'a str, &'a str, f64)> + 'a {
+        self.rows
+            .get(group.rows.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|row| {
+                Some((
+                    &**self.keys.get(row.key as usize)?,
+                    &**self.fields.get(row.field as usize)?,
+                    row.delta,
+                ))
+            })
+    }
 }
 
 /// What a backend does. Every call is bounded by the backend's timeouts.
@@ -104,23 +136,65 @@ pub struct StoreStatus {
     pub last_error: Option<String>,
 }
 
+/// The names of keys and fields that additions were made to, numbered at their first use:
+/// pending additions are rows of these ids, and a plugin built against table version 6 hands
+/// its additions over as ids (`plugin_api::store`).
+#[derive(Default)]
+struct Names {
+    /// Full key names (the plugin's namespace included).
+    keys: Vec<Arc<str>>,
+    key_ids: HashMap<Arc<str>, u32>,
+    fields: Vec<Arc<str>>,
+    field_ids: HashMap<Arc<str>, u32>,
+}
+
+/// The most names (keys and fields each) a store numbers; a plugin past it gets an error.
+const MAX_NAMES: usize = 1 << 20;
+
+/// Numbers `name` in `names`/`ids` (a new name gets the next id).
+fn intern(names: &mut Vec<Arc<str>>, ids: &mut HashMap<Arc<str>, u32>, name: &str) -> Option<u32> {
+    if let Some(id) = ids.get(name) {
+        return Some(*id);
+    }
+    if names.len() >= MAX_NAMES {
+        return None;
+    }
+    let id = u32::try_from(names.len()).ok()?;
+    let name: Arc<str> = Arc::from(name);
+    names.push(Arc::clone(&name));
+    ids.insert(name, id);
+    Some(id)
+}
+
+/// Where a checked entry of a batch is: its mark's bytes (if any) and its rows' bytes.
+type EntryAt = (Option<(usize, usize)>, usize, usize);
+
+/// The sums of additions per key and field (ids).
+type Sums = FxHashMap<(u32, u32), f64>;
+
 #[derive(Default)]
 struct Cache {
     /// The store's fields as of the last refresh.
     base: HashMap<String, Fields>,
+    names: Names,
     /// Sums of the additions not yet flushed (`pending`) and of the batch being flushed.
-    pending_sum: HashMap<String, Fields>,
-    inflight_sum: HashMap<String, Fields>,
-    /// Groups under a mark, each applied only if its mark is new.
+    pending_sum: Sums,
+    inflight_sum: Sums,
+    /// Groups under a mark, each applied only if its mark is new, and their rows.
     pending: Vec<Group>,
+    rows: Vec<Row>,
     /// Additions without a mark, summed into one group at the next batch (they need no group
     /// of their own: nothing decides whether they apply).
-    unmarked: HashMap<String, Fields>,
+    unmarked: Sums,
     /// The batch being flushed, kept (with its id) until the store took it.
     inflight: Option<Arc<Batch>>,
     /// Marks this process has seen since their last flush.
-    marks: HashSet<String>,
+    marks: HashSet<Arc<str>>,
     records: HashMap<String, StoredRecord>,
+    /// Kept between batches so that taking one allocates nothing of its own: the entries
+    /// read (byte ranges) and a mark's full name.
+    entries_scratch: Vec<EntryAt>,
+    mark_scratch: String,
     /// Keys the plugins read or wrote: refreshed by each flush.
     keys: HashSet<String>,
     record_keys: HashSet<String>,
@@ -139,6 +213,57 @@ impl Cache {
     /// Whether additions are waiting for a batch.
     fn has_pending(&self) -> bool {
         !self.pending.is_empty() || !self.unmarked.is_empty()
+    }
+
+    /// The id of the key `full` (its full name), numbered (and refreshed from now on) if new.
+    fn key_id(&mut self, full: &str) -> Option<u32> {
+        let id = intern(&mut self.names.keys, &mut self.names.key_ids, full)?;
+        if !self.keys.contains(full) {
+            self.keys.insert(full.to_owned());
+        }
+        Some(id)
+    }
+
+    /// The id of the field `name`, numbered if new.
+    fn field_id(&mut self, name: &str) -> Option<u32> {
+        intern(&mut self.names.fields, &mut self.names.field_ids, name)
+    }
+
+    /// Adds a row without a mark.
+    fn add_unmarked(&mut self, row: Row) {
+        *self.pending_sum.entry((row.key, row.field)).or_insert(0.0) += row.delta;
+        *self.unmarked.entry((row.key, row.field)).or_insert(0.0) += row.delta;
+    }
+
+    /// Queues `rows` under `mark` unless this process has seen the mark since its last flush;
+    /// whether it was new.
+    fn add_marked(&mut self, mark: &str, rows: impl Iterator<Item = Row>) -> bool {
+        // One hash: a mark seen before is rare (the plugin keeps a set of its own).
+        let mark: Arc<str> = Arc::from(mark);
+        if !self.marks.insert(Arc::clone(&mark)) {
+            return false;
+        }
+        let start = self.rows.len();
+        for row in rows {
+            *self.pending_sum.entry((row.key, row.field)).or_insert(0.0) += row.delta;
+            self.rows.push(row);
+        }
+        self.pending.push(Group {
+            mark: Some(mark),
+            rows: start..self.rows.len(),
+        });
+        true
+    }
+
+    /// The sums of `key` (its full name) in `sums`, by field name.
+    fn sums_of<'a>(&'a self, sums: &'a Sums, key: &str) -> Vec<(&'a str, f64)> {
+        let Some(id) = self.names.key_ids.get(key).copied() else {
+            return Vec::new();
+        };
+        sums.iter()
+            .filter(|((k, _), _)| *k == id)
+            .filter_map(|((_, f), d)| Some((&**self.names.fields.get(*f as usize)?, *d)))
+            .collect()
     }
 }
 
@@ -444,11 +569,18 @@ fn flush_once(shared: &Shared) -> bool {
         let mut cache = lock(&shared.cache);
         if cache.inflight.is_none() && cache.has_pending() {
             let mut groups = std::mem::take(&mut cache.pending);
+            let mut rows = std::mem::take(&mut cache.rows);
             let unmarked = std::mem::take(&mut cache.unmarked);
             if !unmarked.is_empty() {
+                let start = rows.len();
+                rows.extend(unmarked.into_iter().map(|((key, field), delta)| Row {
+                    key,
+                    field,
+                    delta,
+                }));
                 groups.push(Group {
                     mark: None,
-                    adds: unmarked.into_iter().collect(),
+                    rows: start..rows.len(),
                 });
             }
             let sum = std::mem::take(&mut cache.pending_sum);
@@ -456,7 +588,10 @@ fn flush_once(shared: &Shared) -> bool {
             let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
             cache.inflight = Some(Arc::new(Batch {
                 id: format!("{}-{seq}", shared.batch_prefix),
+                keys: cache.names.keys.clone(),
+                fields: cache.names.fields.clone(),
                 groups,
+                rows,
             }));
         }
         let keys: Vec<String> = cache.keys.iter().cloned().collect();
@@ -476,7 +611,10 @@ fn flush_once(shared: &Shared) -> bool {
     };
     drop(backend);
     let mut cache = lock(&shared.cache);
-    match applied {
+    // What the store took is freed after the lock is let go (the plugins' calls wait for it).
+    let mut flushed_batch = None;
+    let mut flushed_sums = Sums::default();
+    let ok = match applied {
         Ok(applied) => {
             if applied {
                 // The store holds these marks now and decides for them: the local set keeps
@@ -485,16 +623,19 @@ fn flush_once(shared: &Shared) -> bool {
                     for mark in batch.groups.iter().filter_map(|g| g.mark.as_ref()) {
                         cache.marks.remove(mark);
                     }
+                    flushed_batch = Some(batch);
                 }
-                let flushed = std::mem::take(&mut cache.inflight_sum);
+                flushed_sums = std::mem::take(&mut cache.inflight_sum);
                 if read.is_err() {
                     // Keep what was flushed visible until the next read.
-                    for (key, fields) in &flushed {
-                        add_into(
-                            &mut cache.base,
-                            key,
-                            fields.iter().map(|(f, d)| (f.as_str(), *d)),
-                        );
+                    let cache = &mut *cache;
+                    for ((key, field), delta) in &flushed_sums {
+                        if let (Some(key), Some(field)) = (
+                            cache.names.keys.get(*key as usize),
+                            cache.names.fields.get(*field as usize),
+                        ) {
+                            add_into(&mut cache.base, key, [(&**field, *delta)]);
+                        }
                     }
                 }
             }
@@ -534,7 +675,10 @@ fn flush_once(shared: &Shared) -> bool {
             note_down(shared, &mut cache, &e);
             false
         }
-    }
+    };
+    drop(cache);
+    drop((flushed_batch, flushed_sums));
+    ok
 }
 
 /// Flushes until nothing is pending (a batch retried after an outage, then what came in
@@ -587,6 +731,18 @@ impl StoreAccess {
         }
     }
 
+    /// Takes a batch of additions (see [`PluginStore::batch`]).
+    pub(crate) fn batch(&self, bytes: &[u8]) -> Result<Option<String>, PluginError> {
+        match self {
+            StoreAccess::Local(store) => store.batch(bytes),
+            // An isolated plugin sees generation 0, so its `plugin_api` sends each addition as
+            // an operation and never a batch.
+            StoreAccess::Forward(_) => Err(invalid(
+                "store.batch: an isolated plugin hands its additions over one by one".to_owned(),
+            )),
+        }
+    }
+
     /// The generation of the cache the plugin reads: it changes whenever what the cache read
     /// from the store changes. 0 when it cannot be known or is not worth knowing (an isolated
     /// plugin): the plugin then asks every time.
@@ -628,6 +784,105 @@ fn invalid(message: String) -> PluginError {
     }
 }
 
+/// The largest batch of additions a plugin may hand over at once (bytes).
+const MAX_BATCH: usize = 1 << 20;
+
+fn too_many_names() -> PluginError {
+    invalid(format!(
+        "store: this process numbers at most {MAX_NAMES} keys and as many field names; use fewer distinct keys"
+    ))
+}
+
+/// The entries of a batch of additions (see [`PluginStore::batch`]): a byte, 0 or 1 (a mark
+/// follows: its length as a `u32`, its UTF-8 bytes), then the number of rows as a `u32` and
+/// the rows, 16 bytes each (key id and field id as `u32`, delta as the bits of an `f64`), all
+/// little-endian.
+struct Entries<'a>(&'a [u8]);
+
+struct Entry<'a> {
+    mark: Option<&'a str>,
+    rows: &'a [u8],
+}
+
+impl Entry<'_> {
+    fn rows(&self) -> impl Iterator<Item = Row> + '_ {
+        Self::rows_of(self.rows)
+    }
+
+    /// The rows of an entry's row bytes (16 each).
+    fn rows_of(rows: &[u8]) -> impl Iterator<Item = Row> + '_ {
+        rows.chunks_exact(16).map(|row| {
+            let word = |at: usize| {
+                let mut bytes = [0; 4];
+                bytes.copy_from_slice(&row[at..at + 4]);
+                u32::from_le_bytes(bytes)
+            };
+            let mut delta = [0; 8];
+            delta.copy_from_slice(&row[8..16]);
+            Row {
+                key: word(0),
+                field: word(4),
+                delta: f64::from_le_bytes(delta),
+            }
+        })
+    }
+}
+
+impl<'a> Entries<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PluginError> {
+        if self.0.len() < n {
+            self.0 = &[];
+            return Err(invalid(
+                "store.batch: the batch ends inside an entry".to_owned(),
+            ));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn length(&mut self) -> Result<usize, PluginError> {
+        let mut bytes = [0; 4];
+        bytes.copy_from_slice(self.take(4)?);
+        usize::try_from(u32::from_le_bytes(bytes))
+            .map_err(|_| invalid("store.batch: a length out of range".to_owned()))
+    }
+
+    fn entry(&mut self) -> Result<Entry<'a>, PluginError> {
+        let mark = match self.take(1)?[0] {
+            0 => None,
+            1 => {
+                let len = self.length()?;
+                let bytes = self.take(len)?;
+                Some(
+                    std::str::from_utf8(bytes)
+                        .map_err(|_| invalid("store.batch: a mark is not UTF-8 text".to_owned()))?,
+                )
+            }
+            other => {
+                self.0 = &[];
+                return Err(invalid(format!(
+                    "store.batch: an entry starts with {other}, not 0 (no mark) or 1 (a mark)"
+                )));
+            }
+        };
+        let count = self.length()?;
+        let size = count
+            .checked_mul(16)
+            .ok_or_else(|| invalid("store.batch: too many rows".to_owned()))?;
+        let rows = self.take(size)?;
+        Ok(Entry { mark, rows })
+    }
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Result<Entry<'a>, PluginError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        (!self.0.is_empty()).then(|| self.entry())
+    }
+}
+
 /// Longest key or mark a plugin may use (bytes).
 const MAX_KEY: usize = 512;
 
@@ -643,7 +898,7 @@ fn check_key(what: &str, key: &str) -> Result<(), PluginError> {
             key.len()
         )));
     }
-    if key.contains(['\n', '\t']) {
+    if key.bytes().any(|b| b == b'\n' || b == b'\t') {
         return Err(invalid(format!(
             "store: a {what} may not contain a newline or a tab"
         )));
@@ -681,7 +936,13 @@ impl PluginStore {
                         field_delta(field, delta)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                self.add(&self.key(key), &fields);
+                let full = self.key(key);
+                let mut cache = lock(&self.store.shared.cache);
+                let key = cache.key_id(&full).ok_or_else(too_many_names)?;
+                for (field, delta) in fields {
+                    let field = cache.field_id(field).ok_or_else(too_many_names)?;
+                    cache.add_unmarked(Row { key, field, delta });
+                }
                 // Any answer means "added"; an empty one needs no allocation.
                 return Ok(Some(String::new()));
             }
@@ -689,8 +950,7 @@ impl PluginStore {
                 let mut lines = text.split('\n');
                 let mark = lines.next().unwrap_or_default();
                 check_key("mark", mark)?;
-                let mut adds: BTreeMap<String, Fields> = BTreeMap::new();
-                let mut last: Option<(&str, String)> = None;
+                let mut adds = Vec::new();
                 for line in lines {
                     let mut parts = line.splitn(3, '\t');
                     let (key, field, delta) = (
@@ -700,20 +960,44 @@ impl PluginStore {
                     );
                     check_key("key", key)?;
                     let (field, delta) = field_delta(field, delta)?;
-                    // A key's lines come together: its full name is made once.
-                    let full = match &last {
-                        Some((k, full)) if *k == key => full,
-                        _ => &last.insert((key, self.key(key))).1,
-                    };
-                    if !adds.contains_key(full.as_str()) {
-                        adds.insert(full.clone(), Fields::new());
-                    }
-                    if let Some(fields) = adds.get_mut(full.as_str()) {
-                        add_into_fields(fields, field, delta);
-                    }
+                    adds.push((self.key(key), field, delta));
                 }
-                let new = self.push_marked(self.key(mark), adds);
+                let mark = self.key(mark);
+                let mut cache = lock(&self.store.shared.cache);
+                let rows = adds
+                    .iter()
+                    .map(|(key, field, delta)| {
+                        Ok(Row {
+                            key: cache.key_id(key).ok_or_else(too_many_names)?,
+                            field: cache.field_id(field).ok_or_else(too_many_names)?,
+                            delta: *delta,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, PluginError>>()?;
+                let new = cache.add_marked(&mark, rows.into_iter());
                 return Ok(Some(if new { "true" } else { "false" }.to_owned()));
+            }
+            // `k\tNAME` (a key) or `f\tNAME` (a field): its id, for the additions a plugin
+            // hands over in batches (`batch`).
+            "intern" => {
+                let (kind, name) = text.split_once('\t').unwrap_or(("", text));
+                let mut cache = lock(&self.store.shared.cache);
+                let id = match kind {
+                    "k" => {
+                        check_key("key", name)?;
+                        cache.key_id(&self.key(name))
+                    }
+                    "f" => {
+                        check_key("field name", name)?;
+                        cache.field_id(name)
+                    }
+                    _ => {
+                        return Err(invalid(format!(
+                            "store.intern: `{kind}` is not a kind of name (k: a key, f: a field)"
+                        )));
+                    }
+                };
+                return Ok(Some(id.ok_or_else(too_many_names)?.to_string()));
             }
             "read" => {
                 check_key("key", text)?;
@@ -766,7 +1050,7 @@ impl PluginStore {
             }
             other => {
                 return Err(invalid(format!(
-                    "store: no operation `{other}` (this host knows available, generation, add, mark, read, keys, record, cas)"
+                    "store: no operation `{other}` (this host knows available, add, mark, intern, read, keys, record, cas)"
                 )));
             }
         };
@@ -811,40 +1095,94 @@ impl PluginStore {
             .collect()
     }
 
-    /// Adds to `key` (its full name) without a mark: into the pending sums, no group.
-    fn add(&self, key: &str, fields: &[(&str, f64)]) {
-        let mut cache = lock(&self.store.shared.cache);
-        let cache = &mut *cache;
-        if !cache.keys.contains(key) {
-            cache.keys.insert(key.to_owned());
+    /// Reads and checks every entry of `bytes` into `entries` (the mark's and the rows' byte
+    /// ranges): marks, ids given to this plugin, finite deltas.
+    fn check_batch(
+        &self,
+        cache: &Cache,
+        bytes: &[u8],
+        entries: &mut Vec<EntryAt>,
+    ) -> Result<(), PluginError> {
+        let fields = cache.names.fields.len();
+        for entry in Entries(bytes) {
+            let entry = entry?;
+            let at = |part: &[u8]| {
+                let start = part.as_ptr() as usize - bytes.as_ptr() as usize;
+                (start, start + part.len())
+            };
+            let mark = match entry.mark {
+                Some(mark) => {
+                    check_key("mark", mark)?;
+                    Some(at(mark.as_bytes()))
+                }
+                None => None,
+            };
+            for row in entry.rows() {
+                let key = cache.names.keys.get(row.key as usize);
+                if !key.is_some_and(|k| k.starts_with(&self.namespace)) {
+                    return Err(invalid(format!(
+                        "store.batch: key id {} was not given to this plugin (store.intern)",
+                        row.key
+                    )));
+                }
+                if row.field as usize >= fields {
+                    return Err(invalid(format!(
+                        "store.batch: field id {} was not given to this plugin (store.intern)",
+                        row.field
+                    )));
+                }
+                if !row.delta.is_finite() {
+                    return Err(invalid(format!(
+                        "store.batch: the delta of a field must be a finite number, found {}",
+                        row.delta
+                    )));
+                }
+            }
+            let (start, end) = at(entry.rows);
+            entries.push((mark, start, end));
         }
-        add_into(&mut cache.pending_sum, key, fields.iter().copied());
-        add_into(&mut cache.unmarked, key, fields.iter().copied());
+        Ok(())
     }
 
-    /// Queues the additions under `mark` (once per mark); whether the mark was new to this
-    /// process.
-    fn push_marked(&self, mark: String, adds: BTreeMap<String, Fields>) -> bool {
+    /// Takes the additions a plugin hands over in one batch (the binary form of
+    /// `plugin_api::abi::HostApi::store_batch`): every entry is checked (ids numbered for this
+    /// plugin, finite deltas, marks, sizes) before anything is added, so a batch applies whole
+    /// or not at all. The answer is empty, or `dup` when a mark of the batch was already
+    /// pending here (its additions are dropped; the plugin's copies of the keys are then stale).
+    pub(crate) fn batch(&self, bytes: &[u8]) -> Result<Option<String>, PluginError> {
+        if bytes.len() > MAX_BATCH {
+            return Err(invalid(format!(
+                "store.batch: {} bytes, over the limit of {MAX_BATCH}; hand additions over in smaller batches",
+                bytes.len()
+            )));
+        }
         let mut cache = lock(&self.store.shared.cache);
-        if !cache.marks.insert(mark.clone()) {
-            return false;
-        }
         let cache = &mut *cache;
-        for (key, fields) in &adds {
-            add_into(
-                &mut cache.pending_sum,
-                key,
-                fields.iter().map(|(f, d)| (f.as_str(), *d)),
-            );
-            if !cache.keys.contains(key) {
-                cache.keys.insert(key.clone());
+        // Every entry is read and checked before anything is added.
+        let mut entries = std::mem::take(&mut cache.entries_scratch);
+        entries.clear();
+        let checked = self.check_batch(cache, bytes, &mut entries);
+        let mut dup = false;
+        if checked.is_ok() {
+            let mut full = std::mem::take(&mut cache.mark_scratch);
+            for &(mark, start, end) in &entries {
+                let rows = Entry::rows_of(bytes.get(start..end).unwrap_or_default());
+                match mark {
+                    None => rows.for_each(|row| cache.add_unmarked(row)),
+                    Some((start, end)) => {
+                        full.clear();
+                        full.push_str(&self.namespace);
+                        let mark = bytes.get(start..end).unwrap_or_default();
+                        full.push_str(std::str::from_utf8(mark).unwrap_or_default());
+                        dup |= !cache.add_marked(&full, rows);
+                    }
+                }
             }
+            cache.mark_scratch = full;
         }
-        cache.pending.push(Group {
-            mark: Some(mark),
-            adds,
-        });
-        true
+        cache.entries_scratch = entries;
+        checked?;
+        Ok(Some(if dup { "dup" } else { "" }.to_owned()))
     }
 
     /// The fields of `key` (its full name) as `field\tvalue` lines: the last refresh plus the
@@ -852,36 +1190,16 @@ impl PluginStore {
     fn read_lines(&self, key: &str) -> String {
         use std::fmt::Write as _;
         let cache = self.warm(key);
-        let base = cache.base.get(key);
-        let sums = [cache.inflight_sum.get(key), cache.pending_sum.get(key)];
-        let mut answer = String::new();
-        let mut line = |field: &str, value: f64| {
-            let _ = writeln!(answer, "{field}\t{value}");
-        };
-        // Each field once: the base's with the sums added, then the sums' fields the base
-        // lacks (a field only in the pending sums after one only in the flight's).
-        for (field, value) in base.into_iter().flatten() {
-            let sum = sums
-                .iter()
-                .flatten()
-                .filter_map(|s| s.get(field))
-                .fold(*value, |sum, delta| sum + delta);
-            line(field, sum);
-        }
-        for (i, sum) in sums.iter().enumerate() {
-            for (field, value) in sum.iter().copied().flatten() {
-                if base.is_some_and(|b| b.contains_key(field))
-                    || sums[..i].iter().flatten().any(|s| s.contains_key(field))
-                {
-                    continue;
-                }
-                let sum = sums[i + 1..]
-                    .iter()
-                    .flatten()
-                    .filter_map(|s| s.get(field))
-                    .fold(*value, |sum, delta| sum + delta);
-                line(field, sum);
+        let mut fields = cache.base.get(key).cloned().unwrap_or_default();
+        for sums in [&cache.inflight_sum, &cache.pending_sum] {
+            for (field, delta) in cache.sums_of(sums, key) {
+                add_into_fields(&mut fields, field, delta);
             }
+        }
+        drop(cache);
+        let mut answer = String::new();
+        for (field, value) in fields {
+            let _ = writeln!(answer, "{field}\t{value}");
         }
         answer
     }
@@ -936,5 +1254,123 @@ impl PluginStore {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let options = StoreOptions {
+            flush_interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+        };
+        (dir, Store::open(&url, options).unwrap())
+    }
+
+    /// One entry of a batch, as `plugin_api::store` writes it.
+    fn entry(mark: Option<&str>, rows: &[(u32, u32, f64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match mark {
+            None => out.push(0),
+            Some(mark) => {
+                out.push(1);
+                out.extend_from_slice(&u32::try_from(mark.len()).unwrap().to_le_bytes());
+                out.extend_from_slice(mark.as_bytes());
+            }
+        }
+        out.extend_from_slice(&u32::try_from(rows.len()).unwrap().to_le_bytes());
+        for (key, field, delta) in rows {
+            out.extend_from_slice(&key.to_le_bytes());
+            out.extend_from_slice(&field.to_le_bytes());
+            out.extend_from_slice(&delta.to_le_bytes());
+        }
+        out
+    }
+
+    fn id(plugin: &PluginStore, kind: &str, name: &str) -> u32 {
+        let answer = plugin.op("intern", &format!("{kind}\t{name}")).unwrap();
+        answer.unwrap().parse().unwrap()
+    }
+
+    fn read(plugin: &PluginStore, key: &str) -> String {
+        plugin.op("read", key).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_batch_adds_once_per_mark_and_says_when_a_mark_was_pending() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        let mut batch = entry(None, &[(k, n, 1.0)]);
+        batch.extend(entry(Some("t1"), &[(k, n, 2.0)]));
+        assert_eq!(a.batch(&batch).unwrap().as_deref(), Some(""));
+        let again = entry(Some("t1"), &[(k, n, 2.0)]);
+        assert_eq!(a.batch(&again).unwrap().as_deref(), Some("dup"));
+        assert_eq!(read(&a, "arm"), "n\t3\n");
+        store.flush().unwrap();
+        assert_eq!(read(&a, "arm"), "n\t3\n");
+        // Flushed, the mark is the store's to decide: it refuses the repeat.
+        assert_eq!(a.batch(&again).unwrap().as_deref(), Some(""));
+        store.flush().unwrap();
+        assert_eq!(read(&a, "arm"), "n\t3\n");
+    }
+
+    #[test]
+    fn a_hostile_batch_is_refused_whole() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        let b = store.for_plugin("b");
+        let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        let good = entry(None, &[(k, n, 1.0)]);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                [good.clone(), entry(None, &[(k + 7, n, 1.0)])].concat(),
+                "key id",
+            ),
+            (
+                [good.clone(), entry(None, &[(k, n + 7, 1.0)])].concat(),
+                "field id",
+            ),
+            (
+                [good.clone(), entry(None, &[(k, n, f64::NAN)])].concat(),
+                "finite",
+            ),
+            ([good.clone(), entry(Some("a\nb"), &[])].concat(), "newline"),
+            (
+                [good.clone(), entry(Some(""), &[])].concat(),
+                "1 to 512 bytes",
+            ),
+            (good[..good.len() - 3].to_vec(), "ends inside"),
+            ([good.clone(), vec![9]].concat(), "starts with 9"),
+            (vec![0, 0xff, 0xff, 0xff, 0xff], "ends inside"),
+            (vec![0; MAX_BATCH + 1], "over the limit"),
+        ];
+        for (bytes, says) in cases {
+            let error = a.batch(&bytes).unwrap_err();
+            assert!(error.message.contains(says), "{}", error.message);
+        }
+        // Another plugin's key.
+        let error = b.batch(&good).unwrap_err();
+        assert!(
+            error.message.contains("not given to this plugin"),
+            "{}",
+            error.message
+        );
+        assert_eq!(read(&a, "arm"), "");
+        assert_eq!(store.status().pending, 0);
+    }
+
+    #[test]
+    fn names_are_checked_when_numbered() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        for text in ["k\t", "k\ta\nb", "f\tx\ty", "z\tname"] {
+            assert!(a.op("intern", text).is_err(), "{text:?}");
+        }
+        assert_eq!(id(&a, "k", "arm"), id(&a, "k", "arm"));
     }
 }

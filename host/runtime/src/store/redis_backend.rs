@@ -6,11 +6,12 @@
 //! Redis Cluster.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::{Backend, Batch, Fields, StoredRecord};
+use super::{Backend, Batch, Fields, Group, Row, StoredRecord};
 
 const APPLY: &str = r"
 local batch = cjson.decode(ARGV[1])
@@ -20,12 +21,11 @@ for _, g in ipairs(batch.groups) do
   local fresh = true
   if g.mark then fresh = redis.call('SET', 'store:m:' .. g.mark, '1', 'NX') end
   if fresh then
-    for key, fields in pairs(g.adds) do
+    for _, add in ipairs(g.adds) do
+      local key, field, delta = batch.keys[add[1] + 1], batch.fields[add[2] + 1], add[3]
       local sum = sums[key]
       if not sum then sum = {}; sums[key] = sum end
-      for field, delta in pairs(fields) do
-        sum[field] = (sum[field] or 0) + tonumber(delta)
-      end
+      sum[field] = (sum[field] or 0) + tonumber(delta)
     end
   end
 end
@@ -88,6 +88,66 @@ impl Redis {
     }
 }
 
+/// A batch as the script reads it.
+struct Encoded<'a>(&'a Batch);
+
+/// Names as a JSON list.
+struct Names<'a>(&'a [Arc<str>]);
+
+/// The groups of a batch as a JSON list.
+struct Groups<'a>(&'a Batch);
+
+struct EncodedGroup<'a>(&'a Batch, &'a Group);
+
+/// Rows as `[key, field, delta]` lists.
+struct Adds<'a>(&'a [Row]);
+
+impl serde::Serialize for Encoded<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let batch = self.0;
+        let mut out = s.serialize_struct("Batch", 4)?;
+        out.serialize_field("id", &batch.id)?;
+        out.serialize_field("keys", &Names(&batch.keys))?;
+        out.serialize_field("fields", &Names(&batch.fields))?;
+        out.serialize_field("groups", &Groups(batch))?;
+        out.end()
+    }
+}
+
+impl serde::Serialize for Names<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|name| &**name))
+    }
+}
+
+impl serde::Serialize for Groups<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.groups.iter().map(|g| EncodedGroup(self.0, g)))
+    }
+}
+
+impl serde::Serialize for EncodedGroup<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let (batch, group) = (self.0, self.1);
+        let mut out = s.serialize_map(None)?;
+        // Left out when there is none (the script tests its presence).
+        if let Some(mark) = &group.mark {
+            out.serialize_entry("mark", &**mark)?;
+        }
+        let rows = batch.rows.get(group.rows.clone()).unwrap_or_default();
+        out.serialize_entry("adds", &Adds(rows))?;
+        out.end()
+    }
+}
+
+impl serde::Serialize for Adds<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|r| (r.key, r.field, r.delta)))
+    }
+}
+
 fn parse_fields(hash: HashMap<String, String>) -> Fields {
     hash.into_iter()
         .filter_map(|(field, value)| value.parse::<f64>().ok().map(|v| (field, v)))
@@ -108,10 +168,11 @@ fn glob_escape(text: &str) -> String {
 
 impl Backend for Redis {
     fn apply(&mut self, batch: &Batch) -> anyhow::Result<()> {
-        // `{"id", "groups": [{"mark"?, "adds": {key: {field: delta}}}]}`, written straight from
+        // `{"id", "keys": [..], "fields": [..], "groups": [{"mark"?, "adds": [[key, field,
+        // delta], ..]}]}` (keys and fields as indexes of the two lists), written straight from
         // the batch. A delta is a JSON number in its shortest exact form, which the script's
         // decoder reads back as the same double; the script writes its sums with 17 digits.
-        let text = serde_json::to_string(batch).context("encoding a batch")?;
+        let text = serde_json::to_string(&Encoded(batch)).context("encoding a batch")?;
         self.with(|c| {
             redis::cmd("EVAL")
                 .arg(APPLY)

@@ -112,14 +112,12 @@ impl Backend for Sqlite {
             let mut sums: BTreeMap<(&str, &str), f64> = BTreeMap::new();
             for group in &batch.groups {
                 if let Some(m) = &group.mark
-                    && mark.execute(params![m])? == 0
+                    && mark.execute(params![&**m])? == 0
                 {
                     continue;
                 }
-                for (key, fields) in &group.adds {
-                    for (field, delta) in fields {
-                        *sums.entry((key, field)).or_insert(0.0) += delta;
-                    }
+                for (key, field, delta) in batch.adds(group) {
+                    *sums.entry((key, field)).or_insert(0.0) += delta;
                 }
             }
             for ((key, field), delta) in sums {
