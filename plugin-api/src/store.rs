@@ -98,6 +98,13 @@ static BATCHING: AtomicBool = AtomicBool::new(false);
 /// A batch past this size is handed over at once (the host takes at most 1 MiB).
 const HAND_OVER_AT: usize = 64 * 1024;
 
+/// The longest name (key, field or mark) the host takes, in bytes.
+const MAX_NAME: usize = 512;
+
+/// The most rows one addition puts in a batch (16 bytes each): with [`HAND_OVER_AT`], a batch
+/// stays under the host's limit of a MiB.
+const MAX_ENTRY_ROWS: usize = 32 * 1024;
+
 fn read_cache() -> MutexGuard<'static, ReadCache> {
     READ_CACHE.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -145,6 +152,10 @@ impl ReadCache {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e.message, "the host's store refused a batch of additions");
+                // Its marks were not taken: forgotten here too, so a retry is not answered
+                // "already counted" (a mark the host does hold still counts once: it answers
+                // "dup" and adds nothing).
+                self.marks.clear();
                 self.fields.clear();
             }
         }
@@ -176,15 +187,23 @@ impl ReadCache {
                 }
             }
         }
-        PENDING.store(true, Ordering::Relaxed);
-        if self.batch.len() >= HAND_OVER_AT || CALLS.load(Ordering::Relaxed) == 0 {
+        // SeqCst here and in `end_call`: this thread stores PENDING then loads CALLS, a call's
+        // end decrements CALLS then loads PENDING; one of the two must see the other's
+        // store, or the addition would wait in the batch with no call left to hand it over.
+        PENDING.store(true, Ordering::SeqCst);
+        if self.batch.len() >= HAND_OVER_AT || CALLS.load(Ordering::SeqCst) == 0 {
             self.hand_over();
         }
         Some(())
     }
 
-    /// Writes one entry at the end of the batch (the caller truncates it on `None`).
+    /// Writes one entry at the end of the batch (the caller truncates it on `None`): `None`
+    /// for an entry the host would refuse, so that it never spoils a batch of others.
     fn encode(&mut self, mark: Option<&str>, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+        let rows: usize = adds.iter().map(|(_, fields)| fields.len()).sum();
+        if mark.is_some_and(|m| m.len() > MAX_NAME) || rows > MAX_ENTRY_ROWS {
+            return None;
+        }
         match mark {
             None => self.batch.push(0),
             Some(mark) => {
@@ -194,7 +213,6 @@ impl ReadCache {
                 self.batch.extend_from_slice(mark.as_bytes());
             }
         }
-        let rows: usize = adds.iter().map(|(_, fields)| fields.len()).sum();
         let rows = u32::try_from(rows).ok()?;
         self.batch.extend_from_slice(&rows.to_le_bytes());
         for (key, fields) in adds {
@@ -226,8 +244,8 @@ pub(crate) fn begin_call() -> bool {
 /// Ends a call begun with [`begin_call`]: hands over the additions waiting, if any.
 pub(crate) fn end_call(counted: bool) {
     if counted {
-        CALLS.fetch_sub(1, Ordering::Relaxed);
-        if PENDING.load(Ordering::Relaxed) {
+        CALLS.fetch_sub(1, Ordering::SeqCst);
+        if PENDING.load(Ordering::SeqCst) {
             read_cache().hand_over();
         }
     }
@@ -309,9 +327,9 @@ fn raw(name: &str, text: &str) -> Option<String> {
     }
 }
 
-/// Whether `name` can be a key, mark or field: not empty, no newline, no tab.
+/// Whether `name` can be a key, mark or field: 1 to 512 bytes, no newline, no tab.
 fn plain(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b != b'\n' && b != b'\t')
+    !name.is_empty() && name.len() <= MAX_NAME && name.bytes().all(|b| b != b'\n' && b != b'\t')
 }
 
 fn push_delta(text: &mut String, delta: f64) {

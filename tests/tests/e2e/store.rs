@@ -564,3 +564,41 @@ fn a_store_error_cannot_forge_a_log_line() {
         "{stderr}"
     );
 }
+
+/// A mark the host would refuse (a unit key of 600 bytes, from a task) costs only its own
+/// addition: the additions handed over with it in the same batch (the assignment counted just
+/// before it) still reach the store.
+#[test]
+fn an_overlong_mark_loses_no_other_addition() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let store = Store::open(&url, options()).unwrap();
+    let plugins = PluginDir::new();
+    plugins.configure(
+        &json!({"experiment": {"config": {"experiments": {"e": {"variants": {"only": 1}}}}}}),
+    );
+    plugins.add("experiment", "libexperiment.so");
+    let host = worker::hooks::host_builder(plugins.path())
+        .with_shadow_dir(plugins.shadow())
+        .with_store(store.clone())
+        .build()
+        .unwrap();
+    host.scan().unwrap();
+    for key in ["a-unit".to_owned(), "u".repeat(600)] {
+        let variant = host.execute(
+            "experiment",
+            "pickVariant",
+            &json!({"experiment": "e", "key": key}),
+        );
+        assert_eq!(variant, Some(json!("only")));
+    }
+    store.flush().unwrap();
+    let stored = store.scan("experiment", "exp/e/").unwrap();
+    let only = stored
+        .iter()
+        .find(|(key, _)| key.ends_with("exp/e/only"))
+        .map(|(_, fields)| fields.clone())
+        .unwrap_or_else(|| panic!("{stored:?}"));
+    assert_eq!(only.get("assigned"), Some(&2.0), "{only:?}");
+    assert_eq!(only.get("units"), Some(&1.0), "{only:?}");
+}

@@ -148,6 +148,37 @@ struct Names {
     field_ids: HashMap<Arc<str>, u32>,
 }
 
+impl Names {
+    /// The names `rows` use, as a batch's own tables, with the rows' ids renumbered into them:
+    /// a flush sends the names of its additions, not every name the store ever numbered.
+    fn used_by(&self, rows: &mut [Row]) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        fn renumber(
+            id: &mut u32,
+            all: &[Arc<str>],
+            own: &mut Vec<Arc<str>>,
+            map: &mut FxHashMap<u32, u32>,
+        ) {
+            let next = u32::try_from(own.len()).unwrap_or(u32::MAX);
+            let new = *map.entry(*id).or_insert_with(|| {
+                own.push(
+                    all.get(*id as usize)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::from("")),
+                );
+                next
+            });
+            *id = new;
+        }
+        let (mut keys, mut fields) = (Vec::new(), Vec::new());
+        let (mut key_map, mut field_map) = (FxHashMap::default(), FxHashMap::default());
+        for row in rows {
+            renumber(&mut row.key, &self.keys, &mut keys, &mut key_map);
+            renumber(&mut row.field, &self.fields, &mut fields, &mut field_map);
+        }
+        (keys, fields)
+    }
+}
+
 /// The most names (keys and fields each) a store numbers; a plugin past it gets an error.
 const MAX_NAMES: usize = 1 << 20;
 
@@ -586,10 +617,11 @@ fn flush_once(shared: &Shared) -> bool {
             let sum = std::mem::take(&mut cache.pending_sum);
             cache.inflight_sum = sum;
             let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
+            let (keys, fields) = cache.names.used_by(&mut rows);
             cache.inflight = Some(Arc::new(Batch {
                 id: format!("{}-{seq}", shared.batch_prefix),
-                keys: cache.names.keys.clone(),
-                fields: cache.names.fields.clone(),
+                keys,
+                fields,
                 groups,
                 rows,
             }));
@@ -1260,6 +1292,62 @@ impl PluginStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flush names only what its rows add to, with the rows renumbered to match, however
+    /// many names the store numbered before.
+    #[test]
+    fn a_batch_names_only_what_its_rows_use() {
+        let mut names = Names::default();
+        for n in 0..1000 {
+            intern(&mut names.keys, &mut names.key_ids, &format!("p/key{n}")).unwrap();
+            intern(&mut names.fields, &mut names.field_ids, &format!("f{n}")).unwrap();
+        }
+        let mut rows = vec![
+            Row {
+                key: 700,
+                field: 3,
+                delta: 1.0,
+            },
+            Row {
+                key: 5,
+                field: 3,
+                delta: 2.0,
+            },
+            Row {
+                key: 700,
+                field: 999,
+                delta: 3.0,
+            },
+        ];
+        let (keys, fields) = names.used_by(&mut rows);
+        assert_eq!(
+            keys.iter().map(|k| &**k).collect::<Vec<_>>(),
+            ["p/key700", "p/key5"]
+        );
+        assert_eq!(
+            fields.iter().map(|f| &**f).collect::<Vec<_>>(),
+            ["f3", "f999"]
+        );
+        let batch = Batch {
+            id: "b".to_owned(),
+            keys,
+            fields,
+            groups: vec![Group {
+                mark: None,
+                rows: 0..3,
+            }],
+            rows,
+        };
+        let adds: Vec<_> = batch.adds(&batch.groups[0]).collect();
+        assert_eq!(
+            adds,
+            [
+                ("p/key700", "f3", 1.0),
+                ("p/key5", "f3", 2.0),
+                ("p/key700", "f999", 3.0)
+            ]
+        );
+    }
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
