@@ -274,14 +274,14 @@ fn a_handle_reaches_an_isolated_plugin_through_a_crash() {
 }
 
 /// A `call_text_with` whose closure panics (the caller's code, reading a plugin's answer) ends
-/// the call as a failure: no call stays marked in flight, so the watchdog never finds the
-/// plugin overdue and its breaker never opens for good; by name and through a handle.
+/// the call before the panic goes on: no call stays marked in flight, so the watchdog never
+/// finds the plugin overdue and its breaker never opens for good; by name and through a
+/// handle.
 #[test]
 fn a_panic_in_the_answer_closure_leaves_no_call_in_flight() {
     let dir = PluginDir::new();
-    dir.configure(
-        &json!({"echo": {"timeoutMs": 200, "breaker": {"failures": 5, "cooldownMs": 60_000}}}),
-    );
+    // A deadline well past the time a panic takes to print its backtrace (which counts).
+    dir.configure(&json!({"echo": {"timeoutMs": 60_000}}));
     dir.add("echo", "libecho.so");
     let host = dir.host();
     host.scan().unwrap();
@@ -297,19 +297,18 @@ fn a_panic_in_the_answer_closure_leaves_no_call_in_flight() {
         }));
         assert!(panicked.is_err());
     }
-    // Well past the deadline: a call left marked in flight would be found overdue by now.
-    std::thread::sleep(Duration::from_millis(1_000));
-    let health = host.plugin("echo").unwrap().health;
-    assert_eq!(
-        (health.overdue_calls, health.timeouts),
-        (0, 0),
-        "{health:?}"
+    // A call left marked in flight would be found overdue at the deadline, its breaker open.
+    assert!(
+        host.calls_in_flight().is_empty(),
+        "{:?}",
+        host.calls_in_flight()
     );
-    assert!(host.degraded().is_empty(), "{:?}", host.degraded());
-    assert_eq!(health.consecutive_failures, 2, "{health:?}");
+    let health = host.plugin("echo").unwrap().health;
+    // The plugin answered: the caller's panic is not its failure.
+    assert_eq!(health.consecutive_failures, 0, "{health:?}");
+    assert_eq!(method_calls(&host, "echo", "echo"), 2);
     assert_eq!(
         host.call_text("echo", "echo", "[2]").unwrap().as_deref(),
         Some("[2]")
     );
-    assert_eq!(host.plugin("echo").unwrap().health.consecutive_failures, 0);
 }

@@ -323,7 +323,8 @@ impl PluginHost {
     /// each answer. `read` runs inside the call, while the plugin's string is alive: for a
     /// plugin in the worker's process its time counts in the call's latency and toward the
     /// plugin's deadline, and a crash in it is recorded as the plugin's, so keep it short and
-    /// plain. Should `read` panic, the call ends as the plugin's failure and the panic goes on.
+    /// plain. Should `read` panic, the call ends (as answered: the plugin did its part) and the
+    /// panic goes on to the caller.
     ///
     /// ```no_run
     /// # fn demo(host: &plugin_host::PluginHost, out: &mut Vec<u8>) {
@@ -487,17 +488,21 @@ impl PluginHost {
             None => slot.stats.health.begin(method, shard),
         }
         .map_err(|_| Failure::CircuitOpen)?;
-        // Ends the call as failed should the caller's code reading the answer (a closure, a
-        // `Deserialize`) panic: its in-flight marker must not outlive the call.
-        let entry = Ending {
-            health: &slot.stats.health,
-            entry: Some(entry),
-            plugin,
-        };
+        // A panic of the caller's code reading the answer (a closure, a `Deserialize`) is
+        // held until the call has ended (its in-flight marker cleared), then goes on.
+        let mut unwound = None;
         let clock = self.inner.clock.as_ref();
         let started = clock.map_or(0, quanta::Clock::raw);
         let read = |answer: Result<Option<&str>, PluginFailure<'_>>| match answer {
-            Ok(json) => on_answer(json),
+            Ok(json) => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_answer(json))) {
+                    Ok(read) => read,
+                    Err(payload) => {
+                        unwound = Some(payload);
+                        Ok(None)
+                    }
+                }
+            }
             Err(PluginFailure::Reported(ErrorKind::UnknownMethod, _)) => {
                 Err(Failure::MethodNotFound)
             }
@@ -539,32 +544,10 @@ impl PluginHost {
             Err(_) => Outcome::Error,
         };
         slot.stats.record_at(shard, ticks, outcome);
-        entry.end(outcome != Outcome::Ok);
+        slot.stats.health.end(entry, outcome != Outcome::Ok, plugin);
+        if let Some(payload) = unwound {
+            std::panic::resume_unwind(payload);
+        }
         result
-    }
-}
-
-/// A call's health entry, ended when the call returns, or as a failure when a panic unwinds
-/// past it.
-struct Ending<'a> {
-    health: &'a crate::health::Health,
-    entry: Option<crate::health::Entry>,
-    plugin: &'a str,
-}
-
-impl Ending<'_> {
-    #[inline]
-    fn end(mut self, failed: bool) {
-        if let Some(entry) = self.entry.take() {
-            self.health.end(entry, failed, self.plugin);
-        }
-    }
-}
-
-impl Drop for Ending<'_> {
-    fn drop(&mut self) {
-        if let Some(entry) = self.entry.take() {
-            self.health.end(entry, true, self.plugin);
-        }
     }
 }
