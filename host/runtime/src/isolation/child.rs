@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
-use super::shm::{self, Region};
+use super::shm::Region;
 use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::PluginError;
 
@@ -225,7 +225,7 @@ fn receive_channels(control: &UnixStream) -> std::io::Result<(Region, std::io::P
 /// going away ends the process (the control socket's reader exits, or the death signal).
 fn serve_calls(child: &Arc<Child>) -> ! {
     let region = &child.region;
-    let (mut last, mut bytes, mut answer) = (0u32, Vec::new(), Vec::new());
+    let mut last = 0u32;
     // One frame, its buffers used again from request to request.
     let mut frame = Frame {
         tag: Tag::Call,
@@ -234,13 +234,10 @@ fn serve_calls(child: &Arc<Child>) -> ! {
         fields: Vec::new(),
     };
     loop {
-        let Some(seq) = region.next_request(last, &mut bytes) else {
+        let Some(seq) = region.next_request(last, &mut frame) else {
             continue;
         };
         last = seq;
-        if super::protocol::decode_into(&bytes, &mut frame).is_err() {
-            continue;
-        }
         match frame.tag {
             Tag::Stop => {
                 stop(child, frame.id);
@@ -256,22 +253,16 @@ fn serve_calls(child: &Arc<Child>) -> ! {
                 let Some((id, code, fields)) = served else {
                     continue;
                 };
+                if in_region && region.answer_here(seq, id, code, &fields) {
+                    continue;
+                }
+                // The host is told first, then reads the pipe while the answer is written: an
+                // answer larger than the pipe holds does not wait for it.
+                if in_region {
+                    region.answer_on_the_pipe(seq);
+                }
                 let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
-                let fits = super::protocol::frame_len(&fields) <= shm::SLOT
-                    && super::protocol::encode(&mut answer, Tag::Answer, id, code, &fields).is_ok();
-                if in_region && fits {
-                    region.answer_here(seq, &answer);
-                } else {
-                    // The host is told first, then reads the pipe while the answer is
-                    // written: an answer larger than the pipe holds does not wait for it.
-                    if in_region {
-                        region.answer_on_the_pipe(seq);
-                    }
-                    child.calls.send(Tag::Answer, id, code, &fields);
-                }
-                if answer.capacity() > shm::SLOT {
-                    answer = Vec::new();
-                }
+                child.calls.send(Tag::Answer, id, code, &fields);
             }
             _ => {}
         }
