@@ -234,10 +234,13 @@ fn serve_calls(child: &Arc<Child>) -> ! {
         fields: Vec::new(),
     };
     loop {
-        let Some(seq) = region.next_request(last, &mut frame) else {
+        let Some((seq, whole)) = region.next_request(last, &mut frame) else {
             continue;
         };
         last = seq;
+        if !whole {
+            continue;
+        }
         match frame.tag {
             Tag::Stop => {
                 stop(child, frame.id);

@@ -309,9 +309,10 @@ impl Region {
 
     // The child's side.
 
-    /// Waits for a request after `last` (at most [`TICK`]); its sequence number, with its frame
-    /// read into `frame` (its fields' buffers used again), or `None`.
-    pub(crate) fn next_request(&self, last: u32, frame: &mut Frame) -> Option<u32> {
+    /// Waits for a request after `last` (at most [`TICK`]): its sequence number, and whether
+    /// its frame was whole (then read into `frame`, its fields' buffers used again); or
+    /// `None`.
+    pub(crate) fn next_request(&self, last: u32, frame: &mut Frame) -> Option<(u32, bool)> {
         let mut seq = self.word(REQ_SEQ).load(Ordering::SeqCst);
         if seq == last {
             self.sleep(REQ_SEQ, CHILD_SLEEPING, last, TICK);
@@ -322,7 +323,7 @@ impl Region {
         }
         let len = self.word(REQ_LEN).load(Ordering::Relaxed) as usize;
         // A request that is not one frame is answered by nothing: the host's deadline ends it.
-        self.take_frame(0, len, frame).is_ok().then_some(seq)
+        Some((seq, self.take_frame(0, len, frame).is_ok()))
     }
 
     /// Answers request `seq` with a frame of these parts, written straight into the region,
@@ -502,7 +503,7 @@ mod tests {
             "nothing yet, after a tick"
         );
         assert!(host.request(1, Tag::Call, 7, &["echo", "{\"a\":1}", ""]));
-        assert_eq!(child.next_request(0, &mut got), Some(1));
+        assert_eq!(child.next_request(0, &mut got), Some((1, true)));
         assert_eq!((got.tag, got.id, got.code), (Tag::Call, 7, 0));
         assert_eq!(got.fields, ["echo", "{\"a\":1}", ""]);
         assert_eq!(host.answer(1, &mut got), Answer::NotYet);
@@ -525,7 +526,7 @@ mod tests {
             );
             assert_eq!(
                 child.next_request(1 + n as u32, &mut got),
-                Some(2 + n as u32)
+                Some((2 + n as u32, true))
             );
             assert_eq!((got.tag, got.id), (Tag::Hook, n as u64));
             assert_eq!(got.fields, fields, "{n} fields");
@@ -534,7 +535,7 @@ mod tests {
         assert_eq!(host.answer(21, &mut got), Answer::Here);
         assert_eq!((got.id, got.code, got.fields.len()), (3, code::NONE, 0));
         host.request(22, Tag::Save, 4, &[]);
-        assert_eq!(child.next_request(21, &mut got), Some(22));
+        assert_eq!(child.next_request(21, &mut got), Some((22, true)));
         child.answer_on_the_pipe(22);
         assert_eq!(host.answer(22, &mut got), Answer::OnThePipe);
         assert_eq!(host.answer(23, &mut got), Answer::NotYet);
@@ -623,7 +624,7 @@ mod tests {
         // A scribbled request length on the child's side: no request, nothing read.
         host.word(REQ_LEN).store(u32::MAX, Ordering::Relaxed);
         host.word(REQ_SEQ).store(9, Ordering::SeqCst);
-        assert_eq!(child.next_request(0, &mut got), None);
+        assert_eq!(child.next_request(0, &mut got), Some((9, false)));
     }
 
     /// Every wait is bounded: with no answer, the host's wait ends at its timeout; a child
