@@ -234,7 +234,7 @@ fn serve_calls(child: &Arc<Child>) -> ! {
         fields: Vec::new(),
     };
     loop {
-        let Some((seq, whole)) = region.next_request(last, &mut frame) else {
+        let Some((seq, whole)) = region.next_request(last, &mut frame, None) else {
             continue;
         };
         last = seq;
