@@ -6,7 +6,8 @@
 //! events, the plugin's calls and store operations through the host and their answers, and
 //! requests that arrive while another runs (or do not fit the region). The *call region*
 //! ([`super::shm`]), passed over the control socket at start with the *answer pipe*, carries
-//! one request at a time: the main thread sleeps on it (a futex), runs the request itself and
+//! one request at a time: the main thread sleeps on it (a futex, with no timer: it has nothing
+//! else to do, and the process ends with the host), runs the request itself and
 //! puts the answer back, waking the host only if it sleeps, so a call costs a wait and a wake
 //! here and no hand-off between threads. Every other answer, an answer that does not fit the
 //! region, and every log event of a thread serving a request go on the answer pipe; for the

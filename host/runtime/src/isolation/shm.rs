@@ -2,11 +2,14 @@
 //! a time: a sealed `memfd` of [`SIZE`] bytes, mapped by both sides, holding a request slot and
 //! an answer slot, each with a sequence number and a length, and a futex word on each side to
 //! wake the other. The child is hostile: everything in the region may change under the host at
-//! any moment, so the host copies what it reads out before looking at it (see
-//! [`Region::answer`]), and nothing it reads there is an index into its own memory.
+//! any moment, so the host reads each byte there once, into its own memory, and checks it
+//! there (see [`Region::answer`]), and nothing it reads there is an index into its own memory.
+//! Frames are written into a slot and read out of it directly (no buffer of the whole frame in
+//! between); a slot's words alternate with the other slot's, so that a small call touches
+//! only the region's first page.
 //!
-//! This module holds the mapping only; the unsafe code is here, the protocol is safe code on
-//! atomics: the region is seen as `u32` header words and `u64` slot words, never as bytes.
+//! The mapping is the only unsafe code here; the protocol is safe code on atomics: the region
+//! is seen as `u32` header words and `u64` slot words, never as bytes.
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
