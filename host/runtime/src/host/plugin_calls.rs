@@ -15,7 +15,15 @@ pub(super) const MAX_CALL_DEPTH: usize = 16;
 /// its process, and the process's calls back through the host bring it back, so cycles and
 /// depth are checked across processes too.
 pub(crate) fn call_chain() -> String {
-    CALL_CHAIN.with(|chain| chain.borrow().join(","))
+    CALL_CHAIN.with(|chain| {
+        let chain = chain.borrow();
+        // Most calls come from outside any plugin: nothing to join.
+        if chain.is_empty() {
+            String::new()
+        } else {
+            chain.join(",")
+        }
+    })
 }
 
 impl PluginHost {

@@ -6,7 +6,8 @@
 //! events, the plugin's calls and store operations through the host and their answers, and
 //! requests that arrive while another runs (or do not fit the region). The *call region*
 //! ([`super::shm`]), passed over the control socket at start with the *answer pipe*, carries
-//! one request at a time: the main thread sleeps on it (a futex), runs the request itself and
+//! one request at a time: the main thread sleeps on it (a futex, with no timer: it has nothing
+//! else to do, and the process ends with the host), runs the request itself and
 //! puts the answer back, waking the host only if it sleeps, so a call costs a wait and a wake
 //! here and no hand-off between threads. Every other answer, an answer that does not fit the
 //! region, and every log event of a thread serving a request go on the answer pipe; for the
@@ -25,7 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{Frame, FrameReader, FrameWriter, Tag, code};
-use super::shm::{self, Region};
+use super::shm::Region;
 use crate::dylib::{PluginFailure, PluginLibrary};
 use crate::error::PluginError;
 
@@ -225,7 +226,7 @@ fn receive_channels(control: &UnixStream) -> std::io::Result<(Region, std::io::P
 /// going away ends the process (the control socket's reader exits, or the death signal).
 fn serve_calls(child: &Arc<Child>) -> ! {
     let region = &child.region;
-    let (mut last, mut bytes, mut answer) = (0u32, Vec::new(), Vec::new());
+    let mut last = 0u32;
     // One frame, its buffers used again from request to request.
     let mut frame = Frame {
         tag: Tag::Call,
@@ -234,11 +235,11 @@ fn serve_calls(child: &Arc<Child>) -> ! {
         fields: Vec::new(),
     };
     loop {
-        let Some(seq) = region.next_request(last, &mut bytes) else {
+        let Some((seq, whole)) = region.next_request(last, &mut frame, None) else {
             continue;
         };
         last = seq;
-        if super::protocol::decode_into(&bytes, &mut frame).is_err() {
+        if !whole {
             continue;
         }
         match frame.tag {
@@ -256,22 +257,16 @@ fn serve_calls(child: &Arc<Child>) -> ! {
                 let Some((id, code, fields)) = served else {
                     continue;
                 };
+                if in_region && region.answer_here(seq, id, code, &fields) {
+                    continue;
+                }
+                // The host is told first, then reads the pipe while the answer is written: an
+                // answer larger than the pipe holds does not wait for it.
+                if in_region {
+                    region.answer_on_the_pipe(seq);
+                }
                 let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
-                let fits = super::protocol::frame_len(&fields) <= shm::SLOT
-                    && super::protocol::encode(&mut answer, Tag::Answer, id, code, &fields).is_ok();
-                if in_region && fits {
-                    region.answer_here(seq, &answer);
-                } else {
-                    // The host is told first, then reads the pipe while the answer is
-                    // written: an answer larger than the pipe holds does not wait for it.
-                    if in_region {
-                        region.answer_on_the_pipe(seq);
-                    }
-                    child.calls.send(Tag::Answer, id, code, &fields);
-                }
-                if answer.capacity() > shm::SLOT {
-                    answer = Vec::new();
-                }
+                child.calls.send(Tag::Answer, id, code, &fields);
             }
             _ => {}
         }

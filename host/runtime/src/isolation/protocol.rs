@@ -47,7 +47,7 @@ pub(crate) enum Tag {
 }
 
 impl Tag {
-    fn from_u8(byte: u8) -> Option<Tag> {
+    pub(crate) fn from_u8(byte: u8) -> Option<Tag> {
         Some(match byte {
             1 => Tag::Create,
             2 => Tag::Call,
@@ -106,37 +106,8 @@ impl Frame {
 }
 
 /// The bytes of a frame with these fields, its length prefix included.
-pub(crate) fn frame_len(fields: &[&str]) -> usize {
-    4 + 1 + 8 + 1 + fields.iter().map(|f| 4 + f.len()).sum::<usize>()
-}
-
-/// One whole frame's bytes (its length prefix included, nothing after it): the frame. For
-/// bytes copied out of the memory shared with a child: an error for anything else.
-pub(crate) fn decode(bytes: &[u8]) -> io::Result<Frame> {
-    let mut frame = Frame {
-        tag: Tag::Answer,
-        id: 0,
-        code: 0,
-        fields: Vec::new(),
-    };
-    decode_into(bytes, &mut frame)?;
-    Ok(frame)
-}
-
-/// [`decode`] into `frame`, whose fields' buffers are used again (no allocation for a frame
-/// no larger than the one before).
-pub(crate) fn decode_into(bytes: &[u8], frame: &mut Frame) -> io::Result<()> {
-    let Some((length, body)) = bytes.split_first_chunk::<4>() else {
-        return Err(invalid(format!("a frame of {} bytes", bytes.len())));
-    };
-    let length = u32::from_le_bytes(*length) as usize;
-    if length < 10 || length != body.len() {
-        return Err(invalid(format!(
-            "a frame announcing {length} bytes in {}",
-            body.len()
-        )));
-    }
-    parse_into(body, frame)
+pub(crate) fn frame_len<S: AsRef<str>>(fields: &[S]) -> usize {
+    4 + 1 + 8 + 1 + fields.iter().map(|f| 4 + f.as_ref().len()).sum::<usize>()
 }
 
 /// Appends one frame to `buffer` (cleared first).
@@ -403,29 +374,6 @@ mod tests {
         assert!(FrameReader::default().read(&mut garbage).is_err());
         let mut unknown: &[u8] = &[10, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(FrameReader::default().read(&mut unknown).is_err());
-    }
-
-    /// A whole frame decodes; bytes that are not exactly one frame do not.
-    #[test]
-    fn decode_takes_exactly_one_frame() {
-        let mut bytes = Vec::new();
-        encode(&mut bytes, Tag::Answer, 9, 1, &["a", "bc"]).unwrap();
-        assert_eq!(bytes.len(), frame_len(&["a", "bc"]));
-        let frame = decode(&bytes).unwrap();
-        assert_eq!((frame.tag, frame.id, frame.code), (Tag::Answer, 9, 1));
-        assert_eq!(frame.fields, ["a", "bc"]);
-        for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(decode(&longer).is_err());
-        let mut lying = bytes.clone();
-        lying[0] = 200;
-        assert!(decode(&lying).is_err());
-        let mut field = bytes;
-        field[14] = 255;
-        assert!(decode(&field).is_err(), "a field length beyond the frame");
     }
 
     /// Frames that arrive a byte at a time, several in one read, or larger than the buffer are

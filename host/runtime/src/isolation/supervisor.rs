@@ -104,9 +104,11 @@ struct Conn {
     hangup: Option<UnixStream>,
     /// The call region, shared with the child: everything read there is the child's to spoil.
     region: Region,
-    /// The buffers of the call in the region.
-    calls: Mutex<CallSlot>,
-    /// A request is in the call region and not answered yet.
+    /// The last request's sequence number in the call region (1 to `i32::MAX`, then 1
+    /// again), changed only by the caller that set `calls_busy`.
+    calls_seq: AtomicU32,
+    /// A request is in the call region and not answered yet: the caller that sets it owns the
+    /// region's request slot (and `calls_seq`) until its answer is in.
     calls_busy: AtomicBool,
     waits: Mutex<Waits>,
     reading: Mutex<Reading>,
@@ -122,17 +124,6 @@ struct Conn {
     stopping: AtomicBool,
     shadow: Mutex<Option<PathBuf>>,
     owner: Owner,
-}
-
-/// The host's side of the call region's one call.
-#[derive(Default)]
-struct CallSlot {
-    /// The last request's sequence number (1 to `i32::MAX`, then 1 again).
-    seq: u32,
-    /// The request's frame.
-    request: Vec<u8>,
-    /// The answer's bytes, copied out of the region.
-    answer: Vec<u8>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -179,33 +170,27 @@ impl Conn {
         timeout: Duration,
         overruns: Option<&AtomicU64>,
     ) -> Result<Frame, Lost> {
-        let deadline = Instant::now() + timeout;
         if self.dead.load(Ordering::Acquire) {
             return Err(Lost::Crashed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let on_calls = super::protocol::frame_len(fields) <= shm::SLOT
-            && !self.calls_busy.swap(true, Ordering::AcqRel);
+            && !self.calls_busy.swap(true, Ordering::Acquire);
         if on_calls {
             // Putting the request in the region never blocks; a child that does not take it
             // overruns the deadline as one that takes too long. The caller is not registered
             // among those the answer pipe's readers serve unless its answer goes there.
-            let mut slot = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-            slot.seq = slot.seq % (i32::MAX as u32) + 1;
-            let seq = slot.seq;
-            if super::protocol::encode(&mut slot.request, tag, id, 0, fields).is_ok() {
-                self.region.request(seq, &slot.request);
-            }
-            if slot.request.capacity() > shm::SLOT {
-                slot.request = Vec::new();
-            }
-            return match self.wait_region(&mut slot, id, seq, deadline, timeout) {
+            let seq = self.calls_seq.load(Ordering::Relaxed) % (i32::MAX as u32) + 1;
+            self.calls_seq.store(seq, Ordering::Relaxed);
+            self.region.request(seq, tag, id, fields);
+            return match self.wait_region(id, seq, Instant::now() + timeout, timeout) {
                 Ok(Reply::Frame(frame)) => Ok(frame),
                 Ok(Reply::Lost(lost)) => Err(lost),
                 Err(Unanswered::Ended) => Err(self.lost()),
                 Err(Unanswered::Overdue) => Err(self.overran(timeout, overruns, "overran")),
             };
         }
+        let deadline = Instant::now() + timeout;
         {
             let mut waits = self.waits();
             if waits.dead {
@@ -275,39 +260,38 @@ impl Conn {
         }
     }
 
-    /// Waits for the answer to request `id`, number `seq` in the call region: put there by the
-    /// child (copied out, then checked: it must be one frame, the answer to `id`), or on the
-    /// answer pipe when the child says so. A child that ends wakes the caller (see
-    /// [`Conn::end_calls`]); a child that writes what is not an answer there is ended.
+    /// Waits for the answer to request `id`, number `seq` in the call region, at most
+    /// `timeout`: put there by the child (read out, then checked: it must be one frame, the
+    /// answer to `id`), or on the answer pipe when the child says so. A child that ends wakes
+    /// the caller (see [`Conn::end_calls`]); a child that writes what is not an answer there
+    /// is ended.
     fn wait_region(
         &self,
-        slot: &mut CallSlot,
         id: u64,
         seq: u32,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Reply, Unanswered> {
         let mut first = true;
+        let mut frame = Frame {
+            tag: Tag::Answer,
+            id: 0,
+            code: 0,
+            fields: Vec::new(),
+        };
         loop {
             // Read before the looks below: any change after them wakes the wait at once.
             let seen = self.region.answered();
             if self.dead.load(Ordering::SeqCst) {
                 return Err(Unanswered::Ended);
             }
-            match self.region.answer(seq, &mut slot.answer) {
+            match self.region.answer(seq, &mut frame) {
                 shm::Answer::NotYet => {}
-                shm::Answer::Here => {
-                    return match super::protocol::decode(&slot.answer) {
-                        Ok(frame) if frame.tag == Tag::Answer && frame.id == id => {
-                            self.calls_busy.store(false, Ordering::Release);
-                            if slot.answer.capacity() > shm::SLOT {
-                                slot.answer = Vec::new();
-                            }
-                            Ok(Reply::Frame(frame))
-                        }
-                        _ => Ok(self.garbled()),
-                    };
+                shm::Answer::Here if frame.tag == Tag::Answer && frame.id == id => {
+                    self.calls_busy.store(false, Ordering::Release);
+                    return Ok(Reply::Frame(frame));
                 }
+                shm::Answer::Here | shm::Answer::Invalid => return Ok(self.garbled()),
                 shm::Answer::OnThePipe => {
                     {
                         let mut waits = self.waits();
@@ -327,11 +311,13 @@ impl Conn {
                     }
                     return self.wait(id, true, deadline);
                 }
-                shm::Answer::Invalid => return Ok(self.garbled()),
             }
             // The first wait is not preceded by a clock read (the common call's only wait): it
             // lasts at most the call's whole timeout from now, which overshoots the deadline
-            // by the time since the call started (microseconds), once.
+            // by the time since the call started (microseconds), once. (Its timer is best
+            // far away, too: a wait of a millisecond, shorter than the scheduler's tick,
+            // made every call 1.4 µs slower on a virtual machine, whose idle CPU then has to
+            // program its timer.)
             let wait = if first {
                 first = false;
                 timeout
@@ -1197,7 +1183,7 @@ fn spawn(
         hangup: control.try_clone().ok(),
         control: Mutex::new(FrameWriter::new(control)),
         region,
-        calls: Mutex::new(CallSlot::default()),
+        calls_seq: AtomicU32::new(0),
         calls_busy: AtomicBool::new(false),
         waits: Mutex::new(Waits::default()),
         reading: Mutex::new(Reading {
