@@ -26,7 +26,7 @@
 //! the plugin's copy, with this plugin's own additions applied to it, while the number is
 //! unchanged. A host older than the generation is asked every time, as before.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
@@ -64,9 +64,18 @@ struct ReadCache {
     /// cheap hash serves; the marks, often from input, keep std's keyed one).
     key_ids: FxHashMap<String, u32>,
     field_ids: FxHashMap<String, u32>,
-    /// The marks this process added under since the host's last refresh (as the host's own
-    /// set): [`add_once`] answers from it.
-    marks: HashSet<String>,
+    /// The marks this plugin added under and the store has not taken yet, each with the
+    /// number of the crossing that handed (or will hand) it over: [`add_once`] answers from
+    /// it, and the host keeps no set of its own for them.
+    marks: HashMap<String, u64>,
+    /// The number of the crossing the batch will go in (one more after each hand-over).
+    crossing: u64,
+    /// The crossings whose marks are not known to be flushed, with the number of the host's
+    /// batch their additions went into (the last crossing of each batch).
+    unflushed: VecDeque<(u64, u64)>,
+    /// The host's numbers last answered (`P F`, see [`ReadCache::note_batches`]): an empty
+    /// answer means they are unchanged.
+    told: (u64, u64),
 }
 
 static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| {
@@ -79,7 +88,10 @@ static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| {
         batch: Vec::new(),
         key_ids: FxHashMap::default(),
         field_ids: FxHashMap::default(),
-        marks: HashSet::new(),
+        marks: HashMap::new(),
+        crossing: 0,
+        unflushed: VecDeque::new(),
+        told: (0, 0),
     })
 });
 
@@ -110,14 +122,57 @@ fn read_cache() -> MutexGuard<'static, ReadCache> {
 }
 
 impl ReadCache {
-    /// Empties the copies (and the marks) if the host's cache changed since they were made.
+    /// Empties the copies if the host's cache changed since they were made (the marks stay
+    /// until the store has them: see [`ReadCache::hand_over`]).
     fn renew(&mut self, generation: u64) {
         if generation != self.generation {
             self.fields.clear();
             self.records.clear();
-            self.marks.clear();
             self.generation = generation;
         }
+    }
+
+    /// Notes where the host put the crossing's additions (`P F`: the number of its batch
+    /// they go into, the last batch the store took; empty: as last told), and drops the marks
+    /// of every batch the store took: the store decides for them from now on, as for every
+    /// worker's.
+    fn note_batches(&mut self, crossing: u64, numbers: &str) {
+        let (batch, flushed) = if numbers.is_empty() {
+            self.told
+        } else {
+            let mut numbers = numbers.split(' ').map(str::parse::<u64>);
+            let (Some(Ok(batch)), Some(Ok(flushed))) = (numbers.next(), numbers.next()) else {
+                // Not an answer this plugin knows: its marks are not kept past the crossing.
+                self.forget_crossing(crossing);
+                return;
+            };
+            self.told = (batch, flushed);
+            (batch, flushed)
+        };
+        if batch == 0 {
+            // Never told (not an answer this plugin knows).
+            self.forget_crossing(crossing);
+            return;
+        }
+        match self.unflushed.back_mut() {
+            Some(last) if last.1 == batch => last.0 = crossing,
+            _ => self.unflushed.push_back((crossing, batch)),
+        }
+        let mut dropped = None;
+        while let Some(&(crossing, batch)) = self.unflushed.front()
+            && batch <= flushed
+        {
+            dropped = Some(crossing);
+            self.unflushed.pop_front();
+        }
+        if let Some(last) = dropped {
+            self.marks.retain(|_, crossing| *crossing > last);
+        }
+    }
+
+    /// Drops the marks of one crossing (the host did not take it).
+    fn forget_crossing(&mut self, crossing: u64) {
+        self.marks.retain(|_, c| *c != crossing);
     }
 
     /// The host's id of a key (`kind` "k") or field ("f") name, asked for at its first use.
@@ -144,32 +199,68 @@ impl ReadCache {
         if self.batch.is_empty() {
             return;
         }
+        let crossing = self.crossing;
+        self.crossing += 1;
         match crate::log::store_batch(&self.batch) {
-            // A mark was already pending in the host (the plugin's set was emptied at a
-            // refresh before the host's was): the host added nothing for it, so the copies,
-            // which did, are dropped and read again.
-            Ok(Some(answer)) if answer == "dup" => self.fields.clear(),
-            Ok(_) => {}
+            Ok(Some(answer)) => match answer.strip_prefix("dup ") {
+                // A mark was already pending in the host (an earlier instance of this plugin
+                // added it): the host added nothing for it, so the copies, which did, are
+                // dropped and read again.
+                Some(numbers) => {
+                    self.fields.clear();
+                    self.note_batches(crossing, numbers);
+                }
+                None => self.note_batches(crossing, &answer),
+            },
+            Ok(None) => self.forget_crossing(crossing),
             Err(e) => {
                 tracing::warn!(error = %e.message, "the host's store refused a batch of additions");
-                // Its marks were not taken: forgotten here too, so a retry is not answered
-                // "already counted" (a mark the host does hold still counts once: it answers
-                // "dup" and adds nothing).
-                self.marks.clear();
                 self.fields.clear();
+                self.forget_crossing(crossing);
             }
         }
         self.batch.clear();
     }
 
-    /// Appends one entry (under `mark`, if any) to the batch and applies it to the copies;
-    /// `None` (nothing appended) when the host would not give an id.
-    fn append(&mut self, mark: Option<&str>, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+    /// Appends one entry (under `mark`, if any, which goes into the set of marks) to the batch
+    /// and applies it to the copies: `Ok(false)` (nothing appended) for a mark in the set
+    /// already; `Err` with the mark (nothing appended, the mark not kept) when the host would
+    /// not give an id.
+    fn append(
+        &mut self,
+        mark: Option<Mark<'_>>,
+        adds: &[(&str, &[(&str, f64)])],
+    ) -> Result<bool, Option<String>> {
         let start = self.batch.len();
-        let appended = self.encode(mark, adds);
-        if appended.is_none() {
+        let mut marked = 0..0;
+        match mark {
+            None => self.batch.push(0),
+            Some(mark) => {
+                let text = mark.as_str();
+                let Ok(len) = u32::try_from(text.len()) else {
+                    return Err(Some(mark.owned()));
+                };
+                self.batch.push(1);
+                self.batch.extend_from_slice(&len.to_le_bytes());
+                self.batch.extend_from_slice(text.as_bytes());
+                marked = start + 5..self.batch.len();
+                // One hash: the mark is inserted first (a mark seen before is rare) and taken
+                // out again if its entry cannot be written.
+                if self.marks.insert(mark.owned(), self.crossing).is_some() {
+                    self.batch.truncate(start);
+                    return Ok(false);
+                }
+            }
+        }
+        if self.encode_rows(adds).is_none() {
+            let mut taken = None;
+            if !marked.is_empty() {
+                let text = self.batch.get(marked).unwrap_or_default();
+                let text = std::str::from_utf8(text).unwrap_or_default();
+                taken = self.marks.remove_entry(text).map(|(mark, _)| mark);
+            }
             self.batch.truncate(start);
-            return None;
+            return Err(taken);
         }
         self.writes += 1;
         if !self.fields.is_empty() {
@@ -194,24 +285,15 @@ impl ReadCache {
         if self.batch.len() >= HAND_OVER_AT || CALLS.load(Ordering::SeqCst) == 0 {
             self.hand_over();
         }
-        Some(())
+        Ok(true)
     }
 
-    /// Writes one entry at the end of the batch (the caller truncates it on `None`): `None`
-    /// for an entry the host would refuse, so that it never spoils a batch of others.
-    fn encode(&mut self, mark: Option<&str>, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+    /// Writes one entry's rows at the end of the batch (the caller truncates it on `None`):
+    /// `None` for rows the host would refuse, so that they never spoil a batch of others.
+    fn encode_rows(&mut self, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
         let rows: usize = adds.iter().map(|(_, fields)| fields.len()).sum();
-        if mark.is_some_and(|m| m.len() > MAX_NAME) || rows > MAX_ENTRY_ROWS {
+        if rows > MAX_ENTRY_ROWS {
             return None;
-        }
-        match mark {
-            None => self.batch.push(0),
-            Some(mark) => {
-                self.batch.push(1);
-                let len = u32::try_from(mark.len()).ok()?;
-                self.batch.extend_from_slice(&len.to_le_bytes());
-                self.batch.extend_from_slice(mark.as_bytes());
-            }
         }
         let rows = u32::try_from(rows).ok()?;
         self.batch.extend_from_slice(&rows.to_le_bytes());
@@ -227,6 +309,29 @@ impl ReadCache {
             }
         }
         Some(())
+    }
+}
+
+/// A mark given to [`add_once`] (borrowed: the set keeps a copy) or made by
+/// [`add_once_joined`] (the set keeps it).
+enum Mark<'a> {
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl Mark<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Mark::Borrowed(text) => text,
+            Mark::Owned(text) => text,
+        }
+    }
+
+    fn owned(self) -> String {
+        match self {
+            Mark::Borrowed(text) => text.to_owned(),
+            Mark::Owned(text) => text,
+        }
     }
 }
 
@@ -365,7 +470,7 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
     }
     // Names are checked when the host numbers them (the first use).
     if let Some(mut cache) = batching()
-        && cache.append(None, &[(key, fields)]).is_some()
+        && cache.append(None, &[(key, fields)]).is_ok()
     {
         return true;
     }
@@ -392,7 +497,17 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
 /// transaction as the additions, and the next refresh of the cache shows its decision);
 /// `Some(false)` for a mark already pending here; `None` without a store.
 pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
-    let valid = plain(mark)
+    once(Mark::Borrowed(mark), adds)
+}
+
+/// [`add_once`] under the mark `join(parts)`, made once (the plugin's set of marks keeps it
+/// rather than a copy): `add_once_joined(&["scored", context, id], adds)`.
+pub fn add_once_joined(parts: &[&str], adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
+    once(Mark::Owned(join(parts)), adds)
+}
+
+fn once(mark: Mark<'_>, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
+    let valid = plain(mark.as_str())
         && adds
             .iter()
             .all(|(_, fields)| fields.iter().all(|(_, d)| d.is_finite()));
@@ -400,17 +515,15 @@ pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
         return None;
     }
     // Names are checked when the host numbers them (the first use).
-    if let Some(mut cache) = batching() {
-        // One hash: the mark is inserted first (a mark seen before is rare) and taken out
-        // again if it cannot be handed over.
-        if !cache.marks.insert(mark.to_owned()) {
-            return Some(false);
-        }
-        if cache.append(Some(mark), adds).is_some() {
-            return Some(true);
-        }
-        cache.marks.remove(mark);
-    }
+    let mark = match batching() {
+        Some(mut cache) => match cache.append(Some(mark), adds) {
+            Ok(new) => return Some(new),
+            // The older path, for a name the host would not number (it says why).
+            Err(mark) => Mark::Owned(mark.unwrap_or_default()),
+        },
+        None => mark,
+    };
+    let mark = mark.as_str();
     let valid = adds
         .iter()
         .all(|(key, fields)| plain(key) && fields.iter().all(|(f, _)| plain(f)));

@@ -469,8 +469,10 @@ impl BanditPlugin {
             ];
             match &p.id {
                 Some(id) => {
-                    let mark = plugin_api::store::join(&["scored", &p.context, id]);
-                    if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false)
+                    if plugin_api::store::add_once_joined(
+                        &["scored", &p.context, id],
+                        &[(key.as_str(), &fields)],
+                    ) == Some(false)
                     {
                         return Ok(());
                     }

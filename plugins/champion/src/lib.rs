@@ -737,8 +737,11 @@ impl ChampionPlugin {
         let fields = [("n", 1.0), ("sum", score), ("sumsq", score * score)];
         match id {
             Some(id) => {
-                let mark = plugin_api::store::join(&["scored", task_type, id]);
-                if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false) {
+                if plugin_api::store::add_once_joined(
+                    &["scored", task_type, id],
+                    &[(key.as_str(), &fields)],
+                ) == Some(false)
+                {
                     return None;
                 }
             }

@@ -294,8 +294,8 @@ impl ExperimentPlugin {
             let k = store_key(&p.experiment, &variant);
             plugin_api::store::add(&k, &[("assigned", 1.0)]);
             if let Some(key) = &p.key {
-                plugin_api::store::add_once(
-                    &plugin_api::store::join(&["unit", &p.experiment, key]),
+                plugin_api::store::add_once_joined(
+                    &["unit", &p.experiment, key],
                     &[(k.as_str(), &[("units", 1.0)])],
                 );
             }
@@ -330,8 +330,10 @@ impl ExperimentPlugin {
             let fields = [("n", 1.0), ("sum", p.score), ("sumsq", p.score * p.score)];
             match &p.id {
                 Some(id) => {
-                    let mark = plugin_api::store::join(&["scored", &p.experiment, id]);
-                    if plugin_api::store::add_once(&mark, &[(key.as_str(), &fields)]) == Some(false)
+                    if plugin_api::store::add_once_joined(
+                        &["scored", &p.experiment, id],
+                        &[(key.as_str(), &fields)],
+                    ) == Some(false)
                     {
                         // Scored before in this process: counted once.
                         return Ok(());

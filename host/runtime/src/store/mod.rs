@@ -219,8 +219,20 @@ struct Cache {
     unmarked: Sums,
     /// The batch being flushed, kept (with its id) until the store took it.
     inflight: Option<Arc<Batch>>,
-    /// Marks this process has seen since their last flush.
+    /// Marks added through the `mark` operation (plugins that hand additions over one by one)
+    /// since their last flush. A batching plugin keeps its own marks until they are flushed
+    /// (`plugin_api::store`), so the host keeps none of them but in `carried`.
     marks: HashSet<Arc<str>>,
+    /// The marks not yet flushed when a plugin got a new instance (a load or reload starts with
+    /// an empty set while these may still be pending), and every mark added while it is not
+    /// empty: checked for every mark until the batch `carried_until` is flushed.
+    carried: HashSet<Arc<str>>,
+    carried_until: u64,
+    /// Batches taken for the backend so far (the pending additions go into the next one), and
+    /// the number of the last one the store took: a batching plugin drops a mark once its
+    /// batch is flushed.
+    taken: u64,
+    flushed: u64,
     records: HashMap<String, StoredRecord>,
     /// Kept between batches so that taking one allocates nothing of its own: the entries
     /// read (byte ranges) and a mark's full name.
@@ -267,11 +279,15 @@ impl Cache {
     }
 
     /// Queues `rows` under `mark` unless this process has seen the mark since its last flush;
-    /// whether it was new.
-    fn add_marked(&mut self, mark: &str, rows: impl Iterator<Item = Row>) -> bool {
-        // One hash: a mark seen before is rare (the plugin keeps a set of its own).
+    /// whether it was new. `kept`: the host keeps the mark in its set until it is flushed (a
+    /// plugin handing additions over one by one); a batching plugin keeps its marks itself.
+    fn add_marked(&mut self, mark: &str, rows: impl Iterator<Item = Row>, kept: bool) -> bool {
+        // One hash per set: a mark seen before is rare.
         let mark: Arc<str> = Arc::from(mark);
-        if !self.marks.insert(Arc::clone(&mark)) {
+        if !self.carried.is_empty() && !self.carried.insert(Arc::clone(&mark)) {
+            return false;
+        }
+        if kept && !self.marks.insert(Arc::clone(&mark)) {
             return false;
         }
         let start = self.rows.len();
@@ -284,6 +300,29 @@ impl Cache {
             rows: start..self.rows.len(),
         });
         true
+    }
+
+    /// Carries the marks of `namespace` not yet flushed over to a new instance of its plugin,
+    /// which starts with an empty set of its own: until they are flushed, the host checks every
+    /// mark against them.
+    fn carry_marks(&mut self, namespace: &str) {
+        let pending = self.pending.iter().chain(
+            self.inflight
+                .as_deref()
+                .map(|b| b.groups.as_slice())
+                .unwrap_or_default(),
+        );
+        let marks: Vec<Arc<str>> = pending
+            .filter_map(|g| g.mark.as_ref())
+            .filter(|m| m.starts_with(namespace))
+            .cloned()
+            .collect();
+        if marks.is_empty() {
+            return;
+        }
+        self.carried.extend(marks);
+        // The pending groups go into the next batch taken.
+        self.carried_until = self.taken + 1;
     }
 
     /// The sums of `key` (its full name) in `sums`, by field name.
@@ -564,10 +603,15 @@ impl Store {
     }
 
     /// The handle a plugin's calls go through: its keys and marks in its own namespace.
+    /// Made for each instance of the plugin (each load): the marks an earlier instance left
+    /// pending are carried over (see `Cache::carry_marks`).
     pub(crate) fn for_plugin(&self, plugin: &str) -> PluginStore {
+        let namespace = format!("{plugin}/");
+        lock(&self.shared.cache).carry_marks(&namespace);
         PluginStore {
             store: self.clone(),
-            namespace: format!("{plugin}/"),
+            namespace,
+            told: Arc::default(),
         }
     }
 }
@@ -618,6 +662,7 @@ fn flush_once(shared: &Shared) -> bool {
             cache.inflight_sum = sum;
             let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
             let (keys, fields) = cache.names.used_by(&mut rows);
+            cache.taken += 1;
             cache.inflight = Some(Arc::new(Batch {
                 id: format!("{}-{seq}", shared.batch_prefix),
                 keys,
@@ -652,8 +697,14 @@ fn flush_once(shared: &Shared) -> bool {
                 // The store holds these marks now and decides for them: the local set keeps
                 // only the marks not yet flushed, so it stays small in a long-running worker.
                 if let Some(batch) = cache.inflight.take() {
-                    for mark in batch.groups.iter().filter_map(|g| g.mark.as_ref()) {
-                        cache.marks.remove(mark);
+                    if !cache.marks.is_empty() {
+                        for mark in batch.groups.iter().filter_map(|g| g.mark.as_ref()) {
+                            cache.marks.remove(mark);
+                        }
+                    }
+                    cache.flushed = cache.taken;
+                    if cache.flushed >= cache.carried_until {
+                        cache.carried = HashSet::new();
                     }
                     flushed_batch = Some(batch);
                 }
@@ -793,6 +844,9 @@ impl StoreAccess {
 pub(crate) struct PluginStore {
     store: Store,
     namespace: String,
+    /// The batch numbers last answered to this instance (`batch`): the same numbers again are
+    /// answered with an empty text, which needs no allocation.
+    told: Arc<Mutex<(u64, u64)>>,
 }
 
 #[derive(Deserialize)]
@@ -1006,7 +1060,7 @@ impl PluginStore {
                         })
                     })
                     .collect::<Result<Vec<_>, PluginError>>()?;
-                let new = cache.add_marked(&mark, rows.into_iter());
+                let new = cache.add_marked(&mark, rows.into_iter(), true);
                 return Ok(Some(if new { "true" } else { "false" }.to_owned()));
             }
             // `k\tNAME` (a key) or `f\tNAME` (a field): its id, for the additions a plugin
@@ -1179,8 +1233,12 @@ impl PluginStore {
     /// Takes the additions a plugin hands over in one batch (the binary form of
     /// `plugin_api::abi::HostApi::store_batch`): every entry is checked (ids numbered for this
     /// plugin, finite deltas, marks, sizes) before anything is added, so a batch applies whole
-    /// or not at all. The answer is empty, or `dup` when a mark of the batch was already
-    /// pending here (its additions are dropped; the plugin's copies of the keys are then stale).
+    /// or not at all. The plugin keeps the batch's marks (the host keeps none, but those carried
+    /// over from an earlier instance of the plugin). The answer is `P F`: the number of the
+    /// batch these additions go into and of the last batch the store took (the plugin drops the
+    /// marks flushed), or empty when both are what this instance was last told; after `dup `
+    /// when a mark of the batch was already pending here (an earlier instance's: its additions
+    /// are dropped, and the plugin's copies of the keys are then stale).
     pub(crate) fn batch(&self, bytes: &[u8]) -> Result<Option<String>, PluginError> {
         if bytes.len() > MAX_BATCH {
             return Err(invalid(format!(
@@ -1206,7 +1264,7 @@ impl PluginStore {
                         full.push_str(&self.namespace);
                         let mark = bytes.get(start..end).unwrap_or_default();
                         full.push_str(std::str::from_utf8(mark).unwrap_or_default());
-                        dup |= !cache.add_marked(&full, rows);
+                        dup |= !cache.add_marked(&full, rows, false);
                     }
                 }
             }
@@ -1214,7 +1272,18 @@ impl PluginStore {
         }
         cache.entries_scratch = entries;
         checked?;
-        Ok(Some(if dup { "dup" } else { "" }.to_owned()))
+        let numbers = (cache.taken + 1, cache.flushed);
+        let mut told = lock(&self.told);
+        if !dup && *told == numbers {
+            return Ok(Some(String::new()));
+        }
+        *told = numbers;
+        let (next, flushed) = numbers;
+        Ok(Some(if dup {
+            format!("dup {next} {flushed}")
+        } else {
+            format!("{next} {flushed}")
+        }))
     }
 
     /// The fields of `key` (its full name) as `field\tvalue` lines: the last refresh plus the
@@ -1389,22 +1458,46 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_adds_once_per_mark_and_says_when_a_mark_was_pending() {
+    fn a_batch_answers_its_batch_and_the_last_flushed() {
         let (_dir, store) = store();
         let a = store.for_plugin("a");
         let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
         let mut batch = entry(None, &[(k, n, 1.0)]);
         batch.extend(entry(Some("t1"), &[(k, n, 2.0)]));
-        assert_eq!(a.batch(&batch).unwrap().as_deref(), Some(""));
-        let again = entry(Some("t1"), &[(k, n, 2.0)]);
-        assert_eq!(a.batch(&again).unwrap().as_deref(), Some("dup"));
+        // Into batch 1; none flushed yet.
+        assert_eq!(a.batch(&batch).unwrap().as_deref(), Some("1 0"));
         assert_eq!(read(&a, "arm"), "n\t3\n");
         store.flush().unwrap();
         assert_eq!(read(&a, "arm"), "n\t3\n");
         // Flushed, the mark is the store's to decide: it refuses the repeat.
-        assert_eq!(a.batch(&again).unwrap().as_deref(), Some(""));
+        let again = entry(Some("t1"), &[(k, n, 2.0)]);
+        assert_eq!(a.batch(&again).unwrap().as_deref(), Some("2 1"));
         store.flush().unwrap();
         assert_eq!(read(&a, "arm"), "n\t3\n");
+    }
+
+    /// A new instance of a plugin starts with no marks of its own: the marks its predecessor
+    /// left pending are checked by the host until they are flushed.
+    #[test]
+    fn a_new_instance_cannot_add_twice_under_a_pending_mark() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        let marked = entry(Some("t1"), &[(k, n, 2.0)]);
+        assert_eq!(a.batch(&marked).unwrap().as_deref(), Some("1 0"));
+        // Another plugin's new instance carries nothing of `a`'s.
+        let _b = store.for_plugin("b");
+        assert_eq!(lock(&store.shared.cache).carried.len(), 0);
+        let a2 = store.for_plugin("a");
+        assert_eq!(a2.batch(&marked).unwrap().as_deref(), Some("dup 1 0"));
+        assert_eq!(read(&a2, "arm"), "n\t2\n");
+        store.flush().unwrap();
+        assert_eq!(read(&a2, "arm"), "n\t2\n");
+        // Flushed, the carried marks are let go.
+        assert!(lock(&store.shared.cache).carried.is_empty());
+        assert_eq!(a2.batch(&marked).unwrap().as_deref(), Some("2 1"));
+        store.flush().unwrap();
+        assert_eq!(read(&a2, "arm"), "n\t2\n");
     }
 
     #[test]
