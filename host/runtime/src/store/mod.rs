@@ -146,6 +146,8 @@ struct Names {
     key_ids: HashMap<Arc<str>, u32>,
     fields: Vec<Arc<str>>,
     field_ids: HashMap<Arc<str>, u32>,
+    /// How many names each plugin (by namespace) had numbered first.
+    numbered: HashMap<String, usize>,
 }
 
 impl Names {
@@ -182,18 +184,36 @@ impl Names {
 /// The most names (keys and fields each) a store numbers; a plugin past it gets an error.
 const MAX_NAMES: usize = 1 << 20;
 
-/// Numbers `name` in `names`/`ids` (a new name gets the next id).
-fn intern(names: &mut Vec<Arc<str>>, ids: &mut HashMap<Arc<str>, u32>, name: &str) -> Option<u32> {
+/// The most names one plugin may have numbered (keys and fields together): a plugin that adds
+/// under ever new keys (made from its input, say) runs out of its own share, not the others'.
+const MAX_NAMES_PER_PLUGIN: usize = MAX_NAMES / 4;
+
+/// Numbers `name` in `names`/`ids` (a new name gets the next id), counting it in `numbered`
+/// against `namespace`'s share.
+fn intern(
+    names: &mut Vec<Arc<str>>,
+    ids: &mut HashMap<Arc<str>, u32>,
+    name: &str,
+    numbered: &mut HashMap<String, usize>,
+    namespace: &str,
+) -> Option<u32> {
     if let Some(id) = ids.get(name) {
         return Some(*id);
     }
-    if names.len() >= MAX_NAMES {
+    let used = numbered.get(namespace).copied().unwrap_or(0);
+    if names.len() >= MAX_NAMES || used >= MAX_NAMES_PER_PLUGIN {
         return None;
     }
     let id = u32::try_from(names.len()).ok()?;
     let name: Arc<str> = Arc::from(name);
     names.push(Arc::clone(&name));
     ids.insert(name, id);
+    match numbered.get_mut(namespace) {
+        Some(used) => *used += 1,
+        None => {
+            numbered.insert(namespace.to_owned(), 1);
+        }
+    }
     Some(id)
 }
 
@@ -258,18 +278,33 @@ impl Cache {
         !self.pending.is_empty() || !self.unmarked.is_empty()
     }
 
-    /// The id of the key `full` (its full name), numbered (and refreshed from now on) if new.
-    fn key_id(&mut self, full: &str) -> Option<u32> {
-        let id = intern(&mut self.names.keys, &mut self.names.key_ids, full)?;
+    /// The id of the key `full` (its full name, in `namespace`), numbered (and refreshed from
+    /// now on) if new.
+    fn key_id(&mut self, full: &str, namespace: &str) -> Option<u32> {
+        let names = &mut self.names;
+        let id = intern(
+            &mut names.keys,
+            &mut names.key_ids,
+            full,
+            &mut names.numbered,
+            namespace,
+        )?;
         if !self.keys.contains(full) {
             self.keys.insert(full.to_owned());
         }
         Some(id)
     }
 
-    /// The id of the field `name`, numbered if new.
-    fn field_id(&mut self, name: &str) -> Option<u32> {
-        intern(&mut self.names.fields, &mut self.names.field_ids, name)
+    /// The id of the field `name`, numbered (against `namespace`'s share) if new.
+    fn field_id(&mut self, name: &str, namespace: &str) -> Option<u32> {
+        let names = &mut self.names;
+        intern(
+            &mut names.fields,
+            &mut names.field_ids,
+            name,
+            &mut names.numbered,
+            namespace,
+        )
     }
 
     /// Adds a row without a mark.
@@ -875,7 +910,7 @@ const MAX_BATCH: usize = 1 << 20;
 
 fn too_many_names() -> PluginError {
     invalid(format!(
-        "store: this process numbers at most {MAX_NAMES} keys and as many field names; use fewer distinct keys"
+        "store: a plugin numbers at most {MAX_NAMES_PER_PLUGIN} distinct keys and field names, and this process at most {MAX_NAMES} of each, until the worker restarts; use fewer distinct keys"
     ))
 }
 
@@ -1024,9 +1059,13 @@ impl PluginStore {
                     .collect::<Result<Vec<_>, _>>()?;
                 let full = self.key(key);
                 let mut cache = lock(&self.store.shared.cache);
-                let key = cache.key_id(&full).ok_or_else(too_many_names)?;
+                let key = cache
+                    .key_id(&full, &self.namespace)
+                    .ok_or_else(too_many_names)?;
                 for (field, delta) in fields {
-                    let field = cache.field_id(field).ok_or_else(too_many_names)?;
+                    let field = cache
+                        .field_id(field, &self.namespace)
+                        .ok_or_else(too_many_names)?;
                     cache.add_unmarked(Row { key, field, delta });
                 }
                 // Any answer means "added"; an empty one needs no allocation.
@@ -1054,8 +1093,12 @@ impl PluginStore {
                     .iter()
                     .map(|(key, field, delta)| {
                         Ok(Row {
-                            key: cache.key_id(key).ok_or_else(too_many_names)?,
-                            field: cache.field_id(field).ok_or_else(too_many_names)?,
+                            key: cache
+                                .key_id(key, &self.namespace)
+                                .ok_or_else(too_many_names)?,
+                            field: cache
+                                .field_id(field, &self.namespace)
+                                .ok_or_else(too_many_names)?,
                             delta: *delta,
                         })
                     })
@@ -1071,11 +1114,11 @@ impl PluginStore {
                 let id = match kind {
                     "k" => {
                         check_key("key", name)?;
-                        cache.key_id(&self.key(name))
+                        cache.key_id(&self.key(name), &self.namespace)
                     }
                     "f" => {
                         check_key("field name", name)?;
-                        cache.field_id(name)
+                        cache.field_id(name, &self.namespace)
                     }
                     _ => {
                         return Err(invalid(format!(
@@ -1362,14 +1405,49 @@ impl PluginStore {
 mod tests {
     use super::*;
 
+    /// A plugin that numbers ever new names (keys made from its input) runs out of its own
+    /// share only: names it has are still answered, and other plugins go on numbering theirs.
+    #[test]
+    fn a_plugin_that_numbers_too_many_names_uses_up_only_its_own_share() {
+        let mut cache = Cache::default();
+        for n in 0..MAX_NAMES_PER_PLUGIN {
+            assert!(cache.field_id(&format!("f{n}"), "greedy/").is_some());
+        }
+        assert_eq!(cache.key_id("greedy/one-more", "greedy/"), None);
+        assert_eq!(cache.field_id("another", "greedy/"), None);
+        assert!(cache.field_id("f7", "greedy/").is_some());
+        assert!(cache.key_id("modest/k", "modest/").is_some());
+        assert!(cache.field_id("n", "modest/").is_some());
+        assert!(
+            too_many_names()
+                .to_string()
+                .contains("a plugin numbers at most 262144")
+        );
+    }
+
     /// A flush names only what its rows add to, with the rows renumbered to match, however
     /// many names the store numbered before.
     #[test]
     fn a_batch_names_only_what_its_rows_use() {
         let mut names = Names::default();
         for n in 0..1000 {
-            intern(&mut names.keys, &mut names.key_ids, &format!("p/key{n}")).unwrap();
-            intern(&mut names.fields, &mut names.field_ids, &format!("f{n}")).unwrap();
+            let names = &mut names;
+            intern(
+                &mut names.keys,
+                &mut names.key_ids,
+                &format!("p/key{n}"),
+                &mut names.numbered,
+                "p/",
+            )
+            .unwrap();
+            intern(
+                &mut names.fields,
+                &mut names.field_ids,
+                &format!("f{n}"),
+                &mut names.numbered,
+                "p/",
+            )
+            .unwrap();
         }
         let mut rows = vec![
             Row {
