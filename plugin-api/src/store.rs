@@ -245,10 +245,17 @@ impl ReadCache {
                 self.batch.extend_from_slice(text.as_bytes());
                 marked = start + 5..self.batch.len();
                 // One hash: the mark is inserted first (a mark seen before is rare) and taken
-                // out again if its entry cannot be written.
-                if self.marks.insert(mark.owned(), self.crossing).is_some() {
-                    self.batch.truncate(start);
-                    return Ok(false);
+                // out again if its entry cannot be written. A mark seen before keeps the
+                // crossing that carried it (forgetting a later crossing must not forget it).
+                let crossing = self.crossing;
+                match self.marks.entry(mark.owned()) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        self.batch.truncate(start);
+                        return Ok(false);
+                    }
+                    std::collections::hash_map::Entry::Vacant(new) => {
+                        new.insert(crossing);
+                    }
                 }
             }
         }

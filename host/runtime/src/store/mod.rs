@@ -1062,11 +1062,18 @@ impl PluginStore {
                 let key = cache
                     .key_id(&full, &self.namespace)
                     .ok_or_else(too_many_names)?;
-                for (field, delta) in fields {
-                    let field = cache
-                        .field_id(field, &self.namespace)
-                        .ok_or_else(too_many_names)?;
-                    cache.add_unmarked(Row { key, field, delta });
+                // Every name numbered before anything is added, for the same reason.
+                let rows = fields
+                    .into_iter()
+                    .map(|(field, delta)| {
+                        let field = cache
+                            .field_id(field, &self.namespace)
+                            .ok_or_else(too_many_names)?;
+                        Ok(Row { key, field, delta })
+                    })
+                    .collect::<Result<Vec<_>, PluginError>>()?;
+                for row in rows {
+                    cache.add_unmarked(row);
                 }
                 // Any answer means "added"; an empty one needs no allocation.
                 return Ok(Some(String::new()));
@@ -1533,6 +1540,24 @@ mod tests {
 
     fn read(plugin: &PluginStore, key: &str) -> String {
         plugin.op("read", key).unwrap().unwrap()
+    }
+
+    /// An `add` that cannot number one of its fields (the plugin's share of names is used up)
+    /// adds none of them: a retry then counts each field once.
+    #[test]
+    fn an_add_that_cannot_number_a_field_adds_nothing() {
+        let (_dir, store) = store();
+        let a = store.for_plugin("a");
+        a.op("add", "key\nknown\t1").unwrap();
+        {
+            let mut cache = lock(&store.shared.cache);
+            let mut n = 0;
+            while cache.field_id(&format!("filler{n}"), "a/").is_some() {
+                n += 1;
+            }
+        }
+        assert!(a.op("add", "key\nknown\t1\nnew\t1").is_err());
+        assert_eq!(read(&a, "key"), "known\t1\n");
     }
 
     #[test]
