@@ -623,11 +623,7 @@ fn an_embedder_isolates_through_the_builder() {
         matches!(timed_out, plugin_host::PluginCallError::TimedOut { .. }),
         "{timed_out}"
     );
-    assert!(eventually(PATIENCE, || host.execute(
-        "crashy",
-        "ok",
-        &Value::Null
-    ) == Some(json!("fine"))));
+    serves_again(&host);
     let isolation = host.plugin("crashy").unwrap().isolation;
     assert_eq!(
         (isolation.crashes, isolation.timeouts),
@@ -638,6 +634,16 @@ fn an_embedder_isolates_through_the_builder() {
 }
 
 /// An embedder's host with `crashy` isolated (deadline `timeout_ms`, no breaker).
+/// Waits until `crashy` answers again (after its child was restarted), failing the test if it
+/// does not within [`PATIENCE`].
+fn serves_again(host: &plugin_host::PluginHost) {
+    assert!(
+        eventually(PATIENCE, || host.execute("crashy", "ok", &Value::Null)
+            == Some(json!("fine"))),
+        "crashy does not answer again"
+    );
+}
+
 fn isolated_crashy(dir: &PluginDir, timeout_ms: u64) -> plugin_host::PluginHost {
     dir.configure(&json!({"crashy": {"timeoutMs": timeout_ms, "breaker": false}}));
     dir.add("crashy", "libcrashy.so");
@@ -719,11 +725,7 @@ fn a_crash_answers_every_waiting_caller_crashed() {
             "{error}"
         );
     }
-    assert!(eventually(PATIENCE, || host.execute(
-        "crashy",
-        "ok",
-        &Value::Null
-    ) == Some(json!("fine"))));
+    serves_again(&host);
     assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
 }
 
@@ -777,11 +779,7 @@ fn a_child_that_forges_an_answer_in_the_shared_memory_is_ended_and_restarted() {
         matches!(forged, plugin_host::PluginCallError::Crashed { .. }),
         "{forged}"
     );
-    assert!(eventually(PATIENCE, || host.execute(
-        "crashy",
-        "ok",
-        &Value::Null
-    ) == Some(json!("fine"))));
+    serves_again(&host);
     assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
 }
 
@@ -883,11 +881,7 @@ fn a_child_that_takes_no_request_cannot_hold_the_caller() {
         matches!(error, plugin_host::PluginCallError::TimedOut { .. }),
         "{error}"
     );
-    assert!(eventually(PATIENCE, || host.execute(
-        "crashy",
-        "ok",
-        &Value::Null
-    ) == Some(json!("fine"))));
+    serves_again(&host);
 }
 
 /// A child that sends more calls to other plugins than the host answers at once (256, each

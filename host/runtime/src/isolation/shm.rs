@@ -119,14 +119,18 @@ impl Region {
 
     fn header(&self) -> &[AtomicU32] {
         // SAFETY: the mapping is page-aligned, `SIZE` bytes long and lives as long as `self`;
-        // its first `HEADER` bytes are only ever seen as these atomics, by both processes
-        // (the other process's plain writes are as good as atomic ones for aligned words).
+        // in this process its first `HEADER` bytes are only ever reached through these
+        // atomics, so no Rust reference aliases them. The other process is outside this
+        // program's memory model and may write anything at any time: an aligned word's atomic
+        // load still yields one whole `u32` (the hardware does not tear it), and every value
+        // read is checked before it is used.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr().cast::<AtomicU32>(), HEADER_WORDS) }
     }
 
     fn slots(&self) -> &[AtomicU64] {
         // SAFETY: the rest of the mapping after the header, 8-aligned (`HEADER` is a multiple
-        // of 8), `2 * SLOT_WORDS` words within `SIZE`; only ever seen as these atomics.
+        // of 8), `2 * SLOT_WORDS` words within `SIZE`; in this process only ever reached
+        // through these atomics (see `header` for the other process's writes).
         unsafe {
             std::slice::from_raw_parts(
                 self.base.as_ptr().add(HEADER).cast::<AtomicU64>(),

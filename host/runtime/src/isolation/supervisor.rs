@@ -116,6 +116,8 @@ struct Conn {
     /// The child's plugin calls and slow store operations being answered, each on a thread of
     /// its own: at most [`MAX_FORWARDED`].
     forwarded: AtomicU32,
+    /// Refusing forwarded operations (at the limit) since the last one taken: warned once.
+    refusing: AtomicBool,
     dead: AtomicBool,
     /// Set when the host killed the child for a deadline: the calls it takes down with it
     /// answer "timed out" too.
@@ -958,14 +960,18 @@ impl Supervisor {
         let taken = conn.forwarded.fetch_add(1, Ordering::AcqRel);
         let slot = Forwarded(Arc::clone(conn));
         if taken < MAX_FORWARDED {
+            conn.refusing.store(false, Ordering::Relaxed);
             return Some(slot);
         }
         drop(slot);
-        tracing::warn!(
-            plugin = %self.name(),
-            limit = MAX_FORWARDED,
-            "the plugin's process has too many calls to other plugins and store operations in flight; this one is refused"
-        );
+        // Once per run of refusals: a child flooding frames cannot flood the log too.
+        if !conn.refusing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                plugin = %self.name(),
+                limit = MAX_FORWARDED,
+                "the plugin's process has too many calls to other plugins and store operations in flight; they are refused until some answer"
+            );
+        }
         conn.answer_child(
             id,
             Err(PluginError::failed(format!(
@@ -1192,6 +1198,7 @@ fn spawn(
         }),
         next_id: AtomicU64::new(1),
         forwarded: AtomicU32::new(0),
+        refusing: AtomicBool::new(false),
         dead: AtomicBool::new(false),
         timed_out: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
