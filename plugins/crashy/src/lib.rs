@@ -229,19 +229,7 @@ const ANS_LEN: u64 = 72;
 /// unsafe code (through `/proc/self/mem`): forge an answer there. See the `scribble` method.
 fn scribble() -> Result<&'static str, PluginError> {
     use std::os::unix::fs::FileExt as _;
-    let maps =
-        std::fs::read_to_string("/proc/self/maps").map_err(|e| PluginError::new(e.to_string()))?;
-    let start = maps
-        .lines()
-        .find(|line| line.contains("memfd:plugin-calls"))
-        .and_then(|line| line.split('-').next())
-        .and_then(|start| u64::from_str_radix(start, 16).ok())
-        .ok_or_else(|| PluginError::new("no call region: is the plugin isolated?"))?;
-    let memory = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/proc/self/mem")
-        .map_err(|e| PluginError::new(e.to_string()))?;
+    let (memory, start) = region()?;
     // This call's own answer is forged: its number, and a length beyond the slot. The host,
     // woken by nothing, finds it when its wait ends (at most a second); the real answer comes
     // later.
@@ -255,6 +243,48 @@ fn scribble() -> Result<&'static str, PluginError> {
         .map_err(|e| PluginError::new(e.to_string()))?;
     std::thread::sleep(std::time::Duration::from_secs(3));
     Ok("unseen")
+}
+
+/// Another abuse of the shared memory: for 2.5 s (longer than the host's longest single wait),
+/// keeps changing the answer's sequence number to numbers no request has, then answers
+/// "churned". A host that took any change there for news would loop on it, a system call a
+/// turn, until the real answer came. See the `churn` method.
+fn churn() -> Result<&'static str, PluginError> {
+    use std::os::unix::fs::FileExt as _;
+    let (memory, start) = region()?;
+    let mut word = [0u8; 4];
+    memory
+        .read_exact_at(&mut word, start + REQ_SEQ)
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    let seq = u32::from_ne_bytes(word);
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(2500);
+    let mut forged = seq;
+    while std::time::Instant::now() < until {
+        // Numbers no request of a fresh child has (they count up from 1).
+        forged = forged.wrapping_add(1) | 1 << 30;
+        memory
+            .write_all_at(&forged.to_ne_bytes(), start + ANS_SEQ)
+            .map_err(|e| PluginError::new(e.to_string()))?;
+    }
+    Ok("churned")
+}
+
+/// The call region's start in this process, with `/proc/self/mem` open to reach it.
+fn region() -> Result<(std::fs::File, u64), PluginError> {
+    let maps =
+        std::fs::read_to_string("/proc/self/maps").map_err(|e| PluginError::new(e.to_string()))?;
+    let start = maps
+        .lines()
+        .find(|line| line.contains("memfd:plugin-calls"))
+        .and_then(|line| line.split('-').next())
+        .and_then(|start| u64::from_str_radix(start, 16).ok())
+        .ok_or_else(|| PluginError::new("no call region: is the plugin isolated?"))?;
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")
+        .map_err(|e| PluginError::new(e.to_string()))?;
+    Ok((memory, start))
 }
 
 impl Crashy {
@@ -340,6 +370,11 @@ impl Plugin for Crashy {
                 "scribble",
                 "Isolated only: forges its own answer in the memory its process shares with the host, with a length beyond the slot, then sleeps 3 s and answers \"unseen\"",
                 |_, _: IgnoredAny| scribble(),
+            )
+            .method(
+                "churn",
+                "Isolated only: keeps changing the answer's sequence number in the memory its process shares with the host to numbers no request has, for 2.5 s, then answers \"churned\"",
+                |_, _: IgnoredAny| churn(),
             )
             .method(
                 "repeat",

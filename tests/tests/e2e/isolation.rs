@@ -783,6 +783,23 @@ fn a_child_that_forges_an_answer_in_the_shared_memory_is_ended_and_restarted() {
     assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
 }
 
+/// A plugin that keeps changing the answer's number in the shared memory to numbers no request
+/// has is ended at the first change the caller sees (its wait ends at least once a second), not
+/// served until it stops: the call answers "crashed" instead of the plugin's later "churned",
+/// and the plugin serves again.
+#[test]
+fn a_child_that_churns_the_answer_number_is_ended_at_once() {
+    let dir = PluginDir::new();
+    let host = isolated_crashy(&dir, 30_000);
+    let churned = host.call("crashy", "churn", &Value::Null);
+    assert!(
+        matches!(churned, Err(plugin_host::PluginCallError::Crashed { .. })),
+        "{churned:?}"
+    );
+    serves_again(&host);
+    assert_eq!(host.plugin("crashy").unwrap().isolation.crashes, 1);
+}
+
 /// What the child logs while it loads the plugin (here the loader's warning about a file others
 /// may write, allowed by `--insecure-permissions`) reaches the worker's log, and the load goes
 /// on.

@@ -182,10 +182,11 @@ impl Conn {
             // Putting the request in the region never blocks; a child that does not take it
             // overruns the deadline as one that takes too long. The caller is not registered
             // among those the answer pipe's readers serve unless its answer goes there.
-            let seq = self.calls_seq.load(Ordering::Relaxed) % (i32::MAX as u32) + 1;
+            let last = self.calls_seq.load(Ordering::Relaxed);
+            let seq = last % (i32::MAX as u32) + 1;
             self.calls_seq.store(seq, Ordering::Relaxed);
             self.region.request(seq, tag, id, fields);
-            return match self.wait_region(id, seq, Instant::now() + timeout, timeout) {
+            return match self.wait_region(id, [last, seq], Instant::now() + timeout, timeout) {
                 Ok(Reply::Frame(frame)) => Ok(frame),
                 Ok(Reply::Lost(lost)) => Err(lost),
                 Err(Unanswered::Ended) => Err(self.lost()),
@@ -262,15 +263,17 @@ impl Conn {
         }
     }
 
-    /// Waits for the answer to request `id`, number `seq` in the call region, at most
-    /// `timeout`: put there by the child (read out, then checked: it must be one frame, the
-    /// answer to `id`), or on the answer pipe when the child says so. A child that ends wakes
-    /// the caller (see [`Conn::end_calls`]); a child that writes what is not an answer there
-    /// is ended.
+    /// Waits for the answer to request `id`, number `seq` in the call region (`last` is the
+    /// number of the region's previous request, answered), at most `timeout`: put there by
+    /// the child (read out, then checked: it must be one frame, the answer to `id`), or on the
+    /// answer pipe when the child says so. A child that ends wakes the caller (see
+    /// [`Conn::end_calls`]); a child that writes what is not an answer there, or an answer
+    /// number that is neither, is ended (a child changing the number on and on would
+    /// otherwise keep the caller looping, a system call a turn, until the deadline).
     fn wait_region(
         &self,
         id: u64,
-        seq: u32,
+        [last, seq]: [u32; 2],
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Reply, Unanswered> {
@@ -286,6 +289,10 @@ impl Conn {
             let seen = self.region.answered();
             if self.dead.load(Ordering::SeqCst) {
                 return Err(Unanswered::Ended);
+            }
+            // The host's own wake-up at the child's end is seen as `dead` above.
+            if seen != seq && seen != last {
+                return Ok(self.garbled());
             }
             match self.region.answer(seq, &mut frame) {
                 shm::Answer::NotYet => {}
