@@ -241,7 +241,7 @@ const fn bytes_equal(word: u64, byte: u8) -> u64 {
 /// `"`, a `\` starting an escape and the control characters (below 0x20). Bytes of 0x80 and
 /// above (UTF-8 beyond ASCII, valid already in a `str`) are plain.
 #[inline(always)]
-const fn first_special(word: u64) -> u64 {
+pub(crate) const fn first_special(word: u64) -> u64 {
     bytes_equal(word, b'"') | bytes_equal(word, b'\\') | bytes_below(word, 0x20)
 }
 

@@ -57,6 +57,7 @@ mod stats;
 pub mod store;
 pub mod text;
 pub mod watch;
+mod write_json;
 
 pub use config::{PluginSettings, PluginsConfig};
 pub use error::{LoadError, LoadErrorKind, PluginCallError, PluginError, SmolStr};
