@@ -71,28 +71,35 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     /// A JSON string: copied in one piece when nothing needs escaping, else escaped as
-    /// `serde_json` escapes (`\"`, `\\`, the short escapes `\b \t \n \f \r`, and `\u00xx`
-    /// with lower-case hex for the other control characters).
-    #[inline]
+    /// `serde_json` escapes.
+    #[inline(always)]
     fn string(&mut self, value: &str) {
-        self.out.reserve(value.len() + 2);
-        self.out.push('"');
-        let bytes = value.as_bytes();
-        let plain = plain_prefix(bytes);
-        if plain == bytes.len() {
-            self.out.push_str(value);
+        if needs_escape(value.as_bytes()) {
+            self.escaped(value);
         } else {
-            self.escaped(value, plain);
+            self.out.push('"');
+            self.out.push_str(value);
+            self.out.push('"');
         }
-        self.out.push('"');
     }
 
-    /// The rest of a string from the first byte that needs escaping (`from`).
+    /// A string with something to escape: `\"`, `\\`, the short escapes `\b \t \n \f \r`,
+    /// and `\u00xx` with lower-case hex for the other control characters, as `serde_json`
+    /// writes them; the runs between them copied whole.
     #[cold]
-    fn escaped(&mut self, value: &str, from: usize) {
+    #[inline(never)]
+    fn escaped(&mut self, value: &str) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut run = 0;
-        for (at, byte) in value.bytes().enumerate().skip(from) {
+        self.out.push('"');
+        let mut rest = value;
+        loop {
+            let plain = plain_prefix(rest.as_bytes());
+            self.out.push_str(rest.get(..plain).unwrap_or_default());
+            let Some(&byte) = rest.as_bytes().get(plain) else {
+                break;
+            };
+            // The byte is ASCII, so the rest starts on a character boundary.
+            rest = rest.get(plain + 1..).unwrap_or_default();
             let short = match byte {
                 b'"' => '"',
                 b'\\' => '\\',
@@ -101,12 +108,8 @@ impl Writer<'_> {
                 b'\n' => 'n',
                 0x0c => 'f',
                 b'\r' => 'r',
-                0x00..=0x1f => 'u',
-                _ => continue,
+                _ => 'u',
             };
-            // Cuts fall on ASCII bytes, so on character boundaries.
-            self.out.push_str(value.get(run..at).unwrap_or_default());
-            run = at + 1;
             self.out.push('\\');
             self.out.push(short);
             if short == 'u' {
@@ -115,7 +118,7 @@ impl Writer<'_> {
                 self.out.push(char::from(HEX[usize::from(byte & 0xf)]));
             }
         }
-        self.out.push_str(value.get(run..).unwrap_or_default());
+        self.out.push('"');
     }
 
     #[inline]
@@ -140,8 +143,52 @@ impl Writer<'_> {
     }
 }
 
+/// Whether a JSON string must escape any of `bytes` (a `"`, a `\\` or a control character):
+/// eight bytes at a time, the last word overlapping the one before; a string shorter than a
+/// word is tested as one word made of two overlapping halves (or quarters), padded with spaces.
+#[inline]
+fn needs_escape(bytes: &[u8]) -> bool {
+    use crate::json::first_special;
+    const SPACES: u64 = u64::from_le_bytes([b' '; 8]);
+    let len = bytes.len();
+    let word = if len >= 8 {
+        for word in bytes.chunks_exact(8) {
+            if word
+                .first_chunk::<8>()
+                .is_some_and(|w| first_special(u64::from_le_bytes(*w)) != 0)
+            {
+                return true;
+            }
+        }
+        bytes
+            .last_chunk::<8>()
+            .map_or(0, |w| u64::from_le_bytes(*w))
+    } else if len >= 4 {
+        let low = bytes
+            .first_chunk::<4>()
+            .map_or(0, |w| u32::from_le_bytes(*w));
+        let high = bytes
+            .last_chunk::<4>()
+            .map_or(0, |w| u32::from_le_bytes(*w));
+        u64::from(low) | u64::from(high) << 32
+    } else if len >= 2 {
+        let low = bytes
+            .first_chunk::<2>()
+            .map_or(0, |w| u16::from_le_bytes(*w));
+        let high = bytes
+            .last_chunk::<2>()
+            .map_or(0, |w| u16::from_le_bytes(*w));
+        u64::from(low) | u64::from(high) << 16 | SPACES << 32
+    } else {
+        bytes
+            .first()
+            .map_or(SPACES, |&b| u64::from(b) | SPACES << 8)
+    };
+    first_special(word) != 0
+}
+
 /// How many bytes at the start of `bytes` a JSON string holds as they are: up to the first
-/// `"`, `\` or control character, found eight bytes at a time.
+/// `"`, `\\` or control character, found eight bytes at a time.
 #[inline]
 fn plain_prefix(bytes: &[u8]) -> usize {
     let mut at = 0;
