@@ -57,6 +57,7 @@ mod stats;
 pub mod store;
 pub mod text;
 pub mod watch;
+mod write_json;
 
 pub use config::{PluginSettings, PluginsConfig};
 pub use error::{LoadError, LoadErrorKind, PluginCallError, PluginError, SmolStr};
@@ -72,3 +73,4 @@ pub use isolation::{Isolation, IsolationReport, RestartPolicy};
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
 pub use stats::{CallKind, LATENCY_BUCKETS, LatencyHistogram, PluginStats, latency_bucket_bound};
+pub use write_json::to_json_string;

@@ -134,11 +134,11 @@ const KEPT_BUFFER_BYTES: usize = 64 * 1024;
 thread_local! {
     /// This thread's params buffer, reused from call to call (taken out while in use, so a
     /// nested call on the same thread makes its own).
-    static PARAMS: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static PARAMS: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
 }
 
 /// This thread's params buffer, emptied, while a call uses it; handed back on drop.
-struct ParamsBuffer(Vec<u8>);
+struct ParamsBuffer(String);
 
 impl ParamsBuffer {
     #[inline]
@@ -414,21 +414,15 @@ impl PluginHost {
         null: Answer,
     ) -> Result<Option<T>, Failure> {
         let mut buffer = ParamsBuffer::take();
-        serde_json::to_writer(&mut buffer.0, params).map_err(|e| {
-            Failure::Plugin(PluginError {
-                kind: ErrorKind::InvalidParams,
-                message: format!("the params cannot be written as JSON: {e}"),
-            })
-        })?;
-        // serde_json writes UTF-8; the check is a fast pass over ASCII.
-        let text = std::str::from_utf8(&buffer.0).map_err(|e| {
+        // Text as serde_json writes it, made as a `String`: no UTF-8 check of it afterwards.
+        crate::write_json::write(&mut buffer.0, params).map_err(|e| {
             Failure::Plugin(PluginError {
                 kind: ErrorKind::InvalidParams,
                 message: format!("the params cannot be written as JSON: {e}"),
             })
         })?;
         // No params reach the plugin as empty text.
-        let text = if text == "null" { "" } else { text };
+        let text = if buffer.0 == "null" { "" } else { &buffer.0 };
         self.dispatch_answer(target, text, null)
     }
 

@@ -172,13 +172,10 @@ impl<T: Serialize> Source for T {
     fn to_text(&self) -> String {
         // Pre-sized: `to_string` starts at 128 bytes and grows twice on a typical payload
         // (reallocations were ~1,200 of the ~6,300 instructions of writing the pipeline's
-        // `task.scored` event). The check of the written text costs less than that.
-        let mut text = Vec::with_capacity(PAYLOAD_TEXT_CAPACITY);
-        match serde_json::to_writer(&mut text, self)
-            .map_err(|e| e.to_string())
-            .and_then(|()| String::from_utf8(text).map_err(|e| e.to_string()))
-        {
-            Ok(text) => text,
+        // `task.scored` event). Written as a `String`, the text needs no UTF-8 check.
+        let mut text = String::with_capacity(PAYLOAD_TEXT_CAPACITY);
+        match crate::write_json::write(&mut text, self) {
+            Ok(()) => text,
             Err(e) => {
                 tracing::warn!(error = %e, "a hook payload cannot be written as JSON; subscribers get null");
                 "null".to_owned()
@@ -214,7 +211,13 @@ impl Payload<'_> {
         let text = self.text.get_or_insert_with(|| match (value, source) {
             // Written by the serializer straight into bytes (the `Display` form goes through
             // the formatter and grows a `String` piece by piece); the text is the same.
-            (Some(value), _) => serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned()),
+            (Some(value), _) => {
+                let mut text = String::with_capacity(PAYLOAD_TEXT_CAPACITY);
+                match crate::write_json::write(&mut text, value) {
+                    Ok(()) => text,
+                    Err(_) => "null".to_owned(),
+                }
+            }
             (None, Some(source)) => source.to_text(),
             (None, None) => "null".to_owned(),
         });

@@ -1,0 +1,690 @@
+//! Writing the host's params and hook payloads as compact JSON text, byte for byte what
+//! `serde_json::to_writer` writes, at a fraction of its cost on the short keys and strings the
+//! host writes.
+//!
+//! `serde_json` passes every byte of every key and string through its escape table and every
+//! piece through its `io::Write` and `Formatter` layers. This writer appends to a `String`
+//! (so the text is UTF-8 by construction and needs no check afterwards), copies a string in one
+//! piece when a word-at-a-time scan ([`json::first_special`](crate::json::first_special))
+//! finds nothing in it to escape, and writes numbers with the crates `serde_json` itself uses
+//! (`itoa` for integers, `zmij` for floats; a float that is not finite is `null`).
+//!
+//! What it does not cover, it leaves to `serde_json`: any error (a `Serialize` impl that fails,
+//! a map key that is not a string) makes [`write`] start again with `serde_json::to_writer`,
+//! which writes the same text or returns its own error. So the output and the errors are
+//! `serde_json`'s by construction on those paths; the tests compare the two on the rest.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::ser::{self, Impossible};
+
+/// Appends `value` as compact JSON to `out`: the same text `serde_json::to_writer` writes.
+///
+/// # Errors
+///
+/// `serde_json`'s error, when `serde_json` cannot write `value` either (its `Serialize` impl
+/// fails, or a map has keys that are not strings); `out` then holds what it held before.
+pub(crate) fn write<T: Serialize + ?Sized>(out: &mut String, value: &T) -> serde_json::Result<()> {
+    let start = out.len();
+    if value.serialize(&mut Writer { out }).is_ok() {
+        return Ok(());
+    }
+    out.truncate(start);
+    let mut bytes = std::mem::take(out).into_bytes();
+    let written = serde_json::to_writer(&mut bytes, value);
+    // serde_json writes UTF-8; were it not to, nothing written is kept.
+    *out = String::from_utf8(bytes).unwrap_or_else(|e| {
+        let mut bytes = e.into_bytes();
+        bytes.truncate(start);
+        String::from_utf8(bytes).unwrap_or_default()
+    });
+    if written.is_err() {
+        out.truncate(start);
+    }
+    written
+}
+
+/// The JSON text of `value`, compact: the same text as `serde_json::to_string`, written the
+/// way the host writes params and hook payloads (at less cost on short keys and strings).
+/// Code that measures or mimics the host (a benchmark's baseline, a caller preparing text for
+/// [`PluginHost::call_text`](crate::PluginHost::call_text)) gets the host's text and cost.
+///
+/// # Errors
+///
+/// `serde_json`'s error, when `serde_json` cannot write `value` either: its `Serialize` impl
+/// fails, or a map has keys that are not strings.
+///
+/// # Examples
+///
+/// ```
+/// let text = plugin_host::to_json_string(&serde_json::json!({"a": [1, 2.5, "x\n"], "b": null}))?;
+/// assert_eq!(text, r#"{"a":[1,2.5,"x\n"],"b":null}"#);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+pub fn to_json_string<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+    // The room the host makes for a hook payload's text, so that a baseline grows it as
+    // rarely as the host does.
+    let mut text = String::with_capacity(512);
+    write(&mut text, value)?;
+    Ok(text)
+}
+
+/// Something this writer leaves to `serde_json` (which then also reports the error, if any).
+#[derive(Debug)]
+struct Fallback;
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("left to serde_json")
+    }
+}
+
+impl std::error::Error for Fallback {}
+
+impl ser::Error for Fallback {
+    fn custom<M: fmt::Display>(_message: M) -> Self {
+        Fallback
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, Fallback>;
+
+struct Writer<'a> {
+    out: &'a mut String,
+}
+
+impl Writer<'_> {
+    /// A JSON string: copied in one piece when nothing needs escaping, else escaped as
+    /// `serde_json` escapes.
+    #[inline(always)]
+    fn string(&mut self, value: &str) {
+        if needs_escape(value.as_bytes()) {
+            self.escaped(value);
+        } else {
+            self.out.push('"');
+            self.out.push_str(value);
+            self.out.push('"');
+        }
+    }
+
+    /// A string with something to escape: `\"`, `\\`, the short escapes `\b \t \n \f \r`,
+    /// and `\u00xx` with lower-case hex for the other control characters, as `serde_json`
+    /// writes them; the runs between them copied whole.
+    #[cold]
+    #[inline(never)]
+    fn escaped(&mut self, value: &str) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        self.out.push('"');
+        let mut rest = value;
+        loop {
+            let plain = plain_prefix(rest.as_bytes());
+            self.out.push_str(rest.get(..plain).unwrap_or_default());
+            let Some(&byte) = rest.as_bytes().get(plain) else {
+                break;
+            };
+            // The byte is ASCII, so the rest starts on a character boundary.
+            rest = rest.get(plain + 1..).unwrap_or_default();
+            let short = match byte {
+                b'"' => '"',
+                b'\\' => '\\',
+                0x08 => 'b',
+                b'\t' => 't',
+                b'\n' => 'n',
+                0x0c => 'f',
+                b'\r' => 'r',
+                _ => 'u',
+            };
+            self.out.push('\\');
+            self.out.push(short);
+            if short == 'u' {
+                self.out.push_str("00");
+                self.out.push(char::from(HEX[usize::from(byte >> 4)]));
+                self.out.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
+        }
+        self.out.push('"');
+    }
+
+    #[inline]
+    fn integer(&mut self, value: impl itoa::Integer) {
+        self.out.push_str(itoa::Buffer::new().format(value));
+    }
+
+    #[inline]
+    fn float(&mut self, value: impl zmij::Float, finite: bool) {
+        if finite {
+            self.out.push_str(zmij::Buffer::new().format_finite(value));
+        } else {
+            self.out.push_str("null");
+        }
+    }
+
+    /// `{"variant":` of an enum variant with content.
+    fn variant_key(&mut self, variant: &str) {
+        self.out.push('{');
+        self.string(variant);
+        self.out.push(':');
+    }
+}
+
+/// Whether a JSON string must escape any of `bytes` (a `"`, a `\\` or a control character):
+/// eight bytes at a time, the last word overlapping the one before; a string shorter than a
+/// word is tested as one word made of two overlapping halves (or quarters), padded with spaces.
+#[inline]
+fn needs_escape(bytes: &[u8]) -> bool {
+    use crate::json::first_special;
+    const SPACES: u64 = u64::from_le_bytes([b' '; 8]);
+    let len = bytes.len();
+    let word = if len >= 8 {
+        for word in bytes.chunks_exact(8) {
+            if word
+                .first_chunk::<8>()
+                .is_some_and(|w| first_special(u64::from_le_bytes(*w)) != 0)
+            {
+                return true;
+            }
+        }
+        bytes
+            .last_chunk::<8>()
+            .map_or(0, |w| u64::from_le_bytes(*w))
+    } else if len >= 4 {
+        let low = bytes
+            .first_chunk::<4>()
+            .map_or(0, |w| u32::from_le_bytes(*w));
+        let high = bytes
+            .last_chunk::<4>()
+            .map_or(0, |w| u32::from_le_bytes(*w));
+        u64::from(low) | u64::from(high) << 32
+    } else if len >= 2 {
+        let low = bytes
+            .first_chunk::<2>()
+            .map_or(0, |w| u16::from_le_bytes(*w));
+        let high = bytes
+            .last_chunk::<2>()
+            .map_or(0, |w| u16::from_le_bytes(*w));
+        u64::from(low) | u64::from(high) << 16 | SPACES << 32
+    } else {
+        bytes
+            .first()
+            .map_or(SPACES, |&b| u64::from(b) | SPACES << 8)
+    };
+    first_special(word) != 0
+}
+
+/// How many bytes at the start of `bytes` a JSON string holds as they are: up to the first
+/// `"`, `\\` or control character, found eight bytes at a time.
+#[inline]
+fn plain_prefix(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    for word in bytes.chunks_exact(8) {
+        let Some(word) = word.first_chunk::<8>() else {
+            break;
+        };
+        let found = crate::json::first_special(u64::from_le_bytes(*word));
+        if found != 0 {
+            return at + (found.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    for &byte in bytes.get(at..).unwrap_or_default() {
+        if byte == b'"' || byte == b'\\' || byte < 0x20 {
+            return at;
+        }
+        at += 1;
+    }
+    at
+}
+
+/// Where a container is: `serde_json`'s states, kept so that a `Serialize` impl that declares
+/// a length of 0 and then writes elements gets the same (odd) text from both writers.
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum State {
+    Empty,
+    First,
+    Rest,
+}
+
+/// An open array or object; `close` is what ends it (`]`, `}`, or a variant's `]}`/`}}`).
+struct Compound<'w, 'a> {
+    writer: &'w mut Writer<'a>,
+    state: State,
+    close: &'static str,
+}
+
+impl<'w, 'a> Compound<'w, 'a> {
+    /// Opens a container; one declared empty is closed at once, as `serde_json` does.
+    fn open(
+        writer: &'w mut Writer<'a>,
+        open: char,
+        close: &'static str,
+        len: Option<usize>,
+    ) -> Self {
+        writer.out.push(open);
+        let state = if len == Some(0) {
+            writer.out.push_str(close.get(..1).unwrap_or_default());
+            State::Empty
+        } else {
+            State::First
+        };
+        Compound {
+            writer,
+            state,
+            close,
+        }
+    }
+
+    #[inline]
+    fn separate(&mut self) {
+        if self.state != State::First {
+            self.writer.out.push(',');
+        }
+        self.state = State::Rest;
+    }
+
+    #[inline]
+    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        self.separate();
+        value.serialize(&mut *self.writer)
+    }
+
+    #[inline]
+    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result {
+        self.separate();
+        self.writer.string(key);
+        self.writer.out.push(':');
+        value.serialize(&mut *self.writer)
+    }
+
+    #[inline]
+    fn close(self) -> Result {
+        // A container declared empty has its bracket already; a variant's object still ends.
+        let close = if self.state == State::Empty {
+            self.close.get(1..).unwrap_or_default()
+        } else {
+            self.close
+        };
+        self.writer.out.push_str(close);
+        Ok(())
+    }
+}
+
+impl<'w, 'a> ser::Serializer for &'w mut Writer<'a> {
+    type Ok = ();
+    type Error = Fallback;
+    type SerializeSeq = Compound<'w, 'a>;
+    type SerializeTuple = Compound<'w, 'a>;
+    type SerializeTupleStruct = Compound<'w, 'a>;
+    type SerializeTupleVariant = Compound<'w, 'a>;
+    type SerializeMap = Compound<'w, 'a>;
+    type SerializeStruct = Compound<'w, 'a>;
+    type SerializeStructVariant = Compound<'w, 'a>;
+
+    fn serialize_bool(self, v: bool) -> Result {
+        self.out.push_str(if v { "true" } else { "false" });
+        Ok(())
+    }
+
+    fn serialize_i8(self, v: i8) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_i16(self, v: i16) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_i32(self, v: i32) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_i64(self, v: i64) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_i128(self, v: i128) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_u8(self, v: u8) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_u16(self, v: u16) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_u32(self, v: u32) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_u64(self, v: u64) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_u128(self, v: u128) -> Result {
+        self.integer(v);
+        Ok(())
+    }
+
+    fn serialize_f32(self, v: f32) -> Result {
+        self.float(v, v.is_finite());
+        Ok(())
+    }
+
+    fn serialize_f64(self, v: f64) -> Result {
+        self.float(v, v.is_finite());
+        Ok(())
+    }
+
+    fn serialize_char(self, v: char) -> Result {
+        self.string(v.encode_utf8(&mut [0; 4]));
+        Ok(())
+    }
+
+    fn serialize_str(self, v: &str) -> Result {
+        self.string(v);
+        Ok(())
+    }
+
+    fn serialize_bytes(self, v: &[u8]) -> Result {
+        use ser::SerializeSeq;
+        let mut seq = self.serialize_seq(Some(v.len()))?;
+        for byte in v {
+            seq.serialize_element(byte)?;
+        }
+        seq.end()
+    }
+
+    fn serialize_none(self) -> Result {
+        self.serialize_unit()
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result {
+        value.serialize(self)
+    }
+
+    fn serialize_unit(self) -> Result {
+        self.out.push_str("null");
+        Ok(())
+    }
+
+    fn serialize_unit_struct(self, _name: &'static str) -> Result {
+        self.serialize_unit()
+    }
+
+    fn serialize_unit_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+    ) -> Result {
+        self.string(variant);
+        Ok(())
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        value: &T,
+    ) -> Result {
+        value.serialize(self)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result {
+        self.variant_key(variant);
+        value.serialize(&mut *self)?;
+        self.out.push('}');
+        Ok(())
+    }
+
+    fn serialize_seq(self, len: Option<usize>) -> Result<Compound<'w, 'a>> {
+        Ok(Compound::open(self, '[', "]", len))
+    }
+
+    fn serialize_tuple(self, len: usize) -> Result<Compound<'w, 'a>> {
+        self.serialize_seq(Some(len))
+    }
+
+    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Compound<'w, 'a>> {
+        self.serialize_seq(Some(len))
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Compound<'w, 'a>> {
+        self.variant_key(variant);
+        Ok(Compound::open(self, '[', "]}", Some(len)))
+    }
+
+    fn serialize_map(self, len: Option<usize>) -> Result<Compound<'w, 'a>> {
+        Ok(Compound::open(self, '{', "}", len))
+    }
+
+    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Compound<'w, 'a>> {
+        self.serialize_map(Some(len))
+    }
+
+    fn serialize_struct_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Compound<'w, 'a>> {
+        self.variant_key(variant);
+        Ok(Compound::open(self, '{', "}}", Some(len)))
+    }
+}
+
+impl ser::SerializeSeq for Compound<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        self.element(value)
+    }
+
+    fn end(self) -> Result {
+        self.close()
+    }
+}
+
+impl ser::SerializeTuple for Compound<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        self.element(value)
+    }
+
+    fn end(self) -> Result {
+        self.close()
+    }
+}
+
+impl ser::SerializeTupleStruct for Compound<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        self.element(value)
+    }
+
+    fn end(self) -> Result {
+        self.close()
+    }
+}
+
+impl ser::SerializeTupleVariant for Compound<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        self.element(value)
+    }
+
+    fn end(self) -> Result {
+        self.close()
+    }
+}
+
+impl ser::SerializeMap for Compound<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result {
+        self.separate();
+        key.serialize(KeyWriter {
+            writer: &mut *self.writer,
+        })
+    }
+
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        self.writer.out.push(':');
+        value.serialize(&mut *self.writer)
+    }
+
+    fn end(self) -> Result {
+        self.close()
+    }
+}
+
+impl ser::SerializeStruct for Compound<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result {
+        self.field(key, value)
+    }
+
+    fn end(self) -> Result {
+        self.close()
+    }
+}
+
+impl ser::SerializeStructVariant for Compound<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result {
+        self.field(key, value)
+    }
+
+    fn end(self) -> Result {
+        self.close()
+    }
+}
+
+/// A map's key: a string (or a unit variant, or a newtype around one) is written here; any
+/// other key is left to `serde_json` (which quotes numbers and booleans, and refuses the rest).
+struct KeyWriter<'w, 'a> {
+    writer: &'w mut Writer<'a>,
+}
+
+/// The methods of [`KeyWriter`] that leave the key to `serde_json`.
+macro_rules! fall_back {
+    ($($method:ident($($arg:ty),*) -> $ok:ty;)*) => {
+        $(fn $method(self, $(_: $arg),*) -> Result<$ok> {
+            Err(Fallback)
+        })*
+    };
+}
+
+impl ser::Serializer for KeyWriter<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+    type SerializeSeq = Impossible<(), Fallback>;
+    type SerializeTuple = Impossible<(), Fallback>;
+    type SerializeTupleStruct = Impossible<(), Fallback>;
+    type SerializeTupleVariant = Impossible<(), Fallback>;
+    type SerializeMap = Impossible<(), Fallback>;
+    type SerializeStruct = Impossible<(), Fallback>;
+    type SerializeStructVariant = Impossible<(), Fallback>;
+
+    fn serialize_str(self, v: &str) -> Result {
+        self.writer.string(v);
+        Ok(())
+    }
+
+    fn serialize_unit_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+    ) -> Result {
+        self.writer.string(variant);
+        Ok(())
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        value: &T,
+    ) -> Result {
+        value.serialize(self)
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, _value: &T) -> Result {
+        Err(Fallback)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _index: u32,
+        _variant: &'static str,
+        _value: &T,
+    ) -> Result {
+        Err(Fallback)
+    }
+
+    fall_back! {
+        serialize_bool(bool) -> ();
+        serialize_i8(i8) -> ();
+        serialize_i16(i16) -> ();
+        serialize_i32(i32) -> ();
+        serialize_i64(i64) -> ();
+        serialize_i128(i128) -> ();
+        serialize_u8(u8) -> ();
+        serialize_u16(u16) -> ();
+        serialize_u32(u32) -> ();
+        serialize_u64(u64) -> ();
+        serialize_u128(u128) -> ();
+        serialize_f32(f32) -> ();
+        serialize_f64(f64) -> ();
+        serialize_char(char) -> ();
+        serialize_bytes(&[u8]) -> ();
+        serialize_none() -> ();
+        serialize_unit() -> ();
+        serialize_unit_struct(&'static str) -> ();
+        serialize_seq(Option<usize>) -> Impossible<(), Fallback>;
+        serialize_tuple(usize) -> Impossible<(), Fallback>;
+        serialize_tuple_struct(&'static str, usize) -> Impossible<(), Fallback>;
+        serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
+        serialize_map(Option<usize>) -> Impossible<(), Fallback>;
+        serialize_struct(&'static str, usize) -> Impossible<(), Fallback>;
+        serialize_struct_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,333 @@
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde_json::Value;
+
+use super::write;
+
+/// What this writer makes of `value`, and what `serde_json` makes of it: the same text, or
+/// errors with the same message.
+fn assert_same<T: Serialize + ?Sized>(value: &T) {
+    let mut ours = String::from("kept ");
+    let written = write(&mut ours, value);
+    match (written, serde_json::to_string(value)) {
+        (Ok(()), Ok(theirs)) => assert_eq!(ours, format!("kept {theirs}")),
+        (Err(ours_error), Err(theirs)) => {
+            assert_eq!(ours_error.to_string(), theirs.to_string());
+            assert_eq!(ours, "kept ", "nothing is left written after an error");
+        }
+        (ours_result, theirs) => panic!("{ours_result:?} {ours:?} against {theirs:?}"),
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A string of 0 to 40 characters, mostly plain, with what needs escaping and multi-byte
+/// characters here and there.
+fn random_string(rng: &mut Rng) -> String {
+    const CHARS: [char; 20] = [
+        'a', 'b', 'z', ' ', '0', '/', '"', '\\', '\n', '\t', '\r', '\u{8}', '\u{c}', '\u{0}',
+        '\u{1f}', '\u{7f}', 'é', '€', '😀', '\u{feff}',
+    ];
+    let len = rng.below(41);
+    (0..len)
+        .map(|_| {
+            if rng.below(4) == 0 {
+                CHARS[rng.below(CHARS.len())]
+            } else {
+                char::from(b'a' + rng.below(26) as u8)
+            }
+        })
+        .collect()
+}
+
+fn random_value(rng: &mut Rng, depth: u32) -> Value {
+    match rng.below(if depth == 0 { 7 } else { 9 }) {
+        0 => Value::Null,
+        1 => Value::Bool(rng.below(2) == 0),
+        2 => Value::from(rng.next() as i64 >> rng.below(64)),
+        3 => Value::from(rng.next() >> rng.below(64)),
+        4 => Value::from(f64::from_bits(rng.next())),
+        5 => Value::from((rng.next() % 2_000_000) as f64 / 1000.0 - 1000.0),
+        6 => Value::from(random_string(rng)),
+        7 => Value::Array(
+            (0..rng.below(6))
+                .map(|_| random_value(rng, depth - 1))
+                .collect(),
+        ),
+        _ => Value::Object(
+            (0..rng.below(6))
+                .map(|_| (random_string(rng), random_value(rng, depth - 1)))
+                .collect(),
+        ),
+    }
+}
+
+#[test]
+fn writes_what_serde_json_writes_for_random_values() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..20_000 {
+        assert_same(&random_value(&mut rng, 4));
+    }
+}
+
+#[test]
+fn floats_are_written_as_serde_json_writes_them() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let special = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.5,
+        0.1,
+        1e20,
+        1e21,
+        1e-7,
+        123_456_789.0,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        5e-324,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ];
+    for value in special {
+        assert_same(&value);
+        assert_same(&(value as f32));
+        assert_same(&[value, value]);
+    }
+    for _ in 0..50_000 {
+        let bits = rng.next();
+        assert_same(&f64::from_bits(bits));
+        assert_same(&f32::from_bits(bits as u32));
+    }
+}
+
+#[test]
+fn integers_at_their_limits() {
+    assert_same(&[i64::MIN, -1, 0, 1, i64::MAX]);
+    assert_same(&[u64::MAX]);
+    assert_same(&(i128::MIN, u128::MAX, i8::MIN, u8::MAX, i16::MIN, u16::MAX));
+    assert_same(&(i32::MIN, u32::MAX));
+}
+
+/// Each character that needs escaping, and multi-byte ones, at every offset within the first
+/// three words of a string.
+#[test]
+fn strings_escape_as_serde_json_does_at_every_offset() {
+    for byte in 0..=0x7f_u8 {
+        for before in 0..=24 {
+            for after in [0, 1, 7, 8, 9] {
+                let text = format!(
+                    "{}{}{}",
+                    "a".repeat(before),
+                    char::from(byte),
+                    "é".repeat(after)
+                );
+                assert_same(text.as_str());
+                assert_same(&BTreeMap::from([(text.clone(), text.clone())]));
+            }
+        }
+    }
+    for text in [
+        "",
+        "€",
+        "😀😀",
+        "\u{10ffff}",
+        "a\"\"b",
+        "\\\\",
+        "\n\n\n\n\n\n\n\n\n",
+    ] {
+        assert_same(text);
+    }
+    assert_same(&'"');
+    assert_same(&'\u{1}');
+    assert_same(&'é');
+}
+
+#[derive(Serialize)]
+struct Unit;
+
+#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
+struct Newtype(String);
+
+#[derive(Serialize)]
+struct Pair(i32, &'static str);
+
+#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
+enum Variants {
+    Unit,
+    Newtype(u8),
+    Tuple(u8, u8),
+    EmptyTuple(),
+    Struct { a: u8, b: Option<&'static str> },
+    EmptyStruct {},
+}
+
+#[test]
+fn every_shape_serde_can_describe() {
+    assert_same(&Unit);
+    assert_same(&Newtype("n\"t".to_owned()));
+    assert_same(&Pair(-3, "x"));
+    assert_same(&());
+    assert_same(&None::<u8>);
+    assert_same(&Some(true));
+    assert_same(&Vec::<u8>::new());
+    assert_same(&BTreeMap::<String, u8>::new());
+    assert_same(&(1, "two", 3.0, [4u8; 0], (5,)));
+    for variant in [
+        Variants::Unit,
+        Variants::Newtype(7),
+        Variants::Tuple(1, 2),
+        Variants::EmptyTuple(),
+        Variants::Struct { a: 1, b: None },
+        Variants::Struct { a: 2, b: Some("s") },
+        Variants::EmptyStruct {},
+    ] {
+        assert_same(&variant);
+        assert_same(&[&variant, &variant]);
+        assert_same(&BTreeMap::from([("k", &variant)]));
+    }
+    assert_same(&BTreeMap::from([(Variants::Unit, 1)]));
+    assert_same(&BTreeMap::from([(Newtype("k".to_owned()), 1)]));
+}
+
+struct Bytes(&'static [u8]);
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+/// Declares no elements and then writes two: `serde_json` writes `[],1,2` for that.
+struct Lying;
+
+impl Serialize for Lying {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(0))?;
+        seq.serialize_element(&1)?;
+        seq.serialize_element(&2)?;
+        seq.end()
+    }
+}
+
+struct Failing;
+
+impl Serialize for Failing {
+    fn serialize<S: Serializer>(&self, _serializer: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("the value refused to be written"))
+    }
+}
+
+/// A map written without a length, so serde_json cannot close it early.
+struct Unsized;
+
+impl Serialize for Unsized {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("a", &1)?;
+        map.serialize_entry("b", &[2])?;
+        map.end()
+    }
+}
+
+#[test]
+fn odd_impls_and_errors_come_out_as_serde_json_s() {
+    assert_same(&Bytes(b""));
+    assert_same(&Bytes(b"\x00\xff"));
+    assert_same(&Lying);
+    assert_same(&Unsized);
+    assert_same(&Failing);
+    assert_same(&[Some(Failing)]);
+    assert_same(&BTreeMap::from([("a", Failing)]));
+    // Keys that are not strings: numbers and booleans quoted, the rest refused.
+    assert_same(&BTreeMap::from([(1, "one"), (2, "two")]));
+    assert_same(&BTreeMap::from([(-1i64, 0)]));
+    assert_same(&BTreeMap::from([(true, 0)]));
+    assert_same(&BTreeMap::from([('c', 0)]));
+    assert_same(&BTreeMap::from([(vec![1], 0)]));
+    assert_same(&BTreeMap::from([((), 0)]));
+    assert_same(&BTreeMap::from([(Some("k"), 0)]));
+    assert_same(&[(BTreeMap::from([(1.5f64.to_bits(), 0)]))]);
+    let mut keyed_by_float = serde_json::Map::new();
+    keyed_by_float.insert("x".to_owned(), Value::from(1));
+    assert_same(&keyed_by_float);
+}
+
+/// The shapes the worker writes: a call's params (optional fields skipped, camelCase) and the
+/// `task.scored` payload (a map of timings inside).
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct AskParams<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    experiment: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_words: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handlers: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    optional: bool,
+}
+
+#[derive(Serialize)]
+struct ScoredEvent<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    task_type: &'a str,
+    variant: Option<&'a str>,
+    score: f64,
+    latency_ms: f64,
+    output_len: usize,
+    plugins_ms: &'a BTreeMap<String, f64>,
+}
+
+#[test]
+fn the_worker_s_params_and_payloads() {
+    let mut rng = Rng(7);
+    let handlers = vec!["builtin:summarize".to_owned(), "plugin:echo".to_owned()];
+    for _ in 0..2_000 {
+        let context = random_string(&mut rng);
+        let id = random_string(&mut rng);
+        assert_same(&AskParams::default());
+        assert_same(&AskParams {
+            task_type: Some("summarize"),
+            experiment: Some(&id),
+            context: Some(&context),
+            input_words: Some(rng.below(1000)),
+            handlers: Some(&handlers),
+            optional: rng.below(2) == 0,
+        });
+        let timings = BTreeMap::from([
+            ("task-policy".to_owned(), f64::from_bits(rng.next())),
+            ("model-router".to_owned(), rng.below(10_000) as f64 / 1000.0),
+        ]);
+        assert_same(&ScoredEvent {
+            id: &id,
+            task_type: "classify",
+            variant: (rng.below(2) == 0).then_some("b"),
+            score: rng.below(1000) as f64 / 999.0,
+            latency_ms: f64::from_bits(rng.next()),
+            output_len: rng.below(500),
+            plugins_ms: &timings,
+        });
+    }
+}
