@@ -331,3 +331,19 @@ fn the_worker_s_params_and_payloads() {
         });
     }
 }
+
+/// serde_json's own types that it writes through a private token (a `RawValue` here; a
+/// `Number` under `arbitrary_precision` takes the same way) come out as serde_json writes
+/// them, not as a struct named by the token.
+#[test]
+fn serde_json_s_raw_values_are_written_as_serde_json_writes_them() {
+    let raw =
+        serde_json::value::RawValue::from_string(r#"{"kept": [1, 2.50]}"#.to_owned()).unwrap();
+    assert_same(&raw);
+    let mut map = BTreeMap::new();
+    map.insert("inner", raw);
+    assert_same(&map);
+    let mut ours = String::new();
+    write(&mut ours, &map).unwrap();
+    assert_eq!(ours, r#"{"inner":{"kept": [1, 2.50]}}"#);
+}
