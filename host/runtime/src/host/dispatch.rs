@@ -241,36 +241,43 @@ impl Payload<'_> {
     }
 }
 
-/// Times subscribers run one after another. Reading the clock costs about as much as a small
-/// subscriber, so when nothing happens between two subscribers, the reading that ends one call
-/// starts the next.
+/// Times subscribers run one after another (those their histograms pick, one in the host's
+/// sample). Reading the clock costs about as much as a small subscriber, so when nothing
+/// happens between two timed subscribers, the reading that ends one call starts the next.
 pub(super) struct Timer<'c> {
-    pub(super) clock: Option<&'c quanta::Clock>,
-    /// The reading that ended the previous call, when nothing has happened since; else 0.
+    pub(super) timing: Option<&'c crate::stats::Timing>,
+    /// The reading that ended the previous call, when it was timed and nothing has happened
+    /// since; else 0.
     pub(super) last: u64,
 }
 
 impl<'c> Timer<'c> {
-    pub(super) fn new(clock: Option<&'c quanta::Clock>) -> Self {
-        Timer { clock, last: 0 }
+    pub(super) fn new(timing: Option<&'c crate::stats::Timing>) -> Self {
+        Timer { timing, last: 0 }
     }
 
+    /// Counts a call in `latency` and, when it picks the call to be timed, a reading to start
+    /// it with.
     #[inline]
-    fn start(&mut self) -> u64 {
-        match self.clock {
-            None => 0,
-            Some(_) if self.last != 0 => self.last,
-            Some(clock) => clock.raw(),
+    fn start(&mut self, latency: &Latency, shard: usize) -> Option<u64> {
+        let timing = self.timing?;
+        if !latency.count_at(shard, timing.mask) {
+            // Nothing reads the clock at this call's end.
+            self.last = 0;
+            return None;
         }
+        Some(match self.last {
+            0 => timing.start(),
+            last => last,
+        })
     }
 
-    /// Ticks since `started`, at least 1 (0 means untimed); the reading may start the next call.
+    /// Nanoseconds since `started` (at least 1); the reading may start the next call.
     #[inline]
-    fn stop(&mut self, started: u64) -> u64 {
-        self.clock.map_or(0, |clock| {
-            self.last = clock.raw();
-            self.last.saturating_sub(started).max(1)
-        })
+    fn stop(&mut self, timing: &crate::stats::Timing, started: u64) -> u64 {
+        let (now, nanos) = timing.stop(started);
+        self.last = now;
+        nanos
     }
 
     /// Something ran since the last call ended: the next call reads the clock afresh.
@@ -309,7 +316,7 @@ pub(super) fn run_subscriber(
                 tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
                 return None;
             };
-            let started = timer.start();
+            let started = timer.start(latency, shard);
             let result = generation.library.on_hook(
                 point.spec.name,
                 text,
@@ -328,26 +335,37 @@ pub(super) fn run_subscriber(
                     ))),
                 },
             );
-            let ticks = timer.stop(started);
-            if ticks != 0
-                && let Some(clock) = timer.clock
-            {
-                latency.record_at(shard, clock.delta_as_nanos(0, ticks));
-            }
+            let timed = match (timer.timing, started) {
+                (Some(timing), Some(started)) => {
+                    let nanos = timer.stop(timing, started);
+                    latency.record_at(shard, nanos);
+                    Some(nanos)
+                }
+                (Some(_), None) => {
+                    // Not timed: a delivery that saw the watchdog's clock move twice still
+                    // reaches the maximum.
+                    let at_least = entry.untimed_lower_bound_nanos();
+                    if at_least != 0 {
+                        stats.at_least_at(shard, at_least);
+                    }
+                    None
+                }
+                (None, _) => None,
+            };
             stats
                 .health
                 .end(entry, matches!(result, Some(Err(_))), &subscriber.name);
             match result {
                 None => None,
                 Some(Ok(answer)) => {
-                    stats.record_at(shard, ticks, Outcome::Ok);
+                    stats.record_at(shard, timed, Outcome::Ok);
                     Some(answer)
                 }
                 Some(Err(PluginError { kind, message })) => {
                     let panicked = kind == ErrorKind::Panicked;
                     stats.record_at(
                         shard,
-                        ticks,
+                        timed,
                         if panicked {
                             Outcome::Panic
                         } else {
@@ -526,7 +544,7 @@ impl PluginHost {
         take_changes: bool,
     ) -> Result<(), Violation> {
         let subscribers = &table.subscribers;
-        let clock = self.inner.clock.as_ref();
+        let clock = self.inner.timing.as_ref();
         // The table is sorted by mode first, so each mode's subscribers are one slice.
         let [seq, conc, aud, det, end] = table.phases;
         let (sequential, concurrent, audit, detached) = (
@@ -631,7 +649,7 @@ impl PluginHost {
         point: At,
         value: Option<&Value>,
         text: Option<&str>,
-        clock: Option<&quanta::Clock>,
+        clock: Option<&crate::stats::Timing>,
     ) -> Vec<Option<HookResult>> {
         let started = Instant::now();
         let shared_value: Option<Arc<Value>> = value.cloned().map(Arc::new);
