@@ -8,8 +8,8 @@
 //! `text` is the same call with the params already held as text (`execute_text`); `text_with`
 //! lends the answer to a closure instead of copying it (`call_text_with`); the `_handle`
 //! forms go through a method handle (`host.method`), as does `noop_handle`. The timed paths
-//! time one call in 16 (the default sample); `_untimed` ones none, `_exact` ones every call
-//! (`with_call_timing_sample(1)`). The hook
+//! time one call in 16 (the default sample, or `CALL_TIMING_SAMPLE` from the environment);
+//! `_untimed` ones none, `_exact` ones every call (`with_call_timing_sample(1)`). The hook
 //! paths dispatch one `task.scored` event to ten `hookbench` subscribers, through the host
 //! (`hook_fire`) and by calling each library's hook entry directly (`hook_direct`); the
 //! difference divided by ten is the host's overhead per subscriber.
@@ -316,7 +316,9 @@ fn run(path: &str, calls: u64) {
     let sample = if path.ends_with("_exact") {
         1
     } else {
-        plugin_host::DEFAULT_TIMING_SAMPLE
+        std::env::var("CALL_TIMING_SAMPLE").map_or(plugin_host::DEFAULT_TIMING_SAMPLE, |n| {
+            n.parse().expect("CALL_TIMING_SAMPLE is a number")
+        })
     };
     let host = host(&dir, !path.ends_with("_untimed"), sample);
     // The host answers what the plugin's work answers: the same unit on both sides.
