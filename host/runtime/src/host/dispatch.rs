@@ -297,98 +297,142 @@ pub(super) fn run_subscriber(
     timer: &mut Timer<'_>,
 ) -> Option<HookResult> {
     match &subscriber.target {
-        Target::Plugin {
-            generation,
-            stats,
-            latency,
-            marker,
-        } => {
-            let text = text.unwrap_or("null");
+        Target::Plugin { .. } => {
             let shard = crate::stats::thread_shard();
-            let admitted = if subscriber.timeout_ms == 0 {
-                stats.health.begin_named(marker, shard)
-            } else {
-                stats
-                    .health
-                    .begin_within(marker, shard, subscriber.timeout_ms)
-            };
-            let Ok(entry) = admitted else {
-                tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
-                return None;
-            };
-            let started = timer.start(latency, shard);
-            let result = generation.library.on_hook(
-                point.spec.name,
-                text,
-                subscriber.timeout_ms,
-                |answer| match answer {
-                    Ok(json) => parse_answer(json).map_err(PluginError::failed),
-                    Err(PluginFailure::Reported(kind, message)) => Err(PluginError {
-                        kind,
-                        message: message.to_owned(),
-                    }),
-                    Err(PluginFailure::NotUtf8(e)) => Err(PluginError::failed(format!(
-                        "the hook answer is not UTF-8 text ({e})"
-                    ))),
-                    Err(PluginFailure::Lost(lost)) => Err(PluginError::failed(format!(
-                        "its process {lost} (reason: {lost})"
-                    ))),
-                },
-            );
-            let timed = match (timer.timing, started) {
-                (Some(timing), Some(started)) => {
-                    let nanos = timer.stop(timing, started);
-                    latency.record_at(shard, nanos);
-                    Some(nanos)
-                }
-                (Some(_), None) => {
-                    // Not timed: a delivery that saw the watchdog's clock move twice still
-                    // reaches the maximum.
-                    let at_least = entry.untimed_lower_bound_nanos();
-                    if at_least != 0 {
-                        stats.at_least_at(shard, at_least);
-                    }
-                    None
-                }
-                (None, _) => None,
-            };
-            stats
-                .health
-                .end(entry, matches!(result, Some(Err(_))), &subscriber.name);
-            match result {
-                None => None,
-                Some(Ok(answer)) => {
-                    stats.record_at(shard, timed, Outcome::Ok);
-                    Some(answer)
-                }
-                Some(Err(PluginError { kind, message })) => {
-                    let panicked = kind == ErrorKind::Panicked;
-                    stats.record_at(
-                        shard,
-                        timed,
-                        if panicked {
-                            Outcome::Panic
-                        } else {
-                            Outcome::Error
-                        },
-                    );
-                    timer.interrupt();
-                    tracing::warn!(
-                        plugin = %subscriber.name,
-                        hook = %point,
-                        error = %EscapeControl(&message),
-                        "hook subscriber {}; skipped, the chain goes on",
-                        if panicked { "panicked" } else { "failed" }
-                    );
-                    None
-                }
-            }
+            let answer = deliver(subscriber, point, text.unwrap_or("null"), shard, timer);
+            Some(answer.map_or(HookResult::Continue, |answer| *answer))
         }
         Target::Host(f) => {
             timer.interrupt();
             run_host_hook(f, subscriber, point, value)
         }
     }
+}
+
+/// What a plugin subscriber answered, small to move between the layers: `None` for "continue"
+/// (and for a delivery that failed or was refused, logged and counted), a modification or a
+/// block boxed (the rare answers).
+type Answered = Option<Box<HookResult>>;
+
+/// Delivers the payload's text to a plugin subscriber from the thread of statistics shard
+/// `shard`; a host hook answers "continue" here (its callers pass plugin subscribers).
+#[inline]
+fn deliver(
+    subscriber: &Subscriber,
+    point: At,
+    text: &str,
+    shard: usize,
+    timer: &mut Timer<'_>,
+) -> Answered {
+    let Target::Plugin {
+        generation,
+        stats,
+        latency,
+        marker,
+    } = &subscriber.target
+    else {
+        return None;
+    };
+    let admitted = if subscriber.timeout_ms == 0 {
+        stats.health.begin_named(marker, shard)
+    } else {
+        stats
+            .health
+            .begin_within(marker, shard, subscriber.timeout_ms)
+    };
+    let Ok(entry) = admitted else {
+        tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
+        return None;
+    };
+    let started = timer.start(latency, shard);
+    let result =
+        generation
+            .library
+            .on_hook(
+                point.spec.name,
+                text,
+                subscriber.timeout_ms,
+                |answer| match answer {
+                    // "Continue", by far the most common answer.
+                    Ok(None) => Ok(None),
+                    Ok(json) => match parse_answer(json) {
+                        Ok(HookResult::Continue) => Ok(None),
+                        Ok(answer) => Ok(Some(Box::new(answer))),
+                        Err(message) => Err(Box::new(PluginError::failed(message))),
+                    },
+                    Err(PluginFailure::Reported(kind, message)) => Err(Box::new(PluginError {
+                        kind,
+                        message: message.to_owned(),
+                    })),
+                    Err(PluginFailure::NotUtf8(e)) => Err(Box::new(PluginError::failed(format!(
+                        "the hook answer is not UTF-8 text ({e})"
+                    )))),
+                    Err(PluginFailure::Lost(lost)) => Err(Box::new(PluginError::failed(format!(
+                        "its process {lost} (reason: {lost})"
+                    )))),
+                },
+            );
+    let timed = match (timer.timing, started) {
+        (Some(timing), Some(started)) => {
+            let nanos = timer.stop(timing, started);
+            latency.record_at(shard, nanos);
+            Some(nanos)
+        }
+        (Some(_), None) => {
+            // Not timed: a delivery that saw the watchdog's clock move twice still reaches
+            // the maximum.
+            let at_least = entry.untimed_lower_bound_nanos();
+            if at_least != 0 {
+                stats.at_least_at(shard, at_least);
+            }
+            None
+        }
+        (None, _) => None,
+    };
+    stats
+        .health
+        .end(entry, matches!(result, Some(Err(_))), &subscriber.name);
+    match result {
+        None => None,
+        Some(Ok(answer)) => {
+            stats.record_at(shard, timed, Outcome::Ok);
+            answer
+        }
+        Some(Err(error)) => {
+            subscriber_failed(subscriber, point, stats, shard, timed, &error);
+            timer.interrupt();
+            None
+        }
+    }
+}
+
+/// A plugin subscriber failed or panicked: counted and logged; the chain goes on.
+#[cold]
+fn subscriber_failed(
+    subscriber: &Subscriber,
+    point: At,
+    stats: &StatsCell,
+    shard: usize,
+    timed: Option<u64>,
+    error: &PluginError,
+) {
+    let panicked = error.kind == ErrorKind::Panicked;
+    stats.record_at(
+        shard,
+        timed,
+        if panicked {
+            Outcome::Panic
+        } else {
+            Outcome::Error
+        },
+    );
+    tracing::warn!(
+        plugin = %subscriber.name,
+        hook = %point,
+        error = %EscapeControl(&error.message),
+        "hook subscriber {}; skipped, the chain goes on",
+        if panicked { "panicked" } else { "failed" }
+    );
 }
 
 /// Runs a hook written in Rust: kept out of line, so that a plugin subscriber's path has a
@@ -555,10 +599,38 @@ impl PluginHost {
         );
 
         let mut timer = Timer::new(clock);
-        for subscriber in sequential {
-            match run_in_turn(subscriber, point, payload, &mut timer) {
-                None | Some(HookResult::Continue) => {}
-                Some(HookResult::Modify(fields)) => {
+        let mut next = 0;
+        while let Some(subscriber) = sequential.get(next) {
+            let (subscriber, answer) = if subscriber.is_plugin() {
+                // The plugin subscribers in a row from here get the one payload text, with
+                // the thread's shard read once; only a modification or a block comes back.
+                let (text, made) = payload.text();
+                if made {
+                    timer.interrupt();
+                }
+                let shard = crate::stats::thread_shard();
+                let mut answered = None;
+                while let Some(subscriber) = sequential.get(next).filter(|s| s.is_plugin()) {
+                    next += 1;
+                    if let Some(answer) = deliver(subscriber, point, text, shard, &mut timer) {
+                        answered = Some((subscriber, *answer));
+                        break;
+                    }
+                }
+                match answered {
+                    Some(answered) => answered,
+                    None => continue,
+                }
+            } else {
+                next += 1;
+                match run_in_turn(subscriber, point, payload, &mut timer) {
+                    None | Some(HookResult::Continue) => continue,
+                    Some(answer) => (subscriber, answer),
+                }
+            };
+            match answer {
+                HookResult::Continue => {}
+                HookResult::Modify(fields) => {
                     timer.interrupt();
                     if take_changes {
                         payload.modify(point, &subscriber.name, fields);
@@ -571,7 +643,7 @@ impl PluginHost {
                         );
                     }
                 }
-                Some(HookResult::Block { reason, code }) => {
+                HookResult::Block { reason, code } => {
                     return Err(self.blocked(point, subscriber, reason, code));
                 }
             }
