@@ -353,23 +353,10 @@ fn deliver(
                 text,
                 subscriber.timeout_ms,
                 |answer| match answer {
-                    // "Continue", by far the most common answer.
+                    // "Continue", by far the most common answer: the closure stays small enough to
+                    // inline; every other answer is read out of line.
                     Ok(None) => Ok(None),
-                    Ok(json) => match parse_answer(json) {
-                        Ok(HookResult::Continue) => Ok(None),
-                        Ok(answer) => Ok(Some(Box::new(answer))),
-                        Err(message) => Err(Box::new(PluginError::failed(message))),
-                    },
-                    Err(PluginFailure::Reported(kind, message)) => Err(Box::new(PluginError {
-                        kind,
-                        message: message.to_owned(),
-                    })),
-                    Err(PluginFailure::NotUtf8(e)) => Err(Box::new(PluginError::failed(format!(
-                        "the hook answer is not UTF-8 text ({e})"
-                    )))),
-                    Err(PluginFailure::Lost(lost)) => Err(Box::new(PluginError::failed(format!(
-                        "its process {lost} (reason: {lost})"
-                    )))),
+                    other => read_answer(other),
                 },
             );
     let timed = match (timer.timing, started) {
@@ -403,6 +390,31 @@ fn deliver(
             timer.interrupt();
             None
         }
+    }
+}
+
+/// A plugin's hook answer other than "continue" as text: a modification or a block (boxed),
+/// or why it failed.
+#[inline(never)]
+fn read_answer(
+    answer: Result<Option<&str>, PluginFailure<'_>>,
+) -> Result<Answered, Box<PluginError>> {
+    match answer {
+        Ok(json) => match parse_answer(json) {
+            Ok(HookResult::Continue) => Ok(None),
+            Ok(answer) => Ok(Some(Box::new(answer))),
+            Err(message) => Err(Box::new(PluginError::failed(message))),
+        },
+        Err(PluginFailure::Reported(kind, message)) => Err(Box::new(PluginError {
+            kind,
+            message: message.to_owned(),
+        })),
+        Err(PluginFailure::NotUtf8(e)) => Err(Box::new(PluginError::failed(format!(
+            "the hook answer is not UTF-8 text ({e})"
+        )))),
+        Err(PluginFailure::Lost(lost)) => Err(Box::new(PluginError::failed(format!(
+            "its process {lost} (reason: {lost})"
+        )))),
     }
 }
 
