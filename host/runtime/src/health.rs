@@ -73,9 +73,12 @@ pub(crate) fn tick() -> u64 {
 /// gets the bound of the oldest kept.
 #[cold]
 fn ticks_seen_ms(began: u64, ended: u64) -> u64 {
-    TICKS
-        .iter()
-        .map(|tick| tick.load(Relaxed))
+    bound_from_ticks(TICKS.iter().map(|tick| tick.load(Relaxed)), began, ended)
+}
+
+/// [`ticks_seen_ms`] over the ticks `ticks`.
+fn bound_from_ticks(ticks: impl Iterator<Item = u64>, began: u64, ended: u64) -> u64 {
+    ticks
         .filter(|&tick| tick > began && tick <= ended)
         .min()
         .map_or(0, |first| ended - first)
@@ -686,15 +689,18 @@ mod tests {
     /// them; one that saw one tick or none, none (it may have been short).
     #[test]
     fn an_untimed_call_is_bounded_by_the_ticks_it_saw() {
+        let ticks = [100, 150, 200, 250, 0];
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 120, 250), 100);
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 99, 150), 50);
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 220, 250), 0, "one tick");
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 250, 250), 0, "none");
+        // Older ticks than those kept: the oldest kept still came after the call began.
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 10, 250), 150);
+
+        // Through the real clock (other hosts' watchdogs may tick too, in a test run that
+        // shares the process: only what holds whatever they do is asserted).
         let health = Health::default();
         tick();
-        let short = health.begin("m", 0).unwrap();
-        assert_eq!(short.untimed_lower_bound_nanos(), 0, "no tick seen");
-        std::thread::sleep(Duration::from_millis(2));
-        tick();
-        assert_eq!(short.untimed_lower_bound_nanos(), 0, "one tick seen");
-        health.end(short, false, "p");
-
         let long = health.begin("m", 0).unwrap();
         let began = Instant::now();
         std::thread::sleep(Duration::from_millis(5));
@@ -702,11 +708,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let last = tick();
         let bound = long.untimed_lower_bound_nanos();
-        assert_eq!(bound, (last - first) * 1_000_000);
+        assert!(bound >= (last - first) * 1_000_000, "{bound}");
         assert!(bound >= 59_000_000, "{bound}");
+        // A lower bound: never more than the call took (to the millisecond of the clock).
         assert!(
-            u128::from(bound) <= began.elapsed().as_nanos(),
-            "a lower bound"
+            u128::from(bound) <= began.elapsed().as_nanos() + 1_000_000,
+            "{bound}"
         );
         health.end(long, false, "p");
     }

@@ -125,7 +125,8 @@ fn a_slow_call_that_was_not_timed_reaches_the_maximum() {
     // At least the ticks it saw (50 ms apart: at least 300 ms of its 400 on an idle machine;
     // less asked here, for a watchdog held up on a loaded one), never more than it took.
     assert!(max >= Duration::from_millis(100), "{max:?}");
-    assert!(max <= took, "{max:?} > {took:?}");
+    // (To the millisecond of the coarse clock.)
+    assert!(max <= took + Duration::from_millis(1), "{max:?} > {took:?}");
 }
 
 /// A sample that is not a power of two from 1 to 65536 is refused where it is given: the
