@@ -345,20 +345,18 @@ fn deliver(
         return None;
     };
     let started = timer.start(latency, shard);
-    let result =
-        generation
-            .library
-            .on_hook(
-                point.spec.name,
-                text,
-                subscriber.timeout_ms,
-                |answer| match answer {
-                    // "Continue", by far the most common answer: the closure stays small enough to
-                    // inline; every other answer is read out of line.
-                    Ok(None) => Ok(None),
-                    other => read_answer(other),
-                },
-            );
+    // "Continue", by far the most common answer, is read inline (the closure stays small
+    // enough to inline); every other answer out of line.
+    let library = &generation.library;
+    let result = library.on_hook(
+        point.spec.name,
+        text,
+        subscriber.timeout_ms,
+        |answer| match answer {
+            Ok(None) => Ok(None),
+            other => read_answer(other),
+        },
+    );
     let timed = match (timer.timing, started) {
         (Some(timing), Some(started)) => {
             let nanos = timer.stop(timing, started);
