@@ -236,8 +236,9 @@ impl PluginHostBuilder {
         let config = PluginsConfig::read(&config_file)?;
         let sample = match self.call_timing_sample {
             Some(sample) if !crate::stats::valid_timing_sample(sample) => anyhow::bail!(
-                "call timing sample {sample}: give a power of two from 1 (every call timed) to {} (default {})",
+                "with_call_timing_sample({sample}): the sample is not a power of two from 1 to {}; give 1 to time every call, or {} (the default) to time one in {}",
                 crate::stats::MAX_TIMING_SAMPLE,
+                crate::stats::DEFAULT_TIMING_SAMPLE,
                 crate::stats::DEFAULT_TIMING_SAMPLE
             ),
             Some(sample) => sample,
