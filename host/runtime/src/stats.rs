@@ -28,10 +28,11 @@ struct Shard {
     max_nanos: AtomicU64,
 }
 
-/// Default of [`Timing`]'s sample: one call in 16 of each method and hook point is timed on
-/// each thread.
+/// The default call timing sample
+/// ([`with_call_timing_sample`](crate::PluginHostBuilder::with_call_timing_sample)): one call
+/// in 16 of each method and hook point is timed on each thread.
 pub const DEFAULT_TIMING_SAMPLE: u32 = 16;
-/// The largest sample accepted.
+/// The largest call timing sample accepted.
 pub const MAX_TIMING_SAMPLE: u32 = 1 << 16;
 
 /// How a host times calls: the cycle-counter clock read at both ends of one call in `sample`
@@ -67,8 +68,9 @@ impl Timing {
     }
 }
 
-/// Whether `sample` is a sample [`Timing`] takes: a power of two from 1 to
-/// [`MAX_TIMING_SAMPLE`].
+/// Whether `sample` is a call timing sample the host takes
+/// ([`with_call_timing_sample`](crate::PluginHostBuilder::with_call_timing_sample)): a power
+/// of two from 1 to [`MAX_TIMING_SAMPLE`].
 pub fn valid_timing_sample(sample: u32) -> bool {
     sample.is_power_of_two() && sample <= MAX_TIMING_SAMPLE
 }
