@@ -7,7 +7,9 @@
 //!
 //! `text` is the same call with the params already held as text (`execute_text`); `text_with`
 //! lends the answer to a closure instead of copying it (`call_text_with`); the `_handle`
-//! forms go through a method handle (`host.method`), as does `noop_handle`. The hook
+//! forms go through a method handle (`host.method`), as does `noop_handle`. The timed paths
+//! time one call in 16 (the default sample, or `CALL_TIMING_SAMPLE` from the environment);
+//! `_untimed` ones none, `_exact` ones every call (`with_call_timing_sample(1)`). The hook
 //! paths dispatch one `task.scored` event to ten `hookbench` subscribers, through the host
 //! (`hook_fire`) and by calling each library's hook entry directly (`hook_direct`); the
 //! difference divided by ten is the host's overhead per subscriber.
@@ -249,7 +251,7 @@ fn hook_host(dir: &PluginDir) -> (plugin_host::PluginHost, Vec<direct::Library>)
     (host, libraries)
 }
 
-const PATHS: [&str; 17] = [
+const PATHS: [&str; 19] = [
     "direct",
     "text",
     "text_with",
@@ -261,6 +263,8 @@ const PATHS: [&str; 17] = [
     "noop_untimed",
     "noop_handle",
     "noop_handle_untimed",
+    "noop_exact",
+    "noop_handle_exact",
     "missing_execute",
     "missing_call_with",
     "missing_call",
@@ -269,11 +273,12 @@ const PATHS: [&str; 17] = [
     "hook_fire",
 ];
 
-fn host(dir: &PluginDir, timing: bool) -> plugin_host::PluginHost {
+fn host(dir: &PluginDir, timing: bool, sample: u32) -> plugin_host::PluginHost {
     dir.add("echo", "libecho.so");
     let host = plugin_host::PluginHost::builder(dir.path())
         .with_shadow_dir(dir.shadow())
         .with_call_timing(timing)
+        .with_call_timing_sample(sample)
         .build()
         .unwrap();
     host.scan().unwrap();
@@ -309,7 +314,14 @@ fn run(path: &str, calls: u64) {
     let dir = PluginDir::new();
     let text = params_text();
     let params: Value = serde_json::from_str(&text).unwrap();
-    let host = host(&dir, !path.ends_with("_untimed"));
+    let sample = if path.ends_with("_exact") {
+        1
+    } else {
+        std::env::var("CALL_TIMING_SAMPLE").map_or(plugin_host::DEFAULT_TIMING_SAMPLE, |n| {
+            n.parse().expect("CALL_TIMING_SAMPLE is a number")
+        })
+    };
+    let host = host(&dir, !path.ends_with("_untimed"), sample);
     // The host answers what the plugin's work answers: the same unit on both sides.
     let expected: Value = serde_json::from_str(&direct_work(&text).unwrap()).unwrap();
     assert_eq!(host.execute("echo", "summarize", &params), Some(expected));
@@ -322,8 +334,10 @@ fn run(path: &str, calls: u64) {
         "text_with" => measure_text_with(&host, &text, calls),
         "text_handle" => measure_text_handle(&host, &text, calls),
         "text_handle_with" => measure_text_handle_with(&host, &text, calls),
-        "noop" | "noop_untimed" => measure_noop(&host, calls),
-        "noop_handle" | "noop_handle_untimed" => measure_noop_handle(&host, calls),
+        "noop" | "noop_untimed" | "noop_exact" => measure_noop(&host, calls),
+        "noop_handle" | "noop_handle_untimed" | "noop_handle_exact" => {
+            measure_noop_handle(&host, calls)
+        }
         "missing_execute" => measure_missing_execute(&host, calls),
         "missing_call_with" => measure_missing_call_with(&host, calls),
         "missing_call" => measure_missing_call(&host, &params, calls),

@@ -28,6 +28,8 @@
 //!   overrun ends the child, not the host), `"in-process"` in the host's (the default, unless
 //!   the host sets another). `memoryLimitMb` limits an isolated plugin's memory; `restarts`
 //!   (`{"max": 3, "windowSec": 300}`, the defaults) is its crash-loop limit.
+//! - `callTimingSample` (top level): the host times one call in this many of each method and
+//!   hook point (a power of two; 16 by default, 1 times every call), read when it is built.
 //! - `sets` groups plugins: a set with `"enabled": false` disables all its plugins; a set's
 //!   `priority` applies to all their subscriptions (a plugin's own `hooks` override wins).
 
@@ -234,6 +236,26 @@ pub struct PluginsConfig {
     /// How often the store is flushed and refreshed, in milliseconds.
     #[serde(default, rename = "storeFlushMs")]
     pub store_flush_ms: Option<u64>,
+    /// One call in this many is timed for the latency statistics (`callTimingSample`: a power
+    /// of two from 1 to 65536); read when the host is built, and a builder's
+    /// [`with_call_timing_sample`](crate::PluginHostBuilder::with_call_timing_sample) wins.
+    #[serde(
+        default,
+        rename = "callTimingSample",
+        deserialize_with = "call_timing_sample"
+    )]
+    pub call_timing_sample: Option<u32>,
+}
+
+fn call_timing_sample<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let sample = u64::deserialize(d)?;
+    match u32::try_from(sample) {
+        Ok(sample) if crate::stats::valid_timing_sample(sample) => Ok(Some(sample)),
+        _ => Err(serde::de::Error::custom(format!(
+            "callTimingSample: {sample} is not a power of two from 1 to {}; give 1 to time every call, or 16 (the default) to time one in 16",
+            crate::stats::MAX_TIMING_SAMPLE
+        ))),
+    }
 }
 
 impl PluginsConfig {
@@ -386,6 +408,22 @@ mod tests {
                 message.contains("breaker") || message.contains("timeoutMs"),
                 "{bad}: {message}"
             );
+        }
+    }
+
+    #[test]
+    fn the_call_timing_sample_is_a_power_of_two() {
+        let config = PluginsConfig::parse(r#"{"callTimingSample": 64}"#).unwrap();
+        assert_eq!(config.call_timing_sample, Some(64));
+        assert_eq!(PluginsConfig::parse("{}").unwrap().call_timing_sample, None);
+        for bad in ["0", "12", "131072", "4294967296", "-1", "\"16\""] {
+            let text = format!(r#"{{"callTimingSample": {bad}}}"#);
+            let message = format!("{:#}", PluginsConfig::parse(&text).unwrap_err());
+            assert!(
+                message.contains("callTimingSample") || bad.starts_with(['-', '"']),
+                "{bad}: {message}"
+            );
+            assert!(message.contains("line 1"), "{bad}: {message}");
         }
     }
 

@@ -4,12 +4,14 @@
 //! The call path pays, when the breaker is closed: one relaxed load of the breaker's state, one
 //! relaxed load of the coarse clock and five relaxed stores to mark the call in flight (start
 //! time and method name, in the calling thread's own marker), one store to clear the marker, and
-//! one relaxed load of the failure count after a success. No lock, no allocation, no
-//! read-modify-write except on a failure or on a thread past the first [`MARKERS`] - 1.
+//! one relaxed load of the failure count after a success; a call the statistics do not time
+//! loads the coarse clock once more at its end ([`Entry::untimed_lower_bound_nanos`]). No lock,
+//! no allocation, no read-modify-write except on a failure or on a thread past the first
+//! [`MARKERS`] - 1.
 
 use std::sync::LazyLock;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -47,11 +49,39 @@ pub(crate) fn now_ms() -> u64 {
     u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX >> 2)
 }
 
+/// How many of the coarse clock's last ticks are kept (a ring), so that a call the statistics
+/// did not time can tell, from the ticks it saw, how long it ran at least.
+const TICKS_KEPT: usize = 64;
+static TICKS: [AtomicU64; TICKS_KEPT] = [const { AtomicU64::new(0) }; TICKS_KEPT];
+static NEXT_TICK: AtomicUsize = AtomicUsize::new(0);
+
 /// Brings the coarse clock forward (the watchdog's tick).
 pub(crate) fn tick() -> u64 {
     let now = now_ms();
-    COARSE_MS.fetch_max(now, Relaxed);
+    // Kept after it is published: a call that sees a tick in the ring saw the clock move to
+    // it after the call began, never before.
+    if COARSE_MS.fetch_max(now, Relaxed) < now {
+        TICKS[NEXT_TICK.fetch_add(1, Relaxed) % TICKS_KEPT].store(now, Relaxed);
+    }
     now
+}
+
+/// A lower bound of the length of a call that began when the coarse clock read `began` and
+/// ended when it read `ended` (later): from the first tick after `began` to `ended`, both of
+/// which came while the call ran; 0 when it saw only one tick (it may have been short). A
+/// call longer than two ticks always gets a bound above 0; one longer than the ticks kept
+/// gets the bound of the oldest kept.
+#[cold]
+fn ticks_seen_ms(began: u64, ended: u64) -> u64 {
+    bound_from_ticks(TICKS.iter().map(|tick| tick.load(Relaxed)), began, ended)
+}
+
+/// [`ticks_seen_ms`] over the ticks `ticks`.
+fn bound_from_ticks(ticks: impl Iterator<Item = u64>, began: u64, ended: u64) -> u64 {
+    ticks
+        .filter(|&tick| tick > began && tick <= ended)
+        .min()
+        .map_or(0, |first| ended - first)
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +136,22 @@ pub(crate) struct Entry {
     trial: bool,
     /// The marker holds a deadline of its own, cleared at the end.
     own_timeout: bool,
+    /// The coarse clock when the call began (also when no marker was taken).
+    began_ms: u64,
+}
+
+impl Entry {
+    /// For a call the statistics did not time: a lower bound of its length in nanoseconds
+    /// from the watchdog's coarse clock, 0 unless the call saw at least two of its ticks
+    /// (one relaxed load and a comparison while the clock has not moved).
+    #[inline]
+    pub(crate) fn untimed_lower_bound_nanos(&self) -> u64 {
+        let now = COARSE_MS.load(Relaxed);
+        if now == self.began_ms {
+            return 0;
+        }
+        ticks_seen_ms(self.began_ms, now).saturating_mul(1_000_000)
+    }
 }
 
 /// A call the breaker refused.
@@ -234,12 +280,14 @@ impl Health {
         } else {
             self.admit()?
         };
-        let marker = self.mark(method, shard);
+        let began_ms = COARSE_MS.load(Relaxed);
+        let marker = self.mark(method, shard, began_ms + 1);
         Ok(Entry {
             marker,
             _site: crate::crash::CallSiteGuard::enter(self, marker),
             trial,
             own_timeout: false,
+            began_ms,
         })
     }
 
@@ -282,8 +330,7 @@ impl Health {
     }
 
     #[inline]
-    fn mark(&self, method: &MarkerName, shard: usize) -> u8 {
-        let start = COARSE_MS.load(Relaxed) + 1;
+    fn mark(&self, method: &MarkerName, shard: usize, start: u64) -> u8 {
         let marker = &self.markers[shard];
         if shard == SHARED_MARKER {
             if marker
@@ -636,6 +683,39 @@ mod tests {
         }
         assert_eq!(health.snapshot().breaker, "off");
         assert!(health.begin("m", 0).is_ok());
+    }
+
+    /// A call that saw two ticks of the coarse clock gets a lower bound of its length from
+    /// them; one that saw one tick or none, none (it may have been short).
+    #[test]
+    fn an_untimed_call_is_bounded_by_the_ticks_it_saw() {
+        let ticks = [100, 150, 200, 250, 0];
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 120, 250), 100);
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 99, 150), 50);
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 220, 250), 0, "one tick");
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 250, 250), 0, "none");
+        // Older ticks than those kept: the oldest kept still came after the call began.
+        assert_eq!(bound_from_ticks(ticks.into_iter(), 10, 250), 150);
+
+        // Through the real clock (other hosts' watchdogs may tick too, in a test run that
+        // shares the process: only what holds whatever they do is asserted).
+        let health = Health::default();
+        tick();
+        let long = health.begin("m", 0).unwrap();
+        let began = Instant::now();
+        std::thread::sleep(Duration::from_millis(5));
+        let first = tick();
+        std::thread::sleep(Duration::from_millis(60));
+        let last = tick();
+        let bound = long.untimed_lower_bound_nanos();
+        assert!(bound >= (last - first) * 1_000_000, "{bound}");
+        assert!(bound >= 59_000_000, "{bound}");
+        // A lower bound: never more than the call took (to the millisecond of the clock).
+        assert!(
+            u128::from(bound) <= began.elapsed().as_nanos() + 1_000_000,
+            "{bound}"
+        );
+        health.end(long, false, "p");
     }
 
     #[test]

@@ -92,7 +92,7 @@ struct Inner {
     next_hook_id: AtomicU64,
     fire_queue: FireQueue,
     /// `None` when calls are not timed.
-    clock: Option<quanta::Clock>,
+    timing: Option<crate::stats::Timing>,
     refused: Mutex<Vec<Refusal>>,
     next_generation: AtomicU64,
     /// The deadline of a call for plugins whose configuration sets none (milliseconds).
@@ -458,7 +458,7 @@ impl PluginHost {
             hooks: self.configured_hooks(name, manifest),
             api_version: manifest.api_version.clone(),
             table_version: manifest.table_version,
-            stats: slot.stats.snapshot(self.inner.clock.as_ref()),
+            stats: slot.stats.snapshot(),
             health: slot.stats.health.snapshot(),
             isolation: crate::IsolationReport {
                 quarantined: generation.quarantined.clone(),

@@ -72,5 +72,8 @@ pub use host::{
 pub use isolation::{Isolation, IsolationReport, RestartPolicy};
 pub use plugin_api::abi::ErrorKind;
 pub use plugin_api::{HookMode, HookResult};
-pub use stats::{CallKind, LATENCY_BUCKETS, LatencyHistogram, PluginStats, latency_bucket_bound};
+pub use stats::{
+    CallKind, DEFAULT_TIMING_SAMPLE, LATENCY_BUCKETS, LatencyHistogram, MAX_TIMING_SAMPLE,
+    PluginStats, latency_bucket_bound, valid_timing_sample,
+};
 pub use write_json::to_json_string;

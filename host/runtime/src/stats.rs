@@ -20,13 +20,63 @@ struct Shard {
     calls: AtomicU64,
     errors: AtomicU64,
     panics: AtomicU64,
-    total_ticks: AtomicU64,
-    max_ticks: AtomicU64,
+    /// Calls timed (one in [`Timing`]'s sample of each method and hook point; all of them
+    /// with a sample of 1), and their time summed.
+    timed: AtomicU64,
+    timed_nanos: AtomicU64,
+    /// The longest call timed, or the lower bound of a longer one that was not.
+    max_nanos: AtomicU64,
+}
+
+/// The default call timing sample
+/// ([`with_call_timing_sample`](crate::PluginHostBuilder::with_call_timing_sample)): one call
+/// in 16 of each method and hook point is timed on each thread.
+pub const DEFAULT_TIMING_SAMPLE: u32 = 16;
+/// The largest call timing sample accepted.
+pub const MAX_TIMING_SAMPLE: u32 = 1 << 16;
+
+/// How a host times calls: the cycle-counter clock read at both ends of one call in `sample`
+/// of each method and hook point on each thread (each histogram counts its calls and picks
+/// the first of every `sample`), every call when `sample` is 1.
+#[derive(Debug, Clone)]
+pub(crate) struct Timing {
+    clock: quanta::Clock,
+    /// `sample - 1`: a call is timed when its count has these bits clear.
+    pub(crate) mask: u64,
+}
+
+impl Timing {
+    /// `sample` is a power of two (checked where it is configured); another is rounded up.
+    pub(crate) fn new(clock: quanta::Clock, sample: u32) -> Self {
+        Timing {
+            clock,
+            mask: u64::from(sample.max(1).next_power_of_two()) - 1,
+        }
+    }
+
+    /// A reading of the cycle counter, for [`nanos_since`](Self::nanos_since).
+    #[inline]
+    pub(crate) fn start(&self) -> u64 {
+        self.clock.raw()
+    }
+
+    /// A reading now, and the nanoseconds since `started` (at least 1).
+    #[inline]
+    pub(crate) fn stop(&self, started: u64) -> (u64, u64) {
+        let now = self.clock.raw();
+        (now, self.clock.delta_as_nanos(started, now).max(1))
+    }
+}
+
+/// Whether `sample` is a call timing sample the host takes
+/// ([`with_call_timing_sample`](crate::PluginHostBuilder::with_call_timing_sample)): a power
+/// of two from 1 to [`MAX_TIMING_SAMPLE`].
+pub fn valid_timing_sample(sample: u32) -> bool {
+    sample.is_power_of_two() && sample <= MAX_TIMING_SAMPLE
 }
 
 /// Counters of one plugin, summed over all its generations since it was first loaded, and its
-/// health (breaker, calls in flight), kept the same way. Latency is kept in clock ticks and
-/// converted when read.
+/// health (breaker, calls in flight), kept the same way. Latency is kept in nanoseconds.
 #[derive(Debug, Default)]
 pub(crate) struct StatsCell {
     shards: [Shard; SHARDS],
@@ -73,6 +123,9 @@ pub fn latency_bucket_bound(i: usize) -> f64 {
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct LatencyShard {
+    /// Calls counted, timed or not (exact); the calls timed are picked from it.
+    count: AtomicU64,
+    /// Calls timed, by bucket, and their time summed.
     buckets: [AtomicU64; LATENCY_BUCKETS + 1],
     sum_nanos: AtomicU64,
 }
@@ -85,7 +138,24 @@ pub(crate) struct Latency {
 }
 
 impl Latency {
-    /// Counts one call of `nanos` in shard `index` ([`thread_shard`]).
+    /// Counts one call in shard `index` ([`thread_shard`]), and says whether to time it: the
+    /// first of every `mask + 1` this shard counts.
+    #[inline]
+    pub(crate) fn count_at(&self, index: usize, mask: u64) -> bool {
+        let count = &self.shards[index].count;
+        let before = if index == SHARED {
+            count.fetch_add(1, Relaxed)
+        } else {
+            // Only this thread writes this shard (see `Claim`).
+            let before = count.load(Relaxed);
+            count.store(before.wrapping_add(1), Relaxed);
+            before
+        };
+        before & mask == 0
+    }
+
+    /// Records the time of one call counted and picked by [`count_at`](Self::count_at), in
+    /// shard `index`.
     #[inline]
     pub(crate) fn record_at(&self, index: usize, nanos: u64) {
         let owned = index != SHARED;
@@ -96,17 +166,46 @@ impl Latency {
         add(&shard.sum_nanos, nanos, owned);
     }
 
-    fn snapshot(&self) -> ([u64; LATENCY_BUCKETS + 1], u64) {
+    /// The calls counted, the calls timed by bucket, and their time summed.
+    fn snapshot(&self) -> (u64, [u64; LATENCY_BUCKETS + 1], u64) {
+        let mut count = 0u64;
         let mut buckets = [0u64; LATENCY_BUCKETS + 1];
         let mut sum = 0u64;
         for shard in &self.shards {
+            count = count.wrapping_add(shard.count.load(Relaxed));
             for (total, bucket) in buckets.iter_mut().zip(&shard.buckets) {
                 *total += bucket.load(Relaxed);
             }
             sum = sum.wrapping_add(shard.sum_nanos.load(Relaxed));
         }
-        (buckets, sum)
+        (count, buckets, sum)
     }
+}
+
+/// `value * count / timed`, without overflow: a figure of the calls timed scaled to all of
+/// them.
+fn scale(value: u64, count: u64, timed: u64) -> u64 {
+    if timed == 0 {
+        return 0;
+    }
+    u64::try_from(u128::from(value) * u128::from(count) / u128::from(timed)).unwrap_or(u64::MAX)
+}
+
+/// The calls timed per bucket (`timed`), spread over `count` calls in the same proportions:
+/// each running sum of the timed buckets scaled and rounded down. The running sums never
+/// decrease and the last is `count` exactly, so the histogram stays valid (its `+Inf` bucket
+/// is its count); when every call was timed it is `timed` itself.
+fn scaled_buckets(timed: &[u64; LATENCY_BUCKETS + 1], count: u64) -> [u64; LATENCY_BUCKETS + 1] {
+    let total: u64 = timed.iter().sum();
+    let mut out = [0u64; LATENCY_BUCKETS + 1];
+    let (mut running, mut before) = (0u64, 0u64);
+    for (bucket, calls) in out.iter_mut().zip(timed) {
+        running += calls;
+        let scaled = scale(running, count, total);
+        *bucket = scaled - before;
+        before = scaled;
+    }
+    out
 }
 
 /// The latency histogram of one method or hook point of one plugin, since it was first loaded.
@@ -118,13 +217,18 @@ pub struct LatencyHistogram {
     pub name: String,
     /// Calls per bucket (not cumulative): bucket `i < LATENCY_BUCKETS` holds calls of at most
     /// [`latency_bucket_bound(i)`](latency_bucket_bound) seconds, the last one longer calls.
+    /// They add up to every call counted (exact); how the calls spread over them is estimated
+    /// from the calls timed (one in the host's timing sample), scaled to that count.
     pub buckets: Vec<u64>,
-    /// Time spent in those calls, in seconds.
+    /// Time spent in those calls, in seconds: the calls timed, scaled to every call counted
+    /// (an estimate; exact when every call is timed).
     pub sum_seconds: f64,
+    /// Calls timed, from which the buckets and the sum are estimated.
+    pub timed: u64,
 }
 
 impl LatencyHistogram {
-    /// Calls counted.
+    /// Calls counted (exact).
     pub fn count(&self) -> u64 {
         self.buckets.iter().sum()
     }
@@ -194,28 +298,43 @@ pub(crate) fn thread_shard() -> usize {
 }
 
 impl StatsCell {
-    /// Counts one call that took `ticks` of the host's clock (0 when calls are not timed), in
-    /// shard `index` ([`thread_shard`]).
+    /// Counts one call in shard `index` ([`thread_shard`]), with its time in nanoseconds when
+    /// it was timed (`None` when it was not, or calls are not timed).
     #[inline]
-    pub(crate) fn record_at(&self, index: usize, ticks: u64, outcome: Outcome) {
+    pub(crate) fn record_at(&self, index: usize, timed: Option<u64>, outcome: Outcome) {
         let owned = index != SHARED;
         let shard = &self.shards[index];
         add(&shard.calls, 1, owned);
-        if ticks != 0 {
-            add(&shard.total_ticks, ticks, owned);
-            if ticks > shard.max_ticks.load(Relaxed) {
-                if owned {
-                    shard.max_ticks.store(ticks, Relaxed);
-                } else {
-                    shard.max_ticks.fetch_max(ticks, Relaxed);
-                }
-            }
+        if let Some(nanos) = timed {
+            add(&shard.timed, 1, owned);
+            add(&shard.timed_nanos, nanos, owned);
+            self.at_least_at(index, nanos);
         }
         match outcome {
             Outcome::Ok => {}
             Outcome::Error => add(&shard.errors, 1, owned),
             Outcome::Panic => add(&shard.panics, 1, owned),
         }
+    }
+
+    /// A call in shard `index` took at least `nanos`: the maximum takes it if it is longer.
+    #[inline]
+    pub(crate) fn at_least_at(&self, index: usize, nanos: u64) {
+        let max = &self.shards[index].max_nanos;
+        if nanos > max.load(Relaxed) {
+            if index != SHARED {
+                max.store(nanos, Relaxed);
+            } else {
+                max.fetch_max(nanos, Relaxed);
+            }
+        }
+    }
+
+    /// Whether to time a call that no histogram counts (a method the plugin does not
+    /// declare), picked from the plugin's own count of calls in shard `index`.
+    #[inline]
+    pub(crate) fn picks_at(&self, index: usize, mask: u64) -> bool {
+        self.shards[index].calls.load(Relaxed) & mask == 0
     }
 
     /// The histogram of `kind` `name`, made on first use (at load, not on the call path).
@@ -245,12 +364,16 @@ impl StatsCell {
         let mut out: Vec<LatencyHistogram> = latencies
             .iter()
             .filter_map(|(kind, name, latency)| {
-                let (buckets, sum) = latency.snapshot();
-                (buckets.iter().any(|b| *b != 0)).then(|| LatencyHistogram {
+                let (count, timed_buckets, sum) = latency.snapshot();
+                let timed: u64 = timed_buckets.iter().sum();
+                // Counted before timed: a snapshot taken in between sees one more call.
+                let count = count.max(timed);
+                (timed != 0).then(|| LatencyHistogram {
                     kind: *kind,
                     name: name.to_string(),
-                    buckets: buckets.to_vec(),
-                    sum_seconds: sum as f64 * 1e-9,
+                    buckets: scaled_buckets(&timed_buckets, count).to_vec(),
+                    sum_seconds: scale(sum, count, timed) as f64 * 1e-9,
+                    timed,
                 })
             })
             .collect();
@@ -258,23 +381,30 @@ impl StatsCell {
         out
     }
 
-    pub(crate) fn snapshot(&self, clock: Option<&quanta::Clock>) -> PluginStats {
+    pub(crate) fn snapshot(&self) -> PluginStats {
         let sum = |f: fn(&Shard) -> &AtomicU64| {
-            self.shards.iter().map(|s| f(s).load(Relaxed)).sum::<u64>()
+            self.shards
+                .iter()
+                .map(|s| f(s).load(Relaxed))
+                .fold(0u64, u64::wrapping_add)
         };
-        let max_ticks = self
+        let max_nanos = self
             .shards
             .iter()
-            .map(|s| s.max_ticks.load(Relaxed))
+            .map(|s| s.max_nanos.load(Relaxed))
             .max()
             .unwrap_or(0);
-        let to_duration = |ticks: u64| clock.map_or(Duration::ZERO, |c| c.delta(0, ticks));
+        let (calls, timed) = (sum(|s| &s.calls), sum(|s| &s.timed));
         PluginStats {
-            calls: sum(|s| &s.calls),
+            calls,
             errors: sum(|s| &s.errors),
             panics: sum(|s| &s.panics),
-            total_latency: to_duration(sum(|s| &s.total_ticks)),
-            max_latency: to_duration(max_ticks),
+            total_latency: Duration::from_nanos(scale(
+                sum(|s| &s.timed_nanos),
+                calls.max(timed),
+                timed,
+            )),
+            max_latency: Duration::from_nanos(max_nanos),
         }
     }
 }
@@ -286,6 +416,14 @@ impl StatsCell {
 /// a call only. Latencies stay zero when the host was built with
 /// [`with_call_timing(false)`](crate::PluginHostBuilder::with_call_timing).
 ///
+/// The host times one call in N of each method and hook point
+/// ([`with_call_timing_sample`](crate::PluginHostBuilder::with_call_timing_sample), 16 by
+/// default; 1 times every call): the counts are exact, `total_latency` is the calls timed
+/// scaled to every call (an estimate, and so is the mean), and `max_latency` is the longest
+/// call timed or, for a call that was not, a lower bound from the watchdog's coarse clock
+/// whenever the call saw two of its ticks (50 ms apart): any call longer than about 100 ms
+/// reaches it, timed or not.
+///
 /// In JSON the latencies name their unit: `total_latency_us`, `mean_latency_us` and
 /// `max_latency_us`, in microseconds rounded to the nanosecond.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -296,9 +434,9 @@ pub struct PluginStats {
     pub errors: u64,
     /// Calls that panicked.
     pub panics: u64,
-    /// Time spent in the plugin, summed.
+    /// Time spent in the plugin, summed (estimated from the calls timed).
     pub total_latency: Duration,
-    /// The longest call.
+    /// The longest call (see above for calls not timed).
     pub max_latency: Duration,
 }
 
@@ -343,9 +481,14 @@ mod tests {
     fn latency_buckets_are_powers_of_two_of_nanoseconds() {
         let latency = Latency::default();
         for nanos in [1, 1024, 1025, 2048, 2049, 1 << 33, (1 << 33) + 1, u64::MAX] {
+            assert!(
+                latency.count_at(thread_shard(), 0),
+                "a sample of 1 times every call"
+            );
             latency.record_at(thread_shard(), nanos);
         }
-        let (buckets, _) = latency.snapshot();
+        let (count, buckets, _) = latency.snapshot();
+        assert_eq!(count, 8);
         assert_eq!(buckets[0], 2, "1 ns and 1024 ns are in the first bucket");
         assert_eq!(buckets[1], 2, "1025 and 2048 ns");
         assert_eq!(buckets[2], 1, "2049 ns");
@@ -370,10 +513,16 @@ mod tests {
                                 1 => Outcome::Panic,
                                 _ => Outcome::Ok,
                             };
-                            cell.record_at(thread_shard(), 1 + (i + t + round) % 7, outcome);
+                            let nanos = 1 + (i + t + round) % 7;
+                            cell.record_at(thread_shard(), Some(nanos), outcome);
                         }
                         if t == 3 && round == 1 {
-                            cell.record_at(thread_shard(), 1_000_000, Outcome::Ok);
+                            cell.record_at(thread_shard(), Some(1_000_000), Outcome::Ok);
+                        }
+                        // Not timed, known to have taken at least 2 ms.
+                        if t == 5 && round == 2 {
+                            cell.record_at(thread_shard(), None, Outcome::Ok);
+                            cell.at_least_at(thread_shard(), 2_000_000);
                         }
                     });
                 }
@@ -383,7 +532,8 @@ mod tests {
         let sum = |f: fn(&Shard) -> &AtomicU64| {
             cell.shards.iter().map(|s| f(s).load(Relaxed)).sum::<u64>()
         };
-        assert_eq!(sum(|s| &s.calls), threads * 2_000 + 1);
+        assert_eq!(sum(|s| &s.calls), threads * 2_000 + 2);
+        assert_eq!(sum(|s| &s.timed), threads * 2_000 + 1);
         assert_eq!(sum(|s| &s.errors), threads * 200);
         assert_eq!(sum(|s| &s.panics), threads * 200);
         let expected_ticks: u64 = (0..3u64)
@@ -392,8 +542,90 @@ mod tests {
                     .flat_map(move |t| (0..2_000u64).map(move |i| 1 + (i + t + round) % 7))
             })
             .sum();
-        assert_eq!(sum(|s| &s.total_ticks), expected_ticks + 1_000_000);
-        let max = cell.shards.iter().map(|s| s.max_ticks.load(Relaxed)).max();
-        assert_eq!(max, Some(1_000_000));
+        assert_eq!(sum(|s| &s.timed_nanos), expected_ticks + 1_000_000);
+        let stats = cell.snapshot();
+        assert_eq!(stats.max_latency, Duration::from_millis(2));
+        assert_eq!(stats.calls, threads * 2_000 + 2);
+    }
+
+    /// One call in 16 timed, in every thread's shard (the shared one too): the count stays
+    /// exact, the buckets add up to it with running sums that never decrease, and the sum is
+    /// the timed calls' scaled to every call.
+    #[test]
+    fn a_sampled_histogram_keeps_its_exact_count_and_stays_valid() {
+        let latency = Latency::default();
+        let mask = u64::from(DEFAULT_TIMING_SAMPLE) - 1;
+        let calls_per_thread = 1_001u64;
+        std::thread::scope(|scope| {
+            for t in 0..(SHARDS as u64 + 3) {
+                let latency = &latency;
+                scope.spawn(move || {
+                    for i in 0..calls_per_thread {
+                        if latency.count_at(thread_shard(), mask) {
+                            // Three speeds, in turn: 1 us, 100 us, 10 ms.
+                            let nanos = [1_000, 100_000, 10_000_000][((i + t) % 3) as usize];
+                            latency.record_at(thread_shard(), nanos);
+                        }
+                    }
+                });
+            }
+        });
+        let cell = StatsCell::default();
+        cell.latencies
+            .lock()
+            .unwrap()
+            .push((CallKind::Method, "m".into(), Arc::new(latency)));
+        let histogram = cell.latencies().pop().unwrap();
+        let calls = (SHARDS as u64 + 3) * calls_per_thread;
+        assert_eq!(histogram.count(), calls, "{histogram:?}");
+        assert!(histogram.timed < calls / 8, "{histogram:?}");
+        assert!(histogram.timed >= calls / 16, "{histogram:?}");
+        let mut running = 0;
+        for bucket in &histogram.buckets {
+            running += bucket;
+            assert!(running <= calls);
+        }
+        assert_eq!(running, calls);
+        // The three speeds are each a third of the calls, within the sampling's error.
+        for (nanos, share) in [
+            (1_000u64, 1.0 / 3.0),
+            (100_000, 1.0 / 3.0),
+            (10_000_000, 1.0 / 3.0),
+        ] {
+            let bits = u64::BITS - ((nanos - 1) >> FIRST_BUCKET_BITS).leading_zeros();
+            let got = histogram.buckets[bits as usize] as f64 / calls as f64;
+            assert!((got - share).abs() < 0.1, "{nanos} ns: {got} {histogram:?}");
+        }
+        let mean = histogram.sum_seconds / calls as f64;
+        let expected = (1e-6 + 1e-4 + 1e-2) / 3.0;
+        assert!(
+            (mean - expected).abs() < expected * 0.2,
+            "{mean} {expected}"
+        );
+    }
+
+    #[test]
+    fn scaled_buckets_spread_the_count_in_the_timed_proportions() {
+        let mut timed = [0u64; LATENCY_BUCKETS + 1];
+        timed[0] = 3;
+        timed[4] = 1;
+        timed[LATENCY_BUCKETS] = 1;
+        let scaled = scaled_buckets(&timed, 81);
+        assert_eq!(scaled.iter().sum::<u64>(), 81);
+        // Running sums 3, 4, 5 of 5, scaled to 81: 48, 64, 81.
+        assert_eq!(
+            (scaled[0], scaled[4], scaled[LATENCY_BUCKETS]),
+            (48, 16, 17)
+        );
+        assert_eq!(
+            scaled_buckets(&timed, 5),
+            timed,
+            "every call timed: as they are"
+        );
+        assert_eq!(
+            scaled_buckets(&[0; LATENCY_BUCKETS + 1], 7),
+            [0; LATENCY_BUCKETS + 1]
+        );
+        assert_eq!(scale(u64::MAX, 3, 2), u64::MAX, "no overflow");
     }
 }

@@ -82,6 +82,13 @@ pub struct Cli {
     )]
     pub call_timeout_ms: u64,
 
+    /// Time one plugin call in N of each method and hook point (N a power of two, 1 to 65536):
+    /// counts stay exact, latency histograms and totals are estimated from the calls timed,
+    /// and the maximum takes every call timed and any other longer than about 100 ms. 1 times
+    /// every call [default: `callTimingSample` in plugins.json, else 16].
+    #[arg(long, global = true, value_name = "N", value_parser = timing_sample)]
+    pub call_timing_sample: Option<u32>,
+
     /// Where plugins whose plugins.json entry sets no `isolation` run: `in-process` (the
     /// default: native speed, but a crash of the plugin is a crash of the worker) or `process`
     /// (each in a child process of its own, restarted with its last state when it crashes or
@@ -116,6 +123,17 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--call-timing-sample`: a power of two from 1 to 65536.
+fn timing_sample(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(sample) if plugin_host::valid_timing_sample(sample) => Ok(sample),
+        _ => Err(format!(
+            "`{text}` is not a power of two from 1 to {}; give 1 to time every call, or 16 (the default) to time one in 16",
+            plugin_host::MAX_TIMING_SAMPLE
+        )),
+    }
 }
 
 /// The format of the log lines (`--log-format`).
@@ -488,6 +506,9 @@ fn run_command(
         .with_max_plugin_size(cli.max_plugin_size_mb << 20)
         .with_call_timeout(std::time::Duration::from_millis(cli.call_timeout_ms))
         .with_isolation(cli.isolation);
+    if let Some(sample) = cli.call_timing_sample {
+        builder = builder.with_call_timing_sample(sample);
+    }
     if let Some(config) = &cli.config {
         // Only the default path may be absent: a file named on the command line must exist.
         match std::fs::metadata(config) {

@@ -203,7 +203,7 @@ impl Collector for HostCollector {
             ),
             (
                 "plugin_call_duration_max",
-                "The longest call since the plugin was first loaded.",
+                "The longest call since the plugin was first loaded: the longest timed (one call in the timing sample), or a lower bound of a longer one from the watchdog's 50 ms clock.",
                 Some(Unit::Seconds),
                 MetricType::Gauge,
                 |p| p.stats.max_latency.as_secs_f64(),
@@ -316,7 +316,7 @@ impl Collector for HostCollector {
 
         let mut latency = encoder.encode_descriptor(
             "plugin_call_duration",
-            "Time in the plugin per call, by method (kind=\"method\") or hook point (kind=\"hook\").",
+            "Time in the plugin per call, by method (kind=\"method\") or hook point (kind=\"hook\"). The count is exact; buckets and sum are estimated from the calls timed (one in the timing sample, --call-timing-sample), scaled to the count.",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;

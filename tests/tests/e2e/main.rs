@@ -32,6 +32,7 @@ mod serve;
 mod state_lock;
 mod statistics;
 mod store;
+mod timing;
 mod tuning;
 mod watch;
 mod worker_lifecycle;

@@ -201,3 +201,47 @@ fn metrics_are_prometheus_families_with_histograms_info_and_task_figures() {
     );
     worker.stop();
 }
+
+/// With one call in 16 timed (the default), the exported histograms stay valid: running bucket
+/// counts never decrease, the `+Inf` bucket and `_count` are every call (exact), the sum is
+/// positive; the plugin's call counter is exact too. For a method (`echo`, through the control
+/// API) and a hook point (`profiler`'s `task.scored`, once per scored task).
+#[test]
+fn sampled_histograms_stay_valid_with_exact_counts() {
+    let dir = PluginDir::new();
+    dir.add("echo", "libecho.so");
+    dir.add("profiler", "libprofiler.so");
+    let state = dir.shadow().join("state");
+    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    for _ in 0..40 {
+        assert_eq!(
+            worker.http("POST", "/v1/plugins/echo/echo", b"{}").status,
+            200
+        );
+    }
+    let tasks: Vec<serde_json::Value> = (0..100)
+        .map(|i| json!({"id": format!("t{i}"), "type": "summarize", "input": {"text": "One. Two."}, "reference": "One."}))
+        .collect();
+    let answer = worker.http("POST", "/v1/tasks", json!(tasks).to_string().as_bytes());
+    assert_eq!(answer.status, 200, "{}", answer.body);
+
+    let metrics = scrape(&worker);
+    let name = "worker_plugin_call_duration_seconds";
+    let echo = &[("plugin", "echo"), ("kind", "method"), ("name", "echo")];
+    let scored = &[
+        ("plugin", "profiler"),
+        ("kind", "hook"),
+        ("name", "task.scored"),
+    ];
+    for (labels, calls) in [(&echo[..], 40.0), (&scored[..], 100.0)] {
+        // Monotonic, ending at `+Inf` (checked by `histogram_count`).
+        assert_eq!(histogram_count(&metrics, name, labels), calls, "{labels:?}");
+        assert_eq!(value(&metrics, &format!("{name}_count"), labels), calls);
+        assert!(value(&metrics, &format!("{name}_sum"), labels) > 0.0);
+    }
+    assert_eq!(
+        value(&metrics, "worker_plugin_calls_total", &[("plugin", "echo")]),
+        40.0
+    );
+    worker.stop();
+}

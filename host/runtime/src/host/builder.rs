@@ -30,6 +30,8 @@ pub struct PluginHostBuilder {
     pub(super) config_file: Option<PathBuf>,
     pub(super) overrides: BTreeMap<String, PluginSettings>,
     pub(super) call_timing: bool,
+    /// One call in this many is timed; `None`: the configuration file's, else the default.
+    pub(super) call_timing_sample: Option<u32>,
     pub(super) state_dir: Option<PathBuf>,
     pub(super) quarantine_dir: Option<PathBuf>,
     pub(super) store: Option<crate::store::Store>,
@@ -58,11 +60,26 @@ impl PluginHostBuilder {
         self.child_program = Some(program.into());
         self
     }
-    /// Whether every call is timed for the latency statistics (the default). Timing reads the
-    /// CPU's cycle counter twice per call (about 20 ns); switch it off where every nanosecond of
-    /// the host's overhead counts. Call, error and panic counts are kept either way.
+    /// Whether calls are timed for the latency statistics (the default). Timing reads the
+    /// CPU's cycle counter at both ends of one call in
+    /// [`with_call_timing_sample`](Self::with_call_timing_sample) (about 20 ns for each call
+    /// timed); switch it off where every nanosecond of the host's overhead counts. Call, error
+    /// and panic counts are kept either way.
     pub fn with_call_timing(mut self, enabled: bool) -> Self {
         self.call_timing = enabled;
+        self
+    }
+
+    /// Times one call in `sample` of each method and hook point on each thread (a power of
+    /// two from 1 to [`MAX_TIMING_SAMPLE`](crate::MAX_TIMING_SAMPLE); default: the
+    /// configuration file's `callTimingSample`, else
+    /// [`DEFAULT_TIMING_SAMPLE`](crate::DEFAULT_TIMING_SAMPLE), 16). Counts stay exact; the
+    /// latency histograms and totals are estimated from the calls timed, scaled to every
+    /// call; the maximum takes every call timed, and any call not timed that saw two ticks of
+    /// the watchdog's clock (50 ms apart), as a lower bound. `1` times every call, exactly,
+    /// as before sampling existed. [`build`](Self::build) refuses another value.
+    pub fn with_call_timing_sample(mut self, sample: u32) -> Self {
+        self.call_timing_sample = Some(sample);
         self
     }
 
@@ -217,6 +234,18 @@ impl PluginHostBuilder {
             None => plugins_dir.join(CONFIG_FILE_NAME),
         };
         let config = PluginsConfig::read(&config_file)?;
+        let sample = match self.call_timing_sample {
+            Some(sample) if !crate::stats::valid_timing_sample(sample) => anyhow::bail!(
+                "with_call_timing_sample({sample}): the sample is not a power of two from 1 to {}; give 1 to time every call, or {} (the default) to time one in {}",
+                crate::stats::MAX_TIMING_SAMPLE,
+                crate::stats::DEFAULT_TIMING_SAMPLE,
+                crate::stats::DEFAULT_TIMING_SAMPLE
+            ),
+            Some(sample) => sample,
+            None => config
+                .call_timing_sample
+                .unwrap_or(crate::stats::DEFAULT_TIMING_SAMPLE),
+        };
         let quarantine_dir = self.quarantine_dir.or_else(|| self.state_dir.clone());
         let state = self
             .state_dir
@@ -279,7 +308,9 @@ impl PluginHostBuilder {
                 next_hook_id: AtomicU64::new(1),
                 points: points.into(),
                 fire_queue: FireQueue::start(self.fire_and_forget_capacity)?,
-                clock: self.call_timing.then(clock),
+                timing: self
+                    .call_timing
+                    .then(|| crate::stats::Timing::new(clock(), sample)),
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
                 config_reload_failed: std::sync::atomic::AtomicBool::new(false),
@@ -517,6 +548,7 @@ impl PluginHost {
             config_file: None,
             overrides: BTreeMap::new(),
             call_timing: true,
+            call_timing_sample: None,
             state_dir: None,
             quarantine_dir: None,
             store: None,

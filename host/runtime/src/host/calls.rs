@@ -485,8 +485,24 @@ impl PluginHost {
         // A panic of the caller's code reading the answer (a closure, a `Deserialize`) is
         // held until the call has ended (its in-flight marker cleared), then goes on.
         let mut unwound = None;
-        let clock = self.inner.clock.as_ref();
-        let started = clock.map_or(0, quanta::Clock::raw);
+        // Counted by its histogram, which picks one call in the sample to time.
+        let timing = self.inner.timing.as_ref();
+        let latency = match (timing, at) {
+            (None, _) => None,
+            (Some(_), Some((_, declared))) => Some(&*declared.latency),
+            (Some(_), None) => slot.method_latency(method),
+        };
+        let started = match timing {
+            Some(timing)
+                if latency.map_or_else(
+                    || slot.stats.picks_at(shard, timing.mask),
+                    |latency| latency.count_at(shard, timing.mask),
+                ) =>
+            {
+                Some(timing.start())
+            }
+            _ => None,
+        };
         let read = |answer: Result<Option<&str>, PluginFailure<'_>>| match answer {
             Ok(json) => {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_answer(json))) {
@@ -515,19 +531,24 @@ impl PluginHost {
             None => library.call(method, params, read),
         }
         .unwrap_or(Err(Failure::PluginNotFound));
-        let ticks = match clock {
-            Some(clock) => {
-                let now = clock.raw();
-                let latency = match at {
-                    Some((_, declared)) => Some(&*declared.latency),
-                    None => slot.method_latency(method),
-                };
+        let timed = match (timing, started) {
+            (Some(timing), Some(started)) => {
+                let (_, nanos) = timing.stop(started);
                 if let Some(latency) = latency {
-                    latency.record_at(shard, clock.delta_as_nanos(started, now));
+                    latency.record_at(shard, nanos);
                 }
-                now.saturating_sub(started).max(1)
+                Some(nanos)
             }
-            None => 0,
+            (Some(_), None) => {
+                // Not timed: a call that saw the watchdog's clock move twice still reaches
+                // the maximum.
+                let at_least = entry.untimed_lower_bound_nanos();
+                if at_least != 0 {
+                    slot.stats.at_least_at(shard, at_least);
+                }
+                None
+            }
+            (None, _) => None,
         };
         let outcome = match &result {
             Ok(_) | Err(Failure::MethodNotFound | Failure::PluginNotFound) => Outcome::Ok,
@@ -537,7 +558,7 @@ impl PluginHost {
             })) => Outcome::Panic,
             Err(_) => Outcome::Error,
         };
-        slot.stats.record_at(shard, ticks, outcome);
+        slot.stats.record_at(shard, timed, outcome);
         slot.stats.health.end(entry, outcome != Outcome::Ok, plugin);
         if let Some(payload) = unwound {
             std::panic::resume_unwind(payload);

@@ -244,36 +244,43 @@ impl Payload<'_> {
     }
 }
 
-/// Times subscribers run one after another. Reading the clock costs about as much as a small
-/// subscriber, so when nothing happens between two subscribers, the reading that ends one call
-/// starts the next.
+/// Times subscribers run one after another (those their histograms pick, one in the host's
+/// sample). Reading the clock costs about as much as a small subscriber, so when nothing
+/// happens between two timed subscribers, the reading that ends one call starts the next.
 pub(super) struct Timer<'c> {
-    pub(super) clock: Option<&'c quanta::Clock>,
-    /// The reading that ended the previous call, when nothing has happened since; else 0.
+    pub(super) timing: Option<&'c crate::stats::Timing>,
+    /// The reading that ended the previous call, when it was timed and nothing has happened
+    /// since; else 0.
     pub(super) last: u64,
 }
 
 impl<'c> Timer<'c> {
-    pub(super) fn new(clock: Option<&'c quanta::Clock>) -> Self {
-        Timer { clock, last: 0 }
+    pub(super) fn new(timing: Option<&'c crate::stats::Timing>) -> Self {
+        Timer { timing, last: 0 }
     }
 
+    /// Counts a call in `latency` and, when it picks the call to be timed, a reading to start
+    /// it with.
     #[inline]
-    fn start(&mut self) -> u64 {
-        match self.clock {
-            None => 0,
-            Some(_) if self.last != 0 => self.last,
-            Some(clock) => clock.raw(),
+    fn start(&mut self, latency: &Latency, shard: usize) -> Option<u64> {
+        let timing = self.timing?;
+        if !latency.count_at(shard, timing.mask) {
+            // Nothing reads the clock at this call's end.
+            self.last = 0;
+            return None;
         }
+        Some(match self.last {
+            0 => timing.start(),
+            last => last,
+        })
     }
 
-    /// Ticks since `started`, at least 1 (0 means untimed); the reading may start the next call.
+    /// Nanoseconds since `started` (at least 1); the reading may start the next call.
     #[inline]
-    fn stop(&mut self, started: u64) -> u64 {
-        self.clock.map_or(0, |clock| {
-            self.last = clock.raw();
-            self.last.saturating_sub(started).max(1)
-        })
+    fn stop(&mut self, timing: &crate::stats::Timing, started: u64) -> u64 {
+        let (now, nanos) = timing.stop(started);
+        self.last = now;
+        nanos
     }
 
     /// Something ran since the last call ended: the next call reads the clock afresh.
@@ -293,87 +300,152 @@ pub(super) fn run_subscriber(
     timer: &mut Timer<'_>,
 ) -> Option<HookResult> {
     match &subscriber.target {
-        Target::Plugin {
-            generation,
-            stats,
-            latency,
-            marker,
-        } => {
-            let text = text.unwrap_or("null");
+        Target::Plugin { .. } => {
             let shard = crate::stats::thread_shard();
-            let admitted = if subscriber.timeout_ms == 0 {
-                stats.health.begin_named(marker, shard)
-            } else {
-                stats
-                    .health
-                    .begin_within(marker, shard, subscriber.timeout_ms)
-            };
-            let Ok(entry) = admitted else {
-                tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
-                return None;
-            };
-            let started = timer.start();
-            let result = generation.library.on_hook(
-                point.spec.name,
-                text,
-                subscriber.timeout_ms,
-                |answer| match answer {
-                    Ok(json) => parse_answer(json).map_err(PluginError::failed),
-                    Err(PluginFailure::Reported(kind, message)) => Err(PluginError {
-                        kind,
-                        message: message.to_owned(),
-                    }),
-                    Err(PluginFailure::NotUtf8(e)) => Err(PluginError::failed(format!(
-                        "the hook answer is not UTF-8 text ({e})"
-                    ))),
-                    Err(PluginFailure::Lost(lost)) => Err(PluginError::failed(format!(
-                        "its process {lost} (reason: {lost})"
-                    ))),
-                },
-            );
-            let ticks = timer.stop(started);
-            if ticks != 0
-                && let Some(clock) = timer.clock
-            {
-                latency.record_at(shard, clock.delta_as_nanos(0, ticks));
-            }
-            stats
-                .health
-                .end(entry, matches!(result, Some(Err(_))), &subscriber.name);
-            match result {
-                None => None,
-                Some(Ok(answer)) => {
-                    stats.record_at(shard, ticks, Outcome::Ok);
-                    Some(answer)
-                }
-                Some(Err(PluginError { kind, message })) => {
-                    let panicked = kind == ErrorKind::Panicked;
-                    stats.record_at(
-                        shard,
-                        ticks,
-                        if panicked {
-                            Outcome::Panic
-                        } else {
-                            Outcome::Error
-                        },
-                    );
-                    timer.interrupt();
-                    tracing::warn!(
-                        plugin = %subscriber.name,
-                        hook = %point,
-                        error = %EscapeControl(&message),
-                        "hook subscriber {}; skipped, the chain goes on",
-                        if panicked { "panicked" } else { "failed" }
-                    );
-                    None
-                }
-            }
+            let answer = deliver(subscriber, point, text.unwrap_or("null"), shard, timer);
+            Some(answer.map_or(HookResult::Continue, |answer| *answer))
         }
         Target::Host(f) => {
             timer.interrupt();
             run_host_hook(f, subscriber, point, value)
         }
     }
+}
+
+/// What a plugin subscriber answered, small to move between the layers: `None` for "continue"
+/// (and for a delivery that failed or was refused, logged and counted), a modification or a
+/// block boxed (the rare answers).
+type Answered = Option<Box<HookResult>>;
+
+/// Delivers the payload's text to a plugin subscriber from the thread of statistics shard
+/// `shard`; a host hook answers "continue" here (its callers pass plugin subscribers).
+#[inline]
+fn deliver(
+    subscriber: &Subscriber,
+    point: At,
+    text: &str,
+    shard: usize,
+    timer: &mut Timer<'_>,
+) -> Answered {
+    let Target::Plugin {
+        generation,
+        stats,
+        latency,
+        marker,
+    } = &subscriber.target
+    else {
+        return None;
+    };
+    let admitted = if subscriber.timeout_ms == 0 {
+        stats.health.begin_named(marker, shard)
+    } else {
+        stats
+            .health
+            .begin_within(marker, shard, subscriber.timeout_ms)
+    };
+    let Ok(entry) = admitted else {
+        tracing::debug!(plugin = %subscriber.name, hook = %point, "circuit open; subscriber skipped");
+        return None;
+    };
+    let started = timer.start(latency, shard);
+    // "Continue", by far the most common answer, is read inline (the closure stays small
+    // enough to inline); every other answer out of line.
+    let library = &generation.library;
+    let result = library.on_hook(
+        point.spec.name,
+        text,
+        subscriber.timeout_ms,
+        |answer| match answer {
+            Ok(None) => Ok(None),
+            other => read_answer(other),
+        },
+    );
+    let timed = match (timer.timing, started) {
+        (Some(timing), Some(started)) => {
+            let nanos = timer.stop(timing, started);
+            latency.record_at(shard, nanos);
+            Some(nanos)
+        }
+        (Some(_), None) => {
+            // Not timed: a delivery that saw the watchdog's clock move twice still reaches
+            // the maximum.
+            let at_least = entry.untimed_lower_bound_nanos();
+            if at_least != 0 {
+                stats.at_least_at(shard, at_least);
+            }
+            None
+        }
+        (None, _) => None,
+    };
+    stats
+        .health
+        .end(entry, matches!(result, Some(Err(_))), &subscriber.name);
+    match result {
+        None => None,
+        Some(Ok(answer)) => {
+            stats.record_at(shard, timed, Outcome::Ok);
+            answer
+        }
+        Some(Err(error)) => {
+            subscriber_failed(subscriber, point, stats, shard, timed, &error);
+            timer.interrupt();
+            None
+        }
+    }
+}
+
+/// A plugin's hook answer other than "continue" as text: a modification or a block (boxed),
+/// or why it failed.
+#[inline(never)]
+fn read_answer(
+    answer: Result<Option<&str>, PluginFailure<'_>>,
+) -> Result<Answered, Box<PluginError>> {
+    match answer {
+        Ok(json) => match parse_answer(json) {
+            Ok(HookResult::Continue) => Ok(None),
+            Ok(answer) => Ok(Some(Box::new(answer))),
+            Err(message) => Err(Box::new(PluginError::failed(message))),
+        },
+        Err(PluginFailure::Reported(kind, message)) => Err(Box::new(PluginError {
+            kind,
+            message: message.to_owned(),
+        })),
+        Err(PluginFailure::NotUtf8(e)) => Err(Box::new(PluginError::failed(format!(
+            "the hook answer is not UTF-8 text ({e})"
+        )))),
+        Err(PluginFailure::Lost(lost)) => Err(Box::new(PluginError::failed(format!(
+            "its process {lost} (reason: {lost})"
+        )))),
+    }
+}
+
+/// A plugin subscriber failed or panicked: counted and logged; the chain goes on.
+#[cold]
+fn subscriber_failed(
+    subscriber: &Subscriber,
+    point: At,
+    stats: &StatsCell,
+    shard: usize,
+    timed: Option<u64>,
+    error: &PluginError,
+) {
+    let panicked = error.kind == ErrorKind::Panicked;
+    stats.record_at(
+        shard,
+        timed,
+        if panicked {
+            Outcome::Panic
+        } else {
+            Outcome::Error
+        },
+    );
+    tracing::warn!(
+        plugin = %subscriber.name,
+        hook = %point,
+        error = %EscapeControl(&error.message),
+        "hook subscriber {}; skipped, the chain goes on",
+        if panicked { "panicked" } else { "failed" }
+    );
 }
 
 /// Runs a hook written in Rust: kept out of line, so that a plugin subscriber's path has a
@@ -529,7 +601,7 @@ impl PluginHost {
         take_changes: bool,
     ) -> Result<(), Violation> {
         let subscribers = &table.subscribers;
-        let clock = self.inner.clock.as_ref();
+        let clock = self.inner.timing.as_ref();
         // The table is sorted by mode first, so each mode's subscribers are one slice.
         let [seq, conc, aud, det, end] = table.phases;
         let (sequential, concurrent, audit, detached) = (
@@ -540,10 +612,38 @@ impl PluginHost {
         );
 
         let mut timer = Timer::new(clock);
-        for subscriber in sequential {
-            match run_in_turn(subscriber, point, payload, &mut timer) {
-                None | Some(HookResult::Continue) => {}
-                Some(HookResult::Modify(fields)) => {
+        let mut next = 0;
+        while let Some(subscriber) = sequential.get(next) {
+            let (subscriber, answer) = if subscriber.is_plugin() {
+                // The plugin subscribers in a row from here get the one payload text, with
+                // the thread's shard read once; only a modification or a block comes back.
+                let (text, made) = payload.text();
+                if made {
+                    timer.interrupt();
+                }
+                let shard = crate::stats::thread_shard();
+                let mut answered = None;
+                while let Some(subscriber) = sequential.get(next).filter(|s| s.is_plugin()) {
+                    next += 1;
+                    if let Some(answer) = deliver(subscriber, point, text, shard, &mut timer) {
+                        answered = Some((subscriber, *answer));
+                        break;
+                    }
+                }
+                match answered {
+                    Some(answered) => answered,
+                    None => continue,
+                }
+            } else {
+                next += 1;
+                match run_in_turn(subscriber, point, payload, &mut timer) {
+                    None | Some(HookResult::Continue) => continue,
+                    Some(answer) => (subscriber, answer),
+                }
+            };
+            match answer {
+                HookResult::Continue => {}
+                HookResult::Modify(fields) => {
                     timer.interrupt();
                     if take_changes {
                         payload.modify(point, &subscriber.name, fields);
@@ -556,7 +656,7 @@ impl PluginHost {
                         );
                     }
                 }
-                Some(HookResult::Block { reason, code }) => {
+                HookResult::Block { reason, code } => {
                     return Err(self.blocked(point, subscriber, reason, code));
                 }
             }
@@ -634,7 +734,7 @@ impl PluginHost {
         point: At,
         value: Option<&Value>,
         text: Option<&str>,
-        clock: Option<&quanta::Clock>,
+        clock: Option<&crate::stats::Timing>,
     ) -> Vec<Option<HookResult>> {
         let started = Instant::now();
         let shared_value: Option<Arc<Value>> = value.cloned().map(Arc::new);
