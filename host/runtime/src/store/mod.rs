@@ -908,8 +908,9 @@ pub(crate) struct PluginStore {
     store: Store,
     namespace: String,
     /// The batch numbers last answered to this instance (`batch`): the same numbers again are
-    /// answered with an empty text, which needs no allocation.
-    told: Arc<Mutex<(u64, u64)>>,
+    /// answered with an empty text, which needs no allocation. Read and written only under the
+    /// cache's lock, which orders them (no lock of their own on every crossing).
+    told: Arc<[AtomicU64; 2]>,
 }
 
 #[derive(Deserialize)]
@@ -1345,13 +1346,17 @@ impl PluginStore {
         }
         cache.entries_scratch = entries;
         checked?;
-        let numbers = (cache.taken + 1, cache.flushed);
-        let mut told = lock(&self.told);
-        if !dup && *told == numbers {
+        let (next, flushed) = (cache.taken + 1, cache.flushed);
+        let [told_next, told_flushed] = &*self.told;
+        let told = (
+            told_next.load(Ordering::Relaxed),
+            told_flushed.load(Ordering::Relaxed),
+        );
+        if !dup && told == (next, flushed) {
             return Ok(Some(String::new()));
         }
-        *told = numbers;
-        let (next, flushed) = numbers;
+        told_next.store(next, Ordering::Relaxed);
+        told_flushed.store(flushed, Ordering::Relaxed);
         Ok(Some(if dup {
             format!("dup {next} {flushed}")
         } else {
