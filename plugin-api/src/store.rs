@@ -583,6 +583,15 @@ pub fn join(parts: &[&str]) -> String {
     out
 }
 
+/// A number that changes whenever what [`read`], [`read_values`] and [`record`] answer may
+/// change otherwise than by this plugin's own additions (a refresh from the store, a key's first
+/// read, a compare-and-set): what a plugin derives from records alone (a decision it follows,
+/// say) can be kept while it is unchanged, without reading them again. `None` without a store
+/// or when the host cannot say (an older host, an isolated plugin): read every time.
+pub fn generation() -> Option<u64> {
+    crate::log::store_generation()
+}
+
 /// Whether the host offers a store to this plugin.
 pub fn available() -> bool {
     op("available", &Value::Null).is_some_and(|v| v == Value::Bool(true))

@@ -365,13 +365,23 @@ pub struct ChampionPlugin {
     rng: Random,
     /// Whether the host offers a store: the deployment and the arms are then the fleet's.
     shared: bool,
-    /// The version of each task type's record in the store that `state` follows.
-    versions: Mutex<HashMap<String, u64>>,
+    /// The version of each task type's record in the store that `state` follows, and the
+    /// store's generation when it was last checked.
+    versions: Mutex<BTreeMap<String, Followed>>,
     /// The store key of each configured task type's deployment record, made once.
     deploy_keys: BTreeMap<String, Key>,
     /// The store keys of each task type's arms in its running experiment, made once per
     /// experiment rather than for every score.
     arm_keys: Mutex<BTreeMap<String, ArmKeys>>,
+}
+
+/// The version of a task type's record that `state` follows.
+#[derive(Debug, Clone, Copy)]
+struct Followed {
+    version: u64,
+    /// The store's generation (`plugin_api::store::generation`) when the record was last read:
+    /// while it is the same, the record is too, and is not read again.
+    checked: Option<u64>,
 }
 
 /// The store keys of a task type's arms in one experiment (`epoch`).
@@ -670,6 +680,36 @@ impl ChampionPlugin {
         let Some(key) = self.deploy_keys.get(task_type) else {
             return 0;
         };
+        let generation = plugin_api::store::generation();
+        if generation.is_some() {
+            let versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(followed) = versions.get(task_type)
+                && followed.checked == generation
+            {
+                return followed.version;
+            }
+        }
+        let version = self.follow_record(task_type, configured, key);
+        let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        match versions.get_mut(task_type) {
+            Some(followed) if followed.version == version => followed.checked = generation,
+            Some(_) => {}
+            None if version == 0 => {
+                versions.insert(
+                    task_type.to_owned(),
+                    Followed {
+                        version,
+                        checked: generation,
+                    },
+                );
+            }
+            None => {}
+        }
+        version
+    }
+
+    /// [`Self::follow`] without its shortcut: reads the record.
+    fn follow_record(&self, task_type: &str, configured: &Deployment, key: &Key) -> u64 {
         for _ in 0..CAS_TRIES {
             let known = self.version_of(task_type);
             let Some(Some(record)) = plugin_api::store::record_since(key, known) else {
@@ -706,16 +746,24 @@ impl ChampionPlugin {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(task_type)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |f| f.version)
     }
 
     fn adopt(&self, task_type: &str, deployment: Deployment, version: u64) {
         let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
-        if versions.get(task_type).is_some_and(|v| *v >= version) {
+        if versions
+            .get(task_type)
+            .is_some_and(|f| f.version >= version)
+        {
             return;
         }
-        versions.insert(task_type.to_owned(), version);
+        versions.insert(
+            task_type.to_owned(),
+            Followed {
+                version,
+                checked: None,
+            },
+        );
         self.state_lock().insert(task_type.to_owned(), deployment);
     }
 
@@ -1107,7 +1155,7 @@ impl Plugin for ChampionPlugin {
             pending: Mutex::new(Pending::default()),
             rng: Random::seeded(config.seed),
             shared: plugin_api::store::available(),
-            versions: Mutex::new(HashMap::new()),
+            versions: Mutex::new(BTreeMap::new()),
             arm_keys: Mutex::new(BTreeMap::new()),
         })
     }
