@@ -17,7 +17,9 @@
 //! - [`read`]: a key's fields ([`read_values`]: some of them, without allocating); [`keys`]:
 //!   the keys under a prefix (for reports).
 //!
-//! Keys, marks and field names are plain text without newlines or tabs.
+//! Keys, marks and field names are plain text without newlines or tabs. A key used again and
+//! again is best made once as a [`Key`]: the host numbers it at its first addition and the key
+//! keeps the number, so later additions neither build nor look up its name.
 //! - [`record`] / [`record_since`] and [`compare_and_set`]: a small JSON record with a version, for decisions
 //!   (a promotion) that exactly one worker of the fleet may make.
 //!
@@ -27,8 +29,8 @@
 //! unchanged. A host older than the generation is asked every time, as before.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -44,6 +46,104 @@ pub struct Record {
     pub value: Value,
 }
 
+/// A keyed hash for names that may come from input (marks from task ids, keys from a task's
+/// fields): seeded at random, so nobody can choose names that collide, and several times
+/// cheaper than std's SipHash-1-3 on short strings.
+type Keyed = foldhash::quality::RandomState;
+
+/// A store key made once and used for many additions and reads: `Key::joined(&["arm",
+/// context, arm])`. The host numbers its name at its first addition and the key keeps that
+/// number, so an addition to it hands the number over without building or looking up the name.
+/// Cheap to clone (the name is shared). Every function of this module that takes a key takes a
+/// `Key`, a `str` or a `String`.
+#[derive(Clone)]
+pub struct Key(Arc<KeyInner>);
+
+struct KeyInner {
+    name: Box<str>,
+    /// The host's number of the name, once given ([`NOT_NUMBERED`] before).
+    id: AtomicU32,
+}
+
+/// A [`Key`]'s id before the host numbered its name.
+const NOT_NUMBERED: u32 = u32::MAX;
+
+impl Key {
+    /// A key of this name (checked when the host numbers it: 1 to 512 bytes, no newline, no
+    /// tab; an addition to a key that breaks them answers `false`, as with a name).
+    pub fn new(name: impl Into<String>) -> Key {
+        Key(Arc::new(KeyInner {
+            name: name.into().into_boxed_str(),
+            id: AtomicU32::new(NOT_NUMBERED),
+        }))
+    }
+
+    /// The key named by the parts joined with `/` (see [`join`]).
+    pub fn joined(parts: &[&str]) -> Key {
+        Key::new(join(parts))
+    }
+
+    /// The key's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Key").field(&self.name()).finish()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Key {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for str {}
+    impl Sealed for String {}
+    impl Sealed for super::Key {}
+}
+
+/// What names a store key: a [`Key`] (numbered once), a `str` or a `String` (looked up by name
+/// on each addition).
+pub trait StoreKey: sealed::Sealed {
+    /// The key's name.
+    fn key_name(&self) -> &str;
+    /// Where a [`Key`] keeps the host's number of its name.
+    #[doc(hidden)]
+    fn id_slot(&self) -> Option<&AtomicU32> {
+        None
+    }
+}
+
+impl StoreKey for str {
+    fn key_name(&self) -> &str {
+        self
+    }
+}
+
+impl StoreKey for String {
+    fn key_name(&self) -> &str {
+        self
+    }
+}
+
+impl StoreKey for Key {
+    fn key_name(&self) -> &str {
+        self.name()
+    }
+
+    fn id_slot(&self) -> Option<&AtomicU32> {
+        Some(&self.0.id)
+    }
+}
+
 /// The plugin's copy of what it read, valid for one generation of the host's cache, and the
 /// additions it has not handed to the host yet.
 struct ReadCache {
@@ -54,9 +154,9 @@ struct ReadCache {
     /// Additions sent to the host and not yet applied to the copies: a read answered
     /// meanwhile may already hold them, so it is not kept (they would count twice).
     adding: u64,
-    fields: BTreeMap<String, BTreeMap<String, f64>>,
+    fields: HashMap<String, BTreeMap<String, f64>, Keyed>,
     /// The last record read of each key (`None`: there was none).
-    records: BTreeMap<String, Option<Record>>,
+    records: HashMap<String, Option<Record>, Keyed>,
     /// Additions not handed to the host yet, in the host's batch form (`HostApi::store_batch`):
     /// handed over at the end of the plugin call that made them, in one crossing.
     batch: Vec<u8>,
@@ -67,7 +167,7 @@ struct ReadCache {
     /// The marks this plugin added under and the store has not taken yet, each with the
     /// number of the crossing that handed (or will hand) it over: [`add_once`] answers from
     /// it, and the host keeps no set of its own for them.
-    marks: HashMap<String, u64>,
+    marks: HashMap<String, u64, Keyed>,
     /// The number of the crossing the batch will go in (one more after each hand-over).
     crossing: u64,
     /// The crossings whose marks are not known to be flushed, with the number of the host's
@@ -83,12 +183,12 @@ static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| {
         generation: 0,
         writes: 0,
         adding: 0,
-        fields: BTreeMap::new(),
-        records: BTreeMap::new(),
+        fields: HashMap::default(),
+        records: HashMap::default(),
         batch: Vec::new(),
         key_ids: FxHashMap::default(),
         field_ids: FxHashMap::default(),
-        marks: HashMap::new(),
+        marks: HashMap::default(),
         crossing: 0,
         unflushed: VecDeque::new(),
         told: (0, 0),
@@ -193,6 +293,23 @@ impl ReadCache {
         Some(id)
     }
 
+    /// The host's id of `key`: a [`Key`]'s own once numbered, else by name (and kept in the
+    /// `Key`).
+    fn key_id<K: StoreKey + ?Sized>(&mut self, key: &K) -> Option<u32> {
+        let slot = key.id_slot();
+        if let Some(slot) = slot {
+            let id = slot.load(Ordering::Relaxed);
+            if id != NOT_NUMBERED {
+                return Some(id);
+            }
+        }
+        let id = self.id("k", key.key_name())?;
+        if let Some(slot) = slot {
+            slot.store(id, Ordering::Relaxed);
+        }
+        Some(id)
+    }
+
     /// Hands the pending additions to the host, in one crossing.
     fn hand_over(&mut self) {
         PENDING.store(false, Ordering::Relaxed);
@@ -226,10 +343,10 @@ impl ReadCache {
     /// and applies it to the copies: `Ok(false)` (nothing appended) for a mark in the set
     /// already; `Err` with the mark (nothing appended, the mark not kept) when the host would
     /// not give an id.
-    fn append(
+    fn append<K: StoreKey + ?Sized>(
         &mut self,
         mark: Option<Mark<'_>>,
-        adds: &[(&str, &[(&str, f64)])],
+        adds: &[(&K, &[(&str, f64)])],
     ) -> Result<bool, Option<String>> {
         let start = self.batch.len();
         let mut marked = 0..0;
@@ -272,7 +389,7 @@ impl ReadCache {
         self.writes += 1;
         if !self.fields.is_empty() {
             for (key, fields) in adds {
-                if let Some(entry) = self.fields.get_mut(*key) {
+                if let Some(entry) = self.fields.get_mut(key.key_name()) {
                     for (field, delta) in *fields {
                         // A field's name is copied only the first time.
                         match entry.get_mut(*field) {
@@ -297,7 +414,7 @@ impl ReadCache {
 
     /// Writes one entry's rows at the end of the batch (the caller truncates it on `None`):
     /// `None` for rows the host would refuse, so that they never spoil a batch of others.
-    fn encode_rows(&mut self, adds: &[(&str, &[(&str, f64)])]) -> Option<()> {
+    fn encode_rows<K: StoreKey + ?Sized>(&mut self, adds: &[(&K, &[(&str, f64)])]) -> Option<()> {
         let rows: usize = adds.iter().map(|(_, fields)| fields.len()).sum();
         if rows > MAX_ENTRY_ROWS {
             return None;
@@ -305,7 +422,7 @@ impl ReadCache {
         let rows = u32::try_from(rows).ok()?;
         self.batch.extend_from_slice(&rows.to_le_bytes());
         for (key, fields) in adds {
-            let key = self.id("k", key)?;
+            let key = self.key_id(*key)?;
             for (field, delta) in *fields {
                 let field = self.id("f", field)?;
                 let mut row = [0; 16];
@@ -441,7 +558,9 @@ fn raw(name: &str, text: &str) -> Option<String> {
 
 /// Whether `name` can be a key, mark or field: 1 to 512 bytes, no newline, no tab.
 fn plain(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_NAME && name.bytes().all(|b| b != b'\n' && b != b'\t')
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && memchr::memchr2(b'\n', b'\t', name.as_bytes()).is_none()
 }
 
 fn push_delta(text: &mut String, delta: f64) {
@@ -464,6 +583,15 @@ pub fn join(parts: &[&str]) -> String {
     out
 }
 
+/// A number that changes whenever what [`read`], [`read_values`] and [`record`] answer may
+/// change otherwise than by this plugin's own additions (a refresh from the store, a key's first
+/// read, a compare-and-set): what a plugin derives from records alone (a decision it follows,
+/// say) can be kept while it is unchanged, without reading them again. `None` without a store
+/// or when the host cannot say (an older host, an isolated plugin): read every time.
+pub fn generation() -> Option<u64> {
+    crate::log::store_generation()
+}
+
 /// Whether the host offers a store to this plugin.
 pub fn available() -> bool {
     op("available", &Value::Null).is_some_and(|v| v == Value::Bool(true))
@@ -471,7 +599,7 @@ pub fn available() -> bool {
 
 /// Adds each delta to its field of `key` (a missing field starts at 0). `false` without a
 /// store, or when a name is empty or holds a newline or a tab, or a delta is not finite.
-pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
+pub fn add<K: StoreKey + ?Sized>(key: &K, fields: &[(&str, f64)]) -> bool {
     if fields.iter().any(|(_, d)| !d.is_finite()) {
         return false;
     }
@@ -481,6 +609,7 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
     {
         return true;
     }
+    let key = key.key_name();
     if !plain(key) || fields.iter().any(|(f, _)| !plain(f)) {
         return false;
     }
@@ -503,17 +632,20 @@ pub fn add(key: &str, fields: &[(&str, f64)]) -> bool {
 /// mark since its last flush (the store decides for the fleet when it flushes, in the same
 /// transaction as the additions, and the next refresh of the cache shows its decision);
 /// `Some(false)` for a mark already pending here; `None` without a store.
-pub fn add_once(mark: &str, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
+pub fn add_once<K: StoreKey + ?Sized>(mark: &str, adds: &[(&K, &[(&str, f64)])]) -> Option<bool> {
     once(Mark::Borrowed(mark), adds)
 }
 
 /// [`add_once`] under the mark `join(parts)`, made once (the plugin's set of marks keeps it
 /// rather than a copy): `add_once_joined(&["scored", context, id], adds)`.
-pub fn add_once_joined(parts: &[&str], adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
+pub fn add_once_joined<K: StoreKey + ?Sized>(
+    parts: &[&str],
+    adds: &[(&K, &[(&str, f64)])],
+) -> Option<bool> {
     once(Mark::Owned(join(parts)), adds)
 }
 
-fn once(mark: Mark<'_>, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
+fn once<K: StoreKey + ?Sized>(mark: Mark<'_>, adds: &[(&K, &[(&str, f64)])]) -> Option<bool> {
     let valid = plain(mark.as_str())
         && adds
             .iter()
@@ -533,7 +665,7 @@ fn once(mark: Mark<'_>, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
     let mark = mark.as_str();
     let valid = adds
         .iter()
-        .all(|(key, fields)| plain(key) && fields.iter().all(|(f, _)| plain(f)));
+        .all(|(key, fields)| plain(key.key_name()) && fields.iter().all(|(f, _)| plain(f)));
     if !valid {
         return None;
     }
@@ -542,7 +674,7 @@ fn once(mark: Mark<'_>, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
     for (key, fields) in adds {
         for (field, delta) in *fields {
             text.push('\n');
-            text.push_str(key);
+            text.push_str(key.key_name());
             text.push('\t');
             text.push_str(field);
             text.push('\t');
@@ -552,7 +684,11 @@ fn once(mark: Mark<'_>, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
     begin_add();
     let answer = raw("mark", &text);
     let taken = answer.as_deref() == Some("true");
-    note_adds(adds.iter().copied().filter(|_| taken));
+    note_adds(
+        adds.iter()
+            .filter(|_| taken)
+            .map(|(key, fields)| (key.key_name(), *fields)),
+    );
     match answer?.as_str() {
         "true" => Some(true),
         "false" => Some(false),
@@ -563,11 +699,12 @@ fn once(mark: Mark<'_>, adds: &[(&str, &[(&str, f64)])]) -> Option<bool> {
 /// Sets the idempotency mark `mark`: `Some(true)` when this process had not seen it, `None`
 /// without a store. See [`add_once`].
 pub fn mark_once(mark: &str) -> Option<bool> {
-    add_once(mark, &[])
+    add_once::<str>(mark, &[])
 }
 
 /// The fields of `key` (empty when it has none yet); `None` without a store.
-pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
+pub fn read<K: StoreKey + ?Sized>(key: &K) -> Option<BTreeMap<String, f64>> {
+    let key = key.key_name();
     if !plain(key) {
         return None;
     }
@@ -604,7 +741,11 @@ pub fn read(key: &str) -> Option<BTreeMap<String, f64>> {
 /// The values of `fields` of `key`, in that order (0 for a field it does not have yet): [`read`]
 /// without the map, for a plugin's hot path (no allocation when the plugin's copy of the key
 /// answers). `None` without a store.
-pub fn read_values<const N: usize>(key: &str, fields: [&str; N]) -> Option<[f64; N]> {
+pub fn read_values<K: StoreKey + ?Sized, const N: usize>(
+    key: &K,
+    fields: [&str; N],
+) -> Option<[f64; N]> {
+    let key = key.key_name();
     if !plain(key) {
         return None;
     }
@@ -626,14 +767,15 @@ pub fn keys(prefix: &str) -> Option<Vec<String>> {
 }
 
 /// The record at `key`: `Some(None)` when there is none yet, `None` without a store.
-pub fn record(key: &str) -> Option<Option<Record>> {
+pub fn record<K: StoreKey + ?Sized>(key: &K) -> Option<Option<Record>> {
     record_since(key, 0)
 }
 
 /// The record at `key` if its version is above `since` (what the caller already has):
 /// `Some(None)` when there is no newer one, `None` without a store. Cheaper than [`record`]
 /// when nothing changed: the record's value is not sent.
-pub fn record_since(key: &str, since: u64) -> Option<Option<Record>> {
+pub fn record_since<K: StoreKey + ?Sized>(key: &K, since: u64) -> Option<Option<Record>> {
+    let key = key.key_name();
     if !plain(key) {
         return None;
     }
@@ -669,7 +811,8 @@ pub fn record_since(key: &str, since: u64) -> Option<Option<Record>> {
 /// another writer came first or the store cannot be reached, `None` without a store. This is
 /// the one operation that waits for the store (within the host's bounded timeouts): a decision
 /// must be the fleet's.
-pub fn compare_and_set(key: &str, version: u64, value: &Value) -> Option<bool> {
+pub fn compare_and_set<K: StoreKey + ?Sized>(key: &K, version: u64, value: &Value) -> Option<bool> {
+    let key = key.key_name();
     let written = op(
         "cas",
         &json!({"key": key, "version": version, "value": value}),

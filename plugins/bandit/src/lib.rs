@@ -64,6 +64,7 @@
 
 use plugin_api::assign::{Random, open_unit};
 use plugin_api::stats::Moments;
+use plugin_api::store::Key;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -204,20 +205,37 @@ pub struct BanditPlugin {
     rng: Random,
     /// Whether the host offers a store: the arms' statistics are then the fleet's.
     shared: bool,
-    /// The arms seen per context (with a store, `stats` reads these from it).
-    seen: Mutex<BTreeMap<String, std::collections::BTreeSet<String>>>,
+    /// The arms seen per context, with the store key of each (with a store, `stats` reads
+    /// these from it; the keys are made once, not for every read and addition).
+    seen: Mutex<Seen>,
 }
 
+/// Context → arm → the store key of its statistics.
+type Seen = BTreeMap<String, BTreeMap<String, Key>>;
+
 /// The store key of an arm's statistics.
-fn arm_key(context: &str, arm: &str) -> String {
-    plugin_api::store::join(&["arm", context, arm])
+fn arm_key(context: &str, arm: &str) -> Key {
+    Key::joined(&["arm", context, arm])
+}
+
+/// Notes `arms` as seen in `context`, each with its key (names copied only when new).
+fn note_arms<'a>(seen: &mut Seen, context: &str, arms: impl IntoIterator<Item = &'a str>) {
+    if !seen.contains_key(context) {
+        seen.insert(context.to_owned(), BTreeMap::new());
+    }
+    if let Some(known) = seen.get_mut(context) {
+        for arm in arms {
+            if !known.contains_key(arm) {
+                known.insert(arm.to_owned(), arm_key(context, arm));
+            }
+        }
+    }
 }
 
 /// An arm's statistics as the fleet knows them.
-fn fleet_arm(context: &str, arm: &str) -> ArmStats {
+fn fleet_arm(key: &Key) -> ArmStats {
     let [n, sum, sumsq, succ] =
-        plugin_api::store::read_values(&arm_key(context, arm), ["n", "sum", "sumsq", "succ"])
-            .unwrap_or_default();
+        plugin_api::store::read_values(key, ["n", "sum", "sumsq", "succ"]).unwrap_or_default();
     let whole = |v: f64| v.max(0.0).round() as u64;
     ArmStats {
         pulls: whole(n),
@@ -364,20 +382,22 @@ impl BanditPlugin {
         if p.arms.is_empty() || !self.handles(&p.context) {
             return Ok(None);
         }
-        if self.shared {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            let arms = seen.entry(p.context.clone()).or_default();
-            for arm in &p.arms {
-                if !arms.contains(arm) {
-                    arms.insert(arm.clone());
-                }
-            }
+        // With a store the arms' statistics are the fleet's, read by their keys (the local
+        // ones are not needed): `seen` is held for the choice instead of `stats`.
+        let mut seen = self
+            .shared
+            .then(|| self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(seen) = seen.as_deref_mut() {
+            note_arms(seen, &p.context, p.arms.iter().map(String::as_str));
         }
-        let stats = self.stats_lock();
-        let known = stats.get(&p.context);
+        let keys = seen.as_deref().and_then(|seen| seen.get(&p.context));
+        let stats = (!self.shared).then(|| self.stats_lock());
+        let known = stats.as_deref().and_then(|s| s.get(&p.context));
         let arm_stats = |arm: &str| {
             if self.shared {
-                fleet_arm(&p.context, arm)
+                keys.and_then(|k| k.get(arm))
+                    .map(fleet_arm)
+                    .unwrap_or_default()
             } else {
                 known.and_then(|k| k.get(arm)).cloned().unwrap_or_default()
             }
@@ -430,6 +450,7 @@ impl BanditPlugin {
             }
         };
         drop(stats);
+        drop(seen);
         let mut pending = self.pending_lock();
         match p.key {
             Some(key) => pending.insert(key, p.context, chosen.clone()),
@@ -460,33 +481,31 @@ impl BanditPlugin {
         // The Bernoulli trick: a success with probability `reward`.
         let success = self.next_unit() < p.reward;
         if self.shared {
-            let key = arm_key(&p.context, &p.arm);
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            note_arms(&mut seen, &p.context, [p.arm.as_str()]);
+            let key = seen.get(&p.context).and_then(|arms| arms.get(&p.arm));
             let fields = [
                 ("n", 1.0),
                 ("sum", p.reward),
                 ("sumsq", p.reward * p.reward),
                 ("succ", f64::from(u8::from(success))),
             ];
-            match &p.id {
-                Some(id) => {
+            match (&p.id, key) {
+                (Some(id), Some(key)) => {
                     if plugin_api::store::add_once_joined(
                         &["scored", &p.context, id],
-                        &[(key.as_str(), &fields)],
+                        &[(key, &fields)],
                     ) == Some(false)
                     {
                         return Ok(());
                     }
                 }
-                None => {
-                    plugin_api::store::add(&key, &fields);
+                (None, Some(key)) => {
+                    plugin_api::store::add(key, &fields);
                 }
+                // Noted just above.
+                (_, None) => {}
             }
-            self.seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(p.context.clone())
-                .or_default()
-                .insert(p.arm.clone());
         }
         let mut stats = self.stats_lock();
         let entry = stats
@@ -617,19 +636,17 @@ impl BanditPlugin {
                     .strip_prefix("arm/")
                     .and_then(|rest| rest.split_once('/'))
                 {
-                    seen.entry(context.to_owned())
-                        .or_default()
-                        .insert(arm.to_owned());
+                    note_arms(&mut seen, context, [arm]);
                 }
             }
             let mut arms = Stats::new();
             for (context, names) in local
                 .iter()
                 .map(|(c, a)| (c, a.keys().cloned().collect::<Vec<_>>()))
-                .chain(seen.iter().map(|(c, a)| (c, a.iter().cloned().collect())))
+                .chain(seen.iter().map(|(c, a)| (c, a.keys().cloned().collect())))
             {
                 for arm in names {
-                    let s = fleet_arm(context, &arm);
+                    let s = fleet_arm(&arm_key(context, &arm));
                     arms.entry(context.clone()).or_default().insert(arm, s);
                 }
             }

@@ -98,6 +98,7 @@
 
 use plugin_api::assign::{Random, stable_hash, unit};
 use plugin_api::stats::{Moments, welch, welch_one_sided};
+use plugin_api::store::Key;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -364,8 +365,30 @@ pub struct ChampionPlugin {
     rng: Random,
     /// Whether the host offers a store: the deployment and the arms are then the fleet's.
     shared: bool,
-    /// The version of each task type's record in the store that `state` follows.
-    versions: Mutex<HashMap<String, u64>>,
+    /// The version of each task type's record in the store that `state` follows, and the
+    /// store's generation when it was last checked.
+    versions: Mutex<BTreeMap<String, Followed>>,
+    /// The store key of each configured task type's deployment record, made once.
+    deploy_keys: BTreeMap<String, Key>,
+    /// The store keys of each task type's arms in its running experiment, made once per
+    /// experiment rather than for every score.
+    arm_keys: Mutex<BTreeMap<String, ArmKeys>>,
+}
+
+/// The version of a task type's record that `state` follows.
+#[derive(Debug, Clone, Copy)]
+struct Followed {
+    version: u64,
+    /// The store's generation (`plugin_api::store::generation`) when the record was last read:
+    /// while it is the same, the record is too, and is not read again.
+    checked: Option<u64>,
+}
+
+/// The store keys of a task type's arms in one experiment (`epoch`).
+#[derive(Debug, Default)]
+struct ArmKeys {
+    epoch: u64,
+    keys: Vec<(String, Key)>,
 }
 
 /// The store key of a task type's deployment record.
@@ -654,10 +677,42 @@ impl ChampionPlugin {
         let Some(configured) = self.configured.get(task_type) else {
             return 0;
         };
-        let key = deploy_key(task_type);
+        let Some(key) = self.deploy_keys.get(task_type) else {
+            return 0;
+        };
+        let generation = plugin_api::store::generation();
+        if generation.is_some() {
+            let versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(followed) = versions.get(task_type)
+                && followed.checked == generation
+            {
+                return followed.version;
+            }
+        }
+        let version = self.follow_record(task_type, configured, key);
+        let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        match versions.get_mut(task_type) {
+            Some(followed) if followed.version == version => followed.checked = generation,
+            Some(_) => {}
+            None if version == 0 => {
+                versions.insert(
+                    task_type.to_owned(),
+                    Followed {
+                        version,
+                        checked: generation,
+                    },
+                );
+            }
+            None => {}
+        }
+        version
+    }
+
+    /// [`Self::follow`] without its shortcut: reads the record.
+    fn follow_record(&self, task_type: &str, configured: &Deployment, key: &Key) -> u64 {
         for _ in 0..CAS_TRIES {
             let known = self.version_of(task_type);
-            let Some(Some(record)) = plugin_api::store::record_since(&key, known) else {
+            let Some(Some(record)) = plugin_api::store::record_since(key, known) else {
                 return known;
             };
             if record.version <= known {
@@ -674,7 +729,7 @@ impl ChampionPlugin {
             if merged != saved {
                 // The configuration starts a new experiment: the fleet's record says so first.
                 let value = serde_json::to_value(&merged).unwrap_or(Value::Null);
-                if plugin_api::store::compare_and_set(&key, record.version, &value) != Some(true) {
+                if plugin_api::store::compare_and_set(key, record.version, &value) != Some(true) {
                     continue;
                 }
                 self.adopt(task_type, merged, record.version + 1);
@@ -691,26 +746,53 @@ impl ChampionPlugin {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(task_type)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |f| f.version)
     }
 
     fn adopt(&self, task_type: &str, deployment: Deployment, version: u64) {
         let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
-        if versions.get(task_type).is_some_and(|v| *v >= version) {
+        if versions
+            .get(task_type)
+            .is_some_and(|f| f.version >= version)
+        {
             return;
         }
-        versions.insert(task_type.to_owned(), version);
+        versions.insert(
+            task_type.to_owned(),
+            Followed {
+                version,
+                checked: None,
+            },
+        );
         self.state_lock().insert(task_type.to_owned(), deployment);
     }
 
+    /// The store key of `handler`'s arm in experiment `epoch` of `task_type`.
+    fn arm_key_of(&self, task_type: &str, epoch: u64, handler: &str) -> Key {
+        let mut all = self.arm_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if !all.contains_key(task_type) {
+            all.insert(task_type.to_owned(), ArmKeys::default());
+        }
+        let Some(keys) = all.get_mut(task_type) else {
+            return Key::new(arm_key(task_type, epoch, handler));
+        };
+        if keys.epoch != epoch {
+            keys.epoch = epoch;
+            keys.keys.clear();
+        }
+        if let Some((_, key)) = keys.keys.iter().find(|(h, _)| h == handler) {
+            return key.clone();
+        }
+        let key = Key::new(arm_key(task_type, epoch, handler));
+        keys.keys.push((handler.to_owned(), key.clone()));
+        key
+    }
+
     /// The fleet's statistics of `handler` in the deployment's experiment.
-    fn fleet_arm(task_type: &str, deployment: &Deployment, handler: &str) -> Moments {
-        let [n, sum, sum_sq] = plugin_api::store::read_values(
-            &arm_key(task_type, deployment.epoch, handler),
-            ["n", "sum", "sumsq"],
-        )
-        .unwrap_or_default();
+    fn fleet_arm(&self, task_type: &str, deployment: &Deployment, handler: &str) -> Moments {
+        let key = self.arm_key_of(task_type, deployment.epoch, handler);
+        let [n, sum, sum_sq] =
+            plugin_api::store::read_values(&key, ["n", "sum", "sumsq"]).unwrap_or_default();
         Moments {
             count: n.max(0.0).round() as u64,
             sum,
@@ -727,19 +809,25 @@ impl ChampionPlugin {
         score: f64,
         id: Option<&str>,
     ) -> Option<Decision> {
-        self.follow(task_type);
-        let deployment = self.state_lock().get(task_type)?.clone();
-        if !deployment.handlers().contains(handler) || deployment.challenger.is_none() {
-            // Retired, unknown, or no experiment running: nothing to learn.
-            return None;
-        }
-        let key = arm_key(task_type, deployment.epoch, handler);
+        let mut version = self.follow(task_type);
+        let key = {
+            let state = self.state_lock();
+            let deployment = state.get(task_type)?;
+            let challenger = deployment.challenger.as_deref();
+            if challenger.is_none()
+                || (handler != deployment.champion && Some(handler) != challenger)
+            {
+                // Retired, unknown, or no experiment running: nothing to learn.
+                return None;
+            }
+            self.arm_key_of(task_type, deployment.epoch, handler)
+        };
         let fields = [("n", 1.0), ("sum", score), ("sumsq", score * score)];
         match id {
             Some(id) => {
                 if plugin_api::store::add_once_joined(
                     &["scored", task_type, id],
-                    &[(key.as_str(), &fields)],
+                    &[(&key, &fields)],
                 ) == Some(false)
                 {
                     return None;
@@ -749,21 +837,38 @@ impl ChampionPlugin {
                 plugin_api::store::add(&key, &fields);
             }
         }
-        for _ in 0..CAS_TRIES {
-            let version = self.follow(task_type);
+        for attempt in 0..CAS_TRIES {
+            if attempt > 0 {
+                version = self.follow(task_type);
+            }
+            // Most scores take no look (what `look_with` checks first): that is decided on the
+            // arms alone, before the deployment is copied for a compare-and-set.
+            {
+                let state = self.state_lock();
+                let deployment = state.get(task_type)?;
+                let challenger = deployment.challenger.as_deref()?;
+                let champion_arm = self.fleet_arm(task_type, deployment, &deployment.champion);
+                let challenger_arm = self.fleet_arm(task_type, deployment, challenger);
+                let look = u64::from(deployment.looks_taken) + 1;
+                if champion_arm.count.min(challenger_arm.count) < look * self.rule.min_scored {
+                    return None;
+                }
+            }
             let mut next = self.state_lock().get(task_type)?.clone();
             let challenger = next.challenger.clone()?;
-            let champion_arm = Self::fleet_arm(task_type, &next, &next.champion);
-            let challenger_arm = Self::fleet_arm(task_type, &next, &challenger);
+            let champion_arm = self.fleet_arm(task_type, &next, &next.champion);
+            let challenger_arm = self.fleet_arm(task_type, &next, &challenger);
             let looks_before = next.looks_taken;
             let decision = self.look_with(task_type, &mut next, champion_arm, challenger_arm);
             if decision.is_none() && next.looks_taken == looks_before {
                 return None;
             }
             let value = serde_json::to_value(&next).unwrap_or(Value::Null);
-            if plugin_api::store::compare_and_set(&deploy_key(task_type), version, &value)
-                == Some(true)
-            {
+            let written = match self.deploy_keys.get(task_type) {
+                Some(key) => plugin_api::store::compare_and_set(key, version, &value),
+                None => plugin_api::store::compare_and_set(&deploy_key(task_type), version, &value),
+            };
+            if written == Some(true) {
                 self.adopt(task_type, next, version + 1);
                 return decision;
             }
@@ -870,7 +975,7 @@ impl ChampionPlugin {
             }
             let arm = |handler: &str| {
                 if self.shared {
-                    Self::fleet_arm(task_type, deployment, handler)
+                    self.fleet_arm(task_type, deployment, handler)
                 } else {
                     deployment.arm(handler)
                 }
@@ -1042,11 +1147,16 @@ impl Plugin for ChampionPlugin {
                 threshold,
             },
             state: Mutex::new(configured.clone()),
+            deploy_keys: configured
+                .keys()
+                .map(|task_type| (task_type.clone(), Key::new(deploy_key(task_type))))
+                .collect(),
             configured,
             pending: Mutex::new(Pending::default()),
             rng: Random::seeded(config.seed),
             shared: plugin_api::store::available(),
-            versions: Mutex::new(HashMap::new()),
+            versions: Mutex::new(BTreeMap::new()),
+            arm_keys: Mutex::new(BTreeMap::new()),
         })
     }
 

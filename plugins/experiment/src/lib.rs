@@ -110,6 +110,9 @@ struct Experiment {
     total: f64,
     task_types: Option<Vec<String>>,
     control: String,
+    /// The store key of each variant's statistics, in the order of `cumulative`: made once, so
+    /// an addition neither builds nor looks up the name.
+    keys: Vec<plugin_api::store::Key>,
 }
 
 impl Experiment {
@@ -142,12 +145,23 @@ impl Experiment {
                 .map(|(v, _)| v.clone())
                 .unwrap_or_default(),
         };
+        let keys = cumulative
+            .iter()
+            .map(|(variant, _)| plugin_api::store::Key::new(store_key(name, variant)))
+            .collect();
         Ok(Self {
             cumulative,
             total,
             task_types: config.task_types,
             control,
+            keys,
         })
+    }
+
+    /// The store key of `variant`'s statistics, if it is one of the variants.
+    fn key_of(&self, variant: &str) -> Option<&plugin_api::store::Key> {
+        let at = self.cumulative.iter().position(|(v, _)| v == variant)?;
+        self.keys.get(at)
     }
 
     /// The variant at `fraction` (in 0..1) of the weighted range.
@@ -290,13 +304,14 @@ impl ExperimentPlugin {
             .entry(variant.clone())
             .or_default();
         entry.assigned += 1;
-        if self.shared {
-            let k = store_key(&p.experiment, &variant);
-            plugin_api::store::add(&k, &[("assigned", 1.0)]);
+        if self.shared
+            && let Some(k) = experiment.key_of(&variant)
+        {
+            plugin_api::store::add(k, &[("assigned", 1.0)]);
             if let Some(key) = &p.key {
                 plugin_api::store::add_once_joined(
                     &["unit", &p.experiment, key],
-                    &[(k.as_str(), &[("units", 1.0)])],
+                    &[(k, &[("units", 1.0)])],
                 );
             }
         }
@@ -312,27 +327,22 @@ impl ExperimentPlugin {
 
     fn record(&self, p: OutcomeParams) -> Result<(), PluginError> {
         let experiment = self.experiment(&p.experiment)?;
-        if !experiment
-            .cumulative
-            .iter()
-            .any(|(name, _)| *name == p.variant)
-        {
+        let Some(key) = experiment.key_of(&p.variant) else {
             return Err(PluginError::invalid_params(format!(
                 "experiment `{}` has no variant `{}`",
                 p.experiment, p.variant
             )));
-        }
+        };
         if !p.score.is_finite() {
             return Err(PluginError::invalid_params("score must be a finite number"));
         }
         if self.shared {
-            let key = store_key(&p.experiment, &p.variant);
             let fields = [("n", 1.0), ("sum", p.score), ("sumsq", p.score * p.score)];
             match &p.id {
                 Some(id) => {
                     if plugin_api::store::add_once_joined(
                         &["scored", &p.experiment, id],
-                        &[(key.as_str(), &fields)],
+                        &[(key, &fields)],
                     ) == Some(false)
                     {
                         // Scored before in this process: counted once.
@@ -340,7 +350,7 @@ impl ExperimentPlugin {
                     }
                 }
                 None => {
-                    plugin_api::store::add(&key, &fields);
+                    plugin_api::store::add(key, &fields);
                 }
             }
         }

@@ -176,6 +176,60 @@ fn a_reloaded_plugin_cannot_count_a_pending_mark_twice() {
     assert_eq!(n_of(&host, "arm"), Some(2.0));
 }
 
+/// A `plugin_api::store::Key` keeps the host's number of its name: additions through it count
+/// as additions by name do, marks included, and a reloaded plugin's new `Key` of the same name
+/// adds to the same key; a key that is not a name adds nothing.
+#[test]
+fn additions_through_a_key_handle_count_as_by_name_across_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let quiet = StoreOptions {
+        flush_interval: Duration::from_secs(3600),
+        ..options()
+    };
+    let store = Store::open(&url, quiet).unwrap();
+    let plugins = PluginDir::new();
+    let host = host_with(&plugins, &store);
+    let add = |method: &str, key: &str, mark: Option<&str>| {
+        host.execute(
+            "fixture",
+            method,
+            &json!({"key": key, "field": "n", "delta": 1.0, "mark": mark}),
+        )
+    };
+    assert_eq!(add("storeAddKey", "arm", None), Some(json!(true)));
+    assert_eq!(add("storeAddKey", "arm", Some("task-1")), Some(json!(true)));
+    assert_eq!(
+        add("storeAddKey", "arm", Some("task-1")),
+        Some(json!(false)),
+        "a mark counts once through a key too"
+    );
+    assert_eq!(add("storeAdd", "arm", Some("task-1")), Some(json!(false)));
+    assert_eq!(add("storeAdd", "arm", None), Some(json!(true)));
+    assert_eq!(n_of(&host, "arm"), Some(3.0));
+    host.reload("fixture").unwrap();
+    // The new instance has no marks of its own yet: the host drops this one (still pending).
+    add("storeAddKey", "arm", Some("task-1"));
+    assert_eq!(add("storeAddKey", "arm", Some("task-2")), Some(json!(true)));
+    assert_eq!(
+        n_of(&host, "arm"),
+        Some(4.0),
+        "task-1 still counted once, task-2 added"
+    );
+    assert_eq!(add("storeAddKey", "bad\tkey", None), None);
+    assert_eq!(add("storeAddKey", "", Some("task-3")), None);
+    store.flush().unwrap();
+    assert_eq!(n_of(&host, "arm"), Some(4.0), "and the same in the store");
+    let fresh = Store::open(&url, quiet).unwrap();
+    let other = PluginDir::new();
+    let reader = host_with(&other, &fresh);
+    assert_eq!(
+        n_of(&reader, "arm"),
+        Some(4.0),
+        "as another worker reads it"
+    );
+}
+
 #[test]
 fn two_workers_share_a_redis_store() {
     let redis = RedisServer::start();

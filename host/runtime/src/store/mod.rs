@@ -46,10 +46,11 @@ pub(crate) struct Row {
 }
 
 /// Additions applied together, at most once per mark when there is one: a range of the
-/// batch's rows.
+/// batch's rows, and the mark's bytes in the batch's text of marks (one buffer for all of
+/// them, not an allocation each).
 #[derive(Debug, Clone)]
 pub(crate) struct Group {
-    pub(crate) mark: Option<Arc<str>>,
+    pub(crate) mark: Option<std::ops::Range<usize>>,
     pub(crate) rows: std::ops::Range<usize>,
 }
 
@@ -62,9 +63,16 @@ pub(crate) struct Batch {
     pub(crate) fields: Vec<Arc<str>>,
     pub(crate) groups: Vec<Group>,
     pub(crate) rows: Vec<Row>,
+    /// The groups' marks, one after the other (see [`Group::mark`]).
+    pub(crate) marks: String,
 }
 
 impl Batch {
+    /// The mark of `group`, if it has one.
+    pub(crate) fn mark(&self, group: &Group) -> Option<&str> {
+        self.marks.get(group.mark.clone()?)
+    }
+
     /// The additions of `group`: key, field, delta.
     pub(crate) fn adds<'a>(
         &'a self,
@@ -231,9 +239,10 @@ struct Cache {
     /// Sums of the additions not yet flushed (`pending`) and of the batch being flushed.
     pending_sum: Sums,
     inflight_sum: Sums,
-    /// Groups under a mark, each applied only if its mark is new, and their rows.
+    /// Groups under a mark, each applied only if its mark is new, their rows and their marks.
     pending: Vec<Group>,
     rows: Vec<Row>,
+    marks_text: String,
     /// Additions without a mark, summed into one group at the next batch (they need no group
     /// of their own: nothing decides whether they apply).
     unmarked: Sums,
@@ -255,9 +264,8 @@ struct Cache {
     flushed: u64,
     records: HashMap<String, StoredRecord>,
     /// Kept between batches so that taking one allocates nothing of its own: the entries
-    /// read (byte ranges) and a mark's full name.
+    /// read (byte ranges).
     entries_scratch: Vec<EntryAt>,
-    mark_scratch: String,
     /// Keys the plugins read or wrote: refreshed by each flush.
     keys: HashSet<String>,
     record_keys: HashSet<String>,
@@ -313,16 +321,28 @@ impl Cache {
         *self.unmarked.entry((row.key, row.field)).or_insert(0.0) += row.delta;
     }
 
-    /// Queues `rows` under `mark` unless this process has seen the mark since its last flush;
-    /// whether it was new. `kept`: the host keeps the mark in its set until it is flushed (a
-    /// plugin handing additions over one by one); a batching plugin keeps its marks itself.
-    fn add_marked(&mut self, mark: &str, rows: impl Iterator<Item = Row>, kept: bool) -> bool {
+    /// Queues `rows` under the mark `namespace` + `mark` unless this process has seen the mark
+    /// since its last flush; whether it was new. `kept`: the host keeps the mark in its set
+    /// until it is flushed (a plugin handing additions over one by one); a batching plugin
+    /// keeps its marks itself. The mark's full name is written once, into the pending marks'
+    /// text.
+    fn add_marked(
+        &mut self,
+        namespace: &str,
+        mark: &str,
+        rows: impl Iterator<Item = Row>,
+        kept: bool,
+    ) -> bool {
+        let at = self.marks_text.len();
+        self.marks_text.push_str(namespace);
+        self.marks_text.push_str(mark);
+        let marked = at..self.marks_text.len();
+        let full = self.marks_text.get(marked.clone()).unwrap_or_default();
         // One hash per set: a mark seen before is rare.
-        let mark: Arc<str> = Arc::from(mark);
-        if !self.carried.is_empty() && !self.carried.insert(Arc::clone(&mark)) {
-            return false;
-        }
-        if kept && !self.marks.insert(Arc::clone(&mark)) {
+        let seen = (!self.carried.is_empty() && !self.carried.insert(Arc::from(full)))
+            || (kept && !self.marks.insert(Arc::from(full)));
+        if seen {
+            self.marks_text.truncate(at);
             return false;
         }
         let start = self.rows.len();
@@ -331,7 +351,7 @@ impl Cache {
             self.rows.push(row);
         }
         self.pending.push(Group {
-            mark: Some(mark),
+            mark: Some(marked),
             rows: start..self.rows.len(),
         });
         true
@@ -341,16 +361,20 @@ impl Cache {
     /// which starts with an empty set of its own: until they are flushed, the host checks every
     /// mark against them.
     fn carry_marks(&mut self, namespace: &str) {
-        let pending = self.pending.iter().chain(
-            self.inflight
-                .as_deref()
-                .map(|b| b.groups.as_slice())
-                .unwrap_or_default(),
-        );
+        let pending = self
+            .pending
+            .iter()
+            .map(|g| (g, self.marks_text.as_str()))
+            .chain(
+                self.inflight
+                    .as_deref()
+                    .into_iter()
+                    .flat_map(|b| b.groups.iter().map(|g| (g, b.marks.as_str()))),
+            );
         let marks: Vec<Arc<str>> = pending
-            .filter_map(|g| g.mark.as_ref())
+            .filter_map(|(g, text)| text.get(g.mark.clone()?))
             .filter(|m| m.starts_with(namespace))
-            .cloned()
+            .map(Arc::from)
             .collect();
         if marks.is_empty() {
             return;
@@ -680,6 +704,9 @@ fn flush_once(shared: &Shared) -> bool {
         if cache.inflight.is_none() && cache.has_pending() {
             let mut groups = std::mem::take(&mut cache.pending);
             let mut rows = std::mem::take(&mut cache.rows);
+            // The next batch's marks start with room for as many as this one's.
+            let room = cache.marks_text.len();
+            let marks = std::mem::replace(&mut cache.marks_text, String::with_capacity(room));
             let unmarked = std::mem::take(&mut cache.unmarked);
             if !unmarked.is_empty() {
                 let start = rows.len();
@@ -704,6 +731,7 @@ fn flush_once(shared: &Shared) -> bool {
                 fields,
                 groups,
                 rows,
+                marks,
             }));
         }
         let keys: Vec<String> = cache.keys.iter().cloned().collect();
@@ -733,7 +761,7 @@ fn flush_once(shared: &Shared) -> bool {
                 // only the marks not yet flushed, so it stays small in a long-running worker.
                 if let Some(batch) = cache.inflight.take() {
                     if !cache.marks.is_empty() {
-                        for mark in batch.groups.iter().filter_map(|g| g.mark.as_ref()) {
+                        for mark in batch.groups.iter().filter_map(|g| batch.mark(g)) {
                             cache.marks.remove(mark);
                         }
                     }
@@ -880,8 +908,9 @@ pub(crate) struct PluginStore {
     store: Store,
     namespace: String,
     /// The batch numbers last answered to this instance (`batch`): the same numbers again are
-    /// answered with an empty text, which needs no allocation.
-    told: Arc<Mutex<(u64, u64)>>,
+    /// answered with an empty text, which needs no allocation. Read and written only under the
+    /// cache's lock, which orders them (no lock of their own on every crossing).
+    told: Arc<[AtomicU64; 2]>,
 }
 
 #[derive(Deserialize)]
@@ -1019,7 +1048,7 @@ fn check_key(what: &str, key: &str) -> Result<(), PluginError> {
             key.len()
         )));
     }
-    if key.bytes().any(|b| b == b'\n' || b == b'\t') {
+    if memchr::memchr2(b'\n', b'\t', key.as_bytes()).is_some() {
         return Err(invalid(format!(
             "store: a {what} may not contain a newline or a tab"
         )));
@@ -1094,7 +1123,6 @@ impl PluginStore {
                     let (field, delta) = field_delta(field, delta)?;
                     adds.push((self.key(key), field, delta));
                 }
-                let mark = self.key(mark);
                 let mut cache = lock(&self.store.shared.cache);
                 let rows = adds
                     .iter()
@@ -1110,7 +1138,7 @@ impl PluginStore {
                         })
                     })
                     .collect::<Result<Vec<_>, PluginError>>()?;
-                let new = cache.add_marked(&mark, rows.into_iter(), true);
+                let new = cache.add_marked(&self.namespace, mark, rows.into_iter(), true);
                 return Ok(Some(if new { "true" } else { "false" }.to_owned()));
             }
             // `k\tNAME` (a key) or `f\tNAME` (a field): its id, for the additions a plugin
@@ -1304,31 +1332,31 @@ impl PluginStore {
         let checked = self.check_batch(cache, bytes, &mut entries);
         let mut dup = false;
         if checked.is_ok() {
-            let mut full = std::mem::take(&mut cache.mark_scratch);
             for &(mark, start, end) in &entries {
                 let rows = Entry::rows_of(bytes.get(start..end).unwrap_or_default());
                 match mark {
                     None => rows.for_each(|row| cache.add_unmarked(row)),
                     Some((start, end)) => {
-                        full.clear();
-                        full.push_str(&self.namespace);
                         let mark = bytes.get(start..end).unwrap_or_default();
-                        full.push_str(std::str::from_utf8(mark).unwrap_or_default());
-                        dup |= !cache.add_marked(&full, rows, false);
+                        let mark = std::str::from_utf8(mark).unwrap_or_default();
+                        dup |= !cache.add_marked(&self.namespace, mark, rows, false);
                     }
                 }
             }
-            cache.mark_scratch = full;
         }
         cache.entries_scratch = entries;
         checked?;
-        let numbers = (cache.taken + 1, cache.flushed);
-        let mut told = lock(&self.told);
-        if !dup && *told == numbers {
+        let (next, flushed) = (cache.taken + 1, cache.flushed);
+        let [told_next, told_flushed] = &*self.told;
+        let told = (
+            told_next.load(Ordering::Relaxed),
+            told_flushed.load(Ordering::Relaxed),
+        );
+        if !dup && told == (next, flushed) {
             return Ok(Some(String::new()));
         }
-        *told = numbers;
-        let (next, flushed) = numbers;
+        told_next.store(next, Ordering::Relaxed);
+        told_flushed.store(flushed, Ordering::Relaxed);
         Ok(Some(if dup {
             format!("dup {next} {flushed}")
         } else {
@@ -1491,6 +1519,7 @@ mod tests {
                 rows: 0..3,
             }],
             rows,
+            marks: String::new(),
         };
         let adds: Vec<_> = batch.adds(&batch.groups[0]).collect();
         assert_eq!(

@@ -133,8 +133,8 @@ impl serde::Serialize for EncodedGroup<'_> {
         let (batch, group) = (self.0, self.1);
         let mut out = s.serialize_map(None)?;
         // Left out when there is none (the script tests its presence).
-        if let Some(mark) = &group.mark {
-            out.serialize_entry("mark", &**mark)?;
+        if let Some(mark) = batch.mark(group) {
+            out.serialize_entry("mark", mark)?;
         }
         let rows = batch.rows.get(group.rows.clone()).unwrap_or_default();
         out.serialize_entry("adds", &Adds(rows))?;

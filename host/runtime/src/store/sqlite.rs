@@ -111,8 +111,8 @@ impl Backend for Sqlite {
             // statement per field rather than one per group and field.
             let mut sums: BTreeMap<(&str, &str), f64> = BTreeMap::new();
             for group in &batch.groups {
-                if let Some(m) = &group.mark
-                    && mark.execute(params![&**m])? == 0
+                if let Some(m) = batch.mark(group)
+                    && mark.execute(params![m])? == 0
                 {
                     continue;
                 }
