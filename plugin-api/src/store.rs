@@ -46,9 +46,12 @@ pub struct Record {
     pub value: Value,
 }
 
-/// A keyed hash for names that may come from input (marks from task ids, keys from a task's
-/// fields): seeded at random, so nobody can choose names that collide, and several times
-/// cheaper than std's SipHash-1-3 on short strings.
+/// The hash of the plugin's copies of keys it reads (names the plugin makes, a few per
+/// context or arm): seeded at random per process, which defeats collisions chosen in advance,
+/// and several times cheaper than std's SipHash-1-3 on short strings. It does not claim to
+/// resist an attacker who can watch the process for long (foldhash says so itself), so the
+/// marks, one per task and made from task ids that come from outside, keep std's
+/// [`std::hash::RandomState`].
 type Keyed = foldhash::quality::RandomState;
 
 /// A store key made once and used for many additions and reads: `Key::joined(&["arm",
@@ -167,7 +170,7 @@ struct ReadCache {
     /// The marks this plugin added under and the store has not taken yet, each with the
     /// number of the crossing that handed (or will hand) it over: [`add_once`] answers from
     /// it, and the host keeps no set of its own for them.
-    marks: HashMap<String, u64, Keyed>,
+    marks: HashMap<String, u64>,
     /// The number of the crossing the batch will go in (one more after each hand-over).
     crossing: u64,
     /// The crossings whose marks are not known to be flushed, with the number of the host's

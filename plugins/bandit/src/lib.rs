@@ -481,16 +481,22 @@ impl BanditPlugin {
         // The Bernoulli trick: a success with probability `reward`.
         let success = self.next_unit() < p.reward;
         if self.shared {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            note_arms(&mut seen, &p.context, [p.arm.as_str()]);
-            let key = seen.get(&p.context).and_then(|arms| arms.get(&p.arm));
+            // The key is copied out (a shared name): the addition below may wait for the store,
+            // and `choose` needs the arms seen.
+            let key = {
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                note_arms(&mut seen, &p.context, [p.arm.as_str()]);
+                seen.get(&p.context)
+                    .and_then(|arms| arms.get(&p.arm))
+                    .cloned()
+            };
             let fields = [
                 ("n", 1.0),
                 ("sum", p.reward),
                 ("sumsq", p.reward * p.reward),
                 ("succ", f64::from(u8::from(success))),
             ];
-            match (&p.id, key) {
+            match (&p.id, &key) {
                 (Some(id), Some(key)) => {
                     if plugin_api::store::add_once_joined(
                         &["scored", &p.context, id],

@@ -396,6 +396,17 @@ fn deploy_key(task_type: &str) -> String {
     plugin_api::store::join(&["deploy", task_type])
 }
 
+/// The fleet's statistics kept under `key` (nothing read yet: none).
+fn fleet_moments(key: &Key) -> Moments {
+    let [n, sum, sum_sq] =
+        plugin_api::store::read_values(key, ["n", "sum", "sumsq"]).unwrap_or_default();
+    Moments {
+        count: n.max(0.0).round() as u64,
+        sum,
+        sum_sq,
+    }
+}
+
 /// The store key of an arm's statistics in an experiment.
 fn arm_key(task_type: &str, epoch: u64, handler: &str) -> String {
     plugin_api::store::join(&["arm", task_type, &epoch.to_string(), handler])
@@ -790,14 +801,7 @@ impl ChampionPlugin {
 
     /// The fleet's statistics of `handler` in the deployment's experiment.
     fn fleet_arm(&self, task_type: &str, deployment: &Deployment, handler: &str) -> Moments {
-        let key = self.arm_key_of(task_type, deployment.epoch, handler);
-        let [n, sum, sum_sq] =
-            plugin_api::store::read_values(&key, ["n", "sum", "sumsq"]).unwrap_or_default();
-        Moments {
-            count: n.max(0.0).round() as u64,
-            sum,
-            sum_sq,
-        }
+        fleet_moments(&self.arm_key_of(task_type, deployment.epoch, handler))
     }
 
     /// Counts a score in the store and takes the fleet's look when one is due: the look is a
@@ -842,17 +846,24 @@ impl ChampionPlugin {
                 version = self.follow(task_type);
             }
             // Most scores take no look (what `look_with` checks first): that is decided on the
-            // arms alone, before the deployment is copied for a compare-and-set.
-            {
+            // arms alone, before the deployment is copied for a compare-and-set. The arms are
+            // read with the state's lock let go: a read of a key the store has not cached yet
+            // may wait for the store, and routing takes that lock on every task.
+            let (champion_key, challenger_key, look) = {
                 let state = self.state_lock();
                 let deployment = state.get(task_type)?;
                 let challenger = deployment.challenger.as_deref()?;
-                let champion_arm = self.fleet_arm(task_type, deployment, &deployment.champion);
-                let challenger_arm = self.fleet_arm(task_type, deployment, challenger);
-                let look = u64::from(deployment.looks_taken) + 1;
-                if champion_arm.count.min(challenger_arm.count) < look * self.rule.min_scored {
-                    return None;
-                }
+                (
+                    self.arm_key_of(task_type, deployment.epoch, &deployment.champion),
+                    self.arm_key_of(task_type, deployment.epoch, challenger),
+                    u64::from(deployment.looks_taken) + 1,
+                )
+            };
+            let fewest = fleet_moments(&champion_key)
+                .count
+                .min(fleet_moments(&challenger_key).count);
+            if fewest < look * self.rule.min_scored {
+                return None;
             }
             let mut next = self.state_lock().get(task_type)?.clone();
             let challenger = next.challenger.clone()?;
@@ -967,7 +978,9 @@ impl ChampionPlugin {
                 self.follow(task_type);
             }
         }
-        let state = self.state_lock();
+        // A copy: the fleet's arms are read below, and a read may wait for the store while
+        // routing needs the lock.
+        let state = self.state_lock().clone();
         let mut report = serde_json::Map::new();
         for (task_type, deployment) in state.iter() {
             if only.as_ref().is_some_and(|o| o != task_type) {
