@@ -9,10 +9,13 @@
 //! finds nothing in it to escape, and writes numbers with the crates `serde_json` itself uses
 //! (`itoa` for integers, `zmij` for floats; a float that is not finite is `null`).
 //!
-//! What it does not cover, it leaves to `serde_json`: any error (a `Serialize` impl that fails,
-//! a map key that is not a string) makes [`write`] start again with `serde_json::to_writer`,
-//! which writes the same text or returns its own error. So the output and the errors are
-//! `serde_json`'s by construction on those paths; the tests compare the two on the rest.
+//! Map keys are written as `serde_json` writes them (numbers, booleans and chars quoted), and
+//! `serde_json`'s own tokens (a `RawValue`, an `arbitrary_precision` `Number`) as their text,
+//! so that a value `serde_json` writes is written here in one pass. Only an error (a
+//! `Serialize` impl that fails, a key `serde_json` refuses) makes [`write`] start again with
+//! `serde_json::to_writer`, which then reports its own error: so a `Serialize` impl that fails
+//! may run twice, one that succeeds runs once. The errors are `serde_json`'s by construction;
+//! the tests compare the two writers' text on the rest.
 
 use std::fmt;
 
@@ -243,6 +246,8 @@ enum State {
     Empty,
     First,
     Rest,
+    /// A `serde_json` token (its name): its one field is written as it is.
+    Token(&'static str),
 }
 
 /// An open array or object; `close` is what ends it (`]`, `}`, or a variant's `]}`/`}}`).
@@ -481,9 +486,13 @@ impl<'w, 'a> ser::Serializer for &'w mut Writer<'a> {
 
     fn serialize_struct(self, name: &'static str, len: usize) -> Result<Compound<'w, 'a>> {
         // serde_json's own tokens (a `RawValue`; a `Number` when a crate in the build enables
-        // `arbitrary_precision`) are written by serde_json, which knows them.
-        if name.starts_with("$serde_json::") {
-            return Err(Fallback);
+        // `arbitrary_precision`): their field's text as it is, when serde_json knows them.
+        if (name == RAW_VALUE_TOKEN || name == NUMBER_TOKEN) && serde_json_knows(name) {
+            return Ok(Compound {
+                writer: self,
+                state: State::Token(name),
+                close: "",
+            });
         }
         self.serialize_map(Some(len))
     }
@@ -578,6 +587,15 @@ impl ser::SerializeStruct for Compound<'_, '_> {
     type Error = Fallback;
 
     fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result {
+        if let State::Token(token) = self.state {
+            // serde_json refuses any other field of a token.
+            if key != token {
+                return Err(Fallback);
+            }
+            return value.serialize(TokenWriter {
+                writer: &mut *self.writer,
+            });
+        }
         self.field(key, value)
     }
 
@@ -599,8 +617,10 @@ impl ser::SerializeStructVariant for Compound<'_, '_> {
     }
 }
 
-/// A map's key: a string (or a unit variant, or a newtype around one) is written here; any
-/// other key is left to `serde_json` (which quotes numbers and booleans, and refuses the rest).
+/// A map's key, written as `serde_json`'s `MapKeySerializer` writes it: a string, a char, a
+/// unit variant as a string; an integer, a boolean or a finite float quoted; a newtype or a
+/// `Some` as what it holds. What `serde_json` refuses (any other key, a float that is not
+/// finite) is left to it, to report its error.
 struct KeyWriter<'w, 'a> {
     writer: &'w mut Writer<'a>,
 }
@@ -612,6 +632,18 @@ macro_rules! fall_back {
             Err(Fallback)
         })*
     };
+}
+
+impl KeyWriter<'_, '_> {
+    /// A key that is a number or a boolean: its JSON text, quoted.
+    #[inline]
+    fn quoted(self, text: &str) -> Result {
+        let out = &mut *self.writer.out;
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+        Ok(())
+    }
 }
 
 impl ser::Serializer for KeyWriter<'_, '_> {
@@ -628,6 +660,70 @@ impl ser::Serializer for KeyWriter<'_, '_> {
     fn serialize_str(self, v: &str) -> Result {
         self.writer.string(v);
         Ok(())
+    }
+
+    fn serialize_char(self, v: char) -> Result {
+        self.writer.string(v.encode_utf8(&mut [0; 4]));
+        Ok(())
+    }
+
+    fn serialize_bool(self, v: bool) -> Result {
+        self.quoted(if v { "true" } else { "false" })
+    }
+
+    fn serialize_i8(self, v: i8) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i16(self, v: i16) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i32(self, v: i32) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i64(self, v: i64) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i128(self, v: i128) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u8(self, v: u8) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u16(self, v: u16) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u32(self, v: u32) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u64(self, v: u64) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u128(self, v: u128) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    /// A finite float, quoted; `serde_json` refuses one that is not finite.
+    fn serialize_f32(self, v: f32) -> Result {
+        if !v.is_finite() {
+            return Err(Fallback);
+        }
+        self.quoted(zmij::Buffer::new().format_finite(v))
+    }
+
+    fn serialize_f64(self, v: f64) -> Result {
+        if !v.is_finite() {
+            return Err(Fallback);
+        }
+        self.quoted(zmij::Buffer::new().format_finite(v))
     }
 
     fn serialize_unit_variant(
@@ -648,7 +744,67 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         value.serialize(self)
     }
 
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result {
+        value.serialize(self)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _index: u32,
+        _variant: &'static str,
+        _value: &T,
+    ) -> Result {
+        Err(Fallback)
+    }
+
+    fall_back! {
+        serialize_bytes(&[u8]) -> ();
+        serialize_none() -> ();
+        serialize_unit() -> ();
+        serialize_unit_struct(&'static str) -> ();
+        serialize_seq(Option<usize>) -> Impossible<(), Fallback>;
+        serialize_tuple(usize) -> Impossible<(), Fallback>;
+        serialize_tuple_struct(&'static str, usize) -> Impossible<(), Fallback>;
+        serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
+        serialize_map(Option<usize>) -> Impossible<(), Fallback>;
+        serialize_struct(&'static str, usize) -> Impossible<(), Fallback>;
+        serialize_struct_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
+    }
+}
+
+/// The value of a `serde_json` token's one field (a `RawValue`'s text, an
+/// `arbitrary_precision` `Number`'s digits): a string, written as it is, as `serde_json`
+/// writes it. Anything else is an error in `serde_json` too.
+struct TokenWriter<'w, 'a> {
+    writer: &'w mut Writer<'a>,
+}
+
+impl ser::Serializer for TokenWriter<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+    type SerializeSeq = Impossible<(), Fallback>;
+    type SerializeTuple = Impossible<(), Fallback>;
+    type SerializeTupleStruct = Impossible<(), Fallback>;
+    type SerializeTupleVariant = Impossible<(), Fallback>;
+    type SerializeMap = Impossible<(), Fallback>;
+    type SerializeStruct = Impossible<(), Fallback>;
+    type SerializeStructVariant = Impossible<(), Fallback>;
+
+    fn serialize_str(self, v: &str) -> Result {
+        self.writer.out.push_str(v);
+        Ok(())
+    }
+
     fn serialize_some<T: Serialize + ?Sized>(self, _value: &T) -> Result {
+        Err(Fallback)
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _value: &T,
+    ) -> Result {
         Err(Fallback)
     }
 
@@ -681,6 +837,7 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         serialize_none() -> ();
         serialize_unit() -> ();
         serialize_unit_struct(&'static str) -> ();
+        serialize_unit_variant(&'static str, u32, &'static str) -> ();
         serialize_seq(Option<usize>) -> Impossible<(), Fallback>;
         serialize_tuple(usize) -> Impossible<(), Fallback>;
         serialize_tuple_struct(&'static str, usize) -> Impossible<(), Fallback>;
@@ -689,6 +846,42 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         serialize_struct(&'static str, usize) -> Impossible<(), Fallback>;
         serialize_struct_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
     }
+}
+
+/// `serde_json`'s private token of a `RawValue` (its struct name and field name).
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+/// `serde_json`'s private token of a `Number` under `arbitrary_precision`.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+/// Whether the `serde_json` in this build writes a struct named `token` as its field's text
+/// (its `raw_value` or `arbitrary_precision` feature is on) rather than as an object. Any
+/// crate of the build may turn those features on, so it is asked once, by writing a struct of
+/// that name.
+fn serde_json_knows(token: &'static str) -> bool {
+    use std::sync::OnceLock;
+
+    struct Probe(&'static str);
+
+    impl Serialize for Probe {
+        fn serialize<S: ser::Serializer>(
+            &self,
+            serializer: S,
+        ) -> std::result::Result<S::Ok, S::Error> {
+            use ser::SerializeStruct;
+            let mut probe = serializer.serialize_struct(self.0, 1)?;
+            probe.serialize_field(self.0, "0")?;
+            probe.end()
+        }
+    }
+
+    static RAW_VALUE: OnceLock<bool> = OnceLock::new();
+    static NUMBER: OnceLock<bool> = OnceLock::new();
+    let known = if token == RAW_VALUE_TOKEN {
+        &RAW_VALUE
+    } else {
+        &NUMBER
+    };
+    *known.get_or_init(|| serde_json::to_string(&Probe(token)).is_ok_and(|text| text == "0"))
 }
 
 #[cfg(test)]

@@ -264,9 +264,6 @@ fn odd_impls_and_errors_come_out_as_serde_json_s() {
     assert_same(&BTreeMap::from([((), 0)]));
     assert_same(&BTreeMap::from([(Some("k"), 0)]));
     assert_same(&[(BTreeMap::from([(1.5f64.to_bits(), 0)]))]);
-    let mut keyed_by_float = serde_json::Map::new();
-    keyed_by_float.insert("x".to_owned(), Value::from(1));
-    assert_same(&keyed_by_float);
 }
 
 /// The shapes the worker writes: a call's params (optional fields skipped, camelCase) and the
@@ -346,4 +343,128 @@ fn serde_json_s_raw_values_are_written_as_serde_json_writes_them() {
     let mut ours = String::new();
     write(&mut ours, &map).unwrap();
     assert_eq!(ours, r#"{"inner":{"kept": [1, 2.50]}}"#);
+}
+
+/// A map that can be written once (its entries taken out of it, as a stream or an iterator
+/// is), counting how often it was asked to.
+struct OneShot<K> {
+    entries: std::cell::RefCell<Option<std::vec::IntoIter<(K, &'static str)>>>,
+    calls: std::cell::Cell<u32>,
+}
+
+impl<K> OneShot<K> {
+    fn new(entries: Vec<(K, &'static str)>) -> Self {
+        OneShot {
+            entries: std::cell::RefCell::new(Some(entries.into_iter())),
+            calls: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl<K: Serialize> Serialize for OneShot<K> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.calls.set(self.calls.get() + 1);
+        let entries = self.entries.borrow_mut().take().into_iter().flatten();
+        serializer.collect_map(entries)
+    }
+}
+
+/// Keys serde_json quotes (integers, booleans, chars, floats, `Some`) are written here, not
+/// left to serde_json: a map that can be written once comes out whole, its `Serialize` run
+/// once.
+#[test]
+fn keys_serde_json_quotes_are_written_in_one_pass() {
+    fn once<K: Serialize>(entries: Vec<(K, &'static str)>) {
+        let expected = serde_json::to_string(&OneShot::new(
+            entries.iter().map(|(k, v)| (k, *v)).collect::<Vec<_>>(),
+        ))
+        .unwrap();
+        let map = OneShot::new(entries);
+        let mut ours = String::new();
+        write(&mut ours, &map).unwrap();
+        assert_eq!(ours, expected);
+        assert_eq!(map.calls.get(), 1, "{expected}");
+    }
+    once(vec![(1u32, "a")]);
+    once(vec![(-7i8, "a"), (i8::MAX, "b")]);
+    once(vec![(i64::MIN, "a"), (0, "b")]);
+    once(vec![(u64::MAX, "a")]);
+    once(vec![(i128::MIN, "a"), (i128::MAX, "b")]);
+    once(vec![(u128::MAX, "a"), (0, "b")]);
+    once(vec![(u16::MAX, "a"), (0, "b")]);
+    once(vec![(i32::MIN, "a"), (1, "b")]);
+    once(vec![(true, "a"), (false, "b")]);
+    once(vec![('c', "a"), ('"', "b"), ('\n', "c"), ('é', "d")]);
+    once(vec![(1.5f64, "a"), (-0.0, "b"), (1e21, "c"), (5e-324, "d")]);
+    once(vec![(0.1f32, "a"), (f32::MAX, "b")]);
+    once(vec![(Some(3u8), "a")]);
+    once(vec![(Some("k"), "a")]);
+    once(vec![(Newtype("k".to_owned()), "a")]);
+    once(vec![(Variants::Unit, "a")]);
+}
+
+/// Counts how often its value was written.
+struct Counted<T> {
+    value: T,
+    calls: std::cell::Cell<u32>,
+}
+
+impl<T: Serialize> Serialize for Counted<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.calls.set(self.calls.get() + 1);
+        self.value.serialize(serializer)
+    }
+}
+
+/// A struct named by one of serde_json's tokens, with one field (named `field`) holding
+/// `value`: what `serde_json::Number` writes under `arbitrary_precision`.
+struct Token {
+    name: &'static str,
+    field: &'static str,
+    value: Value,
+}
+
+impl Serialize for Token {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut token = serializer.serialize_struct(self.name, 1)?;
+        token.serialize_field(self.field, &self.value)?;
+        token.end()
+    }
+}
+
+/// The `arbitrary_precision` `Number` token, which this workspace cannot turn on: written as
+/// serde_json writes it with the features of this build (its digits as they are when the
+/// feature is on, an object when it is off), and so are malformed tokens.
+#[test]
+fn serde_json_s_number_token_is_written_as_serde_json_writes_it() {
+    const NUMBER: &str = "$serde_json::private::Number";
+    const RAW: &str = "$serde_json::private::RawValue";
+    for name in [NUMBER, RAW] {
+        let digits = Token {
+            name,
+            field: name,
+            value: Value::from("123456789012345678901234567890.50"),
+        };
+        assert_same(&digits);
+        assert_same(&[&digits, &digits]);
+        assert_same(&BTreeMap::from([("n", &digits)]));
+        for (field, value) in [("other", Value::from("1")), (name, Value::from(1))] {
+            assert_same(&Token { name, field, value });
+        }
+    }
+}
+
+/// A `RawValue` is written in one pass, not left to serde_json.
+#[test]
+fn raw_values_are_written_in_one_pass() {
+    let raw = serde_json::value::RawValue::from_string(r#"[1, "x"]"#.to_owned()).unwrap();
+    let counted = Counted {
+        value: &raw,
+        calls: std::cell::Cell::new(0),
+    };
+    let mut ours = String::new();
+    write(&mut ours, &BTreeMap::from([("raw", &counted)])).unwrap();
+    assert_eq!(ours, r#"{"raw":[1, "x"]}"#);
+    assert_eq!(counted.calls.get(), 1);
 }
