@@ -30,7 +30,10 @@ use serde::ser::{self, Impossible};
 /// fails, or a map has keys that are not strings); `out` then holds what it held before.
 pub(crate) fn write<T: Serialize + ?Sized>(out: &mut String, value: &T) -> serde_json::Result<()> {
     let start = out.len();
-    if value.serialize(&mut Writer { out }).is_ok() {
+    let mut writer = Writer { out, failed: false };
+    // An error anywhere, even one a `Serialize` impl caught and went on from, leaves text
+    // that only serde_json knows how to write (or refuse).
+    if value.serialize(&mut writer).is_ok() && !writer.failed {
         return Ok(());
     }
     out.truncate(start);
@@ -95,9 +98,30 @@ type Result<T = ()> = std::result::Result<T, Fallback>;
 
 struct Writer<'a> {
     out: &'a mut String,
+    /// Set by every error made or passed on here: a `Serialize` impl may catch an error and
+    /// go on (after a `,` was written for an element that never came), so its `Ok` at the top
+    /// does not mean the text is whole.
+    failed: bool,
 }
 
 impl Writer<'_> {
+    /// A value inside a container or a variant; an error is remembered (see `failed`).
+    #[inline]
+    fn nested<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        let written = value.serialize(&mut *self);
+        if written.is_err() {
+            self.failed = true;
+        }
+        written
+    }
+
+    /// An error made here: remembered, then returned.
+    #[cold]
+    fn fail<T>(&mut self) -> Result<T> {
+        self.failed = true;
+        Err(Fallback)
+    }
+
     /// A JSON string: copied in one piece when nothing needs escaping, else escaped as
     /// `serde_json` escapes.
     #[inline(always)]
@@ -290,7 +314,7 @@ impl<'w, 'a> Compound<'w, 'a> {
     #[inline]
     fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
         self.separate();
-        value.serialize(&mut *self.writer)
+        self.writer.nested(value)
     }
 
     #[inline]
@@ -298,7 +322,7 @@ impl<'w, 'a> Compound<'w, 'a> {
         self.separate();
         self.writer.string(key);
         self.writer.out.push(':');
-        value.serialize(&mut *self.writer)
+        self.writer.nested(value)
     }
 
     #[inline]
@@ -452,7 +476,7 @@ impl<'w, 'a> ser::Serializer for &'w mut Writer<'a> {
         value: &T,
     ) -> Result {
         self.variant_key(variant);
-        value.serialize(&mut *self)?;
+        self.nested(value)?;
         self.out.push('}');
         Ok(())
     }
@@ -567,14 +591,18 @@ impl ser::SerializeMap for Compound<'_, '_> {
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result {
         self.separate();
-        key.serialize(KeyWriter {
+        let written = key.serialize(KeyWriter {
             writer: &mut *self.writer,
-        })
+        });
+        if written.is_err() {
+            self.writer.failed = true;
+        }
+        written
     }
 
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
         self.writer.out.push(':');
-        value.serialize(&mut *self.writer)
+        self.writer.nested(value)
     }
 
     fn end(self) -> Result {
@@ -590,11 +618,15 @@ impl ser::SerializeStruct for Compound<'_, '_> {
         if let State::Token(token) = self.state {
             // serde_json refuses any other field of a token.
             if key != token {
-                return Err(Fallback);
+                return self.writer.fail();
             }
-            return value.serialize(TokenWriter {
+            let written = value.serialize(TokenWriter {
                 writer: &mut *self.writer,
             });
+            if written.is_err() {
+                self.writer.failed = true;
+            }
+            return written;
         }
         self.field(key, value)
     }
@@ -629,7 +661,7 @@ struct KeyWriter<'w, 'a> {
 macro_rules! fall_back {
     ($($method:ident($($arg:ty),*) -> $ok:ty;)*) => {
         $(fn $method(self, $(_: $arg),*) -> Result<$ok> {
-            Err(Fallback)
+            self.writer.fail()
         })*
     };
 }
@@ -714,14 +746,14 @@ impl ser::Serializer for KeyWriter<'_, '_> {
     /// A finite float, quoted; `serde_json` refuses one that is not finite.
     fn serialize_f32(self, v: f32) -> Result {
         if !v.is_finite() {
-            return Err(Fallback);
+            return self.writer.fail();
         }
         self.quoted(zmij::Buffer::new().format_finite(v))
     }
 
     fn serialize_f64(self, v: f64) -> Result {
         if !v.is_finite() {
-            return Err(Fallback);
+            return self.writer.fail();
         }
         self.quoted(zmij::Buffer::new().format_finite(v))
     }
@@ -755,7 +787,7 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         _variant: &'static str,
         _value: &T,
     ) -> Result {
-        Err(Fallback)
+        self.writer.fail()
     }
 
     fall_back! {
@@ -797,7 +829,7 @@ impl ser::Serializer for TokenWriter<'_, '_> {
     }
 
     fn serialize_some<T: Serialize + ?Sized>(self, _value: &T) -> Result {
-        Err(Fallback)
+        self.writer.fail()
     }
 
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
@@ -805,7 +837,7 @@ impl ser::Serializer for TokenWriter<'_, '_> {
         _name: &'static str,
         _value: &T,
     ) -> Result {
-        Err(Fallback)
+        self.writer.fail()
     }
 
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -815,7 +847,7 @@ impl ser::Serializer for TokenWriter<'_, '_> {
         _variant: &'static str,
         _value: &T,
     ) -> Result {
-        Err(Fallback)
+        self.writer.fail()
     }
 
     fall_back! {

@@ -468,3 +468,46 @@ fn raw_values_are_written_in_one_pass() {
     assert_eq!(ours, r#"{"raw":[1, "x"]}"#);
     assert_eq!(counted.calls.get(), 1);
 }
+
+/// Catches the error of its first element and writes `"x"` instead, counting its runs.
+struct Swallowing<T> {
+    bad: T,
+    calls: std::cell::Cell<u32>,
+}
+
+impl<T: Serialize> Serialize for Swallowing<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.calls.set(self.calls.get() + 1);
+        let mut seq = serializer.serialize_seq(None)?;
+        if seq.serialize_element(&self.bad).is_err() {
+            seq.serialize_element("x")?;
+        }
+        seq.end()
+    }
+}
+
+/// An error caught inside a `Serialize` impl still hands the text to serde_json (whatever it
+/// writes, here the same broken `[{,"x"]`), rather than passing off this writer's partial
+/// text as whole.
+#[test]
+fn an_error_caught_by_the_value_still_leaves_the_text_to_serde_json() {
+    fn check<T: Serialize>(bad: T) {
+        let value = Swallowing {
+            bad,
+            calls: std::cell::Cell::new(0),
+        };
+        let theirs = serde_json::to_string(&value);
+        value.calls.set(0);
+        let mut ours = String::new();
+        let written = write(&mut ours, &value);
+        assert_eq!(value.calls.get(), 2, "serde_json wrote {theirs:?}");
+        assert_eq!(written.is_ok(), theirs.is_ok());
+        if let Ok(theirs) = theirs {
+            assert_eq!(ours, theirs);
+        }
+    }
+    check(BTreeMap::from([(vec![1], 0)]));
+    check(BTreeMap::from([(1u8, Failing)]));
+    check(Failing);
+    check([Some(Failing)]);
+}
