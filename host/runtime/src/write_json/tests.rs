@@ -511,3 +511,48 @@ fn an_error_caught_by_the_value_still_leaves_the_text_to_serde_json() {
     check(Failing);
     check([Some(Failing)]);
 }
+
+/// A map from its entries in order, for keys that are not `Ord` (floats).
+struct Entries<K, V>(Vec<(K, V)>);
+
+impl<K: Serialize, V: Serialize> Serialize for Entries<K, V> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// Keys of every type serde can write, and what serde_json refuses among them (a float that
+/// is not finite, `None`, unit, a sequence), inside containers too.
+#[test]
+fn keys_of_every_type_come_out_as_serde_json_s() {
+    for key in [
+        0.0,
+        -0.0,
+        1.5,
+        0.1,
+        1e21,
+        1e-7,
+        f64::MAX,
+        5e-324,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
+        assert_same(&Entries(vec![(key, 1)]));
+        assert_same(&Entries(vec![(key as f32, 1)]));
+        assert_same(&[Entries(vec![(0.5, "a"), (key, "b")])]);
+    }
+    assert_same(&Entries(vec![(true, 1), (false, 2)]));
+    assert_same(&Entries(vec![('a', 1), ('\u{0}', 2), ('\\', 3), ('😀', 4)]));
+    assert_same(&Entries(vec![(i128::MIN, 1), (-1, 2), (i128::MAX, 3)]));
+    assert_same(&Entries(vec![(u128::MAX, 1), (0, 2)]));
+    assert_same(&Entries(vec![(i8::MIN, 1), (i8::MAX, 2)]));
+    assert_same(&Entries(vec![(u8::MAX, 1), (0, 2)]));
+    assert_same(&Entries(vec![(Some(1.5), 1), (None, 2)]));
+    assert_same(&Entries(vec![(Some(Some('k')), 1)]));
+    assert_same(&Entries(vec![((), 1)]));
+    assert_same(&Entries(vec![(Unit, 1)]));
+    assert_same(&Entries(vec![(Variants::Newtype(1), 1)]));
+    assert_same(&Entries(vec![(Bytes(b"k"), 1)]));
+    assert_same(&Entries(vec![(Pair(1, "a"), 1)]));
+}
