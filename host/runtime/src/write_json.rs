@@ -69,8 +69,9 @@ pub(crate) fn write<T: Serialize + ?Sized>(out: &mut String, value: &T) -> serde
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 pub fn to_json_string<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
-    // The room the host makes for a hook payload's text, so that a baseline grows it as
-    // rarely as the host does.
+    // The room the host makes for a hook payload's text (dispatch's PAYLOAD_TEXT_CAPACITY),
+    // made always, even for a small value: what matters to a baseline is to allocate and grow
+    // as the host does, not to fit the value; the room left over is the caller's to shrink.
     let mut text = String::with_capacity(512);
     write(&mut text, value)?;
     Ok(text)
@@ -135,14 +136,32 @@ impl Writer<'_> {
         }
     }
 
-    /// A string with something to escape: `\"`, `\\`, the short escapes `\b \t \n \f \r`,
-    /// and `\u00xx` with lower-case hex for the other control characters, as `serde_json`
-    /// writes them; the runs between them copied whole.
+    /// A string with something to escape, quoted.
     #[cold]
     #[inline(never)]
     fn escaped(&mut self, value: &str) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         self.out.push('"');
+        self.escaped_contents(value);
+        self.out.push('"');
+    }
+
+    /// A piece of a string's contents, escaped if need be (no quotes).
+    #[inline]
+    fn contents(&mut self, value: &str) {
+        if needs_escape(value.as_bytes()) {
+            self.escaped_contents(value);
+        } else {
+            self.out.push_str(value);
+        }
+    }
+
+    /// A string's contents with something to escape: `\"`, `\\`, the short escapes
+    /// `\b \t \n \f \r`, and `\u00xx` with lower-case hex for the other control characters,
+    /// as `serde_json` writes them; the runs between them copied whole.
+    #[cold]
+    #[inline(never)]
+    fn escaped_contents(&mut self, value: &str) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut rest = value;
         loop {
             let plain = plain_prefix(rest.as_bytes());
@@ -170,7 +189,6 @@ impl Writer<'_> {
                 self.out.push(char::from(HEX[usize::from(byte & 0xf)]));
             }
         }
-        self.out.push('"');
     }
 
     #[inline]
@@ -421,6 +439,29 @@ impl<'w, 'a> ser::Serializer for &'w mut Writer<'a> {
 
     fn serialize_str(self, v: &str) -> Result {
         self.string(v);
+        Ok(())
+    }
+
+    /// A string written by `value`'s `Display`, escaped piece by piece as it comes (escaping
+    /// is per character, so the pieces escaped make the whole escaped) rather than gathered
+    /// into a `String` first.
+    fn collect_str<T: fmt::Display + ?Sized>(self, value: &T) -> Result {
+        struct Contents<'w, 'a>(&'w mut Writer<'a>);
+
+        impl fmt::Write for Contents<'_, '_> {
+            fn write_str(&mut self, piece: &str) -> fmt::Result {
+                self.0.contents(piece);
+                Ok(())
+            }
+        }
+
+        self.out.push('"');
+        // Only the `Display` impl can fail here; serde_json (and serde's own `to_string`)
+        // panic then, so the fallback is reached only to do the same.
+        if fmt::Write::write_fmt(&mut Contents(&mut *self), format_args!("{value}")).is_err() {
+            return self.fail();
+        }
+        self.out.push('"');
         Ok(())
     }
 
@@ -697,6 +738,10 @@ impl ser::Serializer for KeyWriter<'_, '_> {
     fn serialize_char(self, v: char) -> Result {
         self.writer.string(v.encode_utf8(&mut [0; 4]));
         Ok(())
+    }
+
+    fn collect_str<T: fmt::Display + ?Sized>(self, value: &T) -> Result {
+        ser::Serializer::collect_str(self.writer, value)
     }
 
     fn serialize_bool(self, v: bool) -> Result {

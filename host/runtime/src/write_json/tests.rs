@@ -556,3 +556,43 @@ fn keys_of_every_type_come_out_as_serde_json_s() {
     assert_same(&Entries(vec![(Bytes(b"k"), 1)]));
     assert_same(&Entries(vec![(Pair(1, "a"), 1)]));
 }
+
+/// Written through `collect_str` in several pieces (as `Display` impls write), some needing
+/// escapes, some plain, some empty.
+struct Pieces(&'static [&'static str]);
+
+impl std::fmt::Display for Pieces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for piece in self.0 {
+            f.write_str(piece)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Pieces {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+#[test]
+fn collected_strings_are_escaped_piece_by_piece_as_serde_json_escapes_them() {
+    for pieces in [
+        &[][..],
+        &[""],
+        &["plain"],
+        &["a\"", "\n", "", "é€😀", "\\", "\u{1}\u{1f}"],
+        &[
+            "a fairly long plain piece over words",
+            "\"",
+            "another long plain piece",
+        ],
+        &["\r\n\t", "x"],
+    ] {
+        assert_same(&Pieces(pieces));
+        assert_same(&[Pieces(pieces), Pieces(pieces)]);
+        assert_same(&Entries(vec![(Pieces(pieces), Pieces(pieces))]));
+    }
+    assert_same(&Entries(vec![(format_args!("{}-{}", 1, "\"k\""), 1)]));
+}
