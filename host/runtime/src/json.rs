@@ -2,10 +2,15 @@
 //! the text path ([`PluginHost::call_text`](crate::PluginHost::call_text)), which hands the
 //! plugin's text on as it is.
 //!
-//! It accepts what `serde_json` accepts when it reads a value: RFC 8259 JSON, surrounded by
-//! optional whitespace, with at most [`MAX_DEPTH`] containers nested (`serde_json`'s recursion
-//! limit, an empty container counting as one); numbers are checked for their syntax, not their
-//! range (`1e400` passes, as it does when `serde_json` skips a value). Being a single pass over the
+//! It accepts exactly what `serde_json::from_str::<serde_json::Value>` accepts, since callers
+//! read the answer into a `Value` or a `String`: RFC 8259 JSON, surrounded by optional
+//! whitespace, with at most [`MAX_DEPTH`] containers nested (`serde_json`'s recursion limit, an
+//! empty container counting as one); a `\u` escape of a UTF-16 surrogate only as a high one
+//! followed by a `\u` escape of a low one (a lone surrogate cannot be a `String`); and numbers
+//! that `serde_json` can read into a value (`1e400` is refused as out of range, `1e-400` is
+//! 0). A number's range is left to `serde_json` itself, on the few numbers that could be out of
+//! it (more than 2 digits in the exponent, or more than 19 before the point), so the rule is
+//! its rule in every feature state (`arbitrary_precision`, `float_roundtrip`). Being a single pass over the
 //! bytes with no allocation, it costs a fraction of `serde_json`'s skip, which allocates a
 //! scratch buffer and reads numbers digit by digit into values. Plain string bytes are skipped
 //! eight at a time, tested as one `u64` word ([`first_special`]); only the byte that ends such
@@ -73,10 +78,11 @@ impl Checker<'_> {
                 b'f' => self.literal(b"alse")?,
                 b'n' => self.literal(b"ull")?,
                 b'-' => {
+                    let start = self.at - 1;
                     let first = self.next()?;
-                    self.number(first)?;
+                    self.number(start, first)?;
                 }
-                first @ b'0'..=b'9' => self.number(first)?,
+                first @ b'0'..=b'9' => self.number(self.at - 1, first)?,
                 _ => return None,
             }
             // After a value: close containers until one goes on with a comma.
@@ -141,10 +147,9 @@ impl Checker<'_> {
                 b'\\' => match self.next()? {
                     b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
                     b'u' => {
-                        for _ in 0..4 {
-                            if !self.next()?.is_ascii_hexdigit() {
-                                return None;
-                            }
+                        let unit = self.hex_escape()?;
+                        if let 0xd800..=0xdfff = unit {
+                            self.surrogate_pair(unit)?;
                         }
                     }
                     _ => return None,
@@ -160,15 +165,41 @@ impl Checker<'_> {
         (self.bytes.get(self.at..end)? == rest).then(|| self.at = end)
     }
 
-    /// A number from its first digit (after any minus sign): `0` or digits not starting with
-    /// 0, then an optional fraction and exponent.
+    /// The four hex digits of a `\u` escape, as a number.
     #[inline(always)]
-    fn number(&mut self, first: u8) -> Option<()> {
+    fn hex_escape(&mut self) -> Option<u16> {
+        let mut n = 0u16;
+        for _ in 0..4 {
+            let digit = char::from(self.next()?).to_digit(16)?;
+            n = (n << 4) | digit as u16;
+        }
+        Some(n)
+    }
+
+    /// After a `\u` escape of a surrogate (`unit`): as `serde_json` reads a string, a high
+    /// surrogate followed at once by a `\u` escape of a low one; anything else is refused.
+    #[cold]
+    #[inline(never)]
+    fn surrogate_pair(&mut self, unit: u16) -> Option<()> {
+        if unit >= 0xdc00 || self.next()? != b'\\' || self.next()? != b'u' {
+            return None;
+        }
+        matches!(self.hex_escape()?, 0xdc00..=0xdfff).then_some(())
+    }
+
+    /// A number from its first digit (after any minus sign, at `start`): `0` or digits not
+    /// starting with 0, then an optional fraction and exponent.
+    #[inline(always)]
+    fn number(&mut self, start: usize, first: u8) -> Option<()> {
+        let integer = self.at;
         match first {
             b'0' => {}
             b'1'..=b'9' => self.digits(),
             _ => return None,
         }
+        // Up to 19 digits before the point and 2 in the exponent, no number is out of range
+        // (past 19, serde_json reads the integer part as a float); the rest is asked.
+        let mut in_range = self.at - integer < 19;
         if self.peek() == Some(b'.') {
             self.at += 1;
             self.some_digits()?;
@@ -178,9 +209,26 @@ impl Checker<'_> {
             if let Some(b'+' | b'-') = self.peek() {
                 self.at += 1;
             }
+            let exponent = self.at;
             self.some_digits()?;
+            in_range &= self.at - exponent <= 2;
         }
-        Some(())
+        if in_range {
+            return Some(());
+        }
+        self.number_in_range(start)
+    }
+
+    /// Whether serde_json reads the number from `start` to here into a value: a float that
+    /// overflows is refused (its `NumberOutOfRange`), one that underflows is 0. Asked of
+    /// `serde_json` itself, so that its rule holds exactly in every feature state.
+    #[cold]
+    #[inline(never)]
+    fn number_in_range(&self, start: usize) -> Option<()> {
+        let text = self.bytes.get(start..self.at)?;
+        serde_json::from_slice::<serde_json::Value>(text)
+            .is_ok()
+            .then_some(())
     }
 
     #[inline(always)]
@@ -249,8 +297,9 @@ pub(crate) const fn first_special(word: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// What the checker must agree with: what callers read the answer into.
     fn serde_accepts(text: &str) -> bool {
-        serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+        serde_json::from_str::<serde_json::Value>(text).is_ok()
     }
 
     #[test]
@@ -316,10 +365,86 @@ mod tests {
             "--1",
             "+1",
             "[-]",
+            // Surrogates: only a high one followed by a low one.
+            r#""\ud800""#,
+            r#""\udc00""#,
+            r#""\udfff""#,
+            r#""\ud83d\ude00""#,
+            r#""\uD83D\uDE00""#,
+            r#""\ud800\ud800""#,
+            r#""\ud800\u0041""#,
+            r#""\ud800\n""#,
+            r#""\ud800x""#,
+            r#""\udbff\udfff""#,
+            r#""\ud7ff\ue000""#,
+            r#"{"\ud800":1}"#,
+            // Numbers out of range: refused when they overflow, 0 when they underflow.
+            "1e400",
+            "-1e400",
+            "1e-400",
+            "0e400",
+            "0.0e99999999999",
+            "1e99999999999",
+            "1e-99999999999",
+            "1e308",
+            "1e309",
+            "1.7976931348623157e308",
+            "1.7976931348623159e308",
+            "17976931348623157e292",
+            "0.1e310",
+            "[1e400]",
+            r#"{"n":1E+400}"#,
         ];
         for case in cases {
             assert_eq!(is_json(case), serde_accepts(case), "{case:?}");
         }
+    }
+
+    /// Integers and mantissas of many lengths with exponents around the edges of `f64`, on
+    /// both sides of the rule's cheap bound (19 digits before the point, 2 in the exponent).
+    #[test]
+    fn number_ranges_agree_with_serde_json() {
+        let mut checked = 0;
+        for digits in [1, 2, 18, 19, 20, 21, 40, 300, 308, 309, 310, 400] {
+            let integer = "9".repeat(digits);
+            let ones = format!("1{}", "0".repeat(digits - 1));
+            for exponent in [
+                "",
+                "e0",
+                "e99",
+                "e-99",
+                "e100",
+                "e288",
+                "e289",
+                "e290",
+                "e307",
+                "e308",
+                "e309",
+                "e-324",
+                "e-400",
+                "e+0308",
+                "e0000000000000",
+                "e2147483647",
+                "e2147483648",
+                "e-2147483648",
+                "e99999999999",
+            ] {
+                for mantissa in [
+                    integer.clone(),
+                    ones.clone(),
+                    format!("{integer}.5"),
+                    format!("0.{integer}"),
+                    format!("1.{integer}"),
+                ] {
+                    for sign in ["", "-"] {
+                        let text = format!("{sign}{mantissa}{exponent}");
+                        assert_eq!(is_json(&text), serde_accepts(&text), "{text}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 2_000);
     }
 
     fn serde_reads(text: &str) -> bool {

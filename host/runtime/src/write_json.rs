@@ -9,10 +9,13 @@
 //! finds nothing in it to escape, and writes numbers with the crates `serde_json` itself uses
 //! (`itoa` for integers, `zmij` for floats; a float that is not finite is `null`).
 //!
-//! What it does not cover, it leaves to `serde_json`: any error (a `Serialize` impl that fails,
-//! a map key that is not a string) makes [`write`] start again with `serde_json::to_writer`,
-//! which writes the same text or returns its own error. So the output and the errors are
-//! `serde_json`'s by construction on those paths; the tests compare the two on the rest.
+//! Map keys are written as `serde_json` writes them (numbers, booleans and chars quoted), and
+//! `serde_json`'s own tokens (a `RawValue`, an `arbitrary_precision` `Number`) as their text,
+//! so that a value `serde_json` writes is written here in one pass. Only an error (a
+//! `Serialize` impl that fails, a key `serde_json` refuses) makes [`write`] start again with
+//! `serde_json::to_writer`, which then reports its own error: so a `Serialize` impl that fails
+//! may run twice, one that succeeds runs once. The errors are `serde_json`'s by construction;
+//! the tests compare the two writers' text on the rest.
 
 use std::fmt;
 
@@ -27,7 +30,10 @@ use serde::ser::{self, Impossible};
 /// fails, or a map has keys that are not strings); `out` then holds what it held before.
 pub(crate) fn write<T: Serialize + ?Sized>(out: &mut String, value: &T) -> serde_json::Result<()> {
     let start = out.len();
-    if value.serialize(&mut Writer { out }).is_ok() {
+    let mut writer = Writer { out, failed: false };
+    // An error anywhere, even one a `Serialize` impl caught and went on from, leaves text
+    // that only serde_json knows how to write (or refuse).
+    if value.serialize(&mut writer).is_ok() && !writer.failed {
         return Ok(());
     }
     out.truncate(start);
@@ -63,8 +69,9 @@ pub(crate) fn write<T: Serialize + ?Sized>(out: &mut String, value: &T) -> serde
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 pub fn to_json_string<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
-    // The room the host makes for a hook payload's text, so that a baseline grows it as
-    // rarely as the host does.
+    // The room the host makes for a hook payload's text (dispatch's PAYLOAD_TEXT_CAPACITY),
+    // made always, even for a small value: what matters to a baseline is to allocate and grow
+    // as the host does, not to fit the value; the room left over is the caller's to shrink.
     let mut text = String::with_capacity(512);
     write(&mut text, value)?;
     Ok(text)
@@ -92,9 +99,30 @@ type Result<T = ()> = std::result::Result<T, Fallback>;
 
 struct Writer<'a> {
     out: &'a mut String,
+    /// Set by every error made or passed on here: a `Serialize` impl may catch an error and
+    /// go on (after a `,` was written for an element that never came), so its `Ok` at the top
+    /// does not mean the text is whole.
+    failed: bool,
 }
 
 impl Writer<'_> {
+    /// A value inside a container or a variant; an error is remembered (see `failed`).
+    #[inline]
+    fn nested<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        let written = value.serialize(&mut *self);
+        if written.is_err() {
+            self.failed = true;
+        }
+        written
+    }
+
+    /// An error made here: remembered, then returned.
+    #[cold]
+    fn fail<T>(&mut self) -> Result<T> {
+        self.failed = true;
+        Err(Fallback)
+    }
+
     /// A JSON string: copied in one piece when nothing needs escaping, else escaped as
     /// `serde_json` escapes.
     #[inline(always)]
@@ -108,14 +136,32 @@ impl Writer<'_> {
         }
     }
 
-    /// A string with something to escape: `\"`, `\\`, the short escapes `\b \t \n \f \r`,
-    /// and `\u00xx` with lower-case hex for the other control characters, as `serde_json`
-    /// writes them; the runs between them copied whole.
+    /// A string with something to escape, quoted.
     #[cold]
     #[inline(never)]
     fn escaped(&mut self, value: &str) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         self.out.push('"');
+        self.escaped_contents(value);
+        self.out.push('"');
+    }
+
+    /// A piece of a string's contents, escaped if need be (no quotes).
+    #[inline]
+    fn contents(&mut self, value: &str) {
+        if needs_escape(value.as_bytes()) {
+            self.escaped_contents(value);
+        } else {
+            self.out.push_str(value);
+        }
+    }
+
+    /// A string's contents with something to escape: `\"`, `\\`, the short escapes
+    /// `\b \t \n \f \r`, and `\u00xx` with lower-case hex for the other control characters,
+    /// as `serde_json` writes them; the runs between them copied whole.
+    #[cold]
+    #[inline(never)]
+    fn escaped_contents(&mut self, value: &str) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut rest = value;
         loop {
             let plain = plain_prefix(rest.as_bytes());
@@ -143,7 +189,6 @@ impl Writer<'_> {
                 self.out.push(char::from(HEX[usize::from(byte & 0xf)]));
             }
         }
-        self.out.push('"');
     }
 
     #[inline]
@@ -243,6 +288,8 @@ enum State {
     Empty,
     First,
     Rest,
+    /// A `serde_json` token (its name): its one field is written as it is.
+    Token(&'static str),
 }
 
 /// An open array or object; `close` is what ends it (`]`, `}`, or a variant's `]}`/`}}`).
@@ -285,7 +332,7 @@ impl<'w, 'a> Compound<'w, 'a> {
     #[inline]
     fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
         self.separate();
-        value.serialize(&mut *self.writer)
+        self.writer.nested(value)
     }
 
     #[inline]
@@ -293,7 +340,7 @@ impl<'w, 'a> Compound<'w, 'a> {
         self.separate();
         self.writer.string(key);
         self.writer.out.push(':');
-        value.serialize(&mut *self.writer)
+        self.writer.nested(value)
     }
 
     #[inline]
@@ -395,6 +442,29 @@ impl<'w, 'a> ser::Serializer for &'w mut Writer<'a> {
         Ok(())
     }
 
+    /// A string written by `value`'s `Display`, escaped piece by piece as it comes (escaping
+    /// is per character, so the pieces escaped make the whole escaped) rather than gathered
+    /// into a `String` first.
+    fn collect_str<T: fmt::Display + ?Sized>(self, value: &T) -> Result {
+        struct Contents<'w, 'a>(&'w mut Writer<'a>);
+
+        impl fmt::Write for Contents<'_, '_> {
+            fn write_str(&mut self, piece: &str) -> fmt::Result {
+                self.0.contents(piece);
+                Ok(())
+            }
+        }
+
+        self.out.push('"');
+        // Only the `Display` impl can fail here; serde_json (and serde's own `to_string`)
+        // panic then, so the fallback is reached only to do the same.
+        if fmt::Write::write_fmt(&mut Contents(&mut *self), format_args!("{value}")).is_err() {
+            return self.fail();
+        }
+        self.out.push('"');
+        Ok(())
+    }
+
     fn serialize_bytes(self, v: &[u8]) -> Result {
         use ser::SerializeSeq;
         let mut seq = self.serialize_seq(Some(v.len()))?;
@@ -447,7 +517,7 @@ impl<'w, 'a> ser::Serializer for &'w mut Writer<'a> {
         value: &T,
     ) -> Result {
         self.variant_key(variant);
-        value.serialize(&mut *self)?;
+        self.nested(value)?;
         self.out.push('}');
         Ok(())
     }
@@ -481,9 +551,13 @@ impl<'w, 'a> ser::Serializer for &'w mut Writer<'a> {
 
     fn serialize_struct(self, name: &'static str, len: usize) -> Result<Compound<'w, 'a>> {
         // serde_json's own tokens (a `RawValue`; a `Number` when a crate in the build enables
-        // `arbitrary_precision`) are written by serde_json, which knows them.
-        if name.starts_with("$serde_json::") {
-            return Err(Fallback);
+        // `arbitrary_precision`): their field's text as it is, when serde_json knows them.
+        if (name == RAW_VALUE_TOKEN || name == NUMBER_TOKEN) && serde_json_knows(name) {
+            return Ok(Compound {
+                writer: self,
+                state: State::Token(name),
+                close: "",
+            });
         }
         self.serialize_map(Some(len))
     }
@@ -558,14 +632,18 @@ impl ser::SerializeMap for Compound<'_, '_> {
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result {
         self.separate();
-        key.serialize(KeyWriter {
+        let written = key.serialize(KeyWriter {
             writer: &mut *self.writer,
-        })
+        });
+        if written.is_err() {
+            self.writer.failed = true;
+        }
+        written
     }
 
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
         self.writer.out.push(':');
-        value.serialize(&mut *self.writer)
+        self.writer.nested(value)
     }
 
     fn end(self) -> Result {
@@ -578,6 +656,19 @@ impl ser::SerializeStruct for Compound<'_, '_> {
     type Error = Fallback;
 
     fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result {
+        if let State::Token(token) = self.state {
+            // serde_json refuses any other field of a token.
+            if key != token {
+                return self.writer.fail();
+            }
+            let written = value.serialize(TokenWriter {
+                writer: &mut *self.writer,
+            });
+            if written.is_err() {
+                self.writer.failed = true;
+            }
+            return written;
+        }
         self.field(key, value)
     }
 
@@ -599,8 +690,10 @@ impl ser::SerializeStructVariant for Compound<'_, '_> {
     }
 }
 
-/// A map's key: a string (or a unit variant, or a newtype around one) is written here; any
-/// other key is left to `serde_json` (which quotes numbers and booleans, and refuses the rest).
+/// A map's key, written as `serde_json`'s `MapKeySerializer` writes it: a string, a char, a
+/// unit variant as a string; an integer, a boolean or a finite float quoted; a newtype or a
+/// `Some` as what it holds. What `serde_json` refuses (any other key, a float that is not
+/// finite) is left to it, to report its error.
 struct KeyWriter<'w, 'a> {
     writer: &'w mut Writer<'a>,
 }
@@ -609,9 +702,21 @@ struct KeyWriter<'w, 'a> {
 macro_rules! fall_back {
     ($($method:ident($($arg:ty),*) -> $ok:ty;)*) => {
         $(fn $method(self, $(_: $arg),*) -> Result<$ok> {
-            Err(Fallback)
+            self.writer.fail()
         })*
     };
+}
+
+impl KeyWriter<'_, '_> {
+    /// A key that is a number or a boolean: its JSON text, quoted.
+    #[inline]
+    fn quoted(self, text: &str) -> Result {
+        let out = &mut *self.writer.out;
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+        Ok(())
+    }
 }
 
 impl ser::Serializer for KeyWriter<'_, '_> {
@@ -628,6 +733,74 @@ impl ser::Serializer for KeyWriter<'_, '_> {
     fn serialize_str(self, v: &str) -> Result {
         self.writer.string(v);
         Ok(())
+    }
+
+    fn serialize_char(self, v: char) -> Result {
+        self.writer.string(v.encode_utf8(&mut [0; 4]));
+        Ok(())
+    }
+
+    fn collect_str<T: fmt::Display + ?Sized>(self, value: &T) -> Result {
+        ser::Serializer::collect_str(self.writer, value)
+    }
+
+    fn serialize_bool(self, v: bool) -> Result {
+        self.quoted(if v { "true" } else { "false" })
+    }
+
+    fn serialize_i8(self, v: i8) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i16(self, v: i16) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i32(self, v: i32) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i64(self, v: i64) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_i128(self, v: i128) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u8(self, v: u8) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u16(self, v: u16) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u32(self, v: u32) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u64(self, v: u64) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    fn serialize_u128(self, v: u128) -> Result {
+        self.quoted(itoa::Buffer::new().format(v))
+    }
+
+    /// A finite float, quoted; `serde_json` refuses one that is not finite.
+    fn serialize_f32(self, v: f32) -> Result {
+        if !v.is_finite() {
+            return self.writer.fail();
+        }
+        self.quoted(zmij::Buffer::new().format_finite(v))
+    }
+
+    fn serialize_f64(self, v: f64) -> Result {
+        if !v.is_finite() {
+            return self.writer.fail();
+        }
+        self.quoted(zmij::Buffer::new().format_finite(v))
     }
 
     fn serialize_unit_variant(
@@ -648,8 +821,8 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         value.serialize(self)
     }
 
-    fn serialize_some<T: Serialize + ?Sized>(self, _value: &T) -> Result {
-        Err(Fallback)
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result {
+        value.serialize(self)
     }
 
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -659,7 +832,67 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         _variant: &'static str,
         _value: &T,
     ) -> Result {
-        Err(Fallback)
+        self.writer.fail()
+    }
+
+    fall_back! {
+        serialize_bytes(&[u8]) -> ();
+        serialize_none() -> ();
+        serialize_unit() -> ();
+        serialize_unit_struct(&'static str) -> ();
+        serialize_seq(Option<usize>) -> Impossible<(), Fallback>;
+        serialize_tuple(usize) -> Impossible<(), Fallback>;
+        serialize_tuple_struct(&'static str, usize) -> Impossible<(), Fallback>;
+        serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
+        serialize_map(Option<usize>) -> Impossible<(), Fallback>;
+        serialize_struct(&'static str, usize) -> Impossible<(), Fallback>;
+        serialize_struct_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
+    }
+}
+
+/// The value of a `serde_json` token's one field (a `RawValue`'s text, an
+/// `arbitrary_precision` `Number`'s digits): a string, written as it is, as `serde_json`
+/// writes it. Anything else is an error in `serde_json` too.
+struct TokenWriter<'w, 'a> {
+    writer: &'w mut Writer<'a>,
+}
+
+impl ser::Serializer for TokenWriter<'_, '_> {
+    type Ok = ();
+    type Error = Fallback;
+    type SerializeSeq = Impossible<(), Fallback>;
+    type SerializeTuple = Impossible<(), Fallback>;
+    type SerializeTupleStruct = Impossible<(), Fallback>;
+    type SerializeTupleVariant = Impossible<(), Fallback>;
+    type SerializeMap = Impossible<(), Fallback>;
+    type SerializeStruct = Impossible<(), Fallback>;
+    type SerializeStructVariant = Impossible<(), Fallback>;
+
+    fn serialize_str(self, v: &str) -> Result {
+        self.writer.out.push_str(v);
+        Ok(())
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, _value: &T) -> Result {
+        self.writer.fail()
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _value: &T,
+    ) -> Result {
+        self.writer.fail()
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _index: u32,
+        _variant: &'static str,
+        _value: &T,
+    ) -> Result {
+        self.writer.fail()
     }
 
     fall_back! {
@@ -681,6 +914,7 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         serialize_none() -> ();
         serialize_unit() -> ();
         serialize_unit_struct(&'static str) -> ();
+        serialize_unit_variant(&'static str, u32, &'static str) -> ();
         serialize_seq(Option<usize>) -> Impossible<(), Fallback>;
         serialize_tuple(usize) -> Impossible<(), Fallback>;
         serialize_tuple_struct(&'static str, usize) -> Impossible<(), Fallback>;
@@ -689,6 +923,42 @@ impl ser::Serializer for KeyWriter<'_, '_> {
         serialize_struct(&'static str, usize) -> Impossible<(), Fallback>;
         serialize_struct_variant(&'static str, u32, &'static str, usize) -> Impossible<(), Fallback>;
     }
+}
+
+/// `serde_json`'s private token of a `RawValue` (its struct name and field name).
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+/// `serde_json`'s private token of a `Number` under `arbitrary_precision`.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+/// Whether the `serde_json` in this build writes a struct named `token` as its field's text
+/// (its `raw_value` or `arbitrary_precision` feature is on) rather than as an object. Any
+/// crate of the build may turn those features on, so it is asked once, by writing a struct of
+/// that name.
+fn serde_json_knows(token: &'static str) -> bool {
+    use std::sync::OnceLock;
+
+    struct Probe(&'static str);
+
+    impl Serialize for Probe {
+        fn serialize<S: ser::Serializer>(
+            &self,
+            serializer: S,
+        ) -> std::result::Result<S::Ok, S::Error> {
+            use ser::SerializeStruct;
+            let mut probe = serializer.serialize_struct(self.0, 1)?;
+            probe.serialize_field(self.0, "0")?;
+            probe.end()
+        }
+    }
+
+    static RAW_VALUE: OnceLock<bool> = OnceLock::new();
+    static NUMBER: OnceLock<bool> = OnceLock::new();
+    let known = if token == RAW_VALUE_TOKEN {
+        &RAW_VALUE
+    } else {
+        &NUMBER
+    };
+    *known.get_or_init(|| serde_json::to_string(&Probe(token)).is_ok_and(|text| text == "0"))
 }
 
 #[cfg(test)]

@@ -264,9 +264,6 @@ fn odd_impls_and_errors_come_out_as_serde_json_s() {
     assert_same(&BTreeMap::from([((), 0)]));
     assert_same(&BTreeMap::from([(Some("k"), 0)]));
     assert_same(&[(BTreeMap::from([(1.5f64.to_bits(), 0)]))]);
-    let mut keyed_by_float = serde_json::Map::new();
-    keyed_by_float.insert("x".to_owned(), Value::from(1));
-    assert_same(&keyed_by_float);
 }
 
 /// The shapes the worker writes: a call's params (optional fields skipped, camelCase) and the
@@ -346,4 +343,256 @@ fn serde_json_s_raw_values_are_written_as_serde_json_writes_them() {
     let mut ours = String::new();
     write(&mut ours, &map).unwrap();
     assert_eq!(ours, r#"{"inner":{"kept": [1, 2.50]}}"#);
+}
+
+/// A map that can be written once (its entries taken out of it, as a stream or an iterator
+/// is), counting how often it was asked to.
+struct OneShot<K> {
+    entries: std::cell::RefCell<Option<std::vec::IntoIter<(K, &'static str)>>>,
+    calls: std::cell::Cell<u32>,
+}
+
+impl<K> OneShot<K> {
+    fn new(entries: Vec<(K, &'static str)>) -> Self {
+        OneShot {
+            entries: std::cell::RefCell::new(Some(entries.into_iter())),
+            calls: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl<K: Serialize> Serialize for OneShot<K> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.calls.set(self.calls.get() + 1);
+        let entries = self.entries.borrow_mut().take().into_iter().flatten();
+        serializer.collect_map(entries)
+    }
+}
+
+/// Keys serde_json quotes (integers, booleans, chars, floats, `Some`) are written here, not
+/// left to serde_json: a map that can be written once comes out whole, its `Serialize` run
+/// once.
+#[test]
+fn keys_serde_json_quotes_are_written_in_one_pass() {
+    fn once<K: Serialize>(entries: Vec<(K, &'static str)>) {
+        let expected = serde_json::to_string(&OneShot::new(
+            entries.iter().map(|(k, v)| (k, *v)).collect::<Vec<_>>(),
+        ))
+        .unwrap();
+        let map = OneShot::new(entries);
+        let mut ours = String::new();
+        write(&mut ours, &map).unwrap();
+        assert_eq!(ours, expected);
+        assert_eq!(map.calls.get(), 1, "{expected}");
+    }
+    once(vec![(1u32, "a")]);
+    once(vec![(-7i8, "a"), (i8::MAX, "b")]);
+    once(vec![(i64::MIN, "a"), (0, "b")]);
+    once(vec![(u64::MAX, "a")]);
+    once(vec![(i128::MIN, "a"), (i128::MAX, "b")]);
+    once(vec![(u128::MAX, "a"), (0, "b")]);
+    once(vec![(u16::MAX, "a"), (0, "b")]);
+    once(vec![(i32::MIN, "a"), (1, "b")]);
+    once(vec![(true, "a"), (false, "b")]);
+    once(vec![('c', "a"), ('"', "b"), ('\n', "c"), ('é', "d")]);
+    once(vec![(1.5f64, "a"), (-0.0, "b"), (1e21, "c"), (5e-324, "d")]);
+    once(vec![(0.1f32, "a"), (f32::MAX, "b")]);
+    once(vec![(Some(3u8), "a")]);
+    once(vec![(Some("k"), "a")]);
+    once(vec![(Newtype("k".to_owned()), "a")]);
+    once(vec![(Variants::Unit, "a")]);
+}
+
+/// Counts how often its value was written.
+struct Counted<T> {
+    value: T,
+    calls: std::cell::Cell<u32>,
+}
+
+impl<T: Serialize> Serialize for Counted<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.calls.set(self.calls.get() + 1);
+        self.value.serialize(serializer)
+    }
+}
+
+/// A struct named by one of serde_json's tokens, with one field (named `field`) holding
+/// `value`: what `serde_json::Number` writes under `arbitrary_precision`.
+struct Token {
+    name: &'static str,
+    field: &'static str,
+    value: Value,
+}
+
+impl Serialize for Token {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut token = serializer.serialize_struct(self.name, 1)?;
+        token.serialize_field(self.field, &self.value)?;
+        token.end()
+    }
+}
+
+/// The `arbitrary_precision` `Number` token, which this workspace cannot turn on: written as
+/// serde_json writes it with the features of this build (its digits as they are when the
+/// feature is on, an object when it is off), and so are malformed tokens.
+#[test]
+fn serde_json_s_number_token_is_written_as_serde_json_writes_it() {
+    const NUMBER: &str = "$serde_json::private::Number";
+    const RAW: &str = "$serde_json::private::RawValue";
+    for name in [NUMBER, RAW] {
+        let digits = Token {
+            name,
+            field: name,
+            value: Value::from("123456789012345678901234567890.50"),
+        };
+        assert_same(&digits);
+        assert_same(&[&digits, &digits]);
+        assert_same(&BTreeMap::from([("n", &digits)]));
+        for (field, value) in [("other", Value::from("1")), (name, Value::from(1))] {
+            assert_same(&Token { name, field, value });
+        }
+    }
+}
+
+/// A `RawValue` is written in one pass, not left to serde_json.
+#[test]
+fn raw_values_are_written_in_one_pass() {
+    let raw = serde_json::value::RawValue::from_string(r#"[1, "x"]"#.to_owned()).unwrap();
+    let counted = Counted {
+        value: &raw,
+        calls: std::cell::Cell::new(0),
+    };
+    let mut ours = String::new();
+    write(&mut ours, &BTreeMap::from([("raw", &counted)])).unwrap();
+    assert_eq!(ours, r#"{"raw":[1, "x"]}"#);
+    assert_eq!(counted.calls.get(), 1);
+}
+
+/// Catches the error of its first element and writes `"x"` instead, counting its runs.
+struct Swallowing<T> {
+    bad: T,
+    calls: std::cell::Cell<u32>,
+}
+
+impl<T: Serialize> Serialize for Swallowing<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.calls.set(self.calls.get() + 1);
+        let mut seq = serializer.serialize_seq(None)?;
+        if seq.serialize_element(&self.bad).is_err() {
+            seq.serialize_element("x")?;
+        }
+        seq.end()
+    }
+}
+
+/// An error caught inside a `Serialize` impl still hands the text to serde_json (whatever it
+/// writes, here the same broken `[{,"x"]`), rather than passing off this writer's partial
+/// text as whole.
+#[test]
+fn an_error_caught_by_the_value_still_leaves_the_text_to_serde_json() {
+    fn check<T: Serialize>(bad: T) {
+        let value = Swallowing {
+            bad,
+            calls: std::cell::Cell::new(0),
+        };
+        let theirs = serde_json::to_string(&value);
+        value.calls.set(0);
+        let mut ours = String::new();
+        let written = write(&mut ours, &value);
+        assert_eq!(value.calls.get(), 2, "serde_json wrote {theirs:?}");
+        assert_eq!(written.is_ok(), theirs.is_ok());
+        if let Ok(theirs) = theirs {
+            assert_eq!(ours, theirs);
+        }
+    }
+    check(BTreeMap::from([(vec![1], 0)]));
+    check(BTreeMap::from([(1u8, Failing)]));
+    check(Failing);
+    check([Some(Failing)]);
+}
+
+/// A map from its entries in order, for keys that are not `Ord` (floats).
+struct Entries<K, V>(Vec<(K, V)>);
+
+impl<K: Serialize, V: Serialize> Serialize for Entries<K, V> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// Keys of every type serde can write, and what serde_json refuses among them (a float that
+/// is not finite, `None`, unit, a sequence), inside containers too.
+#[test]
+fn keys_of_every_type_come_out_as_serde_json_s() {
+    for key in [
+        0.0,
+        -0.0,
+        1.5,
+        0.1,
+        1e21,
+        1e-7,
+        f64::MAX,
+        5e-324,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
+        assert_same(&Entries(vec![(key, 1)]));
+        assert_same(&Entries(vec![(key as f32, 1)]));
+        assert_same(&[Entries(vec![(0.5, "a"), (key, "b")])]);
+    }
+    assert_same(&Entries(vec![(true, 1), (false, 2)]));
+    assert_same(&Entries(vec![('a', 1), ('\u{0}', 2), ('\\', 3), ('😀', 4)]));
+    assert_same(&Entries(vec![(i128::MIN, 1), (-1, 2), (i128::MAX, 3)]));
+    assert_same(&Entries(vec![(u128::MAX, 1), (0, 2)]));
+    assert_same(&Entries(vec![(i8::MIN, 1), (i8::MAX, 2)]));
+    assert_same(&Entries(vec![(u8::MAX, 1), (0, 2)]));
+    assert_same(&Entries(vec![(Some(1.5), 1), (None, 2)]));
+    assert_same(&Entries(vec![(Some(Some('k')), 1)]));
+    assert_same(&Entries(vec![((), 1)]));
+    assert_same(&Entries(vec![(Unit, 1)]));
+    assert_same(&Entries(vec![(Variants::Newtype(1), 1)]));
+    assert_same(&Entries(vec![(Bytes(b"k"), 1)]));
+    assert_same(&Entries(vec![(Pair(1, "a"), 1)]));
+}
+
+/// Written through `collect_str` in several pieces (as `Display` impls write), some needing
+/// escapes, some plain, some empty.
+struct Pieces(&'static [&'static str]);
+
+impl std::fmt::Display for Pieces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for piece in self.0 {
+            f.write_str(piece)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Pieces {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+#[test]
+fn collected_strings_are_escaped_piece_by_piece_as_serde_json_escapes_them() {
+    for pieces in [
+        &[][..],
+        &[""],
+        &["plain"],
+        &["a\"", "\n", "", "é€😀", "\\", "\u{1}\u{1f}"],
+        &[
+            "a fairly long plain piece over words",
+            "\"",
+            "another long plain piece",
+        ],
+        &["\r\n\t", "x"],
+    ] {
+        assert_same(&Pieces(pieces));
+        assert_same(&[Pieces(pieces), Pieces(pieces)]);
+        assert_same(&Entries(vec![(Pieces(pieces), Pieces(pieces))]));
+    }
+    assert_same(&Entries(vec![(format_args!("{}-{}", 1, "\"k\""), 1)]));
 }
