@@ -54,6 +54,11 @@ impl Timing {
         }
     }
 
+    /// How many calls each call timed stands for: the sample.
+    pub(crate) fn weight(&self) -> u64 {
+        self.mask + 1
+    }
+
     /// A reading of the cycle counter, for [`nanos_since`](Self::nanos_since).
     #[inline]
     pub(crate) fn start(&self) -> u64 {
@@ -182,29 +187,31 @@ impl Latency {
     }
 }
 
-/// `value * count / timed`, without overflow: a figure of the calls timed scaled to all of
-/// them.
-fn scale(value: u64, count: u64, timed: u64) -> u64 {
-    if timed == 0 {
-        return 0;
-    }
-    u64::try_from(u128::from(value) * u128::from(count) / u128::from(timed)).unwrap_or(u64::MAX)
+/// `value * weight`, saturating: a figure of the calls timed scaled to all of them.
+fn weigh(value: u64, weight: u64) -> u64 {
+    value.saturating_mul(weight)
 }
 
-/// The calls timed per bucket (`timed`), spread over `count` calls in the same proportions:
-/// each running sum of the timed buckets scaled and rounded down. The running sums never
-/// decrease and the last is `count` exactly, so the histogram stays valid (its `+Inf` bucket
-/// is its count); when every call was timed it is `timed` itself.
-fn scaled_buckets(timed: &[u64; LATENCY_BUCKETS + 1], count: u64) -> [u64; LATENCY_BUCKETS + 1] {
-    let total: u64 = timed.iter().sum();
+/// The calls per bucket (not cumulative) estimated from the calls timed per bucket (`timed`),
+/// each timed call standing for `weight` calls: the running sums are the timed ones times
+/// `weight`, capped at `count`, and the last is `count`. Each running sum only grows as calls
+/// are counted and timed, so an exported histogram never goes down from one scrape to the next
+/// (Prometheus reads its buckets as counters), and each stays valid (its `+Inf` bucket is its
+/// count). When every call is timed (`weight` 1) it is `timed` itself.
+fn weighed_buckets(
+    timed: &[u64; LATENCY_BUCKETS + 1],
+    count: u64,
+    weight: u64,
+) -> [u64; LATENCY_BUCKETS + 1] {
     let mut out = [0u64; LATENCY_BUCKETS + 1];
     let (mut running, mut before) = (0u64, 0u64);
     for (bucket, calls) in out.iter_mut().zip(timed) {
-        running += calls;
-        let scaled = scale(running, count, total);
-        *bucket = scaled - before;
-        before = scaled;
+        running = running.saturating_add(*calls);
+        let weighed = weigh(running, weight).min(count);
+        *bucket = weighed - before;
+        before = weighed;
     }
+    out[LATENCY_BUCKETS] += count - before;
     out
 }
 
@@ -218,10 +225,11 @@ pub struct LatencyHistogram {
     /// Calls per bucket (not cumulative): bucket `i < LATENCY_BUCKETS` holds calls of at most
     /// [`latency_bucket_bound(i)`](latency_bucket_bound) seconds, the last one longer calls.
     /// They add up to every call counted (exact); how the calls spread over them is estimated
-    /// from the calls timed (one in the host's timing sample), scaled to that count.
+    /// from the calls timed, each standing for the host's timing sample N of calls (the
+    /// running sums are the timed ones times N, capped at the count, so they never go down).
     pub buckets: Vec<u64>,
-    /// Time spent in those calls, in seconds: the calls timed, scaled to every call counted
-    /// (an estimate; exact when every call is timed).
+    /// Time spent in those calls, in seconds: the calls timed times the timing sample N (an
+    /// estimate that never goes down; exact when every call is timed).
     pub sum_seconds: f64,
     /// Calls timed, from which the buckets and the sum are estimated.
     pub timed: u64,
@@ -354,8 +362,9 @@ impl StatsCell {
         latency
     }
 
-    /// Every histogram with at least one call, by kind and name.
-    pub(crate) fn latencies(&self) -> Vec<LatencyHistogram> {
+    /// Every histogram with at least one call timed, by kind and name; each call timed stands
+    /// for `weight` calls (the host's timing sample).
+    pub(crate) fn latencies(&self, weight: u64) -> Vec<LatencyHistogram> {
         let latencies = self
             .latencies
             .lock()
@@ -371,8 +380,8 @@ impl StatsCell {
                 (timed != 0).then(|| LatencyHistogram {
                     kind: *kind,
                     name: name.to_string(),
-                    buckets: scaled_buckets(&timed_buckets, count).to_vec(),
-                    sum_seconds: scale(sum, count, timed) as f64 * 1e-9,
+                    buckets: weighed_buckets(&timed_buckets, count, weight).to_vec(),
+                    sum_seconds: weigh(sum, weight) as f64 * 1e-9,
                     timed,
                 })
             })
@@ -381,7 +390,8 @@ impl StatsCell {
         out
     }
 
-    pub(crate) fn snapshot(&self) -> PluginStats {
+    /// The counters; each call timed stands for `weight` calls (the host's timing sample).
+    pub(crate) fn snapshot(&self, weight: u64) -> PluginStats {
         let sum = |f: fn(&Shard) -> &AtomicU64| {
             self.shards
                 .iter()
@@ -394,16 +404,11 @@ impl StatsCell {
             .map(|s| s.max_nanos.load(Relaxed))
             .max()
             .unwrap_or(0);
-        let (calls, timed) = (sum(|s| &s.calls), sum(|s| &s.timed));
         PluginStats {
-            calls,
+            calls: sum(|s| &s.calls),
             errors: sum(|s| &s.errors),
             panics: sum(|s| &s.panics),
-            total_latency: Duration::from_nanos(scale(
-                sum(|s| &s.timed_nanos),
-                calls.max(timed),
-                timed,
-            )),
+            total_latency: Duration::from_nanos(weigh(sum(|s| &s.timed_nanos), weight)),
             max_latency: Duration::from_nanos(max_nanos),
         }
     }
@@ -543,7 +548,7 @@ mod tests {
             })
             .sum();
         assert_eq!(sum(|s| &s.timed_nanos), expected_ticks + 1_000_000);
-        let stats = cell.snapshot();
+        let stats = cell.snapshot(1);
         assert_eq!(stats.max_latency, Duration::from_millis(2));
         assert_eq!(stats.calls, threads * 2_000 + 2);
     }
@@ -575,7 +580,10 @@ mod tests {
             .lock()
             .unwrap()
             .push((CallKind::Method, "m".into(), Arc::new(latency)));
-        let histogram = cell.latencies().pop().unwrap();
+        let histogram = cell
+            .latencies(u64::from(DEFAULT_TIMING_SAMPLE))
+            .pop()
+            .unwrap();
         let calls = (SHARDS as u64 + 3) * calls_per_thread;
         assert_eq!(histogram.count(), calls, "{histogram:?}");
         assert!(histogram.timed < calls / 8, "{histogram:?}");
@@ -605,27 +613,87 @@ mod tests {
     }
 
     #[test]
-    fn scaled_buckets_spread_the_count_in_the_timed_proportions() {
+    fn weighed_buckets_spread_the_count_by_the_timed_calls() {
         let mut timed = [0u64; LATENCY_BUCKETS + 1];
         timed[0] = 3;
         timed[4] = 1;
         timed[LATENCY_BUCKETS] = 1;
-        let scaled = scaled_buckets(&timed, 81);
-        assert_eq!(scaled.iter().sum::<u64>(), 81);
-        // Running sums 3, 4, 5 of 5, scaled to 81: 48, 64, 81.
+        let weighed = weighed_buckets(&timed, 81, 16);
+        assert_eq!(weighed.iter().sum::<u64>(), 81);
+        // Running sums 3, 4, 5 times 16, capped at 81: 48, 64, 80, then the count.
         assert_eq!(
-            (scaled[0], scaled[4], scaled[LATENCY_BUCKETS]),
+            (weighed[0], weighed[4], weighed[LATENCY_BUCKETS]),
             (48, 16, 17)
         );
         assert_eq!(
-            scaled_buckets(&timed, 5),
+            weighed_buckets(&timed, 5, 1),
             timed,
             "every call timed: as they are"
         );
         assert_eq!(
-            scaled_buckets(&[0; LATENCY_BUCKETS + 1], 7),
-            [0; LATENCY_BUCKETS + 1]
+            weighed_buckets(&[0; LATENCY_BUCKETS + 1], 7, 16)[LATENCY_BUCKETS],
+            7,
+            "nothing timed yet: every call in the last bucket"
         );
-        assert_eq!(scale(u64::MAX, 3, 2), u64::MAX, "no overflow");
+        assert_eq!(weigh(u64::MAX, 3), u64::MAX, "no overflow");
+    }
+
+    /// Prometheus reads a histogram's buckets and sum as counters: from one scrape to the
+    /// next, none may go down. The review's case: one thread, a sample of 16, the first call
+    /// timed fast, a scrape after 16 calls, then a slow call timed.
+    #[test]
+    fn exported_series_never_go_down_between_scrapes() {
+        let cell = StatsCell::default();
+        let latency = cell.latency(CallKind::Method, "m");
+        let shard = thread_shard();
+        let weight = 16;
+        let mut last: Option<(Vec<u64>, f64, u64, Duration)> = None;
+        for i in 0..2_000u64 {
+            let timed = (i % 16 == 0 || i % 61 == 0).then(|| {
+                // Fast, slow and very slow, in a pattern that moves the proportions around.
+                [2_000u64, 5_000_000, 3_000, 400_000_000][(i as usize / 16) % 4]
+            });
+            latency.count_at(shard, u64::MAX);
+            if let Some(nanos) = timed {
+                latency.record_at(shard, nanos);
+            }
+            cell.record_at(shard, timed, Outcome::Ok);
+            if i % 5 != 0 {
+                continue;
+            }
+            let Some(histogram) = cell.latencies(weight).pop() else {
+                continue;
+            };
+            let cumulative: Vec<u64> = histogram
+                .buckets
+                .iter()
+                .scan(0, |running, b| {
+                    *running += b;
+                    Some(*running)
+                })
+                .collect();
+            let stats = cell.snapshot(weight);
+            assert_eq!(histogram.count(), i + 1, "the count is exact");
+            if let Some((before, sum, count, total)) = &last {
+                for (j, (now, then)) in cumulative.iter().zip(before).enumerate() {
+                    assert!(
+                        now >= then,
+                        "call {i}: bucket {j} went down, {then} -> {now}"
+                    );
+                }
+                assert!(histogram.sum_seconds >= *sum, "call {i}: the sum went down");
+                assert!(histogram.count() >= *count);
+                assert!(
+                    stats.total_latency >= *total,
+                    "call {i}: the total went down"
+                );
+            }
+            last = Some((
+                cumulative,
+                histogram.sum_seconds,
+                histogram.count(),
+                stats.total_latency,
+            ));
+        }
     }
 }
