@@ -313,7 +313,7 @@ impl PluginHost {
     }
 
     /// The latency histograms of each loaded plugin (by name), one per method and hook point
-    /// with at least one timed call since the plugin was first loaded. Empty when calls are not
+    /// with at least one call since the plugin was first loaded. Empty when calls are not
     /// timed ([`with_call_timing(false)`](PluginHostBuilder::with_call_timing)).
     pub fn latencies(&self) -> Vec<(String, Vec<LatencyHistogram>)> {
         let registry = self.inner.registry.load();
