@@ -172,3 +172,35 @@ fn a_sample_that_is_not_a_power_of_two_is_refused() {
         "{stderr}"
     );
 }
+
+/// Fire-and-forget deliveries are timed like the others: counted in their hook point's
+/// histogram (exact), timed when picked (every one with a sample of 1), in the plugin's mean
+/// and maximum.
+#[test]
+fn fire_and_forget_deliveries_are_counted_and_timed() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {
+        "config": {"in": {"hook": "sleep"}, "sleepMs": 2},
+        "hooks": {"task.scored": {"mode": "fire_and_forget"}},
+    }}));
+    let host = host(&dir, &["crashy"], Some(1));
+    for n in 0..5 {
+        assert!(
+            host.fire(worker::hooks::TASK_SCORED, || json!({"n": n}))
+                .is_ok()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.plugin("crashy").unwrap().stats.calls < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let delivered = histogram(&host, "crashy", CallKind::Hook, "task.scored");
+    assert_eq!(
+        (delivered.count(), delivered.timed),
+        (5, 5),
+        "{delivered:?}"
+    );
+    assert!(delivered.sum_seconds >= 5.0 * 0.002, "{delivered:?}");
+    let stats = host.plugin("crashy").unwrap().stats;
+    assert!(stats.max_latency >= Duration::from_millis(2), "{stats:?}");
+}
