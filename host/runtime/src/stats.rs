@@ -47,11 +47,16 @@ pub(crate) struct Timing {
 }
 
 impl Timing {
-    /// `sample` is a power of two (checked where it is configured); another is rounded up.
+    /// `sample` is a power of two up to [`MAX_TIMING_SAMPLE`] (checked where it is
+    /// configured); another is rounded up to one, and a larger one taken as the largest (no
+    /// overflow, whatever the value).
     pub(crate) fn new(clock: quanta::Clock, sample: u32) -> Self {
         Timing {
             clock,
-            sample: u64::from(sample.max(1).next_power_of_two()),
+            sample: u64::from(sample)
+                .max(1)
+                .next_power_of_two()
+                .min(u64::from(MAX_TIMING_SAMPLE)),
         }
     }
 
@@ -826,5 +831,21 @@ mod tests {
         let cell = StatsCell::default();
         let picked = (0..16_000).filter(|_| cell.picks_at(0, 16)).count();
         assert!((700..1_300).contains(&picked), "{picked}");
+    }
+
+    /// Any sample is taken without a panic: rounded up to a power of two, at most the largest.
+    #[test]
+    fn any_timing_sample_is_taken_without_overflow() {
+        let clock = quanta::Clock::new;
+        for (given, taken) in [
+            (0, 1),
+            (1, 1),
+            (12, 16),
+            (MAX_TIMING_SAMPLE, u64::from(MAX_TIMING_SAMPLE)),
+            ((1 << 31) + 1, u64::from(MAX_TIMING_SAMPLE)),
+            (u32::MAX, u64::from(MAX_TIMING_SAMPLE)),
+        ] {
+            assert_eq!(Timing::new(clock(), given).sample, taken, "{given}");
+        }
     }
 }
