@@ -92,13 +92,13 @@ impl Ticks {
         else {
             return;
         };
-        for level in 0..TICK_LEVELS {
-            let shift = LEVEL_SHIFTS[level];
-            if level != 0 && before >> shift == reading >> shift {
+        for ((shift, next), ring) in LEVEL_SHIFTS.iter().zip(&self.next).zip(&self.rings) {
+            // The first ring keeps every tick (shift 0: the reading moved).
+            if before >> shift == reading >> shift {
                 break;
             }
-            let at = self.next[level].fetch_add(1, Relaxed) % TICKS_KEPT;
-            self.rings[level][at].store(kept | delay, Relaxed);
+            let at = next.fetch_add(1, Relaxed) % TICKS_KEPT;
+            ring[at].store(kept | delay, Relaxed);
         }
     }
 
