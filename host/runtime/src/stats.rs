@@ -227,6 +227,10 @@ impl Latency {
             shard.count.store(before.wrapping_add(1), Relaxed);
             before
         };
+        if sample <= 1 {
+            // Every call timed: no gap to draw.
+            return true;
+        }
         let due = shard.next.load(Relaxed);
         if before.wrapping_add(1) < due {
             return false;
