@@ -501,10 +501,11 @@ impl StatsCell {
 /// a call only. Latencies stay zero when the host was built with
 /// [`with_call_timing(false)`](crate::PluginHostBuilder::with_call_timing).
 ///
-/// The host times one call in N of each method and hook point
+/// The host times about one call in N, at random gaps, of each method and hook point
 /// ([`with_call_timing_sample`](crate::PluginHostBuilder::with_call_timing_sample), 16 by
-/// default; 1 times every call): the counts are exact, `total_latency` is the calls timed
-/// scaled to every call (an estimate, and so is the mean), and `max_latency` is the longest
+/// default; 1 times every call): the counts are exact, `total_latency` is the time of the
+/// calls timed times N (an estimate that only grows, and so the mean is one), and
+/// `max_latency` is the longest
 /// call timed or, for a call that was not, a lower bound from the watchdog's coarse clock
 /// whenever the call saw two of its ticks (50 ms apart): any call longer than about 100 ms
 /// reaches it, timed or not.
