@@ -61,14 +61,16 @@ fn counts_stay_exact_while_one_call_in_16_is_timed() {
     assert_eq!((stats.errors, stats.panics), (0, 0));
     let echoed = histogram(&host, "echo", CallKind::Method, "echo");
     assert_eq!(echoed.count(), 3_000, "{echoed:?}");
-    // The first of every 16 on each thread's shard: 3 × ⌈1000 / 16⌉ = 189.
+    // About one in 16 on each thread's shard, at random gaps: 187 on average (the band is
+    // some ten standard deviations wide).
     assert!(
-        (3_000 / 16..=3_000 / 8).contains(&echoed.timed),
+        (3_000 / 24..=3_000 / 10).contains(&echoed.timed),
         "{echoed:?}"
     );
     assert!(echoed.sum_seconds > 0.0);
     assert!(stats.total_latency > Duration::ZERO);
-    assert!(stats.max_latency >= stats.mean_latency());
+    // (The mean is an estimate, so it is not compared with the maximum.)
+    assert!(stats.max_latency > Duration::ZERO);
 
     let faulty = host.plugin("faulty").unwrap().stats;
     assert_eq!((faulty.calls, faulty.errors), (111, 111));
