@@ -28,7 +28,7 @@
 //!   overrun ends the child, not the host), `"in-process"` in the host's (the default, unless
 //!   the host sets another). `memoryLimitMb` limits an isolated plugin's memory; `restarts`
 //!   (`{"max": 3, "windowSec": 300}`, the defaults) is its crash-loop limit.
-//! - `callTimingSample` (top level): the host times one call in this many of each method and
+//! - `callTimingSample` (top level): the host times about one call in this many of each method and
 //!   hook point (a power of two; 16 by default, 1 times every call), read when it is built.
 //! - `sets` groups plugins: a set with `"enabled": false` disables all its plugins; a set's
 //!   `priority` applies to all their subscriptions (a plugin's own `hooks` override wins).
@@ -248,11 +248,13 @@ pub struct PluginsConfig {
 }
 
 fn call_timing_sample<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let sample = u64::deserialize(d)?;
-    match u32::try_from(sample) {
-        Ok(sample) if crate::stats::valid_timing_sample(sample) => Ok(Some(sample)),
+    // Any JSON value, so that every refusal (a negative, a fraction, text, null) names the
+    // field and the value, not only serde's type.
+    let value = serde_json::Value::deserialize(d)?;
+    match value.as_u64().map(u32::try_from) {
+        Some(Ok(sample)) if crate::stats::valid_timing_sample(sample) => Ok(Some(sample)),
         _ => Err(serde::de::Error::custom(format!(
-            "callTimingSample: {sample} is not a power of two from 1 to {}; give 1 to time every call, or 16 (the default) to time one in 16",
+            "callTimingSample: {value} is not a power of two from 1 to {}; give a whole number without quotes, 1 to time every call, or 16 (the default) to time about one in 16",
             crate::stats::MAX_TIMING_SAMPLE
         ))),
     }
@@ -416,11 +418,23 @@ mod tests {
         let config = PluginsConfig::parse(r#"{"callTimingSample": 64}"#).unwrap();
         assert_eq!(config.call_timing_sample, Some(64));
         assert_eq!(PluginsConfig::parse("{}").unwrap().call_timing_sample, None);
-        for bad in ["0", "12", "131072", "4294967296", "-1", "\"16\""] {
+        for bad in [
+            "0",
+            "12",
+            "131072",
+            "4294967296",
+            "-1",
+            "16.0",
+            "\"16\"",
+            "null",
+            "[16]",
+        ] {
             let text = format!(r#"{{"callTimingSample": {bad}}}"#);
             let message = format!("{:#}", PluginsConfig::parse(&text).unwrap_err());
             assert!(
-                message.contains("callTimingSample") || bad.starts_with(['-', '"']),
+                message.contains("callTimingSample")
+                    && message.contains(bad)
+                    && message.contains("give"),
                 "{bad}: {message}"
             );
             assert!(message.contains("line 1"), "{bad}: {message}");

@@ -49,39 +49,93 @@ pub(crate) fn now_ms() -> u64 {
     u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX >> 2)
 }
 
-/// How many of the coarse clock's last ticks are kept (a ring), so that a call the statistics
-/// did not time can tell, from the ticks it saw, how long it ran at least.
+/// The coarse clock's ticks, kept so that a call the statistics did not time can tell, from
+/// the ticks it saw, how long it ran at least. Each tick is kept with the time by which it was
+/// published (the clock read again after the publish, rounded up): a call that began before a
+/// tick was published began before that time, so the bound is the call's last reading minus
+/// it, never more than the call took, however late the watchdog published its reading.
+///
+/// Three rings of 64: every tick (about 3 s of a watchdog's ticks), the first tick of every
+/// 2.048 s (about 2 minutes) and of every 131 s (about 2.3 hours), so that a call of any length
+/// gets a bound (within about 2 s of its length up to 2 minutes, 2 minutes up to 2 hours, and
+/// at least 2 hours beyond), with any number of hosts' watchdogs ticking the one clock.
+struct Ticks {
+    rings: [[AtomicU64; TICKS_KEPT]; TICK_LEVELS],
+    next: [AtomicUsize; TICK_LEVELS],
+}
+
 const TICKS_KEPT: usize = 64;
-static TICKS: [AtomicU64; TICKS_KEPT] = [const { AtomicU64::new(0) }; TICKS_KEPT];
-static NEXT_TICK: AtomicUsize = AtomicUsize::new(0);
+const TICK_LEVELS: usize = 3;
+/// A ring above the first keeps the first tick after each multiple of its span (ms, shifts).
+const LEVEL_SHIFTS: [u32; TICK_LEVELS] = [0, 11, 17];
+/// A kept tick: its reading in the high bits, the milliseconds from it to its publish (rounded
+/// up) in the low [`DELAY_BITS`] (all ones: too late to use, skipped).
+const DELAY_BITS: u32 = 24;
+const DELAY_MASK: u64 = (1 << DELAY_BITS) - 1;
+
+static TICKS: Ticks = Ticks::new();
+
+impl Ticks {
+    const fn new() -> Self {
+        Ticks {
+            rings: [const { [const { AtomicU64::new(0) }; TICKS_KEPT] }; TICK_LEVELS],
+            next: [const { AtomicUsize::new(0) }; TICK_LEVELS],
+        }
+    }
+
+    /// Keeps the tick `reading`, published by `published` (both ms), that followed `before`.
+    fn keep(&self, before: u64, reading: u64, published: u64) {
+        let delay = published.saturating_sub(reading).min(DELAY_MASK);
+        let Some(kept) = reading
+            .checked_shl(DELAY_BITS)
+            .filter(|k| k >> DELAY_BITS == reading)
+        else {
+            return;
+        };
+        for ((shift, next), ring) in LEVEL_SHIFTS.iter().zip(&self.next).zip(&self.rings) {
+            // The first ring keeps every tick (shift 0: the reading moved).
+            if before >> shift == reading >> shift {
+                break;
+            }
+            let at = next.fetch_add(1, Relaxed) % TICKS_KEPT;
+            ring[at].store(kept | delay, Relaxed);
+        }
+    }
+
+    /// A lower bound (ms) of the length of a call that read the coarse clock `began` at its
+    /// start and `ended` (later) at its end: `ended` minus the earliest publish time of a tick
+    /// after `began`; 0 when none is kept (or it is not below `ended`).
+    fn bound(&self, began: u64, ended: u64) -> u64 {
+        self.rings
+            .iter()
+            .flatten()
+            .map(|tick| tick.load(Relaxed))
+            .filter(|&tick| {
+                let (reading, delay) = (tick >> DELAY_BITS, tick & DELAY_MASK);
+                reading > began && reading <= ended && delay != DELAY_MASK
+            })
+            .map(|tick| (tick >> DELAY_BITS) + (tick & DELAY_MASK))
+            .min()
+            .map_or(0, |published| ended.saturating_sub(published))
+    }
+}
 
 /// Brings the coarse clock forward (the watchdog's tick).
 pub(crate) fn tick() -> u64 {
     let now = now_ms();
-    // Kept after it is published: a call that sees a tick in the ring saw the clock move to
-    // it after the call began, never before.
-    if COARSE_MS.fetch_max(now, Relaxed) < now {
-        TICKS[NEXT_TICK.fetch_add(1, Relaxed) % TICKS_KEPT].store(now, Relaxed);
+    let before = COARSE_MS.fetch_max(now, Relaxed);
+    if before < now {
+        // Read after the publish (and rounded up): a call that saw an older reading began
+        // before this.
+        TICKS.keep(before, now, now_ms() + 1);
     }
     now
 }
 
-/// A lower bound of the length of a call that began when the coarse clock read `began` and
-/// ended when it read `ended` (later): from the first tick after `began` to `ended`, both of
-/// which came while the call ran; 0 when it saw only one tick (it may have been short). A
-/// call longer than two ticks always gets a bound above 0; one longer than the ticks kept
-/// gets the bound of the oldest kept.
+/// [`Ticks::bound`] over the process's ticks.
 #[cold]
 fn ticks_seen_ms(began: u64, ended: u64) -> u64 {
-    bound_from_ticks(TICKS.iter().map(|tick| tick.load(Relaxed)), began, ended)
-}
-
-/// [`ticks_seen_ms`] over the ticks `ticks`.
-fn bound_from_ticks(ticks: impl Iterator<Item = u64>, began: u64, ended: u64) -> u64 {
-    ticks
-        .filter(|&tick| tick > began && tick <= ended)
-        .min()
-        .map_or(0, |first| ended - first)
+    TICKS.bound(began, ended)
 }
 
 #[derive(Debug, Default)]
@@ -689,13 +743,15 @@ mod tests {
     /// them; one that saw one tick or none, none (it may have been short).
     #[test]
     fn an_untimed_call_is_bounded_by_the_ticks_it_saw() {
-        let ticks = [100, 150, 200, 250, 0];
-        assert_eq!(bound_from_ticks(ticks.into_iter(), 120, 250), 100);
-        assert_eq!(bound_from_ticks(ticks.into_iter(), 99, 150), 50);
-        assert_eq!(bound_from_ticks(ticks.into_iter(), 220, 250), 0, "one tick");
-        assert_eq!(bound_from_ticks(ticks.into_iter(), 250, 250), 0, "none");
-        // Older ticks than those kept: the oldest kept still came after the call began.
-        assert_eq!(bound_from_ticks(ticks.into_iter(), 10, 250), 150);
+        let ticks = Ticks::new();
+        for (before, reading) in [(0, 100), (100, 150), (150, 200), (200, 250)] {
+            ticks.keep(before, reading, reading + 1);
+        }
+        assert_eq!(ticks.bound(120, 250), 99);
+        assert_eq!(ticks.bound(99, 150), 49);
+        assert_eq!(ticks.bound(220, 250), 0, "one tick");
+        assert_eq!(ticks.bound(250, 250), 0, "none");
+        assert_eq!(ticks.bound(10, 250), 149);
 
         // Through the real clock (other hosts' watchdogs may tick too, in a test run that
         // shares the process: only what holds whatever they do is asserted).
@@ -708,8 +764,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let last = tick();
         let bound = long.untimed_lower_bound_nanos();
-        assert!(bound >= (last - first) * 1_000_000, "{bound}");
-        assert!(bound >= 59_000_000, "{bound}");
+        // From the first tick's publish (its reading rounded up, read again after it).
+        assert!(
+            bound >= (last - first).saturating_sub(2) * 1_000_000,
+            "{bound}"
+        );
+        assert!(bound >= 57_000_000, "{bound}");
         // A lower bound: never more than the call took (to the millisecond of the clock).
         assert!(
             u128::from(bound) <= began.elapsed().as_nanos() + 1_000_000,
@@ -729,5 +789,41 @@ mod tests {
         assert_eq!(calls[0].method, "a_rather_long_method_name_over_3");
         health.end(entry, false, "p");
         assert!(health.in_flight("p").is_empty());
+    }
+
+    /// A watchdog that read the clock at 100 and published only at 400 (descheduled in
+    /// between): a call that began at 350, while the clock still read 50, and ended at 450
+    /// took 100 ms; its bound is at most that (the old bound, from the reading, was 350).
+    #[test]
+    fn a_late_publish_never_makes_the_bound_too_high() {
+        let ticks = Ticks::new();
+        ticks.keep(0, 50, 51);
+        ticks.keep(50, 100, 401);
+        ticks.keep(100, 450, 451);
+        let bound = ticks.bound(50, 450);
+        assert!(bound <= 100, "{bound}");
+        assert_eq!(bound, 49);
+    }
+
+    /// A call of 30 s (600 ticks, far more than one ring keeps) is bounded within about 2 s
+    /// of its length; one of 3 hours, by more than 2 hours.
+    #[test]
+    fn a_call_longer_than_a_ring_is_still_bounded() {
+        let ticks = Ticks::new();
+        let mut before = 1_000;
+        for reading in (1_050..=31_000).step_by(50) {
+            ticks.keep(before, reading, reading + 1);
+            before = reading;
+        }
+        let bound = ticks.bound(1_000, 31_000);
+        assert!((27_500..=30_000).contains(&bound), "{bound}");
+        let ticks = Ticks::new();
+        let mut before = 0;
+        for reading in (50..=3 * 3_600_000).step_by(50) {
+            ticks.keep(before, reading, reading + 1);
+            before = reading;
+        }
+        let bound = ticks.bound(0, 3 * 3_600_000);
+        assert!(bound > 2 * 3_600_000 && bound <= 3 * 3_600_000, "{bound}");
     }
 }

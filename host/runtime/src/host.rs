@@ -304,14 +304,22 @@ impl PluginHost {
         plugins
     }
 
+    /// How many calls each call timed stands for in the estimates (the timing sample).
+    fn weight(&self) -> u64 {
+        self.inner
+            .timing
+            .as_ref()
+            .map_or(1, crate::stats::Timing::weight)
+    }
+
     /// The latency histograms of each loaded plugin (by name), one per method and hook point
-    /// with at least one timed call since the plugin was first loaded. Empty when calls are not
+    /// with at least one call since the plugin was first loaded. Empty when calls are not
     /// timed ([`with_call_timing(false)`](PluginHostBuilder::with_call_timing)).
     pub fn latencies(&self) -> Vec<(String, Vec<LatencyHistogram>)> {
         let registry = self.inner.registry.load();
         let mut out: Vec<(String, Vec<LatencyHistogram>)> = registry
             .iter()
-            .map(|(name, slot)| (name.to_string(), slot.stats.latencies()))
+            .map(|(name, slot)| (name.to_string(), slot.stats.latencies(self.weight())))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -458,7 +466,7 @@ impl PluginHost {
             hooks: self.configured_hooks(name, manifest),
             api_version: manifest.api_version.clone(),
             table_version: manifest.table_version,
-            stats: slot.stats.snapshot(),
+            stats: slot.stats.snapshot(self.weight()),
             health: slot.stats.health.snapshot(),
             isolation: crate::IsolationReport {
                 quarantined: generation.quarantined.clone(),

@@ -82,8 +82,9 @@ pub struct Cli {
     )]
     pub call_timeout_ms: u64,
 
-    /// Time one plugin call in N of each method and hook point (N a power of two, 1 to 65536):
-    /// counts stay exact, latency histograms and totals are estimated from the calls timed,
+    /// Time about one plugin call in N, at random gaps, of each method and hook point
+    /// (fire-and-forget deliveries included; N a power of two, 1 to 65536): counts stay exact,
+    /// latency histograms and totals are estimated from the calls timed (each standing for N),
     /// and the maximum takes every call timed and any other longer than about 100 ms. 1 times
     /// every call [default: `callTimingSample` in plugins.json, else 16].
     #[arg(long, global = true, value_name = "N", value_parser = timing_sample)]

@@ -316,7 +316,7 @@ impl Collector for HostCollector {
 
         let mut latency = encoder.encode_descriptor(
             "plugin_call_duration",
-            "Time in the plugin per call, by method (kind=\"method\") or hook point (kind=\"hook\"). The count is exact; buckets and sum are estimated from the calls timed (one in the timing sample, --call-timing-sample), scaled to the count.",
+            "Time in the plugin per call, by method (kind=\"method\") or hook point (kind=\"hook\"). The count is exact; buckets and sum are estimated from the calls timed (about one in the timing sample N, --call-timing-sample), each standing for N calls (buckets capped at the count); every series only grows.",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;

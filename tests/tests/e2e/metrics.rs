@@ -67,7 +67,8 @@ fn metrics_are_prometheus_families_with_histograms_info_and_task_figures() {
     dir.add("faulty", "libfaulty.so");
     dir.add("profiler", "libprofiler.so");
     let state = dir.shadow().join("state");
-    let worker = Worker::start(&dir, &state, &["--no-watch"]);
+    // Every call timed: the figures below come from two calls.
+    let worker = Worker::start(&dir, &state, &["--no-watch", "--call-timing-sample", "1"]);
 
     for _ in 0..2 {
         assert_eq!(

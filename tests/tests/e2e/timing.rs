@@ -61,14 +61,16 @@ fn counts_stay_exact_while_one_call_in_16_is_timed() {
     assert_eq!((stats.errors, stats.panics), (0, 0));
     let echoed = histogram(&host, "echo", CallKind::Method, "echo");
     assert_eq!(echoed.count(), 3_000, "{echoed:?}");
-    // The first of every 16 on each thread's shard: 3 × ⌈1000 / 16⌉ = 189.
+    // About one in 16 on each thread's shard, at random gaps: 187 on average (the band is
+    // some ten standard deviations wide).
     assert!(
-        (3_000 / 16..=3_000 / 8).contains(&echoed.timed),
+        (3_000 / 24..=3_000 / 10).contains(&echoed.timed),
         "{echoed:?}"
     );
     assert!(echoed.sum_seconds > 0.0);
     assert!(stats.total_latency > Duration::ZERO);
-    assert!(stats.max_latency >= stats.mean_latency());
+    // (The mean is an estimate, so it is not compared with the maximum.)
+    assert!(stats.max_latency > Duration::ZERO);
 
     let faulty = host.plugin("faulty").unwrap().stats;
     assert_eq!((faulty.calls, faulty.errors), (111, 111));
@@ -96,13 +98,13 @@ fn a_sample_of_1_times_every_call() {
     );
 }
 
-/// The second call of a method on a thread is not timed (the first of every 16 is), yet a slow
-/// one reaches the maximum: it saw several ticks of the watchdog's coarse clock, which give a
-/// lower bound of its length.
+/// With the largest sample (one call in 65536 timed, at random) the slow call is almost surely
+/// not timed, yet it reaches the maximum: it saw several ticks of the watchdog's coarse clock,
+/// which give a lower bound of its length (and were it timed, its time would).
 #[test]
 fn a_slow_call_that_was_not_timed_reaches_the_maximum() {
     let dir = PluginDir::new();
-    let host = host(&dir, &["crashy"], None);
+    let host = host(&dir, &["crashy"], Some(65_536));
     assert_eq!(
         host.execute("crashy", "sleep", &json!({"ms": 0})),
         Some(json!("slept"))
@@ -116,11 +118,7 @@ fn a_slow_call_that_was_not_timed_reaches_the_maximum() {
     );
     let took = started.elapsed();
     let slept = histogram(&host, "crashy", CallKind::Method, "sleep");
-    assert_eq!(
-        (slept.count(), slept.timed),
-        (2, 1),
-        "the slow call was not timed: {slept:?}"
-    );
+    assert_eq!(slept.count(), 2, "{slept:?}");
     let max = host.plugin("crashy").unwrap().stats.max_latency;
     // At least the ticks it saw (50 ms apart: at least 300 ms of its 400 on an idle machine;
     // less asked here, for a watchdog held up on a loaded one), never more than it took.
@@ -175,4 +173,36 @@ fn a_sample_that_is_not_a_power_of_two_is_refused() {
         stderr.contains("--call-timing-sample") && stderr.contains("power of two"),
         "{stderr}"
     );
+}
+
+/// Fire-and-forget deliveries are timed like the others: counted in their hook point's
+/// histogram (exact), timed when picked (every one with a sample of 1), in the plugin's mean
+/// and maximum.
+#[test]
+fn fire_and_forget_deliveries_are_counted_and_timed() {
+    let dir = PluginDir::new();
+    dir.configure(&json!({"crashy": {
+        "config": {"in": {"hook": "sleep"}, "sleepMs": 2},
+        "hooks": {"task.scored": {"mode": "fire_and_forget"}},
+    }}));
+    let host = host(&dir, &["crashy"], Some(1));
+    for n in 0..5 {
+        assert!(
+            host.fire(worker::hooks::TASK_SCORED, || json!({"n": n}))
+                .is_ok()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.plugin("crashy").unwrap().stats.calls < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let delivered = histogram(&host, "crashy", CallKind::Hook, "task.scored");
+    assert_eq!(
+        (delivered.count(), delivered.timed),
+        (5, 5),
+        "{delivered:?}"
+    );
+    assert!(delivered.sum_seconds >= 5.0 * 0.002, "{delivered:?}");
+    let stats = host.plugin("crashy").unwrap().stats;
+    assert!(stats.max_latency >= Duration::from_millis(2), "{stats:?}");
 }

@@ -283,6 +283,10 @@ impl PluginHostBuilder {
         };
         let watched = watchdog::Watched::default();
         let watchdog = watchdog::Watchdog::start(Arc::clone(&watched))?;
+        // Fire-and-forget deliveries are timed the same way, on the queue's thread.
+        let timing = self
+            .call_timing
+            .then(|| crate::stats::Timing::new(clock(), sample));
         Ok(PluginHost {
             inner: Arc::new(Inner {
                 call_timeout_ms: self.call_timeout_ms,
@@ -307,10 +311,8 @@ impl PluginHostBuilder {
                 host_hooks: Mutex::new(BTreeMap::new()),
                 next_hook_id: AtomicU64::new(1),
                 points: points.into(),
-                fire_queue: FireQueue::start(self.fire_and_forget_capacity)?,
-                timing: self
-                    .call_timing
-                    .then(|| crate::stats::Timing::new(clock(), sample)),
+                fire_queue: FireQueue::start(self.fire_and_forget_capacity, timing.clone())?,
+                timing,
                 refused: Mutex::new(Vec::new()),
                 next_generation: AtomicU64::new(1),
                 config_reload_failed: std::sync::atomic::AtomicBool::new(false),

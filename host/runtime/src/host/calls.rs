@@ -495,8 +495,8 @@ impl PluginHost {
         let started = match timing {
             Some(timing)
                 if latency.map_or_else(
-                    || slot.stats.picks_at(shard, timing.mask),
-                    |latency| latency.count_at(shard, timing.mask),
+                    || slot.stats.picks_at(shard, timing.sample),
+                    |latency| latency.count_at(shard, timing.sample),
                 ) =>
             {
                 Some(timing.start())

@@ -264,7 +264,7 @@ impl<'c> Timer<'c> {
     #[inline]
     fn start(&mut self, latency: &Latency, shard: usize) -> Option<u64> {
         let timing = self.timing?;
-        if !latency.count_at(shard, timing.mask) {
+        if !latency.count_at(shard, timing.sample) {
             // Nothing reads the clock at this call's end.
             self.last = 0;
             return None;

@@ -20,7 +20,13 @@ pub(super) struct FireQueue {
 }
 
 impl FireQueue {
-    pub(super) fn start(capacity: usize) -> anyhow::Result<Self> {
+    /// Starts the queue's thread, which times the deliveries it runs like any other (counted
+    /// in their hook point's histogram, the ones picked timed, the others reaching the
+    /// maximum from the watchdog's ticks).
+    pub(super) fn start(
+        capacity: usize,
+        timing: Option<crate::stats::Timing>,
+    ) -> anyhow::Result<Self> {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Job>(capacity);
         let thread = std::thread::Builder::new()
             .name("hook-fire-and-forget".into())
@@ -31,7 +37,7 @@ impl FireQueue {
                         job.point,
                         job.value.as_deref(),
                         job.text.as_deref(),
-                        &mut Timer::new(None),
+                        &mut Timer::new(timing.as_ref()),
                     );
                 }
             })?;
