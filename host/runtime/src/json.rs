@@ -294,7 +294,7 @@ pub(crate) const fn first_special(word: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// What the checker must agree with: what callers read the answer into.
@@ -496,22 +496,23 @@ mod tests {
         // The corpus reaches both answers often enough to mean something.
         assert!(accepted > 1_000, "only {accepted} valid inputs");
     }
-    /// A small generator for the corpora below (xorshift; the same inputs every run).
-    struct Rng(u64);
+    /// A small generator for the corpora below and the writer's (xorshift; the same inputs
+    /// every run).
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
 
-        fn below(&mut self, n: usize) -> usize {
+        pub(crate) fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
         }
 
-        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        pub(crate) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
             &items[self.below(items.len())]
         }
     }

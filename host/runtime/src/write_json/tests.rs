@@ -5,6 +5,7 @@ use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
 use super::write;
+use crate::json::tests::Rng;
 
 /// What this writer makes of `value`, and what `serde_json` makes of it: the same text, or
 /// errors with the same message.
@@ -18,21 +19,6 @@ fn assert_same<T: Serialize + ?Sized>(value: &T) {
             assert_eq!(ours, "kept ", "nothing is left written after an error");
         }
         (ours_result, theirs) => panic!("{ours_result:?} {ours:?} against {theirs:?}"),
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 
