@@ -319,7 +319,7 @@ impl PluginHost {
         let registry = self.inner.registry.load();
         let mut out: Vec<(String, Vec<LatencyHistogram>)> = registry
             .iter()
-            .map(|(name, slot)| (name.to_string(), slot.stats.latencies(self.weight())))
+            .map(|(name, slot)| (name.to_string(), slot.stats.latencies()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out

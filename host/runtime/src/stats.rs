@@ -143,9 +143,19 @@ struct LatencyShard {
     next: AtomicU64,
     /// The state of this shard's pseudo-random gaps (xorshift; 0 before it is seeded).
     random: AtomicU64,
-    /// Calls timed, by bucket, and their time summed.
+    /// Calls by bucket, and their time summed, as far as the last call timed: each call
+    /// timed stands for the calls counted since the one timed before it (the first, for the
+    /// calls before it), which go into its bucket with its time.
     buckets: [AtomicU64; LATENCY_BUCKETS + 1],
     sum_nanos: AtomicU64,
+    /// Calls timed.
+    timed: AtomicU64,
+    /// The count when the last call was timed (the calls the buckets hold), that call's
+    /// bucket plus one (0: none yet) and its time: the calls counted since stand for now in
+    /// its bucket, with its time, and go there when the next call is timed.
+    covered: AtomicU64,
+    last_bucket: AtomicU64,
+    last_nanos: AtomicU64,
 }
 
 /// A latency histogram with fixed log-scale buckets, kept in per-thread shards like the
@@ -240,58 +250,72 @@ impl Latency {
 
     /// Records the time of one call counted and picked by [`count_at`](Self::count_at), in
     /// shard `index`.
+    ///
+    /// The call stands for the calls this shard counted since the one timed before it (that
+    /// one's bucket and time take them: they were counted while it was the last one timed),
+    /// or, the first timed, for the calls before it. So every bucket and the sum only grow,
+    /// and whatever the gaps (each drawn at random), the buckets add up to the calls counted.
     #[inline]
     pub(crate) fn record_at(&self, index: usize, nanos: u64) {
         let owned = index != SHARED;
         let shard = &self.shards[index];
         let bits = u64::BITS - ((nanos.saturating_sub(1)) >> FIRST_BUCKET_BITS).leading_zeros();
         let bucket = (bits as usize).min(LATENCY_BUCKETS);
+        // Counted with this call already.
+        let count = shard.count.load(Relaxed);
+        let gap = count
+            .saturating_sub(shard.covered.load(Relaxed))
+            .saturating_sub(1);
+        let (before, before_nanos) = match shard.last_bucket.load(Relaxed).checked_sub(1) {
+            Some(last) => (
+                usize::try_from(last).map_or(LATENCY_BUCKETS, |b| b.min(LATENCY_BUCKETS)),
+                shard.last_nanos.load(Relaxed),
+            ),
+            None => (bucket, nanos),
+        };
+        add(&shard.buckets[before], gap, owned);
+        add(&shard.sum_nanos, before_nanos.saturating_mul(gap), owned);
         add(&shard.buckets[bucket], 1, owned);
         add(&shard.sum_nanos, nanos, owned);
+        add(&shard.timed, 1, owned);
+        shard.last_nanos.store(nanos, Relaxed);
+        shard.last_bucket.store(bucket as u64 + 1, Relaxed);
+        shard.covered.store(count, Relaxed);
     }
 
-    /// The calls counted, the calls timed by bucket, and their time summed.
-    fn snapshot(&self) -> (u64, [u64; LATENCY_BUCKETS + 1], u64) {
-        let mut count = 0u64;
+    /// The calls counted, by bucket (each call timed standing for those counted since the one
+    /// timed before it, the calls since the last one in its bucket, those before any timed
+    /// beyond the last bucket), their time summed the same way, and the calls timed.
+    fn snapshot(&self) -> ([u64; LATENCY_BUCKETS + 1], u64, u64) {
         let mut buckets = [0u64; LATENCY_BUCKETS + 1];
         let mut sum = 0u64;
+        let mut timed = 0u64;
         for shard in &self.shards {
-            count = count.wrapping_add(shard.count.load(Relaxed));
+            let covered = shard.covered.load(Relaxed);
+            let last = shard.last_bucket.load(Relaxed);
+            let last_nanos = shard.last_nanos.load(Relaxed);
             for (total, bucket) in buckets.iter_mut().zip(&shard.buckets) {
-                *total += bucket.load(Relaxed);
+                *total = total.wrapping_add(bucket.load(Relaxed));
             }
             sum = sum.wrapping_add(shard.sum_nanos.load(Relaxed));
+            timed = timed.wrapping_add(shard.timed.load(Relaxed));
+            let since = shard.count.load(Relaxed).saturating_sub(covered);
+            let at = match last.checked_sub(1) {
+                Some(last) => {
+                    usize::try_from(last).map_or(LATENCY_BUCKETS, |b| b.min(LATENCY_BUCKETS))
+                }
+                None => LATENCY_BUCKETS,
+            };
+            buckets[at] = buckets[at].wrapping_add(since);
+            sum = sum.wrapping_add(last_nanos.saturating_mul(since));
         }
-        (count, buckets, sum)
+        (buckets, sum, timed)
     }
 }
 
 /// `value * weight`, saturating: a figure of the calls timed scaled to all of them.
 fn weigh(value: u64, weight: u64) -> u64 {
     value.saturating_mul(weight)
-}
-
-/// The calls per bucket (not cumulative) estimated from the calls timed per bucket (`timed`),
-/// each timed call standing for `weight` calls: the running sums are the timed ones times
-/// `weight`, capped at `count`, and the last is `count`. Each running sum only grows as calls
-/// are counted and timed, so an exported histogram never goes down from one scrape to the next
-/// (Prometheus reads its buckets as counters), and each stays valid (its `+Inf` bucket is its
-/// count). When every call is timed (`weight` 1) it is `timed` itself.
-fn weighed_buckets(
-    timed: &[u64; LATENCY_BUCKETS + 1],
-    count: u64,
-    weight: u64,
-) -> [u64; LATENCY_BUCKETS + 1] {
-    let mut out = [0u64; LATENCY_BUCKETS + 1];
-    let (mut running, mut before) = (0u64, 0u64);
-    for (bucket, calls) in out.iter_mut().zip(timed) {
-        running = running.saturating_add(*calls);
-        let weighed = weigh(running, weight).min(count);
-        *bucket = weighed - before;
-        before = weighed;
-    }
-    out[LATENCY_BUCKETS] += count - before;
-    out
 }
 
 /// The latency histogram of one method or hook point of one plugin, since it was first loaded.
@@ -304,11 +328,12 @@ pub struct LatencyHistogram {
     /// Calls per bucket (not cumulative): bucket `i < LATENCY_BUCKETS` holds calls of at most
     /// [`latency_bucket_bound(i)`](latency_bucket_bound) seconds, the last one longer calls.
     /// They add up to every call counted (exact); how the calls spread over them is estimated
-    /// from the calls timed, each standing for the host's timing sample N of calls (the
-    /// running sums are the timed ones times N, capped at the count, so they never go down).
+    /// from the calls timed, each standing for the calls its thread counted since the one
+    /// timed before it (so no bucket ever goes down; exact when every call is timed). Calls
+    /// a thread counted before it timed any are in the last bucket until it does.
     pub buckets: Vec<u64>,
-    /// Time spent in those calls, in seconds: the calls timed times the timing sample N (an
-    /// estimate that never goes down; exact when every call is timed).
+    /// Time spent in those calls, in seconds, estimated the same way (exact when every call
+    /// is timed).
     pub sum_seconds: f64,
     /// Calls timed, from which the buckets and the sum are estimated.
     pub timed: u64,
@@ -442,9 +467,8 @@ impl StatsCell {
     }
 
     /// Every histogram with at least one call (its count exact from the first), by kind and
-    /// name; each call timed stands
-    /// for `weight` calls (the host's timing sample).
-    pub(crate) fn latencies(&self, weight: u64) -> Vec<LatencyHistogram> {
+    /// name.
+    pub(crate) fn latencies(&self) -> Vec<LatencyHistogram> {
         let latencies = self
             .latencies
             .lock()
@@ -453,15 +477,12 @@ impl StatsCell {
         let mut out: Vec<LatencyHistogram> = latencies
             .iter()
             .filter_map(|(kind, name, latency)| {
-                let (count, timed_buckets, sum) = latency.snapshot();
-                let timed: u64 = timed_buckets.iter().sum();
-                // Counted before timed: a snapshot taken in between sees one more call.
-                let count = count.max(timed);
-                (count != 0).then(|| LatencyHistogram {
+                let (buckets, sum, timed) = latency.snapshot();
+                (buckets.iter().any(|b| *b != 0)).then(|| LatencyHistogram {
                     kind: *kind,
                     name: name.to_string(),
-                    buckets: weighed_buckets(&timed_buckets, count, weight).to_vec(),
-                    sum_seconds: weigh(sum, weight) as f64 * 1e-9,
+                    buckets: buckets.to_vec(),
+                    sum_seconds: sum as f64 * 1e-9,
                     timed,
                 })
             })
@@ -573,8 +594,8 @@ mod tests {
             );
             latency.record_at(thread_shard(), nanos);
         }
-        let (count, buckets, _) = latency.snapshot();
-        assert_eq!(count, 8);
+        let (buckets, _, timed) = latency.snapshot();
+        assert_eq!((buckets.iter().sum::<u64>(), timed), (8, 8));
         assert_eq!(buckets[0], 2, "1 ns and 1024 ns are in the first bucket");
         assert_eq!(buckets[1], 2, "1025 and 2048 ns");
         assert_eq!(buckets[2], 1, "2049 ns");
@@ -635,8 +656,8 @@ mod tests {
     }
 
     /// One call in 16 timed, in every thread's shard (the shared one too): the count stays
-    /// exact, the buckets add up to it with running sums that never decrease, and the sum is
-    /// the timed calls' scaled to every call.
+    /// exact, the buckets add up to it, and the buckets and the sum estimate the calls'
+    /// spread and time.
     #[test]
     fn a_sampled_histogram_keeps_its_exact_count_and_stays_valid() {
         let latency = Latency::default();
@@ -661,10 +682,7 @@ mod tests {
             .lock()
             .unwrap()
             .push((CallKind::Method, "m".into(), Arc::new(latency)));
-        let histogram = cell
-            .latencies(u64::from(DEFAULT_TIMING_SAMPLE))
-            .pop()
-            .unwrap();
+        let histogram = cell.latencies().pop().unwrap();
         let calls = (SHARDS as u64 + 3) * calls_per_thread;
         assert_eq!(histogram.count(), calls, "{histogram:?}");
         assert!(histogram.timed < calls / 8, "{histogram:?}");
@@ -693,29 +711,56 @@ mod tests {
         );
     }
 
+    /// Each call timed stands for the calls counted since the one timed before it (the first
+    /// for those before it); calls counted since the last one timed are in its bucket, and
+    /// calls before any timed in the last bucket. Nothing is capped or left over: the buckets
+    /// add up to the count, whatever the gaps.
     #[test]
-    fn weighed_buckets_spread_the_count_by_the_timed_calls() {
-        let mut timed = [0u64; LATENCY_BUCKETS + 1];
-        timed[0] = 3;
-        timed[4] = 1;
-        timed[LATENCY_BUCKETS] = 1;
-        let weighed = weighed_buckets(&timed, 81, 16);
-        assert_eq!(weighed.iter().sum::<u64>(), 81);
-        // Running sums 3, 4, 5 times 16, capped at 81: 48, 64, 80, then the count.
+    fn each_call_timed_stands_for_the_calls_since_the_one_before() {
+        let latency = Latency::default();
+        let shard = 3;
+        let count = |n: u64| {
+            latency.shards[shard].count.fetch_add(n, Relaxed);
+        };
+        let bucket = |nanos: u64| {
+            let bits = u64::BITS - ((nanos - 1) >> FIRST_BUCKET_BITS).leading_zeros();
+            (bits as usize).min(LATENCY_BUCKETS)
+        };
+        let (fast, slow) = (bucket(1_000), bucket(5_000_000));
+        assert_ne!(fast, slow);
+        count(3);
+        let (buckets, sum, timed) = latency.snapshot();
         assert_eq!(
-            (weighed[0], weighed[4], weighed[LATENCY_BUCKETS]),
-            (48, 16, 17)
+            (buckets[LATENCY_BUCKETS], sum, timed),
+            (3, 0, 0),
+            "none timed yet"
         );
+        count(1);
+        latency.record_at(shard, 1_000);
+        let (buckets, sum, timed) = latency.snapshot();
         assert_eq!(
-            weighed_buckets(&timed, 5, 1),
-            timed,
-            "every call timed: as they are"
+            (buckets[fast], buckets[LATENCY_BUCKETS], sum, timed),
+            (4, 0, 4_000, 1)
         );
+        count(5);
+        let (buckets, sum, _) = latency.snapshot();
         assert_eq!(
-            weighed_buckets(&[0; LATENCY_BUCKETS + 1], 7, 16)[LATENCY_BUCKETS],
-            7,
-            "nothing timed yet: every call in the last bucket"
+            (buckets[fast], sum),
+            (9, 9_000),
+            "the calls since, in its bucket"
         );
+        count(1);
+        latency.record_at(shard, 5_000_000);
+        let (buckets, sum, timed) = latency.snapshot();
+        assert_eq!(
+            (buckets[fast], buckets[slow], sum, timed),
+            (9, 1, 5_009_000, 2),
+            "the gap stays with the call before; the slow call stands for itself so far"
+        );
+        assert_eq!(buckets.iter().sum::<u64>(), 10);
+        count(2);
+        let (buckets, sum, _) = latency.snapshot();
+        assert_eq!((buckets[slow], sum), (3, 15_009_000));
         assert_eq!(weigh(u64::MAX, 3), u64::MAX, "no overflow");
     }
 
@@ -742,7 +787,7 @@ mod tests {
             if i % 5 != 0 {
                 continue;
             }
-            let Some(histogram) = cell.latencies(weight).pop() else {
+            let Some(histogram) = cell.latencies().pop() else {
                 continue;
             };
             let cumulative: Vec<u64> = histogram
@@ -798,7 +843,7 @@ mod tests {
                 }
                 cell.record_at(shard, timed, Outcome::Ok);
             }
-            let histogram = cell.latencies(sample).pop().unwrap();
+            let histogram = cell.latencies().pop().unwrap();
             assert_eq!(histogram.count(), calls);
             let truth = (calls / 2 * (slow + fast)) as f64 * 1e-9;
             let ratio = histogram.sum_seconds / truth;

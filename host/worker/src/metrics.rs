@@ -316,7 +316,7 @@ impl Collector for HostCollector {
 
         let mut latency = encoder.encode_descriptor(
             "plugin_call_duration",
-            "Time in the plugin per call, by method (kind=\"method\") or hook point (kind=\"hook\"). The count is exact; buckets and sum are estimated from the calls timed (about one in the timing sample N, --call-timing-sample), each standing for N calls (buckets capped at the count); every series only grows.",
+            "Time in the plugin per call, by method (kind=\"method\") or hook point (kind=\"hook\"). The count is exact; buckets and sum are estimated from the calls timed (about one in the timing sample N, --call-timing-sample), each standing for the calls its thread counted since the one timed before it; every series only grows.",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;
