@@ -28,7 +28,7 @@
 //! the plugin's copy, with this plugin's own additions applied to it, while the number is
 //! unchanged. A host older than the generation is asked every time, as before.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
@@ -66,6 +66,21 @@ struct KeyInner {
     name: Box<str>,
     /// The host's number of the name, once given ([`NOT_NUMBERED`] before).
     id: AtomicU32,
+}
+
+/// The key of [`mark_id`], drawn at random once per process.
+static MARK_KEY: LazyLock<std::hash::RandomState> = LazyLock::new(std::hash::RandomState::new);
+
+/// A mark's identity in the plugin's set of marks: 128 bits of std's keyed SipHash (its key
+/// drawn at random per process), the hashes of two different inputs made of the mark. Marks
+/// come from task ids, which come from outside; without the key nobody can choose two marks
+/// with the same id, and by chance two of a set of `n` share one with a probability of about
+/// `n² / 2¹²⁹` (a second's marks: under 10⁻²⁸). The table hashes the id with a cheap hash: it
+/// is random already.
+fn mark_id(text: &[u8]) -> u128 {
+    use std::hash::BuildHasher as _;
+    let key = &*MARK_KEY;
+    (u128::from(key.hash_one(text)) << 64) | u128::from(key.hash_one((text, 1_u8)))
 }
 
 /// A [`Key`]'s id before the host numbered its name.
@@ -167,15 +182,9 @@ struct ReadCache {
     /// cheap hash serves; the marks, often from input, keep std's keyed one).
     key_ids: FxHashMap<String, u32>,
     field_ids: FxHashMap<String, u32>,
-    /// The marks this plugin added under and the store has not taken yet, each with the
-    /// number of the crossing that handed (or will hand) it over: [`add_once`] answers from
-    /// it, and the host keeps no set of its own for them.
-    marks: HashMap<String, u64>,
-    /// The number of the crossing the batch will go in (one more after each hand-over).
-    crossing: u64,
-    /// The crossings whose marks are not known to be flushed, with the number of the host's
-    /// batch their additions went into (the last crossing of each batch).
-    unflushed: VecDeque<(u64, u64)>,
+    /// The marks this plugin added under and the store has not taken yet: [`add_once`]
+    /// answers from them, and the host keeps no set of its own for them.
+    marks: Marks,
     /// The host's numbers last answered (`P F`, see [`ReadCache::note_batches`]): an empty
     /// answer means they are unchanged.
     told: (u64, u64),
@@ -191,9 +200,7 @@ static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| {
         batch: Vec::new(),
         key_ids: FxHashMap::default(),
         field_ids: FxHashMap::default(),
-        marks: HashMap::default(),
-        crossing: 0,
-        unflushed: VecDeque::new(),
+        marks: Marks::default(),
         told: (0, 0),
     })
 });
@@ -220,6 +227,109 @@ const MAX_NAME: usize = 512;
 /// stays under the host's limit of a MiB.
 const MAX_ENTRY_ROWS: usize = 32 * 1024;
 
+/// The set of a generation of marks (see [`Marks`]): their [`mark_id`]s, random already, so a
+/// cheap hash serves.
+type MarkSet = HashSet<u128, foldhash::fast::RandomState>;
+
+/// The marks a plugin added under and the store has not taken yet, in generations: the marks
+/// handed over while the host filled one or two of its batches. A generation is dropped whole
+/// once the store took the host's batches its marks went into. One set of every mark pending
+/// grew to a second's marks or more, and kept each with its crossing to be picked out at each
+/// flush: its entries were spread over megabytes, and an insertion cost a cache miss; a
+/// generation's set is a fraction of that, and is emptied for reuse rather than freed.
+#[derive(Default)]
+struct Marks {
+    /// Oldest first, each with the first and the last of the host's batches its marks went
+    /// into (0: none yet); the last generation takes new marks.
+    generations: VecDeque<(u64, u64, MarkSet)>,
+    /// An emptied set, for the next generation.
+    spare: MarkSet,
+}
+
+impl Marks {
+    /// Adds a mark: `false` when it is there already.
+    fn insert(&mut self, id: u128) -> bool {
+        if self.generations.is_empty() {
+            self.generations
+                .push_back((0, 0, std::mem::take(&mut self.spare)));
+        }
+        let newest = self.generations.len() - 1;
+        for (at, (_, _, set)) in self.generations.iter_mut().enumerate() {
+            if at < newest {
+                if set.contains(&id) {
+                    return false;
+                }
+            } else {
+                return set.insert(id);
+            }
+        }
+        false
+    }
+
+    fn remove(&mut self, id: u128) {
+        for (_, _, set) in &mut self.generations {
+            set.remove(&id);
+        }
+    }
+
+    /// The marks of the newest generation (the last crossing's among them) went into the host's
+    /// batch `batch`, and the store took every batch up to `flushed`: the generations it took
+    /// whole are dropped, and once the host moved on to a later batch, later marks start a new
+    /// generation.
+    fn handed(&mut self, batch: u64, flushed: u64) {
+        if let Some((first, last, _)) = self.generations.back_mut() {
+            if *first == 0 {
+                *first = batch;
+            }
+            *last = (*last).max(batch);
+            if *last > *first {
+                self.generations
+                    .push_back((0, 0, std::mem::take(&mut self.spare)));
+            }
+        }
+        while let Some((first, last, _)) = self.generations.front()
+            && *first != 0
+            && *last <= flushed
+        {
+            if let Some((_, _, mut set)) = self.generations.pop_front() {
+                set.clear();
+                if set.capacity() > self.spare.capacity() {
+                    self.spare = set;
+                }
+            }
+        }
+    }
+}
+
+/// The marks of a batch in the host's form (see [`ReadCache::batch`]).
+struct Entries<'a>(&'a [u8]);
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        fn word(bytes: &[u8], at: usize) -> Option<usize> {
+            let word: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+            usize::try_from(u32::from_le_bytes(word)).ok()
+        }
+        loop {
+            let bytes = self.0;
+            let (mark, at) = match bytes.first()? {
+                1 => {
+                    let len = word(bytes, 1)?;
+                    (bytes.get(5..5 + len), 5 + len)
+                }
+                _ => (None, 1),
+            };
+            let rows = word(bytes, at)?;
+            self.0 = bytes.get(at + 4 + rows * 16..).unwrap_or_default();
+            if let Some(mark) = mark {
+                return Some(mark);
+            }
+        }
+    }
+}
+
 fn read_cache() -> MutexGuard<'static, ReadCache> {
     READ_CACHE.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -239,14 +349,14 @@ impl ReadCache {
     /// they go into, the last batch the store took; empty: as last told), and drops the marks
     /// of every batch the store took: the store decides for them from now on, as for every
     /// worker's.
-    fn note_batches(&mut self, crossing: u64, numbers: &str) {
+    fn note_batches(&mut self, numbers: &str) {
         let (batch, flushed) = if numbers.is_empty() {
             self.told
         } else {
             let mut numbers = numbers.split(' ').map(str::parse::<u64>);
             let (Some(Ok(batch)), Some(Ok(flushed))) = (numbers.next(), numbers.next()) else {
                 // Not an answer this plugin knows: its marks are not kept past the crossing.
-                self.forget_crossing(crossing);
+                self.forget_batch();
                 return;
             };
             self.told = (batch, flushed);
@@ -254,28 +364,17 @@ impl ReadCache {
         };
         if batch == 0 {
             // Never told (not an answer this plugin knows).
-            self.forget_crossing(crossing);
+            self.forget_batch();
             return;
         }
-        match self.unflushed.back_mut() {
-            Some(last) if last.1 == batch => last.0 = crossing,
-            _ => self.unflushed.push_back((crossing, batch)),
-        }
-        let mut dropped = None;
-        while let Some(&(crossing, batch)) = self.unflushed.front()
-            && batch <= flushed
-        {
-            dropped = Some(crossing);
-            self.unflushed.pop_front();
-        }
-        if let Some(last) = dropped {
-            self.marks.retain(|_, crossing| *crossing > last);
-        }
+        self.marks.handed(batch, flushed);
     }
 
-    /// Drops the marks of one crossing (the host did not take it).
-    fn forget_crossing(&mut self, crossing: u64) {
-        self.marks.retain(|_, c| *c != crossing);
+    /// Drops the marks of the batch being handed over (the host did not take it).
+    fn forget_batch(&mut self) {
+        for mark in Entries(&self.batch) {
+            self.marks.remove(mark_id(mark));
+        }
     }
 
     /// The host's id of a key (`kind` "k") or field ("f") name, asked for at its first use.
@@ -319,8 +418,6 @@ impl ReadCache {
         if self.batch.is_empty() {
             return;
         }
-        let crossing = self.crossing;
-        self.crossing += 1;
         match crate::log::store_batch(&self.batch) {
             Ok(Some(answer)) => match answer.strip_prefix("dup ") {
                 // A mark was already pending in the host (an earlier instance of this plugin
@@ -328,15 +425,15 @@ impl ReadCache {
                 // dropped and read again.
                 Some(numbers) => {
                     self.fields.clear();
-                    self.note_batches(crossing, numbers);
+                    self.note_batches(numbers);
                 }
-                None => self.note_batches(crossing, &answer),
+                None => self.note_batches(&answer),
             },
-            Ok(None) => self.forget_crossing(crossing),
+            Ok(None) => self.forget_batch(),
             Err(e) => {
                 tracing::warn!(error = %e.message, "the host's store refused a batch of additions");
                 self.fields.clear();
-                self.forget_crossing(crossing);
+                self.forget_batch();
             }
         }
         self.batch.clear();
@@ -344,50 +441,47 @@ impl ReadCache {
 
     /// Appends one entry (under `mark`, if any, which goes into the set of marks) to the batch
     /// and applies it to the copies: `Ok(false)` (nothing appended) for a mark in the set
-    /// already; `Err` with the mark (nothing appended, the mark not kept) when the host would
-    /// not give an id.
+    /// already; `Err` (nothing appended, the mark not kept) for a mark that is no name, or
+    /// when the host would not give an id.
     fn append<K: StoreKey + ?Sized>(
         &mut self,
-        mark: Option<Mark<'_>>,
+        mark: Option<&Mark<'_>>,
         adds: &[(&K, &[(&str, f64)])],
-    ) -> Result<bool, Option<String>> {
+    ) -> Result<bool, NotAppended> {
         let start = self.batch.len();
-        let mut marked = 0..0;
+        let mut marked = None;
         match mark {
             None => self.batch.push(0),
             Some(mark) => {
-                let text = mark.as_str();
-                let Ok(len) = u32::try_from(text.len()) else {
-                    return Err(Some(mark.owned()));
-                };
+                // The mark is written in place (its length once known), then checked there.
                 self.batch.push(1);
-                self.batch.extend_from_slice(&len.to_le_bytes());
-                self.batch.extend_from_slice(text.as_bytes());
-                marked = start + 5..self.batch.len();
-                // One hash: the mark is inserted first (a mark seen before is rare) and taken
-                // out again if its entry cannot be written. A mark seen before keeps the
-                // crossing that carried it (forgetting a later crossing must not forget it).
-                let crossing = self.crossing;
-                match self.marks.entry(mark.owned()) {
-                    std::collections::hash_map::Entry::Occupied(_) => {
-                        self.batch.truncate(start);
-                        return Ok(false);
-                    }
-                    std::collections::hash_map::Entry::Vacant(new) => {
-                        new.insert(crossing);
-                    }
+                self.batch.extend_from_slice(&[0; 4]);
+                mark.write_to(&mut self.batch);
+                let text = self.batch.get(start + 5..).unwrap_or_default();
+                let len = u32::try_from(text.len()).ok().filter(|_| plain_bytes(text));
+                let Some(len) = len else {
+                    self.batch.truncate(start);
+                    return Err(NotAppended::Mark);
+                };
+                let id = mark_id(text);
+                if let Some(slot) = self.batch.get_mut(start + 1..start + 5) {
+                    slot.copy_from_slice(&len.to_le_bytes());
                 }
+                // The mark is inserted first (a mark seen before is rare) and taken out again
+                // if its entry cannot be written.
+                if !self.marks.insert(id) {
+                    self.batch.truncate(start);
+                    return Ok(false);
+                }
+                marked = Some(id);
             }
         }
         if self.encode_rows(adds).is_none() {
-            let mut taken = None;
-            if !marked.is_empty() {
-                let text = self.batch.get(marked).unwrap_or_default();
-                let text = std::str::from_utf8(text).unwrap_or_default();
-                taken = self.marks.remove_entry(text).map(|(mark, _)| mark);
+            if let Some(id) = marked {
+                self.marks.remove(id);
             }
             self.batch.truncate(start);
-            return Err(taken);
+            return Err(NotAppended::Names);
         }
         self.writes += 1;
         if !self.fields.is_empty() {
@@ -439,27 +533,43 @@ impl ReadCache {
     }
 }
 
-/// A mark given to [`add_once`] (borrowed: the set keeps a copy) or made by
-/// [`add_once_joined`] (the set keeps it).
+/// A mark given to [`add_once`], or the parts [`add_once_joined`] joins into one: written
+/// straight into the batch, never built on its own but on the older path.
 enum Mark<'a> {
-    Borrowed(&'a str),
-    Owned(String),
+    Text(&'a str),
+    Parts(&'a [&'a str]),
 }
 
 impl Mark<'_> {
-    fn as_str(&self) -> &str {
+    /// Writes the mark's text at the end of `out`.
+    fn write_to(&self, out: &mut Vec<u8>) {
         match self {
-            Mark::Borrowed(text) => text,
-            Mark::Owned(text) => text,
+            Mark::Text(text) => out.extend_from_slice(text.as_bytes()),
+            Mark::Parts(parts) => {
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'/');
+                    }
+                    out.extend_from_slice(part.as_bytes());
+                }
+            }
         }
     }
 
-    fn owned(self) -> String {
+    fn text(&self) -> String {
         match self {
-            Mark::Borrowed(text) => text.to_owned(),
-            Mark::Owned(text) => text,
+            Mark::Text(text) => (*text).to_owned(),
+            Mark::Parts(parts) => join(parts),
         }
     }
+}
+
+/// Why [`ReadCache::append`] appended nothing.
+enum NotAppended {
+    /// The mark is no name (empty, too long, a newline or a tab).
+    Mark,
+    /// The host would not number a key or field name: the older path says why.
+    Names,
 }
 
 /// Counts a plugin call as begun (the export shims call it), once this plugin batches
@@ -561,9 +671,11 @@ fn raw(name: &str, text: &str) -> Option<String> {
 
 /// Whether `name` can be a key, mark or field: 1 to 512 bytes, no newline, no tab.
 fn plain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && memchr::memchr2(b'\n', b'\t', name.as_bytes()).is_none()
+    plain_bytes(name.as_bytes())
+}
+
+fn plain_bytes(name: &[u8]) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && memchr::memchr2(b'\n', b'\t', name).is_none()
 }
 
 fn push_delta(text: &mut String, delta: f64) {
@@ -636,39 +748,40 @@ pub fn add<K: StoreKey + ?Sized>(key: &K, fields: &[(&str, f64)]) -> bool {
 /// transaction as the additions, and the next refresh of the cache shows its decision);
 /// `Some(false)` for a mark already pending here; `None` without a store.
 pub fn add_once<K: StoreKey + ?Sized>(mark: &str, adds: &[(&K, &[(&str, f64)])]) -> Option<bool> {
-    once(Mark::Borrowed(mark), adds)
+    once(&Mark::Text(mark), adds)
 }
 
-/// [`add_once`] under the mark `join(parts)`, made once (the plugin's set of marks keeps it
-/// rather than a copy): `add_once_joined(&["scored", context, id], adds)`.
+/// [`add_once`] under the mark `join(parts)`, written straight where it goes (no string is
+/// made for it): `add_once_joined(&["scored", context, id], adds)`.
 pub fn add_once_joined<K: StoreKey + ?Sized>(
     parts: &[&str],
     adds: &[(&K, &[(&str, f64)])],
 ) -> Option<bool> {
-    once(Mark::Owned(join(parts)), adds)
+    once(&Mark::Parts(parts), adds)
 }
 
-fn once<K: StoreKey + ?Sized>(mark: Mark<'_>, adds: &[(&K, &[(&str, f64)])]) -> Option<bool> {
-    let valid = plain(mark.as_str())
-        && adds
-            .iter()
-            .all(|(_, fields)| fields.iter().all(|(_, d)| d.is_finite()));
-    if !valid {
+fn once<K: StoreKey + ?Sized>(mark: &Mark<'_>, adds: &[(&K, &[(&str, f64)])]) -> Option<bool> {
+    let finite = adds
+        .iter()
+        .all(|(_, fields)| fields.iter().all(|(_, d)| d.is_finite()));
+    if !finite {
         return None;
     }
-    // Names are checked when the host numbers them (the first use).
-    let mark = match batching() {
-        Some(mut cache) => match cache.append(Some(mark), adds) {
+    // Names are checked when the host numbers them (the first use), the mark in the batch.
+    if let Some(mut cache) = batching() {
+        match cache.append(Some(mark), adds) {
             Ok(new) => return Some(new),
+            Err(NotAppended::Mark) => return None,
             // The older path, for a name the host would not number (it says why).
-            Err(mark) => Mark::Owned(mark.unwrap_or_default()),
-        },
-        None => mark,
-    };
+            Err(NotAppended::Names) => {}
+        }
+    }
+    let mark = mark.text();
     let mark = mark.as_str();
-    let valid = adds
-        .iter()
-        .all(|(key, fields)| plain(key.key_name()) && fields.iter().all(|(f, _)| plain(f)));
+    let valid = plain(mark)
+        && adds
+            .iter()
+            .all(|(key, fields)| plain(key.key_name()) && fields.iter().all(|(f, _)| plain(f)));
     if !valid {
         return None;
     }
@@ -826,4 +939,86 @@ pub fn compare_and_set<K: StoreKey + ?Sized>(key: &K, version: u64, value: &Valu
     cache.writes += 1;
     cache.records.remove(key);
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Entries, Marks, mark_id};
+
+    #[test]
+    fn a_mark_is_seen_in_every_generation_until_the_store_took_its_batch() {
+        let mut marks = Marks::default();
+        let (a, b, c) = (
+            mark_id(b"scored/a"),
+            mark_id(b"scored/b"),
+            mark_id(b"scored/c"),
+        );
+        assert!(marks.insert(a));
+        assert!(!marks.insert(a), "a mark pending is seen");
+        // Handed over into the host's batch 1, nothing flushed yet.
+        marks.handed(1, 0);
+        assert!(marks.insert(b));
+        // The next crossing went into batch 2: the host moved on, and `c` starts a generation
+        // of its own.
+        marks.handed(2, 0);
+        assert!(marks.insert(c));
+        assert_eq!(marks.generations.len(), 2);
+        assert!(!marks.insert(a) && !marks.insert(b) && !marks.insert(c));
+        // Batch 1 flushed: the first generation also holds a mark of batch 2 (`b`), so it
+        // stays until batch 2 is flushed.
+        marks.handed(2, 1);
+        assert!(!marks.insert(a) && !marks.insert(b));
+        // `c`'s generation went into batches 2 and 3; batch 2 flushed drops the first one.
+        marks.handed(3, 2);
+        assert!(marks.insert(a), "a flushed mark is the store's to decide");
+        assert!(
+            !marks.insert(c),
+            "a mark of a batch not flushed is still seen"
+        );
+        marks.handed(3, 3);
+        assert!(
+            marks.generations.is_empty(),
+            "{:?}",
+            marks.generations.len()
+        );
+        assert!(marks.insert(c));
+    }
+
+    #[test]
+    fn a_removed_mark_is_new_again() {
+        let mut marks = Marks::default();
+        let a = mark_id(b"a");
+        assert!(marks.insert(a));
+        marks.remove(a);
+        assert!(marks.insert(a));
+    }
+
+    #[test]
+    fn the_ids_of_two_marks_differ_and_one_mark_keeps_its_id() {
+        assert_eq!(mark_id(b"scored/x/1"), mark_id(b"scored/x/1"));
+        assert_ne!(mark_id(b"scored/x/1"), mark_id(b"scored/x/2"));
+        // The two halves are hashes of different inputs.
+        let id = mark_id(b"scored/x/1");
+        assert_ne!(id >> 64, id & u128::from(u64::MAX));
+    }
+
+    #[test]
+    fn the_marks_of_a_batch_are_read_back_and_a_cut_batch_ends_them() {
+        let mut batch = Vec::new();
+        // An entry without a mark and one row, then one with the mark "m/1" and two rows.
+        batch.push(0);
+        batch.extend_from_slice(&1_u32.to_le_bytes());
+        batch.extend_from_slice(&[7; 16]);
+        batch.push(1);
+        batch.extend_from_slice(&3_u32.to_le_bytes());
+        batch.extend_from_slice(b"m/1");
+        batch.extend_from_slice(&2_u32.to_le_bytes());
+        batch.extend_from_slice(&[9; 32]);
+        let marks: Vec<&[u8]> = Entries(&batch).collect();
+        assert_eq!(marks, [b"m/1".as_slice()]);
+        for cut in 0..batch.len() {
+            // Never a panic, never more marks than there are.
+            assert!(Entries(batch.get(..cut).unwrap_or_default()).count() <= 1);
+        }
+    }
 }

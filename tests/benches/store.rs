@@ -2,11 +2,11 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the three
-//! setups interleaved, 11 rounds; the medians (and the fastest rounds) are printed with their
+//! setups interleaved, 11 timed rounds after 3 s of untimed ones; the medians (and the fastest rounds) are printed with their
 //! ratio to the file state. `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup
 //! alone, to count its instructions with callgrind (with `STORE_BENCH_FLUSH_MS=3600000`, no
-//! flush inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time and minor page
-//! faults).
+//! flush inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time, the pipeline
+//! thread's time on the CPU and waiting for it, minor page faults).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 
@@ -27,7 +27,6 @@ const PLUGINS: &[&str] = &[
     "task-policy",
     "model-router",
 ];
-const ROUNDS: usize = 11;
 
 fn host(dir: &PluginDir, store: Option<Store>) -> plugin_host::PluginHost {
     let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/plugins.json");
@@ -78,8 +77,32 @@ fn main() {
     ];
     // `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, for callgrind.
     let only = std::env::var("STORE_BENCH_ONLY").ok();
+    // `STORE_BENCH_ROUNDS` (11 by default): more rounds make the setup's share of a profile small.
+    let rounds: usize = std::env::var("STORE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(11);
+    // Untimed rounds first, for `STORE_BENCH_WARMUP_S` seconds (3 by default: three flush
+    // intervals): a worker runs for hours, and its store's buffers, grown in the first second
+    // and then reused, are part of its steady state. Timing a store's first second alone
+    // measured the price of touching new memory, which on a virtual machine is a fault to the
+    // hypervisor per page (3 to 24 µs here).
+    let warmup = Duration::from_secs_f64(
+        std::env::var("STORE_BENCH_WARMUP_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3.0),
+    );
+    let warming = std::time::Instant::now();
+    let mut warm_rounds = 0;
     let mut times = vec![Vec::new(); setups.len()];
-    for round in 0..ROUNDS {
+    for round in 0.. {
+        let timed = warming.elapsed() >= warmup;
+        if !timed {
+            warm_rounds += 1;
+        } else if round >= warm_rounds + rounds {
+            break;
+        }
         for (i, (name, host)) in setups.iter().enumerate() {
             if only.as_deref().is_some_and(|o| o != *name) {
                 continue;
@@ -89,17 +112,24 @@ fn main() {
                 .map(|t| t.replacen("\"id\":\"", &format!("\"id\":\"{i}-{round}-"), 1) + "\n")
                 .collect();
             let flt0 = minflt();
+            let sched0 = schedstat();
             let started = std::time::Instant::now();
             let mut out = Vec::with_capacity(1 << 20);
             let summary = Pipeline::new(host.clone())
                 .run_stream(Cursor::new(text.as_bytes()), &mut out, |_| {})
                 .unwrap();
             assert_eq!(summary.completed, 1200);
+            if !timed {
+                continue;
+            }
             times[i].push(started.elapsed().as_secs_f64());
             if std::env::var_os("STORE_BENCH_VERBOSE").is_some() {
+                let sched = schedstat();
                 eprintln!(
-                    "{name} round {round}: {:.1} ms, {} minor faults",
+                    "{name} round {round}: {:.1} ms, on the CPU {:.1} ms, waiting for it {:.1} ms, {} minor faults",
                     started.elapsed().as_secs_f64() * 1e3,
+                    (sched.0 - sched0.0) as f64 / 1e6,
+                    (sched.1 - sched0.1) as f64 / 1e6,
                     minflt() - flt0
                 );
             }
@@ -116,12 +146,16 @@ fn main() {
         .iter()
         .map(|v| v.first().copied().unwrap_or(f64::NAN))
         .collect();
+    println!(
+        "after {warm_rounds} untimed rounds ({:.1} s):",
+        warmup.as_secs_f64()
+    );
     for (((name, _), m), f) in setups.iter().zip(&medians).zip(&fastest) {
         if m.is_nan() {
             continue;
         }
         println!(
-            "{name:<10} median of {ROUNDS} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state; fastest {:.1} ms, {:+.1}%",
+            "{name:<10} median of {rounds} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state; fastest {:.1} ms, {:+.1}%",
             m * 1e3,
             1200.0 / m,
             (m / medians[0] - 1.0) * 100.0,
@@ -132,6 +166,13 @@ fn main() {
     for (_, host) in &setups {
         host.shutdown();
     }
+}
+
+/// This thread's time on the CPU and waiting for one (run queue), in nanoseconds.
+fn schedstat() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let mut fields = stat.split(' ').map(|f| f.trim().parse().unwrap_or(0));
+    (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
 }
 
 fn minflt() -> u64 {

@@ -248,6 +248,11 @@ struct Cache {
     unmarked: Sums,
     /// The batch being flushed, kept (with its id) until the store took it.
     inflight: Option<Arc<Batch>>,
+    /// The buffers of the last batch the store took, emptied, for the next batch to fill: a
+    /// batch holds a second of additions, and growing fresh buffers to that size every flush
+    /// (copying them at each doubling, faulting in new pages) cost the pipeline more than
+    /// filling them.
+    spare: Spare,
     /// Marks added through the `mark` operation (plugins that hand additions over one by one)
     /// since their last flush. A batching plugin keeps its own marks until they are flushed
     /// (`plugin_api::store`), so the host keeps none of them but in `carried`.
@@ -394,6 +399,94 @@ impl Cache {
             .filter_map(|((_, f), d)| Some((&**self.names.fields.get(*f as usize)?, *d)))
             .collect()
     }
+}
+
+/// Emptied buffers of a batch (see [`Cache::spare`]).
+#[derive(Default)]
+struct Spare {
+    groups: Vec<Group>,
+    rows: Vec<Row>,
+    marks: Vec<u8>,
+    /// The most items (groups, rows, mark bytes) of recent batches: the largest batch's,
+    /// less an eighth for each batch since. A buffer far larger (one that grew over an
+    /// outage) is not kept.
+    peak: [usize; 3],
+}
+
+impl Spare {
+    /// Keeps the buffers of a batch the store took, emptied (nothing in them needs dropping),
+    /// unless one is far larger than recent batches needed; hands back its names and what it
+    /// does not keep, to be freed after the lock is let go.
+    fn keep(&mut self, batch: Batch) -> impl Send + use<> {
+        let Batch {
+            groups,
+            rows,
+            marks,
+            keys,
+            fields,
+            ..
+        } = batch;
+        let marks = marks.into_bytes();
+        let lens = [groups.len(), rows.len(), marks.len()];
+        for (peak, len) in self.peak.iter_mut().zip(lens) {
+            *peak = len.max(*peak - *peak / 8);
+        }
+        let [groups_peak, rows_peak, marks_peak] = self.peak;
+        let dropped = (
+            keep_fitting(&mut self.groups, groups, groups_peak),
+            keep_fitting(&mut self.rows, rows, rows_peak),
+            keep_fitting(&mut self.marks, marks, marks_peak),
+        );
+        (keys, fields, dropped)
+    }
+
+    /// The buffers for a new batch of the pending `groups`, `rows` and `marks`: each pending
+    /// buffer, and the spare one left in its place; or, when the spare one is smaller and the
+    /// pending items few (it holds them, or they fill a quarter of their buffer at most), the
+    /// spare one with the items copied in, and the larger one left pending. A flush often takes a small batch right after a large one (what came in while
+    /// the large one was written): without this, the buffer a second's additions grew would
+    /// carry the small batch, and the next second would grow a small buffer all over again.
+    fn take(
+        &mut self,
+        groups: &mut Vec<Group>,
+        rows: &mut Vec<Row>,
+        marks: &mut String,
+    ) -> (Vec<Group>, Vec<Row>, String) {
+        let taken_marks = {
+            let mut pending = std::mem::take(marks).into_bytes();
+            let taken = take_buffer(&mut pending, std::mem::take(&mut self.marks));
+            // Both hold whole marks copied from strings (or nothing): still UTF-8.
+            *marks = String::from_utf8(pending).unwrap_or_default();
+            String::from_utf8(taken).unwrap_or_default()
+        };
+        (
+            take_buffer(groups, std::mem::take(&mut self.groups)),
+            take_buffer(rows, std::mem::take(&mut self.rows)),
+            taken_marks,
+        )
+    }
+}
+
+/// See [`Spare::take`]: the buffer a new batch takes `pending`'s items in, and `pending` left
+/// with the larger buffer, empty.
+fn take_buffer<T>(pending: &mut Vec<T>, mut spare: Vec<T>) -> Vec<T> {
+    let few = pending.len() <= spare.capacity().max(pending.capacity() / 4);
+    if spare.capacity() < pending.capacity() && few {
+        spare.append(pending);
+        spare
+    } else {
+        std::mem::replace(pending, spare)
+    }
+}
+
+/// Keeps `buffer`, emptied, as `kept` unless it is far larger than `peak` items; hands back
+/// what is not kept.
+fn keep_fitting<T>(kept: &mut Vec<T>, mut buffer: Vec<T>, peak: usize) -> Vec<T> {
+    if buffer.capacity() > 4 * peak.max(1024) {
+        return buffer;
+    }
+    buffer.clear();
+    std::mem::replace(kept, buffer)
 }
 
 #[derive(Default)]
@@ -702,11 +795,12 @@ fn flush_once(shared: &Shared) -> bool {
     let (batch, keys, record_keys) = {
         let mut cache = lock(&shared.cache);
         if cache.inflight.is_none() && cache.has_pending() {
-            let mut groups = std::mem::take(&mut cache.pending);
-            let mut rows = std::mem::take(&mut cache.rows);
-            // The next batch's marks start with room for as many as this one's.
-            let room = cache.marks_text.len();
-            let marks = std::mem::replace(&mut cache.marks_text, String::with_capacity(room));
+            // The pending additions go on in the buffers of a batch the store took.
+            let cache = &mut *cache;
+            let (mut groups, mut rows, marks) =
+                cache
+                    .spare
+                    .take(&mut cache.pending, &mut cache.rows, &mut cache.marks_text);
             let unmarked = std::mem::take(&mut cache.unmarked);
             if !unmarked.is_empty() {
                 let start = rows.len();
@@ -750,6 +844,9 @@ fn flush_once(shared: &Shared) -> bool {
         Err(_) => Err(anyhow::anyhow!("not read: the flush failed")),
     };
     drop(backend);
+    // The cache's reference alone is left, so that the buffers of a batch the store took can
+    // be kept for the next one.
+    drop(batch);
     let mut cache = lock(&shared.cache);
     // What the store took is freed after the lock is let go (the plugins' calls wait for it).
     let mut flushed_batch = None;
@@ -769,7 +866,14 @@ fn flush_once(shared: &Shared) -> bool {
                     if cache.flushed >= cache.carried_until {
                         cache.carried = HashSet::new();
                     }
-                    flushed_batch = Some(batch);
+                    flushed_batch = match Arc::try_unwrap(batch) {
+                        Ok(batch) => Some(cache.spare.keep(batch)),
+                        // Still read elsewhere (never, today): freed with its last reference.
+                        Err(batch) => {
+                            drop(batch);
+                            None
+                        }
+                    };
                 }
                 flushed_sums = std::mem::take(&mut cache.inflight_sum);
                 if read.is_err() {
@@ -1439,6 +1543,77 @@ impl PluginStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch_of(groups: usize, marks: &str) -> Batch {
+        let mut batch = Batch {
+            id: String::new(),
+            keys: Vec::new(),
+            fields: Vec::new(),
+            groups: Vec::with_capacity(groups),
+            rows: Vec::with_capacity(groups),
+            marks: marks.to_owned(),
+        };
+        for n in 0..groups {
+            batch.groups.push(Group {
+                mark: None,
+                rows: n..n + 1,
+            });
+            batch.rows.push(Row {
+                key: 0,
+                field: 0,
+                delta: 1.0,
+            });
+        }
+        batch
+    }
+
+    /// The buffers a second of additions grew are reused by the next seconds, even when a
+    /// small batch (what came in while a large one was written) is flushed in between; one
+    /// that grew far past what recent batches needed is let go.
+    #[test]
+    fn the_buffers_a_second_grew_are_reused_and_an_outage_s_are_let_go() {
+        let mut spare = Spare::default();
+        let (mut groups, mut rows, mut marks) = (Vec::new(), Vec::new(), String::new());
+        // A large batch is taken and flushed: its buffers are kept.
+        let large = batch_of(10_000, "m");
+        let capacity = large.groups.capacity();
+        drop(spare.keep(large));
+        assert_eq!(spare.groups.capacity(), capacity);
+        // The next batch is taken: the pending additions go on in the large buffers.
+        let (taken, _, _) = spare.take(&mut groups, &mut rows, &mut marks);
+        assert!(taken.is_empty());
+        assert_eq!(groups.capacity(), capacity);
+        // A few additions come in, and a small batch is taken right away: they are copied
+        // into the small spare buffer, and the large one stays pending.
+        drop(spare.keep(batch_of(3, "")));
+        groups.extend(batch_of(5, "").groups);
+        marks.push_str("abc");
+        let (taken, _, taken_marks) = spare.take(&mut groups, &mut rows, &mut marks);
+        assert_eq!(taken.len(), 5);
+        assert_eq!(taken_marks, "abc");
+        assert!(groups.is_empty() && marks.is_empty());
+        assert_eq!(
+            groups.capacity(),
+            capacity,
+            "the large buffer stays pending"
+        );
+        // A batch far larger than recent ones (an outage's) is flushed, then normal ones: its
+        // buffer is let go once it is far larger than what the batches since needed.
+        drop(spare.keep(batch_of(1_000_000, "")));
+        assert!(spare.groups.capacity() >= 1_000_000);
+        let mut kept = true;
+        for _ in 0..40 {
+            let taken = spare.take(&mut Vec::new(), &mut Vec::new(), &mut String::new());
+            drop(spare.keep(Batch {
+                groups: taken.0,
+                rows: taken.1,
+                marks: taken.2,
+                ..batch_of(0, "")
+            }));
+            kept = spare.groups.capacity() >= 1_000_000;
+        }
+        assert!(!kept, "an outage's buffer is let go");
+    }
 
     /// A plugin that numbers ever new names (keys made from its input) runs out of its own
     /// share only: names it has are still answered, and other plugins go on numbering theirs.
