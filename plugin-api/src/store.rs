@@ -232,18 +232,18 @@ const MAX_ENTRY_ROWS: usize = 32 * 1024;
 type MarkSet = HashSet<u128, foldhash::fast::RandomState>;
 
 /// The marks a plugin added under and the store has not taken yet, in generations: the marks
-/// handed over while the host filled one or two of its batches. A generation is dropped whole
-/// once the store took the host's batches its marks went into. One set of every mark pending
-/// grew to a second's marks or more, and kept each with its crossing to be picked out at each
-/// flush: its entries were spread over megabytes, and an insertion cost a cache miss; a
-/// generation's set is a fraction of that, and is emptied for reuse rather than freed.
+/// that went into one of the host's batches. A generation is dropped whole once the store took
+/// its batch. One set of every mark pending grew to a second's marks or more, and kept each
+/// with its crossing to be picked out at each flush: its entries were spread over megabytes,
+/// and an insertion cost a cache miss; a generation's set is a fraction of that, and is emptied
+/// for reuse rather than freed.
 #[derive(Default)]
 struct Marks {
-    /// Oldest first, each with the first and the last of the host's batches its marks went
-    /// into (0: none yet); the last generation takes new marks.
-    generations: VecDeque<(u64, u64, MarkSet)>,
-    /// An emptied set, for the next generation.
-    spare: MarkSet,
+    /// Oldest first, each with the host's batch its marks went into (0: not known yet, the
+    /// newest only); the newest takes new marks.
+    generations: VecDeque<(u64, MarkSet)>,
+    /// Emptied sets, for the next generations, the largest last.
+    spare: Vec<MarkSet>,
 }
 
 impl Marks {
@@ -251,10 +251,10 @@ impl Marks {
     fn insert(&mut self, id: u128) -> bool {
         if self.generations.is_empty() {
             self.generations
-                .push_back((0, 0, std::mem::take(&mut self.spare)));
+                .push_back((0, self.spare.pop().unwrap_or_default()));
         }
         let newest = self.generations.len() - 1;
-        for (at, (_, _, set)) in self.generations.iter_mut().enumerate() {
+        for (at, (_, set)) in self.generations.iter_mut().enumerate() {
             if at < newest {
                 if set.contains(&id) {
                     return false;
@@ -267,34 +267,49 @@ impl Marks {
     }
 
     fn remove(&mut self, id: u128) {
-        for (_, _, set) in &mut self.generations {
+        for (_, set) in &mut self.generations {
             set.remove(&id);
         }
     }
 
-    /// The marks of the newest generation (the last crossing's among them) went into the host's
-    /// batch `batch`, and the store took every batch up to `flushed`: the generations it took
-    /// whole are dropped, and once the host moved on to a later batch, later marks start a new
-    /// generation.
-    fn handed(&mut self, batch: u64, flushed: u64) {
-        if let Some((first, last, _)) = self.generations.back_mut() {
-            if *first == 0 {
-                *first = batch;
+    /// The marks of the last crossing (`crossed`, in the newest generation) went into the
+    /// host's batch `batch`, and the store took every batch up to `flushed`. When the host moved
+    /// on to a later batch than the newest generation's, those marks start a generation of
+    /// their own (the older one is then dropped as soon as its batch is taken, not a batch
+    /// later); the generations the store took are dropped.
+    fn handed(&mut self, batch: u64, flushed: u64, crossed: impl Iterator<Item = u128>) {
+        let moved_on = match self.generations.back_mut() {
+            Some((known, _)) if *known == 0 => {
+                *known = batch;
+                false
             }
-            *last = (*last).max(batch);
-            if *last > *first {
-                self.generations
-                    .push_back((0, 0, std::mem::take(&mut self.spare)));
+            Some((known, _)) => batch > *known,
+            None => false,
+        };
+        if moved_on {
+            let mut next = self.spare.pop().unwrap_or_default();
+            if let Some((_, newest)) = self.generations.back_mut() {
+                for id in crossed {
+                    if newest.remove(&id) {
+                        next.insert(id);
+                    }
+                }
             }
+            self.generations.push_back((batch, next));
         }
-        while let Some((first, last, _)) = self.generations.front()
-            && *first != 0
-            && *last <= flushed
+        while let Some((known, _)) = self.generations.front()
+            && *known != 0
+            && *known <= flushed
         {
-            if let Some((_, _, mut set)) = self.generations.pop_front() {
+            if let Some((_, mut set)) = self.generations.pop_front() {
                 set.clear();
-                if set.capacity() > self.spare.capacity() {
-                    self.spare = set;
+                let at = self
+                    .spare
+                    .partition_point(|s| s.capacity() <= set.capacity());
+                self.spare.insert(at, set);
+                // As many as there were generations at most (two, as a rule).
+                if self.spare.len() > 3 {
+                    self.spare.remove(0);
                 }
             }
         }
@@ -367,7 +382,8 @@ impl ReadCache {
             self.forget_batch();
             return;
         }
-        self.marks.handed(batch, flushed);
+        let crossed = Entries(&self.batch).map(mark_id);
+        self.marks.handed(batch, flushed, crossed);
     }
 
     /// Drops the marks of the batch being handed over (the host did not take it).
@@ -955,33 +971,25 @@ mod tests {
         );
         assert!(marks.insert(a));
         assert!(!marks.insert(a), "a mark pending is seen");
-        // Handed over into the host's batch 1, nothing flushed yet.
-        marks.handed(1, 0);
+        // `a` handed over into the host's batch 1, nothing flushed yet.
+        marks.handed(1, 0, [a].into_iter());
         assert!(marks.insert(b));
-        // The next crossing went into batch 2: the host moved on, and `c` starts a generation
+        // `b`'s crossing went into batch 2: the host moved on, and `b` goes into a generation
         // of its own.
-        marks.handed(2, 0);
-        assert!(marks.insert(c));
+        marks.handed(2, 0, [b].into_iter());
         assert_eq!(marks.generations.len(), 2);
-        assert!(!marks.insert(a) && !marks.insert(b) && !marks.insert(c));
-        // Batch 1 flushed: the first generation also holds a mark of batch 2 (`b`), so it
-        // stays until batch 2 is flushed.
-        marks.handed(2, 1);
-        assert!(!marks.insert(a) && !marks.insert(b));
-        // `c`'s generation went into batches 2 and 3; batch 2 flushed drops the first one.
-        marks.handed(3, 2);
-        assert!(marks.insert(a), "a flushed mark is the store's to decide");
-        assert!(
-            !marks.insert(c),
-            "a mark of a batch not flushed is still seen"
-        );
-        marks.handed(3, 3);
-        assert!(
-            marks.generations.is_empty(),
-            "{:?}",
-            marks.generations.len()
-        );
         assert!(marks.insert(c));
+        assert!(!marks.insert(a) && !marks.insert(b) && !marks.insert(c));
+        // Batch 1 flushed: `a`'s generation is dropped, and the store decides for it now.
+        marks.handed(2, 1, [c].into_iter());
+        assert_eq!(marks.generations.len(), 1);
+        assert!(!marks.insert(b) && !marks.insert(c));
+        assert!(marks.insert(a), "a flushed mark is the store's to decide");
+        marks.handed(2, 2, [a].into_iter());
+        assert!(marks.generations.is_empty());
+        assert!(marks.insert(c));
+        // The emptied sets are kept for the next generations.
+        assert!(!marks.spare.is_empty());
     }
 
     #[test]

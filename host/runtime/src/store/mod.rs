@@ -408,8 +408,8 @@ struct Spare {
     rows: Vec<Row>,
     marks: Vec<u8>,
     /// The most items (groups, rows, mark bytes) of recent batches: the largest batch's,
-    /// less an eighth for each batch since. A buffer far larger (one that grew over an
-    /// outage) is not kept.
+    /// less a sixty-fourth for each batch since (a flush often takes a few small batches after
+    /// a large one). A buffer far larger (one that grew over an outage) is not kept.
     peak: [usize; 3],
 }
 
@@ -429,7 +429,7 @@ impl Spare {
         let marks = marks.into_bytes();
         let lens = [groups.len(), rows.len(), marks.len()];
         for (peak, len) in self.peak.iter_mut().zip(lens) {
-            *peak = len.max(*peak - *peak / 8);
+            *peak = len.max(*peak - *peak / 64);
         }
         let [groups_peak, rows_peak, marks_peak] = self.peak;
         let dropped = (
@@ -1602,7 +1602,7 @@ mod tests {
         drop(spare.keep(batch_of(1_000_000, "")));
         assert!(spare.groups.capacity() >= 1_000_000);
         let mut kept = true;
-        for _ in 0..40 {
+        for _ in 0..300 {
             let taken = spare.take(&mut Vec::new(), &mut Vec::new(), &mut String::new());
             drop(spare.keep(Batch {
                 groups: taken.0,
