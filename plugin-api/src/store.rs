@@ -302,6 +302,11 @@ impl Marks {
             && *known <= flushed
         {
             if let Some((_, mut set)) = self.generations.pop_front() {
+                // A set far larger than its generation needed (one that grew over an outage,
+                // then served a normal generation) is let go.
+                if set.capacity() > set.len().max(1024).saturating_mul(4) {
+                    continue;
+                }
                 set.clear();
                 let at = self
                     .spare
@@ -330,14 +335,17 @@ impl<'a> Iterator for Entries<'a> {
         loop {
             let bytes = self.0;
             let (mark, at) = match bytes.first()? {
+                0 => (None, 1),
                 1 => {
-                    let len = word(bytes, 1)?;
-                    (bytes.get(5..5 + len), 5 + len)
+                    let end = word(bytes, 1)?.checked_add(5)?;
+                    (Some(bytes.get(5..end)?), end)
                 }
-                _ => (None, 1),
+                // Not a batch this plugin wrote.
+                _ => return None,
             };
-            let rows = word(bytes, at)?;
-            self.0 = bytes.get(at + 4 + rows * 16..).unwrap_or_default();
+            let rows = word(bytes, at)?.checked_mul(16)?;
+            let next = at.checked_add(4)?.checked_add(rows)?;
+            self.0 = bytes.get(next..).unwrap_or_default();
             if let Some(mark) = mark {
                 return Some(mark);
             }
@@ -469,20 +477,24 @@ impl ReadCache {
         match mark {
             None => self.batch.push(0),
             Some(mark) => {
-                // The mark is written in place (its length once known), then checked there.
-                self.batch.push(1);
-                self.batch.extend_from_slice(&[0; 4]);
-                mark.write_to(&mut self.batch);
-                let text = self.batch.get(start + 5..).unwrap_or_default();
-                let len = u32::try_from(text.len()).ok().filter(|_| plain_bytes(text));
-                let Some(len) = len else {
-                    self.batch.truncate(start);
+                // The mark is written in place (its length checked first: a task id can be
+                // megabytes, and the batch's buffer is kept), then its bytes checked there.
+                let len = mark.len();
+                let Some(len) = u32::try_from(len)
+                    .ok()
+                    .filter(|&l| l != 0 && l as usize <= MAX_NAME)
+                else {
                     return Err(NotAppended::Mark);
                 };
-                let id = mark_id(text);
-                if let Some(slot) = self.batch.get_mut(start + 1..start + 5) {
-                    slot.copy_from_slice(&len.to_le_bytes());
+                self.batch.push(1);
+                self.batch.extend_from_slice(&len.to_le_bytes());
+                mark.write_to(&mut self.batch);
+                let text = self.batch.get(start + 5..).unwrap_or_default();
+                if !plain_bytes(text) {
+                    self.batch.truncate(start);
+                    return Err(NotAppended::Mark);
                 }
+                let id = mark_id(text);
                 // The mark is inserted first (a mark seen before is rare) and taken out again
                 // if its entry cannot be written.
                 if !self.marks.insert(id) {
@@ -557,6 +569,16 @@ enum Mark<'a> {
 }
 
 impl Mark<'_> {
+    /// The length of the mark's text, in bytes.
+    fn len(&self) -> usize {
+        match self {
+            Mark::Text(text) => text.len(),
+            Mark::Parts(parts) => {
+                parts.iter().map(|p| p.len()).sum::<usize>() + parts.len().saturating_sub(1)
+            }
+        }
+    }
+
     /// Writes the mark's text at the end of `out`.
     fn write_to(&self, out: &mut Vec<u8>) {
         match self {
@@ -762,7 +784,9 @@ pub fn add<K: StoreKey + ?Sized>(key: &K, fields: &[(&str, f64)]) -> bool {
 /// from this worker or any other, adds nothing. `Some(true)` when this process had not seen the
 /// mark since its last flush (the store decides for the fleet when it flushes, in the same
 /// transaction as the additions, and the next refresh of the cache shows its decision);
-/// `Some(false)` for a mark already pending here; `None` without a store.
+/// `Some(false)` for a mark already pending here; `None` without a store. (Pending marks are
+/// told apart here by 128 bits of a hash keyed at random per process: two marks taken for one
+/// has a chance of about `n² / 2¹²⁹` among `n` pending, which nobody without the key can raise.)
 pub fn add_once<K: StoreKey + ?Sized>(mark: &str, adds: &[(&K, &[(&str, f64)])]) -> Option<bool> {
     once(&Mark::Text(mark), adds)
 }

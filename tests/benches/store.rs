@@ -2,11 +2,13 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the three
-//! setups interleaved, 11 timed rounds after 3 s of untimed ones; the medians (and the fastest rounds) are printed with their
-//! ratio to the file state. `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup
-//! alone, to count its instructions with callgrind (with `STORE_BENCH_FLUSH_MS=3600000`, no
-//! flush inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time, the pipeline
-//! thread's time on the CPU and waiting for it, minor page faults).
+//! setups interleaved, 11 timed rounds (`STORE_BENCH_ROUNDS`) after 3 s of untimed ones
+//! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
+//! median time on the CPU) are printed with their ratio to the file state.
+//! `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, to count its
+//! instructions with callgrind or profile it (with `STORE_BENCH_FLUSH_MS=3600000`, no flush
+//! inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time, the pipeline thread's
+//! time on the CPU and waiting for it, minor page faults).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
 

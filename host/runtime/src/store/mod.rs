@@ -406,7 +406,7 @@ impl Cache {
 struct Spare {
     groups: Vec<Group>,
     rows: Vec<Row>,
-    marks: Vec<u8>,
+    marks: String,
     /// The most items (groups, rows, mark bytes) of recent batches: the largest batch's,
     /// less a sixty-fourth for each batch since (a flush often takes a few small batches after
     /// a large one). A buffer far larger (one that grew over an outage) is not kept.
@@ -414,10 +414,22 @@ struct Spare {
 }
 
 impl Spare {
-    /// Keeps the buffers of a batch the store took, emptied (nothing in them needs dropping),
-    /// unless one is far larger than recent batches needed; hands back its names and what it
-    /// does not keep, to be freed after the lock is let go.
-    fn keep(&mut self, batch: Batch) -> impl Send + use<> {
+    /// Notes the sizes of a batch the store took (see [`Spare::peak`]); the peaks after it.
+    fn note(&mut self, batch: &Batch) -> [usize; 3] {
+        let lens = [batch.groups.len(), batch.rows.len(), batch.marks.len()];
+        for (peak, len) in self.peak.iter_mut().zip(lens) {
+            *peak = len.max(*peak - *peak / 64);
+        }
+        self.peak
+    }
+
+    /// The buffers of a batch the store took, emptied, for [`Spare::install`], made outside the
+    /// cache's lock: each is grown to what recent batches needed (`peak`, and a quarter more)
+    /// and its pages touched here, on the flush thread, so that the pipeline's thread neither
+    /// copies a growing buffer nor faults its pages in; a buffer far larger than that (one
+    /// that grew over an outage) is not kept. What is not kept (the batch's names among it) is
+    /// handed back to be freed.
+    fn prepared(batch: Batch, peak: [usize; 3]) -> (Self, impl Send + use<>) {
         let Batch {
             groups,
             rows,
@@ -426,52 +438,103 @@ impl Spare {
             fields,
             ..
         } = batch;
-        let marks = marks.into_bytes();
-        let lens = [groups.len(), rows.len(), marks.len()];
-        for (peak, len) in self.peak.iter_mut().zip(lens) {
-            *peak = len.max(*peak - *peak / 64);
-        }
-        let [groups_peak, rows_peak, marks_peak] = self.peak;
-        let dropped = (
-            keep_fitting(&mut self.groups, groups, groups_peak),
-            keep_fitting(&mut self.rows, rows, rows_peak),
-            keep_fitting(&mut self.marks, marks, marks_peak),
-        );
-        (keys, fields, dropped)
+        let [groups_peak, rows_peak, marks_peak] = peak;
+        let no_group = Group {
+            mark: None,
+            rows: 0..0,
+        };
+        let no_row = Row {
+            key: 0,
+            field: 0,
+            delta: 0.0,
+        };
+        let (groups, dropped_groups) = fitted(groups, groups_peak, no_group);
+        let (rows, dropped_rows) = fitted(rows, rows_peak, no_row);
+        let (marks, dropped_marks) = fitted(marks.into_bytes(), marks_peak, 0);
+        let spare = Spare {
+            groups,
+            rows,
+            // Emptied: no bytes, so UTF-8.
+            marks: String::from_utf8(marks).unwrap_or_default(),
+            peak,
+        };
+        (
+            spare,
+            (keys, fields, dropped_groups, dropped_rows, dropped_marks),
+        )
+    }
+
+    /// Puts the buffers `prepared` made in place of the spare ones (taken by the batch made
+    /// since, as a rule: nothing else takes them).
+    fn install(&mut self, prepared: Spare) {
+        let peak = self.peak;
+        *self = prepared;
+        self.peak = peak;
     }
 
     /// The buffers for a new batch of the pending `groups`, `rows` and `marks`: each pending
-    /// buffer, and the spare one left in its place; or, when the spare one is smaller and the
-    /// pending items few (it holds them, or they fill a quarter of their buffer at most), the
-    /// spare one with the items copied in, and the larger one left pending. A flush often takes a small batch right after a large one (what came in while
-    /// the large one was written): without this, the buffer a second's additions grew would
-    /// carry the small batch, and the next second would grow a small buffer all over again.
+    /// buffer, and the spare one left in its place; or (see [`keeps_pending`]) the spare one
+    /// with the pending items copied in, and the larger one left pending. A flush often takes
+    /// a small batch right after a large one (what came in while the large one was written):
+    /// without this, the buffer a second's additions grew would carry the small batch, and the
+    /// next second would grow a small buffer all over again.
     fn take(
         &mut self,
         groups: &mut Vec<Group>,
         rows: &mut Vec<Row>,
         marks: &mut String,
     ) -> (Vec<Group>, Vec<Row>, String) {
-        let taken_marks = {
-            let mut pending = std::mem::take(marks).into_bytes();
-            let taken = take_buffer(&mut pending, std::mem::take(&mut self.marks));
-            // Both hold whole marks copied from strings (or nothing): still UTF-8.
-            *marks = String::from_utf8(pending).unwrap_or_default();
-            String::from_utf8(taken).unwrap_or_default()
+        let [groups_peak, rows_peak, marks_peak] = self.peak;
+        let spare_marks = std::mem::take(&mut self.marks);
+        let taken_marks = if keeps_pending(marks.len(), marks.capacity(), &spare_marks, marks_peak)
+        {
+            let mut taken = spare_marks;
+            taken.push_str(marks);
+            marks.clear();
+            taken
+        } else {
+            std::mem::replace(marks, spare_marks)
         };
         (
-            take_buffer(groups, std::mem::take(&mut self.groups)),
-            take_buffer(rows, std::mem::take(&mut self.rows)),
+            take_buffer(groups, std::mem::take(&mut self.groups), groups_peak),
+            take_buffer(rows, std::mem::take(&mut self.rows), rows_peak),
             taken_marks,
         )
     }
 }
 
+/// Whether the pending buffer (`len` items of `capacity`) stays pending, its items copied into
+/// the `spare` one for the batch: when the spare one is smaller, the items few (the spare one
+/// holds them, or they fill a quarter of their buffer at most), and the pending one not far
+/// larger than recent batches needed (`peak`; one that grew over an outage goes with the
+/// batch, to be let go when the store took it).
+fn keeps_pending<B: Capacity>(len: usize, capacity: usize, spare: &B, peak: usize) -> bool {
+    let few = len <= spare.capacity().max(capacity / 4);
+    let oversized = capacity > peak.max(1024).saturating_mul(4);
+    spare.capacity() < capacity && few && !oversized
+}
+
+/// What [`keeps_pending`] needs of a buffer.
+trait Capacity {
+    fn capacity(&self) -> usize;
+}
+
+impl<T> Capacity for Vec<T> {
+    fn capacity(&self) -> usize {
+        Vec::capacity(self)
+    }
+}
+
+impl Capacity for String {
+    fn capacity(&self) -> usize {
+        String::capacity(self)
+    }
+}
+
 /// See [`Spare::take`]: the buffer a new batch takes `pending`'s items in, and `pending` left
-/// with the larger buffer, empty.
-fn take_buffer<T>(pending: &mut Vec<T>, mut spare: Vec<T>) -> Vec<T> {
-    let few = pending.len() <= spare.capacity().max(pending.capacity() / 4);
-    if spare.capacity() < pending.capacity() && few {
+/// empty, with the larger buffer unless it is oversized.
+fn take_buffer<T>(pending: &mut Vec<T>, mut spare: Vec<T>, peak: usize) -> Vec<T> {
+    if keeps_pending(pending.len(), pending.capacity(), &spare, peak) {
         spare.append(pending);
         spare
     } else {
@@ -479,14 +542,20 @@ fn take_buffer<T>(pending: &mut Vec<T>, mut spare: Vec<T>) -> Vec<T> {
     }
 }
 
-/// Keeps `buffer`, emptied, as `kept` unless it is far larger than `peak` items; hands back
-/// what is not kept.
-fn keep_fitting<T>(kept: &mut Vec<T>, mut buffer: Vec<T>, peak: usize) -> Vec<T> {
-    if buffer.capacity() > 4 * peak.max(1024) {
-        return buffer;
+/// `buffer` emptied and grown to `peak` items and a quarter more, its pages touched (with
+/// `filler`), unless it is far larger than `peak`: then an empty buffer, and `buffer` handed
+/// back.
+fn fitted<T: Clone>(mut buffer: Vec<T>, peak: usize, filler: T) -> (Vec<T>, Vec<T>) {
+    if buffer.capacity() > peak.max(1024).saturating_mul(4) {
+        return (Vec::new(), buffer);
     }
     buffer.clear();
-    std::mem::replace(kept, buffer)
+    let room = peak.saturating_add(peak / 4);
+    if buffer.capacity() < room {
+        buffer.resize(room, filler);
+        buffer.clear();
+    }
+    (buffer, Vec::new())
 }
 
 #[derive(Default)]
@@ -504,6 +573,10 @@ struct Shared {
     url: String,
     cache: Mutex<Cache>,
     backend: Mutex<Box<dyn Backend>>,
+    /// Held for a whole flush round: the flush thread and [`Store::flush`] (a report, the
+    /// last flush) would otherwise both apply the batch in flight, and the second to finish
+    /// would take the batch the first made meanwhile for flushed, unapplied.
+    flushing: Mutex<()>,
     stop: AtomicBool,
     wake: Condvar,
     wake_lock: Mutex<bool>,
@@ -665,6 +738,7 @@ impl Store {
             url: redact(url),
             cache: Mutex::new(Cache::default()),
             backend: Mutex::new(backend),
+            flushing: Mutex::new(()),
             stop: AtomicBool::new(false),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
@@ -792,6 +866,7 @@ static BATCH_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 /// One round: the batch in flight (or a new one from the pending groups) to the backend, then
 /// the keys the plugins use read back.
 fn flush_once(shared: &Shared) -> bool {
+    let _round = lock(&shared.flushing);
     let (batch, keys, record_keys) = {
         let mut cache = lock(&shared.cache);
         if cache.inflight.is_none() && cache.has_pending() {
@@ -867,8 +942,12 @@ fn flush_once(shared: &Shared) -> bool {
                         cache.carried = HashSet::new();
                     }
                     flushed_batch = match Arc::try_unwrap(batch) {
-                        Ok(batch) => Some(cache.spare.keep(batch)),
-                        // Still read elsewhere (never, today): freed with its last reference.
+                        Ok(batch) => {
+                            let peak = cache.spare.note(&batch);
+                            Some((batch, peak))
+                        }
+                        // Still read elsewhere (nothing keeps a reference but the cache, and
+                        // rounds are serialized): freed with its last reference.
                         Err(batch) => {
                             drop(batch);
                             None
@@ -927,7 +1006,12 @@ fn flush_once(shared: &Shared) -> bool {
         }
     };
     drop(cache);
-    drop((flushed_batch, flushed_sums));
+    drop(flushed_sums);
+    if let Some((batch, peak)) = flushed_batch {
+        let (spare, dropped) = Spare::prepared(batch, peak);
+        drop(dropped);
+        lock(&shared.cache).spare.install(spare);
+    }
     ok
 }
 
@@ -1567,25 +1651,32 @@ mod tests {
         batch
     }
 
+    /// What the flush does with a batch the store took: its buffers become the spare ones.
+    fn flushed(spare: &mut Spare, batch: Batch) {
+        let peak = spare.note(&batch);
+        let (prepared, dropped) = Spare::prepared(batch, peak);
+        drop(dropped);
+        spare.install(prepared);
+    }
+
     /// The buffers a second of additions grew are reused by the next seconds, even when a
     /// small batch (what came in while a large one was written) is flushed in between; one
-    /// that grew far past what recent batches needed is let go.
+    /// that grew over an outage is let go once normal batches follow.
     #[test]
     fn the_buffers_a_second_grew_are_reused_and_an_outage_s_are_let_go() {
         let mut spare = Spare::default();
         let (mut groups, mut rows, mut marks) = (Vec::new(), Vec::new(), String::new());
-        // A large batch is taken and flushed: its buffers are kept.
-        let large = batch_of(10_000, "m");
-        let capacity = large.groups.capacity();
-        drop(spare.keep(large));
-        assert_eq!(spare.groups.capacity(), capacity);
+        // A large batch is taken and flushed: the spare buffers are grown to its size.
+        flushed(&mut spare, batch_of(10_000, "m"));
+        assert!(spare.groups.capacity() >= 10_000);
         // The next batch is taken: the pending additions go on in the large buffers.
         let (taken, _, _) = spare.take(&mut groups, &mut rows, &mut marks);
         assert!(taken.is_empty());
-        assert_eq!(groups.capacity(), capacity);
+        let capacity = groups.capacity();
+        assert!(capacity >= 10_000);
         // A few additions come in, and a small batch is taken right away: they are copied
-        // into the small spare buffer, and the large one stays pending.
-        drop(spare.keep(batch_of(3, "")));
+        // into the spare buffer, and the large one stays pending.
+        flushed(&mut spare, batch_of(3, ""));
         groups.extend(batch_of(5, "").groups);
         marks.push_str("abc");
         let (taken, _, taken_marks) = spare.take(&mut groups, &mut rows, &mut marks);
@@ -1597,22 +1688,33 @@ mod tests {
             capacity,
             "the large buffer stays pending"
         );
-        // A batch far larger than recent ones (an outage's) is flushed, then normal ones: its
-        // buffer is let go once it is far larger than what the batches since needed.
-        drop(spare.keep(batch_of(1_000_000, "")));
-        assert!(spare.groups.capacity() >= 1_000_000);
-        let mut kept = true;
-        for _ in 0..300 {
-            let taken = spare.take(&mut Vec::new(), &mut Vec::new(), &mut String::new());
-            drop(spare.keep(Batch {
-                groups: taken.0,
-                rows: taken.1,
-                marks: taken.2,
-                ..batch_of(0, "")
-            }));
-            kept = spare.groups.capacity() >= 1_000_000;
+        // An outage: the pending buffer grows to a million groups, is taken and flushed, and
+        // normal batches of 10 000 follow. However the buffers move between the pending
+        // additions and the batches, the outage's is let go.
+        groups.extend((0..1_000_000).map(|_| Group {
+            mark: None,
+            rows: 0..0,
+        }));
+        for _ in 0..400 {
+            let (taken_groups, taken_rows, taken_marks) =
+                spare.take(&mut groups, &mut rows, &mut marks);
+            flushed(
+                &mut spare,
+                Batch {
+                    groups: taken_groups,
+                    rows: taken_rows,
+                    marks: taken_marks,
+                    ..batch_of(0, "")
+                },
+            );
+            groups.extend(batch_of(10_000, "").groups);
         }
-        assert!(!kept, "an outage's buffer is let go");
+        assert!(
+            groups.capacity() < 1_000_000 && spare.groups.capacity() < 1_000_000,
+            "an outage's buffer is let go: {} pending, {} spare",
+            groups.capacity(),
+            spare.groups.capacity()
+        );
     }
 
     /// A plugin that numbers ever new names (keys made from its input) runs out of its own
