@@ -244,6 +244,10 @@ struct Marks {
     generations: VecDeque<(u64, MarkSet)>,
     /// Emptied sets, for the next generations, the largest last.
     spare: Vec<MarkSet>,
+    /// The most marks of a recent generation: the largest one's, less a sixty-fourth for each
+    /// generation since (a flush often takes a few small batches after a large one). A set far
+    /// larger (one that grew over an outage) is not kept.
+    peak: usize,
 }
 
 impl Marks {
@@ -302,9 +306,8 @@ impl Marks {
             && *known <= flushed
         {
             if let Some((_, mut set)) = self.generations.pop_front() {
-                // A set far larger than its generation needed (one that grew over an outage,
-                // then served a normal generation) is let go.
-                if set.capacity() > set.len().max(1024).saturating_mul(4) {
+                self.peak = set.len().max(self.peak - self.peak / 64);
+                if set.capacity() > self.peak.max(1024).saturating_mul(4) {
                     continue;
                 }
                 set.clear();
@@ -1014,6 +1017,36 @@ mod tests {
         assert!(marks.insert(c));
         // The emptied sets are kept for the next generations.
         assert!(!marks.spare.is_empty());
+    }
+
+    /// The set a second's marks grew serves the next generations, the small ones between
+    /// included; one grown over an outage is let go once normal generations follow.
+    #[test]
+    fn a_generation_s_set_is_reused_and_an_outage_s_is_let_go() {
+        let mut marks = Marks::default();
+        let mut next = 0_u64;
+        let mut batch = 0;
+        let mut generation = |marks: &mut Marks, n: usize| {
+            batch += 1;
+            for _ in 0..n {
+                next += 1;
+                marks.insert(mark_id(&next.to_le_bytes()));
+            }
+            marks.handed(batch, batch, std::iter::empty());
+            marks.spare.iter().map(|s| s.capacity()).max().unwrap_or(0)
+        };
+        let large = generation(&mut marks, 5_000);
+        assert!(large >= 5_000);
+        for _ in 0..3 {
+            assert_eq!(generation(&mut marks, 10), large, "kept through small ones");
+        }
+        let outage = generation(&mut marks, 500_000);
+        assert!(outage >= 500_000);
+        let mut kept = outage;
+        for _ in 0..200 {
+            kept = generation(&mut marks, 5_000);
+        }
+        assert!(kept < 500_000, "an outage's set is let go: {kept}");
     }
 
     #[test]
