@@ -576,9 +576,9 @@ impl Mark<'_> {
     fn len(&self) -> usize {
         match self {
             Mark::Text(text) => text.len(),
-            Mark::Parts(parts) => {
-                parts.iter().map(|p| p.len()).sum::<usize>() + parts.len().saturating_sub(1)
-            }
+            Mark::Parts(parts) => parts.iter().fold(parts.len().saturating_sub(1), |len, p| {
+                len.saturating_add(p.len())
+            }),
         }
     }
 

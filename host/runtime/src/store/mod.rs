@@ -248,10 +248,10 @@ struct Cache {
     unmarked: Sums,
     /// The batch being flushed, kept (with its id) until the store took it.
     inflight: Option<Arc<Batch>>,
-    /// The buffers of the last batch the store took, emptied, for the next batch to fill: a
-    /// batch holds a second of additions, and growing fresh buffers to that size every flush
-    /// (copying them at each doubling, faulting in new pages) cost the pipeline more than
-    /// filling them.
+    /// The buffers of the last batch the store took, emptied and grown to what recent batches
+    /// needed (see [`Spare::prepared`]), for the next batch to fill: a batch holds a second of
+    /// additions, and growing fresh buffers to that size every flush (copying them at each
+    /// doubling, faulting in new pages) cost the pipeline more than filling them.
     spare: Spare,
     /// Marks added through the `mark` operation (plugins that hand additions over one by one)
     /// since their last flush. A batching plugin keeps its own marks until they are flushed
@@ -464,8 +464,8 @@ impl Spare {
         )
     }
 
-    /// Puts the buffers `prepared` made in place of the spare ones (taken by the batch made
-    /// since, as a rule: nothing else takes them).
+    /// Puts the buffers `prepared` made in place of the spare ones, empty (this round's batch,
+    /// or an earlier round's, took them: rounds are serialized, and nothing else takes them).
     fn install(&mut self, prepared: Spare) {
         let peak = self.peak;
         *self = prepared;
@@ -485,6 +485,8 @@ impl Spare {
         marks: &mut String,
     ) -> (Vec<Group>, Vec<Row>, String) {
         let [groups_peak, rows_peak, marks_peak] = self.peak;
+        // The items copied in keep their places (the groups' ranges into rows and marks).
+        debug_assert!(self.groups.is_empty() && self.rows.is_empty() && self.marks.is_empty());
         let spare_marks = std::mem::take(&mut self.marks);
         let taken_marks = if keeps_pending(marks.len(), marks.capacity(), &spare_marks, marks_peak)
         {
@@ -542,18 +544,23 @@ fn take_buffer<T>(pending: &mut Vec<T>, mut spare: Vec<T>, peak: usize) -> Vec<T
     }
 }
 
-/// `buffer` emptied and grown to `peak` items and a quarter more, its pages touched (with
-/// `filler`), unless it is far larger than `peak`: then an empty buffer, and `buffer` handed
-/// back.
+/// `buffer` emptied, unless it is far larger than `peak`: then an empty buffer, and `buffer`
+/// handed back. A buffer smaller than `peak` is grown to it and a quarter more, its pages
+/// touched (with `filler`), but to four times what it held at most: after an outage, the
+/// peak is the outage's batch for a while, and a normal batch's buffer is not grown to that.
+/// The growth is skipped when the memory is not there.
 fn fitted<T: Clone>(mut buffer: Vec<T>, peak: usize, filler: T) -> (Vec<T>, Vec<T>) {
     if buffer.capacity() > peak.max(1024).saturating_mul(4) {
         return (Vec::new(), buffer);
     }
+    let target = peak.min(buffer.len().max(1024).saturating_mul(4));
     buffer.clear();
-    let room = peak.saturating_add(peak / 4);
-    if buffer.capacity() < room {
-        buffer.resize(room, filler);
-        buffer.clear();
+    if buffer.capacity() < target {
+        let room = target.saturating_add(target / 4);
+        if buffer.try_reserve_exact(room).is_ok() {
+            buffer.resize(room, filler);
+            buffer.clear();
+        }
     }
     (buffer, Vec::new())
 }
@@ -773,7 +780,8 @@ impl Store {
         }
     }
 
-    /// Flushes now and waits for it (bounded by the backend's timeouts). `Ok` when nothing is
+    /// Flushes now and waits for it, and for a round the flush thread has begun (bounded by
+    /// the backend's timeouts). `Ok` when nothing is
     /// left pending.
     ///
     /// # Errors
@@ -1695,7 +1703,8 @@ mod tests {
             mark: None,
             rows: 0..0,
         }));
-        for _ in 0..400 {
+        let outage = groups.capacity();
+        for round in 0..400 {
             let (taken_groups, taken_rows, taken_marks) =
                 spare.take(&mut groups, &mut rows, &mut marks);
             flushed(
@@ -1708,9 +1717,17 @@ mod tests {
                 },
             );
             groups.extend(batch_of(10_000, "").groups);
+            // The outage's buffer goes round for a while, but a normal batch's is not grown
+            // to the outage's size meanwhile.
+            assert!(
+                groups.capacity() + spare.groups.capacity() <= outage + 100_000,
+                "round {round}: {} pending, {} spare",
+                groups.capacity(),
+                spare.groups.capacity()
+            );
         }
         assert!(
-            groups.capacity() < 1_000_000 && spare.groups.capacity() < 1_000_000,
+            groups.capacity() <= 100_000 && spare.groups.capacity() <= 100_000,
             "an outage's buffer is let go: {} pending, {} spare",
             groups.capacity(),
             spare.groups.capacity()
