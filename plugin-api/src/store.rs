@@ -290,17 +290,24 @@ impl Marks {
             Some((known, _)) => batch > *known,
             None => false,
         };
+        // The crossing's marks are taken out first, the generations the store took dropped,
+        // then the new generation made: it takes the largest set kept, a dropped one's among
+        // them (made before the drop, it took a smaller set and grew it again).
+        let mut moved = Vec::new();
+        if moved_on && let Some((_, newest)) = self.generations.back_mut() {
+            moved.extend(crossed.filter(|id| newest.remove(id)));
+        }
+        self.drop_flushed(flushed);
         if moved_on {
             let mut next = self.spare.pop().unwrap_or_default();
-            if let Some((_, newest)) = self.generations.back_mut() {
-                for id in crossed {
-                    if newest.remove(&id) {
-                        next.insert(id);
-                    }
-                }
-            }
+            next.extend(moved);
             self.generations.push_back((batch, next));
         }
+    }
+
+    /// Drops the generations the store took (their batches up to `flushed`), keeping their
+    /// sets, emptied, for the next generations.
+    fn drop_flushed(&mut self, flushed: u64) {
         while let Some((known, _)) = self.generations.front()
             && *known != 0
             && *known <= flushed
@@ -1012,9 +1019,11 @@ mod tests {
         assert_eq!(marks.generations.len(), 1);
         assert!(!marks.insert(b) && !marks.insert(c));
         assert!(marks.insert(a), "a flushed mark is the store's to decide");
-        marks.handed(2, 2, [a].into_iter());
-        assert!(marks.generations.is_empty());
-        assert!(marks.insert(c));
+        // `a`'s crossing went into batch 3, and batch 2 was flushed: `a` starts a generation,
+        // and `b` and `c` are the store's to decide.
+        marks.handed(3, 2, [a].into_iter());
+        assert_eq!(marks.generations.len(), 1);
+        assert!(marks.insert(c) && !marks.insert(a));
         // The emptied sets are kept for the next generations.
         assert!(!marks.spare.is_empty());
     }
@@ -1026,21 +1035,39 @@ mod tests {
         let mut marks = Marks::default();
         let mut next = 0_u64;
         let mut batch = 0;
+        // As the host answers: a crossing goes into the next batch as the last one is flushed
+        // (its mark moves into a new generation, the last one's is dropped), then `n` more
+        // marks go into the same batch.
         let mut generation = |marks: &mut Marks, n: usize| {
             batch += 1;
+            next += 1;
+            let first = mark_id(&next.to_le_bytes());
+            marks.insert(first);
+            marks.handed(batch, batch - 1, [first].into_iter());
+            // The largest set, in use or kept.
+            let spare = (marks.spare.iter())
+                .chain(marks.generations.iter().map(|(_, set)| set))
+                .map(|s| s.capacity())
+                .max()
+                .unwrap_or(0);
             for _ in 0..n {
                 next += 1;
-                marks.insert(mark_id(&next.to_le_bytes()));
+                let id = mark_id(&next.to_le_bytes());
+                marks.insert(id);
+                marks.handed(batch, batch - 1, [id].into_iter());
             }
-            marks.handed(batch, batch, std::iter::empty());
-            marks.spare.iter().map(|s| s.capacity()).max().unwrap_or(0)
+            spare
         };
-        let large = generation(&mut marks, 5_000);
+        // Each call answers the largest set, in use or kept, once the generation before it was
+        // dropped.
+        generation(&mut marks, 5_000);
+        let large = generation(&mut marks, 10);
         assert!(large >= 5_000);
         for _ in 0..3 {
             assert_eq!(generation(&mut marks, 10), large, "kept through small ones");
         }
-        let outage = generation(&mut marks, 500_000);
+        generation(&mut marks, 500_000);
+        let outage = generation(&mut marks, 5_000);
         assert!(outage >= 500_000);
         let mut kept = outage;
         for _ in 0..200 {
