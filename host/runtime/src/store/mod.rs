@@ -424,7 +424,7 @@ impl Spare {
     }
 
     /// The buffers of a batch the store took, emptied, for [`Spare::install`], made outside the
-    /// cache's lock: each is grown to what recent batches needed (`peak`, and a quarter more)
+    /// cache's lock: each is grown to what recent batches needed (see [`fitted`])
     /// and its pages touched here, on the flush thread, so that the pipeline's thread neither
     /// copies a growing buffer nor faults its pages in; a buffer far larger than that (one
     /// that grew over an outage) is not kept. What is not kept (the batch's names among it) is
@@ -467,9 +467,7 @@ impl Spare {
     /// Puts the buffers `prepared` made in place of the spare ones, empty (this round's batch,
     /// or an earlier round's, took them: rounds are serialized, and nothing else takes them).
     fn install(&mut self, prepared: Spare) {
-        let peak = self.peak;
         *self = prepared;
-        self.peak = peak;
     }
 
     /// The buffers for a new batch of the pending `groups`, `rows` and `marks`: each pending
@@ -488,8 +486,12 @@ impl Spare {
         // The items copied in keep their places (the groups' ranges into rows and marks).
         debug_assert!(self.groups.is_empty() && self.rows.is_empty() && self.marks.is_empty());
         let spare_marks = std::mem::take(&mut self.marks);
-        let taken_marks = if keeps_pending(marks.len(), marks.capacity(), &spare_marks, marks_peak)
-        {
+        let taken_marks = if keeps_pending(
+            marks.len(),
+            marks.capacity(),
+            spare_marks.capacity(),
+            marks_peak,
+        ) {
             let mut taken = spare_marks;
             taken.push_str(marks);
             marks.clear();
@@ -510,33 +512,16 @@ impl Spare {
 /// holds them, or they fill a quarter of their buffer at most), and the pending one not far
 /// larger than recent batches needed (`peak`; one that grew over an outage goes with the
 /// batch, to be let go when the store took it).
-fn keeps_pending<B: Capacity>(len: usize, capacity: usize, spare: &B, peak: usize) -> bool {
-    let few = len <= spare.capacity().max(capacity / 4);
+fn keeps_pending(len: usize, capacity: usize, spare: usize, peak: usize) -> bool {
+    let few = len <= spare.max(capacity / 4);
     let oversized = capacity > peak.max(1024).saturating_mul(4);
-    spare.capacity() < capacity && few && !oversized
-}
-
-/// What [`keeps_pending`] needs of a buffer.
-trait Capacity {
-    fn capacity(&self) -> usize;
-}
-
-impl<T> Capacity for Vec<T> {
-    fn capacity(&self) -> usize {
-        Vec::capacity(self)
-    }
-}
-
-impl Capacity for String {
-    fn capacity(&self) -> usize {
-        String::capacity(self)
-    }
+    spare < capacity && few && !oversized
 }
 
 /// See [`Spare::take`]: the buffer a new batch takes `pending`'s items in, and `pending` left
 /// empty, with the larger buffer unless it is oversized.
 fn take_buffer<T>(pending: &mut Vec<T>, mut spare: Vec<T>, peak: usize) -> Vec<T> {
-    if keeps_pending(pending.len(), pending.capacity(), &spare, peak) {
+    if keeps_pending(pending.len(), pending.capacity(), spare.capacity(), peak) {
         spare.append(pending);
         spare
     } else {
