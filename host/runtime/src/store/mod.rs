@@ -45,13 +45,35 @@ pub(crate) struct Row {
     pub(crate) delta: f64,
 }
 
-/// Additions applied together, at most once per mark when there is one: a range of the
-/// batch's rows, and the mark's bytes in the batch's text of marks (one buffer for all of
-/// them, not an allocation each).
-#[derive(Debug, Clone)]
+/// Additions applied together, at most once per mark when there is one: where the group's
+/// mark and rows end in the batch's text of marks (one buffer for all of them, not an
+/// allocation each) and its rows; each starts where the group before it ends, and a group
+/// without a mark has an empty one (marks are never empty). 16 bytes a group: with a range
+/// of each it was 40, and a second of additions holds tens of thousands of groups, written
+/// by the pipeline's thread (an outage's, millions).
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Group {
-    pub(crate) mark: Option<std::ops::Range<usize>>,
-    pub(crate) rows: std::ops::Range<usize>,
+    marks_end: usize,
+    rows_end: usize,
+}
+
+/// Each of `groups`' mark (if it has one) in `marks` and rows in `rows`, in order.
+fn walk<'a>(
+    groups: &'a [Group],
+    marks: &'a str,
+    rows: &'a [Row],
+) -> impl Iterator<Item = (Option<&'a str>, &'a [Row])> + 'a {
+    let mut start = (0, 0);
+    groups.iter().map(move |group| {
+        let (marks_start, rows_start) =
+            std::mem::replace(&mut start, (group.marks_end, group.rows_end));
+        (
+            marks
+                .get(marks_start..group.marks_end)
+                .filter(|mark| !mark.is_empty()),
+            rows.get(rows_start..group.rows_end).unwrap_or_default(),
+        )
+    })
 }
 
 /// One flush: groups applied in one transaction, at most once per id. Keys and fields are
@@ -68,27 +90,23 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    /// The mark of `group`, if it has one.
-    pub(crate) fn mark(&self, group: &Group) -> Option<&str> {
-        self.marks.get(group.mark.clone()?)
+    /// Each group's mark (if it has one) and rows, in order.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = (Option<&str>, &[Row])> + '_ {
+        walk(&self.groups, &self.marks, &self.rows)
     }
 
-    /// The additions of `group`: key, field, delta.
+    /// The additions of `rows` (a group's): key, field, delta.
     pub(crate) fn adds<'a>(
         &'a self,
-        group: &Group,
+        rows: &'a [Row],
     ) -> impl Iterator<Item = (&'a str, &'a str, f64)> + 'a {
-        self.rows
-            .get(group.rows.clone())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|row| {
-                Some((
-                    &**self.keys.get(row.key as usize)?,
-                    &**self.fields.get(row.field as usize)?,
-                    row.delta,
-                ))
-            })
+        rows.iter().filter_map(|row| {
+            Some((
+                &**self.keys.get(row.key as usize)?,
+                &**self.fields.get(row.field as usize)?,
+                row.delta,
+            ))
+        })
     }
 }
 
@@ -341,8 +359,7 @@ impl Cache {
         let at = self.marks_text.len();
         self.marks_text.push_str(namespace);
         self.marks_text.push_str(mark);
-        let marked = at..self.marks_text.len();
-        let full = self.marks_text.get(marked.clone()).unwrap_or_default();
+        let full = self.marks_text.get(at..).unwrap_or_default();
         // One hash per set: a mark seen before is rare.
         let seen = (!self.carried.is_empty() && !self.carried.insert(Arc::from(full)))
             || (kept && !self.marks.insert(Arc::from(full)));
@@ -350,14 +367,13 @@ impl Cache {
             self.marks_text.truncate(at);
             return false;
         }
-        let start = self.rows.len();
         for row in rows {
             *self.pending_sum.entry((row.key, row.field)).or_insert(0.0) += row.delta;
             self.rows.push(row);
         }
         self.pending.push(Group {
-            mark: Some(marked),
-            rows: start..self.rows.len(),
+            marks_end: self.marks_text.len(),
+            rows_end: self.rows.len(),
         });
         true
     }
@@ -366,18 +382,10 @@ impl Cache {
     /// which starts with an empty set of its own: until they are flushed, the host checks every
     /// mark against them.
     fn carry_marks(&mut self, namespace: &str) {
-        let pending = self
-            .pending
-            .iter()
-            .map(|g| (g, self.marks_text.as_str()))
-            .chain(
-                self.inflight
-                    .as_deref()
-                    .into_iter()
-                    .flat_map(|b| b.groups.iter().map(|g| (g, b.marks.as_str()))),
-            );
+        let pending = walk(&self.pending, &self.marks_text, &self.rows)
+            .chain(self.inflight.as_deref().into_iter().flat_map(Batch::groups));
         let marks: Vec<Arc<str>> = pending
-            .filter_map(|(g, text)| text.get(g.mark.clone()?))
+            .filter_map(|(mark, _)| mark)
             .filter(|m| m.starts_with(namespace))
             .map(Arc::from)
             .collect();
@@ -440,8 +448,8 @@ impl Spare {
         } = batch;
         let [groups_peak, rows_peak, marks_peak] = peak;
         let no_group = Group {
-            mark: None,
-            rows: 0..0,
+            marks_end: 0,
+            rows_end: 0,
         };
         let no_row = Row {
             key: 0,
@@ -847,10 +855,24 @@ fn flush_loop(shared: &Shared) {
             }
             *woken = false;
         }
-        flush_all(shared);
         if shared.stop.load(Ordering::Acquire) {
+            // The last flush, at exit: everything pending.
+            flush_all(shared);
             return;
         }
+        flush_due(shared);
+    }
+}
+
+/// The flush thread's work each interval: the batch an earlier round could not apply (after
+/// an outage), then one batch of what is pending. What comes in meanwhile waits for the next
+/// interval: going on until nothing was pending took, on a busy worker, up to eight rounds an
+/// interval of ever smaller batches, each a transaction of its own, a read of every key, and
+/// every plugin's copies of what it read dropped.
+fn flush_due(shared: &Shared) {
+    let retrying = lock(&shared.cache).inflight.is_some();
+    if flush_once(shared) && retrying {
+        flush_once(shared);
     }
 }
 
@@ -871,15 +893,14 @@ fn flush_once(shared: &Shared) -> bool {
                     .take(&mut cache.pending, &mut cache.rows, &mut cache.marks_text);
             let unmarked = std::mem::take(&mut cache.unmarked);
             if !unmarked.is_empty() {
-                let start = rows.len();
                 rows.extend(unmarked.into_iter().map(|((key, field), delta)| Row {
                     key,
                     field,
                     delta,
                 }));
                 groups.push(Group {
-                    mark: None,
-                    rows: start..rows.len(),
+                    marks_end: marks.len(),
+                    rows_end: rows.len(),
                 });
             }
             let sum = std::mem::take(&mut cache.pending_sum);
@@ -926,7 +947,7 @@ fn flush_once(shared: &Shared) -> bool {
                 // only the marks not yet flushed, so it stays small in a long-running worker.
                 if let Some(batch) = cache.inflight.take() {
                     if !cache.marks.is_empty() {
-                        for mark in batch.groups.iter().filter_map(|g| batch.mark(g)) {
+                        for mark in batch.groups().filter_map(|(mark, _)| mark) {
                             cache.marks.remove(mark);
                         }
                     }
@@ -1009,7 +1030,8 @@ fn flush_once(shared: &Shared) -> bool {
 }
 
 /// Flushes until nothing is pending (a batch retried after an outage, then what came in
-/// meanwhile), or an attempt fails; at most a few rounds.
+/// meanwhile), or an attempt fails; at most a few rounds: for [`Store::flush`] and the last
+/// flush at exit.
 fn flush_all(shared: &Shared) {
     for _ in 0..8 {
         if !flush_once(shared) {
@@ -1632,8 +1654,8 @@ mod tests {
         };
         for n in 0..groups {
             batch.groups.push(Group {
-                mark: None,
-                rows: n..n + 1,
+                marks_end: 0,
+                rows_end: n + 1,
             });
             batch.rows.push(Row {
                 key: 0,
@@ -1642,6 +1664,53 @@ mod tests {
             });
         }
         batch
+    }
+
+    /// Each group's mark and rows start where the group before it ends: a group without a
+    /// mark, or without rows (a mark alone), has none.
+    #[test]
+    fn a_batch_s_groups_are_read_back_as_they_were_added() {
+        let row = |key| Row {
+            key,
+            field: 0,
+            delta: 1.0,
+        };
+        let mut cache = Cache::default();
+        cache.add_marked("p/", "a", [row(1), row(2)].into_iter(), false);
+        cache.add_marked("p/", "bc", std::iter::empty(), false);
+        cache.add_marked("p/", "d", [row(3)].into_iter(), false);
+        let batch = Batch {
+            id: String::new(),
+            keys: Vec::new(),
+            fields: Vec::new(),
+            groups: cache.pending.clone(),
+            rows: cache.rows.clone(),
+            marks: cache.marks_text.clone(),
+        };
+        let mut groups: Vec<_> = batch
+            .groups()
+            .map(|(mark, rows)| (mark, rows.iter().map(|r| r.key).collect::<Vec<_>>()))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                (Some("p/a"), vec![1, 2]),
+                (Some("p/bc"), vec![]),
+                (Some("p/d"), vec![3])
+            ]
+        );
+        // The unmarked sums, as a flush appends them.
+        let mut batch = batch;
+        batch.rows.push(row(4));
+        batch.groups.push(Group {
+            marks_end: batch.marks.len(),
+            rows_end: batch.rows.len(),
+        });
+        groups = batch
+            .groups()
+            .map(|(mark, rows)| (mark, rows.iter().map(|r| r.key).collect()))
+            .collect();
+        assert_eq!(groups.last(), Some(&(None, vec![4])));
     }
 
     /// What the flush does with a batch the store took: its buffers become the spare ones.
@@ -1685,8 +1754,8 @@ mod tests {
         // normal batches of 10 000 follow. However the buffers move between the pending
         // additions and the batches, the outage's is let go.
         groups.extend((0..1_000_000).map(|_| Group {
-            mark: None,
-            rows: 0..0,
+            marks_end: 0,
+            rows_end: 0,
         }));
         let outage = groups.capacity();
         for round in 0..400 {
@@ -1794,13 +1863,16 @@ mod tests {
             keys,
             fields,
             groups: vec![Group {
-                mark: None,
-                rows: 0..3,
+                marks_end: 0,
+                rows_end: 3,
             }],
             rows,
             marks: String::new(),
         };
-        let adds: Vec<_> = batch.adds(&batch.groups[0]).collect();
+        let groups: Vec<_> = batch.groups().collect();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].0, None);
+        let adds: Vec<_> = batch.adds(groups[0].1).collect();
         assert_eq!(
             adds,
             [

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::{Backend, Batch, Fields, Group, Row, StoredRecord};
+use super::{Backend, Batch, Fields, Row, StoredRecord};
 
 const APPLY: &str = r"
 local batch = cjson.decode(ARGV[1])
@@ -97,7 +97,8 @@ struct Names<'a>(&'a [Arc<str>]);
 /// The groups of a batch as a JSON list.
 struct Groups<'a>(&'a Batch);
 
-struct EncodedGroup<'a>(&'a Batch, &'a Group);
+/// A group: its mark, if it has one, and its rows.
+struct EncodedGroup<'a>(Option<&'a str>, &'a [Row]);
 
 /// Rows as `[key, field, delta]` lists.
 struct Adds<'a>(&'a [Row]);
@@ -123,21 +124,19 @@ impl serde::Serialize for Names<'_> {
 
 impl serde::Serialize for Groups<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.groups.iter().map(|g| EncodedGroup(self.0, g)))
+        s.collect_seq(self.0.groups().map(|(mark, rows)| EncodedGroup(mark, rows)))
     }
 }
 
 impl serde::Serialize for EncodedGroup<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap as _;
-        let (batch, group) = (self.0, self.1);
         let mut out = s.serialize_map(None)?;
         // Left out when there is none (the script tests its presence).
-        if let Some(mark) = batch.mark(group) {
+        if let Some(mark) = self.0 {
             out.serialize_entry("mark", mark)?;
         }
-        let rows = batch.rows.get(group.rows.clone()).unwrap_or_default();
-        out.serialize_entry("adds", &Adds(rows))?;
+        out.serialize_entry("adds", &Adds(self.1))?;
         out.end()
     }
 }

@@ -110,13 +110,13 @@ impl Backend for Sqlite {
             // The additions of the groups that apply (no mark, or a new one), summed: one
             // statement per field rather than one per group and field.
             let mut sums: BTreeMap<(&str, &str), f64> = BTreeMap::new();
-            for group in &batch.groups {
-                if let Some(m) = batch.mark(group)
+            for (group_mark, rows) in batch.groups() {
+                if let Some(m) = group_mark
                     && mark.execute(params![m])? == 0
                 {
                     continue;
                 }
-                for (key, field, delta) in batch.adds(group) {
+                for (key, field, delta) in batch.adds(rows) {
                     *sums.entry((key, field)).or_insert(0.0) += delta;
                 }
             }
