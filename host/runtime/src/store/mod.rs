@@ -85,7 +85,7 @@ pub(crate) struct Batch {
     pub(crate) fields: Vec<Arc<str>>,
     pub(crate) groups: Vec<Group>,
     pub(crate) rows: Vec<Row>,
-    /// The groups' marks, one after the other (see [`Group::mark`]).
+    /// The groups' marks, one after the other (see [`Group`]).
     pub(crate) marks: String,
 }
 
@@ -416,8 +416,9 @@ struct Spare {
     rows: Vec<Row>,
     marks: String,
     /// The most items (groups, rows, mark bytes) of recent batches: the largest batch's,
-    /// less a sixty-fourth for each batch since (a flush often takes a few small batches after
-    /// a large one). A buffer far larger (one that grew over an outage) is not kept.
+    /// less a sixty-fourth for each batch since (a [`Store::flush`], or the round after an
+    /// outage's retried batch, takes a small batch after a large one). A buffer far larger (one
+    /// that grew over an outage) is not kept.
     peak: [usize; 3],
 }
 
@@ -480,10 +481,11 @@ impl Spare {
 
     /// The buffers for a new batch of the pending `groups`, `rows` and `marks`: each pending
     /// buffer, and the spare one left in its place; or (see [`keeps_pending`]) the spare one
-    /// with the pending items copied in, and the larger one left pending. A flush often takes
-    /// a small batch right after a large one (what came in while the large one was written):
-    /// without this, the buffer a second's additions grew would carry the small batch, and the
-    /// next second would grow a small buffer all over again.
+    /// with the pending items copied in, and the larger one left pending. A flush can take a
+    /// small batch right after a large one (a [`Store::flush`] just after the flush thread's
+    /// round, or what came in while an outage's batch was retried): without this, the buffer a
+    /// second's additions grew would carry the small batch, and the next second would grow a
+    /// small buffer all over again.
     fn take(
         &mut self,
         groups: &mut Vec<Group>,
@@ -491,7 +493,7 @@ impl Spare {
         marks: &mut String,
     ) -> (Vec<Group>, Vec<Row>, String) {
         let [groups_peak, rows_peak, marks_peak] = self.peak;
-        // The items copied in keep their places (the groups' ranges into rows and marks).
+        // The items copied in keep their places (the groups' ends in rows and marks).
         debug_assert!(self.groups.is_empty() && self.rows.is_empty() && self.marks.is_empty());
         let spare_marks = std::mem::take(&mut self.marks);
         let taken_marks = if keeps_pending(
@@ -871,7 +873,7 @@ fn flush_loop(shared: &Shared) {
 /// every plugin's copies of what it read dropped.
 fn flush_due(shared: &Shared) {
     let retrying = lock(&shared.cache).inflight.is_some();
-    if flush_once(shared) && retrying {
+    if flush_once(shared) && retrying && lock(&shared.cache).has_pending() {
         flush_once(shared);
     }
 }
@@ -891,6 +893,12 @@ fn flush_once(shared: &Shared) -> bool {
                 cache
                     .spare
                     .take(&mut cache.pending, &mut cache.rows, &mut cache.marks_text);
+            // Every row and mark byte belongs to a group: each group starts where the one
+            // before it ends.
+            debug_assert_eq!(
+                groups.last().map_or((0, 0), |g| (g.marks_end, g.rows_end)),
+                (marks.len(), rows.len())
+            );
             let unmarked = std::mem::take(&mut cache.unmarked);
             if !unmarked.is_empty() {
                 rows.extend(unmarked.into_iter().map(|((key, field), delta)| Row {
@@ -1007,7 +1015,7 @@ fn flush_once(shared: &Shared) -> bool {
             shared.bump();
             cache.status.last_flush_ms = Some(now_ms());
             if !cache.status.reachable && cache.status.warned {
-                tracing::info!(store = %shared.url, "the store is reachable again; pending additions flushed");
+                tracing::info!(store = %shared.url, "the store is reachable again; flushing the pending additions");
             }
             cache.status.reachable = true;
             cache.status.down = false;
