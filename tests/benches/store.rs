@@ -2,9 +2,11 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the three
-//! setups interleaved, 11 timed rounds (`STORE_BENCH_ROUNDS`) after 3 s of untimed ones
+//! setups interleaved, 31 timed rounds (`STORE_BENCH_ROUNDS`) after 3 s of untimed ones
 //! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
-//! median time on the CPU) are printed with their ratio to the file state.
+//! median time on the CPU) are printed with their ratio to the file state, and the median of
+//! each round's ratio to the file state's round beside it (paired: what slows the machine for
+//! a while slows both).
 //! `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, to count its
 //! instructions with callgrind or profile it (with `STORE_BENCH_FLUSH_MS=3600000`, no flush
 //! inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time, the pipeline thread's
@@ -79,11 +81,11 @@ fn main() {
     ];
     // `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, for callgrind.
     let only = std::env::var("STORE_BENCH_ONLY").ok();
-    // `STORE_BENCH_ROUNDS` (11 by default): more rounds make the setup's share of a profile small.
+    // `STORE_BENCH_ROUNDS` (31 by default): more rounds make the setup's share of a profile small.
     let rounds: usize = std::env::var("STORE_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(11);
+        .unwrap_or(31);
     // Untimed rounds first, for `STORE_BENCH_WARMUP_S` seconds (3 by default: three flush
     // intervals): a worker runs for hours, and its store's buffers, grown in the first second
     // and then reused, are part of its steady state. Timing a store's first second alone
@@ -145,6 +147,12 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
+    // Each round's ratio to the file state's round just before it, before the sorting below.
+    let mut paired: Vec<Vec<f64>> = times
+        .iter()
+        .map(|t| t.iter().zip(&times[0]).map(|(t, f)| t / f).collect())
+        .collect();
+    let paired: Vec<f64> = paired.iter_mut().map(median).collect();
     let medians: Vec<f64> = times.iter_mut().map(median).collect();
     let cpu_medians: Vec<f64> = cpu.iter_mut().map(median).collect();
     // The fastest round too: on a shared machine the rounds another process slowed down move
@@ -157,15 +165,22 @@ fn main() {
         "after {warm_rounds} untimed rounds ({:.1} s):",
         warmup.as_secs_f64()
     );
-    for ((((name, _), m), f), c) in setups.iter().zip(&medians).zip(&fastest).zip(&cpu_medians) {
+    for (((((name, _), m), f), c), p) in setups
+        .iter()
+        .zip(&medians)
+        .zip(&fastest)
+        .zip(&cpu_medians)
+        .zip(&paired)
+    {
         if m.is_nan() {
             continue;
         }
         println!(
-            "{name:<10} median of {rounds} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state; fastest {:.1} ms, {:+.1}%; on the CPU {:.1} ms, {:+.1}%",
+            "{name:<10} median of {rounds} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state (paired, round by round: {:+.1}%); fastest {:.1} ms, {:+.1}%; on the CPU {:.1} ms, {:+.1}%",
             m * 1e3,
             1200.0 / m,
             (m / medians[0] - 1.0) * 100.0,
+            (p - 1.0) * 100.0,
             f * 1e3,
             (f / fastest[0] - 1.0) * 100.0,
             c * 1e3,
