@@ -5,8 +5,8 @@
 //! setups interleaved, 31 timed rounds (`STORE_BENCH_ROUNDS`) after 3 s of untimed ones
 //! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
 //! median time on the CPU) are printed with their ratio to the file state, and the median of
-//! each round's ratio to the file state's round beside it (paired: what slows the machine for
-//! a while slows both).
+//! each round's ratio to the file state's in the same round (paired: what slows the machine
+//! for a while slows both).
 //! `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, to count its
 //! instructions with callgrind or profile it (with `STORE_BENCH_FLUSH_MS=3600000`, no flush
 //! inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time, the pipeline thread's
@@ -147,7 +147,7 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    // Each round's ratio to the file state's round just before it, before the sorting below.
+    // Each round's ratio to the file state's in the same round, before the sorting below.
     let mut paired: Vec<Vec<f64>> = times
         .iter()
         .map(|t| t.iter().zip(&times[0]).map(|(t, f)| t / f).collect())

@@ -1984,19 +1984,46 @@ mod tests {
         let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
         let started = std::time::Instant::now();
         let mut added = 0_u32;
+        // `seen`: the batches taken at the last change seen, and the look before it (the
+        // change came after that look); two batches were at most `now - seen.1` apart, and
+        // `closest` is the smallest such bound.
+        let mut seen = (0_u64, started);
+        let mut look = started;
+        let mut closest = Duration::MAX;
         // A task every 50 µs or so, marked, for a second: something comes in during every
         // round, however short.
         while started.elapsed() < Duration::from_secs(1) {
             added += 1;
             a.batch(&entry(Some(&format!("t{added}")), &[(k, n, 1.0)]))
                 .unwrap();
+            let taken = lock(&store.shared.cache).taken;
+            let now = std::time::Instant::now();
+            if taken != seen.0 {
+                if seen.0 > 0 {
+                    // The last batch was taken after `seen.1`, this one by `now`; more than one
+                    // since the last look were taken within `now - look`.
+                    let apart = if taken > seen.0 + 1 {
+                        now - look
+                    } else {
+                        now - seen.1
+                    };
+                    closest = closest.min(apart);
+                }
+                seen = (taken, look);
+            }
+            look = now;
             std::thread::sleep(Duration::from_micros(50));
         }
         let taken = lock(&store.shared.cache).taken;
         let intervals = started.elapsed().as_millis() / interval.as_millis();
+        // The thread waits an interval after each round, and wakes for nothing else.
         assert!(
-            u128::from(taken) <= intervals + 2,
+            u128::from(taken) <= intervals + 1,
             "{taken} batches in {intervals} intervals"
+        );
+        assert!(
+            closest >= interval / 2,
+            "two batches {closest:?} apart, with an interval of {interval:?}"
         );
         store.flush().unwrap();
         assert_eq!(read(&a, "arm"), format!("n\t{added}\n"));
