@@ -245,7 +245,8 @@ struct Marks {
     /// Emptied sets, for the next generations, the largest last.
     spare: Vec<MarkSet>,
     /// The most marks of a recent generation: the largest one's, less a sixty-fourth for each
-    /// generation since (a flush often takes a few small batches after a large one). A set far
+    /// generation since (a `Store::flush` in the host, or the round after an outage's retried
+    /// batch, takes a small batch after a large one). A set far
     /// larger (one that grew over an outage) is not kept.
     peak: usize,
 }
