@@ -246,8 +246,8 @@ struct Marks {
     spare: Vec<MarkSet>,
     /// The most marks of a recent generation: the largest one's, less a sixty-fourth for each
     /// generation since (a `Store::flush` in the host, or the round after an outage's retried
-    /// batch, takes a small batch after a large one). A set far
-    /// larger (one that grew over an outage) is not kept.
+    /// batch, takes a small batch after a large one). A set far larger (one that grew over an
+    /// outage) is not kept.
     peak: usize,
 }
 
