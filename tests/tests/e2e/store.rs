@@ -263,16 +263,29 @@ fn additions_made_while_redis_is_down_are_flushed_once_when_it_is_back() {
         !status.reachable && status.pending > 0 && status.errors > 0,
         "{status:?}"
     );
+    // The failed flush keeps its batch to retry; what comes in meanwhile waits behind it,
+    // and a task of the kept batch scored again still counts once.
+    assert_eq!(add("t5"), Some(json!(true)));
+    assert_eq!(add("t3"), Some(json!(false)));
+    assert_eq!(n_of(&host, "arm"), Some(5.0));
     redis.start_again();
     assert!(
         eventually(Duration::from_secs(60), || store.status().pending == 0),
         "the pending additions reach Redis once it is back: {:?}",
         store.status()
     );
-    // A second store (another worker) reads what is in Redis: each task once.
+    // A second store (another worker) reads what is in Redis: each task once, the retried
+    // batch's and the one after it.
     let other = Store::open(&redis.url(), options()).unwrap();
     let rows = other.scan("fixture", "arm").unwrap();
-    assert_eq!(rows[0].1.get("n"), Some(&4.0), "{rows:?}");
+    assert_eq!(rows[0].1.get("n"), Some(&5.0), "{rows:?}");
+    // A task of the retried batch scored again after it reached Redis counts once, whether
+    // this process or the store turns it away; a new one counts.
+    add("t2");
+    assert_eq!(add("t6"), Some(json!(true)));
+    store.flush().unwrap();
+    let rows = other.scan("fixture", "arm").unwrap();
+    assert_eq!(rows[0].1.get("n"), Some(&6.0), "{rows:?}");
 }
 
 #[test]
