@@ -227,15 +227,15 @@ const MAX_NAME: usize = 512;
 /// stays under the host's limit of a MiB.
 const MAX_ENTRY_ROWS: usize = 32 * 1024;
 
-/// A generation's marks (see [`Marks`]): their [`mark_id`]s in the order they came, and a
-/// Bloom filter of them that answers "not here" for nearly every new mark without a look at
-/// the ids. A hash set of a second's ids (up to 2 MB for a plugin adding two marks a task)
-/// cost the pipeline more than its own work: each insertion brought two of its cache lines in
-/// and pushed out the rest of the pipeline's. The filter takes 4 bytes a mark, one cache line a
-/// look, and the ids are only written one after the other. A mark the filter may hold (a mark
-/// seen before, or about one new mark in 100 000) is looked for in the ids; after
-/// [`SCANS_BEFORE_INDEX`] such looks in a generation (a replay, say) its ids go into a hash set
-/// as before, which answers from then on.
+/// A generation's marks (see [`Marks`]): the list of their [`mark_id`]s, and a Bloom filter of
+/// them that answers "not here" for nearly every new mark without a look at the list. A hash
+/// set of a second's ids (up to 2 MB for a plugin adding two marks a task) cost the pipeline
+/// more than its own work: each insertion brought two of its cache lines in and pushed out the
+/// rest of the pipeline's. The filter takes 4 to 8 bytes a mark and one cache line a look, and
+/// the ids are written at the end of the list, one after the other. A mark the filter may hold
+/// (a mark seen before, or about one new mark in 50 000) is looked for in the list; after
+/// [`SCANS_BEFORE_INDEX`] such looks in a generation (a replay, say) its ids go into a hash
+/// set, which answers from then on.
 #[derive(Default)]
 struct MarkSet {
     /// Blocks of 8 words (one cache line); a mark sets one bit in each word of one block.
@@ -249,12 +249,14 @@ struct MarkSet {
 }
 
 /// Bits of the filter a mark (a generation's filter is a power of two of blocks, so 32 to 64
-/// after rounding): about one new mark in 100 000 is taken for one the filter may hold.
+/// after rounding): one new mark in 50 000 to 100 000 is taken for one the filter may hold.
 const BLOOM_BITS: usize = 32;
 
-/// Looks through a generation's ids before they are put in a hash set: a look reads every id
-/// (100 to 200 µs for a second's marks), a hash set of them costs about as much as 50 looks.
-const SCANS_BEFORE_INDEX: u32 = 64;
+/// Looks through a generation's list before its ids are put in a hash set. A look reads every
+/// id (100 to 200 µs for a second's marks) and a hash set of them costs about as much as 50
+/// looks, so a replay costs a generation at most about twice what a hash set of its marks did;
+/// new marks the filter lets through make one or two looks a second's generation.
+const SCANS_BEFORE_INDEX: u32 = 16;
 
 impl MarkSet {
     /// The block and the bits of `id` (random already: its low half picks the block, its high
@@ -337,7 +339,9 @@ impl MarkSet {
         true
     }
 
-    /// Takes `id` out (its bits stay in the filter: a mark it may hold is looked for).
+    /// Takes `id` out (its bits stay in the filter: a mark it may hold is looked for). The
+    /// list is searched from its end: the marks taken out are the last ones added, as a rule
+    /// (a crossing's, taken out newest first, or one whose entry could not be written).
     fn remove(&mut self, id: u128) -> bool {
         if !self.may_hold(id) {
             return false;
@@ -345,7 +349,6 @@ impl MarkSet {
         if let Some(index) = &mut self.index {
             index.remove(&id);
         }
-        // The marks taken out are the latest, as a rule: looked for from the end.
         match self.ids.iter().rposition(|&i| i == id) {
             Some(at) => {
                 self.ids.swap_remove(at);
@@ -359,7 +362,8 @@ impl MarkSet {
         self.ids.len()
     }
 
-    /// The marks the set holds without growing.
+    /// How large the set has grown: the marks its filter has room for, or its list's
+    /// capacity if larger (what [`Marks::drop_flushed`] weighs to keep it or let it go).
     fn capacity(&self) -> usize {
         self.room.max(self.ids.capacity())
     }
@@ -446,7 +450,10 @@ impl Marks {
         // them (made before the drop, it took a smaller set and grew it again).
         let mut moved = Vec::new();
         if moved_on && let Some((_, newest)) = self.generations.back_mut() {
-            moved.extend(crossed.filter(|&id| newest.remove(id)));
+            // The crossing's marks are the newest's last ids: taken out newest first, each is
+            // found at the end of the list.
+            let crossed: Vec<u128> = crossed.collect();
+            moved.extend(crossed.into_iter().rev().filter(|&id| newest.remove(id)));
         }
         self.drop_flushed(flushed);
         if moved_on {
@@ -558,8 +565,10 @@ impl ReadCache {
 
     /// Drops the marks of the batch being handed over (the host did not take it).
     fn forget_batch(&mut self) {
-        for mark in Entries(&self.batch) {
-            self.marks.remove(mark_id(mark));
+        // Newest first: each is then found at the end of its generation's list.
+        let ids: Vec<u128> = Entries(&self.batch).map(mark_id).collect();
+        for id in ids.into_iter().rev() {
+            self.marks.remove(id);
         }
     }
 
@@ -1242,19 +1251,23 @@ mod tests {
         assert!(set.insert(twin), "and is new all the same");
         assert!(!set.insert(a) && !set.insert(twin));
         assert!(set.remove(twin) && !set.contains(twin) && set.contains(a));
+        assert!(!set.remove(twin), "taken out already");
         // Grown well past the room its filter was first made for.
         let ids: Vec<u128> = (0..20_000_u32).map(|n| mark_id(&n.to_le_bytes())).collect();
         for &id in &ids {
             assert!(set.insert(id));
         }
-        assert!(ids.iter().all(|&id| set.contains(id)));
         assert!(set.room >= set.len());
-        // New marks rarely pass the filter (about 1 in 100 000; 40 would be 1 in 500).
-        let before = set.scans;
-        for n in 20_000..40_000_u32 {
-            assert!(!set.contains(mark_id(&n.to_le_bytes())));
-        }
-        assert!(set.scans - before < 40, "{} looks", set.scans - before);
+        // New marks rarely pass the filter (1 in 50 000 to 100 000; 40 would be 1 in 500).
+        let passed = (20_000..40_000_u32)
+            .filter(|n| set.may_hold(mark_id(&n.to_le_bytes())))
+            .count();
+        assert!(
+            passed < 40,
+            "{passed} of 20 000 new marks passed the filter"
+        );
+        assert!(set.index.is_none(), "{} looks", set.scans);
+        assert!(ids.iter().all(|&id| set.contains(id)));
         set.clear();
         assert!(set.len() == 0 && !set.contains(a) && set.insert(a));
     }
@@ -1278,6 +1291,41 @@ mod tests {
         // An emptied set starts without it.
         set.clear();
         assert!(set.index.is_none() && set.insert(ids[0]));
+    }
+
+    /// A crossing's marks moved into a new generation are there and no longer in the old one;
+    /// a replay of an older generation's marks is turned away as they are.
+    #[test]
+    fn a_crossing_s_marks_move_and_an_older_generation_is_replayed_exactly() {
+        let mut marks = Marks::default();
+        let ids: Vec<u128> = (0..3_000_u32).map(|n| mark_id(&n.to_le_bytes())).collect();
+        let (older, crossing) = ids.split_at(2_000);
+        for &id in older {
+            assert!(marks.insert(id));
+        }
+        marks.handed(1, 0, older.iter().copied());
+        for &id in crossing {
+            assert!(marks.insert(id));
+        }
+        // The host put the last crossing into batch 2: its marks start a generation.
+        marks.handed(2, 0, crossing.iter().copied());
+        assert_eq!(marks.generations.len(), 2);
+        let mut generations = marks.generations.iter_mut();
+        let (Some((_, old)), Some((_, new))) = (generations.next(), generations.next()) else {
+            unreachable!("two generations");
+        };
+        assert_eq!((old.len(), new.len()), (2_000, 1_000));
+        assert!(
+            crossing
+                .iter()
+                .all(|&id| new.contains(id) && !old.contains(id))
+        );
+        // Every mark replayed, the older generation's through its hash set once built.
+        for &id in &ids {
+            assert!(!marks.insert(id), "seen before");
+        }
+        assert!(marks.generations[0].1.index.is_some());
+        assert!(marks.insert(mark_id(b"new")));
     }
 
     #[test]
