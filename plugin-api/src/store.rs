@@ -231,15 +231,15 @@ const MAX_ENTRY_ROWS: usize = 32 * 1024;
 /// them that answers "not here" for nearly every new mark without a look at the list. A hash
 /// set of a second's ids (up to 2 MB for a plugin adding two marks a task) cost the pipeline
 /// more than its own work: each insertion brought two of its cache lines in and pushed out the
-/// rest of the pipeline's. The filter takes 4 to 8 bytes a mark and one cache line a look, and
-/// the ids are written at the end of the list, one after the other. A mark the filter may hold
-/// (a mark seen before, or about one new mark in 50 000) is looked for in the list; after
+/// rest of the pipeline's. The filter takes 4 bytes a mark and one cache line a look, and the
+/// ids are written at the end of the list, one after the other. A mark the filter may hold (a
+/// mark seen before, or at most one new mark in about 60 000) is looked for in the list; after
 /// [`SCANS_BEFORE_INDEX`] such looks in a generation (a replay, say) its ids go into a hash
 /// set, which answers from then on.
 #[derive(Default)]
 struct MarkSet {
-    /// Blocks of 8 words (one cache line); a mark sets one bit in each word of one block.
-    bloom: Vec<u64>,
+    /// A mark sets one bit in each word of one block.
+    bloom: Vec<Block>,
     /// The marks the filter was sized for: past them it is made again twice as large.
     room: usize,
     ids: Vec<u128>,
@@ -248,8 +248,13 @@ struct MarkSet {
     scans: u32,
 }
 
-/// Bits of the filter a mark (a generation's filter is a power of two of blocks, so 32 to 64
-/// after rounding): one new mark in 50 000 to 100 000 is taken for one the filter may hold.
+/// A block of a [`MarkSet`]'s filter: one cache line, so that a look reads one.
+#[derive(Clone, Copy, Default)]
+#[repr(align(64))]
+struct Block([u64; 8]);
+
+/// Bits of the filter a mark: one new mark in about 60 000 is taken for one the filter may
+/// hold when the filter is full (16 marks a block), one in millions when it is half full.
 const BLOOM_BITS: usize = 32;
 
 /// Looks through a generation's list before its ids are put in a hash set. A look reads every
@@ -262,14 +267,15 @@ impl MarkSet {
     /// The block and the bits of `id` (random already: its low half picks the block, its high
     /// half a bit in each of the block's words).
     fn bloom_bits(&self, id: u128) -> (usize, [u64; 8]) {
-        let blocks = self.bloom.len() / 8;
-        let block = (id as u64 as usize) & (blocks - 1);
+        // The low half times the number of blocks, its top 64 bits: a block in range, as
+        // evenly as the low half is random, for any number of blocks.
+        let block = ((u128::from(id as u64) * self.bloom.len() as u128) >> 64) as usize;
         let high = (id >> 64) as u64;
         let mut bits = [0; 8];
         for (j, bit) in bits.iter_mut().enumerate() {
             *bit = 1 << ((high >> (j * 6)) & 63);
         }
-        (block * 8, bits)
+        (block, bits)
     }
 
     fn may_hold(&self, id: u128) -> bool {
@@ -277,14 +283,15 @@ impl MarkSet {
             return false;
         }
         let (at, bits) = self.bloom_bits(id);
-        let words = self.bloom.get(at..at + 8).unwrap_or_default();
-        words.iter().zip(bits).all(|(word, bit)| word & bit != 0)
+        self.bloom
+            .get(at)
+            .is_some_and(|block| block.0.iter().zip(bits).all(|(word, bit)| word & bit != 0))
     }
 
     fn note(&mut self, id: u128) {
         let (at, bits) = self.bloom_bits(id);
-        if let Some(words) = self.bloom.get_mut(at..at + 8) {
-            for (word, bit) in words.iter_mut().zip(bits) {
+        if let Some(block) = self.bloom.get_mut(at) {
+            for (word, bit) in block.0.iter_mut().zip(bits) {
                 *word |= bit;
             }
         }
@@ -293,12 +300,10 @@ impl MarkSet {
     /// Sizes the filter for `marks` marks (and notes the ids again when it grows).
     fn make_room(&mut self, marks: usize) {
         let marks = marks.max(1024);
-        let words = (marks.saturating_mul(BLOOM_BITS) / 64)
-            .next_power_of_two()
-            .max(8);
-        if words > self.bloom.len() {
-            self.bloom = vec![0; words];
-            self.room = words * 64 / BLOOM_BITS;
+        let blocks = marks.saturating_mul(BLOOM_BITS).div_ceil(512);
+        if blocks > self.bloom.len() {
+            self.bloom = vec![Block::default(); blocks];
+            self.room = blocks * 512 / BLOOM_BITS;
             let ids = std::mem::take(&mut self.ids);
             for &id in &ids {
                 self.note(id);
@@ -371,7 +376,7 @@ impl MarkSet {
     /// Empties the set, keeping its filter's and list's memory (not the index's: a replay is
     /// over when its generation is).
     fn clear(&mut self) {
-        self.bloom.fill(0);
+        self.bloom.fill(Block::default());
         self.ids.clear();
         self.index = None;
         self.scans = 0;
@@ -1258,7 +1263,7 @@ mod tests {
             assert!(set.insert(id));
         }
         assert!(set.room >= set.len());
-        // New marks rarely pass the filter (1 in 50 000 to 100 000; 40 would be 1 in 500).
+        // New marks rarely pass the filter (1 in about 60 000 when full; 40 would be 1 in 500).
         let passed = (20_000..40_000_u32)
             .filter(|n| set.may_hold(mark_id(&n.to_le_bytes())))
             .count();
