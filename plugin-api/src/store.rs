@@ -242,6 +242,9 @@ struct MarkSet {
     bloom: Vec<Block>,
     /// The marks the filter was sized for: past them it is made again twice as large.
     room: usize,
+    /// The marks noted in the filter since it was last made: the list's and those taken out
+    /// since (their bits stay). Past `room`, the filter is made again, from the list alone.
+    noted: usize,
     ids: Vec<u128>,
     /// The ids in a hash set, once looks through them became frequent.
     index: Option<HashSet<u128, foldhash::fast::RandomState>>,
@@ -304,12 +307,19 @@ impl MarkSet {
         if blocks > self.bloom.len() {
             self.bloom = vec![Block::default(); blocks];
             self.room = blocks * 512 / BLOOM_BITS;
-            let ids = std::mem::take(&mut self.ids);
-            for &id in &ids {
-                self.note(id);
-            }
-            self.ids = ids;
+            self.renote();
         }
+    }
+
+    /// Notes the list's ids in an emptied filter (the bits of marks taken out are gone).
+    fn renote(&mut self) {
+        self.bloom.fill(Block::default());
+        let ids = std::mem::take(&mut self.ids);
+        for &id in &ids {
+            self.note(id);
+        }
+        self.noted = ids.len();
+        self.ids = ids;
     }
 
     fn contains(&mut self, id: u128) -> bool {
@@ -333,9 +343,16 @@ impl MarkSet {
         if self.contains(id) {
             return false;
         }
-        if self.ids.len() >= self.room {
-            self.make_room(self.ids.len() * 2);
+        if self.noted >= self.room {
+            if self.bloom.is_empty() || self.ids.len() * 2 > self.room {
+                self.make_room(self.ids.len() * 2);
+            } else {
+                // Filled by marks mostly taken out again (batches the host refused): made
+                // again at its size.
+                self.renote();
+            }
         }
+        self.noted += 1;
         self.note(id);
         self.ids.push(id);
         if let Some(index) = &mut self.index {
@@ -377,6 +394,7 @@ impl MarkSet {
     /// over when its generation is).
     fn clear(&mut self) {
         self.bloom.fill(Block::default());
+        self.noted = 0;
         self.ids.clear();
         self.index = None;
         self.scans = 0;
@@ -1159,7 +1177,11 @@ pub fn compare_and_set<K: StoreKey + ?Sized>(key: &K, version: u64, value: &Valu
 
 #[cfg(test)]
 mod tests {
-    use super::{Entries, MarkSet, Marks, SCANS_BEFORE_INDEX, mark_id};
+    use std::collections::HashMap;
+
+    use rustc_hash::FxHashMap;
+
+    use super::{Entries, MarkSet, Marks, ReadCache, SCANS_BEFORE_INDEX, mark_id};
 
     #[test]
     fn a_mark_is_seen_in_every_generation_until_the_store_took_its_batch() {
@@ -1257,24 +1279,88 @@ mod tests {
         assert!(!set.insert(a) && !set.insert(twin));
         assert!(set.remove(twin) && !set.contains(twin) && set.contains(a));
         assert!(!set.remove(twin), "taken out already");
-        // Grown well past the room its filter was first made for.
-        let ids: Vec<u128> = (0..20_000_u32).map(|n| mark_id(&n.to_le_bytes())).collect();
-        for &id in &ids {
+        // Grown well past the room its filter was first made for, then filled to its room.
+        let mut n = 0_u32;
+        let mut ids = Vec::new();
+        while ids.len() < 20_000 || set.len() < set.room {
+            n += 1;
+            let id = mark_id(&n.to_le_bytes());
             assert!(set.insert(id));
+            ids.push(id);
         }
-        assert!(set.room >= set.len());
-        // New marks rarely pass the filter (1 in about 60 000 when full; 40 would be 1 in 500).
-        let passed = (20_000..40_000_u32)
-            .filter(|n| set.may_hold(mark_id(&n.to_le_bytes())))
+        assert_eq!(set.len(), set.room);
+        // New marks rarely pass a full filter: about 3 in 200 000 (1 in 60 000); 15 would be
+        // a chance of 1 in 100 000, and a filter with half its blocks or half its bits lets
+        // through over a hundred.
+        let passed = (0..200_000_u32)
+            .filter(|m| set.may_hold(mark_id(&(u64::from(*m) << 32).to_le_bytes())))
             .count();
         assert!(
-            passed < 40,
-            "{passed} of 20 000 new marks passed the filter"
+            passed < 15,
+            "{passed} of 200 000 new marks passed the filter"
         );
         assert!(set.index.is_none(), "{} looks", set.scans);
         assert!(ids.iter().all(|&id| set.contains(id)));
         set.clear();
-        assert!(set.len() == 0 && !set.contains(a) && set.insert(a));
+        assert!(set.len() == 0 && !set.may_hold(a) && set.insert(a));
+    }
+
+    /// Marks taken out leave their bits behind; a filter filled by them is made again from
+    /// the marks that stayed, so that new marks still pass it rarely.
+    #[test]
+    fn a_filter_filled_by_marks_taken_out_is_made_again() {
+        let mut set = MarkSet::default();
+        let keep = mark_id(b"kept");
+        assert!(set.insert(keep));
+        for n in 0..100_000_u32 {
+            let id = mark_id(&n.to_le_bytes());
+            assert!(set.insert(id));
+            assert!(set.remove(id));
+        }
+        assert_eq!(set.len(), 1);
+        assert!(
+            set.noted <= set.room,
+            "{} noted, room {}",
+            set.noted,
+            set.room
+        );
+        let passed = (0..20_000_u32)
+            .filter(|m| set.may_hold(mark_id(&(u64::from(*m) << 32).to_le_bytes())))
+            .count();
+        assert!(
+            passed < 15,
+            "{passed} of 20 000 new marks passed the filter"
+        );
+        assert!(!set.insert(keep) && set.index.is_none());
+    }
+
+    /// A batch the host did not take has its marks forgotten: added again, they are new.
+    #[test]
+    fn a_batch_not_taken_forgets_its_marks() {
+        let mut cache = ReadCache {
+            generation: 0,
+            writes: 0,
+            adding: 0,
+            fields: HashMap::default(),
+            records: HashMap::default(),
+            batch: Vec::new(),
+            key_ids: FxHashMap::default(),
+            field_ids: FxHashMap::default(),
+            marks: Marks::default(),
+            told: (0, 0),
+        };
+        let kept = mark_id(b"kept");
+        assert!(cache.marks.insert(kept));
+        for mark in [b"m/1".as_slice(), b"m/2"] {
+            cache.batch.push(1);
+            cache.batch.extend_from_slice(&3_u32.to_le_bytes());
+            cache.batch.extend_from_slice(mark);
+            cache.batch.extend_from_slice(&0_u32.to_le_bytes());
+            assert!(cache.marks.insert(mark_id(mark)));
+        }
+        cache.forget_batch();
+        assert!(cache.marks.insert(mark_id(b"m/1")) && cache.marks.insert(mark_id(b"m/2")));
+        assert!(!cache.marks.insert(kept), "a mark of another batch stays");
     }
 
     /// A replay (every mark seen before) looks through the ids a few times, then through a
