@@ -190,20 +190,7 @@ struct ReadCache {
     told: (u64, u64),
 }
 
-static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| {
-    Mutex::new(ReadCache {
-        generation: 0,
-        writes: 0,
-        adding: 0,
-        fields: HashMap::default(),
-        records: HashMap::default(),
-        batch: Vec::new(),
-        key_ids: FxHashMap::default(),
-        field_ids: FxHashMap::default(),
-        marks: Marks::default(),
-        told: (0, 0),
-    })
-});
+static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| Mutex::new(ReadCache::new()));
 
 /// Whether [`READ_CACHE`] holds additions not handed over (read without its lock at the end of
 /// every call).
@@ -550,6 +537,21 @@ fn read_cache() -> MutexGuard<'static, ReadCache> {
 }
 
 impl ReadCache {
+    fn new() -> ReadCache {
+        ReadCache {
+            generation: 0,
+            writes: 0,
+            adding: 0,
+            fields: HashMap::default(),
+            records: HashMap::default(),
+            batch: Vec::new(),
+            key_ids: FxHashMap::default(),
+            field_ids: FxHashMap::default(),
+            marks: Marks::default(),
+            told: (0, 0),
+        }
+    }
+
     /// Empties the copies if the host's cache changed since they were made (the marks stay
     /// until the store has them: see [`ReadCache::hand_over`]).
     fn renew(&mut self, generation: u64) {
@@ -1177,10 +1179,6 @@ pub fn compare_and_set<K: StoreKey + ?Sized>(key: &K, version: u64, value: &Valu
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
-    use rustc_hash::FxHashMap;
-
     use super::{Entries, MarkSet, Marks, ReadCache, SCANS_BEFORE_INDEX, mark_id};
 
     #[test]
@@ -1292,17 +1290,19 @@ mod tests {
         // New marks rarely pass a full filter: about 3 in 200 000 (1 in 60 000); 15 would be
         // a chance of 1 in 100 000, and a filter with half its blocks or half its bits lets
         // through over a hundred.
-        let passed = (0..200_000_u32)
-            .filter(|m| set.may_hold(mark_id(&(u64::from(*m) << 32).to_le_bytes())))
-            .count();
-        assert!(
-            passed < 15,
-            "{passed} of 200 000 new marks passed the filter"
-        );
+        assert_few_pass(&set, 200_000);
         assert!(set.index.is_none(), "{} looks", set.scans);
         assert!(ids.iter().all(|&id| set.contains(id)));
         set.clear();
         assert!(set.len() == 0 && !set.may_hold(a) && set.insert(a));
+    }
+
+    /// Fewer than 15 of `n` marks never added pass `set`'s filter.
+    fn assert_few_pass(set: &MarkSet, n: u32) {
+        let passed = (0..n)
+            .filter(|m| set.may_hold(mark_id(&(u64::from(*m) << 32).to_le_bytes())))
+            .count();
+        assert!(passed < 15, "{passed} of {n} new marks passed the filter");
     }
 
     /// Marks taken out leave their bits behind; a filter filled by them is made again from
@@ -1324,31 +1324,14 @@ mod tests {
             set.noted,
             set.room
         );
-        let passed = (0..20_000_u32)
-            .filter(|m| set.may_hold(mark_id(&(u64::from(*m) << 32).to_le_bytes())))
-            .count();
-        assert!(
-            passed < 15,
-            "{passed} of 20 000 new marks passed the filter"
-        );
+        assert_few_pass(&set, 20_000);
         assert!(!set.insert(keep) && set.index.is_none());
     }
 
     /// A batch the host did not take has its marks forgotten: added again, they are new.
     #[test]
     fn a_batch_not_taken_forgets_its_marks() {
-        let mut cache = ReadCache {
-            generation: 0,
-            writes: 0,
-            adding: 0,
-            fields: HashMap::default(),
-            records: HashMap::default(),
-            batch: Vec::new(),
-            key_ids: FxHashMap::default(),
-            field_ids: FxHashMap::default(),
-            marks: Marks::default(),
-            told: (0, 0),
-        };
+        let mut cache = ReadCache::new();
         let kept = mark_id(b"kept");
         assert!(cache.marks.insert(kept));
         for mark in [b"m/1".as_slice(), b"m/2"] {
