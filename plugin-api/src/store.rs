@@ -227,10 +227,9 @@ const MAX_ENTRY_ROWS: usize = 32 * 1024;
 struct MarkSet {
     /// A mark sets one bit in each word of one block.
     bloom: Vec<Block>,
-    /// The marks the filter was sized for: past them it is made again twice as large.
-    room: usize,
     /// The marks noted in the filter since it was last made: the list's and those taken out
-    /// since (their bits stay). Past `room`, the filter is made again, from the list alone.
+    /// since (their bits stay). Past [`MarkSet::room`], the filter is made again: twice as
+    /// large when the list needs it, else at its size from the list alone.
     noted: usize,
     ids: Vec<u128>,
     /// The ids in a hash set, once looks through them became frequent.
@@ -293,7 +292,6 @@ impl MarkSet {
         let blocks = marks.saturating_mul(BLOOM_BITS).div_ceil(512);
         if blocks > self.bloom.len() {
             self.bloom = vec![Block::default(); blocks];
-            self.room = blocks * 512 / BLOOM_BITS;
             self.renote();
         }
     }
@@ -330,8 +328,8 @@ impl MarkSet {
         if self.contains(id) {
             return false;
         }
-        if self.noted >= self.room {
-            if self.bloom.is_empty() || self.ids.len() * 2 > self.room {
+        if self.noted >= self.room() {
+            if self.bloom.is_empty() || self.ids.len() * 2 > self.room() {
                 self.make_room(self.ids.len() * 2);
             } else {
                 // Filled by marks mostly taken out again (batches the host refused): made
@@ -371,10 +369,15 @@ impl MarkSet {
         self.ids.len()
     }
 
+    /// The marks the filter is sized for.
+    fn room(&self) -> usize {
+        self.bloom.len() * 512 / BLOOM_BITS
+    }
+
     /// How large the set has grown: the marks its filter has room for, or its list's
     /// capacity if larger (what [`Marks::drop_flushed`] weighs to keep it or let it go).
     fn capacity(&self) -> usize {
-        self.room.max(self.ids.capacity())
+        self.room().max(self.ids.capacity())
     }
 
     /// Empties the set, keeping its filter's and list's memory (not the index's: a replay is
@@ -1280,13 +1283,13 @@ mod tests {
         // Grown well past the room its filter was first made for, then filled to its room.
         let mut n = 0_u32;
         let mut ids = Vec::new();
-        while ids.len() < 20_000 || set.len() < set.room {
+        while ids.len() < 20_000 || set.len() < set.room() {
             n += 1;
             let id = mark_id(&n.to_le_bytes());
             assert!(set.insert(id));
             ids.push(id);
         }
-        assert_eq!(set.len(), set.room);
+        assert_eq!(set.len(), set.room());
         // New marks rarely pass a full filter: about 3 in 200 000 (1 in 60 000); 15 would be
         // a chance of 1 in 100 000, and a filter with half its blocks or half its bits lets
         // through over a hundred.
@@ -1319,10 +1322,10 @@ mod tests {
         }
         assert_eq!(set.len(), 1);
         assert!(
-            set.noted <= set.room,
+            set.noted <= set.room(),
             "{} noted, room {}",
             set.noted,
-            set.room
+            set.room()
         );
         assert_few_pass(&set, 20_000);
         assert!(!set.insert(keep) && set.index.is_none());
