@@ -68,19 +68,26 @@ struct KeyInner {
     id: AtomicU32,
 }
 
-/// The key of [`mark_id`], drawn at random once per process.
-static MARK_KEY: LazyLock<std::hash::RandomState> = LazyLock::new(std::hash::RandomState::new);
-
-/// A mark's identity in the plugin's set of marks: 128 bits of std's keyed SipHash (its key
-/// drawn at random per process), the hashes of two different inputs made of the mark. Marks
-/// come from task ids, which come from outside; without the key nobody can choose two marks
-/// with the same id, and by chance two of a set of `n` share one with a probability of about
-/// `n² / 2¹²⁹` (a second's marks: under 10⁻²⁸). The table hashes the id with a cheap hash: it
-/// is random already.
-fn mark_id(text: &[u8]) -> u128 {
+/// The keys of [`mark_id`], drawn at random once per process (std's randomly keyed hash of
+/// two constants).
+static MARK_KEY: LazyLock<(u64, u64)> = LazyLock::new(|| {
     use std::hash::BuildHasher as _;
-    let key = &*MARK_KEY;
-    (u128::from(key.hash_one(text)) << 64) | u128::from(key.hash_one((text, 1_u8)))
+    let random = std::hash::RandomState::new();
+    (random.hash_one(0_u8), random.hash_one(1_u8))
+});
+
+/// A mark's identity in the plugin's set of marks: the 128 bits of SipHash-1-3 under a key
+/// drawn at random per process, in one pass over the mark. Marks come from task ids, which
+/// come from outside; without the key nobody can choose two marks with the same id, and by
+/// chance two of a set of `n` share one with a probability of about `n² / 2¹²⁹` (a second's
+/// marks: under 10⁻²⁸). The table hashes the id with a cheap hash: it is random already.
+fn mark_id(text: &[u8]) -> u128 {
+    use siphasher::sip128::{Hasher128 as _, SipHasher13};
+    use std::hash::Hasher as _;
+    let (k0, k1) = *MARK_KEY;
+    let mut hasher = SipHasher13::new_with_keys(k0, k1);
+    hasher.write(text);
+    hasher.finish128().as_u128()
 }
 
 /// A [`Key`]'s id before the host numbered its name.
