@@ -1492,13 +1492,18 @@ impl PluginStore {
                 }
                 None => None,
             };
+            // An entry's rows are mostly of one key: its name is checked once for a run of them.
+            let mut checked_key = None;
             for row in entry.rows() {
-                let key = cache.names.keys.get(row.key as usize);
-                if !key.is_some_and(|k| k.starts_with(&self.namespace)) {
-                    return Err(invalid(format!(
-                        "store.batch: key id {} was not given to this plugin (store.intern)",
-                        row.key
-                    )));
+                if checked_key != Some(row.key) {
+                    let key = cache.names.keys.get(row.key as usize);
+                    if !key.is_some_and(|k| k.starts_with(&self.namespace)) {
+                        return Err(invalid(format!(
+                            "store.batch: key id {} was not given to this plugin (store.intern)",
+                            row.key
+                        )));
+                    }
+                    checked_key = Some(row.key);
                 }
                 if row.field as usize >= fields {
                     return Err(invalid(format!(
@@ -2059,10 +2064,16 @@ mod tests {
         let a = store.for_plugin("a");
         let b = store.for_plugin("b");
         let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        let theirs = id(&b, "k", "arm");
         let good = entry(None, &[(k, n, 1.0)]);
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (
                 [good.clone(), entry(None, &[(k + 7, n, 1.0)])].concat(),
+                "key id",
+            ),
+            // Another plugin's key after one of this plugin's, in one entry.
+            (
+                entry(None, &[(k, n, 1.0), (k, n, 2.0), (theirs, n, 1.0)]),
                 "key id",
             ),
             (
