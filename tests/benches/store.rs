@@ -2,11 +2,12 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the three
-//! setups interleaved, 31 timed rounds (`STORE_BENCH_ROUNDS`) after 3 s of untimed ones
+//! setups taking turns of an untimed round and 10 timed ones (`STORE_BENCH_TURN`), 100 timed
+//! rounds (`STORE_BENCH_ROUNDS`, rounded up to whole turns) after 3 s of untimed ones
 //! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
 //! median time on the CPU) are printed with their ratio to the file state, and the median of
-//! each round's ratio to the file state's in the same round (paired: what slows the machine
-//! for a while slows both).
+//! each round's ratio to the file state's round of the same place in the same turn (paired:
+//! what slows the machine for a while slows both).
 //! `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, to count its
 //! instructions with callgrind or profile it (with `STORE_BENCH_FLUSH_MS=3600000`, no flush
 //! inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time, the pipeline thread's
@@ -81,11 +82,11 @@ fn main() {
     ];
     // `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, for callgrind.
     let only = std::env::var("STORE_BENCH_ONLY").ok();
-    // `STORE_BENCH_ROUNDS` (31 by default): more rounds make the setup's share of a profile small.
+    // `STORE_BENCH_ROUNDS` (100 by default): more rounds make the setup's share of a profile small.
     let rounds: usize = std::env::var("STORE_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(31);
+        .unwrap_or(100);
     // Untimed rounds first, for `STORE_BENCH_WARMUP_S` seconds (3 by default: three flush
     // intervals): a worker runs for hours, and its store's buffers, grown in the first second
     // and then reused, are part of its steady state. Timing a store's first second alone
@@ -98,48 +99,68 @@ fn main() {
             .unwrap_or(3.0),
     );
     let warming = std::time::Instant::now();
-    let mut warm_rounds = 0;
+    // Each setup runs `STORE_BENCH_TURN` timed rounds in a row (10 by default) before the next
+    // one's turn, after one untimed round. A worker runs one host; here three hosts, each with
+    // its own copies of the eight plugins, share one core's caches, and the first round of a
+    // turn starts with the other setups' code and data in them. Taking turns of one round
+    // charged that switch to every round: in turns of 10 the first round was slower than the
+    // rest by 0.4 to 1 ms for the file state and 0.9 to 2.9 ms for a store (whose filters,
+    // copies and buffers are more to bring back), a cost no worker pays. Turns of a quarter of
+    // a second still pair each round with the file state's of the same turn, well within what
+    // moves this machine's speed.
+    let turn: usize = std::env::var("STORE_BENCH_TURN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let (mut warm_rounds, mut timed_rounds) = (0, 0);
     let mut times = vec![Vec::new(); setups.len()];
     // The pipeline thread's time on the CPU, each round: less moved than the wall clock by
     // what else runs on the machine.
     let mut cpu = vec![Vec::new(); setups.len()];
-    for round in 0.. {
-        let timed = warming.elapsed() >= warmup;
-        if !timed {
-            warm_rounds += 1;
-        } else if round >= warm_rounds + rounds {
-            break;
+    while timed_rounds < rounds {
+        let warm = warming.elapsed() < warmup;
+        // The turn's rounds, the first one untimed.
+        let first = warm_rounds + timed_rounds;
+        warm_rounds += if warm { turn + 1 } else { 1 };
+        if !warm {
+            timed_rounds += turn;
         }
         for (i, (name, host)) in setups.iter().enumerate() {
             if only.as_deref().is_some_and(|o| o != *name) {
                 continue;
             }
-            let text: String = tasks
-                .iter()
-                .map(|t| t.replacen("\"id\":\"", &format!("\"id\":\"{i}-{round}-"), 1) + "\n")
-                .collect();
-            let flt0 = minflt();
-            let sched0 = schedstat();
-            let started = std::time::Instant::now();
-            let mut out = Vec::with_capacity(1 << 20);
-            let summary = Pipeline::new(host.clone())
-                .run_stream(Cursor::new(text.as_bytes()), &mut out, |_| {})
-                .unwrap();
-            assert_eq!(summary.completed, 1200);
-            if !timed {
-                continue;
-            }
-            times[i].push(started.elapsed().as_secs_f64());
-            cpu[i].push((schedstat().0 - sched0.0) as f64 / 1e9);
-            if std::env::var_os("STORE_BENCH_VERBOSE").is_some() {
+            for round in first..=first + turn {
+                let timed = !warm && round > first;
+                let text: String = tasks
+                    .iter()
+                    .map(|t| t.replacen("\"id\":\"", &format!("\"id\":\"{i}-{round}-"), 1) + "\n")
+                    .collect();
+                let flt0 = minflt();
+                let sched0 = schedstat();
+                let started = std::time::Instant::now();
+                let mut out = Vec::with_capacity(1 << 20);
+                let summary = Pipeline::new(host.clone())
+                    .run_stream(Cursor::new(text.as_bytes()), &mut out, |_| {})
+                    .unwrap();
+                assert_eq!(summary.completed, 1200);
+                if !timed {
+                    continue;
+                }
+                let elapsed = started.elapsed();
                 let sched = schedstat();
-                eprintln!(
-                    "{name} round {round}: {:.1} ms, on the CPU {:.1} ms, waiting for it {:.1} ms, {} minor faults",
-                    started.elapsed().as_secs_f64() * 1e3,
-                    (sched.0 - sched0.0) as f64 / 1e6,
-                    (sched.1 - sched0.1) as f64 / 1e6,
-                    minflt() - flt0
-                );
+                times[i].push(elapsed.as_secs_f64());
+                cpu[i].push((sched.0 - sched0.0) as f64 / 1e9);
+                if std::env::var_os("STORE_BENCH_VERBOSE").is_some() {
+                    eprintln!(
+                        "{name} round {round} ({} of its turn): {:.1} ms, on the CPU {:.1} ms, waiting for it {:.1} ms, {} minor faults",
+                        round - first,
+                        elapsed.as_secs_f64() * 1e3,
+                        (sched.0 - sched0.0) as f64 / 1e6,
+                        (sched.1 - sched0.1) as f64 / 1e6,
+                        minflt() - flt0
+                    );
+                }
             }
         }
     }
@@ -147,7 +168,8 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    // Each round's ratio to the file state's in the same round, before the sorting below.
+    // Each round's ratio to the file state's of the same place in the same turn, before the
+    // sorting below.
     let mut paired: Vec<Vec<f64>> = times
         .iter()
         .map(|t| t.iter().zip(&times[0]).map(|(t, f)| t / f).collect())
@@ -162,7 +184,7 @@ fn main() {
         .map(|v| v.first().copied().unwrap_or(f64::NAN))
         .collect();
     println!(
-        "after {warm_rounds} untimed rounds ({:.1} s):",
+        "after {warm_rounds} untimed rounds ({:.1} s), in turns of {turn} rounds after an untimed one:",
         warmup.as_secs_f64()
     );
     for (((((name, _), m), f), c), p) in setups
@@ -176,7 +198,7 @@ fn main() {
             continue;
         }
         println!(
-            "{name:<10} median of {rounds} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state (paired, round by round: {:+.1}%); fastest {:.1} ms, {:+.1}%; on the CPU {:.1} ms, {:+.1}%",
+            "{name:<10} median of {timed_rounds} runs of 1200 tasks: {:.1} ms ({:.0} tasks/s), {:+.1}% against the file state (paired, round by round: {:+.1}%); fastest {:.1} ms, {:+.1}%; on the CPU {:.1} ms, {:+.1}%",
             m * 1e3,
             1200.0 / m,
             (m / medians[0] - 1.0) * 100.0,
