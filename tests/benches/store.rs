@@ -7,7 +7,7 @@
 //! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
 //! median time on the CPU) are printed with their ratio to the file state, and the median of
 //! each round's ratio to the file state's round of the same place in the same turn (paired:
-//! what slows the machine for a while slows both).
+//! what slows the machine for a while slows both), and the range of the turns' ratios.
 //! `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, to count its
 //! instructions with callgrind or profile it (with `STORE_BENCH_FLUSH_MS=3600000`, no flush
 //! inside the rounds); `STORE_BENCH_VERBOSE=1` prints each round (time, the pipeline thread's
@@ -164,36 +164,46 @@ fn main() {
             }
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    // Each round's ratio to the file state's of the same place in the same turn, before the
-    // sorting below.
-    let mut paired: Vec<Vec<f64>> = times
+    // Each round's ratio to the file state's of the same place in the same turn.
+    let paired: Vec<f64> = times
         .iter()
-        .map(|t| t.iter().zip(&times[0]).map(|(t, f)| t / f).collect())
+        .map(|t| {
+            median(
+                &t.iter()
+                    .zip(&times[0])
+                    .map(|(t, f)| t / f)
+                    .collect::<Vec<_>>(),
+            )
+        })
         .collect();
-    let paired: Vec<f64> = paired.iter_mut().map(median).collect();
-    let medians: Vec<f64> = times.iter_mut().map(median).collect();
-    let cpu_medians: Vec<f64> = cpu.iter_mut().map(median).collect();
+    // Each turn's median round against the file state's in the same turn: how far one turn
+    // is from the next says how far one run's figure can be trusted.
+    let turns: Vec<Vec<f64>> = times
+        .iter()
+        .map(|t| {
+            let mut ratios: Vec<f64> = t
+                .chunks(turn)
+                .zip(times[0].chunks(turn))
+                .map(|(t, f)| median(t) / median(f))
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            ratios
+        })
+        .collect();
+    let medians: Vec<f64> = times.iter().map(|t| median(t)).collect();
+    let cpu_medians: Vec<f64> = cpu.iter().map(|c| median(c)).collect();
     // The fastest round too: on a shared machine the rounds another process slowed down move
     // the median, rarely the minimum.
     let fastest: Vec<f64> = times
         .iter()
-        .map(|v| v.first().copied().unwrap_or(f64::NAN))
+        .map(|v| v.iter().copied().min_by(f64::total_cmp).unwrap_or(f64::NAN))
         .collect();
     println!(
         "after {warm_rounds} untimed rounds ({:.1} s), in turns of {turn} rounds after an untimed one:",
         warmup.as_secs_f64()
     );
-    for (((((name, _), m), f), c), p) in setups
-        .iter()
-        .zip(&medians)
-        .zip(&fastest)
-        .zip(&cpu_medians)
-        .zip(&paired)
-    {
+    for (i, (name, _)) in setups.iter().enumerate() {
+        let (m, f, c, p) = (medians[i], fastest[i], cpu_medians[i], paired[i]);
         if m.is_nan() {
             continue;
         }
@@ -208,10 +218,30 @@ fn main() {
             c * 1e3,
             (c / cpu_medians[0] - 1.0) * 100.0
         );
+        let turns = &turns[i];
+        if i > 0 && turns.len() >= 4 {
+            let pct = |at: usize| (turns[at] - 1.0) * 100.0;
+            let n = turns.len();
+            println!(
+                "{:<10} its {n} turns against the file state's: {:+.1}% to {:+.1}%, the middle half {:+.1}% to {:+.1}%",
+                "",
+                pct(0),
+                pct(n - 1),
+                pct(n / 4),
+                pct(n - 1 - n / 4)
+            );
+        }
     }
     for (_, host) in &setups {
         host.shutdown();
     }
+}
+
+/// The median of `v` (the upper one of an even count); NaN when empty.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// This thread's time on the CPU and waiting for one (run queue), in nanoseconds.
