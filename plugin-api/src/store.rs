@@ -50,8 +50,8 @@ pub struct Record {
 /// context or arm): seeded at random per process, which defeats collisions chosen in advance,
 /// and several times cheaper than std's SipHash-1-3 on short strings. It does not claim to
 /// resist an attacker who can watch the process for long (foldhash says so itself), so the
-/// marks, one per task and made from task ids that come from outside, keep std's
-/// [`std::hash::RandomState`].
+/// marks, one per task and made from task ids that come from outside, are told apart by
+/// SipHash-1-3 under a random key ([`mark_id`]).
 type Keyed = foldhash::quality::RandomState;
 
 /// A store key made once and used for many additions and reads: `Key::joined(&["arm",

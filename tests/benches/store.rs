@@ -57,10 +57,7 @@ fn main() {
     // `STORE_BENCH_FLUSH_MS` sets the flush interval (1000 by default): under callgrind, whose
     // rounds take seconds, a long one keeps flushes out of the rounds as in a plain run, so the
     // counts do not depend on how many flushes fell inside them.
-    let flush_ms = std::env::var("STORE_BENCH_FLUSH_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let flush_ms = env_or("STORE_BENCH_FLUSH_MS", 1000);
     let options = StoreOptions {
         flush_interval: Duration::from_millis(flush_ms),
         timeout: Duration::from_secs(5),
@@ -82,22 +79,21 @@ fn main() {
     ];
     // `STORE_BENCH_ONLY=SQLite` (or `file state`, `Redis`) runs one setup alone, for callgrind.
     let only = std::env::var("STORE_BENCH_ONLY").ok();
+    if let Some(only) = &only {
+        assert!(
+            setups.iter().any(|(name, _)| name == only),
+            "STORE_BENCH_ONLY: `{only}` is none of `file state`, `SQLite`, `Redis`"
+        );
+    }
     // `STORE_BENCH_ROUNDS` (100 by default): more rounds make the setup's share of a profile small.
-    let rounds: usize = std::env::var("STORE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let rounds: usize = env_or("STORE_BENCH_ROUNDS", 100);
+    assert!(rounds >= 1, "STORE_BENCH_ROUNDS: at least one round");
     // Untimed rounds first, for `STORE_BENCH_WARMUP_S` seconds (3 by default: three flush
     // intervals): a worker runs for hours, and its store's buffers, grown in the first second
     // and then reused, are part of its steady state. Timing a store's first second alone
     // measured the price of touching new memory, which on a virtual machine is a fault to the
     // hypervisor per page (3 to 24 µs here).
-    let warmup = Duration::from_secs_f64(
-        std::env::var("STORE_BENCH_WARMUP_S")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3.0),
-    );
+    let warmup = Duration::from_secs_f64(env_or("STORE_BENCH_WARMUP_S", 3.0));
     let warming = std::time::Instant::now();
     // Each setup runs `STORE_BENCH_TURN` timed rounds in a row (10 by default) before the next
     // one's turn, after one untimed round. A worker runs one host; here three hosts, each with
@@ -108,11 +104,11 @@ fn main() {
     // copies and buffers are more to bring back), a cost no worker pays. Turns of a quarter of
     // a second still pair each round with the file state's of the same turn, well within what
     // moves this machine's speed.
-    let turn: usize = std::env::var("STORE_BENCH_TURN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
-        .max(1);
+    let turn: usize = env_or("STORE_BENCH_TURN", 10);
+    assert!(
+        (1..=1000).contains(&turn),
+        "STORE_BENCH_TURN: 1 to 1000 timed rounds a turn, found {turn}"
+    );
     let (mut warm_rounds, mut timed_rounds) = (0, 0);
     let mut times = vec![Vec::new(); setups.len()];
     // The pipeline thread's time on the CPU, each round: less moved than the wall clock by
@@ -199,7 +195,7 @@ fn main() {
         .map(|v| v.iter().copied().min_by(f64::total_cmp).unwrap_or(f64::NAN))
         .collect();
     println!(
-        "after {warm_rounds} untimed rounds ({:.1} s), in turns of {turn} rounds after an untimed one:",
+        "in turns of {turn} timed rounds after an untimed one; {warm_rounds} untimed rounds in all ({:.1} s of them first):",
         warmup.as_secs_f64()
     );
     for (i, (name, _)) in setups.iter().enumerate() {
@@ -234,6 +230,18 @@ fn main() {
     }
     for (_, host) in &setups {
         host.shutdown();
+    }
+}
+
+/// The environment variable `name` read as a number, `default` when it is not set; a value
+/// that is not a number stops the benchmark, naming it.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: `{text}` is not a number")),
+        Err(_) => default,
     }
 }
 
