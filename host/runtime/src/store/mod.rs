@@ -2034,6 +2034,67 @@ mod tests {
         assert_eq!(read(&a, "arm"), format!("n\t{added}\n"));
     }
 
+    /// Rounds started by `Store::flush` on other threads (a report, the last flush) while the
+    /// flush thread runs its own, with additions coming in and the store refusing writes now
+    /// and then (another connection holds it locked): every addition reaches the store, once.
+    /// Two rounds at a time would both apply the batch in flight, and the second to finish
+    /// would take the batch the first made meanwhile for applied; when that batch's own round
+    /// then failed, nothing was left to retry.
+    #[test]
+    fn flushes_on_several_threads_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let url = format!("sqlite://{}", path.display());
+        let options = StoreOptions {
+            flush_interval: Duration::from_millis(2),
+            timeout: Duration::from_millis(1),
+        };
+        let store = Store::open(&url, options).unwrap();
+        let a = store.for_plugin("a");
+        let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        let adding = AtomicBool::new(true);
+        let added = std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    while adding.load(Ordering::Relaxed) {
+                        // The refusals are the point; only what is lost counts.
+                        let _ = store.flush();
+                    }
+                });
+            }
+            scope.spawn(|| {
+                let locker = rusqlite::Connection::open(&path).unwrap();
+                while adding.load(Ordering::Relaxed) {
+                    if locker.execute_batch("BEGIN EXCLUSIVE").is_ok() {
+                        std::thread::sleep(Duration::from_millis(3));
+                        locker.execute_batch("COMMIT").unwrap();
+                    }
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            });
+            let mut added = 0_u32;
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_millis(1200) {
+                added += 1;
+                a.batch(&entry(Some(&format!("t{added}")), &[(k, n, 1.0)]))
+                    .unwrap();
+                if added.is_multiple_of(8) {
+                    a.batch(&entry(None, &[(k, n, 1.0)])).unwrap();
+                    added += 1;
+                }
+            }
+            adding.store(false, Ordering::Relaxed);
+            added
+        });
+        store.flush().unwrap();
+        assert_eq!(read(&a, "arm"), format!("n\t{added}\n"));
+        // What the store holds, read by a store of its own (a cache that never saw them).
+        store.close();
+        let other = Store::open(&url, options).unwrap();
+        assert_eq!(read(&other.for_plugin("a"), "arm"), format!("n\t{added}\n"));
+        other.close();
+    }
+
     /// A new instance of a plugin starts with no marks of its own: the marks its predecessor
     /// left pending are checked by the host until they are flushed.
     #[test]
