@@ -26,6 +26,35 @@ fn host_with(dir: &PluginDir, store: &Store) -> plugin_host::PluginHost {
     host
 }
 
+/// The URL of an SQLite store in `dir`.
+fn sqlite_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("store.db").display())
+}
+
+/// A store that flushes only when asked (`Store::flush`): a flush in between would make the
+/// host forget what these tests look at.
+fn quiet() -> StoreOptions {
+    StoreOptions {
+        flush_interval: Duration::from_secs(3600),
+        ..options()
+    }
+}
+
+/// The fixture's addition of 1 to field `n` of `key` through `method` (`storeAdd`, by name, or
+/// `storeAddKey`, through a key handle), under `mark` if any: whether it was new.
+fn add_one(
+    host: &plugin_host::PluginHost,
+    method: &str,
+    key: &str,
+    mark: Option<&str>,
+) -> Option<Value> {
+    host.execute(
+        "fixture",
+        method,
+        &json!({"key": key, "field": "n", "delta": 1.0, "mark": mark}),
+    )
+}
+
 fn n_of(host: &plugin_host::PluginHost, key: &str) -> Option<f64> {
     host.execute("fixture", "storeRead", &json!({"key": key}))
         .and_then(|v| v.get("n").and_then(Value::as_f64))
@@ -99,7 +128,7 @@ fn two_hosts_share(url: &str) {
 #[test]
 fn two_workers_share_a_sqlite_store() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let url = sqlite_url(dir.path());
     two_hosts_share(&url);
 }
 
@@ -109,22 +138,10 @@ fn two_workers_share_a_sqlite_store() {
 #[test]
 fn a_mark_pending_across_a_change_of_the_cache_counts_once() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    // No flush but the one asked for: a flush in between would make the host forget too.
-    let quiet = StoreOptions {
-        flush_interval: Duration::from_secs(3600),
-        ..options()
-    };
-    let store = Store::open(&url, quiet).unwrap();
+    let store = Store::open(&sqlite_url(dir.path()), quiet()).unwrap();
     let plugins = PluginDir::new();
     let host = host_with(&plugins, &store);
-    let add = |mark: &str| {
-        host.execute(
-            "fixture",
-            "storeAdd",
-            &json!({"key": "arm", "field": "n", "delta": 1.0, "mark": mark}),
-        )
-    };
+    let add = |mark: &str| add_one(&host, "storeAdd", "arm", Some(mark));
     assert_eq!(n_of(&host, "arm"), None);
     assert_eq!(add("task-9"), Some(json!(true)));
     assert_eq!(n_of(&host, "arm"), Some(1.0));
@@ -147,21 +164,10 @@ fn a_mark_pending_across_a_change_of_the_cache_counts_once() {
 #[test]
 fn a_reloaded_plugin_cannot_count_a_pending_mark_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let quiet = StoreOptions {
-        flush_interval: Duration::from_secs(3600),
-        ..options()
-    };
-    let store = Store::open(&url, quiet).unwrap();
+    let store = Store::open(&sqlite_url(dir.path()), quiet()).unwrap();
     let plugins = PluginDir::new();
     let host = host_with(&plugins, &store);
-    let add = |mark: &str| {
-        host.execute(
-            "fixture",
-            "storeAdd",
-            &json!({"key": "arm", "field": "n", "delta": 1.0, "mark": mark}),
-        )
-    };
+    let add = |mark: &str| add_one(&host, "storeAdd", "arm", Some(mark));
     assert_eq!(add("task-7"), Some(json!(true)));
     assert_eq!(n_of(&host, "arm"), Some(1.0));
     host.reload("fixture").unwrap();
@@ -182,21 +188,11 @@ fn a_reloaded_plugin_cannot_count_a_pending_mark_twice() {
 #[test]
 fn additions_through_a_key_handle_count_as_by_name_across_a_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let quiet = StoreOptions {
-        flush_interval: Duration::from_secs(3600),
-        ..options()
-    };
-    let store = Store::open(&url, quiet).unwrap();
+    let url = sqlite_url(dir.path());
+    let store = Store::open(&url, quiet()).unwrap();
     let plugins = PluginDir::new();
     let host = host_with(&plugins, &store);
-    let add = |method: &str, key: &str, mark: Option<&str>| {
-        host.execute(
-            "fixture",
-            method,
-            &json!({"key": key, "field": "n", "delta": 1.0, "mark": mark}),
-        )
-    };
+    let add = |method: &str, key: &str, mark: Option<&str>| add_one(&host, method, key, mark);
     assert_eq!(add("storeAddKey", "arm", None), Some(json!(true)));
     assert_eq!(add("storeAddKey", "arm", Some("task-1")), Some(json!(true)));
     assert_eq!(
@@ -220,7 +216,7 @@ fn additions_through_a_key_handle_count_as_by_name_across_a_reload() {
     assert_eq!(add("storeAddKey", "", Some("task-3")), None);
     store.flush().unwrap();
     assert_eq!(n_of(&host, "arm"), Some(4.0), "and the same in the store");
-    let fresh = Store::open(&url, quiet).unwrap();
+    let fresh = Store::open(&url, quiet()).unwrap();
     let other = PluginDir::new();
     let reader = host_with(&other, &fresh);
     assert_eq!(
@@ -242,13 +238,7 @@ fn additions_made_while_redis_is_down_are_flushed_once_when_it_is_back() {
     let dir = PluginDir::new();
     let store = Store::open(&redis.url(), options()).unwrap();
     let host = host_with(&dir, &store);
-    let add = |mark: &str| {
-        host.execute(
-            "fixture",
-            "storeAdd",
-            &json!({"key": "arm", "field": "n", "delta": 1.0, "mark": mark}),
-        )
-    };
+    let add = |mark: &str| add_one(&host, "storeAdd", "arm", Some(mark));
     add("t1");
     store.flush().unwrap();
     redis.stop();
@@ -291,7 +281,7 @@ fn additions_made_while_redis_is_down_are_flushed_once_when_it_is_back() {
 #[test]
 fn an_older_plugin_loads_in_a_host_with_a_store_and_has_none() {
     let state = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", state.path().join("store.db").display());
+    let url = sqlite_url(state.path());
     let store = Store::open(&url, options()).unwrap();
     let dir = PluginDir::new();
     let file = dir.add_file(&fixture_build("table-v1"), "libfixture.so");
@@ -339,10 +329,7 @@ fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
     let state = dir.shadow().join("state");
     // The default: SQLite in the state directory.
     let status = worker_json(&dir, &state, &["store", "status", "--json"]);
-    assert_eq!(
-        status["store"]["backend"],
-        format!("sqlite://{}", state.join("store.db").display())
-    );
+    assert_eq!(status["store"]["backend"], sqlite_url(&state));
     assert_eq!(status["store"]["reachable"], true, "{status}");
     assert_eq!(status["store"]["pending"], 0, "{status}");
     assert!(state.join("store.db").is_file());
@@ -359,12 +346,7 @@ fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
         .unwrap();
     let output = crate::worker(
         &dir,
-        &[
-            "--store",
-            &format!("sqlite://{}", planted.join("store.db").display()),
-            "store",
-            "status",
-        ],
+        &["--store", &sqlite_url(&planted), "store", "status"],
         &[],
     );
     assert!(!output.status.success(), "{output:?}");
@@ -417,18 +399,11 @@ fn the_control_api_shows_the_store() {
         worker.http("GET", "/v1/store", b"").body
     );
     let status = worker.http("GET", "/v1/store", b"").json();
-    assert_eq!(
-        status["store"]["backend"],
-        format!("sqlite://{}", state.join("store.db").display())
-    );
+    assert_eq!(status["store"]["backend"], sqlite_url(&state));
     assert_eq!(status["store"]["reachable"], true);
     worker.stop();
     // What the plugin added is in the store file for the next process.
-    let store = Store::open(
-        &format!("sqlite://{}", state.join("store.db").display()),
-        options(),
-    )
-    .unwrap();
+    let store = Store::open(&sqlite_url(&state), options()).unwrap();
     let rows = store.scan("fixture", "").unwrap();
     assert_eq!(rows[0].1.get("n"), Some(&2.0), "{rows:?}");
 }
@@ -463,7 +438,7 @@ fn an_isolated_plugin_shares_the_store() {
     dir.add("fixture", "libfixture.so");
     dir.configure(&json!({"fixture": {"isolation": "process"}}));
     let db = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", db.path().join("store.db").display());
+    let url = sqlite_url(db.path());
     let add = |delta: f64, mark: &str| {
         isolated_call(
             &dir,
@@ -538,7 +513,7 @@ fn a_store_that_answers_a_byte_at_a_time_does_not_hold_the_exit() {
 fn workers_started_together_on_a_new_sqlite_file_all_open_it() {
     for round in 0..20 {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let url = sqlite_url(dir.path());
         let start = std::sync::Arc::new(std::sync::Barrier::new(6));
         let opened: Vec<_> = (0..6)
             .map(|_| {
@@ -563,13 +538,10 @@ fn workers_started_together_on_a_new_sqlite_file_all_open_it() {
 #[test]
 fn a_plugin_sees_its_own_additions_at_once_and_the_fleets_after_a_refresh() {
     let db = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", db.path().join("store.db").display());
+    let url = sqlite_url(db.path());
     let (dir_a, dir_b) = (PluginDir::new(), PluginDir::new());
     // This worker refreshes only when told to.
-    let hourly = StoreOptions {
-        flush_interval: Duration::from_secs(3600),
-        timeout: Duration::from_secs(5),
-    };
+    let hourly = quiet();
     let (store_a, store_b) = (
         Store::open(&url, hourly).unwrap(),
         Store::open(&url, options()).unwrap(),
@@ -676,7 +648,7 @@ fn a_store_error_cannot_forge_a_log_line() {
 #[test]
 fn an_overlong_mark_loses_no_other_addition() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let url = sqlite_url(dir.path());
     let store = Store::open(&url, options()).unwrap();
     let plugins = PluginDir::new();
     plugins.configure(
