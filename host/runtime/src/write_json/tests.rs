@@ -252,8 +252,10 @@ fn odd_impls_and_errors_come_out_as_serde_json_s() {
     assert_same(&[(BTreeMap::from([(1.5f64.to_bits(), 0)]))]);
 }
 
-/// The shapes the worker writes: a call's params (optional fields skipped, camelCase) and the
-/// `task.scored` payload (a map of timings inside).
+/// Shapes like the ones a host's embedder writes, with random text and numbers: a call's
+/// params (optional fields skipped, camelCase) and an event's payload (a map of timings
+/// inside). The worker's own params and payloads are checked against serde_json in the
+/// worker's pipeline tests.
 #[derive(Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct AskParams<'a> {
@@ -284,7 +286,7 @@ struct ScoredEvent<'a> {
 }
 
 #[test]
-fn the_worker_s_params_and_payloads() {
+fn params_and_payloads_of_an_embedder_s_shapes() {
     let mut rng = Rng(7);
     let handlers = vec!["builtin:summarize".to_owned(), "plugin:echo".to_owned()];
     for _ in 0..2_000 {

@@ -917,6 +917,56 @@ fn read_line(
 mod tests {
     use super::*;
 
+    /// The params and payloads the pipeline hands the host come out of the host's JSON writer
+    /// (`plugin_host::to_json_string`, the writer of every call's params and hook payload) as
+    /// serde_json writes them, with text that needs escaping in every string.
+    #[test]
+    fn the_host_writes_the_pipeline_s_params_and_payloads_as_serde_json_does() {
+        let texts = [
+            "",
+            "plain",
+            "quote \" backslash \\ slash /",
+            "control \u{0} \u{1f} \n \t \r",
+            "unicode é 漢 😀 \u{2028}",
+        ];
+        let lists: Vec<String> = texts.iter().map(|t| (*t).to_owned()).collect();
+        for text in texts {
+            same(&AskParams::default());
+            same(&AskParams {
+                task_type: Some(text),
+                experiment: Some(text),
+                context: Some(text),
+                key: Some(text),
+                input_words: Some(text.len()),
+                handlers: Some(&lists),
+                arms: Some(&lists),
+                optional: text.is_empty(),
+            });
+            let calls = PluginCalls {
+                ms: vec![("echo", 0.25), ("model-router", 1e-7), ("x", 12_345.5)],
+            };
+            same(&ScoredEvent {
+                id: text,
+                task_type: text,
+                handler: text,
+                chooser: text,
+                variant: Some(text),
+                experiment: None,
+                role: Some(text),
+                score: 0.1 + 0.2,
+                latency_ms: f64::MIN_POSITIVE,
+                output_len: usize::MAX,
+                plugins_ms: &calls,
+            });
+        }
+    }
+
+    /// Asserts that the host's writer writes `value` as serde_json does.
+    fn same<T: Serialize>(value: &T) {
+        let host = plugin_host::to_json_string(value).unwrap();
+        assert_eq!(host, serde_json::to_string(value).unwrap(), "{host}");
+    }
+
     #[test]
     fn score_is_token_f1() {
         assert_eq!(score("4821", "4821"), 1.0);
