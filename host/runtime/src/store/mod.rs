@@ -2074,16 +2074,20 @@ mod tests {
             });
             let mut added = 0_u32;
             let started = std::time::Instant::now();
-            while started.elapsed() < Duration::from_millis(1200) {
+            let mut refused = None;
+            while refused.is_none() && started.elapsed() < Duration::from_millis(1200) {
                 added += 1;
-                a.batch(&entry(Some(&format!("t{added}")), &[(k, n, 1.0)]))
-                    .unwrap();
-                if added.is_multiple_of(8) {
-                    a.batch(&entry(None, &[(k, n, 1.0)])).unwrap();
+                refused = a
+                    .batch(&entry(Some(&format!("t{added}")), &[(k, n, 1.0)]))
+                    .err();
+                if refused.is_none() && added.is_multiple_of(8) {
+                    refused = a.batch(&entry(None, &[(k, n, 1.0)])).err();
                     added += 1;
                 }
             }
+            // The other threads stop before any failure is told: the scope waits for them.
             adding.store(false, Ordering::Relaxed);
+            assert!(refused.is_none(), "a batch refused: {refused:?}");
             added
         });
         store.flush().unwrap();
