@@ -150,6 +150,14 @@ pub struct HostApi {
     /// store.
     #[cfg(not(feature = "__fixture_table_v1"))]
     pub store_batch: extern "C" fn(HostContext, RSlice<'_, u8>) -> JsonResult,
+    /// Added with table version 7: the plugin keeps the additions of the call that just ended
+    /// instead of handing them over (context). `true`: the host will ask for them through
+    /// [`PluginTable::store_hand_over`] after its next flush (so they reach the store within
+    /// two flush intervals) and when it flushes on request or closes; the plugin then holds
+    /// them until asked, until they reach 16 kB, until it reads a key it has no copy of, or
+    /// until its state is saved or it is destroyed. `false`: hand them over now.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub store_hold: extern "C" fn(HostContext) -> bool,
 }
 
 /// What `execute` and `save_state` answer: an optional JSON text, or an error.
@@ -194,4 +202,9 @@ pub struct PluginTable {
     /// is past the end) the method is found by name, as [`execute`](Self::execute) does.
     #[cfg(not(feature = "__fixture_table_v1"))]
     pub execute_at: extern "C" fn(InstanceHandle, u32, RStr<'_>, RStr<'_>) -> JsonResult,
+    /// Added in table version 7: hands the store additions the plugin holds (see
+    /// [`HostApi::store_hold`]) to the host now (instance). The host calls it from a thread of
+    /// its own, at most once at a time, while the instance is alive.
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    pub store_hand_over: extern "C" fn(InstanceHandle) -> RResult<(), CallError>,
 }

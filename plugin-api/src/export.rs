@@ -84,6 +84,8 @@ impl<P: Plugin> Exports<P> {
         on_hook: on_hook::<P>,
         #[cfg(not(feature = "__fixture_table_v1"))]
         execute_at: execute_at::<P>,
+        #[cfg(not(feature = "__fixture_table_v1"))]
+        store_hand_over,
     });
 }
 
@@ -243,11 +245,22 @@ extern "C" fn destroy<P: Plugin>(handle: InstanceHandle) {
         // SAFETY: the host calls `destroy` once per handle from `create::<P>`, after every call
         // on it has returned, so this is the last use of the box.
         drop(unsafe { Box::from_raw(handle.0.cast::<Instance<P>>().cast_mut()) });
+        // The instance's last additions go to the host before the library is closed.
+        crate::store::hand_over_held();
         Ok(())
     });
     if let RErr(e) = result {
         tracing::warn!(error = %e.message, "dropping the plugin panicked");
     }
+}
+
+/// Hands the store additions this plugin holds to the host (see `HostApi::store_hold`).
+#[cfg(not(feature = "__fixture_table_v1"))]
+extern "C" fn store_hand_over(_: InstanceHandle) -> RResult<(), CallError> {
+    guard(|| {
+        crate::store::hand_over_held();
+        Ok(())
+    })
 }
 
 // Also what `Harness::call_text` runs, so it stays in use in the incompatible test table too (and
@@ -301,7 +314,10 @@ pub(crate) extern "C" fn save_state<P: Plugin>(handle: InstanceHandle) -> JsonRe
     guard(|| {
         // SAFETY: as in `execute`.
         let instance = unsafe { instance::<P>(handle) };
-        let json = match instance.plugin.save_state()? {
+        let saved = instance.plugin.save_state();
+        // A reload's new instance reads the store: nothing stays held in this one.
+        crate::store::hand_over_held();
+        let json = match saved? {
             Some(state) => Some(to_json(&state, "the state to save")?),
             None => None,
         };

@@ -145,7 +145,7 @@ pub mod __private {
 
 /// Version of the function table this crate builds (see [`abi::PluginTable`]).
 #[cfg(not(feature = "__fixture_table_v1"))]
-pub const TABLE_VERSION: u32 = 6;
+pub const TABLE_VERSION: u32 = 7;
 /// Version of the function table this crate builds (see [`abi::PluginTable`]).
 #[cfg(feature = "__fixture_table_v1")]
 pub const TABLE_VERSION: u32 = 1;

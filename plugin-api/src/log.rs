@@ -175,6 +175,24 @@ pub(crate) fn store_generation() -> Option<u64> {
     }
 }
 
+/// Tells the host this plugin keeps its additions past the end of the call (see
+/// `HostApi::store_hold`): `true` when the host will ask for them, `false` (hand them over now)
+/// when it will not or is older than the hold (table version 7).
+pub(crate) fn store_hold() -> bool {
+    #[cfg(feature = "__fixture_table_v1")]
+    {
+        false
+    }
+    #[cfg(not(feature = "__fixture_table_v1"))]
+    {
+        HOST.get().is_some_and(|link| {
+            link.api
+                .store_hold()
+                .is_some_and(|store_hold| store_hold(link.context))
+        })
+    }
+}
+
 /// Whether the host takes additions in batches (table version 6).
 pub(crate) fn has_store_batch() -> bool {
     #[cfg(feature = "__fixture_table_v1")]

@@ -184,7 +184,21 @@ static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     store: host_store,
     store_generation: host_store_generation,
     store_batch: host_store_batch,
+    store_hold: host_store_hold,
 });
+
+/// A plugin keeps its additions past the end of its call: whether the host will ask for them.
+extern "C" fn host_store_hold(context: HostContext) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as in `host_log`: the context outlives every call the plugin can make.
+        let context = unsafe { &*context.0.cast::<LogContext>() };
+        context
+            .store
+            .as_ref()
+            .is_some_and(crate::store::StoreAccess::hold)
+    }))
+    .unwrap_or(false)
+}
 
 /// A plugin's additions to the store, handed over in one batch (`plugin_api::store`).
 extern "C" fn host_store_batch(context: HostContext, batch: RSlice<'_, u8>) -> JsonResult {
@@ -540,6 +554,25 @@ impl PluginLibrary {
         })
     }
 
+    /// This instance as one that may hold store additions: `None` without a store, or when the
+    /// plugin's table predates the hand-over (version 6 and older), which never holds.
+    pub(crate) fn store_holder(&self) -> Option<&std::sync::Arc<crate::store::Holder>> {
+        self.instance?;
+        self.table.store_hand_over()?;
+        self.log_context.as_ref()?.store.as_ref()?.holder()
+    }
+
+    /// Asks the plugin for the store additions it holds (see [`crate::store::Holder`]).
+    pub(crate) fn store_hand_over(&self) -> Option<Result<(), PluginError>> {
+        let instance = self.instance?;
+        // SAFETY: as in `call`: the library is open and `instance` alive while `&self` is held.
+        let handed = unsafe { table::store_hand_over(self.table, instance) }?;
+        Some(match handed {
+            ROk(()) => Ok(()),
+            RErr(e) => Err(owned(e)),
+        })
+    }
+
     /// Whether the plugin's table has the hook entry point (table version 3 and later).
     pub(crate) fn supports_hooks(&self) -> bool {
         self.table.on_hook().is_some()
@@ -820,6 +853,19 @@ mod table {
         table
             .restore_state()
             .map(|restore| restore(instance, state))
+    }
+
+    /// Hands over the store additions the instance holds; `None` when the table predates
+    /// the entry (version 6 and older).
+    ///
+    /// # Safety
+    ///
+    /// As for [`execute`].
+    pub(super) unsafe fn store_hand_over(
+        table: PluginTableRef,
+        instance: InstanceHandle,
+    ) -> Option<RResult<(), CallError>> {
+        table.store_hand_over().map(|hand_over| hand_over(instance))
     }
 
     /// Destroys the instance.

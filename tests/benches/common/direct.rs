@@ -32,12 +32,17 @@ extern "C" fn no_store_batch(_: HostContext, _: RSlice<'_, u8>) -> JsonResult {
     ROk(abi_stable::std_types::RNone)
 }
 
+extern "C" fn no_store_hold(_: HostContext) -> bool {
+    false
+}
+
 static HOST_API: WithMetadata<HostApi> = WithMetadata::new(HostApi {
     log: no_log,
     call: no_call,
     store: no_store,
     store_generation: no_store_generation,
     store_batch: no_store_batch,
+    store_hold: no_store_hold,
 });
 
 /// A second instance of a plugin, created in the library the host already loaded.

@@ -309,6 +309,7 @@ impl PluginHost {
         let file = file.as_path();
         let name = generation.manifest.name.clone();
         let generation = Arc::new(generation);
+        arm_store_hand_over(&generation);
         let stats: Arc<StatsCell> = Arc::default();
         if let Err(kind) = self.restore_saved_state(&name, &generation, &stats) {
             self.release(&name, generation, None);
@@ -765,7 +766,11 @@ impl PluginHost {
             ))
         });
         let new = match result {
-            Ok(generation) => Arc::new(generation),
+            Ok(generation) => {
+                let generation = Arc::new(generation);
+                arm_store_hand_over(&generation);
+                generation
+            }
             Err(e) => {
                 self.note_result(&old.file, Some(&e));
                 return Err(e);
@@ -1154,4 +1159,39 @@ impl PluginHost {
         report.refused.extend(scanned.refused);
         Ok(report)
     }
+}
+
+/// Lets the generation's instance hold its store additions past the end of its calls: the
+/// store asks for them after its flushes (see [`crate::store::Holder`]). The store reaches the
+/// generation through a weak reference, so that it never keeps a retired one alive; while it
+/// asks, it holds the generation alive as any call does. A crash while asking is recorded as
+/// the plugin's.
+fn arm_store_hand_over(generation: &Arc<Generation>) {
+    let Backend::InProcess(library) = &generation.library else {
+        return;
+    };
+    let Some(holder) = library.store_holder() else {
+        return;
+    };
+    let weak = Arc::downgrade(generation);
+    let plugin = generation.manifest.name.clone();
+    holder.set_hand_over(Box::new(move || {
+        // A generation gone has handed its additions over when it was destroyed.
+        let Some(generation) = weak.upgrade() else {
+            return true;
+        };
+        let Backend::InProcess(library) = &generation.library else {
+            return true;
+        };
+        let site = crate::crash::EntryGuard::new(&plugin, "store_hand_over");
+        let handed = library.store_hand_over();
+        drop(site);
+        match handed {
+            Some(Err(e)) => {
+                tracing::warn!(plugin = %EscapeControl(&plugin), error = %EscapeControl(&e.message), "the plugin failed to hand over the store additions it holds; asked again after the next flush");
+                false
+            }
+            Some(Ok(())) | None => true,
+        }
+    }));
 }

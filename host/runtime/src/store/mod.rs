@@ -587,6 +587,8 @@ struct Shared {
     /// Grows whenever what the cache read from the store changes (a refresh, a cold read, a
     /// compare-and-set, a scan): a plugin keeps its reads while it is unchanged.
     generation: AtomicU64,
+    /// Every plugin instance of this process that may hold additions (see [`Holder`]).
+    holders: Mutex<Vec<std::sync::Weak<Holder>>>,
 }
 
 impl Shared {
@@ -747,6 +749,7 @@ impl Store {
             batch_prefix: format!("{}-{nonce:x}", std::process::id()),
             options,
             generation: AtomicU64::new(1),
+            holders: Mutex::default(),
         });
         let worker = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -775,14 +778,15 @@ impl Store {
         }
     }
 
-    /// Flushes now and waits for it, and for a round the flush thread has begun (bounded by
-    /// the backend's timeouts). `Ok` when nothing is
-    /// left pending.
+    /// Asks every plugin holding additions to hand them over (waiting at most the store's
+    /// timeout for them), then flushes now and waits for it, and for a round the flush thread
+    /// has begun (bounded by the backend's timeouts). `Ok` when nothing is left pending.
     ///
     /// # Errors
     ///
     /// The store could not be reached; the additions stay pending.
     pub fn flush(&self) -> anyhow::Result<()> {
+        ask_holders(&self.shared, Some(self.shared.options.timeout));
         flush_all(&self.shared);
         let cache = lock(&self.shared.cache);
         if !cache.has_pending() && cache.inflight.is_none() {
@@ -801,8 +805,10 @@ impl Store {
         }
     }
 
-    /// Stops the flush thread after a last flush.
+    /// Stops the flush thread after a last flush (of what plugins still loaded hold too, asked
+    /// for as by [`Store::flush`]).
     pub fn close(&self) {
+        ask_holders(&self.shared, Some(self.shared.options.timeout));
         stop_thread(&self.shared, &self._thread.handle);
     }
 
@@ -837,10 +843,120 @@ impl Store {
     pub(crate) fn for_plugin(&self, plugin: &str) -> PluginStore {
         let namespace = format!("{plugin}/");
         lock(&self.shared.cache).carry_marks(&namespace);
+        let holder = Arc::new(Holder {
+            plugin: plugin.into(),
+            holds: AtomicBool::new(false),
+            asked: AtomicBool::new(false),
+            hand_over: std::sync::OnceLock::new(),
+        });
+        {
+            let mut holders = lock(&self.shared.holders);
+            holders.retain(|h| h.strong_count() > 0);
+            holders.push(Arc::downgrade(&holder));
+        }
         PluginStore {
             store: self.clone(),
             namespace,
             told: Arc::default(),
+            holder,
+        }
+    }
+}
+
+/// Asks a plugin instance to hand over the additions it holds: set once its generation is
+/// published ([`Holder::can_ask`]). Runs on a thread of its own.
+/// `false` when the hand-over failed: the instance is asked again after the next flush.
+pub(crate) type HandOver = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// A plugin instance that may keep its additions past the end of its calls (`plugin_api`
+/// hands them over once they reach 16 kB, or when asked). It tells the host when it starts
+/// holding (`HostApi::store_hold`); the flush thread then asks it after the round, on a thread
+/// of its own (a plugin stuck in its hand-over delays only itself, and is not asked again
+/// until that one returns), so its additions reach the store within two flush intervals of
+/// being made. [`Store::flush`] and [`Store::close`] ask every holder and wait (bounded).
+pub(crate) struct Holder {
+    plugin: Box<str>,
+    /// The plugin said it holds additions and was not asked since.
+    holds: AtomicBool,
+    /// A hand-over asked of the plugin has not returned yet.
+    asked: AtomicBool,
+    hand_over: std::sync::OnceLock<HandOver>,
+}
+
+impl Holder {
+    /// Whether the host can ask this instance for its additions: only then may it hold them.
+    pub(crate) fn can_ask(&self) -> bool {
+        self.hand_over.get().is_some()
+    }
+
+    /// Sets how to ask the instance (once; later calls are ignored).
+    pub(crate) fn set_hand_over(&self, hand_over: HandOver) {
+        let _ = self.hand_over.set(hand_over);
+    }
+
+    /// Asks the instance on a thread of its own, unless an earlier ask has not returned;
+    /// `done` is sent to once the hand-over returned. `false` when it was not asked.
+    fn ask(self: &Arc<Self>, done: Option<std::sync::mpsc::Sender<()>>) -> bool {
+        if self.hand_over.get().is_none() || self.asked.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let holder = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("store-hand-over".into())
+            .spawn(move || {
+                if let Some(hand_over) = holder.hand_over.get()
+                    && !hand_over()
+                {
+                    holder.holds.store(true, Ordering::Release);
+                }
+                holder.asked.store(false, Ordering::Release);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(plugin = %self.plugin, error = %e, "no thread to ask the plugin for the store additions it holds; asked again after the next flush");
+            self.asked.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+}
+
+/// Asks each plugin that said it holds additions to hand them over; with `wait`, asks every
+/// holder and waits at most that long for their hand-overs (the additions of one that does not
+/// return in time stay in it, and it is asked again after the next flush).
+fn ask_holders(shared: &Shared, wait: Option<Duration>) {
+    let holders: Vec<Arc<Holder>> = {
+        let mut holders = lock(&shared.holders);
+        holders.retain(|h| h.strong_count() > 0);
+        holders
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    };
+    let (done, returned) = std::sync::mpsc::channel();
+    let mut asked = 0_usize;
+    for holder in holders {
+        if !holder.holds.swap(false, Ordering::AcqRel) && wait.is_none() {
+            continue;
+        }
+        if holder.ask(wait.is_some().then(|| done.clone())) {
+            asked += 1;
+        } else if holder.can_ask() {
+            // Not asked now (an earlier ask is still out): asked after the next flush.
+            holder.holds.store(true, Ordering::Release);
+        }
+    }
+    drop(done);
+    if let Some(wait) = wait {
+        let deadline = std::time::Instant::now() + wait;
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if returned.recv_timeout(left).is_err() {
+                tracing::warn!(store = %shared.url, waited_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "a plugin did not hand over the store additions it holds in time; they stay in it");
+                return;
+            }
         }
     }
 }
@@ -863,6 +979,8 @@ fn flush_loop(shared: &Shared) {
             return;
         }
         flush_due(shared);
+        // What plugins hold goes into the next round.
+        ask_holders(shared, None);
     }
 }
 
@@ -1111,6 +1229,28 @@ impl StoreAccess {
             StoreAccess::Forward(_) => 0,
         }
     }
+
+    /// The plugin holds additions past the end of its call and asks to be asked for them
+    /// (`HostApi::store_hold`): `true` when the host will ask (see [`Holder`]), `false` when
+    /// it cannot (an isolated plugin, or an instance whose generation is not published yet),
+    /// and the plugin then hands them over itself.
+    pub(crate) fn hold(&self) -> bool {
+        match self {
+            StoreAccess::Local(store) if store.holder.can_ask() => {
+                store.holder.holds.store(true, Ordering::Release);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// This instance as one that may hold additions: `None` for an isolated plugin.
+    pub(crate) fn holder(&self) -> Option<&Arc<Holder>> {
+        match self {
+            StoreAccess::Local(store) => Some(&store.holder),
+            StoreAccess::Forward(_) => None,
+        }
+    }
 }
 
 /// One plugin's view of the store.
@@ -1122,6 +1262,8 @@ pub(crate) struct PluginStore {
     /// answered with an empty text, which needs no allocation. Read and written only under the
     /// cache's lock, which orders them (no lock of their own on every crossing).
     told: Arc<[AtomicU64; 2]>,
+    /// This instance as one that may hold additions.
+    holder: Arc<Holder>,
 }
 
 #[derive(Deserialize)]
