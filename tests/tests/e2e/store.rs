@@ -226,6 +226,90 @@ fn additions_through_a_key_handle_count_as_by_name_across_a_reload() {
     );
 }
 
+/// What the store itself holds of the fixture's key `key`, field `n` (read from the backend
+/// now, not through a plugin, whose read would hand its additions over first).
+fn stored_n(store: &Store, key: &str) -> Option<f64> {
+    store
+        .scan("fixture", key)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, fields)| fields.get("n").copied())
+}
+
+/// A plugin keeps the additions of its calls until they reach 16 kB or the host asks for
+/// them: the host asks when it flushes on request, and the plugin hands them over when its
+/// state is saved for a reload and when it is unloaded. Nothing is lost or counted twice.
+#[test]
+fn a_plugin_holds_its_additions_until_asked_and_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&sqlite_url(dir.path()), quiet()).unwrap();
+    let plugins = PluginDir::new();
+    let host = host_with(&plugins, &store);
+    let add = |mark: &str| add_one(&host, "storeAdd", "arm", Some(mark));
+    let pending = || store.status().pending;
+    // The plugin's first addition is handed over at once: the call that made it began
+    // before the plugin batched, and only calls begun since are counted.
+    assert_eq!(add("task-0"), Some(json!(true)));
+    assert_eq!(pending(), 1);
+    store.flush().unwrap();
+    assert_eq!(add("task-1"), Some(json!(true)));
+    assert_eq!(pending(), 0, "held in the plugin, not handed over");
+    store.flush().unwrap();
+    assert_eq!(stored_n(&store, "arm"), Some(2.0), "asked for by the flush");
+    // Each entry takes about 33 bytes: a batch reaches 16 kB after about 500 of them.
+    for n in 2..=1001 {
+        assert_eq!(add(&format!("task-{n}")), Some(json!(true)));
+    }
+    let handed = pending();
+    assert!(
+        handed > 0 && handed < 1000,
+        "handed over at 16 kB, the rest held: {handed} of 1000"
+    );
+    store.flush().unwrap();
+    assert_eq!(stored_n(&store, "arm"), Some(1002.0));
+    assert_eq!(pending(), 0);
+    // A reload's old instance hands over what it holds when its state is saved.
+    assert_eq!(add("task-1002"), Some(json!(true)));
+    assert_eq!(pending(), 0);
+    host.reload("fixture").unwrap();
+    assert_eq!(pending(), 1, "handed over by the instance reloaded");
+    // An unloaded one when it is destroyed. (The new instance is a new copy of the library:
+    // its first addition is handed over at once again.)
+    assert_eq!(add("task-1003"), Some(json!(true)));
+    assert_eq!(pending(), 2);
+    assert_eq!(add("task-1004"), Some(json!(true)));
+    assert_eq!(pending(), 2);
+    host.unload("fixture").unwrap();
+    assert_eq!(pending(), 3, "handed over by the instance unloaded");
+    store.flush().unwrap();
+    assert_eq!(stored_n(&store, "arm"), Some(1005.0));
+}
+
+/// A plugin that adds and is then never called again: the flush thread asks for what it holds
+/// after a round, and the next round takes it to the store.
+#[test]
+fn an_idle_plugin_s_additions_reach_the_store_without_a_flush_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&sqlite_url(dir.path()), options()).unwrap();
+    let plugins = PluginDir::new();
+    let host = host_with(&plugins, &store);
+    // The plugin's first addition is handed over at once (see the test above); the second is
+    // held.
+    for (n, mark) in [(1.0, "task-1"), (2.0, "task-2")] {
+        assert_eq!(
+            add_one(&host, "storeAdd", "arm", Some(mark)),
+            Some(json!(true))
+        );
+        assert!(
+            eventually(Duration::from_secs(30), || stored_n(&store, "arm")
+                == Some(n)),
+            "the addition reaches the store: {:?}",
+            stored_n(&store, "arm")
+        );
+    }
+}
+
 #[test]
 fn two_workers_share_a_redis_store() {
     let redis = RedisServer::start();

@@ -2325,4 +2325,87 @@ mod tests {
         }
         assert_eq!(id(&a, "k", "arm"), id(&a, "k", "arm"));
     }
+
+    /// The flush thread asks each holder that said it holds, after every round, on a thread of
+    /// its own: a holder stuck in its hand-over is asked once and delays nobody (the rounds go
+    /// on, another holder is asked every time, `Store::flush` returns after its bound), and is
+    /// asked again once it returned.
+    #[test]
+    fn a_holder_stuck_in_its_hand_over_delays_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let options = StoreOptions {
+            flush_interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(200),
+        };
+        let store = Store::open(&url, options).unwrap();
+        let (stuck, fine) = (
+            StoreAccess::Local(store.for_plugin("stuck")),
+            StoreAccess::Local(store.for_plugin("fine")),
+        );
+        assert!(!stuck.hold(), "no holding before the host can ask");
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let stuck_asked = Arc::new(AtomicU64::new(0));
+        let fine_asked = Arc::new(AtomicU64::new(0));
+        stuck.holder().unwrap().set_hand_over({
+            let asked = Arc::clone(&stuck_asked);
+            Box::new(move || {
+                asked.fetch_add(1, Ordering::SeqCst);
+                let _ = lock(&released).recv();
+                true
+            })
+        });
+        fine.holder().unwrap().set_hand_over({
+            let asked = Arc::clone(&fine_asked);
+            Box::new(move || {
+                asked.fetch_add(1, Ordering::SeqCst);
+                true
+            })
+        });
+        let asked_within = |asked: &AtomicU64, n: u64| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while asked.load(Ordering::SeqCst) < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a holder was not asked"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        assert!(stuck.hold() && fine.hold());
+        asked_within(&stuck_asked, 1);
+        for n in 1..=5 {
+            asked_within(&fine_asked, n);
+            assert!(fine.hold());
+            assert!(stuck.hold());
+        }
+        // Asked on request too, and waited for within the store's timeout.
+        store.flush().unwrap();
+        assert_eq!(
+            stuck_asked.load(Ordering::SeqCst),
+            1,
+            "asked once while stuck"
+        );
+        assert!(fine_asked.load(Ordering::SeqCst) >= 6);
+        // Once it returns it is asked again (it said it holds meanwhile).
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        asked_within(&stuck_asked, 2);
+        // Holders that are gone leave the list (an ask still out holds its holder until it
+        // returns).
+        drop((stuck, fine));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            store.flush().unwrap();
+            if lock(&store.shared.holders).is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the holders stay listed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
