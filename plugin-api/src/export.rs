@@ -132,7 +132,8 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T,
     let _inside = ShimDepth::enter();
     let counted = crate::store::begin_call();
     let result = catch_unwind(AssertUnwindSafe(f));
-    // The call's additions to the store go to the host in one crossing.
+    // The call's additions to the store go to the host in one crossing (or are held, when the
+    // host will ask for them).
     crate::store::end_call(counted);
     match result {
         Ok(Ok(value)) => ROk(value),
@@ -241,17 +242,22 @@ extern "C" fn create<P: Plugin>(
 }
 
 extern "C" fn destroy<P: Plugin>(handle: InstanceHandle) {
+    // What the instance holds goes to the host before its `Drop` runs (which may panic or
+    // hang), and what `Drop` adds after it: the host asks no more once this began.
     let result = guard(|| {
+        crate::store::closing();
         // SAFETY: the host calls `destroy` once per handle from `create::<P>`, after every call
         // on it has returned, so this is the last use of the box.
         drop(unsafe { Box::from_raw(handle.0.cast::<Instance<P>>().cast_mut()) });
-        // The instance's last additions go to the host before the library is closed.
-        crate::store::hand_over_held();
         Ok(())
     });
     if let RErr(e) = result {
         tracing::warn!(error = %e.message, "dropping the plugin panicked");
     }
+    let _ = guard(|| {
+        crate::store::hand_over_held();
+        Ok(())
+    });
 }
 
 /// Hands the store additions this plugin holds to the host (see `HostApi::store_hold`).
@@ -314,8 +320,10 @@ pub(crate) extern "C" fn save_state<P: Plugin>(handle: InstanceHandle) -> JsonRe
     guard(|| {
         // SAFETY: as in `execute`.
         let instance = unsafe { instance::<P>(handle) };
+        // A reload's new instance reads the store: nothing stays held in this one (handed
+        // over before the plugin's code, which may panic, and after it).
+        crate::store::hand_over_held();
         let saved = instance.plugin.save_state();
-        // A reload's new instance reads the store: nothing stays held in this one.
         crate::store::hand_over_held();
         let json = match saved? {
             Some(state) => Some(to_json(&state, "the state to save")?),

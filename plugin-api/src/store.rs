@@ -183,7 +183,8 @@ struct ReadCache {
     /// The last record read of each key (`None`: there was none).
     records: HashMap<String, Option<Record>, Keyed>,
     /// Additions not handed to the host yet, in the host's batch form (`HostApi::store_batch`):
-    /// handed over at the end of the plugin call that made them, in one crossing.
+    /// handed over in one crossing at the end of the plugin call that made them, or, when the
+    /// host will ask for them (`holding`), once they reach [`HOLD_UP_TO`] or it asks.
     batch: Vec<u8>,
     /// The ids the host gave to key names and field names (names the plugin chose, so a
     /// cheap hash serves; the marks, often from input, keep std's keyed one).
@@ -202,17 +203,21 @@ struct ReadCache {
 
 static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| Mutex::new(ReadCache::new()));
 
-/// Whether [`READ_CACHE`] holds additions not handed over (read without its lock at the end of
-/// every call).
+/// Whether [`READ_CACHE`] holds additions to hand over at the end of the call (read without its
+/// lock at the end of every call): not set for a batch held until the host asks for it.
 static PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Plugin calls in progress on any thread: an addition made with none (on a thread of the
-/// plugin's own) is handed over at once, the others at the end of a call.
+/// plugin's own) is handed over at once, the others at the end of a call (or held).
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// Set at this plugin's first batched addition. Before it, no call is counted in [`CALLS`],
 /// so an addition made during a call that began earlier is handed over at once.
 static BATCHING: AtomicBool = AtomicBool::new(false);
+
+/// Set when the instance is being destroyed: the host will not ask for a held batch any more,
+/// so nothing is held from then on.
+static CLOSING: AtomicBool = AtomicBool::new(false);
 
 /// A batch past this size is handed over at once (the host takes at most 1 MiB).
 const HAND_OVER_AT: usize = 64 * 1024;
@@ -765,7 +770,10 @@ impl ReadCache {
         if self.batch.is_empty() {
             return;
         }
-        if self.batch.len() < HOLD_UP_TO && (self.holding || crate::log::store_hold()) {
+        if self.batch.len() < HOLD_UP_TO
+            && !CLOSING.load(Ordering::Relaxed)
+            && (self.holding || crate::log::store_hold())
+        {
             self.holding = true;
             return;
         }
@@ -856,7 +864,8 @@ pub(crate) fn begin_call() -> bool {
     counted
 }
 
-/// Ends a call begun with [`begin_call`]: hands over the additions waiting, if any.
+/// Ends a call begun with [`begin_call`]: hands over the additions waiting, if any, or holds
+/// them (see [`ReadCache::end_of_call`]).
 pub(crate) fn end_call(counted: bool) {
     if counted {
         CALLS.fetch_sub(1, Ordering::SeqCst);
@@ -872,6 +881,12 @@ pub(crate) fn hand_over_held() {
     if BATCHING.load(Ordering::Relaxed) {
         read_cache().hand_over();
     }
+}
+
+/// The instance is being destroyed: hands over what it holds and holds nothing from now on.
+pub(crate) fn closing() {
+    CLOSING.store(true, Ordering::Relaxed);
+    hand_over_held();
 }
 
 /// The plugin's cache, renewed for the host's generation, when the host takes batches;

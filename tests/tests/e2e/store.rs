@@ -269,7 +269,8 @@ fn a_plugin_holds_its_additions_until_asked_and_loses_none() {
     store.flush().unwrap();
     assert_eq!(stored_n(&store, "arm"), Some(1002.0));
     assert_eq!(pending(), 0);
-    // A reload's old instance hands over what it holds when its state is saved.
+    // A reload's old instance hands over what it holds (when its state is saved, and again
+    // when it is destroyed, which here follows at once).
     assert_eq!(add("task-1002"), Some(json!(true)));
     assert_eq!(pending(), 0);
     host.reload("fixture").unwrap();

@@ -1163,9 +1163,8 @@ impl PluginHost {
 
 /// Lets the generation's instance hold its store additions past the end of its calls: the
 /// store asks for them after its flushes (see [`crate::store::Holder`]). The store reaches the
-/// generation through a weak reference, so that it never keeps a retired one alive; while it
-/// asks, it holds the generation alive as any call does. A crash while asking is recorded as
-/// the plugin's.
+/// generation through a weak reference, so that it keeps a retired one alive only while an
+/// ask is out, as any call does. A crash while asking is recorded as the plugin's.
 fn arm_store_hand_over(generation: &Arc<Generation>) {
     let Backend::InProcess(library) = &generation.library else {
         return;
@@ -1180,11 +1179,14 @@ fn arm_store_hand_over(generation: &Arc<Generation>) {
         let Some(generation) = weak.upgrade() else {
             return true;
         };
-        let Backend::InProcess(library) = &generation.library else {
-            return true;
-        };
         let site = crate::crash::EntryGuard::new(&plugin, "store_hand_over");
-        let handed = library.store_hand_over();
+        let handed = match &generation.library {
+            Backend::InProcess(library) => library.store_hand_over(),
+            Backend::Isolated(_) => None,
+        };
+        // Dropped under the mark too: when this was the last reference (the generation was
+        // retired meanwhile), its `destroy` runs here, and a crash in it is the plugin's.
+        drop(generation);
         drop(site);
         match handed {
             Some(Err(e)) => {

@@ -589,6 +589,9 @@ struct Shared {
     generation: AtomicU64,
     /// Every plugin instance of this process that may hold additions (see [`Holder`]).
     holders: Mutex<Vec<std::sync::Weak<Holder>>>,
+    /// Set by [`Store::close`] before it asks the holders: the flush thread asks none from
+    /// then on (an ask of its own could land after the last flush).
+    closing: AtomicBool,
 }
 
 impl Shared {
@@ -750,6 +753,7 @@ impl Store {
             options,
             generation: AtomicU64::new(1),
             holders: Mutex::default(),
+            closing: AtomicBool::new(false),
         });
         let worker = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -786,8 +790,14 @@ impl Store {
     ///
     /// The store could not be reached; the additions stay pending.
     pub fn flush(&self) -> anyhow::Result<()> {
-        ask_holders(&self.shared, Some(self.shared.options.timeout));
+        let late = ask_holders(&self.shared, Some(self.shared.options.timeout));
         flush_all(&self.shared);
+        if let Some(plugin) = late {
+            anyhow::bail!(
+                "plugin `{plugin}` did not hand over the additions it holds within {} ms: they stay in it, and it is asked again after the next flush",
+                self.shared.options.timeout.as_millis()
+            );
+        }
         let cache = lock(&self.shared.cache);
         if !cache.has_pending() && cache.inflight.is_none() {
             Ok(())
@@ -808,6 +818,7 @@ impl Store {
     /// Stops the flush thread after a last flush (of what plugins still loaded hold too, asked
     /// for as by [`Store::flush`]).
     pub fn close(&self) {
+        self.shared.closing.store(true, Ordering::Release);
         ask_holders(&self.shared, Some(self.shared.options.timeout));
         stop_thread(&self.shared, &self._thread.handle);
     }
@@ -896,7 +907,7 @@ impl Holder {
 
     /// Asks the instance on a thread of its own, unless an earlier ask has not returned;
     /// `done` is sent to once the hand-over returned. `false` when it was not asked.
-    fn ask(self: &Arc<Self>, done: Option<std::sync::mpsc::Sender<()>>) -> bool {
+    fn ask(self: &Arc<Self>, done: Option<std::sync::mpsc::Sender<Box<str>>>) -> bool {
         if self.hand_over.get().is_none() || self.asked.swap(true, Ordering::AcqRel) {
             return false;
         }
@@ -904,14 +915,18 @@ impl Holder {
         let spawned = std::thread::Builder::new()
             .name("store-hand-over".into())
             .spawn(move || {
-                if let Some(hand_over) = holder.hand_over.get()
-                    && !hand_over()
-                {
+                // A panic (the host's own code around the plugin's) must not leave the
+                // holder marked as asked, and so never asked again.
+                let handed = holder.hand_over.get().is_none_or(|hand_over| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(hand_over))
+                        .unwrap_or(false)
+                });
+                if !handed {
                     holder.holds.store(true, Ordering::Release);
                 }
                 holder.asked.store(false, Ordering::Release);
                 if let Some(done) = done {
-                    let _ = done.send(());
+                    let _ = done.send(holder.plugin.clone());
                 }
             });
         if let Err(e) = spawned {
@@ -923,10 +938,11 @@ impl Holder {
     }
 }
 
-/// Asks each plugin that said it holds additions to hand them over; with `wait`, asks every
-/// holder and waits at most that long for their hand-overs (the additions of one that does not
-/// return in time stay in it, and it is asked again after the next flush).
-fn ask_holders(shared: &Shared, wait: Option<Duration>) {
+/// Asks each plugin that said it holds additions to hand them over. With `wait`, asks every
+/// holder (after an ask already out returned: it may have begun before what is asked for now)
+/// and waits at most that long for them all; then answers the name of one that did not hand
+/// over in time (its additions stay in it, and it is asked again after the next flush).
+fn ask_holders(shared: &Shared, wait: Option<Duration>) -> Option<Box<str>> {
     let holders: Vec<Arc<Holder>> = {
         let mut holders = lock(&shared.holders);
         holders.retain(|h| h.strong_count() > 0);
@@ -935,30 +951,61 @@ fn ask_holders(shared: &Shared, wait: Option<Duration>) {
             .filter_map(std::sync::Weak::upgrade)
             .collect()
     };
-    let (done, returned) = std::sync::mpsc::channel();
-    let mut asked = 0_usize;
-    for holder in holders {
-        if !holder.holds.swap(false, Ordering::AcqRel) && wait.is_none() {
-            continue;
-        }
-        if holder.ask(wait.is_some().then(|| done.clone())) {
-            asked += 1;
-        } else if holder.can_ask() {
-            // Not asked now (an earlier ask is still out): asked after the next flush.
-            holder.holds.store(true, Ordering::Release);
-        }
-    }
-    drop(done);
-    if let Some(wait) = wait {
-        let deadline = std::time::Instant::now() + wait;
-        for _ in 0..asked {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if returned.recv_timeout(left).is_err() {
-                tracing::warn!(store = %shared.url, waited_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "a plugin did not hand over the store additions it holds in time; they stay in it");
-                return;
+    let Some(wait) = wait else {
+        for holder in holders {
+            if holder.holds.swap(false, Ordering::AcqRel) && !holder.ask(None) && holder.can_ask() {
+                // Not asked now (an earlier ask is still out): asked after the next flush.
+                holder.holds.store(true, Ordering::Release);
             }
         }
+        return None;
+    };
+    let deadline = std::time::Instant::now() + wait;
+    let (done, returned) = std::sync::mpsc::channel();
+    // Holders with an ask already out: asked again once it returned.
+    let mut out: Vec<Arc<Holder>> = Vec::new();
+    // The plugins asked, each taken off when its hand-over returned.
+    let mut asked: Vec<Box<str>> = Vec::new();
+    for holder in holders.into_iter().filter(|h| h.can_ask()) {
+        holder.holds.store(false, Ordering::Release);
+        if holder.ask(Some(done.clone())) {
+            asked.push(holder.plugin.clone());
+        } else {
+            out.push(holder);
+        }
     }
+    while !out.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        out.retain(|holder| {
+            let now = holder.ask(Some(done.clone()));
+            if now {
+                asked.push(holder.plugin.clone());
+            }
+            !now
+        });
+    }
+    drop(done);
+    while !asked.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(plugin) = returned.recv_timeout(left) else {
+            break;
+        };
+        if let Some(at) = asked.iter().position(|p| *p == plugin) {
+            asked.swap_remove(at);
+        }
+    }
+    for holder in &out {
+        // Asked after the next flush.
+        holder.holds.store(true, Ordering::Release);
+    }
+    let late = out
+        .first()
+        .map(|h| h.plugin.clone())
+        .or_else(|| asked.first().cloned());
+    if let Some(plugin) = &late {
+        tracing::warn!(store = %shared.url, plugin = %plugin, waited_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "a plugin did not hand over the store additions it holds in time; they stay in it");
+    }
+    late
 }
 
 fn flush_loop(shared: &Shared) {
@@ -980,7 +1027,9 @@ fn flush_loop(shared: &Shared) {
         }
         flush_due(shared);
         // What plugins hold goes into the next round.
-        ask_holders(shared, None);
+        if !shared.closing.load(Ordering::Acquire) && !shared.stop.load(Ordering::Acquire) {
+            ask_holders(shared, None);
+        }
     }
 }
 
@@ -1232,8 +1281,8 @@ impl StoreAccess {
 
     /// The plugin holds additions past the end of its call and asks to be asked for them
     /// (`HostApi::store_hold`): `true` when the host will ask (see [`Holder`]), `false` when
-    /// it cannot (an isolated plugin, or an instance whose generation is not published yet),
-    /// and the plugin then hands them over itself.
+    /// it cannot (an isolated plugin, or an instance still in its `create`), and the plugin
+    /// then hands them over itself.
     pub(crate) fn hold(&self) -> bool {
         match self {
             StoreAccess::Local(store) if store.holder.can_ask() => {
@@ -2380,8 +2429,10 @@ mod tests {
             assert!(fine.hold());
             assert!(stuck.hold());
         }
-        // Asked on request too, and waited for within the store's timeout.
-        store.flush().unwrap();
+        // Asked on request too: the flush waits for the stuck one's ask out, within the
+        // store's timeout, then says which plugin still holds additions.
+        let late = store.flush().unwrap_err().to_string();
+        assert!(late.contains("plugin `stuck`"), "{late}");
         assert_eq!(
             stuck_asked.load(Ordering::SeqCst),
             1,
@@ -2390,8 +2441,10 @@ mod tests {
         assert!(fine_asked.load(Ordering::SeqCst) >= 6);
         // Once it returns it is asked again (it said it holds meanwhile).
         release.send(()).unwrap();
-        release.send(()).unwrap();
         asked_within(&stuck_asked, 2);
+        // No ask blocks from now on.
+        drop(release);
+        store.flush().unwrap();
         // Holders that are gone leave the list (an ask still out holds its holder until it
         // returns).
         drop((stuck, fine));
