@@ -27,6 +27,12 @@
 //! generation, read through a plain function of the host, no text), and a read answers from
 //! the plugin's copy, with this plugin's own additions applied to it, while the number is
 //! unchanged. A host older than the generation is asked every time, as before.
+//!
+//! Additions are handed to the host in batches: at the end of the plugin call that made them,
+//! or, with a host that says it will ask for them (table version 7), once they reach 16 kB, when
+//! the host asks (after each of its flushes), on a read this plugin has no copy for, when the
+//! plugin's state is saved and when it is destroyed. They reach the store about two flush
+//! intervals after they were made, from a plugin that is not called again too.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};

@@ -287,6 +287,29 @@ fn a_plugin_holds_its_additions_until_asked_and_loses_none() {
     assert_eq!(stored_n(&store, "arm"), Some(1005.0));
 }
 
+/// An embedder that closes the store while its plugins are still loaded: the last flush has
+/// what they held.
+#[test]
+fn closing_the_store_takes_what_loaded_plugins_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let store = Store::open(&url, quiet()).unwrap();
+    let plugins = PluginDir::new();
+    let host = host_with(&plugins, &store);
+    // The first is handed over at once (see above), the second held.
+    for mark in ["task-1", "task-2"] {
+        assert_eq!(
+            add_one(&host, "storeAdd", "arm", Some(mark)),
+            Some(json!(true))
+        );
+    }
+    assert_eq!(store.status().pending, 1, "one held in the plugin");
+    store.close();
+    let fresh = Store::open(&url, quiet()).unwrap();
+    assert_eq!(stored_n(&fresh, "arm"), Some(2.0));
+    drop(host);
+}
+
 /// A plugin that adds and is then never called again: the flush thread asks for what it holds
 /// after a round, and the next round takes it to the store.
 #[test]
