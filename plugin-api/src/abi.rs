@@ -156,7 +156,7 @@ pub struct HostApi {
     /// two flush intervals) and when it flushes on request or closes; the plugin then holds
     /// them until asked, until they reach 16 kB, until it reads a key it has no copy of, or
     /// until its state is saved or it is destroyed. `false`: hand them over now.
-    #[cfg(not(feature = "__fixture_table_v1"))]
+    #[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]
     pub store_hold: extern "C" fn(HostContext) -> bool,
 }
 
@@ -205,6 +205,6 @@ pub struct PluginTable {
     /// Added in table version 7: hands the store additions the plugin holds (see
     /// [`HostApi::store_hold`]) to the host now (instance). The host calls it from a thread of
     /// its own, at most once at a time, while the instance is alive.
-    #[cfg(not(feature = "__fixture_table_v1"))]
+    #[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]
     pub store_hand_over: extern "C" fn(InstanceHandle) -> RResult<(), CallError>,
 }

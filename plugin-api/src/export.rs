@@ -84,7 +84,7 @@ impl<P: Plugin> Exports<P> {
         on_hook: on_hook::<P>,
         #[cfg(not(feature = "__fixture_table_v1"))]
         execute_at: execute_at::<P>,
-        #[cfg(not(feature = "__fixture_table_v1"))]
+        #[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]
         store_hand_over,
     });
 }
@@ -261,7 +261,7 @@ extern "C" fn destroy<P: Plugin>(handle: InstanceHandle) {
 }
 
 /// Hands the store additions this plugin holds to the host (see `HostApi::store_hold`).
-#[cfg(not(feature = "__fixture_table_v1"))]
+#[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]
 extern "C" fn store_hand_over(_: InstanceHandle) -> RResult<(), CallError> {
     guard(|| {
         crate::store::hand_over_held();

@@ -144,8 +144,11 @@ pub mod __private {
 }
 
 /// Version of the function table this crate builds (see [`abi::PluginTable`]).
-#[cfg(not(feature = "__fixture_table_v1"))]
+#[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]
 pub const TABLE_VERSION: u32 = 7;
+/// Version of the function table this crate builds (see [`abi::PluginTable`]).
+#[cfg(all(feature = "__fixture_table_v6", not(feature = "__fixture_table_v1")))]
+pub const TABLE_VERSION: u32 = 6;
 /// Version of the function table this crate builds (see [`abi::PluginTable`]).
 #[cfg(feature = "__fixture_table_v1")]
 pub const TABLE_VERSION: u32 = 1;

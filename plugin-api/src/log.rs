@@ -179,11 +179,11 @@ pub(crate) fn store_generation() -> Option<u64> {
 /// `HostApi::store_hold`): `true` when the host will ask for them, `false` (hand them over now)
 /// when it will not or is older than the hold (table version 7).
 pub(crate) fn store_hold() -> bool {
-    #[cfg(feature = "__fixture_table_v1")]
+    #[cfg(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6"))]
     {
         false
     }
-    #[cfg(not(feature = "__fixture_table_v1"))]
+    #[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]
     {
         HOST.get().is_some_and(|link| {
             link.api

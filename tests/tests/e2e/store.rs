@@ -413,6 +413,37 @@ fn an_older_plugin_loads_in_a_host_with_a_store_and_has_none() {
     assert!(store.scan("fixture", "").unwrap().is_empty());
 }
 
+/// A plugin built before additions could be held (table version 6) hands its additions over at
+/// the end of every call in a host that would ask for them, as it did before: none waits in
+/// it, and the host never asks it.
+#[test]
+fn a_plugin_of_table_version_6_hands_over_every_call() {
+    let state = tempfile::tempdir().unwrap();
+    let store = Store::open(&sqlite_url(state.path()), quiet()).unwrap();
+    let dir = PluginDir::new();
+    let file = dir.add_file(&fixture_build("table-v6"), "libfixture.so");
+    let host = worker::hooks::host_builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_store(store.clone())
+        .build()
+        .unwrap();
+    let plugin = host.load(&file).unwrap();
+    assert_eq!(plugin.table_version, 6);
+    for n in 1..=3 {
+        assert_eq!(
+            add_one(&host, "storeAdd", "arm", Some(&format!("task-{n}"))),
+            Some(json!(true))
+        );
+        assert_eq!(
+            store.status().pending,
+            n,
+            "handed over at the end of the call"
+        );
+    }
+    store.flush().unwrap();
+    assert_eq!(stored_n(&store, "arm"), Some(3.0));
+}
+
 fn worker_json(dir: &PluginDir, state: &std::path::Path, args: &[&str]) -> Value {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
         .arg("--plugins")
