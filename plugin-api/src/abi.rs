@@ -24,6 +24,8 @@ use std::ffi::c_void;
 
 use abi_stable::StableAbi;
 use abi_stable::library::AbiHeader;
+// `RSlice` only in the tables of version 6 and later.
+#[cfg_attr(feature = "__fixture_table_v1", allow(unused_imports))]
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString};
 use abi_stable::type_layout::TypeLayout;
 
@@ -152,8 +154,8 @@ pub struct HostApi {
     pub store_batch: extern "C" fn(HostContext, RSlice<'_, u8>) -> JsonResult,
     /// Added with table version 7: the plugin keeps the additions of the call that just ended
     /// instead of handing them over (context). `true`: the host will ask for them through
-    /// [`PluginTable::store_hand_over`] after its next flush (so they reach the store within
-    /// two flush intervals) and when it flushes on request or closes; the plugin then holds
+    /// [`PluginTable::store_hand_over`] after its next flush (so they reach the store about two
+    /// flush intervals after they were made) and when it flushes on request or closes; the plugin then holds
     /// them until asked, until they reach 16 kB, until it reads a key it has no copy of, or
     /// until its state is saved or it is destroyed. `false`: hand them over now.
     #[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]

@@ -1184,10 +1184,23 @@ fn arm_store_hand_over(generation: &Arc<Generation>) {
             Backend::InProcess(library) => library.store_hand_over(),
             Backend::Isolated(_) => None,
         };
-        // Dropped under the mark too: when this was the last reference (the generation was
-        // retired meanwhile), its `destroy` runs here, and a crash in it is the plugin's.
-        drop(generation);
         drop(site);
+        // The last reference (the generation was retired while this asked): its `destroy`
+        // runs on a thread of its own, so that a `Drop` that hangs never keeps this ask out
+        // (a flush on request would wait for it), under the plugin's crash mark.
+        if let Some(generation) = Arc::into_inner(generation) {
+            let name = plugin.clone();
+            let spawned = std::thread::Builder::new()
+                .name("plugin-destroy".into())
+                .spawn(move || {
+                    let _site = crate::crash::EntryGuard::new(&name, "destroy");
+                    drop(generation);
+                });
+            if let Err(e) = spawned {
+                // The generation went with the failed spawn and was dropped here.
+                tracing::warn!(plugin = %EscapeControl(&plugin), error = %e, "no thread to destroy a retired generation on; destroyed on the store's asking thread");
+            }
+        }
         match handed {
             Some(Err(e)) => {
                 tracing::warn!(plugin = %EscapeControl(&plugin), error = %EscapeControl(&e.message), "the plugin failed to hand over the store additions it holds; asked again after the next flush");

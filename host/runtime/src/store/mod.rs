@@ -590,8 +590,12 @@ struct Shared {
     /// Every plugin instance of this process that may hold additions (see [`Holder`]).
     holders: Mutex<Vec<std::sync::Weak<Holder>>>,
     /// Set by [`Store::close`] before it asks the holders: the flush thread asks none from
-    /// then on (an ask of its own could land after the last flush).
+    /// then on (an ask of its own could land after the last flush), and no plugin may hold.
     closing: AtomicBool,
+    /// Held by the flush thread while it decides to ask and asks, and by [`Store::close`]
+    /// while it sets `closing`: an ask of the flush thread's is either out before `close`
+    /// asks (which then waits for it), or never made.
+    asking: Mutex<()>,
 }
 
 impl Shared {
@@ -754,6 +758,7 @@ impl Store {
             generation: AtomicU64::new(1),
             holders: Mutex::default(),
             closing: AtomicBool::new(false),
+            asking: Mutex::new(()),
         });
         let worker = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -783,21 +788,19 @@ impl Store {
     }
 
     /// Asks every plugin holding additions to hand them over (waiting at most the store's
-    /// timeout for them), then flushes now and waits for it, and for a round the flush thread
-    /// has begun (bounded by the backend's timeouts). `Ok` when nothing is left pending.
+    /// timeout for them; one that does not is named in a warning, and its additions stay in
+    /// it), then flushes now and waits for it, and for a round the flush thread has begun
+    /// (bounded by the backend's timeouts). `Ok` when nothing the store holds is left
+    /// pending.
     ///
     /// # Errors
     ///
     /// The store could not be reached; the additions stay pending.
     pub fn flush(&self) -> anyhow::Result<()> {
-        let late = ask_holders(&self.shared, Some(self.shared.options.timeout));
+        // A plugin late with its hand-over is named in a warning; it does not fail the flush
+        // of everything else.
+        ask_holders(&self.shared, Some(self.shared.options.timeout));
         flush_all(&self.shared);
-        if let Some(plugin) = late {
-            anyhow::bail!(
-                "plugin `{plugin}` did not hand over the additions it holds within {} ms: they stay in it, and it is asked again after the next flush",
-                self.shared.options.timeout.as_millis()
-            );
-        }
         let cache = lock(&self.shared.cache);
         if !cache.has_pending() && cache.inflight.is_none() {
             Ok(())
@@ -818,7 +821,10 @@ impl Store {
     /// Stops the flush thread after a last flush (of what plugins still loaded hold too, asked
     /// for as by [`Store::flush`]).
     pub fn close(&self) {
-        self.shared.closing.store(true, Ordering::Release);
+        {
+            let _asking = lock(&self.shared.asking);
+            self.shared.closing.store(true, Ordering::Release);
+        }
         ask_holders(&self.shared, Some(self.shared.options.timeout));
         stop_thread(&self.shared, &self._thread.handle);
     }
@@ -1027,6 +1033,7 @@ fn flush_loop(shared: &Shared) {
         }
         flush_due(shared);
         // What plugins hold goes into the next round.
+        let _asking = lock(&shared.asking);
         if !shared.closing.load(Ordering::Acquire) && !shared.stop.load(Ordering::Acquire) {
             ask_holders(shared, None);
         }
@@ -1285,7 +1292,10 @@ impl StoreAccess {
     /// then hands them over itself.
     pub(crate) fn hold(&self) -> bool {
         match self {
-            StoreAccess::Local(store) if store.holder.can_ask() => {
+            StoreAccess::Local(store)
+                if store.holder.can_ask()
+                    && !store.store.shared.closing.load(Ordering::Acquire) =>
+            {
                 store.holder.holds.store(true, Ordering::Release);
                 true
             }
@@ -2429,10 +2439,11 @@ mod tests {
             assert!(fine.hold());
             assert!(stuck.hold());
         }
-        // Asked on request too: the flush waits for the stuck one's ask out, within the
-        // store's timeout, then says which plugin still holds additions.
-        let late = store.flush().unwrap_err().to_string();
-        assert!(late.contains("plugin `stuck`"), "{late}");
+        // Asked on request too: a flush waits for the stuck one's ask out, within the store's
+        // timeout, names it (in a warning; here from the asking itself), and still flushes.
+        let late = ask_holders(&store.shared, Some(store.shared.options.timeout));
+        assert_eq!(late.as_deref(), Some("stuck"));
+        store.flush().unwrap();
         assert_eq!(
             stuck_asked.load(Ordering::SeqCst),
             1,
