@@ -880,8 +880,8 @@ impl Store {
     }
 }
 
-/// Asks a plugin instance to hand over the additions it holds: set once its generation is
-/// published ([`Holder::can_ask`]). Runs on a thread of its own.
+/// Asks a plugin instance to hand over the additions it holds: set once its generation exists,
+/// right after its `create` ([`Holder::can_ask`]). Runs on a thread of its own.
 /// `false` when the hand-over failed: the instance is asked again after the next flush.
 pub(crate) type HandOver = Box<dyn Fn() -> bool + Send + Sync>;
 
@@ -889,8 +889,8 @@ pub(crate) type HandOver = Box<dyn Fn() -> bool + Send + Sync>;
 /// hands them over once they reach 16 kB, or when asked). It tells the host when it starts
 /// holding (`HostApi::store_hold`); the flush thread then asks it after the round, on a thread
 /// of its own (a plugin stuck in its hand-over delays only itself, and is not asked again
-/// until that one returns), so its additions reach the store within two flush intervals of
-/// being made. [`Store::flush`] and [`Store::close`] ask every holder and wait (bounded).
+/// until that one returns), so its additions reach the store about two flush intervals after
+/// they were made. [`Store::flush`] and [`Store::close`] ask every holder and wait (bounded).
 pub(crate) struct Holder {
     plugin: Box<str>,
     /// The plugin said it holds additions and was not asked since.
