@@ -31,6 +31,18 @@ fn sqlite_url(dir: &std::path::Path) -> String {
     format!("sqlite://{}", dir.join("store.db").display())
 }
 
+/// A host with the fixture plugin on a new SQLite store with `options`, and the directories
+/// they live in (kept for the test's length; bound in this order, the host is dropped first).
+fn on_sqlite(
+    options: StoreOptions,
+) -> (tempfile::TempDir, PluginDir, Store, plugin_host::PluginHost) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&sqlite_url(dir.path()), options).unwrap();
+    let plugins = PluginDir::new();
+    let host = host_with(&plugins, &store);
+    (dir, plugins, store, host)
+}
+
 /// A store that flushes only when asked (`Store::flush`): a flush in between would make the
 /// host forget what these tests look at.
 fn quiet() -> StoreOptions {
@@ -137,10 +149,7 @@ fn two_workers_share_a_sqlite_store() {
 /// flush adds nothing, here or in the store.
 #[test]
 fn a_mark_pending_across_a_change_of_the_cache_counts_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&sqlite_url(dir.path()), quiet()).unwrap();
-    let plugins = PluginDir::new();
-    let host = host_with(&plugins, &store);
+    let (_dir, _plugins, store, host) = on_sqlite(quiet());
     let add = |mark: &str| add_one(&host, "storeAdd", "arm", Some(mark));
     assert_eq!(n_of(&host, "arm"), None);
     assert_eq!(add("task-9"), Some(json!(true)));
@@ -163,10 +172,7 @@ fn a_mark_pending_across_a_change_of_the_cache_counts_once() {
 /// counts once, in its reads and in the store; after the flush the store decides.
 #[test]
 fn a_reloaded_plugin_cannot_count_a_pending_mark_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&sqlite_url(dir.path()), quiet()).unwrap();
-    let plugins = PluginDir::new();
-    let host = host_with(&plugins, &store);
+    let (_dir, _plugins, store, host) = on_sqlite(quiet());
     let add = |mark: &str| add_one(&host, "storeAdd", "arm", Some(mark));
     assert_eq!(add("task-7"), Some(json!(true)));
     assert_eq!(n_of(&host, "arm"), Some(1.0));
@@ -187,11 +193,8 @@ fn a_reloaded_plugin_cannot_count_a_pending_mark_twice() {
 /// adds to the same key; a key that is not a name adds nothing.
 #[test]
 fn additions_through_a_key_handle_count_as_by_name_across_a_reload() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _plugins, store, host) = on_sqlite(quiet());
     let url = sqlite_url(dir.path());
-    let store = Store::open(&url, quiet()).unwrap();
-    let plugins = PluginDir::new();
-    let host = host_with(&plugins, &store);
     let add = |method: &str, key: &str, mark: Option<&str>| add_one(&host, method, key, mark);
     assert_eq!(add("storeAddKey", "arm", None), Some(json!(true)));
     assert_eq!(add("storeAddKey", "arm", Some("task-1")), Some(json!(true)));
@@ -242,10 +245,7 @@ fn stored_n(store: &Store, key: &str) -> Option<f64> {
 /// state is saved for a reload and when it is unloaded. Nothing is lost or counted twice.
 #[test]
 fn a_plugin_holds_its_additions_until_asked_and_loses_none() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&sqlite_url(dir.path()), quiet()).unwrap();
-    let plugins = PluginDir::new();
-    let host = host_with(&plugins, &store);
+    let (_dir, _plugins, store, host) = on_sqlite(quiet());
     let add = |mark: &str| add_one(&host, "storeAdd", "arm", Some(mark));
     let pending = || store.status().pending;
     // The plugin's first addition is handed over at once: the call that made it began
@@ -291,11 +291,8 @@ fn a_plugin_holds_its_additions_until_asked_and_loses_none() {
 /// what they held.
 #[test]
 fn closing_the_store_takes_what_loaded_plugins_hold() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _plugins, store, host) = on_sqlite(quiet());
     let url = sqlite_url(dir.path());
-    let store = Store::open(&url, quiet()).unwrap();
-    let plugins = PluginDir::new();
-    let host = host_with(&plugins, &store);
     // The first is handed over at once (see above), the second held.
     for mark in ["task-1", "task-2"] {
         assert_eq!(
@@ -314,10 +311,7 @@ fn closing_the_store_takes_what_loaded_plugins_hold() {
 /// after a round, and the next round takes it to the store.
 #[test]
 fn an_idle_plugin_s_additions_reach_the_store_without_a_flush_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&sqlite_url(dir.path()), options()).unwrap();
-    let plugins = PluginDir::new();
-    let host = host_with(&plugins, &store);
+    let (_dir, _plugins, store, host) = on_sqlite(options());
     // The plugin's first addition is handed over at once (see the test above); the second is
     // held.
     for (n, mark) in [(1.0, "task-1"), (2.0, "task-2")] {
