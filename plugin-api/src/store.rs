@@ -185,17 +185,16 @@ struct ReadCache {
     /// Additions sent to the host and not yet applied to the copies: a read answered
     /// meanwhile may already hold them, so it is not kept (they would count twice).
     adding: u64,
-    fields: HashMap<String, BTreeMap<String, f64>, Keyed>,
+    fields: HashMap<String, FieldCopy, Keyed>,
     /// The last record read of each key (`None`: there was none).
     records: HashMap<String, Option<Record>, Keyed>,
     /// Additions not handed to the host yet, in the host's batch form (`HostApi::store_batch`):
     /// handed over in one crossing at the end of the plugin call that made them, or, when the
     /// host will ask for them (`holding`), once they reach [`HOLD_UP_TO`] or it asks.
     batch: Vec<u8>,
-    /// The ids the host gave to key names and field names (names the plugin chose, so a
-    /// cheap hash serves; the marks, often from input, keep std's keyed one).
-    key_ids: FxHashMap<String, u32>,
-    field_ids: FxHashMap<String, u32>,
+    /// The ids the host gave to key names and field names.
+    key_ids: Names,
+    field_ids: Names,
     /// The marks this plugin added under and the store has not taken yet: [`add_once`]
     /// answers from them, and the host keeps no set of its own for them.
     marks: Marks,
@@ -205,6 +204,153 @@ struct ReadCache {
     /// The host said it will ask for the batch (`HostApi::store_hold`): the batch stays here
     /// past the end of calls, until it reaches [`HOLD_UP_TO`] or the host asks for it.
     holding: bool,
+}
+
+/// Asks the host for its id of a name used for the first time, and keeps it in `ids`. Out of
+/// line and cold, as are the other paths an addition rarely takes, so that the code an addition
+/// runs every time stays in few cache lines.
+#[cold]
+#[inline(never)]
+fn intern(ids: &mut Names, kind: &str, name: &str) -> Option<u32> {
+    if !plain(name) {
+        return None;
+    }
+    let id: u32 = raw("intern", &format!("{kind}\t{name}"))?.parse().ok()?;
+    ids.insert(name, id);
+    Some(id)
+}
+
+/// A map from names to values: the first [`SHORT_NAMES`] names of at most 16 bytes in a list
+/// looked through in order (a plugin's field names: `n`, `sum`, `sumsq`), the others in a hash
+/// map (names the plugin chose, so a cheap hash serves; the marks, often from input, keep a
+/// keyed one). A look through the list reads one or two cache lines and hashes nothing, where
+/// a map's hashes the name and compares it with a copy elsewhere in memory. Used for the host's
+/// ids of names ([`Names`]) and for the plugin's copies of a key's fields ([`FieldCopy`]).
+#[derive(Clone)]
+struct ShortMap<V> {
+    /// Each name padded with zeros, its length, its value.
+    short: Vec<([u8; 16], u8, V)>,
+    others: FxHashMap<String, V>,
+}
+
+impl<V> Default for ShortMap<V> {
+    fn default() -> Self {
+        ShortMap {
+            short: Vec::new(),
+            others: FxHashMap::default(),
+        }
+    }
+}
+
+/// The ids the host gave to names.
+type Names = ShortMap<u32>;
+
+/// A plugin's copy of a key's fields.
+type FieldCopy = ShortMap<f64>;
+
+/// The most names a [`ShortMap`] keeps in its list.
+const SHORT_NAMES: usize = 8;
+
+impl<V: Copy> ShortMap<V> {
+    fn get(&self, name: &str) -> Option<V> {
+        match padded(name) {
+            Some(padded) => {
+                let len = name.len() as u8;
+                match self
+                    .short
+                    .iter()
+                    .find(|(short, short_len, _)| *short_len == len && *short == padded)
+                {
+                    Some(&(_, _, value)) => Some(value),
+                    // A short name goes into the map only once the list is full.
+                    None if self.short.len() < SHORT_NAMES => None,
+                    None => self.others.get(name).copied(),
+                }
+            }
+            None => self.others.get(name).copied(),
+        }
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut V> {
+        match padded(name) {
+            Some(padded) => {
+                let len = name.len() as u8;
+                let full = self.short.len() >= SHORT_NAMES;
+                match self
+                    .short
+                    .iter_mut()
+                    .find(|(short, short_len, _)| *short_len == len && *short == padded)
+                {
+                    Some((_, _, value)) => Some(value),
+                    None if !full => None,
+                    None => self.others.get_mut(name),
+                }
+            }
+            None => self.others.get_mut(name),
+        }
+    }
+
+    /// Puts `name` in (it is not in yet).
+    fn insert(&mut self, name: &str, value: V) {
+        match padded(name) {
+            Some(padded) if self.short.len() < SHORT_NAMES => {
+                self.short.push((padded, name.len() as u8, value));
+            }
+            _ => {
+                self.others.insert(name.to_owned(), value);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, V)> {
+        let short = self.short.iter().map(|(padded, len, value)| {
+            // The bytes of a `str`, cut where it ended.
+            let name = padded.get(..usize::from(*len)).unwrap_or_default();
+            (std::str::from_utf8(name).unwrap_or_default(), *value)
+        });
+        short.chain(
+            self.others
+                .iter()
+                .map(|(name, value)| (name.as_str(), *value)),
+        )
+    }
+}
+
+impl FieldCopy {
+    /// Adds `delta` to the field `name` (a field missing starts at 0).
+    fn add(&mut self, name: &str, delta: f64) {
+        match self.get_mut(name) {
+            Some(value) => *value += delta,
+            None => self.insert(name, delta),
+        }
+    }
+
+    fn to_map(&self) -> BTreeMap<String, f64> {
+        self.iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect()
+    }
+}
+
+impl FromIterator<(String, f64)> for FieldCopy {
+    fn from_iter<I: IntoIterator<Item = (String, f64)>>(fields: I) -> FieldCopy {
+        let mut copy = FieldCopy::default();
+        for (name, value) in fields {
+            match copy.get_mut(&name) {
+                Some(kept) => *kept = value,
+                None => copy.insert(&name, value),
+            }
+        }
+        copy
+    }
+}
+
+/// `name` padded with zeros to 16 bytes; `None` when longer.
+fn padded(name: &str) -> Option<[u8; 16]> {
+    let bytes = name.as_bytes();
+    let mut padded = [0; 16];
+    padded.get_mut(..bytes.len())?.copy_from_slice(bytes);
+    Some(padded)
 }
 
 static READ_CACHE: LazyLock<Mutex<ReadCache>> = LazyLock::new(|| Mutex::new(ReadCache::new()));
@@ -575,8 +721,8 @@ impl ReadCache {
             fields: HashMap::default(),
             records: HashMap::default(),
             batch: Vec::new(),
-            key_ids: FxHashMap::default(),
-            field_ids: FxHashMap::default(),
+            key_ids: Names::default(),
+            field_ids: Names::default(),
             marks: Marks::default(),
             told: (0, 0),
             holding: false,
@@ -636,14 +782,9 @@ impl ReadCache {
             &mut self.field_ids
         };
         if let Some(id) = ids.get(name) {
-            return Some(*id);
+            return Some(id);
         }
-        if !plain(name) {
-            return None;
-        }
-        let id: u32 = raw("intern", &format!("{kind}\t{name}"))?.parse().ok()?;
-        ids.insert(name.to_owned(), id);
-        Some(id)
+        intern(ids, kind, name)
     }
 
     /// The host's id of `key`: a [`Key`]'s own once numbered, else by name (and kept in the
@@ -745,13 +886,7 @@ impl ReadCache {
             for (key, fields) in adds {
                 if let Some(entry) = self.fields.get_mut(key.key_name()) {
                     for (field, delta) in *fields {
-                        // A field's name is copied only the first time.
-                        match entry.get_mut(*field) {
-                            Some(value) => *value += delta,
-                            None => {
-                                entry.insert((*field).to_owned(), *delta);
-                            }
-                        }
+                        entry.add(field, *delta);
                     }
                 }
             }
@@ -898,6 +1033,19 @@ pub(crate) fn closing() {
 /// The plugin's cache, renewed for the host's generation, when the host takes batches;
 /// `None` for the older paths (an older host, an isolated plugin, no store).
 fn batching() -> Option<MutexGuard<'static, ReadCache>> {
+    // Once batching, always (a host's store stays for the instance's life). The copies are
+    // not renewed here: an addition applied to copies older than the host's cache is dropped
+    // with them at the next read, which renews them first.
+    if BATCHING.load(Ordering::Relaxed) {
+        return Some(read_cache());
+    }
+    start_batching()
+}
+
+/// [`batching`] before this plugin's first batched addition.
+#[cold]
+#[inline(never)]
+fn start_batching() -> Option<MutexGuard<'static, ReadCache>> {
     if !crate::log::has_store_batch() {
         return None;
     }
@@ -937,12 +1085,7 @@ fn note_adds<'a>(adds: impl IntoIterator<Item = (&'a str, &'a [(&'a str, f64)])>
     for (key, fields) in adds {
         if let Some(entry) = cache.fields.get_mut(key) {
             for (field, delta) in fields {
-                match entry.get_mut(*field) {
-                    Some(value) => *value += delta,
-                    None => {
-                        entry.insert((*field).to_owned(), *delta);
-                    }
-                }
+                entry.add(field, *delta);
             }
         }
     }
@@ -977,7 +1120,27 @@ fn plain(name: &str) -> bool {
 }
 
 fn plain_bytes(name: &[u8]) -> bool {
-    !name.is_empty() && name.len() <= MAX_NAME && memchr::memchr2(b'\n', b'\t', name).is_none()
+    !name.is_empty() && name.len() <= MAX_NAME && !has_newline_or_tab(name)
+}
+
+/// Whether `bytes` hold a newline or a tab, eight bytes at a time: names are short, and this
+/// loop is a few instructions where a general search first picks a routine for the machine
+/// (code that a hot path then fetches again on every addition).
+fn has_newline_or_tab(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Non-zero exactly when a byte of `x` is zero.
+    let any_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut eight = [0; 8];
+        eight.copy_from_slice(word);
+        let x = u64::from_ne_bytes(eight);
+        if any_zero(x ^ (ONES * u64::from(b'\n'))) | any_zero(x ^ (ONES * u64::from(b'\t'))) != 0 {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| b == b'\n' || b == b'\t')
 }
 
 fn push_delta(text: &mut String, delta: f64) {
@@ -1026,7 +1189,14 @@ pub fn add<K: StoreKey + ?Sized>(key: &K, fields: &[(&str, f64)]) -> bool {
     {
         return true;
     }
-    let key = key.key_name();
+    add_unbatched(key.key_name(), fields)
+}
+
+/// [`add`] as one operation, when the host takes no batches (an older host, an isolated
+/// plugin, no store) or would not number a name.
+#[cold]
+#[inline(never)]
+fn add_unbatched(key: &str, fields: &[(&str, f64)]) -> bool {
     if !plain(key) || fields.iter().any(|(f, _)| !plain(f)) {
         return false;
     }
@@ -1080,6 +1250,16 @@ fn once<K: StoreKey + ?Sized>(mark: &Mark<'_>, adds: &[(&K, &[(&str, f64)])]) ->
             Err(NotAppended::Names) => {}
         }
     }
+    once_unbatched(mark, adds)
+}
+
+/// [`once`] as one operation (see [`add_unbatched`]).
+#[cold]
+#[inline(never)]
+fn once_unbatched<K: StoreKey + ?Sized>(
+    mark: &Mark<'_>,
+    adds: &[(&K, &[(&str, f64)])],
+) -> Option<bool> {
     let mark = mark.text();
     let mark = mark.as_str();
     let valid = plain(mark)
@@ -1129,7 +1309,7 @@ pub fn read<K: StoreKey + ?Sized>(key: &K) -> Option<BTreeMap<String, f64>> {
         return None;
     }
     let cached = fresh_cache().map(|mut cache| {
-        let hit = cache.fields.get(key).cloned();
+        let hit = cache.fields.get(key).map(FieldCopy::to_map);
         if hit.is_none() {
             // The host answers with what it holds: this plugin's additions first.
             cache.hand_over();
@@ -1152,7 +1332,8 @@ pub fn read<K: StoreKey + ?Sized>(key: &K) -> Option<BTreeMap<String, f64>> {
         // Kept only when nothing changed while the read crossed (a newer generation empties
         // the cache at its next check anyway).
         if cache.generation == generation && cache.writes == writes && cache.adding == 0 {
-            cache.fields.insert(key.to_owned(), fields.clone());
+            let copy = fields.iter().map(|(f, v)| (f.clone(), *v)).collect();
+            cache.fields.insert(key.to_owned(), copy);
         }
     }
     Some(fields)
@@ -1172,7 +1353,7 @@ pub fn read_values<K: StoreKey + ?Sized, const N: usize>(
     if let Some(cache) = fresh_cache()
         && let Some(found) = cache.fields.get(key)
     {
-        return Some(fields.map(|f| found.get(f).copied().unwrap_or(0.0)));
+        return Some(fields.map(|f| found.get(f).unwrap_or(0.0)));
     }
     let found = read(key)?;
     Some(fields.map(|f| found.get(f).copied().unwrap_or(0.0)))
@@ -1249,7 +1430,10 @@ pub fn compare_and_set<K: StoreKey + ?Sized>(key: &K, version: u64, value: &Valu
 
 #[cfg(test)]
 mod tests {
-    use super::{Entries, MarkSet, Marks, ReadCache, SCANS_BEFORE_INDEX, mark_id};
+    use super::{
+        Entries, FieldCopy, MarkSet, Marks, Names, ReadCache, SCANS_BEFORE_INDEX, SHORT_NAMES,
+        has_newline_or_tab, mark_id,
+    };
 
     #[test]
     fn a_mark_is_seen_in_every_generation_until_the_store_took_its_batch() {
@@ -1508,5 +1692,67 @@ mod tests {
             // Never a panic, never more marks than there are.
             assert!(Entries(batch.get(..cut).unwrap_or_default()).count() <= 1);
         }
+    }
+
+    #[test]
+    fn a_newline_or_a_tab_is_found_at_every_place_and_no_other_byte_is_taken_for_one() {
+        for len in 0..40 {
+            let clean: Vec<u8> = (0..len)
+                .map(|i| b"a/\x0b\x08\x0a\x09\x00\xff"[i % 8] ^ 0x40)
+                .collect();
+            assert!(!has_newline_or_tab(&clean), "{clean:?}");
+            for at in 0..len {
+                for odd in [b'\n', b'\t'] {
+                    let mut with = clean.clone();
+                    with[at] = odd;
+                    assert!(has_newline_or_tab(&with), "{with:?}");
+                }
+            }
+        }
+        // Every byte but the two, next to each other and across a word's edge.
+        let all: Vec<u8> = (0..=255).filter(|b| *b != b'\n' && *b != b'\t').collect();
+        for shift in 0..8 {
+            assert!(!has_newline_or_tab(&all[shift..]));
+        }
+    }
+
+    #[test]
+    fn names_past_the_short_list_and_long_ones_keep_their_ids() {
+        let mut names = Names::default();
+        let mut all: Vec<String> = (0..SHORT_NAMES + 4).map(|i| format!("f{i}")).collect();
+        all.push("a name longer than sixteen bytes".to_owned());
+        all.push("sum".to_owned());
+        all.push("sum\0".to_owned());
+        all.push(String::new());
+        for (id, name) in all.iter().enumerate() {
+            assert_eq!(names.get(name), None, "{name:?}");
+            names.insert(name, id as u32);
+        }
+        for (id, name) in all.iter().enumerate() {
+            assert_eq!(names.get(name), Some(id as u32), "{name:?}");
+        }
+        assert_eq!(names.get("su"), None);
+        assert_eq!(names.get("f"), None);
+    }
+
+    #[test]
+    fn a_copy_of_fields_adds_to_each_and_reads_back_as_the_map_it_was_made_from() {
+        let mut map = std::collections::BTreeMap::new();
+        for i in 0..SHORT_NAMES + 3 {
+            map.insert(format!("f{i}"), i as f64);
+        }
+        map.insert("a field name of more than sixteen bytes".to_owned(), 0.5);
+        let mut copy: FieldCopy = map.iter().map(|(f, v)| (f.clone(), *v)).collect();
+        assert_eq!(copy.to_map(), map);
+        for (name, value) in map.iter_mut() {
+            copy.add(name, 2.0);
+            *value += 2.0;
+        }
+        copy.add("new", -1.0);
+        map.insert("new".to_owned(), -1.0);
+        assert_eq!(copy.to_map(), map);
+        assert_eq!(copy.get("f0"), Some(2.0));
+        assert_eq!(copy.get("f10"), Some(12.0));
+        assert_eq!(copy.get("f"), None);
     }
 }
