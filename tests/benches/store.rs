@@ -2,7 +2,7 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the three
-//! setups taking turns of an untimed round and 10 timed ones (`STORE_BENCH_TURN`), 100 timed
+//! setups taking turns of an untimed round and a timed one (`STORE_BENCH_TURN`), 100 timed
 //! rounds (`STORE_BENCH_ROUNDS`, rounded up to whole turns) after 3 s of untimed ones
 //! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
 //! median time on the CPU) are printed with their ratio to the file state, and the median of
@@ -95,16 +95,18 @@ fn main() {
     // hypervisor per page (3 to 24 µs here).
     let warmup = Duration::from_secs_f64(env_or("STORE_BENCH_WARMUP_S", 3.0));
     let warming = std::time::Instant::now();
-    // Each setup runs `STORE_BENCH_TURN` timed rounds in a row (10 by default) before the next
+    // Each setup runs `STORE_BENCH_TURN` timed rounds in a row (1 by default) before the next
     // one's turn, after one untimed round. A worker runs one host; here three hosts, each with
     // its own copies of the eight plugins, share one core's caches, and the first round of a
-    // turn starts with the other setups' code and data in them. Taking turns of one round
-    // charged that switch to every round: in turns of 10 the first round was slower than the
-    // rest by 0.4 to 1 ms for the file state and 0.9 to 2.9 ms for a store (whose filters,
-    // copies and buffers are more to bring back), a cost no worker pays. Turns of a quarter of
-    // a second still pair each round with the file state's of the same turn, well within what
-    // moves this machine's speed.
-    let turn: usize = env_or("STORE_BENCH_TURN", 10);
+    // turn starts with the other setups' code and data in them: the untimed round takes that
+    // switch (0.4 to 1 ms for the file state, 0.9 to 2.9 ms for a store, whose filters, copies
+    // and buffers are more to bring back), a cost no worker pays. Turns of one timed round
+    // pair each round with the file state's of a tenth of a second before: this machine's
+    // speed moves by tens of percent within a second or two, and in turns of 10 rounds (half
+    // a second) single runs' medians of one build spread from -20 to +25 % against the file
+    // state, where in turns of one they came within a few points of each other
+    // (`docs/store-benchmark.md`, eighth round).
+    let turn: usize = env_or("STORE_BENCH_TURN", 1);
     assert!(
         (1..=1000).contains(&turn),
         "STORE_BENCH_TURN: 1 to 1000 timed rounds a turn, found {turn}"
@@ -195,7 +197,8 @@ fn main() {
         .map(|v| v.iter().copied().min_by(f64::total_cmp).unwrap_or(f64::NAN))
         .collect();
     println!(
-        "in turns of {turn} timed rounds after an untimed one; {warm_rounds} untimed rounds in all ({:.1} s of them first):",
+        "in turns of {turn} timed round{} after an untimed one; {warm_rounds} untimed rounds in all ({:.1} s of them first):",
+        if turn == 1 { "" } else { "s" },
         warmup.as_secs_f64()
     );
     for (i, (name, _)) in setups.iter().enumerate() {
