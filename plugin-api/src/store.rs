@@ -223,9 +223,11 @@ fn intern(ids: &mut Names, kind: &str, name: &str) -> Option<u32> {
 /// A map from names to values: the first [`SHORT_NAMES`] names of at most 16 bytes in a list
 /// looked through in order (a plugin's field names: `n`, `sum`, `sumsq`), the others in a hash
 /// map (names the plugin chose, so a cheap hash serves; the marks, often from input, keep a
-/// keyed one). A look through the list reads one or two cache lines and hashes nothing, where
-/// a map's hashes the name and compares it with a copy elsewhere in memory. Used for the host's
-/// ids of names ([`Names`]) and for the plugin's copies of a key's fields ([`FieldCopy`]).
+/// keyed one in [`MarkSet`]). A look through a list of a few names reads a cache line or two
+/// and hashes nothing, where a map's hashes the name and compares it with a copy elsewhere in
+/// memory; a name past a full list (up to four lines of it) is then hashed as well. Used for
+/// the host's ids of names ([`Names`]) and for the plugin's copies of a key's fields
+/// ([`FieldCopy`]).
 #[derive(Clone)]
 struct ShortMap<V> {
     /// Each name padded with zeros, its length, its value.
@@ -1030,8 +1032,9 @@ pub(crate) fn closing() {
     hand_over_held();
 }
 
-/// The plugin's cache, renewed for the host's generation, when the host takes batches;
-/// `None` for the older paths (an older host, an isolated plugin, no store).
+/// The plugin's cache, when the host takes batches (renewed for the host's generation at the
+/// first batched addition only, see below); `None` for the older paths (an older host, an
+/// isolated plugin, no store).
 fn batching() -> Option<MutexGuard<'static, ReadCache>> {
     // Once batching, always (a host's store stays for the instance's life). The copies are
     // not renewed here: an addition applied to copies older than the host's cache is dropped
