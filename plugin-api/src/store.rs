@@ -348,10 +348,31 @@ impl FromIterator<(String, f64)> for FieldCopy {
 }
 
 /// `name` padded with zeros to 16 bytes; `None` when longer.
+#[inline]
 fn padded(name: &str) -> Option<[u8; 16]> {
     let bytes = name.as_bytes();
+    let len = bytes.len();
     let mut padded = [0; 16];
-    padded.get_mut(..bytes.len())?.copy_from_slice(bytes);
+    // Copies of a fixed size, two of them overlapping for the lengths between: a few moves,
+    // where a copy of the name's own length is a call (this runs for every field added).
+    let (Some(to), Some(from)) = (padded.get_mut(..len), bytes.get(..len)) else {
+        return None;
+    };
+    match len {
+        8..=16 => {
+            to[..8].copy_from_slice(&from[..8]);
+            to[len - 8..].copy_from_slice(&from[len - 8..]);
+        }
+        4..=7 => {
+            to[..4].copy_from_slice(&from[..4]);
+            to[len - 4..].copy_from_slice(&from[len - 4..]);
+        }
+        _ => {
+            for (to, from) in to.iter_mut().zip(from) {
+                *to = *from;
+            }
+        }
+    }
     Some(padded)
 }
 
@@ -1117,6 +1138,13 @@ fn raw(name: &str, text: &str) -> Option<String> {
     }
 }
 
+/// Whether `key`'s name can be a key: a [`Key`] the host numbered was checked then.
+fn plain_key<K: StoreKey + ?Sized>(key: &K) -> bool {
+    key.id_slot()
+        .is_some_and(|slot| slot.load(Ordering::Relaxed) != NOT_NUMBERED)
+        || plain(key.key_name())
+}
+
 /// Whether `name` can be a key, mark or field: 1 to 512 bytes, no newline, no tab.
 fn plain(name: &str) -> bool {
     plain_bytes(name.as_bytes())
@@ -1307,10 +1335,10 @@ pub fn mark_once(mark: &str) -> Option<bool> {
 
 /// The fields of `key` (empty when it has none yet); `None` without a store.
 pub fn read<K: StoreKey + ?Sized>(key: &K) -> Option<BTreeMap<String, f64>> {
-    let key = key.key_name();
-    if !plain(key) {
+    if !plain_key(key) {
         return None;
     }
+    let key = key.key_name();
     let cached = fresh_cache().map(|mut cache| {
         let hit = cache.fields.get(key).map(FieldCopy::to_map);
         if hit.is_none() {
@@ -1349,10 +1377,10 @@ pub fn read_values<K: StoreKey + ?Sized, const N: usize>(
     key: &K,
     fields: [&str; N],
 ) -> Option<[f64; N]> {
-    let key = key.key_name();
-    if !plain(key) {
+    if !plain_key(key) {
         return None;
     }
+    let key = key.key_name();
     if let Some(cache) = fresh_cache()
         && let Some(found) = cache.fields.get(key)
     {
@@ -1381,10 +1409,10 @@ pub fn record<K: StoreKey + ?Sized>(key: &K) -> Option<Option<Record>> {
 /// `Some(None)` when there is no newer one, `None` without a store. Cheaper than [`record`]
 /// when nothing changed: the record's value is not sent.
 pub fn record_since<K: StoreKey + ?Sized>(key: &K, since: u64) -> Option<Option<Record>> {
-    let key = key.key_name();
-    if !plain(key) {
+    if !plain_key(key) {
         return None;
     }
+    let key = key.key_name();
     let newer = |record: &Option<Record>| record.as_ref().filter(|r| r.version > since).cloned();
     let cached = fresh_cache().map(|cache| {
         let hit = cache.records.get(key).map(newer);
@@ -1435,7 +1463,7 @@ pub fn compare_and_set<K: StoreKey + ?Sized>(key: &K, version: u64, value: &Valu
 mod tests {
     use super::{
         Entries, FieldCopy, MarkSet, Marks, Names, ReadCache, SCANS_BEFORE_INDEX, SHORT_NAMES,
-        has_newline_or_tab, mark_id,
+        has_newline_or_tab, mark_id, padded,
     };
 
     #[test]
@@ -1757,5 +1785,20 @@ mod tests {
         assert_eq!(copy.get("f0"), Some(2.0));
         assert_eq!(copy.get("f10"), Some(12.0));
         assert_eq!(copy.get("f"), None);
+    }
+
+    #[test]
+    fn a_name_is_padded_to_sixteen_bytes_at_every_length() {
+        let name = "abcdefghijklmnopq";
+        for len in 0..=name.len() {
+            let cut = &name[..len];
+            let mut expected = [0; 16];
+            if len <= 16 {
+                expected[..len].copy_from_slice(cut.as_bytes());
+                assert_eq!(padded(cut), Some(expected), "{cut:?}");
+            } else {
+                assert_eq!(padded(cut), None);
+            }
+        }
     }
 }
