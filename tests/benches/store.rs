@@ -103,9 +103,9 @@ fn main() {
     // and buffers are more to bring back), a cost no worker pays. Turns of one timed round
     // pair each round with the file state's of a tenth of a second before: this machine's
     // speed moves by tens of percent within a second or two, and in turns of 10 rounds (half
-    // a second) single runs' medians of one build spread from -20 to +25 % against the file
-    // state, where in turns of one they came within a few points of each other
-    // (`docs/store-benchmark.md`, eighth round).
+    // a second) single runs' medians of one build spread from -20 to +31 % against the file
+    // state, in turns of one from +4 to +17 % (`docs/store-benchmark.md`, eighth round). The
+    // paired ratio moves less either way.
     let turn: usize = env_or("STORE_BENCH_TURN", 1);
     assert!(
         (1..=1000).contains(&turn),
