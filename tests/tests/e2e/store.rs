@@ -709,7 +709,12 @@ fn a_plugin_sees_its_own_additions_at_once_and_the_fleets_after_a_refresh() {
     store_b.flush().unwrap();
     assert_eq!(read(&a), Some(json!({"n": 20.0, "sum": 10.0})));
     store_a.flush().unwrap();
-    assert_eq!(read(&a), Some(json!({"n": 120.0, "sum": 10.0})));
+    // An addition made before this worker reads again goes to a copy older than its cache
+    // (an addition does not ask for the cache's generation): the read drops that copy and
+    // shows the refresh and the addition, once each.
+    assert_eq!(add(&a, "n", 1.0, None), Some(json!(true)));
+    assert_eq!(read(&a), Some(json!({"n": 121.0, "sum": 10.0})));
+    assert_eq!(read(&a), Some(json!({"n": 121.0, "sum": 10.0})));
     // A record read, then changed by this worker's compare-and-set: the next read shows it.
     let record = |host: &plugin_host::PluginHost| {
         host.execute("fixture", "storeRecord", &json!({"key": "decision"}))
