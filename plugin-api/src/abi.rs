@@ -155,9 +155,9 @@ pub struct HostApi {
     /// Added with table version 7: the plugin keeps the additions of the call that just ended
     /// instead of handing them over (context). `true`: the host will ask for them through
     /// [`PluginTable::store_hand_over`] after its next flush (so they reach the store about two
-    /// flush intervals after they were made) and when it flushes on request or closes; the plugin then holds
-    /// them until asked, until they reach 16 kB, until it reads a key it has no copy of, or
-    /// until its state is saved or it is destroyed. `false`: hand them over now.
+    /// flush intervals after they were made) and when it flushes on request or closes; the
+    /// plugin then holds them until asked, until they reach 16 kB, until it reads a key it has
+    /// no copy of, or until its state is saved or it is destroyed. `false`: hand them over now.
     #[cfg(not(any(feature = "__fixture_table_v1", feature = "__fixture_table_v6")))]
     pub store_hold: extern "C" fn(HostContext) -> bool,
 }

@@ -1190,6 +1190,8 @@ fn arm_store_hand_over(generation: &Arc<Generation>) {
         // (a flush on request would wait for it), under the plugin's crash mark.
         if let Some(generation) = Arc::into_inner(generation) {
             let name = plugin.clone();
+            // Marked here too: a failed spawn drops the generation on this thread.
+            let _site = crate::crash::EntryGuard::new(&plugin, "destroy");
             let spawned = std::thread::Builder::new()
                 .name("plugin-destroy".into())
                 .spawn(move || {
@@ -1197,7 +1199,8 @@ fn arm_store_hand_over(generation: &Arc<Generation>) {
                     drop(generation);
                 });
             if let Err(e) = spawned {
-                // The generation went with the failed spawn and was dropped here.
+                // The generation went with the failed spawn and was dropped here, under the
+                // mark above.
                 tracing::warn!(plugin = %EscapeControl(&plugin), error = %e, "no thread to destroy a retired generation on; destroyed on the store's asking thread");
             }
         }
