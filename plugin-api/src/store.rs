@@ -87,6 +87,7 @@ static MARK_KEY: LazyLock<(u64, u64)> = LazyLock::new(|| {
 /// come from outside; without the key nobody can choose two marks with the same id, and by
 /// chance two of a set of `n` share one with a probability of about `n² / 2¹²⁹` (a second's
 /// marks: under 10⁻²⁸). The table hashes the id with a cheap hash: it is random already.
+#[inline(always)]
 fn mark_id(text: &[u8]) -> u128 {
     use siphasher::sip128::{Hasher128 as _, SipHasher13};
     use std::hash::Hasher as _;
@@ -254,6 +255,7 @@ type FieldCopy = ShortMap<f64>;
 const SHORT_NAMES: usize = 8;
 
 impl<V: Copy> ShortMap<V> {
+    #[inline(always)]
     fn get(&self, name: &str) -> Option<V> {
         match padded(name) {
             Some(padded) => {
@@ -266,13 +268,14 @@ impl<V: Copy> ShortMap<V> {
                     Some(&(_, _, value)) => Some(value),
                     // A short name goes into the map only once the list is full.
                     None if self.short.len() < SHORT_NAMES => None,
-                    None => self.others.get(name).copied(),
+                    None => self.other(name),
                 }
             }
-            None => self.others.get(name).copied(),
+            None => self.other(name),
         }
     }
 
+    #[inline(always)]
     fn get_mut(&mut self, name: &str) -> Option<&mut V> {
         match padded(name) {
             Some(padded) => {
@@ -285,11 +288,25 @@ impl<V: Copy> ShortMap<V> {
                 {
                     Some((_, _, value)) => Some(value),
                     None if !full => None,
-                    None => self.others.get_mut(name),
+                    None => other_mut(&mut self.others, name),
                 }
             }
-            None => self.others.get_mut(name),
+            None => other_mut(&mut self.others, name),
         }
+    }
+
+    /// A name past the list: out of line, as is the map's code.
+    #[cold]
+    #[inline(never)]
+    fn other(&self, name: &str) -> Option<V> {
+        self.others.get(name).copied()
+    }
+
+    /// [`ShortMap::insert`] out of line, for a hot path that rarely takes it.
+    #[cold]
+    #[inline(never)]
+    fn insert_new(&mut self, name: &str, value: V) {
+        self.insert(name, value);
     }
 
     /// Puts `name` in (it is not in yet).
@@ -320,10 +337,11 @@ impl<V: Copy> ShortMap<V> {
 
 impl FieldCopy {
     /// Adds `delta` to the field `name` (a field missing starts at 0).
+    #[inline(always)]
     fn add(&mut self, name: &str, delta: f64) {
         match self.get_mut(name) {
             Some(value) => *value += delta,
-            None => self.insert(name, delta),
+            None => self.insert_new(name, delta),
         }
     }
 
@@ -345,6 +363,13 @@ impl FromIterator<(String, f64)> for FieldCopy {
         }
         copy
     }
+}
+
+/// [`ShortMap::get_mut`] of a name past the list: out of line, as is the map's code.
+#[cold]
+#[inline(never)]
+fn other_mut<'a, V>(others: &'a mut FxHashMap<String, V>, name: &str) -> Option<&'a mut V> {
+    others.get_mut(name)
 }
 
 /// `name` padded with zeros to 16 bytes; `None` when longer.
@@ -451,6 +476,7 @@ const SCANS_BEFORE_INDEX: u32 = 16;
 impl MarkSet {
     /// The block and the bits of `id` (random already: its low half picks the block, its high
     /// half a bit in each of the block's words).
+    #[inline(always)]
     fn bloom_bits(&self, id: u128) -> (usize, [u64; 8]) {
         // The low half times the number of blocks, its top 64 bits: a block in range, as
         // evenly as the low half is random, for any number of blocks.
@@ -463,6 +489,7 @@ impl MarkSet {
         (block, bits)
     }
 
+    #[inline(always)]
     fn may_hold(&self, id: u128) -> bool {
         if self.bloom.is_empty() {
             return false;
@@ -473,6 +500,7 @@ impl MarkSet {
             .is_some_and(|block| block.0.iter().zip(bits).all(|(word, bit)| word & bit != 0))
     }
 
+    #[inline(always)]
     fn note(&mut self, id: u128) {
         let (at, bits) = self.bloom_bits(id);
         if let Some(block) = self.bloom.get_mut(at) {
@@ -503,10 +531,18 @@ impl MarkSet {
         self.ids = ids;
     }
 
+    #[inline(always)]
     fn contains(&mut self, id: u128) -> bool {
         if !self.may_hold(id) {
             return false;
         }
+        self.look(id)
+    }
+
+    /// [`MarkSet::contains`] for an id the filter may hold: rare, out of line.
+    #[cold]
+    #[inline(never)]
+    fn look(&mut self, id: u128) -> bool {
         if self.index.is_none() {
             self.scans += 1;
             if self.scans <= SCANS_BEFORE_INDEX {
@@ -520,18 +556,13 @@ impl MarkSet {
     }
 
     /// Adds `id`: `false` when it is there already.
+    #[inline(always)]
     fn insert(&mut self, id: u128) -> bool {
         if self.contains(id) {
             return false;
         }
         if self.noted >= self.room() {
-            if self.bloom.is_empty() || self.ids.len() * 2 > self.room() {
-                self.make_room(self.ids.len() * 2);
-            } else {
-                // Filled by marks mostly taken out again (batches the host refused): made
-                // again at its size.
-                self.renote();
-            }
+            self.grow();
         }
         self.noted += 1;
         self.note(id);
@@ -540,6 +571,19 @@ impl MarkSet {
             index.insert(id);
         }
         true
+    }
+
+    /// Makes the full filter room for more marks: out of line, once per doubling.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        if self.bloom.is_empty() || self.ids.len() * 2 > self.room() {
+            self.make_room(self.ids.len() * 2);
+        } else {
+            // Filled by marks mostly taken out again (batches the host refused): made
+            // again at its size.
+            self.renote();
+        }
     }
 
     /// Takes `id` out (its bits stay in the filter: a mark it may hold is looked for). The
@@ -615,11 +659,10 @@ struct Marks {
 
 impl Marks {
     /// Adds a mark: `false` when it is there already.
+    #[inline(always)]
     fn insert(&mut self, id: u128) -> bool {
         if self.generations.is_empty() {
-            let mut set = self.spare.pop().unwrap_or_default();
-            set.make_room(self.peak);
-            self.generations.push_back((0, set));
+            self.start_generation();
         }
         let newest = self.generations.len() - 1;
         for (at, (_, set)) in self.generations.iter_mut().enumerate() {
@@ -632,6 +675,15 @@ impl Marks {
             }
         }
         false
+    }
+
+    /// The first generation after the last was dropped: out of line.
+    #[cold]
+    #[inline(never)]
+    fn start_generation(&mut self) {
+        let mut set = self.spare.pop().unwrap_or_default();
+        set.make_room(self.peak);
+        self.generations.push_back((0, set));
     }
 
     fn remove(&mut self, id: u128) {
@@ -731,6 +783,7 @@ impl<'a> Iterator for Entries<'a> {
     }
 }
 
+#[inline(always)]
 fn read_cache() -> MutexGuard<'static, ReadCache> {
     READ_CACHE.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -798,6 +851,7 @@ impl ReadCache {
     }
 
     /// The host's id of a key (`kind` "k") or field ("f") name, asked for at its first use.
+    #[inline(always)]
     fn id(&mut self, kind: &str, name: &str) -> Option<u32> {
         let ids = if kind == "k" {
             &mut self.key_ids
@@ -812,6 +866,7 @@ impl ReadCache {
 
     /// The host's id of `key`: a [`Key`]'s own once numbered, else by name (and kept in the
     /// `Key`).
+    #[inline(always)]
     fn key_id<K: StoreKey + ?Sized>(&mut self, key: &K) -> Option<u32> {
         let slot = key.id_slot();
         if let Some(slot) = slot {
@@ -946,6 +1001,7 @@ impl ReadCache {
 
     /// Writes one entry's rows at the end of the batch (the caller truncates it on `None`):
     /// `None` for rows the host would refuse, so that they never spoil a batch of others.
+    #[inline(always)]
     fn encode_rows<K: StoreKey + ?Sized>(&mut self, adds: &[(&K, &[(&str, f64)])]) -> Option<()> {
         let rows: usize = adds.iter().map(|(_, fields)| fields.len()).sum();
         if rows > MAX_ENTRY_ROWS {
@@ -977,6 +1033,7 @@ enum Mark<'a> {
 
 impl Mark<'_> {
     /// The length of the mark's text, in bytes.
+    #[inline(always)]
     fn len(&self) -> usize {
         match self {
             Mark::Text(text) => text.len(),
@@ -987,6 +1044,7 @@ impl Mark<'_> {
     }
 
     /// Writes the mark's text at the end of `out`.
+    #[inline(always)]
     fn write_to(&self, out: &mut Vec<u8>) {
         match self {
             Mark::Text(text) => out.extend_from_slice(text.as_bytes()),
@@ -1056,6 +1114,7 @@ pub(crate) fn closing() {
 /// The plugin's cache, when the host takes batches (renewed for the host's generation at the
 /// first batched addition only, see below); `None` for the older paths (an older host, an
 /// isolated plugin, no store).
+#[inline(always)]
 fn batching() -> Option<MutexGuard<'static, ReadCache>> {
     // Once batching, always (a host's store stays for the instance's life). The copies are
     // not renewed here: an addition applied to copies older than the host's cache is dropped
@@ -1150,6 +1209,7 @@ fn plain(name: &str) -> bool {
     plain_bytes(name.as_bytes())
 }
 
+#[inline(always)]
 fn plain_bytes(name: &[u8]) -> bool {
     !name.is_empty() && name.len() <= MAX_NAME && !has_newline_or_tab(name)
 }
@@ -1157,6 +1217,7 @@ fn plain_bytes(name: &[u8]) -> bool {
 /// Whether `bytes` hold a newline or a tab, eight bytes at a time: names are short, and this
 /// loop is a few instructions where a general search first picks a routine for the machine
 /// (code that a hot path then fetches again on every addition).
+#[inline(always)]
 fn has_newline_or_tab(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);

@@ -218,18 +218,23 @@ fn arm_key(context: &str, arm: &str) -> Key {
     Key::joined(&["arm", context, arm])
 }
 
-/// Notes `arms` as seen in `context`, each with its key (names copied only when new).
-fn note_arms<'a>(seen: &mut Seen, context: &str, arms: impl IntoIterator<Item = &'a str>) {
+/// Notes `arms` as seen in `context`, each with its key (names copied only when new), and
+/// answers the context's arms (so that a caller looks the context up once).
+fn note_arms<'s, 'a>(
+    seen: &'s mut Seen,
+    context: &str,
+    arms: impl IntoIterator<Item = &'a str>,
+) -> Option<&'s BTreeMap<String, Key>> {
     if !seen.contains_key(context) {
         seen.insert(context.to_owned(), BTreeMap::new());
     }
-    if let Some(known) = seen.get_mut(context) {
-        for arm in arms {
-            if !known.contains_key(arm) {
-                known.insert(arm.to_owned(), arm_key(context, arm));
-            }
+    let known = seen.get_mut(context)?;
+    for arm in arms {
+        if !known.contains_key(arm) {
+            known.insert(arm.to_owned(), arm_key(context, arm));
         }
     }
+    Some(known)
 }
 
 /// An arm's statistics as the fleet knows them.
@@ -387,10 +392,9 @@ impl BanditPlugin {
         let mut seen = self
             .shared
             .then(|| self.seen.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Some(seen) = seen.as_deref_mut() {
-            note_arms(seen, &p.context, p.arms.iter().map(String::as_str));
-        }
-        let keys = seen.as_deref().and_then(|seen| seen.get(&p.context));
+        let keys = seen
+            .as_deref_mut()
+            .and_then(|seen| note_arms(seen, &p.context, p.arms.iter().map(String::as_str)));
         let stats = (!self.shared).then(|| self.stats_lock());
         let known = stats.as_deref().and_then(|s| s.get(&p.context));
         let arm_stats = |arm: &str| {
@@ -485,8 +489,7 @@ impl BanditPlugin {
             // and `choose` needs the arms seen.
             let key = {
                 let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                note_arms(&mut seen, &p.context, [p.arm.as_str()]);
-                seen.get(&p.context)
+                note_arms(&mut seen, &p.context, [p.arm.as_str()])
                     .and_then(|arms| arms.get(&p.arm))
                     .cloned()
             };

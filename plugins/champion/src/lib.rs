@@ -511,7 +511,8 @@ impl ChampionPlugin {
     }
 
     fn route(&self, p: RouteParams) -> Result<Option<Route>, PluginError> {
-        if self.shared && self.configured.contains_key(&p.task_type) {
+        if self.shared {
+            // Nothing for a task type not configured.
             self.follow(&p.task_type);
         }
         let state = self.state_lock();
@@ -780,23 +781,36 @@ impl ChampionPlugin {
 
     /// The store key of `handler`'s arm in experiment `epoch` of `task_type`.
     fn arm_key_of(&self, task_type: &str, epoch: u64, handler: &str) -> Key {
+        let [key] = self.arm_keys_of(task_type, epoch, [handler]);
+        key
+    }
+
+    /// [`Self::arm_key_of`] for several handlers, under one lock.
+    fn arm_keys_of<const N: usize>(
+        &self,
+        task_type: &str,
+        epoch: u64,
+        handlers: [&str; N],
+    ) -> [Key; N] {
         let mut all = self.arm_keys.lock().unwrap_or_else(|p| p.into_inner());
         if !all.contains_key(task_type) {
             all.insert(task_type.to_owned(), ArmKeys::default());
         }
         let Some(keys) = all.get_mut(task_type) else {
-            return Key::new(arm_key(task_type, epoch, handler));
+            return handlers.map(|handler| Key::new(arm_key(task_type, epoch, handler)));
         };
         if keys.epoch != epoch {
             keys.epoch = epoch;
             keys.keys.clear();
         }
-        if let Some((_, key)) = keys.keys.iter().find(|(h, _)| h == handler) {
-            return key.clone();
-        }
-        let key = Key::new(arm_key(task_type, epoch, handler));
-        keys.keys.push((handler.to_owned(), key.clone()));
-        key
+        handlers.map(|handler| {
+            if let Some((_, key)) = keys.keys.iter().find(|(h, _)| h == handler) {
+                return key.clone();
+            }
+            let key = Key::new(arm_key(task_type, epoch, handler));
+            keys.keys.push((handler.to_owned(), key.clone()));
+            key
+        })
     }
 
     /// The fleet's statistics of `handler` in the deployment's experiment.
@@ -814,17 +828,23 @@ impl ChampionPlugin {
         id: Option<&str>,
     ) -> Option<Decision> {
         let mut version = self.follow(task_type);
-        let key = {
+        // The scored arm's key, and what the first look check below needs (both arms' keys
+        // and the look's number), taken under one lock of the state and of the keys.
+        let (key, mut first) = {
             let state = self.state_lock();
             let deployment = state.get(task_type)?;
-            let challenger = deployment.challenger.as_deref();
-            if challenger.is_none()
-                || (handler != deployment.champion && Some(handler) != challenger)
-            {
+            let challenger = deployment.challenger.as_deref()?;
+            if handler != deployment.champion && handler != challenger {
                 // Retired, unknown, or no experiment running: nothing to learn.
                 return None;
             }
-            self.arm_key_of(task_type, deployment.epoch, handler)
+            let [key, champion_key, challenger_key] = self.arm_keys_of(
+                task_type,
+                deployment.epoch,
+                [handler, &deployment.champion, challenger],
+            );
+            let look = u64::from(deployment.looks_taken) + 1;
+            (key, Some((champion_key, challenger_key, look)))
         };
         let fields = [("n", 1.0), ("sum", score), ("sumsq", score * score)];
         match id {
@@ -849,15 +869,23 @@ impl ChampionPlugin {
             // arms alone, before the deployment is copied for a compare-and-set. The arms are
             // read with the state's lock let go: a read of a key the store has not cached yet
             // may wait for the store, and routing takes that lock on every task.
-            let (champion_key, challenger_key, look) = {
-                let state = self.state_lock();
-                let deployment = state.get(task_type)?;
-                let challenger = deployment.challenger.as_deref()?;
-                (
-                    self.arm_key_of(task_type, deployment.epoch, &deployment.champion),
-                    self.arm_key_of(task_type, deployment.epoch, challenger),
-                    u64::from(deployment.looks_taken) + 1,
-                )
+            let (champion_key, challenger_key, look) = match first.take() {
+                Some(first) => first,
+                None => {
+                    let state = self.state_lock();
+                    let deployment = state.get(task_type)?;
+                    let challenger = deployment.challenger.as_deref()?;
+                    let [champion_key, challenger_key] = self.arm_keys_of(
+                        task_type,
+                        deployment.epoch,
+                        [&deployment.champion, challenger],
+                    );
+                    (
+                        champion_key,
+                        challenger_key,
+                        u64::from(deployment.looks_taken) + 1,
+                    )
+                }
             };
             let fewest = fleet_moments(&champion_key)
                 .count
