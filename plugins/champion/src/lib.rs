@@ -512,7 +512,7 @@ impl ChampionPlugin {
 
     fn route(&self, p: RouteParams) -> Result<Option<Route>, PluginError> {
         if self.shared {
-            // Nothing for a task type not configured.
+            // `follow` answers at once for a task type not configured.
             self.follow(&p.task_type);
         }
         let state = self.state_lock();
@@ -829,7 +829,9 @@ impl ChampionPlugin {
     ) -> Option<Decision> {
         let mut version = self.follow(task_type);
         // The scored arm's key, and what the first look check below needs (both arms' keys
-        // and the look's number), taken under one lock of the state and of the keys.
+        // and the look's number), taken under one lock of the state and of the keys. The
+        // check only skips looks that are not due; a look it lets through is decided on the
+        // state read again below.
         let (key, mut first) = {
             let state = self.state_lock();
             let deployment = state.get(task_type)?;
