@@ -380,9 +380,8 @@ fn padded(name: &str) -> Option<[u8; 16]> {
     let mut padded = [0; 16];
     // Copies of a fixed size, two of them overlapping for the lengths between: a few moves,
     // where a copy of the name's own length is a call (this runs for every field added).
-    let (Some(to), Some(from)) = (padded.get_mut(..len), bytes.get(..len)) else {
-        return None;
-    };
+    let to = padded.get_mut(..len)?;
+    let from = bytes;
     match len {
         8..=16 => {
             to[..8].copy_from_slice(&from[..8]);
