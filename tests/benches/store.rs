@@ -2,8 +2,9 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the same in
-//! the three setups, whose plugins that draw at random are seeded alike, the three setups taking turns of an untimed round and a timed one (`STORE_BENCH_TURN`), 300 timed
-//! rounds (`STORE_BENCH_ROUNDS`, rounded up to whole turns) after 3 s of untimed ones
+//! the three setups, whose plugins that draw at random are seeded alike; the three setups take
+//! turns of an untimed round and a timed one (`STORE_BENCH_TURN`), 300 timed rounds
+//! (`STORE_BENCH_ROUNDS`, rounded up to whole turns) after 3 s of untimed ones
 //! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
 //! median time on the CPU) are printed with their ratio to the file state, and the median of
 //! each round's ratio to the file state's round of the same place in the same turn (paired:
