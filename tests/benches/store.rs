@@ -2,7 +2,7 @@
 //! SQLite store and in a Redis store (a `redis-server` started for the run), measured in one
 //! run: `cargo bench -p tests --bench store`. Each round runs the 1200 example tasks under
 //! fresh task ids (a store counts a task id once, so a replay would be cheaper), the same in
-//! the three setups, whose plugins that draw at random are seeded alike; the three setups take
+//! the three setups, whose plugins are seeded alike (see `host`); the three setups take
 //! turns of an untimed round and a timed one (`STORE_BENCH_TURN`), 300 timed rounds
 //! (`STORE_BENCH_ROUNDS`, rounded up to whole turns) after 3 s of untimed ones
 //! (`STORE_BENCH_WARMUP_S`); the medians (and the fastest rounds, and the pipeline thread's
@@ -35,12 +35,14 @@ const PLUGINS: &[&str] = &[
 ];
 
 fn host(dir: &PluginDir, store: Option<Store>) -> plugin_host::PluginHost {
-    // The bundled configuration, with the plugins that draw at random seeded alike in the three
-    // setups. The bandit, the champion and the experiment choose the handler a task runs, and
-    // the handlers' work is about a sixth of the pipeline's: unseeded, one setup's handlers ran
-    // 25.0 k instructions a task in one run and 29.0 k in another (callgrind), which moves a
-    // setup's time against another's by a few percent for reasons that are not the store
-    // (`docs/store-benchmark.md`, tenth round).
+    // The bundled configuration, seeded alike in the three setups. The bandit, the champion and
+    // the experiment choose the handler a task runs, and the handlers' work is about a sixth of
+    // the pipeline's. The bandit draws at random (the other two only for calls without a key,
+    // which the pipeline never makes: they split tasks by a hash of the task id, the same in
+    // the three setups below). Unseeded, one setup's handlers ran 25.0 k instructions a task in
+    // one run and 29.0 k in another (callgrind), which moves a setup's time against another's
+    // by a few percent for reasons that are not the store (`docs/store-benchmark.md`, tenth
+    // round).
     let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/plugins.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(bundled).unwrap()).unwrap();
