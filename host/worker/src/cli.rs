@@ -315,7 +315,8 @@ pub enum Command {
 /// What `worker store` shows.
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
-    /// The backend, whether it answers, the last flush, pending additions and errors.
+    /// The backend, whether it answers, the last flush, pending additions, plugins holding
+    /// some, and errors.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]

@@ -52,8 +52,9 @@ pub fn open_store(
     Store::open(&url, options).map(Some)
 }
 
-/// `worker store status`: the backend, whether it answers, the last flush, pending additions
-/// and errors.
+/// `worker store status`: the backend, whether it answers, the last flush, pending additions,
+/// the plugins still holding some (after this flush asked them: one named did not hand over in
+/// time) and errors.
 ///
 /// # Errors
 ///
@@ -95,6 +96,17 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
             )
         )?;
         writeln!(out, "pending:   {}", status.pending)?;
+        // After the flush above, which asked them: a plugin named here did not hand over in
+        // time.
+        writeln!(
+            out,
+            "holding:   {}",
+            if status.holding.is_empty() {
+                "no plugin".to_owned()
+            } else {
+                status.holding.join(", ")
+            }
+        )?;
         writeln!(out, "errors:    {}", status.errors)?;
         if let (Err(_), Some(e)) = (&flushed, &status.last_error) {
             writeln!(out, "last error: {e}")?;

@@ -253,10 +253,14 @@ fn a_plugin_holds_its_additions_until_asked_and_loses_none() {
     assert_eq!(add("task-0"), Some(json!(true)));
     assert_eq!(pending(), 1);
     store.flush().unwrap();
+    assert_eq!(store.status().holding, Vec::<String>::new());
     assert_eq!(add("task-1"), Some(json!(true)));
     assert_eq!(pending(), 0, "held in the plugin, not handed over");
+    // The status names the plugin holding what `pending` does not count.
+    assert_eq!(store.status().holding, ["fixture"]);
     store.flush().unwrap();
     assert_eq!(stored_n(&store, "arm"), Some(2.0), "asked for by the flush");
+    assert_eq!(store.status().holding, Vec::<String>::new(), "handed over");
     // Each entry takes about 33 bytes: a batch reaches 16 kB after about 500 of them.
     for n in 2..=1001 {
         assert_eq!(add(&format!("task-{n}")), Some(json!(true)));
@@ -476,6 +480,7 @@ fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
     assert_eq!(status["store"]["backend"], sqlite_url(&state));
     assert_eq!(status["store"]["reachable"], true, "{status}");
     assert_eq!(status["store"]["pending"], 0, "{status}");
+    assert_eq!(status["store"]["holding"], json!([]), "{status}");
     assert!(state.join("store.db").is_file());
     // Owner-only, as the state files are; and never opened through a planted link.
     for file in ["store.db", "store.db-wal", "store.db-shm"] {
@@ -545,11 +550,27 @@ fn the_control_api_shows_the_store() {
     let status = worker.http("GET", "/v1/store", b"").json();
     assert_eq!(status["store"]["backend"], sqlite_url(&state));
     assert_eq!(status["store"]["reachable"], true);
+    // A second addition is held in the plugin (the first was handed over at once: the call
+    // that made it began before the plugin batched) until the worker asks for it after its
+    // next flush: the status names the plugin meanwhile, and none once it handed it over.
+    worker.http(
+        "POST",
+        "/v1/plugins/fixture/storeAdd",
+        br#"{"key": "arm", "field": "n", "delta": 3}"#,
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let status = worker.http("GET", "/v1/store", b"").json();
+            status["store"]["pending"] == 0 && status["store"]["holding"] == json!([])
+        }),
+        "{}",
+        worker.http("GET", "/v1/store", b"").body
+    );
     worker.stop();
     // What the plugin added is in the store file for the next process.
     let store = Store::open(&sqlite_url(&state), options()).unwrap();
     let rows = store.scan("fixture", "").unwrap();
-    assert_eq!(rows[0].1.get("n"), Some(&2.0), "{rows:?}");
+    assert_eq!(rows[0].1.get("n"), Some(&5.0), "{rows:?}");
 }
 
 /// `worker call` of the fixture with `"isolation": "process"`, on the store at `url`.

@@ -154,6 +154,11 @@ pub struct StoreStatus {
     pub last_flush_ms: Option<u64>,
     /// Groups of additions not yet in the store.
     pub pending: usize,
+    /// The plugins (by name, sorted, once each) that may hold additions not handed to the
+    /// worker yet, and so not counted in `pending`: a plugin keeps what its calls add (up to
+    /// 16 kB) until the worker asks for it, after its next flush, or at a flush on request
+    /// ([`Store::flush`]). Empty when every addition made is in `pending` or in the store.
+    pub holding: Vec<String>,
     /// Whether the last attempt reached the store.
     pub reachable: bool,
     /// Failed attempts since the start.
@@ -776,11 +781,14 @@ impl Store {
 
     /// The store's status.
     pub fn status(&self) -> StoreStatus {
+        // Before the cache's lock: the holders' lock is never taken under it.
+        let holding = holding(&self.shared);
         let cache = lock(&self.shared.cache);
         StoreStatus {
             backend: self.shared.url.clone(),
             last_flush_ms: cache.status.last_flush_ms,
             pending: cache.pending_groups(),
+            holding,
             reachable: cache.status.reachable,
             errors: cache.status.errors,
             last_error: cache.status.last_error.clone(),
@@ -942,6 +950,20 @@ impl Holder {
         }
         true
     }
+}
+
+/// The plugins that said they hold additions and have not handed them over since (asked or
+/// not), sorted, each once (an instance being reloaded and its successor are one plugin).
+fn holding(shared: &Shared) -> Vec<String> {
+    let mut names: Vec<String> = lock(&shared.holders)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter(|h| h.holds.load(Ordering::Acquire) || h.asked.load(Ordering::Acquire))
+        .map(|h| h.plugin.to_string())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 /// Asks each plugin that said it holds additions to hand them over. With `wait`, asks every
