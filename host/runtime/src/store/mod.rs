@@ -1702,6 +1702,10 @@ impl PluginStore {
         entries: &mut Vec<EntryAt>,
     ) -> Result<(), PluginError> {
         let fields = cache.names.fields.len();
+        // The keys found to be this plugin's, by the low bits of their ids: a batch's entries
+        // use a few keys again and again (an arm's, a variant's), whose names are then compared
+        // with the namespace once a batch, not once an entry.
+        let mut checked: [Option<u32>; 16] = [None; 16];
         for entry in Entries(bytes) {
             let entry = entry?;
             let at = |part: &[u8]| {
@@ -1715,10 +1719,9 @@ impl PluginStore {
                 }
                 None => None,
             };
-            // An entry's rows are mostly of one key: its name is checked once for a run of them.
-            let mut checked_key = None;
             for row in entry.rows() {
-                if checked_key != Some(row.key) {
+                let slot = &mut checked[row.key as usize % 16];
+                if *slot != Some(row.key) {
                     let key = cache.names.keys.get(row.key as usize);
                     if !key.is_some_and(|k| k.starts_with(&self.namespace)) {
                         return Err(invalid(format!(
@@ -1726,7 +1729,7 @@ impl PluginStore {
                             row.key
                         )));
                     }
-                    checked_key = Some(row.key);
+                    *slot = Some(row.key);
                 }
                 if row.field as usize >= fields {
                     return Err(invalid(format!(
@@ -2358,6 +2361,16 @@ mod tests {
             (
                 [good.clone(), entry(None, &[(k + 7, n, 1.0)])].concat(),
                 "key id",
+            ),
+            // An id in the same slot of the checked keys as one of this plugin's, checked in
+            // an earlier entry of the batch: checked as well.
+            (
+                [good.clone(), entry(None, &[(k + 16, n, 1.0)])].concat(),
+                "key id",
+            ),
+            (
+                [good.clone(), vec![1, 2, 0, 0, 0, 0xff, 0xfe, 0, 0, 0, 0]].concat(),
+                "not UTF-8",
             ),
             // Another plugin's key after one of this plugin's, in one entry.
             (
