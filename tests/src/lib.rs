@@ -512,6 +512,47 @@ impl RedisServer {
             && &answer == b"+PONG\r\n"
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and requests wait unanswered, as
+    /// with a server that hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill(1)");
+            assert!(status.success(), "kill {signal} of redis-server failed");
+        }
+    }
+
+    /// Whether a request waits, unread, on one of the server's connections (the kernel's
+    /// receive queue of a socket on its port, as `/proc/net/tcp` shows): with the server paused,
+    /// proof that a client's request reached it.
+    pub fn has_unread_request(&self) -> bool {
+        let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+            return false;
+        };
+        let port = format!(":{:04X}", self.port);
+        table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address, then (fields[4]) the transmit and receive queues as `TX:RX`.
+            fields.get(1).is_some_and(|local| local.ends_with(&port))
+                && fields
+                    .get(4)
+                    .and_then(|queues| queues.split(':').nth(1))
+                    .and_then(|rx| u64::from_str_radix(rx, 16).ok())
+                    .is_some_and(|rx| rx > 0)
+        })
+    }
+
     /// Stops the server (SIGTERM: it syncs its append-only file) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -388,18 +388,26 @@ impl BanditPlugin {
             return Ok(None);
         }
         // With a store the arms' statistics are the fleet's, read by their keys (the local
-        // ones are not needed): `seen` is held for the choice instead of `stats`.
-        let mut seen = self
-            .shared
-            .then(|| self.seen.lock().unwrap_or_else(|p| p.into_inner()));
-        let keys = seen
-            .as_deref_mut()
-            .and_then(|seen| note_arms(seen, &p.context, p.arms.iter().map(String::as_str)));
+        // ones are not needed). The keys (handles: a count each) are taken out of `seen` and
+        // its lock let go before they are read: a read of a key not cached yet waits for the
+        // store, and every choice and every update takes that lock.
+        let keys: Vec<Option<Key>> = if self.shared {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let known = note_arms(&mut seen, &p.context, p.arms.iter().map(String::as_str));
+            p.arms
+                .iter()
+                .map(|arm| known.and_then(|k| k.get(arm)).cloned())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let stats = (!self.shared).then(|| self.stats_lock());
         let known = stats.as_deref().and_then(|s| s.get(&p.context));
-        let arm_stats = |arm: &str| {
+        // The statistics of `arm`, the `i`th of `p.arms`.
+        let arm_stats = |i: usize, arm: &str| {
             if self.shared {
-                keys.and_then(|k| k.get(arm))
+                keys.get(i)
+                    .and_then(Option::as_ref)
                     .map(fleet_arm)
                     .unwrap_or_default()
             } else {
@@ -408,8 +416,12 @@ impl BanditPlugin {
         };
         let chosen = match self.algorithm {
             Algorithm::Ucb1 => {
-                let arms: Vec<(&String, ArmStats)> =
-                    p.arms.iter().map(|a| (a, arm_stats(a))).collect();
+                let arms: Vec<(&String, ArmStats)> = p
+                    .arms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (a, arm_stats(i, a)))
+                    .collect();
                 let unpulled: Vec<&String> = arms
                     .iter()
                     .filter(|(_, s)| s.pulls == 0)
@@ -441,8 +453,8 @@ impl BanditPlugin {
             }
             Algorithm::Thompson => {
                 let mut best: Option<(&String, f64)> = None;
-                for arm in &p.arms {
-                    let s = arm_stats(arm);
+                for (i, arm) in p.arms.iter().enumerate() {
+                    let s = arm_stats(i, arm);
                     let successes = s.successes();
                     let draw =
                         self.beta(1.0 + successes as f64, 1.0 + (s.pulls - successes) as f64);
@@ -454,7 +466,6 @@ impl BanditPlugin {
             }
         };
         drop(stats);
-        drop(seen);
         let mut pending = self.pending_lock();
         match p.key {
             Some(key) => pending.insert(key, p.context, chosen.clone()),

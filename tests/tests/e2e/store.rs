@@ -849,3 +849,67 @@ fn an_overlong_mark_loses_no_other_addition() {
     assert_eq!(only.get("assigned"), Some(&2.0), "{only:?}");
     assert_eq!(only.get("units"), Some(&1.0), "{only:?}");
 }
+
+/// A bandit's first choice in a context whose arms the store has not sent yet waits for the
+/// store (once, bounded by its timeout). Meanwhile the plugin's other calls go on: it does not
+/// hold the lock that every choice and every update take while it waits.
+#[test]
+fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
+    let redis = RedisServer::start();
+    let store = Store::open(
+        &redis.url(),
+        StoreOptions {
+            flush_interval: Duration::from_secs(3600),
+            // Longer than this test waits for the update below: the choice is still waiting
+            // when the update must have returned.
+            timeout: Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let dir = PluginDir::new();
+    dir.add("bandit", "libbandit.so");
+    let host = worker::hooks::host_builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_store(store.clone())
+        .build()
+        .unwrap();
+    host.scan().unwrap();
+    let choose = |host: &plugin_host::PluginHost, context: &str| {
+        host.call(
+            "bandit",
+            "choose",
+            &json!({"context": context, "arms": ["a", "b"]}),
+        )
+    };
+    // A context whose arms the store has sent.
+    assert!(choose(&host, "known").unwrap().is_some());
+    redis.pause();
+    let waiting = {
+        let host = host.clone();
+        std::thread::spawn(move || choose(&host, "new"))
+    };
+    // The choice's read reached the server, which does not answer: the choice is waiting.
+    assert!(
+        eventually(Duration::from_secs(30), || redis.has_unread_request()),
+        "the choice's read never reached the paused server"
+    );
+    let update = {
+        let host = host.clone();
+        std::thread::spawn(move || {
+            host.call(
+                "bandit",
+                "update",
+                &json!({"context": "known", "arm": "a", "reward": 1.0}),
+            )
+        })
+    };
+    let returned = eventually(Duration::from_secs(30), || update.is_finished());
+    let still_waiting = !waiting.is_finished();
+    redis.resume();
+    assert!(
+        returned && still_waiting,
+        "the update waited for the choice's read of the store (update returned: {returned}, the choice still waiting: {still_waiting})"
+    );
+    update.join().unwrap().unwrap();
+    assert!(waiting.join().unwrap().unwrap().is_some());
+}
