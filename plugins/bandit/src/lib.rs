@@ -646,33 +646,42 @@ impl BanditPlugin {
                 self.contexts.as_deref().unwrap_or_default().join(", ")
             )));
         }
-        let local = self.stats_lock();
         let fleet: Stats;
+        let local;
         let stats = if self.shared {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            // The fleet's arms, including those this worker never saw.
-            for key in plugin_api::store::keys("arm/").unwrap_or_default() {
-                if let Some((context, arm)) = key
-                    .strip_prefix("arm/")
-                    .and_then(|rest| rest.split_once('/'))
-                {
-                    note_arms(&mut seen, context, [arm]);
+            // The fleet's arms, including those this worker never saw: listed and read with
+            // neither of the plugin's locks held (both may wait for the store, and every
+            // choice and every update takes one of them).
+            let listed = plugin_api::store::keys("arm/").unwrap_or_default();
+            let mut names: Vec<(String, String)> = self
+                .stats_lock()
+                .iter()
+                .flat_map(|(c, a)| a.keys().map(move |arm| (c.clone(), arm.clone())))
+                .collect();
+            {
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                for key in &listed {
+                    if let Some((context, arm)) = key
+                        .strip_prefix("arm/")
+                        .and_then(|rest| rest.split_once('/'))
+                    {
+                        note_arms(&mut seen, context, [arm]);
+                    }
                 }
+                names.extend(
+                    seen.iter()
+                        .flat_map(|(c, a)| a.keys().map(move |arm| (c.clone(), arm.clone()))),
+                );
             }
             let mut arms = Stats::new();
-            for (context, names) in local
-                .iter()
-                .map(|(c, a)| (c, a.keys().cloned().collect::<Vec<_>>()))
-                .chain(seen.iter().map(|(c, a)| (c, a.keys().cloned().collect())))
-            {
-                for arm in names {
-                    let s = fleet_arm(&arm_key(context, &arm));
-                    arms.entry(context.clone()).or_default().insert(arm, s);
-                }
+            for (context, arm) in names {
+                let s = fleet_arm(&arm_key(&context, &arm));
+                arms.entry(context).or_default().insert(arm, s);
             }
             fleet = arms;
             &fleet
         } else {
+            local = self.stats_lock();
             &*local
         };
         let mut names: Vec<&String> = stats.keys().collect();

@@ -912,4 +912,41 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
     );
     update.join().unwrap().unwrap();
     assert!(waiting.join().unwrap().unwrap().is_some());
+
+    // The statistics of the fleet list the store's arms: while that listing waits, choices
+    // and updates go on.
+    redis.pause();
+    let stats = {
+        let host = host.clone();
+        std::thread::spawn(move || host.call("bandit", "stats", &json!({})))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || redis.has_unread_request()),
+        "the statistics' listing never reached the paused server"
+    );
+    let calls = {
+        let host = host.clone();
+        std::thread::spawn(move || {
+            choose(&host, "known")?;
+            host.call(
+                "bandit",
+                "update",
+                &json!({"context": "known", "arm": "b", "reward": 0.5}),
+            )
+        })
+    };
+    let returned = eventually(Duration::from_secs(30), || calls.is_finished());
+    let still_waiting = !stats.is_finished();
+    redis.resume();
+    assert!(
+        returned && still_waiting,
+        "a choice or an update waited for the statistics' read of the store (they returned: {returned}, the statistics still waiting: {still_waiting})"
+    );
+    calls.join().unwrap().unwrap();
+    let stats = stats
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the bandit's statistics");
+    assert!(stats.to_string().contains("known"), "{stats}");
 }
