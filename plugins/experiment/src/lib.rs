@@ -371,12 +371,13 @@ impl ExperimentPlugin {
         if let Some(name) = &only {
             self.experiment(name)?;
         }
-        let stats = self.stats_lock();
         let mut report = serde_json::Map::new();
         for (name, experiment) in &self.experiments {
             if only.as_ref().is_some_and(|o| o != name) {
                 continue;
             }
+            // The store is read with the statistics' lock let go: a read of a key the store
+            // has not cached yet may wait for the store, and every task takes that lock.
             let of = |variant: &str| -> (VariantStats, u64) {
                 if self.shared
                     && let Some(f) = plugin_api::store::read(&store_key(name, variant))
@@ -392,7 +393,8 @@ impl ExperimentPlugin {
                     };
                     return (s, whole("units"));
                 }
-                let s = stats
+                let s = self
+                    .stats_lock()
                     .get(name)
                     .and_then(|v| v.get(variant))
                     .cloned()

@@ -950,3 +950,70 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
         .expect("the bandit's statistics");
     assert!(stats.to_string().contains("known"), "{stats}");
 }
+
+/// The experiment's fleet-wide statistics read the store, and a read of a key the store has not
+/// sent yet waits for it. Meanwhile the experiment's picks and outcomes go on: the report does
+/// not hold the lock that every task takes while it waits.
+#[test]
+fn an_experiment_report_waiting_for_the_store_holds_up_no_pick() {
+    let redis = RedisServer::start();
+    let store = Store::open(
+        &redis.url(),
+        StoreOptions {
+            flush_interval: Duration::from_secs(3600),
+            // Longer than this test waits for the pick below.
+            timeout: Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let plugins = PluginDir::new();
+    plugins.configure(
+        &json!({"experiment": {"config": {"experiments": {"e": {"variants": {"a": 1, "b": 1}}}}}}),
+    );
+    plugins.add("experiment", "libexperiment.so");
+    let host = worker::hooks::host_builder(plugins.path())
+        .with_shadow_dir(plugins.shadow())
+        .with_store(store.clone())
+        .build()
+        .unwrap();
+    host.scan().unwrap();
+    redis.pause();
+    let report = {
+        let host = host.clone();
+        std::thread::spawn(move || host.call("experiment", "stats", &json!({})))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || redis.has_unread_request()),
+        "the report's read never reached the paused server"
+    );
+    let calls = {
+        let host = host.clone();
+        std::thread::spawn(move || {
+            let variant = host.call(
+                "experiment",
+                "pickVariant",
+                &json!({"experiment": "e", "key": "unit-1"}),
+            )?;
+            let variant = variant.and_then(|v| v.as_str().map(str::to_owned));
+            host.call(
+                "experiment",
+                "recordOutcome",
+                &json!({"experiment": "e", "variant": variant, "score": 0.5}),
+            )
+        })
+    };
+    let returned = eventually(Duration::from_secs(30), || calls.is_finished());
+    let still_waiting = !report.is_finished();
+    redis.resume();
+    assert!(
+        returned && still_waiting,
+        "a pick or an outcome waited for the report's read of the store (they returned: {returned}, the report still waiting: {still_waiting})"
+    );
+    calls.join().unwrap().unwrap();
+    let report = report
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the experiment's report");
+    assert_eq!(report["e"]["fleet"], json!(true), "{report}");
+}
