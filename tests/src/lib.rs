@@ -512,25 +512,41 @@ impl RedisServer {
             && &answer == b"+PONG\r\n"
     }
 
-    /// Freezes the server (SIGSTOP): connections stay open and requests wait unanswered, as
-    /// with a server that hangs.
-    pub fn pause(&self) {
-        self.signal("-STOP");
+    /// Sets `key` to `value` (any bytes) on the server, as any client of it could.
+    pub fn set(&self, key: &str, value: &[u8]) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut request = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n", key.len()).into_bytes();
+        request.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
+        request.extend_from_slice(value);
+        request.extend_from_slice(b"\r\n");
+        stream.write_all(&request).unwrap();
+        let mut answer = [0u8; 5];
+        stream.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"+OK\r\n", "SET {key}");
     }
 
-    /// Lets a paused server go on (SIGCONT).
-    pub fn resume(&self) {
-        self.signal("-CONT");
+    /// Freezes the server (SIGSTOP) until the answer is dropped: connections stay open and
+    /// requests wait unanswered, as with a server that hangs. Bind the answer after the
+    /// clients: a test that fails while the server is paused then lets it go on before its
+    /// clients, which may wait for it as they close, are dropped.
+    #[must_use = "the server goes on when this is dropped"]
+    pub fn pause(&self) -> Paused<'_> {
+        assert!(self.signal("-STOP"), "kill -STOP of redis-server failed");
+        Paused(self)
     }
 
-    fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let status = std::process::Command::new("kill")
+    /// Sends `signal` to the server: whether `kill` succeeded (or there is no server).
+    fn signal(&self, signal: &str) -> bool {
+        self.child.as_ref().is_none_or(|child| {
+            std::process::Command::new("kill")
                 .args([signal, &child.id().to_string()])
                 .status()
-                .expect("kill(1)");
-            assert!(status.success(), "kill {signal} of redis-server failed");
-        }
+                .is_ok_and(|status| status.success())
+        })
     }
 
     /// Whether a request waits, unread, on one of the server's connections (the kernel's
@@ -543,8 +559,10 @@ impl RedisServer {
         let port = format!(":{:04X}", self.port);
         table.lines().skip(1).any(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            // local address, then (fields[4]) the transmit and receive queues as `TX:RX`.
+            // local address, state (`0A`: listening, whose queue is of connections not yet
+            // accepted), then the transmit and receive queues as `TX:RX`.
             fields.get(1).is_some_and(|local| local.ends_with(&port))
+                && fields.get(3).is_some_and(|state| *state != "0A")
                 && fields
                     .get(4)
                     .and_then(|queues| queues.split(':').nth(1))
@@ -560,6 +578,19 @@ impl RedisServer {
                 .arg(child.id().to_string())
                 .status();
             let _ = child.wait();
+        }
+    }
+}
+
+/// A paused [`RedisServer`]: it goes on (SIGCONT) when this is dropped.
+#[derive(Debug)]
+pub struct Paused<'a>(&'a RedisServer);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        // No panic here: this may run as a failed test unwinds.
+        if !self.0.signal("-CONT") {
+            eprintln!("kill -CONT of redis-server failed");
         }
     }
 }

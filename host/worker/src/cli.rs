@@ -562,6 +562,10 @@ fn run_command(
         None
     };
     opened.clone_from(&store);
+    if let (Some(store), Command::Run { .. } | Command::Serve { .. }) = (&store, &cli.command) {
+        // Seen by `worker store status` anywhere in the fleet.
+        store.publish_as_worker();
+    }
     if let Command::Store {
         action: StoreCommand::Status { json },
     } = &cli.command

@@ -52,9 +52,9 @@ pub fn open_store(
     Store::open(&url, options).map(Some)
 }
 
-/// `worker store status`: the backend, whether it answers, the last flush, pending additions,
-/// the plugins still holding some (after this flush asked them: one named did not hand over in
-/// time) and errors.
+/// `worker store status`: the backend, whether it answers (this command's own flush), and
+/// what each worker on the store published (see [`Store::publish_as_worker`]): its last flush,
+/// pending additions, the plugins holding some, and errors.
 ///
 /// # Errors
 ///
@@ -72,47 +72,100 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
         )?;
         return Ok(());
     };
-    let flushed = store.flush();
+    // An error is in the status.
+    let _ = store.flush();
     let status = store.status();
+    // Not asked again of a store that did not answer the flush: that would wait again.
+    let workers = if status.reachable {
+        store.workers()
+    } else {
+        Err(anyhow::anyhow!("the store cannot be reached"))
+    };
     if json {
+        let (list, unreadable) = match &workers {
+            Ok((list, unreadable)) => (json!(list), json!(unreadable)),
+            Err(_) => (Value::Null, Value::Null),
+        };
         writeln!(
             out,
             "{}",
-            serde_json::to_string_pretty(&json!({"store": status}))?
+            serde_json::to_string_pretty(&json!({
+                "store": status,
+                "workers": list,
+                "unreadableWorkers": unreadable,
+            }))?
         )?;
-    } else {
-        writeln!(out, "backend:   {}", status.backend)?;
+        return Ok(());
+    }
+    writeln!(out, "backend:   {}", status.backend)?;
+    writeln!(
+        out,
+        "reachable: {}",
+        if status.reachable { "yes" } else { "no" }
+    )?;
+    let (workers, unreadable) = match workers {
+        Ok(listed) => listed,
+        Err(e) => {
+            // The flush's error when the store did not answer it, this read's otherwise.
+            let error = match (&status.last_error, status.reachable) {
+                (Some(flush), false) => flush.clone(),
+                _ => format!("{e:#}"),
+            };
+            writeln!(out, "error:     {error}")?;
+            writeln!(out, "workers:   unknown (the store cannot be reached)")?;
+            return Ok(());
+        }
+    };
+    let now = now_ms();
+    let ago = |ms: u64| format!("{:.1} s ago", now.saturating_sub(ms) as f64 / 1000.0);
+    writeln!(
+        out,
+        "workers:   {}",
+        if workers.is_empty() {
+            "none running (a worker publishes its status after its first flush)".to_owned()
+        } else {
+            workers.len().to_string()
+        }
+    )?;
+    for w in &workers {
+        // Written by whoever can write to the store: no control character reaches the
+        // terminal.
+        let text = |t: &str| plugin_host::text::escape_control(t).into_owned();
+        let holding = if w.holding.is_empty() {
+            "no plugin".to_owned()
+        } else {
+            text(&w.holding.join(", "))
+        };
+        writeln!(out, "  {}", text(&w.worker))?;
         writeln!(
             out,
-            "reachable: {}",
-            if status.reachable { "yes" } else { "no" }
+            "    seen {}, last flush {}, every {} ms",
+            ago(w.updated_ms),
+            w.last_flush_ms.map_or_else(|| "never".to_owned(), ago),
+            w.flush_interval_ms
         )?;
         writeln!(
             out,
-            "last flush: {}",
-            status.last_flush_ms.map_or_else(
-                || "never".to_owned(),
-                |ms| format!("{ms} ms since the Unix epoch")
-            )
+            "    pending {}, holding {holding}, errors {}",
+            w.pending, w.errors
         )?;
-        writeln!(out, "pending:   {}", status.pending)?;
-        // After the flush above, which asked them: a plugin named here did not hand over in
-        // time.
-        writeln!(
-            out,
-            "holding:   {}",
-            if status.holding.is_empty() {
-                "no plugin".to_owned()
-            } else {
-                status.holding.join(", ")
-            }
-        )?;
-        writeln!(out, "errors:    {}", status.errors)?;
-        if let (Err(_), Some(e)) = (&flushed, &status.last_error) {
-            writeln!(out, "last error: {e}")?;
+        if let Some(e) = &w.last_error {
+            writeln!(out, "    last error: {}", text(e))?;
         }
     }
+    if unreadable > 0 {
+        writeln!(
+            out,
+            "           and {unreadable} status(es) that are not a worker's (written by something else); left out"
+        )?;
+    }
     Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn num(v: &Value, precision: usize) -> String {

@@ -371,6 +371,8 @@ impl ExperimentPlugin {
         if let Some(name) = &only {
             self.experiment(name)?;
         }
+        // Without a store the report is one look at the statistics, taken under one lock.
+        let held = (!self.shared).then(|| self.stats_lock());
         let mut report = serde_json::Map::new();
         for (name, experiment) in &self.experiments {
             if only.as_ref().is_some_and(|o| o != name) {
@@ -393,12 +395,17 @@ impl ExperimentPlugin {
                     };
                     return (s, whole("units"));
                 }
-                let s = self
-                    .stats_lock()
-                    .get(name)
-                    .and_then(|v| v.get(variant))
-                    .cloned()
-                    .unwrap_or_default();
+                let local = |stats: &Stats| {
+                    stats
+                        .get(name)
+                        .and_then(|v| v.get(variant))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                let s = match &held {
+                    Some(stats) => local(stats),
+                    None => local(&self.stats_lock()),
+                };
                 let units = s.keys.estimate();
                 (s, units)
             };

@@ -552,7 +552,7 @@ fn the_control_api_shows_the_store() {
     assert_eq!(status["store"]["reachable"], true);
     // A second addition is held in the plugin (the first was handed over at once: the call
     // that made it began before the plugin batched) until the worker asks for it after its
-    // next flush: the status names the plugin meanwhile, and none once it handed it over.
+    // next flush: no plugin is named once it handed it over (the next test sees it named).
     worker.http(
         "POST",
         "/v1/plugins/fixture/storeAdd",
@@ -568,6 +568,126 @@ fn the_control_api_shows_the_store() {
     );
     worker.stop();
     // What the plugin added is in the store file for the next process.
+    let store = Store::open(&sqlite_url(&state), options()).unwrap();
+    let rows = store.scan("fixture", "").unwrap();
+    assert_eq!(rows[0].1.get("n"), Some(&5.0), "{rows:?}");
+}
+
+/// `worker store status`, from any process on the store, lists the workers running on it: each
+/// publishes its status after its flushes and removes it as it stops. A status written by
+/// something else is left out (and counted), an over-long one too, and nothing in one reaches
+/// the terminal unescaped.
+#[test]
+fn store_status_lists_the_workers_on_the_store() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let extra = ["--store", url.as_str(), "--store-flush-ms", "50"];
+    let workers: Vec<crate::serve::Worker> = ["a", "b"]
+        .iter()
+        .map(|name| crate::serve::Worker::start(&dir, &dir.shadow().join(name), &extra))
+        .collect();
+    let probe = dir.shadow().join("probe");
+    let status = || {
+        worker_json(
+            &dir,
+            &probe,
+            &["--store", &url, "store", "status", "--json"],
+        )
+    };
+    let listed = |status: &Value, pid: u32| {
+        status["workers"].as_array().and_then(|list| {
+            list.iter()
+                .find(|w| {
+                    w["worker"]
+                        .as_str()
+                        .is_some_and(|id| id.ends_with(&format!(":{pid}")))
+                })
+                .cloned()
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let status = status();
+            workers.iter().all(|w| listed(&status, w.pid()).is_some())
+        }),
+        "{}",
+        status()
+    );
+    let seen = status();
+    for worker in &workers {
+        let w = listed(&seen, worker.pid()).unwrap();
+        assert_eq!(w["flushIntervalMs"], 50, "{w}");
+        assert!(w["lastFlushMs"].is_u64(), "{w}");
+        assert_eq!(w["pending"], 0, "{w}");
+        assert_eq!(w["errors"], 0, "{w}");
+        assert_eq!(w["holding"], json!([]), "{w}");
+    }
+    assert_eq!(seen["unreadableWorkers"], 0, "{seen}");
+    // Statuses written by something else: not JSON, over-long, and one that is a worker's in
+    // shape, with terminal escapes in its names.
+    redis.set("store:w:junk", b"\x1b[31mnot json");
+    redis.set("store:w:huge", &vec![b'x'; 70_000]);
+    let forged_id = "evil\u{1b}[2J:1";
+    let forged = json!({
+        "worker": forged_id, "startedMs": 1, "updatedMs": 1, "ttlMs": 1, "flushIntervalMs": 1,
+        "lastFlushMs": null, "pending": 0, "holding": ["x\u{1b}]0;title\u{7}"], "errors": 0,
+        "lastError": "\u{1b}[2Jwiped",
+    });
+    redis.set(
+        &format!("store:w:{forged_id}"),
+        forged.to_string().as_bytes(),
+    );
+    let seen = status();
+    assert_eq!(seen["unreadableWorkers"], 1, "{seen}");
+    assert_eq!(seen["workers"].as_array().map(Vec::len), Some(3), "{seen}");
+    let output = crate::worker(&dir, &["--store", &url, "store", "status"], &[]);
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text}"
+    );
+    assert!(text.contains("wiped"), "{text}");
+    assert!(
+        text.contains("1 status(es) that are not a worker's"),
+        "{text}"
+    );
+    for worker in &workers {
+        assert!(text.contains(&format!(":{}\n", worker.pid())), "{text}");
+    }
+    // A worker that stops removes its status; the other's stays.
+    let mut workers = workers.into_iter();
+    let first = workers.next().unwrap();
+    let (pid, (exit, stderr)) = (first.pid(), first.stop());
+    assert!(exit.success(), "{stderr}");
+    let seen = status();
+    assert!(listed(&seen, pid).is_none(), "{seen}");
+    let second = workers.next().unwrap();
+    assert!(listed(&seen, second.pid()).is_some(), "{seen}");
+    second.stop();
+}
+
+/// `GET /v1/store` names a plugin that holds additions the worker has not asked for yet (with
+/// a flush interval of ten minutes, the worker asks only as it stops), and they reach the
+/// store as the worker stops.
+#[test]
+fn the_control_api_names_a_plugin_holding_additions() {
+    let dir = PluginDir::new();
+    dir.add("fixture", "libfixture.so");
+    let state = dir.shadow().join("state");
+    let worker = crate::serve::Worker::start(&dir, &state, &["--store-flush-ms", "600000"]);
+    for delta in [2, 3] {
+        let body = format!(r#"{{"key": "arm", "field": "n", "delta": {delta}}}"#);
+        worker.http("POST", "/v1/plugins/fixture/storeAdd", body.as_bytes());
+    }
+    let status = worker.http("GET", "/v1/store", b"").json();
+    // The first addition is the worker's (handed over at once: the call that made it began
+    // before the plugin batched), the second the plugin's.
+    assert_eq!(status["store"]["holding"], json!(["fixture"]), "{status}");
+    assert_eq!(status["store"]["pending"], 1, "{status}");
+    worker.stop();
     let store = Store::open(&sqlite_url(&state), options()).unwrap();
     let rows = store.scan("fixture", "").unwrap();
     assert_eq!(rows[0].1.get("n"), Some(&5.0), "{rows:?}");
@@ -860,9 +980,9 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
         &redis.url(),
         StoreOptions {
             flush_interval: Duration::from_secs(3600),
-            // Longer than this test waits for the update below: the choice is still waiting
-            // when the update must have returned.
-            timeout: Duration::from_secs(60),
+            // Longer than this test's two waits together (30 s each): the choice is still
+            // waiting when the update must have returned.
+            timeout: Duration::from_secs(120),
         },
     )
     .unwrap();
@@ -883,7 +1003,7 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
     };
     // A context whose arms the store has sent.
     assert!(choose(&host, "known").unwrap().is_some());
-    redis.pause();
+    let paused = redis.pause();
     let waiting = {
         let host = host.clone();
         std::thread::spawn(move || choose(&host, "new"))
@@ -905,7 +1025,7 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
     };
     let returned = eventually(Duration::from_secs(30), || update.is_finished());
     let still_waiting = !waiting.is_finished();
-    redis.resume();
+    drop(paused);
     assert!(
         returned && still_waiting,
         "the update waited for the choice's read of the store (update returned: {returned}, the choice still waiting: {still_waiting})"
@@ -915,7 +1035,7 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
 
     // The statistics of the fleet list the store's arms: while that listing waits, choices
     // and updates go on.
-    redis.pause();
+    let paused = redis.pause();
     let stats = {
         let host = host.clone();
         std::thread::spawn(move || host.call("bandit", "stats", &json!({})))
@@ -937,7 +1057,7 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
     };
     let returned = eventually(Duration::from_secs(30), || calls.is_finished());
     let still_waiting = !stats.is_finished();
-    redis.resume();
+    drop(paused);
     assert!(
         returned && still_waiting,
         "a choice or an update waited for the statistics' read of the store (they returned: {returned}, the statistics still waiting: {still_waiting})"
@@ -961,8 +1081,8 @@ fn an_experiment_report_waiting_for_the_store_holds_up_no_pick() {
         &redis.url(),
         StoreOptions {
             flush_interval: Duration::from_secs(3600),
-            // Longer than this test waits for the pick below.
-            timeout: Duration::from_secs(60),
+            // Longer than this test's two waits together (30 s each).
+            timeout: Duration::from_secs(120),
         },
     )
     .unwrap();
@@ -977,7 +1097,7 @@ fn an_experiment_report_waiting_for_the_store_holds_up_no_pick() {
         .build()
         .unwrap();
     host.scan().unwrap();
-    redis.pause();
+    let paused = redis.pause();
     let report = {
         let host = host.clone();
         std::thread::spawn(move || host.call("experiment", "stats", &json!({})))
@@ -1004,7 +1124,7 @@ fn an_experiment_report_waiting_for_the_store_holds_up_no_pick() {
     };
     let returned = eventually(Duration::from_secs(30), || calls.is_finished());
     let still_waiting = !report.is_finished();
-    redis.resume();
+    drop(paused);
     assert!(
         returned && still_waiting,
         "a pick or an outcome waited for the report's read of the store (they returned: {returned}, the report still waiting: {still_waiting})"

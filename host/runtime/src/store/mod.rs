@@ -124,6 +124,83 @@ pub(crate) trait Backend: Send {
     fn ping(&mut self) -> anyhow::Result<()>;
     /// Every key under `prefix` with its fields.
     fn scan(&mut self, prefix: &str) -> anyhow::Result<Vec<(String, Fields)>>;
+    /// Writes the status of the worker `id` (a JSON text), kept for `ttl` unless written again.
+    fn publish(&mut self, id: &str, status: &str, ttl: Duration) -> anyhow::Result<()>;
+    /// Removes the status of the worker `id` (it stops).
+    fn unpublish(&mut self, id: &str) -> anyhow::Result<()>;
+    /// The workers' statuses not expired, as `(id, text)`: at most [`MAX_WORKERS`], each at
+    /// most [`MAX_WORKER_STATUS`] bytes (a longer one is left out).
+    fn published(&mut self) -> anyhow::Result<Vec<(String, String)>>;
+}
+
+/// The most workers' statuses [`Store::workers`] reads.
+pub(crate) const MAX_WORKERS: usize = 1000;
+/// The longest worker status read, in bytes.
+pub(crate) const MAX_WORKER_STATUS: usize = 64 * 1024;
+/// The shortest time between two statuses a worker publishes.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a worker's status stays in the store without an update: ten flush intervals, and
+/// at least a minute (a worker killed, or cut off from the store, drops out after that).
+fn publish_ttl(flush_interval: Duration) -> Duration {
+    flush_interval
+        .saturating_mul(10)
+        .max(Duration::from_secs(60))
+}
+
+/// What a worker publishes in the store after its flushes, for `worker store status` on any
+/// machine of the fleet ([`Store::publish_as_worker`], [`Store::workers`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    /// `HOST:PID`.
+    pub worker: String,
+    /// When the worker opened the store (milliseconds since the Unix epoch).
+    pub started_ms: u64,
+    /// When it wrote this status.
+    pub updated_ms: u64,
+    /// How long after `updated_ms` the status is dropped unless written again.
+    pub ttl_ms: u64,
+    /// The worker's flush interval.
+    pub flush_interval_ms: u64,
+    /// As in [`StoreStatus`], for that worker.
+    pub last_flush_ms: Option<u64>,
+    /// As in [`StoreStatus`].
+    pub pending: usize,
+    /// As in [`StoreStatus`].
+    pub holding: Vec<String>,
+    /// As in [`StoreStatus`].
+    pub errors: u64,
+    /// As in [`StoreStatus`].
+    pub last_error: Option<String>,
+}
+
+/// A worker publishing its status: see [`Store::publish_as_worker`].
+struct Publisher {
+    id: String,
+    started_ms: u64,
+    /// When it last published (0: never).
+    last_ms: u64,
+}
+
+/// This worker's id in the store: `HOST:PID`, the host name cut to 64 bytes of letters,
+/// digits, `.`, `-` and `_`.
+fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let host = if host.is_empty() { "localhost" } else { &host };
+    format!("{host}:{}", std::process::id())
 }
 
 /// How the store behaves.
@@ -601,6 +678,8 @@ struct Shared {
     /// while it sets `closing`: an ask of the flush thread's is either out before `close`
     /// asks (which then waits for it), or never made.
     asking: Mutex<()>,
+    /// Set when this process publishes its status (a worker): see [`Store::publish_as_worker`].
+    publisher: Mutex<Option<Publisher>>,
 }
 
 impl Shared {
@@ -764,6 +843,7 @@ impl Store {
             holders: Mutex::default(),
             closing: AtomicBool::new(false),
             asking: Mutex::new(()),
+            publisher: Mutex::new(None),
         });
         let worker = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -779,20 +859,51 @@ impl Store {
         })
     }
 
-    /// The store's status.
+    /// The store's status, as this process sees it.
     pub fn status(&self) -> StoreStatus {
-        // Before the cache's lock: the holders' lock is never taken under it.
-        let holding = holding(&self.shared);
-        let cache = lock(&self.shared.cache);
-        StoreStatus {
-            backend: self.shared.url.clone(),
-            last_flush_ms: cache.status.last_flush_ms,
-            pending: cache.pending_groups(),
-            holding,
-            reachable: cache.status.reachable,
-            errors: cache.status.errors,
-            last_error: cache.status.last_error.clone(),
-        }
+        status_of(&self.shared)
+    }
+
+    /// Makes this process publish its status in the store, as a worker: after its first flush
+    /// round and then after a round at most once a second, under `HOST:PID`; it is removed
+    /// after the last flush as the store closes, and expires on its own ten flush intervals
+    /// (at least a minute) after the last update of a worker that stopped without closing it.
+    /// [`Store::workers`], in any process on the same store, reads them.
+    pub fn publish_as_worker(&self) {
+        *lock(&self.shared.publisher) = Some(Publisher {
+            id: worker_id(),
+            started_ms: now_ms(),
+            last_ms: 0,
+        });
+        // A first round now, rather than an interval from now.
+        *lock(&self.shared.wake_lock) = true;
+        self.shared.wake.notify_all();
+    }
+
+    /// The statuses the fleet's workers published in the store and that have not expired,
+    /// sorted by worker, with the number of those that could not be read (not JSON of the
+    /// expected shape: written by something else).
+    ///
+    /// # Errors
+    ///
+    /// The store could not be reached.
+    pub fn workers(&self) -> anyhow::Result<(Vec<WorkerStatus>, usize)> {
+        let published = lock(&self.shared.backend).published()?;
+        let mut unreadable = 0;
+        let mut workers: Vec<WorkerStatus> = published
+            .into_iter()
+            .filter_map(|(id, text)| {
+                let status = serde_json::from_str::<WorkerStatus>(&text)
+                    .ok()
+                    .filter(|s| s.worker == id);
+                if status.is_none() {
+                    unreadable += 1;
+                }
+                status
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker.cmp(&b.worker));
+        Ok((workers, unreadable))
     }
 
     /// Asks every plugin holding additions to hand them over (waiting at most the store's
@@ -921,10 +1032,14 @@ impl Holder {
 
     /// Asks the instance on a thread of its own, unless an earlier ask has not returned;
     /// `done` is sent to once the hand-over returned. `false` when it was not asked.
+    ///
+    /// `holds` is let go only once `asked` is set (and set again before `asked` is let go
+    /// when no thread could be had): a [`holding`] between the two sees one or the other.
     fn ask(self: &Arc<Self>, done: Option<std::sync::mpsc::Sender<Box<str>>>) -> bool {
         if self.hand_over.get().is_none() || self.asked.swap(true, Ordering::AcqRel) {
             return false;
         }
+        self.holds.store(false, Ordering::Release);
         let holder = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("store-hand-over".into())
@@ -945,6 +1060,7 @@ impl Holder {
             });
         if let Err(e) = spawned {
             tracing::warn!(plugin = %self.plugin, error = %e, "no thread to ask the plugin for the store additions it holds; asked again after the next flush");
+            self.holds.store(true, Ordering::Release);
             self.asked.store(false, Ordering::Release);
             return false;
         }
@@ -981,9 +1097,10 @@ fn ask_holders(shared: &Shared, wait: Option<Duration>) -> Option<Box<str>> {
     };
     let Some(wait) = wait else {
         for holder in holders {
-            if holder.holds.swap(false, Ordering::AcqRel) && !holder.ask(None) && holder.can_ask() {
-                // Not asked now (an earlier ask is still out): asked after the next flush.
-                holder.holds.store(true, Ordering::Release);
+            // Not asked now (an earlier ask is still out): `holds` stays, and it is asked
+            // after the next flush.
+            if holder.holds.load(Ordering::Acquire) {
+                holder.ask(None);
             }
         }
         return None;
@@ -995,7 +1112,6 @@ fn ask_holders(shared: &Shared, wait: Option<Duration>) -> Option<Box<str>> {
     // The plugins asked, each taken off when its hand-over returned.
     let mut asked: Vec<Box<str>> = Vec::new();
     for holder in holders.into_iter().filter(|h| h.can_ask()) {
-        holder.holds.store(false, Ordering::Release);
         if holder.ask(Some(done.clone())) {
             asked.push(holder.plugin.clone());
         } else {
@@ -1036,6 +1152,69 @@ fn ask_holders(shared: &Shared, wait: Option<Duration>) -> Option<Box<str>> {
     late
 }
 
+fn status_of(shared: &Shared) -> StoreStatus {
+    // Before the cache's lock: the holders' lock is never taken under it.
+    let holding = holding(shared);
+    let cache = lock(&shared.cache);
+    StoreStatus {
+        backend: shared.url.clone(),
+        last_flush_ms: cache.status.last_flush_ms,
+        pending: cache.pending_groups(),
+        holding,
+        reachable: cache.status.reachable,
+        errors: cache.status.errors,
+        last_error: cache.status.last_error.clone(),
+    }
+}
+
+/// Publishes this worker's status, if it publishes one and the last is a second old. A
+/// failure is left to the flush's own report of the outage.
+fn publish(shared: &Shared) {
+    let mut publisher = lock(&shared.publisher);
+    let Some(publisher) = publisher.as_mut() else {
+        return;
+    };
+    let now = now_ms();
+    let every = u64::try_from(PUBLISH_EVERY.as_millis()).unwrap_or(u64::MAX);
+    if publisher.last_ms != 0 && now.saturating_sub(publisher.last_ms) < every {
+        return;
+    }
+    let status = status_of(shared);
+    let ttl = publish_ttl(shared.options.flush_interval);
+    let record = WorkerStatus {
+        worker: publisher.id.clone(),
+        started_ms: publisher.started_ms,
+        updated_ms: now,
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        flush_interval_ms: u64::try_from(shared.options.flush_interval.as_millis())
+            .unwrap_or(u64::MAX),
+        last_flush_ms: status.last_flush_ms,
+        pending: status.pending,
+        holding: status.holding,
+        errors: status.errors,
+        last_error: status.last_error,
+    };
+    let Ok(text) = serde_json::to_string(&record) else {
+        return;
+    };
+    match lock(&shared.backend).publish(&publisher.id, &text, ttl) {
+        Ok(()) => publisher.last_ms = now,
+        Err(e) => {
+            tracing::debug!(store = %shared.url, error = %format!("{e:#}"), "this worker's status could not be published");
+        }
+    }
+}
+
+/// Removes this worker's status from the store, if it published one.
+fn unpublish(shared: &Shared) {
+    if let Some(publisher) = lock(&shared.publisher).take()
+        && publisher.last_ms != 0
+        && let Err(e) = lock(&shared.backend).unpublish(&publisher.id)
+    {
+        tracing::debug!(store = %shared.url, error = %format!("{e:#}"), "this worker's status could not be removed; it expires on its own");
+    }
+}
+
 fn flush_loop(shared: &Shared) {
     loop {
         {
@@ -1051,14 +1230,18 @@ fn flush_loop(shared: &Shared) {
         if shared.stop.load(Ordering::Acquire) {
             // The last flush, at exit: everything pending.
             flush_all(shared);
+            unpublish(shared);
             return;
         }
         flush_due(shared);
-        // What plugins hold goes into the next round.
-        let _asking = lock(&shared.asking);
-        if !shared.closing.load(Ordering::Acquire) && !shared.stop.load(Ordering::Acquire) {
-            ask_holders(shared, None);
+        {
+            // What plugins hold goes into the next round.
+            let _asking = lock(&shared.asking);
+            if !shared.closing.load(Ordering::Acquire) && !shared.stop.load(Ordering::Acquire) {
+                ask_holders(shared, None);
+            }
         }
+        publish(shared);
     }
 }
 
@@ -2132,6 +2315,63 @@ mod tests {
         (dir, Store::open(&url, options).unwrap())
     }
 
+    /// A worker's status is published after a round and removed as the store closes; one
+    /// that is not updated expires; one of another shape, under another id or over-long is
+    /// left out.
+    #[test]
+    fn workers_publish_their_status_and_it_expires() {
+        let (dir, store) = store();
+        assert!(store.workers().unwrap().0.is_empty());
+        store.publish_as_worker();
+        let me = worker_id();
+        assert!(me.ends_with(&format!(":{}", std::process::id())), "{me}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let listed = loop {
+            let (workers, _) = store.workers().unwrap();
+            if !workers.is_empty() || std::time::Instant::now() > deadline {
+                break workers;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].worker, me);
+        assert_eq!(listed[0].flush_interval_ms, 3_600_000);
+        assert_eq!(listed[0].ttl_ms, 36_000_000);
+        {
+            let mut backend = lock(&store.shared.backend);
+            backend
+                .publish("gone:1", "{}", Duration::from_millis(1))
+                .unwrap();
+            backend
+                .publish(
+                    "other:2",
+                    &serde_json::to_string(&listed[0]).unwrap(),
+                    Duration::from_secs(60),
+                )
+                .unwrap();
+            backend
+                .publish("junk:3", "not json", Duration::from_secs(60))
+                .unwrap();
+            let huge = "x".repeat(MAX_WORKER_STATUS + 1);
+            backend
+                .publish("huge:4", &huge, Duration::from_secs(60))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let (workers, unreadable) = store.workers().unwrap();
+        // `gone` expired; `other` says it is another worker; `junk` is no status; `huge` is
+        // not read.
+        assert_eq!(workers, listed);
+        assert_eq!(unreadable, 2);
+        store.close();
+        let again = Store::open(
+            &format!("sqlite://{}", dir.path().join("store.db").display()),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(again.workers().unwrap(), (Vec::new(), 2));
+    }
+
     /// One entry of a batch, as `plugin_api::store` writes it.
     fn entry(mark: Option<&str>, rows: &[(u32, u32, f64)]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -2356,8 +2596,17 @@ mod tests {
         let b = store.for_plugin("b");
         let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
         let theirs = id(&b, "k", "arm");
+        // Another plugin's key whose id falls in the same slot of the checked keys as `k`.
+        let same_slot = (0..64)
+            .map(|i| id(&b, "k", &format!("arm{i}")))
+            .find(|&other| other % 16 == k % 16)
+            .expect("one of 64 ids in k's slot");
         let good = entry(None, &[(k, n, 1.0)]);
         let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                [good.clone(), entry(None, &[(same_slot, n, 1.0)])].concat(),
+                "key id",
+            ),
             (
                 [good.clone(), entry(None, &[(k + 7, n, 1.0)])].concat(),
                 "key id",

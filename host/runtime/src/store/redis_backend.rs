@@ -1,7 +1,8 @@
 //! The fleet backend: Redis. A batch is one Lua script (atomic on the server): the batch id
 //! and each group's mark are set with NX, and a group's additions count only when its mark was
 //! new; the additions that count are summed in the script, one HINCRBYFLOAT per field. Keys: `store:f:<key>` (a hash of fields), `store:m:<mark>`,
-//! `store:r:<key>` (a record: version and value), `store:b:<batch id>` (expires after a week).
+//! `store:r:<key>` (a record: version and value), `store:b:<batch id>` (expires after a week),
+//! `store:w:<worker>` (a worker's status, which expires unless written again).
 //! The scripts touch keys they do not declare: a standalone server or a replica set, not a
 //! Redis Cluster.
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::{Backend, Batch, Fields, Row, StoredRecord};
+use super::{Backend, Batch, Fields, MAX_WORKER_STATUS, MAX_WORKERS, Row, StoredRecord};
 
 const APPLY: &str = r"
 local batch = cjson.decode(ARGV[1])
@@ -271,6 +272,67 @@ impl Backend for Redis {
         Ok(keys
             .into_iter()
             .filter_map(|k| fields.remove(&k).map(|f| (k, f)))
+            .collect())
+    }
+    fn publish(&mut self, id: &str, status: &str, ttl: Duration) -> anyhow::Result<()> {
+        let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.with(|c| {
+            redis::cmd("SET")
+                .arg(format!("store:w:{id}"))
+                .arg(status)
+                .arg("PX")
+                .arg(ttl)
+                .query::<()>(c)
+        })
+    }
+
+    fn unpublish(&mut self, id: &str) -> anyhow::Result<()> {
+        self.with(|c| {
+            redis::cmd("DEL")
+                .arg(format!("store:w:{id}"))
+                .query::<()>(c)
+        })
+    }
+
+    fn published(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = self.with(|c| {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("store:w:*")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)
+            })?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 || keys.len() >= MAX_WORKERS * 2 {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys.truncate(MAX_WORKERS);
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // At most one byte more than a status may have: a longer one is left out unread.
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("GETRANGE").arg(key).arg(0).arg(MAX_WORKER_STATUS);
+        }
+        let values: Vec<Vec<u8>> = self.with(|c| pipe.query(c))?;
+        Ok(keys
+            .into_iter()
+            .zip(values)
+            .filter(|(_, v)| !v.is_empty() && v.len() <= MAX_WORKER_STATUS)
+            .filter_map(|(k, v)| {
+                let id = k.strip_prefix("store:w:")?.to_owned();
+                Some((id, String::from_utf8(v).ok()?))
+            })
             .collect())
     }
 }

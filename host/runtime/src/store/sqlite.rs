@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, TransactionBehavior, params};
 
-use super::{Backend, Batch, Fields, StoredRecord};
+use super::{Backend, Batch, Fields, MAX_WORKER_STATUS, MAX_WORKERS, StoredRecord};
 
 /// How long a batch id is remembered (seconds): far longer than any retry.
 const BATCH_MEMORY_S: i64 = 7 * 24 * 3600;
@@ -77,8 +77,13 @@ fn prepare(conn: &Connection) -> rusqlite::Result<()> {
         "CREATE TABLE IF NOT EXISTS fields (key TEXT NOT NULL, field TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (key, field)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS marks (mark TEXT PRIMARY KEY) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;",
+         CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, status TEXT NOT NULL, expires INTEGER NOT NULL) WITHOUT ROWID;",
     )
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(super::now_ms()).unwrap_or(i64::MAX)
 }
 
 fn now_s() -> i64 {
@@ -214,5 +219,42 @@ impl Backend for Sqlite {
             }
         }
         Ok(out)
+    }
+    fn publish(&mut self, id: &str, status: &str, ttl: Duration) -> anyhow::Result<()> {
+        let now = now_ms();
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO workers (id, status, expires) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, expires = excluded.expires",
+            params![id, status, now.saturating_add(ttl)],
+        )?;
+        tx.execute("DELETE FROM workers WHERE expires < ?1", params![now])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn unpublish(&mut self, id: &str) -> anyhow::Result<()> {
+        self.conn
+            .execute("DELETE FROM workers WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    fn published(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, status FROM workers WHERE expires >= ?1 AND length(CAST(status AS BLOB)) <= ?2
+             ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                now_ms(),
+                i64::try_from(MAX_WORKER_STATUS).unwrap_or(i64::MAX),
+                i64::try_from(MAX_WORKERS).unwrap_or(i64::MAX)
+            ],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
