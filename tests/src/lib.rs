@@ -512,21 +512,30 @@ impl RedisServer {
             && &answer == b"+PONG\r\n"
     }
 
-    /// Sets `key` to `value` (any bytes) on the server, as any client of it could.
-    pub fn set(&self, key: &str, value: &[u8]) {
-        use std::io::{Read, Write};
+    /// Runs a command whose answer is one line (`+OK`, `:1`), with arguments of any bytes, as
+    /// any client of the server could; panics on an error answer.
+    pub fn command(&self, args: &[&[u8]]) {
+        use std::io::{BufRead, Write};
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
-        let mut request = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n", key.len()).into_bytes();
-        request.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
-        request.extend_from_slice(value);
-        request.extend_from_slice(b"\r\n");
+        let mut request = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            request.extend_from_slice(arg);
+            request.extend_from_slice(b"\r\n");
+        }
         stream.write_all(&request).unwrap();
-        let mut answer = [0u8; 5];
-        stream.read_exact(&mut answer).unwrap();
-        assert_eq!(&answer, b"+OK\r\n", "SET {key}");
+        let mut answer = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut answer)
+            .unwrap();
+        assert!(
+            answer.starts_with('+') || answer.starts_with(':'),
+            "{:?}: {answer}",
+            String::from_utf8_lossy(args[0])
+        );
     }
 
     /// Freezes the server (SIGSTOP) until the answer is dropped: connections stay open and

@@ -77,14 +77,25 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
     let status = store.status();
     // Not asked again of a store that did not answer the flush: that would wait again.
     let workers = if status.reachable {
-        store.workers()
+        store.workers().map_err(|e| format!("{e:#}"))
     } else {
-        Err(anyhow::anyhow!("the store cannot be reached"))
+        Err(status
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "the store cannot be reached".to_owned()))
     };
+    // Text from the store (a worker's, a server's) is written by whoever can write to it: no
+    // control character reaches the terminal.
+    let text = |t: &str| plugin_host::text::escape_control(t).into_owned();
     if json {
-        let (list, unreadable) = match &workers {
-            Ok((list, unreadable)) => (json!(list), json!(unreadable)),
-            Err(_) => (Value::Null, Value::Null),
+        let (list, unreadable, left_out, error) = match &workers {
+            Ok(w) => (
+                json!(w.workers),
+                json!(w.unreadable),
+                json!(w.left_out),
+                Value::Null,
+            ),
+            Err(e) => (Value::Null, Value::Null, Value::Null, json!(e)),
         };
         writeln!(
             out,
@@ -93,6 +104,8 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
                 "store": status,
                 "workers": list,
                 "unreadableWorkers": unreadable,
+                "workersLeftOut": left_out,
+                "workersError": error,
             }))?
         )?;
         return Ok(());
@@ -103,34 +116,26 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
         "reachable: {}",
         if status.reachable { "yes" } else { "no" }
     )?;
-    let (workers, unreadable) = match workers {
+    let listed = match workers {
         Ok(listed) => listed,
         Err(e) => {
-            // The flush's error when the store did not answer it, this read's otherwise.
-            let error = match (&status.last_error, status.reachable) {
-                (Some(flush), false) => flush.clone(),
-                _ => format!("{e:#}"),
-            };
-            writeln!(out, "error:     {error}")?;
-            writeln!(out, "workers:   unknown (the store cannot be reached)")?;
+            writeln!(out, "error:     {}", text(&e))?;
+            writeln!(out, "workers:   unknown (their statuses cannot be read)")?;
             return Ok(());
         }
     };
     let now = now_ms();
-    let ago = |ms: u64| format!("{:.1} s ago", now.saturating_sub(ms) as f64 / 1000.0);
+    let secs = |ms: u64| now.saturating_sub(ms) as f64 / 1000.0;
     writeln!(
         out,
         "workers:   {}",
-        if workers.is_empty() {
+        if listed.workers.is_empty() {
             "none running (a worker publishes its status after its first flush)".to_owned()
         } else {
-            workers.len().to_string()
+            listed.workers.len().to_string()
         }
     )?;
-    for w in &workers {
-        // Written by whoever can write to the store: no control character reaches the
-        // terminal.
-        let text = |t: &str| plugin_host::text::escape_control(t).into_owned();
+    for w in &listed.workers {
         let holding = if w.holding.is_empty() {
             "no plugin".to_owned()
         } else {
@@ -139,9 +144,10 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
         writeln!(out, "  {}", text(&w.worker))?;
         writeln!(
             out,
-            "    seen {}, last flush {}, every {} ms",
-            ago(w.updated_ms),
-            w.last_flush_ms.map_or_else(|| "never".to_owned(), ago),
+            "    seen {:.1} s ago, last flush {}, every {} ms",
+            secs(w.updated_ms),
+            w.last_flush_ms
+                .map_or_else(|| "never".to_owned(), |ms| format!("{:.1} s ago", secs(ms))),
             w.flush_interval_ms
         )?;
         writeln!(
@@ -152,11 +158,31 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
         if let Some(e) = &w.last_error {
             writeln!(out, "    last error: {}", text(e))?;
         }
+        // A worker writes its status after each round that reached the store, at least every
+        // few seconds: one much older is of a worker that cannot reach the store, or that
+        // stopped without removing it.
+        let late_after = w.flush_interval_ms.max(1000).saturating_mul(3) + 2000;
+        if now.saturating_sub(w.updated_ms) > late_after {
+            writeln!(
+                out,
+                "    not updated for {:.0} s: cut off from the store, or stopped without removing its status (it drops out {:.0} s after its last update)",
+                secs(w.updated_ms),
+                w.ttl_ms as f64 / 1000.0
+            )?;
+        }
     }
-    if unreadable > 0 {
+    if listed.unreadable > 0 {
         writeln!(
             out,
-            "           and {unreadable} status(es) that are not a worker's (written by something else); left out"
+            "           and {} status(es) that are not a worker's (written by something else); left out",
+            listed.unreadable
+        )?;
+    }
+    if listed.left_out > 0 {
+        writeln!(
+            out,
+            "           and {} more not read (only the first 1000, by id)",
+            listed.left_out
         )?;
     }
     Ok(())

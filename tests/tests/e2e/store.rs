@@ -602,7 +602,7 @@ fn store_status_lists_the_workers_on_the_store() {
                 .find(|w| {
                     w["worker"]
                         .as_str()
-                        .is_some_and(|id| id.ends_with(&format!(":{pid}")))
+                        .is_some_and(|id| id.contains(&format!(":{pid}:")))
                 })
                 .cloned()
         })
@@ -625,22 +625,37 @@ fn store_status_lists_the_workers_on_the_store() {
         assert_eq!(w["holding"], json!([]), "{w}");
     }
     assert_eq!(seen["unreadableWorkers"], 0, "{seen}");
-    // Statuses written by something else: not JSON, over-long, and one that is a worker's in
+    // Statuses written by something else, each in the workers' index: not JSON, over-long,
+    // not a string, an id that is not UTF-8; one expired; and one that is a worker's in
     // shape, with terminal escapes in its names.
-    redis.set("store:w:junk", b"\x1b[31mnot json");
-    redis.set("store:w:huge", &vec![b'x'; 70_000]);
-    let forged_id = "evil\u{1b}[2J:1";
+    let index = |id: &[u8], expires: &[u8]| {
+        redis.command(&[b"ZADD", b"store:workers", expires, id]);
+    };
+    redis.command(&[b"SET", b"store:w:junk", b"\x1b[31mnot json"]);
+    index(b"junk", b"+inf");
+    redis.command(&[b"SET", b"store:w:huge", &vec![b'x'; 70_000]]);
+    index(b"huge", b"+inf");
+    redis.command(&[b"HSET", b"store:w:hashy", b"a", b"b"]);
+    index(b"hashy", b"+inf");
+    index(b"bad\xff", b"+inf");
+    let gone = json!({
+        "worker": "gone:1:0", "startedMs": 1, "updatedMs": 1, "ttlMs": 1, "flushIntervalMs": 1,
+        "lastFlushMs": null, "pending": 0, "holding": [], "errors": 0, "lastError": null,
+    });
+    redis.command(&[b"SET", b"store:w:gone:1:0", gone.to_string().as_bytes()]);
+    index(b"gone:1:0", b"1");
+    let forged_id = "evil\u{1b}[2J:1:0";
     let forged = json!({
         "worker": forged_id, "startedMs": 1, "updatedMs": 1, "ttlMs": 1, "flushIntervalMs": 1,
         "lastFlushMs": null, "pending": 0, "holding": ["x\u{1b}]0;title\u{7}"], "errors": 0,
         "lastError": "\u{1b}[2Jwiped",
     });
-    redis.set(
-        &format!("store:w:{forged_id}"),
-        forged.to_string().as_bytes(),
-    );
+    let key = format!("store:w:{forged_id}");
+    redis.command(&[b"SET", key.as_bytes(), forged.to_string().as_bytes()]);
+    index(forged_id.as_bytes(), b"+inf");
     let seen = status();
-    assert_eq!(seen["unreadableWorkers"], 1, "{seen}");
+    assert_eq!(seen["unreadableWorkers"], 4, "{seen}");
+    assert_eq!(seen["workersLeftOut"], 0, "{seen}");
     assert_eq!(seen["workers"].as_array().map(Vec::len), Some(3), "{seen}");
     let output = crate::worker(&dir, &["--store", &url, "store", "status"], &[]);
     assert!(output.status.success(), "{output:?}");
@@ -651,11 +666,13 @@ fn store_status_lists_the_workers_on_the_store() {
     );
     assert!(text.contains("wiped"), "{text}");
     assert!(
-        text.contains("1 status(es) that are not a worker's"),
+        text.contains("4 status(es) that are not a worker's"),
         "{text}"
     );
+    // The forged status was last updated in 1970.
+    assert!(text.contains("not updated for"), "{text}");
     for worker in &workers {
-        assert!(text.contains(&format!(":{}\n", worker.pid())), "{text}");
+        assert!(text.contains(&format!(":{}:", worker.pid())), "{text}");
     }
     // A worker that stops removes its status; the other's stays.
     let mut workers = workers.into_iter();

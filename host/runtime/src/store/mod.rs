@@ -128,15 +128,44 @@ pub(crate) trait Backend: Send {
     fn publish(&mut self, id: &str, status: &str, ttl: Duration) -> anyhow::Result<()>;
     /// Removes the status of the worker `id` (it stops).
     fn unpublish(&mut self, id: &str) -> anyhow::Result<()>;
-    /// The workers' statuses not expired, as `(id, text)`: at most [`MAX_WORKERS`], each at
-    /// most [`MAX_WORKER_STATUS`] bytes (a longer one is left out).
-    fn published(&mut self) -> anyhow::Result<Vec<(String, String)>>;
+    /// The workers' statuses not expired: at most [`MAX_WORKERS`], in the order of their ids;
+    /// one whose id or text is not UTF-8, whose id is longer than [`MAX_WORKER_ID`] or whose
+    /// text is longer than [`MAX_WORKER_STATUS`] bytes (not read), or that is not a text, is
+    /// counted as unreadable.
+    fn published(&mut self) -> anyhow::Result<Published>;
+}
+
+/// What [`Backend::published`] read.
+#[derive(Debug, Default)]
+pub(crate) struct Published {
+    /// `(id, text)`.
+    statuses: Vec<(String, String)>,
+    unreadable: usize,
+    /// Statuses past the first [`MAX_WORKERS`], not read.
+    left_out: usize,
+}
+
+impl Published {
+    /// Adds what was read under `id`: `None` for no text.
+    fn push(&mut self, id: Vec<u8>, text: Option<Vec<u8>>) {
+        let status = (id.len() <= MAX_WORKER_ID)
+            .then_some(text)
+            .flatten()
+            .filter(|t| !t.is_empty() && t.len() <= MAX_WORKER_STATUS)
+            .and_then(|t| Some((String::from_utf8(id).ok()?, String::from_utf8(t).ok()?)));
+        match status {
+            Some(status) => self.statuses.push(status),
+            None => self.unreadable += 1,
+        }
+    }
 }
 
 /// The most workers' statuses [`Store::workers`] reads.
 pub(crate) const MAX_WORKERS: usize = 1000;
 /// The longest worker status read, in bytes.
 pub(crate) const MAX_WORKER_STATUS: usize = 64 * 1024;
+/// The longest worker id read, in bytes.
+pub(crate) const MAX_WORKER_ID: usize = 256;
 /// The shortest time between two statuses a worker publishes.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
@@ -148,12 +177,26 @@ fn publish_ttl(flush_interval: Duration) -> Duration {
         .max(Duration::from_secs(60))
 }
 
+/// The workers' statuses read from the store ([`Store::workers`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workers {
+    /// Sorted by worker.
+    pub workers: Vec<WorkerStatus>,
+    /// Statuses left out as not a worker's: not UTF-8, over-long, not JSON of the shape of a
+    /// [`WorkerStatus`], or under another worker's id (written by something else).
+    pub unreadable: usize,
+    /// Statuses not read, past the first 1000.
+    pub left_out: usize,
+}
+
 /// What a worker publishes in the store after its flushes, for `worker store status` on any
 /// machine of the fleet ([`Store::publish_as_worker`], [`Store::workers`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
-    /// `HOST:PID`.
+    /// `HOST:PID:NONCE` (the nonce tells apart two processes of one host name and pid: two
+    /// containers, say).
     pub worker: String,
     /// When the worker opened the store (milliseconds since the Unix epoch).
     pub started_ms: u64,
@@ -183,8 +226,8 @@ struct Publisher {
     last_ms: u64,
 }
 
-/// This worker's id in the store: `HOST:PID`, the host name cut to 64 bytes of letters,
-/// digits, `.`, `-` and `_`.
+/// This worker's id in the store: `HOST:PID:NONCE`, the host name cut to 64 bytes of letters,
+/// digits, `.`, `-` and `_`, the nonce six hexadecimal digits of the time it was made.
 fn worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host: String = host
@@ -200,7 +243,10 @@ fn worker_id() -> String {
         .take(64)
         .collect();
     let host = if host.is_empty() { "localhost" } else { &host };
-    format!("{host}:{}", std::process::id())
+    let nonce = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| {
+        d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(7)
+    }) & 0xff_ffff;
+    format!("{host}:{}:{nonce:06x}", std::process::id())
 }
 
 /// How the store behaves.
@@ -865,10 +911,10 @@ impl Store {
     }
 
     /// Makes this process publish its status in the store, as a worker: after its first flush
-    /// round and then after a round at most once a second, under `HOST:PID`; it is removed
-    /// after the last flush as the store closes, and expires on its own ten flush intervals
-    /// (at least a minute) after the last update of a worker that stopped without closing it.
-    /// [`Store::workers`], in any process on the same store, reads them.
+    /// round and then after a round that reached the store, at most once a second, under
+    /// `HOST:PID:NONCE`; it is removed after a last flush that reached the store as the store
+    /// closes, and otherwise expires ten flush intervals (at least a minute) after its last
+    /// update. [`Store::workers`], in any process on the same store, reads them.
     pub fn publish_as_worker(&self) {
         *lock(&self.shared.publisher) = Some(Publisher {
             id: worker_id(),
@@ -880,17 +926,18 @@ impl Store {
         self.shared.wake.notify_all();
     }
 
-    /// The statuses the fleet's workers published in the store and that have not expired,
-    /// sorted by worker, with the number of those that could not be read (not JSON of the
-    /// expected shape: written by something else).
+    /// The statuses the fleet's workers published in the store and that have not expired
+    /// (the first 1000 by id), with the number of those that are not a worker's (see
+    /// [`Workers`]).
     ///
     /// # Errors
     ///
     /// The store could not be reached.
-    pub fn workers(&self) -> anyhow::Result<(Vec<WorkerStatus>, usize)> {
+    pub fn workers(&self) -> anyhow::Result<Workers> {
         let published = lock(&self.shared.backend).published()?;
-        let mut unreadable = 0;
+        let mut unreadable = published.unreadable;
         let mut workers: Vec<WorkerStatus> = published
+            .statuses
             .into_iter()
             .filter_map(|(id, text)| {
                 let status = serde_json::from_str::<WorkerStatus>(&text)
@@ -903,7 +950,11 @@ impl Store {
             })
             .collect();
         workers.sort_by(|a, b| a.worker.cmp(&b.worker));
-        Ok((workers, unreadable))
+        Ok(Workers {
+            workers,
+            unreadable,
+            left_out: published.left_out,
+        })
     }
 
     /// Asks every plugin holding additions to hand them over (waiting at most the store's
@@ -1167,8 +1218,10 @@ fn status_of(shared: &Shared) -> StoreStatus {
     }
 }
 
-/// Publishes this worker's status, if it publishes one and the last is a second old. A
-/// failure is left to the flush's own report of the outage.
+/// Publishes this worker's status, if it publishes one, the last is a second old and the
+/// round before reached the store (one that did not waited for it already: this would wait
+/// again, and the status could not be written anyway). A failure is left to the flush's own
+/// report of the outage.
 fn publish(shared: &Shared) {
     let mut publisher = lock(&shared.publisher);
     let Some(publisher) = publisher.as_mut() else {
@@ -1180,6 +1233,9 @@ fn publish(shared: &Shared) {
         return;
     }
     let status = status_of(shared);
+    if !status.reachable || shared.stop.load(Ordering::Acquire) {
+        return;
+    }
     let ttl = publish_ttl(shared.options.flush_interval);
     let record = WorkerStatus {
         worker: publisher.id.clone(),
@@ -1205,10 +1261,13 @@ fn publish(shared: &Shared) {
     }
 }
 
-/// Removes this worker's status from the store, if it published one.
+/// Removes this worker's status from the store, if it published one and the last flush
+/// reached the store (otherwise the status expires on its own).
 fn unpublish(shared: &Shared) {
+    let reachable = lock(&shared.cache).status.reachable;
     if let Some(publisher) = lock(&shared.publisher).take()
         && publisher.last_ms != 0
+        && reachable
         && let Err(e) = lock(&shared.backend).unpublish(&publisher.id)
     {
         tracing::debug!(store = %shared.url, error = %format!("{e:#}"), "this worker's status could not be removed; it expires on its own");
@@ -2316,60 +2375,75 @@ mod tests {
     }
 
     /// A worker's status is published after a round and removed as the store closes; one
-    /// that is not updated expires; one of another shape, under another id or over-long is
-    /// left out.
+    /// that is not updated expires; one of another shape, under another id, not UTF-8 or
+    /// over-long is left out and counted.
     #[test]
     fn workers_publish_their_status_and_it_expires() {
         let (dir, store) = store();
-        assert!(store.workers().unwrap().0.is_empty());
+        assert!(store.workers().unwrap().workers.is_empty());
         store.publish_as_worker();
         let me = worker_id();
-        assert!(me.ends_with(&format!(":{}", std::process::id())), "{me}");
+        let pid = format!(":{}:", std::process::id());
+        assert!(me.contains(&pid), "{me}");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let listed = loop {
-            let (workers, _) = store.workers().unwrap();
-            if !workers.is_empty() || std::time::Instant::now() > deadline {
-                break workers;
+            let listed = store.workers().unwrap();
+            if !listed.workers.is_empty() || std::time::Instant::now() > deadline {
+                break listed;
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        assert_eq!(listed.len(), 1, "{listed:?}");
-        assert_eq!(listed[0].worker, me);
-        assert_eq!(listed[0].flush_interval_ms, 3_600_000);
-        assert_eq!(listed[0].ttl_ms, 36_000_000);
+        let mine = listed.workers[0].clone();
+        assert!(mine.worker.contains(&pid), "{listed:?}");
+        assert_eq!(listed.workers.len(), 1, "{listed:?}");
+        assert_eq!(
+            (mine.flush_interval_ms, mine.ttl_ms),
+            (3_600_000, 36_000_000)
+        );
+        assert_eq!(mine.pending, 0);
+        // What the worker holds is in its next status.
+        let a = store.for_plugin("a");
+        let (k, n) = (id(&a, "k", "arm"), id(&a, "f", "n"));
+        a.batch(&entry(None, &[(k, n, 1.0)])).unwrap();
+        lock(&store.shared.publisher).as_mut().unwrap().last_ms = 0;
+        publish(&store.shared);
+        let listed = store.workers().unwrap();
+        assert_eq!(listed.workers[0].pending, 1, "{listed:?}");
         {
             let mut backend = lock(&store.shared.backend);
+            let other = serde_json::to_string(&mine).unwrap();
+            let minute = Duration::from_secs(60);
             backend
-                .publish("gone:1", "{}", Duration::from_millis(1))
+                .publish("gone:1", &other, Duration::from_millis(1))
                 .unwrap();
-            backend
-                .publish(
-                    "other:2",
-                    &serde_json::to_string(&listed[0]).unwrap(),
-                    Duration::from_secs(60),
-                )
-                .unwrap();
-            backend
-                .publish("junk:3", "not json", Duration::from_secs(60))
-                .unwrap();
+            backend.publish("other:2", &other, minute).unwrap();
+            backend.publish("junk:3", "not json", minute).unwrap();
             let huge = "x".repeat(MAX_WORKER_STATUS + 1);
-            backend
-                .publish("huge:4", &huge, Duration::from_secs(60))
-                .unwrap();
+            backend.publish("huge:4", &huge, minute).unwrap();
         }
+        // Not UTF-8, as any writer of the file could leave it.
+        let conn = rusqlite::Connection::open(dir.path().join("store.db")).unwrap();
+        conn.execute(
+            "INSERT INTO workers (id, status, expires) VALUES (?1, ?2, ?3)",
+            rusqlite::params![&b"bad\xff:5"[..], &b"{\xfe}"[..], i64::MAX],
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        let (workers, unreadable) = store.workers().unwrap();
+        let listed = store.workers().unwrap();
         // `gone` expired; `other` says it is another worker; `junk` is no status; `huge` is
-        // not read.
-        assert_eq!(workers, listed);
-        assert_eq!(unreadable, 2);
+        // not read; the last is not text.
+        assert_eq!(listed.workers.len(), 1, "{listed:?}");
+        assert_eq!(listed.workers[0].worker, mine.worker);
+        assert_eq!((listed.unreadable, listed.left_out), (4, 0), "{listed:?}");
         store.close();
         let again = Store::open(
             &format!("sqlite://{}", dir.path().join("store.db").display()),
             StoreOptions::default(),
         )
         .unwrap();
-        assert_eq!(again.workers().unwrap(), (Vec::new(), 2));
+        let listed = again.workers().unwrap();
+        assert!(listed.workers.is_empty(), "{listed:?}");
+        assert_eq!(listed.unreadable, 4);
     }
 
     /// One entry of a batch, as `plugin_api::store` writes it.

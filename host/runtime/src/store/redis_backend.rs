@@ -2,7 +2,8 @@
 //! and each group's mark are set with NX, and a group's additions count only when its mark was
 //! new; the additions that count are summed in the script, one HINCRBYFLOAT per field. Keys: `store:f:<key>` (a hash of fields), `store:m:<mark>`,
 //! `store:r:<key>` (a record: version and value), `store:b:<batch id>` (expires after a week),
-//! `store:w:<worker>` (a worker's status, which expires unless written again).
+//! `store:w:<worker>` (a worker's status, which expires unless written again) and
+//! `store:workers` (the workers' ids, each scored with when its status expires).
 //! The scripts touch keys they do not declare: a standalone server or a replica set, not a
 //! Redis Cluster.
 
@@ -12,7 +13,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::{Backend, Batch, Fields, MAX_WORKER_STATUS, MAX_WORKERS, Row, StoredRecord};
+use super::{
+    Backend, Batch, Fields, MAX_WORKER_ID, MAX_WORKER_STATUS, MAX_WORKERS, Published, Row,
+    StoredRecord,
+};
 
 const APPLY: &str = r"
 local batch = cjson.decode(ARGV[1])
@@ -44,6 +48,43 @@ if v ~= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'version', v + 1, 'value', ARGV[2])
 return 1
 ";
+
+/// A worker's status, its entry in the index, and the index's expired entries dropped.
+const PUBLISH: &str = r"
+local ttl, now = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('SET', 'store:w:' .. ARGV[1], ARGV[2], 'PX', ttl)
+redis.call('ZADD', 'store:workers', now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', 'store:workers', '-inf', '(' .. now)
+return 1
+";
+
+const UNPUBLISH: &str = r"
+redis.call('DEL', 'store:w:' .. ARGV[1])
+redis.call('ZREM', 'store:workers', ARGV[1])
+return 1
+";
+
+/// The index's first ids not expired (at most ARGV[2]), how many there are, and each one's
+/// status: at most ARGV[3] + 1 bytes of it (a longer one is not read), false for none, one
+/// that is not a string, or an id longer than ARGV[4].
+const LIST: &str = r"
+local now, limit, len, idlen = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local ids = redis.call('ZRANGEBYSCORE', 'store:workers', now, '+inf', 'LIMIT', 0, limit)
+local total = redis.call('ZCOUNT', 'store:workers', now, '+inf')
+local values = {}
+for i, id in ipairs(ids) do
+  local value = false
+  if #id <= idlen then
+    local got = redis.pcall('GETRANGE', 'store:w:' .. id, 0, len)
+    if type(got) == 'string' and #got > 0 then value = got end
+  end
+  values[i] = value
+end
+return {total, ids, values}
+";
+
+/// What [`LIST`] answers: how many statuses, the first ids, and their texts.
+type Listed = (u64, Vec<Vec<u8>>, Vec<Option<Vec<u8>>>);
 
 pub(crate) struct Redis {
     client: redis::Client,
@@ -277,62 +318,48 @@ impl Backend for Redis {
     fn publish(&mut self, id: &str, status: &str, ttl: Duration) -> anyhow::Result<()> {
         let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.with(|c| {
-            redis::cmd("SET")
-                .arg(format!("store:w:{id}"))
+            redis::cmd("EVAL")
+                .arg(PUBLISH)
+                .arg(0)
+                .arg(id)
                 .arg(status)
-                .arg("PX")
                 .arg(ttl)
+                .arg(super::now_ms())
                 .query::<()>(c)
         })
     }
 
     fn unpublish(&mut self, id: &str) -> anyhow::Result<()> {
         self.with(|c| {
-            redis::cmd("DEL")
-                .arg(format!("store:w:{id}"))
+            redis::cmd("EVAL")
+                .arg(UNPUBLISH)
+                .arg(0)
+                .arg(id)
                 .query::<()>(c)
         })
     }
 
-    fn published(&mut self) -> anyhow::Result<Vec<(String, String)>> {
-        let mut keys = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = self.with(|c| {
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg("store:w:*")
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(c)
-            })?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 || keys.len() >= MAX_WORKERS * 2 {
-                break;
-            }
+    fn published(&mut self) -> anyhow::Result<Published> {
+        // One script: no SCAN of the whole keyspace, one round trip, bounded.
+        let (total, ids, values): Listed = self.with(|c| {
+            redis::cmd("EVAL")
+                .arg(LIST)
+                .arg(0)
+                .arg(super::now_ms())
+                .arg(MAX_WORKERS)
+                .arg(MAX_WORKER_STATUS)
+                .arg(MAX_WORKER_ID)
+                .query(c)
+        })?;
+        let mut out = Published::default();
+        let read = ids.len();
+        let mut values = values.into_iter();
+        for id in ids.into_iter().take(MAX_WORKERS) {
+            out.push(id, values.next().flatten());
         }
-        keys.sort();
-        keys.dedup();
-        keys.truncate(MAX_WORKERS);
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        // At most one byte more than a status may have: a longer one is left out unread.
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("GETRANGE").arg(key).arg(0).arg(MAX_WORKER_STATUS);
-        }
-        let values: Vec<Vec<u8>> = self.with(|c| pipe.query(c))?;
-        Ok(keys
-            .into_iter()
-            .zip(values)
-            .filter(|(_, v)| !v.is_empty() && v.len() <= MAX_WORKER_STATUS)
-            .filter_map(|(k, v)| {
-                let id = k.strip_prefix("store:w:")?.to_owned();
-                Some((id, String::from_utf8(v).ok()?))
-            })
-            .collect())
+        out.left_out = usize::try_from(total)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(read);
+        Ok(out)
     }
 }

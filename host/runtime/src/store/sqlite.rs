@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, TransactionBehavior, params};
 
-use super::{Backend, Batch, Fields, MAX_WORKER_STATUS, MAX_WORKERS, StoredRecord};
+use super::{Backend, Batch, Fields, MAX_WORKER_STATUS, MAX_WORKERS, Published, StoredRecord};
 
 /// How long a batch id is remembered (seconds): far longer than any retry.
 const BATCH_MEMORY_S: i64 = 7 * 24 * 3600;
@@ -242,19 +242,41 @@ impl Backend for Sqlite {
         Ok(())
     }
 
-    fn published(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+    fn published(&mut self) -> anyhow::Result<Published> {
+        let now = now_ms();
+        let max_status = i64::try_from(MAX_WORKER_STATUS).unwrap_or(i64::MAX);
+        let mut out = Published::default();
+        // As bytes, whatever a writer put there; a text too long is not read.
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, status FROM workers WHERE expires >= ?1 AND length(CAST(status AS BLOB)) <= ?2
-             ORDER BY id LIMIT ?3",
+            "SELECT CAST(id AS BLOB),
+                    CASE WHEN length(CAST(status AS BLOB)) <= ?2 THEN CAST(status AS BLOB) END
+             FROM workers WHERE expires >= ?1 ORDER BY id LIMIT ?3",
         )?;
         let rows = stmt.query_map(
             params![
-                now_ms(),
-                i64::try_from(MAX_WORKER_STATUS).unwrap_or(i64::MAX),
+                now,
+                max_status,
                 i64::try_from(MAX_WORKERS).unwrap_or(i64::MAX)
             ],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            |r| {
+                Ok((
+                    r.get::<_, Option<Vec<u8>>>(0)?,
+                    r.get::<_, Option<Vec<u8>>>(1)?,
+                ))
+            },
         )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        for row in rows {
+            let (id, text) = row?;
+            out.push(id.unwrap_or_default(), text);
+        }
+        let all: i64 = self.conn.query_row(
+            "SELECT count(*) FROM workers WHERE expires >= ?1",
+            params![now],
+            |r| r.get(0),
+        )?;
+        out.left_out = usize::try_from(all)
+            .unwrap_or(0)
+            .saturating_sub(out.statuses.len() + out.unreadable);
+        Ok(out)
     }
 }
