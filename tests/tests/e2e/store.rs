@@ -987,6 +987,33 @@ fn an_overlong_mark_loses_no_other_addition() {
     assert_eq!(only.get("units"), Some(&1.0), "{only:?}");
 }
 
+/// Runs `waits` (a call that reads the store) on a thread with the server paused, until its
+/// read reached the server, then `others` on another: asserts that `others` returned while
+/// `waits` still waited for the store (`what` names it), lets the server go on, and answers
+/// what both returned.
+fn while_paused<A: Send + 'static, B: Send + 'static>(
+    redis: &RedisServer,
+    what: &str,
+    waits: impl FnOnce() -> A + Send + 'static,
+    others: impl FnOnce() -> B + Send + 'static,
+) -> (A, B) {
+    let paused = redis.pause();
+    let waits = std::thread::spawn(waits);
+    assert!(
+        eventually(Duration::from_secs(30), || redis.has_unread_request()),
+        "{what}: its read never reached the paused server"
+    );
+    let others = std::thread::spawn(others);
+    let returned = eventually(Duration::from_secs(30), || others.is_finished());
+    let still_waiting = !waits.is_finished();
+    drop(paused);
+    assert!(
+        returned && still_waiting,
+        "the other calls waited for {what} to read the store (they returned: {returned}, {what} still waiting: {still_waiting})"
+    );
+    (waits.join().unwrap(), others.join().unwrap())
+}
+
 /// A bandit's first choice in a context whose arms the store has not sent yet waits for the
 /// store (once, bounded by its timeout). Meanwhile the plugin's other calls go on: it does not
 /// hold the lock that every choice and every update take while it waits.
@@ -1020,71 +1047,50 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
     };
     // A context whose arms the store has sent.
     assert!(choose(&host, "known").unwrap().is_some());
-    let paused = redis.pause();
-    let waiting = {
-        let host = host.clone();
-        std::thread::spawn(move || choose(&host, "new"))
-    };
-    // The choice's read reached the server, which does not answer: the choice is waiting.
-    assert!(
-        eventually(Duration::from_secs(30), || redis.has_unread_request()),
-        "the choice's read never reached the paused server"
+    let (chosen, updated) = while_paused(
+        &redis,
+        "a choice's first read",
+        {
+            let host = host.clone();
+            move || choose(&host, "new")
+        },
+        {
+            let host = host.clone();
+            move || {
+                host.call(
+                    "bandit",
+                    "update",
+                    &json!({"context": "known", "arm": "a", "reward": 1.0}),
+                )
+            }
+        },
     );
-    let update = {
-        let host = host.clone();
-        std::thread::spawn(move || {
-            host.call(
-                "bandit",
-                "update",
-                &json!({"context": "known", "arm": "a", "reward": 1.0}),
-            )
-        })
-    };
-    let returned = eventually(Duration::from_secs(30), || update.is_finished());
-    let still_waiting = !waiting.is_finished();
-    drop(paused);
-    assert!(
-        returned && still_waiting,
-        "the update waited for the choice's read of the store (update returned: {returned}, the choice still waiting: {still_waiting})"
-    );
-    update.join().unwrap().unwrap();
-    assert!(waiting.join().unwrap().unwrap().is_some());
+    updated.unwrap();
+    assert!(chosen.unwrap().is_some());
 
     // The statistics of the fleet list the store's arms: while that listing waits, choices
     // and updates go on.
-    let paused = redis.pause();
-    let stats = {
-        let host = host.clone();
-        std::thread::spawn(move || host.call("bandit", "stats", &json!({})))
-    };
-    assert!(
-        eventually(Duration::from_secs(30), || redis.has_unread_request()),
-        "the statistics' listing never reached the paused server"
+    let (stats, calls) = while_paused(
+        &redis,
+        "the bandit's statistics",
+        {
+            let host = host.clone();
+            move || host.call("bandit", "stats", &json!({}))
+        },
+        {
+            let host = host.clone();
+            move || {
+                choose(&host, "known")?;
+                host.call(
+                    "bandit",
+                    "update",
+                    &json!({"context": "known", "arm": "b", "reward": 0.5}),
+                )
+            }
+        },
     );
-    let calls = {
-        let host = host.clone();
-        std::thread::spawn(move || {
-            choose(&host, "known")?;
-            host.call(
-                "bandit",
-                "update",
-                &json!({"context": "known", "arm": "b", "reward": 0.5}),
-            )
-        })
-    };
-    let returned = eventually(Duration::from_secs(30), || calls.is_finished());
-    let still_waiting = !stats.is_finished();
-    drop(paused);
-    assert!(
-        returned && still_waiting,
-        "a choice or an update waited for the statistics' read of the store (they returned: {returned}, the statistics still waiting: {still_waiting})"
-    );
-    calls.join().unwrap().unwrap();
-    let stats = stats
-        .join()
-        .unwrap()
-        .unwrap()
-        .expect("the bandit's statistics");
+    calls.unwrap();
+    let stats = stats.unwrap().expect("the bandit's statistics");
     assert!(stats.to_string().contains("known"), "{stats}");
 }
 
@@ -1114,43 +1120,31 @@ fn an_experiment_report_waiting_for_the_store_holds_up_no_pick() {
         .build()
         .unwrap();
     host.scan().unwrap();
-    let paused = redis.pause();
-    let report = {
-        let host = host.clone();
-        std::thread::spawn(move || host.call("experiment", "stats", &json!({})))
-    };
-    assert!(
-        eventually(Duration::from_secs(30), || redis.has_unread_request()),
-        "the report's read never reached the paused server"
+    let (report, calls) = while_paused(
+        &redis,
+        "the experiment's report",
+        {
+            let host = host.clone();
+            move || host.call("experiment", "stats", &json!({}))
+        },
+        {
+            let host = host.clone();
+            move || {
+                let variant = host.call(
+                    "experiment",
+                    "pickVariant",
+                    &json!({"experiment": "e", "key": "unit-1"}),
+                )?;
+                let variant = variant.and_then(|v| v.as_str().map(str::to_owned));
+                host.call(
+                    "experiment",
+                    "recordOutcome",
+                    &json!({"experiment": "e", "variant": variant, "score": 0.5}),
+                )
+            }
+        },
     );
-    let calls = {
-        let host = host.clone();
-        std::thread::spawn(move || {
-            let variant = host.call(
-                "experiment",
-                "pickVariant",
-                &json!({"experiment": "e", "key": "unit-1"}),
-            )?;
-            let variant = variant.and_then(|v| v.as_str().map(str::to_owned));
-            host.call(
-                "experiment",
-                "recordOutcome",
-                &json!({"experiment": "e", "variant": variant, "score": 0.5}),
-            )
-        })
-    };
-    let returned = eventually(Duration::from_secs(30), || calls.is_finished());
-    let still_waiting = !report.is_finished();
-    drop(paused);
-    assert!(
-        returned && still_waiting,
-        "a pick or an outcome waited for the report's read of the store (they returned: {returned}, the report still waiting: {still_waiting})"
-    );
-    calls.join().unwrap().unwrap();
-    let report = report
-        .join()
-        .unwrap()
-        .unwrap()
-        .expect("the experiment's report");
+    calls.unwrap();
+    let report = report.unwrap().expect("the experiment's report");
     assert_eq!(report["e"]["fleet"], json!(true), "{report}");
 }
