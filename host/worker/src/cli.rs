@@ -370,6 +370,17 @@ pub fn main() -> ExitCode {
         .init();
     match run(cli, &mut std::io::stdout().lock()) {
         Ok(code) => code,
+        // The reader of the output went away (`worker report | head -1`): what it read is
+        // what it wanted, as with any Unix tool.
+        Err(e)
+            if e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -570,8 +581,13 @@ fn run_command(
         action: StoreCommand::Status { json },
     } = &cli.command
     {
-        crate::fleet::status(store.as_ref(), *json, out)?;
-        return Ok(ExitCode::SUCCESS);
+        // A failure when the store or the workers' statuses cannot be read: a health check.
+        let healthy = crate::fleet::status(store.as_ref(), *json, out)?;
+        return Ok(if healthy {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     if let Some(store) = &store {
         builder = builder.with_store(store.clone());

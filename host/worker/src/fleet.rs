@@ -54,12 +54,13 @@ pub fn open_store(
 
 /// `worker store status`: the backend, whether it answers (this command's own flush), and
 /// what each worker on the store published (see [`Store::publish_as_worker`]): its last flush,
-/// pending additions, the plugins holding some, and errors.
+/// pending additions, the plugins holding some, and errors. Answers whether the store and the
+/// statuses could be read (`true` without a store).
 ///
 /// # Errors
 ///
 /// `out` cannot be written.
-pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow::Result<bool> {
     let Some(store) = store else {
         writeln!(
             out,
@@ -70,7 +71,7 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
                 "no store (--store none): each plugin keeps its own state file"
             }
         )?;
-        return Ok(());
+        return Ok(true);
     };
     // An error is in the status.
     let _ = store.flush();
@@ -108,7 +109,7 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
                 "workersError": error,
             }))?
         )?;
-        return Ok(());
+        return Ok(workers.is_ok());
     }
     writeln!(out, "backend:   {}", status.backend)?;
     writeln!(
@@ -121,7 +122,7 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
         Err(e) => {
             writeln!(out, "error:     {}", text(&e))?;
             writeln!(out, "workers:   unknown (their statuses cannot be read)")?;
-            return Ok(());
+            return Ok(false);
         }
     };
     let now = now_ms();
@@ -185,7 +186,7 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
             listed.left_out
         )?;
     }
-    Ok(())
+    Ok(true)
 }
 
 fn now_ms() -> u64 {
@@ -209,10 +210,23 @@ pub fn report(host: &PluginHost, json: bool, out: &mut dyn Write) -> anyhow::Res
     let store = host
         .store()
         .context("no store (--store none): there is no fleet-wide table to report")?;
+    // Checked first: a table read from a store that does not answer would be empty, not
+    // wrong-looking, and each of its reads would wait for the store.
+    let unreachable = || {
+        format!(
+            "the store {} cannot be reached, so the fleet's table cannot be read; `worker store status` says more",
+            store.status().backend
+        )
+    };
+    store.ping().with_context(unreachable)?;
     // The first call names the keys the plugin reads; the flush fetches them from the store.
     host.call("experiment", "stats", &json!({}))
         .context("asking the experiment plugin for its statistics")?;
     store.flush().context("reading the store")?;
+    if !store.status().reachable {
+        let error = store.status().last_error.unwrap_or_default();
+        return Err(anyhow::anyhow!(error).context(unreachable()));
+    }
     let stats = host
         .call("experiment", "stats", &json!({}))
         .context("asking the experiment plugin for its statistics")?

@@ -34,6 +34,31 @@ fn example_dir() -> PluginDir {
     dir
 }
 
+/// A reader that goes away (`worker example-tasks | head -1`) ends the command quietly, with
+/// success, as with any Unix tool.
+#[test]
+fn a_closed_output_pipe_is_no_error() {
+    use std::io::BufRead as _;
+    let dir = PluginDir::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker-under-test"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(["example-tasks", "--count", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with('{'), "{first}");
+    // The reader is dropped here: the rest of the output meets a closed pipe.
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(output.stderr.is_empty(), "{output:?}");
+}
+
 #[test]
 fn list_shows_plugins_and_refusals_and_exits_zero() {
     let dir = example_dir();

@@ -506,22 +506,37 @@ fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
         .local_addr()
         .unwrap()
         .port();
+    // The command fails (a health check), and says why once.
     let url = format!("redis://127.0.0.1:{port}/0");
-    let status = worker_json(
-        &dir,
-        &state,
-        &["--store", &url, "store", "status", "--json"],
-    );
+    let output = crate::worker(&dir, &["--store", &url, "store", "status", "--json"], &[]);
+    assert!(!output.status.success(), "{output:?}");
+    let status: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(status["store"]["backend"], url);
     assert_eq!(status["store"]["reachable"], false, "{status}");
     assert!(status["store"]["errors"].as_u64().unwrap() >= 1, "{status}");
+    let error = status["store"]["lastError"].as_str().unwrap();
+    assert!(error.starts_with("connecting to Redis: "), "{status}");
+    assert_eq!(error.matches("refused").count(), 1, "{status}");
+    assert_eq!(status["workers"], Value::Null, "{status}");
+    assert_eq!(status["workersError"], error, "{status}");
+    // `worker report` fails too, rather than print an empty table.
+    dir.add("experiment", "libexperiment.so");
+    let output = crate::worker(&dir, &["--store", &url, "report"], &[]);
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        status["store"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("Redis"),
-        "{status}"
+        stderr.contains(&format!("the store {url} cannot be reached")),
+        "{stderr}"
     );
+    assert!(output.stdout.is_empty(), "{output:?}");
+    // A server that hangs: the error says it did not answer in time.
+    let redis = RedisServer::start();
+    let paused = redis.pause();
+    let output = crate::worker(&dir, &["--store", &redis.url(), "store", "status"], &[]);
+    drop(paused);
+    assert!(!output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("no answer within 5000 ms"), "{stdout}");
     // `"store": "none"` in the configuration: no store.
     dir.configure_file(&json!({"store": "none"}));
     let status = worker_json(&dir, &state, &["store", "status", "--json"]);
@@ -926,12 +941,20 @@ fn a_store_error_cannot_forge_a_log_line() {
         }
     });
     let dir = PluginDir::new();
-    dir.add("echo", "libecho.so");
+    dir.add("fixture", "libfixture.so");
     let url = format!("redis://127.0.0.1:{port}/0");
+    // A read of a key not cached yet asks the server.
     let output = crate::worker(
         &dir,
         &[
-            "--log", "warn", "--store", &url, "call", "echo", "echo", "1",
+            "--log",
+            "warn",
+            "--store",
+            &url,
+            "call",
+            "fixture",
+            "storeRead",
+            r#"{"key": "arm"}"#,
         ],
         &[],
     );

@@ -767,18 +767,30 @@ impl Drop for FlushThread {
 /// operation's own timeouts).
 const STOP_BOUND: Duration = Duration::from_secs(15);
 
+/// The longest wait for the flush thread at exit when nothing is pending: time for it to
+/// remove the worker's status, not for a round of reads that a store that hangs holds up.
+const STOP_BOUND_IDLE: Duration = Duration::from_secs(1);
+
 fn stop_thread(shared: &Shared, handle: &Mutex<Option<std::thread::JoinHandle<()>>>) {
     shared.stop.store(true, Ordering::Release);
     *lock(&shared.wake_lock) = true;
     shared.wake.notify_all();
     if let Some(handle) = lock(handle).take() {
         // Bounded: a store that answers a byte at a time keeps its socket's per-read timeouts
-        // from ever firing, and the process must still end.
-        let deadline = std::time::Instant::now() + STOP_BOUND;
+        // from ever firing, and the process must still end. With nothing to write, the
+        // thread's round is only reads (a process that only read: `worker store status`).
+        let pending = {
+            let cache = lock(&shared.cache);
+            cache.has_pending() || cache.inflight.is_some()
+        };
+        let bound = if pending { STOP_BOUND } else { STOP_BOUND_IDLE };
+        let deadline = std::time::Instant::now() + bound;
         while !handle.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if !handle.is_finished() {
+        if !handle.is_finished() && !pending {
+            tracing::debug!(store = %shared.url, "the store's flush thread is still in a round of reads at exit; not waited for");
+        } else if !handle.is_finished() {
             tracing::warn!(store = %shared.url, waited_s = STOP_BOUND.as_secs(), "the store's last flush did not finish in time (the store is slow or unreachable); exiting without it");
         } else {
             let _ = handle.join();
@@ -908,6 +920,25 @@ impl Store {
     /// The store's status, as this process sees it.
     pub fn status(&self) -> StoreStatus {
         status_of(&self.shared)
+    }
+
+    /// Asks the store whether it answers (bounded by its timeout), and notes the answer in
+    /// the status.
+    ///
+    /// # Errors
+    ///
+    /// The store could not be reached.
+    pub fn ping(&self) -> anyhow::Result<()> {
+        let answer = lock(&self.shared.backend).ping();
+        let mut cache = lock(&self.shared.cache);
+        match &answer {
+            Ok(()) => {
+                cache.status.reachable = true;
+                cache.status.down = false;
+            }
+            Err(e) => note_down(&self.shared, &mut cache, e),
+        }
+        answer
     }
 
     /// Makes this process publish its status in the store, as a worker: after its first flush
@@ -1287,8 +1318,16 @@ fn flush_loop(shared: &Shared) {
             *woken = false;
         }
         if shared.stop.load(Ordering::Acquire) {
-            // The last flush, at exit: everything pending.
-            flush_all(shared);
+            // The last flush, at exit: everything pending (with nothing pending there is
+            // nothing to write, and reads are of no use any more: a process that only read,
+            // `worker store status` say, does not wait for a store that does not answer).
+            let pending = {
+                let cache = lock(&shared.cache);
+                cache.has_pending() || cache.inflight.is_some()
+            };
+            if pending {
+                flush_all(shared);
+            }
             unpublish(shared);
             return;
         }

@@ -112,7 +112,7 @@ impl Redis {
             let conn = self
                 .client
                 .get_connection_with_timeout(self.timeout)
-                .context("connecting to Redis")?;
+                .map_err(|e| anyhow::anyhow!("connecting to Redis: {}", self.describe(&e)))?;
             conn.set_read_timeout(Some(self.timeout))?;
             conn.set_write_timeout(Some(self.timeout))?;
             self.conn = Some(conn);
@@ -124,8 +124,19 @@ impl Redis {
             Ok(v) => Ok(v),
             Err(e) => {
                 self.conn = None;
-                Err(e).context("Redis")
+                Err(anyhow::anyhow!("Redis: {}", self.describe(&e)))
             }
+        }
+    }
+
+    /// What went wrong, once: the error's own text already holds its cause's (which an
+    /// error chain would print again), and a timeout says so rather than "Resource
+    /// temporarily unavailable".
+    fn describe(&self, e: &redis::RedisError) -> String {
+        if e.is_timeout() {
+            format!("no answer within {} ms", self.timeout.as_millis())
+        } else {
+            e.to_string()
         }
     }
 }
