@@ -157,7 +157,11 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
             w.pending, w.errors
         )?;
         if let Some(e) = &w.last_error {
-            writeln!(out, "    last error: {}", text(e))?;
+            let when = w
+                .last_error_ms
+                .map(|ms| format!(" ({:.1} s ago)", secs(ms)))
+                .unwrap_or_default();
+            writeln!(out, "    last error{when}: {}", text(e))?;
         }
         // A worker writes its status after each round that reached the store, at least every
         // few seconds: one much older is of a worker that cannot reach the store, or that

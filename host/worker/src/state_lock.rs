@@ -62,11 +62,23 @@ impl StateLock {
             );
         }
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            let mut text = String::new();
-            let _ = std::io::Read::by_ref(&mut file)
-                .take(4096)
-                .read_to_string(&mut text);
-            let holder: Holder = serde_json::from_str(&text).unwrap_or_default();
+            // The holder writes its note just after it took the lock: a worker started at the
+            // same moment may find it empty, and looks again a few times (0.2 s in all).
+            let mut holder = Holder::default();
+            for attempt in 0..20 {
+                if attempt > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                let mut text = String::new();
+                let _ = file.rewind();
+                let _ = std::io::Read::by_ref(&mut file)
+                    .take(4096)
+                    .read_to_string(&mut text);
+                if let Ok(read) = serde_json::from_str::<Holder>(&text) {
+                    holder = read;
+                    break;
+                }
+            }
             anyhow::bail!("{}", busy_message(dir, &holder));
         }
         let mut lock = StateLock {

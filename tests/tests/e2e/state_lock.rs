@@ -184,3 +184,54 @@ fn a_lock_file_that_is_not_a_regular_file_is_refused_naming_it() {
     let output = worker_with_state(&dir, &state, &["call", "echo", "echo", "{}"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
+
+/// Two workers started together: the one that finds the directory locked before its holder
+/// wrote who it is looks again, and names the holder.
+#[test]
+fn a_worker_started_with_another_names_it() {
+    let dir = PluginDir::new();
+    let state = dir.shadow().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let lock = state.join("worker.lock");
+    std::fs::write(&lock, b"").unwrap();
+    // Another process holds the lock (flock(1) takes the same kind of lock), its note not
+    // written yet.
+    let mut holder = Command::new("flock")
+        // The holder is `sleep` itself: killing it lets the lock go.
+        .arg("--no-fork")
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("flock(1), from util-linux");
+    let held = || {
+        Command::new("flock")
+            .args(["-n"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .is_ok_and(|s| !s.success())
+    };
+    assert!(
+        eventually(Duration::from_secs(30), held),
+        "flock(1) never took the lock"
+    );
+    let note = {
+        let lock = lock.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::write(&lock, br#"{"pid": 4242, "command": "run"}"#).unwrap();
+        })
+    };
+    let output = worker_with_state(&dir, &state, &["run", "--tasks", "/dev/null"]);
+    note.join().unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another worker (pid 4242) (`worker run`) is using the state directory"),
+        "{stderr}"
+    );
+}

@@ -517,6 +517,7 @@ fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
     let error = status["store"]["lastError"].as_str().unwrap();
     assert!(error.starts_with("connecting to Redis: "), "{status}");
     assert_eq!(error.matches("refused").count(), 1, "{status}");
+    assert!(status["store"]["lastErrorMs"].is_u64(), "{status}");
     assert_eq!(status["workers"], Value::Null, "{status}");
     assert_eq!(status["workersError"], error, "{status}");
     // `worker report` fails too, rather than print an empty table.

@@ -216,6 +216,9 @@ pub struct WorkerStatus {
     pub errors: u64,
     /// As in [`StoreStatus`].
     pub last_error: Option<String>,
+    /// As in [`StoreStatus`] (absent from a status written by an earlier version).
+    #[serde(default)]
+    pub last_error_ms: Option<u64>,
 }
 
 /// A worker publishing its status: see [`Store::publish_as_worker`].
@@ -288,6 +291,8 @@ pub struct StoreStatus {
     pub errors: u64,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// When it happened (milliseconds since the Unix epoch).
+    pub last_error_ms: Option<u64>,
 }
 
 /// The names of keys and fields that additions were made to, numbered at their first use:
@@ -694,6 +699,7 @@ struct Status {
     reachable: bool,
     errors: u64,
     last_error: Option<String>,
+    last_error_ms: Option<u64>,
     warned: bool,
     /// The last attempt failed: cold reads do not wait for the store.
     down: bool,
@@ -1246,6 +1252,7 @@ fn status_of(shared: &Shared) -> StoreStatus {
         reachable: cache.status.reachable,
         errors: cache.status.errors,
         last_error: cache.status.last_error.clone(),
+        last_error_ms: cache.status.last_error_ms,
     }
 }
 
@@ -1280,6 +1287,7 @@ fn publish(shared: &Shared) {
         holding: status.holding,
         errors: status.errors,
         last_error: status.last_error,
+        last_error_ms: status.last_error_ms,
     };
     let Ok(text) = serde_json::to_string(&record) else {
         return;
@@ -1538,10 +1546,11 @@ fn note_down(shared: &Shared, cache: &mut Cache, e: &anyhow::Error) {
     cache.status.reachable = false;
     cache.status.down = true;
     if !cache.status.warned {
-        tracing::warn!(store = %shared.url, error = %message, "the store cannot be reached: plugins go on learning locally, and their additions are flushed when it is back");
+        tracing::warn!(store = %shared.url, error = %message, "the store cannot be reached: what this process adds is kept and flushed when it is back, and its plugins go on with what they read last");
         cache.status.warned = true;
     }
     cache.status.last_error = Some(message);
+    cache.status.last_error_ms = Some(now_ms());
 }
 
 /// Answers a plugin's store operations elsewhere: an isolated plugin's go to the host process.
