@@ -368,23 +368,49 @@ pub fn main() -> ExitCode {
         .with(text)
         .with(json)
         .init();
-    match run(cli, &mut std::io::stdout().lock()) {
+    let mut out = Output {
+        inner: std::io::stdout().lock(),
+        closed: false,
+    };
+    match run(cli, &mut out) {
         Ok(code) => code,
         // The reader of the output went away (`worker report | head -1`): what it read is
         // what it wanted, as with any Unix tool.
-        Err(e)
-            if e.chain().any(|cause| {
-                cause
-                    .downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            ExitCode::SUCCESS
-        }
+        Err(_) if out.closed => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The command's output, which notes whether its reader went away (a closed pipe).
+struct Output<W> {
+    inner: W,
+    closed: bool,
+}
+
+impl<W: Write> Output<W> {
+    fn noted<T>(&mut self, result: std::io::Result<T>) -> std::io::Result<T> {
+        if result
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            self.closed = true;
+        }
+        result
+    }
+}
+
+impl<W: Write> Write for Output<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let result = self.inner.write(buf);
+        self.noted(result)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let result = self.inner.flush();
+        self.noted(result)
     }
 }
 

@@ -125,7 +125,7 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
             return Ok(false);
         }
     };
-    let now = now_ms();
+    let now = plugin_host::store::now_ms();
     let secs = |ms: u64| now.saturating_sub(ms) as f64 / 1000.0;
     writeln!(
         out,
@@ -193,12 +193,6 @@ pub fn status(store: Option<&Store>, json: bool, out: &mut dyn Write) -> anyhow:
     Ok(true)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn num(v: &Value, precision: usize) -> String {
     v.as_f64()
         .map_or_else(|| "-".to_owned(), |x| format!("{x:.precision$}"))
@@ -227,8 +221,9 @@ pub fn report(host: &PluginHost, json: bool, out: &mut dyn Write) -> anyhow::Res
     host.call("experiment", "stats", &json!({}))
         .context("asking the experiment plugin for its statistics")?;
     store.flush().context("reading the store")?;
-    if !store.status().reachable {
-        let error = store.status().last_error.unwrap_or_default();
+    let status = store.status();
+    if !status.reachable {
+        let error = status.last_error.unwrap_or_default();
         return Err(anyhow::anyhow!(error).context(unreachable()));
     }
     let stats = host

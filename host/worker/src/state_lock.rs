@@ -63,11 +63,11 @@ impl StateLock {
         }
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             // The holder writes its note just after it took the lock: a worker started at the
-            // same moment may find it empty, and looks again a few times (0.2 s in all).
+            // same moment may find it empty, and looks again for up to a second.
             let mut holder = Holder::default();
-            for attempt in 0..20 {
+            for attempt in 0..40 {
                 if attempt > 0 {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    std::thread::sleep(std::time::Duration::from_millis(25));
                 }
                 let mut text = String::new();
                 let _ = file.rewind();

@@ -653,11 +653,15 @@ impl BanditPlugin {
             // neither of the plugin's locks held (both may wait for the store, and every
             // choice and every update takes one of them).
             let listed = plugin_api::store::keys("arm/").unwrap_or_default();
-            let mut names: Vec<(String, String)> = self
-                .stats_lock()
-                .iter()
-                .flat_map(|(c, a)| a.keys().map(move |arm| (c.clone(), arm.clone())))
-                .collect();
+            // Each (context, arm) of a map of contexts to arms.
+            fn pairs<'m, V: 'm>(
+                contexts: impl IntoIterator<Item = (&'m String, &'m BTreeMap<String, V>)>,
+            ) -> impl Iterator<Item = (String, String)> {
+                contexts
+                    .into_iter()
+                    .flat_map(|(c, arms)| arms.keys().map(move |arm| (c.clone(), arm.clone())))
+            }
+            let mut names: Vec<(String, String)> = pairs(self.stats_lock().iter()).collect();
             {
                 let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
                 for key in &listed {
@@ -668,10 +672,7 @@ impl BanditPlugin {
                         note_arms(&mut seen, context, [arm]);
                     }
                 }
-                names.extend(
-                    seen.iter()
-                        .flat_map(|(c, a)| a.keys().map(move |arm| (c.clone(), arm.clone()))),
-                );
+                names.extend(pairs(seen.iter()));
             }
             let mut arms = Stats::new();
             for (context, arm) in names {

@@ -500,7 +500,8 @@ fn store_status_names_the_backend_and_says_when_it_cannot_be_reached() {
     );
     assert!(!output.status.success(), "{output:?}");
     assert!(!dir.shadow().join("elsewhere.db").exists());
-    // A Redis nobody listens on: not reachable, with the error, and the command still answers.
+    // A Redis nobody listens on: not reachable, with the error; the command still prints the
+    // status, and fails.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -442,6 +442,11 @@ impl Cache {
         !self.pending.is_empty() || !self.unmarked.is_empty()
     }
 
+    /// Whether anything is not in the store yet: pending, or in a batch being written.
+    fn unwritten(&self) -> bool {
+        self.has_pending() || self.inflight.is_some()
+    }
+
     /// The id of the key `full` (its full name, in `namespace`), numbered (and refreshed from
     /// now on) if new.
     fn key_id(&mut self, full: &str, namespace: &str) -> Option<u32> {
@@ -785,14 +790,17 @@ fn stop_thread(shared: &Shared, handle: &Mutex<Option<std::thread::JoinHandle<()
         // Bounded: a store that answers a byte at a time keeps its socket's per-read timeouts
         // from ever firing, and the process must still end. With nothing to write, the
         // thread's round is only reads (a process that only read: `worker store status`).
-        let pending = {
-            let cache = lock(&shared.cache);
-            cache.has_pending() || cache.inflight.is_some()
-        };
-        let bound = if pending { STOP_BOUND } else { STOP_BOUND_IDLE };
-        let deadline = std::time::Instant::now() + bound;
-        while !handle.is_finished() && std::time::Instant::now() < deadline {
+        // Looked at again while waiting: an addition may still come (a thread of the
+        // process that outlived its plugin host), and then the whole bound applies.
+        let started = std::time::Instant::now();
+        let mut pending = unwritten(shared);
+        while !handle.is_finished() {
+            let bound = if pending { STOP_BOUND } else { STOP_BOUND_IDLE };
+            if started.elapsed() >= bound {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(10));
+            pending = pending || unwritten(shared);
         }
         if !handle.is_finished() && !pending {
             tracing::debug!(store = %shared.url, "the store's flush thread is still in a round of reads at exit; not waited for");
@@ -813,10 +821,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, as the store's statuses give times.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, millis)
+}
+
+/// `d` in whole milliseconds (saturated).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Adds `delta` to `field` of `fields`.
@@ -941,6 +955,7 @@ impl Store {
             Ok(()) => {
                 cache.status.reachable = true;
                 cache.status.down = false;
+                cache.status.warned = false;
             }
             Err(e) => note_down(&self.shared, &mut cache, e),
         }
@@ -1009,7 +1024,7 @@ impl Store {
         ask_holders(&self.shared, Some(self.shared.options.timeout));
         flush_all(&self.shared);
         let cache = lock(&self.shared.cache);
-        if !cache.has_pending() && cache.inflight.is_none() {
+        if !cache.unwritten() {
             Ok(())
         } else {
             anyhow::bail!(
@@ -1240,6 +1255,12 @@ fn ask_holders(shared: &Shared, wait: Option<Duration>) -> Option<Box<str>> {
     late
 }
 
+/// Whether anything may not be in the store yet: pending or being written in this process,
+/// or held by a plugin that has not handed it over.
+fn unwritten(shared: &Shared) -> bool {
+    lock(&shared.cache).unwritten() || !holding(shared).is_empty()
+}
+
 fn status_of(shared: &Shared) -> StoreStatus {
     // Before the cache's lock: the holders' lock is never taken under it.
     let holding = holding(shared);
@@ -1266,7 +1287,7 @@ fn publish(shared: &Shared) {
         return;
     };
     let now = now_ms();
-    let every = u64::try_from(PUBLISH_EVERY.as_millis()).unwrap_or(u64::MAX);
+    let every = millis(PUBLISH_EVERY);
     if publisher.last_ms != 0 && now.saturating_sub(publisher.last_ms) < every {
         return;
     }
@@ -1279,9 +1300,8 @@ fn publish(shared: &Shared) {
         worker: publisher.id.clone(),
         started_ms: publisher.started_ms,
         updated_ms: now,
-        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-        flush_interval_ms: u64::try_from(shared.options.flush_interval.as_millis())
-            .unwrap_or(u64::MAX),
+        ttl_ms: millis(ttl),
+        flush_interval_ms: millis(shared.options.flush_interval),
         last_flush_ms: status.last_flush_ms,
         pending: status.pending,
         holding: status.holding,
@@ -1329,14 +1349,14 @@ fn flush_loop(shared: &Shared) {
             // The last flush, at exit: everything pending (with nothing pending there is
             // nothing to write, and reads are of no use any more: a process that only read,
             // `worker store status` say, does not wait for a store that does not answer).
-            let pending = {
-                let cache = lock(&shared.cache);
-                cache.has_pending() || cache.inflight.is_some()
-            };
-            if pending {
+            if unwritten(shared) {
                 flush_all(shared);
             }
             unpublish(shared);
+            // An addition that came meanwhile.
+            if unwritten(shared) {
+                flush_all(shared);
+            }
             return;
         }
         flush_due(shared);
@@ -1531,7 +1551,7 @@ fn flush_all(shared: &Shared) {
             return;
         }
         let cache = lock(&shared.cache);
-        if !cache.has_pending() && cache.inflight.is_none() {
+        if !cache.unwritten() {
             return;
         }
     }
