@@ -1349,12 +1349,14 @@ fn flush_loop(shared: &Shared) {
             // The last flush, at exit: everything pending (with nothing pending there is
             // nothing to write, and reads are of no use any more: a process that only read,
             // `worker store status` say, does not wait for a store that does not answer).
-            if unwritten(shared) {
+            // (What a plugin still holds cannot be written until it hands it over.)
+            let unwritten = || lock(&shared.cache).unwritten();
+            if unwritten() {
                 flush_all(shared);
             }
             unpublish(shared);
             // An addition that came meanwhile.
-            if unwritten(shared) {
+            if unwritten() {
                 flush_all(shared);
             }
             return;
