@@ -326,8 +326,9 @@ impl Backend for Redis {
             .filter_map(|k| fields.remove(&k).map(|f| (k, f)))
             .collect())
     }
+
     fn publish(&mut self, id: &str, status: &str, ttl: Duration) -> anyhow::Result<()> {
-        let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ttl = super::millis(ttl).max(1);
         self.with(|c| {
             redis::cmd("EVAL")
                 .arg(PUBLISH)

@@ -220,9 +220,10 @@ impl Backend for Sqlite {
         }
         Ok(out)
     }
+
     fn publish(&mut self, id: &str, status: &str, ttl: Duration) -> anyhow::Result<()> {
         let now = now_ms();
-        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let ttl = i64::try_from(super::millis(ttl)).unwrap_or(i64::MAX);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
