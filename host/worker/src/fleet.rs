@@ -210,10 +210,10 @@ pub fn report(host: &PluginHost, json: bool, out: &mut dyn Write) -> anyhow::Res
         .context("no store (--store none): there is no fleet-wide table to report")?;
     // Checked first: a table read from a store that does not answer would be empty, not
     // wrong-looking, and each of its reads would wait for the store.
+    let backend = store.status().backend;
     let unreachable = || {
         format!(
-            "the store {} cannot be reached, so the fleet's table cannot be read; `worker store status` says more",
-            store.status().backend
+            "the store {backend} cannot be reached, so the fleet's table cannot be read; `worker store status` says more"
         )
     };
     store.ping().with_context(unreachable)?;
@@ -234,7 +234,7 @@ pub fn report(host: &PluginHost, json: bool, out: &mut dyn Write) -> anyhow::Res
         writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
         return Ok(());
     }
-    writeln!(out, "store: {}", store.status().backend)?;
+    writeln!(out, "store: {}", backend)?;
     writeln!(
         out,
         "{:<14} {:<10} {:>8} {:>7} {:>8} {:>7} {:>17} {:>8} {:>17} {:>8}",

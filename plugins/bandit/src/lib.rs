@@ -674,6 +674,9 @@ impl BanditPlugin {
                 }
                 names.extend(pairs(seen.iter()));
             }
+            // An arm both learned here and seen in the store is read once.
+            names.sort_unstable();
+            names.dedup();
             let mut arms = Stats::new();
             for (context, arm) in names {
                 let s = fleet_arm(&arm_key(&context, &arm));

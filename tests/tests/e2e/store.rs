@@ -1012,6 +1012,29 @@ fn an_overlong_mark_loses_no_other_addition() {
     assert_eq!(only.get("units"), Some(&1.0), "{only:?}");
 }
 
+/// A new `redis-server`, and a host of the plugins in `dir` on it (the host dropped first):
+/// no flush within a test, and a timeout longer than [`while_paused`]'s two waits together
+/// (30 s each), so that a read it pauses is still waiting when the other calls must have
+/// returned.
+fn host_on_redis(dir: &PluginDir) -> (RedisServer, plugin_host::PluginHost) {
+    let redis = RedisServer::start();
+    let store = Store::open(
+        &redis.url(),
+        StoreOptions {
+            flush_interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(120),
+        },
+    )
+    .unwrap();
+    let host = worker::hooks::host_builder(dir.path())
+        .with_shadow_dir(dir.shadow())
+        .with_store(store)
+        .build()
+        .unwrap();
+    host.scan().unwrap();
+    (redis, host)
+}
+
 /// Runs `waits` (a call that reads the store) on a thread with the server paused, until its
 /// read reached the server, then `others` on another: asserts that `others` returned while
 /// `waits` still waited for the store (`what` names it), lets the server go on, and answers
@@ -1044,25 +1067,9 @@ fn while_paused<A: Send + 'static, B: Send + 'static>(
 /// hold the lock that every choice and every update take while it waits.
 #[test]
 fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
-    let redis = RedisServer::start();
-    let store = Store::open(
-        &redis.url(),
-        StoreOptions {
-            flush_interval: Duration::from_secs(3600),
-            // Longer than this test's two waits together (30 s each): the choice is still
-            // waiting when the update must have returned.
-            timeout: Duration::from_secs(120),
-        },
-    )
-    .unwrap();
     let dir = PluginDir::new();
     dir.add("bandit", "libbandit.so");
-    let host = worker::hooks::host_builder(dir.path())
-        .with_shadow_dir(dir.shadow())
-        .with_store(store.clone())
-        .build()
-        .unwrap();
-    host.scan().unwrap();
+    let (redis, host) = host_on_redis(&dir);
     let choose = |host: &plugin_host::PluginHost, context: &str| {
         host.call(
             "bandit",
@@ -1124,27 +1131,12 @@ fn a_choice_waiting_for_the_store_holds_up_no_other_call() {
 /// not hold the lock that every task takes while it waits.
 #[test]
 fn an_experiment_report_waiting_for_the_store_holds_up_no_pick() {
-    let redis = RedisServer::start();
-    let store = Store::open(
-        &redis.url(),
-        StoreOptions {
-            flush_interval: Duration::from_secs(3600),
-            // Longer than this test's two waits together (30 s each).
-            timeout: Duration::from_secs(120),
-        },
-    )
-    .unwrap();
     let plugins = PluginDir::new();
     plugins.configure(
         &json!({"experiment": {"config": {"experiments": {"e": {"variants": {"a": 1, "b": 1}}}}}}),
     );
     plugins.add("experiment", "libexperiment.so");
-    let host = worker::hooks::host_builder(plugins.path())
-        .with_shadow_dir(plugins.shadow())
-        .with_store(store.clone())
-        .build()
-        .unwrap();
-    host.scan().unwrap();
+    let (redis, host) = host_on_redis(&plugins);
     let (report, calls) = while_paused(
         &redis,
         "the experiment's report",

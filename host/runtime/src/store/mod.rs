@@ -952,11 +952,7 @@ impl Store {
         let answer = lock(&self.shared.backend).ping();
         let mut cache = lock(&self.shared.cache);
         match &answer {
-            Ok(()) => {
-                cache.status.reachable = true;
-                cache.status.down = false;
-                cache.status.warned = false;
-            }
+            Ok(()) => note_up(&self.shared, &mut cache),
             Err(e) => note_down(&self.shared, &mut cache, e),
         }
         answer
@@ -1521,12 +1517,7 @@ fn flush_once(shared: &Shared) -> bool {
             }
             shared.bump();
             cache.status.last_flush_ms = Some(now_ms());
-            if !cache.status.reachable && cache.status.warned {
-                tracing::info!(store = %shared.url, "the store is reachable again; flushing the pending additions");
-            }
-            cache.status.reachable = true;
-            cache.status.down = false;
-            cache.status.warned = false;
+            note_up(shared, &mut cache);
             true
         }
         Err(e) => {
@@ -1557,6 +1548,16 @@ fn flush_all(shared: &Shared) {
             return;
         }
     }
+}
+
+/// Records that the store answered (said once after an outage that was warned of).
+fn note_up(shared: &Shared, cache: &mut Cache) {
+    if !cache.status.reachable && cache.status.warned {
+        tracing::info!(store = %shared.url, "the store is reachable again; flushing the pending additions");
+    }
+    cache.status.reachable = true;
+    cache.status.down = false;
+    cache.status.warned = false;
 }
 
 /// Records a failure to reach the store (one warning until it answers again).
